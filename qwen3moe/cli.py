@@ -1,0 +1,52 @@
+"""`qwen3moe` command line: one sub-command per module, registered lazily.
+
+Each command module exposes `add_parser(subparsers)` which adds its sub-parser and sets
+`func(args) -> int` as the default. Modules are imported only when listed here, so a
+command that needs no MindSpore (preprocess, wikitext-to-jsonl) starts fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command modules, in --help order; each defines add_parser(subparsers)
+COMMAND_MODULES = [
+    "qwen3moe.commands.preprocess",
+    "qwen3moe.commands.wikitext",
+]
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen3moe", description="Qwen3-MoE on MindSpore")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod_name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:  # a command still being written: skip, don't break the CLI
+            if exc.name and exc.name.startswith("qwen3moe.commands"):
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"qwen3moe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Hugging Face folder <-> native model: lazy sharded loading, atomic sharded saving.
+
+The one key map: native parameter names ARE the HF names, except stacked experts.
+Native (transformers-5 fused layout)            HF per-expert layout (released checkpoints)
+  model.layers.i.mlp.experts.gate_up_proj [E,2I,H] = stack_j cat(experts.j.gate_proj.weight [I,H],
+                                                                 experts.j.up_proj.weight   [I,H])
+  model.layers.i.mlp.experts.down_proj    [E,H,I]  = stack_j experts.j.down_proj.weight  [H,I]
+Both layouts load; saving writes the per-expert layout (what transformers and vLLM expect).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+
+from qwen3moe.io.atomic import atomic_directory
+from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, f32_to_bf16,
+                                        write_safetensors)
+from qwen3moe.models.config import Qwen3MoeConfig
+
+# native fused expert parameter -> the per-expert HF projections concatenated along dim 1
+EXPERT_KEY_MAP: dict[str, tuple[str, ...]] = {
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+class CheckpointSource:
+    """All tensors of an HF folder, opened lazily, by name."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.where: dict[str, SafetensorsFile] = {}
+        index = os.path.join(directory, INDEX_FILE)
+        if os.path.isfile(index):
+            self._open_index(index)
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no *.safetensors weights and no {INDEX_FILE}")
+            for f in files:
+                st = SafetensorsFile(os.path.join(directory, f))
+                self.where.update({k: st for k in st.keys()})
+
+    def _open_index(self, index: str) -> None:
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+        opened: dict[str, SafetensorsFile] = {}
+        for name, fname in weight_map.items():
+            path = os.path.join(self.directory, fname)
+            if fname not in opened:
+                if not os.path.isfile(path):
+                    raise CheckpointError(f"{index}: tensor {name!r} points at missing shard {fname}")
+                opened[fname] = SafetensorsFile(path)
+            if name not in opened[fname].entries:
+                raise CheckpointError(f"{path}: tensor {name!r} listed in {INDEX_FILE} is not in the file")
+            self.where[name] = opened[fname]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self.where[name].read(name, rows)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.where[name].shape(name)
+
+    def file_of(self, name: str) -> str:
+        return self.where[name].path
+
+
+def native_sources(name: str, num_experts: int, have: set[str]) -> list[str]:
+    """Checkpoint keys that make up native parameter `name` (fused key if the folder has it)."""
+    m = _FUSED.match(name)
+    if not m or name in have:
+        return [name]
+    prefix, kind = m.groups()
+    return [f"{prefix}.{j}.{proj}.weight" for j in range(num_experts) for proj in EXPERT_KEY_MAP[kind]]
+
+
+def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int) -> np.ndarray:
+    keys = native_sources(name, num_experts, set(src.where))
+    missing = [k for k in keys if k not in src.where]
+    if missing:
+        raise CheckpointError(f"{src.directory}: missing tensor {missing[0]!r} (needed for {name})"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if len(keys) == 1:
+        arr = src.read(keys[0])
+    else:
+        per = len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)])
+        parts = [src.read(k) for k in keys]
+        arr = np.stack([np.concatenate(parts[j * per:(j + 1) * per], 0) for j in range(num_experts)])
+    if tuple(arr.shape) != tuple(shape):
+        raise CheckpointError(f"{src.file_of(keys[0])}: tensor {keys[0]!r} has shape {list(arr.shape)}, "
+                              f"expected {list(shape)} for {name}")
+    return arr
+
+
+def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None):
+    """Build `cls(config)` without random init and fill it from an HF folder."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.layers.dtypes import skip_init, to_ms_dtype
+
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a folder (expected a Hugging Face model folder)")
+    config = config or Qwen3MoeConfig.from_pretrained(directory)
+    src = CheckpointSource(directory)
+    param_dtype = to_ms_dtype(dtype or config.torch_dtype)
+    with skip_init():
+        model = cls(config, param_dtype=param_dtype)
+    used: set[str] = set()
+    for p in model.get_parameters():
+        arr = read_native(src, p.name, tuple(p.shape), config.num_experts)
+        used.update(native_sources(p.name, config.num_experts, set(src.where)))
+        t = Tensor(np.ascontiguousarray(arr, dtype=np.float32))
+        p.set_data(t if param_dtype == ms.float32 else t.astype(param_dtype))
+        del arr, t
+    unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} in "
+                              f"{os.path.basename(src.file_of(unexpected[0]))}"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    model.source_dir = directory
+    return model
+
+
+# ---- saving --------------------------------------------------------------------------------
+def hf_tensors(model, dtype: str):
+    """Yield (hf_name, array, tag) in HF per-expert layout, converted to `dtype`."""
+    cfg = model.config
+    for p in model.get_parameters():
+        arr = p.astype("float32").asnumpy() if str(p.dtype) != "Float32" else p.asnumpy()
+        m = _FUSED.match(p.name)
+        if not m:
+            yield p.name, *_convert(arr, dtype)
+            continue
+        prefix, kind = m.groups()
+        projs = EXPERT_KEY_MAP[kind]
+        for j in range(cfg.num_experts):
+            for k, part in enumerate(np.split(arr[j], len(projs), axis=0)):
+                yield f"{prefix}.{j}.{projs[k]}.weight", *_convert(part, dtype)
+
+
+def _convert(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+    if dtype == "bfloat16":
+        return f32_to_bf16(arr), "BF16"
+    if dtype == "float16":
+        return arr.astype(np.float16), "F16"
+    return np.ascontiguousarray(arr, dtype=np.float32), "F32"
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.I)
+    if not m:
+        raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int | str = "5GB") -> None:
+    cfg = model.config
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype) or cfg.torch_dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    limit = parse_size(max_shard_size)
+    shards: list[list] = [[]]
+    size = 0
+    for name, arr, tag in hf_tensors(model, dtype):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if shards[-1] and size + arr.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, arr, tag))
+        size += arr.nbytes
+    with atomic_directory(path) as tmp:
+        _write_shards(tmp, shards)
+        cfg.replace(torch_dtype=dtype).save_pretrained(tmp)
+        _write_side_files(model, tmp)
+
+
+def _write_shards(tmp: str, shards: list[list]) -> None:
+    n = len(shards)
+    if n == 1:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0])
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        total += write_safetensors(os.path.join(tmp, fname), shard)
+        weight_map.update({name: fname for name, _, _ in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as fh:
+        json.dump(index, fh, indent=2)
+
+
+def _write_side_files(model, tmp: str) -> None:
+    src = getattr(model, "source_dir", None)
+    gen_path = os.path.join(src, "generation_config.json") if src else None
+    if gen_path and os.path.isfile(gen_path):
+        shutil.copy2(gen_path, os.path.join(tmp, "generation_config.json"))
+    else:
+        cfg = model.config
+        gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                                 ("pad_token_id", cfg.pad_token_id)) if v is not None}
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(gen, fh, indent=2)
+    for fname in TOKENIZER_FILES if src else ():
+        if os.path.isfile(os.path.join(src, fname)):
+            shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))

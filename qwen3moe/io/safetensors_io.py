@@ -1,0 +1,154 @@
+"""Minimal, strict safetensors reader/writer on plain numpy (no framework import).
+
+Why our own: bf16 has no numpy dtype, so we read raw uint16 and widen exactly; reads go through
+`os.pread` per tensor (or per row range) so loading never keeps a whole shard mapped in RSS;
+every malformed-file case gets a one-line error naming the file and tensor.
+Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}, then the data block.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+
+import numpy as np
+
+from qwen3moe.io.atomic import atomic_write_bytes  # noqa: F401  (re-exported for callers)
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file problem, reported in one line naming the file and tensor."""
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    """Exact widening: bf16 is the top half of an f32."""
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even (NaN stays NaN), returned as raw uint16 bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded = np.where(nan, ((u >> 16) | 0x40).astype(np.uint16), rounded)
+    return rounded
+
+
+class SafetensorsFile:
+    """Lazy reader: header parsed and validated at open, tensors read on demand."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
+        size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, 8, 0)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header length {n} (file has {size} bytes)")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, dict] = header
+        for name, e in header.items():
+            self._validate(name, e, size)
+
+    def _validate(self, name: str, e: dict, size: int) -> None:
+        if e.get("dtype") not in _NP_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+        begin, end = e["data_offsets"]
+        itemsize = np.dtype(_NP_DTYPES[e["dtype"]]).itemsize
+        if end - begin != int(np.prod(e["shape"], dtype=np.int64)) * itemsize:
+            raise CheckpointError(f"{self.path}: tensor {name!r} byte range does not match shape {e['shape']}")
+        if self.data_start + end > size:
+            raise CheckpointError(
+                f"{self.path}: truncated file: tensor {name!r} needs bytes up to "
+                f"{self.data_start + end}, file has {size}")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor as float32 (floats widened exactly) or its integer dtype; `rows` slices dim 0."""
+        e = self.entries[name]
+        shape = list(e["shape"])
+        np_dtype = np.dtype(_NP_DTYPES[e["dtype"]])
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np_dtype.itemsize if shape else np_dtype.itemsize
+        begin, end = e["data_offsets"]
+        if rows is not None:
+            if not shape:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is a scalar, cannot slice rows")
+            r0, r1 = rows
+            begin, end, shape[0] = begin + r0 * row_bytes, begin + r1 * row_bytes, r1 - r0
+        buf = os.pread(self._fd, end - begin, self.data_start + begin)
+        if len(buf) != end - begin:
+            raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
+        arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+        if e["dtype"] == "BF16":
+            return bf16_to_f32(arr)
+        if e["dtype"] in ("F16", "F64"):
+            return arr.astype(np.float32)
+        return arr
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray, str]],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write (name, array, dtype_tag) triples; BF16 arrays are passed as raw uint16 bits.
+
+    Returns the number of data bytes. Written to `path` directly: callers write into a temp
+    folder that is renamed into place when complete.
+    """
+    items = list(tensors)
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, arr, tag in items:
+        nbytes = arr.nbytes
+        header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)  # align the data block like the reference writer
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(hbytes)))
+        fh.write(hbytes)
+        for _, arr, _ in items:
+            fh.write(np.ascontiguousarray(arr).tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    return offset
+
+
+def dtype_tag(arr: np.ndarray) -> str:
+    return _NAMES[np.dtype(arr.dtype)]

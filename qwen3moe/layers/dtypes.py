@@ -1,0 +1,53 @@
+"""Parameter creation and dtype helpers shared by the layers.
+
+Random init follows HF `_init_weights` (normal(0, initializer_range); norms start at 1).
+`init_std=None` means ones (RMSNorm weights); 0.0 means zeros. A process-wide numpy Generator
+keeps initialisation reproducible via `set_init_seed`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor
+
+_RNG = np.random.default_rng(0)
+_SKIP_INIT = False
+
+
+def set_init_seed(seed: int) -> None:
+    global _RNG
+    _RNG = np.random.default_rng(seed)
+
+
+class skip_init:
+    """Context manager: parameters are created as zeros (weights will be loaded anyway)."""
+
+    def __enter__(self):
+        global _SKIP_INIT
+        self._prev, _SKIP_INIT = _SKIP_INIT, True
+
+    def __exit__(self, *exc):
+        global _SKIP_INIT
+        _SKIP_INIT = self._prev
+
+
+def to_ms_dtype(name) -> ms.dtype:
+    if isinstance(name, ms.dtype.Type):
+        return name
+    table = {"float32": ms.float32, "fp32": ms.float32, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
+             "float16": ms.float16, "fp16": ms.float16}
+    key = str(name).replace("torch.", "").replace("mindspore.", "").lower()
+    if key not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[key]
+
+
+def init_param(shape: tuple, init_std: float | None, name: str, param_dtype=None) -> Parameter:
+    dtype = to_ms_dtype(param_dtype or "float32")
+    if _SKIP_INIT or init_std == 0.0:
+        arr = np.zeros(shape, np.float32)
+    elif init_std is None:
+        arr = np.ones(shape, np.float32)
+    else:
+        arr = (_RNG.standard_normal(shape, dtype=np.float32) * np.float32(init_std))
+    return Parameter(Tensor(arr).astype(dtype) if dtype != ms.float32 else Tensor(arr), name=name)

@@ -1,0 +1,33 @@
+"""Stacked SwiGLU experts held fused as transformers 5.x holds them.
+
+gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I].
+Shapes: E experts, I expert ffn, H hidden, NB blocks, b rows per block, R = NB*b rows.
+"""
+from __future__ import annotations
+
+from mindspore import Tensor, nn, ops
+
+from qwen3moe.layers.dtypes import init_param
+
+
+class Qwen3MoeExperts(nn.Cell):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 init_std: float = 0.02, param_dtype=None) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = init_param((num_experts, 2 * intermediate_size, hidden_size), init_std,
+                                       "gate_up_proj", param_dtype)
+        self.down_proj = init_param((num_experts, hidden_size, intermediate_size), init_std,
+                                    "down_proj", param_dtype)
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+
+    def blocks(self, x_RH: Tensor, expert_NB: Tensor) -> Tensor:
+        """Run each block of b rows through its expert: [R, H] -> [R, H]."""
+        NB = expert_NB.shape[0]
+        R, H = x_RH.shape
+        w_gu = ops.gather(self.gate_up_proj, expert_NB, 0).astype(x_RH.dtype)  # [NB, 2I, H]
+        w_d = ops.gather(self.down_proj, expert_NB, 0).astype(x_RH.dtype)      # [NB, H, I]
+        gu = self.bmm_t(x_RH.reshape(NB, R // NB, H), w_gu)
+        I = self.intermediate_size
+        h = ops.silu(gu[..., :I]) * gu[..., I:]
+        return self.bmm_t(h, w_d).reshape(R, H)

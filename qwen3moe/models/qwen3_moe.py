@@ -1,0 +1,220 @@
+"""Qwen3-MoE model: MoE block, decoder layer, model and causal-LM head (no parallel code).
+
+Shapes: B batch, S sequence, T = B*S tokens, H hidden, V vocab, E experts, K top-k,
+D head_dim, L layers.
+The tensor-level forward (`construct`) is pure MindSpore and runs compiled (`ms.jit`);
+`__call__` does the host-side work (input checks, positions, RoPE tables, masks, label shift)
+so every graph input has a static shape.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from qwen3moe.layers.attention import Qwen3MoeAttention
+from qwen3moe.layers.dtypes import init_param
+from qwen3moe.layers.experts import Qwen3MoeExperts
+from qwen3moe.layers.mlp import Qwen3MoeMLP
+from qwen3moe.layers.norm import RMSNorm
+from qwen3moe.models.config import Qwen3MoeConfig
+from qwen3moe.models.inputs import prepare_inputs
+from qwen3moe.router import dispatch
+from qwen3moe.router.losses import router_stats, switch_aux_loss
+from qwen3moe.router.topk import TopKRouter
+
+
+class Qwen3MoeSparseMoeBlock(nn.Cell):
+    """Router -> permute -> stacked experts (block-grouped, dropless) -> weighted combine."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 norm_topk_prob: bool, init_std: float = 0.02, param_dtype=None) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob, init_std, param_dtype)
+        self.experts = Qwen3MoeExperts(num_experts, hidden_size, intermediate_size, init_std, param_dtype)
+
+    def construct(self, x_TH: Tensor):
+        logits_TE, probs_TE, weights_TK, idx_TK = self.gate(x_TH)
+        A = x_TH.shape[0] * self.top_k
+        b = dispatch.choose_block_size(A, self.num_experts)
+        nb = dispatch.num_blocks(A, self.num_experts, b)
+        slot_A, src_R, expert_NB, _ = dispatch.dispatch_indices(idx_TK, self.num_experts, b, nb)
+        y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R), expert_NB)
+        return dispatch.unpermute(y_RH, slot_A, weights_TK), logits_TE, probs_TE, idx_TK
+
+
+class Qwen3MoeDecoderLayer(nn.Cell):
+    def __init__(self, config: Qwen3MoeConfig, layer_idx: int, param_dtype=None) -> None:
+        super().__init__()
+        c, std = config, config.initializer_range
+        self.is_sparse = c.is_sparse_layer(layer_idx)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
+        self.self_attn = Qwen3MoeAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                                           c.head_dim, c.rms_norm_eps, c.attention_bias, std, param_dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
+        if self.is_sparse:
+            self.mlp = Qwen3MoeSparseMoeBlock(c.hidden_size, c.num_experts, c.num_experts_per_tok,
+                                              c.moe_intermediate_size, c.norm_topk_prob, std, param_dtype)
+        else:
+            self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size, std, param_dtype)
+
+    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor):
+        B, S, H = x_BSH.shape
+        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_BSD, sin_BSD, bias_B1SS)
+        z_TH = self.post_attention_layernorm(h_BSH).reshape(B * S, H)
+        if self.is_sparse:
+            y_TH, logits_TE, probs_TE, idx_TK = self.mlp(z_TH)
+            return h_BSH + y_TH.reshape(B, S, H), (logits_TE, probs_TE, idx_TK)
+        return h_BSH + self.mlp(z_TH).reshape(B, S, H), None
+
+
+class Qwen3MoeModel(nn.Cell):
+    def __init__(self, config: Qwen3MoeConfig, param_dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = _Embedding(config.vocab_size, config.hidden_size, config.initializer_range,
+                                       param_dtype)
+        self.layers = nn.CellList([Qwen3MoeDecoderLayer(config, i, param_dtype)
+                                   for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+
+    def construct(self, input_ids_BS: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor,
+                  token_mask_T: Tensor, want_hidden: bool = False):
+        """Returns (final hidden [B,S,H], router logits per sparse layer, pooled (c_E, s_E, n),
+        hidden states tuple (HF-5 semantics) or ())."""
+        x = self.embed_tokens(input_ids_BS)
+        hidden = (x,) if want_hidden else ()
+        router_logits = ()
+        counts_E = probsum_E = n_tok = None
+        for layer in self.layers:
+            x, routed = layer(x, cos_BSD, sin_BSD, bias_B1SS)
+            if want_hidden:
+                hidden = hidden + (x,)
+            if routed is not None:
+                logits_TE, probs_TE, idx_TK = routed
+                router_logits = router_logits + (logits_TE,)
+                c, s, n = router_stats(probs_TE, idx_TK, token_mask_T)
+                counts_E = c if counts_E is None else counts_E + c
+                probsum_E = s if probsum_E is None else probsum_E + s
+                n_tok = n if n_tok is None else n_tok + n
+        x = self.norm(x)
+        if want_hidden:
+            hidden = hidden[:-1] + (x,)
+        return x, router_logits, (counts_E, probsum_E, n_tok), hidden
+
+
+class _Embedding(nn.Cell):
+    def __init__(self, vocab_size: int, hidden_size: int, init_std: float, param_dtype=None) -> None:
+        super().__init__()
+        self.weight = init_param((vocab_size, hidden_size), init_std, "weight", param_dtype)
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return ops.gather(self.weight, ids, 0).astype(ms.float32)
+
+
+class _LMHead(nn.Cell):
+    def __init__(self, hidden_size: int, vocab_size: int, init_std: float, param_dtype=None) -> None:
+        super().__init__()
+        self.weight = init_param((vocab_size, hidden_size), init_std, "weight", param_dtype)
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x_TH: Tensor) -> Tensor:
+        return self.matmul(x_TH, self.weight.astype(x_TH.dtype))
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    router_logits: tuple = ()
+    hidden_states: tuple = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Qwen3MoeForCausalLM(nn.Cell):
+    """The HF-compatible causal LM. Parameter names are the HF names."""
+
+    def __init__(self, config: Qwen3MoeConfig, param_dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config, param_dtype)
+        self.lm_head = _LMHead(config.hidden_size, config.vocab_size, config.initializer_range, param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.source_dir: str | None = None  # set by from_pretrained (tokenizer files to copy on save)
+        self.generation_config = None
+
+    # ---- tensor-level forward (compiled) ------------------------------------------------
+    def construct(self, input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, labels_T,
+                  keep: int = 0, want_router: bool = False, want_hidden: bool = False):
+        B, S = input_ids_BS.shape
+        x_BSH, router_logits, stats, hidden = self.model(
+            input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, want_hidden)
+        if keep:
+            x_BSH = x_BSH[:, S - keep:]
+        Sk = x_BSH.shape[1]
+        logits_TV = self.lm_head(x_BSH.reshape(B * Sk, -1))
+        lm_loss = aux = loss = None
+        if labels_T is not None:
+            valid_T = (labels_T != -100).astype(ms.float32)
+            safe_T = ops.select(labels_T != -100, labels_T, ops.zeros_like(labels_T))
+            ce_T = ops.cross_entropy(logits_TV.astype(ms.float32), safe_T, reduction="none")
+            lm_loss = (ce_T * valid_T).sum() / ops.maximum(valid_T.sum(), Tensor(1.0, ms.float32))
+            loss = lm_loss
+        if want_router and stats[0] is not None:
+            aux = switch_aux_loss(stats[0], stats[1], stats[2])
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux
+        if not want_router:
+            router_logits = ()
+        return logits_TV.reshape(B, Sk, -1), loss, lm_loss, aux, router_logits, hidden
+
+    # ---- public API ---------------------------------------------------------------------
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                 output_router_logits: bool = False, logits_to_keep: int = 0,
+                 output_hidden_states: bool = False) -> CausalLMOutput:
+        t = prepare_inputs(self.config, input_ids, attention_mask, position_ids, labels, logits_to_keep)
+        fn = _forward_graph if compile_enabled() else _forward_eager
+        logits, loss, lm_loss, aux, router_logits, hidden = fn(
+            self, t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels,
+            int(logits_to_keep), bool(output_router_logits), bool(output_hidden_states))
+        return CausalLMOutput(logits, loss, lm_loss, aux, tuple(router_logits), tuple(hidden))
+
+    forward = __call__
+
+    def num_parameters(self, active: bool = False) -> int:
+        return self.config.num_parameters(active=active)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: str | None = "float32", **kwargs) -> "Qwen3MoeForCausalLM":
+        from qwen3moe.io.hf_checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, **kwargs)
+
+    def save_pretrained(self, path, dtype: str | None = None, max_shard_size: int | str = "5GB") -> None:
+        from qwen3moe.io.hf_checkpoint import save_pretrained
+
+        save_pretrained(self, path, dtype=dtype, max_shard_size=max_shard_size)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        from qwen3moe.generation.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def compile_enabled() -> bool:
+    """Graph mode unless QWEN3MOE_PYNATIVE=1 (debug switch)."""
+    return os.environ.get("QWEN3MOE_PYNATIVE", "0") in ("", "0")
+
+
+def _forward_eager(model, *args):
+    return model.construct(*args)
+
+
+_forward_graph = ms.jit(_forward_eager)
