@@ -85,7 +85,8 @@ class Qwen3MoeConfig:
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         extra.update(d.get("extra", {}) if isinstance(d.get("extra"), dict) else {})
-        extra.pop("extra", None)
+        for k in ("extra", "architectures", "model_type"):  # always written by to_dict
+            extra.pop(k, None)
         try:
             return cls(**known, extra=extra)
         except ConfigError as exc:
