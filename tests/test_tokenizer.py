@@ -197,7 +197,7 @@ def test_stream_holds_partial_characters(tok: Tokenizer) -> None:
     assert held == "" and truncated.flush() == tok.decode(ids[:1])  # flush renders it as decode does
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parts=st.lists(st.one_of(st.sampled_from(MULTIBYTE), st.text(max_size=12)), max_size=4),
        noise=st.lists(st.integers(0, 151700), max_size=6), skip=st.booleans(), data=st.data())
 def test_stream_property(tok: Tokenizer, parts: list[str], noise: list[int], skip: bool, data) -> None:
@@ -207,7 +207,7 @@ def test_stream_property(tok: Tokenizer, parts: list[str], noise: list[int], ski
     _check_stream(tok, ids, skip)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.lists(st.integers(0, 1023), max_size=30))
 def test_stream_property_tiny(tiny: Tokenizer, ids: list[int]) -> None:
     _check_stream(tiny, ids)
