@@ -211,3 +211,37 @@ def test_stream_property(tok: Tokenizer, parts: list[str], noise: list[int], ski
 @given(ids=st.lists(st.integers(0, 1023), max_size=30))
 def test_stream_property_tiny(tiny: Tokenizer, ids: list[int]) -> None:
     _check_stream(tiny, ids)
+
+
+# -------------------------------------------------------------- stop strings
+def _stop_stream(t: Tokenizer, ids: list[int], stops: list[str]) -> tuple[str, bool]:
+    from qwen3moe.generation.streaming import StopStringStream
+
+    s = StopStringStream(t, stops)
+    pieces = [s.push(i) for i in ids]
+    return "".join(pieces) + s.flush(), s.stopped
+
+
+def test_stop_string_split_across_tokens(tok: Tokenizer) -> None:
+    from qwen3moe.generation.streaming import StopStringStream
+
+    ids = tok.encode("The answer is 42.\nObservation: done")
+    s = StopStringStream(tok, ["Observation:"])
+    pieces = [s.push(i) for i in ids]
+    assert "".join(pieces) == "The answer is 42.\n" and s.stopped and s.flush() == ""
+    assert not any("Obs" in p for p in pieces)
+    assert _stop_stream(tok, tok.encode("no stop here, Obs"), ["Observation:"]) == ("no stop here, Obs", False)
+    # the stop string completed first wins: "b" ends before "abc" would
+    assert _stop_stream(tok, tok.encode("xabc"), ["abc", "b"]) == ("xa", True)
+    assert _stop_stream(tok, tok.encode("xabc"), ["ab", "b"]) == ("x", True)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="ab 中🦜\n", max_size=30), stops=st.lists(st.text("ab 中🦜", min_size=1, max_size=4),
+                                                                       max_size=3))
+def test_stop_stream_property(tok: Tokenizer, text: str, stops: list[str]) -> None:
+    ids = tok.encode(text)
+    full = tok.decode(ids)
+    ends = [(full.find(s) + len(s), full.find(s)) for s in stops if s in full]
+    want = full[:min(ends)[1]] if ends else full
+    assert _stop_stream(tok, ids, stops) == (want, bool(ends))

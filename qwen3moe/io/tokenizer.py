@@ -330,7 +330,7 @@ def _default_tokenizer() -> Tokenizer:
     return Tokenizer.from_pretrained(DEFAULT_TOKENIZER_DIR)
 
 
-class _Decodes(Protocol):
+class SupportsDecode(Protocol):
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str: ...
 
 
@@ -347,7 +347,7 @@ class StreamDecoder:
     U+FFFD, exactly as `decode(all ids)` renders it), so `"".join(pieces) + flush() == decode(ids)`.
     """
 
-    def __init__(self, tokenizer: _Decodes, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer: SupportsDecode, skip_special_tokens: bool = False) -> None:
         self._decode: Callable[[list[int]], str] = (
             lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
         self.ids: list[int] = []
