@@ -59,14 +59,20 @@ def dispatch_indices(expert_idx_TK: Tensor, num_experts: int, block: int, nblock
     end_E = ops.cumsum(padded_E, 0)
     start_E = end_E - padded_E
     slot_A = (ops.gather(start_E, flat_A, 0) + rank_A).astype(ms.int32)
-    block_start_NB = Tensor([i * block for i in range(nblocks)], ms.float32)
+    block_start_NB = iota(nblocks) * block
     expert_NB = (end_E.reshape(1, -1) <= block_start_NB.reshape(-1, 1)).astype(ms.int32).sum(-1)
     expert_NB = ops.minimum(expert_NB, num_experts - 1).astype(ms.int32)
-    token_A = Tensor([a // K for a in range(A)], ms.int32)
+    token_A = ops.floor_divide(iota(A), K).astype(ms.int32)
     src_R = ops.fill(ms.int32, (nblocks * block,), T)
     src_R = ops.tensor_scatter_update(src_R, slot_A.reshape(A, 1), token_A)
     return (ops.stop_gradient(slot_A), ops.stop_gradient(src_R), ops.stop_gradient(expert_NB),
             ops.stop_gradient(counts_E))
+
+
+def iota(n: int) -> Tensor:
+    """[0, 1, ..., n-1] as float32 built in-graph (exact below 2**24; mint.arange has no CPU kernel,
+    and a Python-list constant of n elements would be unrolled by the graph compiler)."""
+    return ops.cumsum(ops.ones((n,), ms.float32), 0) - 1.0
 
 
 def permute(x_TH: Tensor, src_R: Tensor) -> Tensor:
