@@ -61,8 +61,9 @@ class GenerationRun:
     """One generate call: `for next_B in run.steps(): ...`, then `run.output()` [B, S + n] int64."""
 
     def __init__(self, model: Any, input_ids: Any, attention_mask: Any, config: GenerationConfig,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, keep_logits: bool = False) -> None:
         self.config = config
+        self.step_logits: list[np.ndarray] | None = [] if keep_logits else None  # raw [B, V] per step
         ids = to_numpy_2d(input_ids, "input_ids")
         if ids.shape[1] == 0:
             raise ValueError("input_ids is empty: need at least one token per row")
@@ -101,6 +102,8 @@ class GenerationRun:
         S, n_max = self.ids.shape[1], self.config.max_new_tokens
         t0 = time.perf_counter()
         for step in range(n_max):
+            if self.step_logits is not None:
+                self.step_logits.append(logits_BV)
             nxt = self.sampler(logits_BV, self.history, prompt_length=S)
             nxt = np.where(self.finished, self.pad, nxt).astype(np.int64)
             self.history = np.concatenate([self.history, nxt[:, None]], 1)
