@@ -1,13 +1,18 @@
 """Stacked SwiGLU experts held fused as transformers 5.x holds them.
 
 gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I].
-Shapes: E experts, I expert ffn, H hidden, NB blocks, b rows per block, R = NB*b rows.
+Shapes: E experts, I expert ffn, H hidden, NB blocks, b rows per block, R = NB*b rows,
+A rows sorted by expert.
+Two compute paths with identical results (tests check both): `blocks` is portable composite
+MindSpore (block-padded batched matmul); `sorted_rows` calls the grouped-GEMM C++ kernel
+(qwen3moe/kernels) when it could be built on this machine.
 """
 from __future__ import annotations
 
 from mindspore import Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import init_param
+from qwen3moe.kernels import grouped as grouped_kernel
 
 
 class Qwen3MoeExperts(nn.Cell):
@@ -31,3 +36,8 @@ class Qwen3MoeExperts(nn.Cell):
         I = self.intermediate_size
         h = ops.silu(gu[..., :I]) * gu[..., I:]
         return self.bmm_t(h, w_d).reshape(R, H)
+
+    def sorted_rows(self, x_AH: Tensor, offsets_E1: Tensor) -> Tensor:
+        """Rows sorted by expert through the grouped kernel: [A, H] -> [A, H]."""
+        return grouped_kernel.grouped_swiglu(x_AH, offsets_E1, self.gate_up_proj.astype(x_AH.dtype),
+                                             self.down_proj.astype(x_AH.dtype))

@@ -30,20 +30,41 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
     """Router -> permute -> stacked experts (block-grouped, dropless) -> weighted combine."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
-                 norm_topk_prob: bool, init_std: float = 0.02, param_dtype=None) -> None:
+                 norm_topk_prob: bool, init_std: float = 0.02, param_dtype=None,
+                 moe_backend: str = "auto") -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
+        self.use_kernel = resolve_moe_backend(moe_backend)
         self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob, init_std, param_dtype)
         self.experts = Qwen3MoeExperts(num_experts, hidden_size, intermediate_size, init_std, param_dtype)
 
     def construct(self, x_TH: Tensor):
         logits_TE, probs_TE, weights_TK, idx_TK = self.gate(x_TH)
+        if self.use_kernel:
+            token_A, inv_A, offsets_E1, _ = dispatch.sorted_dispatch(idx_TK, self.num_experts)
+            y_AH = self.experts.sorted_rows(ops.gather(x_TH, token_A, 0), offsets_E1)
+            return dispatch.unpermute(y_AH, inv_A, weights_TK), logits_TE, probs_TE, idx_TK
         A = x_TH.shape[0] * self.top_k
         b = dispatch.choose_block_size(A, self.num_experts)
         nb = dispatch.num_blocks(A, self.num_experts, b)
         slot_A, src_R, expert_NB, _ = dispatch.dispatch_indices(idx_TK, self.num_experts, b, nb)
         y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R), expert_NB)
         return dispatch.unpermute(y_RH, slot_A, weights_TK), logits_TE, probs_TE, idx_TK
+
+
+def resolve_moe_backend(name: str) -> bool:
+    """True for the grouped C++ kernel. "auto" uses it when it builds here (QWEN3MOE_KERNELS=0
+    forces the composite path); "composite" never; "kernel" requires it."""
+    from qwen3moe.kernels import grouped
+
+    if name not in ("auto", "kernel", "composite"):
+        raise ValueError(f"moe_backend must be 'auto', 'kernel' or 'composite', got {name!r}")
+    if name == "composite":
+        return False
+    if name == "kernel" and not grouped.available():
+        raise RuntimeError("moe_backend='kernel' but the grouped-experts kernel could not be built "
+                           "(needs g++ and numpy's bundled OpenBLAS on x86-64 Linux)")
+    return grouped.available()
 
 
 class Qwen3MoeDecoderLayer(nn.Cell):
@@ -159,7 +180,10 @@ class Qwen3MoeForCausalLM(nn.Cell):
             x_BSH = x_BSH[:, S - keep:]
         Sk = x_BSH.shape[1]
         logits_TV = self.lm_head(x_BSH.reshape(B * Sk, -1))
-        lm_loss = aux = loss = None
+        # absent losses are returned as 0.0 (a None graph output makes MindSpore fall back to an
+        # "any type" runtime path that cannot run custom kernels); __call__ maps them to None
+        zero = ops.zeros((), ms.float32)
+        lm_loss = aux = loss = zero
         if labels_T is not None:
             valid_T = (labels_T != -100).astype(ms.float32)
             safe_T = ops.select(labels_T != -100, labels_T, ops.zeros_like(labels_T))
@@ -170,7 +194,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
             # HF pools every sparse layer's tokens: sum the per-layer statistics, n counts L copies
             L = stats[0].shape[0]
             aux = switch_aux_loss(stats[0].sum(0), stats[1].sum(0), stats[2] * L)
-            if loss is not None:
+            if labels_T is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux
         if not want_router:
             router_logits = ()
@@ -185,6 +209,10 @@ class Qwen3MoeForCausalLM(nn.Cell):
         logits, loss, lm_loss, aux, router_logits, hidden, stats = fn(
             t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels,
             int(logits_to_keep), bool(output_router_logits), bool(output_hidden_states))
+        has_labels, has_aux = t.labels is not None, output_router_logits and len(stats) == 3
+        loss = loss if has_labels else None
+        lm_loss = lm_loss if has_labels else None
+        aux = aux if has_aux else None
         return CausalLMOutput(logits, loss, lm_loss, aux, tuple(router_logits), tuple(hidden),
                               tuple(stats))
 

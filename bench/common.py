@@ -1,0 +1,68 @@
+"""Shared benchmark helpers: the bench-mini HF folder, subprocess runs, FLOP counts.
+
+Both sides run in their own subprocess with 2 threads so RSS and thread pools don't mix.
+The HF side needs a Python with torch 2.13 + transformers 5.24 (the `reference` extra):
+QWEN3MOE_REF_PYTHON, else .venv-ref/bin/python.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "bench" / "configs" / "bench-mini"
+CACHE = Path(os.environ.get("QWEN3MOE_BENCH_CACHE", "/tmp/qwen3moe-bench"))
+THREADS = "2"
+
+
+def ref_python() -> str:
+    py = os.environ.get("QWEN3MOE_REF_PYTHON") or str(REPO / ".venv-ref" / "bin" / "python")
+    if not Path(py).exists():
+        sys.exit(f"bench: no reference python at {py} (pip install -e '.[reference]' into .venv-ref "
+                 "or set QWEN3MOE_REF_PYTHON)")
+    return py
+
+
+def bench_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, GLOG_v="3",
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def ensure_bench_folder(seed: int = 0) -> Path:
+    """bench-mini with random fp32 weights (init std as HF), written once."""
+    out = CACHE / "bench-mini"
+    if (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file():
+        return out
+    code = (
+        "from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM\n"
+        "from qwen3moe.layers.dtypes import set_init_seed\n"
+        f"set_init_seed({seed})\n"
+        f"m = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_pretrained({str(CONFIG_DIR)!r}))\n"
+        f"m.save_pretrained({str(out)!r}, dtype='float32', max_shard_size='10GB')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=bench_env())
+    for f in ("generation_config.json",):
+        (out / f).write_bytes((CONFIG_DIR / f).read_bytes())
+    return out
+
+
+def run_json(python: str, script: str, args: list[str]) -> dict:
+    """Run a worker script, return the JSON object on its last stdout line."""
+    proc = subprocess.run([python, script, *args], capture_output=True, text=True, env=bench_env())
+    if proc.returncode != 0:
+        sys.exit(f"bench worker {Path(script).name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def forward_flops(cfg: dict, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one causal forward (2 per MAC): active projections + causal attention."""
+    H, D, N, K = cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    E, k, I, V, L = (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                     cfg["vocab_size"], cfg["num_hidden_layers"])
+    per_tok_layer = 2 * (H * D * (2 * N + 2 * K) + H * E + k * 3 * H * I)
+    attn_per_seq_layer = 2 * 2 * N * D * seq * (seq + 1) / 2  # QK^T and PV over the causal triangle
+    tokens = batch * seq
+    return L * (tokens * per_tok_layer + batch * attn_per_seq_layer) + tokens * 2 * H * V

@@ -1,0 +1,1 @@
+"""Optional fused CPU kernels (ops.Custom aot) with a portable composite fallback."""

@@ -1,0 +1,62 @@
+"""Build-on-first-use of the optional CPU kernels (C++ calling numpy's bundled OpenBLAS).
+
+The shared object is cached under $QWEN3MOE_KERNEL_CACHE (default ~/.cache/qwen3moe) keyed by a
+hash of the source, flags and BLAS path, so a fresh machine compiles once (~3 s with g++).
+Anything missing (no compiler, no 64-bit OpenBLAS in numpy.libs, not x86-64 Linux) returns None
+and callers keep the portable composite MindSpore path. QWEN3MOE_KERNELS=0 disables kernels.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+def _blas_library() -> str | None:
+    import numpy
+
+    libs = Path(numpy.__file__).resolve().parent.parent / "numpy.libs"
+    found = sorted(glob.glob(str(libs / "libopenblas64_*.so")))
+    return found[0] if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_library(name: str = "grouped_experts") -> str | None:
+    """Path of the compiled kernel library, or None when kernels are unavailable here."""
+    if os.environ.get("QWEN3MOE_KERNELS", "1") in ("0", "false", "off"):
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    blas = _blas_library()
+    if not cxx or not blas:
+        return None
+    src = CSRC / f"{name}.cc"
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
+    key = hashlib.sha256(src.read_bytes() + " ".join(flags + [blas, cxx]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("QWEN3MOE_KERNEL_CACHE", Path.home() / ".cache" / "qwen3moe"))
+    out = cache / f"{name}-{key}.so"
+    if out.is_file():
+        return str(out)
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    cmd = [cxx, *flags, str(src), "-o", tmp, f"-L{Path(blas).parent}", f"-l:{Path(blas).name}",
+           f"-Wl,-rpath,{Path(blas).parent}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        print(f"qwen3moe: kernel build failed, using the composite path: {proc.stderr[-500:]}",
+              file=sys.stderr)
+        return None
+    os.replace(tmp, out)
+    return str(out)

@@ -1,0 +1,106 @@
+// Grouped SwiGLU experts for CPU, called by MindSpore as ops.Custom(func_type="aot").
+//
+// Rows of x are sorted by expert; expert e owns rows [off[e], off[e+1]). Each expert's rows go
+// through two GEMMs from the BLAS numpy ships (OpenBLAS, 64-bit interface), so every expert's
+// weights are read once and compute scales with the assignments, never with T * E.
+// Shapes: A assignments (rows), H hidden, I expert ffn, E experts.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
+                               const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                               float *C, int64_t ldc);
+static const int kRow = 101, kN = 111, kT = 112;
+
+static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// C[M,N] = op(A) op(B), row-major
+static void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float *C, int64_t ldc, float beta = 0.0f) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == 0.0f) for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+    return;
+  }
+  cblas_sgemm64_(kRow, ta ? kT : kN, tb ? kT : kN, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+}
+
+// inputs: x [A,H], off [E+1] int32, wgu [E,2I,H], wd [E,H,I]; outputs: y [A,H], gu [A,2I]
+extern "C" int GroupedSwigluFwd(int nparam, void **params, int *ndims, int64_t **shapes,
+                                const char **dtypes, void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const int32_t *off = static_cast<const int32_t *>(params[1]);
+  const float *wgu = static_cast<const float *>(params[2]);
+  const float *wd = static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  float *gu = static_cast<float *>(params[5]);
+  const int64_t A = shapes[0][0], H = shapes[0][1], E = shapes[2][0], I2 = shapes[2][1], I = I2 / 2;
+  float *act = new float[A * I > 0 ? A * I : 1];
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    if (n <= 0) continue;
+    gemm(false, true, n, I2, H, x + r0 * H, H, wgu + e * I2 * H, H, gu + r0 * I2, I2);
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      const float *g = gu + r * I2, *u = g + I;
+      float *a = act + r * I;
+      for (int64_t j = 0; j < I; ++j) a[j] = g[j] * sigmoid(g[j]) * u[j];
+    }
+    gemm(false, true, n, H, I, act + r0 * I, I, wd + e * H * I, I, y + r0 * H, H);
+  }
+  for (int64_t r = off[E]; r < A; ++r) {  // rows past the last group (none when off[E] == A)
+    std::memset(y + r * H, 0, H * sizeof(float));
+    std::memset(gu + r * I2, 0, I2 * sizeof(float));
+  }
+  delete[] act;
+  return 0;
+}
+
+// inputs: x [A,H], off [E+1], wgu [E,2I,H], wd [E,H,I], gu [A,2I], dy [A,H]
+// outputs: dx [A,H], dwgu [E,2I,H], dwd [E,H,I]
+extern "C" int GroupedSwigluBwd(int nparam, void **params, int *ndims, int64_t **shapes,
+                                const char **dtypes, void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const int32_t *off = static_cast<const int32_t *>(params[1]);
+  const float *wgu = static_cast<const float *>(params[2]);
+  const float *wd = static_cast<const float *>(params[3]);
+  const float *gu = static_cast<const float *>(params[4]);
+  const float *dy = static_cast<const float *>(params[5]);
+  float *dx = static_cast<float *>(params[6]);
+  float *dwgu = static_cast<float *>(params[7]);
+  float *dwd = static_cast<float *>(params[8]);
+  const int64_t A = shapes[0][0], H = shapes[0][1], E = shapes[2][0], I2 = shapes[2][1], I = I2 / 2;
+  const int64_t rows = A * I > 0 ? A * I : 1;
+  float *act = new float[rows], *dgu = new float[A * I2 > 0 ? A * I2 : 1], *dact = new float[rows];
+  std::memset(dx, 0, A * H * sizeof(float));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    float *dwgu_e = dwgu + e * I2 * H, *dwd_e = dwd + e * H * I;
+    if (n <= 0) {
+      std::memset(dwgu_e, 0, I2 * H * sizeof(float));
+      std::memset(dwd_e, 0, H * I * sizeof(float));
+      continue;
+    }
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      const float *g = gu + r * I2, *u = g + I;
+      for (int64_t j = 0; j < I; ++j) act[r * I + j] = g[j] * sigmoid(g[j]) * u[j];
+    }
+    gemm(true, false, H, I, n, dy + r0 * H, H, act + r0 * I, I, dwd_e, I);              // dWd = dy^T act
+    gemm(false, false, n, I, H, dy + r0 * H, H, wd + e * H * I, I, dact + r0 * I, I);   // dact = dy Wd
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      const float *g = gu + r * I2, *u = g + I, *da = dact + r * I;
+      float *dg = dgu + r * I2, *du = dg + I;
+      for (int64_t j = 0; j < I; ++j) {
+        const float s = sigmoid(g[j]);
+        du[j] = da[j] * g[j] * s;
+        dg[j] = da[j] * u[j] * s * (1.0f + g[j] * (1.0f - s));
+      }
+    }
+    gemm(true, false, I2, H, n, dgu + r0 * I2, I2, x + r0 * H, H, dwgu_e, H);            // dWgu = dgu^T x
+    gemm(false, false, n, H, I2, dgu + r0 * I2, I2, wgu + e * I2 * H, H, dx + r0 * H, H);  // dx = dgu Wgu
+  }
+  delete[] act;
+  delete[] dgu;
+  delete[] dact;
+  return 0;
+}
