@@ -1,0 +1,199 @@
+"""One compiled training step: forward + backward + (accumulate) + clip + AdamW.
+
+Loss per micro-batch i of M (M = len(micro_batches)):
+    loss_i = lm_i / M + aux_coef * aux_i + z_coef * z_i / M
+with the load-balancing term chosen by `aux_mode` (statistics c, s, n: router/losses.py,
+pooled over all sparse layers as HF does, i.e. summed over layers with n counted L times):
+  "hf"        aux_i = switch(c_i, s_i, n_i) / M = E * sum_e (c_e/n)(s_e/n) / M.  The HF
+              transformers value; the reference fixtures use it with coef 1e-3.
+  "megatron"  aux_i = switch(...) / (K * M): f normalised to sum to 1 (Megatron / MindSpore
+              Transformers). HF = K x Megatron, so coef_megatron = K * coef_hf is the same loss.
+  "global"    aux over the global batch (Qwen3 recipe): c, n accumulated over all M
+              micro-batches before the product. Because c is not differentiated (top-k counts),
+              aux_global = E * sum_e (C_e/N)(S_e/N) = sum_i sum_e w_e s_ie with w_e = E C_e / N^2,
+              so each micro-batch contributes the linear term sum_e w_e s_ie, exactly. C and N
+              come from a forward-only pass over the micro-batches first (one extra forward).
+              With M = 1 it equals "hf".
+z-loss (ST-MoE): mean over sparse layers of mean_t logsumexp(router logits_t)^2.
+Gradients are summed over micro-batches (= grad of the mean loss), then clipped by global norm
+(torch clip_grad_norm_ semantics) and applied by the optimizer.
+Host-side input prep (`prepare_inputs`) stays outside the graph; forward+backward is one
+compiled Cell, the clip+update another (both compiled once per input shape).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from qwen3moe.models.inputs import prepare_inputs
+from qwen3moe.router.losses import z_loss
+from qwen3moe.training.optimizer import clip_by_global_norm, global_norm
+
+AUX_MODES = ("hf", "megatron", "global")
+
+
+class _LossCell(nn.Cell):
+    """Scalar micro-batch loss (first output) plus metrics (not differentiated)."""
+
+    def __init__(self, model: nn.Cell, aux_coef: float, z_coef: float, aux_mode: str) -> None:
+        super().__init__(auto_prefix=False)
+        self.net = model
+        self.aux_coef, self.z_coef, self.aux_mode = float(aux_coef), float(z_coef), aux_mode
+        self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
+
+    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w):
+        _, _, lm, _, router_logits, _, stats = self.net.construct(ids, cos, sin, bias, mask, labels,
+                                                                  0, True, False)
+        counts_LE, probsum_LE, n = stats
+        L = counts_LE.shape[0]
+        c_E, s_E, nL = counts_LE.sum(0), probsum_LE.sum(0), ops.maximum(n * L, 1.0)
+        aux_hf = self.E * ((c_E / nL) * (s_E / nL)).sum()
+        if self.aux_mode == "global":
+            aux_term = (aux_w * s_E).sum()
+        elif self.aux_mode == "megatron":
+            aux_term = aux_hf / self.K * inv_m
+        else:
+            aux_term = aux_hf * inv_m
+        z = Tensor(0.0, ms.float32)
+        for lg in router_logits:
+            z = z + z_loss(lg, mask)
+        z = z / len(router_logits)
+        loss = lm * inv_m + self.aux_coef * aux_term + self.z_coef * z * inv_m
+        return loss, lm, aux_hf, z, counts_LE, n
+
+
+class _ForwardBackward(nn.Cell):
+    """Compiled value-and-grad over the trainable parameters."""
+
+    def __init__(self, loss_cell: _LossCell, weights) -> None:
+        super().__init__(auto_prefix=False)
+        self.loss_cell = loss_cell
+        self.weights = weights
+        self.grad_fn = ms.value_and_grad(loss_cell, None, weights, has_aux=True)
+
+    @ms.jit
+    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w):
+        (loss, lm, aux, z, counts, n), grads = self.grad_fn(ids, cos, sin, bias, mask, labels, inv_m, aux_w)
+        return loss, lm, aux, z, counts, n, grads
+
+
+class _Apply(nn.Cell):
+    """Compiled global norm -> clip -> optimizer update."""
+
+    def __init__(self, optimizer: nn.Cell, clip: float | None) -> None:
+        super().__init__(auto_prefix=False)
+        self.optimizer = optimizer
+        self.clip = clip
+
+    @ms.jit
+    def construct(self, grads):
+        norm = global_norm(grads)
+        if self.clip is not None:
+            grads = clip_by_global_norm(grads, self.clip, norm)
+        self.optimizer.update(grads)
+        return norm
+
+
+@ms.jit
+def _add_grads(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def as_batch(batch) -> dict:
+    """A batch is token ids [B,S] (labels = ids) or a dict with input_ids and optional
+    labels / attention_mask / position_ids (numpy arrays or lists)."""
+    if isinstance(batch, dict):
+        b = dict(batch)
+        b.setdefault("labels", b["input_ids"])
+        return b
+    return {"input_ids": batch, "labels": batch}
+
+
+class TrainStep:
+    """`TrainStep(model, optimizer, aux_coef=1e-3, z_coef=0.0, clip=1.0, aux_mode="hf",
+    schedule=None)`; `metrics = step(batch)` or `step([micro_batch, ...])` (accumulation).
+
+    `schedule(step) -> lr` (0-based, see schedules.py) sets the optimizer's lr before each
+    update. Metrics (python floats / numpy): loss, lm_loss, aux (HF value, mean over
+    micro-batches), aux_megatron (= aux / K), z, grad_norm (before clipping), lr,
+    expert_load_max (per layer: max_e share_e / mean_e share_e, 1 = perfect balance),
+    tokens, step_time_s.
+    """
+
+    def __init__(self, model: nn.Cell, optimizer: nn.Cell, aux_coef: float = 1e-3, z_coef: float = 0.0,
+                 clip: float | None = 1.0, aux_mode: str = "hf",
+                 schedule: Callable[[int], float] | None = None) -> None:
+        if aux_mode not in AUX_MODES:
+            raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.aux_mode, self.aux_coef = aux_mode, float(aux_coef)
+        self.weights = optimizer.parameters
+        self.fwd_bwd = _ForwardBackward(_LossCell(model, aux_coef, z_coef, aux_mode), self.weights)
+        self.apply = _Apply(optimizer, clip)
+        self.E = model.config.num_experts
+        self.steps_done = 0
+
+    def _prep(self, batch) -> tuple:
+        b = as_batch(batch)
+        t = prepare_inputs(self.model.config, b["input_ids"], b.get("attention_mask"),
+                           b.get("position_ids"), b["labels"])
+        return t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels
+
+    def _global_weights(self, prepped: list[tuple]) -> Tensor:
+        """w_e = E * C_e / N^2 from a forward-only pass (C, N pooled over layers and micro-batches)."""
+        runner = self.model.graph_runner()
+        C, N = np.zeros(self.E, np.float64), 0.0
+        for args in prepped:
+            stats = runner(*args, 0, True, False)[-1]
+            C += stats[0].asnumpy().sum(0)
+            N += float(stats[2].asnumpy()) * stats[0].shape[0]
+        return Tensor((self.E * C / max(N, 1.0) ** 2).astype(np.float32))
+
+    def gradients(self, batch) -> tuple[dict, tuple]:
+        """Forward+backward only (no update): (metrics, grads tuple aligned with optimizer.parameters)."""
+        micro = batch if isinstance(batch, (list, tuple)) else [batch]
+        prepped = [self._prep(b) for b in micro]
+        inv_m = Tensor(1.0 / len(prepped), ms.float32)
+        aux_w = self._global_weights(prepped) if self.aux_mode == "global" else Tensor(
+            np.zeros(self.E, np.float32))
+        grads, sums = None, {"loss": 0.0, "lm_loss": 0.0, "aux": 0.0, "z": 0.0}
+        counts, tokens = 0.0, 0
+        for args in prepped:
+            loss, lm, aux, z, c, n, g = self.fwd_bwd(*args, inv_m, aux_w)
+            grads = g if grads is None else _add_grads(grads, g)
+            for k, v in zip(sums, (loss, lm, aux, z)):
+                sums[k] += float(v.asnumpy())
+            counts = counts + c.asnumpy()
+            tokens += int(args[0].shape[0] * args[0].shape[1])
+        m = len(prepped)
+        metrics = {"loss": sums["loss"], "lm_loss": sums["lm_loss"] / m, "aux": sums["aux"] / m,
+                   "aux_megatron": sums["aux"] / m / self.model.config.num_experts_per_tok,
+                   "z": sums["z"] / m, "tokens": tokens, **expert_load(counts)}
+        return metrics, grads
+
+    def __call__(self, batch) -> dict:
+        t0 = time.perf_counter()
+        lr = self.schedule(self.steps_done) if self.schedule is not None else self.optimizer.get_lr()
+        if self.schedule is not None:
+            self.optimizer.set_lr(lr)
+        metrics, grads = self.gradients(batch)
+        norm = self.apply(grads)
+        metrics["grad_norm"] = float(norm.asnumpy())
+        metrics["lr"] = float(lr)
+        self.steps_done += 1
+        metrics["step"] = self.steps_done
+        metrics["step_time_s"] = time.perf_counter() - t0
+        return metrics
+
+
+def expert_load(counts_LE: np.ndarray) -> dict:
+    """Per-layer token share of the busiest expert relative to the mean share (1 = balanced)."""
+    counts_LE = np.asarray(counts_LE, np.float64)
+    share = counts_LE / np.maximum(counts_LE.sum(-1, keepdims=True), 1.0)
+    mean = share.mean(-1)
+    return {"expert_load_max": (share.max(-1) / np.maximum(mean, 1e-12)).tolist(),
+            "expert_share_max": share.max(-1).tolist()}
