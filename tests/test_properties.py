@@ -201,3 +201,35 @@ def test_causality_future_tokens_never_change_past_logits(tiny_model, ids, cut, 
     a = tiny_model(ids).logits.asnumpy()
     b = tiny_model(changed).logits.asnumpy()
     np.testing.assert_allclose(a[:, :cut], b[:, :cut], atol=1e-5)
+
+
+@SETTINGS
+@given(seed=seeds, T=st.integers(1, 20), cf=st.sampled_from([0.5, 1.0, 1.25, 4.0]))
+def test_capacity_factor_drops_exactly_the_overflow(seed, T, cf):
+    """Expert e keeps its first C assignments in token order; the rest contribute nothing."""
+    import math
+
+    E, K = 8, 2
+    set_init_seed(seed)
+    block = Qwen3MoeSparseMoeBlock(16, E, K, 8, True, init_std=0.3, capacity_factor=cf)
+    x = rng(seed).standard_normal((T, 16)).astype(np.float32)
+    y = block(Tensor(x))[0].asnumpy()
+    C = max(1, math.ceil(cf * T * K / E))
+    _, _, w, idx = (t.asnumpy() for t in block.gate(Tensor(x)))
+    seen = np.zeros(E, int)
+    keep = np.zeros((T, K), bool)
+    for a, e in enumerate(idx.ravel()):
+        keep.ravel()[a] = seen[e] < C
+        seen[e] += 1
+    gu, dn = block.experts.gate_up_proj.asnumpy(), block.experts.down_proj.asnumpy()
+    want = np.zeros_like(x)
+    for t in range(T):
+        for j in range(K):
+            if keep[t, j]:
+                h = gu[idx[t, j]] @ x[t]
+                want[t] += w[t, j] * (dn[idx[t, j]] @ (h[:8] / (1 + np.exp(-h[:8])) * h[8:]))
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    if cf >= E / K:  # capacity >= T: nothing can be dropped, equals the dropless block
+        set_init_seed(seed)
+        dropless = Qwen3MoeSparseMoeBlock(16, E, K, 8, True, init_std=0.3)
+        np.testing.assert_allclose(y, dropless(Tensor(x))[0].asnumpy(), rtol=1e-4, atol=1e-5)

@@ -54,6 +54,8 @@ class Qwen3MoeConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    # not an HF field: expert capacity factor with token dropping; None = dropless like HF
+    moe_capacity_factor: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,6 +121,8 @@ class Qwen3MoeConfig:
     # ---- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if d["moe_capacity_factor"] is None:  # keep HF config.json clean unless dropping is on
+            del d["moe_capacity_factor"]
         out: dict[str, Any] = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
         out.update({k: v for k, v in self.extra.items() if k not in d})
         out.update(d)
@@ -181,6 +185,8 @@ class Qwen3MoeConfig:
             raise ConfigError(f"hidden_act must be 'silu' (Qwen3-MoE), got {self.hidden_act!r}")
         if self.use_sliding_window:
             raise ConfigError("use_sliding_window: true is not supported (no released Qwen3-MoE uses it)")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            raise ConfigError(f"moe_capacity_factor must be > 0 or null, got {self.moe_capacity_factor!r}")
         if str(self.torch_dtype) not in _DTYPES:
             raise ConfigError(f"torch_dtype must be one of {_DTYPES}, got {self.torch_dtype!r}")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]

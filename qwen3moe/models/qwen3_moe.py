@@ -8,6 +8,7 @@ so every graph input has a static shape.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -31,10 +32,11 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  norm_topk_prob: bool, init_std: float = 0.02, param_dtype=None,
-                 moe_backend: str = "auto") -> None:
+                 moe_backend: str = "auto", capacity_factor: float | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.use_kernel = resolve_moe_backend(moe_backend)
+        self.capacity_factor = capacity_factor  # None = dropless (HF semantics)
+        self.use_kernel = capacity_factor is None and resolve_moe_backend(moe_backend)
         self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob, init_std, param_dtype)
         self.experts = Qwen3MoeExperts(num_experts, hidden_size, intermediate_size, init_std, param_dtype)
 
@@ -45,6 +47,13 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
             y_AH = self.experts.sorted_rows(ops.gather(x_TH, token_A, 0), offsets_E1)
             return dispatch.unpermute(y_AH, inv_A, weights_TK), logits_TE, probs_TE, idx_TK
         A = x_TH.shape[0] * self.top_k
+        if self.capacity_factor is not None:
+            C = max(1, math.ceil(self.capacity_factor * A / self.num_experts))
+            slot_A, src_R, keep_A, _ = dispatch.capacity_dispatch(idx_TK, self.num_experts, C)
+            y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R),
+                                       dispatch.iota(self.num_experts).astype(ms.int32))
+            weights_TK = weights_TK * keep_A.reshape(weights_TK.shape).astype(weights_TK.dtype)
+            return dispatch.unpermute(y_RH, slot_A, weights_TK), logits_TE, probs_TE, idx_TK
         b = dispatch.choose_block_size(A, self.num_experts)
         nb = dispatch.num_blocks(A, self.num_experts, b)
         slot_A, src_R, expert_NB, _ = dispatch.dispatch_indices(idx_TK, self.num_experts, b, nb)
@@ -78,7 +87,8 @@ class Qwen3MoeDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
         if self.is_sparse:
             self.mlp = Qwen3MoeSparseMoeBlock(c.hidden_size, c.num_experts, c.num_experts_per_tok,
-                                              c.moe_intermediate_size, c.norm_topk_prob, std, param_dtype)
+                                              c.moe_intermediate_size, c.norm_topk_prob, std, param_dtype,
+                                              capacity_factor=c.moe_capacity_factor)
         else:
             self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size, std, param_dtype)
 

@@ -107,3 +107,27 @@ def sorted_dispatch(expert_idx_TK: Tensor, num_experts: int):
                                       iota(A).astype(ms.int32))
     return (ops.stop_gradient(token_A), ops.stop_gradient(inv_A), ops.stop_gradient(offsets_E1),
             ops.stop_gradient(counts_E))
+
+
+def capacity_dispatch(expert_idx_TK: Tensor, num_experts: int, capacity: int):
+    """Capacity-limited plan (optional token dropping, GShard/Switch style).
+
+    Expert e keeps its first `capacity` assignments in token order; later ones are dropped
+    (their combine weight becomes 0, so the token keeps only its residual for that slot).
+    Returns slot_A (row e*C + rank, 0 when dropped), src_R [E*C], keep_A float32, counts_E.
+    Static shapes: R = E*C rows, one block per expert (no weight gather needed).
+    """
+    T, K = expert_idx_TK.shape
+    A = T * K
+    flat_A = expert_idx_TK.reshape(A).astype(ms.int32)
+    onehot_AE = ops.one_hot(flat_A, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+    rank_A = (ops.cumsum(onehot_AE, 0) * onehot_AE).sum(-1) - 1.0
+    keep_A = (rank_A < capacity).astype(ms.float32)
+    slot_A = ((flat_A.astype(ms.float32) * capacity + rank_A) * keep_A).astype(ms.int32)
+    token_A = ops.floor_divide(iota(A), K).astype(ms.int32)
+    # dropped assignments scatter to a scratch row R (sliced off) instead of colliding with kept ones
+    target_A = ops.select(keep_A > 0, slot_A, ops.fill(ms.int32, (A,), num_experts * capacity))
+    src_R = ops.fill(ms.int32, (num_experts * capacity + 1,), T)
+    src_R = ops.tensor_scatter_update(src_R, target_A.reshape(A, 1), token_A)[: num_experts * capacity]
+    return (ops.stop_gradient(slot_A), ops.stop_gradient(src_R), ops.stop_gradient(keep_A),
+            ops.stop_gradient(onehot_AE.sum(0)))
