@@ -54,6 +54,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0           # decode steps plus host sampling
     decode_steps: int = 0
+    engine_s: float = 0.0           # time inside the compiled decode steps (decode_s - engine_s = host)
     compiles: int = 0               # graph signatures compiled so far in this process
 
 
@@ -111,7 +112,9 @@ class GenerationRun:
             yield nxt
             if self.finished.all() or step == n_max - 1:
                 break
+            t1 = time.perf_counter()
             logits_BV = self.engine.decode(nxt)
+            self.stats.engine_s += time.perf_counter() - t1
             self.stats.decode_steps += 1
         self.stats.decode_s = time.perf_counter() - t0
         self.stats.compiles = compile_count()

@@ -1,0 +1,209 @@
+"""Generation benchmark: qwen3moe generate vs HF transformers generate on bench-mini, 2 threads each.
+
+    .venv/bin/python bench/generate.py [--reps 3] [--skip-hf] [--no-results]
+
+End-to-end tokens/s for batch 1 and batch 8 (16-token prompts, 64 new tokens, ignore_eos, greedy),
+prefill tokens/s (4 x 256 prompt), graph compile count, and a short per-step profile of our decode
+(attention+norms / MoE / lm_head / host). Each side runs in its own subprocess (this file with
+--worker ours|hf); HF uses the reference venv (QWEN3MOE_REF_PYTHON or .venv-ref/bin/python).
+Appends a "## Generation" section to bench/RESULTS.md.
+Shapes: B batch, S prompt length, N new tokens, H hidden, V vocab.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CASES = ((1, 16, 64), (8, 16, 64))  # (B, S, N)
+PREFILL = (4, 256)
+
+
+def _prompts(B: int, S: int, vocab: int = 8192) -> np.ndarray:
+    return np.random.default_rng(B * 1000 + S).integers(0, vocab - 8, (B, S))
+
+
+def _best(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_ours(folder: str, reps: int) -> dict:
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.generation.generate import GenerationRun, generate, resolve_config
+    from qwen3moe.generation.engine import compile_count
+
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype="float32")
+    out: dict = {}
+    for B, S, N in CASES:
+        ids = _prompts(B, S)
+        t0 = time.perf_counter()
+        generate(model, ids, max_new_tokens=N, ignore_eos=True, do_sample=False)
+        out[f"first_b{B}_s"] = time.perf_counter() - t0  # includes the compiles
+        out[f"gen_b{B}_s"] = _best(lambda: generate(model, ids, max_new_tokens=N, ignore_eos=True,
+                                                    do_sample=False), reps)
+        run = GenerationRun(model, ids, None, resolve_config(model, max_new_tokens=N, ignore_eos=True,
+                                                             do_sample=False))
+        run.run()
+        out[f"step_b{B}_ms"] = 1e3 * run.stats.decode_s / max(run.stats.decode_steps, 1)
+        out[f"profile_b{B}"] = profile_step(model, B, run)
+    B, S = PREFILL
+    ids = _prompts(B, S)
+    cfg = resolve_config(model, max_new_tokens=1, ignore_eos=True, do_sample=False)
+    GenerationRun(model, ids, None, cfg).run()
+    times = []
+    for _ in range(reps):
+        run = GenerationRun(model, ids, None, cfg)
+        run.run()
+        times.append(run.stats.prefill_s)
+    out["prefill_s"] = min(times)
+    out["compiles"] = compile_count()
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def profile_step(model, B: int, run) -> dict:
+    """Split one decode step: MoE blocks and lm_head timed alone (compiled, same shapes); host =
+    loop time minus engine time; attention+norms+embedding = the rest of the engine step."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.generation.engine import get_engine
+
+    engine, _ = get_engine(model, B, 16, 64)
+    x = Tensor(np.random.default_rng(0).standard_normal((B, model.config.hidden_size)).astype(np.float32))
+    nxt = np.zeros(B, np.int64)
+    engine.cursor = 16
+    step_ms = 1e3 * _best(lambda: engine.decode(nxt) if engine.cursor < engine.slots - 1 else None, 20)
+    probe = _Probe(model)
+    probe(x, True).asnumpy()
+    moe_ms = 1e3 * _best(lambda: probe(x, True).asnumpy(), 20)
+    probe(x, False).asnumpy()
+    head_ms = 1e3 * _best(lambda: probe(x, False).asnumpy(), 20)
+    steps = max(run.stats.decode_steps, 1)
+    host_ms = 1e3 * (run.stats.decode_s - run.stats.engine_s) / steps
+    return {"engine_step_ms": step_ms, "moe_ms": moe_ms, "lm_head_ms": head_ms,
+            "attn_norms_rest_ms": max(step_ms - moe_ms - head_ms, 0.0),
+            "host_ms": host_ms}
+
+
+def _probe_cell():
+    import mindspore as ms
+    from mindspore import nn
+
+    class Probe(nn.Cell):
+        """Every layer's MLP/MoE block on [B, H] (moe=True) or the lm_head alone, compiled."""
+
+        def __init__(self, model) -> None:
+            super().__init__(auto_prefix=False)
+            self.net = model
+
+        @ms.jit
+        def construct(self, x_BH, moe: bool):
+            if not moe:
+                return self.net.lm_head(x_BH)
+            y = x_BH
+            for layer in self.net.model.layers:
+                if layer.is_sparse:
+                    y = y + layer.mlp(x_BH)[0]
+                else:
+                    y = y + layer.mlp(x_BH)
+            return y
+
+    return Probe
+
+
+def _Probe(model):
+    return _probe_cell()(model)
+
+
+def worker_hf(folder: str, reps: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out: dict = {}
+    with torch.inference_mode():
+        for B, S, N in CASES:
+            ids = torch.from_numpy(_prompts(B, S))
+            kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
+                      attention_mask=torch.ones_like(ids))
+            model.generate(ids, **kw)
+            out[f"gen_b{B}_s"] = _best(lambda: model.generate(ids, **kw), reps)
+        ids = torch.from_numpy(_prompts(*PREFILL))
+        model(ids)
+        out["prefill_s"] = _best(lambda: model(ids, logits_to_keep=1), reps)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def report(ours: dict, hf: dict, reps: int) -> list[str]:
+    lines = []
+    for B, S, N in CASES:
+        o = B * N / ours[f"gen_b{B}_s"]
+        h = B * N / hf[f"gen_b{B}_s"] if hf else None
+        ratio = f"  ratio {o / h:.2f}x (target >= 2x)" if h else ""
+        lines.append(f"generate b{B} (prompt {S}, {N} new, ignore_eos): qwen3moe {o:7.1f} tok/s"
+                     + (f", HF {h:7.1f} tok/s" if h else "") + ratio
+                     + f"; our decode step {ours[f'step_b{B}_ms']:.1f} ms, first call {ours[f'first_b{B}_s']:.1f} s")
+        p = ours[f"profile_b{B}"]
+        lines.append(f"  b{B} step profile: engine {p['engine_step_ms']:.1f} ms = MoE {p['moe_ms']:.1f} + "
+                     f"lm_head {p['lm_head_ms']:.1f} + attention/norms/rest {p['attn_norms_rest_ms']:.1f}; "
+                     f"host (sampling, masks, transfers) {p['host_ms']:.1f} ms")
+    B, S = PREFILL
+    o = B * S / ours["prefill_s"]
+    h = B * S / hf["prefill_s"] if hf else None
+    lines.append(f"prefill {B}x{S}: qwen3moe {o:.0f} tok/s" + (f", HF {h:.0f} tok/s, ratio {o / h:.2f}x" if h else ""))
+    lines.append(f"graph compiles (qwen3moe worker, all cases): {ours['compiles']}; peak RSS ours "
+                 f"{ours['peak_rss_mb']:.0f} MB" + (f", HF {hf['peak_rss_mb']:.0f} MB" if hf else "")
+                 + f"; best of {reps}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--worker", choices=("ours", "hf"))
+    ap.add_argument("--folder")
+    a = ap.parse_args()
+    if a.worker:
+        fn = worker_ours if a.worker == "ours" else worker_hf
+        print(json.dumps(fn(a.folder, a.reps)))
+        return
+    from common import REPO, ensure_bench_folder, ref_python, run_json
+
+    folder = str(ensure_bench_folder())
+    args = ["--folder", folder, "--reps", str(a.reps)]
+    ours = run_json(sys.executable, __file__, ["--worker", "ours", *args])
+    hf = {} if a.skip_hf else run_json(ref_python(), __file__, ["--worker", "hf", *args])
+    lines = report(ours, hf, a.reps)
+    print("\n".join(lines))
+    if not a.no_results:
+        cmd = "python bench/generate.py " + " ".join(sys.argv[1:])
+        stamp = time.strftime("%Y-%m-%d %H:%M")
+        with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
+            fh.write(f"\n## Generation\n\n{stamp}, bench-mini, 2 threads each, `{cmd.strip()}`\n\n```\n"
+                     + "\n".join(lines) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
