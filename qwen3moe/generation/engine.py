@@ -17,7 +17,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from qwen3moe.layers.attention import grouped_attention
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
@@ -35,6 +34,62 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+_mmT = ops.MatMul(transpose_b=True)
+_bmmT = ops.BatchMatMul(transpose_b=True)
+_bmm = ops.BatchMatMul()
+
+
+def _w(p: Tensor, x: Tensor) -> Tensor:
+    """Weight in the compute dtype (bf16 storage computes in fp32); resolved at trace time."""
+    return p if p.dtype == x.dtype else p.astype(x.dtype)
+
+
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """HF Qwen3 RMSNorm for fp32 activations, with fewer graph ops than layers.norm (no no-op casts)."""
+    return _w(w, x) * (x * ops.rsqrt(ops.mean(x * x, -1, keep_dims=True) + eps))
+
+
+def rotation_matrix(D: int) -> np.ndarray:
+    """R [D, D] with x @ R == rotate_half(x) exactly (one +-1 per column): one matmul op
+    replaces slice/slice/neg/concat, which matters because each graph op costs ~6-11 us here."""
+    h = D // 2
+    r = np.zeros((D, D), np.float32)
+    r[np.arange(h) + h, np.arange(h)] = -1.0
+    r[np.arange(h), np.arange(h) + h] = 1.0
+    return r
+
+
+def _attention_block(a: nn.Cell, x_BSH: Tensor, cos_BS1D: Tensor, sin_BS1D: Tensor, rot_DD: Tensor,
+                     bias_B1ST: Tensor, k_cache: Tensor, v_cache: Tensor, idx_BKS3: Tensor) -> Tensor:
+    """self_attn on the normed input with the cache write; same math as Qwen3MoeAttention
+    (project_qkv + grouped_attention + output), written with the fewest ops for S == 1."""
+    B, S, H = x_BSH.shape
+    N, K, D = a.num_heads, a.num_kv_heads, a.head_dim
+    G = N // K
+    x_TH = x_BSH.reshape(B * S, H)
+    q = _rms(_mmT(x_TH, _w(a.q_proj.weight, x_TH)).reshape(B, S, N, D), a.q_norm.weight, a.q_norm.eps)
+    k = _rms(_mmT(x_TH, _w(a.k_proj.weight, x_TH)).reshape(B, S, K, D), a.k_norm.weight, a.k_norm.eps)
+    v = _mmT(x_TH, _w(a.v_proj.weight, x_TH)).reshape(B, S, K, D)
+    q = q * cos_BS1D + ops.matmul(q, rot_DD) * sin_BS1D
+    k = k * cos_BS1D + ops.matmul(k, rot_DD) * sin_BS1D
+    if S == 1:  # [B,1,X,D] -> [B,X,1,D] is a pure reshape: no transpose copies when decoding
+        q_BKXD, k, v = q.reshape(B, K, G, D), k.reshape(B, K, 1, D), v.reshape(B, K, 1, D)
+    else:
+        q_BKXD = q.transpose(0, 2, 1, 3).reshape(B, K, G * S, D)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    # the returned (updated) caches order the write before the read in the graph
+    k_BKTD = ops.scatter_nd_update(k_cache, idx_BKS3, k)
+    v_BKTD = ops.scatter_nd_update(v_cache, idx_BKS3, v)
+    T = k_BKTD.shape[2]
+    scores = (_bmmT(q_BKXD, k_BKTD) * a.scale).reshape(B, K, G, S, T) + bias_B1ST.reshape(B, 1, 1, S, T)
+    o_BKXD = _bmm(ops.softmax(scores, -1).reshape(B, K, G * S, T), v_BKTD)
+    if S == 1:
+        o_TX = o_BKXD.reshape(B, N * D)
+    else:
+        o_TX = o_BKXD.reshape(B, N, S, D).transpose(0, 2, 1, 3).reshape(B * S, N * D)
+    return _mmT(o_TX, _w(a.o_proj.weight, o_TX)).reshape(B, S, H)
+
+
 class _StepCell(nn.Cell):
     """The compiled step. auto_prefix=False keeps the model's HF parameter names."""
 
@@ -43,12 +98,12 @@ class _StepCell(nn.Cell):
         self.net = model
         cfg = model.config
         shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
-        zeros = lambda: Tensor(np.zeros(shape, np.float32))
         L = cfg.num_hidden_layers
-        self.k_cache = ParameterTuple([Parameter(zeros(), f"kv_cache{uid}.k.{i}", requires_grad=False)
-                                       for i in range(L)])
-        self.v_cache = ParameterTuple([Parameter(zeros(), f"kv_cache{uid}.v.{i}", requires_grad=False)
-                                       for i in range(L)])
+        self.k_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.k.{i}",
+                                                 requires_grad=False) for i in range(L)])
+        self.v_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.v.{i}",
+                                                 requires_grad=False) for i in range(L)])
+        self.rot_DD = Tensor(rotation_matrix(cfg.head_dim))
 
     @ms.jit
     def construct(self, ids_BS: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,
@@ -56,23 +111,21 @@ class _StepCell(nn.Cell):
         body = self.net.model
         x_BSH = body.embed_tokens(ids_BS)
         B, S, H = x_BSH.shape
+        cos_BS1D, sin_BS1D = cos_BSD.reshape(B, S, 1, -1), sin_BSD.reshape(B, S, 1, -1)
         i = 0
         for layer in body.layers:
-            attn = layer.self_attn
-            q_BNSD, k_BKSD, v_BKSD = attn.project_qkv(layer.input_layernorm(x_BSH), cos_BSD, sin_BSD)
-            # the returned (updated) caches order the write before the read in the graph
-            k_BKTD = ops.scatter_nd_update(self.k_cache[i], idx_BKS3, k_BKSD)
-            v_BKTD = ops.scatter_nd_update(self.v_cache[i], idx_BKS3, v_BKSD)
-            o_BNSD = grouped_attention(q_BNSD, k_BKTD, v_BKTD, bias_B1ST, attn.scale)
-            h_BSH = x_BSH + attn.output(o_BNSD)
-            z_TH = layer.post_attention_layernorm(h_BSH).reshape(B * S, H)
-            if layer.is_sparse:
+            n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
+            h_BSH = x_BSH + _attention_block(layer.self_attn, _rms(x_BSH, n_in.weight, n_in.eps), cos_BS1D,
+                                             sin_BS1D, self.rot_DD, bias_B1ST, self.k_cache[i],
+                                             self.v_cache[i], idx_BKS3)
+            z_TH = _rms(h_BSH, n_post.weight, n_post.eps).reshape(B * S, H)
+            if layer.is_sparse:  # MoE block: (y, router logits, probs, idx)
                 y_TH = layer.mlp(z_TH)[0]
             else:
                 y_TH = layer.mlp(z_TH)
             x_BSH = h_BSH + y_TH.reshape(B, S, H)
             i += 1
-        last_BH = body.norm(x_BSH[:, S - 1])  # only the last position feeds the next token
+        last_BH = _rms(x_BSH[:, S - 1], body.norm.weight, body.norm.eps)  # only the last position is needed
         return self.net.lm_head(last_BH)
 
 
