@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
 from qwen3moe.router.losses import z_loss
@@ -66,41 +66,62 @@ class _LossCell(nn.Cell):
         return loss, lm, aux_hf, z, counts_LE, n
 
 
-class _ForwardBackward(nn.Cell):
-    """Compiled value-and-grad over the trainable parameters."""
+class _TrainGraph(nn.Cell):
+    """Compiled forward+backward, gradient accumulation in fp32 buffers, clip and update.
 
-    def __init__(self, loss_cell: _LossCell, weights) -> None:
+    `first` / `last` are compile-time flags (at most four graphs): not first -> add the
+    buffered sum; not last -> store the sum and stop; last -> clip, update, clear the buffers.
+    Gradients never leave the graph: a graph output fed back as another graph's input made
+    MindSpore 2.10 recompile the consumer on every call (measured 2 s/step).
+    """
+
+    def __init__(self, loss_cell: _LossCell, optimizer: nn.Cell, clip: float | None) -> None:
         super().__init__(auto_prefix=False)
-        self.loss_cell = loss_cell
-        self.weights = weights
+        self.loss_cell, self.optimizer, self.clip = loss_cell, optimizer, clip
+        weights = optimizer.parameters
+        self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
+                                             requires_grad=False) for p in weights])
         self.grad_fn = ms.value_and_grad(loss_cell, None, weights, has_aux=True)
 
     @ms.jit
-    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w):
+    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w, first: bool, last: bool):
         (loss, lm, aux, z, counts, n), grads = self.grad_fn(ids, cos, sin, bias, mask, labels, inv_m, aux_w)
-        return loss, lm, aux, z, counts, n, grads
+        if not first:
+            grads = tuple(g.astype(ms.float32) + a for g, a in zip(grads, self.acc))
+        norm = Tensor(0.0, ms.float32)
+        if last:
+            norm = self.clip_and_update(grads)
+            if not first:
+                self.clear()
+        else:
+            for i in range(len(self.acc)):
+                ops.assign(self.acc[i], grads[i].astype(ms.float32))
+        return loss, lm, aux, z, counts, norm
 
-
-class _Apply(nn.Cell):
-    """Compiled global norm -> clip -> optimizer update."""
-
-    def __init__(self, optimizer: nn.Cell, clip: float | None) -> None:
-        super().__init__(auto_prefix=False)
-        self.optimizer = optimizer
-        self.clip = clip
-
-    @ms.jit
-    def construct(self, grads):
+    def clip_and_update(self, grads) -> Tensor:
         norm = global_norm(grads)
         if self.clip is not None:
             grads = clip_by_global_norm(grads, self.clip, norm)
         self.optimizer.update(grads)
         return norm
 
+    def clear(self) -> None:
+        for a in self.acc:
+            ops.assign(a, ops.zeros_like(a))
 
-@ms.jit
-def _add_grads(a, b):
-    return tuple(x + y for x, y in zip(a, b))
+
+class _ApplyAccumulated(nn.Cell):
+    """Compiled: clip + update from the accumulation buffers, then clear them."""
+
+    def __init__(self, graph: _TrainGraph) -> None:
+        super().__init__(auto_prefix=False)
+        self.graph = graph
+
+    @ms.jit
+    def construct(self):
+        norm = self.graph.clip_and_update(tuple(self.graph.acc))
+        self.graph.clear()
+        return norm
 
 
 def as_batch(batch) -> dict:
@@ -131,10 +152,9 @@ class TrainStep:
             raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.aux_mode, self.aux_coef = aux_mode, float(aux_coef)
-        self.weights = optimizer.parameters
-        self.fwd_bwd = _ForwardBackward(_LossCell(model, aux_coef, z_coef, aux_mode), self.weights)
-        self.apply = _Apply(optimizer, clip)
-        self.E = model.config.num_experts
+        self.graph = _TrainGraph(_LossCell(model, aux_coef, z_coef, aux_mode), optimizer, clip)
+        self.apply_graph = _ApplyAccumulated(self.graph)
+        self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
         self.steps_done = 0
 
     def _prep(self, batch) -> tuple:
@@ -145,6 +165,8 @@ class TrainStep:
 
     def _global_weights(self, prepped: list[tuple]) -> Tensor:
         """w_e = E * C_e / N^2 from a forward-only pass (C, N pooled over layers and micro-batches)."""
+        if self.aux_mode != "global":
+            return Tensor(np.zeros(self.E, np.float32))
         runner = self.model.graph_runner()
         C, N = np.zeros(self.E, np.float64), 0.0
         for args in prepped:
@@ -153,40 +175,41 @@ class TrainStep:
             N += float(stats[2].asnumpy()) * stats[0].shape[0]
         return Tensor((self.E * C / max(N, 1.0) ** 2).astype(np.float32))
 
-    def gradients(self, batch) -> tuple[dict, tuple]:
-        """Forward+backward only (no update): (metrics, grads tuple aligned with optimizer.parameters)."""
-        micro = batch if isinstance(batch, (list, tuple)) else [batch]
+    def _run(self, batch, update: bool) -> dict:
+        micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         prepped = [self._prep(b) for b in micro]
-        inv_m = Tensor(1.0 / len(prepped), ms.float32)
-        aux_w = self._global_weights(prepped) if self.aux_mode == "global" else Tensor(
-            np.zeros(self.E, np.float32))
-        grads, sums = None, {"loss": 0.0, "lm_loss": 0.0, "aux": 0.0, "z": 0.0}
-        counts, tokens = 0.0, 0
-        for args in prepped:
-            loss, lm, aux, z, c, n, g = self.fwd_bwd(*args, inv_m, aux_w)
-            grads = g if grads is None else _add_grads(grads, g)
-            for k, v in zip(sums, (loss, lm, aux, z)):
-                sums[k] += float(v.asnumpy())
-            counts = counts + c.asnumpy()
-            tokens += int(args[0].shape[0] * args[0].shape[1])
         m = len(prepped)
-        metrics = {"loss": sums["loss"], "lm_loss": sums["lm_loss"] / m, "aux": sums["aux"] / m,
-                   "aux_megatron": sums["aux"] / m / self.model.config.num_experts_per_tok,
-                   "z": sums["z"] / m, "tokens": tokens, **expert_load(counts)}
-        return metrics, grads
+        inv_m, aux_w = Tensor(1.0 / m, ms.float32), self._global_weights(prepped)
+        sums, counts, tokens, norm = np.zeros(4), 0.0, 0, 0.0
+        for i, args in enumerate(prepped):
+            out = self.graph(*args, inv_m, aux_w, i == 0, update and i == m - 1)
+            sums += [float(v.asnumpy()) for v in out[:4]]
+            counts, norm = counts + out[4].asnumpy(), float(out[5].asnumpy())
+            tokens += int(args[0].shape[0] * args[0].shape[1])
+        return {"loss": sums[0], "lm_loss": sums[1] / m, "aux": sums[2] / m,
+                "aux_megatron": sums[2] / m / self.K, "z": sums[3] / m, "grad_norm": norm,
+                "tokens": tokens, **expert_load(counts)}
+
+    def gradients(self, batch) -> tuple[dict, list[np.ndarray]]:
+        """Forward+backward only: (metrics, summed grads as numpy, aligned with
+        optimizer.parameters). The sum stays buffered: `apply()` then updates with it."""
+        metrics = self._run(batch, update=False)
+        # copy: asnumpy() can alias the buffer, which apply() clears
+        return metrics, [a.asnumpy().copy() for a in self.graph.acc]
+
+    def apply(self) -> float:
+        """Clip + update from the buffered gradients (after `gradients`); returns the grad norm."""
+        return float(self.apply_graph().asnumpy())
 
     def __call__(self, batch) -> dict:
+        """One optimizer step over a batch or a list of micro-batches; returns metrics."""
         t0 = time.perf_counter()
-        lr = self.schedule(self.steps_done) if self.schedule is not None else self.optimizer.get_lr()
         if self.schedule is not None:
-            self.optimizer.set_lr(lr)
-        metrics, grads = self.gradients(batch)
-        norm = self.apply(grads)
-        metrics["grad_norm"] = float(norm.asnumpy())
-        metrics["lr"] = float(lr)
+            self.optimizer.set_lr(self.schedule(self.steps_done))
+        metrics = self._run(batch, update=True)
         self.steps_done += 1
-        metrics["step"] = self.steps_done
-        metrics["step_time_s"] = time.perf_counter() - t0
+        metrics.update(step=self.steps_done, lr=self.optimizer.get_lr(),
+                       step_time_s=time.perf_counter() - t0)
         return metrics
 
 
