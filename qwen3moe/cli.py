@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "qwen3moe.commands.preprocess",
     "qwen3moe.commands.wikitext",
+    "qwen3moe.commands.plan",
     "qwen3moe.commands.generate",
 ]
 

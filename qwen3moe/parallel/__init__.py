@@ -1,1 +1,1 @@
-"""qwen3moe.parallel"""
+"""Parallel layouts applied from outside the model: mesh, plans, communicator, planner."""
