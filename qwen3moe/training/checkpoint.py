@@ -1,0 +1,128 @@
+"""Training checkpoints: model + optimizer moments + step + schedule + data position + RNG.
+
+Layout (one folder per save, written atomically: temp folder + rename, so a crash mid-save
+leaves the previous checkpoints intact and never a half-written one):
+    <root>/step_00000042/model.safetensors       native parameter names (fused experts), exact dtype
+    <root>/step_00000042/optimizer.safetensors   exp_avg.*, exp_avg_sq.*, adamw.step (fp32)
+    <root>/step_00000042/trainer_state.json      step, lr, schedule, data position, RNG states, extra
+Only the newest `keep_last` step folders are kept. Resuming restores every value bit-exactly
+(fp32 stored as F32, bf16 parameters as BF16 bits), so an interrupted run continues with the
+same loss sequence as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from qwen3moe.io.atomic import atomic_directory
+from qwen3moe.io.safetensors_io import SafetensorsFile, f32_to_bf16, write_safetensors
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+def _param_triples(params) -> list[tuple[str, np.ndarray, str]]:
+    out = []
+    for p in params:
+        if p.dtype == ms.bfloat16:
+            out.append((p.name, f32_to_bf16(p.astype(ms.float32).asnumpy()), "BF16"))
+        else:
+            out.append((p.name, np.ascontiguousarray(p.asnumpy(), np.float32), "F32"))
+    return out
+
+
+def rng_state(np_rng: np.random.Generator | None = None) -> dict:
+    """Python `random`, the given numpy Generator and MindSpore's global seed, JSON-ready."""
+    return {"python": _jsonable(random.getstate()),
+            "numpy": np_rng.bit_generator.state if np_rng is not None else None,
+            "mindspore_seed": ms.get_seed()}
+
+
+def restore_rng(state: dict, np_rng: np.random.Generator | None = None) -> None:
+    random.setstate(_tuplify(state["python"]))
+    if np_rng is not None and state.get("numpy") is not None:
+        np_rng.bit_generator.state = state["numpy"]
+    if state.get("mindspore_seed") is not None:
+        ms.set_seed(state["mindspore_seed"])
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def step_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, path) of complete checkpoints under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root)
+             if (m := _STEP_DIR.match(d)) and os.path.isfile(os.path.join(root, d, STATE_FILE))]
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    dirs = step_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def save_training_checkpoint(root: str, step: int, model: nn.Cell, optimizer, *,
+                             schedule: dict | None = None, data_position: Any = None,
+                             np_rng: np.random.Generator | None = None, extra: dict | None = None,
+                             keep_last: int = 3) -> str:
+    """Write <root>/step_<step> atomically, then prune to the newest `keep_last`. Returns its path."""
+    path = os.path.join(root, f"step_{step:08d}")
+    state = {"step": int(step), "lr": optimizer.get_lr(), "schedule": schedule,
+             "data_position": data_position, "rng": rng_state(np_rng), "extra": extra or {}}
+    with atomic_directory(path) as tmp:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), _param_triples(model.get_parameters()),
+                          {"format": "qwen3moe-train"})
+        opt = [(k, np.ascontiguousarray(v, np.float32), "F32") for k, v in optimizer.state_arrays().items()]
+        write_safetensors(os.path.join(tmp, "optimizer.safetensors"), opt, {"format": "qwen3moe-train"})
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
+            json.dump(state, fh, indent=1)
+    for _, old in step_dirs(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
+                             np_rng: np.random.Generator | None = None) -> dict:
+    """Restore parameters, optimizer moments/step/lr and RNG from `path` (a step folder, or a
+    root whose latest step folder is used). Returns the trainer_state dict."""
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no training checkpoint ({STATE_FILE}) found")
+        path = latest
+    st = SafetensorsFile(os.path.join(path, "model.safetensors"))
+    try:
+        for p in model.get_parameters():
+            if p.name not in st.entries:
+                raise KeyError(f"{path}: parameter {p.name!r} missing from model.safetensors")
+            arr = st.read(p.name)
+            t = Tensor(arr.astype(np.float32).reshape(p.shape))
+            p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
+    finally:
+        st.close()
+    so = SafetensorsFile(os.path.join(path, "optimizer.safetensors"))
+    try:
+        optimizer.load_state_arrays({k: so.read(k) for k in so.keys()})
+    finally:
+        so.close()
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
+        state = json.load(fh)
+    optimizer.set_lr(state["lr"])
+    restore_rng(state["rng"], np_rng)
+    state["path"] = path
+    return state
