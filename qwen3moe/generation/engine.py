@@ -193,7 +193,7 @@ def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int)
     cache: dict = model.__dict__.setdefault("_decode_engines", {})
     engine = cache.get((batch, T))
     if engine is None:
-        if len(cache) >= 4:  # bound memory: drop the oldest engine (its caches and graphs)
+        if len(cache) >= 2:  # bound memory (caches are B*T*L*2*K*D floats): drop the oldest engine
             cache.pop(next(iter(cache)))
         engine = cache[(batch, T)] = DecodeEngine(model, batch, T)
     return engine, P
