@@ -16,8 +16,10 @@ def rope_parameters(head_dim: int, theta: float, scaling: dict | None,
                     max_position_embeddings: int, seq_len: int | None = None) -> tuple[np.ndarray, float]:
     """Return (inv_freq [D/2] float32, attention_scaling) for the configured rope type.
 
-    `seq_len` only matters for "dynamic" (NTK): HF grows the base once the sequence passes the
-    original context; here that is evaluated statelessly per call from the longest position.
+    `seq_len` only matters for "dynamic" (NTK): HF grows the base once the sequence passes
+    max_position_embeddings and caches it (stateful: a later shorter call above the original
+    length keeps the grown base). We evaluate it statelessly per call from the longest position,
+    which equals HF for any single call on a fresh model and for monotonically growing decoding.
     """
     rtype = (scaling or {}).get("rope_type", "default")
     D = head_dim
@@ -29,7 +31,8 @@ def rope_parameters(head_dim: int, theta: float, scaling: dict | None,
     if rtype == "linear":
         return (base_inv(theta) / np.float32(factor)).astype(np.float32), 1.0
     if rtype == "dynamic":
-        orig = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+        # transformers 5.24 scales against config.max_position_embeddings (not the dict's original)
+        orig = max_position_embeddings
         if seq_len is None or seq_len <= orig:
             return base_inv(theta), 1.0
         base = theta * ((factor * seq_len / orig) - (factor - 1)) ** (D / (D - 2))
