@@ -41,7 +41,7 @@ def kernel_library(name: str = "grouped_experts") -> str | None:
     if not cxx or not blas:
         return None
     src = CSRC / f"{name}.cc"
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     key = hashlib.sha256(src.read_bytes() + " ".join(flags + [blas, cxx]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("QWEN3MOE_KERNEL_CACHE", Path.home() / ".cache" / "qwen3moe"))
     out = cache / f"{name}-{key}.so"

