@@ -133,24 +133,43 @@ def _Probe(model):
 
 
 def worker_hf(folder: str, reps: int) -> dict:
+    """HF generate with each experts implementation; the best one per case counts (as bench/forward.py)."""
+    import torch
+
+    torch.set_num_threads(2)
+    out: dict = {"impl": {}}
+    for impl in ("eager", "grouped_mm"):
+        try:
+            res = _hf_cases(folder, impl, reps)
+        except Exception as exc:  # an implementation missing in this transformers build
+            out["impl"][impl] = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        out["impl"][impl] = res
+        for key, val in res.items():
+            if key not in out or val < out[key]:
+                out[key] = val
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _hf_cases(folder: str, impl: str, reps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out: dict = {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa",
+                                                 experts_implementation=impl).eval()
+    res: dict = {}
     with torch.inference_mode():
         for B, S, N in CASES:
             ids = torch.from_numpy(_prompts(B, S))
             kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones_like(ids))
             model.generate(ids, **kw)
-            out[f"gen_b{B}_s"] = _best(lambda: model.generate(ids, **kw), reps)
+            res[f"gen_b{B}_s"] = _best(lambda: model.generate(ids, **kw), reps)
         ids = torch.from_numpy(_prompts(*PREFILL))
-        model(ids)
-        out["prefill_s"] = _best(lambda: model(ids, logits_to_keep=1), reps)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+        model(ids, logits_to_keep=1)
+        res["prefill_s"] = _best(lambda: model(ids, logits_to_keep=1), reps)
+    return res
 
 
 # ----------------------------------------------------------------------------- driver
@@ -171,6 +190,10 @@ def report(ours: dict, hf: dict, reps: int) -> list[str]:
     o = B * S / ours["prefill_s"]
     h = B * S / hf["prefill_s"] if hf else None
     lines.append(f"prefill {B}x{S}: qwen3moe {o:.0f} tok/s" + (f", HF {h:.0f} tok/s, ratio {o / h:.2f}x" if h else ""))
+    if hf:
+        impls = {k: (v if isinstance(v, str) else {c: round(t, 3) for c, t in v.items()})
+                 for k, v in hf["impl"].items()}
+        lines.append(f"HF per experts implementation (best-of seconds; best one used above): {impls}")
     lines.append(f"graph compiles (qwen3moe worker, all cases): {ours['compiles']}; peak RSS ours "
                  f"{ours['peak_rss_mb']:.0f} MB" + (f", HF {hf['peak_rss_mb']:.0f} MB" if hf else "")
                  + f"; best of {reps}")
