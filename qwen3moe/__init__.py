@@ -13,6 +13,8 @@ _LAZY = {
     "Qwen3MoeConfig": "qwen3moe.models.config",
     "Qwen3MoeForCausalLM": "qwen3moe.models.qwen3_moe",
     "Qwen3MoeModel": "qwen3moe.models.qwen3_moe",
+    "GenerationConfig": "qwen3moe.generation.config",
+    "Tokenizer": "qwen3moe.io.tokenizer",
 }
 
 
