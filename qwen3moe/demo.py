@@ -86,11 +86,11 @@ def build_tokens(tok, out: Path) -> np.ndarray:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=int(os.environ.get("QWEN3MOE_DEMO_STEPS", 400)))
+    p.add_argument("--steps", type=int, default=int(os.environ.get("QWEN3MOE_DEMO_STEPS", 600)))
     p.add_argument("--out", default=os.environ.get("QWEN3MOE_DEMO_OUT", "output/demo"))
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop training after this many seconds")
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--seed", type=int, default=1234)
