@@ -95,3 +95,34 @@ def test_logits_to_keep():
     model, ref = load(DIRS[0])
     last = model(ref["input_ids"], logits_to_keep=3).logits.asnumpy()
     np.testing.assert_allclose(last, ref["logits"][:, -3:], rtol=0, atol=LOGIT_TOL)
+
+
+def test_fused_expert_layout_matches_reference():
+    """transformers 5 `save_original_format=False` folder (fused gate_up_proj/down_proj keys)."""
+    from conftest import HF_FIXTURES
+    from qwen3moe import Qwen3MoeForCausalLM
+
+    ref = np.load(HF_FIXTURES / "tiny-fp32-gqa" / "ref_outputs.npz")
+    model = Qwen3MoeForCausalLM.from_pretrained(HF_FIXTURES / "tiny-fused")
+    np.testing.assert_allclose(model(ref["input_ids"]).logits.asnumpy(), ref["logits"], rtol=0, atol=LOGIT_TOL)
+
+
+def test_transformers_loads_what_we_save(tmp_path):
+    """tests/fixtures/hf/roundtrip-bf16 was written by our save_pretrained and loaded by transformers
+    5.24 (tools/save_roundtrip_fixture.py); today's save must reproduce it byte for byte, and
+    transformers' logits on it must equal ours."""
+    import os
+
+    from conftest import HF_FIXTURES
+    from qwen3moe import Qwen3MoeForCausalLM
+
+    committed = HF_FIXTURES / "roundtrip-bf16"
+    model = Qwen3MoeForCausalLM.from_pretrained(HF_FIXTURES / "tiny-fp32-gqa")
+    model.save_pretrained(tmp_path / "out", dtype="bfloat16", max_shard_size="60KB")
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == sorted(f for f in os.listdir(committed) if f != "hf_logits.npz")
+    for f in files:
+        assert (tmp_path / "out" / f).read_bytes() == (committed / f).read_bytes(), f
+    hf = np.load(committed / "hf_logits.npz")
+    ours = Qwen3MoeForCausalLM.from_pretrained(committed)(hf["input_ids"]).logits.asnumpy()
+    np.testing.assert_allclose(ours, hf["logits"], rtol=0, atol=LOGIT_TOL)
