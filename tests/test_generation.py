@@ -36,15 +36,17 @@ def tiny():
 @pytest.mark.parametrize("folder", _gen_dirs(), ids=lambda p: p.name)
 def test_greedy_matches_hf(folder):
     ref = np.load(folder / "ref_outputs.npz")
-    model = tiny_model = Qwen3MoeForCausalLM.from_pretrained(folder)
+    model = Qwen3MoeForCausalLM.from_pretrained(folder)
     n_new = ref["gen_new_ids"].shape[1]
-    run = GenerationRun(tiny_model, ref["gen_input_ids"], ref["gen_attention_mask"],
+    run = GenerationRun(model, ref["gen_input_ids"], ref["gen_attention_mask"],
                         resolve_config(model, max_new_tokens=n_new, do_sample=False, pad_token_id=PAD),
                         keep_logits=True)
     out = run.run()
     np.testing.assert_array_equal(out, ref["gen_output_ids"])
     diff = np.abs(np.stack(run.step_logits) - ref["gen_step_logits"]).max()
     assert diff < 1e-4, diff
+    if folder.name != "tiny-a":  # unpadded singles: checked once (compiles cost ~2 s per shape)
+        return
     for i in (0, 1):  # each prompt alone (unpadded) gives the same tokens
         single = ref[f"gen_single{i}_output_ids"]
         prompt = ref["gen_input_ids"][i][ref["gen_attention_mask"][i] > 0][None]
