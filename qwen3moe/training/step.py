@@ -48,22 +48,26 @@ class _LossCell(nn.Cell):
     def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w):
         _, _, lm, _, router_logits, _, stats = self.net.construct(ids, cos, sin, bias, mask, labels,
                                                                   0, True, False)
-        counts_LE, probsum_LE, n = stats
-        L = counts_LE.shape[0]
-        c_E, s_E, nL = counts_LE.sum(0), probsum_LE.sum(0), ops.maximum(n * L, 1.0)
-        aux_hf = self.E * ((c_E / nL) * (s_E / nL)).sum()
+        zero = Tensor(0.0, ms.float32)
+        if len(stats) == 3:  # at least one sparse layer
+            counts_LE, probsum_LE, n = stats
+            L = counts_LE.shape[0]
+            c_E, s_E, nL = counts_LE.sum(0), probsum_LE.sum(0), ops.maximum(n * L, 1.0)
+            aux_hf = self.E * ((c_E / nL) * (s_E / nL)).sum()
+        else:
+            counts_LE, s_E, aux_hf = ops.zeros((1, self.E), ms.float32), ops.zeros(self.E, ms.float32), zero
         if self.aux_mode == "global":
             aux_term = (aux_w * s_E).sum()
         elif self.aux_mode == "megatron":
             aux_term = aux_hf / self.K * inv_m
         else:
             aux_term = aux_hf * inv_m
-        z = Tensor(0.0, ms.float32)
+        z = zero
         for lg in router_logits:
             z = z + z_loss(lg, mask)
-        z = z / len(router_logits)
+        z = z / max(len(router_logits), 1)
         loss = lm * inv_m + self.aux_coef * aux_term + self.z_coef * z * inv_m
-        return loss, lm, aux_hf, z, counts_LE, n
+        return loss, lm, aux_hf, z, counts_LE
 
 
 class _TrainGraph(nn.Cell):
@@ -85,7 +89,7 @@ class _TrainGraph(nn.Cell):
 
     @ms.jit
     def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w, first: bool, last: bool):
-        (loss, lm, aux, z, counts, n), grads = self.grad_fn(ids, cos, sin, bias, mask, labels, inv_m, aux_w)
+        (loss, lm, aux, z, counts), grads = self.grad_fn(ids, cos, sin, bias, mask, labels, inv_m, aux_w)
         if not first:
             grads = tuple(g.astype(ms.float32) + a for g, a in zip(grads, self.acc))
         norm = Tensor(0.0, ms.float32)
