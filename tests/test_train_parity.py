@@ -8,7 +8,8 @@ Per fixture with train keys (shared tiny-a plus tests/fixtures/hf/*):
   * one AdamW step (lr 1e-3, betas 0.9/0.95, eps 1e-8, wd 0.1 on all parameters, no clipping):
     `param_after_step.*`, `adamw_update_norms`, and the losses after the step.
 Tolerances, with the reasons:
-  * gradients GRAD_RTOL = 1e-5 relative to each array's max |value| (tiny-a observed 2.4e-6,
+  * gradients GRAD_RTOL = 1e-5 relative to each array's max |value| (observed <= 6.8e-6 over
+    tiny-a and the tests/fixtures/hf variants; tiny-a 2.4e-6,
     grad norms 1.1e-6, global norm 1.8e-7 relative): fp32
     backward with different summation orders; the forward already differs by ~1e-6 relative.
   * parameters after the step PARAM_ATOL = 1e-6 abs: the first AdamW step moves each
