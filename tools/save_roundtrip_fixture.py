@@ -1,7 +1,7 @@
 """Step 1 of the transformers round-trip check (run with the project venv):
 
     .venv/bin/python tools/save_roundtrip_fixture.py        # writes tests/fixtures/hf/roundtrip-bf16
-    .venv-ref/bin/python tools/make_hf_fixtures.py --roundtrip   # step 2: transformers loads it
+    .venv-ref/bin/python tools/roundtrip_hf.py        # step 2: transformers loads it
 
 Our save_pretrained of tiny-fp32-gqa in bf16, sharded; step 2 records transformers' logits on it.
 """
