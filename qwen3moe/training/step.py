@@ -114,6 +114,31 @@ class _TrainGraph(nn.Cell):
             ops.assign(a, ops.zeros_like(a))
 
 
+class _AccumulatedNorm(nn.Cell):
+    """Compiled: global norm of the accumulation buffers (checked before an update is applied)."""
+
+    def __init__(self, graph: _TrainGraph) -> None:
+        super().__init__(auto_prefix=False)
+        self.graph = graph
+
+    @ms.jit
+    def construct(self):
+        return global_norm(tuple(self.graph.acc))
+
+
+class _ClearAccumulated(nn.Cell):
+    """Compiled: zero the accumulation buffers (a skipped step drops its gradients)."""
+
+    def __init__(self, graph: _TrainGraph) -> None:
+        super().__init__(auto_prefix=False)
+        self.graph = graph
+
+    @ms.jit
+    def construct(self):
+        self.graph.clear()
+        return Tensor(0.0, ms.float32)
+
+
 class _ApplyAccumulated(nn.Cell):
     """Compiled: clip + update from the accumulation buffers, then clear them."""
 
@@ -146,18 +171,25 @@ class TrainStep:
     update. Metrics (python floats / numpy): loss, lm_loss, aux (HF value, mean over
     micro-batches), aux_megatron (= aux / K), z, grad_norm (before clipping), lr,
     expert_load_max (per layer: max_e share_e / mean_e share_e, 1 = perfect balance),
-    tokens, step_time_s.
+    tokens, step_time_s, expert_share ([L, E] token shares).
+
+    `skip_nonfinite=True` checks the loss and the gradient norm before applying the update:
+    a non-finite step changes no parameter or moment and reports `skipped: True` (the data
+    position and schedule still advance). It costs one extra compiled norm pass per step.
     """
 
     def __init__(self, model: nn.Cell, optimizer: nn.Cell, aux_coef: float = 1e-3, z_coef: float = 0.0,
                  clip: float | None = 1.0, aux_mode: str = "hf",
-                 schedule: Callable[[int], float] | None = None) -> None:
+                 schedule: Callable[[int], float] | None = None, skip_nonfinite: bool = False) -> None:
         if aux_mode not in AUX_MODES:
             raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.aux_mode, self.aux_coef = aux_mode, float(aux_coef)
         self.graph = _TrainGraph(_LossCell(model, aux_coef, z_coef, aux_mode), optimizer, clip)
         self.apply_graph = _ApplyAccumulated(self.graph)
+        self.skip_nonfinite = skip_nonfinite
+        self._norm_graph: _AccumulatedNorm | None = None
+        self._clear_graph: _ClearAccumulated | None = None
         self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
         self.steps_done = 0
 
@@ -205,12 +237,26 @@ class TrainStep:
         """Clip + update from the buffered gradients (after `gradients`); returns the grad norm."""
         return float(self.apply_graph().asnumpy())
 
+    def _guarded(self, batch) -> dict:
+        """Forward+backward into the buffers; update only when loss and grad norm are finite."""
+        if self._norm_graph is None:
+            self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
+        metrics = self._run(batch, update=False)
+        norm = float(self._norm_graph().asnumpy())
+        finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
+        if finite:
+            self.apply()
+        else:
+            self._clear_graph()
+        metrics.update(grad_norm=norm, skipped=not finite)
+        return metrics
+
     def __call__(self, batch) -> dict:
         """One optimizer step over a batch or a list of micro-batches; returns metrics."""
         t0 = time.perf_counter()
         if self.schedule is not None:
             self.optimizer.set_lr(self.schedule(self.steps_done))
-        metrics = self._run(batch, update=True)
+        metrics = self._guarded(batch) if self.skip_nonfinite else self._run(batch, update=True)
         self.steps_done += 1
         metrics.update(step=self.steps_done, lr=self.optimizer.get_lr(),
                        step_time_s=time.perf_counter() - t0)
@@ -223,4 +269,4 @@ def expert_load(counts_LE: np.ndarray) -> dict:
     share = counts_LE / np.maximum(counts_LE.sum(-1, keepdims=True), 1.0)
     mean = share.mean(-1)
     return {"expert_load_max": (share.max(-1) / np.maximum(mean, 1e-12)).tolist(),
-            "expert_share_max": share.max(-1).tolist()}
+            "expert_share_max": share.max(-1).tolist(), "expert_share": share}

@@ -5,6 +5,7 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import numpy as np
 
 from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint,
                                           save_training_checkpoint)
+from qwen3moe.training.metrics import MetricsLogger, format_record, is_finite_step, write_plots
 from qwen3moe.training.step import TrainStep
 
 
@@ -42,6 +44,17 @@ class TrainerConfig:
     checkpoint_dir: str | None = None
     keep_last: int = 2
     time_budget_s: float | None = None  # stop early (and say so) when exceeded
+    resume: bool = True             # load the latest checkpoint under checkpoint_dir if present
+    resume_from: str | None = None  # or this checkpoint (a step folder or a root)
+    nan_abort_after: int = 10       # abort after this many consecutive non-finite steps
+    plot_dir: str | None = None     # loss.png / expert_load.png at each checkpoint and the end
+    save_at_end: bool = False       # also checkpoint the final step
+    progress: bool | None = None    # tqdm bar; None = when stderr is a TTY
+    checkpoint_extra: dict = field(default_factory=dict)  # stored in trainer_state.json
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps."""
 
 
 @dataclass
@@ -51,36 +64,101 @@ class Trainer:
     config: TrainerConfig
     log: Callable[[str], None] = print
     history: list[dict] = field(default_factory=list)
+    metrics: MetricsLogger | None = None
+    skipped_total: int = 0
+    skipped_run: int = 0
 
     def resume(self) -> int:
-        """Load the latest checkpoint under checkpoint_dir if any; returns the step to start at."""
-        d = self.config.checkpoint_dir
-        if not d or latest_checkpoint(d) is None:
+        """Load the latest checkpoint (resume_from, else checkpoint_dir) if any; returns the start step."""
+        c = self.config
+        src = c.resume_from or (c.checkpoint_dir if c.resume else None)
+        if not src or (not c.resume_from and latest_checkpoint(src) is None):
             return 0
-        st = load_training_checkpoint(d, self.step_fn.model, self.step_fn.optimizer)
+        st = load_training_checkpoint(src, self.step_fn.model, self.step_fn.optimizer)
         self.step_fn.steps_done = st["step"]
+        self.skipped_total = int((st.get("extra") or {}).get("skipped_total", 0))
         self.log(f"resumed from {st['path']} at step {st['step']}")
         return st["step"]
 
     def fit(self) -> list[dict]:
         c, t_start = self.config, time.perf_counter()
         start = self.resume()
-        window = []
-        for i in range(start, c.total_steps):
-            m = self.step_fn(self.data.batch(i))
-            self.history.append(m)
-            window.append(m)
-            if (i + 1) % c.log_interval == 0 or i + 1 == c.total_steps:
-                self.log(format_metrics(m, window, c.total_steps))
-                window = []
-            if c.save_interval and c.checkpoint_dir and (i + 1) % c.save_interval == 0:
-                save_training_checkpoint(c.checkpoint_dir, i + 1, self.step_fn.model, self.step_fn.optimizer,
-                                         schedule=_schedule_dict(self.step_fn), data_position=i + 1,
-                                         keep_last=c.keep_last)
-            if c.time_budget_s and time.perf_counter() - t_start > c.time_budget_s:
-                self.log(f"time budget {c.time_budget_s:.0f}s reached: stopping after step {i + 1}")
-                break
+        bar = _progress(c, start)
+        say = bar.write if bar is not None else self.log
+        window: list[dict] = []
+        try:
+            for i in range(start, c.total_steps):
+                m = self.step_fn(self.data.batch(i))
+                self.history.append(m)
+                window.append(m)
+                self._count_nonfinite(m, say)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}")
+                if (i + 1) % c.log_interval == 0 or i + 1 == c.total_steps:
+                    say(self._log_line(m, window))
+                    window = []
+                if c.save_interval and c.checkpoint_dir and (i + 1) % c.save_interval == 0:
+                    self.save(i + 1)
+                if c.time_budget_s and time.perf_counter() - t_start > c.time_budget_s:
+                    say(f"time budget {c.time_budget_s:.0f}s reached: stopping after step {i + 1}")
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        self._finish(say)
         return self.history
+
+    def _count_nonfinite(self, m: dict, say: Callable[[str], None]) -> None:
+        if is_finite_step(m):
+            self.skipped_run = 0
+            return
+        self.skipped_total += 1
+        self.skipped_run += 1
+        say(f"step {m['step']}: non-finite loss {m['loss']} / grad norm {m['grad_norm']}: "
+            f"{'update skipped' if m.get('skipped') else 'NOT skipped (skip_nonfinite off)'} "
+            f"({self.skipped_run} in a row, {self.skipped_total} in total)")
+        if self.config.nan_abort_after and self.skipped_run >= self.config.nan_abort_after:
+            raise TrainingAborted(f"aborting: {self.skipped_run} consecutive steps with non-finite loss or "
+                                  f"gradients (last at step {m['step']}); lower the learning rate or check the data")
+
+    def _log_line(self, m: dict, window: list[dict]) -> str:
+        if self.metrics is None:
+            return format_metrics(m, window, self.config.total_steps)
+        return format_record(self.metrics.record(m, window, self.skipped_total), self.config.total_steps)
+
+    def save(self, step: int) -> str:
+        c = self.config
+        path = save_training_checkpoint(c.checkpoint_dir, step, self.step_fn.model, self.step_fn.optimizer,
+                                        schedule=_schedule_dict(self.step_fn), data_position=step,
+                                        keep_last=c.keep_last,
+                                        extra={**c.checkpoint_extra, "skipped_total": self.skipped_total})
+        if c.plot_dir and self.history:
+            write_plots(self.history, c.plot_dir)
+        return path
+
+    def _finish(self, say: Callable[[str], None]) -> None:
+        c = self.config
+        if self.history and c.save_at_end and c.checkpoint_dir:
+            last = int(self.history[-1]["step"])
+            if not c.save_interval or last % c.save_interval:
+                say(f"saved {self.save(last)}")
+        if c.plot_dir and self.history:
+            say("plots: " + ", ".join(write_plots(self.history, c.plot_dir)))
+        if self.skipped_total:
+            say(f"non-finite steps skipped: {self.skipped_total}")
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _progress(c: TrainerConfig, start: int):
+    """A tqdm bar on stderr when interactive (or forced); None otherwise."""
+    show = sys.stderr.isatty() if c.progress is None else c.progress
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=c.total_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 def _schedule_dict(step_fn: TrainStep) -> dict | None:
