@@ -1,0 +1,69 @@
+"""WikiText-103 raw token files -> one JSON line per article.
+
+Format of wiki.*.tokens: an article starts at a top-level heading line " = Title = " (exactly one
+'=' on each side); subsections are " = = Sub = = " and deeper; paragraphs are lines of
+space-separated tokens where the original tokeniser split numbers and hyphens as " @-@ ", " @,@ ",
+" @.@ " and put spaces before punctuation. `detokenize` undoes those artefacts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+TOP_HEADING = re.compile(r"^ = (?!=)(.*?) = $")
+_AT = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")]
+_PUNCT = re.compile(r" ([.,;:!?%)\]}])")
+_OPEN = re.compile(r"([(\[{]) ")
+_CONTRACTION = re.compile(r" (n't|'s|'re|'ve|'m|'ll|'d)\b")
+
+
+def detokenize(text: str) -> str:
+    """Undo WikiText tokenisation artefacts (a readable approximation of the original text)."""
+    for a, b in _AT:
+        text = text.replace(a, b)
+    text = _PUNCT.sub(r"\1", text)
+    text = _OPEN.sub(r"\1", text)
+    text = _CONTRACTION.sub(r"\1", text)
+    text = re.sub(r'" ([^"]*?) "', r'"\1"', text)  # quotes hug their content
+    return text
+
+
+def articles(lines: Iterable[str], undo_artifacts: bool = True) -> Iterator[dict]:
+    """Yield {"title", "text"} per article; the text keeps subsection headings and paragraphs."""
+    title, body = None, []
+    for raw in lines:
+        line = raw.rstrip("\n")
+        m = TOP_HEADING.match(line)
+        if m:
+            if title is not None:
+                yield _article(title, body, undo_artifacts)
+            title, body = m.group(1).strip(), []
+        elif title is not None and line.strip():
+            body.append(line.strip())
+    if title is not None:
+        yield _article(title, body, undo_artifacts)
+
+
+def _article(title: str, body: list[str], undo: bool) -> dict:
+    fix = detokenize if undo else (lambda s: s)
+    paragraphs = []
+    for line in body:
+        sub = re.match(r"^(=(?: =)+) (.*?) (=(?: =)+)$", line)
+        paragraphs.append(fix(sub.group(2)) if sub else fix(line))
+    return {"title": fix(title), "text": "\n\n".join([fix(title)] + paragraphs)}
+
+
+def convert(input_path: str, output_path: str, undo_artifacts: bool = True) -> int:
+    """Write the jsonl atomically; returns the number of articles."""
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"{input_path}: not found")
+    tmp = output_path + ".tmp"
+    n = 0
+    with open(input_path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+        for art in articles(src, undo_artifacts):
+            dst.write(json.dumps(art, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, output_path)
+    return n
