@@ -16,6 +16,9 @@ COMMAND_MODULES = [
     "qwen3moe.commands.wikitext",
     "qwen3moe.commands.plan",
     "qwen3moe.commands.generate",
+    "qwen3moe.commands.pretrain",
+    "qwen3moe.commands.run",
+    "qwen3moe.commands.export",
 ]
 
 
