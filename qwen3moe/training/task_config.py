@@ -308,6 +308,11 @@ def _check_scalar(value: Any, tp: Any, path: str) -> Any:
                 continue
         raise TaskConfigError(f"{path}: expected {tp}, got {value!r}")
     base = origin or tp
+    if base in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = base(value)
+        except ValueError:
+            pass
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if base is int and isinstance(value, int) and not isinstance(value, bool):
