@@ -1,0 +1,149 @@
+"""`qwen3moe pretrain` / `run` / `export` end to end on the tiny CPU config, plus NaN-step skipping."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from qwen3moe.cli import main
+
+CONFIGS = REPO / "examples" / "configs"
+TINY = str(CONFIGS / "pretrain_tiny_cpu.yaml")
+TOKENIZER = REPO / "qwen3moe" / "assets" / "tiny-tokenizer"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 4-step tiny run (checkpoint at step 4) shared by the tests below."""
+    root = tmp_path_factory.mktemp("pretrain")
+    tokens = root / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4000).astype(np.int32))
+    common = ["--config", TINY, "--output_dir", str(root / "out"), "--runner_config.mfu_probe_size", "128",
+              f"--train_dataset.data_loader.config.data_path=['{tokens}']"]
+    assert main(["pretrain", *common, "--runner_config.train_steps", "4"]) == 0
+    return root, common
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_plots_and_checkpoint_written(run_dir):
+    out = run_dir[0] / "out"
+    recs = _records(out)
+    assert [r["step"] for r in recs] == [2, 4]
+    for key in ("loss", "aux", "z", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "peak_rss_mib",
+                "expert_load_max", "expert_load_mean", "skipped_total"):
+        assert recs[-1][key] is not None, key
+    assert math.isfinite(recs[-1]["loss"]) and 0 < recs[-1]["mfu"] and recs[-1]["expert_load_max"] >= 1.0
+    assert len(recs[-1]["expert_load_per_layer"]) == 4 and np.asarray(recs[-1]["expert_share"]).shape == (4, 8)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(float(r["step"])) for r in rows] == [2, 4] and "mfu" in rows[0]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "expert_load.png").stat().st_size > 1000
+    assert (out / "checkpoint" / "step_00000004" / "trainer_state.json").is_file()
+    assert "model_parallel: 1" in (out / "resolved_config.yaml").read_text()
+
+
+def test_resume_continues_from_saved_step(run_dir, capsys):
+    root, common = run_dir
+    capsys.readouterr()
+    assert main(["run", "--run_mode", "train", "--resume_training", "True", *common,
+                 "--runner_config.train_steps", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "at step 4" in printed and "step     6/6" in printed and "step     2/6" not in printed
+    out = root / "out"
+    assert [r["step"] for r in _records(out)] == [2, 4, 6]
+    state = json.loads((out / "checkpoint" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["extra"]["model_config"]["num_experts"] == 8
+
+
+def test_export_loads_with_from_pretrained_and_predict_runs(run_dir, tmp_path):
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import SafetensorsFile
+
+    ckpt = run_dir[0] / "out" / "checkpoint"
+    hf = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(hf), "--dtype", "float32",
+                 "--tokenizer_dir", str(TOKENIZER)]) == 0
+    model = Qwen3MoeForCausalLM.from_pretrained(str(hf))
+    st = SafetensorsFile(str(sorted(ckpt.iterdir())[-1] / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    got = {p.name: p for p in model.get_parameters()}[name].asnumpy()
+    np.testing.assert_array_equal(got, st.read(name))
+    st.close()
+    assert main(["run", "--config", str(CONFIGS / "predict_qwen3_moe.yaml"), "--run_mode", "predict",
+                 "--pretrained_model_dir", str(hf), "--predict_data", "Return the", "--max_new_tokens", "2",
+                 "--output_dir", str(tmp_path / "pred")]) == 0
+    line = json.loads((tmp_path / "pred" / "text_generation_result.txt").read_text().splitlines()[0])
+    assert line["prompt"] == "Return the" and line["completion_tokens"] <= 2
+
+
+# ---- non-finite steps ---------------------------------------------------------------------
+class _FakeStep:
+    """Returns NaN loss (as a skipped step) at the given 1-based steps."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.bad, self.steps_done, self.model, self.optimizer, self.schedule = bad, 0, None, None, None
+
+    def __call__(self, batch) -> dict:
+        self.steps_done += 1
+        nan = self.steps_done in self.bad
+        return {"step": self.steps_done, "loss": float("nan") if nan else 1.0, "lm_loss": 1.0, "aux": 0.0,
+                "aux_megatron": 0.0, "z": 0.0, "grad_norm": float("nan") if nan else 0.5, "lr": 1e-3,
+                "tokens": 8, "step_time_s": 0.01, "expert_load_max": [1.0], "skipped": nan}
+
+
+class _FakeData:
+    def batch(self, i: int) -> int:
+        return i
+
+
+def test_nonfinite_steps_counted_and_run_continues(tmp_path):
+    from qwen3moe.training.metrics import MetricsLogger
+    from qwen3moe.training.trainer import Trainer, TrainerConfig
+
+    lines: list[str] = []
+    tr = Trainer(_FakeStep({2, 3, 6}), _FakeData(), TrainerConfig(total_steps=8, log_interval=4, nan_abort_after=3),
+                 log=lines.append, metrics=MetricsLogger(str(tmp_path)))
+    assert len(tr.fit()) == 8 and tr.skipped_total == 3
+    assert sum("update skipped" in s for s in lines) == 3 and any("skipped: 3" in s for s in lines)
+    assert [r["skipped_total"] for r in _records(tmp_path)] == [2, 3]
+
+
+def test_consecutive_nonfinite_steps_abort():
+    from qwen3moe.training.trainer import Trainer, TrainerConfig, TrainingAborted
+
+    tr = Trainer(_FakeStep(set(range(4, 20))), _FakeData(), TrainerConfig(total_steps=20, nan_abort_after=3),
+                 log=lambda s: None)
+    with pytest.raises(TrainingAborted, match="3 consecutive steps with non-finite loss or gradients"):
+        tr.fit()
+    assert len(tr.history) == 6
+
+
+def test_trainstep_skips_update_on_nonfinite_loss():
+    from mindspore import Tensor
+
+    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from qwen3moe.training import AdamW
+    from qwen3moe.training.step import TrainStep
+
+    cfg = Qwen3MoeConfig.from_preset("tiny", num_hidden_layers=1)
+    model = Qwen3MoeForCausalLM(cfg)
+    step = TrainStep(model, AdamW(model.trainable_params(), lr=1e-2), skip_nonfinite=True)
+    ids = np.random.default_rng(1).integers(0, 1024, (1, 8))
+    m = step(ids)
+    assert not m["skipped"] and float(step.optimizer.step.asnumpy()) == 1.0
+    emb = model.model.embed_tokens.weight
+    emb.set_data(Tensor(np.full(emb.shape, np.nan, np.float32)))
+    before = {p.name: p.asnumpy().copy() for p in model.trainable_params() if "embed" not in p.name}
+    m = step(ids)
+    assert m["skipped"] and not math.isfinite(m["loss"]) and step.steps_done == 2
+    assert float(step.optimizer.step.asnumpy()) == 1.0
+    for p in model.trainable_params():
+        if p.name in before:
+            np.testing.assert_array_equal(p.asnumpy(), before[p.name])
+    assert all(float(np.abs(a.asnumpy()).sum()) == 0.0 for a in step.graph.acc)
