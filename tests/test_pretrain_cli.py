@@ -147,3 +147,18 @@ def test_trainstep_skips_update_on_nonfinite_loss():
         if p.name in before:
             np.testing.assert_array_equal(p.asnumpy(), before[p.name])
     assert all(float(np.abs(a.asnumpy()).sum()) == 0.0 for a in step.graph.acc)
+
+
+def test_gpt_batches_realign_labels_for_the_model_shift():
+    from qwen3moe.commands.pretrain import GptBatches, MicroBatches
+
+    text = np.arange(20)
+    items = [{"input_ids": text[i:i + 4], "labels": text[i + 1:i + 5], "loss_mask": np.array([1, 1, 0, 1]),
+              "position_ids": np.arange(4)} for i in range(0, 12, 4)]
+    b = GptBatches(items, batch_size=2).batch(0)
+    np.testing.assert_array_equal(b["input_ids"], [[0, 1, 2, 3], [4, 5, 6, 7]])
+    # the model predicts labels[t + 1] from position t: position t's target is text[t + 1]
+    np.testing.assert_array_equal(b["labels"], [[-100, 1, 2, -100], [-100, 5, 6, -100]])
+    assert b["position_ids"].shape == (2, 4)
+    micro = MicroBatches(GptBatches(items, batch_size=1), accum=2).batch(1)
+    assert [m["input_ids"][0, 0] for m in micro] == [8, 0]  # samples 2 and 3 (wraps around)

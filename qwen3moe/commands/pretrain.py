@@ -174,7 +174,10 @@ class GptBatches:
         lab = np.where(mask > 0, lab, -100)
         labels = np.full_like(ids, -100)
         labels[:, 1:] = lab[:, :-1]
-        return {"input_ids": ids, "labels": labels}
+        out = {"input_ids": ids, "labels": labels}
+        if all("position_ids" in it for it in items):  # reset after EOD when the config asks
+            out["position_ids"] = np.stack([np.asarray(it["position_ids"], np.int64) for it in items])
+        return out
 
 
 def build_data(cfg: TaskConfig, num_samples: int):
