@@ -46,8 +46,6 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_unknown_file_key_suggests_closest(tmp_path):
     raw = yaml.safe_load(SEED.read_text())
     raw["parallel_config"]["model_paralel"] = 2
-    raw["runner_config"]["batch_sise"] = 1
-    del raw["runner_config"]["batch_sise"]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(TaskConfigError, match=r"unknown key parallel_config\.model_paralel; "
@@ -66,6 +64,15 @@ def test_unknown_nested_and_model_keys(tmp_path):
         load_task_config(str(SEED), ["--model.model_config.num_expert_per_tok", "4"])
     with pytest.raises(TaskConfigError, match=r"did you mean optimizer\?"):
         load_task_config(str(SEED), ["--optimiser.eps", "1e-6"])
+
+
+def test_unknown_callback_key_suggests(tmp_path):
+    raw = yaml.safe_load(SEED.read_text())
+    raw["callbacks"][1]["save_checkpoint_step"] = 10
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(TaskConfigError, match=r"did you mean callbacks\[1\]\.save_checkpoint_steps\?"):
+        load_task_config(str(path))
 
 
 def test_dotted_override_typo_suggests():

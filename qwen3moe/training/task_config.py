@@ -418,6 +418,10 @@ def _validate(cfg: TaskConfig) -> None:
     for i, cb in enumerate(cfg.callbacks):
         if not isinstance(cb, dict) or "type" not in cb:
             raise TaskConfigError(f"callbacks[{i}]: expected a mapping with a type")
+        valid = CALLBACK_KEYS.get(cb["type"])
+        for key in cb if valid else ():
+            if key not in valid:
+                raise unknown_key(f"callbacks[{i}].{key}", key, valid)
     if cfg.run_mode in ("train", "finetune"):
         map_model_config(cfg.model.model_config, "model.model_config")
     r = cfg.runner_config
@@ -425,6 +429,19 @@ def _validate(cfg: TaskConfig) -> None:
         if getattr(r, name) < 1:
             raise TaskConfigError(f"runner_config.{name} must be >= 1, got {getattr(r, name)}")
 
+
+# keys of the callbacks acted on (others are ignored whole, with a note)
+CALLBACK_KEYS = {
+    "MFLossMonitor": {"type", "per_print_times", "learning_rate", "micro_batch_num", "origin_epochs",
+                      "dataset_size", "initial_epoch", "initial_step", "global_batch_size",
+                      "gradient_accumulation_steps", "check_for_nan_in_loss_and_grad",
+                      "calculate_per_token_loss", "print_separate_loss"},
+    "CheckpointMonitor": {"type", "prefix", "directory", "save_checkpoint_steps", "save_checkpoint_seconds",
+                          "keep_checkpoint_max", "keep_checkpoint_per_n_minutes", "integrated_save",
+                          "save_network_params", "save_trainable_params", "async_save", "checkpoint_format",
+                          "remove_redundancy", "embedding_local_norm_threshold", "append_info",
+                          "exception_save", "save_optimizer", "global_batch_size"},
+}
 
 SCHEDULES = {"constantwarmuplr": "constant", "constant": "constant", "cosinewithwarmuplr": "cosine",
              "cosine": "cosine", "linearwithwarmuplr": "linear", "linear": "linear",
