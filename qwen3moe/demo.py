@@ -1,8 +1,9 @@
 """`make demo` / `python -m qwen3moe.demo`: pretrain the `tiny` Qwen3-MoE on CPU, then generate.
 
 1. Corpus: English docstrings harvested at run time from the Python standard library
-   (`inspect.getdoc` over modules, classes, functions, methods), tokenized with the bundled
-   tiny BPE tokenizer (qwen3moe/assets/tiny-tokenizer, vocab 1024), EOS between documents.
+   (`inspect.getdoc` over modules, classes, functions, methods), written as jsonl and
+   preprocessed into Megatron .bin/.idx (qwen3moe preprocess, tiny BPE tokenizer in
+   qwen3moe/assets/tiny-tokenizer, EOD appended), read back in Megatron GPTDataset order.
 2. Pretrain with the compiled TrainStep (AdamW, cosine schedule with warmup, clipping,
    HF aux loss 1e-3), one log line per interval.
 3. Save an HF folder to output/demo/checkpoint/, the loss curve (loss.png if matplotlib is
@@ -69,19 +70,23 @@ def _walk(mod):
             yield obj
 
 
-def build_tokens(tok, out: Path) -> np.ndarray:
-    """Token array of the corpus (cached as out/corpus_tokens.npy)."""
-    cache = out / "corpus_tokens.npy"
-    if cache.is_file():
-        return np.load(cache)
-    docs = harvest_docstrings()
-    eos = tok.eos_token_id
-    ids = [t for enc in tok.encode_batch(docs) for t in (*enc, eos)]
-    arr = np.asarray(ids, dtype=np.uint16)  # vocab 1024 fits
-    # TODO: write/read Megatron .bin/.idx via qwen3moe.io.preprocess / indexed_dataset when available
-    np.save(cache, arr)
-    print(f"corpus: {len(docs):,} stdlib docstrings, {sum(map(len, docs)):,} chars, {len(arr):,} tokens")
-    return arr
+def build_megatron_corpus(tok, out: Path) -> str:
+    """Docstrings -> jsonl -> Megatron .bin/.idx with EOD (qwen3moe preprocess, cached); the prefix."""
+    import json
+
+    from qwen3moe.io.preprocess import Options, preprocess
+
+    data = out / "data"
+    prefix = data / "stdlib_docs_text_document"
+    if not (Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()):
+        data.mkdir(parents=True, exist_ok=True)
+        docs = harvest_docstrings()
+        jsonl = data / "stdlib_docs.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        preprocess(Options(str(jsonl), str(data / "stdlib_docs"), str(ASSETS), append_eod=True,
+                           eod_token=tok.eos_token))
+        print(f"corpus: {len(docs):,} stdlib docstrings, {sum(map(len, docs)):,} chars -> {prefix}.bin/.idx")
+    return str(prefix)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,17 +112,22 @@ def build_model(tok, seed: int):
     return Qwen3MoeForCausalLM(cfg)
 
 
-def train(model, tokens: np.ndarray, args) -> list[dict]:
+def train(model, prefix: str, args) -> list[dict]:
     from qwen3moe.training import AdamW, DEFAULT_NO_DECAY, cosine_with_warmup
     from qwen3moe.training.step import TrainStep
-    from qwen3moe.training.trainer import TokenWindows, Trainer, TrainerConfig
+    from qwen3moe.training.trainer import Trainer, TrainerConfig
 
     opt = AdamW(model.trainable_params(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                 no_decay=DEFAULT_NO_DECAY)
     sched = cosine_with_warmup(args.lr, warmup_steps=max(1, args.steps // 20), total_steps=args.steps,
                                min_lr=args.lr / 10)
     step = TrainStep(model, opt, aux_coef=1e-3, z_coef=0.0, clip=1.0, schedule=sched)
-    data = TokenWindows(tokens, args.seq_len, args.batch, seed=args.seed)
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+    from qwen3moe.io.gpt_loader import GPTBatches
+
+    # Megatron GPTDataset sample order (seq_len + 1 tokens per sample, one-token overlap)
+    ds = build_gpt_dataset(prefix, args.seq_len - 1, args.steps * args.batch, seed=args.seed)
+    data = GPTBatches(ds, args.batch)
     cfg = TrainerConfig(total_steps=args.steps, log_interval=max(1, args.steps // 20),
                         time_budget_s=args.budget_s)
     return Trainer(step, data, cfg, log=lambda s: print(s, flush=True)).fit()
@@ -176,11 +186,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_pretrained(ASSETS)
-    tokens = build_tokens(tok, out)
+    prefix = build_megatron_corpus(tok, out)
     model = build_model(tok, args.seed)
     print(f"model: tiny preset, {model.num_parameters():,} parameters "
           f"({model.num_parameters(active=True):,} active), batch {args.batch} x {args.seq_len}")
-    history = train(model, tokens, args)
+    history = train(model, prefix, args)
     ckpt = out / "checkpoint"
     model.save_pretrained(ckpt)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):

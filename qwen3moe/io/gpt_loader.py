@@ -1,0 +1,45 @@
+"""Training batches from a GPTDataset: micro-batches sharded by data-parallel rank, resumable.
+
+Global batch g holds samples [g*G, (g+1)*G) of the dataset order (G = micro_batch_size * dp);
+rank r takes every dp-th of them (r, r+dp, ...), as Megatron's pretraining sampler does, so the
+union over ranks is exactly the single-process batch. `start_sample` resumes mid-run: batch i
+reads from sample `start_sample + i*G`, with no state but that offset.
+Shapes: B micro-batch, S+1 tokens per sample (inputs and shifted labels share it).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class GPTBatches:
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 start_sample: int = 0, wrap: bool = True) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        self.ds, self.B, self.rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
+        self.start, self.wrap = start_sample, wrap
+
+    @property
+    def global_batch(self) -> int:
+        return self.B * self.dp
+
+    def sample_ids(self, i: int) -> np.ndarray:
+        base = self.start + i * self.global_batch
+        ids = base + self.rank + self.dp * np.arange(self.B)
+        if ids.max() >= len(self.ds):
+            if not self.wrap:
+                raise IndexError(f"batch {i} needs sample {int(ids.max())}, dataset has {len(self.ds)}")
+            ids = ids % len(self.ds)
+        return ids
+
+    def items(self, i: int) -> list[dict]:
+        return [self.ds[int(j)] for j in self.sample_ids(i)]
+
+    def batch(self, i: int) -> np.ndarray:
+        """[B, S+1] token ids (the model shifts labels internally: same objective as Megatron's
+        input_ids/labels pair)."""
+        return np.stack([np.concatenate([it["input_ids"], it["labels"][-1:]]) for it in self.items(i)])
+
+    def position(self, i: int) -> int:
+        """The sample offset to resume from after batch i."""
+        return self.start + (i + 1) * self.global_batch
