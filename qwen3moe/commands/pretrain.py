@@ -203,8 +203,11 @@ def build_data(cfg: TaskConfig, num_samples: int):
         raise CliError("Megatron data loading not available yet (qwen3moe.io.gpt_dataset); "
                        "use a .npy token array as data_path") from None
     try:
+        kw = {"pad_id": dc.pad} if dc.pad is not None else {}
+        # no attention_mask: the model builds its causal mask (reset_attention_mask is not applied)
         ds = build_gpt_dataset(paths, dc.seq_length, num_samples, seed=dc.seed, split=dc.split,
-                               eod_mask_loss=dc.eod_mask_loss, reset_position_ids=dc.reset_position_ids)
+                               eod_mask_loss=dc.eod_mask_loss, reset_position_ids=dc.reset_position_ids,
+                               create_attention_mask=False, eod_id=dc.eod, **kw)
     except (OSError, ValueError) as exc:
         raise CliError(f"train_dataset: {str(exc).splitlines()[0]}") from None
     return MicroBatches(GptBatches(ds, r.batch_size), r.gradient_accumulation_steps), len(ds)
