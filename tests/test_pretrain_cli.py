@@ -108,7 +108,8 @@ def test_nonfinite_steps_counted_and_run_continues(tmp_path):
     from qwen3moe.training.trainer import Trainer, TrainerConfig
 
     lines: list[str] = []
-    tr = Trainer(_FakeStep({2, 3, 6}), _FakeData(), TrainerConfig(total_steps=8, log_interval=4, nan_abort_after=3),
+    tr = Trainer(_FakeStep({2, 3, 6}), _FakeData(), TrainerConfig(total_steps=8, log_interval=4, nan_abort_after=3,
+                                                                   progress=True),
                  log=lines.append, metrics=MetricsLogger(str(tmp_path)))
     assert len(tr.fit()) == 8 and tr.skipped_total == 3
     assert sum("update skipped" in s for s in lines) == 3 and any("skipped: 3" in s for s in lines)

@@ -84,7 +84,7 @@ class Trainer:
         c, t_start = self.config, time.perf_counter()
         start = self.resume()
         bar = _progress(c, start)
-        say = bar.write if bar is not None else self.log
+        say = self.log if bar is None else _around_bar(bar, self.log)
         window: list[dict] = []
         try:
             for i in range(start, c.total_steps):
@@ -149,6 +149,14 @@ class Trainer:
             say(f"non-finite steps skipped: {self.skipped_total}")
         if self.metrics is not None:
             self.metrics.close()
+
+
+def _around_bar(bar, log: Callable[[str], None]) -> Callable[[str], None]:
+    """Log through `log` with the progress bar cleared first and redrawn after."""
+    def say(text: str) -> None:
+        with bar.external_write_mode(file=sys.stderr):
+            log(text)
+    return say
 
 
 def _progress(c: TrainerConfig, start: int):
