@@ -54,4 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run via the package module so commands' `qwen3moe.cli.CliError` is the class caught in main
+    from qwen3moe.cli import main as _main
+
+    sys.exit(_main())
