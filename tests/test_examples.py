@@ -35,3 +35,26 @@ def test_chat_example_two_turns():
 def test_inspect_experts_example(tmp_path):
     out = run_example("inspect_experts.py", "--model", str(reference_dir("tiny-a")))
     assert out.count("moe layer") == 4 and "aux loss" in out and "peak RSS" in out
+
+
+def test_pretrain_example_on_megatron_data(tmp_path):
+    from conftest import FIXTURES
+
+    out = run_example("pretrain.py", "--data", str(FIXTURES / "megatron_gpt" / "golden_a_text_document"),
+                      "--steps", "4", "--batch", "2", "--seq-len", "16", "--out", str(tmp_path))
+    assert "step    4/4" in out and "tokens/s" in out and (tmp_path / "checkpoint" / "config.json").is_file()
+
+
+def test_preprocess_wikitext_script(tmp_path):
+    from conftest import FIXTURES
+
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(REPO / "examples" / "preprocess_wikitext.sh"),
+                           str(FIXTURES / "data" / "wiki.sample.tokens"),
+                           str(REPO / "qwen3moe" / "assets" / "tiny-tokenizer"), str(tmp_path / "wiki")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from qwen3moe.io.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(tmp_path / "wiki_text_document"))
+    assert len(ds) == 2 and ds.num_tokens > 20
