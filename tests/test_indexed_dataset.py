@@ -127,3 +127,20 @@ def test_wikitext_to_jsonl(tmp_path):
     assert cli(["wikitext-to-jsonl", "--input", str(FIXTURES / "data" / "wiki.sample.tokens"),
                 "--output", str(out), "--keep-artifacts"]) == 0
     assert "role @-@ playing" in out.read_text()
+
+
+@pytest.mark.parametrize("name", ["golden_a_text_document", "golden_b_text_document"])
+def test_builder_bytes_equal_megatron_core_builder(tmp_path, name):
+    """tests/fixtures/megatron_gpt/golden_{a,b} were written by megatron-core 0.16.1's own
+    IndexedDatasetBuilder (uint16 / int32, with empty documents): rebuilding the same documents
+    with ours gives the same bytes."""
+    src = IndexedDataset(str(FIXTURES / "megatron_gpt" / name))
+    prefix = str(tmp_path / name)
+    b = IndexedDatasetBuilder(prefix + ".bin", src.dtype)
+    d = src.document_indices
+    for j in range(len(d) - 1):
+        seqs = [src[i] for i in range(d[j], d[j + 1])]
+        b.add_document(np.concatenate(seqs) if seqs else [], [len(s) for s in seqs])
+    b.finalize(prefix + ".idx")
+    for ext in (".bin", ".idx"):
+        assert sha(prefix + ext) == sha(FIXTURES / "megatron_gpt" / f"{name}{ext}"), ext
