@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "qwen3moe.commands.preprocess",
     "qwen3moe.commands.wikitext",
     "qwen3moe.commands.plan",
+    "qwen3moe.commands.launch",
     "qwen3moe.commands.generate",
     "qwen3moe.commands.pretrain",
     "qwen3moe.commands.run",

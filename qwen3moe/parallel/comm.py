@@ -45,3 +45,22 @@ class SimComm:
         self._check(xs)
         self.calls["all_gather"] += 1
         return [ops.concat(tuple(xs), axis)] * self.size
+
+
+class MindSporeComm:
+    """The real backend on the world group (msrun / HCCL / NCCL / MCCL on CPU): init on first use.
+
+    AllReduce is SUM on every device (the only reduction MCCL has on CPU); callers divide for a
+    mean. Sub-groups, all-gather with custom bprop and emulated all-to-all come next (see
+    MINDSPORE_CPU.md R5/R6).
+    """
+
+    def __init__(self) -> None:
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        self.rank, self.size = get_rank(), get_group_size()
+        self._all_reduce = ops.AllReduce()
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return self._all_reduce(x)
