@@ -24,6 +24,7 @@ def build(name: str, tmp_path):
     return build_gpt_dataset(data_path, c["seq"], c["n"], seed=1234, split=c.get("split", "1,0,0"),
                              eod_mask_loss=c.get("eod_mask_loss", False),
                              reset_position_ids=c.get("reset_position_ids", False),
+                             reset_attention_mask=c.get("reset_attention_mask", False),
                              create_attention_mask=c.get("create_attention_mask", False),
                              pad_id=c.get("pad", -1), eod_id=META["eod"], cache_dir=str(tmp_path))
 

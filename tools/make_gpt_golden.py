@@ -91,6 +91,12 @@ def main() -> None:
         "blend": dict(blend=([a, b], [0.3, 0.7]), n=60, seq=16),
         "reset": dict(blend=([a], None), n=20, seq=32, reset_position_ids=True, eod_mask_loss=True,
                       create_attention_mask=True, pad=EOD),
+        # three weights whose second normalisation (BlendedDataset) moves the last ulp and flips
+        # greedy ties: catches a blend normalised only once
+        "blend3": dict(blend=([a, b, a], [4.0, 3.0, 2.0]), n=100, seq=16),
+        # reset_attention_mask alone: the attention blocks must not depend on reset_position_ids
+        "reset_attn": dict(blend=([a], None), n=20, seq=32, reset_attention_mask=True,
+                           create_attention_mask=True),
     }
     arrays, meta = {}, {"megatron_core_version": megatron.core.__version__, "eod": EOD, "cases": {}}
     for name, c in cases.items():

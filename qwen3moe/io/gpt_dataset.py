@@ -168,28 +168,21 @@ def make_item(text: np.ndarray, cfg: GPTConfig) -> dict[str, np.ndarray]:
     if cfg.eod_mask_loss and cfg.eod_id is not None:
         loss_mask[tokens == cfg.eod_id] = 0.0
     position_ids = np.arange(S, dtype=np.int64)
-    blocks = []
-    if (cfg.reset_position_ids or cfg.reset_attention_mask) and cfg.eod_id is not None:
-        prev = 0
-        for i in np.nonzero(tokens == cfg.eod_id)[0]:
-            blocks.append(i + 1 - prev)
-            if cfg.reset_position_ids:
-                position_ids[i + 1:] -= i + 1 - prev
-                prev = i + 1
-        if prev < S:
-            blocks.append(S - prev)
+    # segment id of each position = number of EOD tokens strictly before it (a document ends
+    # with its EOD, the next starts right after it)
+    eods = np.nonzero(tokens == cfg.eod_id)[0] if cfg.eod_id is not None else np.zeros(0, np.int64)
+    segment = np.searchsorted(eods, position_ids, side="left")
+    if cfg.reset_position_ids and len(eods):
+        starts = np.concatenate([[0], eods + 1])
+        position_ids = position_ids - starts[segment]
     loss_mask[labels == cfg.pad_id] = 0.0
     tokens[tokens == cfg.pad_id] = 0
     labels[labels == cfg.pad_id] = 0
     item = {"input_ids": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
     if cfg.create_attention_mask:
         allowed = np.tril(np.ones((S, S), bool))
-        if cfg.reset_attention_mask and blocks:
-            allowed = np.zeros((S, S), bool)
-            o = 0
-            for n in blocks:
-                allowed[o:o + n, o:o + n] = np.tril(np.ones((n, n), bool))
-                o += n
+        if cfg.reset_attention_mask:  # no attention across an EOD (megatron zeroes [i+1:, :i+1])
+            allowed &= segment[:, None] == segment[None, :]
         item["attention_mask"] = ~allowed[None]  # True = masked, megatron's convention
     return item
 
@@ -199,8 +192,16 @@ class BlendedDataset:
 
     def __init__(self, datasets: list[GPTDataset], weights: list[float], size: int) -> None:
         self.datasets, self.size = datasets, size
+        # megatron-core normalises the (already normalised) weights a second time here; the
+        # last-ulp differences this makes can flip greedy ties, so do the same
         w = np.asarray(weights, np.float64)
+        w = np.asarray((w / np.sum(w)).tolist(), np.float64)
         self.dataset_index, self.dataset_sample_index = blending_indices(w, size)
+        counts = np.bincount(self.dataset_index, minlength=len(datasets))
+        for d, (n, ds) in enumerate(zip(counts, datasets)):
+            if n > len(ds):
+                raise ValueError(f"the blend draws {n} samples from dataset {d} ({ds.prefix}) which has "
+                                 f"only {len(ds)}: raise the 0.5% surplus or the sample count")
 
     def __len__(self) -> int:
         return self.size
