@@ -56,6 +56,26 @@ class IndexedDatasetBuilder:
         self.sequence_lengths.extend(int(n) for n in lengths)
         self.document_indices.append(len(self.sequence_lengths))
 
+    def add_documents(self, tokens: np.ndarray, sequence_lengths: np.ndarray,
+                      sequences_per_document: np.ndarray) -> None:
+        """Many documents in one write: the same bytes as `add_document` called per document.
+
+        `tokens` holds all their sequences back to back, `sequence_lengths` one entry per
+        sequence, `sequences_per_document` how many of those sequences each document owns (0 for
+        an empty document). Preprocessing uses it to skip per-document Python overhead.
+        """
+        arr = np.asarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(sequence_lengths, dtype=np.int64)
+        counts = np.asarray(sequences_per_document, dtype=np.int64)
+        if int(lengths.sum()) != arr.size or int(counts.sum()) != lengths.size:
+            raise IndexedDatasetError(f"{self.bin_path}: {lengths.size} sequence lengths summing to "
+                                      f"{int(lengths.sum())} for {arr.size} tokens and "
+                                      f"{int(counts.sum())} sequences across the documents")
+        self._fh.write(arr.tobytes(order="C"))
+        base = len(self.sequence_lengths)
+        self.sequence_lengths.extend(lengths.tolist())
+        self.document_indices.extend((base + np.cumsum(counts)).tolist())
+
     def add_item(self, tokens: Sequence[int] | np.ndarray) -> None:
         """One sequence without closing the document (megatron-core's add_item)."""
         arr = np.asarray(tokens, dtype=self.dtype)
