@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import tokenizers
 
+from qwen3moe.io.jsonfile import read_json_object
+
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "qwen3-tokenizer"
 REPLACEMENT_CHAR = "\ufffd"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -39,14 +41,7 @@ class TokenizerError(ValueError):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object; a broken file is a TokenizerError naming it (not a bare JSONDecodeError)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path}: unreadable JSON ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, TokenizerError)
 
 
 def _token_content(value: Any) -> str | None:
