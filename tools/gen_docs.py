@@ -1,4 +1,6 @@
-"""Generate docs/config.md from the config dataclasses (run: python tools/gen_docs.py)."""
+"""Generate docs/config.md from the config dataclasses (run: python tools/gen_docs.py).
+
+Two tables: the model config (config.json, HF names) and the YAML task config of `qwen3moe run`."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +31,48 @@ def config_reference() -> str:
         lines.append(f"- `{name}`: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
                      f"{c.num_experts} experts top-{c.num_experts_per_tok}, "
                      f"{c.num_parameters():,} parameters ({c.num_parameters(active=True):,} active)")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + task_config_reference()) + "\n"
+
+
+def _type_name(tp) -> str:
+    name = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    return str(name).replace("typing.", "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return f"`{f.default!r}`"
+    value = f.default_factory()
+    return "(section)" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+
+
+def task_config_reference() -> list[str]:
+    """One table per YAML section, walking TaskConfig's nested dataclasses in declaration order."""
+    from qwen3moe.training.task_config import TaskConfig
+    from qwen3moe.training.task_config_docs import TASK_FIELD_DOCS
+
+    lines = ["", "## YAML task config (`qwen3moe run|pretrain --config F.yaml`)", "",
+             "Every key is validated: an unknown key (also in a dotted override such as",
+             "`--parallel_config.model_parallel 2`) is an error naming its full path and the closest valid",
+             "key. Keys marked \"no effect here\" steer MindSpore Transformers' Ascend runtime and are",
+             "accepted so the seed's YAML files load unchanged.", ""]
+    queue = [("", TaskConfig)]
+    while queue:
+        path, cls = queue.pop(0)
+        lines += [f"### `{path or 'top level'}` ({cls.__name__})", "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            key = f"{path}.{f.name}" if path else f.name
+            lines.append(f"| `{key}` | `{_type_name(f.type)}` | {_default(f)} | "
+                         f"{_cell(TASK_FIELD_DOCS[f'{cls.__name__}.{f.name}'])} |")
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+                queue.append((key, type(f.default_factory())))
+        lines.append("")
+    return lines
 
 
 def main() -> None:
