@@ -1,6 +1,7 @@
 """Every README.md / docs/*.md code block marked `<!-- runnable ... -->` runs from the repo root.
 
-Marked blocks must use only committed fixtures, so the docs fail CI when they rot.
+Marked blocks must use only committed fixtures, so the docs fail CI when they rot. A block marked
+`<!-- runnable expect -->` must be followed by a ```text block: its stdout must equal that text.
 """
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ import pytest
 
 from conftest import REPO
 
-BLOCK = re.compile(r"<!-- runnable[^>]*-->\s*\n```(\w+)\n(.*?)```", re.S)
+BLOCK = re.compile(r"<!-- runnable([^>]*)-->\s*\n```(\w+)\n(.*?)```(?:\s*\n```text\n(.*?)```)?", re.S)
 
 
 def runnable_blocks():
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
-        for i, (lang, code) in enumerate(BLOCK.findall(doc.read_text())):
-            yield pytest.param(lang, code, id=f"{doc.name}-{i}-{lang}")
+        for i, (flags, lang, code, expected) in enumerate(BLOCK.findall(doc.read_text())):
+            if re.search(r"\bexpect\b", flags) and not expected:
+                raise AssertionError(f"{doc.name}: block {i} is marked expect but has no ```text block after it")
+            yield pytest.param(lang, code, expected if re.search(r"\bexpect\b", flags) else None,
+                               id=f"{doc.name}-{i}-{lang}")
 
 
-@pytest.mark.parametrize("lang, code", list(runnable_blocks()))
-def test_doc_block_runs(lang, code, tmp_path):
+@pytest.mark.parametrize("lang, code, expected", list(runnable_blocks()))
+def test_doc_block_runs(lang, code, expected, tmp_path):
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO),
                PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
     if lang == "python":
@@ -34,7 +38,11 @@ def test_doc_block_runs(lang, code, tmp_path):
         pytest.fail(f"unsupported runnable block language {lang!r}")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    if expected is not None:
+        assert proc.stdout.strip() == expected.strip(), "documented output differs from the real output"
 
 
 def test_there_are_runnable_blocks():
-    assert len(list(runnable_blocks())) >= 2
+    blocks = list(runnable_blocks())
+    assert len(blocks) >= 2
+    assert any(p.values[2] is not None for p in blocks), "no block checks its documented output"
