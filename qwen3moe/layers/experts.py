@@ -5,7 +5,8 @@ Shapes: E experts, I expert ffn, H hidden, NB blocks, b rows per block, R = NB*b
 A rows sorted by expert.
 Two compute paths with identical results (tests check both): `blocks` is portable composite
 MindSpore (block-padded batched matmul); `sorted_rows` calls the grouped-GEMM C++ kernel
-(qwen3moe/kernels) when it could be built on this machine.
+(qwen3moe/kernels) when it could be built on this machine; `fused` is the whole dispatch +
+experts + combine in one C++ op (token order in, token order out).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mindspore import Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import init_param
 from qwen3moe.kernels import grouped as grouped_kernel
+from qwen3moe.kernels import moe as moe_kernel
 
 
 class Qwen3MoeExperts(nn.Cell):
@@ -41,3 +43,8 @@ class Qwen3MoeExperts(nn.Cell):
         """Rows sorted by expert through the grouped kernel: [A, H] -> [A, H]."""
         return grouped_kernel.grouped_swiglu(x_AH, offsets_E1, self.gate_up_proj.astype(x_AH.dtype),
                                              self.down_proj.astype(x_AH.dtype))
+
+    def fused(self, x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        """sum_j w_tj * Expert_{idx_tj}(x_t) by the fused C++ op: [T, H] -> [T, H]."""
+        return moe_kernel.moe_experts(x_TH, idx_TK, w_TK.astype(x_TH.dtype),
+                                      self.gate_up_proj.astype(x_TH.dtype), self.down_proj.astype(x_TH.dtype))

@@ -42,10 +42,9 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
 
     def construct(self, x_TH: Tensor):
         logits_TE, probs_TE, weights_TK, idx_TK = self.gate(x_TH)
-        if self.use_kernel:
-            token_A, inv_A, offsets_E1, _ = dispatch.sorted_dispatch(idx_TK, self.num_experts)
-            y_AH = self.experts.sorted_rows(ops.gather(x_TH, token_A, 0), offsets_E1)
-            return dispatch.unpermute(y_AH, inv_A, weights_TK), logits_TE, probs_TE, idx_TK
+        if self.use_kernel:  # one fused op: bucket by expert, grouped SwiGLU, weighted combine
+            y_TH = self.experts.fused(x_TH, idx_TK, weights_TK)
+            return y_TH, logits_TE, probs_TE, idx_TK
         A = x_TH.shape[0] * self.top_k
         if self.capacity_factor is not None:
             C = max(1, math.ceil(self.capacity_factor * A / self.num_experts))
@@ -62,16 +61,16 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
 
 
 def resolve_moe_backend(name: str) -> bool:
-    """True for the grouped C++ kernel. "auto" uses it when it builds here (QWEN3MOE_KERNELS=0
+    """True for the fused MoE C++ kernel. "auto" uses it when it builds here (QWEN3MOE_KERNELS=0
     forces the composite path); "composite" never; "kernel" requires it."""
-    from qwen3moe.kernels import grouped
+    from qwen3moe.kernels import moe as grouped
 
     if name not in ("auto", "kernel", "composite"):
         raise ValueError(f"moe_backend must be 'auto', 'kernel' or 'composite', got {name!r}")
     if name == "composite":
         return False
     if name == "kernel" and not grouped.available():
-        raise RuntimeError("moe_backend='kernel' but the grouped-experts kernel could not be built "
+        raise RuntimeError("moe_backend='kernel' but the fused MoE kernel could not be built "
                            "(needs g++ and numpy's bundled OpenBLAS on x86-64 Linux)")
     return grouped.available()
 
