@@ -1,0 +1,167 @@
+"""Per-rank shards of a model: one Cell per (pipeline stage, stage-local rank) holding exactly
+the slices `plans.py` assigns, built from the unmodified layer classes with per-rank sizes.
+
+Each shard Parameter remembers its HF name, its split (style over tp or etp, expert block over
+ep) and the group over which its gradient is summed:
+    "dp"    dense weights replicated across data-parallel ranks
+    "stage" replicated over tp too but with partial gradients there: the router (each tp rank
+            routes its own 1/tp of the tokens: sequence-parallel MoE input, as Megatron requires
+            for MoE with tp > 1) and q/k norm (each tp rank normalises its own heads)
+    "edp"   expert shards, replicated over the expert-data-parallel group
+Shapes: V vocab, H hidden, E experts, I expert ffn, F dense ffn, N/K query/kv heads, D head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn
+
+from qwen3moe.layers.attention import Qwen3MoeAttention
+from qwen3moe.layers.dtypes import skip_init
+from qwen3moe.layers.experts import Qwen3MoeExperts
+from qwen3moe.layers.mlp import Qwen3MoeMLP
+from qwen3moe.layers.norm import RMSNorm
+from qwen3moe.parallel.mesh import Mesh, MeshError
+from qwen3moe.parallel.plans import TP_PLAN, shard_array, style_of
+from qwen3moe.router.topk import TopKRouter
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str          # HF parameter name
+    style: str         # split style over tp (or etp for experts); "replicate" when whole
+    tp_rank: int
+    tp_size: int
+    ep_rank: int = 0   # expert block (experts only)
+    ep_size: int = 1
+    sync: str = "dp"   # gradient sum group (see module docstring)
+
+
+def stage_layers(num_layers: int, pp: int, offset: list[int] | None = None) -> list[range]:
+    """Contiguous layer ranges per stage: L // pp each plus offset[s] (MindSpore Transformers'
+    `offset`; the remainder must be placed explicitly, so the counts sum to L)."""
+    base = num_layers // pp
+    offset = list(offset) if offset is not None else [0] * (pp - 1) + [num_layers - base * pp]
+    if len(offset) != pp:
+        raise MeshError(f"pipeline offset needs {pp} entries (one per stage), got {offset}")
+    counts = [base + o for o in offset]
+    if sum(counts) != num_layers or min(counts) < 1:
+        raise MeshError(f"pipeline offset {offset} gives stage sizes {counts}; they must be >= 1 and "
+                        f"sum to num_hidden_layers={num_layers}")
+    starts = np.cumsum([0] + counts)
+    return [range(int(starts[s]), int(starts[s + 1])) for s in range(pp)]
+
+
+class RankLayer(nn.Cell):
+    def __init__(self, cfg, sparse: bool, mesh: Mesh) -> None:
+        super().__init__()
+        c, tp = cfg, mesh.tp
+        self.is_sparse = sparse
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Qwen3MoeAttention(c.hidden_size, c.num_attention_heads // tp,
+                                           mesh.kv_heads_per_rank(c.num_key_value_heads), c.head_dim,
+                                           c.rms_norm_eps, c.attention_bias)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if sparse:
+            self.gate = TopKRouter(c.hidden_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
+            self.experts = Qwen3MoeExperts(c.num_experts // mesh.ep, c.hidden_size,
+                                           c.moe_intermediate_size // mesh.expert_tp)
+        else:
+            self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size // tp)
+
+
+class RankStage(nn.Cell):
+    """What one rank of one pipeline stage holds."""
+
+    def __init__(self, cfg, mesh: Mesh, layers: range, first: bool, last: bool) -> None:
+        super().__init__()
+        V, H = cfg.vocab_size, cfg.hidden_size
+        self.layer_ids = list(layers)
+        self.first, self.last = first, last
+        with skip_init():
+            self.layers = nn.CellList([RankLayer(cfg, cfg.is_sparse_layer(i), mesh) for i in layers])
+            if last:
+                self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        if first:
+            self.embed = Parameter(Tensor(np.zeros((V // mesh.tp, H), np.float32)), name="embed")
+        if last:
+            self.lm_head = Parameter(Tensor(np.zeros((V // mesh.tp, H), np.float32)), name="lm_head")
+
+
+def _info(local: str, hf: str, mesh: Mesh, n: int) -> ShardInfo:
+    tp_j = n % mesh.tp
+    if ".experts." in local:
+        g = n % (mesh.ep * mesh.expert_tp)
+        return ShardInfo(hf, style_of(hf, TP_PLAN), g % mesh.expert_tp, mesh.expert_tp,
+                         g // mesh.expert_tp, mesh.ep, "edp")
+    # router: each tp rank routes its own tokens; q/k norm: each tp rank normalises its own heads
+    sync = "stage" if (".gate." in local or "_norm." in local) else "dp"
+    return ShardInfo(hf, style_of(hf, TP_PLAN), tp_j, mesh.tp, sync=sync)
+
+
+def hf_name(local: str, stage: RankStage) -> str:
+    if local == "embed":
+        return "model.embed_tokens.weight"
+    if local == "lm_head":
+        return "lm_head.weight"
+    if local.startswith("norm."):
+        return "model." + local
+    _, j, rest = local.split(".", 2)
+    i = stage.layer_ids[int(j)]
+    rest = rest.replace("gate.", "mlp.gate.", 1).replace("experts.", "mlp.experts.", 1)
+    return f"model.layers.{i}.{rest}"
+
+
+def slice_for(info: ShardInfo, full: np.ndarray, cfg) -> np.ndarray:
+    """The rank's slice of an HF tensor (experts: ep block, then the etp style)."""
+    arr = full
+    if info.ep_size > 1:
+        arr = shard_array(arr, "expert", info.ep_rank, info.ep_size)
+    if info.style == "column" and info.name.endswith(("k_proj.weight", "v_proj.weight")) \
+            and cfg.num_key_value_heads < info.tp_size:
+        D, K, N = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
+        head = (info.tp_rank * (N // info.tp_size)) // (N // K)  # vLLM: kv head replicated tp/K times
+        return arr[head * D:(head + 1) * D]
+    return shard_array(arr, info.style, info.tp_rank, info.tp_size)
+
+
+def build_stage(cfg, mesh: Mesh, s: int, n: int, layers: range, get) -> tuple[RankStage, list]:
+    """Rank n of stage s with its shards loaded; `get(hf_name)` returns the full array.
+    Returns (cell, [(Parameter, ShardInfo)])."""
+    cell = RankStage(cfg, mesh, layers, s == 0, s == mesh.pp - 1)
+    entries = []
+    for local, p in cell.parameters_and_names():
+        hf = hf_name(local, cell)
+        info = _info(local, hf, mesh, n)
+        p.set_data(Tensor(np.ascontiguousarray(slice_for(info, get(hf), cfg), np.float32)))
+        p.name = f"s{s}.r{n}.{hf}"  # unique across ranks simulated in one process
+        entries.append((p, info))
+    return cell, entries
+
+
+def unsplit(parts: list[np.ndarray], style: str) -> np.ndarray:
+    """Inverse of shard_array over ranks 0..len(parts)-1."""
+    if len(parts) == 1 or style == "replicate":
+        return parts[0]
+    if style == "gate_up":
+        h = parts[0].shape[1] // 2
+        return np.concatenate([np.concatenate([p[:, :h] for p in parts], 1),
+                               np.concatenate([p[:, h:] for p in parts], 1)], 1)
+    axis = {"column": 0, "vocab": 0, "expert": 0, "row": 1, "expert_row": 2}[style]
+    return np.concatenate(parts, axis)
+
+
+def assemble(items: list[tuple[ShardInfo, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Full HF tensors from shards of one replica (one array per distinct shard position)."""
+    by_name: dict[str, dict[tuple[int, int], np.ndarray]] = {}
+    styles = {}
+    for info, arr in items:
+        by_name.setdefault(info.name, {}).setdefault((info.ep_rank, info.tp_rank), arr)
+        styles[info.name] = (info.style, info.tp_size, info.ep_size)
+    out = {}
+    for name, parts in by_name.items():
+        style, tps, eps = styles[name]
+        blocks = [unsplit([parts[(e, t)] for t in range(tps)], style) for e in range(eps)]
+        out[name] = unsplit(blocks, "expert")
+    return out

@@ -1,0 +1,204 @@
+"""A model sharded over a dp x tp x pp (x ep) mesh: forward, loss, gradients through a 1F1B
+pipeline, bucketed gradient all-reduce, AdamW (optionally ZeRO-1) — every rank simulated in
+one process (`SimCollectives`), written per rank so a process-per-rank backend can run it.
+
+Loss (what each rank back-propagates; summed over ranks it is the global-batch objective):
+    sum over its tokens of CE / N_global                      (N_global: valid labels, all dp ranks)
+  + coef / M * E * sum_e C_e * s_e / (n * L)^2               (its own router probability mass s;
+                                                              C, n, L: counts, tokens and sparse
+                                                              layers of the global micro-batch)
+so the gradient is HF's (lm_loss + coef * aux) for micro_batch_num = 1, and with M micro-batches
+that of the mean over micro-batches of the global-micro-batch aux (Megatron's accumulation).
+Shapes: B global batch, b = B / (dp*M) rows per rank and micro-batch, S seq, V vocab, E experts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, ops
+
+from qwen3moe.models.inputs import prepare_inputs
+from qwen3moe.parallel import engine
+from qwen3moe.parallel.collectives import SimCollectives, stage_groups
+from qwen3moe.parallel.mesh import Mesh, MeshError
+from qwen3moe.parallel.pipeline import run_schedule
+from qwen3moe.parallel.ranks import assemble, build_stage, stage_layers
+
+
+class ParallelLM:
+    def __init__(self, cfg, mesh: Mesh, get, offset: list[int] | None = None, train: bool = True) -> None:
+        mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                      num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0)
+        if mesh.ep > 1 and mesh.expert_tp != 1:
+            raise MeshError(f"etp={mesh.expert_tp} with ep={mesh.ep}: experts are split either over ep "
+                            "ranks or (ep=1) over the tp ranks' ffn dim")
+        if cfg.vocab_size % mesh.tp:
+            raise MeshError(f"tp={mesh.tp} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
+        if train and cfg.num_key_value_heads % mesh.tp:
+            raise MeshError(f"training needs tp={mesh.tp} to divide num_key_value_heads="
+                            f"{cfg.num_key_value_heads} (replicated KV heads are inference-only)")
+        if cfg.tie_word_embeddings and mesh.pp > 1:
+            raise MeshError("tie_word_embeddings with pp > 1 is not supported (embedding and lm_head "
+                            "live on different stages)")
+        self.cfg, self.mesh = cfg, mesh
+        self.stage_ranges = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)
+        self.coll = SimCollectives(mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp)
+        self.cells, self.entries = [], []
+        for s, layers in enumerate(self.stage_ranges):
+            built = [build_stage(cfg, mesh, s, n, layers, get) for n in range(mesh.dp * mesh.tp)]
+            self.cells.append({n: c for n, (c, _) in enumerate(built)})
+            self.entries.append({n: e for n, (_, e) in enumerate(built)})
+        if cfg.tie_word_embeddings:  # pp == 1: one Parameter serves both, as in the model
+            for n, c in self.cells[0].items():
+                c.lm_head = c.embed
+                self.entries[0][n] = [(p, i) for p, i in self.entries[0][n] if i.name != "lm_head.weight"]
+        self.sparse_layers = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers))
+        self.events: list = []
+
+    @classmethod
+    def from_model(cls, model, mesh: Mesh, **kw) -> "ParallelLM":
+        full = {p.name: p.asnumpy().astype(np.float32) for p in model.get_parameters()}
+        return cls(model.config, mesh, full.__getitem__, **kw)
+
+    # ---- inputs --------------------------------------------------------------------------
+    def split_batch(self, ids: np.ndarray, labels: np.ndarray | None = None):
+        """Per micro-batch m: {n: inputs of stage-local rank n} (dp rank n // tp gets its rows)."""
+        m, B = self.mesh, ids.shape[0]
+        M = m.micro_batch_num
+        if B % (m.dp * M):
+            raise ValueError(f"global batch {B} must be divisible by dp*micro_batch_num = {m.dp}*{M}")
+        b = B // (m.dp * M)
+        if (b * ids.shape[1]) % m.tp:
+            raise ValueError(f"tokens per micro-batch b*S = {b}*{ids.shape[1]} must be divisible by tp={m.tp}")
+        out = []
+        for mb in range(M):
+            per = {}
+            for n in range(m.dp * m.tp):
+                rows = slice((n // m.tp) * B // m.dp + mb * b, (n // m.tp) * B // m.dp + (mb + 1) * b)
+                per[n] = prepare_inputs(self.cfg, ids[rows], labels=None if labels is None else labels[rows])
+            out.append(per)
+        return out
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _run_stage(self, s: int, inp, xs):
+        cells = self.cells[s]
+        src = {n: inp[n].input_ids for n in cells} if s == 0 else xs
+        masks = {n: inp[n].token_mask for n in cells}
+        return engine.stage_forward(cells, self.coll, src, inp, masks, self.mesh, self.cfg)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Full-vocab logits [B, S, V] (gathered over tp, as generation needs)."""
+        outs = []
+        for inp in self.split_batch(ids):
+            xs = None
+            for s in range(self.mesh.pp):
+                xs, _, _ = self._run_stage(s, inp, xs)
+            local = engine.head_logits(self.cells[-1], self.coll, xs)
+            full = self.coll.gather("tp", local, 1)
+            for i in range(self.mesh.dp):
+                outs.append(full[i * self.mesh.tp].asnumpy().reshape(-1, ids.shape[1], self.cfg.vocab_size))
+        M = self.mesh.micro_batch_num
+        return np.concatenate([outs[mb * self.mesh.dp + i] for i in range(self.mesh.dp) for mb in range(M)])
+
+    # ---- training --------------------------------------------------------------------------
+    def _params(self, s: int) -> list:
+        return [p for n in sorted(self.entries[s]) for p, _ in self.entries[s][n]]
+
+    def loss_and_grads(self, ids: np.ndarray, labels: np.ndarray):
+        """One global batch through the 1F1B pipeline. Returns (loss reported on every stage,
+        {Parameter name: accumulated gradient (numpy)}), before the data-parallel all-reduce."""
+        mbs = self.split_batch(ids, labels)
+        M, pp = len(mbs), self.mesh.pp
+        n_valid = sum(float((t.labels.asnumpy() != -100).sum()) for per in mbs for n, t in per.items()
+                      if n % self.mesh.tp == 0)
+        st = _State(mbs, n_valid)
+        grads = {p.name: np.zeros(p.shape, np.float32) for s in range(pp) for p in self._params(s)}
+        self.events = run_schedule(pp, M, lambda s, op, m: (self._fwd if op == "F" else self._bwd)(st, s, m, grads))
+        loss = sum(st.loss.values())
+        return {s: loss for s in range(pp)}, grads  # last stage's loss, broadcast over the pp group
+
+    def _fwd(self, st, s, m, grads) -> None:
+        xs_in = st.act.get((s - 1, m))
+        xs, stats, _ = self._run_stage(s, st.mbs[m], xs_in)
+        if stats is not None:
+            c, ps = (next(iter(self.coll.sum_nograd("stage", {n: v[i] for n, v in stats.items()}).values())).asnumpy()
+                     for i in (0, 1))
+            st.counts[m] = st.counts.get(m, 0) + c
+            st.probsum[m] = st.probsum.get(m, 0) + ps
+        st.act[(s, m)] = {n: ops.stop_gradient(x) for n, x in xs.items()}
+        if s == self.mesh.pp - 1:
+            local = engine.head_logits(self.cells[s], self.coll, xs)
+            ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in st.mbs[m].items()}, self.mesh.tp)
+            lm = sum(float(ce[n].sum().asnumpy()) for n in ce if n % self.mesh.tp == 0) / st.n_valid
+            st.loss[m] = lm + self._aux_value(st, m)
+
+    def _aux_value(self, st, m) -> float:
+        if not self.sparse_layers or st.probsum.get(m) is None:
+            return 0.0
+        n, L, E = self._ntok(st, m), self.sparse_layers, self.cfg.num_experts
+        c, p = st.counts[m], st.probsum[m]
+        return self.cfg.router_aux_loss_coef / len(st.mbs) * E * float((c * p).sum()) / (n * L) ** 2
+
+    def _ntok(self, st, m) -> float:
+        return sum(float(t.token_mask.asnumpy().sum()) for n, t in st.mbs[m].items() if n % self.mesh.tp == 0)
+
+    def _bwd(self, st, s, m, grads) -> None:
+        cells, inp, last = self.cells[s], st.mbs[m], s == self.mesh.pp - 1
+        order = sorted(cells)
+        params = ParameterTuple(self._params(s))
+        dout = st.dout.pop((s, m), None)
+        C = Tensor(np.asarray(st.counts[m], np.float32)) if self.sparse_layers else None
+        aux_scale = (self.cfg.router_aux_loss_coef / len(st.mbs) * (self.cfg.num_experts or 0)
+                     / (self._ntok(st, m) * self.sparse_layers) ** 2) if self.sparse_layers else 0.0
+
+        def objective(*x_in):
+            xs, stats, _ = self._run_stage(s, inp, dict(zip(order, x_in)) if s else None)
+            J = 0.0
+            if stats is not None:
+                J = J + aux_scale * sum((C * stats[n][1]).sum() for n in order)
+            if last:
+                local = engine.head_logits(cells, self.coll, xs)
+                ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in inp.items()}, self.mesh.tp)
+                return J + sum(ce[n].sum() for n in order) / st.n_valid
+            return J + sum((xs[n] * dout[n]).sum() for n in order)
+
+        x_in = [st.act[(s - 1, m)][n] for n in order] if s else []
+        if s:
+            gx, gw = ms.grad(objective, grad_position=tuple(range(len(order))), weights=params)(*x_in)
+            st.dout[(s - 1, m)] = dict(zip(order, gx if isinstance(gx, tuple) else (gx,)))
+        else:
+            gw = ms.grad(objective, grad_position=None, weights=params)()
+        for p, g in zip(params, gw):
+            grads[p.name] += g.asnumpy()
+        st.act.pop((s - 1, m), None)
+        if last:
+            st.act.pop((s, m), None)
+
+    # ---- full views -------------------------------------------------------------------------
+    def full_params(self) -> dict[str, np.ndarray]:
+        return self._assemble({p.name: p.asnumpy() for s in range(self.mesh.pp) for p in self._params(s)})
+
+    def full_grads(self, grads: dict) -> dict[str, np.ndarray]:
+        return self._assemble(grads)
+
+    def _assemble(self, values: dict) -> dict[str, np.ndarray]:
+        """HF tensors from dp replica 0 (router / replicated weights from tp rank 0)."""
+        items = [(info, values[p.name]) for s in range(self.mesh.pp)
+                 for n in range(self.mesh.tp * self.mesh.dp) for p, info in self.entries[s][n]]
+        out = assemble(items)
+        if self.cfg.tie_word_embeddings:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        return out
+
+
+class _State:
+    def __init__(self, mbs, n_valid: float) -> None:
+        self.mbs, self.n_valid = mbs, n_valid
+        self.act: dict = {}
+        self.dout: dict = {}
+        self.counts: dict = {}
+        self.probsum: dict = {}
+        self.loss: dict = {}
+
+
+__all__ = ["ParallelLM", "stage_groups"]
