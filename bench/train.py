@@ -22,13 +22,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--peak-gflops", type=float, default=None, help="matmul peak for MFU (default: probe)")
     a = ap.parse_args()
     folder = ensure_bench_folder()
     cfg = json.loads((CONFIG_DIR / "config.json").read_text())
     args = [str(folder), str(a.batch), str(a.seq), str(a.steps)]
     ours = run_json(sys.executable, str(REPO / "bench" / "_train_ours.py"), args)
-    hf = run_json(ref_python(), str(REPO / "bench" / "_train_hf.py"), args)
+    hf = {} if a.skip_hf else run_json(ref_python(), str(REPO / "bench" / "_train_hf.py"), args)
     peak = a.peak_gflops * 1e9 if a.peak_gflops else _probe_peak()
     tokens, flops = a.batch * a.seq, 3 * forward_flops(cfg, a.batch, a.seq)
     tps = tokens / ours["best_s"]

@@ -55,6 +55,9 @@ class AdamW(nn.Cell):
         self.exp_avg_sq = self._zeros_like("exp_avg_sq", params)
         self.step = Parameter(Tensor(0.0, ms.float32), name="adamw.step", requires_grad=False)
         self.learning_rate = Parameter(Tensor(float(lr), ms.float32), name="adamw.lr", requires_grad=False)
+        from qwen3moe.kernels import adamw as adamw_kernel  # fused in-place C++ update when built
+
+        self.fused = adamw_kernel.fused_update if adamw_kernel.usable_for(params) else None
 
     @staticmethod
     def _zeros_like(prefix: str, params) -> ParameterTuple:
@@ -73,6 +76,11 @@ class AdamW(nn.Cell):
 
     def update(self, grads):
         """The update itself (graph-traceable; `construct` compiles it, TrainStep inlines it)."""
+        if self.fused is not None:  # same formula, one in-place pass (qwen3moe/kernels/adamw.py)
+            t, lr = self.step + 1.0, self.learning_rate
+            bc1 = 1.0 - ops.pow(Tensor(self.b1, ms.float32), t)
+            bc2_sqrt = ops.sqrt(1.0 - ops.pow(Tensor(self.b2, ms.float32), t))
+            return self.fused(self, grads, lr, lr / bc1, bc2_sqrt, t)
         ops.assign_add(self.step, Tensor(1.0, ms.float32))
         t, lr = self.step, self.learning_rate
         bc1 = 1.0 - ops.pow(Tensor(self.b1, ms.float32), t)
