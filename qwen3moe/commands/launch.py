@@ -21,6 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("dist-check", help="data-parallel gradient all-reduce self-test (under launch)")
     c.add_argument("--model", required=True, help="HF folder")
     c.set_defaults(func=dist_check)
+    from qwen3moe.parallel import distcheck
+
+    d = sub.add_parser("dist-parallel", help="TP/EP/PP/DP generation or training on real processes (under launch)")
+    distcheck.add_arguments(d)
+    d.set_defaults(func=lambda a: distcheck.run(a))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,30 +29,25 @@ def _groups(model, sync: str):
 
 
 def allreduce_grads(model, grads: dict, bucket_elems: int = 1 << 20) -> int:
-    """Sum every parameter's gradient over its sync group in place; returns the bucket count."""
+    """Sum every parameter's gradient over its sync group in place; returns the number of
+    bucket all-reduces one rank issues."""
+    m = model.mesh
+    sizes = {"dp": m.dp, "stage": m.dp * m.tp, "edp": m.edp}
     buckets = 0
-    for s in range(model.mesh.pp):
+    for s in range(m.pp):
         for sync in ("dp", "stage", "edp"):
             params = _by_rank(model, s, sync)
-            for group in _groups(model, sync):
-                if len(group) == 1:
-                    continue
-                for chunk in _buckets([p.size for p in params[group[0]]], bucket_elems):
-                    flat = {n: Tensor(np.concatenate([grads[params[n][k].name].ravel() for k in chunk]))
-                            for n in group}
-                    total = _sum(model, flat)
-                    _scatter_back(total.asnumpy(), [[params[n][k] for k in chunk] for n in group], grads)
-                    buckets += 1
+            if not params or sizes[sync] == 1 or not params[min(params)]:
+                continue
+            for chunk in _buckets([p.size for p in params[min(params)]], bucket_elems):
+                flat = {n: Tensor(np.concatenate([grads[plist[k].name].ravel() for k in chunk]))
+                        for n, plist in params.items()}
+                total = model.coll.sum_nograd(sync, flat)
+                model.coll.calls["bucket_all_reduce"] = model.coll.calls.get("bucket_all_reduce", 0) + 1
+                for n, plist in params.items():
+                    _scatter_back(total[n].asnumpy(), [[plist[k] for k in chunk]], grads)
+                buckets += 1
     return buckets
-
-
-def _sum(model, flat: dict) -> Tensor:
-    vals = list(flat.values())
-    total = vals[0]
-    for v in vals[1:]:
-        total = total + v
-    model.coll.calls["bucket_all_reduce"] = model.coll.calls.get("bucket_all_reduce", 0) + 1
-    return total
 
 
 def _buckets(sizes: list[int], cap: int) -> list[list[int]]:

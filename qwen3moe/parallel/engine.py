@@ -46,6 +46,11 @@ def dense_mlp(cells, coll, j: int, z: dict) -> dict:
 
 def moe(cells, coll, j: int, z: dict, masks: dict, mesh) -> tuple[dict, dict]:
     """Returns (y [T, H] per rank, router statistics (counts_E, probsum_E) of the rank's tokens)."""
+    T = next(iter(z.values())).shape[0]
+    pad = -T % mesh.tp  # zero rows with mask 0: routed to zero output, not counted
+    if pad:
+        z = {n: ops.concat([x, ops.zeros((pad, x.shape[1]), x.dtype)]) for n, x in z.items()}
+        masks = {n: ops.concat([masks[n], ops.zeros((pad,), masks[n].dtype)]) for n in cells}
     zs = coll.scatter("tp", z, 0)                                    # [t, H]
     mask = {n: ops.split(masks[n], masks[n].shape[0] // mesh.tp)[n % mesh.tp] for n in cells}
     routed = {n: c.layers[j].gate(zs[n]) for n, c in cells.items()}
@@ -69,7 +74,8 @@ def moe(cells, coll, j: int, z: dict, masks: dict, mesh) -> tuple[dict, dict]:
         y = ex.blocks(dispatch.permute(xg[n], src), expert_nb)
         part[n] = dispatch.unpermute(y, slot, wg[n] * mine)
     ys = coll.reduce_scatter("ep", part, 0)                          # [t, H]
-    return coll.gather("tp", ys, 0), stats
+    y = coll.gather("tp", ys, 0)
+    return ({n: v[:T] for n, v in y.items()} if pad else y), stats
 
 
 def layer(cells, coll, j: int, xs: dict, rope, masks, mesh):

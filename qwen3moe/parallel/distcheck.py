@@ -1,0 +1,93 @@
+"""`qwen3moe dist-parallel`: greedy generation or training steps on real processes (one rank
+per process, run under `qwen3moe launch`), printing `RESULT {json}` lines and writing each
+rank's shards, so a test compares them with a single-process run it computes itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="HF folder")
+    p.add_argument("--mode", choices=["generate", "train"], required=True)
+    for name in ("dp", "tp", "pp", "ep"):
+        p.add_argument(f"--{name}", type=int, default=1)
+    p.add_argument("--micro_batch_num", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2, help="global batch (train) / prompts (generate)")
+    p.add_argument("--seq", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="train steps / new tokens")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--out", default=".", help="folder for shards_rank<r>.npz")
+
+
+def data(vocab: int, batch: int, seq: int) -> np.ndarray:
+    """The fixed token batch both sides use."""
+    return np.random.default_rng(0).integers(0, vocab, (batch, seq))
+
+
+def run(args) -> int:
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.parallel.mesh import Mesh, MeshError
+    from qwen3moe.parallel.process import ProcessCollectives
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    ms.set_device("CPU")
+    init()
+    rank, size = get_rank(), get_group_size()
+    mesh = Mesh(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, micro_batch_num=args.micro_batch_num)
+    if mesh.world_size != size:
+        raise MeshError(f"dp*tp*pp = {mesh.world_size} but {size} processes were launched")
+    model = Qwen3MoeForCausalLM.from_pretrained(args.model)
+    full = {p.name: p.asnumpy() for p in model.get_parameters()}
+    cfg = model.config
+    del model
+    pl = ParallelLM(cfg, mesh, full.__getitem__, train=args.mode == "train",
+                    coll=ProcessCollectives(mesh, rank), rank=rank)
+    if args.mode == "generate":
+        result = {"tokens": greedy(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps).tolist()}
+    else:
+        result = {"losses": train(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, args.lr)}
+        save_shards(pl, Path(args.out) / f"shards_rank{rank}.npz")
+    print("RESULT " + json.dumps({"rank": rank, "size": size, **result}), flush=True)
+    return 0
+
+
+def greedy(pl, ids: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy decoding by full recompute; the last stage's choice is summed over the pp group
+    (zeros elsewhere) so every stage feeds the same next token."""
+    from mindspore import Tensor
+
+    for _ in range(steps):
+        logits = pl.logits(ids)
+        nxt = np.zeros(ids.shape[0], np.float32) if logits is None else logits[:, -1].argmax(-1).astype(np.float32)
+        nxt = pl.coll.pp_sum(Tensor(nxt)).asnumpy().astype(np.int64)
+        ids = np.concatenate([ids, nxt[:, None]], 1)
+    return ids
+
+
+def train(pl, ids: np.ndarray, steps: int, lr: float) -> list[float]:
+    from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
+
+    opt = ShardedAdamW(pl, lr=lr, eps=1e-3, weight_decay=0.1)
+    losses = []
+    for _ in range(steps):
+        loss, grads = pl.loss_and_grads(ids, ids)
+        allreduce_grads(pl, grads)
+        opt.step(grads)
+        losses.append(next(iter(loss.values())))
+    return losses
+
+
+def save_shards(pl, path: Path) -> None:
+    """Every shard this rank holds, keyed name|style|tp_rank|tp_size|ep_rank|ep_size."""
+    arrays = {}
+    for s, per in enumerate(pl.entries):
+        for entries in per.values():
+            for p, i in entries:
+                arrays[f"{i.name}|{i.style}|{i.tp_rank}|{i.tp_size}|{i.ep_rank}|{i.ep_size}"] = p.asnumpy()
+    np.savez(path, **arrays)
