@@ -69,6 +69,9 @@ class CheckpointSource:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         return self.where[name].read(name, rows)
 
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.where[name].read_slice(name, index)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.where[name].shape(name)
 

@@ -112,6 +112,39 @@ class SafetensorsFile:
             return arr.astype(np.float32)
         return arr
 
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """A hyperslab (one contiguous range per leading dims of `index`, others whole), read
+        with one pread per contiguous run, so a rank splitting an inner dim (row-parallel
+        weights) reads only its bytes. Widened like `read`."""
+        e = self.entries[name]
+        shape = list(e["shape"])
+        if len(index) > len(shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {len(shape)} dims, slice has {len(index)}")
+        rng = [range(*sl.indices(n)) for sl, n in zip(index, shape)] + [range(n) for n in shape[len(index):]]
+        if any(r.step != 1 for r in rng):
+            raise CheckpointError(f"{self.path}: tensor {name!r}: only contiguous slices are supported")
+        np_dtype = np.dtype(_NP_DTYPES[e["dtype"]])
+        inner = len(shape) - 1  # merge trailing dims read whole into one run
+        while inner > 0 and len(rng[inner]) == shape[inner]:
+            inner -= 1
+        run_elems = len(rng[inner]) * int(np.prod(shape[inner + 1:], dtype=np.int64))
+        strides = np.cumprod([1] + shape[::-1])[::-1][1:]  # element strides per dim
+        out = np.empty([len(r) for r in rng], np_dtype)
+        flat = out.reshape(-1, run_elems) if out.size else out
+        base = self.data_start + e["data_offsets"][0]
+        for k, lead in enumerate(np.ndindex(*[len(r) for r in rng[:inner]])):
+            start = sum((rng[d][i]) * int(strides[d]) for d, i in enumerate(lead)) + rng[inner].start * int(strides[inner])
+            nbytes = run_elems * np_dtype.itemsize
+            buf = os.pread(self._fd, nbytes, base + start * np_dtype.itemsize)
+            if len(buf) != nbytes:
+                raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
+            flat[k] = np.frombuffer(buf, np_dtype)
+        if e["dtype"] == "BF16":
+            return bf16_to_f32(out)
+        if e["dtype"] in ("F16", "F64"):
+            return out.astype(np.float32)
+        return out
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

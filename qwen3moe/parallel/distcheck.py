@@ -31,7 +31,6 @@ def run(args) -> int:
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.parallel.mesh import Mesh, MeshError
     from qwen3moe.parallel.process import ProcessCollectives
     from qwen3moe.parallel.trainer import ParallelLM
@@ -42,18 +41,15 @@ def run(args) -> int:
     mesh = Mesh(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, micro_batch_num=args.micro_batch_num)
     if mesh.world_size != size:
         raise MeshError(f"dp*tp*pp = {mesh.world_size} but {size} processes were launched")
-    model = Qwen3MoeForCausalLM.from_pretrained(args.model)
-    full = {p.name: p.asnumpy() for p in model.get_parameters()}
-    cfg = model.config
-    del model
-    pl = ParallelLM(cfg, mesh, full.__getitem__, train=args.mode == "train",
-                    coll=ProcessCollectives(mesh, rank), rank=rank)
+    pl = ParallelLM.from_pretrained(args.model, mesh, train=args.mode == "train",
+                                    coll=ProcessCollectives(mesh, rank), rank=rank)  # reads its slices only
+    cfg = pl.cfg
     if args.mode == "generate":
         result = {"tokens": greedy(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps).tolist()}
     else:
         result = {"losses": train(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, args.lr)}
         save_shards(pl, Path(args.out) / f"shards_rank{rank}.npz")
-    print("RESULT " + json.dumps({"rank": rank, "size": size, **result}), flush=True)
+    print("RESULT " + json.dumps({"rank": rank, "size": size, "bytes_read": pl.bytes_read, **result}), flush=True)
     return 0
 
 

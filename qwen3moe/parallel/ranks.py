@@ -127,14 +127,19 @@ def slice_for(info: ShardInfo, full: np.ndarray, cfg) -> np.ndarray:
 
 
 def build_stage(cfg, mesh: Mesh, s: int, n: int, layers: range, get) -> tuple[RankStage, list]:
-    """Rank n of stage s with its shards loaded; `get(hf_name)` returns the full array.
+    """Rank n of stage s with its shards loaded; `get(hf_name)` returns the full array, or `get`
+    has `read_shard(info, cfg)` returning just the slice (checkpoint.ShardReader).
     Returns (cell, [(Parameter, ShardInfo)])."""
     cell = RankStage(cfg, mesh, layers, s == 0, s == mesh.pp - 1)
     entries = []
     for local, p in cell.parameters_and_names():
         hf = hf_name(local, cell)
         info = _info(local, hf, mesh, n)
-        p.set_data(Tensor(np.ascontiguousarray(slice_for(info, get(hf), cfg), np.float32)))
+        arr = get.read_shard(info, cfg) if hasattr(get, "read_shard") else slice_for(info, get(hf), cfg)
+        if tuple(arr.shape) != tuple(p.shape):
+            raise ValueError(f"{hf}: shard of shape {list(arr.shape)} for rank {n} of stage {s}, "
+                             f"expected {list(p.shape)}")
+        p.set_data(Tensor(np.ascontiguousarray(arr, np.float32)))
         p.name = f"s{s}.r{n}.{hf}"  # unique across ranks simulated in one process
         entries.append((p, info))
     return cell, entries

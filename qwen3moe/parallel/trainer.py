@@ -66,6 +66,17 @@ class ParallelLM:
         full = {p.name: p.asnumpy().astype(np.float32) for p in model.get_parameters()}
         return cls(model.config, mesh, full.__getitem__, **kw)
 
+    @classmethod
+    def from_pretrained(cls, path, mesh: Mesh, **kw) -> "ParallelLM":
+        """Online sharding: each rank reads only its slices of the HF safetensors."""
+        from qwen3moe.models.config import Qwen3MoeConfig
+        from qwen3moe.parallel.checkpoint import ShardReader
+
+        reader = ShardReader(path)
+        pl = cls(Qwen3MoeConfig.from_pretrained(path), mesh, reader, **kw)
+        pl.bytes_read = reader.bytes_read
+        return pl
+
     # ---- inputs --------------------------------------------------------------------------
     def split_batch(self, ids: np.ndarray, labels: np.ndarray | None = None):
         """Per micro-batch m: {n: inputs of stage-local rank n} (dp rank n // tp gets its rows)."""
