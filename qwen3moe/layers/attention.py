@@ -10,6 +10,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from qwen3moe.kernels import attention as attention_kernel
 from qwen3moe.layers.linear import Linear
 from qwen3moe.layers.norm import RMSNorm
 from qwen3moe.layers.rope import apply_rope
@@ -42,6 +43,8 @@ class Qwen3MoeAttention(nn.Cell):
         self.o_proj = Linear(num_heads * head_dim, hidden_size, bias, init_std, param_dtype)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps, param_dtype)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, param_dtype)
+        # fused C++ core (fwd + bwd) when built here; grouped_attention stays the reference
+        self.use_kernel = attention_kernel.available()
 
     def project_qkv(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor):
         """q [B,N,S,D], k and v [B,K,S,D]; q/k normed per head, then rotated."""
@@ -60,4 +63,6 @@ class Qwen3MoeAttention(nn.Cell):
 
     def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor) -> Tensor:
         q, k, v = self.project_qkv(x_BSH, cos_BSD, sin_BSD)
+        if self.use_kernel and q.dtype == ms.float32:
+            return self.output(attention_kernel.attention_core(q, k, v, bias_B1SS.astype(ms.float32)))
         return self.output(grouped_attention(q, k, v, bias_B1SS, self.scale))
