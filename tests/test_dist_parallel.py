@@ -91,3 +91,29 @@ def test_training_equals_single_process(tmp_path, tiny, layout, M, steps):
     assert set(got) == set(want_params)
     for name, arr in want_params.items():
         np.testing.assert_allclose(got[name], arr, rtol=0, atol=5e-5, err_msg=name)
+
+
+def test_generate_cli_use_parallel_matches_single_process(tmp_path):
+    """`qwen3moe generate --use_parallel True --parallel_config.model_parallel 2` under launch
+    writes the same greedy completion as the single-process command."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import HF_FIXTURES, REPO
+
+    model = str(HF_FIXTURES / "tiny-fp32-gqa")
+    common = ["generate", "--pretrained_model_dir", model, "--predict_data", "hello world",
+              "--max_new_tokens", "5"]
+    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", "--parallel_config.model_parallel", "2",
+                        "--parallel_config.expert_parallel", "2", "--output", str(tmp_path / "par.jsonl"))
+    assert rc == 0, err[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--do_sample", "false",
+                             "--output", str(tmp_path / "one.jsonl")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-2000:]
+    par = json.loads((tmp_path / "par.jsonl").read_text())
+    one = json.loads((tmp_path / "one.jsonl").read_text())
+    assert par["completion"] == one["completion"] and par["completion_tokens"] == one["completion_tokens"]

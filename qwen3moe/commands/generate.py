@@ -46,6 +46,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--stream", action="store_true", help="print text pieces to stderr as they are generated")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens tokens")
     p.add_argument("--output", default="text_generation_result.txt", help="JSON-lines result file")
+    from qwen3moe.parallel.generate import add_arguments as add_parallel_arguments
+
+    add_parallel_arguments(p)  # --use_parallel True --parallel_config.model_parallel N ... (under launch)
     p.set_defaults(func=run)
 
 
@@ -146,6 +149,10 @@ def _run_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], args: argpars
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "use_parallel", False):
+        from qwen3moe.parallel.generate import run as run_parallel
+
+        return run_parallel(args)
     folder = _check_args(args)
     prompts = read_prompts(args.predict_data)
     tok, model, cfg = _load(folder, args)
