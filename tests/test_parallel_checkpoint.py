@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,24 @@ def test_sharded_save_reshard_and_export(saved, tmp_path):
     np.testing.assert_allclose(exported(ids).logits.asnumpy(), ref, rtol=0, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="rank_"):
         load_sharded(tmp_path)
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data(),
+       tag=st.sampled_from(["F32", "BF16", "F16"]))
+@settings(max_examples=40, deadline=None)
+def test_read_slice_equals_numpy_slicing(tmp_path_factory, shape, data, tag):
+    """Any contiguous hyperslab read with preads == numpy slicing of the whole tensor."""
+    from qwen3moe.io.safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
+
+    arr = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
+    raw = {"F32": arr, "BF16": f32_to_bf16(arr), "F16": arr.astype(np.float16)}[tag]
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    write_safetensors(str(path), [("x", raw, tag)])
+    whole = {"F32": arr, "BF16": bf16_to_f32(raw), "F16": raw.astype(np.float32)}[tag]
+    index = []
+    for n in shape[:data.draw(st.integers(0, len(shape)))]:
+        a = data.draw(st.integers(0, n - 1))
+        index.append(slice(a, data.draw(st.integers(a + 1, n))))
+    f = SafetensorsFile(str(path))
+    np.testing.assert_array_equal(f.read_slice("x", tuple(index)), whole[tuple(index)])
+    f.close()
