@@ -27,7 +27,27 @@ struct SerialBlas {
   ~SerialBlas() { openblas_set_num_threads64_(prev); }
 };
 
-static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+// Cephes-style exp polynomial (rel. error < 1e-7) that vectorises, unlike std::exp without
+// -ffast-math: the SwiGLU sigmoid is ~1M exps per layer forward at bench-mini prefill.
+static inline float vexp(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return p * s;
+}
+
+static inline float sigmoid(float v) { return 1.0f / (1.0f + vexp(-v)); }
 
 // C[M,N] = op(A) op(B) (+ beta C), row-major; K == 0 gives zeros
 static void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
@@ -99,6 +119,7 @@ extern "C" int MoeFusedFwd(int nparam, void **params, int *ndims, int64_t **shap
       for (int64_t r = r0; r < r0 + n; ++r) {
         const float *g = gu + r * d.I2, *u = g + d.I;
         float *h = act.data() + r * d.I;
+#pragma omp simd
         for (int64_t j = 0; j < d.I; ++j) h[j] = g[j] * sigmoid(g[j]) * u[j];
       }
       gemm(false, true, n, d.H, d.I, act.data() + r0 * d.I, d.I, wd + e * d.H * d.I, d.I, ye + r0 * d.H, d.H);
@@ -123,6 +144,7 @@ static void expert_bwd(int64_t e, int64_t r0, int64_t n, const Dims &d, const fl
                        float *dwgu_e, float *dwd_e) {
   for (int64_t r = r0; r < r0 + n; ++r) {
     const float *g = gu + r * d.I2, *u = g + d.I;
+#pragma omp simd
     for (int64_t j = 0; j < d.I; ++j) act[r * d.I + j] = g[j] * sigmoid(g[j]) * u[j];
   }
   gemm(true, false, d.H, d.I, n, dye + r0 * d.H, d.H, act + r0 * d.I, d.I, dwd_e, d.I);            // dWd = dye^T act
@@ -130,6 +152,7 @@ static void expert_bwd(int64_t e, int64_t r0, int64_t n, const Dims &d, const fl
   for (int64_t r = r0; r < r0 + n; ++r) {
     const float *g = gu + r * d.I2, *u = g + d.I, *da = dact + r * d.I;
     float *dg = dgu + r * d.I2, *du = dg + d.I;
+#pragma omp simd
     for (int64_t j = 0; j < d.I; ++j) {
       const float s = sigmoid(g[j]);
       du[j] = da[j] * g[j] * s;
