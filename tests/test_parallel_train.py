@@ -11,6 +11,9 @@ lr / eps, so the step test uses eps = 1e-3 (gain 10) and compares parameters to 
 """
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
 import pytest
 
@@ -23,8 +26,12 @@ COMBOS = [  # (dp, tp, pp, ep, micro_batch_num): every degree value at least onc
 ]
 SLOW = [(dp, tp, pp, ep, 2 if pp > 1 else 1) for dp in (1, 2) for tp in (1, 2, 4) for pp in (1, 2)
         for ep in (1, 2, 4) if (dp * tp) % ep == 0]
-# the rest of the grid, without the 8- and 16-rank meshes (40-80 s each on 2 cores)
-SLOW = [c for c in SLOW if c not in COMBOS and c[0] * c[1] * c[2] <= 4]
+# CI runs four more (a pipeline with EP, tp=4 with ep=4, dp x pp with EP, dp x tp); the whole
+# grid of 28 valid combinations (8- and 16-rank meshes take 40-80 s each on 2 cores) runs with
+# QWEN3MOE_FULL_GRID=1
+if os.environ.get("QWEN3MOE_FULL_GRID") != "1":
+    SLOW = [(1, 2, 2, 2, 2), (1, 4, 1, 4, 1), (2, 1, 2, 2, 2), (2, 2, 1, 1, 1)]
+SLOW = [c for c in SLOW if c not in COMBOS]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,19 @@ def setup():
     return cfg, model, ids, labels
 
 
+_REF_CACHE: dict = {}
+
+
 def reference(cfg, model, ids, labels, dp: int, M: int):
+    """(loss, {name: gradient}) of the single-device model at its current weights."""
+    weights = hashlib.sha1(b"".join(p.asnumpy().tobytes() for p in model.trainable_params())).hexdigest()
+    key = (weights, ids.tobytes(), labels.tobytes(), dp, M)
+    if key not in _REF_CACHE:
+        _REF_CACHE[key] = _reference(cfg, model, ids, labels, dp, M)
+    return _REF_CACHE[key]
+
+
+def _reference(cfg, model, ids, labels, dp: int, M: int):
     from qwen3moe.models.inputs import prepare_inputs
 
     B = ids.shape[0]
