@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import mindspore as ms
 from mindspore import Tensor
 
 from test_launch_dist import launch
@@ -117,3 +118,44 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     par = json.loads((tmp_path / "par.jsonl").read_text())
     one = json.loads((tmp_path / "one.jsonl").read_text())
     assert par["completion"] == one["completion"] and par["completion_tokens"] == one["completion_tokens"]
+
+
+def test_pretrain_use_parallel_dp2_loss_curve(tmp_path):
+    """`qwen3moe launch --nproc 2 -- pretrain --use_parallel True --parallel_config.data_parallel 2`
+    logs, on every rank, the loss curve of single-process training with the same config: the
+    reference here is TrainStep (compiled, clipping, cosine schedule) on the same batches."""
+    import re
+
+    from conftest import REPO
+    from qwen3moe.commands.pretrain import (build_data, build_model, build_schedule, load,
+                                            requested_samples, total_steps)
+    from qwen3moe.training.optimizer import AdamW
+    from qwen3moe.training.step import TrainStep
+
+    np.save(tmp_path / "tok.npy", np.random.default_rng(0).integers(0, 1024, 4000).astype(np.int32))
+    yaml = (REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml").read_text()
+    (tmp_path / "t.yaml").write_text(yaml.replace("per_print_times: 2", "per_print_times: 1"))
+    overrides = ["--model.model_config.num_hidden_layers", "2", "--model.model_config.moe_router_load_balancing_type",
+                 "none", f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
+                 "--runner_config.train_steps", "4", "--runner_config.batch_size", "4", "--optimizer.eps", "1e-3",
+                 "--output_dir", str(tmp_path / "out")]
+    rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
+                        "--use_parallel", "True", "--parallel_config.data_parallel", "2")
+    assert rc == 0, err[-3000:]
+    got = {}
+    for r in (0, 1):
+        text = (tmp_path / "logs" / f"worker_{r}.log").read_text()
+        got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+/4 loss ([0-9.]+)", text, re.M)]
+    assert (tmp_path / "out" / "checkpoint_sharded" / "rank_1.safetensors").is_file()
+
+    cfg = load(str(tmp_path / "t.yaml"), overrides)
+    ms.set_seed(cfg.seed)
+    model = build_model(cfg)
+    data, samples = build_data(cfg, requested_samples(cfg))
+    steps = total_steps(cfg, samples)
+    sched, o = build_schedule(cfg, steps), cfg.optimizer
+    opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    step = TrainStep(model, opt, clip=cfg.runner_wrapper.max_grad_norm, schedule=sched, **cfg.moe_training())
+    want = [step(data.batch(i))["loss"] for i in range(steps)]
+    for r in (0, 1):
+        np.testing.assert_allclose(got[r], want, rtol=2e-5)  # printed with 6 decimals

@@ -73,6 +73,11 @@ def execute(cfg: TaskConfig, dry_run: bool = False) -> int:
     if dry_run:
         print(dry_run_report(cfg))
         return 0
+    if cfg.use_parallel and world_size() > 1:  # under `qwen3moe launch`: the sharded trainer
+        from qwen3moe.parallel.pretrain import train as train_parallel
+
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        return train_parallel(cfg)
     check_world_size(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     Path(cfg.output_dir, "resolved_config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")

@@ -122,6 +122,10 @@ class ShardedAdamW:
                     p.set_data(Tensor(flat[off:off + p.size].reshape(p.shape)))
                     off += p.size
 
+    def optimizers(self) -> list:
+        """The AdamW instances (to set the learning rate of a schedule)."""
+        return list(self.opts.values()) + [c[4] for c in self.chunks.values()]
+
     def state_elems(self) -> dict[tuple, int]:
         """Optimizer-moment elements held per (stage, rank): ZeRO-1 divides them by the group size."""
         out: dict[tuple, int] = {}
