@@ -94,3 +94,12 @@ def test_read_slice_equals_numpy_slicing(tmp_path_factory, shape, data, tag):
     f = SafetensorsFile(str(path))
     np.testing.assert_array_equal(f.read_slice("x", tuple(index)), whole[tuple(index)])
     f.close()
+
+
+def test_use_parallel_outside_launch_is_a_one_line_error(tmp_path, capsys):
+    from conftest import HF_FIXTURES
+    from qwen3moe.cli import main
+
+    rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "hi",
+               "--use_parallel", "True", "--parallel_config.model_parallel", "2"])
+    assert rc == 2 and "qwen3moe launch --nproc 2" in capsys.readouterr().err

@@ -128,4 +128,4 @@ def test_run_seed_flags_map_to_config(capsys):
 def test_use_parallel_with_world_size_above_one_is_an_error(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["run", "--config", str(SEED), "--run_mode", "train"]) == 2
-    assert "multi-process training not available yet" in capsys.readouterr().err
+    assert "qwen3moe launch --nproc N" in capsys.readouterr().err  # not started by msrun

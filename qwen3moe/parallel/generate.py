@@ -6,6 +6,7 @@ process, not for speed. The last pipeline stage's first rank writes the results.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def run(args) -> int:
     if args.predict_batch_size != 1:
         raise CliError("--use_parallel generation runs one prompt at a time: use --predict_batch_size 1")
     mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()})
+    if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
+        raise CliError("--use_parallel needs the workers started by msrun: "
+                       f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
     ms.set_device("CPU")
     init()
     rank, size = get_rank(), get_group_size()

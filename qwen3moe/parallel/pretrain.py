@@ -61,6 +61,9 @@ def train(cfg) -> int:
     from qwen3moe.parallel.process import ProcessCollectives
     from qwen3moe.training.optimizer import DEFAULT_NO_DECAY
 
+    if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
+        raise CliError("use_parallel with world size > 1 needs the workers started by msrun: "
+                       "qwen3moe launch --nproc N -- pretrain --config ... --use_parallel True")
     ms.set_device("CPU")
     ms.set_seed(cfg.seed)
     init()
