@@ -1,4 +1,7 @@
 """Worker: qwen3moe prefill timing on a folder (run by bench/forward.py)."""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before MindSpore loads libgomp (see qwen3moe/__init__.py)
 import json
 import resource
 import sys

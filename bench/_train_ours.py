@@ -1,4 +1,7 @@
 """Worker: qwen3moe compiled train step (lm + 1e-3 aux, AdamW) on the bench folder."""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before MindSpore loads libgomp (see qwen3moe/__init__.py)
 import json
 import resource
 import sys

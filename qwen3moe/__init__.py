@@ -6,6 +6,13 @@ start fast.
 from __future__ import annotations
 
 import importlib
+import os
+
+# The C++ kernels (qwen3moe/kernels) run OpenMP regions between MindSpore ops: idle OpenMP threads
+# must sleep rather than spin, or they take the cores MindSpore's own thread pool needs for the next
+# op (bench-mini prefill: 0.92x -> 1.11x of the previous kernels). libgomp reads this when it loads
+# (MindSpore loads it at import), so it only takes effect when qwen3moe is imported first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
