@@ -63,16 +63,16 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
 def resolve_moe_backend(name: str) -> bool:
     """True for the fused MoE C++ kernel. "auto" uses it when it builds here (QWEN3MOE_KERNELS=0
     forces the composite path); "composite" never; "kernel" requires it."""
-    from qwen3moe.kernels import moe as grouped
+    from qwen3moe.kernels import moe as moe_kernel
 
     if name not in ("auto", "kernel", "composite"):
         raise ValueError(f"moe_backend must be 'auto', 'kernel' or 'composite', got {name!r}")
     if name == "composite":
         return False
-    if name == "kernel" and not grouped.available():
+    if name == "kernel" and not moe_kernel.available():
         raise RuntimeError("moe_backend='kernel' but the fused MoE kernel could not be built "
                            "(needs g++ and numpy's bundled OpenBLAS on x86-64 Linux)")
-    return grouped.available()
+    return moe_kernel.available()
 
 
 class Qwen3MoeDecoderLayer(nn.Cell):
