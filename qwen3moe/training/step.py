@@ -34,6 +34,7 @@ from qwen3moe.router.losses import z_loss
 from qwen3moe.training.optimizer import clip_by_global_norm, global_norm
 
 AUX_MODES = ("hf", "megatron", "global")
+_TICK = Tensor(0.0, ms.float32)
 
 
 class _LossCell(nn.Cell):
@@ -114,6 +115,9 @@ class _TrainGraph(nn.Cell):
             ops.assign(a, ops.zeros_like(a))
 
 
+# The buffer graphs below take a dummy tensor `tick`: a compiled graph with no inputs does not
+# see host-side Parameter.set_data (MindSpore 2.10 reads the value frozen at its first call),
+# so `AdamW.set_lr` between steps was ignored by the update and the lr stayed at step 1's value.
 class _AccumulatedNorm(nn.Cell):
     """Compiled: global norm of the accumulation buffers (checked before an update is applied)."""
 
@@ -122,7 +126,7 @@ class _AccumulatedNorm(nn.Cell):
         self.graph = graph
 
     @ms.jit
-    def construct(self):
+    def construct(self, tick):
         return global_norm(tuple(self.graph.acc))
 
 
@@ -134,9 +138,9 @@ class _ClearAccumulated(nn.Cell):
         self.graph = graph
 
     @ms.jit
-    def construct(self):
+    def construct(self, tick):
         self.graph.clear()
-        return Tensor(0.0, ms.float32)
+        return tick
 
 
 class _ApplyAccumulated(nn.Cell):
@@ -147,7 +151,7 @@ class _ApplyAccumulated(nn.Cell):
         self.graph = graph
 
     @ms.jit
-    def construct(self):
+    def construct(self, tick):
         norm = self.graph.clip_and_update(tuple(self.graph.acc))
         self.graph.clear()
         return norm
@@ -235,19 +239,19 @@ class TrainStep:
 
     def apply(self) -> float:
         """Clip + update from the buffered gradients (after `gradients`); returns the grad norm."""
-        return float(self.apply_graph().asnumpy())
+        return float(self.apply_graph(_TICK).asnumpy())
 
     def _guarded(self, batch) -> dict:
         """Forward+backward into the buffers; update only when loss and grad norm are finite."""
         if self._norm_graph is None:
             self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
         metrics = self._run(batch, update=False)
-        norm = float(self._norm_graph().asnumpy())
+        norm = float(self._norm_graph(_TICK).asnumpy())
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
         if finite:
             self.apply()
         else:
-            self._clear_graph()
+            self._clear_graph(_TICK)
         metrics.update(grad_norm=norm, skipped=not finite)
         return metrics
 
