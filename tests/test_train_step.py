@@ -98,3 +98,37 @@ def test_nonfinite_step_is_skipped_and_leaves_state_untouched():
     sg, sr = state(guarded), state(ref)
     for name in sr:  # the NaN row itself stays NaN in both (assert_allclose: NaN == NaN)
         np.testing.assert_allclose(sg[name], sr[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_recompute_layers_semantics_and_errors():
+    from qwen3moe.training.recompute import RecomputeError, apply_recompute, recompute_layers
+
+    assert recompute_layers(False, 6) == [] and recompute_layers(True, 3) == [0, 1, 2]
+    assert recompute_layers([2], 6) == [0, 1]
+    model = tiny_model()
+    assert apply_recompute(model, [1]) == [0]  # Cell.recompute() marks only the chosen layer
+    assert ["output_recompute" in l.get_flags() for l in model.model.layers] == [True, False]
+    assert recompute_layers([1, 2], 5, pipeline_stages=2) == [0, 2, 3]  # stages [0,2) [2,5)
+    for bad, stages, words in (("yes", 1, "expected true"), ([1, 1], 1, "2 entries"),
+                               ([4], 1, "stage of 3"), ([-1], 1, "non-negative")):
+        with pytest.raises(RecomputeError, match=words) as err:
+            recompute_layers(bad, 3, stages)
+        assert str(err.value).startswith("recompute_config.recompute") and "\n" not in str(err.value)
+
+
+def test_recompute_gives_the_same_gradients():
+    """Recomputed layers (custom-bprop attention and MoE kernels inside) replay the same fp32 ops
+    in the same order, so gradients and loss are bit-identical (observed); atol 1e-7 allows for
+    a differently fused reduction only. The second step checks the update path too."""
+    from qwen3moe.training.recompute import apply_recompute
+
+    data = batches(2, seed=5)
+    plain, rc = make_step(tiny_model()), make_step(tiny_model())
+    assert apply_recompute(rc.model, True) == [0, 1]
+    assert all("output_recompute" in layer.get_flags() for layer in rc.model.model.layers)
+    (mp, gp), (mr, gr) = plain.gradients(data[0]), rc.gradients(data[0])
+    assert mr["loss"] == pytest.approx(mp["loss"], abs=1e-7)
+    for a, b in zip(gp, gr):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-7)
+    plain.apply(), rc.apply()
+    assert rc(data[1])["loss"] == pytest.approx(plain(data[1])["loss"], abs=1e-6)

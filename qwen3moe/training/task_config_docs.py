@@ -127,7 +127,7 @@ TASK_FIELD_DOCS: dict[str, str] = {
     "ParallelConfig.context_parallel": "Context-parallel degree; only 1 is supported.",
     "ParallelConfig.expert_model_parallel": "Tensor-parallel degree inside experts (etp); null = 1.",
     # ---- recompute_config
-    "RecomputeConfig.recompute": "true: recompute every decoder layer in backward; a list: layers per pipeline stage to recompute; false: keep activations.",
+    "RecomputeConfig.recompute": "true: recompute every decoder layer in backward; a list [n_0, ...] (one entry per parallel_config.pipeline_stage): recompute the first n_s layers of stage s; false: keep activations. Gradients are unchanged; on the CPU backend peak memory does not fall (measured, docs/numerics.md) and each step pays one extra forward.",
     "RecomputeConfig.select_recompute": NO_EFFECT + " (operator-level selection on Ascend.)",
     "RecomputeConfig.parallel_optimizer_comm_recompute": NO_EFFECT,
     "RecomputeConfig.mp_comm_recompute": NO_EFFECT,
