@@ -14,6 +14,10 @@ pooled over all sparse layers as HF does, i.e. summed over layers with n counted
               so each micro-batch contributes the linear term sum_e w_e s_ie, exactly. C and N
               come from a forward-only pass over the micro-batches first (one extra forward).
               With M = 1 it equals "hf".
+  "seq"       aux_i = seq_aux(c_bi, s_bi, n_bi) / (K * M): Megatron `seq_aux_loss` (DeepSeek-V2
+              sequence-level balance): the Megatron-normalised switch loss per sequence b, with
+              statistics pooled over layers, averaged over the micro-batch's sequences
+              (router/losses.py). One sequence per micro-batch: equals "megatron".
 z-loss (ST-MoE): mean over sparse layers of mean_t logsumexp(router logits_t)^2.
 Gradients are summed over micro-batches (= grad of the mean loss), then clipped by global norm
 (torch clip_grad_norm_ semantics) and applied by the optimizer.
@@ -30,10 +34,11 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
-from qwen3moe.router.losses import z_loss
+from qwen3moe.router.losses import router_seq_stats, seq_aux_loss, z_loss
+from qwen3moe.router.topk import route
 from qwen3moe.training.optimizer import clip_by_global_norm, global_norm
 
-AUX_MODES = ("hf", "megatron", "global")
+AUX_MODES = ("hf", "megatron", "global", "seq")
 _TICK = Tensor(0.0, ms.float32)
 
 
@@ -59,6 +64,8 @@ class _LossCell(nn.Cell):
             counts_LE, s_E, aux_hf = ops.zeros((1, self.E), ms.float32), ops.zeros(self.E, ms.float32), zero
         if self.aux_mode == "global":
             aux_term = (aux_w * s_E).sum()
+        elif self.aux_mode == "seq":
+            aux_term = self.seq_aux(router_logits, mask, ids.shape[0]) / self.K * inv_m
         elif self.aux_mode == "megatron":
             aux_term = aux_hf / self.K * inv_m
         else:
@@ -69,6 +76,19 @@ class _LossCell(nn.Cell):
         z = z / max(len(router_logits), 1)
         loss = lm * inv_m + self.aux_coef * aux_term + self.z_coef * z * inv_m
         return loss, lm, aux_hf, z, counts_LE
+
+
+    def seq_aux(self, router_logits, mask, batch: int) -> Tensor:
+        """HF-scale sequence-level aux pooled over sparse layers; the router's own softmax/top-k
+        (`route`) on its logits reproduces its probabilities and choices exactly."""
+        c_BE, s_BE, n_B = None, None, None
+        for lg in router_logits:
+            probs_TE, _, idx_TK = route(lg, self.K, False)
+            c, p, n = router_seq_stats(probs_TE, idx_TK, mask, batch)
+            c_BE, s_BE, n_B = (c, p, n) if c_BE is None else (c_BE + c, s_BE + p, n_B + n)
+        if c_BE is None:
+            return Tensor(0.0, ms.float32)
+        return seq_aux_loss(c_BE, s_BE, n_B)
 
 
 class _TrainGraph(nn.Cell):
