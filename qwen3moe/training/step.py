@@ -13,7 +13,9 @@ pooled over all sparse layers as HF does, i.e. summed over layers with n counted
               aux_global = E * sum_e (C_e/N)(S_e/N) = sum_i sum_e w_e s_ie with w_e = E C_e / N^2,
               so each micro-batch contributes the linear term sum_e w_e s_ie, exactly. C and N
               come from a forward-only pass over the micro-batches first (one extra forward).
-              With M = 1 it equals "hf".
+              With M = 1 it equals "hf". Under data parallelism `stats_reducer` (parallel/aux.py
+              dp_stats_reducer) sums C and N over the dp ranks too, and scales w by dp because
+              rank gradients are averaged: the mean gradient is that of the dp-global aux.
   "seq"       aux_i = seq_aux(c_bi, s_bi, n_bi) / (K * M): Megatron `seq_aux_loss` (DeepSeek-V2
               sequence-level balance): the Megatron-normalised switch loss per sequence b, with
               statistics pooled over layers, averaged over the micro-batch's sequences
@@ -197,6 +199,9 @@ class TrainStep:
     expert_load_max (per layer: max_e share_e / mean_e share_e, 1 = perfect balance),
     tokens, step_time_s, expert_share ([L, E] token shares).
 
+    `stats_reducer` (aux_mode "global" under data parallelism): (C_E, N) -> summed over dp ranks
+    and dp; see parallel/aux.py.
+
     `skip_nonfinite=True` checks the loss and the gradient norm before applying the update:
     a non-finite step changes no parameter or moment and reports `skipped: True` (the data
     position and schedule still advance). It costs one extra compiled norm pass per step.
@@ -204,14 +209,15 @@ class TrainStep:
 
     def __init__(self, model: nn.Cell, optimizer: nn.Cell, aux_coef: float = 1e-3, z_coef: float = 0.0,
                  clip: float | None = 1.0, aux_mode: str = "hf",
-                 schedule: Callable[[int], float] | None = None, skip_nonfinite: bool = False) -> None:
+                 schedule: Callable[[int], float] | None = None, skip_nonfinite: bool = False,
+                 stats_reducer: Callable[[np.ndarray, float], tuple[np.ndarray, float, int]] | None = None) -> None:
         if aux_mode not in AUX_MODES:
             raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.aux_mode, self.aux_coef = aux_mode, float(aux_coef)
         self.graph = _TrainGraph(_LossCell(model, aux_coef, z_coef, aux_mode), optimizer, clip)
         self.apply_graph = _ApplyAccumulated(self.graph)
-        self.skip_nonfinite = skip_nonfinite
+        self.skip_nonfinite, self.stats_reducer = skip_nonfinite, stats_reducer
         self._norm_graph: _AccumulatedNorm | None = None
         self._clear_graph: _ClearAccumulated | None = None
         self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
@@ -233,7 +239,10 @@ class TrainStep:
             stats = runner(*args, 0, True, False)[-1]
             C += stats[0].asnumpy().sum(0)
             N += float(stats[2].asnumpy()) * stats[0].shape[0]
-        return Tensor((self.E * C / max(N, 1.0) ** 2).astype(np.float32))
+        dp = 1
+        if self.stats_reducer is not None:
+            C, N, dp = self.stats_reducer(C, N)
+        return Tensor((dp * self.E * C / max(N, 1.0) ** 2).astype(np.float32))
 
     def _run(self, batch, update: bool) -> dict:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
