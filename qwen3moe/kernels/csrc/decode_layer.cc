@@ -1,0 +1,302 @@
+// Fused decode-step kernels for CPU (ops.Custom aot): one op for a decoder layer's attention
+// block (norm, q/k/v projections, q/k norms, RoPE, KV-cache write, GQA attention over the cache,
+// output projection, residual) and one for its MoE block (norm, router, top-k, experts, combine,
+// residual), for a few query tokens (decode: one per row).
+//
+// Why: the composite decode graph is ~45 graph ops per layer at ~6-11 us dispatch each, and
+// MindSpore's scatter_nd_update copies the whole cache Parameter every step. Here the weights
+// are streamed once per step (decode is memory bound: each weight row is dotted with every
+// row of the batch while it is in L1) and the KV cache is written in place: the cache inputs
+// are the engine's Parameters, whose buffers MindSpore hands to the kernel (tests check two
+// consecutive steps against NumPy and the composite path).
+// Same float32 math as the composite path (HF Qwen3-MoE); only summation orders differ.
+// Shapes: B rows, H hidden, N query heads, K kv heads, G = N / K, D head_dim, T cache slots,
+// E experts, I expert ffn, A = B * top_k assignments.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// Keys whose additive bias is at or below this are masked (the engine uses float32 min): their
+// probability is exactly 0 in float32 in the composite softmax too, so they are skipped.
+static const float kMasked = -1e6f;
+
+// y[b * ldy + o] = W[o, :] . x[b, :] for o in [o0, o1), b in [0, nb). Four weight rows at a time
+// (four independent FMA chains; the rows stay in L1 while every batch row uses them).
+static void rows_dot(const float *W, int64_t H, int64_t o0, int64_t o1, const float *x, int64_t ldx,
+                     int64_t nb, float *y, int64_t ldy) {
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) {
+    const float *w0 = W + o * H, *w1 = w0 + H, *w2 = w1 + H, *w3 = w2 + H;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float *xb = x + b * ldx;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t h = 0; h < H; ++h) {
+        const float v = xb[h];
+        a0 += w0[h] * v;
+        a1 += w1[h] * v;
+        a2 += w2[h] * v;
+        a3 += w3[h] * v;
+      }
+      float *yb = y + b * ldy + o;
+      yb[0] = a0, yb[1] = a1, yb[2] = a2, yb[3] = a3;
+    }
+  }
+  for (; o < o1; ++o) {
+    const float *w0 = W + o * H;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float *xb = x + b * ldx;
+      float a0 = 0.f;
+#pragma omp simd reduction(+ : a0)
+      for (int64_t h = 0; h < H; ++h) a0 += w0[h] * xb[h];
+      y[b * ldy + o] = a0;
+    }
+  }
+}
+
+// out = w * (x * rsqrt(mean(x^2) + eps)), HF Qwen3 RMSNorm in float32
+static void rms(const float *x, const float *w, int64_t n, float eps, float *out) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+// x = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])
+static void rope(float *x, const float *cos, const float *sin, int64_t D) {
+  const int64_t h = D / 2;
+  float tmp[1024];
+  for (int64_t i = 0; i < h; ++i) tmp[i] = x[i] * cos[i] + (-x[i + h]) * sin[i];
+  for (int64_t i = h; i < D; ++i) tmp[i] = x[i] * cos[i] + x[i - h] * sin[i];
+  std::memcpy(x, tmp, D * sizeof(float));
+}
+
+// Rows [0, rows) split into chunks of kChunk for the OpenMP loops over weight rows.
+static const int64_t kChunk = 16;
+static inline int64_t nchunks(int64_t rows) { return (rows + kChunk - 1) / kChunk; }
+
+struct AttnDims {
+  int64_t B, S, H, N, K, G, D, T;
+};
+
+// One query (row b, head n) against the cache: softmax(q k^T * scale + bias) v -> out[D]
+static void attend(const float *q, const float *kc, const float *vc, const float *bias, const AttnDims &d,
+                   float scale, float *p, float *out) {
+  bool any = false;
+  for (int64_t t = 0; t < d.T; ++t) any = any || bias[t] > kMasked;
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < d.T; ++t) {
+    if (any && bias[t] <= kMasked) continue;
+    const float *k = kc + t * d.D;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < d.D; ++i) s += q[i] * k[i];
+    p[t] = s * scale + bias[t];
+    mx = p[t] > mx ? p[t] : mx;
+  }
+  float sum = 0.f;
+  for (int64_t t = 0; t < d.T; ++t) {
+    if (any && bias[t] <= kMasked) continue;
+    p[t] = std::exp(p[t] - mx);
+    sum += p[t];
+  }
+  for (int64_t i = 0; i < d.D; ++i) out[i] = 0.f;
+  for (int64_t t = 0; t < d.T; ++t) {
+    if (any && bias[t] <= kMasked) continue;
+    const float pt = p[t] / sum;
+    const float *v = vc + t * d.D;
+#pragma omp simd
+    for (int64_t i = 0; i < d.D; ++i) out[i] += pt * v[i];
+  }
+}
+
+// inputs: 0 x [B,S,H]  1 ln1 [H]  2 wq [N*D,H]  3 wk [K*D,H]  4 wv [K*D,H]  5 q_norm [D]  6 k_norm [D]
+//         7 wo [H,N*D]  8 k_cache [B,K,T,D]  9 v_cache [B,K,T,D]  10 cos [B,S,D]  11 sin [B,S,D]
+//         12 bias [B,S,T]  13 meta int32 [4] (first slot written, top_k, norm_topk_prob, unused)
+//         14 fcfg float32 [2] (rms eps, attention scale)
+// output: 15 y [B,S,H] = x + o_proj(attention(rms(x)))
+// Query s of row b is written to slot meta[0] + s and sees the keys its bias row allows.
+extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 16) return 1;
+  const float *x = static_cast<const float *>(params[0]), *ln1 = static_cast<const float *>(params[1]);
+  const float *wq = static_cast<const float *>(params[2]), *wk = static_cast<const float *>(params[3]);
+  const float *wv = static_cast<const float *>(params[4]), *qn = static_cast<const float *>(params[5]);
+  const float *kn = static_cast<const float *>(params[6]), *wo = static_cast<const float *>(params[7]);
+  float *kc = static_cast<float *>(params[8]), *vc = static_cast<float *>(params[9]);
+  const float *cos = static_cast<const float *>(params[10]), *sin = static_cast<const float *>(params[11]);
+  const float *bias = static_cast<const float *>(params[12]);
+  const int32_t *meta = static_cast<const int32_t *>(params[13]);
+  const float *fcfg = static_cast<const float *>(params[14]);
+  float *y = static_cast<float *>(params[15]);
+  AttnDims d;
+  d.B = shapes[0][0], d.S = shapes[0][1], d.H = shapes[0][2], d.D = shapes[5][0];
+  d.N = shapes[2][0] / d.D, d.K = shapes[3][0] / d.D, d.G = d.N / d.K, d.T = shapes[8][2];
+  const int64_t slot0 = meta[0];
+  if (ndims[0] != 3 || ndims[8] != 4 || d.D > 1024 || slot0 < 0 || slot0 + d.S > d.T) return 1;
+  const float eps = fcfg[0], scale = fcfg[1];
+  const int64_t R = d.B * d.S, ND = d.N * d.D, KD = d.K * d.D, QKV = ND + 2 * KD;
+  std::vector<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
+    // q | k | v projections as one row range over the three weights
+    const int64_t cq = nchunks(ND), ck = nchunks(KD);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < cq + 2 * ck; ++c) {
+      const float *W = c < cq ? wq : (c < cq + ck ? wk : wv);
+      const int64_t rows = c < cq ? ND : KD, base = c < cq ? 0 : (c < cq + ck ? ND : ND + KD);
+      const int64_t cc = c < cq ? c : (c < cq + ck ? c - cq : c - cq - ck);
+      const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
+      rows_dot(W, d.H, o0, o1, xn.data(), d.H, R, qkv.data() + base, QKV);
+    }
+    // per-head norms, RoPE, cache write (q/k heads of every row)
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t b = r / d.S, s = r % d.S;
+      float *row = qkv.data() + r * QKV;
+      for (int64_t n = 0; n < d.N + d.K; ++n) {
+        float *h = row + n * d.D;
+        rms(h, n < d.N ? qn : kn, d.D, eps, h);
+        rope(h, cos + r * d.D, sin + r * d.D, d.D);
+      }
+      for (int64_t k = 0; k < d.K; ++k) {
+        const int64_t at = ((b * d.K + k) * d.T + slot0 + s) * d.D;
+        std::memcpy(kc + at, row + ND + k * d.D, d.D * sizeof(float));
+        std::memcpy(vc + at, row + ND + KD + k * d.D, d.D * sizeof(float));
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t rn = 0; rn < R * d.N; ++rn) {
+      const int64_t r = rn / d.N, n = rn % d.N, b = r / d.S, k = n / d.G;
+      const int64_t cache = (b * d.K + k) * d.T * d.D;
+      attend(qkv.data() + r * QKV + n * d.D, kc + cache, vc + cache, bias + r * d.T, d, scale,
+             p.data() + rn * d.T, o.data() + r * ND + n * d.D);
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks(d.H); ++c) {
+      const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
+      rows_dot(wo, ND, o0, o1, o.data(), ND, R, y, d.H);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = o0; i < o1; ++i) y[r * d.H + i] = x[r * d.H + i] + y[r * d.H + i];
+    }
+  }
+  return 0;
+}
+
+struct MoeDims {
+  int64_t R, H, E, I, I2, K;
+};
+
+// probs = softmax(logits); top-k (largest first, lower expert id on ties); optional renorm
+static void route(const float *logits, const MoeDims &d, bool norm, int32_t *idx, float *w) {
+  std::vector<float> pr(d.E);
+  float mx = -INFINITY, sum = 0.f;
+  for (int64_t e = 0; e < d.E; ++e) mx = logits[e] > mx ? logits[e] : mx;
+  for (int64_t e = 0; e < d.E; ++e) sum += (pr[e] = std::exp(logits[e] - mx));
+  for (int64_t e = 0; e < d.E; ++e) pr[e] /= sum;
+  std::vector<char> used(d.E, 0);
+  float tot = 0.f;
+  for (int64_t j = 0; j < d.K; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < d.E; ++e)
+      if (!used[e] && (best < 0 || pr[e] > pr[best])) best = e;
+    used[best] = 1;
+    idx[j] = static_cast<int32_t>(best);
+    tot += (w[j] = pr[best]);
+  }
+  if (norm)
+    for (int64_t j = 0; j < d.K; ++j) w[j] /= tot;
+}
+
+// inputs: 0 h [R,H]  1 ln2 [H]  2 router [E,H]  3 gate_up [E,2I,H]  4 down [E,H,I]
+//         5 meta int32 [4] (unused, top_k, norm_topk_prob, unused)  6 fcfg float32 [2] (rms eps, unused)
+// output: 7 y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h))
+extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  if (nparam != 8) return 1;
+  const float *h = static_cast<const float *>(params[0]), *ln2 = static_cast<const float *>(params[1]);
+  const float *wr = static_cast<const float *>(params[2]), *wgu = static_cast<const float *>(params[3]);
+  const float *wd = static_cast<const float *>(params[4]);
+  const int32_t *meta = static_cast<const int32_t *>(params[5]);
+  const float *fcfg = static_cast<const float *>(params[6]);
+  float *y = static_cast<float *>(params[7]);
+  MoeDims d;
+  d.R = 1, d.H = shapes[0][ndims[0] - 1];
+  for (int i = 0; i + 1 < ndims[0]; ++i) d.R *= shapes[0][i];
+  d.E = shapes[3][0], d.I2 = shapes[3][1], d.I = d.I2 / 2, d.K = meta[1];
+  if (d.K < 1 || d.K > d.E) return 1;
+  const int64_t A = d.R * d.K;
+  std::vector<float> z(d.R * d.H), logits(d.R * d.E), w(A);
+  std::vector<int32_t> idx(A);
+  for (int64_t r = 0; r < d.R; ++r) rms(h + r * d.H, ln2, d.H, fcfg[0], z.data() + r * d.H);
+  rows_dot(wr, d.H, 0, d.E, z.data(), d.H, d.R, logits.data(), d.E);
+  for (int64_t r = 0; r < d.R; ++r) route(logits.data() + r * d.E, d, meta[2] != 0, idx.data() + r * d.K, w.data() + r * d.K);
+  // stable counting sort of assignments by expert; zs holds the rows in expert order
+  std::vector<int64_t> off(d.E + 1, 0), row(A);
+  for (int64_t a = 0; a < A; ++a) ++off[idx[a] + 1];
+  for (int64_t e = 0; e < d.E; ++e) off[e + 1] += off[e];
+  std::vector<int64_t> cur(off.begin(), off.end() - 1);
+  for (int64_t a = 0; a < A; ++a) row[a] = cur[idx[a]]++;
+  std::vector<float> zs(A * d.H), gu(A * d.I2), act(A * d.I), ye(A * d.H);
+  for (int64_t a = 0; a < A; ++a) std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < d.E; ++e)
+    if (off[e + 1] > off[e]) active.push_back(e);
+  const int64_t na = static_cast<int64_t>(active.size()), cgu = nchunks(d.I2), cd = nchunks(d.H);
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < na * cgu; ++c) {
+      const int64_t e = active[c / cgu], o0 = (c % cgu) * kChunk, o1 = o0 + kChunk < d.I2 ? o0 + kChunk : d.I2;
+      const int64_t r0 = off[e], n = off[e + 1] - off[e];
+      rows_dot(wgu + e * d.I2 * d.H, d.H, o0, o1, zs.data() + r0 * d.H, d.H, n, gu.data() + r0 * d.I2, d.I2);
+    }
+#pragma omp for schedule(static)
+    for (int64_t a = 0; a < A; ++a) {
+      const float *g = gu.data() + a * d.I2, *u = g + d.I;
+      float *out = act.data() + a * d.I;
+      for (int64_t i = 0; i < d.I; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < na * cd; ++c) {
+      const int64_t e = active[c / cd], o0 = (c % cd) * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
+      const int64_t r0 = off[e], n = off[e + 1] - off[e];
+      rows_dot(wd + e * d.H * d.I, d.I, o0, o1, act.data() + r0 * d.I, d.I, n, ye.data() + r0 * d.H, d.H);
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < d.R; ++r) {
+      float *yr = y + r * d.H;
+      for (int64_t i = 0; i < d.H; ++i) yr[i] = 0.f;
+      for (int64_t j = 0; j < d.K; ++j) {
+        const float wj = w[r * d.K + j], *src = ye.data() + row[r * d.K + j] * d.H;
+        for (int64_t i = 0; i < d.H; ++i) yr[i] += wj * src[i];
+      }
+      for (int64_t i = 0; i < d.H; ++i) yr[i] = h[r * d.H + i] + yr[i];
+    }
+  }
+  return 0;
+}
+
+// inputs: 0 k [B,K,S,D]  1 v [B,K,S,D]  2 k_cache [B,K,T,D]  3 v_cache [B,K,T,D]  4 meta int32 [4]
+// output: 5 done float32 [1]
+// Copies a prefill's keys/values into cache slots meta[0] .. meta[0] + S - 1 in place (the
+// engine's prefill runs the forward path's attention and hands its k/v here).
+extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 6 || ndims[0] != 4 || ndims[2] != 4) return 1;
+  const float *k = static_cast<const float *>(params[0]), *v = static_cast<const float *>(params[1]);
+  float *kc = static_cast<float *>(params[2]), *vc = static_cast<float *>(params[3]);
+  const int64_t slot0 = static_cast<const int32_t *>(params[4])[0];
+  const int64_t BK = shapes[0][0] * shapes[0][1], S = shapes[0][2], D = shapes[0][3], T = shapes[2][2];
+  if (slot0 < 0 || slot0 + S > T || shapes[2][3] != D) return 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < BK; ++i) {
+    std::memcpy(kc + (i * T + slot0) * D, k + i * S * D, S * D * sizeof(float));
+    std::memcpy(vc + (i * T + slot0) * D, v + i * S * D, S * D * sizeof(float));
+  }
+  static_cast<float *>(params[5])[0] = 1.0f;
+  return 0;
+}
