@@ -17,17 +17,58 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 // Keys whose additive bias is at or below this are masked (the engine uses float32 min): their
 // probability is exactly 0 in float32 in the composite softmax too, so they are skipped.
 static const float kMasked = -1e6f;
 
-// y[b * ldy + o] = W[o, :] . x[b, :] for o in [o0, o1), b in [0, nb). Four weight rows at a time
-// (four independent FMA chains; the rows stay in L1 while every batch row uses them).
-static void rows_dot(const float *W, int64_t H, int64_t o0, int64_t o1, const float *x, int64_t ldx,
-                     int64_t nb, float *y, int64_t ldy) {
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+// 4 weight rows x NB batch rows in 4 * NB vector accumulators: each loaded weight vector feeds
+// NB FMAs, each loaded x vector 4 (H % 16 == 0).
+template <int NB>
+static inline void block4x(const float *w0, int64_t ldw, int64_t H, const float *x, int64_t ldx, float *y,
+                           int64_t ldy) {
+  __m512 acc[4][NB];
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; h += 16) {
+    __m512 xv[NB];
+    for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + h);
+    for (int r = 0; r < 4; ++r) {
+      const __m512 wv = _mm512_loadu_ps(w0 + r * ldw + h);
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+#endif
+
+// y[b * ldy + o] = W[o, :H] . x[b, :H] for o in [o0, o1), b in [0, nb), W rows ldw apart. Four
+// weight rows at a time (independent FMA chains; the rows stay in L1 while every batch row uses them).
+static void rows_dot_ld(const float *W, int64_t ldw, int64_t H, int64_t o0, int64_t o1, const float *x,
+                        int64_t ldx, int64_t nb, float *y, int64_t ldy) {
   int64_t o = o0;
+#ifdef __AVX512F__
+  if (H % 16 == 0 && ldw % 16 == 0) {
+    for (; o + 4 <= o1; o += 4)
+      for (int64_t b = 0; b < nb; b += 4) {
+        const float *w = W + o * ldw, *xb = x + b * ldx;
+        float *yb = y + b * ldy + o;
+        switch (nb - b) {
+          case 1: block4x<1>(w, ldw, H, xb, ldx, yb, ldy); break;
+          case 2: block4x<2>(w, ldw, H, xb, ldx, yb, ldy); break;
+          case 3: block4x<3>(w, ldw, H, xb, ldx, yb, ldy); break;
+          default: block4x<4>(w, ldw, H, xb, ldx, yb, ldy);
+        }
+      }
+  }
+#endif
   for (; o + 4 <= o1; o += 4) {
-    const float *w0 = W + o * H, *w1 = w0 + H, *w2 = w1 + H, *w3 = w2 + H;
+    const float *w0 = W + o * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
     for (int64_t b = 0; b < nb; ++b) {
       const float *xb = x + b * ldx;
       float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
@@ -44,7 +85,7 @@ static void rows_dot(const float *W, int64_t H, int64_t o0, int64_t o1, const fl
     }
   }
   for (; o < o1; ++o) {
-    const float *w0 = W + o * H;
+    const float *w0 = W + o * ldw;
     for (int64_t b = 0; b < nb; ++b) {
       const float *xb = x + b * ldx;
       float a0 = 0.f;
@@ -53,6 +94,11 @@ static void rows_dot(const float *W, int64_t H, int64_t o0, int64_t o1, const fl
       y[b * ldy + o] = a0;
     }
   }
+}
+
+static inline void rows_dot(const float *W, int64_t H, int64_t o0, int64_t o1, const float *x, int64_t ldx,
+                            int64_t nb, float *y, int64_t ldy) {
+  rows_dot_ld(W, H, H, o0, o1, x, ldx, nb, y, ldy);
 }
 
 // out = w * (x * rsqrt(mean(x^2) + eps)), HF Qwen3 RMSNorm in float32
@@ -138,10 +184,9 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   const float eps = fcfg[0], scale = fcfg[1];
   const int64_t R = d.B * d.S, ND = d.N * d.D, KD = d.K * d.D, QKV = ND + 2 * KD;
   std::vector<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);
+  for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
     // q | k | v projections as one row range over the three weights
     const int64_t cq = nchunks(ND), ck = nchunks(KD);
 #pragma omp for schedule(static)
@@ -152,28 +197,29 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
       const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
       rows_dot(W, d.H, o0, o1, xn.data(), d.H, R, qkv.data() + base, QKV);
     }
-    // per-head norms, RoPE, cache write (q/k heads of every row)
+    // one task per (row b, kv head k): its S keys/values are normed, rotated and written to the
+    // cache first, then its G query heads of every query attend (no other task touches them)
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t b = r / d.S, s = r % d.S;
-      float *row = qkv.data() + r * QKV;
-      for (int64_t n = 0; n < d.N + d.K; ++n) {
-        float *h = row + n * d.D;
-        rms(h, n < d.N ? qn : kn, d.D, eps, h);
-        rope(h, cos + r * d.D, sin + r * d.D, d.D);
+    for (int64_t bk = 0; bk < d.B * d.K; ++bk) {
+      const int64_t b = bk / d.K, k = bk % d.K, cache = bk * d.T * d.D;
+      for (int64_t s = 0; s < d.S; ++s) {
+        const int64_t r = b * d.S + s;
+        float *kh = qkv.data() + r * QKV + ND + k * d.D;
+        rms(kh, kn, d.D, eps, kh);
+        rope(kh, cos + r * d.D, sin + r * d.D, d.D);
+        std::memcpy(kc + cache + (slot0 + s) * d.D, kh, d.D * sizeof(float));
+        std::memcpy(vc + cache + (slot0 + s) * d.D, kh + KD, d.D * sizeof(float));
       }
-      for (int64_t k = 0; k < d.K; ++k) {
-        const int64_t at = ((b * d.K + k) * d.T + slot0 + s) * d.D;
-        std::memcpy(kc + at, row + ND + k * d.D, d.D * sizeof(float));
-        std::memcpy(vc + at, row + ND + KD + k * d.D, d.D * sizeof(float));
+      for (int64_t s = 0; s < d.S; ++s) {
+        const int64_t r = b * d.S + s;
+        for (int64_t n = k * d.G; n < (k + 1) * d.G; ++n) {
+          float *qh = qkv.data() + r * QKV + n * d.D;
+          rms(qh, qn, d.D, eps, qh);
+          rope(qh, cos + r * d.D, sin + r * d.D, d.D);
+          attend(qh, kc + cache, vc + cache, bias + r * d.T, d, scale, p.data() + (r * d.N + n) * d.T,
+                 o.data() + r * ND + n * d.D);
+        }
       }
-    }
-#pragma omp for schedule(static)
-    for (int64_t rn = 0; rn < R * d.N; ++rn) {
-      const int64_t r = rn / d.N, n = rn % d.N, b = r / d.S, k = n / d.G;
-      const int64_t cache = (b * d.K + k) * d.T * d.D;
-      attend(qkv.data() + r * QKV + n * d.D, kc + cache, vc + cache, bias + r * d.T, d, scale,
-             p.data() + rn * d.T, o.data() + r * ND + n * d.D);
     }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < nchunks(d.H); ++c) {
@@ -240,39 +286,49 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   for (int64_t e = 0; e < d.E; ++e) off[e + 1] += off[e];
   std::vector<int64_t> cur(off.begin(), off.end() - 1);
   for (int64_t a = 0; a < A; ++a) row[a] = cur[idx[a]]++;
-  std::vector<float> zs(A * d.H), gu(A * d.I2), act(A * d.I), ye(A * d.H);
+  std::vector<float> zs(A * d.H);
   for (int64_t a = 0; a < A; ++a) std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
   std::vector<int64_t> active;
   for (int64_t e = 0; e < d.E; ++e)
     if (off[e + 1] > off[e]) active.push_back(e);
-  const int64_t na = static_cast<int64_t>(active.size()), cgu = nchunks(d.I2), cd = nchunks(d.H);
+  // Tasks: (active expert, slice of its ffn width). Each task runs gate/up rows, SwiGLU and its
+  // slice of the down projection without a barrier; slices split an expert only when there are
+  // fewer experts than ~2 tasks per thread (batch 1), and their partial outputs are summed last.
+  const int64_t na = static_cast<int64_t>(active.size());
+  const int64_t threads = omp_get_max_threads();
+  int64_t P = na >= 2 * threads ? 1 : (2 * threads + na - 1) / na;
+  int64_t Is = ((d.I + P - 1) / P + 15) / 16 * 16;
+  if (Is > d.I) Is = d.I;
+  P = (d.I + Is - 1) / Is;
+  std::vector<float> gu(A * 2 * Is * P), ye(P * A * d.H);
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < na * cgu; ++c) {
-      const int64_t e = active[c / cgu], o0 = (c % cgu) * kChunk, o1 = o0 + kChunk < d.I2 ? o0 + kChunk : d.I2;
-      const int64_t r0 = off[e], n = off[e + 1] - off[e];
-      rows_dot(wgu + e * d.I2 * d.H, d.H, o0, o1, zs.data() + r0 * d.H, d.H, n, gu.data() + r0 * d.I2, d.I2);
-    }
-#pragma omp for schedule(static)
-    for (int64_t a = 0; a < A; ++a) {
-      const float *g = gu.data() + a * d.I2, *u = g + d.I;
-      float *out = act.data() + a * d.I;
-      for (int64_t i = 0; i < d.I; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < na * cd; ++c) {
-      const int64_t e = active[c / cd], o0 = (c % cd) * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
-      const int64_t r0 = off[e], n = off[e + 1] - off[e];
-      rows_dot(wd + e * d.H * d.I, d.I, o0, o1, act.data() + r0 * d.I, d.I, n, ye.data() + r0 * d.H, d.H);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < na * P; ++task) {
+      const int64_t e = active[task / P], part = task % P, i0 = part * Is;
+      const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
+      const float *wg = wgu + e * d.I2 * d.H;
+      float *g = gu.data() + part * A * 2 * Is + r0 * 2 * Is, *u = g + n * Is;  // [n, Is] each
+      rows_dot(wg + i0 * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, g, Is);
+      rows_dot(wg + (d.I + i0) * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, u, Is);
+      for (int64_t a = 0; a < n; ++a)
+        for (int64_t i = 0; i < ni; ++i) {
+          const float gv = g[a * Is + i];
+          g[a * Is + i] = gv / (1.0f + std::exp(-gv)) * u[a * Is + i];
+        }
+      // down slice: ye[part][r0 + a][h] = wd[e][h, i0:i0+ni] . act[a, :ni]
+      rows_dot_ld(wd + e * d.H * d.I + i0, d.I, ni, 0, d.H, g, Is, n, ye.data() + (part * A + r0) * d.H, d.H);
     }
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < d.R; ++r) {
       float *yr = y + r * d.H;
       for (int64_t i = 0; i < d.H; ++i) yr[i] = 0.f;
       for (int64_t j = 0; j < d.K; ++j) {
-        const float wj = w[r * d.K + j], *src = ye.data() + row[r * d.K + j] * d.H;
-        for (int64_t i = 0; i < d.H; ++i) yr[i] += wj * src[i];
+        const float wj = w[r * d.K + j];
+        for (int64_t part = 0; part < P; ++part) {
+          const float *src = ye.data() + (part * A + row[r * d.K + j]) * d.H;
+          for (int64_t i = 0; i < d.H; ++i) yr[i] += wj * src[i];
+        }
       }
       for (int64_t i = 0; i < d.H; ++i) yr[i] = h[r * d.H + i] + yr[i];
     }
