@@ -75,14 +75,15 @@ class _Layer(nn.Cell):
         self.w = ParameterTuple([Parameter(Tensor(w[k]), name=k) for k in _NAMES])
         self.kc = Parameter(Tensor(kc), name="kc", requires_grad=False)
         self.vc = Parameter(Tensor(vc), name="vc", requires_grad=False)
-        self.dops = decode_kernel.DecodeOps(B, 1, H)
+        self.dops = decode_kernel.DecodeOps(B, 1, H, E)  # head test: router weight as a [V=E, H] lm_head
         self.fcfg = Tensor(np.array([EPS, D ** -0.5], np.float32))
 
     @ms.jit
     def construct(self, x, cos, sin, bias, meta):
         ln1, wq, wk, wv, qn, kn, wo, ln2, wr, wgu, wd = self.w
         h = self.dops.attn(x, ln1, wq, wk, wv, qn, kn, wo, self.kc, self.vc, cos, sin, bias, meta, self.fcfg)
-        return h, self.dops.moe(h, ln2, wr, wgu, wd, meta, self.fcfg)
+        y = self.dops.moe(h, ln2, wr, wgu, wd, meta, self.fcfg)
+        return h, y, self.dops.head(y, ln1, wr, self.fcfg)
 
 
 def _weights(rng):
@@ -109,11 +110,13 @@ def test_two_consecutive_steps_match_numpy(norm_topk):
         ang = rng.uniform(0, 3, (B, D // 2)).astype(np.float32)
         cos, sin = np.tile(np.cos(ang), 2), np.tile(np.sin(ang), 2)
         meta = np.array([slot, TOPK, int(norm_topk), 0], np.int32)
-        h, y = layer(Tensor(x[:, None]), Tensor(cos[:, None]), Tensor(sin[:, None]), Tensor(bias[:, None]),
+        h, y, logits = layer(Tensor(x[:, None]), Tensor(cos[:, None]), Tensor(sin[:, None]), Tensor(bias[:, None]),
                      Tensor(meta))
         h_ref, kc, vc = _ref_attn(w, x, kc, vc, cos, sin, bias, slot)
         np.testing.assert_allclose(h.asnumpy()[:, 0], h_ref, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(y.asnumpy()[:, 0], _ref_moe(w, h_ref, norm_topk), atol=1e-5, rtol=0)
+        y_ref = _ref_moe(w, h_ref, norm_topk)
+        np.testing.assert_allclose(y.asnumpy()[:, 0], y_ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(logits.asnumpy(), _rms(y_ref, w["ln1"]) @ w["wr"].T, atol=1e-5, rtol=0)
         np.testing.assert_allclose(layer.kc.asnumpy(), kc, atol=1e-5, rtol=0)
         np.testing.assert_allclose(layer.vc.asnumpy(), vc, atol=1e-5, rtol=0)
 

@@ -48,7 +48,7 @@ class FusedStepCell(nn.Cell):
         self.net = model
         cfg = model.config
         self.k_cache, self.v_cache = k_cache, v_cache
-        self.ops1 = decode_kernel.DecodeOps(batch, 1, cfg.hidden_size)
+        self.ops1 = decode_kernel.DecodeOps(batch, 1, cfg.hidden_size, cfg.vocab_size)
         self.fcfg = Tensor(np.array([cfg.rms_norm_eps, cfg.head_dim ** -0.5], np.float32))
         self.attn_kernel = attention_kernel.available()
 
@@ -66,8 +66,12 @@ class FusedStepCell(nn.Cell):
                 x_BSH = self._prefill_attention(layer, x_BSH, cos_BSD, sin_BSD, bias, meta_4, i)
             x_BSH = self._mlp(layer, x_BSH, meta_4)
             i += 1
-        last_BH = _rms(x_BSH[:, S - 1], body.norm.weight, body.norm.eps)
-        return self.net.lm_head(last_BH)
+        return self.head(x_BSH)
+
+    def head(self, x_BSH: Tensor) -> Tensor:
+        """Final norm of the last position + lm_head: logits [B, V]."""
+        body = self.net.model
+        return self.ops1.head(x_BSH, body.norm.weight, self.net.lm_head.weight, self.fcfg)
 
     def _decode_attention(self, layer, x_B1H, cos_B1D, sin_B1D, bias_B1T, meta_4, i):
         a = layer.self_attn

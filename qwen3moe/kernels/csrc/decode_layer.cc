@@ -17,6 +17,12 @@
 #include <cstring>
 #include <vector>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
 #include <omp.h>
 
 // Keys whose additive bias is at or below this are masked (the engine uses float32 min): their
@@ -118,7 +124,113 @@ static void rope(float *x, const float *cos, const float *sin, int64_t D) {
   std::memcpy(x, tmp, D * sizeof(float));
 }
 
-// Rows [0, rows) split into chunks of kChunk for the OpenMP loops over weight rows.
+// A tiny fork-join pool in which the calling thread takes part. OpenMP's barriers wait for every
+// team thread, so on a loaded 2-core machine a descheduled thread stalls each of the ~40 parallel
+// phases of a decode step; here the caller claims chunks itself and only waits for chunks a
+// helper has already started. Helpers spin briefly (the next kernel of the step follows within
+// microseconds), then sleep. Helpers = omp_get_max_threads() - 1 (OMP_NUM_THREADS is honoured).
+class Pool {
+ public:
+  static Pool &get() {
+    static Pool *pool = new Pool();  // never destroyed: helpers may still be parked at exit
+    return *pool;
+  }
+
+  int threads() const { return helpers_ + 1; }
+
+  // fn(i) for every i in [0, n). A second concurrent caller (MindSpore may run independent ops
+  // at once) runs its loop alone instead of sharing the helpers.
+  template <class F>
+  void run(int64_t n, F &&fn) {
+    std::unique_lock<std::mutex> mine(run_mu_, std::try_to_lock);
+    if (helpers_ == 0 || n <= 1 || !mine.owns_lock()) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    Job job;
+    job.n = n;
+    job.ctx = &fn;
+    job.call = [](void *ctx, int64_t i) { (*static_cast<F *>(ctx))(i); };
+    job.seq = ++counter_;
+    current_.store(&job);
+    seq_.store(job.seq);
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    work(&job);
+    while (job.done.load() < n) spin_pause();
+    current_.store(nullptr);
+    while (busy_.load() > 0) spin_pause();  // no helper still holds &job
+  }
+
+ private:
+  struct Job {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t n = 0;
+    uint64_t seq = 0;
+    void *ctx = nullptr;
+    void (*call)(void *, int64_t) = nullptr;
+  };
+
+  Pool() {
+    const int t = omp_get_max_threads();
+    helpers_ = t > 1 ? t - 1 : 0;
+    for (int i = 0; i < helpers_; ++i) std::thread([this] { loop(); }).detach();
+  }
+
+  static inline void spin_pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  static void work(Job *job) {
+    for (int64_t i = job->next.fetch_add(1); i < job->n; i = job->next.fetch_add(1)) {
+      job->call(job->ctx, i);
+      job->done.fetch_add(1);
+    }
+  }
+
+  void loop() {
+    uint64_t last = 0;
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+      for (int64_t k = 1; seq_.load() == last; ++k) {
+        spin_pause();
+        if (k % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+      }
+      if (seq_.load() == last) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1);
+        cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return seq_.load() != last; });
+        sleeping_.fetch_sub(1);
+        continue;
+      }
+      const uint64_t seen = seq_.load();
+      busy_.fetch_add(1);
+      Job *job = current_.load();  // alive until busy_ drops: its caller waits for that
+      if (job != nullptr && job->seq != last) {
+        last = job->seq;
+        work(job);
+      } else if (job == nullptr) {
+        last = seen;
+      }
+      busy_.fetch_sub(1);
+    }
+  }
+
+  static const int64_t kSpinUs = 50;  // the next kernel of a decode step starts within this
+  int helpers_ = 0;
+  uint64_t counter_ = 0;
+  std::atomic<Job *> current_{nullptr};
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<int> busy_{0}, sleeping_{0};
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+};
+
+// Rows [0, rows) split into chunks of kChunk for the parallel loops over weight rows.
 static const int64_t kChunk = 16;
 static inline int64_t nchunks(int64_t rows) { return (rows + kChunk - 1) / kChunk; }
 
@@ -185,50 +297,45 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t R = d.B * d.S, ND = d.N * d.D, KD = d.K * d.D, QKV = ND + 2 * KD;
   std::vector<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
-#pragma omp parallel
-  {
-    // q | k | v projections as one row range over the three weights
-    const int64_t cq = nchunks(ND), ck = nchunks(KD);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < cq + 2 * ck; ++c) {
-      const float *W = c < cq ? wq : (c < cq + ck ? wk : wv);
-      const int64_t rows = c < cq ? ND : KD, base = c < cq ? 0 : (c < cq + ck ? ND : ND + KD);
-      const int64_t cc = c < cq ? c : (c < cq + ck ? c - cq : c - cq - ck);
-      const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
-      rows_dot(W, d.H, o0, o1, xn.data(), d.H, R, qkv.data() + base, QKV);
+  Pool &pool = Pool::get();
+  // q | k | v projections as one row range over the three weights
+  const int64_t cq = nchunks(ND), ck = nchunks(KD);
+  pool.run(cq + 2 * ck, [&](int64_t c) {
+    const float *W = c < cq ? wq : (c < cq + ck ? wk : wv);
+    const int64_t rows = c < cq ? ND : KD, base = c < cq ? 0 : (c < cq + ck ? ND : ND + KD);
+    const int64_t cc = c < cq ? c : (c < cq + ck ? c - cq : c - cq - ck);
+    const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
+    rows_dot(W, d.H, o0, o1, xn.data(), d.H, R, qkv.data() + base, QKV);
+  });
+  // one task per (row b, kv head k): its S keys/values are normed, rotated and written to the
+  // cache first, then its G query heads of every query attend (no other task touches them)
+  pool.run(d.B * d.K, [&](int64_t bk) {
+    const int64_t b = bk / d.K, k = bk % d.K, cache = bk * d.T * d.D;
+    for (int64_t s = 0; s < d.S; ++s) {
+      const int64_t r = b * d.S + s;
+      float *kh = qkv.data() + r * QKV + ND + k * d.D;
+      rms(kh, kn, d.D, eps, kh);
+      rope(kh, cos + r * d.D, sin + r * d.D, d.D);
+      std::memcpy(kc + cache + (slot0 + s) * d.D, kh, d.D * sizeof(float));
+      std::memcpy(vc + cache + (slot0 + s) * d.D, kh + KD, d.D * sizeof(float));
     }
-    // one task per (row b, kv head k): its S keys/values are normed, rotated and written to the
-    // cache first, then its G query heads of every query attend (no other task touches them)
-#pragma omp for schedule(static)
-    for (int64_t bk = 0; bk < d.B * d.K; ++bk) {
-      const int64_t b = bk / d.K, k = bk % d.K, cache = bk * d.T * d.D;
-      for (int64_t s = 0; s < d.S; ++s) {
-        const int64_t r = b * d.S + s;
-        float *kh = qkv.data() + r * QKV + ND + k * d.D;
-        rms(kh, kn, d.D, eps, kh);
-        rope(kh, cos + r * d.D, sin + r * d.D, d.D);
-        std::memcpy(kc + cache + (slot0 + s) * d.D, kh, d.D * sizeof(float));
-        std::memcpy(vc + cache + (slot0 + s) * d.D, kh + KD, d.D * sizeof(float));
-      }
-      for (int64_t s = 0; s < d.S; ++s) {
-        const int64_t r = b * d.S + s;
-        for (int64_t n = k * d.G; n < (k + 1) * d.G; ++n) {
-          float *qh = qkv.data() + r * QKV + n * d.D;
-          rms(qh, qn, d.D, eps, qh);
-          rope(qh, cos + r * d.D, sin + r * d.D, d.D);
-          attend(qh, kc + cache, vc + cache, bias + r * d.T, d, scale, p.data() + (r * d.N + n) * d.T,
-                 o.data() + r * ND + n * d.D);
-        }
+    for (int64_t s = 0; s < d.S; ++s) {
+      const int64_t r = b * d.S + s;
+      for (int64_t n = k * d.G; n < (k + 1) * d.G; ++n) {
+        float *qh = qkv.data() + r * QKV + n * d.D;
+        rms(qh, qn, d.D, eps, qh);
+        rope(qh, cos + r * d.D, sin + r * d.D, d.D);
+        attend(qh, kc + cache, vc + cache, bias + r * d.T, d, scale, p.data() + (r * d.N + n) * d.T,
+               o.data() + r * ND + n * d.D);
       }
     }
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < nchunks(d.H); ++c) {
-      const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
-      rows_dot(wo, ND, o0, o1, o.data(), ND, R, y, d.H);
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t i = o0; i < o1; ++i) y[r * d.H + i] = x[r * d.H + i] + y[r * d.H + i];
-    }
-  }
+  });
+  pool.run(nchunks(d.H), [&](int64_t c) {
+    const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
+    rows_dot(wo, ND, o0, o1, o.data(), ND, R, y, d.H);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = o0; i < o1; ++i) y[r * d.H + i] = x[r * d.H + i] + y[r * d.H + i];
+  });
   return 0;
 }
 
@@ -295,44 +402,40 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   // slice of the down projection without a barrier; slices split an expert only when there are
   // fewer experts than ~2 tasks per thread (batch 1), and their partial outputs are summed last.
   const int64_t na = static_cast<int64_t>(active.size());
-  const int64_t threads = omp_get_max_threads();
+  const int64_t threads = Pool::get().threads();
   int64_t P = na >= 2 * threads ? 1 : (2 * threads + na - 1) / na;
   int64_t Is = ((d.I + P - 1) / P + 15) / 16 * 16;
   if (Is > d.I) Is = d.I;
   P = (d.I + Is - 1) / Is;
   std::vector<float> gu(A * 2 * Is * P), ye(P * A * d.H);
-#pragma omp parallel
-  {
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < na * P; ++task) {
-      const int64_t e = active[task / P], part = task % P, i0 = part * Is;
-      const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
-      const float *wg = wgu + e * d.I2 * d.H;
-      float *g = gu.data() + part * A * 2 * Is + r0 * 2 * Is, *u = g + n * Is;  // [n, Is] each
-      rows_dot(wg + i0 * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, g, Is);
-      rows_dot(wg + (d.I + i0) * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, u, Is);
-      for (int64_t a = 0; a < n; ++a)
-        for (int64_t i = 0; i < ni; ++i) {
-          const float gv = g[a * Is + i];
-          g[a * Is + i] = gv / (1.0f + std::exp(-gv)) * u[a * Is + i];
-        }
-      // down slice: ye[part][r0 + a][h] = wd[e][h, i0:i0+ni] . act[a, :ni]
-      rows_dot_ld(wd + e * d.H * d.I + i0, d.I, ni, 0, d.H, g, Is, n, ye.data() + (part * A + r0) * d.H, d.H);
-    }
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < d.R; ++r) {
-      float *yr = y + r * d.H;
-      for (int64_t i = 0; i < d.H; ++i) yr[i] = 0.f;
-      for (int64_t j = 0; j < d.K; ++j) {
-        const float wj = w[r * d.K + j];
-        for (int64_t part = 0; part < P; ++part) {
-          const float *src = ye.data() + (part * A + row[r * d.K + j]) * d.H;
-          for (int64_t i = 0; i < d.H; ++i) yr[i] += wj * src[i];
-        }
+  Pool &pool = Pool::get();
+  pool.run(na * P, [&](int64_t task) {
+    const int64_t e = active[task / P], part = task % P, i0 = part * Is;
+    const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
+    const float *wg = wgu + e * d.I2 * d.H;
+    float *g = gu.data() + part * A * 2 * Is + r0 * 2 * Is, *u = g + n * Is;  // [n, Is] each
+    rows_dot(wg + i0 * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, g, Is);
+    rows_dot(wg + (d.I + i0) * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, u, Is);
+    for (int64_t a = 0; a < n; ++a)
+      for (int64_t i = 0; i < ni; ++i) {
+        const float gv = g[a * Is + i];
+        g[a * Is + i] = gv / (1.0f + std::exp(-gv)) * u[a * Is + i];
       }
-      for (int64_t i = 0; i < d.H; ++i) yr[i] = h[r * d.H + i] + yr[i];
+    // down slice: ye[part][r0 + a][h] = wd[e][h, i0:i0+ni] . act[a, :ni]
+    rows_dot_ld(wd + e * d.H * d.I + i0, d.I, ni, 0, d.H, g, Is, n, ye.data() + (part * A + r0) * d.H, d.H);
+  });
+  pool.run(d.R, [&](int64_t r) {
+    float *yr = y + r * d.H;
+    for (int64_t i = 0; i < d.H; ++i) yr[i] = 0.f;
+    for (int64_t j = 0; j < d.K; ++j) {
+      const float wj = w[r * d.K + j];
+      for (int64_t part = 0; part < P; ++part) {
+        const float *src = ye.data() + (part * A + row[r * d.K + j]) * d.H;
+        for (int64_t i = 0; i < d.H; ++i) yr[i] += wj * src[i];
+      }
     }
-  }
+    for (int64_t i = 0; i < d.H; ++i) yr[i] = h[r * d.H + i] + yr[i];
+  });
   return 0;
 }
 
@@ -348,11 +451,29 @@ extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t slot0 = static_cast<const int32_t *>(params[4])[0];
   const int64_t BK = shapes[0][0] * shapes[0][1], S = shapes[0][2], D = shapes[0][3], T = shapes[2][2];
   if (slot0 < 0 || slot0 + S > T || shapes[2][3] != D) return 1;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < BK; ++i) {
+  for (int64_t i = 0; i < BK; ++i) {  // a plain copy: may run next to other kernels in a prefill
     std::memcpy(kc + (i * T + slot0) * D, k + i * S * D, S * D * sizeof(float));
     std::memcpy(vc + (i * T + slot0) * D, v + i * S * D, S * D * sizeof(float));
   }
   static_cast<float *>(params[5])[0] = 1.0f;
+  return 0;
+}
+
+// inputs: 0 x [B,S,H]  1 norm [H]  2 lm_head [V,H]  3 fcfg float32 [2] (rms eps, unused)
+// output: 4 logits [B,V] of the last position: lm_head(rms(x[:, S-1]))
+extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 3 || ndims[2] != 2) return 1;
+  const float *x = static_cast<const float *>(params[0]), *nw = static_cast<const float *>(params[1]);
+  const float *W = static_cast<const float *>(params[2]), *fcfg = static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t B = shapes[0][0], S = shapes[0][1], H = shapes[0][2], V = shapes[2][0];
+  std::vector<float> z(B * H);
+  for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
+  const int64_t chunk = 64, nc = (V + chunk - 1) / chunk;
+  Pool::get().run(nc, [&](int64_t c) {
+    const int64_t o1 = (c + 1) * chunk < V ? (c + 1) * chunk : V;
+    rows_dot(W, H, c * chunk, o1, z.data(), H, B, y, V);
+  });
   return 0;
 }
