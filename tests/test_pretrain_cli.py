@@ -182,3 +182,25 @@ def test_pretrain_on_megatron_indexed_data(tmp_path):
                  "--runner_config.train_steps", "2", "--model.model_config.num_hidden_layers", "1"]) == 0
     recs = _records(out)
     assert recs[-1]["step"] == 2 and math.isfinite(recs[-1]["loss"]) and recs[-1]["mfu"] is None
+
+
+def test_compute_dtype_and_recompute_keys(run_dir, tmp_path, capsys):
+    """fp16 compute + recompute of every layer run end to end (loss scale in the metrics);
+    bfloat16 compute is one line naming the key; a bad recompute list names its key."""
+    from qwen3moe.cli import CliError
+
+    root, common = run_dir
+    common = [c if not c.startswith(str(root / "out")) else str(tmp_path / "out") for c in common]
+    assert main(["pretrain", *common, "--runner_config.train_steps", "2", "--runner_config.compute_dtype", "float16",
+                 "--recompute_config.recompute", "True", "--runner_wrapper.scale_sense", "1024"]) == 0
+    recs = _records(tmp_path / "out")
+    assert recs and all(math.isfinite(r["loss"]) for r in recs)
+    for args, words in ((["--runner_config.compute_dtype", "bfloat16"], "runner_config.compute_dtype: bfloat16"),
+                        (["--recompute_config.recompute", "[5]"], "recompute_config.recompute: 5 layers requested")):
+        try:
+            code = main(["pretrain", *common, "--runner_config.train_steps", "1", *args])
+        except CliError as exc:
+            assert str(exc).startswith(words) and "\n" not in str(exc)
+        else:
+            err = capsys.readouterr().err
+            assert code != 0 and words in err and "Traceback" not in err

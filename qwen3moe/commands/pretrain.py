@@ -280,7 +280,20 @@ def build_step(cfg: TaskConfig, model: Any, steps: int):
                 weight_decay=o.weight_decay, no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
     clip = w.max_grad_norm if w.use_clip_grad else None
     apply_recompute_config(cfg, model)
-    return TrainStep(model, opt, clip=clip, schedule=sched, skip_nonfinite=True, **cfg.moe_training())
+    return TrainStep(model, opt, clip=clip, schedule=sched, skip_nonfinite=True,
+                     loss_scale=apply_precision_config(cfg, model), **cfg.moe_training())
+
+
+def apply_precision_config(cfg: TaskConfig, model: Any):
+    """runner_config.compute_dtype on the model; the dynamic loss scale for fp16 (else None)."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.training.precision import DynamicLossScale, PrecisionError, set_compute_dtype
+
+    try:
+        dtype = set_compute_dtype(model, cfg.runner_config.compute_dtype, "runner_config.compute_dtype")
+        return DynamicLossScale.from_scale_sense(cfg.runner_wrapper.scale_sense) if dtype == "float16" else None
+    except PrecisionError as exc:
+        raise CliError(str(exc)) from None
 
 
 def apply_recompute_config(cfg: TaskConfig, model: Any) -> list[int]:

@@ -65,7 +65,11 @@ class AdamW(nn.Cell):
                                          requires_grad=False) for p in params])
 
     def set_lr(self, lr: float) -> None:
-        self.learning_rate.set_data(Tensor(float(lr), ms.float32))
+        """Written by a compiled assign: a host-side `set_data` after compilation was not seen by
+        every compiled graph in MindSpore 2.10 (the guarded TrainStep's update kept the first lr)."""
+        if "_lr_setter" not in self.__dict__:  # plain attribute: not a registered sub-cell
+            self.__dict__["_lr_setter"] = _ScalarAssign(self.learning_rate)
+        self.__dict__["_lr_setter"](Tensor(float(lr), ms.float32))
 
     def get_lr(self) -> float:
         return float(self.learning_rate.asnumpy())
@@ -111,6 +115,19 @@ class AdamW(nn.Cell):
             if q.name not in arrays:
                 raise KeyError(f"optimizer state {q.name!r} missing from checkpoint")
             q.set_data(Tensor(arrays[q.name].astype("float32").reshape(q.shape)))
+
+
+class _ScalarAssign(nn.Cell):
+    """Compiled `ops.assign(param, value)`."""
+
+    def __init__(self, param: Parameter) -> None:
+        super().__init__(auto_prefix=False)
+        self.param = param
+
+    @ms.jit
+    def construct(self, value):
+        ops.assign(self.param, value)
+        return value
 
 
 def global_norm(grads) -> Tensor:

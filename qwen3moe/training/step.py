@@ -40,6 +40,7 @@ from qwen3moe.kernels.gradnorm import global_norm  # C++ sum of squares; composi
 from qwen3moe.router.losses import router_seq_stats, seq_aux_loss, z_loss
 from qwen3moe.router.topk import route
 from qwen3moe.training.optimizer import clip_by_global_norm
+from qwen3moe.training.precision import DynamicLossScale
 
 AUX_MODES = ("hf", "megatron", "global", "seq")
 _TICK = Tensor(0.0, ms.float32)
@@ -120,7 +121,7 @@ class _TrainGraph(nn.Cell):
         if last:
             norm = self.clip_and_update(grads)
             if not first:
-                self.clear()
+                self.clear(after=norm)
         else:
             for i in range(len(self.acc)):
                 ops.assign(self.acc[i], grads[i].astype(ms.float32))
@@ -133,14 +134,18 @@ class _TrainGraph(nn.Cell):
         self.optimizer.update(grads)
         return norm
 
-    def clear(self) -> None:
+    def clear(self, after: Tensor | None = None) -> None:
+        """Zero the buffers; `after` (a value computed from them) orders the zeroing after every
+        read: without it the graph may zero a buffer before an op that reads it runs (seen as
+        a drift of the guarded step once the apply graph scaled the buffers)."""
         for a in self.acc:
-            ops.assign(a, ops.zeros_like(a))
+            zeros = ops.zeros_like(a) if after is None else ops.depend(ops.zeros_like(a), after)
+            ops.assign(a, zeros)
 
 
-# The buffer graphs below take a dummy tensor `tick`: a compiled graph with no inputs does not
-# see host-side Parameter.set_data (MindSpore 2.10 reads the value frozen at its first call),
-# so `AdamW.set_lr` between steps was ignored by the update and the lr stayed at step 1's value.
+# The buffer graphs take a tensor input (`tick`, or the inverse loss scale for the update).
+# The lr reaches them through AdamW.set_lr's compiled assign: a host-side Parameter.set_data
+# was not seen by the guarded update graph (it kept step 1's lr; tests/test_train_step.py).
 class _AccumulatedNorm(nn.Cell):
     """Compiled: global norm of the accumulation buffers (checked before an update is applied)."""
 
@@ -167,16 +172,17 @@ class _ClearAccumulated(nn.Cell):
 
 
 class _ApplyAccumulated(nn.Cell):
-    """Compiled: clip + update from the accumulation buffers, then clear them."""
+    """Compiled: clip + update from the accumulation buffers times `inv_scale` (1 / loss scale),
+    then clear them."""
 
     def __init__(self, graph: _TrainGraph) -> None:
         super().__init__(auto_prefix=False)
         self.graph = graph
 
     @ms.jit
-    def construct(self, tick):
-        norm = self.graph.clip_and_update(tuple(self.graph.acc))
-        self.graph.clear()
+    def construct(self, inv_scale):
+        norm = self.graph.clip_and_update(tuple(a * inv_scale for a in self.graph.acc))
+        self.graph.clear(after=norm)
         return norm
 
 
@@ -203,6 +209,10 @@ class TrainStep:
     `stats_reducer` (aux_mode "global" under data parallelism): (C_E, N) -> summed over dp ranks
     and dp; see parallel/aux.py.
 
+    `loss_scale` (training/precision.py, for fp16 compute): the loss is scaled by S, gradients
+    unscaled before clip + update, overflowing steps skipped (implies skip_nonfinite) and S
+    adjusted; metrics gain `loss_scale` (the S used by the step).
+
     `skip_nonfinite=True` checks the loss and the gradient norm before applying the update:
     a non-finite step changes no parameter or moment and reports `skipped: True` (the data
     position and schedule still advance). It costs one extra compiled norm pass per step.
@@ -211,14 +221,16 @@ class TrainStep:
     def __init__(self, model: nn.Cell, optimizer: nn.Cell, aux_coef: float = 1e-3, z_coef: float = 0.0,
                  clip: float | None = 1.0, aux_mode: str = "hf",
                  schedule: Callable[[int], float] | None = None, skip_nonfinite: bool = False,
-                 stats_reducer: Callable[[np.ndarray, float], tuple[np.ndarray, float, int]] | None = None) -> None:
+                 stats_reducer: Callable[[np.ndarray, float], tuple[np.ndarray, float, int]] | None = None,
+                 loss_scale: DynamicLossScale | None = None) -> None:
         if aux_mode not in AUX_MODES:
             raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.aux_mode, self.aux_coef = aux_mode, float(aux_coef)
         self.graph = _TrainGraph(_LossCell(model, aux_coef, z_coef, aux_mode), optimizer, clip)
         self.apply_graph = _ApplyAccumulated(self.graph)
-        self.skip_nonfinite, self.stats_reducer = skip_nonfinite, stats_reducer
+        self.skip_nonfinite, self.stats_reducer = skip_nonfinite or loss_scale is not None, stats_reducer
+        self.loss_scale = loss_scale
         self._norm_graph: _AccumulatedNorm | None = None
         self._clear_graph: _ClearAccumulated | None = None
         self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
@@ -230,8 +242,8 @@ class TrainStep:
                            b.get("position_ids"), b["labels"])
         return t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels
 
-    def _global_weights(self, prepped: list[tuple]) -> Tensor:
-        """w_e = E * C_e / N^2 from a forward-only pass (C, N pooled over layers and micro-batches)."""
+    def _global_weights(self, prepped: list[tuple], scale: float = 1.0) -> Tensor:
+        """scale * w_e, w_e = E * C_e / N^2 from a forward-only pass (C, N pooled over layers and micro-batches)."""
         if self.aux_mode != "global":
             return Tensor(np.zeros(self.E, np.float32))
         runner = self.model.graph_runner()
@@ -243,20 +255,21 @@ class TrainStep:
         dp = 1
         if self.stats_reducer is not None:
             C, N, dp = self.stats_reducer(C, N)
-        return Tensor((dp * self.E * C / max(N, 1.0) ** 2).astype(np.float32))
+        return Tensor((scale * dp * self.E * C / max(N, 1.0) ** 2).astype(np.float32))
 
     def _run(self, batch, update: bool) -> dict:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         prepped = [self._prep(b) for b in micro]
         m = len(prepped)
-        inv_m, aux_w = Tensor(1.0 / m, ms.float32), self._global_weights(prepped)
+        S = self._scale()  # the loss scale enters through the per-term weights (no recompile)
+        inv_m, aux_w = Tensor(S / m, ms.float32), self._global_weights(prepped, S)
         sums, counts, tokens, norm = np.zeros(4), 0.0, 0, 0.0
         for i, args in enumerate(prepped):
             out = self.graph(*args, inv_m, aux_w, i == 0, update and i == m - 1)
             sums += [float(v.asnumpy()) for v in out[:4]]
             counts, norm = counts + out[4].asnumpy(), float(out[5].asnumpy())
             tokens += int(args[0].shape[0] * args[0].shape[1])
-        return {"loss": sums[0], "lm_loss": sums[1] / m, "aux": sums[2] / m,
+        return {"loss": sums[0] / S, "lm_loss": sums[1] / m, "aux": sums[2] / m,
                 "aux_megatron": sums[2] / m / self.K, "z": sums[3] / m, "grad_norm": norm,
                 "tokens": tokens, **expert_load(counts)}
 
@@ -267,22 +280,29 @@ class TrainStep:
         # copy: asnumpy() can alias the buffer, which apply() clears
         return metrics, [a.asnumpy().copy() for a in self.graph.acc]
 
+    def _scale(self) -> float:
+        return 1.0 if self.loss_scale is None else float(self.loss_scale.scale)
+
     def apply(self) -> float:
         """Clip + update from the buffered gradients (after `gradients`); returns the grad norm."""
-        return float(self.apply_graph(_TICK).asnumpy())
+        return float(self.apply_graph(Tensor(1.0 / self._scale(), ms.float32)).asnumpy())
 
     def _guarded(self, batch) -> dict:
         """Forward+backward into the buffers; update only when loss and grad norm are finite."""
         if self._norm_graph is None:
             self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
         metrics = self._run(batch, update=False)
-        norm = float(self._norm_graph(_TICK).asnumpy())
+        scale = self._scale()
+        norm = float(self._norm_graph(_TICK).asnumpy()) / scale
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
         if finite:
             self.apply()
         else:
             self._clear_graph(_TICK)
         metrics.update(grad_norm=norm, skipped=not finite)
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite)
+            metrics.update(loss_scale=scale)
         return metrics
 
     def __call__(self, batch) -> dict:

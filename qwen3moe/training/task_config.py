@@ -40,12 +40,13 @@ class RunnerConfig:
     nan_abort_after: int = 10           # abort after this many consecutive non-finite steps
     time_budget_s: float | None = None
     mfu_probe_size: int = 2048          # matmul size of the peak-FLOP/s probe; 0 = no MFU
+    compute_dtype: str = "float32"      # decoder-layer compute: float32 | float16 (bf16: not on CPU)
 
 
 @dataclass
 class RunnerWrapperConfig:
     type: str = "MFTrainOneStepCell"
-    scale_sense: Any = 1.0              # loss scaling: unused (fp32 master weights on CPU)
+    scale_sense: Any = 1.0              # dynamic loss scale for fp16 compute (training/precision.py)
     use_clip_grad: bool = True
     max_grad_norm: float = 1.0
 

@@ -62,9 +62,10 @@ TASK_FIELD_DOCS: dict[str, str] = {
     "RunnerConfig.nan_abort_after": "Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped and counted).",
     "RunnerConfig.time_budget_s": "Stop cleanly (and save) after this many seconds; null = no limit.",
     "RunnerConfig.mfu_probe_size": "Size n of the n x n x n matmul timed at start-up as the peak for MFU; 0 = no MFU.",
+    "RunnerConfig.compute_dtype": "qwen3moe addition: dtype the decoder layers compute in, float32 or float16 (fp32 master weights and AdamW state, dynamic loss scaling from runner_wrapper.scale_sense). bfloat16 is refused on CPU (no bf16 MatMul kernels). model.model_config.compute_dtype (MindSpore Transformers) is ignored.",
     # ---- runner_wrapper
     "RunnerWrapperConfig.type": NO_EFFECT + " The train step is qwen3moe.training.TrainStep.",
-    "RunnerWrapperConfig.scale_sense": "Loss scale (matters for fp16 compute only; fp32 compute ignores it).",
+    "RunnerWrapperConfig.scale_sense": "Dynamic loss scale for runner_config.compute_dtype float16 (ignored for float32): a number > 1 is the initial scale (1 = 2^16), or a DynamicLossScaleUpdateCell mapping {loss_scale_value, scale_factor, scale_window}; overflowing steps are skipped and the scale divided by scale_factor, scale_window finite steps multiply it.",
     "RunnerWrapperConfig.use_clip_grad": "Clip gradients by their global L2 norm.",
     "RunnerWrapperConfig.max_grad_norm": "Global-norm clipping threshold.",
     # ---- optimizer
