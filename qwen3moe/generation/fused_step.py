@@ -22,9 +22,9 @@ from qwen3moe.layers.attention import grouped_attention
 
 
 def fused_eligible(model: nn.Cell) -> bool:
-    """Kernels built here, float32 weights everywhere (the kernels read raw fp32 buffers) and no
-    q/k/v/o biases (the attention kernel has none)."""
-    if not decode_kernel.available():
+    """Kernels built here, float32 weights everywhere (the kernels read raw fp32 buffers), no
+    q/k/v/o biases (the attention kernel has none) and head_dim <= 1024 (its RoPE buffer)."""
+    if not decode_kernel.available() or model.config.head_dim > 1024:
         return False
     if any(p.dtype != ms.float32 for p in model.get_parameters()):
         return False
