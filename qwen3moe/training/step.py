@@ -31,10 +31,15 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
 from qwen3moe.router.losses import z_loss
-from qwen3moe.kernels.gradnorm import global_norm  # C++ sum of squares; composite fallback
-from qwen3moe.training.optimizer import clip_by_global_norm
+from qwen3moe.kernels import gradnorm as gradnorm_kernel
+from qwen3moe.training.optimizer import clip_by_global_norm, global_norm as composite_global_norm
 
 AUX_MODES = ("hf", "megatron", "global")
+
+
+def global_norm(grads):
+    """C++ sum of squares for fp32 gradients (kernels/gradnorm.py), the composite norm otherwise."""
+    return gradnorm_kernel.global_norm(grads, composite_global_norm)
 
 
 class _LossCell(nn.Cell):
