@@ -1,9 +1,10 @@
 """Global gradient norm with one C++ sum-of-squares pass per fp32 gradient.
 
-`global_norm(grads)` = sqrt(sum_i ||g_i||^2), the same contract as training/optimizer.py's
-composite `global_norm` (which stays the reference and the fallback for non-fp32 gradients or
-when kernels are unavailable / QWEN3MOE_KERNELS=0). The per-tensor sums are accumulated in double
-inside the kernel, then summed in fp32 over the (few hundred) tensors.
+`global_norm(grads, fallback)` = sqrt(sum_i ||g_i||^2), the same contract as training/optimizer.py's
+composite `global_norm`, which the caller passes as `fallback` (kernels know nothing above them):
+it stays the reference and runs for non-fp32 gradients or when kernels are unavailable
+(QWEN3MOE_KERNELS=0). The per-tensor sums are accumulated in double inside the kernel, then
+summed in fp32 over the (few hundred) tensors.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from qwen3moe.kernels.build import kernel_library
-from qwen3moe.training.optimizer import global_norm as composite_global_norm
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,10 +29,11 @@ def available() -> bool:
     return _op() is not None
 
 
-def global_norm(grads) -> Tensor:
-    """sqrt(sum_i ||g_i||^2) in fp32 (graph-traceable); kernel path when every gradient is fp32."""
+def global_norm(grads, fallback) -> Tensor:
+    """sqrt(sum_i ||g_i||^2) in fp32 (graph-traceable); kernel path when every gradient is fp32,
+    else `fallback(grads)`."""
     if not _all_fp32(grads):
-        return composite_global_norm(grads)
+        return fallback(grads)
     sq = _op()
     return ops.sqrt(ops.concat([sq(g) for g in grads]).sum())
 

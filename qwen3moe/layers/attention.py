@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from qwen3moe.kernels import attention as attention_kernel
+from qwen3moe.kernels import norm_rope as norm_rope_kernel
 from qwen3moe.layers.linear import Linear
 from qwen3moe.layers.norm import RMSNorm
 from qwen3moe.layers.rope import apply_rope
@@ -45,17 +46,30 @@ class Qwen3MoeAttention(nn.Cell):
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, param_dtype)
         # fused C++ core (fwd + bwd) when built here; grouped_attention stays the reference
         self.use_kernel = attention_kernel.available()
+        self.use_norm_rope = norm_rope_kernel.available()  # q/k norm + RoPE + transpose in one op
 
     def project_qkv(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor):
         """q [B,N,S,D], k and v [B,K,S,D]; q/k normed per head, then rotated."""
         B, S, H = x_BSH.shape
         D = self.head_dim
         x_TH = x_BSH.reshape(B * S, H)
+        if (self.use_norm_rope and x_BSH.dtype == ms.float32 and cos_BSD.dtype == ms.float32
+                and self.q_norm.weight.dtype == ms.float32 and self.k_norm.weight.dtype == ms.float32):
+            return self._project_qkv_fused(x_TH, B, S, cos_BSD, sin_BSD)
         q = self.q_norm(self.q_proj(x_TH).reshape(B, S, self.num_heads, D)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x_TH).reshape(B, S, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
         v = self.v_proj(x_TH).reshape(B, S, self.num_kv_heads, D).transpose(0, 2, 1, 3)
         cos, sin = cos_BSD.expand_dims(1), sin_BSD.expand_dims(1)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _project_qkv_fused(self, x_TH: Tensor, B: int, S: int, cos_BSD: Tensor, sin_BSD: Tensor):
+        D = self.head_dim
+        q_BSND = self.q_proj(x_TH).reshape(B, S, self.num_heads, D)
+        k_BSKD = self.k_proj(x_TH).reshape(B, S, self.num_kv_heads, D)
+        q = norm_rope_kernel.norm_rope(q_BSND, self.q_norm.weight, self.q_norm.eps_1, cos_BSD, sin_BSD)
+        k = norm_rope_kernel.norm_rope(k_BSKD, self.k_norm.weight, self.k_norm.eps_1, cos_BSD, sin_BSD)
+        v = self.v_proj(x_TH).reshape(B, S, self.num_kv_heads, D).transpose(0, 2, 1, 3)
+        return q, k, v
 
     def output(self, o_BNSD: Tensor) -> Tensor:
         B, N, S, D = o_BNSD.shape

@@ -36,14 +36,19 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
-from qwen3moe.kernels.gradnorm import global_norm  # C++ sum of squares; composite fallback
+from qwen3moe.kernels import gradnorm as gradnorm_kernel
 from qwen3moe.router.losses import router_seq_stats, seq_aux_loss, z_loss
 from qwen3moe.router.topk import route
-from qwen3moe.training.optimizer import clip_by_global_norm
+from qwen3moe.training.optimizer import clip_by_global_norm, global_norm as composite_global_norm
 from qwen3moe.training.precision import DynamicLossScale
 
 AUX_MODES = ("hf", "megatron", "global", "seq")
 _TICK = Tensor(0.0, ms.float32)
+
+
+def global_norm(grads):
+    """C++ sum of squares for fp32 gradients (kernels/gradnorm.py), the composite norm otherwise."""
+    return gradnorm_kernel.global_norm(grads, composite_global_norm)
 
 
 class _LossCell(nn.Cell):
