@@ -79,7 +79,11 @@ def shards(tmp_path) -> dict[str, np.ndarray]:
     return assemble(items)
 
 
-@pytest.mark.parametrize("layout, M, steps", [(["--dp", "2"], 1, 3), (["--pp", "2"], 2, 1)], ids=["dp2", "pp2"])
+@pytest.mark.parametrize("layout, M, steps", [
+    (["--dp", "2"], 1, 3), (["--pp", "2"], 2, 1),
+    (["--tp", "2", "--sp"], 1, 1),      # sequence parallel: gather / reduce-scatter by tokens over tp
+    (["--dp", "2", "--zero1"], 1, 2),   # ZeRO-1: moments sharded, chunks all-gathered; 2 steps use them
+], ids=["dp2", "pp2", "tp2-sp", "dp2-zero1"])
 def test_training_equals_single_process(tmp_path, tiny, layout, M, steps):
     rc, err, results = launch(tmp_path, "dist-parallel", "--model", str(tiny), "--mode", "train",
                               "--batch", "4", "--seq", "6", "--steps", str(steps), "--micro_batch_num", str(M),

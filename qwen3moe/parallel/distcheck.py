@@ -14,6 +14,8 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", choices=["generate", "train"], required=True)
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1)
+    p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")
+    p.add_argument("--zero1", action="store_true", help="ZeRO-1: shard the AdamW moments (train)")
     p.add_argument("--micro_batch_num", type=int, default=1)
     p.add_argument("--batch", type=int, default=2, help="global batch (train) / prompts (generate)")
     p.add_argument("--seq", type=int, default=8)
@@ -38,7 +40,7 @@ def run(args) -> int:
     ms.set_device("CPU")
     init()
     rank, size = get_rank(), get_group_size()
-    mesh = Mesh(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, micro_batch_num=args.micro_batch_num)
+    mesh = Mesh(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, sp=args.sp, micro_batch_num=args.micro_batch_num)
     if mesh.world_size != size:
         raise MeshError(f"dp*tp*pp = {mesh.world_size} but {size} processes were launched")
     pl = ParallelLM.from_pretrained(args.model, mesh, train=args.mode == "train",
@@ -47,7 +49,7 @@ def run(args) -> int:
     if args.mode == "generate":
         result = {"tokens": greedy(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps).tolist()}
     else:
-        result = {"losses": train(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, args.lr)}
+        result = {"losses": train(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, args.lr, args.zero1)}
         save_shards(pl, Path(args.out) / f"shards_rank{rank}.npz")
     print("RESULT " + json.dumps({"rank": rank, "size": size, "bytes_read": pl.bytes_read, **result}), flush=True)
     return 0
@@ -66,10 +68,10 @@ def greedy(pl, ids: np.ndarray, steps: int) -> np.ndarray:
     return ids
 
 
-def train(pl, ids: np.ndarray, steps: int, lr: float) -> list[float]:
+def train(pl, ids: np.ndarray, steps: int, lr: float, zero1: bool = False) -> list[float]:
     from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
 
-    opt = ShardedAdamW(pl, lr=lr, eps=1e-3, weight_decay=0.1)
+    opt = ShardedAdamW(pl, zero1=zero1, lr=lr, eps=1e-3, weight_decay=0.1)
     losses = []
     for _ in range(steps):
         loss, grads = pl.loss_and_grads(ids, ids)

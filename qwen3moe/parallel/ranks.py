@@ -8,6 +8,8 @@ ep) and the group over which its gradient is summed:
             routes its own 1/tp of the tokens: sequence-parallel MoE input, as Megatron requires
             for MoE with tp > 1) and q/k norm (each tp rank normalises its own heads)
     "edp"   expert shards, replicated over the expert-data-parallel group
+    "kv<r>" k/v projections when tp > K: each kv head replicated over r = tp/K tp ranks (vLLM),
+            each with the gradient of its own q heads only: summed over those ranks and dp
 Shapes: V vocab, H hidden, E experts, I expert ffn, F dense ffn, N/K query/kv heads, D head dim.
 """
 from __future__ import annotations
@@ -89,14 +91,22 @@ class RankStage(nn.Cell):
             self.lm_head = Parameter(Tensor(np.zeros((V // mesh.tp, H), np.float32)), name="lm_head")
 
 
-def _info(local: str, hf: str, mesh: Mesh, n: int) -> ShardInfo:
+def _info(local: str, hf: str, mesh: Mesh, n: int, K: int) -> ShardInfo:
     tp_j = n % mesh.tp
+    if K < mesh.tp and (".k_proj." in local or ".v_proj." in local):
+        # vLLM: each kv head replicated r = tp/K times; the rank holds block j // r of K, and its
+        # gradient is partial (its own q heads only): summed over the ranks sharing the head
+        r = mesh.tp // K
+        return ShardInfo(hf, style_of(hf, TP_PLAN), tp_j // r, K, sync=f"kv{r}")
     if ".experts." in local:
         g = n % (mesh.ep * mesh.expert_tp)
         return ShardInfo(hf, style_of(hf, TP_PLAN), g % mesh.expert_tp, mesh.expert_tp,
                          g // mesh.expert_tp, mesh.ep, "edp")
-    # router: each tp rank routes its own tokens; q/k norm: each tp rank normalises its own heads
-    sync = "stage" if (".gate." in local or "_norm." in local) else "dp"
+    # router: each tp rank routes its own tokens; q/k norm: each tp rank normalises its own heads;
+    # sequence parallel: each tp rank applies the layer / final norms to its own tokens only
+    partial = ".gate." in local or "_norm." in local or \
+        (mesh.sp and ("layernorm." in local or local.startswith("norm.")))
+    sync = "stage" if partial else "dp"
     return ShardInfo(hf, style_of(hf, TP_PLAN), tp_j, mesh.tp, sync=sync)
 
 
@@ -113,16 +123,11 @@ def hf_name(local: str, stage: RankStage) -> str:
     return f"model.layers.{i}.{rest}"
 
 
-def slice_for(info: ShardInfo, full: np.ndarray, cfg) -> np.ndarray:
+def slice_for(info: ShardInfo, full: np.ndarray) -> np.ndarray:
     """The rank's slice of an HF tensor (experts: ep block, then the etp style)."""
     arr = full
     if info.ep_size > 1:
         arr = shard_array(arr, "expert", info.ep_rank, info.ep_size)
-    if info.style == "column" and info.name.endswith(("k_proj.weight", "v_proj.weight")) \
-            and cfg.num_key_value_heads < info.tp_size:
-        D, K, N = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
-        head = (info.tp_rank * (N // info.tp_size)) // (N // K)  # vLLM: kv head replicated tp/K times
-        return arr[head * D:(head + 1) * D]
     return shard_array(arr, info.style, info.tp_rank, info.tp_size)
 
 
@@ -134,8 +139,8 @@ def build_stage(cfg, mesh: Mesh, s: int, n: int, layers: range, get) -> tuple[Ra
     entries = []
     for local, p in cell.parameters_and_names():
         hf = hf_name(local, cell)
-        info = _info(local, hf, mesh, n)
-        arr = get.read_shard(info, cfg) if hasattr(get, "read_shard") else slice_for(info, get(hf), cfg)
+        info = _info(local, hf, mesh, n, cfg.num_key_value_heads)
+        arr = get.read_shard(info, cfg) if hasattr(get, "read_shard") else slice_for(info, get(hf))
         if tuple(arr.shape) != tuple(p.shape):
             raise ValueError(f"{hf}: shard of shape {list(arr.shape)} for rank {n} of stage {s}, "
                              f"expected {list(p.shape)}")
