@@ -231,8 +231,9 @@ def test_pipeline_offsets_and_errors(setup):
         stage_layers(3, 2, [1, 1])
     pl = ParallelLM.from_model(model, Mesh(pp=2, micro_batch_num=2), offset=[1, 0])
     np.testing.assert_allclose(pl.logits(ids), model(ids).logits.asnumpy(), rtol=0, atol=1e-5)
-    with pytest.raises(MeshError, match="num_key_value_heads"):
-        ParallelLM(cfg.__class__.from_preset("tiny"), Mesh(tp=4), lambda k: None)
+    with pytest.raises(MeshError, match="num_key_value_heads=3 or be a multiple"):  # tp=2, K=3
+        ParallelLM(cfg.__class__.from_preset("tiny", num_attention_heads=6, num_key_value_heads=3),
+                   Mesh(tp=2), lambda k: None)
     with pytest.raises(ValueError, match="divisible by dp"):
         ParallelLM.from_model(model, Mesh(dp=2, micro_batch_num=4)).split_batch(ids)
 

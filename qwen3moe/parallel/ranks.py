@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn
+from mindspore.common.initializer import initializer
 
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.layers.dtypes import skip_init
@@ -74,21 +76,40 @@ class RankLayer(nn.Cell):
 
 
 class RankStage(nn.Cell):
-    """What one rank of one pipeline stage holds."""
+    """What one rank of one pipeline stage holds. `load(stage, prefix, cell)`, when given, fills
+    each layer's shards as soon as it is built, so the zero buffers it is created with are
+    freed (and reused by the next layer) instead of all being alive at once: a rank's peak
+    memory while loading stays near its shard."""
 
-    def __init__(self, cfg, mesh: Mesh, layers: range, first: bool, last: bool) -> None:
+    def __init__(self, cfg, mesh: Mesh, layers: range, first: bool, last: bool, load=None) -> None:
         super().__init__()
         V, H = cfg.vocab_size, cfg.hidden_size
         self.layer_ids = list(layers)
         self.first, self.last = first, last
+        built = []
         with skip_init():
-            self.layers = nn.CellList([RankLayer(cfg, cfg.is_sparse_layer(i), mesh) for i in layers])
+            for j, i in enumerate(layers):
+                built.append(RankLayer(cfg, cfg.is_sparse_layer(i), mesh))
+                if load is not None:
+                    load(self, f"layers.{j}.", built[-1])
+            self.layers = nn.CellList(built)
             if last:
                 self.norm = RMSNorm(H, cfg.rms_norm_eps)
         if first:
-            self.embed = Parameter(Tensor(np.zeros((V // mesh.tp, H), np.float32)), name="embed")
+            self.embed = _vocab_param("embed", (V // mesh.tp, H), lazy=load is not None)
         if last:
-            self.lm_head = Parameter(Tensor(np.zeros((V // mesh.tp, H), np.float32)), name="lm_head")
+            self.lm_head = _vocab_param("lm_head", (V // mesh.tp, H), lazy=load is not None)
+
+
+def _vocab_param(name: str, shape: tuple, lazy: bool) -> Parameter:
+    """The largest shards: with a loader they get no buffer of their own before the load
+    (MindSpore's deferred initialisation), so a load never holds two copies."""
+    if not lazy:
+        return Parameter(Tensor(np.zeros(shape, np.float32)), name=name)
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        return Parameter(initializer("zeros", shape, ms.float32), name=name)
 
 
 def _info(local: str, hf: str, mesh: Mesh, n: int, K: int) -> ShardInfo:
@@ -135,19 +156,52 @@ def build_stage(cfg, mesh: Mesh, s: int, n: int, layers: range, get) -> tuple[Ra
     """Rank n of stage s with its shards loaded; `get(hf_name)` returns the full array, or `get`
     has `read_shard(info, cfg)` returning just the slice (checkpoint.ShardReader).
     Returns (cell, [(Parameter, ShardInfo)])."""
-    cell = RankStage(cfg, mesh, layers, s == 0, s == mesh.pp - 1)
+    infos: dict[int, ShardInfo] = {}
+
+    def load(stage: RankStage, prefix: str, sub: nn.Cell) -> None:
+        for name, p in sub.parameters_and_names():
+            infos[id(p)] = _load_one(cfg, mesh, s, n, stage, prefix + name, p, get)
+        _release_freed_heap()
+
+    cell = RankStage(cfg, mesh, layers, s == 0, s == mesh.pp - 1, load)
     entries = []
     for local, p in cell.parameters_and_names():
-        hf = hf_name(local, cell)
-        info = _info(local, hf, mesh, n, cfg.num_key_value_heads)
-        arr = get.read_shard(info, cfg) if hasattr(get, "read_shard") else slice_for(info, get(hf))
-        if tuple(arr.shape) != tuple(p.shape):
-            raise ValueError(f"{hf}: shard of shape {list(arr.shape)} for rank {n} of stage {s}, "
-                             f"expected {list(p.shape)}")
-        p.set_data(Tensor(np.ascontiguousarray(arr, np.float32)))
-        p.name = f"s{s}.r{n}.{hf}"  # unique across ranks simulated in one process
-        entries.append((p, info))
+        info = infos.get(id(p)) or _load_one(cfg, mesh, s, n, cell, local, p, get)
+        p.name = f"s{s}.r{n}.{info.name}"  # unique across ranks simulated in one process (set
+        entries.append((p, info))           # here: adding a layer to the CellList renames it)
     return cell, entries
+
+
+def _release_freed_heap() -> None:
+    """glibc keeps the freed zero buffers and read temporaries of a layer mapped (its dynamic
+    mmap threshold moves them to the heap); returning them after each layer keeps a rank's
+    peak memory while loading near its shard. A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _load_one(cfg, mesh: Mesh, s: int, n: int, stage: RankStage, local: str, p: Parameter, get) -> ShardInfo:
+    hf = hf_name(local, stage)
+    info = _info(local, hf, mesh, n, cfg.num_key_value_heads)
+    if hasattr(get, "read_shard"):  # a fresh array per call: the Parameter may own it
+        arr = np.ascontiguousarray(get.read_shard(info, cfg), np.float32)
+    else:  # a view of the caller's full array: copy, replicas must not share memory
+        arr = np.array(slice_for(info, get(hf)), np.float32, order="C", copy=True)
+    if tuple(arr.shape) != tuple(p.shape):
+        raise ValueError(f"{hf}: shard of shape {list(arr.shape)} for rank {n} of stage {s}, "
+                         f"expected {list(p.shape)}")
+    p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
+    return info
 
 
 def unsplit(parts: list[np.ndarray], style: str) -> np.ndarray:
