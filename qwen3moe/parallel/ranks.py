@@ -6,7 +6,8 @@ ep) and the group over which its gradient is summed:
     "dp"    dense weights replicated across data-parallel ranks
     "stage" replicated over tp too but with partial gradients there: the router (each tp rank
             routes its own 1/tp of the tokens: sequence-parallel MoE input, as Megatron requires
-            for MoE with tp > 1) and q/k norm (each tp rank normalises its own heads)
+            for MoE with tp > 1) and q/k norm (each tp rank normalises its own heads); with
+            sequence parallel also the layer and final norms (each tp rank's own tokens)
     "edp"   expert shards, replicated over the expert-data-parallel group
     "kv<r>" k/v projections when tp > K: each kv head replicated over r = tp/K tp ranks (vLLM),
             each with the gradient of its own q heads only: summed over those ranks and dp
