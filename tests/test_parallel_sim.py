@@ -25,10 +25,10 @@ def models():
     return out
 
 
-@pytest.mark.parametrize("name", ["tiny-fp32-gqa", "tiny-mqa-dense"])
 SLOW = pytest.mark.slow
 
 
+@pytest.mark.parametrize("name", ["tiny-fp32-gqa", "tiny-mqa-dense"])
 @pytest.mark.parametrize("tp, ep, sp", [(1, 1, False), (2, 1, False), (4, 1, False), (1, 2, False),
                                         pytest.param(1, 4, False, marks=SLOW), (2, 2, False),
                                         pytest.param(2, 4, False, marks=SLOW), pytest.param(4, 2, False, marks=SLOW),
