@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export GLOG_v ?= 3
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-slow demo clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 venv: $(VENV)/.installed
 
+# `make test`: the default suite (~10-13 min on 2 cores). `make test-slow`: the tests marked slow
+# (real multi-process runs under msrun, the larger simulated parallel layouts); CI runs both.
 test: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+test-slow: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests
 
 demo: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m qwen3moe.demo

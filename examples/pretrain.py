@@ -55,7 +55,7 @@ def main() -> None:
     for i in range(args.steps):
         batch = data.batch(i)
         m = step(batch)
-        tokens += batch.size
+        tokens += batch["input_ids"].size
         if i % max(1, args.steps // 10) == 0 or i == args.steps - 1:
             print(f"step {i + 1:4d}/{args.steps} loss {m['loss']:.4f} aux {m['aux']:.3f} "
                   f"lr {m['lr']:.2e}")

@@ -1,6 +1,7 @@
 """Every README.md / docs/*.md code block marked `<!-- runnable ... -->` runs from the repo root.
 
 Marked blocks must use only committed fixtures, so the docs fail CI when they rot. A block marked
+`<!-- runnable slow -->` runs with the slow tests (`make test-slow`); one marked
 `<!-- runnable expect -->` must be followed by a ```text block: its stdout must equal that text.
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ def runnable_blocks():
         for i, (flags, lang, code, expected) in enumerate(BLOCK.findall(doc.read_text())):
             if re.search(r"\bexpect\b", flags) and not expected:
                 raise AssertionError(f"{doc.name}: block {i} is marked expect but has no ```text block after it")
+            marks = [pytest.mark.slow] if re.search(r"\bslow\b", flags) else []
             yield pytest.param(lang, code, expected if re.search(r"\bexpect\b", flags) else None,
-                               id=f"{doc.name}-{i}-{lang}")
+                               id=f"{doc.name}-{i}-{lang}", marks=marks)
 
 
 @pytest.mark.parametrize("lang, code, expected", list(runnable_blocks()))

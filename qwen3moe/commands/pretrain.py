@@ -279,7 +279,19 @@ def build_step(cfg: TaskConfig, model: Any, steps: int):
     opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps,
                 weight_decay=o.weight_decay, no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
     clip = w.max_grad_norm if w.use_clip_grad else None
+    apply_recompute_config(cfg, model)
     return TrainStep(model, opt, clip=clip, schedule=sched, skip_nonfinite=True, **cfg.moe_training())
+
+
+def apply_recompute_config(cfg: TaskConfig, model: Any) -> list[int]:
+    """Mark decoder layers for recompute per recompute_config.recompute (training/recompute.py)."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.training.recompute import RecomputeError, apply_recompute
+
+    try:
+        return apply_recompute(model, cfg.recompute_config.recompute, cfg.parallel_config.pipeline_stage)
+    except RecomputeError as exc:
+        raise CliError(str(exc)) from None
 
 
 # ---- the run --------------------------------------------------------------------------------

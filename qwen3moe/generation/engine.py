@@ -8,6 +8,9 @@ with host-built indices (measured fastest on CPU, see MINDSPORE_CPU.md), so the 
 static shapes: one compile per (B, Sq, T). Slot layout per row: the left-padded prompt occupies
 slots [0, P), decode step t writes slot P + t; the host-built additive bias hides pad slots and
 future slots, and positions are cumsum(mask) - 1 per row (pads get 1, as transformers 5).
+With float32 weights and the C++ kernels built here, the step graph is generation/fused_step.py
+instead (same cache Parameters and host bookkeeping, kernels write the cache in place); this
+composite graph is the reference and the fallback (QWEN3MOE_KERNELS=0, bf16, attention bias).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
@@ -141,6 +145,11 @@ class DecodeEngine:
         self.batch, self.slots = batch, slots
         self.uid = next(_ENGINE_IDS)
         self.cell = _StepCell(model, batch, slots, self.uid)
+        self.fused = fused_eligible(model)
+        if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
+            self.cell = FusedStepCell(model, batch, self.cell.k_cache, self.cell.v_cache)
+        moe = model.config
+        self.meta_head = [int(moe.num_experts_per_tok), int(bool(moe.norm_topk_prob)), 0]
         self.valid_BT = np.zeros((batch, slots), bool)  # slots a query may attend (real tokens)
         self.next_pos_B = np.zeros(batch, np.int64)
         self.cursor = 0  # next slot to write
@@ -148,13 +157,16 @@ class DecodeEngine:
     def _run(self, ids_BS: np.ndarray, pos_BS: np.ndarray, bias_B1ST: np.ndarray) -> np.ndarray:
         B, S = ids_BS.shape
         cos, sin = rope_tables(self.config, pos_BS)
-        idx = np.empty((B, self.config.num_key_value_heads, S, 3), np.int32)
-        idx[..., 0] = np.arange(B)[:, None, None]
-        idx[..., 1] = np.arange(self.config.num_key_value_heads)[None, :, None]
-        idx[..., 2] = self.cursor + np.arange(S)[None, None, :]
+        if self.fused:  # the kernels take the first slot to write (+ MoE settings)
+            where = np.array([self.cursor, *self.meta_head], np.int32)
+        else:
+            where = np.empty((B, self.config.num_key_value_heads, S, 3), np.int32)
+            where[..., 0] = np.arange(B)[:, None, None]
+            where[..., 1] = np.arange(self.config.num_key_value_heads)[None, :, None]
+            where[..., 2] = self.cursor + np.arange(S)[None, None, :]
         _COMPILED.add((self.uid, B, S, self.slots))
         logits = self.cell(Tensor(ids_BS.astype(np.int32)), Tensor(cos), Tensor(sin),
-                           Tensor(bias_B1ST), Tensor(idx))
+                           Tensor(bias_B1ST), Tensor(where))
         self.cursor += S
         return logits.asnumpy()
 
@@ -170,6 +182,8 @@ class DecodeEngine:
         self.valid_BT[:] = False
         self.valid_BT[:, :P] = mask
         allowed = self.valid_BT[:, None, :] & (np.arange(self.slots)[None, None, :] <= np.arange(P)[None, :, None])
+        if self.fused:  # the fused prefill attends over the prompt's own slots [0, P) only
+            allowed = allowed[:, :, :P]
         bias = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]
         self.next_pos_B = mask.sum(1).astype(np.int64)
         return self._run(ids_BP, pos, bias)

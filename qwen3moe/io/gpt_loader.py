@@ -35,10 +35,23 @@ class GPTBatches:
     def items(self, i: int) -> list[dict]:
         return [self.ds[int(j)] for j in self.sample_ids(i)]
 
-    def batch(self, i: int) -> np.ndarray:
-        """[B, S+1] token ids (the model shifts labels internally: same objective as Megatron's
-        input_ids/labels pair)."""
+    def tokens(self, i: int) -> np.ndarray:
+        """[B, S+1] token ids: each sample's inputs plus its last label (the model shifts labels
+        internally: same objective as Megatron's input_ids/labels pair)."""
         return np.stack([np.concatenate([it["input_ids"], it["labels"][-1:]]) for it in self.items(i)])
+
+    def batch(self, i: int) -> dict[str, np.ndarray]:
+        """{"input_ids": [B, S+1], "labels": [B, S+1]} for TrainStep. The dataset's loss_mask
+        (eod_mask_loss, padding) is honoured: loss_mask[t] = 0 masks the prediction of
+        labels[t] = token t+1, which in the [B, S+1] frame is label position t+1 -> -100 (the
+        model ignores -100 after its shift, and position 0 is never a target)."""
+        items = self.items(i)
+        ids = np.stack([np.concatenate([it["input_ids"], it["labels"][-1:]]) for it in items])
+        mask_BS = np.stack([np.asarray(it.get("loss_mask", np.ones(len(it["labels"]))), np.float32)
+                            for it in items])
+        labels = ids.copy()
+        labels[:, 1:][mask_BS <= 0] = -100
+        return {"input_ids": ids, "labels": labels}
 
     def position(self, i: int) -> int:
         """The sample offset to resume from after batch i."""

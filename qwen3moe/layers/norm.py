@@ -1,12 +1,15 @@
 """RMSNorm exactly as HF Qwen3: fp32 `x * rsqrt(mean(x^2) + eps)`, cast back, times weight.
 
 Shapes: any leading dims, last dim = normalised features.
+fp32 activations and weights go through the fused C++ op (kernels/rmsnorm.py, forward and
+backward in one pass each) when it builds here; the composite form below is the reference.
 """
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from qwen3moe.kernels import rmsnorm as rmsnorm_kernel
 from qwen3moe.layers.dtypes import init_param
 
 
@@ -15,8 +18,15 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.eps = eps
         self.weight = init_param((dim,), None, "weight", param_dtype)
+        self.use_kernel = rmsnorm_kernel.available()
+        self.eps_1 = Tensor([eps], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
+        if self.use_kernel and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+            return rmsnorm_kernel.rms_norm(x, self.weight, self.eps_1)
+        return self.composite(x)
+
+    def composite(self, x: Tensor) -> Tensor:
         in_dtype = x.dtype
         x32 = x.astype(ms.float32)
         var = ops.mean(x32 * x32, -1, keep_dims=True)

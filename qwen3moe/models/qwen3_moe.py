@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from qwen3moe.kernels.cross_entropy import token_cross_entropy
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.layers.dtypes import init_param
 from qwen3moe.layers.experts import Qwen3MoeExperts
@@ -196,7 +197,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
         if labels_T is not None:
             valid_T = (labels_T != -100).astype(ms.float32)
             safe_T = ops.select(labels_T != -100, labels_T, ops.zeros_like(labels_T))
-            ce_T = ops.cross_entropy(logits_TV.astype(ms.float32), safe_T, reduction="none")
+            ce_T = token_cross_entropy(logits_TV.astype(ms.float32), safe_T)  # C++ kernel or composite
             lm_loss = (ce_T * valid_T).sum() / ops.maximum(valid_T.sum(), Tensor(1.0, ms.float32))
             loss = lm_loss
         if want_router and len(stats) == 3:

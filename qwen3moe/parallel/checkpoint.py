@@ -88,8 +88,10 @@ def save_sharded(pl, directory) -> list[Path]:
         for n, entries in per.items():
             rank = s * m.dp * m.tp + n
             path = d / f"rank_{rank}.safetensors"
-            write_safetensors(str(path), [(_key(i), p.asnumpy().astype(np.float32), "F32") for p, i in entries],
+            tmp = d / f".rank_{rank}.safetensors.tmp"  # renamed when complete: no half-written rank file
+            write_safetensors(str(tmp), [(_key(i), p.asnumpy().astype(np.float32), "F32") for p, i in entries],
                               {"format": "qwen3moe-sharded", "mesh": f"dp{m.dp}.tp{m.tp}.pp{m.pp}.ep{m.ep}"})
+            os.replace(tmp, path)
             written.append(path)
     return written
 

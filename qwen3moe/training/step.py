@@ -13,7 +13,13 @@ pooled over all sparse layers as HF does, i.e. summed over layers with n counted
               aux_global = E * sum_e (C_e/N)(S_e/N) = sum_i sum_e w_e s_ie with w_e = E C_e / N^2,
               so each micro-batch contributes the linear term sum_e w_e s_ie, exactly. C and N
               come from a forward-only pass over the micro-batches first (one extra forward).
-              With M = 1 it equals "hf".
+              With M = 1 it equals "hf". Under data parallelism `stats_reducer` (parallel/aux.py
+              dp_stats_reducer) sums C and N over the dp ranks too, and scales w by dp because
+              rank gradients are averaged: the mean gradient is that of the dp-global aux.
+  "seq"       aux_i = seq_aux(c_bi, s_bi, n_bi) / (K * M): Megatron `seq_aux_loss` (DeepSeek-V2
+              sequence-level balance): the Megatron-normalised switch loss per sequence b, with
+              statistics pooled over layers, averaged over the micro-batch's sequences
+              (router/losses.py). One sequence per micro-batch: equals "megatron".
 z-loss (ST-MoE): mean over sparse layers of mean_t logsumexp(router logits_t)^2.
 Gradients are summed over micro-batches (= grad of the mean loss), then clipped by global norm
 (torch clip_grad_norm_ semantics) and applied by the optimizer.
@@ -30,10 +36,13 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
-from qwen3moe.router.losses import z_loss
-from qwen3moe.training.optimizer import clip_by_global_norm, global_norm
+from qwen3moe.kernels.gradnorm import global_norm  # C++ sum of squares; composite fallback
+from qwen3moe.router.losses import router_seq_stats, seq_aux_loss, z_loss
+from qwen3moe.router.topk import route
+from qwen3moe.training.optimizer import clip_by_global_norm
 
-AUX_MODES = ("hf", "megatron", "global")
+AUX_MODES = ("hf", "megatron", "global", "seq")
+_TICK = Tensor(0.0, ms.float32)
 
 
 class _LossCell(nn.Cell):
@@ -58,6 +67,8 @@ class _LossCell(nn.Cell):
             counts_LE, s_E, aux_hf = ops.zeros((1, self.E), ms.float32), ops.zeros(self.E, ms.float32), zero
         if self.aux_mode == "global":
             aux_term = (aux_w * s_E).sum()
+        elif self.aux_mode == "seq":
+            aux_term = self.seq_aux(router_logits, mask, ids.shape[0]) / self.K * inv_m
         elif self.aux_mode == "megatron":
             aux_term = aux_hf / self.K * inv_m
         else:
@@ -68,6 +79,19 @@ class _LossCell(nn.Cell):
         z = z / max(len(router_logits), 1)
         loss = lm * inv_m + self.aux_coef * aux_term + self.z_coef * z * inv_m
         return loss, lm, aux_hf, z, counts_LE
+
+
+    def seq_aux(self, router_logits, mask, batch: int) -> Tensor:
+        """HF-scale sequence-level aux pooled over sparse layers; the router's own softmax/top-k
+        (`route`) on its logits reproduces its probabilities and choices exactly."""
+        c_BE, s_BE, n_B = None, None, None
+        for lg in router_logits:
+            probs_TE, _, idx_TK = route(lg, self.K, False)
+            c, p, n = router_seq_stats(probs_TE, idx_TK, mask, batch)
+            c_BE, s_BE, n_B = (c, p, n) if c_BE is None else (c_BE + c, s_BE + p, n_B + n)
+        if c_BE is None:
+            return Tensor(0.0, ms.float32)
+        return seq_aux_loss(c_BE, s_BE, n_B)
 
 
 class _TrainGraph(nn.Cell):
@@ -114,6 +138,9 @@ class _TrainGraph(nn.Cell):
             ops.assign(a, ops.zeros_like(a))
 
 
+# The buffer graphs below take a dummy tensor `tick`: a compiled graph with no inputs does not
+# see host-side Parameter.set_data (MindSpore 2.10 reads the value frozen at its first call),
+# so `AdamW.set_lr` between steps was ignored by the update and the lr stayed at step 1's value.
 class _AccumulatedNorm(nn.Cell):
     """Compiled: global norm of the accumulation buffers (checked before an update is applied)."""
 
@@ -122,7 +149,7 @@ class _AccumulatedNorm(nn.Cell):
         self.graph = graph
 
     @ms.jit
-    def construct(self):
+    def construct(self, tick):
         return global_norm(tuple(self.graph.acc))
 
 
@@ -134,9 +161,9 @@ class _ClearAccumulated(nn.Cell):
         self.graph = graph
 
     @ms.jit
-    def construct(self):
+    def construct(self, tick):
         self.graph.clear()
-        return Tensor(0.0, ms.float32)
+        return tick
 
 
 class _ApplyAccumulated(nn.Cell):
@@ -147,7 +174,7 @@ class _ApplyAccumulated(nn.Cell):
         self.graph = graph
 
     @ms.jit
-    def construct(self):
+    def construct(self, tick):
         norm = self.graph.clip_and_update(tuple(self.graph.acc))
         self.graph.clear()
         return norm
@@ -173,6 +200,9 @@ class TrainStep:
     expert_load_max (per layer: max_e share_e / mean_e share_e, 1 = perfect balance),
     tokens, step_time_s, expert_share ([L, E] token shares).
 
+    `stats_reducer` (aux_mode "global" under data parallelism): (C_E, N) -> summed over dp ranks
+    and dp; see parallel/aux.py.
+
     `skip_nonfinite=True` checks the loss and the gradient norm before applying the update:
     a non-finite step changes no parameter or moment and reports `skipped: True` (the data
     position and schedule still advance). It costs one extra compiled norm pass per step.
@@ -180,14 +210,15 @@ class TrainStep:
 
     def __init__(self, model: nn.Cell, optimizer: nn.Cell, aux_coef: float = 1e-3, z_coef: float = 0.0,
                  clip: float | None = 1.0, aux_mode: str = "hf",
-                 schedule: Callable[[int], float] | None = None, skip_nonfinite: bool = False) -> None:
+                 schedule: Callable[[int], float] | None = None, skip_nonfinite: bool = False,
+                 stats_reducer: Callable[[np.ndarray, float], tuple[np.ndarray, float, int]] | None = None) -> None:
         if aux_mode not in AUX_MODES:
             raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.aux_mode, self.aux_coef = aux_mode, float(aux_coef)
         self.graph = _TrainGraph(_LossCell(model, aux_coef, z_coef, aux_mode), optimizer, clip)
         self.apply_graph = _ApplyAccumulated(self.graph)
-        self.skip_nonfinite = skip_nonfinite
+        self.skip_nonfinite, self.stats_reducer = skip_nonfinite, stats_reducer
         self._norm_graph: _AccumulatedNorm | None = None
         self._clear_graph: _ClearAccumulated | None = None
         self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
@@ -209,7 +240,10 @@ class TrainStep:
             stats = runner(*args, 0, True, False)[-1]
             C += stats[0].asnumpy().sum(0)
             N += float(stats[2].asnumpy()) * stats[0].shape[0]
-        return Tensor((self.E * C / max(N, 1.0) ** 2).astype(np.float32))
+        dp = 1
+        if self.stats_reducer is not None:
+            C, N, dp = self.stats_reducer(C, N)
+        return Tensor((dp * self.E * C / max(N, 1.0) ** 2).astype(np.float32))
 
     def _run(self, batch, update: bool) -> dict:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
@@ -235,19 +269,19 @@ class TrainStep:
 
     def apply(self) -> float:
         """Clip + update from the buffered gradients (after `gradients`); returns the grad norm."""
-        return float(self.apply_graph().asnumpy())
+        return float(self.apply_graph(_TICK).asnumpy())
 
     def _guarded(self, batch) -> dict:
         """Forward+backward into the buffers; update only when loss and grad norm are finite."""
         if self._norm_graph is None:
             self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
         metrics = self._run(batch, update=False)
-        norm = float(self._norm_graph().asnumpy())
+        norm = float(self._norm_graph(_TICK).asnumpy())
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
         if finite:
             self.apply()
         else:
-            self._clear_graph()
+            self._clear_graph(_TICK)
         metrics.update(grad_norm=norm, skipped=not finite)
         return metrics
 

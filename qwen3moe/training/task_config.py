@@ -204,7 +204,7 @@ class TaskConfig:
         """aux_coef / aux_mode / z_coef for TrainStep from the MindSpore-Transformers keys."""
         _, mst = map_model_config(self.model.model_config, "model.model_config")
         kind = mst.get("moe_router_load_balancing_type", "aux_loss")
-        modes = {"aux_loss": "megatron", "seq_aux_loss": "megatron", "hf": "hf",
+        modes = {"aux_loss": "megatron", "seq_aux_loss": "seq", "hf": "hf",
                  "global_aux_loss": "global", "gbs_aux_loss": "global", "none": "megatron"}
         if kind not in modes:
             raise TaskConfigError(f"model.model_config.moe_router_load_balancing_type: {kind!r} is not one "

@@ -127,14 +127,14 @@ TASK_FIELD_DOCS: dict[str, str] = {
     "ParallelConfig.context_parallel": "Context-parallel degree; only 1 is supported.",
     "ParallelConfig.expert_model_parallel": "Tensor-parallel degree inside experts (etp); null = 1.",
     # ---- recompute_config
-    "RecomputeConfig.recompute": "true: recompute every decoder layer in backward; a list: layers per pipeline stage to recompute; false: keep activations.",
+    "RecomputeConfig.recompute": "true: recompute every decoder layer in backward; a list [n_0, ...] (one entry per parallel_config.pipeline_stage): recompute the first n_s layers of stage s; false: keep activations. Gradients are unchanged; on the CPU backend peak memory does not fall (measured, docs/numerics.md) and each step pays one extra forward.",
     "RecomputeConfig.select_recompute": NO_EFFECT + " (operator-level selection on Ascend.)",
     "RecomputeConfig.parallel_optimizer_comm_recompute": NO_EFFECT,
     "RecomputeConfig.mp_comm_recompute": NO_EFFECT,
     "RecomputeConfig.recompute_slice_activation": NO_EFFECT,
     "RecomputeConfig.select_comm_recompute": NO_EFFECT,
     # ---- model
-    "ModelSection.model_config": "Model fields with HF names (Qwen3MoeConfig table); MindSpore-Transformers names (num_layers, moe_ffn_hidden_size, ...) are mapped; moe_aux_loss_coeff / moe_router_load_balancing_type (aux_loss, seq_aux_loss, global_aux_loss, none) / moe_z_loss_coeff set the training losses.",
+    "ModelSection.model_config": "Model fields with HF names (Qwen3MoeConfig table); MindSpore-Transformers names (num_layers, moe_ffn_hidden_size, ...) are mapped; moe_aux_loss_coeff / moe_router_load_balancing_type / moe_z_loss_coeff set the training losses: aux_loss = micro-batch switch loss, Megatron scale (HF value / K); seq_aux_loss = the same per sequence, averaged over sequences (Megatron seq_aux_loss); global_aux_loss (gbs_aux_loss) = expert counts accumulated over the micro-batches of a step before the product (Qwen3 recipe); hf = HF scale; none = off (docs/numerics.md).",
     "ModelSection.preset": "Start from a named preset (qwen3-30b-a3b, tiny, ...) and overlay model_config.",
     "ModelSection.arch": NO_EFFECT,
 }
