@@ -41,7 +41,7 @@ def setup():
 
     set_init_seed(0)
     # 3 layers (dense, sparse, sparse) so pp=2 splits a dense and a sparse stage; kv heads = 4
-    # so tp=4 shards them (replicated KV heads are inference-only); a large aux coefficient
+    # so tp=4 shards them (replication: setup_kv2 below); a large aux coefficient
     # makes the router-loss gradient visible next to the CE gradient
     cfg = Qwen3MoeConfig.from_preset("tiny", vocab_size=128, num_hidden_layers=3, mlp_only_layers=[0],
                                      num_key_value_heads=4, head_dim=16, router_aux_loss_coef=0.5)
