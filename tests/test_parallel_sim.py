@@ -1,4 +1,5 @@
-"""Tensor / expert parallel forward on simulated ranks == the single-device model.
+"""Tensor / expert (/ sequence) parallel forward on simulated ranks (`ParallelLM`, inference
+layout: KV heads replicated when tp > K, as on the MQA fixture) == the single-device model.
 
 fp32 tolerance 1e-4 on logits: sharding changes only the summation order of the row-parallel
 reductions (partial sums across ranks), like the fp32 noise of the HF parity tests.
@@ -19,17 +20,26 @@ def models():
     for name in ("tiny-fp32-gqa", "tiny-mqa-dense"):
         m = Qwen3MoeForCausalLM.from_pretrained(HF_FIXTURES / name)
         ids = np.load(HF_FIXTURES / name / "ref_outputs.npz")["input_ids"]
+        ids = np.concatenate([ids, ids[:, ::-1]])  # 4 rows: ep=4 over tp=1 folds into dp=4
         out[name] = (m, ids, m(ids).logits.asnumpy())
     return out
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("name", ["tiny-fp32-gqa", "tiny-mqa-dense"])
-@pytest.mark.parametrize("tp, ep", [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 2)])
-def test_tp_ep_logits_equal_single_device(models, name, tp, ep):
-    from qwen3moe.parallel.simulate import parallel_logits
+@pytest.mark.parametrize("tp, ep, sp", [(1, 1, False), (2, 1, False), (4, 1, False), (1, 2, False),
+                                        pytest.param(1, 4, False, marks=SLOW), (2, 2, False),
+                                        pytest.param(2, 4, False, marks=SLOW), pytest.param(4, 2, False, marks=SLOW),
+                                        (2, 1, True), (4, 2, True)])
+def test_tp_ep_logits_equal_single_device(models, name, tp, ep, sp):
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
 
     model, ids, want = models[name]
-    got = parallel_logits(model, ids, tp=tp, ep=ep)
+    mesh = Mesh(dp=max(1, ep // tp), tp=tp, ep=ep, sp=sp)  # experts fold into the dp*tp ranks
+    got = ParallelLM.from_model(model, mesh, train=False).logits(ids)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
@@ -48,3 +58,24 @@ def test_plans_cover_every_parameter_and_shard_exactly():
             assert sum(x.size for x in parts) == arr.size, p.name
     with pytest.raises(ValueError, match="not divisible"):
         shard_array(np.zeros((3, 4)), "column", 0, 2)
+
+
+@pytest.mark.parametrize("mesh_kw", [dict(tp=2, pp=2, micro_batch_num=2),
+                                     pytest.param(dict(dp=2, tp=2, ep=2), marks=SLOW),
+                                     pytest.param(dict(tp=4, sp=True), marks=SLOW)],
+                         ids=["tp2-pp2", "dp2-tp2-ep2", "tp4-sp"])
+def test_cached_stage_generation_equals_generate(models, mesh_kw):
+    """Greedy decoding stage to stage with a KV cache per stage (prefill, then one position per
+    step through each stage) == the single-device `generate` tokens, exactly."""
+    from qwen3moe.parallel.decode import greedy_cached
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    model, ids, _ = models["tiny-fp32-gqa"]
+    ids = ids[:, :6]
+    want = model.generate(ids, max_new_tokens=5, do_sample=False, ignore_eos=True)
+    cache: dict = {}
+    got = greedy_cached(ParallelLM.from_model(model, Mesh(**mesh_kw), train=False), ids, 5, cache=cache)
+    np.testing.assert_array_equal(got, want)
+    k, _ = next(iter(cache.values()))
+    assert k.shape[2] == ids.shape[1] + 4  # prompt + 4 decoded positions cached (the 5th is not run)

@@ -41,7 +41,7 @@ def setup():
 
     set_init_seed(0)
     # 3 layers (dense, sparse, sparse) so pp=2 splits a dense and a sparse stage; kv heads = 4
-    # so tp=4 shards them (replicated KV heads are inference-only); a large aux coefficient
+    # so tp=4 shards them (replication: setup_kv2 below); a large aux coefficient
     # makes the router-loss gradient visible next to the CE gradient
     cfg = Qwen3MoeConfig.from_preset("tiny", vocab_size=128, num_hidden_layers=3, mlp_only_layers=[0],
                                      num_key_value_heads=4, head_dim=16, router_aux_loss_coef=0.5)
@@ -89,7 +89,7 @@ def _reference(cfg, model, ids, labels, dp: int, M: int):
     return total, {p.name: x for p, x in zip(params, grads)}
 
 
-def check_combo(setup, dp, tp, pp, ep, M):
+def check_combo(setup, dp, tp, pp, ep, M, sp=False):
     from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.trainer import ParallelLM
@@ -97,8 +97,11 @@ def check_combo(setup, dp, tp, pp, ep, M):
     from qwen3moe import Qwen3MoeForCausalLM
 
     cfg, model, ids, labels = setup
-    pl = ParallelLM.from_model(model, Mesh(dp=dp, tp=tp, pp=pp, ep=ep, micro_batch_num=M))
+    pl = ParallelLM.from_model(model, Mesh(dp=dp, tp=tp, pp=pp, ep=ep, sp=sp, micro_batch_num=M))
     np.testing.assert_allclose(pl.logits(ids), model(ids).logits.asnumpy(), rtol=0, atol=1e-5)
+    if sp:  # 7 tokens: the sequence-parallel split pads them to a multiple of tp
+        odd = ids[: dp * M, :7]
+        np.testing.assert_allclose(pl.logits(odd), model(odd).logits.asnumpy(), rtol=0, atol=1e-5)
     losses, grads = pl.loss_and_grads(ids, labels)
     want_loss, want_grads = reference(cfg, model, ids, labels, dp, M)
     assert sorted(losses) == list(range(pp))  # reported on every stage, not 0 on the first ones
@@ -146,6 +149,17 @@ def test_training_equals_single_device(setup, dp, tp, pp, ep, M):
 @pytest.mark.parametrize("dp, tp, pp, ep, M", SLOW)
 def test_training_equals_single_device_all_combos(setup, dp, tp, pp, ep, M):
     check_combo(setup, dp, tp, pp, ep, M)
+
+
+SP_COMBOS = [(1, 2, 1, 1, 1), (1, 4, 1, 1, 1),
+             pytest.param(2, 2, 1, 2, 1, marks=pytest.mark.slow), pytest.param(1, 2, 2, 2, 2, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("dp, tp, pp, ep, M", SP_COMBOS)
+def test_sequence_parallel_equals_single_device(setup, dp, tp, pp, ep, M):
+    """Megatron SP (norms / residual split by tokens over tp, all-gather before the column and
+    reduce-scatter after the row blocks): same logits, loss, gradients and step."""
+    check_combo(setup, dp, tp, pp, ep, M, sp=True)
 
 
 def test_zero1_equals_unsharded_and_shards_state(setup):
@@ -217,7 +231,37 @@ def test_pipeline_offsets_and_errors(setup):
         stage_layers(3, 2, [1, 1])
     pl = ParallelLM.from_model(model, Mesh(pp=2, micro_batch_num=2), offset=[1, 0])
     np.testing.assert_allclose(pl.logits(ids), model(ids).logits.asnumpy(), rtol=0, atol=1e-5)
-    with pytest.raises(MeshError, match="num_key_value_heads"):
-        ParallelLM(cfg.__class__.from_preset("tiny"), Mesh(tp=4), lambda k: None)
+    with pytest.raises(MeshError, match="num_key_value_heads=3 or be a multiple"):  # tp=2, K=3
+        ParallelLM(cfg.__class__.from_preset("tiny", num_attention_heads=6, num_key_value_heads=3),
+                   Mesh(tp=2), lambda k: None)
     with pytest.raises(ValueError, match="divisible by dp"):
         ParallelLM.from_model(model, Mesh(dp=2, micro_batch_num=4)).split_batch(ids)
+
+
+@pytest.fixture(scope="module")
+def setup_kv2():
+    """Two kv heads, so tp=4 replicates each over 2 ranks (vLLM's rule)."""
+    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from qwen3moe.layers.dtypes import set_init_seed
+
+    set_init_seed(1)
+    cfg = Qwen3MoeConfig.from_preset("tiny", vocab_size=128, num_hidden_layers=2, mlp_only_layers=[0],
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     router_aux_loss_coef=0.5)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 128, (4, 8))
+    return cfg, Qwen3MoeForCausalLM(cfg), ids, ids.copy()
+
+
+@pytest.mark.parametrize("dp, tp, sp", [(1, 4, False), pytest.param(2, 4, True, marks=pytest.mark.slow)])
+def test_replicated_kv_heads_train_equals_single_device(setup_kv2, dp, tp, sp):
+    """tp > num_key_value_heads: each kv head's k/v rows live on tp/K ranks whose gradients
+    (from their own q heads) are summed over those ranks: gradients and step == single device."""
+    from qwen3moe.parallel.dp import sync_classes
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    cfg, model = setup_kv2[:2]
+    pl = ParallelLM.from_model(model, Mesh(dp=dp, tp=tp))
+    assert "kv2" in sync_classes(pl)
+    check_combo(setup_kv2, dp, tp, 1, 1, 1, sp=sp)

@@ -50,10 +50,6 @@ class ShardReader:
             return self._read(name, ())
         if info.style == "row":
             return self._read(name, (slice(None), _block(shape[1], t, ts)))
-        if name.endswith(("k_proj.weight", "v_proj.weight")) and cfg.num_key_value_heads < ts:
-            D, K, N = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
-            head = (t * (N // ts)) // (N // K)  # vLLM: each kv head replicated tp/K times
-            return self._read(name, (slice(head * D, (head + 1) * D),))
         return self._read(name, (_block(shape[0], t, ts),))
 
     def _experts(self, info: ShardInfo, cfg) -> np.ndarray:

@@ -18,7 +18,7 @@ back-propagates its own copy of the loss, as Megatron's autograd functions do):
 constructions (value unchanged, gradient routed), so ordinary autodiff of the sum of all
 ranks' losses gives each rank exactly its Megatron gradient. Group kinds within a stage:
 "tp" (same dp rank), "dp" (same tp rank), "ep" (the ep*etp consecutive ranks sharing an
-expert-data-parallel index), "edp" (same expert shard), "stage" (all dp*tp ranks).
+expert-data-parallel index), "edp" (same expert shard), "stage" (all dp*tp ranks), "kv<r>" (the dp*r ranks holding one kv head replicated r times).
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def stage_groups(kind: str, dp: int, tp: int, ep_size: int) -> list[list[int]]:
         return [list(range(k, n, ep_size)) for k in range(ep_size)]
     if kind == "stage":
         return [list(range(n))]
+    if kind.startswith("kv") and kind[2:].isdigit():  # ranks sharing a replicated kv head (ranks.py)
+        r = int(kind[2:])
+        return [[m for m in range(n) if (m % tp) // r == h] for h in range(tp // r)]
     raise ValueError(f"unknown group kind {kind!r}")
 
 

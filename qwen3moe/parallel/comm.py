@@ -1,23 +1,10 @@
-"""Communicator interface, and the in-process simulated backend used by the tests.
-
-A collective takes one tensor per rank of the group (rank order) and returns one per rank, so
-the same parallel forward code runs every rank's shard in one process. Only the simulated
-backend exists so far; the MindSpore backend (AllReduce / AllGather over msrun, emulated
-all-to-all on CPU; see MINDSPORE_CPU.md R5/R6) is the next step of the parallel issue.
-"""
+"""List-per-group communicators: `SimComm` (every rank of a group in one process: used by
+aux.py's global aux loss) and `MindSporeComm` (world-group AllReduce for `qwen3moe dist-check`,
+commands/launch.py). The parallel engine's communicators are collectives.SimCollectives and
+process.ProcessCollectives."""
 from __future__ import annotations
 
-from typing import Protocol
-
 from mindspore import Tensor, ops
-
-
-class Communicator(Protocol):
-    size: int
-
-    def all_reduce(self, xs: list[Tensor]) -> list[Tensor]: ...
-
-    def all_gather(self, xs: list[Tensor], axis: int = 0) -> list[Tensor]: ...
 
 
 class SimComm:
@@ -48,12 +35,8 @@ class SimComm:
 
 
 class MindSporeComm:
-    """The real backend on the world group (msrun / HCCL / NCCL / MCCL on CPU): init on first use.
-
-    AllReduce is SUM on every device (the only reduction MCCL has on CPU); callers divide for a
-    mean. Sub-groups, all-gather with custom bprop and emulated all-to-all come next (see
-    MINDSPORE_CPU.md R5/R6).
-    """
+    """The world group (msrun / HCCL / NCCL / MCCL on CPU): init on first use. AllReduce is
+    SUM on every device (the only reduction MCCL has on CPU); callers divide for a mean."""
 
     def __init__(self) -> None:
         from mindspore.communication import get_group_size, get_rank, init

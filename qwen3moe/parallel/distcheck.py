@@ -11,9 +11,11 @@ import numpy as np
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="HF folder")
-    p.add_argument("--mode", choices=["generate", "train"], required=True)
+    p.add_argument("--mode", choices=["generate", "train", "load"], required=True)
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1)
+    p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")
+    p.add_argument("--zero1", action="store_true", help="ZeRO-1: shard the AdamW moments (train)")
     p.add_argument("--micro_batch_num", type=int, default=1)
     p.add_argument("--batch", type=int, default=2, help="global batch (train) / prompts (generate)")
     p.add_argument("--seq", type=int, default=8)
@@ -38,38 +40,48 @@ def run(args) -> int:
     ms.set_device("CPU")
     init()
     rank, size = get_rank(), get_group_size()
-    mesh = Mesh(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, micro_batch_num=args.micro_batch_num)
+    mesh = Mesh(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, sp=args.sp, micro_batch_num=args.micro_batch_num)
     if mesh.world_size != size:
         raise MeshError(f"dp*tp*pp = {mesh.world_size} but {size} processes were launched")
-    pl = ParallelLM.from_pretrained(args.model, mesh, train=args.mode == "train",
-                                    coll=ProcessCollectives(mesh, rank), rank=rank)  # reads its slices only
+    coll = ProcessCollectives(mesh, rank)
+    rss_before = _reset_peak_rss()
+    pl = ParallelLM.from_pretrained(args.model, mesh, train=args.mode == "train", coll=coll, rank=rank)
+    peak_rss = _status_kib("VmHWM") * 1024
     cfg = pl.cfg
-    if args.mode == "generate":
-        result = {"tokens": greedy(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps).tolist()}
+    if args.mode == "load":  # peak RSS growth while loading vs the bytes this rank holds
+        held = sum(p.nbytes for per in pl.entries for e in per.values() for p, _ in e)
+        result = {"rss_before": rss_before, "peak_rss": peak_rss, "held_bytes": held}
+    elif args.mode == "generate":  # stage-to-stage with a KV cache per stage
+        from qwen3moe.parallel.decode import greedy_cached
+
+        cache: dict = {}
+        tokens = greedy_cached(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, cache=cache)
+        result = {"tokens": tokens.tolist(), "cached_layers": sorted({k[2] for k in cache})}
     else:
-        result = {"losses": train(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, args.lr)}
+        result = {"losses": train(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, args.lr, args.zero1)}
         save_shards(pl, Path(args.out) / f"shards_rank{rank}.npz")
     print("RESULT " + json.dumps({"rank": rank, "size": size, "bytes_read": pl.bytes_read, **result}), flush=True)
     return 0
 
 
-def greedy(pl, ids: np.ndarray, steps: int) -> np.ndarray:
-    """Greedy decoding by full recompute; the last stage's choice is summed over the pp group
-    (zeros elsewhere) so every stage feeds the same next token."""
-    from mindspore import Tensor
-
-    for _ in range(steps):
-        logits = pl.logits(ids)
-        nxt = np.zeros(ids.shape[0], np.float32) if logits is None else logits[:, -1].argmax(-1).astype(np.float32)
-        nxt = pl.coll.pp_sum(Tensor(nxt)).asnumpy().astype(np.int64)
-        ids = np.concatenate([ids, nxt[:, None]], 1)
-    return ids
+def _status_kib(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def train(pl, ids: np.ndarray, steps: int, lr: float) -> list[float]:
+def _reset_peak_rss() -> int:
+    """Current RSS in bytes, after resetting the peak (VmHWM) to it (Linux clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def train(pl, ids: np.ndarray, steps: int, lr: float, zero1: bool = False) -> list[float]:
     from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
 
-    opt = ShardedAdamW(pl, lr=lr, eps=1e-3, weight_decay=0.1)
+    opt = ShardedAdamW(pl, zero1=zero1, lr=lr, eps=1e-3, weight_decay=0.1)
     losses = []
     for _ in range(steps):
         loss, grads = pl.loss_and_grads(ids, ids)

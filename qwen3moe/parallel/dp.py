@@ -25,19 +25,26 @@ def _by_rank(model, s: int, sync: str) -> dict[int, list]:
 
 def _groups(model, sync: str):
     m = model.mesh
-    return stage_groups({"dp": "dp", "stage": "stage", "edp": "edp"}[sync], m.dp, m.tp, m.ep * m.expert_tp)
+    return stage_groups(sync, m.dp, m.tp, m.ep * m.expert_tp)
+
+
+def sync_classes(model) -> list[str]:
+    """The gradient sync groups in use, in one order on every rank ("kv<r>" only when tp > K)."""
+    found = {i.sync for per in model.entries for entries in per.values() for _, i in entries}
+    found |= {f"kv{model.mesh.tp // model.cfg.num_key_value_heads}"} \
+        if model.cfg.num_key_value_heads < model.mesh.tp else set()
+    return [k for k in ("dp", "stage", "edp") if k in found] + sorted(found - {"dp", "stage", "edp"})
 
 
 def allreduce_grads(model, grads: dict, bucket_elems: int = 1 << 20) -> int:
     """Sum every parameter's gradient over its sync group in place; returns the number of
     bucket all-reduces one rank issues."""
     m = model.mesh
-    sizes = {"dp": m.dp, "stage": m.dp * m.tp, "edp": m.edp}
     buckets = 0
     for s in range(m.pp):
-        for sync in ("dp", "stage", "edp"):
+        for sync in sync_classes(model):
             params = _by_rank(model, s, sync)
-            if not params or sizes[sync] == 1 or not params[min(params)]:
+            if not params or len(_groups(model, sync)[0]) == 1 or not params[min(params)]:
                 continue
             for chunk in _buckets([p.size for p in params[min(params)]], bucket_elems):
                 flat = {n: Tensor(np.concatenate([grads[plist[k].name].ravel() for k in chunk]))
@@ -88,15 +95,18 @@ class ShardedAdamW:
             self._build_chunks()
 
     def _build_chunks(self) -> None:
+        """A chunk (and its AdamW) for each rank this process runs (all of them simulated)."""
         for s in range(self.model.mesh.pp):
-            for sync in ("dp", "stage", "edp"):
+            for sync in sync_classes(self.model):
                 params = _by_rank(self.model, s, sync)
                 for group in _groups(self.model, sync):
-                    P = sum(p.size for p in params[group[0]])
+                    members = [n for n in group if n in params]
+                    P = sum(p.size for p in params[members[0]]) if members else 0
                     if P == 0:
                         continue
                     c = -(-P // len(group))
-                    for k, n in enumerate(group):
+                    for n in members:
+                        k = group.index(n)
                         flat = _flat([p.asnumpy() for p in params[n]], len(group) * c)
                         chunk = Parameter(Tensor(flat[k * c:(k + 1) * c]), name=f"zero1.s{s}.{sync}.r{n}")
                         self.chunks[(s, sync, n)] = (group, k, c, chunk, AdamW([chunk], **self.kw))
@@ -106,18 +116,18 @@ class ShardedAdamW:
             for (s, n), opt in self.opts.items():
                 opt(tuple(Tensor(grads[p.name]) for p in opt.parameters))
             return
-        done: set = set()
+        classes: dict = {}
         for (s, sync, n), (group, k, c, chunk, opt) in self.chunks.items():
             params = _by_rank(self.model, s, sync)
             g = _flat([grads[p.name] for p in params[n]], len(group) * c)
             opt((Tensor(g[k * c:(k + 1) * c]),))
-            done.add((s, sync, tuple(group)))
-        for s, sync, group in done:  # all-gather the updated chunks into every member's params
+            classes.setdefault((s, sync), {})[n] = Tensor(chunk.asnumpy())
+        for (s, sync), mine in classes.items():  # all-gather the updated chunks into every member
             params = _by_rank(self.model, s, sync)
-            flat = np.concatenate([self.chunks[(s, sync, n)][3].asnumpy() for n in group])
+            full = self.model.coll.gather(sync, mine, 0)
             self.model.coll.calls["zero1_all_gather"] = self.model.coll.calls.get("zero1_all_gather", 0) + 1
-            for n in group:
-                off = 0
+            for n, flat in full.items():
+                flat, off = flat.asnumpy(), 0
                 for p in params[n]:
                     p.set_data(Tensor(flat[off:off + p.size].reshape(p.shape)))
                     off += p.size

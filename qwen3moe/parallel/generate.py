@@ -1,8 +1,9 @@
 """`qwen3moe generate --use_parallel True --parallel_config.model_parallel N ...` under
 `qwen3moe launch`: greedy generation with the model sharded over the processes (online-sharded
-loading, TP / EP / DP / PP as configured). Decoding recomputes the full sequence each step
-(no sharded KV cache yet), so it is meant for correctness and models too large for one
-process, not for speed. The last pipeline stage's first rank writes the results."""
+loading, TP / EP / DP / PP as configured). Decoding runs stage to stage with each stage's KV
+cache of its own layers and heads (decode.py), in PyNative: meant for correctness and models
+too large for one process more than for speed. The last pipeline stage's first rank writes
+the results."""
 from __future__ import annotations
 
 import json
@@ -74,15 +75,7 @@ def run(args) -> int:
 
 
 def greedy_until(pl, ids: np.ndarray, max_new: int, eos: list) -> np.ndarray:
-    """Greedy tokens by full recompute; the last stage's choice reaches every stage (sum over
-    the pp group with zeros elsewhere)."""
-    from mindspore import Tensor
+    """Greedy tokens, stage to stage with a KV cache per stage (decode.py)."""
+    from qwen3moe.parallel.decode import greedy_cached
 
-    for _ in range(max_new):
-        logits = pl.logits(ids)
-        nxt = np.zeros(ids.shape[0], np.float32) if logits is None else logits[:, -1].argmax(-1).astype(np.float32)
-        nxt = pl.coll.pp_sum(Tensor(nxt)).asnumpy().astype(np.int64)
-        ids = np.concatenate([ids, nxt[:, None]], 1)
-        if eos and all(int(t) in eos for t in nxt):
-            break
-    return ids
+    return greedy_cached(pl, ids, max_new, eos)

@@ -38,8 +38,10 @@ def global_grad_norm(pl, grads: dict) -> float:
     for s, per in enumerate(pl.entries):
         for n, entries in per.items():
             for p, info in entries:
+                r = int(info.sync[2:]) if info.sync.startswith("kv") else 1  # kv head replicas
                 owner = {"dp": n // m.tp == 0 and (info.style != "replicate" or n % m.tp == 0),
-                         "stage": n == 0, "edp": n // (m.ep * m.expert_tp) == 0}[info.sync]
+                         "stage": n == 0, "edp": n // (m.ep * m.expert_tp) == 0}.get(
+                             info.sync, n // m.tp == 0 and (n % m.tp) % r == 0)
                 if owner:
                     total += float(np.square(grads[p.name], dtype=np.float64).sum())
     if pl.real:
@@ -70,7 +72,7 @@ def train(cfg) -> int:
     rank, size = get_rank(), get_group_size()
     pc = cfg.parallel_config
     mesh = Mesh(dp=pc.data_parallel, tp=pc.model_parallel, pp=pc.pipeline_stage, ep=pc.expert_parallel,
-                micro_batch_num=pc.micro_batch_num)
+                sp=pc.use_seq_parallel, micro_batch_num=pc.micro_batch_num)
     if mesh.world_size != size:
         raise CliError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
     try:

@@ -77,21 +77,10 @@ class ProcessCollectives:
         self.mesh, self.rank = mesh, rank
         c = mesh.coords(rank)
         self.stage, self.local = c["pp"], rank % (mesh.dp * mesh.tp)
-        native = ms.get_context("device_target") != "CPU"
-        base = self.stage * mesh.dp * mesh.tp
+        self.native = ms.get_context("device_target") != "CPU"
         self.groups: dict[str, _Group | None] = {}
         for kind in ("tp", "dp", "ep", "edp", "stage"):
-            local = next(g for g in stage_groups(kind, mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp) if self.local in g)
-            ranks = [base + n for n in local]
-            if len(ranks) == 1:
-                self.groups[kind] = None
-                continue
-            if len(ranks) == mesh.world_size:
-                name = GlobalComm.WORLD_COMM_GROUP
-            else:
-                name = f"{kind}_" + "_".join(map(str, ranks))
-                create_group(name, ranks)
-            self.groups[kind] = _Group(name, ranks, rank, native)
+            self.add_group(kind)
         pp_ranks = [mesh.rank_of(c["tp"], c["dp"], s) for s in range(mesh.pp)]
         self.pp_ranks = pp_ranks
         self.pp_group = None
@@ -99,11 +88,28 @@ class ProcessCollectives:
             name = GlobalComm.WORLD_COMM_GROUP if mesh.pp == mesh.world_size else "pp_" + "_".join(map(str, pp_ranks))
             if name != GlobalComm.WORLD_COMM_GROUP:
                 create_group(name, pp_ranks)
-            self.pp_group = _Group(name, pp_ranks, rank, native)
+            self.pp_group = _Group(name, pp_ranks, rank, self.native)
             _patch_p2p_defaults()
         self.ops: dict = {}
         self.calls: dict[str, int] = {}
         self.pending: list = []
+
+    def add_group(self, kind: str) -> None:
+        """Create this rank's group of one kind (every rank calls it, in the same order)."""
+        from mindspore.communication import GlobalComm, create_group
+
+        mesh = self.mesh
+        local = next(g for g in stage_groups(kind, mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp) if self.local in g)
+        ranks = [self.stage * mesh.dp * mesh.tp + n for n in local]
+        if len(ranks) == 1:
+            self.groups[kind] = None
+            return
+        if len(ranks) == mesh.world_size:
+            name = GlobalComm.WORLD_COMM_GROUP
+        else:
+            name = f"{kind}_" + "_".join(map(str, ranks))
+            create_group(name, ranks)
+        self.groups[kind] = _Group(name, ranks, self.rank, self.native)
 
     def _call(self, name: str, kind: str, xs: dict, axis: int = 0) -> dict:
         g = self.groups[kind]

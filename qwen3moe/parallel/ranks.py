@@ -6,8 +6,11 @@ ep) and the group over which its gradient is summed:
     "dp"    dense weights replicated across data-parallel ranks
     "stage" replicated over tp too but with partial gradients there: the router (each tp rank
             routes its own 1/tp of the tokens: sequence-parallel MoE input, as Megatron requires
-            for MoE with tp > 1) and q/k norm (each tp rank normalises its own heads)
+            for MoE with tp > 1) and q/k norm (each tp rank normalises its own heads); with
+            sequence parallel also the layer and final norms (each tp rank's own tokens)
     "edp"   expert shards, replicated over the expert-data-parallel group
+    "kv<r>" k/v projections when tp > K: each kv head replicated over r = tp/K tp ranks (vLLM),
+            each with the gradient of its own q heads only: summed over those ranks and dp
 Shapes: V vocab, H hidden, E experts, I expert ffn, F dense ffn, N/K query/kv heads, D head dim.
 """
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn
+from mindspore.common.initializer import initializer
 
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.layers.dtypes import skip_init
@@ -72,31 +77,58 @@ class RankLayer(nn.Cell):
 
 
 class RankStage(nn.Cell):
-    """What one rank of one pipeline stage holds."""
+    """What one rank of one pipeline stage holds. `load(stage, prefix, cell)`, when given, fills
+    each layer's shards as soon as it is built, so the zero buffers it is created with are
+    freed (and reused by the next layer) instead of all being alive at once: a rank's peak
+    memory while loading stays near its shard."""
 
-    def __init__(self, cfg, mesh: Mesh, layers: range, first: bool, last: bool) -> None:
+    def __init__(self, cfg, mesh: Mesh, layers: range, first: bool, last: bool, load=None) -> None:
         super().__init__()
         V, H = cfg.vocab_size, cfg.hidden_size
         self.layer_ids = list(layers)
         self.first, self.last = first, last
+        built = []
         with skip_init():
-            self.layers = nn.CellList([RankLayer(cfg, cfg.is_sparse_layer(i), mesh) for i in layers])
+            for j, i in enumerate(layers):
+                built.append(RankLayer(cfg, cfg.is_sparse_layer(i), mesh))
+                if load is not None:
+                    load(self, f"layers.{j}.", built[-1])
+            self.layers = nn.CellList(built)
             if last:
                 self.norm = RMSNorm(H, cfg.rms_norm_eps)
         if first:
-            self.embed = Parameter(Tensor(np.zeros((V // mesh.tp, H), np.float32)), name="embed")
+            self.embed = _vocab_param("embed", (V // mesh.tp, H), lazy=load is not None)
         if last:
-            self.lm_head = Parameter(Tensor(np.zeros((V // mesh.tp, H), np.float32)), name="lm_head")
+            self.lm_head = _vocab_param("lm_head", (V // mesh.tp, H), lazy=load is not None)
 
 
-def _info(local: str, hf: str, mesh: Mesh, n: int) -> ShardInfo:
+def _vocab_param(name: str, shape: tuple, lazy: bool) -> Parameter:
+    """The largest shards: with a loader they get no buffer of their own before the load
+    (MindSpore's deferred initialisation), so a load never holds two copies."""
+    if not lazy:
+        return Parameter(Tensor(np.zeros(shape, np.float32)), name=name)
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        return Parameter(initializer("zeros", shape, ms.float32), name=name)
+
+
+def _info(local: str, hf: str, mesh: Mesh, n: int, K: int) -> ShardInfo:
     tp_j = n % mesh.tp
+    if K < mesh.tp and (".k_proj." in local or ".v_proj." in local):
+        # vLLM: each kv head replicated r = tp/K times; the rank holds block j // r of K, and its
+        # gradient is partial (its own q heads only): summed over the ranks sharing the head
+        r = mesh.tp // K
+        return ShardInfo(hf, style_of(hf, TP_PLAN), tp_j // r, K, sync=f"kv{r}")
     if ".experts." in local:
         g = n % (mesh.ep * mesh.expert_tp)
         return ShardInfo(hf, style_of(hf, TP_PLAN), g % mesh.expert_tp, mesh.expert_tp,
                          g // mesh.expert_tp, mesh.ep, "edp")
-    # router: each tp rank routes its own tokens; q/k norm: each tp rank normalises its own heads
-    sync = "stage" if (".gate." in local or "_norm." in local) else "dp"
+    # router: each tp rank routes its own tokens; q/k norm: each tp rank normalises its own heads;
+    # sequence parallel: each tp rank applies the layer / final norms to its own tokens only
+    partial = ".gate." in local or "_norm." in local or \
+        (mesh.sp and ("layernorm." in local or local.startswith("norm.")))
+    sync = "stage" if partial else "dp"
     return ShardInfo(hf, style_of(hf, TP_PLAN), tp_j, mesh.tp, sync=sync)
 
 
@@ -113,16 +145,11 @@ def hf_name(local: str, stage: RankStage) -> str:
     return f"model.layers.{i}.{rest}"
 
 
-def slice_for(info: ShardInfo, full: np.ndarray, cfg) -> np.ndarray:
+def slice_for(info: ShardInfo, full: np.ndarray) -> np.ndarray:
     """The rank's slice of an HF tensor (experts: ep block, then the etp style)."""
     arr = full
     if info.ep_size > 1:
         arr = shard_array(arr, "expert", info.ep_rank, info.ep_size)
-    if info.style == "column" and info.name.endswith(("k_proj.weight", "v_proj.weight")) \
-            and cfg.num_key_value_heads < info.tp_size:
-        D, K, N = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
-        head = (info.tp_rank * (N // info.tp_size)) // (N // K)  # vLLM: kv head replicated tp/K times
-        return arr[head * D:(head + 1) * D]
     return shard_array(arr, info.style, info.tp_rank, info.tp_size)
 
 
@@ -130,19 +157,52 @@ def build_stage(cfg, mesh: Mesh, s: int, n: int, layers: range, get) -> tuple[Ra
     """Rank n of stage s with its shards loaded; `get(hf_name)` returns the full array, or `get`
     has `read_shard(info, cfg)` returning just the slice (checkpoint.ShardReader).
     Returns (cell, [(Parameter, ShardInfo)])."""
-    cell = RankStage(cfg, mesh, layers, s == 0, s == mesh.pp - 1)
+    infos: dict[int, ShardInfo] = {}
+
+    def load(stage: RankStage, prefix: str, sub: nn.Cell) -> None:
+        for name, p in sub.parameters_and_names():
+            infos[id(p)] = _load_one(cfg, mesh, s, n, stage, prefix + name, p, get)
+        _release_freed_heap()
+
+    cell = RankStage(cfg, mesh, layers, s == 0, s == mesh.pp - 1, load)
     entries = []
     for local, p in cell.parameters_and_names():
-        hf = hf_name(local, cell)
-        info = _info(local, hf, mesh, n)
-        arr = get.read_shard(info, cfg) if hasattr(get, "read_shard") else slice_for(info, get(hf), cfg)
-        if tuple(arr.shape) != tuple(p.shape):
-            raise ValueError(f"{hf}: shard of shape {list(arr.shape)} for rank {n} of stage {s}, "
-                             f"expected {list(p.shape)}")
-        p.set_data(Tensor(np.ascontiguousarray(arr, np.float32)))
-        p.name = f"s{s}.r{n}.{hf}"  # unique across ranks simulated in one process
-        entries.append((p, info))
+        info = infos.get(id(p)) or _load_one(cfg, mesh, s, n, cell, local, p, get)
+        p.name = f"s{s}.r{n}.{info.name}"  # unique across ranks simulated in one process (set
+        entries.append((p, info))           # here: adding a layer to the CellList renames it)
     return cell, entries
+
+
+def _release_freed_heap() -> None:
+    """glibc keeps the freed zero buffers and read temporaries of a layer mapped (its dynamic
+    mmap threshold moves them to the heap); returning them after each layer keeps a rank's
+    peak memory while loading near its shard. A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _load_one(cfg, mesh: Mesh, s: int, n: int, stage: RankStage, local: str, p: Parameter, get) -> ShardInfo:
+    hf = hf_name(local, stage)
+    info = _info(local, hf, mesh, n, cfg.num_key_value_heads)
+    if hasattr(get, "read_shard"):  # a fresh array per call: the Parameter may own it
+        arr = np.ascontiguousarray(get.read_shard(info, cfg), np.float32)
+    else:  # a view of the caller's full array: copy, replicas must not share memory
+        arr = np.array(slice_for(info, get(hf)), np.float32, order="C", copy=True)
+    if tuple(arr.shape) != tuple(p.shape):
+        raise ValueError(f"{hf}: shard of shape {list(arr.shape)} for rank {n} of stage {s}, "
+                         f"expected {list(p.shape)}")
+    p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
+    return info
 
 
 def unsplit(parts: list[np.ndarray], style: str) -> np.ndarray:

@@ -37,9 +37,6 @@ class ParallelLM:
                             "ranks or (ep=1) over the tp ranks' ffn dim")
         if cfg.vocab_size % mesh.tp:
             raise MeshError(f"tp={mesh.tp} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
-        if train and cfg.num_key_value_heads % mesh.tp:
-            raise MeshError(f"training needs tp={mesh.tp} to divide num_key_value_heads="
-                            f"{cfg.num_key_value_heads} (replicated KV heads are inference-only)")
         if cfg.tie_word_embeddings and mesh.pp > 1:
             raise MeshError("tie_word_embeddings with pp > 1 is not supported (embedding and lm_head "
                             "live on different stages)")
@@ -47,6 +44,8 @@ class ParallelLM:
         self.stage_ranges = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)
         self.coll = coll or SimCollectives(mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp)
         self.real = coll is not None
+        if hasattr(coll, "add_group") and cfg.num_key_value_heads < mesh.tp:  # replicated kv heads' sync group
+            coll.add_group(f"kv{mesh.tp // cfg.num_key_value_heads}")
         mine = (rank // (mesh.dp * mesh.tp), rank % (mesh.dp * mesh.tp)) if self.real else None
         self.cells, self.entries = [], []
         for s, layers in enumerate(self.stage_ranges):
@@ -113,7 +112,7 @@ class ParallelLM:
                     self._send(s + 1, xs)
             if not self.cells[-1]:
                 continue
-            local = engine.head_logits(self.cells[-1], self.coll, xs)
+            local = engine.head_logits(self.cells[-1], self.coll, xs, self.mesh, inp)
             full = self.coll.gather("tp", local, 1)
             full = self.coll.gather("dp", {n: x.reshape(1, *x.shape) for n, x in full.items()}, 0)
             x = next(iter(full.values())).asnumpy()  # [dp, b*S, V]
@@ -165,7 +164,7 @@ class ParallelLM:
             self._send(s + 1, xs)
             self._send_stats(s + 1, st, m)
             return
-        local = engine.head_logits(self.cells[s], self.coll, xs)
+        local = engine.head_logits(self.cells[s], self.coll, xs, self.mesh, st.mbs[m])
         ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in st.mbs[m].items()}, self.mesh.tp)
         total = self.coll.sum_nograd("dp", {n: ce[n].sum() for n in ce})
         st.loss[m] = float(next(iter(total.values())).asnumpy()) / st.n_valid + self._aux_value(st, m)
@@ -199,7 +198,7 @@ class ParallelLM:
             if stats is not None:
                 J = J + aux_scale * sum((C * stats[n][1]).sum() for n in order)
             if last:
-                local = engine.head_logits(cells, self.coll, xs)
+                local = engine.head_logits(cells, self.coll, xs, self.mesh, inp)
                 ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in inp.items()}, self.mesh.tp)
                 return J + sum(ce[n].sum() for n in order) / st.n_valid
             return J + sum((xs[n] * dout[n]).sum() for n in order)
@@ -229,7 +228,9 @@ class ParallelLM:
         if not self.real or stage < 0 or stage >= self.mesh.pp:
             return xs
         B, S = next(iter(inp.values())).input_ids.shape
-        return {n: self.coll.recv((B, S, self.cfg.hidden_size), stage) for n in self.cells[self.coll.stage]}
+        tp, H = self.mesh.tp, self.cfg.hidden_size
+        shape = (-(-B * S // tp), H) if self.mesh.sp else (B, S, H)  # sp: the rank's token rows
+        return {n: self.coll.recv(shape, stage) for n in self.cells[self.coll.stage]}
 
     def _send_stats(self, stage: int, st, m) -> None:
         """Router counts / probability mass so far travel with the activations (forward) and the
