@@ -131,7 +131,8 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
 def test_pretrain_use_parallel_dp2_loss_curve(tmp_path):
     """`qwen3moe launch --nproc 2 -- pretrain --use_parallel True --parallel_config.data_parallel 2`
     logs, on every rank, the loss curve of single-process training with the same config: the
-    reference here is TrainStep (compiled, clipping, cosine schedule) on the same batches."""
+    reference here is TrainStep (compiled, clipping, cosine schedule, Megatron-normalised aux
+    loss with a coefficient large enough that a K-fold error shows) on the same batches."""
     import re
 
     from conftest import REPO
@@ -144,7 +145,7 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path):
     yaml = (REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml").read_text()
     (tmp_path / "t.yaml").write_text(yaml.replace("per_print_times: 2", "per_print_times: 1"))
     overrides = ["--model.model_config.num_hidden_layers", "2", "--model.model_config.moe_router_load_balancing_type",
-                 "none", f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
+                 "aux_loss", "--model.model_config.moe_aux_loss_coeff", "0.05", f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
                  "--runner_config.train_steps", "4", "--runner_config.batch_size", "4", "--optimizer.eps", "1e-3",
                  "--output_dir", str(tmp_path / "out")]
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,

@@ -3,8 +3,11 @@ the task config's data, schedule and AdamW settings, the model sharded over the 
 (`ParallelLM`: TP / EP / PP with 1F1B / DP with bucketed all-reduce), global-norm clipping over
 the unique shards, loss logged on every rank, a per-rank sharded checkpoint at the end
 (`checkpoint.save_sharded`; export with `checkpoint.export_hf`).
-Router loss: HF's pooled switch loss per global micro-batch with the config's coefficient
-(MindSpore Transformers' per-layer variants are not reproduced here).
+Router loss: the switch loss pooled over layers per global micro-batch (all dp ranks' tokens).
+`moe_router_load_balancing_type` maps as in single-process `TrainStep`: "aux_loss" (Megatron
+normalisation, HF value / K) uses coefficient coef / K on the HF-scale loss, "hf" coef, "none" 0;
+with micro_batch_num = 1 and no gradient accumulation the loss equals `TrainStep`'s. "global"
+(over all micro-batches), "seq" and a z-loss are refused with a one-line error.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ def build(cfg, mesh, rank: int, coll):
     from qwen3moe.commands.pretrain import build_model
     from qwen3moe.parallel.trainer import ParallelLM
 
-    ck, aux = cfg.load_checkpoint, cfg.moe_training()["aux_coef"]
+    ck, aux = cfg.load_checkpoint, hf_aux_coef(cfg, mesh)
     if ck and os.path.isfile(os.path.join(ck, "config.json")):
         pl = ParallelLM.from_pretrained(ck, mesh, coll=coll, rank=rank)
     else:  # the same seeded initialisation as single-process pretrain, then sliced
@@ -29,6 +32,22 @@ def build(cfg, mesh, rank: int, coll):
         del model, full
     pl.cfg.router_aux_loss_coef = aux
     return pl
+
+
+def hf_aux_coef(cfg, mesh) -> float:
+    """The coefficient on the HF-scale pooled switch loss that ParallelLM computes."""
+    from qwen3moe.cli import CliError
+
+    mt = cfg.moe_training()
+    key = "model.model_config"
+    if mt["z_coef"]:
+        raise CliError(f"{key}.moe_z_loss_coeff: the router z-loss is not implemented with use_parallel "
+                       f"(got {mt['z_coef']}); set it to 0 or train without --use_parallel")
+    if mt["aux_mode"] == "seq" or (mt["aux_mode"] == "global" and mesh.micro_batch_num > 1):
+        raise CliError(f"{key}.moe_router_load_balancing_type: {mt['aux_mode']!r} aux loss is not implemented "
+                       f"with use_parallel{' and micro_batch_num > 1' if mt['aux_mode'] == 'global' else ''}; "
+                       "use aux_loss, hf or none")
+    return mt["aux_coef"] / cfg.model_config().num_experts_per_tok if mt["aux_mode"] == "megatron" else mt["aux_coef"]
 
 
 def global_grad_norm(pl, grads: dict) -> float:
