@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 
-def make_run(seed: int):
+def make_run(seed: int, **step_kw):
     from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from qwen3moe.layers.dtypes import set_init_seed
     from qwen3moe.training import AdamW, cosine_with_warmup
@@ -16,7 +17,8 @@ def make_run(seed: int):
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_preset("tiny", num_hidden_layers=2))
     opt = AdamW(model.trainable_params(), lr=1e-3, weight_decay=0.1)
     sched = cosine_with_warmup(3e-3, 2, 6, min_lr=1e-4)
-    return model, opt, TrainStep(model, opt, aux_coef=1e-3, z_coef=1e-4, clip=1.0, schedule=sched), sched
+    return model, opt, TrainStep(model, opt, aux_coef=1e-3, z_coef=1e-4, clip=1.0, schedule=sched,
+                                            **step_kw), sched
 
 
 def batch_at(rng: np.random.Generator) -> np.ndarray:
@@ -68,3 +70,45 @@ def test_roundtrip_restores_every_value(tmp_path):
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k])
     assert opt2.get_lr() == opt.get_lr()
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_rollback_in_the_same_process_after_compiled_steps(tmp_path, guarded):
+    """Loading a checkpoint into a model and optimizer whose compiled step already ran (a
+    rollback) must continue exactly as from the saved state. The guarded step (skip_nonfinite)
+    updates in `ms.jit` graphs: with `set_data` they kept the old buffers (this test failed)."""
+    from qwen3moe.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+
+    model, opt, step, sched = make_run(0, skip_nonfinite=guarded)
+    rng = np.random.default_rng(3)
+    run_steps(step, rng, 2)
+    path = save_training_checkpoint(str(tmp_path), 2, model, opt, np_rng=rng)
+    want = run_steps(step, rng, 2)  # steps 3, 4 from the saved state
+    run_steps(step, rng, 1)  # step 5 moves every buffer on
+    state = load_training_checkpoint(path, model, opt, np_rng=rng)  # roll back to step 2
+    step.steps_done = state["step"]
+    assert run_steps(step, rng, 2) == want  # exact: same compiled graphs, same values
+
+
+def test_optimizer_state_load_after_a_compiled_update():
+    """AdamW called directly (`ms.jit` update) then given new state: the next update uses it."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor
+    from qwen3moe.training import AdamW
+
+    def fresh():
+        p = Parameter(Tensor(np.ones((4, 16), np.float32)), name="w")
+        return p, AdamW([p], lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+    g = (Tensor(np.full((4, 16), 0.5, np.float32)),)
+    p, opt = fresh()
+    opt(g)
+    state = {k: np.zeros_like(v) for k, v in opt.state_arrays().items()}
+    from qwen3moe.layers.dtypes import write_param
+    write_param(p, np.ones((4, 16), np.float32))
+    opt.load_state_arrays(state)
+    opt(g)
+    p2, opt2 = fresh()
+    opt2(g)
+    np.testing.assert_array_equal(p.asnumpy(), p2.asnumpy())  # 0.9 everywhere, not 1.0 or 0.8
+    assert float(opt.step.asnumpy()) == 1.0 and ms.float32 == p.dtype

@@ -51,3 +51,24 @@ def init_param(shape: tuple, init_std: float | None, name: str, param_dtype=None
     else:
         arr = (_RNG.standard_normal(shape, dtype=np.float32) * np.float32(init_std))
     return Parameter(Tensor(arr).astype(dtype) if dtype != ms.float32 else Tensor(arr), name=name)
+
+
+def write_param(p: Parameter, arr: np.ndarray) -> None:
+    """Overwrite a Parameter's values in place, so graphs compiled before still see them.
+
+    Why not `set_data`: in MindSpore 2.10 it swaps the Parameter's tensor, and a graph that already
+    ran keeps reading and writing the old buffer (the host then sees values the graph never used,
+    and the graph's updates vanish). On CPU `asnumpy()` of a float32 Parameter is a view of its
+    buffer, so copying into it is seen by every graph; if it is not a view here (other dtype or
+    device), `set_data` is the fallback, which is right for graphs not compiled yet.
+    """
+    arr = np.asarray(arr, dtype=np.float32).reshape(tuple(p.shape))
+    if p.dtype == ms.float32:
+        view = p.asnumpy()
+        if view.flags.writeable and view.shape == arr.shape:
+            np.copyto(view, arr)
+            again = p.asnumpy()
+            if np.shares_memory(view, again) or np.array_equal(again, arr):
+                return
+    t = Tensor(np.ascontiguousarray(arr))
+    p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import nn
 
 from qwen3moe.io.atomic import atomic_directory
+from qwen3moe.layers.dtypes import write_param
 from qwen3moe.io.safetensors_io import SafetensorsFile, f32_to_bf16, write_safetensors
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -110,9 +111,7 @@ def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
         for p in model.get_parameters():
             if p.name not in st.entries:
                 raise KeyError(f"{path}: parameter {p.name!r} missing from model.safetensors")
-            arr = st.read(p.name)
-            t = Tensor(arr.astype(np.float32).reshape(p.shape))
-            p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
+            write_param(p, st.read(p.name))  # in place: also right after compiled steps ran
     finally:
         st.close()
     so = SafetensorsFile(os.path.join(path, "optimizer.safetensors"))

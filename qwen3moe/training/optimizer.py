@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.layers.dtypes import write_param
+
 # name patterns usually excluded from weight decay: norm weights and biases
 DEFAULT_NO_DECAY: tuple[str, ...] = ("*norm.weight", "*.bias")
 
@@ -114,7 +116,7 @@ class AdamW(nn.Cell):
         for q in list(self.exp_avg) + list(self.exp_avg_sq) + [self.step]:
             if q.name not in arrays:
                 raise KeyError(f"optimizer state {q.name!r} missing from checkpoint")
-            q.set_data(Tensor(arrays[q.name].astype("float32").reshape(q.shape)))
+            write_param(q, arrays[q.name])  # in place: the compiled update keeps its buffers
 
 
 class _ScalarAssign(nn.Cell):
