@@ -128,7 +128,8 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     assert par["completion"] == one["completion"] and par["completion_tokens"] == one["completion_tokens"]
 
 
-def test_pretrain_use_parallel_dp2_loss_curve(tmp_path):
+@pytest.mark.parametrize("zero1", [False, True], ids=["adamw", "zero1"])
+def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1):
     """`qwen3moe launch --nproc 2 -- pretrain --use_parallel True --parallel_config.data_parallel 2`
     logs, on every rank, the loss curve of single-process training with the same config: the
     reference here is TrainStep (compiled, clipping, cosine schedule, Megatron-normalised aux
@@ -147,10 +148,11 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path):
     overrides = ["--model.model_config.num_hidden_layers", "2", "--model.model_config.moe_router_load_balancing_type",
                  "aux_loss", "--model.model_config.moe_aux_loss_coeff", "0.05", f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
                  "--runner_config.train_steps", "4", "--runner_config.batch_size", "4", "--optimizer.eps", "1e-3",
-                 "--output_dir", str(tmp_path / "out")]
+                 "--output_dir", str(tmp_path / "out"), "--parallel.enable_parallel_optimizer", str(zero1)]
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
                         "--use_parallel", "True", "--parallel_config.data_parallel", "2")
     assert rc == 0, err[-3000:]
+    assert ("ZeRO-1" in (tmp_path / "logs" / "worker_0.log").read_text()) == zero1
     got = {}
     for r in (0, 1):
         text = (tmp_path / "logs" / f"worker_{r}.log").read_text()

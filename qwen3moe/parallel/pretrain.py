@@ -1,7 +1,8 @@
 """`qwen3moe pretrain --use_parallel True --parallel_config.* ...` under `qwen3moe launch`:
 the task config's data, schedule and AdamW settings, the model sharded over the processes
 (`ParallelLM`: TP / EP / PP with 1F1B / DP with bucketed all-reduce), global-norm clipping over
-the unique shards, loss logged on every rank, a per-rank sharded checkpoint at the end
+the unique shards, ZeRO-1 when `parallel.enable_parallel_optimizer` is true (as in MindSpore
+Transformers' yaml), loss logged on every rank, a per-rank sharded checkpoint at the end
 (`checkpoint.save_sharded`; export with `checkpoint.export_hf`).
 Router loss: the switch loss pooled over layers per global micro-batch (all dp ranks' tokens).
 `moe_router_load_balancing_type` maps as in single-process `TrainStep`: "aux_loss" (Megatron
@@ -101,8 +102,14 @@ def train(cfg) -> int:
     data, samples = build_data(cfg, requested_samples(cfg))
     steps = total_steps(cfg, samples)
     sched, o, w = build_schedule(cfg, steps), cfg.optimizer, cfg.runner_wrapper
-    opt = ShardedAdamW(pl, lr=sched(0), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                       no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
+    zero1 = bool(cfg.parallel.get("enable_parallel_optimizer", False)) and mesh.dp > 1
+    if zero1 and o.no_decay_norms_and_biases:
+        raise CliError("parallel.enable_parallel_optimizer (ZeRO-1) needs a uniform weight decay: set "
+                       "optimizer.no_decay_norms_and_biases to False")
+    opt = ShardedAdamW(pl, zero1=zero1, lr=sched(0), betas=tuple(o.betas), eps=o.eps,
+                       weight_decay=o.weight_decay, no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
+    if rank == 0:
+        print(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}", file=sys.stderr)
     log_every = max(1, int(cfg.callback("MFLossMonitor").get("per_print_times", cfg.runner_config.log_interval)))
     for i in range(steps):
         ids, labels = _global_batch(data.batch(i))

@@ -41,7 +41,9 @@ TASK_FIELD_DOCS: dict[str, str] = {
     "TaskConfig.train_dataset_task": NO_EFFECT,
     "TaskConfig.eval_dataset": NO_EFFECT,
     "TaskConfig.eval_dataset_task": NO_EFFECT,
-    "TaskConfig.parallel": NO_EFFECT + " (Ascend auto-parallel context; the layout comes from parallel_config.)",
+    "TaskConfig.parallel": "Ascend auto-parallel context, accepted for seed compatibility; the layout comes from "
+                           "parallel_config. One key is used: enable_parallel_optimizer: true shards the AdamW "
+                           "moments over data-parallel replicas (ZeRO-1) under pretrain --use_parallel.",
     "TaskConfig.context": NO_EFFECT + " (Ascend device context; this runs on the device MindSpore was installed for.)",
     "TaskConfig.processor": NO_EFFECT + " The tokenizer comes from the model folder.",
     "TaskConfig.monitor_config": NO_EFFECT,
