@@ -103,3 +103,31 @@ def test_use_parallel_outside_launch_is_a_one_line_error(tmp_path, capsys):
     rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "hi",
                "--use_parallel", "True", "--parallel_config.model_parallel", "2"])
     assert rc == 2 and "qwen3moe launch --nproc 2" in capsys.readouterr().err
+
+
+def test_train_state_resolve_and_layout_check(tmp_path):
+    """Only folders with the state file count (rank 0 writes it after every rank finished);
+    optimizer state saved under another layout is refused in one line naming both layouts."""
+    import json
+
+    from qwen3moe.cli import CliError
+    from qwen3moe.parallel import train_state
+    from qwen3moe.parallel.mesh import Mesh
+
+    root = tmp_path / "checkpoint_sharded"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = root / f"step_{step}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / train_state.STATE).write_text(json.dumps({"step": step, "layout": "dp1.tp2.pp1.ep1.sp0"}))
+    assert [s for s, _ in train_state.step_dirs(str(root))] == [2, 4]
+    assert train_state.resolve(str(root)).endswith("step_4")
+    assert train_state.resolve(str(root / "step_2")).endswith("step_2")
+    assert train_state.resolve(str(root / "step_6")) is None
+    assert train_state.layout(Mesh(tp=2)) == "dp1.tp2.pp1.ep1.sp0"
+
+    class Opt:  # the layout check comes before any file is read
+        model = None
+    with pytest.raises(CliError, match=r"dp1\.tp2\.pp1\.ep1\.sp0, this run is dp2\.tp1") as err:
+        train_state.load_optimizer(str(root / "step_4"), Opt(), Mesh(dp=2))
+    assert "\n" not in str(err.value)

@@ -2,8 +2,11 @@
 the task config's data, schedule and AdamW settings, the model sharded over the processes
 (`ParallelLM`: TP / EP / PP with 1F1B / DP with bucketed all-reduce), global-norm clipping over
 the unique shards, ZeRO-1 when `parallel.enable_parallel_optimizer` is true (as in MindSpore
-Transformers' yaml), loss logged on every rank, a per-rank sharded checkpoint at the end
-(`checkpoint.save_sharded`; export with `checkpoint.export_hf`).
+Transformers' yaml), loss logged on every rank, metrics.jsonl / metrics.csv from rank 0, and
+training checkpoints `<output_dir>/checkpoint_sharded/step_<N>` every
+CheckpointMonitor.save_checkpoint_steps and at the end (`train_state.py`: per-rank shards +
+optimizer state; `resume_training: True` with `load_checkpoint` continues bit-exactly; export
+a step folder with `checkpoint.export_hf`).
 Router loss: the switch loss pooled over layers per global micro-batch (all dp ranks' tokens).
 `moe_router_load_balancing_type` maps as in single-process `TrainStep`: "aux_loss" (Megatron
 normalisation, HF value / K) uses coefficient coef / K on the HF-scale loss, "hf" coef, "none" 0;
@@ -24,7 +27,14 @@ def build(cfg, mesh, rank: int, coll):
     from qwen3moe.parallel.trainer import ParallelLM
 
     ck, aux = cfg.load_checkpoint, hf_aux_coef(cfg, mesh)
-    if ck and os.path.isfile(os.path.join(ck, "config.json")):
+    resume = resume_path(cfg)
+    if resume:  # full tensors from every rank file: re-shards to this layout
+        from qwen3moe.parallel.checkpoint import load_sharded
+
+        full = load_sharded(resume)
+        pl = ParallelLM(cfg.model_config(), mesh, full.__getitem__, coll=coll, rank=rank)
+        del full
+    elif ck and os.path.isfile(os.path.join(ck, "config.json")):
         pl = ParallelLM.from_pretrained(ck, mesh, coll=coll, rank=rank)
     else:  # the same seeded initialisation as single-process pretrain, then sliced
         model = build_model(cfg)
@@ -33,6 +43,22 @@ def build(cfg, mesh, rank: int, coll):
         del model, full
     pl.cfg.router_aux_loss_coef = aux
     return pl
+
+
+def resume_path(cfg) -> str | None:
+    """The sharded training checkpoint to continue from (resume_training + load_checkpoint)."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.parallel import train_state
+
+    if not (cfg.resume_training and cfg.load_checkpoint):
+        return None
+    if os.path.isfile(os.path.join(cfg.load_checkpoint, "config.json")):
+        return None  # an HF folder: start from its weights
+    found = train_state.resolve(cfg.load_checkpoint)
+    if found is None:
+        raise CliError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
+                       f"(step_<N>/{train_state.STATE}) to resume from")
+    return found
 
 
 def hf_aux_coef(cfg, mesh) -> float:
@@ -77,11 +103,8 @@ def train(cfg) -> int:
 
     from qwen3moe.cli import CliError
     from qwen3moe.commands.pretrain import build_data, build_schedule, requested_samples, total_steps
-    from qwen3moe.parallel.checkpoint import save_sharded
-    from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
     from qwen3moe.parallel.mesh import Mesh, MeshError
     from qwen3moe.parallel.process import ProcessCollectives
-    from qwen3moe.training.optimizer import DEFAULT_NO_DECAY
 
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
         raise CliError("use_parallel with world size > 1 needs the workers started by msrun: "
@@ -101,17 +124,66 @@ def train(cfg) -> int:
         raise CliError(str(exc)) from None
     data, samples = build_data(cfg, requested_samples(cfg))
     steps = total_steps(cfg, samples)
-    sched, o, w = build_schedule(cfg, steps), cfg.optimizer, cfg.runner_wrapper
-    zero1 = bool(cfg.parallel.get("enable_parallel_optimizer", False)) and mesh.dp > 1
+    sched = build_schedule(cfg, steps)
+    opt = build_optimizer(cfg, pl, sched(0), rank)
+    start = resume_optimizer(cfg, opt, mesh, rank)
+    _loop(cfg, pl, opt, data, sched, range(start, steps), rank, size)
+    return 0
+
+
+def build_optimizer(cfg, pl, lr: float, rank: int):
+    """ShardedAdamW from the optimizer section; ZeRO-1 with parallel.enable_parallel_optimizer."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.parallel.dp import ShardedAdamW
+    from qwen3moe.training.optimizer import DEFAULT_NO_DECAY
+
+    o = cfg.optimizer
+    zero1 = bool(cfg.parallel.get("enable_parallel_optimizer", False)) and pl.mesh.dp > 1
     if zero1 and o.no_decay_norms_and_biases:
         raise CliError("parallel.enable_parallel_optimizer (ZeRO-1) needs a uniform weight decay: set "
                        "optimizer.no_decay_norms_and_biases to False")
-    opt = ShardedAdamW(pl, zero1=zero1, lr=sched(0), betas=tuple(o.betas), eps=o.eps,
-                       weight_decay=o.weight_decay, no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
     if rank == 0:
         print(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}", file=sys.stderr)
+    return ShardedAdamW(pl, zero1=zero1, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                        no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
+
+
+def resume_optimizer(cfg, opt, mesh, rank: int) -> int:
+    """Load the optimizer state of the resumed checkpoint; the step to continue from (0: fresh)."""
+    from qwen3moe.parallel import train_state
+
+    path = resume_path(cfg)
+    if path is None:
+        return 0
+    train_state.load_optimizer(path, opt, mesh)
+    step = int(train_state.read_state(path)["step"])
+    if rank == 0:
+        print(f"resumed from {path} at step {step}", file=sys.stderr, flush=True)
+    return step
+
+
+def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
+    """Train, log (every rank prints; rank 0 writes metrics), checkpoint every save interval and
+    at the end."""
+    import time
+
+    from mindspore import Tensor, ops
+
+    from qwen3moe.parallel import train_state
+    from qwen3moe.parallel.dp import allreduce_grads
+    from qwen3moe.training.metrics import MetricsLogger, train_flops_per_token
+
+    w, steps = cfg.runner_wrapper, steps_range.stop
     log_every = max(1, int(cfg.callback("MFLossMonitor").get("per_print_times", cfg.runner_config.log_interval)))
-    for i in range(steps):
+    ck = cfg.callback("CheckpointMonitor")
+    save_every, keep = int(ck.get("save_checkpoint_steps", 0) or 0), int(ck.get("keep_checkpoint_max", 2))
+    root = os.path.join(cfg.output_dir, "checkpoint_sharded")
+    barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
+    seq = cfg.train_dataset.data_loader.config.seq_length
+    metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(pl.cfg, seq)) if rank == 0 else None
+    window: list[dict] = []
+    for i in steps_range:
+        t0 = time.perf_counter()
         ids, labels = _global_batch(data.batch(i))
         loss, grads = pl.loss_and_grads(ids, labels)
         allreduce_grads(pl, grads)
@@ -124,12 +196,20 @@ def train(cfg) -> int:
             o_.set_lr(lr)
         opt.step(grads)
         value = next(iter(loss.values()))
+        window.append({"step": i + 1, "loss": value, "grad_norm": norm, "lr": lr, "tokens": int(ids.size),
+                       "step_time_s": time.perf_counter() - t0})
         if (i + 1) % log_every == 0 or i + 1 == steps:
             print(f"rank {rank} step {i + 1}/{steps} loss {value:.6f} grad_norm {norm:.4f} lr {lr:.3e}", flush=True)
-    out = os.path.join(cfg.output_dir, "checkpoint_sharded")
-    save_sharded(pl, out)
-    print(f"rank {rank}: done, {steps} steps on {size} processes; shards in {out}", file=sys.stderr, flush=True)
-    return 0
+            if metrics is not None:
+                metrics.record(window[-1], window, 0)
+            window = []
+        if (save_every and (i + 1) % save_every == 0) or i + 1 == steps:
+            path = train_state.save(root, i + 1, pl, opt, rank, barrier, keep_last=keep)
+            if rank == 0:
+                print(f"checkpoint: {path}", file=sys.stderr, flush=True)
+    if metrics is not None:
+        metrics.close()
+    print(f"rank {rank}: done, {steps} steps on {size} processes; shards in {root}", file=sys.stderr, flush=True)
 
 
 def _global_batch(batch):

@@ -1,0 +1,104 @@
+"""Training checkpoints of `pretrain --use_parallel`: per-rank model shards + optimizer state.
+
+A checkpoint is `<root>/step_<N>/` holding, for every global rank r, `rank_<r>.safetensors` (its
+parameter slices, `checkpoint.save_sharded`: exportable and re-shardable) and
+`optim_rank_<r>.safetensors` (moments and step of every AdamW that rank steps, keys
+`<j>/<name>` in `ShardedAdamW` order), then `parallel_state.json` (step, layout). Each rank file
+is written to a temp name and renamed; rank 0 writes the state file only after every rank has
+finished (a barrier), so a folder without it is incomplete and never resumed from.
+Resume: weights re-shard to any layout (full tensors -> ParallelLM); optimizer state is per
+shard, so it needs the layout it was saved with (one-line error otherwise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+STATE = "parallel_state.json"
+
+
+def layout(mesh) -> str:
+    return f"dp{mesh.dp}.tp{mesh.tp}.pp{mesh.pp}.ep{mesh.ep}.sp{int(mesh.sp)}"
+
+
+def rank_optimizers(opt) -> dict[int, list]:
+    """Global rank -> the AdamW instances that step its parameters (deterministic order)."""
+    m, out = opt.model.mesh, {}
+    for (s, n), o in opt.opts.items():
+        out.setdefault(s * m.dp * m.tp + n, []).append(o)
+    for (s, _, n), c in opt.chunks.items():
+        out.setdefault(s * m.dp * m.tp + n, []).append(c[4])
+    return out
+
+
+def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) -> str:
+    """Write step_<step> (every process its ranks, rank 0 the state file); prune old steps."""
+    from qwen3moe.io.safetensors_io import write_safetensors
+    from qwen3moe.parallel.checkpoint import save_sharded
+
+    d = Path(root) / f"step_{step}"
+    save_sharded(pl, d)
+    for r, opts in rank_optimizers(opt).items():
+        tensors = [(f"{j}/{k}", np.asarray(v, np.float32).reshape(np.shape(v)), "F32")
+                   for j, o in enumerate(opts) for k, v in sorted(o.state_arrays().items())]
+        tmp = d / f".optim_rank_{r}.safetensors.tmp"
+        write_safetensors(str(tmp), tensors, {"format": "qwen3moe-sharded-optimizer"})
+        os.replace(tmp, d / f"optim_rank_{r}.safetensors")
+    barrier()
+    if rank == 0:
+        tmp = d / f".{STATE}.tmp"
+        tmp.write_text(json.dumps({"step": step, "layout": layout(pl.mesh), "world": pl.mesh.world_size}))
+        os.replace(tmp, d / STATE)
+        for s, old in step_dirs(root)[:-max(keep_last, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return str(d)
+
+
+def step_dirs(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root)
+             if (m := re.fullmatch(r"step_(\d+)", n)) and os.path.isfile(os.path.join(root, n, STATE))]
+    return sorted(found)
+
+
+def resolve(path: str) -> str | None:
+    """A step folder, or the newest complete one under a root; None when there is none."""
+    if os.path.isfile(os.path.join(path, STATE)):
+        return path
+    found = step_dirs(path)
+    return found[-1][1] if found else None
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_optimizer(path: str, opt, mesh) -> None:
+    """Moments and steps of this process's AdamWs from `path` (same layout required)."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.io.safetensors_io import SafetensorsFile
+
+    saved = read_state(path)["layout"]
+    if saved != layout(mesh):
+        raise CliError(f"{path}: optimizer state was saved with layout {saved}, this run is {layout(mesh)}; "
+                       "resume with the same parallel_config (weights alone re-shard: load them without "
+                       "resume_training)")
+    for r, opts in rank_optimizers(opt).items():
+        f = os.path.join(path, f"optim_rank_{r}.safetensors")
+        if not os.path.isfile(f):
+            raise CliError(f"{f}: missing (incomplete sharded checkpoint)")
+        st = SafetensorsFile(f)
+        try:
+            for j, o in enumerate(opts):
+                o.load_state_arrays({k.split("/", 1)[1]: st.read(k) for k in st.keys() if k.startswith(f"{j}/")})
+        finally:
+            st.close()
