@@ -19,10 +19,10 @@ venv: $(VENV)/.installed
 # `make test`: the default suite (~10-13 min on 2 cores). `make test-slow`: the tests marked slow
 # (real multi-process runs under msrun, the larger simulated parallel layouts); CI runs both.
 test: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=15 tests
 
 test-slow: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -m slow --durations=15 tests
 
 demo: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m qwen3moe.demo
