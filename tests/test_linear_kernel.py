@@ -1,6 +1,8 @@
 """OpenBLAS linear C++ ops (kernels/linear.py: `linear`, `linear3`) vs a float64 NumPy reference,
 forward and gradients, in PyNative and under jit (both ops in one graph: their bprops must not mix).
 
+The kernels split columns over OpenMP threads above ~0.5M MACs, so both the serial and the
+threaded paths (including splits that are not multiples of 16) are exercised.
 Tolerances: O(1) inputs, float32 GEMMs with reductions over up to 1024 terms: rtol 1e-4 and atol
 1e-4 * sqrt(K) (K the reduction length). A transposed or mis-strided operand errs at O(1).
 """
@@ -38,6 +40,16 @@ def _close(got, ref, k):
        i=st.sampled_from([1, 3, 64, 512]), outs=st.sampled_from([(1, 1, 1, 1), (5, 8, 3, 3), (512, 512, 256, 256)]),
        jit=st.booleans())
 def test_linear_ops_equal_numpy(seed, lead, i, outs, jit):
+    _check_case(seed, lead, i, outs, jit)
+
+
+@pytest.mark.parametrize("lead,i,outs", [((4, 256), 512, (8192, 512, 256, 256)),  # bench-mini shapes
+                                         ((333,), 100, (37, 70, 5, 19))])  # threaded, ragged splits
+def test_threaded_shapes_equal_numpy(lead, i, outs):
+    _check_case(0, lead, i, outs, jit=True)
+
+
+def _check_case(seed, lead, i, outs, jit):
     r = np.random.default_rng(seed)
     x = r.standard_normal(lead + (i,)).astype(np.float32)
     ws = [r.standard_normal((o, i)).astype(np.float32) for o in outs]

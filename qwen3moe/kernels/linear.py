@@ -2,10 +2,12 @@
 kernel, through numpy's OpenBLAS (kernels/csrc/linear.cc).
 
 Shapes: T rows (all leading dims of x), I in-features, O out-features.
-`linear(x, w)` = layers/linear.py's `ops.MatMul(transpose_b=True)(x, w)`, which stays the reference
-and the fallback (QWEN3MOE_KERNELS=0, biases, non-fp32). `linear3(x, wq, wk, wv)` returns the
-three projections of one input from one op (three GEMMs; the dX terms are summed in the kernel).
-Inputs must be contiguous; gradients flow to x and every weight.
+`linear(x, w)` = layers/linear.py's `ops.MatMul(transpose_b=True)(x, w)`. `linear3(x, wq, wk, wv)`
+returns the three projections of one input from one op (three GEMMs; the dX terms are summed in
+the kernel). Inputs must be contiguous; gradients flow to x and every weight.
+Not used by the model: in same-process A/Bs (bench/ab_kernel.py, bench/RESULTS.md 2026-11-29
+05:xx) it matched MindSpore's MatMul (prefill 0.98-0.99x, train step 1.04-1.07x wall, 0.93-0.99x
+CPU), so the layers keep MatMul; kept for bench/linear_micro.py and re-measurement.
 """
 from __future__ import annotations
 
