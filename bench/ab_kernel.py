@@ -4,7 +4,8 @@ kernel on vs off (its `available()` patched to False while the "off" model is bu
 Shapes: 4 x 256 tokens (prefill and train step). Reports best wall and process CPU time per side,
 and the max |logit| difference and first-step loss of both sides (they must agree).
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/ab_kernel.py [forward|train] [rounds] [module]
-(module: a qwen3moe.kernels module name whose available() the model reads at build time).
+(module: a qwen3moe.kernels module name whose available() the model reads at build time, or
+"package.module:FLAG" for a module-level boolean the model reads at build time).
 """
 from __future__ import annotations
 
@@ -25,14 +26,16 @@ def _build(kernel_on: bool, module: str, train: bool):
     from qwen3moe.training import AdamW
     from qwen3moe.training.step import TrainStep
 
-    mod = importlib.import_module(f"qwen3moe.kernels.{module}")
-    saved = mod.available
+    path, _, attr = module.partition(":")  # "name" -> kernels.name.available(); "mod.path:FLAG"
+    mod = importlib.import_module(path if attr else f"qwen3moe.kernels.{path}")
+    attr = attr or "available"
+    saved = getattr(mod, attr)
     if not kernel_on:
-        mod.available = lambda: False
+        setattr(mod, attr, (lambda: False) if attr == "available" else False)
     try:
         model = Qwen3MoeForCausalLM.from_pretrained(FOLDER, dtype="float32")
     finally:
-        mod.available = saved
+        setattr(mod, attr, saved)
     if not train:
         return model
     ms.set_seed(0)
