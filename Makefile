@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 venv: $(VENV)/.installed
 
-# `make test`: the default suite (~10-13 min on 2 cores). `make test-slow`: the tests marked slow
-# (real multi-process runs under msrun, the larger simulated parallel layouts); CI runs both.
+# `make test`: the default suite (~10-14 min on 2 cores), including three real 2-process runs
+# under msrun (launch + DP all-reduce, a failing worker, `pretrain --use_parallel` DP=2).
+# `make test-slow`: the tests marked slow (the other multi-process layouts, the larger simulated
+# parallel layouts); CI runs both.
 test: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=15 tests
 

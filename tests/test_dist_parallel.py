@@ -12,7 +12,7 @@ from mindspore import Tensor
 
 from test_launch_dist import launch
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.dist]  # slow per test: one real-process run stays in make test
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def by_rank(results: list[dict]) -> dict[int, dict]:
     (["--dp", "2", "--ep", "2"], [[0, 1, 2], [0, 1, 2]]),  # tp=2 (x ep=2): the CLI test
     (["--pp", "2", "--micro_batch_num", "2"], [[0], [1, 2]]),  # stage to stage, each its own layers' cache
 ], ids=["ep2", "pp2"])
+@pytest.mark.slow
 def test_greedy_generation_identical(tmp_path, tiny, layout, cached):
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.parallel.distcheck import data
@@ -88,6 +89,7 @@ def shards(tmp_path) -> dict[str, np.ndarray]:
     (["--tp", "2", "--sp"], 1, 1),      # sequence parallel: gather / reduce-scatter by tokens over tp
     (["--dp", "2", "--zero1"], 1, 2),   # ZeRO-1: moments sharded, chunks all-gathered; 2 steps use them
 ], ids=["dp2", "pp2", "tp2-sp", "dp2-zero1"])
+@pytest.mark.slow
 def test_training_equals_single_process(tmp_path, tiny, layout, M, steps):
     rc, err, results = launch(tmp_path, "dist-parallel", "--model", str(tiny), "--mode", "train",
                               "--batch", "4", "--seq", "6", "--steps", str(steps), "--micro_batch_num", str(M),
@@ -102,6 +104,7 @@ def test_training_equals_single_process(tmp_path, tiny, layout, M, steps):
         np.testing.assert_allclose(got[name], arr, rtol=0, atol=5e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     """`qwen3moe generate --use_parallel True --parallel_config.model_parallel 2` under launch
     writes the same greedy completion as the single-process command."""
@@ -128,7 +131,7 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     assert par["completion"] == one["completion"] and par["completion_tokens"] == one["completion_tokens"]
 
 
-@pytest.mark.parametrize("zero1", [False, True], ids=["adamw", "zero1"])
+@pytest.mark.parametrize("zero1", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["adamw", "zero1"])
 def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1):
     """`qwen3moe launch --nproc 2 -- pretrain --use_parallel True --parallel_config.data_parallel 2`
     logs, on every rank, the loss curve of single-process training with the same config: the
@@ -172,6 +175,7 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1):
         np.testing.assert_allclose(got[r], want, rtol=2e-5)  # printed with 6 decimals
 
 
+@pytest.mark.slow
 def test_sharded_load_peak_rss_per_rank_is_about_the_shard(tmp_path):
     """Real TP=2 load of an HF folder (~230 MiB fp32): each rank's peak RSS growth while loading
     stays below 0.75x the full model. A rank holds ~0.5x (vocab, attention and experts split,
@@ -201,6 +205,7 @@ def test_sharded_load_peak_rss_per_rank_is_about_the_shard(tmp_path):
         assert growth < 0.75 * full, (growth, full)
 
 
+@pytest.mark.slow
 def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path):
     """tp = 2 (weights sharded, not only replicated): a 4-step run saving every
     2 steps; resuming from step_2 in a new launch logs exactly the first run's steps 3-4 (model

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import HF_FIXTURES, REPO
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.dist]  # in make test: launching real processes is the basic promise
 
 
 def launch(tmp_path, *cmd: str, timeout: int = 240) -> tuple[int, str, list[dict]]:
