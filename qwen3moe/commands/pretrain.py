@@ -131,14 +131,9 @@ def world_size() -> int:
 
 
 def check_world_size(cfg: TaskConfig) -> None:
-    from qwen3moe.cli import CliError
-
+    """use_parallel in one process (world size > 1 took the sharded trainer above): say so."""
     if not cfg.use_parallel:
         return
-    n = world_size()
-    if n > 1:
-        raise CliError(f"use_parallel with world size {n}: multi-process training not available yet: "
-                       "launch with qwen3moe launch (not yet implemented)")
     print("note: use_parallel: True with world size 1: running single-process "
           "(parallel_config is used for the memory estimate only)", file=sys.stderr)
 
