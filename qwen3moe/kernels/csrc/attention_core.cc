@@ -14,42 +14,7 @@
 #include <cstring>
 #include <vector>
 
-extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
-                               const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-                               float *C, int64_t ldc);
-extern "C" int openblas_get_num_threads64_();
-extern "C" void openblas_set_num_threads64_(int);
-static const int kRow = 101, kN = 111, kT = 112;
-
-struct SerialBlas {
-  int prev;
-  SerialBlas() : prev(openblas_get_num_threads64_()) { openblas_set_num_threads64_(1); }
-  ~SerialBlas() { openblas_set_num_threads64_(prev); }
-};
-
-// C[M,N] = op(A) op(B) + beta C, row-major
-static void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                 const float *B, int64_t ldb, float *C, int64_t ldc, float beta) {
-  cblas_sgemm64_(kRow, ta ? kT : kN, tb ? kT : kN, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
-}
-
-static inline float vexp(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
-}
+#include "common.h"
 
 struct Dims {
   int64_t B, N, K, G, S, T, D;

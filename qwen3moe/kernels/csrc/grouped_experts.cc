@@ -8,34 +8,9 @@
 #include <cstdint>
 #include <cstring>
 
-extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
-                               const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-                               float *C, int64_t ldc);
-extern "C" int openblas_get_num_threads64_();
-extern "C" void openblas_set_num_threads64_(int);
-static const int kRow = 101, kN = 111, kT = 112;
-
-// Experts run in parallel (OpenMP, one expert per task) with single-threaded BLAS inside:
-// many small GEMMs scale better this way than one multi-threaded GEMM after another
-// (measured: 4096x512 rows over 32 experts 72 -> 64 ms, decode-sized 3.9 -> 2.6 ms).
-struct SerialBlas {
-  int prev;
-  SerialBlas() : prev(openblas_get_num_threads64_()) { openblas_set_num_threads64_(1); }
-  ~SerialBlas() { openblas_set_num_threads64_(prev); }
-};
+#include "common.h"
 
 static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
-
-// C[M,N] = op(A) op(B), row-major
-static void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                 const float *B, int64_t ldb, float *C, int64_t ldc, float beta = 0.0f) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == 0.0f) for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-    return;
-  }
-  cblas_sgemm64_(kRow, ta ? kT : kN, tb ? kT : kN, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
-}
 
 // inputs: x [A,H], off [E+1] int32, wgu [E,2I,H], wd [E,H,I]; outputs: y [A,H], gu [A,2I]
 extern "C" int GroupedSwigluFwd(int nparam, void **params, int *ndims, int64_t **shapes,

@@ -12,18 +12,7 @@
 
 #include <omp.h>
 
-extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
-                               const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-                               float *C, int64_t ldc);
-extern "C" int openblas_get_num_threads64_();
-extern "C" void openblas_set_num_threads64_(int);
-static const int kRow = 101, kN = 111, kT = 112;
-
-struct SerialBlas {
-  int prev;
-  SerialBlas() : prev(openblas_get_num_threads64_()) { openblas_set_num_threads64_(1); }
-  ~SerialBlas() { openblas_set_num_threads64_(prev); }
-};
+#include "common.h"
 
 // [a, b) = part t of p of the range [0, n), cut at multiples of 16 columns (whole SIMD panels)
 static void part(int64_t n, int p, int t, int64_t &a, int64_t &b) {
@@ -35,18 +24,6 @@ static void part(int64_t n, int p, int t, int64_t &a, int64_t &b) {
 // threads for a GEMM of m*n*k MACs: one below ~0.5M MACs, where a fork costs more than it saves
 static int threads_for(int64_t m, int64_t n, int64_t k) {
   return m * n * k < (int64_t(1) << 19) ? 1 : omp_get_max_threads();
-}
-
-// C[M,N] = op(A) op(B) + beta C, row-major; K == 0 gives beta C (zeros when beta == 0)
-static void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                 const float *B, int64_t ldb, float *C, int64_t ldc, float beta) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == 0.0f)
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-    return;
-  }
-  cblas_sgemm64_(kRow, ta ? kT : kN, tb ? kT : kN, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }
 
 static int64_t rows_of(int nd, const int64_t *shape) {

@@ -13,57 +13,15 @@
 #include <memory>
 #include <vector>
 
-extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
-                               const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-                               float *C, int64_t ldc);
-extern "C" int openblas_get_num_threads64_();
-extern "C" void openblas_set_num_threads64_(int);
-static const int kRow = 101, kN = 111, kT = 112;
+#include "common.h"
 
-// Experts run in parallel (OpenMP, one expert per task) with single-threaded BLAS inside
-// (many small GEMMs scale better this way than one threaded GEMM after another).
-struct SerialBlas {
-  int prev;
-  SerialBlas() : prev(openblas_get_num_threads64_()) { openblas_set_num_threads64_(1); }
-  ~SerialBlas() { openblas_set_num_threads64_(prev); }
-};
-
-// Cephes-style exp polynomial (rel. error < 1e-7) that vectorises, unlike std::exp without
-// -ffast-math: the SwiGLU sigmoid is ~1M exps per layer forward at bench-mini prefill.
-static inline float vexp(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
-}
-
+// vexp (common.h) vectorises, unlike std::exp without -ffast-math: the SwiGLU sigmoid is ~1M
+// exps per layer forward at bench-mini prefill.
 static inline float sigmoid(float v) { return 1.0f / (1.0f + vexp(-v)); }
 
 // Uninitialised float scratch: every element is written before it is read, and zero-filling the
 // ~32 MB of backward scratch per layer (std::vector) cost a pass over memory for nothing.
 static std::unique_ptr<float[]> scratch(int64_t n) { return std::unique_ptr<float[]>(new float[n + 1]); }
-
-// C[M,N] = op(A) op(B) (+ beta C), row-major; K == 0 gives zeros
-static void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                 const float *B, int64_t ldb, float *C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-    return;
-  }
-  cblas_sgemm64_(kRow, ta ? kT : kN, tb ? kT : kN, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc);
-}
 
 struct Dims {
   int64_t T, K, A, H, E, I2, I;
