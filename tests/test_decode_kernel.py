@@ -167,7 +167,7 @@ def _call(fn: str, arrays: list) -> int:
 
 
 @settings(max_examples=30, deadline=None)
-@given(b=st.integers(1, 9), h16=st.booleans(), d=st.sampled_from([4, 8, 16, 32]), k=st.integers(1, 3),
+@given(b=st.integers(1, 9), h16=st.booleans(), d=st.sampled_from([4, 8, 16, 32, 64]), k=st.integers(1, 3),
        g=st.integers(1, 3), t=st.integers(2, 20), e=st.integers(2, 9), i=st.sampled_from([8, 16, 24, 48]),
        top_k=st.integers(1, 4), norm=st.booleans(), seed=st.integers(0, 2**16))
 def test_kernels_match_numpy_any_shape(b, h16, d, k, g, t, e, i, top_k, norm, seed):
