@@ -170,9 +170,9 @@ class Pool {
       cv_.notify_all();
     }
     work(&job);
-    while (job.done.load() < n) spin_pause();
+    for (int64_t k = 0; job.done.load() < n; ++k) wait_step(k);
     current_.store(nullptr);
-    while (busy_.load() > 0) spin_pause();  // no helper still holds &job
+    for (int64_t k = 0; busy_.load() > 0; ++k) wait_step(k);  // no helper still holds &job
   }
 
  private:
@@ -194,6 +194,16 @@ class Pool {
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #endif
+  }
+
+  // The caller waiting for a chunk a helper started: spin briefly (the chunk usually ends within
+  // tens of us), then yield the core each round: under load the helper may have been descheduled
+  // mid-chunk, possibly onto the core this caller is spinning on.
+  static inline void wait_step(int64_t k) {
+    if (k < 4096)
+      spin_pause();
+    else
+      std::this_thread::yield();
   }
 
   static void work(Job *job) {
