@@ -251,8 +251,10 @@ class Pool {
   std::condition_variable cv_;
 };
 
-// Rows [0, rows) split into chunks of kChunk for the parallel loops over weight rows.
-static const int64_t kChunk = 16;
+// Rows [0, rows) split into chunks of kChunk for the parallel loops over weight rows: a chunk's
+// first 4-row block is read without software prefetch, so chunks of 16 rows left a quarter of the
+// weights to the slow interleaved pattern (B=1 is memory bound); 64 rows still give 8-16 chunks.
+static const int64_t kChunk = 64;
 static inline int64_t nchunks(int64_t rows) { return (rows + kChunk - 1) / kChunk; }
 
 struct AttnDims {
@@ -532,7 +534,7 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t B = shapes[0][0], S = shapes[0][1], H = shapes[0][2], V = shapes[2][0];
   std::vector<float> z(B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
-  const int64_t chunk = 64, nc = (V + chunk - 1) / chunk;
+  const int64_t chunk = 256, nc = (V + chunk - 1) / chunk;  // see kChunk
   Pool::get().run(nc, [&](int64_t c) {
     const int64_t o1 = (c + 1) * chunk < V ? (c + 1) * chunk : V;
     rows_dot(W, H, c * chunk, o1, z.data(), H, B, y, V);
