@@ -42,7 +42,8 @@ def kernel_library(name: str = "grouped_experts") -> str | None:
         return None
     src = CSRC / f"{name}.cc"
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    key = hashlib.sha256(src.read_bytes() + " ".join(flags + [blas, cxx]).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # sources #include them
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags + [blas, cxx]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("QWEN3MOE_KERNEL_CACHE", Path.home() / ".cache" / "qwen3moe"))
     out = cache / f"{name}-{key}.so"
     if out.is_file():
