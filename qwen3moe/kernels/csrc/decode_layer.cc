@@ -29,9 +29,10 @@ static const float kMasked = -1e6f;
 
 // 4 weight rows x NB batch rows in 4 * NB vector accumulators: each loaded weight vector feeds
 // NB FMAs, each loaded x vector 4 (H % 16 == 0). `next` is the next 4-row block (rows ldw apart),
-// prefetched in row-major order, 4 cache lines per step: on this machine reading 4 rows
-// interleaved streams ~12 GB/s on one core, the same with one linear software-prefetch stream
-// ~25 GB/s (the memory bandwidth; bench/decode_ops.py). Pass w0 itself when there is no next block.
+// prefetched in row-major order, 4 cache lines per step: on this machine one core streams 4 rows
+// read interleaved at 11-17 GB/s, and at 23-31 GB/s (near a plain sum's rate) with this one linear
+// software-prefetch stream (bench/stream_dot.cc; op A/B: bench/decode_ops.py). Pass w0 itself when
+// there is no next block.
 template <int NB>
 static inline void block4x(const float *w0, int64_t ldw, int64_t H, const float *x, int64_t ldx, float *y,
                            int64_t ldy, const float *next) {
