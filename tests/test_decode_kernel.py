@@ -167,7 +167,7 @@ def _call(fn: str, arrays: list) -> int:
 
 
 @settings(max_examples=30, deadline=None)
-@given(b=st.integers(1, 9), h16=st.booleans(), d=st.sampled_from([4, 8, 16, 32]), k=st.integers(1, 3),
+@given(b=st.integers(1, 9), h16=st.booleans(), d=st.sampled_from([4, 8, 16, 32, 64]), k=st.integers(1, 3),
        g=st.integers(1, 3), t=st.integers(2, 20), e=st.integers(2, 9), i=st.sampled_from([8, 16, 24, 48]),
        top_k=st.integers(1, 4), norm=st.booleans(), seed=st.integers(0, 2**16))
 def test_kernels_match_numpy_any_shape(b, h16, d, k, g, t, e, i, top_k, norm, seed):
@@ -213,6 +213,30 @@ def test_kernels_match_numpy_any_shape(b, h16, d, k, g, t, e, i, top_k, norm, se
     kc_ref[:, :, slot0:slot0 + S], vc_ref[:, :, slot0:slot0 + S] = k_new, v_new
     np.testing.assert_allclose(kc_new, kc_ref, atol=2e-5, rtol=0)
     np.testing.assert_allclose(vc_new, vc_ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("b", [5, 8, 9])
+def test_moe_bench_shapes_rows_sharing_experts(b):
+    """bench-mini MoE shapes (H 512, 32 experts, I 256, top-4): rows that are near copies of one
+    another route to the same experts, so an expert gets every row (several 4-row batch passes over
+    each weight block, the prefetch running in the first only) and partial batches (5, 9 rows: 1-row
+    tails); the last row is independent (an expert with one row)."""
+    Hb, Eb, Ib, top_k = 512, 32, 256, 4
+    rng = np.random.default_rng(b)
+    w = _weights(rng, H=Hb, N=1, K=1, D=16, E=Eb, I=Ib)
+    w["wgu"], w["wd"] = w["wgu"] * 0.1, w["wd"] * 0.5  # O(1) outputs at H 512, I 256 (tolerance is absolute)
+    base = rng.standard_normal(Hb).astype(np.float32)
+    h = (base + 0.01 * rng.standard_normal((b, Hb))).astype(np.float32)
+    h[-1] = rng.standard_normal(Hb)
+    z = _rms(h, w["ln2"])
+    top = np.argsort(-(z @ w["wr"].T), -1)[:, :top_k]
+    shared = set(top[0]).intersection(*map(set, top[:-1]))
+    assert shared, "test setup: the near-copy rows should share an expert"
+    y = np.zeros((b, 1, Hb), np.float32)
+    meta = np.array([0, top_k, 1, 0], np.int32)
+    assert _call("DecodeMoe", [h[:, None], w["ln2"], w["wr"], w["wgu"], w["wd"], meta,
+                               np.array([EPS, 0.25], np.float32), y]) == 0
+    np.testing.assert_allclose(y[:, 0], _ref_moe(w, h, True, top_k), atol=2e-5, rtol=0)
 
 
 def test_kernel_rejects_bad_slot():

@@ -31,10 +31,6 @@ def fused_eligible(model: nn.Cell) -> bool:
     return not any(layer.self_attn.q_proj.bias is not None for layer in model.model.layers)
 
 
-def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    return w * (x * ops.rsqrt(ops.mean(x * x, -1, keep_dims=True) + eps))
-
-
 def _kernel_moe(layer: nn.Cell) -> bool:
     return bool(layer.is_sparse) and layer.mlp.capacity_factor is None
 
@@ -81,8 +77,8 @@ class FusedStepCell(nn.Cell):
 
     def _prefill_attention(self, layer, x_BSH, cos_BSD, sin_BSD, bias_B1SS, meta_4, i):
         """The forward pass's attention over the prompt block, then the in-place cache write."""
-        a, n = layer.self_attn, layer.input_layernorm
-        q, k, v = a.project_qkv(_rms(x_BSH, n.weight, n.eps), cos_BSD, sin_BSD)
+        a = layer.self_attn
+        q, k, v = a.project_qkv(layer.input_layernorm(x_BSH), cos_BSD, sin_BSD)  # the forward's norm (kernel)
         if self.attn_kernel:
             o_BNSD = attention_kernel.attention_core(q, k, v, bias_B1SS)
         else:
@@ -99,6 +95,6 @@ class FusedStepCell(nn.Cell):
                 return self.ops1.moe(h_BSH, n.weight, m.gate.weight, m.experts.gate_up_proj,
                                      m.experts.down_proj, meta_4, self.fcfg)
         B, S, H = h_BSH.shape
-        z_TH = _rms(h_BSH, n.weight, n.eps).reshape(B * S, H)
+        z_TH = n(h_BSH).reshape(B * S, H)
         y_TH = layer.mlp(z_TH)[0] if layer.is_sparse else layer.mlp(z_TH)
         return h_BSH + y_TH.reshape(B, S, H)

@@ -12,18 +12,13 @@
 // Same float32 math as the composite path (HF Qwen3-MoE); only summation orders differ.
 // Shapes: B rows, H hidden, N query heads, K kv heads, G = N / K, D head_dim, T cache slots,
 // E experts, I expert ffn, A = B * top_k assignments.
+// The thread pool splitting each phase over the cores is in decode_pool.h.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
-
-#include <omp.h>
+#include "decode_pool.h"
 
 // Keys whose additive bias is at or below this are masked (the engine uses float32 min): their
 // probability is exactly 0 in float32 in the composite softmax too, so they are skipped.
@@ -33,14 +28,24 @@ static const float kMasked = -1e6f;
 #include <immintrin.h>
 
 // 4 weight rows x NB batch rows in 4 * NB vector accumulators: each loaded weight vector feeds
-// NB FMAs, each loaded x vector 4 (H % 16 == 0).
+// NB FMAs, each loaded x vector 4 (H % 16 == 0). `next` is the next 4-row block (rows ldw apart),
+// prefetched in row-major order, 4 cache lines per step: on this machine one core streams 4 rows
+// read interleaved at 11-17 GB/s, and at 23-31 GB/s (near a plain sum's rate) with this one linear
+// software-prefetch stream (bench/stream_dot.cc; op A/B: bench/decode_ops.py). Pass w0 itself when
+// there is no next block.
 template <int NB>
 static inline void block4x(const float *w0, int64_t ldw, int64_t H, const float *x, int64_t ldx, float *y,
-                           int64_t ldy) {
+                           int64_t ldy, const float *next) {
   __m512 acc[4][NB];
   for (int r = 0; r < 4; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  int64_t col = 0;
   for (int64_t h = 0; h < H; h += 16) {
+    for (int q = 0; q < 4; ++q) {
+      _mm_prefetch(reinterpret_cast<const char *>(next + col), _MM_HINT_T0);
+      col += 16;
+      if (col == H) col = 0, next += ldw;
+    }
     __m512 xv[NB];
     for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + h);
     for (int r = 0; r < 4; ++r) {
@@ -59,16 +64,18 @@ static void rows_dot_ld(const float *W, int64_t ldw, int64_t H, int64_t o0, int6
                         int64_t ldx, int64_t nb, float *y, int64_t ldy) {
   int64_t o = o0;
 #ifdef __AVX512F__
-  if (H % 16 == 0 && ldw % 16 == 0) {
+  if (H % 16 == 0) {
     for (; o + 4 <= o1; o += 4)
       for (int64_t b = 0; b < nb; b += 4) {
         const float *w = W + o * ldw, *xb = x + b * ldx;
+        // prefetch once per block (first batch pass), only rows inside [o0, o1)
+        const float *next = b == 0 && o + 8 <= o1 ? w + 4 * ldw : w;
         float *yb = y + b * ldy + o;
         switch (nb - b) {
-          case 1: block4x<1>(w, ldw, H, xb, ldx, yb, ldy); break;
-          case 2: block4x<2>(w, ldw, H, xb, ldx, yb, ldy); break;
-          case 3: block4x<3>(w, ldw, H, xb, ldx, yb, ldy); break;
-          default: block4x<4>(w, ldw, H, xb, ldx, yb, ldy);
+          case 1: block4x<1>(w, ldw, H, xb, ldx, yb, ldy, next); break;
+          case 2: block4x<2>(w, ldw, H, xb, ldx, yb, ldy, next); break;
+          case 3: block4x<3>(w, ldw, H, xb, ldx, yb, ldy, next); break;
+          default: block4x<4>(w, ldw, H, xb, ldx, yb, ldy, next);
         }
       }
   }
@@ -124,125 +131,62 @@ static void rope(float *x, const float *cos, const float *sin, int64_t D) {
   std::memcpy(x, tmp, D * sizeof(float));
 }
 
-// A tiny fork-join pool in which the calling thread takes part. OpenMP's barriers wait for every
-// team thread, so on a loaded 2-core machine a descheduled thread stalls each of the ~40 parallel
-// phases of a decode step; here the caller claims chunks itself and only waits for chunks a
-// helper has already started. Helpers spin briefly (the next kernel of the step follows within
-// microseconds), then sleep. Helpers = omp_get_max_threads() - 1 (OMP_NUM_THREADS is honoured).
-class Pool {
- public:
-  static Pool &get() {
-    static Pool *pool = new Pool();  // never destroyed: helpers may still be parked at exit
-    return *pool;
-  }
-
-  int threads() const { return helpers_ + 1; }
-
-  // fn(i) for every i in [0, n). A second concurrent caller (MindSpore may run independent ops
-  // at once) runs its loop alone instead of sharing the helpers.
-  template <class F>
-  void run(int64_t n, F &&fn) {
-    std::unique_lock<std::mutex> mine(run_mu_, std::try_to_lock);
-    if (helpers_ == 0 || n <= 1 || !mine.owns_lock()) {
-      for (int64_t i = 0; i < n; ++i) fn(i);
-      return;
-    }
-    Job job;
-    job.n = n;
-    job.ctx = &fn;
-    job.call = [](void *ctx, int64_t i) { (*static_cast<F *>(ctx))(i); };
-    job.seq = ++counter_;
-    current_.store(&job);
-    seq_.store(job.seq);
-    if (sleeping_.load() > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      cv_.notify_all();
-    }
-    work(&job);
-    while (job.done.load() < n) spin_pause();
-    current_.store(nullptr);
-    while (busy_.load() > 0) spin_pause();  // no helper still holds &job
-  }
-
- private:
-  struct Job {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t n = 0;
-    uint64_t seq = 0;
-    void *ctx = nullptr;
-    void (*call)(void *, int64_t) = nullptr;
-  };
-
-  Pool() {
-    const int t = omp_get_max_threads();
-    helpers_ = t > 1 ? t - 1 : 0;
-    for (int i = 0; i < helpers_; ++i) std::thread([this] { loop(); }).detach();
-  }
-
-  static inline void spin_pause() {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
-
-  static void work(Job *job) {
-    for (int64_t i = job->next.fetch_add(1); i < job->n; i = job->next.fetch_add(1)) {
-      job->call(job->ctx, i);
-      job->done.fetch_add(1);
-    }
-  }
-
-  void loop() {
-    uint64_t last = 0;
-    for (;;) {
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
-      for (int64_t k = 1; seq_.load() == last; ++k) {
-        spin_pause();
-        if (k % 64 == 0 && std::chrono::steady_clock::now() > until) break;
-      }
-      if (seq_.load() == last) {
-        std::unique_lock<std::mutex> lock(mu_);
-        sleeping_.fetch_add(1);
-        cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return seq_.load() != last; });
-        sleeping_.fetch_sub(1);
-        continue;
-      }
-      const uint64_t seen = seq_.load();
-      busy_.fetch_add(1);
-      Job *job = current_.load();  // alive until busy_ drops: its caller waits for that
-      if (job != nullptr && job->seq != last) {
-        last = job->seq;
-        work(job);
-      } else if (job == nullptr) {
-        last = seen;
-      }
-      busy_.fetch_sub(1);
-    }
-  }
-
-  static const int64_t kSpinUs = 50;  // the next kernel of a decode step starts within this
-  int helpers_ = 0;
-  uint64_t counter_ = 0;
-  std::atomic<Job *> current_{nullptr};
-  std::atomic<uint64_t> seq_{0};
-  std::atomic<int> busy_{0}, sleeping_{0};
-  std::mutex mu_, run_mu_;
-  std::condition_variable cv_;
-};
-
-// Rows [0, rows) split into chunks of kChunk for the parallel loops over weight rows.
-static const int64_t kChunk = 16;
+// Rows [0, rows) split into chunks of kChunk for the parallel loops over weight rows: a chunk's
+// first 4-row block is read without software prefetch, so chunks of 16 rows left a quarter of the
+// weights to the slow interleaved pattern (B=1 is memory bound); 64 rows still give 8-16 chunks.
+static const int64_t kChunk = 64;
 static inline int64_t nchunks(int64_t rows) { return (rows + kChunk - 1) / kChunk; }
 
 struct AttnDims {
   int64_t B, S, H, N, K, G, D, T;
 };
 
+#ifdef __AVX512F__
+// attend() for D = 16 * NV with the score dots and the probability-weighted sum of values in vector
+// registers: the scalar loops' reductions spill to the stack and their output row makes a
+// store-to-load chain per key (the attention phase was ~20% of the block at B=8, perf).
+template <int NV>
+static void attend_vec(const float *q, const float *kc, const float *vc, const float *bias, int64_t T, bool any,
+                       float scale, float *p, float *out) {
+  const int64_t D = 16 * NV;
+  __m512 qv[NV], acc[NV];
+  for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(q + 16 * j), acc[j] = _mm512_setzero_ps();
+  float mx = -INFINITY, sum = 0.f;
+  for (int64_t t = 0; t < T; ++t) {
+    if (any && bias[t] <= kMasked) continue;
+    __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kc + t * D));
+    for (int j = 1; j < NV; ++j) s = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kc + t * D + 16 * j), s);
+    p[t] = _mm512_reduce_add_ps(s) * scale + bias[t];
+    mx = p[t] > mx ? p[t] : mx;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (any && bias[t] <= kMasked) continue;
+    p[t] = std::exp(p[t] - mx);
+    sum += p[t];
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (any && bias[t] <= kMasked) continue;
+    const __m512 pt = _mm512_set1_ps(p[t] / sum);
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vc + t * D + 16 * j), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
+}
+#endif
+
 // One query (row b, head n) against the cache: softmax(q k^T * scale + bias) v -> out[D]
 static void attend(const float *q, const float *kc, const float *vc, const float *bias, const AttnDims &d,
                    float scale, float *p, float *out) {
   bool any = false;
   for (int64_t t = 0; t < d.T; ++t) any = any || bias[t] > kMasked;
+#ifdef __AVX512F__
+  switch (d.D % 16 == 0 ? d.D / 16 : 0) {
+    case 1: return attend_vec<1>(q, kc, vc, bias, d.T, any, scale, p, out);
+    case 2: return attend_vec<2>(q, kc, vc, bias, d.T, any, scale, p, out);
+    case 4: return attend_vec<4>(q, kc, vc, bias, d.T, any, scale, p, out);
+    case 8: return attend_vec<8>(q, kc, vc, bias, d.T, any, scale, p, out);
+    default: break;  // other head dims: the scalar loops below
+  }
+#endif
   float mx = -INFINITY;
   for (int64_t t = 0; t < d.T; ++t) {
     if (any && bias[t] <= kMasked) continue;
@@ -470,7 +414,7 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t B = shapes[0][0], S = shapes[0][1], H = shapes[0][2], V = shapes[2][0];
   std::vector<float> z(B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
-  const int64_t chunk = 64, nc = (V + chunk - 1) / chunk;
+  const int64_t chunk = 256, nc = (V + chunk - 1) / chunk;  // see kChunk
   Pool::get().run(nc, [&](int64_t c) {
     const int64_t o1 = (c + 1) * chunk < V ? (c + 1) * chunk : V;
     rows_dot(W, H, c * chunk, o1, z.data(), H, B, y, V);
