@@ -256,8 +256,9 @@ class TrainStep:
         C, N = np.zeros(self.E, np.float64), 0.0
         for args in prepped:
             stats = runner(*args, 0, True, False)[-1]
-            C += stats[0].asnumpy().sum(0)
-            N += float(stats[2].asnumpy()) * stats[0].shape[0]
+            counts_LE, n = fetch(stats[0], stats[2])
+            C += counts_LE.sum(0)
+            N += float(n) * counts_LE.shape[0]
         dp = 1
         if self.stats_reducer is not None:
             C, N, dp = self.stats_reducer(C, N)
