@@ -12,7 +12,9 @@ step's CPU samples in that loop, and the bench-mini train step ran 1.41x faster 
 future (a lock, no spinning). The main thread keeps its normal priority, so every thread it
 creates (MindSpore's queue workers are started lazily by the first launch) keeps it too.
 Where SCHED_IDLE is unavailable (not Linux) the helper keeps normal priority: same cost as
-calling asnumpy() directly.
+calling asnumpy() directly. Caveat: on a machine saturated by other processes an idle-priority
+thread is scheduled late, so noticing the end of a step can lag by a few scheduler ticks; that
+is small against a training step, which is why only TrainStep uses this (not per-token decode).
 """
 from __future__ import annotations
 
