@@ -106,6 +106,20 @@ def test_bucket_order_does_not_depend_on_previous_call():
         np.testing.assert_allclose(y, _reference(x, idx, w, gu, dn, dy)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_reused_scratch_across_sizes():
+    """The kernels keep their scratch between calls (per thread, grown to the largest call):
+    a large call, then a smaller one (stale, larger buffers), then a larger one again (regrown)
+    each match the reference, forward and gradients (same tolerances as above)."""
+    for seed, T, K, E, H, I in ((3, 40, 4, 8, 32, 16), (4, 5, 2, 4, 16, 8), (6, 64, 4, 16, 48, 24)):
+        x, idx, w, gu, dn, dy = _case(seed, T, K, E, H, I)
+        y_ref, grads_ref = _reference(x, idx, w, gu, dn, dy)
+        y = moe.moe_experts(Tensor(x), Tensor(idx), Tensor(w), Tensor(gu), Tensor(dn)).asnumpy()
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+        _, grads = _GRAD(*(Tensor(a) for a in (x, idx, w, gu, dn, dy)))
+        for name, g, ref in zip(("dx", "dw", "dgate_up", "ddown"), grads, grads_ref):
+            np.testing.assert_allclose(g.asnumpy(), ref, rtol=1e-4, atol=1e-5, err_msg=f"T={T} {name}")
+
+
 def test_out_of_range_expert_id_fails():
     x, idx, w, gu, dn, _ = _case(0, 4, 2, 4)
     idx[2, 1] = 4  # E = 4: ids must be in [0, 4)

@@ -41,6 +41,7 @@ from qwen3moe.router.losses import router_seq_stats, seq_aux_loss, z_loss
 from qwen3moe.router.topk import route
 from qwen3moe.training.optimizer import clip_by_global_norm, global_norm as composite_global_norm
 from qwen3moe.training.precision import DynamicLossScale
+from qwen3moe.training.sync import fetch
 
 AUX_MODES = ("hf", "megatron", "global", "seq")
 _TICK = Tensor(0.0, ms.float32)
@@ -255,8 +256,9 @@ class TrainStep:
         C, N = np.zeros(self.E, np.float64), 0.0
         for args in prepped:
             stats = runner(*args, 0, True, False)[-1]
-            C += stats[0].asnumpy().sum(0)
-            N += float(stats[2].asnumpy()) * stats[0].shape[0]
+            counts_LE, n = fetch(stats[0], stats[2])
+            C += counts_LE.sum(0)
+            N += float(n) * counts_LE.shape[0]
         dp = 1
         if self.stats_reducer is not None:
             C, N, dp = self.stats_reducer(C, N)
@@ -270,9 +272,9 @@ class TrainStep:
         inv_m, aux_w = Tensor(S / m, ms.float32), self._global_weights(prepped, S)
         sums, counts, tokens, norm = np.zeros(4), 0.0, 0, 0.0
         for i, args in enumerate(prepped):
-            out = self.graph(*args, inv_m, aux_w, i == 0, update and i == m - 1)
-            sums += [float(v.asnumpy()) for v in out[:4]]
-            counts, norm = counts + out[4].asnumpy(), float(out[5].asnumpy())
+            out = fetch(*self.graph(*args, inv_m, aux_w, i == 0, update and i == m - 1))
+            sums += [float(v) for v in out[:4]]
+            counts, norm = counts + out[4], float(out[5])
             tokens += int(args[0].shape[0] * args[0].shape[1])
         return {"loss": sums[0] / S, "lm_loss": sums[1] / m, "aux": sums[2] / m,
                 "aux_megatron": sums[2] / m / self.K, "z": sums[3] / m, "grad_norm": norm,
@@ -290,7 +292,7 @@ class TrainStep:
 
     def apply(self) -> float:
         """Clip + update from the buffered gradients (after `gradients`); returns the grad norm."""
-        return float(self.apply_graph(Tensor(1.0 / self._scale(), ms.float32)).asnumpy())
+        return float(fetch(self.apply_graph(Tensor(1.0 / self._scale(), ms.float32)))[0])
 
     def _guarded(self, batch) -> dict:
         """Forward+backward into the buffers; update only when loss and grad norm are finite."""
@@ -298,7 +300,7 @@ class TrainStep:
             self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
         metrics = self._run(batch, update=False)
         scale = self._scale()
-        norm = float(self._norm_graph(_TICK).asnumpy()) / scale
+        norm = float(fetch(self._norm_graph(_TICK))[0]) / scale
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
         if finite:
             self.apply()
