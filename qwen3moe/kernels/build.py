@@ -1,4 +1,5 @@
-"""Build-on-first-use of the optional CPU kernels (C++ calling numpy's bundled OpenBLAS).
+"""Build-on-first-use of the optional CPU kernels (C++ calling MindSpore's bundled oneDNN sgemm,
+or numpy's bundled OpenBLAS where MindSpore ships no libdnnl or QWEN3MOE_GEMM=openblas).
 
 The shared object is cached under $QWEN3MOE_KERNEL_CACHE (default ~/.cache/qwen3moe) keyed by a
 hash of the source, flags and BLAS path, so a fresh machine compiles once (~3 s with g++).
@@ -26,6 +27,30 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 EXTRA_FLAGS = {"adamw": ["-fno-math-errno", "-ffp-contract=off"]}
 
 
+def _dnnl_library() -> str | None:
+    """MindSpore's bundled oneDNN (its CPU MatMul backend), unless QWEN3MOE_GEMM=openblas."""
+    if os.environ.get("QWEN3MOE_GEMM", "dnnl") == "openblas":
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("mindspore")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "lib" / "libdnnl.so.*")))
+    return found[0] if found else None
+
+
+def _link_flags(name: str) -> list[str]:
+    """-D / -l flags for the GEMM library: oneDNN's dnnl_sgemm when present, else OpenBLAS."""
+    blas = Path(_blas_library())
+    flags = [f"-L{blas.parent}", f"-l:{blas.name}", f"-Wl,-rpath,{blas.parent}"]
+    dnnl = _dnnl_library()
+    if dnnl:
+        d = Path(dnnl)
+        flags = ["-DQWEN3MOE_DNNL", f"-L{d.parent}", f"-l:{d.name}", f"-Wl,-rpath,{d.parent}", *flags]
+    return flags
+
+
 def _blas_library() -> str | None:
     import numpy
 
@@ -48,7 +73,8 @@ def kernel_library(name: str = "grouped_experts") -> str | None:
     src = CSRC / f"{name}.cc"
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *EXTRA_FLAGS.get(name, [])]
     headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # sources #include them
-    key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags + [blas, cxx]).encode()).hexdigest()[:16]
+    link = _link_flags(name)
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags + link + [cxx]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("QWEN3MOE_KERNEL_CACHE", Path.home() / ".cache" / "qwen3moe"))
     out = cache / f"{name}-{key}.so"
     if out.is_file():
@@ -56,8 +82,7 @@ def kernel_library(name: str = "grouped_experts") -> str | None:
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    cmd = [cxx, *flags, str(src), "-o", tmp, f"-L{Path(blas).parent}", f"-l:{Path(blas).name}",
-           f"-Wl,-rpath,{Path(blas).parent}"]
+    cmd = [cxx, *flags, str(src), "-o", tmp, *link]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)

@@ -19,6 +19,7 @@ from qwen3moe.kernels.cross_entropy import token_cross_entropy
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.layers.dtypes import init_param
 from qwen3moe.layers.experts import Qwen3MoeExperts
+from qwen3moe.layers.linear import Linear
 from qwen3moe.layers.mlp import Qwen3MoeMLP
 from qwen3moe.layers.norm import RMSNorm
 from qwen3moe.models.config import Qwen3MoeConfig
@@ -146,16 +147,6 @@ class _Embedding(nn.Cell):
         return ops.gather(self.weight, ids, 0).astype(ms.float32)
 
 
-class _LMHead(nn.Cell):
-    def __init__(self, hidden_size: int, vocab_size: int, init_std: float, param_dtype=None) -> None:
-        super().__init__()
-        self.weight = init_param((vocab_size, hidden_size), init_std, "weight", param_dtype)
-        self.matmul = ops.MatMul(transpose_b=True)
-
-    def construct(self, x_TH: Tensor) -> Tensor:
-        return self.matmul(x_TH, self.weight.astype(x_TH.dtype))
-
-
 @dataclass
 class CausalLMOutput:
     logits: Tensor
@@ -174,7 +165,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
         super().__init__()
         self.config = config
         self.model = Qwen3MoeModel(config, param_dtype)
-        self.lm_head = _LMHead(config.hidden_size, config.vocab_size, config.initializer_range, param_dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, config.initializer_range, param_dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.source_dir: str | None = None  # set by from_pretrained (tokenizer files to copy on save)

@@ -1,5 +1,9 @@
 // Shared by the CPU kernels: numpy's 64-bit OpenBLAS entry points, a guard that makes BLAS
 // single-threaded inside OpenMP regions, a row-major GEMM wrapper and a fast float exp.
+// With QWEN3MOE_DNNL (kernels/build.py sets it when MindSpore ships libdnnl) `gemm` calls oneDNN's
+// sequential dnnl_sgemm instead of OpenBLAS: on the expert GEMM shapes (128 x 512 x 512 and
+// 128 x 512 x 256, 32 experts, weights cold in cache, 2 threads each running one expert) it ran
+// 190 GFLOP/s against OpenBLAS's 167 (bench/gemm_micro.cc).
 // kernels/build.py hashes this header with each source, so editing it rebuilds every kernel.
 #pragma once
 #include <cmath>
@@ -12,6 +16,10 @@ extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, 
 extern "C" int openblas_get_num_threads64_();
 extern "C" void openblas_set_num_threads64_(int);
 static const int kRow = 101, kN = 111, kT = 112;
+#ifdef QWEN3MOE_DNNL
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                          int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+#endif
 
 // Experts (or column blocks) run in parallel under OpenMP with single-threaded BLAS inside: many
 // small GEMMs scale better this way than one threaded GEMM after another (measured: 4096x512 rows
@@ -32,7 +40,11 @@ static inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const
       for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
     return;
   }
+#ifdef QWEN3MOE_DNNL
+  dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+#else
   cblas_sgemm64_(kRow, ta ? kT : kN, tb ? kT : kN, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+#endif
 }
 
 // exp with a degree-6 polynomial after range reduction (Cephes expf constants), clamped to the
