@@ -63,12 +63,7 @@ static void softmax_rows(float *p, const float *bias, int64_t R, int64_t tc, con
       row[j] = row[j] * scale + br[j];
       mx = row[j] > mx ? row[j] : mx;
     }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < tc; ++j) {
-      row[j] = vexp(row[j] - mx);
-      sum += row[j];
-    }
+    const float sum = exp_shift(row, row, tc, mx);
     const float inv = 1.0f / sum;
 #pragma omp simd
     for (int64_t j = 0; j < tc; ++j) row[j] *= inv;

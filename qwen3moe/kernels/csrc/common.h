@@ -9,6 +9,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                                const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
@@ -65,4 +68,88 @@ static inline float vexp(float x) {
   float s;
   std::memcpy(&s, &bits, sizeof(s));
   return p * s;
+}
+
+// The loops below are written with AVX-512 intrinsics where the build has it: GCC 12 keeps every
+// loop that calls vexp scalar ("control flow in loop" / floorf without -ffast-math), which made
+// the SwiGLU, softmax and cross-entropy loops run one float at a time (perf: vmulss/vdivss).
+// Same polynomial as vexp; results may differ from it in the last bit (FMA contraction).
+#if defined(__AVX512F__)
+static inline __m512 vexp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+static inline __m512 vsigmoid16(__m512 v) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, vexp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+#endif
+
+static inline float vsigmoid(float v) { return 1.0f / (1.0f + vexp(-v)); }
+
+// out[j] = scale * exp(in[j] - shift) (out may be in, or null to only sum); returns sum_j exp(in[j] - shift)
+static inline float exp_shift(const float *in, float *out, int64_t n, float shift, float scale = 1.0f) {
+  int64_t j = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 vs = _mm512_set1_ps(shift), vc = _mm512_set1_ps(scale);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = vexp16(_mm512_sub_ps(_mm512_loadu_ps(in + j), vs));
+    acc = _mm512_add_ps(acc, e);
+    if (out) _mm512_storeu_ps(out + j, _mm512_mul_ps(e, vc));
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    const float e = vexp(in[j] - shift);
+    sum += e;
+    if (out) out[j] = scale * e;
+  }
+  return sum;
+}
+
+// h[j] = silu(g[j]) * u[j]   (SwiGLU activation)
+static inline void silu_mul(const float *g, const float *u, float *h, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + j);
+    _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_mul_ps(gv, vsigmoid16(gv)), _mm512_loadu_ps(u + j)));
+  }
+#endif
+  for (; j < n; ++j) h[j] = g[j] * vsigmoid(g[j]) * u[j];
+}
+
+// SwiGLU backward: du = da * silu(g), dg = da * u * s * (1 + g (1 - s)) with s = sigmoid(g)
+static inline void silu_mul_grad(const float *g, const float *u, const float *da, float *dg, float *du, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + j), uv = _mm512_loadu_ps(u + j), av = _mm512_loadu_ps(da + j);
+    const __m512 sv = vsigmoid16(gv);
+    _mm512_storeu_ps(du + j, _mm512_mul_ps(_mm512_mul_ps(av, gv), sv));
+    const __m512 t = _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sv), one);
+    _mm512_storeu_ps(dg + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(av, uv), sv), t));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float s = vsigmoid(g[j]);
+    du[j] = da[j] * g[j] * s;
+    dg[j] = da[j] * u[j] * s * (1.0f + g[j] * (1.0f - s));
+  }
 }

@@ -35,9 +35,7 @@ extern "C" int CrossEntropyFwd(int nparam, void **params, int *ndims, int64_t **
     float m = xt[0];
 #pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < V; ++v) m = xt[v] > m ? xt[v] : m;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t v = 0; v < V; ++v) s += vexp(xt[v] - m);
+    const float s = exp_shift(xt, nullptr, V, m);
     lse[t] = m + std::log(s);
     ce[t] = lse[t] - xt[label[t]];
   }
@@ -60,8 +58,7 @@ extern "C" int CrossEntropyBwd(int nparam, void **params, int *ndims, int64_t **
     const float *xt = x + t * V;
     float *dt = dx + t * V;
     const float g = dce[t] + dlse[t], l = lse[t];
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) dt[v] = g * vexp(xt[v] - l);
+    exp_shift(xt, dt, V, l, g);
     dt[label[t]] -= dce[t];
   }
   return 0;

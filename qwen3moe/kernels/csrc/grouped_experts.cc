@@ -10,8 +10,6 @@
 
 #include "common.h"
 
-static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
-
 // inputs: x [A,H], off [E+1] int32, wgu [E,2I,H], wd [E,H,I]; outputs: y [A,H], gu [A,2I]
 extern "C" int GroupedSwigluFwd(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, void *stream, void *extra) {
@@ -30,11 +28,7 @@ extern "C" int GroupedSwigluFwd(int nparam, void **params, int *ndims, int64_t *
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     if (n <= 0) continue;
     gemm(false, true, n, I2, H, x + r0 * H, H, wgu + e * I2 * H, H, gu + r0 * I2, I2);
-    for (int64_t r = r0; r < r0 + n; ++r) {
-      const float *g = gu + r * I2, *u = g + I;
-      float *a = act + r * I;
-      for (int64_t j = 0; j < I; ++j) a[j] = g[j] * sigmoid(g[j]) * u[j];
-    }
+    for (int64_t r = r0; r < r0 + n; ++r) silu_mul(gu + r * I2, gu + r * I2 + I, act + r * I, I);
     gemm(false, true, n, H, I, act + r0 * I, I, wd + e * H * I, I, y + r0 * H, H);
   }
   }
@@ -73,21 +67,11 @@ extern "C" int GroupedSwigluBwd(int nparam, void **params, int *ndims, int64_t *
       std::memset(dwd_e, 0, H * I * sizeof(float));
       continue;
     }
-    for (int64_t r = r0; r < r0 + n; ++r) {
-      const float *g = gu + r * I2, *u = g + I;
-      for (int64_t j = 0; j < I; ++j) act[r * I + j] = g[j] * sigmoid(g[j]) * u[j];
-    }
+    for (int64_t r = r0; r < r0 + n; ++r) silu_mul(gu + r * I2, gu + r * I2 + I, act + r * I, I);
     gemm(true, false, H, I, n, dy + r0 * H, H, act + r0 * I, I, dwd_e, I);              // dWd = dy^T act
     gemm(false, false, n, I, H, dy + r0 * H, H, wd + e * H * I, I, dact + r0 * I, I);   // dact = dy Wd
-    for (int64_t r = r0; r < r0 + n; ++r) {
-      const float *g = gu + r * I2, *u = g + I, *da = dact + r * I;
-      float *dg = dgu + r * I2, *du = dg + I;
-      for (int64_t j = 0; j < I; ++j) {
-        const float s = sigmoid(g[j]);
-        du[j] = da[j] * g[j] * s;
-        dg[j] = da[j] * u[j] * s * (1.0f + g[j] * (1.0f - s));
-      }
-    }
+    for (int64_t r = r0; r < r0 + n; ++r)
+      silu_mul_grad(gu + r * I2, gu + r * I2 + I, dact + r * I, dgu + r * I2, dgu + r * I2 + I, I);
     gemm(true, false, I2, H, n, dgu + r0 * I2, I2, x + r0 * H, H, dwgu_e, H);            // dWgu = dgu^T x
     gemm(false, false, n, H, I2, dgu + r0 * I2, I2, wgu + e * I2 * H, H, dx + r0 * H, H);  // dx = dgu Wgu
   }

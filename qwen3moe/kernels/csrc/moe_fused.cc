@@ -15,10 +15,6 @@
 
 #include "common.h"
 
-// vexp (common.h) vectorises, unlike std::exp without -ffast-math: the SwiGLU sigmoid is ~1M
-// exps per layer forward at bench-mini prefill.
-static inline float sigmoid(float v) { return 1.0f / (1.0f + vexp(-v)); }
-
 // Uninitialised float scratch: every element is written before it is read, and zero-filling the
 // ~32 MB of backward scratch per layer (std::vector) cost a pass over memory for nothing.
 // Kept per calling thread in numbered slots and reused across calls (grown to the largest call,
@@ -91,12 +87,7 @@ extern "C" int MoeFusedFwd(int nparam, void **params, int *ndims, int64_t **shap
       const int64_t r0 = off[e], n = off[e + 1] - off[e];
       if (n <= 0) continue;
       gemm(false, true, n, d.I2, d.H, xs + r0 * d.H, d.H, wgu + e * d.I2 * d.H, d.H, gu + r0 * d.I2, d.I2);
-      for (int64_t r = r0; r < r0 + n; ++r) {
-        const float *g = gu + r * d.I2, *u = g + d.I;
-        float *h = act + r * d.I;
-#pragma omp simd
-        for (int64_t j = 0; j < d.I; ++j) h[j] = g[j] * sigmoid(g[j]) * u[j];
-      }
+      for (int64_t r = r0; r < r0 + n; ++r) silu_mul(gu + r * d.I2, gu + r * d.I2 + d.I, act + r * d.I, d.I);
       gemm(false, true, n, d.H, d.I, act + r0 * d.I, d.I, wd + e * d.H * d.I, d.I, ye + r0 * d.H, d.H);
     }
   }
@@ -117,23 +108,11 @@ extern "C" int MoeFusedFwd(int nparam, void **params, int *ndims, int64_t **shap
 static void expert_bwd(int64_t e, int64_t r0, int64_t n, const Dims &d, const float *wgu, const float *wd,
                        const float *gu, const float *xs, float *dye, float *act, float *dact, float *dgu,
                        float *dwgu_e, float *dwd_e) {
-  for (int64_t r = r0; r < r0 + n; ++r) {
-    const float *g = gu + r * d.I2, *u = g + d.I;
-#pragma omp simd
-    for (int64_t j = 0; j < d.I; ++j) act[r * d.I + j] = g[j] * sigmoid(g[j]) * u[j];
-  }
+  for (int64_t r = r0; r < r0 + n; ++r) silu_mul(gu + r * d.I2, gu + r * d.I2 + d.I, act + r * d.I, d.I);
   gemm(true, false, d.H, d.I, n, dye + r0 * d.H, d.H, act + r0 * d.I, d.I, dwd_e, d.I);            // dWd = dye^T act
   gemm(false, false, n, d.I, d.H, dye + r0 * d.H, d.H, wd + e * d.H * d.I, d.I, dact + r0 * d.I, d.I);  // dact = dye Wd
-  for (int64_t r = r0; r < r0 + n; ++r) {
-    const float *g = gu + r * d.I2, *u = g + d.I, *da = dact + r * d.I;
-    float *dg = dgu + r * d.I2, *du = dg + d.I;
-#pragma omp simd
-    for (int64_t j = 0; j < d.I; ++j) {
-      const float s = sigmoid(g[j]);
-      du[j] = da[j] * g[j] * s;
-      dg[j] = da[j] * u[j] * s * (1.0f + g[j] * (1.0f - s));
-    }
-  }
+  for (int64_t r = r0; r < r0 + n; ++r)
+    silu_mul_grad(gu + r * d.I2, gu + r * d.I2 + d.I, dact + r * d.I, dgu + r * d.I2, dgu + r * d.I2 + d.I, d.I);
   gemm(true, false, d.I2, d.H, n, dgu + r0 * d.I2, d.I2, xs + r0 * d.H, d.H, dwgu_e, d.H);         // dWgu = dgu^T xs
   gemm(false, false, n, d.H, d.I2, dgu + r0 * d.I2, d.I2, wgu + e * d.I2 * d.H, d.H, dye + r0 * d.H, d.H);  // dxs
 }
