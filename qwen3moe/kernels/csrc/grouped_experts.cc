@@ -1,7 +1,7 @@
 // Grouped SwiGLU experts for CPU, called by MindSpore as ops.Custom(func_type="aot").
 //
 // Rows of x are sorted by expert; expert e owns rows [off[e], off[e+1]). Each expert's rows go
-// through two GEMMs from the BLAS numpy ships (OpenBLAS, 64-bit interface), so every expert's
+// through two GEMMs (common.h `gemm`: MindSpore's oneDNN or numpy's OpenBLAS), so every expert's
 // weights are read once and compute scales with the assignments, never with T * E.
 // Shapes: A assignments (rows), H hidden, I expert ffn, E experts.
 #include <cmath>

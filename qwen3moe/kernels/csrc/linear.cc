@@ -1,8 +1,8 @@
 // Bias-free linear layers for CPU (ops.Custom aot): y_i = x @ W_i^T for n weights sharing one
-// input x, forward and backward, through numpy's OpenBLAS sgemm.
+// input x, forward and backward, through common.h's `gemm` (oneDNN's dnnl_sgemm or OpenBLAS).
 //
-// Why: MindSpore 2.10's CPU MatMul reaches ~0.6x of OpenBLAS's GFLOP/s on the dense projection
-// shapes (q/k/v/o, router, lm_head); the backward dX / dW matmuls are as slow. One op with n
+// Why (measured, bench/linear_micro.py): with oneDNN's sgemm the backward shapes run 1.4-1.5x
+// MindSpore 2.10's CPU MatMul (the forward ~1.0x); layers/linear.py uses it for fp32. One op with n
 // weights also serves q/k/v from one input (3 GEMMs, one graph op each way, no concatenated
 // parameter) and sums the three dX contributions in place (beta = 1) instead of two AddN ops.
 // Shapes: T rows (all leading dims of x), I in-features, O_i out-features of weight i.

@@ -4,7 +4,7 @@
 // load-balancing statistics are untouched; this op replaces the ~12 graph ops of sort-based
 // dispatch, gathers, grouped GEMMs and combine (each op costs dispatch time plus a pass over
 // memory). Assignments a = t*K + j are bucketed by expert with a stable counting sort (token
-// order inside an expert), each expert's rows go through two GEMMs of numpy's OpenBLAS, and
+// order inside an expert), each expert's rows go through two sequential GEMMs (common.h `gemm`: oneDNN or OpenBLAS), and
 // y_t = sum_j w_tj * Expert_{idx_tj}(x_t) is summed in j order, as the composite path does.
 // Shapes: T tokens, K top-k, A = T*K assignments (sorted rows), H hidden, I expert ffn, E experts.
 #include <cmath>
