@@ -159,6 +159,23 @@ def test_wrong_shape_and_unexpected(tmp_path):
     assert "unexpected tensor 'extra.weight'" in _error(out)
 
 
+def test_wrong_per_expert_shape_names_the_expert_tensor(tmp_path):
+    """Per-expert HF tensors are written straight into the fused [E, 2I, H] stack: one expert's
+    tensor with the wrong shape is a one-line error naming it, not a numpy broadcast error."""
+    from qwen3moe.io.hf_checkpoint import hf_tensors
+
+    m = tiny()
+    out = tmp_path / "m"
+    out.mkdir()
+    m.config.save_pretrained(out)
+    tensors = [(n, a, t) for n, a, t in hf_tensors(m, "float32")]
+    victim = next(i for i, (n, _, _) in enumerate(tensors) if n.endswith("experts.1.up_proj.weight"))
+    tensors[victim] = (tensors[victim][0], np.zeros((3, 3), np.float32), "F32")
+    write_safetensors(str(out / "model.safetensors"), tensors)
+    msg = _error(out)
+    assert tensors[victim][0] in msg and "[3, 3]" in msg and "model.safetensors" in msg
+
+
 def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     m = tiny()
     m.save_pretrained(tmp_path / "out")

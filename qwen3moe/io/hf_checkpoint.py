@@ -94,16 +94,29 @@ def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_ex
     if missing:
         raise CheckpointError(f"{src.directory}: missing tensor {missing[0]!r} (needed for {name})"
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    if len(keys) == 1:
-        arr = src.read(keys[0])
-    else:
-        per = len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)])
-        parts = [src.read(k) for k in keys]
-        arr = np.stack([np.concatenate(parts[j * per:(j + 1) * per], 0) for j in range(num_experts)])
+    if len(keys) > 1:
+        return _read_fused(src, name, keys, shape, len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)]))
+    arr = src.read(keys[0])
     if tuple(arr.shape) != tuple(shape):
         raise CheckpointError(f"{src.file_of(keys[0])}: tensor {keys[0]!r} has shape {list(arr.shape)}, "
                               f"expected {list(shape)} for {name}")
     return arr
+
+
+def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[int, ...], per: int) -> np.ndarray:
+    """Per-expert tensors (keys in expert-major order, `per` projections each, concatenated on
+    rows) written straight into one [E, rows, cols] float32 array: the transient is one expert
+    tensor, not a second and third copy of the stack (load peak RSS 1.24x -> see bench/RESULTS.md)."""
+    out = np.empty(shape, np.float32)
+    expected = (shape[1] // per, *shape[2:])
+    for i, k in enumerate(keys):
+        part = src.read(k)
+        if tuple(part.shape) != expected:
+            raise CheckpointError(f"{src.file_of(k)}: tensor {k!r} has shape {list(part.shape)}, "
+                                  f"expected {list(expected)} for {name}")
+        j, r = divmod(i, per)
+        out[j, r * expected[0]:(r + 1) * expected[0]] = part
+    return out
 
 
 def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None):
@@ -125,7 +138,7 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
     for p in model.get_parameters():
         arr = read_native(src, p.name, tuple(p.shape), config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
-        t = Tensor(np.ascontiguousarray(arr, dtype=np.float32))
+        t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         p.set_data(t if param_dtype == ms.float32 else t.astype(param_dtype))
         del arr, t
     unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
