@@ -71,3 +71,18 @@ def test_both_gemm_backends_agree(tmp_path):
         assert lib_a != lib_b  # two differently built libraries (the flags are in the cache key)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5 * np.abs(b[k]).max(), err_msg=k)
+
+
+def test_cache_key_includes_cpu_features(tmp_path, monkeypatch):
+    """A shared kernel cache never hands -march=native code built on another CPU to this one."""
+    monkeypatch.setenv("QWEN3MOE_KERNEL_CACHE", str(tmp_path))
+    paths = []
+    try:
+        for flags in ("flags : fpu avx2", "flags : fpu avx2 avx512f"):
+            monkeypatch.setattr(build, "_cpu_flags", lambda f=flags: f)
+            build.kernel_library.cache_clear()
+            paths.append(build.kernel_library("sumsq"))
+    finally:
+        build.kernel_library.cache_clear()
+    assert all(paths) and paths[0] != paths[1]
+    assert sorted(p.name for p in tmp_path.glob("sumsq-*.so")) == sorted(Path(p).name for p in paths)

@@ -51,6 +51,17 @@ def _link_flags(name: str) -> list[str]:
     return flags
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native code from a shared cache (a home folder mounted on
+    several machines) must not be loaded on a CPU without, say, AVX-512 (SIGILL)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _blas_library() -> str | None:
     import numpy
 
@@ -74,7 +85,8 @@ def kernel_library(name: str = "grouped_experts") -> str | None:
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *EXTRA_FLAGS.get(name, [])]
     headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # sources #include them
     link = _link_flags(name)
-    key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags + link + [cxx]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags + link + [cxx, _cpu_flags()]).encode()
+                         ).hexdigest()[:16]
     cache = Path(os.environ.get("QWEN3MOE_KERNEL_CACHE", Path.home() / ".cache" / "qwen3moe"))
     out = cache / f"{name}-{key}.so"
     if out.is_file():
