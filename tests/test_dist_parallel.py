@@ -5,6 +5,8 @@ AdamW within fp32 tolerances (see tests/test_parallel_train.py for why: summatio
 eps = 1e-3 bounds AdamW's amplification of gradient differences near 0)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -170,9 +172,16 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1):
     sched, o = build_schedule(cfg, steps), cfg.optimizer
     opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     step = TrainStep(model, opt, clip=cfg.runner_wrapper.max_grad_norm, schedule=sched, **cfg.moe_training())
-    want = [step(data.batch(i))["loss"] for i in range(steps)]
+    ref = [step(data.batch(i)) for i in range(steps)]
     for r in (0, 1):
-        np.testing.assert_allclose(got[r], want, rtol=2e-5)  # printed with 6 decimals
+        np.testing.assert_allclose(got[r], [m["loss"] for m in ref], rtol=2e-5)  # printed with 6 decimals
+    # rank 0's metrics: HF-scale aux value and lm loss as TrainStep reports them (float32 graph vs
+    # float64 host sums: 1e-5 relative), and an MFU against the ranks' summed matmul probes
+    recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["aux"] for r in recs], [m["aux"] for m in ref], rtol=1e-5)
+    np.testing.assert_allclose([r["lm_loss"] for r in recs], [m["lm_loss"] for m in ref], rtol=1e-5)
+    assert all(isinstance(r["mfu"], float) and 0 < r["mfu"] < 1.5 for r in recs)
 
 
 @pytest.mark.slow

@@ -171,7 +171,7 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
 
     from qwen3moe.parallel import train_state
     from qwen3moe.parallel.dp import allreduce_grads
-    from qwen3moe.training.metrics import MetricsLogger, train_flops_per_token
+    from qwen3moe.training.metrics import MetricsLogger, format_record, train_flops_per_token
 
     w, steps = cfg.runner_wrapper, steps_range.stop
     log_every = max(1, int(cfg.callback("MFLossMonitor").get("per_print_times", cfg.runner_config.log_interval)))
@@ -180,7 +180,9 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
     root = os.path.join(cfg.output_dir, "checkpoint_sharded")
     barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
     seq = cfg.train_dataset.data_loader.config.seq_length
-    metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(pl.cfg, seq)) if rank == 0 else None
+    peak = _aggregate_peak(cfg)
+    metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(pl.cfg, seq), peak) if rank == 0 else None
+    aux_coef, K = pl.cfg.router_aux_loss_coef, pl.cfg.num_experts_per_tok
     window: list[dict] = []
     for i in steps_range:
         t0 = time.perf_counter()
@@ -196,12 +198,14 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
             o_.set_lr(lr)
         opt.step(grads)
         value = next(iter(loss.values()))
-        window.append({"step": i + 1, "loss": value, "grad_norm": norm, "lr": lr, "tokens": int(ids.size),
-                       "step_time_s": time.perf_counter() - t0})
+        aux = pl.last_aux / aux_coef if aux_coef else None  # HF's aux value (the loss holds coef * aux)
+        window.append({"step": i + 1, "loss": value, "lm_loss": value - pl.last_aux, "aux": aux,
+                       "aux_megatron": None if aux is None else aux / K, "grad_norm": norm, "lr": lr,
+                       "tokens": int(ids.size), "step_time_s": time.perf_counter() - t0})
         if (i + 1) % log_every == 0 or i + 1 == steps:
             print(f"rank {rank} step {i + 1}/{steps} loss {value:.6f} grad_norm {norm:.4f} lr {lr:.3e}", flush=True)
             if metrics is not None:
-                metrics.record(window[-1], window, 0)
+                print(format_record(metrics.record(window[-1], window, 0), steps), flush=True)
             window = []
         if (save_every and (i + 1) % save_every == 0) or i + 1 == steps:
             path = train_state.save(root, i + 1, pl, opt, rank, barrier, keep_last=keep)
@@ -210,6 +214,17 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
     if metrics is not None:
         metrics.close()
     print(f"rank {rank}: done, {steps} steps on {size} processes; shards in {root}", file=sys.stderr, flush=True)
+
+
+def _aggregate_peak(cfg) -> float:
+    """Sum over ranks of each rank's matmul probe (run by all ranks at once, so ranks sharing a
+    machine each measure their share): the peak that the job's total FLOP/s is a fraction of."""
+    from mindspore import Tensor, ops
+
+    from qwen3moe.training.metrics import measure_peak_flops
+
+    own = measure_peak_flops(int(cfg.runner_config.mfu_probe_size))
+    return float(ops.AllReduce()(Tensor(np.float32(own))).asnumpy())
 
 
 def _global_batch(batch):

@@ -129,7 +129,8 @@ class ParallelLM:
 
     def loss_and_grads(self, ids: np.ndarray, labels: np.ndarray):
         """One global batch through the 1F1B pipeline. Returns (loss reported on every stage,
-        {Parameter name: accumulated gradient (numpy)}), before the data-parallel all-reduce."""
+        {Parameter name: accumulated gradient (numpy)}), before the data-parallel all-reduce.
+        `self.last_aux` is then the aux-loss part of that loss (coefficient applied)."""
         mbs = self.split_batch(ids, labels)
         M, pp = len(mbs), self.mesh.pp
         n_valid = sum(float((t.labels.asnumpy() != -100).sum()) for per in mbs for n, t in per.items()
@@ -143,10 +144,11 @@ class ParallelLM:
             for _, op, m in self.events:
                 do(s, op, m)
             self.coll.finish()
-            loss = float(self.coll.pp_sum(Tensor(sum(st.loss.values()), ms.float32)).asnumpy())
+            both = np.array([sum(st.loss.values()), sum(st.aux.values())], np.float32)
+            loss, self.last_aux = (float(v) for v in self.coll.pp_sum(Tensor(both)).asnumpy())
             return {s: loss}, grads  # the last stage's loss, summed over the pp group (= broadcast)
         self.events = run_schedule(pp, M, do)
-        loss = sum(st.loss.values())
+        loss, self.last_aux = sum(st.loss.values()), float(sum(st.aux.values()))
         return {s: loss for s in range(pp)}, grads  # last stage's loss, broadcast over the pp group
 
     def _fwd(self, st, s, m, grads) -> None:
@@ -167,7 +169,8 @@ class ParallelLM:
         local = engine.head_logits(self.cells[s], self.coll, xs, self.mesh, st.mbs[m])
         ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in st.mbs[m].items()}, self.mesh.tp)
         total = self.coll.sum_nograd("dp", {n: ce[n].sum() for n in ce})
-        st.loss[m] = float(next(iter(total.values())).asnumpy()) / st.n_valid + self._aux_value(st, m)
+        st.aux[m] = self._aux_value(st, m)
+        st.loss[m] = float(next(iter(total.values())).asnumpy()) / st.n_valid + st.aux[m]
 
     def _aux_value(self, st, m) -> float:
         if not self.sparse_layers or st.probsum.get(m) is None:
@@ -271,6 +274,7 @@ class _State:
         self.counts: dict = {}
         self.probsum: dict = {}
         self.loss: dict = {}
+        self.aux: dict = {}
 
 
 __all__ = ["ParallelLM", "stage_groups"]
