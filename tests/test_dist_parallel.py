@@ -133,12 +133,16 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     assert par["completion"] == one["completion"] and par["completion_tokens"] == one["completion_tokens"]
 
 
-@pytest.mark.parametrize("zero1", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["adamw", "zero1"])
-def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1):
+@pytest.mark.parametrize("zero1,accum", [(False, 1), pytest.param(True, 1, marks=pytest.mark.slow),
+                                         pytest.param(False, 2, marks=pytest.mark.slow)],
+                         ids=["adamw", "zero1", "accum2"])
+def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1, accum):
     """`qwen3moe launch --nproc 2 -- pretrain --use_parallel True --parallel_config.data_parallel 2`
     logs, on every rank, the loss curve of single-process training with the same config: the
     reference here is TrainStep (compiled, clipping, cosine schedule, Megatron-normalised aux
-    loss with a coefficient large enough that a K-fold error shows) on the same batches."""
+    loss with a coefficient large enough that a K-fold error shows) on the same batches.
+    Pure dp runs the compiled replicas (parallel/replicas.py, single-process checkpoints); with
+    ZeRO-1 the per-rank engine (parallel/trainer.py, sharded checkpoints)."""
     import re
 
     from conftest import REPO
@@ -153,7 +157,8 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1):
     overrides = ["--model.model_config.num_hidden_layers", "2", "--model.model_config.moe_router_load_balancing_type",
                  "aux_loss", "--model.model_config.moe_aux_loss_coeff", "0.05", f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
                  "--runner_config.train_steps", "4", "--runner_config.batch_size", "4", "--optimizer.eps", "1e-3",
-                 "--output_dir", str(tmp_path / "out"), "--parallel.enable_parallel_optimizer", str(zero1)]
+                 "--output_dir", str(tmp_path / "out"), "--parallel.enable_parallel_optimizer", str(zero1),
+                 "--runner_config.gradient_accumulation_steps", str(accum)]
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
                         "--use_parallel", "True", "--parallel_config.data_parallel", "2")
     assert rc == 0, err[-3000:]
@@ -161,8 +166,12 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1):
     got = {}
     for r in (0, 1):
         text = (tmp_path / "logs" / f"worker_{r}.log").read_text()
-        got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+/4 loss ([0-9.]+)", text, re.M)]
-    assert (tmp_path / "out" / "checkpoint_sharded" / "step_4" / "rank_1.safetensors").is_file()
+        got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+(?:/4)? loss ([0-9.]+)", text, re.M)]
+    if zero1:
+        assert (tmp_path / "out" / "checkpoint_sharded" / "step_4" / "rank_1.safetensors").is_file()
+    else:
+        assert "data-parallel replicas" in (tmp_path / "logs" / "worker_1.log").read_text()
+        assert (tmp_path / "out" / "checkpoint" / "step_00000004" / "model.safetensors").is_file()
 
     cfg = load(str(tmp_path / "t.yaml"), overrides)
     ms.set_seed(cfg.seed)
@@ -215,10 +224,12 @@ def test_sharded_load_peak_rss_per_rank_is_about_the_shard(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path):
-    """tp = 2 (weights sharded, not only replicated): a 4-step run saving every
-    2 steps; resuming from step_2 in a new launch logs exactly the first run's steps 3-4 (model
-    shards + AdamW moments + step restored; batches and lr are functions of the step); rank 0
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
+    """tp = 2 (weights sharded, not only replicated; sharded checkpoints) and dp = 2 (compiled
+    replicas; single-process checkpoints written by rank 0): a 4-step run saving every
+    2 steps; resuming from step 2 in a new launch logs exactly the first run's steps 3-4 (model
+    + AdamW moments + step restored; batches and lr are functions of the step); rank 0
     wrote metrics.jsonl with a record per step; keep_checkpoint_max prunes."""
     import json
     import re
@@ -233,25 +244,28 @@ def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path):
     common = ["--config", str(tmp_path / "t.yaml"), "--model.model_config.num_hidden_layers", "2",
               f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
               "--runner_config.train_steps", "4", "--runner_config.batch_size", "2", "--optimizer.eps", "1e-3",
-              "--use_parallel", "True", "--parallel_config.model_parallel", "2"]
+              "--use_parallel", "True",
+              "--parallel_config.model_parallel" if layout == "tp2" else "--parallel_config.data_parallel", "2"]
+    ck, steps = ("checkpoint_sharded", ["step_2", "step_4"]) if layout == "tp2" else \
+        ("checkpoint", ["step_00000002", "step_00000004"])
 
     def losses(log_dir, r=0):
         text = (log_dir / f"worker_{r}.log").read_text()
-        return {int(s): float(x) for s, x in re.findall(rf"^rank {r} step (\d+)/4 loss ([0-9.]+)", text, re.M)}
+        return {int(s): float(x) for s, x in re.findall(rf"^rank {r} step (\d+)(?:/4)? loss ([0-9.]+)", text, re.M)}
 
     out = tmp_path / "out"
     rc, err, _ = launch(tmp_path, "pretrain", *common, "--output_dir", str(out))
     assert rc == 0, err[-3000:]
     full = losses(tmp_path / "logs")
     assert sorted(full) == [1, 2, 3, 4]
-    assert sorted(p.name for p in (out / "checkpoint_sharded").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (out / ck).iterdir()) == steps
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in records], [full[s] for s in (1, 2, 3, 4)], rtol=1e-6)
 
     (tmp_path / "logs").rename(tmp_path / "logs_full")
     rc, err, _ = launch(tmp_path, "pretrain", *common, "--resume_training", "True", "--load_checkpoint",
-                        str(out / "checkpoint_sharded" / "step_2"), "--output_dir", str(tmp_path / "out2"))
+                        str(out / ck / steps[0]), "--output_dir", str(tmp_path / "out2"))
     assert rc == 0, err[-3000:]
     resumed = losses(tmp_path / "logs")
     assert sorted(resumed) == [3, 4]

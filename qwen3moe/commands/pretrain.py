@@ -265,18 +265,24 @@ def build_schedule(cfg: TaskConfig, steps: int):
     return Schedule(SCHEDULES.get(ls.type.lower(), "cosine"), peak, warmup, max(1, total), min_lr)
 
 
-def build_step(cfg: TaskConfig, model: Any, steps: int):
+def step_arguments(cfg: TaskConfig, model: Any, steps: int) -> dict:
+    """TrainStep's optimizer, clip, schedule and loss scale from the config (recompute and
+    compute dtype applied to the model)."""
     from qwen3moe.training.optimizer import DEFAULT_NO_DECAY, AdamW
-    from qwen3moe.training.step import TrainStep
 
     o, w = cfg.optimizer, cfg.runner_wrapper
     sched = build_schedule(cfg, steps)
     opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps,
                 weight_decay=o.weight_decay, no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
-    clip = w.max_grad_norm if w.use_clip_grad else None
     apply_recompute_config(cfg, model)
-    return TrainStep(model, opt, clip=clip, schedule=sched, skip_nonfinite=True,
-                     loss_scale=apply_precision_config(cfg, model), **cfg.moe_training())
+    return {"optimizer": opt, "clip": w.max_grad_norm if w.use_clip_grad else None, "schedule": sched,
+            "loss_scale": apply_precision_config(cfg, model)}
+
+
+def build_step(cfg: TaskConfig, model: Any, steps: int):
+    from qwen3moe.training.step import TrainStep
+
+    return TrainStep(model, skip_nonfinite=True, **step_arguments(cfg, model, steps), **cfg.moe_training())
 
 
 def apply_precision_config(cfg: TaskConfig, model: Any):

@@ -118,6 +118,10 @@ def train(cfg) -> int:
                 sp=pc.use_seq_parallel, micro_batch_num=pc.micro_batch_num)
     if mesh.world_size != size:
         raise CliError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
+    from qwen3moe.parallel import replicas
+
+    if replicas.supports(cfg, mesh):  # pure dp: compiled TrainStep per rank, in-graph gradient mean
+        return replicas.train(cfg, rank, mesh.dp)
     try:
         pl = build(cfg, mesh, rank, ProcessCollectives(mesh, rank))
     except MeshError as exc:

@@ -61,7 +61,7 @@ class _LossCell(nn.Cell):
         self.aux_coef, self.z_coef, self.aux_mode = float(aux_coef), float(z_coef), aux_mode
         self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
 
-    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w):
+    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w, lm_w):
         _, _, lm, _, router_logits, _, stats = self.net.construct(ids, cos, sin, bias, mask, labels,
                                                                   0, True, False)
         zero = Tensor(0.0, ms.float32)
@@ -84,8 +84,8 @@ class _LossCell(nn.Cell):
         for lg in router_logits:
             z = z + z_loss(lg, mask)
         z = z / max(len(router_logits), 1)
-        loss = lm * inv_m + self.aux_coef * aux_term + self.z_coef * z * inv_m
-        return loss, lm, aux_hf, z, counts_LE
+        loss = lm * lm_w + self.aux_coef * aux_term + self.z_coef * z * inv_m
+        return loss, lm, aux_hf, z, counts_LE, aux_term
 
 
     def seq_aux(self, router_logits, mask, batch: int) -> Tensor:
@@ -119,8 +119,9 @@ class _TrainGraph(nn.Cell):
         self.grad_fn = ms.value_and_grad(loss_cell, None, weights, has_aux=True)
 
     @ms.jit
-    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w, first: bool, last: bool):
-        (loss, lm, aux, z, counts), grads = self.grad_fn(ids, cos, sin, bias, mask, labels, inv_m, aux_w)
+    def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w, lm_w, first: bool, last: bool):
+        (loss, lm, aux, z, counts, aux_term), grads = self.grad_fn(ids, cos, sin, bias, mask, labels, inv_m,
+                                                                   aux_w, lm_w)
         if not first:
             grads = tuple(g.astype(ms.float32) + a for g, a in zip(grads, self.acc))
         norm = Tensor(0.0, ms.float32)
@@ -131,7 +132,7 @@ class _TrainGraph(nn.Cell):
         else:
             for i in range(len(self.acc)):
                 ops.assign(self.acc[i], grads[i].astype(ms.float32))
-        return loss, lm, aux, z, counts, norm
+        return loss, lm, aux, z, counts, norm, aux_term
 
     def clip_and_update(self, grads) -> Tensor:
         norm = global_norm(grads)
@@ -264,21 +265,32 @@ class TrainStep:
             C, N, dp = self.stats_reducer(C, N)
         return Tensor((scale * dp * self.E * C / max(N, 1.0) ** 2).astype(np.float32))
 
+    def _micro_weights(self, prepped: list[tuple], S: float) -> tuple[list[float], list[Tensor]]:
+        """Per micro-batch: the LM-loss weight (S / M: the mean over micro-batches) and the
+        "global"-mode aux weights. Data-parallel replicas (parallel/replicas.py) override it."""
+        aux_w = self._global_weights(prepped, S)
+        return [S / len(prepped)] * len(prepped), [aux_w] * len(prepped)
+
     def _run(self, batch, update: bool) -> dict:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         prepped = [self._prep(b) for b in micro]
         m = len(prepped)
         S = self._scale()  # the loss scale enters through the per-term weights (no recompile)
-        inv_m, aux_w = Tensor(S / m, ms.float32), self._global_weights(prepped, S)
-        sums, counts, tokens, norm = np.zeros(4), 0.0, 0, 0.0
+        inv_m = Tensor(S / m, ms.float32)
+        lm_ws, aux_ws = self._micro_weights(prepped, S)
+        sums, counts, tokens, norm, parts = np.zeros(4), 0.0, 0, 0.0, np.zeros(2)
         for i, args in enumerate(prepped):
-            out = fetch(*self.graph(*args, inv_m, aux_w, i == 0, update and i == m - 1))
+            out = fetch(*self.graph(*args, inv_m, aux_ws[i], Tensor(lm_ws[i], ms.float32), i == 0,
+                                    update and i == m - 1))
             sums += [float(v) for v in out[:4]]
+            parts += [float(out[1]) * lm_ws[i] / S, float(out[6]) / S]
             counts, norm = counts + out[4], float(out[5])
             tokens += int(args[0].shape[0] * args[0].shape[1])
+        # lm_part / aux_part: the LM and aux terms as they enter the loss (weights applied)
         return {"loss": sums[0] / S, "lm_loss": sums[1] / m, "aux": sums[2] / m,
                 "aux_megatron": sums[2] / m / self.K, "z": sums[3] / m, "grad_norm": norm,
-                "tokens": tokens, **expert_load(counts)}
+                "tokens": tokens, "lm_part": parts[0], "aux_part": parts[1], "counts": counts,
+                **expert_load(counts)}
 
     def gradients(self, batch) -> tuple[dict, list[np.ndarray]]:
         """Forward+backward only: (metrics, summed grads as numpy, aligned with
@@ -298,7 +310,7 @@ class TrainStep:
         """Forward+backward into the buffers; update only when loss and grad norm are finite."""
         if self._norm_graph is None:
             self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
-        metrics = self._run(batch, update=False)
+        metrics = self._after_backward(self._run(batch, update=False))
         scale = self._scale()
         norm = float(fetch(self._norm_graph(_TICK))[0]) / scale
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
@@ -310,6 +322,11 @@ class TrainStep:
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
             metrics.update(loss_scale=scale)
+        return metrics
+
+    def _after_backward(self, metrics: dict) -> dict:
+        """Hook between backward and the finiteness check (gradients in the buffers): data-parallel
+        replicas all-reduce the buffers and the metrics here."""
         return metrics
 
     def __call__(self, batch) -> dict:
