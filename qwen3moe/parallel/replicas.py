@@ -137,9 +137,11 @@ class _World:
 
 
 def supports(cfg, mesh) -> bool:
-    """Pure dp without ZeRO-1: this module's compiled path; anything else: parallel/trainer.py."""
+    """Pure dp without ZeRO-1 (and without pipeline micro-batches, whose per-micro-batch aux the
+    engine defines): this module's compiled path; anything else: parallel/trainer.py."""
     zero1 = bool(cfg.parallel.get("enable_parallel_optimizer", False))
-    return mesh.dp > 1 and mesh.tp == mesh.pp == mesh.ep == 1 and not mesh.sp and not zero1
+    return (mesh.dp > 1 and mesh.tp == mesh.pp == mesh.ep == 1 and not mesh.sp and not zero1
+            and mesh.micro_batch_num == 1)
 
 
 def train(cfg, rank: int, dp: int) -> int:
