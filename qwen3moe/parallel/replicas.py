@@ -4,7 +4,8 @@ inside a compiled graph (one AllReduce per buffer) before the finiteness check, 
 AdamW, so the replicas stay identical. The per-rank engine of parallel/trainer.py runs in
 PyNative and recomputes each stage's forward in its backward: on the tiny preset at DP=2
 (4 x 128 tokens a step, both processes on one 2-core machine) it took 3.3-3.6 s a step, this
-path 0.24-0.27 s, single-process pretrain 0.07-0.08 s (bench/RESULTS.md, "Parallel pretraining").
+path 0.06-0.08 s once compiled, single-process pretrain 0.07-0.08 s (bench/RESULTS.md,
+"Parallel pretraining").
 
 Same result as one process on the global batch (tests/test_dist_parallel.py checks the loss
 curve, lm_loss and aux against TrainStep), with dp ranks, micro-batch m of M, n_r / N the
@@ -101,7 +102,9 @@ class ReplicaTrainStep(TrainStep):
         return lm_ws, aux_ws
 
     def _after_backward(self, metrics: dict) -> dict:
-        self._average(Tensor(0.0, ms.float32))
+        # wait for the in-graph AllReduce before the host one: left running, it overlapped the
+        # host collective and a step took 0.25 s instead of 0.06-0.08 s (tiny preset, DP=2)
+        fetch(self._average(Tensor(0.0, ms.float32)))
         counts = np.asarray(metrics["counts"], np.float64)
         local = np.concatenate([[metrics["loss"], metrics["lm_part"], metrics["aux_part"], metrics["aux"],
                                  metrics["z"]], counts.ravel()])
