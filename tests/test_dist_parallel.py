@@ -133,6 +133,35 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     assert par["completion"] == one["completion"] and par["completion_tokens"] == one["completion_tokens"]
 
 
+def test_generate_cli_data_parallel_replicas_match_single_process(tmp_path):
+    """Pure dp (`--parallel_config.data_parallel 2`): each rank runs the compiled single-process
+    generation on its share of the prompts (0, 2 on rank 0; 1 on rank 1) and rank 0 writes all
+    of them in prompt order: the same greedy completions as the single-process command."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import HF_FIXTURES, REPO
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nthe quick brown fox\nonce upon a time\n")
+    common = ["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
+              str(prompts), "--max_new_tokens", "6", "--do_sample", "false"]
+    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", "--parallel_config.data_parallel", "2",
+                        "--output", str(tmp_path / "par.jsonl"))
+    assert rc == 0, err[-3000:]
+    assert "on 2 data-parallel replicas" in (tmp_path / "logs" / "worker_0.log").read_text()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--output", str(tmp_path / "one.jsonl")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-2000:]
+    par = [json.loads(line) for line in (tmp_path / "par.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in par] == ["hello world", "the quick brown fox", "once upon a time"]
+    assert [(p["completion"], p["completion_tokens"]) for p in par] == \
+        [(o["completion"], o["completion_tokens"]) for o in one]
+
+
 @pytest.mark.parametrize("zero1,accum", [(False, 1), pytest.param(True, 1, marks=pytest.mark.slow),
                                          pytest.param(False, 2, marks=pytest.mark.slow)],
                          ids=["adamw", "zero1", "accum2"])

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from qwen3moe.io.atomic import atomic_write_text
+
 
 def _bool(text: str) -> bool:
     low = str(text).strip().lower()
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         prefill_tok, prefill_s = prefill_tok + st.prompt_tokens, prefill_s + st.prefill_s
         decode_tok, decode_s = decode_tok + args.predict_batch_size * st.decode_steps, decode_s + st.decode_s
         compiles = st.compiles
-    Path(args.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    atomic_write_text(args.output, "".join(line + "\n" for line in lines))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     print(f"generate: {len(prompts)} prompts in {time.perf_counter() - t0:.2f} s; "
           f"prefill {prefill_tok / max(prefill_s, 1e-9):.1f} tok/s, decode {decode_tok / max(decode_s, 1e-9):.1f} tok/s "

@@ -3,13 +3,13 @@
 loading, TP / EP / DP / PP as configured). Decoding runs stage to stage with each stage's KV
 cache of its own layers and heads (decode.py), in PyNative: meant for correctness and models
 too large for one process more than for speed. The last pipeline stage's first rank writes
-the results."""
+the results. Pure data parallelism (only data_parallel > 1) instead runs the compiled
+single-process generation on each rank's share of the prompts (replicas.generate)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -32,17 +32,20 @@ def run(args) -> int:
 
     from qwen3moe.cli import CliError
     from qwen3moe.commands.generate import _check_args, read_prompts
+    from qwen3moe.io.atomic import atomic_write_text
     from qwen3moe.io.tokenizer import Tokenizer
     from qwen3moe.parallel.mesh import Mesh, MeshError
     from qwen3moe.parallel.process import ProcessCollectives
     from qwen3moe.parallel.trainer import ParallelLM
 
     folder = _check_args(args)
-    if args.do_sample:
-        raise CliError("--use_parallel generation is greedy only: drop --do_sample")
-    if args.predict_batch_size != 1:
-        raise CliError("--use_parallel generation runs one prompt at a time: use --predict_batch_size 1")
     mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()})
+    pure_dp = mesh.tp == mesh.pp == mesh.ep == 1
+    if args.do_sample and not pure_dp:
+        raise CliError("--use_parallel generation with model parallelism is greedy only: drop --do_sample")
+    if args.predict_batch_size != 1 and not pure_dp:
+        raise CliError("--use_parallel generation with model parallelism runs one prompt at a time: "
+                       "use --predict_batch_size 1")
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
         raise CliError("--use_parallel needs the workers started by msrun: "
                        f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
@@ -52,6 +55,10 @@ def run(args) -> int:
     if mesh.world_size != size:
         raise CliError(f"--parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run "
                        f"(qwen3moe launch --nproc {mesh.world_size} -- generate ...)")
+    if pure_dp:  # replicas: the compiled single-process generation on every rank's share of prompts
+        from qwen3moe.parallel.replicas import generate
+
+        return generate(args, rank, mesh.dp)
     try:
         pl = ParallelLM.from_pretrained(folder, mesh, train=False, coll=ProcessCollectives(mesh, rank), rank=rank)
     except MeshError as exc:
@@ -68,7 +75,7 @@ def run(args) -> int:
     if rank == mesh.rank_of(0, 0, mesh.pp - 1):
         for line in lines:
             print(line, flush=True)
-        Path(args.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
         print(f"generate: {len(lines)} prompts on {size} processes "
               f"(dp{mesh.dp} tp{mesh.tp} pp{mesh.pp} ep{mesh.ep}); results in {args.output}", file=sys.stderr)
     return 0

@@ -187,3 +187,47 @@ def train(cfg, rank: int, dp: int) -> int:
     print(f"rank {rank}: done, {len(trainer.history)} steps on {dp} data-parallel replicas in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
     return 0
+
+
+# ---- generation -------------------------------------------------------------------------------
+def gather_texts(text: str, size: int) -> list[str]:
+    """Every rank's `text`, in rank order, on every rank (world AllGather of the UTF-8 bytes, as
+    int32 and padded to the longest: MCCL on CPU gathers on the world group only)."""
+    data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    gather = ops.AllGather()
+    lens = gather(Tensor(np.array([data.size], np.int32))).asnumpy()
+    longest = max(int(lens.max()), 1)
+    padded = np.zeros(longest, np.int32)
+    padded[:data.size] = data
+    rows = gather(Tensor(padded)).asnumpy().reshape(size, longest)
+    return [bytes(rows[r, :lens[r]].astype(np.uint8)).decode("utf-8") for r in range(size)]
+
+
+def generate(args, rank: int, dp: int) -> int:
+    """`generate --use_parallel` for pure dp: the compiled single-process generation (sampling and
+    batching included) on prompts rank, rank + dp, ...; rank 0 writes them in prompt order."""
+    import json
+    import sys
+
+    from qwen3moe.commands.generate import _check_args, _load, _run_batch, read_prompts
+    from qwen3moe.io.atomic import atomic_write_text
+
+    folder = _check_args(args)
+    prompts = read_prompts(args.predict_data)
+    mine = list(range(rank, len(prompts), dp))
+    tok, model, cfg = _load(folder, args)
+    done: dict[int, dict] = {}
+    for i in range(0, len(mine), args.predict_batch_size):
+        chunk = mine[i:i + args.predict_batch_size]
+        results, _ = _run_batch(model, tok, cfg, [prompts[j] for j in chunk], args)
+        done.update(zip(chunk, results))
+    parts = gather_texts(json.dumps({str(k): v for k, v in done.items()}, ensure_ascii=False), dp)
+    if rank == 0:
+        merged = {int(k): v for p in parts for k, v in json.loads(p).items()}
+        lines = [json.dumps(merged[i], ensure_ascii=False) for i in range(len(prompts))]
+        for line in lines:
+            print(line, flush=True)
+        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
+        print(f"generate: {len(prompts)} prompts on {dp} data-parallel replicas; results in {args.output}",
+              file=sys.stderr)
+    return 0
