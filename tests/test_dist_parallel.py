@@ -299,3 +299,18 @@ def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
     resumed = losses(tmp_path / "logs")
     assert sorted(resumed) == [3, 4]
     assert resumed == {s: full[s] for s in (3, 4)}  # exact (same printed digits)
+
+
+def test_pretrain_replicas_batch_not_divisible_is_one_line_error(tmp_path):
+    """Pure dp with runner_config.batch_size 3 over 2 replicas: a one-line error naming both keys."""
+    from conftest import REPO
+
+    np.save(tmp_path / "tok.npy", np.random.default_rng(0).integers(0, 1024, 4000).astype(np.int32))
+    rc, err, _ = launch(tmp_path, "pretrain", "--config", str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml"),
+                        f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
+                        "--runner_config.batch_size", "3", "--output_dir", str(tmp_path / "out"),
+                        "--use_parallel", "True", "--parallel_config.data_parallel", "2")
+    assert rc != 0
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("worker_*.log")))
+    assert "runner_config.batch_size 3 is not divisible by parallel_config.data_parallel 2" in logs
+    assert "Traceback" not in logs

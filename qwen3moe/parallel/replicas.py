@@ -157,6 +157,9 @@ def train(cfg, rank: int, dp: int) -> int:
     from qwen3moe.training.metrics import MetricsLogger, train_flops_per_token
     from qwen3moe.training.trainer import Trainer, TrainingAborted
 
+    if cfg.runner_config.batch_size % dp:
+        raise CliError(f"runner_config.batch_size {cfg.runner_config.batch_size} is not divisible by "
+                       f"parallel_config.data_parallel {dp} (each replica takes batch_size / dp rows)")
     comm = _World(dp)
     host_sum = lambda x: comm.all_reduce(Tensor(np.asarray(x, np.float32))).asnumpy().astype(np.float64)  # noqa: E731
     ms.set_seed(cfg.seed)
