@@ -38,10 +38,11 @@ class MindSporeComm:
     """The world group (msrun / HCCL / NCCL / MCCL on CPU): init on first use. AllReduce is
     SUM on every device (the only reduction MCCL has on CPU); callers divide for a mean."""
 
-    def __init__(self) -> None:
+    def __init__(self, initialise: bool = True) -> None:
         from mindspore.communication import get_group_size, get_rank, init
 
-        init()
+        if initialise:  # False where the caller already ran init()
+            init()
         self.rank, self.size = get_rank(), get_group_size()
         self._all_reduce = ops.AllReduce()
 

@@ -129,16 +129,6 @@ class ReplicaTrainStep(TrainStep):
         return m
 
 
-class _World:
-    """The world group (communication already initialised by parallel/pretrain.py)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self._all_reduce = size, ops.AllReduce()
-
-    def all_reduce(self, x: Tensor) -> Tensor:
-        return self._all_reduce(x)
-
-
 def supports(cfg, mesh) -> bool:
     """Pure dp without ZeRO-1 (and without pipeline micro-batches, whose per-micro-batch aux the
     engine defines): this module's compiled path; anything else: parallel/trainer.py."""
@@ -153,6 +143,7 @@ def train(cfg, rank: int, dp: int) -> int:
     from qwen3moe.commands.pretrain import (build_data, build_model, requested_samples, step_arguments,
                                             total_steps, trainer_config)
     from qwen3moe.parallel.aux import dp_stats_reducer
+    from qwen3moe.parallel.comm import MindSporeComm
     from qwen3moe.parallel.pretrain import _aggregate_peak
     from qwen3moe.training.metrics import MetricsLogger, train_flops_per_token
     from qwen3moe.training.trainer import Trainer, TrainingAborted
@@ -160,7 +151,7 @@ def train(cfg, rank: int, dp: int) -> int:
     if cfg.runner_config.batch_size % dp:
         raise CliError(f"runner_config.batch_size {cfg.runner_config.batch_size} is not divisible by "
                        f"parallel_config.data_parallel {dp} (each replica takes batch_size / dp rows)")
-    comm = _World(dp)
+    comm = MindSporeComm(initialise=False)  # parallel/pretrain.py ran init()
     host_sum = lambda x: comm.all_reduce(Tensor(np.asarray(x, np.float32))).asnumpy().astype(np.float64)  # noqa: E731
     ms.set_seed(cfg.seed)
     model = build_model(cfg)
