@@ -40,7 +40,7 @@ def _dnnl_library() -> str | None:
     return found[0] if found else None
 
 
-def _link_flags(name: str) -> list[str]:
+def _link_flags() -> list[str]:
     """-D / -l flags for the GEMM library: oneDNN's dnnl_sgemm when present, else OpenBLAS."""
     blas = Path(_blas_library())
     flags = [f"-L{blas.parent}", f"-l:{blas.name}", f"-Wl,-rpath,{blas.parent}"]
@@ -84,7 +84,7 @@ def kernel_library(name: str = "grouped_experts") -> str | None:
     src = CSRC / f"{name}.cc"
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *EXTRA_FLAGS.get(name, [])]
     headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # sources #include them
-    link = _link_flags(name)
+    link = _link_flags()
     key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags + link + [cxx, _cpu_flags()]).encode()
                          ).hexdigest()[:16]
     cache = Path(os.environ.get("QWEN3MOE_KERNEL_CACHE", Path.home() / ".cache" / "qwen3moe"))

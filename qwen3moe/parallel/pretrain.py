@@ -184,7 +184,7 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
     root = os.path.join(cfg.output_dir, "checkpoint_sharded")
     barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
     seq = cfg.train_dataset.data_loader.config.seq_length
-    peak = _aggregate_peak(cfg)
+    peak = aggregate_peak(cfg)
     metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(pl.cfg, seq), peak) if rank == 0 else None
     aux_coef, K = pl.cfg.router_aux_loss_coef, pl.cfg.num_experts_per_tok
     window: list[dict] = []
@@ -220,7 +220,7 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
     print(f"rank {rank}: done, {steps} steps on {size} processes; shards in {root}", file=sys.stderr, flush=True)
 
 
-def _aggregate_peak(cfg) -> float:
+def aggregate_peak(cfg) -> float:
     """Sum over ranks of each rank's matmul probe (run by all ranks at once, so ranks sharing a
     machine each measure their share): the peak that the job's total FLOP/s is a fraction of."""
     from mindspore import Tensor, ops

@@ -92,11 +92,10 @@ class ReplicaTrainStep(TrainStep):
             return lm_ws, [self._global_weights(prepped, S)] * m
         if self.aux_kind not in ("hf", "megatron"):  # none / seq: TrainStep's own terms
             return lm_ws, [Tensor(np.zeros(self.E, np.float32))] * m
-        runner, aux_ws = self.model.graph_runner(), []
+        aux_ws = []
         for args in prepped:  # forward-only counts of this micro-batch, summed over the ranks
-            stats = runner(*args, 0, True, False)[-1]
-            counts_LE, n = fetch(stats[0], stats[2])
-            tot = self.host_all_reduce(np.concatenate([counts_LE.sum(0), [float(n) * counts_LE.shape[0]]]))
+            c, n = self._forward_counts(args)
+            tot = self.host_all_reduce(np.concatenate([c, [n]]))
             C, N = tot[:-1], max(float(tot[-1]), 1.0)
             aux_ws.append(Tensor((S / m * self.dp * self.E * C / N ** 2).astype(np.float32)))
         return lm_ws, aux_ws
@@ -144,7 +143,7 @@ def train(cfg, rank: int, dp: int) -> int:
                                             total_steps, trainer_config)
     from qwen3moe.parallel.aux import dp_stats_reducer
     from qwen3moe.parallel.comm import MindSporeComm
-    from qwen3moe.parallel.pretrain import _aggregate_peak
+    from qwen3moe.parallel.pretrain import aggregate_peak
     from qwen3moe.training.metrics import MetricsLogger, train_flops_per_token
     from qwen3moe.training.trainer import Trainer, TrainingAborted
 
@@ -167,7 +166,7 @@ def train(cfg, rank: int, dp: int) -> int:
                             stats_reducer=dp_stats_reducer(comm) if kind == "global" else None,
                             **step_arguments(cfg, model, steps))
     seq = cfg.train_dataset.data_loader.config.seq_length
-    peak = _aggregate_peak(cfg)  # a collective: every rank
+    peak = aggregate_peak(cfg)  # a collective: every rank
     metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(model.config, seq), peak) if rank == 0 else None
     if rank:  # replicas are identical: rank 0 alone writes checkpoints, plots and metrics
         tc = dataclasses.replace(tc, save_interval=0, save_at_end=False, plot_dir=None)

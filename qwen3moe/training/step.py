@@ -255,17 +255,21 @@ class TrainStep:
         """scale * w_e, w_e = E * C_e / N^2 from a forward-only pass (C, N pooled over layers and micro-batches)."""
         if self.aux_mode != "global":
             return Tensor(np.zeros(self.E, np.float32))
-        runner = self.model.graph_runner()
         C, N = np.zeros(self.E, np.float64), 0.0
         for args in prepped:
-            stats = runner(*args, 0, True, False)[-1]
-            counts_LE, n = fetch(stats[0], stats[2])
-            C += counts_LE.sum(0)
-            N += float(n) * counts_LE.shape[0]
+            c, n = self._forward_counts(args)
+            C, N = C + c, N + n
         dp = 1
         if self.stats_reducer is not None:
             C, N, dp = self.stats_reducer(C, N)
         return Tensor((scale * dp * self.E * C / max(N, 1.0) ** 2).astype(np.float32))
+
+    def _forward_counts(self, args: tuple) -> tuple[np.ndarray, float]:
+        """(C_E, N) of one micro-batch from a forward-only pass: top-k counts pooled over the
+        sparse layers, and the token count counted once per layer (HF's pooling)."""
+        stats = self.model.graph_runner()(*args, 0, True, False)[-1]
+        counts_LE, n = fetch(stats[0], stats[2])
+        return counts_LE.sum(0), float(n) * counts_LE.shape[0]
 
     def _micro_weights(self, prepped: list[tuple], S: float) -> tuple[list[float], list[Tensor]]:
         """Per micro-batch: the LM-loss weight (S / M: the mean over micro-batches) and the
