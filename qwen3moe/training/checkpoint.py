@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from mindspore import nn
 
 from qwen3moe.io.atomic import atomic_directory
 from qwen3moe.layers.dtypes import write_param
-from qwen3moe.io.safetensors_io import SafetensorsFile, f32_to_bf16, write_safetensors
+from qwen3moe.io.safetensors_io import SafetensorsFile, check_tensor_names, f32_to_bf16, write_safetensors
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -98,19 +99,25 @@ def save_training_checkpoint(root: str, step: int, model: nn.Cell, optimizer, *,
 
 
 def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
-                             np_rng: np.random.Generator | None = None) -> dict:
+                             np_rng: np.random.Generator | None = None,
+                             check: Callable[[dict, str], None] | None = None) -> dict:
     """Restore parameters, optimizer moments/step/lr and RNG from `path` (a step folder, or a
-    root whose latest step folder is used). Returns the trainer_state dict."""
+    root whose latest step folder is used). Returns the trainer_state dict. `check(state, path)`
+    runs first, before anything is loaded (the trainer refuses another model or data geometry)."""
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"{path}: no training checkpoint ({STATE_FILE}) found")
         path = latest
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
+        state = json.load(fh)
+    if check is not None:
+        check(state, path)
     st = SafetensorsFile(os.path.join(path, "model.safetensors"))
     try:
-        for p in model.get_parameters():
-            if p.name not in st.entries:
-                raise KeyError(f"{path}: parameter {p.name!r} missing from model.safetensors")
+        params = list(model.get_parameters())
+        check_tensor_names(st.path, st.entries, [p.name for p in params])
+        for p in params:
             write_param(p, st.read(p.name))  # in place: also right after compiled steps ran
     finally:
         st.close()
@@ -119,8 +126,6 @@ def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
         optimizer.load_state_arrays({k: so.read(k) for k in so.keys()})
     finally:
         so.close()
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
-        state = json.load(fh)
     optimizer.set_lr(state["lr"])
     restore_rng(state["rng"], np_rng)
     state["path"] = path
