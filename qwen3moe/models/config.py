@@ -130,10 +130,13 @@ class Qwen3MoeConfig:
         out["model_type"] = "qwen3_moe"
         return out
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         from qwen3moe.io.atomic import atomic_write_text
 
-        atomic_write_text(os.path.join(directory, "config.json"), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(os.path.join(directory, "config.json"), self.to_json())
 
     # ---- derived quantities -------------------------------------------------------------
     @property
