@@ -312,7 +312,7 @@ def test_malformed_safetensors_header_entry(tmp_path, entry, words):
     import struct
 
     header = json.dumps({"w": entry}).encode()
-    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(CheckpointError) as exc:
         SafetensorsFile(str(tmp_path / "x.safetensors"))
     msg = str(exc.value)

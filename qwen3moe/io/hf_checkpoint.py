@@ -18,8 +18,8 @@ import shutil
 import numpy as np
 
 from qwen3moe.io.atomic import OutputError, atomic_file
-from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, f32_to_bf16,
-                                        write_safetensors)
+from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
+                                        f32_to_bf16, write_safetensors)
 from qwen3moe.models.config import Qwen3MoeConfig
 
 # native fused expert parameter -> the per-expert HF projections concatenated along dim 1
@@ -97,10 +97,21 @@ def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_ex
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if len(keys) > 1:
         return _read_fused(src, name, keys, shape, len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)]))
-    arr = src.read(keys[0])
+    arr = read_weight(src, keys[0])
     if tuple(arr.shape) != tuple(shape):
         raise CheckpointError(f"{src.file_of(keys[0])}: tensor {keys[0]!r} has shape {list(arr.shape)}, "
                               f"expected {list(shape)} for {name}")
+    return arr
+
+
+def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
+    """A float weight as float32; an integer tensor or NaN/Inf is an error naming it."""
+    st = src.where[key]
+    if st.dtype(key) not in FLOAT_TAGS:
+        raise CheckpointError(f"{st.path}: tensor {key!r} has dtype {st.dtype(key)}, expected a floating-point "
+                              f"weight ({', '.join(FLOAT_TAGS)})")
+    arr = st.read(key)
+    check_finite(arr, key, st.path)
     return arr
 
 
@@ -111,7 +122,7 @@ def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[
     out = np.empty(shape, np.float32)
     expected = (shape[1] // per, *shape[2:])
     for i, k in enumerate(keys):
-        part = src.read(k)
+        part = read_weight(src, k)
         if tuple(part.shape) != expected:
             raise CheckpointError(f"{src.file_of(k)}: tensor {k!r} has shape {list(part.shape)}, "
                                   f"expected {list(expected)} for {name}")
