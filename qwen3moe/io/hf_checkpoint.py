@@ -19,7 +19,7 @@ import numpy as np
 
 from qwen3moe.io.atomic import OutputError, atomic_file
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
-                                        f32_to_bf16, write_safetensors)
+                                        check_tensor_names, f32_to_bf16, write_safetensors)
 from qwen3moe.models.config import Qwen3MoeConfig
 
 # native fused expert parameter -> the per-expert HF projections concatenated along dim 1
@@ -91,10 +91,7 @@ def native_sources(name: str, num_experts: int, have: set[str]) -> list[str]:
 
 def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int) -> np.ndarray:
     keys = native_sources(name, num_experts, set(src.where))
-    missing = [k for k in keys if k not in src.where]
-    if missing:
-        raise CheckpointError(f"{src.directory}: missing tensor {missing[0]!r} (needed for {name})"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    check_tensor_names(src.directory, src.where, keys, name, unexpected=False)
     if len(keys) > 1:
         return _read_fused(src, name, keys, shape, len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)]))
     arr = read_weight(src, keys[0])

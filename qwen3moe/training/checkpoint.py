@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from mindspore import nn
 
 from qwen3moe.io.atomic import atomic_directory
 from qwen3moe.io.jsonfile import read_json_object
-from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, f32_to_bf16, write_safetensors
+from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, check_tensor_names, f32_to_bf16,
+                                        write_safetensors)
 from qwen3moe.layers.dtypes import write_param
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -113,11 +115,14 @@ def save_training_checkpoint(root: str, step: int, model: nn.Cell, optimizer, *,
 
 
 def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
-                             np_rng: np.random.Generator | None = None) -> dict:
+                             np_rng: np.random.Generator | None = None,
+                             check: Callable[[dict, str], None] | None = None) -> dict:
     """Restore parameters, optimizer moments/step/lr and RNG from `path` (a step folder, or a
     root whose latest step folder is used). Returns the trainer_state dict. Every file is
     checked before anything is restored: a damaged checkpoint is a CheckpointError naming the
-    file (and the previous complete step to resume from instead), never a half-restored model."""
+    file (and the previous complete step to resume from instead), never a half-restored model.
+    `check(state, path)` runs before any tensor is loaded (the trainer refuses another model or
+    data geometry)."""
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         remove_leftovers(path)
         latest = latest_checkpoint(path)
@@ -133,11 +138,11 @@ def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
         hint = f"; resume from the previous one, {older[-1]}, or delete this one" if older else ""
         raise CheckpointError(f"{exc}{hint}") from None
     try:
-        missing = [p.name for p in model.get_parameters() if p.name not in st.entries]
-        if missing:
-            raise CheckpointError(f"{st.path}: parameter {missing[0]!r} missing"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        for p in model.get_parameters():
+        if check is not None:
+            check(state, path)
+        params = list(model.get_parameters())
+        check_tensor_names(st.path, st.entries, [p.name for p in params])
+        for p in params:
             write_param(p, st.read(p.name))  # in place: also right after compiled steps ran
         optimizer.load_state_arrays({k: so.read(k) for k in so.keys()})
     finally:
