@@ -119,11 +119,11 @@ class _Step(nn.Cell):
     """Attention + MoE + head of one layer in a compiled graph with bf16 / uint8 / float16
     Parameters: checks the dtype labels MindSpore hands the kernels."""
 
-    def __init__(self, args, kc, vc, B, H, E):
+    def __init__(self, args, kc, vc, B, H, E, bits=False):
         super().__init__()
         self.names = list(args)
         flat = [(f"{n}{j}", a) for n in self.names for j, a in enumerate(args[n])]
-        self.w = ParameterTuple([Parameter(_param(a), name=nm, requires_grad=False) for nm, a in flat])
+        self.w = ParameterTuple([Parameter(_param(a, bits), name=nm, requires_grad=False) for nm, a in flat])
         self.count = [len(args[n]) for n in self.names]
         self.kc = Parameter(Tensor(kc), name="kc", requires_grad=False)
         self.vc = Parameter(Tensor(vc), name="vc", requires_grad=False)
@@ -144,21 +144,25 @@ class _Step(nn.Cell):
         return h, y, self.dops.head(y, *g("ln1"), *g("wr"), self.fcfg)
 
 
-def _param(a):
-    if a.dtype == np.uint16:  # bf16 bit pattern: exact through float32
+def _param(a, bits):
+    """bf16 (bit pattern a) as a bfloat16 tensor, or kept as uint16 bits (how the model holds
+    the bf16 weights it gathers from)."""
+    if a.dtype == np.uint16 and not bits:
         return Tensor((a.astype(np.uint32) << 16).view(np.float32), dtype=ms.bfloat16)
     return Tensor(a)
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["bf16", "bf16-bits", "int8", "int4"])
 def test_compiled_graph_with_quantized_parameters(mode):
     rng = np.random.default_rng(7)
     B, H, K, D, T, E = 2, 64, 2, 16, 8, 6
     w = _weights(rng, H=H, N=4, K=K, D=D, E=E, I=32)
+    bits = mode == "bf16-bits"
+    mode = "bf16" if bits else mode
     args, ref = _store(rng, w, mode, 32, "bf16" if mode == "bf16" else "int8")
     kc = rng.standard_normal((B, K, T, D)).astype(np.float32)
     vc = rng.standard_normal((B, K, T, D)).astype(np.float32)
-    cell = _Step(args, kc, vc, B, H, E)
+    cell = _Step(args, kc, vc, B, H, E, bits)
     bias = np.zeros((B, T), np.float32)
     bias[:, 5:] = MASKED
     x = rng.standard_normal((B, H)).astype(np.float32)

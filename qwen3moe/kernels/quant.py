@@ -2,7 +2,8 @@
 
 Shapes: T rows (all leading dims of x), I in-features, O out-features, G = I // g groups,
 E experts, H hidden, F expert ffn (gate_up [E, 2F, H], down [E, H, F]), K top-k.
-A weight is passed as a tuple: `(w,)` for a bfloat16 matrix of the fp32 shape, or
+A weight is passed as a tuple: `(w,)` for a bfloat16 matrix of the fp32 shape (or its uint16 bit
+pattern, as the model holds bf16 weights it gathers from), or
 `(qweight, scales, qzeros)` for the quantized layout of docs/quantization.md: qweight uint8
 [O, I] (8 bits) or [O, I // 2] (4 bits, low nibble = even input index), scales float16 [O, G],
 qzeros uint8 [O, G]; W[o, k] = (u[o, k] - z[o, k // g]) * scales[o, k // g]. Experts carry a
@@ -56,7 +57,7 @@ def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -
     triple in the documented layout with input width `in_features` (and leading dims `lead`)."""
     if len(weight) == 1:
         (w,) = weight
-        if w.dtype != ms.bfloat16 or tuple(w.shape[:-2]) != lead or w.shape[-1] != in_features:
+        if w.dtype not in (ms.bfloat16, ms.uint16) or tuple(w.shape[:-2]) != lead or w.shape[-1] != in_features:
             raise ValueError(f"{name}: expected a bfloat16 [{', '.join(map(str, lead + ('O',)))}, {in_features}] "
                              f"weight, got {w.dtype} {tuple(w.shape)}")
         return

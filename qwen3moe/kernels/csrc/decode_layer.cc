@@ -76,8 +76,9 @@ struct Args {
     return m;
   }
   const float *vec(int at, int64_t len, std::vector<float> &buf) {
-    ok = ok && nd[at] == 1 && sh[at][0] == len;
-    return vec_f32(p[at], dt[at], len, buf);
+    const float *v = vec_f32(p[at], dt[at], len, buf);
+    ok = ok && nd[at] == 1 && sh[at][0] == len && v != nullptr;
+    return v;
   }
 };
 

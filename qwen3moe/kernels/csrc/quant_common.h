@@ -329,11 +329,13 @@ static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64
   for (int64_t r = 0; r < n; ++r) dequant_row_scalar(W, o0 + r, out + r * ldo);
 }
 
-// One weight as the aot calling convention hands it over: a float32 / bfloat16 matrix (one
-// param) or qweight uint8, scales float16, qzeros uint8 (three params). `I` is the input width
+// One weight as the aot calling convention hands it over: a float32 / bfloat16 (or uint16 bf16
+// bits) matrix (one param) or qweight uint8, scales float16, qzeros uint8 (three params). `I` is the input width
 // (the caller knows it from the activations); int8 vs int4 follows from qweight's last dim.
 // Returns false (and leaves *m untouched) on a shape or dtype that does not fit.
 static inline bool dtype_is(const char *dt, const char *want) { return dt != nullptr && std::strcmp(dt, want) == 0; }
+// bf16 arrives as bfloat16 or as its uint16 bit pattern (how the model holds gathered bf16 weights)
+static inline bool is_bf16(const char *dt) { return dtype_is(dt, "bfloat16") || dtype_is(dt, "uint16"); }
 
 static bool parse_weight(int &i, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          int64_t I, int lead, QMat *m) {
@@ -359,8 +361,8 @@ static bool parse_weight(int &i, int nparam, void **params, int *ndims, int64_t 
     q.z = static_cast<const uint8_t *>(params[i + 2]);
     i += 3;
   } else {
-    if (shapes[i][nd - 1] != I) return false;
-    q.kind = dtype_is(dtypes[i], "bfloat16") ? kBF16 : kF32;
+    if (shapes[i][nd - 1] != I || !(is_bf16(dtypes[i]) || dtype_is(dtypes[i], "float32"))) return false;
+    q.kind = is_bf16(dtypes[i]) ? kBF16 : kF32;
     q.ld = QMat::bytes_for(q.kind, I);
     i += 1;
   }
@@ -368,9 +370,11 @@ static bool parse_weight(int &i, int nparam, void **params, int *ndims, int64_t 
   return true;
 }
 
-// A vector param (norm weight) as float32: bf16 widened into buf, fp32 passed through.
+// A vector param (norm weight) as float32: bf16 widened into buf, fp32 passed through, other
+// dtypes nullptr.
 static inline const float *vec_f32(void *p, const char *dtype, int64_t n, std::vector<float> &buf) {
-  if (!dtype_is(dtype, "bfloat16")) return static_cast<const float *>(p);
+  if (dtype_is(dtype, "float32")) return static_cast<const float *>(p);
+  if (!is_bf16(dtype)) return nullptr;
   buf.resize(n);
   const uint16_t *q = static_cast<const uint16_t *>(p);
   for (int64_t k = 0; k < n; ++k) buf[k] = bf16_to_float(q[k]);
