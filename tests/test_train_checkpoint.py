@@ -151,7 +151,7 @@ def test_kill_9_mid_save_resumes_exactly_and_cleans_up(tmp_path, full):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
     from qwen3moe.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 
     root = tmp_path / "ckpt"
