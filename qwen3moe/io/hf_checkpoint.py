@@ -54,8 +54,11 @@ class CheckpointSource:
         try:
             with open(index, encoding="utf-8") as fh:
                 weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' of "
+                                  "tensor name -> shard file)")
         opened: dict[str, SafetensorsFile] = {}
         for name, fname in weight_map.items():
             path = os.path.join(self.directory, fname)
