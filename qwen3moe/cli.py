@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports MindSpore (seconds): Ctrl-C often lands here
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("qwen3moe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

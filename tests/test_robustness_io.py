@@ -358,3 +358,11 @@ def test_preprocess_invalid_utf8_names_the_line(tmp_path, capsys, workers):
     err = _one_line_error(capsys)
     assert "in.jsonl" in err and "line 3" in err and "UTF-8" in err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ["a"]}', '{"weight_map": {"w": 3}}', "[]", "{bad"])
+def test_malformed_index(model, tmp_path, index):
+    model.save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a valid safetensors index"):
+        Qwen3MoeForCausalLM.from_pretrained(tmp_path / "m")

@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 
-from qwen3moe.io.atomic import OutputError, atomic_file
+from qwen3moe.io.atomic import OutputError, atomic_files
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
                                         check_tensor_names, f32_to_bf16, write_safetensors)
 from qwen3moe.models.config import Qwen3MoeConfig
@@ -54,8 +54,11 @@ class CheckpointSource:
         try:
             with open(index, encoding="utf-8") as fh:
                 weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' of "
+                                  "tensor name -> shard file)")
         opened: dict[str, SafetensorsFile] = {}
         for name, fname in weight_map.items():
             path = os.path.join(self.directory, fname)
@@ -220,11 +223,11 @@ def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int |
     os.makedirs(directory, exist_ok=True)
     stale = _weight_files(directory)
     written: set[str] = set()
-    with contextlib.ExitStack() as stack:  # every file to a temp first; all renamed only on success
+    with atomic_files(directory) as temp_file:  # every file to a temp; all renamed only on success
 
         def temp(name: str) -> str:
             written.add(name)
-            return stack.enter_context(atomic_file(os.path.join(directory, name)))
+            return temp_file(name)
 
         _write_shards(temp, shards)
         with open(temp("config.json"), "w", encoding="utf-8") as fh:
