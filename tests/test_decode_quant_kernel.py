@@ -175,3 +175,93 @@ def test_compiled_graph_with_quantized_parameters(mode):
     y_ref = _ref_moe(ref, h_ref, True, 2)
     np.testing.assert_allclose(y.asnumpy()[:, 0], y_ref, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(logits.asnumpy(), _rms(y_ref, ref["ln1"]) @ ref["wr"].T, atol=2e-5, rtol=1e-5)
+
+
+class _QLinear(nn.Cell):
+    """Stand-in for the model side's quantized linear (GPTQ names): prefill via kernels/quant.py."""
+
+    def __init__(self, arrays, prefix):
+        super().__init__()
+        self.qweight, self.scales, self.qzeros = (Parameter(Tensor(a), name=f"{prefix}.{n}", requires_grad=False)
+                                                  for a, n in zip(arrays, ("qweight", "scales", "qzeros")))
+        self.bias = None
+
+    def construct(self, x):
+        return quant.linear(x, (self.qweight, self.scales, self.qzeros))
+
+
+class _QExperts(nn.Cell):
+    def __init__(self, gu, dn, prefix):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = _QLinear(gu, f"{prefix}.gate_up_proj"), _QLinear(dn, f"{prefix}.down_proj")
+
+    def fused(self, x, idx, w):
+        g, d = self.gate_up_proj, self.down_proj
+        return quant.moe_experts(x, idx, w, (g.qweight, g.scales, g.qzeros), (d.qweight, d.scales, d.qzeros))
+
+
+def _store_model(model, ref_model, mode, rng):
+    """Store `model`'s projections, experts and lm_head in `mode` (random codes around the loaded
+    weights' scale); write the dequantized values into the fp32 `ref_model`."""
+    from qwen3moe.layers.dtypes import write_param
+
+    def put(owner, name, ref_owner, shape, prefix, head=False):
+        m = ("bf16" if mode == "bf16" else "int8") if head else mode
+        arrays, w = quant_arrays(rng, shape, m, None if m == "int8" else 32, scale=0.1 / (128 if m == "int8" else 8))
+        write_param(getattr(ref_owner, "weight" if name != "experts" else name), w.astype(np.float32))
+        if m == "bf16":
+            setattr(owner, "weight", Parameter(_param(arrays[0], False), name=f"{prefix}.weight"))
+        else:
+            setattr(owner, name, _QLinear(arrays, f"{prefix}.{name}"))
+
+    for i, (layer, ref) in enumerate(zip(model.model.layers, ref_model.model.layers)):
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(layer.self_attn, p)
+            owner = proj if mode == "bf16" else layer.self_attn
+            put(owner, p, getattr(ref.self_attn, p), tuple(proj.weight.shape), f"model.layers.{i}.self_attn.{p}" if
+                mode == "bf16" else f"model.layers.{i}.self_attn")
+        ex, rex = layer.mlp.experts, ref.mlp.experts
+        gshape, dshape = tuple(ex.gate_up_proj.shape), tuple(ex.down_proj.shape)
+        arrays = [quant_arrays(rng, s, mode, None if mode != "int4" else 32, scale=0.1 / (128 if mode == "int8" else 8))
+                  for s in (gshape, dshape)]
+        write_param(rex.gate_up_proj, arrays[0][1].astype(np.float32))
+        write_param(rex.down_proj, arrays[1][1].astype(np.float32))
+        pre = f"model.layers.{i}.mlp.experts"
+        if mode == "bf16":
+            ex.gate_up_proj = Parameter(_param(arrays[0][0][0], False), name=f"{pre}.gate_up_proj")
+            ex.down_proj = Parameter(_param(arrays[1][0][0], False), name=f"{pre}.down_proj")
+        else:
+            layer.mlp.experts = _QExperts(arrays[0][0], arrays[1][0], pre)
+    owner = model.lm_head if mode == "bf16" else model
+    put(owner, "lm_head", ref_model.lm_head, tuple(model.lm_head.weight.shape),
+        "lm_head" if mode == "bf16" else "", head=True)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_fused_engine_on_stored_weights_equals_fp32_of_the_same_values(mode):
+    """tiny-a with bf16 / int8 / int4 projections and experts (lm_head bf16 / int8): the fused
+    engine (prefill through kernels/quant.py, decode kernels dequantizing rows) gives the logits
+    of the fp32 model holding the dequantized values, prefill + 5 greedy steps, batch 3, padding.
+    Tolerance as test_decode_kernel's engine test (2e-5 on O(1) logits: summation order only)."""
+    from conftest import reference_dir
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.generation import engine as eng_mod
+
+    model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
+    ref_model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
+    _store_model(model, ref_model, mode, np.random.default_rng(1))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, (3, 16))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    runs = []
+    for m in (model, ref_model):
+        eng = eng_mod.DecodeEngine(m, 3, 64)
+        assert eng.fused
+        out = [eng.prefill(ids, mask)]
+        for _ in range(5):
+            out.append(eng.decode(out[-1].argmax(-1)))
+        runs.append(np.stack(out))
+    assert np.abs(runs[1]).max() > 0.1  # the test weights give non-trivial logits
+    np.testing.assert_allclose(runs[0], runs[1], atol=2e-5, rtol=1e-5)

@@ -78,7 +78,11 @@ def test_linear_equals_numpy(portable, seed, mode, lead, O, I, gdiv, per_row):
         g = I
     weight, w = make_weight(rng, (O, I), mode, g)
     x = rng.standard_normal((*lead, I)).astype(np.float32)
-    _check(quant.linear(Tensor(x), weight).asnumpy(), x, w)
+    got = quant.linear(Tensor(x), weight).asnumpy()
+    _check(got, x, w)
+    if mode != "bf16":  # the loose form the model side calls: tensors then bits
+        loose = quant.linear(Tensor(x), *weight, 8 if mode == "int8" else 4).asnumpy()
+        np.testing.assert_array_equal(loose, got)
 
 
 @ms.jit
@@ -120,6 +124,7 @@ def test_moe_experts_equal_numpy(portable, seed, mode, T, E, K, H, F, g):
     idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
     wt = rng.random((T, K)).astype(np.float32)
     y = quant.moe_experts(Tensor(x), Tensor(idx), Tensor(wt), gate_up, down).asnumpy()
+    np.testing.assert_array_equal(quant.moe_experts(Tensor(x), Tensor(idx), Tensor(wt), *gate_up, *down).asnumpy(), y)
     ref = _moe_reference(x, idx, wt, gu, dn)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -130,8 +135,9 @@ def test_moe_experts_equal_numpy(portable, seed, mode, T, E, K, H, F, g):
     (lambda q, s, z: (q, Tensor(np.ones((8, 3), np.float16)), Tensor(np.ones((8, 3), np.uint8))), "G dividing 64"),
     (lambda q, s, z: (q, s, z[:, :1]), "qzeros uint8"),
     (lambda q, s, z: (q, s), "2 tensors"),
+    (lambda q, s, z: (q, s, z, 8), "bits=8 does not match"),
 ])
 def test_bad_weight_is_a_one_line_error(bad, match):
     weight, _ = make_weight(np.random.default_rng(0), (8, 64), "int4", 32)
     with pytest.raises(ValueError, match=match):
-        quant.linear(Tensor(np.ones((2, 64), np.float32)), bad(*weight))
+        quant.linear(Tensor(np.ones((2, 64), np.float32)), *bad(*weight))

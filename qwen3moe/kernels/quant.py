@@ -8,9 +8,9 @@ pattern, as the model holds bf16 weights it gathers from), or
 [O, I] (8 bits) or [O, I // 2] (4 bits, low nibble = even input index), scales float16 [O, G],
 qzeros uint8 [O, G]; W[o, k] = (u[o, k] - z[o, k // g]) * scales[o, k // g]. Experts carry a
 leading E on each tensor.
-- `linear(x, weight)` = x @ W^T: streaming dequantized rows (GEMV) for a few rows, dequantized
+- `linear(x, *weight)` = x @ W^T: streaming dequantized rows (GEMV) for a few rows, dequantized
   tiles + oneDNN sgemm for many.
-- `moe_experts(x_TH, idx_TK, w_TK, gate_up, down)` = sum_j w_tj SwiGLU_{idx_tj}(x_t) (the fp32
+- `moe_experts(x_TH, idx_TK, w_TK, gate_up, down)` (or the six quantized tensors, + bits) = sum_j w_tj SwiGLU_{idx_tj}(x_t) (the fp32
   kernels/moe.py op's forward).
 No gradients: training stays on fp32 weights. `set_portable(True)` switches to the scalar loops
 (tests check both code paths against NumPy).
@@ -76,16 +76,46 @@ def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -
                          f"{q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}, {z.dtype} {tuple(z.shape)}")
 
 
-def linear(x: Tensor, weight: tuple) -> Tensor:
-    """x [..., I] float32 @ W^T -> [..., O] float32."""
+def _split(args: tuple) -> tuple:
+    """(weight tuple,) or loose tensors with an optional trailing `bits` int -> (tensors, bits)."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return tuple(args[0]), None
+    if args and isinstance(args[-1], int):
+        return tuple(args[:-1]), args[-1]
+    return tuple(args), None
+
+
+def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
+    if bits is None:
+        return
+    want = {8: in_features, 4: in_features // 2}.get(bits)
+    if len(weight) != 3 or weight[0].shape[-1] != want:
+        raise ValueError(f"{name}: bits={bits} does not match qweight {tuple(weight[0].shape)} for input width "
+                         f"{in_features}")
+
+
+def linear(x: Tensor, *weight) -> Tensor:
+    """x [..., I] float32 @ W^T -> [..., O] float32; weight = (w,) / (qweight, scales, qzeros)
+    as one tuple or loose tensors, optionally followed by bits (checked against the shapes)."""
+    weight, bits = _split(weight)
     check_weight("linear weight", weight, x.shape[-1])
+    _check_bits("linear weight", weight, x.shape[-1], bits)
     return _linear_op()(x, *weight)
 
 
-def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, gate_up: tuple, down: tuple) -> Tensor:
-    """Fused experts forward; idx int32 in [0, E), x and w float32."""
+def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, *weights) -> Tensor:
+    """Fused experts forward; idx int32 in [0, E), x and w float32. weights = (gate_up tuple,
+    down tuple), or gate_up then down tensors (1 + 1 or 3 + 3) optionally followed by bits."""
+    if len(weights) == 2 and all(isinstance(w, (tuple, list)) for w in weights):
+        gate_up, down, bits = tuple(weights[0]), tuple(weights[1]), None
+    else:
+        flat, bits = _split(weights)
+        half = len(flat) // 2
+        gate_up, down = flat[:half], flat[half:]
     E = gate_up[0].shape[0]
     check_weight("experts gate_up", gate_up, x_TH.shape[-1], (E,))
     F = gate_up[0].shape[1] // 2
     check_weight("experts down", down, F, (E,))
+    _check_bits("experts gate_up", gate_up, x_TH.shape[-1], bits)
+    _check_bits("experts down", down, F, bits)
     return _moe_op()(x_TH, idx_TK, w_TK, *gate_up, *down)
