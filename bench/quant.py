@@ -50,35 +50,42 @@ def _ids(B: int, S: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151643, (B, S))  # real (non-special) Qwen ids
 
 
+def measure(model, reps: int) -> dict:
+    """Prefill 1x512 and decode b1/b8 tokens/s of a loaded model: medians of `reps` after a warm-up."""
+    from qwen3moe.generation.generate import GenerationRun, resolve_config
+
+    def run(B: int, S: int, new: int, seed: int):
+        cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False)
+        r = GenerationRun(model, _ids(B, S, seed), None, cfg)
+        r.run()
+        return r.stats
+
+    out = {}
+    run(1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
+    out["prefill_tps"] = statistics.median(
+        PREFILL_LEN / run(1, PREFILL_LEN, 1, i).prefill_s for i in range(reps))
+    for B in DECODE_BATCHES:
+        run(B, PROMPT, NEW, 100)
+        rates = []
+        for i in range(reps):
+            st = run(B, PROMPT, NEW, 100 + i)
+            rates.append(B * st.decode_steps / st.decode_s)
+        out[f"decode_b{B}_tps"] = statistics.median(rates)
+    return out
+
+
 # ----------------------------------------------------------------------------- our worker
 def worker_ours(folder: str, mode: str, reps: int, logits_out: str) -> dict:
     import mindspore as ms
 
     ms.set_device("CPU")
     from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.generation.generate import GenerationRun, resolve_config
 
     t0 = time.perf_counter()
     model = Qwen3MoeForCausalLM.from_pretrained(folder, **MODES[mode])
     out: dict = {"load_s": time.perf_counter() - t0,
                  "load_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-    def run(B: int, S: int, new: int, seed: int) -> GenerationRun:
-        cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False)
-        r = GenerationRun(model, _ids(B, S, seed), None, cfg)
-        r.run()
-        return r
-
-    run(1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
-    out["prefill_tps"] = statistics.median(
-        PREFILL_LEN / run(1, PREFILL_LEN, 1, i).stats.prefill_s for i in range(reps))
-    for B in DECODE_BATCHES:
-        run(B, PROMPT, NEW, 100)
-        rates = []
-        for i in range(reps):
-            st = run(B, PROMPT, NEW, 100 + i).stats
-            rates.append(B * st.decode_steps / st.decode_s)
-        out[f"decode_b{B}_tps"] = statistics.median(rates)
+    out.update(measure(model, reps))
     logits = model(_ids(1, LOGIT_PROBE, 7)).logits
     np.save(logits_out, np.asarray(logits.asnumpy(), np.float32))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
