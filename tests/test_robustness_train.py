@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from qwen3moe.training.task_config import TaskConfigError, load_task_config
 
 TINY = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")

@@ -198,11 +198,8 @@ def build_data(cfg: TaskConfig, num_samples: int):
         return MicroBatches(windows, r.gradient_accumulation_steps), (len(tokens) - 1) // dc.seq_length
     if not paths:
         raise CliError("train_dataset.data_loader.config.data_path is empty")
-    try:
-        from qwen3moe.io.gpt_dataset import build_gpt_dataset
-    except ImportError:
-        raise CliError("Megatron data loading not available yet (qwen3moe.io.gpt_dataset); "
-                       "use a .npy token array as data_path") from None
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+
     try:
         kw = {"pad_id": dc.pad} if dc.pad is not None else {}
         # no attention_mask: the model builds its causal mask (reset_attention_mask is not applied)
