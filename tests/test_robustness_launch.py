@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = [pytest.mark.dist]
 

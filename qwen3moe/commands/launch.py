@@ -31,18 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen3moe.parallel.launch import LaunchError, launch
+    from qwen3moe.parallel.launch import launch
 
     cmd = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
     if not cmd:
         raise CliError("nothing to launch: give -- <sub-command> [flags], e.g. -- dist-check --model DIR")
     if args.nproc < 1:
         raise CliError(f"--nproc must be >= 1, got {args.nproc}")
-    try:
-        return launch(args.nproc, cmd, timeout_s=args.timeout, nnodes=args.nnodes, node_rank=args.node_rank,
-                      master_addr=args.master_addr, master_port=args.master_port, log_dir=args.log_dir)
-    except LaunchError as exc:
-        raise CliError(str(exc)) from None
+    return launch(args.nproc, cmd, timeout_s=args.timeout, nnodes=args.nnodes, node_rank=args.node_rank,
+                  master_addr=args.master_addr, master_port=args.master_port, log_dir=args.log_dir)
 
 
 def dist_check(args: argparse.Namespace) -> int:
