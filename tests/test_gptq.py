@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import HF_FIXTURES, REPO
-from test_bf16 import composite  # noqa: F401  (fixture: QWEN3MOE_KERNELS=0)
+from helpers import HF_FIXTURES, REPO
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
@@ -129,7 +128,7 @@ def _third_party_folder(tmp_path, bits: int, v1: bool) -> tuple:
 
 
 @pytest.mark.parametrize("bits,v1", [(4, True), (8, False)])
-def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, composite):  # noqa: F811
+def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, composite):
     folder, deq = _third_party_folder(tmp_path, bits, v1)
     qm = Qwen3MoeForCausalLM.from_pretrained(folder)
     ref = Qwen3MoeForCausalLM.from_pretrained(FP32)  # fp32, weights replaced by the independent values

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import HF_FIXTURES
-from test_bf16 import composite  # noqa: F401  (fixture: QWEN3MOE_KERNELS=0)
+from helpers import HF_FIXTURES
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.layers.quant import (QuantizationConfig, QuantizationError, dequant_graph, dequantize,
@@ -133,7 +132,7 @@ def _dequantized_fp32_model(qmodel, folder):
 
 
 @pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 32)])
-def test_quantized_model_is_the_dequantized_model(mode, g, composite):  # noqa: F811
+def test_quantized_model_is_the_dequantized_model(mode, g, composite):
     """The composite quantized forward computes exactly the fp32 forward of the dequantized
     weights (same ops on identical fp32 weights), and generate (KV cache, batch 2) agrees with it."""
     qm = Qwen3MoeForCausalLM.from_pretrained(FP32, quantization=mode, group_size=g)

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, CheckpointSource, native_sources, read_native,
-                                       store_param)
+                                       read_weight, store_param)
 from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight, quantize
 
@@ -61,7 +61,7 @@ def quantize_cell(src: CheckpointSource, name: str, cell: QuantizedWeight, num_e
     for i, k in enumerate(keys):  # one expert projection at a time
         if k not in src.where:
             raise CheckpointError(f"{src.directory}: missing tensor {k!r} (needed for {name})")
-        part = src.read(k)
+        part = read_weight(src, k)
         if tuple(part.shape) != (rows, shape[2]):
             raise CheckpointError(f"{src.file_of(k)}: tensor {k!r} has shape {list(part.shape)}, "
                                   f"expected {[rows, shape[2]]} for {name}")
