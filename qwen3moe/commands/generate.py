@@ -150,7 +150,29 @@ def _run_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], args: argpars
     return results, st
 
 
+def check_output(path: str) -> None:
+    """--output must be writable: checked before the model loads, not after all the work."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.io.atomic import OutputError, check_output_file
+
+    try:
+        check_output_file(path)
+    except OutputError as exc:
+        raise CliError(f"--output {exc}") from None
+
+
+def _print_line(line: str) -> None:
+    """A closed stdout (`| head -1`) stops the printing, not the run: --output is still written."""
+    from qwen3moe.cli import quiet_broken_stdout
+
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        quiet_broken_stdout()
+
+
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output)
     if getattr(args, "use_parallel", False):
         from qwen3moe.parallel.generate import run as run_parallel
 
@@ -165,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         results, st = _run_batch(model, tok, cfg, batch, args)
         for r in results:
             line = json.dumps(r, ensure_ascii=False)
-            print(line, flush=True)
+            _print_line(line)
             lines.append(line)
         prefill_tok, prefill_s = prefill_tok + st.prompt_tokens, prefill_s + st.prefill_s
         decode_tok, decode_s = decode_tok + args.predict_batch_size * st.decode_steps, decode_s + st.decode_s
