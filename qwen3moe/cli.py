@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "qwen3moe.commands.pretrain",
     "qwen3moe.commands.run",
     "qwen3moe.commands.export",
+    "qwen3moe.commands.quantize",
 ]
 
 
@@ -57,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports MindSpore (seconds): Ctrl-C often lands here
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("qwen3moe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

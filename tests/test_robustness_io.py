@@ -201,7 +201,7 @@ def test_atomic_write_refuses_read_only_targets(tmp_path):
 @pytest.mark.parametrize("target", ["dir", "ro_file", "ro_dir"])
 def test_generate_checks_output_before_loading(tmp_path, capsys, monkeypatch, target):
     import qwen3moe.commands.generate as gen
-    from conftest import HF_FIXTURES
+    from helpers import HF_FIXTURES
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the --output check")
@@ -348,7 +348,7 @@ def test_logits_to_keep_must_be_an_int(model, keep):
 # ---- POOR: preprocess names the line with invalid UTF-8 ---------------------------------------
 @pytest.mark.parametrize("workers", [1, 2])
 def test_preprocess_invalid_utf8_names_the_line(tmp_path, capsys, workers):
-    from conftest import REPO
+    from helpers import REPO
 
     src = tmp_path / "in.jsonl"
     src.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "bad \xff byte"}\n')
@@ -358,3 +358,11 @@ def test_preprocess_invalid_utf8_names_the_line(tmp_path, capsys, workers):
     err = _one_line_error(capsys)
     assert "in.jsonl" in err and "line 3" in err and "UTF-8" in err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ["a"]}', '{"weight_map": {"w": 3}}', "[]", "{bad"])
+def test_malformed_index(model, tmp_path, index):
+    model.save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a valid safetensors index"):
+        Qwen3MoeForCausalLM.from_pretrained(tmp_path / "m")

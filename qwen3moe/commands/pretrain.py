@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.training.task_config import SCHEDULES, TaskConfig, TaskConfigError, load_task_config
 
 GiB = 2 ** 30
@@ -328,7 +329,7 @@ def train(cfg: TaskConfig) -> int:
                       metrics=metrics)
     try:
         trainer.fit()
-    except TrainingAborted as exc:
+    except (TrainingAborted, TaskConfigError, CheckpointError) as exc:
         from qwen3moe.cli import CliError
 
         raise CliError(str(exc)) from None
@@ -352,4 +353,5 @@ def trainer_config(cfg: TaskConfig, model: Any, steps: int):
         keep_last=int(ckpt_cb.get("keep_checkpoint_max", 2)), time_budget_s=r.time_budget_s,
         resume=bool(cfg.resume_training), resume_from=resume_from, nan_abort_after=r.nan_abort_after,
         plot_dir=cfg.output_dir, save_at_end=True,
-        checkpoint_extra={"model_config": model.config.to_dict()})
+        checkpoint_extra={"model_config": model.config.to_dict(), "data": cfg.data_geometry()},
+        resume_override=tuple(cfg.resume_override))

@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class OutputError(ValueError):
@@ -59,25 +59,43 @@ def new_file_mode(path: str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside `path`; on success it is fsync'ed, given the right mode and
-    renamed onto `path`; on any error it is removed and `path` is untouched."""
-    path = os.path.abspath(os.fspath(path))
-    check_output_file(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    os.close(fd)
+def atomic_files(directory: str | os.PathLike) -> Iterator[Callable[[str], str]]:
+    """Yield `temp(name) -> path`: each call makes a temp file beside `directory/name` to write.
+    On success every temp is fsync'ed, given the right mode and renamed onto its name, in the
+    order asked for (shards before the index that names them); on any error all temps are
+    removed and the targets are untouched."""
+    directory = os.path.abspath(os.fspath(directory))
+    temps: list[tuple[str, str]] = []
+
+    def temp(name: str) -> str:
+        path = os.path.join(directory, name)
+        check_output_file(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+        os.close(fd)
+        temps.append((tmp, path))
+        return tmp
+
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, new_file_mode(path))
-        os.replace(tmp, path)
+        yield temp
+        for tmp, path in temps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, new_file_mode(path))
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp path beside `path`; renamed onto it on success, removed on any error."""
+    path = os.path.abspath(os.fspath(path))
+    with atomic_files(os.path.dirname(path)) as temp:
+        yield temp(os.path.basename(path))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

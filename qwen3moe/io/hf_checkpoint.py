@@ -17,9 +17,10 @@ import shutil
 
 import numpy as np
 
-from qwen3moe.io.atomic import OutputError, atomic_file
+from qwen3moe.io.atomic import OutputError, atomic_files
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
-                                        f32_to_bf16, write_safetensors)
+                                        check_tensor_names, bf16_to_f32, f32_to_bf16,
+                                        write_safetensors)
 from qwen3moe.models.config import Qwen3MoeConfig
 
 # native fused expert parameter -> the per-expert HF projections concatenated along dim 1
@@ -54,8 +55,11 @@ class CheckpointSource:
         try:
             with open(index, encoding="utf-8") as fh:
                 weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' of "
+                                  "tensor name -> shard file)")
         opened: dict[str, SafetensorsFile] = {}
         for name, fname in weight_map.items():
             path = os.path.join(self.directory, fname)
@@ -91,10 +95,7 @@ def native_sources(name: str, num_experts: int, have: set[str]) -> list[str]:
 
 def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int) -> np.ndarray:
     keys = native_sources(name, num_experts, set(src.where))
-    missing = [k for k in keys if k not in src.where]
-    if missing:
-        raise CheckpointError(f"{src.directory}: missing tensor {missing[0]!r} (needed for {name})"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    check_tensor_names(src.directory, src.where, keys, name, unexpected=False)
     if len(keys) > 1:
         return _read_fused(src, name, keys, shape, len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)]))
     arr = read_weight(src, keys[0])
@@ -131,28 +132,29 @@ def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[
     return out
 
 
-def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None):
-    """Build `cls(config)` without random init and fill it from an HF folder."""
-    import mindspore as ms
-    from mindspore import Tensor
-
+def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None,
+                    quantization=None, group_size: int | None = None):
+    """Build `cls(config)` without random init and fill it from an HF folder (quantized if asked,
+    or as stored for GPTQ folders: io/quantized.py, io/gptq.py)."""
     from qwen3moe.layers.dtypes import skip_init, to_ms_dtype
 
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a folder (expected a Hugging Face model folder)")
     config = config or Qwen3MoeConfig.from_pretrained(directory)
-    src = CheckpointSource(directory)
     param_dtype = to_ms_dtype(dtype or config.torch_dtype)
+    quantized = _load_quantized(cls, directory, config, param_dtype, quantization, group_size)
+    if quantized is not None:
+        return quantized
+    src = CheckpointSource(directory)
     with skip_init():
         model = cls(config, param_dtype=param_dtype)
     used: set[str] = set()
     for p in model.get_parameters():
         arr = read_native(src, p.name, tuple(p.shape), config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
-        t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        p.set_data(t if param_dtype == ms.float32 else t.astype(param_dtype))
-        del arr, t
+        store_param(p, arr)
+        del arr
     unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} in "
@@ -162,12 +164,56 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
     return model
 
 
+def _load_quantized(cls, directory, config, param_dtype, quantization, group_size):
+    """A quantized model when the folder is GPTQ or `quantization` is set, else None."""
+    from qwen3moe.io.gptq import gptq_config, load_gptq
+    from qwen3moe.io.quantized import load_quantizing
+    from qwen3moe.layers.quant import QuantizationConfig
+
+    qc = QuantizationConfig.of(quantization, group_size)
+    stored = gptq_config(config, directory)
+    if stored is not None:
+        if qc is not None:
+            raise CheckpointError(f"{directory}: already quantized ({stored.config.bits}-bit GPTQ); "
+                                  f"load it without quantization=/--quantize")
+        return load_gptq(cls, directory, config, stored, param_dtype)
+    if qc is None:
+        if group_size is not None:
+            raise CheckpointError("group_size is only used with quantization='int8'/'int4'")
+        return None
+    return load_quantizing(cls, directory, config, qc, param_dtype)
+
+
+def store_param(p, arr: np.ndarray) -> None:
+    """A float32 array into a freshly built (not yet compiled) Parameter in its storage dtype:
+    bf16 bits (uint16) rounded by numpy, other dtypes by MindSpore's cast."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.layers.dtypes import BF16_BITS
+
+    if p.dtype == BF16_BITS:
+        p.set_data(Tensor.from_numpy(f32_to_bf16(arr)))
+        return
+    t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
+
+
+def param_f32(p) -> np.ndarray:
+    """A Parameter's values as float32 numpy (bf16 bits widened exactly)."""
+    from qwen3moe.layers.dtypes import BF16_BITS
+
+    if p.dtype == BF16_BITS:
+        return bf16_to_f32(p.asnumpy())
+    return p.astype("float32").asnumpy() if str(p.dtype) != "Float32" else p.asnumpy()
+
+
 # ---- saving --------------------------------------------------------------------------------
 def hf_tensors(model, dtype: str):
     """Yield (hf_name, array, tag) in HF per-expert layout, converted to `dtype`."""
     cfg = model.config
     for p in model.get_parameters():
-        arr = p.astype("float32").asnumpy() if str(p.dtype) != "Float32" else p.asnumpy()
+        arr = param_f32(p)
         m = _FUSED.match(p.name)
         if not m:
             yield p.name, *_convert(arr, dtype)
@@ -203,6 +249,9 @@ def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int |
     in the folder are left alone; weight files of an earlier save that this one does not write
     (old shards, a stale index or single file) are removed after the new ones are in place."""
     cfg = model.config
+    if getattr(model, "quantization", None) is not None:
+        raise CheckpointError("save_pretrained of a quantized model is not supported: write a GPTQ folder "
+                              "from the float folder with `qwen3moe quantize` (io.gptq.quantize_folder)")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype) or cfg.torch_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -223,11 +272,11 @@ def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int |
     os.makedirs(directory, exist_ok=True)
     stale = _weight_files(directory)
     written: set[str] = set()
-    with contextlib.ExitStack() as stack:  # every file to a temp first; all renamed only on success
+    with atomic_files(directory) as temp_file:  # every file to a temp; all renamed only on success
 
         def temp(name: str) -> str:
             written.add(name)
-            return stack.enter_context(atomic_file(os.path.join(directory, name)))
+            return temp_file(name)
 
         _write_shards(temp, shards)
         with open(temp("config.json"), "w", encoding="utf-8") as fh:

@@ -28,6 +28,24 @@ class CheckpointError(ValueError):
     """A checkpoint file problem, reported in one line naming the file and tensor."""
 
 
+def check_tensor_names(where: str, have, need, needed_for: str | None = None,
+                       unexpected: bool = True) -> None:
+    """The one-line error of every loader for tensors `need` that `have` lacks (named with what
+    needs them) and, when `unexpected`, for tensors in `have` that nothing needs."""
+    missing = [k for k in need if k not in have]
+    if missing:
+        why = f" (needed for {needed_for})" if needed_for and needed_for != missing[0] else ""
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{why}" + _more(missing))
+    extra = sorted(set(have) - set(need)) if unexpected else []
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} (the model has no such parameter)"
+                              + _more(extra))
+
+
+def _more(names: list) -> str:
+    return f" and {len(names) - 1} more" if len(names) > 1 else ""
+
+
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     """Exact widening: bf16 is the top half of an f32."""
     return (u16.astype(np.uint32) << 16).view(np.float32)

@@ -75,8 +75,8 @@ def read_lines(path: str) -> Iterator[str]:
 def convert(input_path: str, output_path: str, undo_artifacts: bool = True) -> int:
     """Write the jsonl atomically; returns the number of articles. On any error (no article,
     bad input, same file as the input) the output is left as it was."""
-    if not os.path.isfile(input_path):
-        raise WikitextError(f"{input_path}: not found")
+    if not os.path.exists(input_path) or os.path.isdir(input_path):  # a pipe (/dev/stdin) is fine
+        raise WikitextError(f"{input_path}: {'is a folder' if os.path.isdir(input_path) else 'not found'}")
     if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
         raise WikitextError(f"--output {output_path} is the same file as --input {input_path}")
     n = 0

@@ -157,6 +157,7 @@ class TaskConfig:
     auto_trans_ckpt: bool = False
     only_save_strategy: bool = False
     resume_training: Any = False
+    resume_override: Any = field(default_factory=list)  # qwen3moe addition: [model, data] or "model,data"
     use_parallel: bool = False
     use_legacy: bool = False
     pretrained_model_dir: str = ""
@@ -212,6 +213,17 @@ class TaskConfig:
                                   f"of {sorted(modes)}")
         coef = 0.0 if kind == "none" else float(mst.get("moe_aux_loss_coeff", self.model_config().router_aux_loss_coef))
         return {"aux_coef": coef, "aux_mode": modes[kind], "z_coef": float(mst.get("moe_z_loss_coeff", 0.0) or 0.0)}
+
+    def data_geometry(self) -> dict[str, Any]:
+        """The keys that fix which samples step i trains on (stored in checkpoints; a resume
+        with other values would skip or repeat data), by their YAML paths."""
+        dc, r = self.train_dataset.data_loader.config, self.runner_config
+        return {"runner_config.batch_size": r.batch_size,
+                "runner_config.gradient_accumulation_steps": r.gradient_accumulation_steps,
+                "train_dataset.data_loader.config.seq_length": dc.seq_length,
+                "train_dataset.data_loader.config.data_path": [str(p) for p in dc.data_path] or [dc.dataset_dir],
+                "train_dataset.data_loader.config.seed": dc.seed,
+                "train_dataset.data_loader.config.split": dc.split}
 
     def callback(self, type_name: str) -> dict:
         """The first callback entry of this type ({} when absent)."""
@@ -426,6 +438,20 @@ def _validate(cfg: TaskConfig) -> None:
     if cfg.run_mode in ("train", "finetune"):
         map_model_config(cfg.model.model_config, "model.model_config")
     _validate_training(cfg)
+    cfg.resume_override = _resume_override(cfg.resume_override)
+
+
+RESUME_OVERRIDES = ("model", "data")
+
+
+def _resume_override(value: Any) -> list[str]:
+    """`model,data` / [model, data] -> ["model", "data"]; anything else is an error."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    names = [str(v).strip() for v in items if str(v).strip()]
+    bad = [n for n in names if n not in RESUME_OVERRIDES]
+    if bad:
+        raise TaskConfigError(f"resume_override: {bad[0]!r} is not one of {', '.join(RESUME_OVERRIDES)}")
+    return names
 
 
 def _validate_training(cfg: TaskConfig) -> None:
