@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import HF_FIXTURES, REPO
+from helpers import HF_FIXTURES, REPO
 
 _FAILING_COMPILE = """
 import numpy as np

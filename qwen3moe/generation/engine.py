@@ -23,6 +23,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible
+from qwen3moe.layers.dtypes import widen
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
@@ -40,14 +41,13 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-_mmT = ops.MatMul(transpose_b=True)
 _bmmT = ops.BatchMatMul(transpose_b=True)
 _bmm = ops.BatchMatMul()
 
 
 def _w(p: Tensor, x: Tensor) -> Tensor:
     """Weight in the compute dtype (bf16 storage computes in fp32); resolved at trace time."""
-    return p if p.dtype == x.dtype else p.astype(x.dtype)
+    return widen(p, x.dtype)
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -73,9 +73,10 @@ def _attention_block(a: nn.Cell, x_BSH: Tensor, cos_BS1D: Tensor, sin_BS1D: Tens
     N, K, D = a.num_heads, a.num_kv_heads, a.head_dim
     G = N // K
     x_TH = x_BSH.reshape(B * S, H)
-    q = _rms(_mmT(x_TH, _w(a.q_proj.weight, x_TH)).reshape(B, S, N, D), a.q_norm.weight, a.q_norm.eps)
-    k = _rms(_mmT(x_TH, _w(a.k_proj.weight, x_TH)).reshape(B, S, K, D), a.k_norm.weight, a.k_norm.eps)
-    v = _mmT(x_TH, _w(a.v_proj.weight, x_TH)).reshape(B, S, K, D)
+    # the projection cells themselves: plain, bf16 or quantized weights (and biases)
+    q = _rms(a.q_proj(x_TH).reshape(B, S, N, D), a.q_norm.weight, a.q_norm.eps)
+    k = _rms(a.k_proj(x_TH).reshape(B, S, K, D), a.k_norm.weight, a.k_norm.eps)
+    v = a.v_proj(x_TH).reshape(B, S, K, D)
     q = q * cos_BS1D + ops.matmul(q, rot_DD) * sin_BS1D
     k = k * cos_BS1D + ops.matmul(k, rot_DD) * sin_BS1D
     if S == 1:  # [B,1,X,D] -> [B,X,1,D] is a pure reshape: no transpose copies when decoding
@@ -93,7 +94,7 @@ def _attention_block(a: nn.Cell, x_BSH: Tensor, cos_BS1D: Tensor, sin_BS1D: Tens
         o_TX = o_BKXD.reshape(B, N * D)
     else:
         o_TX = o_BKXD.reshape(B, N, S, D).transpose(0, 2, 1, 3).reshape(B * S, N * D)
-    return _mmT(o_TX, _w(a.o_proj.weight, o_TX)).reshape(B, S, H)
+    return a.o_proj(o_TX).reshape(B, S, H)
 
 
 class _StepCell(nn.Cell):
