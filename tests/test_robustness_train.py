@@ -189,3 +189,19 @@ def test_eod_options_without_eod_id_are_an_error(flag):
     with pytest.raises(ValueError, match=f"{flag}=True needs eod_id"):
         build_gpt_dataset(prefix, 8, 4, **{flag: True})
     assert len(build_gpt_dataset(prefix, 8, 4, eod_id=0, **{flag: True})) >= 4
+
+
+def test_gpt_batches_refuse_position_resets_they_cannot_feed():
+    """GPTBatches yields [B, S+1] token windows only: reset position ids were dropped silently."""
+    from helpers import FIXTURES
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+    from qwen3moe.io.gpt_loader import GPTBatches
+
+    prefix = str(FIXTURES / "megatron_gpt" / "golden_a_text_document")
+    with pytest.raises(ValueError, match="reset_position_ids"):
+        GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0, reset_position_ids=True), 2)
+    blend = build_gpt_dataset(["1", prefix, "1", prefix.replace("_a_", "_b_")], 8, 4, eod_id=0,
+                              reset_position_ids=True)
+    with pytest.raises(ValueError, match="reset_position_ids"):
+        GPTBatches(blend, 2)
+    assert GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0), 2).batch(0)["input_ids"].shape == (2, 9)
