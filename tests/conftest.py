@@ -1,34 +1,15 @@
-"""Shared test setup: quiet MindSpore, CPU device, a scratch cwd, reference-data locations."""
+"""Shared pytest fixtures: quiet MindSpore, CPU device, a scratch cwd (paths and helpers: helpers.py)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 os.environ.setdefault("GLOG_v", "3")
-
-REPO = Path(__file__).resolve().parent.parent
-# shared/ sits beside the checkout (developer machines and CI); override with QWEN3MOE_SHARED
-SHARED = Path(os.environ.get("QWEN3MOE_SHARED", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
-FIXTURES = REPO / "tests" / "fixtures"
-HF_FIXTURES = FIXTURES / "hf"
-
-
-def reference_dir(name: str) -> Path:
-    path = REFERENCE / name
-    if not path.is_dir():  # a missing cross-check is an error, never a silent skip
-        raise FileNotFoundError(f"reference data {path} not found; set QWEN3MOE_SHARED to the shared/ folder")
-    return path
-
-
-def parity_dirs() -> list[Path]:
-    """tiny-a (independent cross-check) plus every committed fixture with a reference npz."""
-    dirs = [REFERENCE / "tiny-a"]
-    if HF_FIXTURES.is_dir():
-        dirs += sorted(p for p in HF_FIXTURES.iterdir() if (p / "ref_outputs.npz").is_file())
-    return dirs
+# `pytest --hypothesis-profile fail-fast`: report the first failing example without shrinking
+# (for checking that a property catches a deliberately broken implementation)
+settings.register_profile("fail-fast", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -41,3 +22,23 @@ def _scratch_cwd(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+def _clear_kernel_caches() -> None:
+    import sys
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("qwen3moe.kernels"):
+            for obj in vars(mod).values():
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()
+
+
+@pytest.fixture
+def composite(monkeypatch):
+    """Models built inside use the composite MindSpore path (QWEN3MOE_KERNELS=0)."""
+    monkeypatch.setenv("QWEN3MOE_KERNELS", "0")
+    _clear_kernel_caches()
+    yield
+    monkeypatch.delenv("QWEN3MOE_KERNELS")
+    _clear_kernel_caches()

@@ -243,7 +243,7 @@ def test_fused_engine_on_stored_weights_equals_fp32_of_the_same_values(mode):
     engine (prefill through kernels/quant.py, decode kernels dequantizing rows) gives the logits
     of the fp32 model holding the dequantized values, prefill + 5 greedy steps, batch 3, padding.
     Tolerance as test_decode_kernel's engine test (2e-5 on O(1) logits: summation order only)."""
-    from conftest import reference_dir
+    from helpers import reference_dir
 
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.generation import engine as eng_mod

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.training.task_config import SCHEDULES, TaskConfig, TaskConfigError, load_task_config
 
 GiB = 2 ** 30
@@ -197,11 +198,8 @@ def build_data(cfg: TaskConfig, num_samples: int):
         return MicroBatches(windows, r.gradient_accumulation_steps), (len(tokens) - 1) // dc.seq_length
     if not paths:
         raise CliError("train_dataset.data_loader.config.data_path is empty")
-    try:
-        from qwen3moe.io.gpt_dataset import build_gpt_dataset
-    except ImportError:
-        raise CliError("Megatron data loading not available yet (qwen3moe.io.gpt_dataset); "
-                       "use a .npy token array as data_path") from None
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+
     try:
         kw = {"pad_id": dc.pad} if dc.pad is not None else {}
         # no attention_mask: the model builds its causal mask (reset_attention_mask is not applied)
@@ -331,7 +329,7 @@ def train(cfg: TaskConfig) -> int:
                       metrics=metrics)
     try:
         trainer.fit()
-    except TrainingAborted as exc:
+    except (TrainingAborted, TaskConfigError, CheckpointError) as exc:
         from qwen3moe.cli import CliError
 
         raise CliError(str(exc)) from None
@@ -355,4 +353,5 @@ def trainer_config(cfg: TaskConfig, model: Any, steps: int):
         keep_last=int(ckpt_cb.get("keep_checkpoint_max", 2)), time_budget_s=r.time_budget_s,
         resume=bool(cfg.resume_training), resume_from=resume_from, nan_abort_after=r.nan_abort_after,
         plot_dir=cfg.output_dir, save_at_end=True,
-        checkpoint_extra={"model_config": model.config.to_dict()})
+        checkpoint_extra={"model_config": model.config.to_dict(), "data": cfg.data_geometry()},
+        resume_override=tuple(cfg.resume_override))

@@ -75,11 +75,6 @@ def switch_aux_loss(counts_E: Tensor, probsum_E: Tensor, n_tokens: Tensor) -> Te
     return E * ((counts_E / n) * (probsum_E / n)).sum()
 
 
-def megatron_aux_loss(counts_E: Tensor, probsum_E: Tensor, n_tokens: Tensor, top_k: int) -> Tensor:
-    """Megatron-normalised value: f sums to 1, so the result is the HF value / K."""
-    return switch_aux_loss(counts_E, probsum_E, n_tokens) / top_k
-
-
 def z_loss(logits_TE: Tensor, token_mask_T: Tensor) -> Tensor:
     """mean over counted tokens of logsumexp(logits)^2."""
     lse_T = ops.logsumexp(logits_TE.astype(ms.float32), -1)

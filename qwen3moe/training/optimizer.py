@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.dtypes import write_param
 
 # name patterns usually excluded from weight decay: norm weights and biases
@@ -45,8 +46,11 @@ class AdamW(nn.Cell):
         params = list(params)
         if not params:
             raise ValueError("AdamW got an empty parameter list")
-        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if len(betas) != 2 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not (lr >= 0 and eps > 0 and weight_decay >= 0):  # also refuses NaN
+            raise ValueError(f"AdamW needs lr >= 0, eps > 0 and weight_decay >= 0, got lr={lr}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
         self.parameters = ParameterTuple(params)
         self.param_names = [p.name for p in params]
         self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)
@@ -115,7 +119,7 @@ class AdamW(nn.Cell):
     def load_state_arrays(self, arrays: dict) -> None:
         for q in list(self.exp_avg) + list(self.exp_avg_sq) + [self.step]:
             if q.name not in arrays:
-                raise KeyError(f"optimizer state {q.name!r} missing from checkpoint")
+                raise CheckpointError(f"optimizer state {q.name!r} missing from the checkpoint")
             write_param(q, arrays[q.name])  # in place: the compiled update keeps its buffers
 
 
