@@ -118,7 +118,7 @@ def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
 def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[int, ...], per: int) -> np.ndarray:
     """Per-expert tensors (keys in expert-major order, `per` projections each, concatenated on
     rows) written straight into one [E, rows, cols] float32 array: the transient is one expert
-    tensor, not a second and third copy of the stack (load peak RSS 1.24x -> see bench/RESULTS.md)."""
+    tensor, not a second and third copy of the stack (peak RSS: bench/RESULTS.md)."""
     out = np.empty(shape, np.float32)
     expected = (shape[1] // per, *shape[2:])
     for i, k in enumerate(keys):
