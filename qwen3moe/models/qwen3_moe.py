@@ -283,8 +283,8 @@ def compile_enabled() -> bool:
 class _GraphRunner(nn.Cell):
     """Compiles `model.construct` once per input signature.
 
-    Passing the model as an argument to a jit function re-traces it on every call (measured:
-    7 s/call vs 1.3 s on bench-mini); a wrapping Cell with a jit construct caches the graph.
+    Passing the model as an argument to a jit function re-traces it on every call; a wrapping
+    Cell with a jit construct caches the graph (bench/RESULTS.md, "Figures moved from docstrings").
     auto_prefix=False keeps the HF parameter names.
     """
 
