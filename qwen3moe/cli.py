@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from qwen3moe.errors import Qwen3MoeError
+
 # sub-command modules, in --help order; each defines add_parser(subparsers)
 COMMAND_MODULES = [
     "qwen3moe.commands.preprocess",
@@ -23,8 +25,8 @@ COMMAND_MODULES = [
 ]
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
+class CliError(Qwen3MoeError):
+    """A user error found by a command's own argument checks: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CliError as exc:
-        print(f"qwen3moe {args.command}: error: {exc}", file=sys.stderr)
+    except Qwen3MoeError as exc:  # library and command errors alike: one line, exit 2
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"qwen3moe {args.command}: error: {first}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    # run via the package module so commands' `qwen3moe.cli.CliError` is the class caught in main
+    # run via the package module so `qwen3moe.cli.CliError` is one class for commands and main
     from qwen3moe.cli import main as _main
 
     sys.exit(_main())

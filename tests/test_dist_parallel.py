@@ -175,8 +175,8 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1, accum):
     import re
 
     from conftest import REPO
-    from qwen3moe.commands.pretrain import (build_data, build_model, build_schedule, load,
-                                            requested_samples, total_steps)
+    from qwen3moe.training.recipe import build_data, build_model, build_schedule, requested_samples, total_steps
+    from qwen3moe.training.task_config import load_task_config as load
     from qwen3moe.training.optimizer import AdamW
     from qwen3moe.training.step import TrainStep
 

@@ -110,7 +110,7 @@ def test_train_state_resolve_and_layout_check(tmp_path):
     optimizer state saved under another layout is refused in one line naming both layouts."""
     import json
 
-    from qwen3moe.cli import CliError
+    from qwen3moe.io.safetensors_io import CheckpointError
     from qwen3moe.parallel import train_state
     from qwen3moe.parallel.mesh import Mesh
 
@@ -128,6 +128,6 @@ def test_train_state_resolve_and_layout_check(tmp_path):
 
     class Opt:  # the layout check comes before any file is read
         model = None
-    with pytest.raises(CliError, match=r"dp1\.tp2\.pp1\.ep1\.sp0, this run is dp2\.tp1") as err:
+    with pytest.raises(CheckpointError, match=r"dp1\.tp2\.pp1\.ep1\.sp0, this run is dp2\.tp1") as err:
         train_state.load_optimizer(str(root / "step_4"), Opt(), Mesh(dp=2))
     assert "\n" not in str(err.value)

@@ -56,3 +56,32 @@ class GPTBatches:
     def position(self, i: int) -> int:
         """The sample offset to resume from after batch i."""
         return self.start + (i + 1) * self.global_batch
+
+
+class GptBatches:
+    """Batches of Megatron GPTDataset samples, in dataset order (resumable by index).
+
+    GPTDataset items are (tokens, labels = tokens shifted by one); the model shifts labels
+    itself, so labels are realigned to the inputs: position t+1 holds the label of t, and the
+    label of the last position is dropped (-100). loss_mask 0 -> ignored (-100).
+    """
+
+    def __init__(self, dataset, batch_size: int) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def batch(self, i: int) -> dict:
+        n = len(self.dataset)
+        items = [self.dataset[(i * self.batch_size + j) % n] for j in range(self.batch_size)]
+        ids = np.stack([np.asarray(it["input_ids"], np.int64) for it in items])
+        lab = np.stack([np.asarray(it["labels"], np.int64) for it in items])
+        mask = np.stack([np.asarray(it.get("loss_mask", np.ones_like(it["labels"])), np.float32) for it in items])
+        lab = np.where(mask > 0, lab, -100)
+        labels = np.full_like(ids, -100)
+        labels[:, 1:] = lab[:, :-1]
+        out = {"input_ids": ids, "labels": labels}
+        if all("position_ids" in it for it in items):  # reset after EOD when the config asks
+            out["position_ids"] = np.stack([np.asarray(it["position_ids"], np.int64) for it in items])
+        return out

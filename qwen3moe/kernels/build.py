@@ -15,8 +15,8 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -98,8 +98,8 @@ def kernel_library(name: str = "grouped_experts") -> str | None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
-        print(f"qwen3moe: kernel build failed, using the composite path: {proc.stderr[-500:]}",
-              file=sys.stderr)
+        warnings.warn(f"qwen3moe: kernel build failed, using the composite path: {proc.stderr[-500:]}",
+                      RuntimeWarning, stacklevel=2)
         return None
     os.replace(tmp, out)
     return str(out)

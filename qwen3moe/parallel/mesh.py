@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen3moe.errors import Qwen3MoeError
 
-class MeshError(ValueError):
+
+class MeshError(Qwen3MoeError, ValueError):
     """An invalid parallel layout: one line naming the degree and the constraint."""
 
 

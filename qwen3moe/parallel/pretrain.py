@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+from collections.abc import Callable
 
 import numpy as np
 
+from qwen3moe.io.safetensors_io import CheckpointError
+from qwen3moe.parallel.mesh import MeshError
+from qwen3moe.training.task_config import TaskConfigError
+
+Log = Callable[[str], None]
+
 
 def build(cfg, mesh, rank: int, coll):
-    from qwen3moe.commands.pretrain import build_model
     from qwen3moe.parallel.trainer import ParallelLM
+    from qwen3moe.training.recipe import build_model
 
     ck, aux = cfg.load_checkpoint, hf_aux_coef(cfg, mesh)
     resume = resume_path(cfg)
@@ -47,7 +53,6 @@ def build(cfg, mesh, rank: int, coll):
 
 def resume_path(cfg) -> str | None:
     """The sharded training checkpoint to continue from (resume_training + load_checkpoint)."""
-    from qwen3moe.cli import CliError
     from qwen3moe.parallel import train_state
 
     if not (cfg.resume_training and cfg.load_checkpoint):
@@ -56,22 +61,20 @@ def resume_path(cfg) -> str | None:
         return None  # an HF folder: start from its weights
     found = train_state.resolve(cfg.load_checkpoint)
     if found is None:
-        raise CliError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
+        raise CheckpointError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
                        f"(step_<N>/{train_state.STATE}) to resume from")
     return found
 
 
 def hf_aux_coef(cfg, mesh) -> float:
     """The coefficient on the HF-scale pooled switch loss that ParallelLM computes."""
-    from qwen3moe.cli import CliError
-
     mt = cfg.moe_training()
     key = "model.model_config"
     if mt["z_coef"]:
-        raise CliError(f"{key}.moe_z_loss_coeff: the router z-loss is not implemented with use_parallel "
+        raise TaskConfigError(f"{key}.moe_z_loss_coeff: the router z-loss is not implemented with use_parallel "
                        f"(got {mt['z_coef']}); set it to 0 or train without --use_parallel")
     if mt["aux_mode"] == "seq" or (mt["aux_mode"] == "global" and mesh.micro_batch_num > 1):
-        raise CliError(f"{key}.moe_router_load_balancing_type: {mt['aux_mode']!r} aux loss is not implemented "
+        raise TaskConfigError(f"{key}.moe_router_load_balancing_type: {mt['aux_mode']!r} aux loss is not implemented "
                        f"with use_parallel{' and micro_batch_num > 1' if mt['aux_mode'] == 'global' else ''}; "
                        "use aux_loss, hf or none")
     return mt["aux_coef"] / cfg.model_config().num_experts_per_tok if mt["aux_mode"] == "megatron" else mt["aux_coef"]
@@ -97,17 +100,18 @@ def global_grad_norm(pl, grads: dict) -> float:
     return math.sqrt(total)
 
 
-def train(cfg) -> int:
+def train(cfg, log: Log = lambda s: None) -> int:
+    """Train on the launched processes; `log` gets this rank's log lines (every rank's loss
+    lines, rank 0's metrics, checkpoints and notes)."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    from qwen3moe.cli import CliError
-    from qwen3moe.commands.pretrain import build_data, build_schedule, requested_samples, total_steps
-    from qwen3moe.parallel.mesh import Mesh, MeshError
+    from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.process import ProcessCollectives
+    from qwen3moe.training.recipe import build_data, build_schedule, requested_samples, total_steps
 
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
-        raise CliError("use_parallel with world size > 1 needs the workers started by msrun: "
+        raise MeshError("use_parallel with world size > 1 needs the workers started by msrun: "
                        "qwen3moe launch --nproc N -- pretrain --config ... --use_parallel True")
     ms.set_device("CPU")
     ms.set_seed(cfg.seed)
@@ -117,42 +121,37 @@ def train(cfg) -> int:
     mesh = Mesh(dp=pc.data_parallel, tp=pc.model_parallel, pp=pc.pipeline_stage, ep=pc.expert_parallel,
                 sp=pc.use_seq_parallel, micro_batch_num=pc.micro_batch_num)
     if mesh.world_size != size:
-        raise CliError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
+        raise MeshError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
     from qwen3moe.parallel import replicas
 
     if replicas.supports(cfg, mesh):  # pure dp: compiled TrainStep per rank, in-graph gradient mean
-        return replicas.train(cfg, rank, mesh.dp)
-    try:
-        pl = build(cfg, mesh, rank, ProcessCollectives(mesh, rank))
-    except MeshError as exc:
-        raise CliError(str(exc)) from None
+        return replicas.train(cfg, rank, mesh.dp, log)
+    pl = build(cfg, mesh, rank, ProcessCollectives(mesh, rank))
     data, samples = build_data(cfg, requested_samples(cfg))
     steps = total_steps(cfg, samples)
     sched = build_schedule(cfg, steps)
-    opt = build_optimizer(cfg, pl, sched(0), rank)
-    start = resume_optimizer(cfg, opt, mesh, rank)
-    _loop(cfg, pl, opt, data, sched, range(start, steps), rank, size)
+    opt = build_optimizer(cfg, pl, sched(0), rank, log)
+    start = resume_optimizer(cfg, opt, mesh, rank, log)
+    _loop(cfg, pl, opt, data, sched, range(start, steps), rank, size, log)
     return 0
 
 
-def build_optimizer(cfg, pl, lr: float, rank: int):
+def build_optimizer(cfg, pl, lr: float, rank: int, log: Log = lambda s: None):
     """ShardedAdamW from the optimizer section; ZeRO-1 with parallel.enable_parallel_optimizer."""
-    from qwen3moe.cli import CliError
     from qwen3moe.parallel.dp import ShardedAdamW
-    from qwen3moe.training.optimizer import DEFAULT_NO_DECAY
+    from qwen3moe.training.recipe import optimizer_arguments
 
     o = cfg.optimizer
     zero1 = bool(cfg.parallel.get("enable_parallel_optimizer", False)) and pl.mesh.dp > 1
     if zero1 and o.no_decay_norms_and_biases:
-        raise CliError("parallel.enable_parallel_optimizer (ZeRO-1) needs a uniform weight decay: set "
+        raise TaskConfigError("parallel.enable_parallel_optimizer (ZeRO-1) needs a uniform weight decay: set "
                        "optimizer.no_decay_norms_and_biases to False")
     if rank == 0:
-        print(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}", file=sys.stderr)
-    return ShardedAdamW(pl, zero1=zero1, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                        no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
+        log(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}")
+    return ShardedAdamW(pl, zero1=zero1, lr=lr, **optimizer_arguments(cfg))
 
 
-def resume_optimizer(cfg, opt, mesh, rank: int) -> int:
+def resume_optimizer(cfg, opt, mesh, rank: int, log: Log = lambda s: None) -> int:
     """Load the optimizer state of the resumed checkpoint; the step to continue from (0: fresh)."""
     from qwen3moe.parallel import train_state
 
@@ -162,18 +161,19 @@ def resume_optimizer(cfg, opt, mesh, rank: int) -> int:
     train_state.load_optimizer(path, opt, mesh)
     step = int(train_state.read_state(path)["step"])
     if rank == 0:
-        print(f"resumed from {path} at step {step}", file=sys.stderr, flush=True)
+        log(f"resumed from {path} at step {step}")
     return step
 
 
-def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
-    """Train, log (every rank prints; rank 0 writes metrics), checkpoint every save interval and
+def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int, log: Log) -> None:
+    """Train, log (every rank its loss lines; rank 0 writes metrics), checkpoint every save interval and
     at the end."""
     import time
 
     from mindspore import Tensor, ops
 
     from qwen3moe.parallel import train_state
+    from qwen3moe.parallel.comm import aggregate_peak
     from qwen3moe.parallel.dp import allreduce_grads
     from qwen3moe.training.metrics import MetricsLogger, format_record, train_flops_per_token
 
@@ -184,7 +184,7 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
     root = os.path.join(cfg.output_dir, "checkpoint_sharded")
     barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
     seq = cfg.train_dataset.data_loader.config.seq_length
-    peak = aggregate_peak(cfg)
+    peak = aggregate_peak(cfg.runner_config.mfu_probe_size)
     metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(pl.cfg, seq), peak) if rank == 0 else None
     aux_coef, K = pl.cfg.router_aux_loss_coef, pl.cfg.num_experts_per_tok
     window: list[dict] = []
@@ -207,28 +207,17 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
                        "aux_megatron": None if aux is None else aux / K, "grad_norm": norm, "lr": lr,
                        "tokens": int(ids.size), "step_time_s": time.perf_counter() - t0})
         if (i + 1) % log_every == 0 or i + 1 == steps:
-            print(f"rank {rank} step {i + 1}/{steps} loss {value:.6f} grad_norm {norm:.4f} lr {lr:.3e}", flush=True)
+            log(f"rank {rank} step {i + 1}/{steps} loss {value:.6f} grad_norm {norm:.4f} lr {lr:.3e}")
             if metrics is not None:
-                print(format_record(metrics.record(window[-1], window, 0), steps), flush=True)
+                log(format_record(metrics.record(window[-1], window, 0), steps))
             window = []
         if (save_every and (i + 1) % save_every == 0) or i + 1 == steps:
             path = train_state.save(root, i + 1, pl, opt, rank, barrier, keep_last=keep)
             if rank == 0:
-                print(f"checkpoint: {path}", file=sys.stderr, flush=True)
+                log(f"checkpoint: {path}")
     if metrics is not None:
         metrics.close()
-    print(f"rank {rank}: done, {steps} steps on {size} processes; shards in {root}", file=sys.stderr, flush=True)
-
-
-def aggregate_peak(cfg) -> float:
-    """Sum over ranks of each rank's matmul probe (run by all ranks at once, so ranks sharing a
-    machine each measure their share): the peak that the job's total FLOP/s is a fraction of."""
-    from mindspore import Tensor, ops
-
-    from qwen3moe.training.metrics import measure_peak_flops
-
-    own = measure_peak_flops(int(cfg.runner_config.mfu_probe_size))
-    return float(ops.AllReduce()(Tensor(np.float32(own))).asnumpy())
+    log(f"rank {rank}: done, {steps} steps on {size} processes; shards in {root}")
 
 
 def _global_batch(batch):

@@ -84,18 +84,17 @@ def read_state(path: str) -> dict:
 
 def load_optimizer(path: str, opt, mesh) -> None:
     """Moments and steps of this process's AdamWs from `path` (same layout required)."""
-    from qwen3moe.cli import CliError
-    from qwen3moe.io.safetensors_io import SafetensorsFile
+    from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile
 
     saved = read_state(path)["layout"]
     if saved != layout(mesh):
-        raise CliError(f"{path}: optimizer state was saved with layout {saved}, this run is {layout(mesh)}; "
+        raise CheckpointError(f"{path}: optimizer state was saved with layout {saved}, this run is {layout(mesh)}; "
                        "resume with the same parallel_config (weights alone re-shard: load them without "
                        "resume_training)")
     for r, opts in rank_optimizers(opt).items():
         f = os.path.join(path, f"optim_rank_{r}.safetensors")
         if not os.path.isfile(f):
-            raise CliError(f"{f}: missing (incomplete sharded checkpoint)")
+            raise CheckpointError(f"{f}: missing (incomplete sharded checkpoint)")
         st = SafetensorsFile(f)
         try:
             for j, o in enumerate(opts):

@@ -19,10 +19,11 @@ from typing import Any
 
 import yaml
 
+from qwen3moe.errors import Qwen3MoeError
 from qwen3moe.models.config import ConfigError, Qwen3MoeConfig
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(Qwen3MoeError, ValueError):
     """A task-config problem: one line with the dotted key path."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qwen3moe.errors import Qwen3MoeError
 from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint,
                                           save_training_checkpoint)
 from qwen3moe.training.metrics import MetricsLogger, format_record, is_finite_step, write_plots
@@ -53,7 +54,7 @@ class TrainerConfig:
     checkpoint_extra: dict = field(default_factory=dict)  # stored in trainer_state.json
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(Qwen3MoeError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
@@ -62,7 +63,7 @@ class Trainer:
     step_fn: TrainStep
     data: TokenWindows
     config: TrainerConfig
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = lambda text: None  # the caller decides where lines go
     history: list[dict] = field(default_factory=list)
     metrics: MetricsLogger | None = None
     skipped_total: int = 0
