@@ -113,6 +113,7 @@ def test_train_state_resolve_and_layout_check(tmp_path):
     from qwen3moe.io.safetensors_io import CheckpointError
     from qwen3moe.parallel import train_state
     from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.training.checkpoint import step_dirs
 
     root = tmp_path / "checkpoint_sharded"
     for step, complete in ((2, True), (4, True), (6, False)):
@@ -120,7 +121,7 @@ def test_train_state_resolve_and_layout_check(tmp_path):
         d.mkdir(parents=True)
         if complete:
             (d / train_state.STATE).write_text(json.dumps({"step": step, "layout": "dp1.tp2.pp1.ep1.sp0"}))
-    assert [s for s, _ in train_state.step_dirs(str(root))] == [2, 4]
+    assert [s for s, _ in step_dirs(str(root), train_state.STATE)] == [2, 4]
     assert train_state.resolve(str(root)).endswith("step_4")
     assert train_state.resolve(str(root / "step_2")).endswith("step_2")
     assert train_state.resolve(str(root / "step_6")) is None

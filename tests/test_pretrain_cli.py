@@ -151,19 +151,24 @@ def test_trainstep_skips_update_on_nonfinite_loss():
     assert all(float(np.abs(a.asnumpy()).sum()) == 0.0 for a in step.graph.acc)
 
 
-def test_gpt_batches_realign_labels_for_the_model_shift():
-    from qwen3moe.io.gpt_loader import GptBatches
+def test_gpt_batches_frame_megatron_samples_for_the_model_shift():
+    """A GPTDataset sample (S inputs, S shifted labels) is one [S+1] row: the model's shift makes
+    position t predict text[t + 1] for all S labels; loss_mask 0 -> -100; position_ids (reset
+    ones) passed on only when asked, one more for the last row position; micro-batches wrap."""
+    from qwen3moe.io.gpt_loader import GPTBatches
     from qwen3moe.training.recipe import MicroBatches
 
     text = np.arange(20)
     items = [{"input_ids": text[i:i + 4], "labels": text[i + 1:i + 5], "loss_mask": np.array([1, 1, 0, 1]),
-              "position_ids": np.arange(4)} for i in range(0, 12, 4)]
-    b = GptBatches(items, batch_size=2).batch(0)
-    np.testing.assert_array_equal(b["input_ids"], [[0, 1, 2, 3], [4, 5, 6, 7]])
-    # the model predicts labels[t + 1] from position t: position t's target is text[t + 1]
-    np.testing.assert_array_equal(b["labels"], [[-100, 1, 2, -100], [-100, 5, 6, -100]])
-    assert b["position_ids"].shape == (2, 4)
-    micro = MicroBatches(GptBatches(items, batch_size=1), accum=2).batch(1)
+              "position_ids": np.array([0, 1, 0, 1])} for i in range(0, 12, 4)]
+    b = GPTBatches(items, 2).batch(0)
+    np.testing.assert_array_equal(b["input_ids"], [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]])
+    # the model shifts: position t is trained on labels[t + 1]; labels[:, 0] is never a target
+    np.testing.assert_array_equal(b["labels"][:, 1:], [[1, 2, -100, 4], [5, 6, -100, 8]])
+    assert "position_ids" not in b
+    np.testing.assert_array_equal(GPTBatches(items, 2, position_ids=True).batch(0)["position_ids"],
+                                  [[0, 1, 0, 1, 2]] * 2)
+    micro = MicroBatches(GPTBatches(items, 1), accum=2).batch(1)
     assert [m["input_ids"][0, 0] for m in micro] == [8, 0]  # samples 2 and 3 (wraps around)
 
 

@@ -1,10 +1,15 @@
-"""Training batches from a GPTDataset: micro-batches sharded by data-parallel rank, resumable.
+"""Training batches from a GPTDataset: the one batcher of the package (CLI pretrain, the parallel
+trainers, the demo, the examples), micro-batches sharded by data-parallel rank, resumable.
 
-Global batch g holds samples [g*G, (g+1)*G) of the dataset order (G = micro_batch_size * dp);
-rank r takes every dp-th of them (r, r+dp, ...), as Megatron's pretraining sampler does, so the
-union over ranks is exactly the single-process batch. `start_sample` resumes mid-run: batch i
-reads from sample `start_sample + i*G`, with no state but that offset.
-Shapes: B micro-batch, S+1 tokens per sample (inputs and shifted labels share it).
+Framing: a GPTDataset sample is S+1 tokens (input_ids = tokens[:S], labels = tokens[1:]); the
+batch row is all S+1 tokens and the model shifts labels itself, so the S predictions and their
+loss_mask are Megatron's. Split rule: global batch g holds samples [g*G, (g+1)*G) of the dataset
+order (G = micro_batch_size * dp) and rank r takes the contiguous rows [r*B, (r+1)*B) of it, as
+Megatron's MegatronPretrainingSampler does (and as parallel/replicas.rank_rows cuts a global
+batch), so the ranks' rows stacked in rank order are exactly the single-process batch.
+`start_sample` resumes mid-run: batch i reads from sample `start_sample + i*G`, with no state
+but that offset.
+Shapes: B micro-batch, S+1 tokens per row.
 """
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ import numpy as np
 
 class GPTBatches:
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 start_sample: int = 0, wrap: bool = True) -> None:
+                 start_sample: int = 0, wrap: bool = True, position_ids: bool = False) -> None:
+        """position_ids: pass the dataset's (reset after EOD) position ids on; False leaves the
+        model's 0..S, equal to the dataset's when it does not reset them."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         self.ds, self.B, self.rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
-        self.start, self.wrap = start_sample, wrap
+        self.start, self.wrap, self.position_ids = start_sample, wrap, position_ids
 
     @property
     def global_batch(self) -> int:
@@ -25,7 +32,7 @@ class GPTBatches:
 
     def sample_ids(self, i: int) -> np.ndarray:
         base = self.start + i * self.global_batch
-        ids = base + self.rank + self.dp * np.arange(self.B)
+        ids = base + self.rank * self.B + np.arange(self.B)
         if ids.max() >= len(self.ds):
             if not self.wrap:
                 raise IndexError(f"batch {i} needs sample {int(ids.max())}, dataset has {len(self.ds)}")
@@ -41,47 +48,25 @@ class GPTBatches:
         return np.stack([np.concatenate([it["input_ids"], it["labels"][-1:]]) for it in self.items(i)])
 
     def batch(self, i: int) -> dict[str, np.ndarray]:
-        """{"input_ids": [B, S+1], "labels": [B, S+1]} for TrainStep. The dataset's loss_mask
-        (eod_mask_loss, padding) is honoured: loss_mask[t] = 0 masks the prediction of
-        labels[t] = token t+1, which in the [B, S+1] frame is label position t+1 -> -100 (the
-        model ignores -100 after its shift, and position 0 is never a target)."""
+        """{"input_ids": [B, S+1], "labels": [B, S+1]} (and "position_ids" [B, S+1] when the
+        dataset resets them after EOD) for TrainStep. The dataset's loss_mask (eod_mask_loss,
+        padding) is honoured: loss_mask[t] = 0 masks the prediction of labels[t] = token t+1,
+        which in the [B, S+1] frame is label position t+1 -> -100 (the model ignores -100 after
+        its shift, and position 0 is never a target). The last row position predicts nothing
+        and nothing attends to it, so its position id (the previous one + 1) cannot matter."""
         items = self.items(i)
-        ids = np.stack([np.concatenate([it["input_ids"], it["labels"][-1:]]) for it in items])
+        ids = np.stack([np.concatenate([it["input_ids"], it["labels"][-1:]]) for it in items]).astype(np.int64)
         mask_BS = np.stack([np.asarray(it.get("loss_mask", np.ones(len(it["labels"]))), np.float32)
                             for it in items])
         labels = ids.copy()
         labels[:, 1:][mask_BS <= 0] = -100
-        return {"input_ids": ids, "labels": labels}
+        out = {"input_ids": ids, "labels": labels}
+        if self.position_ids:
+            pos_BS = np.stack([np.asarray(it["position_ids"], np.int64) for it in items])
+            out["position_ids"] = np.concatenate([pos_BS, pos_BS[:, -1:] + 1], axis=1)
+        return out
 
     def position(self, i: int) -> int:
         """The sample offset to resume from after batch i."""
         return self.start + (i + 1) * self.global_batch
 
-
-class GptBatches:
-    """Batches of Megatron GPTDataset samples, in dataset order (resumable by index).
-
-    GPTDataset items are (tokens, labels = tokens shifted by one); the model shifts labels
-    itself, so labels are realigned to the inputs: position t+1 holds the label of t, and the
-    label of the last position is dropped (-100). loss_mask 0 -> ignored (-100).
-    """
-
-    def __init__(self, dataset, batch_size: int) -> None:
-        self.dataset, self.batch_size = dataset, batch_size
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size
-
-    def batch(self, i: int) -> dict:
-        n = len(self.dataset)
-        items = [self.dataset[(i * self.batch_size + j) % n] for j in range(self.batch_size)]
-        ids = np.stack([np.asarray(it["input_ids"], np.int64) for it in items])
-        lab = np.stack([np.asarray(it["labels"], np.int64) for it in items])
-        mask = np.stack([np.asarray(it.get("loss_mask", np.ones_like(it["labels"])), np.float32) for it in items])
-        lab = np.where(mask > 0, lab, -100)
-        labels = np.full_like(ids, -100)
-        labels[:, 1:] = lab[:, :-1]
-        out = {"input_ids": ids, "labels": labels}
-        if all("position_ids" in it for it in items):  # reset after EOD when the config asks
-            out["position_ids"] = np.stack([np.asarray(it["position_ids"], np.int64) for it in items])
-        return out

@@ -234,6 +234,16 @@ def _write_side_files(model, tmp: str) -> None:
                                  ("pad_token_id", cfg.pad_token_id)) if v is not None}
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as fh:
             json.dump(gen, fh, indent=2)
-    for fname in TOKENIZER_FILES if src else ():
+    if src:
+        copy_tokenizer_files(src, tmp)
+
+
+def copy_tokenizer_files(src, dst) -> list[str]:
+    """Copy the tokenizer files (TOKENIZER_FILES) that exist in `src` into `dst`; their names."""
+    copied = []
+    for fname in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, fname)):
-            shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
+            shutil.copy2(os.path.join(src, fname), os.path.join(dst, fname))
+            copied.append(fname)
+    return copied
+

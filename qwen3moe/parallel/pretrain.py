@@ -190,8 +190,8 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int, log: Log
     window: list[dict] = []
     for i in steps_range:
         t0 = time.perf_counter()
-        ids, labels = _global_batch(data.batch(i))
-        loss, grads = pl.loss_and_grads(ids, labels)
+        ids, labels, pos = _global_batch(data.batch(i))
+        loss, grads = pl.loss_and_grads(ids, labels, pos)
         allreduce_grads(pl, grads)
         norm = global_grad_norm(pl, grads)
         if w.use_clip_grad:  # torch clip_grad_norm_: scale by min(1, max / (norm + 1e-6))
@@ -221,11 +221,11 @@ def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int, log: Log
 
 
 def _global_batch(batch):
-    """A pretrain batch (or its list of accumulation micro-batches) as one global batch."""
+    """A pretrain batch (or its list of accumulation micro-batches) as one global batch:
+    (input_ids, labels, position_ids or None); position_ids come with reset_position_ids."""
     from qwen3moe.training.step import as_batch
 
     parts = [as_batch(b) for b in (batch if isinstance(batch, list) else [batch])]
-    if any("position_ids" in b for b in parts):
-        raise NotImplementedError("reset_position_ids is not supported with use_parallel yet")
-    return (np.concatenate([np.asarray(b["input_ids"]) for b in parts]),
-            np.concatenate([np.asarray(b["labels"]) for b in parts]))
+    cat = lambda key: np.concatenate([np.asarray(b[key]) for b in parts])  # noqa: E731
+    pos = cat("position_ids") if "position_ids" in parts[0] else None
+    return cat("input_ids"), cat("labels"), pos

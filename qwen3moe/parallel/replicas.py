@@ -32,6 +32,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from qwen3moe.router.losses import switch_aux_weights
 from qwen3moe.training.step import TrainStep, as_batch, expert_load
 from qwen3moe.training.sync import fetch
 
@@ -97,7 +98,7 @@ class ReplicaTrainStep(TrainStep):
             c, n = self._forward_counts(args)
             tot = self.host_all_reduce(np.concatenate([c, [n]]))
             C, N = tot[:-1], max(float(tot[-1]), 1.0)
-            aux_ws.append(Tensor((S / m * self.dp * self.E * C / N ** 2).astype(np.float32)))
+            aux_ws.append(Tensor((S / m * self.dp * switch_aux_weights(C, N)).astype(np.float32)))
         return lm_ws, aux_ws
 
     def _after_backward(self, metrics: dict) -> dict:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+from qwen3moe.training.checkpoint import latest_checkpoint, step_dirs
 
 STATE = "parallel_state.json"
 
@@ -54,27 +55,17 @@ def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) 
         tmp = d / f".{STATE}.tmp"
         tmp.write_text(json.dumps({"step": step, "layout": layout(pl.mesh), "world": pl.mesh.world_size}))
         os.replace(tmp, d / STATE)
-        for s, old in step_dirs(root)[:-max(keep_last, 1)]:
+        for s, old in step_dirs(root, STATE)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return str(d)
-
-
-def step_dirs(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under root, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root)
-             if (m := re.fullmatch(r"step_(\d+)", n)) and os.path.isfile(os.path.join(root, n, STATE))]
-    return sorted(found)
 
 
 def resolve(path: str) -> str | None:
     """A step folder, or the newest complete one under a root; None when there is none."""
     if os.path.isfile(os.path.join(path, STATE)):
         return path
-    found = step_dirs(path)
-    return found[-1][1] if found else None
+    return latest_checkpoint(path, STATE)
 
 
 def read_state(path: str) -> dict:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3moe.io.gpt_loader import GptBatches
+from qwen3moe.io.gpt_loader import GPTBatches
 from qwen3moe.training.task_config import SCHEDULES, TaskConfig, TaskConfigError
 
 DATA_KEY = "train_dataset.data_loader.config.data_path"
@@ -64,7 +64,8 @@ def build_data(cfg: TaskConfig, num_samples: int):
                                create_attention_mask=False, eod_id=dc.eod, **kw)
     except (OSError, ValueError) as exc:
         raise TaskConfigError(f"train_dataset: {str(exc).splitlines()[0]}") from None
-    return MicroBatches(GptBatches(ds, r.batch_size), r.gradient_accumulation_steps), len(ds)
+    data = GPTBatches(ds, r.batch_size, position_ids=dc.reset_position_ids)
+    return MicroBatches(data, r.gradient_accumulation_steps), len(ds)
 
 
 def total_steps(cfg: TaskConfig, samples: int | None) -> int:
