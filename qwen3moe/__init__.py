@@ -13,6 +13,11 @@ import os
 # op (bench-mini prefill: 0.92x -> 1.11x of the previous kernels). libgomp reads this when it loads
 # (MindSpore loads it at import), so it only takes effect when qwen3moe is imported first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A failed graph compile makes MindSpore write rank_<N>/om/analyze_fail.ir under $MS_OM_PATH, by
+# default the current folder: the user's. MindSpore reads the variable when it writes the dump
+# (not at import), so this works whichever is imported first; a user's own setting wins.
+os.environ.setdefault("MS_OM_PATH", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qwen3moe", "mindspore"))
 
 __version__ = "0.1.0"
 

@@ -29,23 +29,36 @@ class CliError(Qwen3MoeError):
     """A user error found by a command's own argument checks: printed as one line, exit code 2."""
 
 
+# library exceptions describing bad input derive from qwen3moe.errors.Qwen3MoeError (each names
+# the file, key or argument): one line, exit 2
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def quiet_broken_stdout() -> None:
+    """stdout's reader went away (`| head`): point stdout at /dev/null so the final flush at exit
+    does not raise again; the command's files are written regardless (see generate)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3moe", description="Qwen3-MoE on MindSpore")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod_name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:  # a command still being written: skip, don't break the CLI
-            if exc.name and exc.name.startswith("qwen3moe.commands"):
-                continue
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(mod_name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports MindSpore (seconds): Ctrl-C often lands here
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("qwen3moe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -53,8 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Qwen3MoeError as exc:  # library and command errors alike: one line, exit 2
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"qwen3moe {args.command}: error: {first}", file=sys.stderr)
-        return 2
+        return _fail(args.command, first)
+    except KeyboardInterrupt:
+        print(f"qwen3moe {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        quiet_broken_stdout()
+        return 0
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"qwen3moe {command}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

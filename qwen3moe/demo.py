@@ -7,9 +7,9 @@
 2. Pretrain: the run is a task config assembled by qwen3moe/training/recipe.py as `qwen3moe
    pretrain` does (compiled TrainStep, AdamW, cosine schedule with warmup, clipping, HF aux
    loss 1e-3), one log line per interval.
-3. Save an HF folder to output/demo/checkpoint/, the loss curve (loss.png if matplotlib is
-   importable, else loss.csv), greedy continuations to text_generation_result.txt, and print
-   the loss drop from the first-10-step mean to the last-10-step mean.
+3. Save an HF folder to output/demo/checkpoint/, the loss curve (loss.png), greedy
+   continuations to text_generation_result.txt, and print the loss drop from the first-10-step
+   mean to the last-10-step mean.
 Options: --steps N (or env QWEN3MOE_DEMO_STEPS), --out DIR, --batch, --seq-len, --budget-s.
 """
 from __future__ import annotations
@@ -135,20 +135,13 @@ def train(run) -> list[dict]:
 
 
 def write_loss_curve(history: list[dict], out: Path) -> Path:
-    """loss.png when matplotlib is importable (not a dependency), else loss.csv."""
-    steps = [m["step"] for m in history]
-    try:
-        import matplotlib
+    """The LM loss per logged step as loss.png (matplotlib imported here: it is slow to import)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        path = out / "loss.csv"
-        rows = ["step,loss,lm_loss,aux,grad_norm,lr"] + [
-            f"{m['step']},{m['loss']:.6f},{m['lm_loss']:.6f},{m['aux']:.6f},{m['grad_norm']:.6f},{m['lr']:.6g}"
-            for m in history]
-        path.write_text("\n".join(rows) + "\n")
-        return path
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [m["lm_loss"] for m in history], label="lm loss")
     ax.set_xlabel("step")
@@ -161,17 +154,8 @@ def write_loss_curve(history: list[dict], out: Path) -> Path:
 
 def greedy_continue(model, tok, prompt: str, new_tokens: int) -> str:
     ids = np.asarray([tok.encode(prompt)], dtype=np.int64)
-    try:
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, ignore_eos=False)
-        new = np.asarray(out)[0, ids.shape[1]:]
-    except ImportError:  # generation module not available: full-recompute greedy loop
-        seq = ids
-        for _ in range(new_tokens):
-            nxt = int(model(seq, logits_to_keep=1).logits.asnumpy()[0, -1].argmax())
-            seq = np.concatenate([seq, [[nxt]]], axis=1)
-            if nxt == tok.eos_token_id:
-                break
-        new = seq[0, ids.shape[1]:]
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, ignore_eos=False)
+    new = np.asarray(out)[0, ids.shape[1]:]
     return tok.decode([int(t) for t in new if t != tok.pad_token_id], skip_special_tokens=True)
 
 
@@ -210,8 +194,7 @@ def report(history: list[dict], ckpt: Path, curve: Path, out: Path, wall: float)
     last = float(np.mean([m["lm_loss"] for m in history[-n:]]))
     drop = (first - last) / first
     step_s = np.median([m["step_time_s"] for m in history[1:]]) if len(history) > 1 else float("nan")
-    print(f"saved HF folder {ckpt}; loss curve {curve}"
-          + ("" if curve.suffix == ".png" else " (matplotlib not installed: CSV instead of PNG)"))
+    print(f"saved HF folder {ckpt}; loss curve {curve}")
     print(f"generations in {out / 'text_generation_result.txt'}")
     print(f"steps {len(history)}, median step {step_s * 1000:.0f} ms, wall {wall:.0f} s")
     print(f"loss drop: first-{n}-step mean {first:.4f} -> last-{n}-step mean {last:.4f} = {drop:.1%}")

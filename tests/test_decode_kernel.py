@@ -128,7 +128,7 @@ def test_two_consecutive_steps_match_numpy(norm_topk):
 def test_fused_engine_equals_composite_engine():
     """Prefill + 5 decode steps, batch 3 with left padding: the fused graph (kernels, in-place cache)
     gives the composite graph's logits (scatter_nd_update cache, MindSpore ops)."""
-    from conftest import reference_dir
+    from helpers import reference_dir
 
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.generation import engine as eng_mod

@@ -12,7 +12,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from test_launch_dist import launch
+from helpers import launch
 
 pytestmark = [pytest.mark.dist]  # slow per test: one real-process run stays in make test
 
@@ -61,7 +61,7 @@ def reference_steps(tiny, batch: int, M: int, steps: int):
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.parallel.distcheck import data
     from qwen3moe.training.optimizer import AdamW
-    from test_parallel_train import reference
+    from helpers import reference
 
     model = Qwen3MoeForCausalLM.from_pretrained(tiny)
     ids = data(128, batch, 6)
@@ -115,7 +115,7 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     import subprocess
     import sys
 
-    from conftest import HF_FIXTURES, REPO
+    from helpers import HF_FIXTURES, REPO
 
     model = str(HF_FIXTURES / "tiny-fp32-gqa")
     common = ["generate", "--pretrained_model_dir", model, "--predict_data", "hello world",
@@ -141,7 +141,7 @@ def test_generate_cli_data_parallel_replicas_match_single_process(tmp_path):
     import subprocess
     import sys
 
-    from conftest import HF_FIXTURES, REPO
+    from helpers import HF_FIXTURES, REPO
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\nthe quick brown fox\nonce upon a time\n")
@@ -174,7 +174,7 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1, accum):
     ZeRO-1 the per-rank engine (parallel/trainer.py, sharded checkpoints)."""
     import re
 
-    from conftest import REPO
+    from helpers import REPO
     from qwen3moe.training.recipe import build_data, build_model, build_schedule, requested_samples, total_steps
     from qwen3moe.training.task_config import load_task_config as load
     from qwen3moe.training.optimizer import AdamW
@@ -263,7 +263,7 @@ def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
     import json
     import re
 
-    from conftest import REPO
+    from helpers import REPO
 
     np.save(tmp_path / "tok.npy", np.random.default_rng(1).integers(0, 1024, 4000).astype(np.int32))
     yaml = (REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml").read_text()
@@ -303,7 +303,7 @@ def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
 
 def test_pretrain_replicas_batch_not_divisible_is_one_line_error(tmp_path):
     """Pure dp with runner_config.batch_size 3 over 2 replicas: a one-line error naming both keys."""
-    from conftest import REPO
+    from helpers import REPO
 
     np.save(tmp_path / "tok.npy", np.random.default_rng(0).integers(0, 1024, 4000).astype(np.int32))
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml"),
@@ -329,7 +329,7 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, megatron_flags
     single-process TrainStep on the same batches (once a NotImplementedError for position_ids)."""
     import re
 
-    from conftest import FIXTURES, REPO
+    from helpers import FIXTURES, REPO
     from qwen3moe.training.recipe import build_data, build_model, build_schedule, requested_samples, total_steps
     from qwen3moe.training.optimizer import AdamW
     from qwen3moe.training.step import TrainStep

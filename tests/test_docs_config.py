@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_every_config_field_is_documented():

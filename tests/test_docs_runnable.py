@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 BLOCK = re.compile(r"<!-- runnable([^>]*)-->\s*\n```(\w+)\n(.*?)```(?:\s*\n```text\n(.*?)```)?", re.S)
 

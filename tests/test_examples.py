@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, reference_dir
+from helpers import REPO, reference_dir
 
 pytestmark = pytest.mark.examples
 
@@ -38,7 +38,7 @@ def test_inspect_experts_example(tmp_path):
 
 
 def test_pretrain_example_on_megatron_data(tmp_path):
-    from conftest import FIXTURES
+    from helpers import FIXTURES
 
     out = run_example("pretrain.py", "--data", str(FIXTURES / "megatron_gpt" / "golden_a_text_document"),
                       "--steps", "4", "--batch", "2", "--seq-len", "16", "--out", str(tmp_path))
@@ -46,7 +46,7 @@ def test_pretrain_example_on_megatron_data(tmp_path):
 
 
 def test_preprocess_wikitext_script(tmp_path):
-    from conftest import FIXTURES
+    from helpers import FIXTURES
 
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(["bash", str(REPO / "examples" / "preprocess_wikitext.sh"),

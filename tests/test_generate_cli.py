@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, reference_dir
+from helpers import REPO, reference_dir
 
 from qwen3moe.cli import main
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import parity_dirs, reference_dir
+from helpers import parity_dirs, reference_dir
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.generation.generate import GenerationRun, generate, resolve_config, stream_generate

@@ -7,7 +7,7 @@ import pytest
 
 from qwen3moe.generation.config import GenerationConfig
 from qwen3moe.generation.sampling import Sampler
-from tests.conftest import reference_dir
+from helpers import reference_dir
 
 QWEN3_CHAT = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
               "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 from qwen3moe.io.gpt_dataset import build_gpt_dataset, sample_index
 
 GOLD = FIXTURES / "megatron_gpt"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 from qwen3moe.io.gpt_dataset import build_gpt_dataset
 from qwen3moe.io.gpt_loader import GPTBatches
 

@@ -193,7 +193,7 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
 
 
 def test_tokenizer_and_generation_files_are_copied(tmp_path):
-    from conftest import reference_dir
+    from helpers import reference_dir
 
     src = reference_dir("tiny-a")
     m = Qwen3MoeForCausalLM.from_pretrained(src)

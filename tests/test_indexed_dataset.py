@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import FIXTURES, reference_dir
+from helpers import FIXTURES, reference_dir
 from qwen3moe.cli import main as cli
 from qwen3moe.io.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 

@@ -2,29 +2,11 @@
 with a timeout: data-parallel gradient all-reduce == single-process full-batch gradient."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import HF_FIXTURES, REPO
+from helpers import HF_FIXTURES, launch
 
 pytestmark = [pytest.mark.dist]  # in make test: launching real processes is the basic promise
-
-
-def launch(tmp_path, *cmd: str, timeout: int = 240) -> tuple[int, str, list[dict]]:
-    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO),
-               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "qwen3moe.cli", "launch", "--nproc", "2", "--log_dir",
-                           str(tmp_path / "logs"), "--timeout", str(timeout - 30), "--", *cmd],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    results = []
-    for log in sorted((tmp_path / "logs").glob("worker_*.log")):
-        results += [json.loads(line.split("RESULT ", 1)[1]) for line in log.read_text().splitlines()
-                    if line.startswith("RESULT ")]
-    return proc.returncode, proc.stderr, results
 
 
 def test_dp2_gradient_allreduce_equals_single_process(tmp_path):

@@ -107,7 +107,7 @@ def test_train_step_global_aux_over_micro_batches_and_dp_ranks():
 def test_use_parallel_pretrain_aux_coefficient(kind, coeff, z, want):
     """`pretrain --use_parallel` puts coef on ParallelLM's HF-scale pooled loss: the same loss as
     TrainStep's aux_mode; modes it cannot reproduce are refused in one line naming the key."""
-    from conftest import REPO
+    from helpers import REPO
     from qwen3moe.training.task_config import TaskConfigError
     from qwen3moe.training.task_config import load_task_config as load
     from qwen3moe.parallel.mesh import Mesh

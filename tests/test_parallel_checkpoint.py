@@ -97,7 +97,7 @@ def test_read_slice_equals_numpy_slicing(tmp_path_factory, shape, data, tag):
 
 
 def test_use_parallel_outside_launch_is_a_one_line_error(tmp_path, capsys):
-    from conftest import HF_FIXTURES
+    from helpers import HF_FIXTURES
     from qwen3moe.cli import main
 
     rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "hi",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES
+from helpers import HF_FIXTURES
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ lr / eps, so the step test uses eps = 1e-3 (gain 10) and compares parameters to 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 import pytest
 
-import mindspore as ms
-from mindspore import ParameterTuple, Tensor
+from mindspore import Tensor
+
+from helpers import reference
 
 COMBOS = [  # (dp, tp, pp, ep, micro_batch_num): every degree value at least once
     (1, 1, 1, 1, 1), (1, 2, 1, 1, 1), (1, 4, 1, 1, 1), (1, 2, 1, 2, 1), (2, 1, 1, 2, 1),
@@ -51,42 +51,6 @@ def setup():
     labels = ids.copy()
     labels[0, 3] = labels[3, 5] = -100
     return cfg, model, ids, labels
-
-
-_REF_CACHE: dict = {}
-
-
-def reference(cfg, model, ids, labels, dp: int, M: int):
-    """(loss, {name: gradient}) of the single-device model at its current weights."""
-    weights = hashlib.sha1(b"".join(p.asnumpy().tobytes() for p in model.trainable_params())).hexdigest()
-    key = (weights, ids.tobytes(), labels.tobytes(), dp, M)
-    if key not in _REF_CACHE:
-        _REF_CACHE[key] = _reference(cfg, model, ids, labels, dp, M)
-    return _REF_CACHE[key]
-
-
-def _reference(cfg, model, ids, labels, dp: int, M: int):
-    from qwen3moe.models.inputs import prepare_inputs
-
-    B = ids.shape[0]
-    b = B // (dp * M)
-    params = ParameterTuple(model.trainable_params())
-    n_valid = float((labels[:, 1:] != -100).sum())
-    total, grads = 0.0, None
-    for m in range(M):
-        rows = [r for i in range(dp) for r in range(i * B // dp + m * b, i * B // dp + (m + 1) * b)]
-        t = prepare_inputs(cfg, ids[rows], labels=labels[rows])
-        n_m = float((t.labels.asnumpy() != -100).sum())
-
-        def objective():
-            out = model.construct(t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels, 0, True, False)
-            return out[2] * n_m / n_valid + cfg.router_aux_loss_coef * out[3] / M
-
-        loss, g = ms.value_and_grad(objective, None, params)()
-        total += float(loss.asnumpy())
-        g = [x.asnumpy() for x in g]
-        grads = g if grads is None else [a + x for a, x in zip(grads, g)]
-    return total, {p.name: x for p, x in zip(params, grads)}
 
 
 def check_combo(setup, dp, tp, pp, ep, M, sp=False):

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import pytest
 
-from conftest import parity_dirs
+from helpers import parity_dirs
 
 LOGIT_TOL = 1e-4
 LOSS_TOL = 1e-5
@@ -103,7 +103,7 @@ def test_transformers_loads_what_we_save(tmp_path):
     transformers' logits on it must equal ours."""
     import os
 
-    from conftest import HF_FIXTURES
+    from helpers import HF_FIXTURES
     from qwen3moe import Qwen3MoeForCausalLM
 
     committed = HF_FIXTURES / "roundtrip-bf16"

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from qwen3moe.cli import main
 
 CONFIGS = REPO / "examples" / "configs"

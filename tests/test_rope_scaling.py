@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 from qwen3moe.layers.rope import rope_parameters
 from qwen3moe.models.config import Qwen3MoeConfig
 

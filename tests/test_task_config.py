@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from qwen3moe.cli import main
 from qwen3moe.training.task_config import (TaskConfigError, load_task_config, parse_overrides)
 

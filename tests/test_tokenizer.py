@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen3moe.io.tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from tests.conftest import reference_dir
+from helpers import reference_dir
 
 QWEN_END_NO_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 

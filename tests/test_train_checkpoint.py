@@ -29,12 +29,15 @@ def run_steps(step, rng, n):
     return [step(batch_at(rng))["loss"] for _ in range(n)]
 
 
-def test_resume_is_bit_identical(tmp_path):
-    from qwen3moe.training.checkpoint import load_training_checkpoint, save_training_checkpoint, step_dirs
-
+@pytest.fixture(scope="module")
+def full():
+    """Losses of an uninterrupted 6-step run (seed 0, batches from default_rng(7))."""
     model, opt, step, sched = make_run(0)
-    rng = np.random.default_rng(7)
-    full = run_steps(step, rng, 6)
+    return run_steps(step, np.random.default_rng(7), 6)
+
+
+def test_resume_is_bit_identical(tmp_path, full):
+    from qwen3moe.training.checkpoint import load_training_checkpoint, save_training_checkpoint, step_dirs
 
     model, opt, step, sched = make_run(0)
     rng = np.random.default_rng(7)
@@ -112,3 +115,81 @@ def test_optimizer_state_load_after_a_compiled_update():
     opt2(g)
     np.testing.assert_array_equal(p.asnumpy(), p2.asnumpy())  # 0.9 everywhere, not 1.0 or 0.8
     assert float(opt.step.asnumpy()) == 1.0 and ms.float32 == p.dtype
+
+
+_KILLED_RUN = r"""
+import os, signal, sys
+import numpy as np
+import qwen3moe.training.checkpoint as ck
+from test_train_checkpoint import batch_at, make_run
+
+root, kill_at = sys.argv[1], int(sys.argv[2])
+write = ck.write_safetensors
+
+
+def write_then_die(path, *a, **k):
+    n = write(path, *a, **k)
+    if f".step_{kill_at:08d}.tmp-" in path and path.endswith("model.safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-save: model written, optimizer and state not
+    return n
+
+
+ck.write_safetensors = write_then_die
+model, opt, step, sched = make_run(0)
+rng = np.random.default_rng(7)
+for s in range(1, 7):
+    step(batch_at(rng))
+    ck.save_training_checkpoint(root, s, model, opt, schedule=sched.to_dict(), data_position=s, np_rng=rng,
+                                keep_last=2)
+"""
+
+
+def test_kill_9_mid_save_resumes_exactly_and_cleans_up(tmp_path, full):
+    """A process SIGKILLed while writing step 3's checkpoint leaves .step_00000003.tmp-*; resuming
+    removes it (and any .old-* leftover) and continues with the uninterrupted loss sequence."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    from qwen3moe.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+
+    root = tmp_path / "ckpt"
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(root), "3"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    (root / ".step_00000002.old-x1y2").mkdir()  # a kill between swap-out and delete of a re-save
+    leftovers = sorted(d for d in os.listdir(root) if d.startswith("."))
+    assert len(leftovers) == 2 and leftovers[1].startswith(".step_00000003.tmp-"), leftovers
+
+    model2, opt2, step2, _ = make_run(123)
+    rng2 = np.random.default_rng(999)
+    state = load_training_checkpoint(str(root), model2, opt2, np_rng=rng2)
+    assert sorted(os.listdir(root)) == ["step_00000001", "step_00000002"]  # temp folders removed on resume
+    assert state["step"] == 2
+    step2.steps_done = state["step"]
+    assert run_steps(step2, rng2, 4) == full[2:]  # exact: bit-identical continuation
+
+    (root / ".step_00000007.tmp-abc").mkdir()
+    save_training_checkpoint(str(root), 3, model2, opt2, keep_last=2)  # and on (re)start of saving
+    assert sorted(os.listdir(root)) == ["step_00000002", "step_00000003"]
+
+
+@pytest.mark.parametrize("damage", ["truncated_model", "truncated_optimizer", "bad_json"])
+def test_corrupt_latest_checkpoint_is_a_one_line_error(tmp_path, damage):
+    from qwen3moe.io.safetensors_io import CheckpointError
+    from qwen3moe.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+
+    model, opt, step, _ = make_run(0)
+    root = tmp_path / "ckpt"
+    for s in (1, 2):
+        save_training_checkpoint(str(root), s, model, opt)
+    victim = root / "step_00000002" / {"truncated_model": "model.safetensors", "bad_json": "trainer_state.json",
+                                       "truncated_optimizer": "optimizer.safetensors"}[damage]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError) as exc:
+        load_training_checkpoint(str(root), model, opt)
+    msg = str(exc.value)
+    assert victim.name in msg and "step_00000001" in msg and "\n" not in msg, msg

@@ -26,7 +26,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import parity_dirs
+from helpers import parity_dirs
 
 GRAD_RTOL = 1e-5
 PARAM_ATOL = 1e-6

@@ -9,7 +9,6 @@ written by `qwen3moe pretrain`), or from `--config` (a YAML task file) for older
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
@@ -36,16 +35,36 @@ def resolve_step_dir(path: str) -> str:
     return latest
 
 
+def check_output(output: str, checkpoint: str, step_dir: str) -> None:
+    """The output may not be, or be inside, the checkpoint tree: the root holding the step
+    folders, the given --checkpoint or the step folder read (writing there mixes an HF folder
+    into training state, and an earlier version deleted every checkpoint doing so)."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.training.checkpoint import step_dirs
+
+    out = os.path.realpath(output)
+    trees = {os.path.realpath(checkpoint), os.path.realpath(step_dir)}
+    root = os.path.dirname(os.path.realpath(step_dir))
+    if step_dirs(root):
+        trees.add(root)
+    for tree in sorted(trees):
+        if out == tree or out.startswith(tree + os.sep):
+            raise CliError(f"--output {output}: is inside the training checkpoint tree {tree}; "
+                           "export to a folder outside it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"--output {output}: is a file, expected a folder")
+
+
 def model_config(step_dir: str, config_yaml: str | None):
     from qwen3moe.cli import CliError
     from qwen3moe.commands.pretrain import load
+    from qwen3moe.io.jsonfile import read_json_object
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.training.checkpoint import STATE_FILE
 
     if config_yaml:
         return load(config_yaml, []).model_config()
-    with open(os.path.join(step_dir, STATE_FILE), encoding="utf-8") as fh:
-        state = json.load(fh)
+    state = read_json_object(os.path.join(step_dir, STATE_FILE), CliError)
     mc = (state.get("extra") or {}).get("model_config")
     if not mc:
         raise CliError(f"{step_dir}: no model config in {STATE_FILE}; pass --config TASK.yaml")
@@ -55,11 +74,12 @@ def model_config(step_dir: str, config_yaml: str | None):
 def run(args: argparse.Namespace) -> int:
     import mindspore as ms
 
-    from qwen3moe.training.checkpoint import export_pretrained
     from qwen3moe.io.safetensors_io import SafetensorsFile
+    from qwen3moe.training.checkpoint import export_pretrained
 
     ms.set_device("CPU")
     step_dir = resolve_step_dir(args.checkpoint)
+    check_output(args.output, args.checkpoint, step_dir)
     cfg = model_config(step_dir, args.config)
     st = SafetensorsFile(os.path.join(step_dir, "model.safetensors"))
     try:

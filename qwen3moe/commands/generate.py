@@ -76,7 +76,7 @@ def run_parallel(args: argparse.Namespace, req) -> int:
     if out.results is not None:
         lines = [json.dumps(r, ensure_ascii=False) for r in out.results]
         for line in lines:
-            print(line, flush=True)
+            _print_line(line)
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
         print(f"generate: {out.summary}; results in {args.output}", file=sys.stderr)
     return 0
@@ -87,9 +87,31 @@ def _stderr(text: str) -> None:
     sys.stderr.flush()
 
 
+def check_output(path: str) -> None:
+    """--output must be writable: checked before the model loads, not after all the work."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.io.atomic import OutputError, check_output_file
+
+    try:
+        check_output_file(path)
+    except OutputError as exc:
+        raise CliError(f"--output {exc}") from None
+
+
+def _print_line(line: str) -> None:
+    """A closed stdout (`| head -1`) stops the printing, not the run: --output is still written."""
+    from qwen3moe.cli import quiet_broken_stdout
+
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        quiet_broken_stdout()
+
+
 def run(args: argparse.Namespace) -> int:
     from qwen3moe.generation.batch import generate_batches, load, read_prompts
 
+    check_output(args.output)
     req = request(args)
     if getattr(args, "use_parallel", False):
         return run_parallel(args, req)
@@ -101,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text=_stderr):
         for r in results:
             line = json.dumps(r, ensure_ascii=False)
-            print(line, flush=True)
+            _print_line(line)
             lines.append(line)
         prefill_tok, prefill_s = prefill_tok + st.prompt_tokens, prefill_s + st.prefill_s
         decode_tok, decode_s = decode_tok + args.predict_batch_size * st.decode_steps, decode_s + st.decode_s

@@ -16,13 +16,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen3moe.io.wikitext import convert
+    from qwen3moe.io.atomic import OutputError
+    from qwen3moe.io.wikitext import WikitextError, convert
 
     try:
         n = convert(args.input, args.output, undo_artifacts=not args.keep_artifacts)
-    except FileNotFoundError as exc:
+    except (WikitextError, OutputError) as exc:
         raise CliError(str(exc)) from None
-    if n == 0:
-        raise CliError(f"{args.input}: no ' = Title = ' article headings found (is this a WikiText file?)")
     print(f"{n} articles -> {args.output}")
     return 0

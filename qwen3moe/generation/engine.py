@@ -8,9 +8,10 @@ with host-built indices (measured fastest on CPU, see MINDSPORE_CPU.md), so the 
 static shapes: one compile per (B, Sq, T). Slot layout per row: the left-padded prompt occupies
 slots [0, P), decode step t writes slot P + t; the host-built additive bias hides pad slots and
 future slots, and positions are cumsum(mask) - 1 per row (pads get 1, as transformers 5).
-With float32 weights and the C++ kernels built here, the step graph is generation/fused_step.py
-instead (same cache Parameters and host bookkeeping, kernels write the cache in place); this
-composite graph is the reference and the fallback (QWEN3MOE_KERNELS=0, bf16, attention bias).
+With the C++ kernels built here (fp32, bf16 or quantized weights), the step graph is
+generation/fused_step.py instead (same cache Parameters and host bookkeeping, kernels write the
+cache in place); this composite graph is the reference and the fallback (QWEN3MOE_KERNELS=0,
+attention bias, act-order GPTQ maps).
 """
 from __future__ import annotations
 

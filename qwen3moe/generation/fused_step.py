@@ -9,26 +9,46 @@ instead of ~370, and no full-cache copy. Prefill (S > 1) runs the forward pass's
 layer's fused MoE), then copies each layer's k/v into the cache in place; the prompt occupies
 slots [0, P) so its attention never needs the rest of the cache.
 Dense layers and capacity-dropping MoE layers run their composite MLP inside the same graph.
+Weights may be float32, bfloat16 (or its uint16 bits) or quantized (qweight / scales / qzeros
+cells): the decode kernels take each as one or three tensors (`kernel_weight`) and dequantize
+rows in registers; the prefill runs the layers' own forward (their kernels or composite path).
 """
 from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from qwen3moe.kernels import attention as attention_kernel
 from qwen3moe.kernels import decode as decode_kernel
 from qwen3moe.layers.attention import grouped_attention
 
 
+def kernel_weight(obj) -> tuple:
+    """One weight as the decode kernels take it: a Parameter or a Linear's weight -> (w,); a
+    quantized weight or linear (GPTQ names) -> (qweight, scales, qzeros)."""
+    if getattr(obj, "qweight", None) is not None:
+        return (obj.qweight, obj.scales, obj.qzeros)
+    return (obj,) if isinstance(obj, Parameter) else (obj.weight,)
+
+
+def _kernel_readable(p: Parameter) -> bool:
+    """Storage the decode kernels read: fp32 / bf16 (or uint16 bf16 bits) tensors and the
+    quantized layout; anything else (e.g. an act-order g_idx map) keeps the composite graph."""
+    if p.dtype in (ms.float32, ms.bfloat16, ms.uint16):
+        return True
+    leaf = p.name.rsplit(".", 1)[-1]
+    return (leaf in ("qweight", "qzeros") and p.dtype == ms.uint8) or (leaf == "scales" and p.dtype == ms.float16)
+
+
 def fused_eligible(model: nn.Cell) -> bool:
-    """Kernels built here, float32 weights everywhere (the kernels read raw fp32 buffers), no
-    q/k/v/o biases (the attention kernel has none) and head_dim <= 1024 (its RoPE buffer)."""
+    """Kernels built here, every weight in a storage they read, no q/k/v/o biases (the attention
+    kernel has none) and head_dim <= 1024 (its RoPE buffer)."""
     if not decode_kernel.available() or model.config.head_dim > 1024:
         return False
-    if any(p.dtype != ms.float32 for p in model.get_parameters()):
+    if not all(_kernel_readable(p) for p in model.get_parameters()):
         return False
-    return not any(layer.self_attn.q_proj.bias is not None for layer in model.model.layers)
+    return not any(getattr(layer.self_attn.q_proj, "bias", None) is not None for layer in model.model.layers)
 
 
 def _kernel_moe(layer: nn.Cell) -> bool:
@@ -67,12 +87,12 @@ class FusedStepCell(nn.Cell):
     def head(self, x_BSH: Tensor) -> Tensor:
         """Final norm of the last position + lm_head: logits [B, V]."""
         body = self.net.model
-        return self.ops1.head(x_BSH, body.norm.weight, self.net.lm_head.weight, self.fcfg)
+        return self.ops1.head(x_BSH, body.norm.weight, *kernel_weight(self.net.lm_head), self.fcfg)
 
     def _decode_attention(self, layer, x_B1H, cos_B1D, sin_B1D, bias_B1T, meta_4, i):
         a = layer.self_attn
-        return self.ops1.attn(x_B1H, layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight,
-                              a.v_proj.weight, a.q_norm.weight, a.k_norm.weight, a.o_proj.weight,
+        return self.ops1.attn(x_B1H, layer.input_layernorm.weight, *kernel_weight(a.q_proj), *kernel_weight(a.k_proj),
+                              *kernel_weight(a.v_proj), a.q_norm.weight, a.k_norm.weight, *kernel_weight(a.o_proj),
                               self.k_cache[i], self.v_cache[i], cos_B1D, sin_B1D, bias_B1T, meta_4, self.fcfg)
 
     def _prefill_attention(self, layer, x_BSH, cos_BSD, sin_BSD, bias_B1SS, meta_4, i):
@@ -92,8 +112,8 @@ class FusedStepCell(nn.Cell):
         if _kernel_moe(layer):
             if h_BSH.shape[1] == 1:
                 m = layer.mlp
-                return self.ops1.moe(h_BSH, n.weight, m.gate.weight, m.experts.gate_up_proj,
-                                     m.experts.down_proj, meta_4, self.fcfg)
+                return self.ops1.moe(h_BSH, n.weight, *kernel_weight(m.gate), *kernel_weight(m.experts.gate_up_proj),
+                                     *kernel_weight(m.experts.down_proj), meta_4, self.fcfg)
         B, S, H = h_BSH.shape
         z_TH = n(h_BSH).reshape(B * S, H)
         y_TH = layer.mlp(z_TH)[0] if layer.is_sparse else layer.mlp(z_TH)

@@ -9,6 +9,7 @@ Both layouts load; saving writes the per-expert layout (what transformers and vL
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,9 +17,9 @@ import shutil
 
 import numpy as np
 
-from qwen3moe.io.atomic import atomic_directory
-from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, f32_to_bf16,
-                                        write_safetensors)
+from qwen3moe.io.atomic import OutputError, atomic_files
+from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
+                                        check_tensor_names, f32_to_bf16, write_safetensors)
 from qwen3moe.models.config import Qwen3MoeConfig
 
 # native fused expert parameter -> the per-expert HF projections concatenated along dim 1
@@ -53,8 +54,11 @@ class CheckpointSource:
         try:
             with open(index, encoding="utf-8") as fh:
                 weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' of "
+                                  "tensor name -> shard file)")
         opened: dict[str, SafetensorsFile] = {}
         for name, fname in weight_map.items():
             path = os.path.join(self.directory, fname)
@@ -90,16 +94,24 @@ def native_sources(name: str, num_experts: int, have: set[str]) -> list[str]:
 
 def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int) -> np.ndarray:
     keys = native_sources(name, num_experts, set(src.where))
-    missing = [k for k in keys if k not in src.where]
-    if missing:
-        raise CheckpointError(f"{src.directory}: missing tensor {missing[0]!r} (needed for {name})"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    check_tensor_names(src.directory, src.where, keys, name, unexpected=False)
     if len(keys) > 1:
         return _read_fused(src, name, keys, shape, len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)]))
-    arr = src.read(keys[0])
+    arr = read_weight(src, keys[0])
     if tuple(arr.shape) != tuple(shape):
         raise CheckpointError(f"{src.file_of(keys[0])}: tensor {keys[0]!r} has shape {list(arr.shape)}, "
                               f"expected {list(shape)} for {name}")
+    return arr
+
+
+def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
+    """A float weight as float32; an integer tensor or NaN/Inf is an error naming it."""
+    st = src.where[key]
+    if st.dtype(key) not in FLOAT_TAGS:
+        raise CheckpointError(f"{st.path}: tensor {key!r} has dtype {st.dtype(key)}, expected a floating-point "
+                              f"weight ({', '.join(FLOAT_TAGS)})")
+    arr = st.read(key)
+    check_finite(arr, key, st.path)
     return arr
 
 
@@ -110,7 +122,7 @@ def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[
     out = np.empty(shape, np.float32)
     expected = (shape[1] // per, *shape[2:])
     for i, k in enumerate(keys):
-        part = src.read(k)
+        part = read_weight(src, k)
         if tuple(part.shape) != expected:
             raise CheckpointError(f"{src.file_of(k)}: tensor {k!r} has shape {list(part.shape)}, "
                                   f"expected {list(expected)} for {name}")
@@ -187,11 +199,17 @@ def parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int | str = "5GB") -> None:
+    """Write the model files into `path` one by one (temp name, then rename), like HF: other files
+    in the folder are left alone; weight files of an earlier save that this one does not write
+    (old shards, a stale index or single file) are removed after the new ones are in place."""
     cfg = model.config
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype) or cfg.torch_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     limit = parse_size(max_shard_size)
+    directory = os.path.abspath(os.fspath(path))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise OutputError(f"{directory}: not a folder (save_pretrained writes a model folder)")
     shards: list[list] = [[]]
     size = 0
     for name, arr, tag in hf_tensors(model, dtype):
@@ -202,48 +220,81 @@ def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int |
             size = 0
         shards[-1].append((name, arr, tag))
         size += arr.nbytes
-    with atomic_directory(path) as tmp:
-        _write_shards(tmp, shards)
-        cfg.replace(torch_dtype=dtype).save_pretrained(tmp)
-        _write_side_files(model, tmp)
+    os.makedirs(directory, exist_ok=True)
+    stale = _weight_files(directory)
+    written: set[str] = set()
+    with atomic_files(directory) as temp_file:  # every file to a temp; all renamed only on success
+
+        def temp(name: str) -> str:
+            written.add(name)
+            return temp_file(name)
+
+        _write_shards(temp, shards)
+        with open(temp("config.json"), "w", encoding="utf-8") as fh:
+            fh.write(cfg.replace(torch_dtype=dtype).to_json())
+        _write_side_files(model, temp)
+    for name in sorted(stale - written):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))
 
 
-def _write_shards(tmp: str, shards: list[list]) -> None:
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def _weight_files(directory: str) -> set[str]:
+    """Weight files of an earlier save: the index, the files it names, model[-i-of-n].safetensors."""
+    found = {f for f in os.listdir(directory) if _WEIGHT_FILE.match(f) or f == INDEX_FILE}
+    if INDEX_FILE in found:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            with open(os.path.join(directory, INDEX_FILE), encoding="utf-8") as fh:
+                names = json.load(fh)["weight_map"].values()
+            found |= {n for n in names if isinstance(n, str) and os.path.basename(n) == n
+                      and os.path.isfile(os.path.join(directory, n))}
+    return found
+
+
+def _write_shards(temp, shards: list[list]) -> None:
     n = len(shards)
     if n == 1:
-        write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0])
+        write_safetensors(temp("model.safetensors"), shards[0])
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        total += write_safetensors(os.path.join(tmp, fname), shard)
+        total += write_safetensors(temp(fname), shard)
         weight_map.update({name: fname for name, _, _ in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as fh:
+    with open(temp(INDEX_FILE), "w", encoding="utf-8") as fh:
         json.dump(index, fh, indent=2)
 
 
-def _write_side_files(model, tmp: str) -> None:
+def _write_side_files(model, temp) -> None:
+    """generation_config.json (the source folder's, else from the config) and tokenizer files."""
     src = getattr(model, "source_dir", None)
     gen_path = os.path.join(src, "generation_config.json") if src else None
     if gen_path and os.path.isfile(gen_path):
-        shutil.copy2(gen_path, os.path.join(tmp, "generation_config.json"))
+        shutil.copyfile(gen_path, temp("generation_config.json"))
     else:
         cfg = model.config
         gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                                  ("pad_token_id", cfg.pad_token_id)) if v is not None}
-        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as fh:
+        with open(temp("generation_config.json"), "w", encoding="utf-8") as fh:
             json.dump(gen, fh, indent=2)
     if src:
-        copy_tokenizer_files(src, tmp)
+        copy_tokenizer_files(src, temp)
 
 
-def copy_tokenizer_files(src, dst) -> list[str]:
-    """Copy the tokenizer files (TOKENIZER_FILES) that exist in `src` into `dst`; their names."""
+def copy_tokenizer_files(src, dest) -> list[str]:
+    """Copy the tokenizer files (TOKENIZER_FILES) that exist in folder `src` to `dest(name)` (a
+    temp-file allocator of an atomic save), or each atomically into folder `dest`; their names."""
+    from qwen3moe.io.atomic import atomic_copy
+
     copied = []
     for fname in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, fname)):
-            shutil.copy2(os.path.join(src, fname), os.path.join(dst, fname))
+            if callable(dest):
+                shutil.copyfile(os.path.join(src, fname), dest(fname))
+            else:
+                atomic_copy(os.path.join(src, fname), os.path.join(dest, fname))
             copied.append(fname)
     return copied
-

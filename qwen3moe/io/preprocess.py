@@ -85,6 +85,8 @@ def _parse_chunk(lines: list[tuple[int, str]], keys: tuple[str, ...]):
     sentences: list[list[str]] = [[] for _ in keys]
     counts: list[list[int]] = [[] for _ in keys]
     for lineno, raw in lines:
+        if isinstance(raw, NotUtf8):
+            return None, f"line {lineno}: {raw}"
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -166,12 +168,21 @@ def _threaded(chunks, keys: tuple[str, ...], eod: int, append_eod: bool, tok, de
             yield finish(*pending.popleft())
 
 
+class NotUtf8(str):
+    """Stands in for an undecodable line (the text is the reason), so the parser reports it in
+    input order like any other bad line, also from a worker process."""
+
+
 def _chunks(path: str) -> Iterator[list[tuple[int, str]]]:
+    """Non-blank lines with their numbers."""
     batch = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                batch.append((lineno, line))
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if raw.strip():
+                try:
+                    batch.append((lineno, raw.decode("utf-8")))
+                except UnicodeDecodeError as exc:
+                    batch.append((lineno, NotUtf8(f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)")))
             if len(batch) == CHUNK:
                 yield batch
                 batch = []

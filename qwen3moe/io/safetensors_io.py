@@ -29,6 +29,24 @@ class CheckpointError(Qwen3MoeError, ValueError):
     """A checkpoint file problem, reported in one line naming the file and tensor."""
 
 
+def check_tensor_names(where: str, have, need, needed_for: str | None = None,
+                       unexpected: bool = True) -> None:
+    """The one-line error of every loader for tensors `need` that `have` lacks (named with what
+    needs them) and, when `unexpected`, for tensors in `have` that nothing needs."""
+    missing = [k for k in need if k not in have]
+    if missing:
+        why = f" (needed for {needed_for})" if needed_for and needed_for != missing[0] else ""
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{why}" + _more(missing))
+    extra = sorted(set(have) - set(need)) if unexpected else []
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} (the model has no such parameter)"
+                              + _more(extra))
+
+
+def _more(names: list) -> str:
+    return f" and {len(names) - 1} more" if len(names) > 1 else ""
+
+
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     """Exact widening: bf16 is the top half of an f32."""
     return (u16.astype(np.uint32) << 16).view(np.float32)
@@ -64,16 +82,30 @@ class SafetensorsFile:
             header = json.loads(os.pread(self._fd, n, 8))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (a JSON object expected)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.data_start = 8 + n
         self.entries: dict[str, dict] = header
         for name, e in header.items():
             self._validate(name, e, size)
+        self._check_contiguous()
 
     def _validate(self, name: str, e: dict, size: int) -> None:
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{self.path}: header entry for tensor {name!r} is not an object")
         if e.get("dtype") not in _NP_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-        begin, end = e["data_offsets"]
+        shape = e.get("shape")
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has no valid 'shape' (a list of sizes), "
+                                  f"got {shape!r}")
+        offsets = e.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has no valid 'data_offsets' ([begin, end]), "
+                                  f"got {offsets!r}")
+        begin, end = offsets
         itemsize = np.dtype(_NP_DTYPES[e["dtype"]]).itemsize
         if end - begin != int(np.prod(e["shape"], dtype=np.int64)) * itemsize:
             raise CheckpointError(f"{self.path}: tensor {name!r} byte range does not match shape {e['shape']}")
@@ -81,6 +113,16 @@ class SafetensorsFile:
             raise CheckpointError(
                 f"{self.path}: truncated file: tensor {name!r} needs bytes up to "
                 f"{self.data_start + end}, file has {size}")
+
+    def _check_contiguous(self) -> None:
+        """Tensors tile the data block from 0 without gaps or overlaps (as the reference reader
+        requires), so no entry can point at another tensor's bytes."""
+        pos = 0
+        for name, e in sorted(self.entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+            if e["data_offsets"][0] != pos:
+                raise CheckpointError(f"{self.path}: tensor {name!r} data_offsets {e['data_offsets']} leave a gap "
+                                      f"or overlap (expected to begin at {pos})")
+            pos = e["data_offsets"][1]
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -162,6 +204,20 @@ class SafetensorsFile:
             self.close()
         except Exception:
             pass
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+FLOAT_TAGS = ("F32", "F16", "BF16", "F64")
+
+
+def check_finite(arr: np.ndarray, name: str, path: str) -> None:
+    """NaN/Inf anywhere in a float tensor -> CheckpointError naming it. min and max propagate NaN
+    and see +-Inf, and need no temporary array (np.isfinite(arr).all() would allocate one)."""
+    if arr.size and arr.dtype.kind == "f" and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+        raise CheckpointError(f"{path}: tensor {name!r} holds non-finite values (NaN or Inf)")
 
 
 def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray, str]],

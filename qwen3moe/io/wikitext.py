@@ -12,6 +12,9 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
+from qwen3moe.errors import Qwen3MoeError
+from qwen3moe.io.atomic import atomic_file
+
 TOP_HEADING = re.compile(r"^ = (?!=)(.*?) = $")
 _AT = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")]
 _PUNCT = re.compile(r" ([.,;:!?%)\]}])")
@@ -55,15 +58,33 @@ def _article(title: str, body: list[str], undo: bool) -> dict:
     return {"title": fix(title), "text": "\n\n".join([fix(title)] + paragraphs)}
 
 
+class WikitextError(Qwen3MoeError, ValueError):
+    """Bad input or output path: one line naming the file (and line)."""
+
+
+def read_lines(path: str) -> Iterator[str]:
+    """Lines of a UTF-8 file; invalid UTF-8 is an error naming the line, not a traceback."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise WikitextError(f"{path}: line {lineno} is not valid UTF-8 ({exc.reason} at byte "
+                                    f"{exc.start} of the line)") from None
+
+
 def convert(input_path: str, output_path: str, undo_artifacts: bool = True) -> int:
-    """Write the jsonl atomically; returns the number of articles."""
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"{input_path}: not found")
-    tmp = output_path + ".tmp"
+    """Write the jsonl atomically; returns the number of articles. On any error (no article,
+    bad input, same file as the input) the output is left as it was."""
+    if not os.path.exists(input_path) or os.path.isdir(input_path):  # a pipe (/dev/stdin) is fine
+        raise WikitextError(f"{input_path}: {'is a folder' if os.path.isdir(input_path) else 'not found'}")
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        raise WikitextError(f"--output {output_path} is the same file as --input {input_path}")
     n = 0
-    with open(input_path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-        for art in articles(src, undo_artifacts):
+    with atomic_file(output_path) as tmp, open(tmp, "w", encoding="utf-8") as dst:
+        for art in articles(read_lines(input_path), undo_artifacts):
             dst.write(json.dumps(art, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, output_path)
+        if n == 0:
+            raise WikitextError(f"{input_path}: no ' = Title = ' article headings found (is this a WikiText file?)")
     return n

@@ -71,7 +71,7 @@ def _blas_library() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_library(name: str = "grouped_experts") -> str | None:
+def kernel_library(name: str) -> str | None:
     """Path of the compiled kernel library, or None when kernels are unavailable here."""
     if os.environ.get("QWEN3MOE_KERNELS", "1") in ("0", "false", "off"):
         return None

@@ -14,8 +14,11 @@ callbacks):
 - `head(x_BSH, final_norm, lm_head_VH, fcfg_2)` -> logits [B, V] of the last position;
 - `cache_write(k_BKSD, v_BKSD, k_cache, v_cache, meta_4)` -> [1]: copies a prefill's k/v into the
   cache Parameters in place at slots meta[0] .. meta[0] + S - 1 (order it with ops.depend).
-fp32 only. The composite MindSpore path in generation/engine.py stays the reference and the
-fallback (QWEN3MOE_KERNELS=0, no compiler, bf16 weights, attention bias).
+Every weight (q/k/v/o, router, gate_up, down, lm_head) is passed as one float32 or bfloat16
+tensor or as three (qweight uint8, scales float16, qzeros uint8: the layout of kernels/quant.py),
+the norm weights as float32 or bfloat16; the kernels dequantize rows in registers (fp32 math).
+The composite MindSpore path in generation/engine.py stays the reference and the fallback
+(QWEN3MOE_KERNELS=0, no compiler, attention bias).
 """
 from __future__ import annotations
 

@@ -1,19 +1,16 @@
 """Stacked SwiGLU experts held fused as transformers 5.x holds them.
 
 gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I].
-Shapes: E experts, I expert ffn, H hidden, NB blocks, b rows per block, R = NB*b rows,
-A rows sorted by expert.
+Shapes: E experts, I expert ffn, H hidden, NB blocks, b rows per block, R = NB*b rows.
 Two compute paths with identical results (tests check both): `blocks` is portable composite
-MindSpore (block-padded batched matmul); `sorted_rows` calls the grouped-GEMM C++ kernel
-(qwen3moe/kernels) when it could be built on this machine; `fused` is the whole dispatch +
-experts + combine in one C++ op (token order in, token order out).
+MindSpore (block-padded batched matmul); `fused` is the whole dispatch + experts + combine in
+one C++ op (token order in, token order out).
 """
 from __future__ import annotations
 
 from mindspore import Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import init_param
-from qwen3moe.kernels import grouped as grouped_kernel
 from qwen3moe.kernels import moe as moe_kernel
 
 
@@ -38,11 +35,6 @@ class Qwen3MoeExperts(nn.Cell):
         I = self.intermediate_size
         h = ops.silu(gu[..., :I]) * gu[..., I:]
         return self.bmm_t(h, w_d).reshape(R, H)
-
-    def sorted_rows(self, x_AH: Tensor, offsets_E1: Tensor) -> Tensor:
-        """Rows sorted by expert through the grouped kernel: [A, H] -> [A, H]."""
-        return grouped_kernel.grouped_swiglu(x_AH, offsets_E1, self.gate_up_proj.astype(x_AH.dtype),
-                                             self.down_proj.astype(x_AH.dtype))
 
     def fused(self, x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         """sum_j w_tj * Expert_{idx_tj}(x_t) by the fused C++ op: [T, H] -> [T, H]."""

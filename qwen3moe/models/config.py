@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ class Qwen3MoeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.mlp_only_layers = list(self.mlp_only_layers or [])
@@ -109,6 +111,10 @@ class Qwen3MoeConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file}: not UTF-8 text") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a JSON object, found {type(data).__name__}")
         model_type = data.get("model_type", "qwen3_moe")
         if model_type not in ("qwen3_moe",):
             raise ConfigError(f"{file}: model_type is {model_type!r}, expected 'qwen3_moe'")
@@ -132,10 +138,13 @@ class Qwen3MoeConfig:
         out["model_type"] = "qwen3_moe"
         return out
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         from qwen3moe.io.atomic import atomic_write_text
 
-        atomic_write_text(os.path.join(directory, "config.json"), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(os.path.join(directory, "config.json"), self.to_json())
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -168,11 +177,10 @@ class Qwen3MoeConfig:
         return total + H + (emb if self.tie_word_embeddings else 2 * emb)
 
     def validate(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "decoder_sparse_step")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        _check_types(self)
+        if self.num_experts and not _is_int(self.moe_intermediate_size, 1):
+            raise ConfigError(f"moe_intermediate_size must be a positive integer when num_experts > 0, "
+                              f"got {self.moe_intermediate_size!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -187,7 +195,8 @@ class Qwen3MoeConfig:
             raise ConfigError(f"hidden_act must be 'silu' (Qwen3-MoE), got {self.hidden_act!r}")
         if self.use_sliding_window:
             raise ConfigError("use_sliding_window: true is not supported (no released Qwen3-MoE uses it)")
-        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+        if self.moe_capacity_factor is not None and not (_is_number(self.moe_capacity_factor)
+                                                         and self.moe_capacity_factor > 0):
             raise ConfigError(f"moe_capacity_factor must be > 0 or null, got {self.moe_capacity_factor!r}")
         if str(self.torch_dtype) not in _DTYPES:
             raise ConfigError(f"torch_dtype must be one of {_DTYPES}, got {self.torch_dtype!r}")
@@ -197,6 +206,59 @@ class Qwen3MoeConfig:
 
     def replace(self, **changes: Any) -> "Qwen3MoeConfig":
         return dataclasses.replace(self, **changes)
+
+
+# per-field value rules (type and range); a failing field is named in a one-line ConfigError
+_POSITIVE_INT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "decoder_sparse_step")
+_NONNEG_INT = ("moe_intermediate_size", "num_experts", "num_experts_per_tok", "max_window_layers")
+_BOOL = ("use_cache", "tie_word_embeddings", "attention_bias", "use_sliding_window", "norm_topk_prob",
+         "output_router_logits")
+# name -> (lower bound, lower bound allowed, upper bound or None)
+_FLOAT = {"rms_norm_eps": (0.0, False, None), "rope_theta": (0.0, False, None),
+          "initializer_range": (0.0, True, None), "attention_dropout": (0.0, True, 1.0),
+          "router_aux_loss_coef": (0.0, True, None)}
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(c: "Qwen3MoeConfig") -> None:
+    """Every numeric/bool field has the right type and range (JSON gives strings, floats, bools
+    where ints belong; rms_norm_eps <= 0 would turn every norm into NaN)."""
+    for name in _POSITIVE_INT + (("head_dim",) if c.head_dim is not None else ()):
+        if not _is_int(getattr(c, name), 1):
+            raise ConfigError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
+    for name in _NONNEG_INT:
+        if not _is_int(getattr(c, name), 0):
+            raise ConfigError(f"{name} must be an integer >= 0, got {getattr(c, name)!r}")
+    for name in _BOOL:
+        if not isinstance(getattr(c, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(c, name)!r}")
+    for name, (low, closed, high) in _FLOAT.items():
+        v = getattr(c, name)
+        if not _is_number(v) or v < low or (v == low and not closed) or (high is not None and v > high):
+            want = f"{'>=' if closed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise ConfigError(f"{name} must be a finite number {want}, got {v!r}")
+    if c.sliding_window is not None and not _is_int(c.sliding_window, 1):
+        raise ConfigError(f"sliding_window must be a positive integer or null, got {c.sliding_window!r}")
+    for name in ("bos_token_id", "pad_token_id"):
+        if getattr(c, name) is not None and not _is_int(getattr(c, name), 0):
+            raise ConfigError(f"{name} must be a token id (integer >= 0) or null, got {getattr(c, name)!r}")
+    eos = c.eos_token_id
+    if eos is not None and not (_is_int(eos, 0) or isinstance(eos, list) and all(_is_int(e, 0) for e in eos)):
+        raise ConfigError(f"eos_token_id must be a token id, a list of token ids or null, got {eos!r}")
+    if c.mlp_only_layers is not None and not (isinstance(c.mlp_only_layers, (list, tuple)) and all(_is_int(i, 0) for i in c.mlp_only_layers)):
+        raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {c.mlp_only_layers!r}")
+    if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
+        raise ConfigError(f"rope_scaling must be an object or null, got {c.rope_scaling!r}")
+    if not isinstance(c.hidden_act, str):
+        raise ConfigError(f"hidden_act must be a string, got {c.hidden_act!r}")
 
 
 def _normalise_rope_scaling(rs: dict | None) -> dict | None:

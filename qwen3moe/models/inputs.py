@@ -35,6 +35,8 @@ def to_numpy_2d(x, name: str, dtype=np.int64) -> np.ndarray:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"{name} must have shape [batch, seq], got shape {arr.shape}")
+    if arr.shape[0] == 0:  # MindSpore would fail deep inside graph compile
+        raise ValueError(f"{name} has batch size 0: pass at least one row")
     if arr.size and not np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_):
         if not np.all(np.equal(np.mod(arr, 1), 0)):
             raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
@@ -84,6 +86,8 @@ def prepare_inputs(config: Qwen3MoeConfig, input_ids, attention_mask=None, posit
         pos = to_numpy_2d(position_ids, "position_ids")
         if pos.shape != ids.shape:
             raise ValueError(f"position_ids shape {pos.shape} != input_ids shape {ids.shape}")
+    if not isinstance(logits_to_keep, (int, np.integer)) or isinstance(logits_to_keep, bool):
+        raise ValueError(f"logits_to_keep must be an int (0 = every position), got {logits_to_keep!r}")
     if not 0 <= logits_to_keep <= S:
         raise ValueError(f"logits_to_keep must be in [0, {S}], got {logits_to_keep}")
     cos, sin = rope_tables(config, pos)

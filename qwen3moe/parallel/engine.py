@@ -174,7 +174,3 @@ def stage_forward(cells, coll, xs_or_ids: dict, rope: dict, masks: dict, mesh, c
             L += 1
             acc = stats if acc is None else {n: (acc[n][0] + stats[n][0], acc[n][1] + stats[n][1]) for n in acc}
     return xs, acc, L
-
-
-def to_tensor_dict(d: dict) -> dict:
-    return {n: (v if isinstance(v, Tensor) else Tensor(v)) for n, v in d.items()}

@@ -27,9 +27,6 @@ TP_PLAN: dict[str, str] = {
     r"lm_head\.weight$": "vocab",
     r"(layernorm|norm)\.weight$": "replicate",
 }
-EP_PLAN: dict[str, str] = {
-    r"mlp\.experts\.(gate_up_proj|down_proj)$": "expert",
-}
 
 
 def style_of(name: str, plan: dict[str, str]) -> str:
@@ -60,12 +57,3 @@ def _split(arr: np.ndarray, dim: int, rank: int, size: int) -> np.ndarray:
         raise ValueError(f"dim {dim} of shape {arr.shape} is not divisible by {size} ranks")
     n = arr.shape[dim] // size
     return np.take(arr, np.arange(rank * n, (rank + 1) * n), axis=dim)
-
-
-def row_range(shape: tuple[int, ...], style: str, rank: int, size: int) -> tuple[int, int] | None:
-    """Rows (dim 0) a rank needs when the split is on dim 0: lets a loader read only its slice
-    of a safetensors tensor (online sharding); None when the rank needs the whole tensor."""
-    if size == 1 or style not in ("column", "vocab", "expert"):
-        return None
-    n = shape[0] // size
-    return rank * n, (rank + 1) * n

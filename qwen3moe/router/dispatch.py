@@ -88,27 +88,6 @@ def unpermute(y_RH: Tensor, slot_A: Tensor, weight_TK: Tensor) -> Tensor:
     return (y_TKH * weight_TK.astype(y_RH.dtype).expand_dims(-1)).sum(1)
 
 
-def sorted_dispatch(expert_idx_TK: Tensor, num_experts: int):
-    """Assignments sorted by expert, for a grouped-GEMM kernel (no padding).
-
-    Returns token_A (source token of each sorted row), inv_A (sorted row of assignment a = t*K+j),
-    offsets_E1 int32 (expert e owns sorted rows [off[e], off[e+1])), counts_E float32.
-    """
-    T, K = expert_idx_TK.shape
-    A = T * K
-    flat_A = expert_idx_TK.reshape(A).astype(ms.int32)
-    _, order_A = ops.sort(flat_A.astype(ms.float32))
-    order_A = order_A.astype(ms.int32)
-    onehot_AE = ops.one_hot(flat_A, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-    counts_E = onehot_AE.sum(0)
-    offsets_E1 = ops.concat((ops.zeros((1,), ms.float32), ops.cumsum(counts_E, 0))).astype(ms.int32)
-    token_A = ops.floor_divide(order_A, K).astype(ms.int32)
-    inv_A = ops.tensor_scatter_update(ops.zeros((A,), ms.int32), order_A.reshape(A, 1),
-                                      iota(A).astype(ms.int32))
-    return (ops.stop_gradient(token_A), ops.stop_gradient(inv_A), ops.stop_gradient(offsets_E1),
-            ops.stop_gradient(counts_E))
-
-
 def capacity_dispatch(expert_idx_TK: Tensor, num_experts: int, capacity: int):
     """Capacity-limited plan (optional token dropping, GShard/Switch style).
 

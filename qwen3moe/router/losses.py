@@ -85,11 +85,6 @@ def switch_aux_weights(counts_E, n_tokens) -> np.ndarray:
     return c_E.shape[-1] * c_E / max(float(n_tokens), 1.0) ** 2
 
 
-def megatron_aux_loss(counts_E: Tensor, probsum_E: Tensor, n_tokens: Tensor, top_k: int) -> Tensor:
-    """Megatron-normalised value: f sums to 1, so the result is the HF value / K."""
-    return switch_aux_loss(counts_E, probsum_E, n_tokens) / top_k
-
-
 def z_loss(logits_TE: Tensor, token_mask_T: Tensor) -> Tensor:
     """mean over counted tokens of logsumexp(logits)^2."""
     lse_T = ops.logsumexp(logits_TE.astype(ms.float32), -1)

@@ -5,7 +5,8 @@ leaves the previous checkpoints intact and never a half-written one):
     <root>/step_00000042/model.safetensors       native parameter names (fused experts), exact dtype
     <root>/step_00000042/optimizer.safetensors   exp_avg.*, exp_avg_sq.*, adamw.step (fp32)
     <root>/step_00000042/trainer_state.json      step, lr, schedule, data position, RNG states, extra
-Only the newest `keep_last` step folders are kept. Resuming restores every value bit-exactly
+Only the newest `keep_last` step folders are kept. A process killed mid-save leaves a
+`.step_N.tmp-*` (or `.old-*`) folder: saving and resuming remove them. Resuming restores every value bit-exactly
 (fp32 stored as F32, bf16 parameters as BF16 bits), so an interrupted run continues with the
 same loss sequence as an uninterrupted one.
 """
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,10 +25,13 @@ import mindspore as ms
 from mindspore import nn
 
 from qwen3moe.io.atomic import atomic_directory
+from qwen3moe.io.jsonfile import read_json_object
+from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, check_tensor_names, f32_to_bf16,
+                                        write_safetensors)
 from qwen3moe.layers.dtypes import write_param
-from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, f32_to_bf16, write_safetensors
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")  # step_00000004 here, step_4 (parallel/train_state.py)
+_LEFTOVER = re.compile(r"^\.step_\d{8}\.(tmp|old)-")  # atomic_directory's temp names
 STATE_FILE = "trainer_state.json"
 
 
@@ -73,6 +78,17 @@ def step_dirs(root: str, state_file: str = STATE_FILE) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def remove_leftovers(root: str) -> list[str]:
+    """Delete the temp folders of saves that were killed (single writer per root: nothing else
+    can be writing them). Returns their names."""
+    if not os.path.isdir(root):
+        return []
+    gone = sorted(d for d in os.listdir(root) if _LEFTOVER.match(d))
+    for d in gone:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return gone
+
+
 def latest_checkpoint(root: str, state_file: str = STATE_FILE) -> str | None:
     dirs = step_dirs(root, state_file)
     return dirs[-1][1] if dirs else None
@@ -86,6 +102,7 @@ def save_training_checkpoint(root: str, step: int, model: nn.Cell, optimizer, *,
     path = os.path.join(root, f"step_{step:08d}")
     state = {"step": int(step), "lr": optimizer.get_lr(), "schedule": schedule,
              "data_position": data_position, "rng": rng_state(np_rng), "extra": extra or {}}
+    remove_leftovers(root)
     with atomic_directory(path) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), _param_triples(model.get_parameters()),
                           {"format": "qwen3moe-train"})
@@ -99,29 +116,39 @@ def save_training_checkpoint(root: str, step: int, model: nn.Cell, optimizer, *,
 
 
 def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
-                             np_rng: np.random.Generator | None = None) -> dict:
+                             np_rng: np.random.Generator | None = None,
+                             check: Callable[[dict, str], None] | None = None) -> dict:
     """Restore parameters, optimizer moments/step/lr and RNG from `path` (a step folder, or a
-    root whose latest step folder is used). Returns the trainer_state dict."""
+    root whose latest step folder is used). Returns the trainer_state dict. Every file is
+    checked before anything is restored: a damaged checkpoint is a CheckpointError naming the
+    file (and the previous complete step to resume from instead), never a half-restored model.
+    `check(state, path)` runs before any tensor is loaded (the trainer refuses another model or
+    data geometry)."""
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        remove_leftovers(path)
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"{path}: no training checkpoint ({STATE_FILE}) found")
         path = latest
-    st = SafetensorsFile(os.path.join(path, "model.safetensors"))
+    else:
+        remove_leftovers(os.path.dirname(os.path.abspath(path)))
     try:
-        for p in model.get_parameters():
-            if p.name not in st.entries:
-                raise KeyError(f"{path}: parameter {p.name!r} missing from model.safetensors")
+        st, so, state = _open(path)
+    except CheckpointError as exc:
+        older = [d for _, d in step_dirs(os.path.dirname(os.path.abspath(path))) if d < os.path.abspath(path)]
+        hint = f"; resume from the previous one, {older[-1]}, or delete this one" if older else ""
+        raise CheckpointError(f"{exc}{hint}") from None
+    try:
+        if check is not None:
+            check(state, path)
+        params = list(model.get_parameters())
+        check_tensor_names(st.path, st.entries, [p.name for p in params])
+        for p in params:
             write_param(p, st.read(p.name))  # in place: also right after compiled steps ran
-    finally:
-        st.close()
-    so = SafetensorsFile(os.path.join(path, "optimizer.safetensors"))
-    try:
         optimizer.load_state_arrays({k: so.read(k) for k in so.keys()})
     finally:
+        st.close()
         so.close()
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
-        state = json.load(fh)
     optimizer.set_lr(state["lr"])
     restore_rng(state["rng"], np_rng)
     state["path"] = path
@@ -154,3 +181,14 @@ def export_pretrained(config, tensors, out_dir, dtype: str | None = None,
     if tokenizer_dir:
         copy_tokenizer_files(tokenizer_dir, out_dir)
     return model
+
+
+def _open(path: str) -> tuple[SafetensorsFile, SafetensorsFile, dict]:
+    """Open and validate (headers, sizes, JSON) the three files of a step folder."""
+    state = read_json_object(os.path.join(path, STATE_FILE), CheckpointError)
+    st = SafetensorsFile(os.path.join(path, "model.safetensors"))
+    try:
+        return st, SafetensorsFile(os.path.join(path, "optimizer.safetensors")), state
+    except CheckpointError:
+        st.close()
+        raise

@@ -45,8 +45,11 @@ class AdamW(nn.Cell):
         params = list(params)
         if not params:
             raise ValueError("AdamW got an empty parameter list")
-        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if len(betas) != 2 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not (lr >= 0 and eps > 0 and weight_decay >= 0):  # also refuses NaN
+            raise ValueError(f"AdamW needs lr >= 0, eps > 0 and weight_decay >= 0, got lr={lr}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
         self.parameters = ParameterTuple(params)
         self.param_names = [p.name for p in params]
         self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)

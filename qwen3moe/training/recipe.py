@@ -193,7 +193,8 @@ def trainer_config(cfg: TaskConfig, model: Any, steps: int):
         keep_last=int(ckpt_cb.get("keep_checkpoint_max", 2)), time_budget_s=r.time_budget_s,
         resume=bool(cfg.resume_training), resume_from=resume_from, nan_abort_after=r.nan_abort_after,
         plot_dir=cfg.output_dir, save_at_end=True,
-        checkpoint_extra={"model_config": model.config.to_dict()})
+        checkpoint_extra={"model_config": model.config.to_dict(), "data": cfg.data_geometry()},
+        resume_override=tuple(cfg.resume_override))
 
 
 # ---- the single-process run -----------------------------------------------------------------

@@ -25,6 +25,8 @@ class Schedule:
             raise ValueError(f"schedule kind must be constant, linear or cosine, got {self.kind!r}")
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise ValueError("warmup_steps must be >= 0 and total_steps >= 1")
+        if not (self.peak_lr >= 0 and self.min_lr >= 0):  # also refuses NaN
+            raise ValueError(f"peak_lr and min_lr must be >= 0, got {self.peak_lr} and {self.min_lr}")
 
     def __call__(self, step: int) -> float:
         return lr_at(step, **asdict(self))

@@ -5,6 +5,7 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_check
                                           save_training_checkpoint)
 from qwen3moe.training.metrics import MetricsLogger, format_record, is_finite_step, write_plots
 from qwen3moe.training.step import TrainStep
+from qwen3moe.training.task_config import TaskConfigError
 
 
 class TokenWindows:
@@ -52,10 +54,37 @@ class TrainerConfig:
     save_at_end: bool = False       # also checkpoint the final step
     progress: bool | None = None    # tqdm bar; None = when stderr is a TTY
     checkpoint_extra: dict = field(default_factory=dict)  # stored in trainer_state.json
+    resume_override: tuple[str, ...] = ()  # "model" / "data": resume although these differ
 
 
 class TrainingAborted(Qwen3MoeError, RuntimeError):
     """Too many consecutive non-finite steps."""
+
+
+class ResumeMismatchError(TaskConfigError):
+    """The checkpoint to resume was trained with another model config or data geometry."""
+
+
+# checkpoint_extra entries compared on resume: (override name, key, YAML prefix of its fields)
+RESUME_CHECKS = (("model", "model_config", "model.model_config."), ("data", "data", ""))
+
+
+def check_resume(saved: dict, current: dict, override: tuple[str, ...], path: str) -> None:
+    """Refuse a checkpoint whose model config or data geometry (trainer_state extra) differs from
+    this run's: loading it would silently drop weights, or skip and repeat samples."""
+    current = json.loads(json.dumps(current))  # the saved side went through JSON too
+    for kind, key, prefix in RESUME_CHECKS:
+        old, new = saved.get(key), current.get(key)
+        if kind in override or not isinstance(old, dict) or not isinstance(new, dict):
+            continue  # overridden, or not recorded (checkpoints written before this check)
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diff:
+            k = diff[0]
+            more = f" (and {len(diff) - 1} more: {', '.join(diff[1:4])})" if len(diff) > 1 else ""
+            raise ResumeMismatchError(
+                f"resume from {path}: {prefix}{k} is {old.get(k)!r} in the checkpoint but {new.get(k)!r} in "
+                f"this run{more}; use the checkpoint's value, or set resume_override: [{kind}] "
+                f"(--resume_override {kind}) to continue anyway")
 
 
 @dataclass
@@ -75,7 +104,9 @@ class Trainer:
         src = c.resume_from or (c.checkpoint_dir if c.resume else None)
         if not src or (not c.resume_from and latest_checkpoint(src) is None):
             return 0
-        st = load_training_checkpoint(src, self.step_fn.model, self.step_fn.optimizer)
+        st = load_training_checkpoint(src, self.step_fn.model, self.step_fn.optimizer,
+                                      check=lambda state, path: check_resume(
+                                          state.get("extra") or {}, c.checkpoint_extra, c.resume_override, path))
         self.step_fn.steps_done = st["step"]
         self.skipped_total = int((st.get("extra") or {}).get("skipped_total", 0))
         self.log(f"resumed from {st['path']} at step {st['step']}")

@@ -19,100 +19,11 @@
 #include <vector>
 
 #include "decode_pool.h"
+#include "decode_rows.h"
 
 // Keys whose additive bias is at or below this are masked (the engine uses float32 min): their
 // probability is exactly 0 in float32 in the composite softmax too, so they are skipped.
 static const float kMasked = -1e6f;
-
-#ifdef __AVX512F__
-#include <immintrin.h>
-
-// 4 weight rows x NB batch rows in 4 * NB vector accumulators: each loaded weight vector feeds
-// NB FMAs, each loaded x vector 4 (H % 16 == 0). `next` is the next 4-row block (rows ldw apart),
-// prefetched in row-major order, 4 cache lines per step: on this machine one core streams 4 rows
-// read interleaved at 11-17 GB/s, and at 23-31 GB/s (near a plain sum's rate) with this one linear
-// software-prefetch stream (bench/stream_dot.cc; op A/B: bench/decode_ops.py). Pass w0 itself when
-// there is no next block.
-template <int NB>
-static inline void block4x(const float *w0, int64_t ldw, int64_t H, const float *x, int64_t ldx, float *y,
-                           int64_t ldy, const float *next) {
-  __m512 acc[4][NB];
-  for (int r = 0; r < 4; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-  int64_t col = 0;
-  for (int64_t h = 0; h < H; h += 16) {
-    for (int q = 0; q < 4; ++q) {
-      _mm_prefetch(reinterpret_cast<const char *>(next + col), _MM_HINT_T0);
-      col += 16;
-      if (col == H) col = 0, next += ldw;
-    }
-    __m512 xv[NB];
-    for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + h);
-    for (int r = 0; r < 4; ++r) {
-      const __m512 wv = _mm512_loadu_ps(w0 + r * ldw + h);
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
-    }
-  }
-  for (int r = 0; r < 4; ++r)
-    for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[r][b]);
-}
-#endif
-
-// y[b * ldy + o] = W[o, :H] . x[b, :H] for o in [o0, o1), b in [0, nb), W rows ldw apart. Four
-// weight rows at a time (independent FMA chains; the rows stay in L1 while every batch row uses them).
-static void rows_dot_ld(const float *W, int64_t ldw, int64_t H, int64_t o0, int64_t o1, const float *x,
-                        int64_t ldx, int64_t nb, float *y, int64_t ldy) {
-  int64_t o = o0;
-#ifdef __AVX512F__
-  if (H % 16 == 0) {
-    for (; o + 4 <= o1; o += 4)
-      for (int64_t b = 0; b < nb; b += 4) {
-        const float *w = W + o * ldw, *xb = x + b * ldx;
-        // prefetch once per block (first batch pass), only rows inside [o0, o1)
-        const float *next = b == 0 && o + 8 <= o1 ? w + 4 * ldw : w;
-        float *yb = y + b * ldy + o;
-        switch (nb - b) {
-          case 1: block4x<1>(w, ldw, H, xb, ldx, yb, ldy, next); break;
-          case 2: block4x<2>(w, ldw, H, xb, ldx, yb, ldy, next); break;
-          case 3: block4x<3>(w, ldw, H, xb, ldx, yb, ldy, next); break;
-          default: block4x<4>(w, ldw, H, xb, ldx, yb, ldy, next);
-        }
-      }
-  }
-#endif
-  for (; o + 4 <= o1; o += 4) {
-    const float *w0 = W + o * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-    for (int64_t b = 0; b < nb; ++b) {
-      const float *xb = x + b * ldx;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t h = 0; h < H; ++h) {
-        const float v = xb[h];
-        a0 += w0[h] * v;
-        a1 += w1[h] * v;
-        a2 += w2[h] * v;
-        a3 += w3[h] * v;
-      }
-      float *yb = y + b * ldy + o;
-      yb[0] = a0, yb[1] = a1, yb[2] = a2, yb[3] = a3;
-    }
-  }
-  for (; o < o1; ++o) {
-    const float *w0 = W + o * ldw;
-    for (int64_t b = 0; b < nb; ++b) {
-      const float *xb = x + b * ldx;
-      float a0 = 0.f;
-#pragma omp simd reduction(+ : a0)
-      for (int64_t h = 0; h < H; ++h) a0 += w0[h] * xb[h];
-      y[b * ldy + o] = a0;
-    }
-  }
-}
-
-static inline void rows_dot(const float *W, int64_t H, int64_t o0, int64_t o1, const float *x, int64_t ldx,
-                            int64_t nb, float *y, int64_t ldy) {
-  rows_dot_ld(W, H, H, o0, o1, x, ldx, nb, y, ldy);
-}
 
 // out = w * (x * rsqrt(mean(x^2) + eps)), HF Qwen3 RMSNorm in float32
 static void rms(const float *x, const float *w, int64_t n, float eps, float *out) {
@@ -136,6 +47,40 @@ static void rope(float *x, const float *cos, const float *sin, int64_t D) {
 // weights to the slow interleaved pattern (B=1 is memory bound); 64 rows still give 8-16 chunks.
 static const int64_t kChunk = 64;
 static inline int64_t nchunks(int64_t rows) { return (rows + kChunk - 1) / kChunk; }
+
+// Walks the aot params in order: single tensors, and weights that are one param (float32 or
+// bfloat16) or three (qweight, scales, qzeros; quant_common.h parse_weight). Any mismatch sets ok.
+struct Args {
+  int n;
+  void **p;
+  int *nd;
+  int64_t **sh;
+  const char **dt;
+  int i = 0;
+  bool ok = true;
+  int take() {
+    if (i < n) return i++;
+    ok = false;
+    return n - 1;
+  }
+  // a weight with input width I (lead leading dims); *rows = its output rows
+  QMat weight(int64_t I, int lead, int64_t *rows) {
+    QMat m;
+    const int at = i;
+    if (!ok || !parse_weight(i, n, p, nd, sh, dt, I, lead, &m)) {
+      ok = false;
+      *rows = 0;
+      return m;
+    }
+    *rows = sh[at][lead];
+    return m;
+  }
+  const float *vec(int at, int64_t len, std::vector<float> &buf) {
+    const float *v = vec_f32(p[at], dt[at], len, buf);
+    ok = ok && nd[at] == 1 && sh[at][0] == len && v != nullptr;
+    return v;
+  }
+};
 
 struct AttnDims {
   int64_t B, S, H, N, K, G, D, T;
@@ -213,43 +158,54 @@ static void attend(const float *q, const float *kc, const float *vc, const float
   }
 }
 
-// inputs: 0 x [B,S,H]  1 ln1 [H]  2 wq [N*D,H]  3 wk [K*D,H]  4 wv [K*D,H]  5 q_norm [D]  6 k_norm [D]
-//         7 wo [H,N*D]  8 k_cache [B,K,T,D]  9 v_cache [B,K,T,D]  10 cos [B,S,D]  11 sin [B,S,D]
-//         12 bias [B,S,T]  13 meta int32 [4] (first slot written, top_k, norm_topk_prob, unused)
-//         14 fcfg float32 [2] (rms eps, attention scale)
-// output: 15 y [B,S,H] = x + o_proj(attention(rms(x)))
+// inputs: x [B,S,H], ln1 [H], wq [N*D,H], wk [K*D,H], wv [K*D,H], q_norm [D], k_norm [D],
+//         wo [H,N*D], k_cache [B,K,T,D], v_cache [B,K,T,D], cos [B,S,D], sin [B,S,D], bias [B,S,T],
+//         meta int32 [4] (first slot written, top_k, norm_topk_prob, unused),
+//         fcfg float32 [2] (rms eps, attention scale)
+// output: y [B,S,H] = x + o_proj(attention(rms(x)))
+// Each weight is float32, bfloat16 or (qweight, scales, qzeros) (see Args); norms float32 or bf16.
 // Query s of row b is written to slot meta[0] + s and sees the keys its bias row allows.
 extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
-  if (nparam != 16) return 1;
-  const float *x = static_cast<const float *>(params[0]), *ln1 = static_cast<const float *>(params[1]);
-  const float *wq = static_cast<const float *>(params[2]), *wk = static_cast<const float *>(params[3]);
-  const float *wv = static_cast<const float *>(params[4]), *qn = static_cast<const float *>(params[5]);
-  const float *kn = static_cast<const float *>(params[6]), *wo = static_cast<const float *>(params[7]);
-  float *kc = static_cast<float *>(params[8]), *vc = static_cast<float *>(params[9]);
-  const float *cos = static_cast<const float *>(params[10]), *sin = static_cast<const float *>(params[11]);
-  const float *bias = static_cast<const float *>(params[12]);
-  const int32_t *meta = static_cast<const int32_t *>(params[13]);
-  const float *fcfg = static_cast<const float *>(params[14]);
-  float *y = static_cast<float *>(params[15]);
+  Args a{nparam, params, ndims, shapes, dtypes};
+  const int ix = a.take(), iln = a.take();
+  if (!a.ok || ndims[ix] != 3) return 1;
   AttnDims d;
-  d.B = shapes[0][0], d.S = shapes[0][1], d.H = shapes[0][2], d.D = shapes[5][0];
-  d.N = shapes[2][0] / d.D, d.K = shapes[3][0] / d.D, d.G = d.N / d.K, d.T = shapes[8][2];
+  d.B = shapes[ix][0], d.S = shapes[ix][1], d.H = shapes[ix][2];
+  int64_t ND, KD, KDv, Ho;
+  const QMat wq = a.weight(d.H, 0, &ND), wk = a.weight(d.H, 0, &KD), wv = a.weight(d.H, 0, &KDv);
+  const int iqn = a.take(), ikn = a.take();
+  const QMat wo = a.weight(ND, 0, &Ho);
+  const int ikc = a.take(), ivc = a.take(), icos = a.take(), isin = a.take(), ibias = a.take();
+  const int imeta = a.take(), ifcfg = a.take(), iy = a.take();
+  if (!a.ok || a.i != nparam || KD != KDv || Ho != d.H || ndims[ikc] != 4 || ndims[iqn] != 1) return 1;
+  d.D = shapes[iqn][0], d.T = shapes[ikc][2];
+  if (d.D <= 0 || d.D > 1024 || ND % d.D != 0 || KD % d.D != 0 || KD == 0) return 1;
+  d.N = ND / d.D, d.K = KD / d.D, d.G = d.N / d.K;
+  std::vector<float> b1, b2, b3;
+  const float *x = static_cast<const float *>(params[ix]), *ln1 = a.vec(iln, d.H, b1);
+  const float *qn = a.vec(iqn, d.D, b2), *kn = a.vec(ikn, d.D, b3);
+  float *kc = static_cast<float *>(params[ikc]), *vc = static_cast<float *>(params[ivc]);
+  const float *cos = static_cast<const float *>(params[icos]), *sin = static_cast<const float *>(params[isin]);
+  const float *bias = static_cast<const float *>(params[ibias]);
+  const int32_t *meta = static_cast<const int32_t *>(params[imeta]);
+  const float *fcfg = static_cast<const float *>(params[ifcfg]);
+  float *y = static_cast<float *>(params[iy]);
   const int64_t slot0 = meta[0];
-  if (ndims[0] != 3 || ndims[8] != 4 || d.D > 1024 || slot0 < 0 || slot0 + d.S > d.T) return 1;
+  if (!a.ok || d.N % d.K != 0 || slot0 < 0 || slot0 + d.S > d.T) return 1;
   const float eps = fcfg[0], scale = fcfg[1];
-  const int64_t R = d.B * d.S, ND = d.N * d.D, KD = d.K * d.D, QKV = ND + 2 * KD;
+  const int64_t R = d.B * d.S, QKV = ND + 2 * KD;
   std::vector<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
   Pool &pool = Pool::get();
   // q | k | v projections as one row range over the three weights
   const int64_t cq = nchunks(ND), ck = nchunks(KD);
   pool.run(cq + 2 * ck, [&](int64_t c) {
-    const float *W = c < cq ? wq : (c < cq + ck ? wk : wv);
+    const QMat &W = c < cq ? wq : (c < cq + ck ? wk : wv);
     const int64_t rows = c < cq ? ND : KD, base = c < cq ? 0 : (c < cq + ck ? ND : ND + KD);
     const int64_t cc = c < cq ? c : (c < cq + ck ? c - cq : c - cq - ck);
     const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
-    rows_dot(W, d.H, o0, o1, xn.data(), d.H, R, qkv.data() + base, QKV);
+    mat_dot(W, o0, o1, xn.data(), d.H, R, qkv.data() + base, QKV);
   });
   // one task per (row b, kv head k): its S keys/values are normed, rotated and written to the
   // cache first, then its G query heads of every query attend (no other task touches them)
@@ -276,7 +232,7 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   });
   pool.run(nchunks(d.H), [&](int64_t c) {
     const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
-    rows_dot(wo, ND, o0, o1, o.data(), ND, R, y, d.H);
+    mat_dot(wo, o0, o1, o.data(), ND, R, y, d.H);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t i = o0; i < o1; ++i) y[r * d.H + i] = x[r * d.H + i] + y[r * d.H + i];
   });
@@ -308,28 +264,38 @@ static void route(const float *logits, const MoeDims &d, bool norm, int32_t *idx
     for (int64_t j = 0; j < d.K; ++j) w[j] /= tot;
 }
 
-// inputs: 0 h [R,H]  1 ln2 [H]  2 router [E,H]  3 gate_up [E,2I,H]  4 down [E,H,I]
-//         5 meta int32 [4] (unused, top_k, norm_topk_prob, unused)  6 fcfg float32 [2] (rms eps, unused)
-// output: 7 y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h))
+// inputs: h [R,H], ln2 [H], router [E,H], gate_up [E,2I,H], down [E,H,I],
+//         meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2] (rms eps, unused)
+// output: y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h)); weights and ln2 as in DecodeAttn
 extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
-  if (nparam != 8) return 1;
-  const float *h = static_cast<const float *>(params[0]), *ln2 = static_cast<const float *>(params[1]);
-  const float *wr = static_cast<const float *>(params[2]), *wgu = static_cast<const float *>(params[3]);
-  const float *wd = static_cast<const float *>(params[4]);
-  const int32_t *meta = static_cast<const int32_t *>(params[5]);
-  const float *fcfg = static_cast<const float *>(params[6]);
-  float *y = static_cast<float *>(params[7]);
+  Args args{nparam, params, ndims, shapes, dtypes};
+  const int ih = args.take(), iln = args.take();
+  if (!args.ok || ndims[ih] < 1) return 1;
   MoeDims d;
-  d.R = 1, d.H = shapes[0][ndims[0] - 1];
-  for (int i = 0; i + 1 < ndims[0]; ++i) d.R *= shapes[0][i];
-  d.E = shapes[3][0], d.I2 = shapes[3][1], d.I = d.I2 / 2, d.K = meta[1];
-  if (d.K < 1 || d.K > d.E) return 1;
+  d.R = 1, d.H = shapes[ih][ndims[ih] - 1];
+  for (int i = 0; i + 1 < ndims[ih]; ++i) d.R *= shapes[ih][i];
+  int64_t Er, Hd;
+  const QMat wr = args.weight(d.H, 0, &Er);
+  const int igu = args.i;
+  const QMat wgu = args.weight(d.H, 1, &d.I2);
+  d.E = args.ok ? shapes[igu][0] : 0, d.I = d.I2 / 2;
+  const int idn = args.i;
+  const QMat wd = args.weight(d.I, 1, &Hd);
+  const int imeta = args.take(), ifcfg = args.take(), iy = args.take();
+  if (!args.ok || args.i != nparam || Er != d.E || Hd != d.H || shapes[idn][0] != d.E || d.I2 % 2 != 0) return 1;
+  std::vector<float> lnbuf;
+  const float *h = static_cast<const float *>(params[ih]), *ln2 = args.vec(iln, d.H, lnbuf);
+  const int32_t *meta = static_cast<const int32_t *>(params[imeta]);
+  const float *fcfg = static_cast<const float *>(params[ifcfg]);
+  float *y = static_cast<float *>(params[iy]);
+  d.K = meta[1];
+  if (!args.ok || d.K < 1 || d.K > d.E) return 1;
   const int64_t A = d.R * d.K;
   std::vector<float> z(d.R * d.H), logits(d.R * d.E), w(A);
   std::vector<int32_t> idx(A);
   for (int64_t r = 0; r < d.R; ++r) rms(h + r * d.H, ln2, d.H, fcfg[0], z.data() + r * d.H);
-  rows_dot(wr, d.H, 0, d.E, z.data(), d.H, d.R, logits.data(), d.E);
+  mat_dot(wr, 0, d.E, z.data(), d.H, d.R, logits.data(), d.E);
   for (int64_t r = 0; r < d.R; ++r) route(logits.data() + r * d.E, d, meta[2] != 0, idx.data() + r * d.K, w.data() + r * d.K);
   // stable counting sort of assignments by expert; zs holds the rows in expert order
   std::vector<int64_t> off(d.E + 1, 0), row(A);
@@ -348,7 +314,9 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   const int64_t na = static_cast<int64_t>(active.size());
   const int64_t threads = Pool::get().threads();
   int64_t P = na >= 2 * threads ? 1 : (2 * threads + na - 1) / na;
-  int64_t Is = ((d.I + P - 1) / P + 15) / 16 * 16;
+  const int64_t gran = wd.quantized() ? (wd.g + 15) / 16 * 16 : 16;  // down slices: whole groups
+  int64_t Is = ((d.I + P - 1) / P + gran - 1) / gran * gran;
+  if (wd.quantized() && Is % wd.g != 0) Is = d.I;
   if (Is > d.I) Is = d.I;
   P = (d.I + Is - 1) / Is;
   std::vector<float> gu(A * 2 * Is * P), ye(P * A * d.H);
@@ -356,17 +324,17 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   pool.run(na * P, [&](int64_t task) {
     const int64_t e = active[task / P], part = task % P, i0 = part * Is;
     const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
-    const float *wg = wgu + e * d.I2 * d.H;
+    const QMat we = wgu.rows(e * d.I2);
     float *g = gu.data() + part * A * 2 * Is + r0 * 2 * Is, *u = g + n * Is;  // [n, Is] each
-    rows_dot(wg + i0 * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, g, Is);
-    rows_dot(wg + (d.I + i0) * d.H, d.H, 0, ni, zs.data() + r0 * d.H, d.H, n, u, Is);
+    mat_dot(we.rows(i0), 0, ni, zs.data() + r0 * d.H, d.H, n, g, Is);
+    mat_dot(we.rows(d.I + i0), 0, ni, zs.data() + r0 * d.H, d.H, n, u, Is);
     for (int64_t a = 0; a < n; ++a)
       for (int64_t i = 0; i < ni; ++i) {
         const float gv = g[a * Is + i];
         g[a * Is + i] = gv / (1.0f + std::exp(-gv)) * u[a * Is + i];
       }
     // down slice: ye[part][r0 + a][h] = wd[e][h, i0:i0+ni] . act[a, :ni]
-    rows_dot_ld(wd + e * d.H * d.I + i0, d.I, ni, 0, d.H, g, Is, n, ye.data() + (part * A + r0) * d.H, d.H);
+    mat_dot(wd.rows(e * d.H).cols(i0, ni), 0, d.H, g, Is, n, ye.data() + (part * A + r0) * d.H, d.H);
   });
   pool.run(d.R, [&](int64_t r) {
     float *yr = y + r * d.H;
@@ -403,21 +371,28 @@ extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// inputs: 0 x [B,S,H]  1 norm [H]  2 lm_head [V,H]  3 fcfg float32 [2] (rms eps, unused)
-// output: 4 logits [B,V] of the last position: lm_head(rms(x[:, S-1]))
+// inputs: x [B,S,H], norm [H], lm_head [V,H] (any weight storage, see Args), fcfg float32 [2]
+// output: logits [B,V] of the last position: lm_head(rms(x[:, S-1]))
 extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
-  if (nparam != 5 || ndims[0] != 3 || ndims[2] != 2) return 1;
-  const float *x = static_cast<const float *>(params[0]), *nw = static_cast<const float *>(params[1]);
-  const float *W = static_cast<const float *>(params[2]), *fcfg = static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
-  const int64_t B = shapes[0][0], S = shapes[0][1], H = shapes[0][2], V = shapes[2][0];
+  Args args{nparam, params, ndims, shapes, dtypes};
+  const int ix = args.take(), inorm = args.take();
+  if (!args.ok || ndims[ix] != 3) return 1;
+  const int64_t B = shapes[ix][0], S = shapes[ix][1], H = shapes[ix][2];
+  int64_t V;
+  const QMat W = args.weight(H, 0, &V);
+  const int ifcfg = args.take(), iy = args.take();
+  std::vector<float> nbuf;
+  const float *x = static_cast<const float *>(params[ix]), *nw = args.vec(inorm, H, nbuf);
+  if (!args.ok || args.i != nparam) return 1;
+  const float *fcfg = static_cast<const float *>(params[ifcfg]);
+  float *y = static_cast<float *>(params[iy]);
   std::vector<float> z(B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
   const int64_t chunk = 256, nc = (V + chunk - 1) / chunk;  // see kChunk
   Pool::get().run(nc, [&](int64_t c) {
     const int64_t o1 = (c + 1) * chunk < V ? (c + 1) * chunk : V;
-    rows_dot(W, H, c * chunk, o1, z.data(), H, B, y, V);
+    mat_dot(W, c * chunk, o1, z.data(), H, B, y, V);
   });
   return 0;
 }

@@ -1,0 +1,219 @@
+"""Weight-format benchmark on the 2-layer real-geometry folder: our fp32 / bf16 / int8 / int4 against
+llama.cpp F32 / Q8_0 / Q4_K_M, in one run, 2 threads each.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/quant.py --folder /work/data/synth-2l \
+        [--modes fp32,bf16,int8,int4] [--gguf-dir /work/data/gguf] [--reps 3] [--no-results]
+
+Per mode, each in its own subprocess (so peak RSS and thread pools don't mix):
+  load time, prefill 1x512 tokens/s, decode tokens/s at batch 1 and batch 8 (16-token prompts,
+  64 new tokens: 63 decode steps timed, ignore_eos, greedy), peak RSS, and the relative logits
+  error ||l - l_fp32|| / ||l_fp32|| of a 1x64 forward against our fp32.
+llama.cpp (reference tooling, tools/llamacpp/): llama-bench pp512 and tg64 (b1), and
+llama-batched-bench -npp 16 -ntg 64 -npl 8 (S_TG, aggregate b8), peak RSS from /usr/bin/time.
+Prints each of our modes against our fp32 and int8 vs Q8_0, int4 vs Q4_K_M (targets in issue 14).
+Times are medians over --reps after a warm-up call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PREFILL_LEN = 512
+PROMPT, NEW = 16, 64
+DECODE_BATCHES = (1, 8)
+LOGIT_PROBE = 64
+# our mode -> from_pretrained keyword arguments
+MODES = {
+    "fp32": dict(dtype="float32"),
+    "bf16": dict(dtype="bfloat16"),
+    "int8": dict(quantization="int8"),
+    "int4": dict(quantization="int4", group_size=128),
+}
+LLAMA_MODES = {"F32": "F32", "Q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
+PAIRS = (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("fp32", "F32"))
+TARGET_VS_FP32 = {"bf16": 1.8, "int8": 3.0, "int4": 4.5}
+
+
+def _ids(B: int, S: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 151643, (B, S))  # real (non-special) Qwen ids
+
+
+def measure(model, reps: int) -> dict:
+    """Prefill 1x512 and decode b1/b8 tokens/s of a loaded model: medians of `reps` after a warm-up."""
+    from qwen3moe.generation.generate import GenerationRun, resolve_config
+
+    def run(B: int, S: int, new: int, seed: int):
+        cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False)
+        r = GenerationRun(model, _ids(B, S, seed), None, cfg)
+        r.run()
+        return r.stats
+
+    out = {}
+    run(1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
+    out["prefill_tps"] = statistics.median(
+        PREFILL_LEN / run(1, PREFILL_LEN, 1, i).prefill_s for i in range(reps))
+    for B in DECODE_BATCHES:
+        run(B, PROMPT, NEW, 100)
+        rates = []
+        for i in range(reps):
+            st = run(B, PROMPT, NEW, 100 + i)
+            rates.append(B * st.decode_steps / st.decode_s)
+        out[f"decode_b{B}_tps"] = statistics.median(rates)
+    return out
+
+
+# ----------------------------------------------------------------------------- our worker
+def worker_ours(folder: str, mode: str, reps: int, logits_out: str) -> dict:
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    from qwen3moe import Qwen3MoeForCausalLM
+
+    t0 = time.perf_counter()
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, **MODES[mode])
+    out: dict = {"load_s": time.perf_counter() - t0,
+                 "load_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out.update(measure(model, reps))
+    logits = model(_ids(1, LOGIT_PROBE, 7)).logits
+    np.save(logits_out, np.asarray(logits.asnumpy(), np.float32))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# ----------------------------------------------------------------------------- llama.cpp side
+def _timed(cmd: list[str]) -> tuple[str, float]:
+    """Run under /usr/bin/time; return stdout and the peak RSS in MB."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf.name, *cmd],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        return proc.stdout, int(tf.read().split()[-1]) / 1024
+
+
+def llama_side(bin_dir: Path, gguf: Path, reps: int) -> dict:
+    out, rss = {}, []
+    text, r = _timed([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", "2", "-p", str(PREFILL_LEN),
+                      "-n", str(NEW), "-r", str(reps), "-o", "json"])
+    rss.append(r)
+    for row in json.loads(text):
+        key = "prefill_tps" if row["n_prompt"] else "decode_b1_tps"
+        out[key] = row["avg_ts"]
+    text, r = _timed([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", "2", "-tb", "2",
+                      "-c", str(8 * (PROMPT + NEW)), "-npp", str(PROMPT), "-ntg", str(NEW),
+                      "-npl", "8", "--output-format", "jsonl"])
+    rss.append(r)
+    rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    out["decode_b8_tps"] = next(row["speed_tg"] for row in rows if row["pl"] == 8)
+    out["peak_rss_mb"] = max(rss)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def bench_env() -> dict[str, str]:
+    from common import REPO, bench_env as base
+
+    return dict(base(), OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
+
+
+def run_ours(folder: str, mode: str, reps: int, tmp: str) -> tuple[dict, np.ndarray]:
+    logits = os.path.join(tmp, f"{mode}.npy")
+    proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--folder", folder,
+                           "--reps", str(reps), "--logits", logits],
+                          capture_output=True, text=True, env=bench_env())
+    if proc.returncode != 0:
+        sys.exit(f"bench worker {mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(logits)
+
+
+def fmt(name: str, r: dict) -> str:
+    load = f", load {r['load_s']:5.1f} s" if "load_s" in r else ""
+    err = f", logits rel err vs fp32 {r['rel_err']:.2e}" if "rel_err" in r else ""
+    return (f"{name:7s} prefill 1x{PREFILL_LEN} {r['prefill_tps']:7.1f} tok/s | decode b1 "
+            f"{r['decode_b1_tps']:6.1f} | b8 {r['decode_b8_tps']:6.1f} tok/s | peak RSS "
+            f"{r['peak_rss_mb']:6.0f} MB{load}{err}")
+
+
+def ratios(ours: dict, llama: dict) -> list[str]:
+    lines = []
+    base = ours.get("fp32")
+    keys = ("prefill_tps", "decode_b1_tps", "decode_b8_tps")
+    for mode, r in ours.items():
+        if base and mode != "fp32":
+            rs = ", ".join(f"{k.removesuffix('_tps')} {r[k] / base[k]:.2f}x" for k in keys)
+            tgt = f" (target decode_b1 >= {TARGET_VS_FP32[mode]}x)" if mode in TARGET_VS_FP32 else ""
+            lines.append(f"{mode} vs our fp32: {rs}{tgt}")
+    for mine, theirs in PAIRS:
+        if mine in ours and theirs in llama:
+            rs = ", ".join(f"{k.removesuffix('_tps')} {ours[mine][k] / llama[theirs][k]:.2f}x" for k in keys)
+            lines.append(f"{mine} vs llama.cpp {theirs}: {rs} (target >= 1.0x each)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default="/work/data/synth-2l")
+    ap.add_argument("--modes", default="fp32,bf16,int8,int4")
+    ap.add_argument("--llama", default="F32,Q8_0,Q4_K_M", help="GGUF types to run ('' for none)")
+    ap.add_argument("--gguf-dir", default="/work/data/gguf")
+    ap.add_argument("--llama-bin", default="/work/data/llamacpp/build/bin")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-results", action="store_true")
+    ap.add_argument("--worker", choices=sorted(MODES))
+    ap.add_argument("--logits")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker_ours(a.folder, a.worker, a.reps, a.logits)))
+        return
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        sys.exit(f"--modes: unknown {bad[0]!r}; choose from {sorted(MODES)}")
+    loads = [f"{os.getloadavg()[0]:.1f}"]
+    ours: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = None
+        for mode in modes:
+            ours[mode], logits = run_ours(a.folder, mode, a.reps, tmp)
+            if mode == "fp32":
+                ref = logits
+            if ref is not None:
+                ours[mode]["rel_err"] = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
+            loads.append(f"{os.getloadavg()[0]:.1f}")
+    llama: dict = {}
+    stem = Path(a.folder).name
+    for t in [t for t in a.llama.split(",") if t]:
+        gguf = Path(a.gguf_dir) / f"{stem}-{LLAMA_MODES[t]}.gguf"
+        if not gguf.is_file():
+            sys.exit(f"--gguf-dir: no {gguf} (see tools/llamacpp/README.md)")
+        llama[t] = llama_side(Path(a.llama_bin), gguf, a.reps)
+        loads.append(f"{os.getloadavg()[0]:.1f}")
+    lines = [fmt(m, r) for m, r in ours.items()] + [fmt(f"llama {t}", r) for t, r in llama.items()]
+    lines += ratios(ours, llama)
+    lines.append(f"median of {a.reps} after a warm-up; 1-min load before each worker and at the end: "
+                 f"{', '.join(loads)} (2 cores)")
+    print("\n".join(lines))
+    if not a.no_results:
+        from common import REPO
+
+        cmd = "OMP_WAIT_POLICY=PASSIVE python bench/quant.py " + " ".join(sys.argv[1:])
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
+            fh.write(f"\n## Weight formats (bench/quant.py)\n\n{stamp}, {a.folder}, 2 threads, "
+                     f"`{cmd.strip()}`\n\n```\n" + "\n".join(lines) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+// Weight rows stored as bfloat16 or weight-only int8 / int4 (group-wise, fp16 scales, uint8 zero
+// points), dequantized while they stream and dotted with float32 activations (fp32 accumulation).
+//
+// Layout (the in-memory contract with the model side, docs/quantization.md): a projection
+// W[O, I] with group size g (int8 per output channel: g = I), G = I / g groups per row:
+//   qweight uint8 [O, I] (8 bits) or [O, I/2] (4 bits: low nibble = even k, high nibble = odd k),
+//   scales float16 [O, G], qzeros uint8 [O, G];  W[o, k] = (u[o, k] - z[o, k/g]) * float(s[o, k/g]).
+// bf16: the plain bfloat16 matrix. Fused experts stack E such matrices (leading dim).
+// Each weight vector is dequantized to exactly that float32 value (u - z is an exact integer, one
+// rounding in the multiply), so results differ from a NumPy dequant reference only by the fp32
+// summation order. AVX-512 code when the build has it, else (or after quant_set_portable(1)) the
+// portable scalar loops, which the tests force to check them too.
+// kernels/build.py hashes csrc/*.h into every kernel's cache key.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+enum WKind { kF32 = 0, kBF16 = 1, kQ8 = 2, kQ4 = 3 };
+
+// Runtime switch to the scalar loops (tests; QWEN3MOE_KERNEL_PORTABLE=1 at load sets it too).
+static inline bool &quant_portable_flag() {
+  static bool flag = [] {
+    const char *e = std::getenv("QWEN3MOE_KERNEL_PORTABLE");
+    return e != nullptr && e[0] == '1';
+  }();
+  return flag;
+}
+
+static inline bool quant_vector() {
+#if defined(__AVX512F__)
+  return !quant_portable_flag();
+#else
+  return false;
+#endif
+}
+
+// IEEE half -> float (exact; subnormals and inf/nan included)
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400u));
+    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+static inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// The rows of one [O, I] weight (or a column slice of it) as a kernel reads them.
+struct QMat {
+  int kind = kF32;
+  const uint8_t *w = nullptr;   // row o at w + o * ld bytes
+  const uint16_t *s = nullptr;  // fp16 scales, row o at s + o * lds (quantized kinds)
+  const uint8_t *z = nullptr;   // zero points, same indexing as s
+  int64_t ld = 0, lds = 0, I = 0, g = 0;
+
+  static int64_t bytes_for(int kind, int64_t n) {
+    return kind == kQ4 ? n / 2 : (kind == kQ8 ? n : (kind == kBF16 ? 2 * n : 4 * n));
+  }
+  bool quantized() const { return kind == kQ8 || kind == kQ4; }
+  QMat rows(int64_t o0) const {
+    QMat m = *this;
+    m.w += o0 * ld;
+    if (quantized()) m.s += o0 * lds, m.z += o0 * lds;
+    return m;
+  }
+  // columns [c0, c0 + n); for quantized kinds c0 and n must be multiples of g
+  QMat cols(int64_t c0, int64_t n) const {
+    QMat m = *this;
+    m.w += bytes_for(kind, c0);
+    m.I = n;
+    if (quantized()) m.s += c0 / g, m.z += c0 / g;
+    return m;
+  }
+};
+
+// w[0:I] = the float32 values of row o (scalar: the definition the vector code must match)
+static inline void dequant_row_scalar(const QMat &W, int64_t o, float *out) {
+  const uint8_t *p = W.w + o * W.ld;
+  if (W.kind == kF32) {
+    std::memcpy(out, p, W.I * sizeof(float));
+  } else if (W.kind == kBF16) {
+    const uint16_t *q = reinterpret_cast<const uint16_t *>(p);
+    for (int64_t k = 0; k < W.I; ++k) out[k] = bf16_to_float(q[k]);
+  } else {
+    const uint16_t *s = W.s + o * W.lds;
+    const uint8_t *z = W.z + o * W.lds;
+    for (int64_t k = 0; k < W.I; ++k) {
+      const int u = W.kind == kQ8 ? p[k] : (k & 1 ? p[k / 2] >> 4 : p[k / 2] & 15);
+      out[k] = static_cast<float>(u - z[k / W.g]) * half_to_float(s[k / W.g]);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// Per-group dequantization state of one row: for int8 the float zero point and scale, for int4
+// a 16-entry table (u - z) * s that vpermps indexes by the nibble (only bits 3:0 of the index
+// are used, so the low nibble needs no mask).
+struct GroupQ {
+  __m512 a, b;
+  template <int KIND>
+  inline void set(const QMat &W, int64_t o, int64_t gi) {
+    const float s = half_to_float(W.s[o * W.lds + gi]), z = static_cast<float>(W.z[o * W.lds + gi]);
+    if (KIND == kQ8) {
+      a = _mm512_set1_ps(z), b = _mm512_set1_ps(s);
+    } else {
+      const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      a = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+    }
+  }
+};
+
+// 16 bf16 weights -> float32
+static inline __m512 bf16x16(const uint8_t *p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// 16 int8 weights of one group -> (u - z) * s
+static inline __m512 q8x16(const uint8_t *p, const GroupQ &q) {
+  const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+  return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(u), q.a), q.b);
+}
+
+// 32 int4 weights (16 bytes) of one group -> even-k and odd-k vectors
+static inline void q4x32(const uint8_t *p, const GroupQ &q, __m512 &even, __m512 &odd) {
+  const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+  even = _mm512_permutexvar_ps(u, q.a);
+  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), q.a);
+}
+
+// Software prefetch of the next rows block, `bytes` at a time, one cache line per 64 bytes, rows
+// `len` bytes long and `ld` apart (see decode_layer.cc block4x for why a linear stream helps).
+struct RowPrefetch {
+  const char *row;
+  int64_t col = 0, len, ld;
+  inline void step(int64_t bytes) {
+    for (; bytes > 0; bytes -= 64) {
+      _mm_prefetch(row + col, _MM_HINT_T0);
+      col += 64;
+      if (col >= len) col = 0, row += ld;
+    }
+  }
+};
+
+// Elements per inner step: int4 dequantizes 32 (two vectors), the others 16.
+template <int KIND>
+constexpr int64_t kStep = KIND == kQ4 ? 32 : 16;
+
+// y[b * ldy + r] = W[o + r, :] . x[b, :] for 4 rows r and NB batch rows; x in the kernel order
+// (for int4 each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0, g % kStep == 0.
+template <int KIND, int NB>
+static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx, float *y, int64_t ldy,
+                           RowPrefetch *pf) {
+  __m512 acc[4][NB];
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  const int64_t g = KIND == kBF16 ? W.I : W.g, G = W.I / g;
+  const int64_t step_bytes = QMat::bytes_for(KIND, kStep<KIND>);
+  const uint8_t *w0 = W.w + o * W.ld;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    GroupQ q[4];
+    if (KIND != kBF16)
+      for (int r = 0; r < 4; ++r) q[r].template set<KIND>(W, o + r, gi);
+    for (int64_t h = gi * g; h < (gi + 1) * g; h += kStep<KIND>) {
+      if (pf) pf->step(4 * step_bytes);
+      const int64_t off = QMat::bytes_for(KIND, h);
+      if (KIND == kQ4) {
+        __m512 xe[NB], xo[NB];
+        for (int b = 0; b < NB; ++b) xe[b] = _mm512_loadu_ps(x + b * ldx + h), xo[b] = _mm512_loadu_ps(x + b * ldx + h + 16);
+        for (int r = 0; r < 4; ++r) {
+          __m512 we, wo;
+          q4x32(w0 + r * W.ld + off, q[r], we, wo);
+          for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wo, xo[b], _mm512_fmadd_ps(we, xe[b], acc[r][b]));
+        }
+      } else {
+        __m512 xv[NB];
+        for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + h);
+        for (int r = 0; r < 4; ++r) {
+          const uint8_t *p = w0 + r * W.ld + off;
+          const __m512 wv = KIND == kBF16 ? bf16x16(p) : q8x16(p, q[r]);
+          for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+template <int KIND>
+static inline void qblock4_nb(const QMat &W, int64_t o, const float *x, int64_t ldx, float *y, int64_t ldy,
+                              RowPrefetch *pf, int64_t nb) {
+  switch (nb) {
+    case 1: return qblock4<KIND, 1>(W, o, x, ldx, y, ldy, pf);
+    case 2: return qblock4<KIND, 2>(W, o, x, ldx, y, ldy, pf);
+    case 3: return qblock4<KIND, 3>(W, o, x, ldx, y, ldy, pf);
+    default: return qblock4<KIND, 4>(W, o, x, ldx, y, ldy, pf);
+  }
+}
+
+// rows_dot_q's vector path for o1 - o0 >= 4: 4-row blocks; a tail of 1-3 rows recomputes the
+// last 4 rows into a temporary and keeps its own.
+template <int KIND>
+static void qrows_vec(const QMat &W, int64_t o0, int64_t o1, const float *x, int64_t ldx, int64_t nb, float *y,
+                      int64_t ldy) {
+  const int64_t len = QMat::bytes_for(KIND, W.I), full = o0 + (o1 - o0) / 4 * 4;
+  for (int64_t o = o0; o < full; o += 4)
+    for (int64_t b = 0; b < nb; b += 4) {
+      RowPrefetch pf{reinterpret_cast<const char *>(W.w + (o + 4) * W.ld), 0, len, W.ld};
+      qblock4_nb<KIND>(W, o, x + b * ldx, ldx, y + b * ldy + o, ldy, b == 0 && o + 8 <= o1 ? &pf : nullptr, nb - b);
+    }
+  if (full == o1) return;
+  float tmp[4 * 4];
+  for (int64_t b = 0; b < nb; b += 4) {
+    qblock4_nb<KIND>(W, o1 - 4, x + b * ldx, ldx, tmp, 4, nullptr, nb - b);
+    for (int64_t bb = 0; bb < 4 && b + bb < nb; ++bb)
+      for (int64_t o = full; o < o1; ++o) y[(b + bb) * ldy + o] = tmp[bb * 4 + o - (o1 - 4)];
+  }
+}
+#endif
+
+// x rows in the order qblock4 reads them: int4 reorders each 32-block to (even k, odd k).
+static inline const float *prep_x(int kind, const float *x, int64_t ldx, int64_t nb, int64_t I,
+                                  std::vector<float> &buf, int64_t &ld_out) {
+  ld_out = ldx;
+  if (kind != kQ4) return x;
+  buf.resize(nb * I);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t h = 0; h < I; h += 32)
+      for (int64_t j = 0; j < 16; ++j) {
+        buf[b * I + h + j] = x[b * ldx + h + 2 * j];
+        buf[b * I + h + 16 + j] = x[b * ldx + h + 2 * j + 1];
+      }
+  ld_out = I;
+  return buf.data();
+}
+
+// y[b * ldy + o] = W[o, :] . x[b, :] for o in [o0, o1), b in [0, nb); bf16 / int8 / int4 rows
+// (fp32 rows go through decode_layer.cc's rows_dot_ld).
+static void rows_dot_q(const QMat &W, int64_t o0, int64_t o1, const float *x, int64_t ldx, int64_t nb, float *y,
+                       int64_t ldy) {
+  if (o1 <= o0 || nb <= 0) return;
+#if defined(__AVX512F__)
+  const int64_t step = W.kind == kQ4 ? 32 : 16;
+  const int64_t g = W.kind == kBF16 ? W.I : W.g;
+  if (quant_vector() && o1 - o0 >= 4 && W.I % step == 0 && g % step == 0) {
+    thread_local std::vector<float> buf;
+    int64_t ld;
+    const float *xp = prep_x(W.kind, x, ldx, nb, W.I, buf, ld);
+    switch (W.kind) {
+      case kBF16: return qrows_vec<kBF16>(W, o0, o1, xp, ld, nb, y, ldy);
+      case kQ8: return qrows_vec<kQ8>(W, o0, o1, xp, ld, nb, y, ldy);
+      case kQ4: return qrows_vec<kQ4>(W, o0, o1, xp, ld, nb, y, ldy);
+      default: break;
+    }
+  }
+#endif
+  thread_local std::vector<float> row;
+  row.resize(W.I);
+  for (int64_t o = o0; o < o1; ++o) {
+    dequant_row_scalar(W, o, row.data());
+    for (int64_t b = 0; b < nb; ++b) {
+      const float *xb = x + b * ldx;
+      float a = 0.f;
+      for (int64_t k = 0; k < W.I; ++k) a += row[k] * xb[k];
+      y[b * ldy + o] = a;
+    }
+  }
+}
+
+// out[r * ldo + k] = W[o0 + r, k] as float32 for r in [0, n): a tile for a GEMM
+static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64_t ldo) {
+#if defined(__AVX512F__)
+  const int64_t step = W.kind == kQ4 ? 32 : 16;
+  const int64_t g = W.kind == kBF16 || W.kind == kF32 ? W.I : W.g;
+  if (quant_vector() && W.kind != kF32 && W.I % step == 0 && g % step == 0) {
+    const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t o = o0 + r;
+      const uint8_t *p = W.w + o * W.ld;
+      float *dst = out + r * ldo;
+      for (int64_t gi = 0; gi < W.I / g; ++gi) {
+        GroupQ q;
+        if (W.kind == kQ8) q.set<kQ8>(W, o, gi);
+        if (W.kind == kQ4) q.set<kQ4>(W, o, gi);
+        for (int64_t h = gi * g; h < (gi + 1) * g; h += step) {
+          if (W.kind == kBF16) {
+            _mm512_storeu_ps(dst + h, bf16x16(p + 2 * h));
+          } else if (W.kind == kQ8) {
+            _mm512_storeu_ps(dst + h, q8x16(p + h, q));
+          } else {  // interleave (even, odd) back to natural order
+            __m512 e, od;
+            q4x32(p + h / 2, q, e, od);
+            _mm512_storeu_ps(dst + h, _mm512_permutex2var_ps(e, even, od));
+            _mm512_storeu_ps(dst + h + 16, _mm512_permutex2var_ps(e, odd, od));
+          }
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < n; ++r) dequant_row_scalar(W, o0 + r, out + r * ldo);
+}
+
+// One weight as the aot calling convention hands it over: a float32 / bfloat16 (or uint16 bf16
+// bits) matrix (one param) or qweight uint8, scales float16, qzeros uint8 (three params). `I` is the input width
+// (the caller knows it from the activations); int8 vs int4 follows from qweight's last dim.
+// Returns false (and leaves *m untouched) on a shape or dtype that does not fit.
+static inline bool dtype_is(const char *dt, const char *want) { return dt != nullptr && std::strcmp(dt, want) == 0; }
+// bf16 arrives as bfloat16 or as its uint16 bit pattern (how the model holds gathered bf16 weights)
+static inline bool is_bf16(const char *dt) { return dtype_is(dt, "bfloat16") || dtype_is(dt, "uint16"); }
+
+static bool parse_weight(int &i, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         int64_t I, int lead, QMat *m) {
+  if (i >= nparam) return false;
+  const int nd = ndims[i];
+  if (nd != 2 + lead || shapes[i][nd - 1] <= 0) return false;
+  QMat q;
+  q.w = static_cast<const uint8_t *>(params[i]);
+  q.I = I;
+  if (dtype_is(dtypes[i], "uint8")) {
+    if (i + 2 >= nparam) return false;
+    const int64_t last = shapes[i][nd - 1];
+    q.kind = last == I ? kQ8 : (2 * last == I ? kQ4 : -1);
+    const int64_t G = shapes[i + 1][ndims[i + 1] - 1];
+    if (q.kind < 0 || G <= 0 || I % G != 0 || ndims[i + 1] != nd || ndims[i + 2] != nd) return false;
+    for (int d = 0; d + 1 < nd; ++d)
+      if (shapes[i + 1][d] != shapes[i][d] || shapes[i + 2][d] != shapes[i][d]) return false;
+    if (shapes[i + 2][nd - 1] != G || !dtype_is(dtypes[i + 2], "uint8")) return false;
+    q.g = I / G;
+    if (q.kind == kQ4 && q.g % 2 != 0) return false;
+    q.ld = last, q.lds = G;
+    q.s = static_cast<const uint16_t *>(params[i + 1]);
+    q.z = static_cast<const uint8_t *>(params[i + 2]);
+    i += 3;
+  } else {
+    if (shapes[i][nd - 1] != I || !(is_bf16(dtypes[i]) || dtype_is(dtypes[i], "float32"))) return false;
+    q.kind = is_bf16(dtypes[i]) ? kBF16 : kF32;
+    q.ld = QMat::bytes_for(q.kind, I);
+    i += 1;
+  }
+  *m = q;
+  return true;
+}
+
+// A vector param (norm weight) as float32: bf16 widened into buf, fp32 passed through, other
+// dtypes nullptr.
+static inline const float *vec_f32(void *p, const char *dtype, int64_t n, std::vector<float> &buf) {
+  if (dtype_is(dtype, "float32")) return static_cast<const float *>(p);
+  if (!is_bf16(dtype)) return nullptr;
+  buf.resize(n);
+  const uint16_t *q = static_cast<const uint16_t *>(p);
+  for (int64_t k = 0; k < n; ++k) buf[k] = bf16_to_float(q[k]);
+  return buf.data();
+}

@@ -1,0 +1,129 @@
+// Forward-only layers over bf16 / int8 / int4 weights (quant_common.h layout) with float32
+// activations and accumulation (ops.Custom aot): a linear layer y[T, O] = x[T, I] @ W^T and the
+// fused MoE experts (moe_fused.cc's forward: bucket by expert, SwiGLU, weighted combine).
+//
+// Few rows (decode-shaped, T < kGemvRows): each weight row is dequantized in registers while it
+// streams and dotted with every x row (memory bound: bytes per weight are the cost). Many rows
+// (prefill): each thread dequantizes a tile of kTile weight rows into an L2-sized float32 scratch
+// and runs common.h's sgemm (oneDNN's dnnl_sgemm) on it, so the GEMM runs at the fp32 rate and the
+// dequantization is paid once per tile, not per token.
+#include <algorithm>
+#include <cstring>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include <omp.h>
+
+#include "common.h"
+#include "quant_common.h"
+
+static const int64_t kGemvRows = 16, kTile = 64, kChunkRows = 64;
+
+static int64_t rows_of(int nd, const int64_t *shape) {
+  int64_t r = 1;
+  for (int i = 0; i + 1 < nd; ++i) r *= shape[i];
+  return r;
+}
+
+static float *tile_scratch(int64_t n) {
+  thread_local std::unique_ptr<float[]> p;
+  thread_local int64_t cap = 0;
+  if (cap < n) p.reset(new float[n]), cap = n;
+  return p.get();
+}
+
+// y[T, O] (row stride ldy) = x[T, I] @ W^T, parallel over weight rows; used by the MoE kernel too
+static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy, bool parallel) {
+  if (T < kGemvRows) {
+    const int64_t nc = (O + kChunkRows - 1) / kChunkRows;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel && nc > 1)
+    for (int64_t c = 0; c < nc; ++c)
+      rows_dot_q(W, c * kChunkRows, std::min(O, (c + 1) * kChunkRows), x, W.I, T, y, ldy);
+    return;
+  }
+  SerialBlas serial;
+  const int64_t nt = (O + kTile - 1) / kTile;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel && nt > 1)
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t o0 = t * kTile, n = std::min(O, o0 + kTile) - o0;
+    float *wt = tile_scratch(kTile * W.I);
+    dequant_rows(W, o0, n, wt, W.I);
+    gemm(false, true, T, n, W.I, x, W.I, wt, W.I, y + o0, ldy, 0.0f);
+  }
+}
+
+// inputs: x [..., I] float32, then one weight: bf16 [O, I] | (qweight uint8 [O, I or I/2],
+//         scales float16 [O, G], qzeros uint8 [O, G]);  output: y [..., O] float32
+extern "C" int QuantLinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  if (nparam < 3 || !dtype_is(dtypes[0], "float32")) return 1;
+  const int64_t I = shapes[0][ndims[0] - 1], T = rows_of(ndims[0], shapes[0]);
+  int i = 1;
+  QMat W;
+  if (!parse_weight(i, nparam, params, ndims, shapes, dtypes, I, 0, &W) || i != nparam - 1) return 1;
+  const int64_t O = shapes[1][0];
+  if (shapes[i][ndims[i] - 1] != O || rows_of(ndims[i], shapes[i]) != T) return 1;
+  qlinear(W, O, static_cast<const float *>(params[0]), T, static_cast<float *>(params[i]), O, true);
+  return 0;
+}
+
+static float *scratch(int slot, int64_t n) {
+  static std::unique_ptr<float[]> p[4];
+  static int64_t cap[4] = {0, 0, 0, 0};
+  if (cap[slot] < n) p[slot].reset(new float[n]), cap[slot] = n;
+  return p[slot].get();
+}
+
+// inputs: x [T,H] float32, idx [T,K] int32, w [T,K] float32, gate_up weight [E,2I,H] and down
+//         weight [E,H,I], each bf16 (one param) or qweight/scales/qzeros (three params)
+// output: y [T,H] = sum_j w_tj * SwiGLU_{idx_tj}(x_t), summed in j order as moe_fused.cc
+// Experts run in parallel (one thread each, dynamic); an expert with fewer than kGemvRows rows
+// streams its weights (qlinear's GEMV path), a busier one goes through dequantized tiles + sgemm.
+extern "C" int QuantMoeFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam < 6 || ndims[0] != 2 || ndims[1] != 2 || !dtype_is(dtypes[1], "int32")) return 1;
+  const int64_t T = shapes[0][0], H = shapes[0][1], K = shapes[1][1], A = T * K;
+  int i = 3;
+  QMat gu, dn;
+  if (!parse_weight(i, nparam, params, ndims, shapes, dtypes, H, 1, &gu)) return 1;
+  const int64_t E = shapes[3][0], I2 = shapes[3][1], I = I2 / 2;
+  const int gi = i;
+  if (I2 % 2 != 0 || !parse_weight(i, nparam, params, ndims, shapes, dtypes, I, 1, &dn)) return 1;
+  if (shapes[gi][0] != E || shapes[gi][1] != H || i != nparam - 1) return 1;
+  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[2]);
+  const int32_t *idx = static_cast<const int32_t *>(params[1]);
+  float *y = static_cast<float *>(params[i]);
+  std::vector<int64_t> off(E + 1, 0), row(A);
+  for (int64_t a = 0; a < A; ++a) {
+    if (idx[a] < 0 || idx[a] >= E) return 1;
+    ++off[idx[a] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
+  std::vector<int64_t> cur(off.begin(), off.end() - 1);
+  for (int64_t a = 0; a < A; ++a) row[a] = cur[idx[a]]++;
+  float *xs = scratch(0, A * H), *g = scratch(1, A * I2), *act = scratch(2, A * I), *ye = scratch(3, A * H);
+#pragma omp parallel for schedule(static)
+  for (int64_t a = 0; a < A; ++a) std::memcpy(xs + row[a] * H, x + (a / K) * H, H * sizeof(float));
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    qlinear(gu.rows(e * I2), I2, xs + r0 * H, n, g + r0 * I2, I2, false);
+    for (int64_t r = r0; r < r0 + n; ++r) silu_mul(g + r * I2, g + r * I2 + I, act + r * I, I);
+    qlinear(dn.rows(e * H), H, act + r0 * I, n, ye + r0 * H, H, false);
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float *yt = y + t * H;
+    std::memset(yt, 0, H * sizeof(float));
+    for (int64_t j = 0; j < K; ++j) {
+      const float wt = w[t * K + j], *src = ye + row[t * K + j] * H;
+      for (int64_t c = 0; c < H; ++c) yt[c] += wt * src[c];
+    }
+  }
+  return 0;
+}
+
+// Exported for the tests: 1 = the portable scalar loops from now on, 0 = vector code again.
+extern "C" void QuantSetPortable(int on) { quant_portable_flag() = on != 0; }

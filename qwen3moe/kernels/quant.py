@@ -1,0 +1,121 @@
+"""Forward-only CPU ops over bf16 / int8 / int4 weights (kernels/csrc/quant_ops.cc), fp32 math.
+
+Shapes: T rows (all leading dims of x), I in-features, O out-features, G = I // g groups,
+E experts, H hidden, F expert ffn (gate_up [E, 2F, H], down [E, H, F]), K top-k.
+A weight is passed as a tuple: `(w,)` for a bfloat16 matrix of the fp32 shape (or its uint16 bit
+pattern, as the model holds bf16 weights it gathers from), or
+`(qweight, scales, qzeros)` for the quantized layout of docs/quantization.md: qweight uint8
+[O, I] (8 bits) or [O, I // 2] (4 bits, low nibble = even input index), scales float16 [O, G],
+qzeros uint8 [O, G]; W[o, k] = (u[o, k] - z[o, k // g]) * scales[o, k // g]. Experts carry a
+leading E on each tensor.
+- `linear(x, *weight)` = x @ W^T: streaming dequantized rows (GEMV) for a few rows, dequantized
+  tiles + oneDNN sgemm for many.
+- `moe_experts(x_TH, idx_TK, w_TK, gate_up, down)` (or the six quantized tensors, + bits) = sum_j w_tj SwiGLU_{idx_tj}(x_t) (the fp32
+  kernels/moe.py op's forward).
+No gradients: training stays on fp32 weights. `set_portable(True)` switches to the scalar loops
+(tests check both code paths against NumPy).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from qwen3moe.kernels.build import kernel_library
+
+
+def library() -> str | None:
+    return kernel_library("quant_ops")
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def set_portable(on: bool) -> None:
+    """Run the portable scalar loops instead of the AVX-512 ones (both are tested)."""
+    ctypes.CDLL(library()).QuantSetPortable(int(bool(on)))
+
+
+@functools.lru_cache(maxsize=None)
+def _op(name: str, out_shape, out_dtype):
+    return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+
+
+def _linear_op():
+    return _op("QuantLinearFwd", lambda x, *w: list(x[:-1]) + [w[0][0]], lambda x, *w: x)
+
+
+def _moe_op():
+    return _op("QuantMoeFwd", lambda x, *rest: x, lambda x, *rest: x)
+
+
+def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -> None:
+    """ValueError naming `name` unless `weight` is a bf16 matrix or a (qweight, scales, qzeros)
+    triple in the documented layout with input width `in_features` (and leading dims `lead`)."""
+    if len(weight) == 1:
+        (w,) = weight
+        if w.dtype not in (ms.bfloat16, ms.uint16) or tuple(w.shape[:-2]) != lead or w.shape[-1] != in_features:
+            raise ValueError(f"{name}: expected a bfloat16 [{', '.join(map(str, lead + ('O',)))}, {in_features}] "
+                             f"weight, got {w.dtype} {tuple(w.shape)}")
+        return
+    if len(weight) != 3:
+        raise ValueError(f"{name}: expected (weight,) or (qweight, scales, qzeros), got {len(weight)} tensors")
+    q, s, z = weight
+    last = q.shape[-1]
+    ok = (q.dtype == ms.uint8 and s.dtype == ms.float16 and z.dtype == ms.uint8 and last in (in_features, in_features // 2)
+          and len(q.shape) == len(lead) + 2 and tuple(q.shape[:-2]) == lead and tuple(s.shape) == tuple(z.shape)
+          and tuple(s.shape[:-1]) == tuple(q.shape[:-1]) and s.shape[-1] > 0 and in_features % s.shape[-1] == 0)
+    if ok and last * 2 == in_features:
+        ok = (in_features // s.shape[-1]) % 2 == 0
+    if not ok:
+        raise ValueError(f"{name}: expected qweight uint8 [..., O, {in_features} or {in_features // 2}], "
+                         f"scales float16 [..., O, G], qzeros uint8 [..., O, G] with G dividing {in_features}; got "
+                         f"{q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}, {z.dtype} {tuple(z.shape)}")
+
+
+def _split(args: tuple) -> tuple:
+    """(weight tuple,) or loose tensors with an optional trailing `bits` int -> (tensors, bits)."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return tuple(args[0]), None
+    if args and isinstance(args[-1], int):
+        return tuple(args[:-1]), args[-1]
+    return tuple(args), None
+
+
+def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
+    if bits is None:
+        return
+    want = {8: in_features, 4: in_features // 2}.get(bits)
+    if len(weight) != 3 or weight[0].shape[-1] != want:
+        raise ValueError(f"{name}: bits={bits} does not match qweight {tuple(weight[0].shape)} for input width "
+                         f"{in_features}")
+
+
+def linear(x: Tensor, *weight) -> Tensor:
+    """x [..., I] float32 @ W^T -> [..., O] float32; weight = (w,) / (qweight, scales, qzeros)
+    as one tuple or loose tensors, optionally followed by bits (checked against the shapes)."""
+    weight, bits = _split(weight)
+    check_weight("linear weight", weight, x.shape[-1])
+    _check_bits("linear weight", weight, x.shape[-1], bits)
+    return _linear_op()(x, *weight)
+
+
+def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, *weights) -> Tensor:
+    """Fused experts forward; idx int32 in [0, E), x and w float32. weights = (gate_up tuple,
+    down tuple), or gate_up then down tensors (1 + 1 or 3 + 3) optionally followed by bits."""
+    if len(weights) == 2 and all(isinstance(w, (tuple, list)) for w in weights):
+        gate_up, down, bits = tuple(weights[0]), tuple(weights[1]), None
+    else:
+        flat, bits = _split(weights)
+        half = len(flat) // 2
+        gate_up, down = flat[:half], flat[half:]
+    E = gate_up[0].shape[0]
+    check_weight("experts gate_up", gate_up, x_TH.shape[-1], (E,))
+    F = gate_up[0].shape[1] // 2
+    check_weight("experts down", down, F, (E,))
+    _check_bits("experts gate_up", gate_up, x_TH.shape[-1], bits)
+    _check_bits("experts down", down, F, bits)
+    return _moe_op()(x_TH, idx_TK, w_TK, *gate_up, *down)

@@ -1,0 +1,87 @@
+"""Shared test helpers (paths, reference-data lookup, a 2-process launcher). Test modules import
+from here, never from each other or from conftest.py (which holds only pytest fixtures)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# shared/ sits beside the checkout (developer machines and CI); override with QWEN3MOE_SHARED
+SHARED = Path(os.environ.get("QWEN3MOE_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+FIXTURES = REPO / "tests" / "fixtures"
+HF_FIXTURES = FIXTURES / "hf"
+
+
+def reference_dir(name: str) -> Path:
+    path = REFERENCE / name
+    if not path.is_dir():  # a missing cross-check is an error, never a silent skip
+        raise FileNotFoundError(f"reference data {path} not found; set QWEN3MOE_SHARED to the shared/ folder")
+    return path
+
+
+def parity_dirs() -> list[Path]:
+    """tiny-a (independent cross-check) plus every committed fixture with a reference npz."""
+    dirs = [REFERENCE / "tiny-a"]
+    if HF_FIXTURES.is_dir():
+        dirs += sorted(p for p in HF_FIXTURES.iterdir() if (p / "ref_outputs.npz").is_file())
+    return dirs
+
+
+def launch(tmp_path, *cmd: str, timeout: int = 240) -> tuple[int, str, list[dict]]:
+    """`qwen3moe launch --nproc 2 -- cmd...` in tmp_path: (exit code, stderr, RESULT lines of all workers)."""
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO),
+               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "-m", "qwen3moe.cli", "launch", "--nproc", "2", "--log_dir",
+                           str(tmp_path / "logs"), "--timeout", str(timeout - 30), "--", *cmd],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    results = []
+    for log in sorted((tmp_path / "logs").glob("worker_*.log")):
+        results += [json.loads(line.split("RESULT ", 1)[1]) for line in log.read_text().splitlines()
+                    if line.startswith("RESULT ")]
+    return proc.returncode, proc.stderr, results
+
+
+_REF_CACHE: dict = {}
+
+
+def reference(cfg, model, ids, labels, dp: int, M: int):
+    """(loss, {name: gradient}) of the single-device model at its current weights: the
+    unmodified model's loss (mean CE over valid labels + coef * pooled aux) and MindSpore
+    gradients, accumulated over M micro-batches as dp x M would split the global batch."""
+    weights = hashlib.sha1(b"".join(p.asnumpy().tobytes() for p in model.trainable_params())).hexdigest()
+    key = (weights, ids.tobytes(), labels.tobytes(), dp, M)
+    if key not in _REF_CACHE:
+        _REF_CACHE[key] = _reference(cfg, model, ids, labels, dp, M)
+    return _REF_CACHE[key]
+
+
+def _reference(cfg, model, ids, labels, dp: int, M: int):
+    import mindspore as ms
+    from mindspore import ParameterTuple
+
+    from qwen3moe.models.inputs import prepare_inputs
+
+    B = ids.shape[0]
+    b = B // (dp * M)
+    params = ParameterTuple(model.trainable_params())
+    n_valid = float((labels[:, 1:] != -100).sum())
+    total, grads = 0.0, None
+    for m in range(M):
+        rows = [r for i in range(dp) for r in range(i * B // dp + m * b, i * B // dp + (m + 1) * b)]
+        t = prepare_inputs(cfg, ids[rows], labels=labels[rows])
+        n_m = float((t.labels.asnumpy() != -100).sum())
+
+        def objective():
+            out = model.construct(t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels, 0, True, False)
+            return out[2] * n_m / n_valid + cfg.router_aux_loss_coef * out[3] / M
+
+        loss, g = ms.value_and_grad(objective, None, params)()
+        total += float(loss.asnumpy())
+        g = [x.asnumpy() for x in g]
+        grads = g if grads is None else [a + x for a, x in zip(grads, g)]
+    return total, {p.name: x for p, x in zip(params, grads)}

@@ -1,0 +1,267 @@
+"""The fused decode kernels (DecodeAttn / DecodeMoe / DecodeHead) over bf16, int8 and int4 weights
+against the NumPy decode reference of test_decode_kernel.py run on the dequantized weights.
+
+Weights come from test_quant_kernel.quant_arrays: integer codes, zero points and fp16 scales are
+drawn first and W = (u - z) * s is built from them, independently of the kernels' unpacking.
+Tolerance: as test_decode_kernel.py (float32, different summation orders, O(1) activations):
+2e-5 absolute plus 1e-5 relative (asymmetric codes give larger weights); the kernel's dequantized weights are the float32 rounding of (u - z) * s, the
+reference uses the same values. Both the AVX-512 and the portable scalar loops run.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn
+
+from qwen3moe.kernels import decode as decode_kernel
+from qwen3moe.kernels import quant
+from test_decode_kernel import EPS, MASKED, _ref_attn, _ref_moe, _rms, _weights
+from test_quant_kernel import quant_arrays
+
+pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
+_DTYPES = {np.dtype(np.float32): b"float32", np.dtype(np.uint16): b"bfloat16", np.dtype(np.uint8): b"uint8",
+           np.dtype(np.float16): b"float16", np.dtype(np.int32): b"int32"}
+_PROJ = ("wq", "wk", "wv", "wo", "wgu", "wd")  # quantized; the router and lm_head may be any mode
+
+
+def _call(fn: str, arrays: list) -> int:
+    """A kernel entry point called as ops.Custom aot calls it; uint16 arrays are labelled bfloat16."""
+    lib = ctypes.CDLL(decode_kernel.library())
+    n = len(arrays)
+    shp = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    return getattr(lib, fn)(n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]),
+                            (ctypes.c_int * n)(*[a.ndim for a in arrays]),
+                            (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(x, ctypes.POINTER(ctypes.c_int64))
+                                                                   for x in shp]),
+                            (ctypes.c_char_p * n)(*[_DTYPES[a.dtype] for a in arrays]), None, None)
+
+
+def _store(rng, w: dict, mode: str, g, head_mode: str):
+    """Replace the float weights by `mode` storage: returns (kernel arrays per name, dequantized w)."""
+    args, ref = {}, dict(w)
+    for name, val in w.items():
+        m = mode if name in _PROJ else (head_mode if name == "wr" else "fp32")
+        if m == "fp32":
+            args[name] = [val]
+            continue
+        I = val.shape[-1]
+        gg = g if g is not None and I % g == 0 and (m != "int4" or g % 2 == 0) else None
+        arrays, deq = quant_arrays(rng, val.shape, m, gg, scale=0.2 / (128 if m == "int8" else 8))
+        args[name], ref[name] = arrays, deq.astype(np.float32)
+    if mode == "bf16":  # norms stored as bf16 too in a bf16 model
+        for name in ("ln1", "qn", "kn", "ln2"):
+            bits = w[name].view(np.uint32) >> 16
+            args[name] = [bits.astype(np.uint16)]
+            ref[name] = (bits << 16).view(np.float32)
+    return args, ref
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(["bf16", "int8", "int4"]), head_mode=st.sampled_from(["fp32", "bf16", "int8", "int4"]),
+       b=st.integers(1, 6), H=st.sampled_from([32, 64, 40]), d=st.sampled_from([16, 32]), g=st.sampled_from([None, 16, 32]),
+       e=st.integers(2, 9), i=st.sampled_from([32, 64, 24]), top_k=st.integers(1, 4), portable=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_quantized_layer_matches_numpy(mode, head_mode, b, H, d, g, e, i, top_k, portable, seed):
+    """Attention block (with the cache write), MoE block (expert slices at small batches) and head."""
+    rng = np.random.default_rng(seed)
+    top_k, k, t = min(top_k, e), 2, 9
+    w = _weights(rng, H=H, N=2 * k, K=k, D=d, E=e, I=i)
+    args, ref = _store(rng, w, mode, g, head_mode)
+    kc = rng.standard_normal((b, k, t, d)).astype(np.float32)
+    vc = rng.standard_normal((b, k, t, d)).astype(np.float32)
+    slot = int(rng.integers(0, t))
+    valid = rng.random((b, t)) < 0.6
+    valid[:, slot] = True
+    bias = np.where(valid, 0.0, MASKED).astype(np.float32)
+    x = rng.standard_normal((b, 1, H)).astype(np.float32)
+    ang = rng.uniform(0, 3, (b, d // 2)).astype(np.float32)
+    cos, sin = np.tile(np.cos(ang), 2)[:, None], np.tile(np.sin(ang), 2)[:, None]
+    meta = np.array([slot, top_k, 1, 0], np.int32)
+    fcfg = np.array([EPS, d ** -0.5], np.float32)
+    quant.set_portable(portable)
+    try:
+        h, kc_new, vc_new = np.zeros_like(x), kc.copy(), vc.copy()
+        a = args
+        assert _call("DecodeAttn", [x, *a["ln1"], *a["wq"], *a["wk"], *a["wv"], *a["qn"], *a["kn"], *a["wo"], kc_new,
+                                    vc_new, cos, sin, bias[:, None], meta, fcfg, h]) == 0
+        h_ref, kc_ref, vc_ref = _ref_attn(ref, x[:, 0], kc, vc, cos[:, 0], sin[:, 0], bias, slot)
+        np.testing.assert_allclose(h[:, 0], h_ref, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(kc_new, kc_ref, atol=2e-5, rtol=1e-5)
+        y = np.zeros_like(x)
+        assert _call("DecodeMoe", [h, *a["ln2"], *a["wr"], *a["wgu"], *a["wd"], meta, fcfg, y]) == 0
+        np.testing.assert_allclose(y[:, 0], _ref_moe(ref, h[:, 0], True, top_k), atol=2e-5, rtol=1e-5)
+        logits = np.zeros((b, e), np.float32)
+        assert _call("DecodeHead", [y, *a["ln1"], *a["wr"], fcfg, logits]) == 0
+        np.testing.assert_allclose(logits, _rms(y[:, 0], ref["ln1"]) @ ref["wr"].T, atol=2e-5, rtol=1e-5)
+    finally:
+        quant.set_portable(False)
+
+
+def test_bad_quantized_weight_is_refused():
+    """scales whose group count does not divide the input width: non-zero status, no write."""
+    rng = np.random.default_rng(0)
+    w = _weights(rng, H=32, N=2, K=1, D=16, E=4, I=32)
+    q, s, z = quant_arrays(rng, (4, 32), "int8")[0]
+    bad = np.zeros((4, 3), np.float16)
+    logits = np.zeros((1, 4), np.float32)
+    x = np.ones((1, 1, 32), np.float32)
+    fcfg = np.array([EPS, 0.25], np.float32)
+    assert _call("DecodeHead", [x, w["ln1"], q, bad, np.zeros((4, 3), np.uint8), fcfg, logits]) != 0
+    assert _call("DecodeHead", [x, w["ln1"], q, s, z, fcfg, logits]) == 0
+
+
+class _Step(nn.Cell):
+    """Attention + MoE + head of one layer in a compiled graph with bf16 / uint8 / float16
+    Parameters: checks the dtype labels MindSpore hands the kernels."""
+
+    def __init__(self, args, kc, vc, B, H, E, bits=False):
+        super().__init__()
+        self.names = list(args)
+        flat = [(f"{n}{j}", a) for n in self.names for j, a in enumerate(args[n])]
+        self.w = ParameterTuple([Parameter(_param(a, bits), name=nm, requires_grad=False) for nm, a in flat])
+        self.count = [len(args[n]) for n in self.names]
+        self.kc = Parameter(Tensor(kc), name="kc", requires_grad=False)
+        self.vc = Parameter(Tensor(vc), name="vc", requires_grad=False)
+        self.dops = decode_kernel.DecodeOps(B, 1, H, E)
+        self.fcfg = Tensor(np.array([EPS, 16 ** -0.5], np.float32))
+
+    def get(self, name):
+        i = self.names.index(name)
+        start = sum(self.count[:i])
+        return tuple(self.w[start + j] for j in range(self.count[i]))
+
+    @ms.jit
+    def construct(self, x, cos, sin, bias, meta):
+        g = self.get
+        h = self.dops.attn(x, *g("ln1"), *g("wq"), *g("wk"), *g("wv"), *g("qn"), *g("kn"), *g("wo"), self.kc, self.vc,
+                           cos, sin, bias, meta, self.fcfg)
+        y = self.dops.moe(h, *g("ln2"), *g("wr"), *g("wgu"), *g("wd"), meta, self.fcfg)
+        return h, y, self.dops.head(y, *g("ln1"), *g("wr"), self.fcfg)
+
+
+def _param(a, bits):
+    """bf16 (bit pattern a) as a bfloat16 tensor, or kept as uint16 bits (how the model holds
+    the bf16 weights it gathers from)."""
+    if a.dtype == np.uint16 and not bits:
+        return Tensor((a.astype(np.uint32) << 16).view(np.float32), dtype=ms.bfloat16)
+    return Tensor(a)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "bf16-bits", "int8", "int4"])
+def test_compiled_graph_with_quantized_parameters(mode):
+    rng = np.random.default_rng(7)
+    B, H, K, D, T, E = 2, 64, 2, 16, 8, 6
+    w = _weights(rng, H=H, N=4, K=K, D=D, E=E, I=32)
+    bits = mode == "bf16-bits"
+    mode = "bf16" if bits else mode
+    args, ref = _store(rng, w, mode, 32, "bf16" if mode == "bf16" else "int8")
+    kc = rng.standard_normal((B, K, T, D)).astype(np.float32)
+    vc = rng.standard_normal((B, K, T, D)).astype(np.float32)
+    cell = _Step(args, kc, vc, B, H, E, bits)
+    bias = np.zeros((B, T), np.float32)
+    bias[:, 5:] = MASKED
+    x = rng.standard_normal((B, H)).astype(np.float32)
+    cos, sin = np.ones((B, D), np.float32), np.zeros((B, D), np.float32)
+    meta = np.array([4, 2, 1, 0], np.int32)
+    h, y, logits = cell(Tensor(x[:, None]), Tensor(cos[:, None]), Tensor(sin[:, None]), Tensor(bias[:, None]),
+                        Tensor(meta))
+    h_ref, _, _ = _ref_attn(ref, x, kc, vc, cos, sin, bias, 4)
+    np.testing.assert_allclose(h.asnumpy()[:, 0], h_ref, atol=2e-5, rtol=1e-5)
+    y_ref = _ref_moe(ref, h_ref, True, 2)
+    np.testing.assert_allclose(y.asnumpy()[:, 0], y_ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits.asnumpy(), _rms(y_ref, ref["ln1"]) @ ref["wr"].T, atol=2e-5, rtol=1e-5)
+
+
+class _QLinear(nn.Cell):
+    """Stand-in for the model side's quantized linear (GPTQ names): prefill via kernels/quant.py."""
+
+    def __init__(self, arrays, prefix):
+        super().__init__()
+        self.qweight, self.scales, self.qzeros = (Parameter(Tensor(a), name=f"{prefix}.{n}", requires_grad=False)
+                                                  for a, n in zip(arrays, ("qweight", "scales", "qzeros")))
+        self.bias = None
+
+    def construct(self, x):
+        return quant.linear(x, (self.qweight, self.scales, self.qzeros))
+
+
+class _QExperts(nn.Cell):
+    def __init__(self, gu, dn, prefix):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = _QLinear(gu, f"{prefix}.gate_up_proj"), _QLinear(dn, f"{prefix}.down_proj")
+
+    def fused(self, x, idx, w):
+        g, d = self.gate_up_proj, self.down_proj
+        return quant.moe_experts(x, idx, w, (g.qweight, g.scales, g.qzeros), (d.qweight, d.scales, d.qzeros))
+
+
+def _store_model(model, ref_model, mode, rng):
+    """Store `model`'s projections, experts and lm_head in `mode` (random codes around the loaded
+    weights' scale); write the dequantized values into the fp32 `ref_model`."""
+    from qwen3moe.layers.dtypes import write_param
+
+    def put(owner, name, ref_owner, shape, prefix, head=False):
+        m = ("bf16" if mode == "bf16" else "int8") if head else mode
+        arrays, w = quant_arrays(rng, shape, m, None if m == "int8" else 32, scale=0.1 / (128 if m == "int8" else 8))
+        write_param(getattr(ref_owner, "weight" if name != "experts" else name), w.astype(np.float32))
+        if m == "bf16":
+            setattr(owner, "weight", Parameter(_param(arrays[0], False), name=f"{prefix}.weight"))
+        else:
+            setattr(owner, name, _QLinear(arrays, f"{prefix}.{name}"))
+
+    for i, (layer, ref) in enumerate(zip(model.model.layers, ref_model.model.layers)):
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(layer.self_attn, p)
+            owner = proj if mode == "bf16" else layer.self_attn
+            put(owner, p, getattr(ref.self_attn, p), tuple(proj.weight.shape), f"model.layers.{i}.self_attn.{p}" if
+                mode == "bf16" else f"model.layers.{i}.self_attn")
+        ex, rex = layer.mlp.experts, ref.mlp.experts
+        gshape, dshape = tuple(ex.gate_up_proj.shape), tuple(ex.down_proj.shape)
+        arrays = [quant_arrays(rng, s, mode, None if mode != "int4" else 32, scale=0.1 / (128 if mode == "int8" else 8))
+                  for s in (gshape, dshape)]
+        write_param(rex.gate_up_proj, arrays[0][1].astype(np.float32))
+        write_param(rex.down_proj, arrays[1][1].astype(np.float32))
+        pre = f"model.layers.{i}.mlp.experts"
+        if mode == "bf16":
+            ex.gate_up_proj = Parameter(_param(arrays[0][0][0], False), name=f"{pre}.gate_up_proj")
+            ex.down_proj = Parameter(_param(arrays[1][0][0], False), name=f"{pre}.down_proj")
+        else:
+            layer.mlp.experts = _QExperts(arrays[0][0], arrays[1][0], pre)
+    owner = model.lm_head if mode == "bf16" else model
+    put(owner, "lm_head", ref_model.lm_head, tuple(model.lm_head.weight.shape),
+        "lm_head" if mode == "bf16" else "", head=True)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_fused_engine_on_stored_weights_equals_fp32_of_the_same_values(mode):
+    """tiny-a with bf16 / int8 / int4 projections and experts (lm_head bf16 / int8): the fused
+    engine (prefill through kernels/quant.py, decode kernels dequantizing rows) gives the logits
+    of the fp32 model holding the dequantized values, prefill + 5 greedy steps, batch 3, padding.
+    Tolerance as test_decode_kernel's engine test (2e-5 on O(1) logits: summation order only)."""
+    from helpers import reference_dir
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.generation import engine as eng_mod
+
+    model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
+    ref_model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
+    _store_model(model, ref_model, mode, np.random.default_rng(1))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, (3, 16))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    runs = []
+    for m in (model, ref_model):
+        eng = eng_mod.DecodeEngine(m, 3, 64)
+        assert eng.fused
+        out = [eng.prefill(ids, mask)]
+        for _ in range(5):
+            out.append(eng.decode(out[-1].argmax(-1)))
+        runs.append(np.stack(out))
+    assert np.abs(runs[1]).max() > 0.1  # the test weights give non-trivial logits
+    np.testing.assert_allclose(runs[0], runs[1], atol=2e-5, rtol=1e-5)

@@ -1,0 +1,143 @@
+"""bf16 / int8 / int4 forward ops (kernels/quant.py) against an independent NumPy reference.
+
+The reference never unpacks: it draws the integer codes u, zero points z and fp16 scales s first,
+builds W = (u - z) * s in float64 from them, and only then packs u into the kernel layout (4 bits:
+low nibble = even input index) as docs/quantization.md specifies. Asymmetric zero points and
+every group size that divides I are drawn, so a swapped nibble, a wrong group index or a misread
+zero point errs at O(1).
+Tolerance: the kernel's dequantized weights are the exact float32 rounding of (u - z) * s (one
+rounding), so it differs from the float64 reference only by fp32 rounding and summation order:
+|err| <= 1e-5 * sum_k |x_k W_ok| (fp32 summation error ~ sqrt(n) eps of the absolute sum, n <= 512).
+Both code paths run: AVX-512 (I a multiple of 32 and of the group) and the portable scalar loops
+(forced with set_portable, and taken by shapes the vector path does not cover).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import mindspore as ms
+from mindspore import Tensor
+
+from qwen3moe.kernels import quant
+
+pytestmark = pytest.mark.skipif(not quant.available(), reason="quant kernels not buildable here")
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def quant_arrays(rng, shape, mode, g=None, scale=0.05):
+    """(numpy tensors of the layout, float64 W) for a weight of `shape` [..., O, I]; bf16 is its
+    uint16 bit pattern. |W| ~ scale * 2 ** bits / 2 for the quantized modes."""
+    *lead, O, I = shape
+    if mode == "bf16":
+        bits = (rng.standard_normal(shape).astype(np.float32) * scale * 4).view(np.uint32) >> 16
+        return [bits.astype(np.uint16)], (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    nbits = 8 if mode == "int8" else 4
+    g = I if g is None else g
+    G = I // g
+    u = rng.integers(0, 2 ** nbits, shape).astype(np.uint8)
+    z = rng.integers(0, 2 ** nbits, (*lead, O, G)).astype(np.uint8)
+    s = (rng.uniform(0.5, 2.0, (*lead, O, G)) * rng.choice([-1, 1], (*lead, O, G)) * scale).astype(np.float16)
+    w = (u.astype(np.float64) - np.repeat(z, g, -1)) * np.repeat(s.astype(np.float64), g, -1)
+    q = u if nbits == 8 else (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return [q, s, z], w
+
+
+def make_weight(rng, shape, mode, g=None):
+    """(tensors for the op, float64 reference W) for a weight of `shape` [..., O, I]."""
+    arrays, w = quant_arrays(rng, shape, mode, g)
+    if mode == "bf16":
+        return (Tensor(w.astype(np.float32), dtype=ms.bfloat16),), w
+    return tuple(Tensor(a) for a in arrays), w
+
+
+def _check(got, x, w):
+    ref = x.astype(np.float64) @ np.swapaxes(w, -1, -2)
+    bound = np.abs(x.astype(np.float64)) @ np.abs(np.swapaxes(w, -1, -2))
+    assert got.shape == ref.shape
+    assert np.all(np.abs(got - ref) <= 1e-5 * bound + 1e-30), np.abs(got - ref).max()
+
+
+@pytest.fixture(params=[False, True], ids=["vector", "portable"])
+def portable(request):
+    quant.set_portable(request.param)
+    yield request.param
+    quant.set_portable(False)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), mode=st.sampled_from(["bf16", "int8", "int4"]),
+       lead=st.sampled_from([(1,), (3,), (2, 5), (17,), (40,)]), O=st.sampled_from([1, 3, 7, 64, 130]),
+       I=st.sampled_from([32, 64, 96, 256, 40]), gdiv=st.sampled_from([1, 2, 4, 8]), per_row=st.booleans())
+def test_linear_equals_numpy(portable, seed, mode, lead, O, I, gdiv, per_row):
+    """Decode-shaped (T < 16: streaming rows) and prefill-shaped (T >= 16: dequantized tiles + sgemm)."""
+    rng = np.random.default_rng(seed)
+    g = I if per_row or mode == "bf16" else I // gdiv
+    if mode == "int4" and g % 2:
+        g = I
+    weight, w = make_weight(rng, (O, I), mode, g)
+    x = rng.standard_normal((*lead, I)).astype(np.float32)
+    got = quant.linear(Tensor(x), weight).asnumpy()
+    _check(got, x, w)
+    if mode != "bf16":  # the loose form the model side calls: tensors then bits
+        loose = quant.linear(Tensor(x), *weight, 8 if mode == "int8" else 4).asnumpy()
+        np.testing.assert_array_equal(loose, got)
+
+
+@ms.jit
+def _jit_linear(x, *weight):
+    return quant.linear(x, weight)
+
+
+def test_linear_real_geometry_under_jit():
+    """q_proj / o_proj shapes of Qwen3-30B-A3B at g 128, one decode row and a 40-row prefill, compiled."""
+    rng = np.random.default_rng(0)
+    for mode in ("int4", "int8", "bf16"):
+        weight, w = make_weight(rng, (4096, 2048), mode, 128 if mode == "int4" else None)
+        for T in (1, 40):
+            x = rng.standard_normal((T, 2048)).astype(np.float32)
+            _check(_jit_linear(Tensor(x), *weight).asnumpy(), x, w)
+
+
+def _moe_reference(x, idx, wt, gu, dn):
+    F = dn.shape[2]
+    y = np.zeros(x.shape, np.float64)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            h = gu[idx[t, j]] @ x[t]
+            a = h[:F] / (1 + np.exp(-h[:F])) * h[F:]
+            y[t] += wt[t, j] * (dn[idx[t, j]] @ a)
+    return y
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), mode=st.sampled_from(["bf16", "int8", "int4"]), T=st.sampled_from([1, 3, 29]),
+       E=st.sampled_from([2, 5, 16]), K=st.integers(1, 2), H=st.sampled_from([32, 64, 48]), F=st.sampled_from([32, 64]),
+       g=st.sampled_from([None, 16, 32]))
+def test_moe_experts_equal_numpy(portable, seed, mode, T, E, K, H, F, g):
+    """Experts with no rows, one row (streaming) and >= 16 rows (tiles + sgemm: T 29, few experts)."""
+    rng = np.random.default_rng(seed)
+    gate_up, gu = make_weight(rng, (E, 2 * F, H), mode, g if g is None or H % g == 0 else 16)
+    down, dn = make_weight(rng, (E, H, F), mode, g)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+    wt = rng.random((T, K)).astype(np.float32)
+    y = quant.moe_experts(Tensor(x), Tensor(idx), Tensor(wt), gate_up, down).asnumpy()
+    np.testing.assert_array_equal(quant.moe_experts(Tensor(x), Tensor(idx), Tensor(wt), *gate_up, *down).asnumpy(), y)
+    ref = _moe_reference(x, idx, wt, gu, dn)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, s, z: (q, s.astype(ms.float32), z), "scales float16"),
+    (lambda q, s, z: (q[:, :5], s, z), "qweight uint8"),
+    (lambda q, s, z: (q, Tensor(np.ones((8, 3), np.float16)), Tensor(np.ones((8, 3), np.uint8))), "G dividing 64"),
+    (lambda q, s, z: (q, s, z[:, :1]), "qzeros uint8"),
+    (lambda q, s, z: (q, s), "2 tensors"),
+    (lambda q, s, z: (q, s, z, 8), "bits=8 does not match"),
+])
+def test_bad_weight_is_a_one_line_error(bad, match):
+    weight, _ = make_weight(np.random.default_rng(0), (8, 64), "int4", 32)
+    with pytest.raises(ValueError, match=match):
+        quant.linear(Tensor(np.ones((2, 64), np.float32)), *bad(*weight))

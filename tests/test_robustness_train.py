@@ -1,0 +1,148 @@
+"""Issue 15 part B, training side: validated optimizer/schedule/run keys, resume refusing a
+different model or data geometry, metrics rows after a resume, and silent data no-ops."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import REPO
+from qwen3moe.training.task_config import TaskConfigError, load_task_config
+
+TINY = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("optimizer.learning_rate", "-1e-3", "optimizer.learning_rate must be >= 0"),
+    ("lr_schedule.learning_rate", "-5e-3", "lr_schedule.learning_rate must be >= 0"),
+    ("optimizer.betas", "[0.9, 1.0]", "optimizer.betas"),
+    ("optimizer.betas", "[-0.1, 0.95]", "optimizer.betas"),
+    ("optimizer.betas", "[0.9]", "optimizer.betas"),
+    ("optimizer.eps", "0", "optimizer.eps must be > 0"),
+    ("optimizer.weight_decay", "-0.1", "optimizer.weight_decay must be >= 0"),
+    ("lr_schedule.warmup_steps", "-2", "lr_schedule.warmup_steps must be >= 0"),
+    ("lr_schedule.warmup_ratio", "1.5", "lr_schedule.warmup_ratio"),
+    ("lr_schedule.total_steps", "0", "lr_schedule.total_steps"),
+    ("lr_schedule.min_lr", "-1e-4", "lr_schedule.min_lr must be >= 0"),
+    ("lr_schedule.lr_end", "1.0", "lr_schedule.lr_end"),  # above the 5e-3 peak: the schedule would climb
+    ("runner_config.train_steps", "0", "runner_config.train_steps"),
+    ("runner_config.epochs", "0", "runner_config.epochs must be >= 1"),
+    ("train_dataset.data_loader.config.seq_length", "0", "train_dataset.data_loader.config.seq_length must be >= 1"),
+    ("runner_wrapper.max_grad_norm", "0", "runner_wrapper.max_grad_norm must be > 0"),
+])
+def test_bad_optimizer_schedule_and_run_values_name_the_key(key, value, expected):
+    with pytest.raises(TaskConfigError) as exc:
+        load_task_config(TINY, [f"--{key}", value])
+    msg = str(exc.value)
+    assert expected in msg and "\n" not in msg, msg
+
+
+def test_warmup_longer_than_schedule_is_refused():
+    with pytest.raises(TaskConfigError, match="lr_schedule.warmup_steps"):
+        load_task_config(TINY, ["--lr_schedule.warmup_steps", "10", "--lr_schedule.total_steps", "8"])
+
+
+def test_valid_edge_values_are_accepted():
+    cfg = load_task_config(TINY, ["--optimizer.betas", "[0.0, 0.0]", "--optimizer.learning_rate", "0",
+                                  "--lr_schedule.lr_end", "0", "--lr_schedule.warmup_ratio", "1.0",
+                                  "--runner_config.train_steps", "-1"])
+    assert cfg.optimizer.betas == [0.0, 0.0] and cfg.optimizer.learning_rate == 0.0
+
+
+def test_library_optimizer_and_schedule_refuse_bad_values():
+    import mindspore as ms
+
+    from qwen3moe.training.optimizer import AdamW
+    from qwen3moe.training.schedules import Schedule
+
+    p = [ms.Parameter(ms.Tensor([1.0], ms.float32), name="w")]
+    for kw in ({"lr": -1e-3}, {"eps": 0.0}, {"weight_decay": -0.1}, {"betas": (0.9, 1.0)}, {"lr": float("nan")}):
+        with pytest.raises(ValueError):
+            AdamW(p, **kw)
+    for kw in ({"peak_lr": -1.0}, {"min_lr": -1e-5}):
+        with pytest.raises(ValueError):
+            Schedule("cosine", total_steps=10, **kw)
+
+
+# ---- resume with a different model or data geometry (BAD 4) ----------------------------------
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A 1-layer tiny run of 2 steps with its checkpoint at step 2 (one layer: a faster compile)."""
+    import numpy as np
+
+    from qwen3moe.cli import main
+
+    root = tmp_path_factory.mktemp("resume")
+    tokens = root / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4000).astype(np.int32))
+    common = ["--config", TINY, "--output_dir", str(root / "out"), "--runner_config.mfu_probe_size", "0",
+              "--model.model_config.num_hidden_layers", "1", "--resume_training", "True",
+              f"--train_dataset.data_loader.config.data_path=['{tokens}']",
+              f"--load_checkpoint={root / 'out' / 'checkpoint'}"]
+    assert main(["pretrain", *common, "--runner_config.train_steps", "2"]) == 0
+    return root, common
+
+
+def _tree(path) -> dict:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("override, field, old, new", [
+    (["--model.model_config.num_hidden_layers", "2"], "model.model_config.num_hidden_layers", "1", "2"),
+    (["--model.model_config.rope_theta", "10000.0"], "model.model_config.rope_theta", "1000000.0", "10000.0"),
+    (["--runner_config.batch_size", "4"], "runner_config.batch_size", "2", "4"),
+    (["--train_dataset.data_loader.config.seq_length", "16"], "train_dataset.data_loader.config.seq_length",
+     "32", "16"),
+])
+def test_resume_with_other_geometry_is_refused_and_keeps_checkpoints(two_step_run, capsys, override, field, old, new):
+    from qwen3moe.cli import main
+
+    root, common = two_step_run
+    before = _tree(root / "out" / "checkpoint")
+    capsys.readouterr()
+    assert main(["pretrain", *common, "--runner_config.train_steps", "4", *override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err and old in err and new in err, err
+    assert "resume_override" in err
+    assert _tree(root / "out" / "checkpoint") == before  # nothing trained, saved or pruned
+
+
+def test_resume_override_data_resumes_with_a_new_batch_size(two_step_run, capsys):
+    from qwen3moe.cli import main
+
+    root, common = two_step_run
+    capsys.readouterr()
+    assert main(["pretrain", *common, "--runner_config.train_steps", "2", "--runner_config.batch_size", "4",
+                 "--resume_override", "data", "--output_dir", str(root / "out_b")]) == 0
+    assert "at step 2" in capsys.readouterr().out  # (train_steps 2: resumed, nothing left to run)
+
+
+def test_resume_override_model_still_refuses_tensors_the_model_lacks(two_step_run, capsys):
+    from qwen3moe.cli import main
+
+    root, common = two_step_run
+    capsys.readouterr()
+    assert main(["pretrain", *common, "--runner_config.train_steps", "4", "--resume_override", "model",
+                 "--model.model_config.num_hidden_layers", "2", "--output_dir", str(root / "out_c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing tensor 'model.layers.1." in err and "model.safetensors" in err, err
+
+
+def test_checkpoint_tensors_the_model_lacks_are_an_error(tmp_path):
+    """A 2-layer checkpoint into a 1-layer model: today layers 1.. were silently ignored."""
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import CheckpointError
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+    from qwen3moe.training.optimizer import AdamW
+
+    def model_and_opt(layers):
+        m = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_preset("tiny", num_hidden_layers=layers))
+        return m, AdamW(m.trainable_params())
+
+    save_training_checkpoint(str(tmp_path), 1, *model_and_opt(2))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.1\..*and \d+ more"):
+        load_training_checkpoint(str(tmp_path), *model_and_opt(1))
+
+
+def test_resume_override_names_are_validated():
+    with pytest.raises(TaskConfigError, match="resume_override"):
+        load_task_config(TINY, ["--resume_override", "modle"])
