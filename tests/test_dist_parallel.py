@@ -106,10 +106,15 @@ def test_training_equals_single_process(tmp_path, tiny, layout, M, steps):
         np.testing.assert_allclose(got[name], arr, rtol=0, atol=5e-5, err_msg=name)
 
 
-@pytest.mark.slow
-def test_generate_cli_use_parallel_matches_single_process(tmp_path):
-    """`qwen3moe generate --use_parallel True --parallel_config.model_parallel 2` under launch
-    writes the same greedy completion as the single-process command."""
+@pytest.mark.parametrize("layout", [
+    pytest.param(["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
+                 marks=pytest.mark.slow),
+    ["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"],
+], ids=["tp2ep2", "dp2ep2"])
+def test_generate_cli_use_parallel_matches_single_process(tmp_path, layout):
+    """`qwen3moe generate --use_parallel True` with model parallelism (tp2 x ep2; dp2 x ep2 with
+    --predict_batch_size 1, once a ValueError traceback: one prompt cannot be split over dp)
+    under launch writes the same greedy completion as the single-process command."""
     import json
     import os
     import subprocess
@@ -120,8 +125,8 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     model = str(HF_FIXTURES / "tiny-fp32-gqa")
     common = ["generate", "--pretrained_model_dir", model, "--predict_data", "hello world",
               "--max_new_tokens", "5"]
-    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", "--parallel_config.model_parallel", "2",
-                        "--parallel_config.expert_parallel", "2", "--output", str(tmp_path / "par.jsonl"))
+    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--predict_batch_size", "1",
+                        "--output", str(tmp_path / "par.jsonl"))
     assert rc == 0, err[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--do_sample", "false",

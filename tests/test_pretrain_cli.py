@@ -116,6 +116,42 @@ def test_nonfinite_steps_counted_and_run_continues(tmp_path):
     assert [r["skipped_total"] for r in _records(tmp_path)] == [2, 3]
 
 
+def test_one_loop_drives_a_step_with_its_own_checkpointer(tmp_path):
+    """Trainer.fit is the loop of every step kind: a step whose state lives elsewhere (the sharded
+    ParallelTrainStep) brings a checkpointer; the loop resumes through it (start step 3, batches
+    3.. only), saves through it every save interval and at the end, never the single-process way."""
+    from qwen3moe.training.trainer import Trainer, TrainerConfig
+
+    class Checkpointer:
+        def __init__(self) -> None:
+            self.saved: list[int] = []
+
+        def resume(self, trainer) -> int:
+            trainer.step_fn.steps_done = 3
+            return 3
+
+        def save(self, trainer, step: int) -> str:
+            self.saved.append(step)
+            return f"ck/{step}"
+
+    class Data:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def batch(self, i: int) -> int:
+            self.seen.append(i)
+            return i
+
+    ck, data, lines = Checkpointer(), Data(), []
+    tr = Trainer(_FakeStep(set()), data, TrainerConfig(total_steps=9, log_interval=3, save_interval=4,
+                                                       checkpoint_dir=str(tmp_path / "unused"), save_at_end=True),
+                 log=lines.append, checkpointer=ck)
+    history = tr.fit()
+    assert data.seen == list(range(3, 9)) and [m["step"] for m in history] == list(range(4, 10))
+    assert ck.saved == [4, 8, 9] and not (tmp_path / "unused").exists()
+    assert any("saved ck/9" in line for line in lines)
+
+
 def test_consecutive_nonfinite_steps_abort():
     from qwen3moe.training.trainer import Trainer, TrainerConfig, TrainingAborted
 

@@ -67,7 +67,9 @@ def execute(cfg: TaskConfig, dry_run: bool = False) -> int:
     if dry_run:
         print(dry_run_report(cfg))
         return 0
-    if cfg.use_parallel and world_size() > 1:  # under `qwen3moe launch`: the sharded trainer
+    from qwen3moe.parallel.mesh import launched_world_size
+
+    if cfg.use_parallel and launched_world_size() > 1:  # under `qwen3moe launch`: the sharded trainer
         from qwen3moe.parallel.pretrain import train as train_parallel
 
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -104,13 +106,6 @@ def dry_run_report(cfg: TaskConfig) -> str:
                  f"optimizer {est.optimizer / GiB:.2f} GiB, activations {est.activations / GiB:.2f} GiB, "
                  f"total {est.total / GiB:.2f} GiB")
     return "\n".join(lines)
-
-
-def world_size() -> int:
-    for var in ("WORLD_SIZE", "RANK_SIZE", "MS_WORKER_NUM"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
 
 
 def check_world_size(cfg: TaskConfig) -> None:

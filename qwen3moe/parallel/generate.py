@@ -27,7 +27,18 @@ class ParallelGeneration:
 
 
 def check_request(req: GenerateRequest, mesh: Mesh) -> None:
-    """What the sharded (non-replica) path cannot do, refused before any process does work."""
+    """Refused before any process does work: a layout the model or the launch cannot take
+    (config.json is read, no weights), and what the sharded (non-replica) path cannot do."""
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.parallel.mesh import launched_world_size
+
+    cfg = Qwen3MoeConfig.from_pretrained(req.check())
+    size = launched_world_size()
+    mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                  num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0,
+                  world_size=size if size > 1 else None)
+    if cfg.vocab_size % mesh.tp:
+        raise MeshError(f"tp={mesh.tp} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
     if mesh.tp == mesh.pp == mesh.ep == 1:
         return
     if req.options.get("do_sample"):
@@ -48,7 +59,7 @@ def generate(req: GenerateRequest, mesh: Mesh) -> ParallelGeneration:
     from qwen3moe.parallel.trainer import ParallelLM
 
     folder = req.check()
-    check_request(req, mesh)
+    check_request(req, mesh)  # one-line errors before init() and loading
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
         raise MeshError("--use_parallel needs the workers started by msrun: "
                         f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
@@ -67,8 +78,9 @@ def generate(req: GenerateRequest, mesh: Mesh) -> ParallelGeneration:
     tok = Tokenizer.from_pretrained(folder)
     eos = pl.cfg.eos_token_id if isinstance(pl.cfg.eos_token_id, list) else [pl.cfg.eos_token_id]
     results = []
+    rows = mesh.dp * mesh.micro_batch_num  # every dp rank and micro-batch needs a row: the prompt repeated
     for prompt in read_prompts(req.predict_data):
-        ids = np.asarray([tok.encode(prompt)], np.int64)
+        ids = np.repeat(np.asarray([tok.encode(prompt)], np.int64), rows, axis=0)
         out = greedy_until(pl, ids, req.options.get("max_new_tokens") or 32, [] if req.ignore_eos else eos)
         new = out[0, ids.shape[1]:]
         results.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),

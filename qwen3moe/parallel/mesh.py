@@ -97,3 +97,13 @@ class Mesh:
                    "edp": (c["pp"], c["etp"], c["ep"])}[kind]
             out.setdefault(key, []).append(r)
         return list(out.values())
+
+
+def launched_world_size() -> int:
+    """The process count the launcher (msrun, torchrun-style env) announced; 1 outside a launch."""
+    import os
+
+    for var in ("WORLD_SIZE", "RANK_SIZE", "MS_WORKER_NUM"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1

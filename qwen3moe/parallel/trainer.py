@@ -85,7 +85,7 @@ class ParallelLM:
         m, B = self.mesh, ids.shape[0]
         M = m.micro_batch_num
         if B % (m.dp * M):
-            raise ValueError(f"global batch {B} must be divisible by dp*micro_batch_num = {m.dp}*{M}")
+            raise MeshError(f"global batch {B} must be divisible by dp*micro_batch_num = {m.dp}*{M}")
         b = B // (m.dp * M)
         out = []
         for mb in range(M):
