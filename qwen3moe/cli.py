@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "qwen3moe.commands.pretrain",
     "qwen3moe.commands.run",
     "qwen3moe.commands.export",
+    "qwen3moe.commands.quantize",
 ]
 
 

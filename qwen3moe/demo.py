@@ -134,6 +134,11 @@ def train(run) -> list[dict]:
     return Trainer(run.step, run.data, cfg, log=lambda s: print(s, flush=True)).fit()
 
 
+def batch_lm_loss(model, batch: dict) -> float:
+    """Mean next-token cross-entropy of `model` on one training batch (the logged `lm` value)."""
+    return float(model(batch["input_ids"], labels=batch["labels"]).lm_loss.asnumpy())
+
+
 def write_loss_curve(history: list[dict], out: Path) -> Path:
     """The LM loss per logged step as loss.png (matplotlib imported here: it is slow to import)."""
     import matplotlib
@@ -178,6 +183,8 @@ def main(argv=None) -> int:
     print(f"model: tiny preset, {model.num_parameters():,} parameters "
           f"({model.num_parameters(active=True):,} active), batch {args.batch} x {args.seq_len}")
     history = train(run)
+    # the step-1 batch again with the trained weights: logged step 1 was this batch before any update
+    final = batch_lm_loss(model, run.data.batch(0))
     ckpt = out / "checkpoint"
     model.save_pretrained(ckpt)
     copy_tokenizer_files(ASSETS, ckpt)
@@ -185,10 +192,10 @@ def main(argv=None) -> int:
     lines = [f"### {p!r}\n{p}{greedy_continue(model, tok, p, args.new_tokens)}\n" for p in PROMPTS]
     (out / "text_generation_result.txt").write_text("\n".join(lines))
     print("".join(lines))
-    return report(history, ckpt, curve, out, time.perf_counter() - t0)
+    return report(history, final, ckpt, curve, out, time.perf_counter() - t0)
 
 
-def report(history: list[dict], ckpt: Path, curve: Path, out: Path, wall: float) -> int:
+def report(history: list[dict], final: float, ckpt: Path, curve: Path, out: Path, wall: float) -> int:
     n = min(10, len(history) // 2)
     first = float(np.mean([m["lm_loss"] for m in history[:n]]))
     last = float(np.mean([m["lm_loss"] for m in history[-n:]]))
@@ -198,6 +205,7 @@ def report(history: list[dict], ckpt: Path, curve: Path, out: Path, wall: float)
     print(f"generations in {out / 'text_generation_result.txt'}")
     print(f"steps {len(history)}, median step {step_s * 1000:.0f} ms, wall {wall:.0f} s")
     print(f"loss drop: first-{n}-step mean {first:.4f} -> last-{n}-step mean {last:.4f} = {drop:.1%}")
+    print(f"step-1 batch: lm loss {history[0]['lm_loss']:.6f} at step 1 -> {final:.6f} after training")
     return 0
 
 

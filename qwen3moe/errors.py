@@ -10,3 +10,9 @@ from __future__ import annotations
 
 class Qwen3MoeError(Exception):
     """A user error reported by the library (one line; cli.py maps it to exit code 2)."""
+
+
+class TaskConfigError(Qwen3MoeError, ValueError):
+    """A task-config problem: one line with the dotted key path (training/task_config.py and its
+    value checks in training/task_checks.py raise it; defined here so neither imports the other
+    back)."""

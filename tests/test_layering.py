@@ -28,7 +28,12 @@ def imports(path: Path, known: dict[str, Path], name: str | None = None) -> set[
     name = name or module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports are annotations, not run
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -92,12 +97,13 @@ def test_no_import_cycles():
 
 
 def test_the_checker_sees_lazy_and_relative_imports_and_cycles(tmp_path):
-    """The walker counts imports inside functions and relative ones, and the cycle finder reports
-    a 2-cycle but not a chain."""
+    """The walker counts imports inside functions and relative ones (not `if TYPE_CHECKING:`
+    annotation imports), and the cycle finder reports a 2-cycle but not a chain."""
     src = tmp_path / "m.py"
-    src.write_text("import os\n\ndef f():\n    from qwen3moe.commands.pretrain import run\n"
-                   "    from ..models import qwen3_moe\n")
-    known = {"qwen3moe.commands.pretrain": src, "qwen3moe.models.qwen3_moe": src, "qwen3moe.parallel.m": src}
+    src.write_text("import os\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import qwen3moe.cli\n\n"
+                   "def f():\n    from qwen3moe.commands.pretrain import run\n    from ..models import qwen3_moe\n")
+    known = {"qwen3moe.commands.pretrain": src, "qwen3moe.models.qwen3_moe": src, "qwen3moe.parallel.m": src,
+             "qwen3moe.cli": src}
     assert imports(src, known, "qwen3moe.parallel.m") == {"qwen3moe.commands.pretrain", "qwen3moe.models.qwen3_moe"}
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []

@@ -50,6 +50,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--stream", action="store_true", help="print text pieces to stderr as they are generated")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens tokens")
     p.add_argument("--output", default="text_generation_result.txt", help="JSON-lines result file")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                   help="weights in memory (auto: the folder's torch_dtype); math is fp32 either way")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="quantize the projections while loading (int8 per channel, int4 group-wise)")
+    p.add_argument("--group_size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
     # --use_parallel True --parallel_config.model_parallel N ... (under `qwen3moe launch`)
     p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")
     for key in PARALLEL_KEYS:
@@ -63,7 +68,7 @@ def request(args: argparse.Namespace):
 
     return GenerateRequest(args.pretrained_model_dir, args.predict_data, args.predict_batch_size, args.chat,
                            args.enable_thinking, args.stream, args.ignore_eos,
-                           {k: getattr(args, k) for k in OPTION_KEYS})
+                           {k: getattr(args, k) for k in OPTION_KEYS}, args.dtype, args.quantize, args.group_size)
 
 
 def run_parallel(args: argparse.Namespace, req) -> int:

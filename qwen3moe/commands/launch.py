@@ -1,26 +1,11 @@
-"""`qwen3moe launch --nproc N [...] -- <sub-command ...>`: run a qwen3moe sub-command on N worker
-processes through MindSpore's msrun; `qwen3moe dist-check` and `dist-parallel`: self-tests to run
-under it.
-
-msrun starts a scheduler plus the workers and runs `python <script> <args>` in each, with the
-first `python` on PATH, so the current interpreter's bin folder is put first. Each worker's
-output goes to <log_dir>/worker_<i>.log; when a worker fails, the tail of its log is printed.
-A free port is picked when none is given (two jobs on one machine must not share a port).
-"""
+"""`qwen3moe launch --nproc N [...] -- <sub-command ...>`: multi-process run through msrun
+(commands/msrun.py), and `qwen3moe dist-check` / `dist-parallel`: self-tests to run under it."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 from qwen3moe.cli import CliError
-
-CLI = Path(__file__).resolve().parent.parent / "cli.py"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--master_port", type=int, default=None, help="default: a free port")
     p.add_argument("--log_dir", default="msrun_logs")
     p.add_argument("--timeout", type=int, default=300, help="seconds before the job is stopped")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the sub-command and its flags")
+    # dest is not "command": that is cli.py's sub-command name (its error prefix)
+    p.add_argument("worker_command", metavar="command", nargs=argparse.REMAINDER,
+                   help="-- then the sub-command and its flags")
     p.set_defaults(func=run)
     c = sub.add_parser("dist-check", help="data-parallel gradient all-reduce self-test (under launch)")
     c.add_argument("--model", required=True, help="HF folder")
@@ -65,7 +52,9 @@ def dist_parallel(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    from qwen3moe.commands.msrun import launch
+
+    cmd = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
     if not cmd:
         raise CliError("nothing to launch: give -- <sub-command> [flags], e.g. -- dist-check --model DIR")
     if args.nproc < 1:
@@ -96,41 +85,3 @@ def dist_check(args: argparse.Namespace) -> int:
     diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max()) for a, b in zip(mean, full))
     print("RESULT " + json.dumps({"rank": comm.rank, "size": comm.size, "max_abs_diff": diff}), flush=True)
     return 0 if diff < 1e-5 else 1
-
-
-# ---- msrun ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def msrun_command(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0,
-                  master_addr: str = "127.0.0.1", master_port: int | None = None, log_dir: str = "msrun_logs",
-                  timeout_s: int = 120) -> list[str]:
-    msrun = shutil.which("msrun", path=_path()) or "msrun"
-    return [msrun, f"--worker_num={nproc * nnodes}", f"--local_worker_num={nproc}",
-            f"--master_addr={master_addr}", f"--master_port={master_port or free_port()}",
-            f"--node_rank={node_rank}", "--join=True", f"--log_dir={log_dir}",
-            f"--cluster_time_out={timeout_s}", str(CLI), *args]
-
-
-def _path() -> str:
-    return os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-
-
-def launch(nproc: int, args: list[str], timeout_s: int = 300, **kw) -> int:
-    """Run and wait; returns msrun's exit code (non-zero when any worker failed)."""
-    log_dir = kw.setdefault("log_dir", "msrun_logs")
-    cmd = msrun_command(nproc, args, timeout_s=min(timeout_s, 120), **kw)
-    env = dict(os.environ, PATH=_path(), GLOG_v=os.environ.get("GLOG_v", "3"))
-    try:
-        rc = subprocess.run(cmd, env=env, timeout=timeout_s).returncode
-    except subprocess.TimeoutExpired:
-        print(f"qwen3moe launch: workers still running after {timeout_s} s, stopped", file=sys.stderr)
-        rc = 124
-    if rc != 0:
-        for log in sorted(Path(log_dir).glob("worker_*.log")):
-            tail = log.read_text(errors="replace").splitlines()[-8:]
-            print(f"--- {log} (last lines) ---\n" + "\n".join(tail), file=sys.stderr)
-    return rc

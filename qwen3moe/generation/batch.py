@@ -16,14 +16,11 @@ from typing import Any
 import numpy as np
 
 from qwen3moe.errors import Qwen3MoeError
+from qwen3moe.generation.errors import GenerationError
 
 # resolve_config keywords a request may set (None: the model folder's generation_config.json)
 OPTION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
                "repetition_penalty", "presence_penalty", "seed", "stop_strings")
-
-
-class GenerationError(Qwen3MoeError, ValueError):
-    """A bad generation request: one line naming the argument (or the model folder)."""
 
 
 @dataclass
@@ -37,6 +34,9 @@ class GenerateRequest:
     stream: bool = False                # text pieces to the on_text callback (batch 1 only)
     ignore_eos: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # OPTION_KEYS -> value or None
+    dtype: str = "float32"              # weights in memory: float32, bfloat16, auto (the folder's)
+    quantize: str | None = None         # int8 / int4 projections, quantized while loading
+    group_size: int | None = None       # int4 group size
 
     def check(self) -> Path:
         """The model folder, after the checks that need no model."""
@@ -78,7 +78,8 @@ def load(req: GenerateRequest):
     folder = req.check()
     try:
         tok = Tokenizer.from_pretrained(folder)
-        model = Qwen3MoeForCausalLM.from_pretrained(folder)
+        model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if req.dtype == "auto" else req.dtype,
+                                                    quantization=req.quantize, group_size=req.group_size)
         cfg = resolve_config(model, None, req.ignore_eos, **{k: req.options.get(k) for k in OPTION_KEYS})
     except Qwen3MoeError:
         raise

@@ -18,11 +18,14 @@ import numpy as np
 
 class GPTBatches:
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 start_sample: int = 0, wrap: bool = True, position_ids: bool = False) -> None:
-        """position_ids: pass the dataset's (reset after EOD) position ids on; False leaves the
-        model's 0..S, equal to the dataset's when it does not reset them."""
+                 start_sample: int = 0, wrap: bool = True, position_ids: bool | None = None) -> None:
+        """position_ids: pass the dataset's position ids on; None: exactly when the dataset resets
+        them after EOD (reset_position_ids), else the model's 0..S equal them."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        if position_ids is None:  # a reset must never be silently lost
+            configs = [d.cfg for d in getattr(dataset, "datasets", [dataset]) if hasattr(d, "cfg")]
+            position_ids = any(c.reset_position_ids for c in configs)
         self.ds, self.B, self.rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
         self.start, self.wrap, self.position_ids = start_sample, wrap, position_ids
 

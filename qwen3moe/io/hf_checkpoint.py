@@ -16,10 +16,12 @@ import re
 import shutil
 
 import numpy as np
+from einops import rearrange
 
 from qwen3moe.io.atomic import OutputError, atomic_files
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
-                                        check_tensor_names, f32_to_bf16, write_safetensors)
+                                        check_tensor_names, bf16_to_f32, f32_to_bf16,
+                                        write_safetensors)
 from qwen3moe.models.config import Qwen3MoeConfig
 
 # native fused expert parameter -> the per-expert HF projections concatenated along dim 1
@@ -118,7 +120,7 @@ def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
 def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[int, ...], per: int) -> np.ndarray:
     """Per-expert tensors (keys in expert-major order, `per` projections each, concatenated on
     rows) written straight into one [E, rows, cols] float32 array: the transient is one expert
-    tensor, not a second and third copy of the stack (load peak RSS 1.24x -> see bench/RESULTS.md)."""
+    tensor, not a second and third copy of the stack (peak RSS: bench/RESULTS.md)."""
     out = np.empty(shape, np.float32)
     expected = (shape[1] // per, *shape[2:])
     for i, k in enumerate(keys):
@@ -131,28 +133,30 @@ def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[
     return out
 
 
-def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None):
-    """Build `cls(config)` without random init and fill it from an HF folder."""
-    import mindspore as ms
-    from mindspore import Tensor
-
-    from qwen3moe.layers.dtypes import skip_init, to_ms_dtype
-
+def check_folder(path, config: Qwen3MoeConfig | None = None) -> tuple[str, Qwen3MoeConfig]:
+    """(folder path, its config) of an HF model folder, or a one-line CheckpointError."""
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a folder (expected a Hugging Face model folder)")
-    config = config or Qwen3MoeConfig.from_pretrained(directory)
-    src = CheckpointSource(directory)
+    return directory, config or Qwen3MoeConfig.from_pretrained(directory)
+
+
+def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None):
+    """Build `cls(config)` without random init and fill it from an HF folder as stored (float
+    weights; io/load.py dispatches quantized and GPTQ folders to io/quantized.py, io/gptq.py)."""
+    from qwen3moe.layers.dtypes import skip_init, to_ms_dtype
+
+    directory, config = check_folder(path, config)
     param_dtype = to_ms_dtype(dtype or config.torch_dtype)
+    src = CheckpointSource(directory)
     with skip_init():
         model = cls(config, param_dtype=param_dtype)
     used: set[str] = set()
     for p in model.get_parameters():
         arr = read_native(src, p.name, tuple(p.shape), config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
-        t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        p.set_data(t if param_dtype == ms.float32 else t.astype(param_dtype))
-        del arr, t
+        store_param(p, arr)
+        del arr
     unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} in "
@@ -162,21 +166,46 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
     return model
 
 
+def store_param(p, arr: np.ndarray) -> None:
+    """A float32 array into a freshly built (not yet compiled) Parameter in its storage dtype:
+    bf16 bits (uint16) rounded by numpy, other dtypes by MindSpore's cast."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.layers.dtypes import BF16_BITS
+
+    if p.dtype == BF16_BITS:
+        p.set_data(Tensor.from_numpy(f32_to_bf16(arr)))
+        return
+    t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
+
+
+def param_f32(p) -> np.ndarray:
+    """A Parameter's values as float32 numpy (bf16 bits widened exactly)."""
+    from qwen3moe.layers.dtypes import BF16_BITS
+
+    if p.dtype == BF16_BITS:
+        return bf16_to_f32(p.asnumpy())
+    return p.astype("float32").asnumpy() if str(p.dtype) != "Float32" else p.asnumpy()
+
+
 # ---- saving --------------------------------------------------------------------------------
 def hf_tensors(model, dtype: str):
     """Yield (hf_name, array, tag) in HF per-expert layout, converted to `dtype`."""
     cfg = model.config
     for p in model.get_parameters():
-        arr = p.astype("float32").asnumpy() if str(p.dtype) != "Float32" else p.asnumpy()
+        arr = param_f32(p)
         m = _FUSED.match(p.name)
         if not m:
             yield p.name, *_convert(arr, dtype)
             continue
         prefix, kind = m.groups()
         projs = EXPERT_KEY_MAP[kind]
+        per_proj = rearrange(arr, "e (p rows) cols -> e p rows cols", p=len(projs))  # stacked on rows
         for j in range(cfg.num_experts):
-            for k, part in enumerate(np.split(arr[j], len(projs), axis=0)):
-                yield f"{prefix}.{j}.{projs[k]}.weight", *_convert(part, dtype)
+            for proj, part in zip(projs, per_proj[j]):
+                yield f"{prefix}.{j}.{proj}.weight", *_convert(part, dtype)
 
 
 def _convert(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
@@ -203,6 +232,9 @@ def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int |
     in the folder are left alone; weight files of an earlier save that this one does not write
     (old shards, a stale index or single file) are removed after the new ones are in place."""
     cfg = model.config
+    if getattr(model, "quantization", None) is not None:
+        raise CheckpointError("save_pretrained of a quantized model is not supported: write a GPTQ folder "
+                              "from the float folder with `qwen3moe quantize` (io.gptq.quantize_folder)")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype) or cfg.torch_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")

@@ -133,6 +133,12 @@ class SafetensorsFile:
     def __getitem__(self, name: str) -> np.ndarray:  # a read-only mapping name -> tensor
         return self.read(name)
 
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 

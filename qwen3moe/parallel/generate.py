@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qwen3moe.generation.batch import GenerateRequest, GenerationError
+from qwen3moe.generation.batch import GenerateRequest
+from qwen3moe.generation.errors import GenerationError
 from qwen3moe.parallel.mesh import Mesh, MeshError
 
 
@@ -41,6 +42,8 @@ def check_request(req: GenerateRequest, mesh: Mesh) -> None:
         raise MeshError(f"tp={mesh.tp} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
     if mesh.tp == mesh.pp == mesh.ep == 1:
         return
+    if req.quantize or req.dtype != "float32":
+        raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
     if req.options.get("do_sample"):
         raise GenerationError("--use_parallel generation with model parallelism is greedy only: drop --do_sample")
     if req.predict_batch_size != 1:

@@ -160,7 +160,7 @@ def export_pretrained(config, tensors, out_dir, dtype: str | None = None,
     """Native-named full tensors (a mapping name -> array, e.g. a training checkpoint's
     model.safetensors or a re-assembled sharded one) -> HF folder, through the model's own
     saver (per-expert layout), plus the tokenizer files of `tokenizer_dir`. Returns the model.
-    A missing or mis-shaped tensor is a CheckpointError naming `source`."""
+    A missing, unexpected or mis-shaped tensor is a CheckpointError naming `source`."""
     from mindspore import Tensor
 
     from qwen3moe.io.hf_checkpoint import copy_tokenizer_files
@@ -169,9 +169,9 @@ def export_pretrained(config, tensors, out_dir, dtype: str | None = None,
 
     with skip_init():  # every weight is overwritten next: skip the random init
         model = Qwen3MoeForCausalLM(config)
-    for p in model.get_parameters():
-        if p.name not in tensors:
-            raise CheckpointError(f"{source}: parameter {p.name!r} missing")
+    params = list(model.get_parameters())
+    check_tensor_names(source, tensors, [p.name for p in params])  # missing or unexpected: one line
+    for p in params:
         arr = np.asarray(tensors[p.name], np.float32)
         if arr.size != int(np.prod(p.shape)):
             raise CheckpointError(f"{source}: {p.name!r} has shape {arr.shape}, the model expects {tuple(p.shape)}")

@@ -64,7 +64,7 @@ def build_data(cfg: TaskConfig, num_samples: int):
                                create_attention_mask=False, eod_id=dc.eod, **kw)
     except (OSError, ValueError) as exc:
         raise TaskConfigError(f"train_dataset: {str(exc).splitlines()[0]}") from None
-    data = GPTBatches(ds, r.batch_size, position_ids=dc.reset_position_ids)
+    data = GPTBatches(ds, r.batch_size)  # position ids ride along with reset_position_ids
     return MicroBatches(data, r.gradient_accumulation_steps), len(ds)
 
 
