@@ -56,6 +56,7 @@ def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) 
         os.replace(tmp, d / STATE)
         for s, old in step_dirs(root)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
+        remove_leftovers(root)  # every rank is past the barrier: nothing is being written
     barrier()
     return str(d)
 
@@ -69,10 +70,33 @@ def step_dirs(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+_TEMP = re.compile(rf"^\.((optim_)?rank_\d+\.safetensors|{re.escape(STATE)})\.tmp$")  # save()'s temp names
+
+
+def remove_leftovers(root: str) -> list[str]:
+    """Delete what killed saves left under `root`: temp files in step folders, and step folders
+    without a state file (a save killed before rank 0 wrote it). Call only while no rank writes:
+    at start-up (resolve) and by rank 0 between a save's barriers. Returns the removed paths."""
+    from qwen3moe.training.checkpoint import remove_leftovers as remove_matching
+
+    if not os.path.isdir(root):
+        return []
+    steps = [n for n in os.listdir(root) if re.fullmatch(r"step_\d+", n) and os.path.isdir(os.path.join(root, n))]
+    gone = [os.path.join(n, f) for n in steps for f in remove_matching(os.path.join(root, n), _TEMP)]
+    for n in steps:
+        if not os.path.isfile(os.path.join(root, n, STATE)):
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            gone.append(n)
+    return gone
+
+
 def resolve(path: str) -> str | None:
-    """A step folder, or the newest complete one under a root; None when there is none."""
+    """A step folder, or the newest complete one under a root (removing killed saves' leftovers
+    there); None when there is none."""
     if os.path.isfile(os.path.join(path, STATE)):
+        remove_leftovers(os.path.dirname(os.path.abspath(path)))
         return path
+    remove_leftovers(path)
     found = step_dirs(path)
     return found[-1][1] if found else None
 

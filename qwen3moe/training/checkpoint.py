@@ -12,6 +12,7 @@ same loss sequence as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -77,14 +78,19 @@ def step_dirs(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def remove_leftovers(root: str) -> list[str]:
-    """Delete the temp folders of saves that were killed (single writer per root: nothing else
-    can be writing them). Returns their names."""
+def remove_leftovers(root: str, pattern: re.Pattern = _LEFTOVER) -> list[str]:
+    """Delete the temp folders (or files) of saves that were killed: entries of `root` whose name
+    matches `pattern` (single writer per root: nothing else can be writing them). Returns their names."""
     if not os.path.isdir(root):
         return []
-    gone = sorted(d for d in os.listdir(root) if _LEFTOVER.match(d))
+    gone = sorted(d for d in os.listdir(root) if pattern.match(d))
     for d in gone:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        path = os.path.join(root, d)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     return gone
 
 
