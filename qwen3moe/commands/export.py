@@ -85,14 +85,16 @@ def load_weights(model: Any, step_dir: str) -> None:
     from mindspore import Tensor
 
     from qwen3moe.cli import CliError
-    from qwen3moe.io.safetensors_io import SafetensorsFile
+    from qwen3moe.io.safetensors_io import SafetensorsFile, check_finite
 
     st = SafetensorsFile(os.path.join(step_dir, "model.safetensors"))
     try:
         for p in model.get_parameters():
             if p.name not in st.entries:
                 raise CliError(f"{step_dir}: parameter {p.name!r} missing from model.safetensors")
-            t = Tensor(st.read(p.name).astype(np.float32).reshape(p.shape))
+            arr = st.read(p.name)
+            check_finite(arr, p.name, st.path)  # never export NaN/Inf weights
+            t = Tensor(arr.astype(np.float32).reshape(p.shape))
             p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
     finally:
         st.close()
