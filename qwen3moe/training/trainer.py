@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint,
+from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint, remove_leftovers,
                                           save_training_checkpoint)
 from qwen3moe.training.metrics import MetricsLogger, format_record, is_finite_step, write_plots
 from qwen3moe.training.step import TrainStep
@@ -100,6 +100,8 @@ class Trainer:
     def resume(self) -> int:
         """Load the latest checkpoint (resume_from, else checkpoint_dir) if any; returns the start step."""
         c = self.config
+        if c.checkpoint_dir:
+            remove_leftovers(c.checkpoint_dir)  # killed saves' temp folders, even with nothing to resume (one listdir)
         src = c.resume_from or (c.checkpoint_dir if c.resume else None)
         if not src or (not c.resume_from and latest_checkpoint(src) is None):
             return 0
