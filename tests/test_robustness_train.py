@@ -27,6 +27,9 @@ TINY = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
     ("runner_config.epochs", "0", "runner_config.epochs must be >= 1"),
     ("train_dataset.data_loader.config.seq_length", "0", "train_dataset.data_loader.config.seq_length must be >= 1"),
     ("runner_wrapper.max_grad_norm", "0", "runner_wrapper.max_grad_norm must be > 0"),
+    # a silent no-op before: the train step always uses the plain causal mask
+    ("train_dataset.data_loader.config.reset_attention_mask", "True",
+     "train_dataset.data_loader.config.reset_attention_mask must be false"),
 ])
 def test_bad_optimizer_schedule_and_run_values_name_the_key(key, value, expected):
     with pytest.raises(TaskConfigError) as exc:
@@ -146,3 +149,16 @@ def test_checkpoint_tensors_the_model_lacks_are_an_error(tmp_path):
 def test_resume_override_names_are_validated():
     with pytest.raises(TaskConfigError, match="resume_override"):
         load_task_config(TINY, ["--resume_override", "modle"])
+
+
+# ---- silent no-ops become errors (POOR) --------------------------------------------------------
+@pytest.mark.parametrize("option", ["eod_mask_loss", "reset_position_ids", "reset_attention_mask"])
+def test_eod_options_without_eod_id_are_refused(tmp_path, option):
+    """Each of these acts on EOD tokens; without eod_id it silently did nothing."""
+    from helpers import FIXTURES
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+
+    prefix = str(FIXTURES / "megatron_gpt" / "golden_a_text_document")
+    with pytest.raises(ValueError, match=f"{option}=True needs eod_id"):
+        build_gpt_dataset(prefix, 16, 8, cache_dir=str(tmp_path), **{option: True})
+    assert len(build_gpt_dataset(prefix, 16, 8, cache_dir=str(tmp_path), eod_id=0, **{option: True})) >= 8
