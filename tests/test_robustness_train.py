@@ -162,3 +162,57 @@ def test_eod_options_without_eod_id_are_refused(tmp_path, option):
     with pytest.raises(ValueError, match=f"{option}=True needs eod_id"):
         build_gpt_dataset(prefix, 16, 8, cache_dir=str(tmp_path), **{option: True})
     assert len(build_gpt_dataset(prefix, 16, 8, cache_dir=str(tmp_path), eod_id=0, **{option: True})) >= 8
+
+
+# ---- metrics after a resume: one row per step, the re-run's (POOR) ------------------------------
+def test_metrics_logger_resume_drops_rows_after_the_checkpoint(tmp_path):
+    import csv
+    import json
+
+    from qwen3moe.training.metrics import MetricsLogger
+
+    def log(m, step):
+        m.record({"step": step, "loss": 1.0 / step, "step_time_s": 1.0, "tokens": 8}, [{"step_time_s": 1.0, "tokens": 8}], 0)
+
+    m = MetricsLogger(str(tmp_path))
+    for s in (2, 4, 6):
+        log(m, s)
+    m.close()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 8, "lo')  # a row cut short by the kill
+    m = MetricsLogger(str(tmp_path))
+    m.resume_at(4)
+    log(m, 6)
+    m.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6] and rows[-1]["loss"] == 1.0 / 6
+    assert [float(r["step"]) for r in csv.DictReader((tmp_path / "metrics.csv").open())] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_metrics_after_resume_hold_one_row_per_step(tmp_path, capsys):
+    """Killed after logging step 6 but before its checkpoint: the resumed run re-runs steps 5-6.
+    metrics.jsonl/csv then hold each step once, the re-run's row (the one the checkpoints follow)."""
+    import csv
+    import json
+    import shutil
+
+    import numpy as np
+
+    from qwen3moe.cli import main
+
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4000).astype(np.int32))
+    out = tmp_path / "out"
+    common = ["pretrain", "--config", TINY, "--output_dir", str(out), "--runner_config.mfu_probe_size", "0",
+              "--model.model_config.num_hidden_layers", "1", "--resume_training", "True",
+              "--runner_config.train_steps", "6", f"--train_dataset.data_loader.config.data_path=['{tokens}']",
+              f"--load_checkpoint={out / 'checkpoint'}"]
+    assert main(common) == 0
+    shutil.rmtree(out / "checkpoint" / "step_00000006")  # the kill: step 6 logged, never saved
+    capsys.readouterr()
+    assert main(common) == 0
+    assert "at step 4" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert [float(r["step"]) for r in csv.DictReader((out / "metrics.csv").open())] == [2, 4, 6]

@@ -110,8 +110,32 @@ class MetricsLogger:
         self._csv_fh.flush()
         return rec
 
+    def resume_at(self, step: int) -> None:
+        """Drop the rows of steps after `step`: a run killed before its next checkpoint logged
+        them, and the resumed run re-runs (and re-logs) exactly those steps."""
+        from qwen3moe.io.atomic import atomic_write_text
+
+        self._csv_fh.close()
+        for path, step_of in ((self.jsonl_path, lambda line: json.loads(line)["step"]),
+                              (self.csv_path, lambda line: line.split(",", 1)[0])):  # CSV_FIELDS[0]
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as fh:
+                    lines = fh.read().splitlines(keepends=True)
+                head = lines[:1] if path == self.csv_path else []
+                atomic_write_text(path, "".join(head + [ln for ln in lines[len(head):] if _at_most(step_of, ln, step)]))
+        self._csv_fh = open(self.csv_path, "a", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._csv_fh, CSV_FIELDS, extrasaction="ignore")
+
     def close(self) -> None:
         self._csv_fh.close()
+
+
+def _at_most(step_of, line: str, step: int) -> bool:
+    """The row's step is <= step (a row cut short by a kill counts as after it)."""
+    try:
+        return float(step_of(line)) <= step
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _num(v: Any) -> Any:

@@ -109,6 +109,8 @@ class Trainer:
                                       check=lambda state, path: check_resume(
                                           state.get("extra") or {}, c.checkpoint_extra, c.resume_override, path))
         self.step_fn.steps_done = st["step"]
+        if self.metrics is not None:
+            self.metrics.resume_at(st["step"])
         self.skipped_total = int((st.get("extra") or {}).get("skipped_total", 0))
         self.log(f"resumed from {st['path']} at step {st['step']}")
         return st["step"]
