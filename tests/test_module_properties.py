@@ -15,6 +15,7 @@ import contextlib
 
 import numpy as np
 import pytest
+from einops import rearrange, repeat
 from hypothesis import HealthCheck, given, settings, strategies as st
 from mindspore import Tensor
 
@@ -163,8 +164,8 @@ def padded_positions(mask_BS):
 
 def attention_reference(a, x_BSH, cos_BSD, sin_BSD, bias_B1SS):
     """HF Qwen3 attention in float64: per-head q/k RMSNorm, RoPE (rotate-half), GQA, softmax, o_proj."""
-    W = {n: getattr(a, n).weight.asnumpy().astype(np.float64) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    B, S, _ = x_BSH.shape
+    W = {n: getattr(a, n).weight.asnumpy().astype(np.float64)
+         for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     N, K, D = a.num_heads, a.num_kv_heads, a.head_dim
 
     def norm(t, w):
@@ -174,15 +175,15 @@ def attention_reference(a, x_BSH, cos_BSD, sin_BSD, bias_B1SS):
         rot = np.concatenate([-t[..., D // 2:], t[..., :D // 2]], -1)
         return t * cos_BSD[:, None] + rot * sin_BSD[:, None]
 
-    heads = lambda t, n: t.reshape(B, S, n, D).transpose(0, 2, 1, 3)
+    heads = lambda t, n: rearrange(t, "b s (n d) -> b n s d", n=n)
     q = rope(norm(heads(x_BSH @ W["q_proj"].T, N), a.q_norm.weight.asnumpy()))
     k = rope(norm(heads(x_BSH @ W["k_proj"].T, K), a.k_norm.weight.asnumpy()))
     v = heads(x_BSH @ W["v_proj"].T, K)
-    k, v = np.repeat(k, N // K, 1), np.repeat(v, N // K, 1)  # query head n reads kv head n // (N/K)
+    k, v = (repeat(t, "b k s d -> b (k g) s d", g=N // K) for t in (k, v))  # head n = k*G + g reads kv head k
     s = np.einsum("bnsd,bntd->bnst", q, k) / np.sqrt(D) + bias_B1SS
     p = np.exp(s - s.max(-1, keepdims=True))
     o = np.einsum("bnst,bntd->bnsd", p / p.sum(-1, keepdims=True), v)
-    return o.transpose(0, 2, 1, 3).reshape(B, S, N * D) @ W["o_proj"].T
+    return rearrange(o, "b n s d -> b s (n d)") @ W["o_proj"].T
 
 
 def left_padded_batch(seed, lengths, S):

@@ -78,3 +78,14 @@ def test_ragged_rows_ask_for_padding_and_attention_mask(model):
     with pytest.raises(GenerationError, match="pad.*attention_mask") as exc:
         generate(model, [[5, 6, 7], [8, 9]], max_new_tokens=1)
     assert "lengths 3 and 2" in str(exc.value)
+
+
+def test_cli_reports_a_generation_error_in_one_line(tmp_path, capsys):
+    from helpers import HF_FIXTURES
+    from qwen3moe.cli import main
+
+    rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "Hi",
+               "--max_new_tokens", "10000000000", "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("qwen3moe generate: error: max_new_tokens=10000000000: the KV cache"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out.jsonl").exists()

@@ -41,14 +41,16 @@ def _start(tmp_path, script_body: str, timeout_s: int):
     """Run parallel.launch.launch(2 workers of `script_body`) in a child interpreter."""
     script = tmp_path / "worker_script.py"
     script.write_text(script_body)
+    logs = str(tmp_path / "logs")
     code = ("import sys; from qwen3moe.parallel.launch import launch; "
-            f"sys.exit(launch(2, [], timeout_s={timeout_s}, script={str(script)!r}, log_dir={str(tmp_path / 'logs')!r}))")
+            f"sys.exit(launch(2, [], timeout_s={timeout_s}, script={str(script)!r}, log_dir={logs!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     return proc, str(script)
 
 
-SLEEPER = "import time\nprint('worker up', flush=True)\ntime.sleep(600)\n"
+# each process of the job (msrun's scheduler and 2 workers) leaves a started_<pid> file, then sleeps
+SLEEPER = "import os, time\nopen(f'started_{os.getpid()}', 'w').close()\ntime.sleep(600)\n"
 
 
 def _wait_for_workers(script: str, n: int = 3, within_s: float = 60.0) -> None:
@@ -86,6 +88,7 @@ def test_timeout_stops_every_process_of_the_job(tmp_path):
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 124, err[-2000:]
     assert "after 8 s" in err
+    assert len(list(tmp_path.glob("started_*"))) == 3  # the job was running when the timeout hit
     assert _procs_running(script) == []
 
 

@@ -10,7 +10,8 @@ On disk, per projection `<prefix>.{qweight,scales,qzeros,g_idx}` (prefix e.g.
   W[o, k] = (u[k, o] - z[g_idx[k], o]) * scales[g_idx[k], o].
 Zero-point convention: `checkpoint_format` "gptq" (v1; the default when absent, what AutoGPTQ,
 transformers/optimum and Qwen's GPTQ-Int4 release use) stores z - 1 (sym 4-bit: 0x77777777 for
-z = 8); "gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
+z = 8), read back as (stored + 1) mod 2^b like AutoGPTQ's reference dequantization;
+"gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
 Only the quantized projections use this layout; embeddings, norms, router and lm_head stay float
 tensors (the lm_head is quantized to int8 per channel when loading: docs/quantization.md).
 """
@@ -149,11 +150,8 @@ def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqS
         arrays[key] = src.read(name)
     u = unpack_int32(arrays["qweight"], bits, 0).T  # [O, I]
     z = unpack_int32(arrays["qzeros"], bits, 1).astype(np.int32)  # [G, O]
-    if spec.zero_minus_one:
-        z = z + 1
-    if z.max() > 255:
-        raise CheckpointError(f"{src.directory}: {prefix}.qzeros holds a zero point of 256 (8-bit v1 "
-                              f"value 255), which the uint8 layout cannot hold")
+    if spec.zero_minus_one:  # v1: z - 1 stored modulo 2^b (a zero point of 0 is stored as 2^b - 1)
+        z = (z + 1) & ((1 << bits) - 1)
     g_idx = arrays.get("g_idx")
     if g_idx is not None:
         if g_idx.min() < 0 or g_idx.max() >= G:

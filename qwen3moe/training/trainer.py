@@ -109,8 +109,6 @@ class Trainer:
                                       check=lambda state, path: check_resume(
                                           state.get("extra") or {}, c.checkpoint_extra, c.resume_override, path))
         self.step_fn.steps_done = st["step"]
-        if self.metrics is not None:
-            self.metrics.resume_at(st["step"])
         self.skipped_total = int((st.get("extra") or {}).get("skipped_total", 0))
         self.log(f"resumed from {st['path']} at step {st['step']}")
         return st["step"]
@@ -118,6 +116,8 @@ class Trainer:
     def fit(self) -> list[dict]:
         c, t_start = self.config, time.perf_counter()
         start = self.resume()
+        if start and self.metrics is not None:
+            self.metrics.resume_at(start)
         bar = _progress(c, start)
         say = self.log if bar is None else _around_bar(bar, self.log)
         window: list[dict] = []
