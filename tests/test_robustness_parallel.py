@@ -92,6 +92,9 @@ def _killed_saves(root):
     (root / "step_4").mkdir()
     for name in ("rank_0.safetensors", ".optim_rank_0.safetensors.tmp"):
         (root / "step_4" / name).write_text("x")
+    for d, name in (("step_00000003", "trainer_state.json"), ("step_5", "notes.txt")):  # not ours: kept
+        (root / d).mkdir()
+        (root / d / name).write_text("keep")
 
 
 def _listing(root):
@@ -103,8 +106,9 @@ def test_parallel_resume_removes_killed_save_leftovers(tmp_path):
 
     _killed_saves(tmp_path)
     assert resolve(str(tmp_path)) == str(tmp_path / "step_2")
-    assert _listing(tmp_path) == ["step_2", "step_2/optim_rank_0.safetensors", f"step_2/{STATE}",
-                                  "step_2/rank_0.safetensors"]
+    assert _listing(tmp_path) == ["step_00000003", "step_00000003/trainer_state.json", "step_2",
+                                  "step_2/optim_rank_0.safetensors", f"step_2/{STATE}", "step_2/rank_0.safetensors",
+                                  "step_5", "step_5/notes.txt"]
 
 
 def test_parallel_save_removes_killed_save_leftovers(tmp_path, monkeypatch):
@@ -117,6 +121,7 @@ def test_parallel_save_removes_killed_save_leftovers(tmp_path, monkeypatch):
     monkeypatch.setattr(train_state, "rank_optimizers", lambda opt: {})
     mesh = SimpleNamespace(dp=1, tp=1, pp=1, ep=1, sp=False, world_size=1)
     train_state.save(str(tmp_path), 6, SimpleNamespace(mesh=mesh), None, 0, lambda: None, keep_last=2)
-    assert _listing(tmp_path) == ["step_2", "step_2/optim_rank_0.safetensors", f"step_2/{train_state.STATE}",
-                                  "step_2/rank_0.safetensors", "step_6", f"step_6/{train_state.STATE}",
-                                  "step_6/rank_0.safetensors"]
+    assert _listing(tmp_path) == ["step_00000003", "step_00000003/trainer_state.json", "step_2",
+                                  "step_2/optim_rank_0.safetensors", f"step_2/{train_state.STATE}",
+                                  "step_2/rank_0.safetensors", "step_5", "step_5/notes.txt", "step_6",
+                                  f"step_6/{train_state.STATE}", "step_6/rank_0.safetensors"]

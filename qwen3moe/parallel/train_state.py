@@ -71,12 +71,14 @@ def step_dirs(root: str) -> list[tuple[int, str]]:
 
 
 _TEMP = re.compile(rf"^\.((optim_)?rank_\d+\.safetensors|{re.escape(STATE)})\.tmp$")  # save()'s temp names
+_RANK_FILE = re.compile(r"^(optim_)?rank_\d+\.safetensors$")
 
 
 def remove_leftovers(root: str) -> list[str]:
     """Delete what killed saves left under `root`: temp files in step folders, and step folders
-    without a state file (a save killed before rank 0 wrote it). Call only while no rank writes:
-    at start-up (resolve) and by rank 0 between a save's barriers. Returns the removed paths."""
+    without a state file (a save killed before rank 0 wrote it) holding only rank files: any other
+    folder (a single-process checkpoint, user files) is left alone. Call only while no rank
+    writes: at start-up (resolve) and by rank 0 between a save's barriers. Returns the paths."""
     from qwen3moe.training.checkpoint import remove_leftovers as remove_matching
 
     if not os.path.isdir(root):
@@ -84,7 +86,7 @@ def remove_leftovers(root: str) -> list[str]:
     steps = [n for n in os.listdir(root) if re.fullmatch(r"step_\d+", n) and os.path.isdir(os.path.join(root, n))]
     gone = [os.path.join(n, f) for n in steps for f in remove_matching(os.path.join(root, n), _TEMP)]
     for n in steps:
-        if not os.path.isfile(os.path.join(root, n, STATE)):
+        if all(_RANK_FILE.match(f) for f in os.listdir(os.path.join(root, n))):  # no STATE, nothing foreign
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
             gone.append(n)
     return gone
