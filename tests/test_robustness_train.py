@@ -27,6 +27,9 @@ TINY = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
     ("runner_config.epochs", "0", "runner_config.epochs must be >= 1"),
     ("train_dataset.data_loader.config.seq_length", "0", "train_dataset.data_loader.config.seq_length must be >= 1"),
     ("runner_wrapper.max_grad_norm", "0", "runner_wrapper.max_grad_norm must be > 0"),
+    # a silent no-op before: the train step always uses the plain causal mask
+    ("train_dataset.data_loader.config.reset_attention_mask", "True",
+     "train_dataset.data_loader.config.reset_attention_mask must be false"),
 ])
 def test_bad_optimizer_schedule_and_run_values_name_the_key(key, value, expected):
     with pytest.raises(TaskConfigError) as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -57,14 +58,40 @@ def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) 
         os.replace(tmp, d / STATE)
         for s, old in step_dirs(root, STATE)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
+        remove_leftovers(root)  # every rank is past the barrier: nothing is being written
     barrier()
     return str(d)
 
 
+_TEMP = re.compile(rf"^\.((optim_)?rank_\d+\.safetensors|{re.escape(STATE)})\.tmp$")  # save()'s temp names
+_RANK_FILE = re.compile(r"^(optim_)?rank_\d+\.safetensors$")
+
+
+def remove_leftovers(root: str) -> list[str]:
+    """Delete what killed saves left under `root`: temp files in step folders, and step folders
+    without a state file (a save killed before rank 0 wrote it) holding only rank files: any other
+    folder (a single-process checkpoint, user files) is left alone. Call only while no rank
+    writes: at start-up (resolve) and by rank 0 between a save's barriers. Returns the paths."""
+    from qwen3moe.training.checkpoint import remove_leftovers as remove_matching
+
+    if not os.path.isdir(root):
+        return []
+    steps = [n for n in os.listdir(root) if re.fullmatch(r"step_\d+", n) and os.path.isdir(os.path.join(root, n))]
+    gone = [os.path.join(n, f) for n in steps for f in remove_matching(os.path.join(root, n), _TEMP)]
+    for n in steps:
+        if all(_RANK_FILE.match(f) for f in os.listdir(os.path.join(root, n))):  # no STATE, nothing foreign
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            gone.append(n)
+    return gone
+
+
 def resolve(path: str) -> str | None:
-    """A step folder, or the newest complete one under a root; None when there is none."""
+    """A step folder, or the newest complete one under a root (removing killed saves' leftovers
+    there); None when there is none."""
     if os.path.isfile(os.path.join(path, STATE)):
+        remove_leftovers(os.path.dirname(os.path.abspath(path)))
         return path
+    remove_leftovers(path)
     return latest_checkpoint(path, STATE)
 
 

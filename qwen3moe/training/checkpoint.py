@@ -12,6 +12,7 @@ same loss sequence as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,8 +27,8 @@ from mindspore import nn
 
 from qwen3moe.io.atomic import atomic_directory
 from qwen3moe.io.jsonfile import read_json_object
-from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, check_tensor_names, f32_to_bf16,
-                                        write_safetensors)
+from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, check_finite, check_tensor_names,
+                                        f32_to_bf16, write_safetensors)
 from qwen3moe.layers.dtypes import write_param
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")  # step_00000004 here, step_4 (parallel/train_state.py)
@@ -78,14 +79,19 @@ def step_dirs(root: str, state_file: str = STATE_FILE) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def remove_leftovers(root: str) -> list[str]:
-    """Delete the temp folders of saves that were killed (single writer per root: nothing else
-    can be writing them). Returns their names."""
+def remove_leftovers(root: str, pattern: re.Pattern = _LEFTOVER) -> list[str]:
+    """Delete the temp folders (or files) of saves that were killed: entries of `root` whose name
+    matches `pattern` (single writer per root: nothing else can be writing them). Returns their names."""
     if not os.path.isdir(root):
         return []
-    gone = sorted(d for d in os.listdir(root) if _LEFTOVER.match(d))
+    gone = sorted(d for d in os.listdir(root) if pattern.match(d))
     for d in gone:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        path = os.path.join(root, d)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     return gone
 
 
@@ -175,6 +181,7 @@ def export_pretrained(config, tensors, out_dir, dtype: str | None = None,
         arr = np.asarray(tensors[p.name], np.float32)
         if arr.size != int(np.prod(p.shape)):
             raise CheckpointError(f"{source}: {p.name!r} has shape {arr.shape}, the model expects {tuple(p.shape)}")
+        check_finite(arr, p.name, source)  # never export NaN/Inf weights
         t = Tensor(arr.reshape(p.shape))
         p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
     model.save_pretrained(out_dir, dtype=dtype)

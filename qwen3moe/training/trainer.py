@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from qwen3moe.errors import Qwen3MoeError
-from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint,
+from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint, remove_leftovers,
                                           save_training_checkpoint)
 from qwen3moe.training.metrics import MetricsLogger, format_record, is_finite_step, write_plots
 from qwen3moe.training.step import TrainStep
@@ -108,6 +108,8 @@ class Trainer:
         if self.checkpointer is not None:
             return self.checkpointer.resume(self)
         c = self.config
+        if c.checkpoint_dir:
+            remove_leftovers(c.checkpoint_dir)  # killed saves' temp folders, even with nothing to resume (one listdir)
         src = c.resume_from or (c.checkpoint_dir if c.resume else None)
         if not src or (not c.resume_from and latest_checkpoint(src) is None):
             return 0
