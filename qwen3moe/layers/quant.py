@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Zero
 
 try:  # C++ kernels for the quantized layers (qwen3moe/kernels/quant.py), when that module exists
     from qwen3moe.kernels import quant as quant_kernel
@@ -182,7 +183,9 @@ def dequant_graph(qweight: Tensor, scales: Tensor, qzeros: Tensor, bits: int, g_
 
 # ---- layers ---------------------------------------------------------------------------------
 def _zeros(shape: tuple, dtype, name: str) -> Parameter:
-    return Parameter(Tensor(np.zeros(shape, dtype)), name=name, requires_grad=False)
+    """Lazily initialised zeros: no memory until the loader's set_data (or first use), so
+    building a quantized model never holds its weights twice."""
+    return Parameter(Tensor(shape=shape, dtype=dtype, init=Zero()), name=name, requires_grad=False)
 
 
 class QuantizedWeight(nn.Cell):
@@ -198,11 +201,11 @@ class QuantizedWeight(nn.Cell):
         self.bits, self.group_size = bits, group_size
         self.out_features, self.in_features = out_features, in_features
         shape, G = (*lead, out_features), in_features // group_size
-        self.qweight = _zeros((*shape, in_features * bits // 8), np.uint8, "qweight")
-        self.scales = _zeros((*shape, G), np.float16, "scales")
-        self.qzeros = _zeros((*shape, G), np.uint8, "qzeros")
+        self.qweight = _zeros((*shape, in_features * bits // 8), ms.uint8, "qweight")
+        self.scales = _zeros((*shape, G), ms.float16, "scales")
+        self.qzeros = _zeros((*shape, G), ms.uint8, "qzeros")
         # act-order group map (GPTQ desc_act folders); row_blocks 0 = plain k // g groups
-        self.g_idx = _zeros((*lead, row_blocks, in_features), np.int32, "g_idx") if row_blocks else None
+        self.g_idx = _zeros((*lead, row_blocks, in_features), ms.int32, "g_idx") if row_blocks else None
 
     def dequant(self) -> Tensor:
         return dequant_graph(self.qweight, self.scales, self.qzeros, self.bits, self.g_idx)
