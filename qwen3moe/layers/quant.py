@@ -106,18 +106,24 @@ class QuantizationConfig:
 # ---- pure NumPy format ----------------------------------------------------------------------
 def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W [..., O, I] float -> (qweight uint8 [..., O, P], scales f16 [..., O, G], qzeros u8 [..., O, G])."""
+    u, scales, qzeros = quantize_codes(w, bits, group_size)
+    return pack(u, bits), scales, qzeros
+
+
+def quantize_codes(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [..., O, I] -> (unsigned values u uint8 [..., O, I], scales, qzeros), unpacked."""
     *lead, O, I = w.shape
     g = group_size
     G = I // g
     qmax = (1 << (bits - 1)) - 1
     w_g = np.asarray(w, np.float32).reshape(*lead, O, G, g)
-    amax = np.abs(w_g).max(-1)
-    scales = fp16_ceil(amax / np.float32(qmax))
+    scales = fp16_ceil(np.abs(w_g).max(-1) / np.float32(qmax))
     s = scales.astype(np.float32)[..., None]
-    q = np.rint(w_g / np.where(s == 0, np.float32(1), s))
-    u = (np.clip(q, -qmax, qmax) + zero_point(bits)).astype(np.uint8).reshape(*lead, O, I)
-    qzeros = np.full(scales.shape, zero_point(bits), np.uint8)
-    return pack(u, bits), scales, qzeros
+    q = np.divide(w_g, np.where(s == 0, np.float32(1), s))
+    np.rint(q, out=q)  # |q| <= qmax: the scale was rounded up, so no clipping is needed
+    q += np.float32(zero_point(bits))
+    u = q.astype(np.uint8).reshape(*lead, O, I)
+    return u, scales, np.full(scales.shape, zero_point(bits), np.uint8)
 
 
 def fp16_ceil(x: np.ndarray) -> np.ndarray:
