@@ -31,7 +31,7 @@ class CliError(Exception):
 # library exceptions that describe bad input (each names the file, key or argument): one line,
 # exit 2. Matched by name so the CLI needs no import of the modules defining them.
 USER_ERRORS = frozenset({"ConfigError", "CheckpointError", "PreprocessError", "OutputError", "TokenizerError",
-                         "TaskConfigError", "MeshError"})
+                         "TaskConfigError", "MeshError", "GenerationError", "LaunchError"})
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
 

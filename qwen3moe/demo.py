@@ -112,7 +112,16 @@ def build_model(tok, seed: int):
     return Qwen3MoeForCausalLM(cfg)
 
 
-def train(model, prefix: str, args) -> list[dict]:
+def training_data(prefix: str, args):
+    """Batches in Megatron GPTDataset sample order (seq_len + 1 tokens per sample, one-token overlap)."""
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+    from qwen3moe.io.gpt_loader import GPTBatches
+
+    ds = build_gpt_dataset(prefix, args.seq_len - 1, args.steps * args.batch, seed=args.seed)
+    return GPTBatches(ds, args.batch)
+
+
+def train(model, data, args) -> list[dict]:
     from qwen3moe.training import AdamW, DEFAULT_NO_DECAY, cosine_with_warmup
     from qwen3moe.training.step import TrainStep
     from qwen3moe.training.trainer import Trainer, TrainerConfig
@@ -122,15 +131,14 @@ def train(model, prefix: str, args) -> list[dict]:
     sched = cosine_with_warmup(args.lr, warmup_steps=max(1, args.steps // 20), total_steps=args.steps,
                                min_lr=args.lr / 10)
     step = TrainStep(model, opt, aux_coef=1e-3, z_coef=0.0, clip=1.0, schedule=sched)
-    from qwen3moe.io.gpt_dataset import build_gpt_dataset
-    from qwen3moe.io.gpt_loader import GPTBatches
-
-    # Megatron GPTDataset sample order (seq_len + 1 tokens per sample, one-token overlap)
-    ds = build_gpt_dataset(prefix, args.seq_len - 1, args.steps * args.batch, seed=args.seed)
-    data = GPTBatches(ds, args.batch)
     cfg = TrainerConfig(total_steps=args.steps, log_interval=max(1, args.steps // 20),
                         time_budget_s=args.budget_s)
     return Trainer(step, data, cfg, log=lambda s: print(s, flush=True)).fit()
+
+
+def batch_lm_loss(model, batch: dict) -> float:
+    """Mean next-token cross-entropy of `model` on one training batch (the logged `lm` value)."""
+    return float(model(batch["input_ids"], labels=batch["labels"]).lm_loss.asnumpy())
 
 
 def write_loss_curve(history: list[dict], out: Path) -> Path:
@@ -174,7 +182,10 @@ def main(argv=None) -> int:
     model = build_model(tok, args.seed)
     print(f"model: tiny preset, {model.num_parameters():,} parameters "
           f"({model.num_parameters(active=True):,} active), batch {args.batch} x {args.seq_len}")
-    history = train(model, prefix, args)
+    data = training_data(prefix, args)
+    history = train(model, data, args)
+    # the step-1 batch again with the trained weights: logged step 1 was this batch before any update
+    final = batch_lm_loss(model, data.batch(0))
     ckpt = out / "checkpoint"
     model.save_pretrained(ckpt)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
@@ -183,10 +194,10 @@ def main(argv=None) -> int:
     lines = [f"### {p!r}\n{p}{greedy_continue(model, tok, p, args.new_tokens)}\n" for p in PROMPTS]
     (out / "text_generation_result.txt").write_text("\n".join(lines))
     print("".join(lines))
-    return report(history, ckpt, curve, out, time.perf_counter() - t0)
+    return report(history, final, ckpt, curve, out, time.perf_counter() - t0)
 
 
-def report(history: list[dict], ckpt: Path, curve: Path, out: Path, wall: float) -> int:
+def report(history: list[dict], final: float, ckpt: Path, curve: Path, out: Path, wall: float) -> int:
     n = min(10, len(history) // 2)
     first = float(np.mean([m["lm_loss"] for m in history[:n]]))
     last = float(np.mean([m["lm_loss"] for m in history[-n:]]))
@@ -196,6 +207,7 @@ def report(history: list[dict], ckpt: Path, curve: Path, out: Path, wall: float)
     print(f"generations in {out / 'text_generation_result.txt'}")
     print(f"steps {len(history)}, median step {step_s * 1000:.0f} ms, wall {wall:.0f} s")
     print(f"loss drop: first-{n}-step mean {first:.4f} -> last-{n}-step mean {last:.4f} = {drop:.1%}")
+    print(f"step-1 batch: lm loss {history[0]['lm_loss']:.6f} at step 1 -> {final:.6f} after training")
     return 0
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import Phase, settings
 
 os.environ.setdefault("GLOG_v", "3")
+# `pytest --hypothesis-profile fail-fast`: report the first failing example without shrinking
+# (for checking that a property catches a deliberately broken implementation)
+settings.register_profile("fail-fast", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @pytest.fixture(autouse=True, scope="session")

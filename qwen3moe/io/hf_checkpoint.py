@@ -16,6 +16,7 @@ import re
 import shutil
 
 import numpy as np
+from einops import rearrange
 
 from qwen3moe.io.atomic import OutputError, atomic_files
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
@@ -119,7 +120,7 @@ def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
 def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[int, ...], per: int) -> np.ndarray:
     """Per-expert tensors (keys in expert-major order, `per` projections each, concatenated on
     rows) written straight into one [E, rows, cols] float32 array: the transient is one expert
-    tensor, not a second and third copy of the stack (load peak RSS 1.24x -> see bench/RESULTS.md)."""
+    tensor, not a second and third copy of the stack (peak RSS: bench/RESULTS.md)."""
     out = np.empty(shape, np.float32)
     expected = (shape[1] // per, *shape[2:])
     for i, k in enumerate(keys):
@@ -220,9 +221,10 @@ def hf_tensors(model, dtype: str):
             continue
         prefix, kind = m.groups()
         projs = EXPERT_KEY_MAP[kind]
+        per_proj = rearrange(arr, "e (p rows) cols -> e p rows cols", p=len(projs))  # stacked on rows
         for j in range(cfg.num_experts):
-            for k, part in enumerate(np.split(arr[j], len(projs), axis=0)):
-                yield f"{prefix}.{j}.{projs[k]}.weight", *_convert(part, dtype)
+            for proj, part in zip(projs, per_proj[j]):
+                yield f"{prefix}.{j}.{proj}.weight", *_convert(part, dtype)
 
 
 def _convert(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 # Per-kernel extra flags. adamw: without -fno-math-errno GCC keeps std::sqrt a libm call that may
-# set errno, which stops the update loop from vectorising (measured: 235 -> 38 ms for 118M
-# parameters on 2 threads); sqrt is correctly rounded either way, so results are unchanged.
+# set errno, which stops the update loop from vectorising (bench/RESULTS.md); sqrt is correctly
+# rounded either way, so results are unchanged.
 # -ffp-contract=off keeps torch's float32 rounding (no FMA), also pinned in the source.
 EXTRA_FLAGS = {"adamw": ["-fno-math-errno", "-ffp-contract=off"]}
 

@@ -1,10 +1,8 @@
 """Pure data parallelism (tp = pp = ep = 1, no ZeRO-1): every rank runs the compiled single-device
 `TrainStep` on its rows of each micro-batch, and the gradient buffers are averaged over the ranks
 inside a compiled graph (one AllReduce per buffer) before the finiteness check, clipping and
-AdamW, so the replicas stay identical. The per-rank engine of parallel/trainer.py runs in
-PyNative and recomputes each stage's forward in its backward: on the tiny preset at DP=2
-(4 x 128 tokens a step, both processes on one 2-core machine) it took 3.3-3.6 s a step, this
-path 0.06-0.08 s once compiled, single-process pretrain 0.07-0.08 s (bench/RESULTS.md,
+AdamW, so the replicas stay identical. Why not parallel/trainer.py's per-rank engine: it runs in
+PyNative and recomputes each stage's forward in its backward, far slower (bench/RESULTS.md,
 "Parallel pretraining").
 
 Same result as one process on the global batch (tests/test_dist_parallel.py checks the loss

@@ -109,7 +109,7 @@ class _TrainGraph(nn.Cell):
     `first` / `last` are compile-time flags (at most four graphs): not first -> add the
     buffered sum; not last -> store the sum and stop; last -> clip, update, clear the buffers.
     Gradients never leave the graph: a graph output fed back as another graph's input made
-    MindSpore 2.10 recompile the consumer on every call (measured 2 s/step).
+    MindSpore 2.10 recompile the consumer on every call.
     """
 
     def __init__(self, loss_cell: _LossCell, optimizer: nn.Cell, clip: float | None) -> None:
