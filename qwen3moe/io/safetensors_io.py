@@ -167,6 +167,14 @@ class SafetensorsFile:
             return arr.astype(np.float32)
         return arr
 
+    def read_raw(self, name: str) -> np.ndarray:
+        """A tensor's stored bytes (uint8, no widening): copying a tensor costs its own size."""
+        begin, end = self.entries[name]["data_offsets"]
+        buf = os.pread(self._fd, end - begin, self.data_start + begin)
+        if len(buf) != end - begin:
+            raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
+        return np.frombuffer(buf, np.uint8)
+
     def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """A hyperslab (one contiguous range per leading dims of `index`, others whole), read
         with one pread per contiguous run, so a rank splitting an inner dim (row-parallel
