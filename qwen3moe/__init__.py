@@ -27,6 +27,7 @@ _LAZY = {
     "Qwen3MoeModel": "qwen3moe.models.qwen3_moe",
     "GenerationConfig": "qwen3moe.generation.config",
     "Tokenizer": "qwen3moe.io.tokenizer",
+    "QuantizationConfig": "qwen3moe.layers.quant",
 }
 
 

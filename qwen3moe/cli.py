@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "qwen3moe.commands.pretrain",
     "qwen3moe.commands.run",
     "qwen3moe.commands.export",
+    "qwen3moe.commands.quantize",
 ]
 
 
@@ -30,7 +31,7 @@ class CliError(Exception):
 # library exceptions that describe bad input (each names the file, key or argument): one line,
 # exit 2. Matched by name so the CLI needs no import of the modules defining them.
 USER_ERRORS = frozenset({"ConfigError", "CheckpointError", "PreprocessError", "OutputError", "TokenizerError",
-                         "TaskConfigError", "MeshError"})
+                         "TaskConfigError", "MeshError", "GenerationError", "LaunchError"})
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
 

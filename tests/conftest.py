@@ -22,3 +22,23 @@ def _scratch_cwd(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+def _clear_kernel_caches() -> None:
+    import sys
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("qwen3moe.kernels"):
+            for obj in vars(mod).values():
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()
+
+
+@pytest.fixture
+def composite(monkeypatch):
+    """Models built inside use the composite MindSpore path (QWEN3MOE_KERNELS=0)."""
+    monkeypatch.setenv("QWEN3MOE_KERNELS", "0")
+    _clear_kernel_caches()
+    yield
+    monkeypatch.delenv("QWEN3MOE_KERNELS")
+    _clear_kernel_caches()

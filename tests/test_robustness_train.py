@@ -35,6 +35,12 @@ def test_bad_optimizer_schedule_and_run_values_name_the_key(key, value, expected
     assert expected in msg and "\n" not in msg, msg
 
 
+@pytest.mark.parametrize("flag", ["eod_mask_loss", "reset_position_ids"])
+def test_eod_options_on_npy_tokens_are_an_error(flag):
+    with pytest.raises(TaskConfigError, match=f"config.{flag}: applies to Megatron"):
+        load_task_config(TINY, [f"--train_dataset.data_loader.config.{flag}", "True"])
+
+
 def test_warmup_longer_than_schedule_is_refused():
     with pytest.raises(TaskConfigError, match="lr_schedule.warmup_steps"):
         load_task_config(TINY, ["--lr_schedule.warmup_steps", "10", "--lr_schedule.total_steps", "8"])
@@ -146,3 +152,56 @@ def test_checkpoint_tensors_the_model_lacks_are_an_error(tmp_path):
 def test_resume_override_names_are_validated():
     with pytest.raises(TaskConfigError, match="resume_override"):
         load_task_config(TINY, ["--resume_override", "modle"])
+
+
+def test_resume_replaces_metrics_rows_of_steps_it_re_runs(two_step_run, tmp_path, capsys):
+    """Rows logged after the checkpoint (a run killed at step 4 after saving at 2) belong to steps
+    the resumed run trains again: they are dropped, so each step has one row, the resumed one."""
+    import csv
+    import json
+    import shutil
+
+    from qwen3moe.cli import main
+
+    root, common = two_step_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]
+    with open(out / "metrics.jsonl", "a") as fh:  # what the killed run logged past its checkpoint
+        fh.write(json.dumps({**rows[0], "step": 4.0, "loss": 99.0}) + "\n" + '{"step": 6.0, "lo')
+    with open(out / "metrics.csv", "a") as fh:
+        fh.write("4.0,99.0\n")
+    capsys.readouterr()
+    assert main(["pretrain", *common, "--output_dir", str(out), f"--load_checkpoint={out / 'checkpoint'}",
+                 "--runner_config.train_steps", "2"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert [float(r["step"]) for r in csv.DictReader((out / "metrics.csv").open())] == [2.0]
+
+
+@pytest.mark.parametrize("flag", ["reset_position_ids", "eod_mask_loss", "reset_attention_mask"])
+def test_eod_options_without_eod_id_are_an_error(flag):
+    """Each acts on EOD tokens: without eod_id they silently did nothing."""
+    from helpers import FIXTURES
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+
+    prefix = str(FIXTURES / "megatron_gpt" / "golden_a_text_document")
+    with pytest.raises(ValueError, match=f"{flag}=True needs eod_id"):
+        build_gpt_dataset(prefix, 8, 4, **{flag: True})
+    assert len(build_gpt_dataset(prefix, 8, 4, eod_id=0, **{flag: True})) >= 4
+
+
+def test_gpt_batches_refuse_position_resets_they_cannot_feed():
+    """GPTBatches yields [B, S+1] token windows only: reset position ids were dropped silently."""
+    from helpers import FIXTURES
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+    from qwen3moe.io.gpt_loader import GPTBatches
+
+    prefix = str(FIXTURES / "megatron_gpt" / "golden_a_text_document")
+    with pytest.raises(ValueError, match="reset_position_ids"):
+        GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0, reset_position_ids=True), 2)
+    blend = build_gpt_dataset(["1", prefix, "1", prefix.replace("_a_", "_b_")], 8, 4, eod_id=0,
+                              reset_position_ids=True)
+    with pytest.raises(ValueError, match="reset_position_ids"):
+        GPTBatches(blend, 2)
+    assert GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0), 2).batch(0)["input_ids"].shape == (2, 9)

@@ -1,6 +1,6 @@
 """Train the quantization-quality fixture with the demo pipeline and write it plus held-out text.
 
-    python tools/make_quality_fixture.py [--steps 400] [--out tests/fixtures/quality]
+    python tools/make_quality_fixture.py [--steps 600] [--out tests/fixtures/quality]
 
 The demo's corpus (stdlib docstrings -> Megatron .bin/.idx, tiny BPE tokenizer), its model
 builder's tokenizer wiring and its training loop (qwen3moe.demo.train: AdamW, cosine schedule,
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     from qwen3moe.layers.dtypes import set_init_seed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "quality"))
     ap.add_argument("--heldout-chars", type=int, default=40_000)
     ap.add_argument("--work", default=None, help="corpus/cache folder (default: a temp folder)")

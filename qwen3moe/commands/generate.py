@@ -48,6 +48,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--stream", action="store_true", help="print text pieces to stderr as they are generated")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens tokens")
     p.add_argument("--output", default="text_generation_result.txt", help="JSON-lines result file")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                   help="weights in memory (auto: the folder's torch_dtype); math is fp32 either way")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="quantize the projections while loading (int8 per channel, int4 group-wise)")
+    p.add_argument("--group_size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
     from qwen3moe.parallel.generate import add_arguments as add_parallel_arguments
 
     add_parallel_arguments(p)  # --use_parallel True --parallel_config.model_parallel N ... (under launch)
@@ -95,7 +100,8 @@ def _load(folder: Path, args: argparse.Namespace):
 
     try:
         tok = Tokenizer.from_pretrained(folder)
-        model = Qwen3MoeForCausalLM.from_pretrained(folder)
+        model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if args.dtype == "auto" else args.dtype,
+                                                    quantization=args.quantize, group_size=args.group_size)
         cfg = resolve_config(model, None, args.ignore_eos, **{
             k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
                                           "top_k", "top_p", "min_p", "repetition_penalty",
@@ -174,7 +180,13 @@ def _print_line(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output(args.output)
     if getattr(args, "use_parallel", False):
+        from qwen3moe.cli import CliError
         from qwen3moe.parallel.generate import run as run_parallel
+
+        model_parallel = any(getattr(args, f"parallel_{k}", 1) not in (None, 1)
+                             for k in ("model_parallel", "pipeline_stage", "expert_parallel"))
+        if model_parallel and (args.quantize or args.dtype != "float32"):
+            raise CliError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
 
         return run_parallel(args)
     folder = _check_args(args)

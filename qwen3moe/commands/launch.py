@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--master_port", type=int, default=None, help="default: a free port")
     p.add_argument("--log_dir", default="msrun_logs")
     p.add_argument("--timeout", type=int, default=300, help="seconds before the job is stopped")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the sub-command and its flags")
+    # dest is not "command": that is cli.py's sub-command name (its error prefix)
+    p.add_argument("worker_command", metavar="command", nargs=argparse.REMAINDER,
+                   help="-- then the sub-command and its flags")
     p.set_defaults(func=run)
     c = sub.add_parser("dist-check", help="data-parallel gradient all-reduce self-test (under launch)")
     c.add_argument("--model", required=True, help="HF folder")
@@ -31,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from qwen3moe.parallel.launch import launch
 
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    cmd = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
     if not cmd:
         raise CliError("nothing to launch: give -- <sub-command> [flags], e.g. -- dist-check --model DIR")
     if args.nproc < 1:

@@ -21,7 +21,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible
+from qwen3moe.layers.dtypes import widen
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
@@ -39,14 +41,13 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-_mmT = ops.MatMul(transpose_b=True)
 _bmmT = ops.BatchMatMul(transpose_b=True)
 _bmm = ops.BatchMatMul()
 
 
 def _w(p: Tensor, x: Tensor) -> Tensor:
     """Weight in the compute dtype (bf16 storage computes in fp32); resolved at trace time."""
-    return p if p.dtype == x.dtype else p.astype(x.dtype)
+    return widen(p, x.dtype)
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -72,9 +73,10 @@ def _attention_block(a: nn.Cell, x_BSH: Tensor, cos_BS1D: Tensor, sin_BS1D: Tens
     N, K, D = a.num_heads, a.num_kv_heads, a.head_dim
     G = N // K
     x_TH = x_BSH.reshape(B * S, H)
-    q = _rms(_mmT(x_TH, _w(a.q_proj.weight, x_TH)).reshape(B, S, N, D), a.q_norm.weight, a.q_norm.eps)
-    k = _rms(_mmT(x_TH, _w(a.k_proj.weight, x_TH)).reshape(B, S, K, D), a.k_norm.weight, a.k_norm.eps)
-    v = _mmT(x_TH, _w(a.v_proj.weight, x_TH)).reshape(B, S, K, D)
+    # the projection cells themselves: plain, bf16 or quantized weights (and biases)
+    q = _rms(a.q_proj(x_TH).reshape(B, S, N, D), a.q_norm.weight, a.q_norm.eps)
+    k = _rms(a.k_proj(x_TH).reshape(B, S, K, D), a.k_norm.weight, a.k_norm.eps)
+    v = a.v_proj(x_TH).reshape(B, S, K, D)
     q = q * cos_BS1D + ops.matmul(q, rot_DD) * sin_BS1D
     k = k * cos_BS1D + ops.matmul(k, rot_DD) * sin_BS1D
     if S == 1:  # [B,1,X,D] -> [B,X,1,D] is a pure reshape: no transpose copies when decoding
@@ -92,7 +94,7 @@ def _attention_block(a: nn.Cell, x_BSH: Tensor, cos_BS1D: Tensor, sin_BS1D: Tens
         o_TX = o_BKXD.reshape(B, N * D)
     else:
         o_TX = o_BKXD.reshape(B, N, S, D).transpose(0, 2, 1, 3).reshape(B * S, N * D)
-    return _mmT(o_TX, _w(a.o_proj.weight, o_TX)).reshape(B, S, H)
+    return a.o_proj(o_TX).reshape(B, S, H)
 
 
 class _StepCell(nn.Cell):
@@ -200,6 +202,28 @@ class DecodeEngine:
         return self._run(np.asarray(next_B, np.int64).reshape(-1, 1), pos, bias)
 
 
+def check_cache_fits(cfg, batch: int, slots: int, max_new_tokens: int) -> None:
+    """Refuse a KV cache (fp32 K and V, [B, K, T, D] per layer) larger than the memory available
+    now, before numpy is asked for it (a huge max_new_tokens was a 238 GiB allocation traceback)."""
+    need = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * slots * cfg.head_dim * 4
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {slots} positions needs "
+                              f"{need / 2**30:,.1f} GiB, more than the {avail / 2**30:.1f} GiB of memory available")
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int) -> tuple[DecodeEngine, int]:
     """A cached engine for (B, T) plus the bucketed prompt length P (engines are kept per model,
     so repeated generate calls reuse compiled graphs)."""
@@ -208,6 +232,7 @@ def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int)
     cache: dict = model.__dict__.setdefault("_decode_engines", {})
     engine = cache.get((batch, T))
     if engine is None:
+        check_cache_fits(model.config, batch, T, max_new_tokens)
         if len(cache) >= 2:  # bound memory (caches are B*T*L*2*K*D floats): drop the oldest engine
             cache.pop(next(iter(cache)))
         engine = cache[(batch, T)] = DecodeEngine(model, batch, T)

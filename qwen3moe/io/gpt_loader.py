@@ -16,6 +16,10 @@ class GPTBatches:
                  start_sample: int = 0, wrap: bool = True) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        configs = [d.cfg for d in getattr(dataset, "datasets", [dataset]) if hasattr(d, "cfg")]
+        if any(c.reset_position_ids for c in configs):  # batch() yields token windows only
+            raise ValueError("reset_position_ids=True: GPTBatches feeds [B, S+1] token windows without "
+                             "position ids, so the reset would be silently lost; build the dataset without it")
         self.ds, self.B, self.rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
         self.start, self.wrap = start_sample, wrap
 

@@ -20,7 +20,8 @@ from einops import rearrange
 
 from qwen3moe.io.atomic import OutputError, atomic_files
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
-                                        check_tensor_names, f32_to_bf16, write_safetensors)
+                                        check_tensor_names, bf16_to_f32, f32_to_bf16,
+                                        write_safetensors)
 from qwen3moe.models.config import Qwen3MoeConfig
 
 # native fused expert parameter -> the per-expert HF projections concatenated along dim 1
@@ -132,28 +133,29 @@ def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[
     return out
 
 
-def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None):
-    """Build `cls(config)` without random init and fill it from an HF folder."""
-    import mindspore as ms
-    from mindspore import Tensor
-
+def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None,
+                    quantization=None, group_size: int | None = None):
+    """Build `cls(config)` without random init and fill it from an HF folder (quantized if asked,
+    or as stored for GPTQ folders: io/quantized.py, io/gptq.py)."""
     from qwen3moe.layers.dtypes import skip_init, to_ms_dtype
 
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a folder (expected a Hugging Face model folder)")
     config = config or Qwen3MoeConfig.from_pretrained(directory)
-    src = CheckpointSource(directory)
     param_dtype = to_ms_dtype(dtype or config.torch_dtype)
+    quantized = _load_quantized(cls, directory, config, param_dtype, quantization, group_size)
+    if quantized is not None:
+        return quantized
+    src = CheckpointSource(directory)
     with skip_init():
         model = cls(config, param_dtype=param_dtype)
     used: set[str] = set()
     for p in model.get_parameters():
         arr = read_native(src, p.name, tuple(p.shape), config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
-        t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        p.set_data(t if param_dtype == ms.float32 else t.astype(param_dtype))
-        del arr, t
+        store_param(p, arr)
+        del arr
     unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} in "
@@ -163,12 +165,56 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
     return model
 
 
+def _load_quantized(cls, directory, config, param_dtype, quantization, group_size):
+    """A quantized model when the folder is GPTQ or `quantization` is set, else None."""
+    from qwen3moe.io.gptq import gptq_config, load_gptq
+    from qwen3moe.io.quantized import load_quantizing
+    from qwen3moe.layers.quant import QuantizationConfig
+
+    qc = QuantizationConfig.of(quantization, group_size)
+    stored = gptq_config(config, directory)
+    if stored is not None:
+        if qc is not None:
+            raise CheckpointError(f"{directory}: already quantized ({stored.config.bits}-bit GPTQ); "
+                                  f"load it without quantization=/--quantize")
+        return load_gptq(cls, directory, config, stored, param_dtype)
+    if qc is None:
+        if group_size is not None:
+            raise CheckpointError("group_size is only used with quantization='int8'/'int4'")
+        return None
+    return load_quantizing(cls, directory, config, qc, param_dtype)
+
+
+def store_param(p, arr: np.ndarray) -> None:
+    """A float32 array into a freshly built (not yet compiled) Parameter in its storage dtype:
+    bf16 bits (uint16) rounded by numpy, other dtypes by MindSpore's cast."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.layers.dtypes import BF16_BITS
+
+    if p.dtype == BF16_BITS:
+        p.set_data(Tensor.from_numpy(f32_to_bf16(arr)))
+        return
+    t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
+
+
+def param_f32(p) -> np.ndarray:
+    """A Parameter's values as float32 numpy (bf16 bits widened exactly)."""
+    from qwen3moe.layers.dtypes import BF16_BITS
+
+    if p.dtype == BF16_BITS:
+        return bf16_to_f32(p.asnumpy())
+    return p.astype("float32").asnumpy() if str(p.dtype) != "Float32" else p.asnumpy()
+
+
 # ---- saving --------------------------------------------------------------------------------
 def hf_tensors(model, dtype: str):
     """Yield (hf_name, array, tag) in HF per-expert layout, converted to `dtype`."""
     cfg = model.config
     for p in model.get_parameters():
-        arr = p.astype("float32").asnumpy() if str(p.dtype) != "Float32" else p.asnumpy()
+        arr = param_f32(p)
         m = _FUSED.match(p.name)
         if not m:
             yield p.name, *_convert(arr, dtype)
@@ -205,6 +251,9 @@ def save_pretrained(model, path, dtype: str | None = None, max_shard_size: int |
     in the folder are left alone; weight files of an earlier save that this one does not write
     (old shards, a stale index or single file) are removed after the new ones are in place."""
     cfg = model.config
+    if getattr(model, "quantization", None) is not None:
+        raise CheckpointError("save_pretrained of a quantized model is not supported: write a GPTQ folder "
+                              "from the float folder with `qwen3moe quantize` (io.gptq.quantize_folder)")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype) or cfg.torch_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")

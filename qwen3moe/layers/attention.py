@@ -34,14 +34,14 @@ def grouped_attention(q_BNSD: Tensor, k_BKTD: Tensor, v_BKTD: Tensor, bias_B1ST:
 class Qwen3MoeAttention(nn.Cell):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rms_norm_eps: float = 1e-6, bias: bool = False, init_std: float = 0.02,
-                 param_dtype=None) -> None:
+                 param_dtype=None, make_linear=Linear) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias, init_std, param_dtype)
-        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias, init_std, param_dtype)
-        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias, init_std, param_dtype)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias, init_std, param_dtype)
+        self.q_proj = make_linear(hidden_size, num_heads * head_dim, bias, init_std, param_dtype)
+        self.k_proj = make_linear(hidden_size, num_kv_heads * head_dim, bias, init_std, param_dtype)
+        self.v_proj = make_linear(hidden_size, num_kv_heads * head_dim, bias, init_std, param_dtype)
+        self.o_proj = make_linear(num_heads * head_dim, hidden_size, bias, init_std, param_dtype)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps, param_dtype)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, param_dtype)
         # fused C++ core (fwd + bwd) when built here; grouped_attention stays the reference

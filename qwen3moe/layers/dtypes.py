@@ -3,15 +3,38 @@
 Random init follows HF `_init_weights` (normal(0, initializer_range); norms start at 1).
 `init_std=None` means ones (RMSNorm weights); 0.0 means zeros. A process-wide numpy Generator
 keeps initialisation reproducible via `set_init_seed`.
+
+bf16 weights that the model gathers rows of (embeddings, stacked experts; `gathered=True`) are
+held as uint16 Parameters carrying the bf16 bit pattern: MindSpore 2.10 has no CPU Gather for
+bf16 and no in-graph bitcast, but it gathers uint16. `widen` turns either form into fp32 exactly
+(bits through a 65536-entry lookup table: one gather, measured as fast as bf16 astype).
 """
 from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor
+from mindspore import Parameter, Tensor, ops
 
 _RNG = np.random.default_rng(0)
 _SKIP_INIT = False
+
+
+BF16_BITS = ms.uint16
+# float32 value of every bf16 bit pattern (bf16 is the top half of an f32)
+_BF16_TABLE = Tensor((np.arange(65536, dtype=np.uint32) << 16).view(np.float32))
+
+
+def widen(w: Tensor, dtype=ms.float32) -> Tensor:
+    """A stored weight in the compute dtype: bf16 bits (uint16) exactly via the lookup table,
+    other dtypes by a cast (none if already `dtype`). Resolved at trace time."""
+    if w.dtype == BF16_BITS:
+        w = ops.gather(_BF16_TABLE, w.astype(ms.int32), 0)
+    return w if w.dtype == dtype else w.astype(dtype)
+
+
+def bf16_bits(arr: np.ndarray) -> np.ndarray:
+    """float32 array -> uint16 bf16 bit pattern (round to nearest even, as MindSpore's cast)."""
+    return Tensor(np.ascontiguousarray(arr, dtype=np.float32)).astype(ms.bfloat16).asnumpy().view(np.uint16)
 
 
 def set_init_seed(seed: int) -> None:
@@ -42,7 +65,8 @@ def to_ms_dtype(name) -> ms.dtype:
     return table[key]
 
 
-def init_param(shape: tuple, init_std: float | None, name: str, param_dtype=None) -> Parameter:
+def init_param(shape: tuple, init_std: float | None, name: str, param_dtype=None,
+               gathered: bool = False) -> Parameter:
     dtype = to_ms_dtype(param_dtype or "float32")
     if _SKIP_INIT or init_std == 0.0:
         arr = np.zeros(shape, np.float32)
@@ -50,6 +74,8 @@ def init_param(shape: tuple, init_std: float | None, name: str, param_dtype=None
         arr = np.ones(shape, np.float32)
     else:
         arr = (_RNG.standard_normal(shape, dtype=np.float32) * np.float32(init_std))
+    if gathered and dtype == ms.bfloat16:
+        return Parameter(Tensor(bf16_bits(arr)), name=name)
     return Parameter(Tensor(arr).astype(dtype) if dtype != ms.float32 else Tensor(arr), name=name)
 
 
@@ -70,5 +96,8 @@ def write_param(p: Parameter, arr: np.ndarray) -> None:
             again = p.asnumpy()
             if np.shares_memory(view, again) or np.array_equal(again, arr):
                 return
+    if p.dtype == BF16_BITS:
+        p.set_data(Tensor(bf16_bits(arr)))
+        return
     t = Tensor(np.ascontiguousarray(arr))
     p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))

@@ -11,13 +11,12 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from qwen3moe.kernels import linear as linear_kernel
-from qwen3moe.layers.dtypes import init_param
+from qwen3moe.layers.dtypes import init_param, widen
 
 
 def project(x_TI: Tensor, w_OI: Tensor, use_kernel: bool, matmul) -> Tensor:
     """x @ w^T in x's dtype (w widened if stored narrower), through the kernel for fp32."""
-    if w_OI.dtype != x_TI.dtype:  # bf16 storage, fp32 compute
-        w_OI = w_OI.astype(x_TI.dtype)
+    w_OI = widen(w_OI, x_TI.dtype)  # bf16 storage (or a tied bf16-bits embedding), fp32 compute
     if use_kernel and x_TI.dtype == ms.float32:
         return linear_kernel.linear(x_TI, w_OI)
     return matmul(x_TI, w_OI)

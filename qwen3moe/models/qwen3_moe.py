@@ -17,11 +17,13 @@ from mindspore import Tensor, nn, ops
 
 from qwen3moe.kernels.cross_entropy import token_cross_entropy
 from qwen3moe.layers.attention import Qwen3MoeAttention
-from qwen3moe.layers.dtypes import init_param
+from qwen3moe.layers.dtypes import init_param, to_ms_dtype, widen
 from qwen3moe.layers.experts import Qwen3MoeExperts
 from qwen3moe.layers.linear import Linear
 from qwen3moe.layers.mlp import Qwen3MoeMLP
 from qwen3moe.layers.norm import RMSNorm
+from qwen3moe.layers.quant import (LM_HEAD_BITS, QuantizationConfig, QuantizedExperts, QuantizedLinear,
+                                   kernel_available as quant_kernel_available)
 from qwen3moe.models.config import Qwen3MoeConfig
 from qwen3moe.models.inputs import prepare_inputs
 from qwen3moe.router import dispatch
@@ -34,13 +36,25 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  norm_topk_prob: bool, init_std: float = 0.02, param_dtype=None,
-                 moe_backend: str = "auto", capacity_factor: float | None = None) -> None:
+                 moe_backend: str = "auto", capacity_factor: float | None = None,
+                 quantization: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor  # None = dropless (HF semantics)
-        self.use_kernel = capacity_factor is None and resolve_moe_backend(moe_backend)
         self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob, init_std, param_dtype)
-        self.experts = Qwen3MoeExperts(num_experts, hidden_size, intermediate_size, init_std, param_dtype)
+        if quantization is None:
+            self.experts = Qwen3MoeExperts(num_experts, hidden_size, intermediate_size, init_std, param_dtype)
+            # fp32 experts: the fused kernel (fwd + bwd); bf16: the forward-only kernels/quant.py op
+            fp32 = to_ms_dtype(param_dtype or "float32") == ms.float32
+            kernel = resolve_moe_backend(moe_backend) and (fp32 or quant_kernel_available())
+        else:
+            q = quantization
+            self.experts = QuantizedExperts(num_experts, hidden_size, intermediate_size, q.bits,
+                                            q.group_for(hidden_size, "the experts' gate/up projections"),
+                                            q.group_for(intermediate_size, "the experts' down projection"),
+                                            q.desc_act)
+            kernel = self.experts.use_kernel and moe_backend != "composite"
+        self.use_kernel = capacity_factor is None and kernel
 
     def construct(self, x_TH: Tensor):
         logits_TE, probs_TE, weights_TK, idx_TK = self.gate(x_TH)
@@ -78,20 +92,22 @@ def resolve_moe_backend(name: str) -> bool:
 
 
 class Qwen3MoeDecoderLayer(nn.Cell):
-    def __init__(self, config: Qwen3MoeConfig, layer_idx: int, param_dtype=None) -> None:
+    def __init__(self, config: Qwen3MoeConfig, layer_idx: int, param_dtype=None,
+                 quantization: QuantizationConfig | None = None) -> None:
         super().__init__()
         c, std = config, config.initializer_range
+        lin = quantization.make_linear if quantization else Linear
         self.is_sparse = c.is_sparse_layer(layer_idx)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
         self.self_attn = Qwen3MoeAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                                           c.head_dim, c.rms_norm_eps, c.attention_bias, std, param_dtype)
+                                           c.head_dim, c.rms_norm_eps, c.attention_bias, std, param_dtype, lin)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
         if self.is_sparse:
             self.mlp = Qwen3MoeSparseMoeBlock(c.hidden_size, c.num_experts, c.num_experts_per_tok,
                                               c.moe_intermediate_size, c.norm_topk_prob, std, param_dtype,
-                                              capacity_factor=c.moe_capacity_factor)
+                                              capacity_factor=c.moe_capacity_factor, quantization=quantization)
         else:
-            self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size, std, param_dtype)
+            self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size, std, param_dtype, lin)
 
     def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor):
         B, S, H = x_BSH.shape
@@ -104,12 +120,13 @@ class Qwen3MoeDecoderLayer(nn.Cell):
 
 
 class Qwen3MoeModel(nn.Cell):
-    def __init__(self, config: Qwen3MoeConfig, param_dtype=None) -> None:
+    def __init__(self, config: Qwen3MoeConfig, param_dtype=None,
+                 quantization: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = _Embedding(config.vocab_size, config.hidden_size, config.initializer_range,
                                        param_dtype)
-        self.layers = nn.CellList([Qwen3MoeDecoderLayer(config, i, param_dtype)
+        self.layers = nn.CellList([Qwen3MoeDecoderLayer(config, i, param_dtype, quantization)
                                    for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
 
@@ -141,10 +158,10 @@ class Qwen3MoeModel(nn.Cell):
 class _Embedding(nn.Cell):
     def __init__(self, vocab_size: int, hidden_size: int, init_std: float, param_dtype=None) -> None:
         super().__init__()
-        self.weight = init_param((vocab_size, hidden_size), init_std, "weight", param_dtype)
+        self.weight = init_param((vocab_size, hidden_size), init_std, "weight", param_dtype, gathered=True)
 
     def construct(self, ids: Tensor) -> Tensor:
-        return ops.gather(self.weight, ids, 0).astype(ms.float32)
+        return widen(ops.gather(self.weight, ids, 0))  # rows first: only T*H values widened
 
 
 @dataclass
@@ -161,11 +178,16 @@ class CausalLMOutput:
 class Qwen3MoeForCausalLM(nn.Cell):
     """The HF-compatible causal LM. Parameter names are the HF names."""
 
-    def __init__(self, config: Qwen3MoeConfig, param_dtype=None) -> None:
+    def __init__(self, config: Qwen3MoeConfig, param_dtype=None,
+                 quantization: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.config = config
-        self.model = Qwen3MoeModel(config, param_dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, config.initializer_range, param_dtype)
+        self.config, self.quantization = config, quantization
+        self.model = Qwen3MoeModel(config, param_dtype, quantization)
+        H, V = config.hidden_size, config.vocab_size
+        if quantization is not None and not config.tie_word_embeddings:  # int8 per channel
+            self.lm_head = QuantizedLinear(H, V, LM_HEAD_BITS, H)
+        else:  # a tied lm_head reads the (unquantized) embedding
+            self.lm_head = Linear(H, V, False, config.initializer_range, param_dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.source_dir: str | None = None  # set by from_pretrained (tokenizer files to copy on save)
@@ -231,10 +253,16 @@ class Qwen3MoeForCausalLM(nn.Cell):
         return self.config.num_parameters(active=active)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = "float32", **kwargs) -> "Qwen3MoeForCausalLM":
+    def from_pretrained(cls, path, dtype: str | None = "float32", quantization=None,
+                        group_size: int | None = None, **kwargs) -> "Qwen3MoeForCausalLM":
+        """dtype: float32, bfloat16 (kept bf16 in memory, fp32 math) or None (the folder's).
+        quantization: None, "int8" (per channel), "int4" (group_size 32/64/128, default 128) or a
+        QuantizationConfig: weights quantized tensor by tensor while loading. GPTQ folders load
+        quantized as stored (docs/quantization.md)."""
         from qwen3moe.io.hf_checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, **kwargs)
+        return load_pretrained(cls, path, dtype=dtype, quantization=quantization, group_size=group_size,
+                               **kwargs)
 
     def save_pretrained(self, path, dtype: str | None = None, max_shard_size: int | str = "5GB") -> None:
         from qwen3moe.io.hf_checkpoint import save_pretrained

@@ -114,6 +114,8 @@ class Trainer:
     def fit(self) -> list[dict]:
         c, t_start = self.config, time.perf_counter()
         start = self.resume()
+        if start and self.metrics is not None:
+            self.metrics.resume_at(start)
         bar = _progress(c, start)
         say = self.log if bar is None else _around_bar(bar, self.log)
         window: list[dict] = []

@@ -1,0 +1,368 @@
+"""GPTQ-format folders: read (ours and third-party) into the in-memory layout of layers/quant.py,
+and write them from a float HF folder (`qwen3moe quantize`), streaming tensor by tensor.
+
+Shapes: O out-features, I in-features, G groups, b bits, F = 32 // b values per int32.
+On disk, per projection `<prefix>.{qweight,scales,qzeros,g_idx}` (prefix e.g.
+`model.layers.3.mlp.experts.7.gate_proj`), as AutoGPTQ / GPTQModel / transformers write them:
+  qweight int32 [I // F, O]: input k of column o is bits (k % F) * b .. +b of row k // F;
+  scales  float16 [G, O];  g_idx int32 [I] (group of input k; k // g unless act-order);
+  qzeros  int32 [G, O // F]: zero point of (group, column o) at bits (o % F) * b of column o // F.
+  W[o, k] = (u[k, o] - z[g_idx[k], o]) * scales[g_idx[k], o].
+Zero-point convention: `checkpoint_format` "gptq" (v1; the default when absent, what AutoGPTQ,
+transformers/optimum and Qwen's GPTQ-Int4 release use) stores z - 1 (sym 4-bit: 0x77777777 for
+z = 8), read back as (stored + 1) mod 2^b like AutoGPTQ's reference dequantization;
+"gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
+Only the quantized projections use this layout; embeddings, norms, router and lm_head stay float
+tensors (the lm_head is quantized to int8 per channel when loading: docs/quantization.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwen3moe.io.safetensors_io import CheckpointError
+from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig, pack, unpack
+
+QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+@dataclass(frozen=True)
+class GptqSpec:
+    config: QuantizationConfig
+    zero_minus_one: bool  # v1 ("gptq"): qzeros hold z - 1
+
+
+# ---- config ---------------------------------------------------------------------------------
+def gptq_config(config, directory: str) -> GptqSpec | None:
+    """The folder's quantization_config (config.json, or an old quantize_config.json), checked."""
+    qc = config.extra.get("quantization_config")
+    where = os.path.join(directory, "config.json")
+    side = os.path.join(directory, "quantize_config.json")
+    if qc is None and os.path.isfile(side):
+        with open(side, encoding="utf-8") as fh:
+            qc, where = json.load(fh), side
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where}: quantization_config must be an object, got {qc!r}")
+    method = qc.get("quant_method", "gptq")
+    if method != "gptq":
+        raise CheckpointError(f"{where}: quantization_config.quant_method {method!r} is not supported "
+                              f"(only 'gptq')")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{where}: quantization_config.checkpoint_format {fmt!r} is not supported "
+                              f"('gptq' or 'gptq_v2')")
+    bits, g = qc.get("bits"), qc.get("group_size", -1)
+    if bits not in (4, 8):
+        raise CheckpointError(f"{where}: quantization_config.bits {bits!r} is not supported (4 or 8)")
+    if g not in GROUP_SIZES:
+        raise CheckpointError(f"{where}: quantization_config.group_size {g!r} is not supported "
+                              f"(one of {GROUP_SIZES})")
+    for key in ("sym", "desc_act"):
+        if not isinstance(qc.get(key, key == "sym"), bool):
+            raise CheckpointError(f"{where}: quantization_config.{key} must be true or false, got {qc[key]!r}")
+    if qc.get("lm_head", False):
+        raise CheckpointError(f"{where}: quantization_config.lm_head true (a quantized lm_head) is not "
+                              f"supported; the lm_head must be a float tensor")
+    return GptqSpec(QuantizationConfig(bits, g, bool(qc.get("sym", True)), bool(qc.get("desc_act", False))),
+                    fmt == "gptq")
+
+
+def quantization_config_json(qc: QuantizationConfig) -> dict:
+    """What we write into config.json (AutoGPTQ / transformers keys; v1 zero points)."""
+    return {"quant_method": "gptq", "bits": qc.bits, "group_size": qc.group_size, "sym": True,
+            "desc_act": False, "checkpoint_format": "gptq", "lm_head": False}
+
+
+# ---- GPTQ tensors <-> in-memory layout ------------------------------------------------------
+def _shifts(bits: int) -> np.ndarray:
+    return (np.arange(32 // bits, dtype=np.uint32) * bits)
+
+
+def unpack_int32(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """int32 words -> unsigned values, the F values of each word laid out along `axis` (0 or 1)."""
+    w = np.ascontiguousarray(packed, np.int32).view(np.uint32)  # the words' bits
+    mask = np.uint32((1 << bits) - 1)
+    if axis == 0:  # [R, C] -> [R * F, C]
+        v = (w[:, None, :] >> _shifts(bits)[None, :, None]) & mask
+        return v.reshape(-1, w.shape[1]).astype(np.uint8 if bits <= 8 else np.uint32)
+    v = (w[:, :, None] >> _shifts(bits)[None, None, :]) & mask  # [R, C] -> [R, C * F]
+    return v.reshape(w.shape[0], -1)
+
+
+def pack_int32(u: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Unsigned values -> int32 words packing F consecutive values along `axis` (0 or 1)."""
+    F = 32 // bits
+    v = u.astype(np.uint32)
+    if axis == 0:
+        v = v.reshape(-1, F, v.shape[1]) << _shifts(bits)[None, :, None]
+        words = np.bitwise_or.reduce(v, axis=1)
+    else:
+        v = v.reshape(v.shape[0], -1, F) << _shifts(bits)[None, None, :]
+        words = np.bitwise_or.reduce(v, axis=2)
+    return words.view(np.int32)
+
+
+def to_gptq(qweight: np.ndarray, scales: np.ndarray, qzeros: np.ndarray, bits: int) -> dict[str, np.ndarray]:
+    """In-memory (qweight [O, P] u8, scales [O, G] f16, qzeros [O, G] u8) -> v1 GPTQ tensors."""
+    u = unpack(qweight, bits)  # [O, I]
+    O, I = u.shape
+    G = scales.shape[1]
+    return {"qweight": pack_int32(u.T, bits, 0),
+            "scales": np.ascontiguousarray(scales.T, np.float16),
+            "qzeros": pack_int32((qzeros.astype(np.int32) - 1).T & ((1 << bits) - 1), bits, 1),
+            "g_idx": np.repeat(np.arange(G, dtype=np.int32), I // G)}
+
+
+def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqSpec):
+    """One projection's GPTQ tensors -> (qweight [O, P] u8, scales [O, G] f16, qzeros [O, G] u8,
+    g_idx [I] int32 or None when it is the plain k // g)."""
+    bits = spec.config.bits
+    O, I, F = out_features, in_features, 32 // bits
+    g = I if spec.config.group_size == -1 else spec.config.group_size
+    if I % g:
+        raise CheckpointError(f"{src.directory}: quantization_config.group_size {g} does not divide the "
+                              f"input dimension {I} of {prefix}")
+    G = I // g
+    for key in ("qweight", "scales", "qzeros"):
+        if f"{prefix}.{key}" not in src.where:
+            raise CheckpointError(f"{src.directory}: missing tensor {prefix}.{key!s} "
+                                  f"(GPTQ {bits}-bit folder)")
+    want = {"qweight": ([I // F, O], "I32"), "scales": ([G, O], "F16"), "qzeros": ([G, O // F], "I32"),
+            "g_idx": ([I], "I32")}
+    arrays = {}
+    for key, (shape, tag) in want.items():
+        name = f"{prefix}.{key}"
+        if name not in src.where:
+            continue  # g_idx may be absent: plain groups
+        st = src.where[name]
+        if list(st.shape(name)) != shape or st.dtype(name) != tag:
+            raise CheckpointError(f"{st.path}: tensor {name!r} is {st.dtype(name)} {list(st.shape(name))}, "
+                                  f"expected {tag} {shape}")
+        arrays[key] = src.read(name)
+    u = unpack_int32(arrays["qweight"], bits, 0).T  # [O, I]
+    z = unpack_int32(arrays["qzeros"], bits, 1).astype(np.int32)  # [G, O]
+    if spec.zero_minus_one:  # v1: z - 1 stored modulo 2^b (a zero point of 0 is stored as 2^b - 1)
+        z = (z + 1) & ((1 << bits) - 1)
+    g_idx = arrays.get("g_idx")
+    if g_idx is not None:
+        if g_idx.min() < 0 or g_idx.max() >= G:
+            raise CheckpointError(f"{src.directory}: {prefix}.g_idx has groups outside [0, {G})")
+        if np.array_equal(g_idx, np.arange(I) // g):
+            g_idx = None
+    return (pack(np.ascontiguousarray(u), bits), np.ascontiguousarray(arrays["scales"].T, np.float16),
+            np.ascontiguousarray(z.T, np.uint8), None if g_idx is None else g_idx.astype(np.int32))
+
+
+def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
+    """A GPTQ folder into a quantized model, packed tensors read as stored (no re-quantizing);
+    the float lm_head is quantized to int8 per channel on the way in."""
+    from qwen3moe.io.hf_checkpoint import CheckpointSource
+    from qwen3moe.io.quantized import check_unexpected, load_plain, quantize_cell, quantized_cells
+    from qwen3moe.layers.dtypes import skip_init
+
+    src = CheckpointSource(directory)
+    with skip_init():
+        model = cls(config, param_dtype=param_dtype, quantization=spec.config)
+    cells = quantized_cells(model)
+    owned = {id(p) for c in cells.values() for p in c.get_parameters()}
+    used: set[str] = set()
+    for name, cell in cells.items():
+        if name == "lm_head.weight":
+            used.update(quantize_cell(src, name, cell, config.num_experts))
+            continue
+        m = _FUSED.match(name)
+        prefixes = ([f"{m.group(1)}.{j}.{p}" for j in range(config.num_experts)
+                     for p in (("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",))]
+                    if m else [name[:-len(".weight")]])
+        _fill_from_gptq(src, cell, prefixes, spec)
+        used.update(f"{p}.{k}" for p in prefixes for k in QUANT_KEYS)
+    used.update(load_plain(src, model, owned, config))
+    check_unexpected(src, used & set(src.where), config)
+    model.source_dir = directory
+    return model
+
+
+def _fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec) -> None:
+    from qwen3moe.io.quantized import fill_cell
+
+    lead = tuple(cell.qweight.shape[:-2])
+    per = len(prefixes) // (lead[0] if lead else 1)
+    rows = cell.out_features // per
+    q = np.empty(tuple(cell.qweight.shape), np.uint8)
+    s = np.empty(tuple(cell.scales.shape), np.float16)
+    z = np.empty(tuple(cell.qzeros.shape), np.uint8)
+    gi = np.empty((*lead, per, cell.in_features), np.int32) if cell.g_idx is not None else None
+    for i, prefix in enumerate(prefixes):
+        j, r = divmod(i, per)
+        at = (j, slice(r * rows, (r + 1) * rows)) if lead else (slice(r * rows, (r + 1) * rows),)
+        q[at], s[at], z[at], g_idx = read_gptq(src, prefix, rows, cell.in_features, spec)
+        if g_idx is not None and gi is None:
+            raise CheckpointError(f"{src.directory}: {prefix}.g_idx is act-order (not k // group_size) "
+                                  f"but quantization_config.desc_act is false")
+        if gi is not None:
+            default = np.arange(cell.in_features, dtype=np.int32) // (cell.in_features // s.shape[-1])
+            gi[(j, r) if lead else (r,)] = default if g_idx is None else g_idx
+    fill_cell(cell, q, s, z, gi)
+
+
+# ---- writing: float HF folder -> GPTQ folder, streaming -------------------------------------
+def quantize_folder(src_dir: str, out_dir: str, qc: QuantizationConfig, max_shard_size: int | str = "5GB") -> dict:
+    """Quantize every expert / attention / dense-MLP projection of a float HF folder into a GPTQ
+    folder (v1 zero points); other tensors (embeddings, norms, router, lm_head) are copied as
+    stored. Reads and writes one tensor at a time; the folder appears only when complete.
+    Returns {"tensors": n, "quantized": n_projections, "bytes": data bytes}."""
+    from qwen3moe.io.atomic import atomic_directory
+    from qwen3moe.io.hf_checkpoint import CheckpointSource, parse_size
+    from qwen3moe.models.config import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig.from_pretrained(src_dir)
+    if gptq_config(config, src_dir) is not None:
+        raise CheckpointError(f"{src_dir}: already quantized (config.json has a quantization_config)")
+    src = CheckpointSource(src_dir)
+    plan = _plan(src, qc, config)
+    shards = _shard(plan, parse_size(max_shard_size))
+    with open(os.path.join(src_dir, "config.json"), encoding="utf-8") as fh:
+        raw_config = json.load(fh)
+    raw_config["quantization_config"] = quantization_config_json(qc)
+    with atomic_directory(out_dir) as tmp:
+        total = _write_shards(tmp, shards)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(raw_config, fh, indent=2)
+        _copy_side_files(src_dir, tmp)
+    return {"tensors": len(plan), "quantized": sum(e[0].endswith(".qweight") for e in plan), "bytes": total}
+
+
+def _plan(src, qc: QuantizationConfig, config) -> list[tuple]:
+    """(out name, shape, tag, thunk) per output tensor, in source order."""
+    plan = []
+    for name in src.where:
+        m_exp, m_fused = _EXPERT.match(name), _FUSED.match(name)
+        if m_exp or _LINEAR.match(name):
+            plan += _quant_entries(name[:-len(".weight")], src.shape(name), qc, lambda n=name: src.read(n))
+        elif m_fused:
+            base, kind = m_fused.groups()
+            E, rows, cols = src.shape(name)
+            projs = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+            per = rows // len(projs)
+            for j in range(E):
+                for r, proj in enumerate(projs):
+                    read = (lambda n=name, j=j, r=r: src.read_slice(n, (slice(j, j + 1), slice(r * per, (r + 1) * per)))[0])
+                    plan += _quant_entries(f"{base}.{j}.{proj}", (per, cols), qc, read)
+        else:
+            plan.append((name, src.shape(name), src.where[name].dtype(name), lambda n=name: _raw(src, n)))
+    return plan
+
+
+def _raw(src, name: str) -> np.ndarray:
+    from qwen3moe.io.safetensors_io import f32_to_bf16
+
+    tag = src.where[name].dtype(name)
+    arr = src.read(name)
+    return f32_to_bf16(arr) if tag == "BF16" else arr.astype(np.float16) if tag == "F16" else arr
+
+
+def _quant_entries(prefix: str, shape, qc: QuantizationConfig, read) -> list[tuple]:
+    from qwen3moe.layers.quant import quantize
+
+    O, I = shape
+    g = qc.group_for(I, prefix)
+    F = 32 // qc.bits
+    if I % F or O % F:
+        raise CheckpointError(f"{prefix}: shape {[O, I]} cannot be GPTQ-packed ({F} values per int32 word)")
+    memo: dict = {}
+
+    def tensors():
+        if not memo:
+            memo.update(to_gptq(*quantize(read(), qc.bits, g), qc.bits))
+        return memo
+
+    def take(key):
+        def thunk():
+            arr = tensors()[key]
+            if key == "g_idx":  # the last of the four: drop the cache
+                memo.clear()
+            return arr
+        return thunk
+
+    G = I // g
+    return [(f"{prefix}.qweight", (I // F, O), "I32", take("qweight")),
+            (f"{prefix}.qzeros", (G, O // F), "I32", take("qzeros")),
+            (f"{prefix}.scales", (G, O), "F16", take("scales")),
+            (f"{prefix}.g_idx", (I,), "I32", take("g_idx"))]
+
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(entry) -> int:
+    return int(np.prod(entry[1], dtype=np.int64)) * _ITEMSIZE[entry[2]]
+
+
+def _shard(plan: list[tuple], limit: int) -> list[list[tuple]]:
+    shards, size = [[]], 0
+    for e in plan:
+        if shards[-1] and size + _nbytes(e) > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += _nbytes(e)
+    return shards
+
+
+def _write_stream(path: str, entries: list[tuple]) -> int:
+    """A safetensors file whose header is known up front; tensors computed and written one by one."""
+    import struct
+
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, tag, _ in entries:
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + _nbytes((name, shape, tag))]}
+        offset += _nbytes((name, shape, tag))
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(hbytes)))
+        fh.write(hbytes)
+        for name, shape, tag, thunk in entries:
+            arr = np.ascontiguousarray(thunk())
+            if tuple(arr.shape) != tuple(shape) or arr.nbytes != _nbytes((name, shape, tag)):
+                raise CheckpointError(f"{name}: produced {arr.dtype} {list(arr.shape)}, planned {tag} {list(shape)}")
+            fh.write(arr.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    return offset
+
+
+def _write_shards(tmp: str, shards: list[list[tuple]]) -> int:
+    from qwen3moe.io.hf_checkpoint import INDEX_FILE
+
+    n = len(shards)
+    if n == 1:
+        return _write_stream(os.path.join(tmp, "model.safetensors"), shards[0])
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        total += _write_stream(os.path.join(tmp, fname), shard)
+        weight_map.update({e[0]: fname for e in shard})
+    with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
+    return total
+
+
+def _copy_side_files(src_dir: str, tmp: str) -> None:
+    import shutil
+
+    from qwen3moe.io.hf_checkpoint import TOKENIZER_FILES
+
+    for fname in (*TOKENIZER_FILES, "generation_config.json"):
+        if os.path.isfile(os.path.join(src_dir, fname)):
+            shutil.copy2(os.path.join(src_dir, fname), os.path.join(tmp, fname))

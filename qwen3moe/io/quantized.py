@@ -1,0 +1,109 @@
+"""Loading into a quantized model: quantize a float (bf16/fp32) HF folder tensor by tensor, or
+read a GPTQ folder's packed tensors (io/gptq.py), into the QuantizedWeight cells.
+
+Shapes: E experts, O out-features, I in-features, P packed bytes per row, G groups per row.
+Peak memory: the quantized model plus one source tensor in float32 (a single expert's
+projection for per-expert folders; the whole [E, 2I, H] stack only for fused-layout folders)
+and the quantized arrays of the cell being filled. The float model is never built.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, CheckpointSource, native_sources, read_native,
+                                       read_weight, store_param)
+from qwen3moe.io.safetensors_io import CheckpointError
+from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight, quantize
+
+
+def quantized_cells(model) -> dict[str, QuantizedWeight]:
+    """Native weight name -> its QuantizedWeight cell ("...q_proj.weight" for a linear, the fused
+    expert name "...experts.gate_up_proj" for a stack)."""
+    out = {}
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, QuantizedWeight):
+            out[name if name.endswith(tuple(EXPERT_KEY_MAP)) and ".experts." in name else f"{name}.weight"] = cell
+    return out
+
+
+def fill_cell(cell: QuantizedWeight, qweight: np.ndarray, scales: np.ndarray, qzeros: np.ndarray,
+              g_idx: np.ndarray | None = None) -> None:
+    """Set a cell's tensors (shapes checked by the callers against the cell's)."""
+    from mindspore import Tensor
+
+    cell.qweight.set_data(Tensor.from_numpy(np.ascontiguousarray(qweight, np.uint8)))
+    cell.scales.set_data(Tensor.from_numpy(np.ascontiguousarray(scales, np.float16)))
+    cell.qzeros.set_data(Tensor.from_numpy(np.ascontiguousarray(qzeros, np.uint8)))
+    if cell.g_idx is not None:
+        G = cell.scales.shape[-1]
+        default = np.repeat(np.arange(G, dtype=np.int32), cell.in_features // G)
+        g = np.broadcast_to(default if g_idx is None else g_idx, tuple(cell.g_idx.shape))
+        cell.g_idx.set_data(Tensor.from_numpy(np.ascontiguousarray(g, np.int32)))
+
+
+def _empty(cell: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.empty(tuple(cell.qweight.shape), np.uint8), np.empty(tuple(cell.scales.shape), np.float16),
+            np.empty(tuple(cell.qzeros.shape), np.uint8))
+
+
+def quantize_cell(src: CheckpointSource, name: str, cell: QuantizedWeight, num_experts: int) -> list[str]:
+    """Read the float weight(s) behind native `name`, quantize into `cell`; returns the keys used."""
+    shape = (*cell.qweight.shape[:-1], cell.in_features)
+    keys = native_sources(name, num_experts, set(src.where))
+    if len(keys) == 1:  # a plain linear or a fused-layout expert stack: one tensor
+        fill_cell(cell, *quantize(read_native(src, name, shape, num_experts), cell.bits, cell.group_size))
+        return keys
+    q, s, z = _empty(cell)
+    per = len(keys) // num_experts
+    rows = shape[1] // per
+    for i, k in enumerate(keys):  # one expert projection at a time
+        if k not in src.where:
+            raise CheckpointError(f"{src.directory}: missing tensor {k!r} (needed for {name})")
+        part = read_weight(src, k)
+        if tuple(part.shape) != (rows, shape[2]):
+            raise CheckpointError(f"{src.file_of(k)}: tensor {k!r} has shape {list(part.shape)}, "
+                                  f"expected {[rows, shape[2]]} for {name}")
+        j, r = divmod(i, per)
+        sl = slice(r * rows, (r + 1) * rows)
+        q[j, sl], s[j, sl], z[j, sl] = quantize(part, cell.bits, cell.group_size)
+    fill_cell(cell, q, s, z)
+    return keys
+
+
+def load_quantizing(cls, directory: str, config, qc: QuantizationConfig, param_dtype):
+    """from_pretrained(..., quantization=...) on a float folder."""
+    from qwen3moe.layers.dtypes import skip_init
+
+    src = CheckpointSource(directory)
+    with skip_init():
+        model = cls(config, param_dtype=param_dtype, quantization=qc)
+    cells = quantized_cells(model)
+    owned = {id(p) for c in cells.values() for p in c.get_parameters()}
+    used: set[str] = set()
+    for name, cell in cells.items():
+        used.update(quantize_cell(src, name, cell, config.num_experts))
+    used.update(load_plain(src, model, owned, config))
+    check_unexpected(src, used, config)
+    model.source_dir = directory
+    return model
+
+
+def load_plain(src: CheckpointSource, model, skip: set[int], config) -> set[str]:
+    """The unquantized Parameters (embeddings, norms, router, a float lm_head)."""
+    used: set[str] = set()
+    for p in model.get_parameters():
+        if id(p) in skip:
+            continue
+        store_param(p, read_native(src, p.name, tuple(p.shape), config.num_experts))
+        used.update(native_sources(p.name, config.num_experts, set(src.where)))
+    return used
+
+
+def check_unexpected(src: CheckpointSource, used: set[str], config) -> None:
+    unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if unexpected:
+        raise CheckpointError(f"{src.directory}: unexpected tensor {unexpected[0]!r} in "
+                              f"{os.path.basename(src.file_of(unexpected[0]))}"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))

@@ -1,0 +1,260 @@
+"""Weight-only quantization (int8 / int4): the in-memory format, pure NumPy quantize/dequantize,
+and the quantized layers with their composite (dequantize-in-graph) forward.
+
+Shapes: O out-features, I in-features (the HF weight is W[O, I]), g group size along I,
+G = I // g groups per row, P packed bytes per row (I for 8 bits, I // 2 for 4 bits),
+E experts, NB blocks, T tokens. Leading dims `...` (e.g. E for stacked experts) pass through.
+
+In-memory layout (the contract with qwen3moe.kernels.quant):
+  qweight uint8 [..., O, P]: 8 bits: the unsigned value u in 0..255; 4 bits: two values per byte
+          along I, LOW nibble = even input index k, HIGH nibble = odd k, u in 0..15.
+  scales  float16 [..., O, G];  qzeros uint8 [..., O, G] (zero point z; symmetric: 128 / 8).
+  W[o, k] = (u[o, k] - z[o, k // g]) * float32(scales[o, k // g]).
+  g_idx   optional int32 [..., R, I] (GPTQ act-order folders only): the group of input k is
+          g_idx[r, k] instead of k // g, for each of R row blocks of O // R rows (R = 2 for the
+          fused gate_up stack: gate rows, then up rows). Composite path only.
+Quantizing here is symmetric round-to-nearest: s = max|W_group| / qmax rounded UP to float16
+(qmax = 127 / 7), u = round(W / s) + z, so |W - dequant| <= s / 2 per element (nothing clipped).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+try:  # C++ kernels for the quantized layers (qwen3moe/kernels/quant.py), when that module exists
+    from qwen3moe.kernels import quant as quant_kernel
+except ImportError:
+    quant_kernel = None
+
+
+def kernel_available() -> bool:
+    """True when qwen3moe.kernels.quant exists and built here; the layers then route to it."""
+    return quant_kernel is not None and quant_kernel.available()
+
+
+def zero_point(bits: int) -> int:
+    return 1 << (bits - 1)  # 128 for 8 bits, 8 for 4 bits
+
+
+class QuantizationError(ValueError):
+    """An unsupported quantization setting, reported in one line naming the key and value."""
+
+
+GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group per output row (per channel)
+LM_HEAD_BITS = 8  # lm_head: int8 per output channel in every mode (docs/quantization.md)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Weight-only quantization of the expert, attention and dense-MLP projections (and the
+    untied lm_head in int8 per channel); embeddings, norms and the router stay as loaded.
+
+    bits 8 or 4; group_size along the input dimension, -1 = per output channel; sym False and
+    desc_act True only come from GPTQ folders (zero points / act-order group maps read as is)."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise QuantizationError(f"quantization bits must be 4 or 8, got {self.bits!r}")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantizationError(f"quantization group_size must be one of {GROUP_SIZES} "
+                                    f"(-1 = per output channel), got {self.group_size!r}")
+
+    @classmethod
+    def from_name(cls, name: str, group_size: int | None = None) -> "QuantizationConfig":
+        """"int8" (per channel unless group_size is given) or "int4" (group_size default 128)."""
+        if name == "int8":
+            return cls(8, -1 if group_size is None else group_size)
+        if name == "int4":
+            return cls(4, 128 if group_size is None else group_size)
+        raise QuantizationError(f"quantization must be 'int8' or 'int4', got {name!r}")
+
+    @classmethod
+    def of(cls, quantization, group_size: int | None = None) -> "QuantizationConfig | None":
+        """None, a name ("int8"/"int4") or a QuantizationConfig -> QuantizationConfig or None."""
+        if quantization is None or isinstance(quantization, cls):
+            if group_size is not None and quantization is not None:
+                raise QuantizationError("group_size is set both in the QuantizationConfig and as an argument")
+            return quantization
+        return cls.from_name(str(quantization), group_size)
+
+    def group_for(self, in_features: int, what: str = "weight") -> int:
+        g = in_features if self.group_size == -1 else self.group_size
+        if in_features % g:
+            raise QuantizationError(f"quantization group_size {g} does not divide the input dimension "
+                                    f"{in_features} of {what}")
+        return g
+
+    def make_linear(self, in_features: int, out_features: int, bias: bool = False, init_std=None,
+                    param_dtype=None) -> "QuantizedLinear":
+        """Drop-in for layers.linear.Linear(in, out, bias, init_std, param_dtype)."""
+        if bias:
+            raise QuantizationError("attention_bias: true cannot be quantized (the quantized linear has no bias)")
+        return QuantizedLinear(in_features, out_features, self.bits,
+                               self.group_for(in_features, f"a [{out_features}, {in_features}] projection"),
+                               self.desc_act)
+
+
+# ---- pure NumPy format ----------------------------------------------------------------------
+def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [..., O, I] float -> (qweight uint8 [..., O, P], scales f16 [..., O, G], qzeros u8 [..., O, G])."""
+    *lead, O, I = w.shape
+    g = group_size
+    G = I // g
+    qmax = (1 << (bits - 1)) - 1
+    w_g = np.asarray(w, np.float32).reshape(*lead, O, G, g)
+    amax = np.abs(w_g).max(-1)
+    scales = fp16_ceil(amax / np.float32(qmax))
+    s = scales.astype(np.float32)[..., None]
+    q = np.rint(w_g / np.where(s == 0, np.float32(1), s))
+    u = (np.clip(q, -qmax, qmax) + zero_point(bits)).astype(np.uint8).reshape(*lead, O, I)
+    qzeros = np.full(scales.shape, zero_point(bits), np.uint8)
+    return pack(u, bits), scales, qzeros
+
+
+def fp16_ceil(x: np.ndarray) -> np.ndarray:
+    """The smallest float16 >= x (x >= 0, finite in fp16): a scale rounded up keeps every |W| / s
+    <= qmax, so nothing is clipped even where fp16 is coarse (subnormal scales of tiny groups)."""
+    x = np.asarray(x, np.float32)
+    if (x > 65504).any():
+        raise ValueError(f"a weight group's max |W| {float(x.max()):.4g} x qmax overflows a float16 scale")
+    h = x.astype(np.float16)
+    return np.where(h.astype(np.float32) < x, np.nextafter(h, np.float16(np.inf)), h)
+
+
+def pack(u: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned values u [..., O, I] -> qweight [..., O, P]."""
+    if bits == 8:
+        return np.ascontiguousarray(u, np.uint8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(qweight: np.ndarray, bits: int) -> np.ndarray:
+    """qweight [..., O, P] -> unsigned values u [..., O, I] (uint8)."""
+    if bits == 8:
+        return qweight
+    out = np.empty((*qweight.shape[:-1], qweight.shape[-1] * 2), np.uint8)
+    out[..., 0::2], out[..., 1::2] = qweight & 15, qweight >> 4
+    return out
+
+
+def dequantize(qweight: np.ndarray, scales: np.ndarray, qzeros: np.ndarray, bits: int,
+               g_idx: np.ndarray | None = None) -> np.ndarray:
+    """The format's dequantization: float32 W [..., O, I]."""
+    u = unpack(qweight, bits).astype(np.float32)
+    *lead, O, I = u.shape
+    G = scales.shape[-1]
+    if g_idx is None:
+        g_idx = np.repeat(np.arange(G), I // G)[None]
+    R = g_idx.shape[-2]
+    gi = np.broadcast_to(g_idx[..., :, None, :], (*lead, R, O // R, I)).reshape(*lead, O, I)
+    z = np.take_along_axis(qzeros.astype(np.float32), gi, -1)
+    s = np.take_along_axis(scales.astype(np.float32), gi, -1)
+    return (u - z) * s
+
+
+# ---- MindSpore composite dequantization (exactly the NumPy formula) -------------------------
+def dequant_graph(qweight: Tensor, scales: Tensor, qzeros: Tensor, bits: int, g_idx=None) -> Tensor:
+    """In-graph dequantization with CPU-supported uint8 ops: float32 W [..., O, I]."""
+    if bits == 8:
+        u = qweight.astype(ms.float32)
+    else:
+        lo, hi = ops.bitwise_and(qweight, 15), ops.floor_div(qweight, 16)
+        u = ops.stack([lo, hi], -1).astype(ms.float32)
+        u = u.reshape(u.shape[:-2] + (u.shape[-2] * 2,))
+    lead, O, I = u.shape[:-2], u.shape[-2], u.shape[-1]
+    G = scales.shape[-1]
+    z, s = qzeros.astype(ms.float32), scales.astype(ms.float32)
+    if g_idx is None:
+        w = (u.reshape(lead + (O, G, I // G)) - z.expand_dims(-1)) * s.expand_dims(-1)
+        return w.reshape(lead + (O, I))
+    R = g_idx.shape[-2]
+    gi = ops.broadcast_to(g_idx.expand_dims(-2), lead + (R, O // R, I)).reshape(lead + (O, I))
+    return (u - ops.gather_elements(z, -1, gi)) * ops.gather_elements(s, -1, gi)
+
+
+# ---- layers ---------------------------------------------------------------------------------
+def _zeros(shape: tuple, dtype, name: str) -> Parameter:
+    return Parameter(Tensor(np.zeros(shape, dtype)), name=name, requires_grad=False)
+
+
+class QuantizedWeight(nn.Cell):
+    """One quantized weight [..., O, I] (GPTQ tensor names qweight / scales / qzeros / g_idx)."""
+
+    def __init__(self, lead: tuple, out_features: int, in_features: int, bits: int, group_size: int,
+                 row_blocks: int = 0) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
+        if group_size <= 0 or in_features % group_size or (bits == 4 and in_features % 2):
+            raise ValueError(f"group_size {group_size} does not divide the input dimension {in_features}")
+        self.bits, self.group_size = bits, group_size
+        self.out_features, self.in_features = out_features, in_features
+        shape, G = (*lead, out_features), in_features // group_size
+        self.qweight = _zeros((*shape, in_features * bits // 8), np.uint8, "qweight")
+        self.scales = _zeros((*shape, G), np.float16, "scales")
+        self.qzeros = _zeros((*shape, G), np.uint8, "qzeros")
+        # act-order group map (GPTQ desc_act folders); row_blocks 0 = plain k // g groups
+        self.g_idx = _zeros((*lead, row_blocks, in_features), np.int32, "g_idx") if row_blocks else None
+
+    def dequant(self) -> Tensor:
+        return dequant_graph(self.qweight, self.scales, self.qzeros, self.bits, self.g_idx)
+
+    def dequant_rows(self, idx_N: Tensor) -> Tensor:
+        """Stacked weights [E, O, I]: dequantize only the entries idx_N -> [N, O, I] float32."""
+        g_idx = None if self.g_idx is None else ops.gather(self.g_idx, idx_N, 0)
+        return dequant_graph(ops.gather(self.qweight, idx_N, 0), ops.gather(self.scales, idx_N, 0),
+                             ops.gather(self.qzeros, idx_N, 0), self.bits, g_idx)
+
+
+class QuantizedLinear(QuantizedWeight):
+    """Bias-free y = x @ W^T with W quantized: `kernels.quant.linear` when built, else dequantize
+    the weight in the graph and run MatMul (QWEN3MOE_KERNELS=0: always)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 act_order: bool = False) -> None:
+        super().__init__((), out_features, in_features, bits, group_size, 1 if act_order else 0)
+        self.bias = None  # attention_bias models are refused by the quantized build
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.use_kernel = kernel_available() and not act_order
+
+    def construct(self, x_TI: Tensor) -> Tensor:
+        if self.use_kernel:
+            return quant_kernel.linear(x_TI, self.qweight, self.scales, self.qzeros, self.bits)
+        return self.matmul(x_TI, self.dequant())
+
+
+class QuantizedExperts(nn.Cell):
+    """Stacked SwiGLU experts with quantized gate_up [E, 2I, H] and down [E, H, I] (same entry
+    points as layers/experts.Qwen3MoeExperts: `blocks` composite, `fused` kernel)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int,
+                 group_size_h: int, group_size_i: int, act_order: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = QuantizedWeight((E,), 2 * I, H, bits, group_size_h, 2 if act_order else 0)
+        self.down_proj = QuantizedWeight((E,), H, I, bits, group_size_i, 1 if act_order else 0)
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.use_kernel = kernel_available() and not act_order
+
+    def blocks(self, x_RH: Tensor, expert_NB: Tensor) -> Tensor:
+        """Each block of b rows through its expert, dequantizing only the blocks' experts."""
+        NB = expert_NB.shape[0]
+        R, H = x_RH.shape
+        gu = self.bmm_t(x_RH.reshape(NB, R // NB, H), self.gate_up_proj.dequant_rows(expert_NB))
+        I = self.intermediate_size
+        h = ops.silu(gu[..., :I]) * gu[..., I:]
+        return self.bmm_t(h, self.down_proj.dequant_rows(expert_NB)).reshape(R, H)
+
+    def fused(self, x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        gu, d = self.gate_up_proj, self.down_proj
+        return quant_kernel.moe_experts(x_TH, idx_TK, w_TK.astype(x_TH.dtype), gu.qweight, gu.scales,
+                                        gu.qzeros, d.qweight, d.scales, d.qzeros, gu.bits)

@@ -1,0 +1,204 @@
+"""GPTQ folders: our writer checked by an independent unpacker (tools/gptq_unpack.py), reload ==
+quantize-on-load, a hand-built third-party folder (asym, act-order g_idx, v1 and v2 zero points,
+4 and 8 bits) read exactly, the CLI, and one-line errors.
+
+Shapes: O out-features, I in-features, G groups, E experts.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from helpers import HF_FIXTURES, REPO
+
+from qwen3moe import Qwen3MoeForCausalLM
+from qwen3moe.cli import main as cli_main
+from qwen3moe.io.gptq import quantize_folder
+from qwen3moe.io.quantized import quantized_cells
+from qwen3moe.layers.dtypes import write_param
+from qwen3moe.layers.quant import QuantizationConfig, dequantize, quantize
+
+sys.path.insert(0, str(REPO / "tools"))
+import gptq_unpack  # noqa: E402  (independent implementation of the format)
+
+BF16 = HF_FIXTURES / "roundtrip-bf16"  # per-expert bf16 shards (tiny-fp32-gqa rounded)
+FP32 = HF_FIXTURES / "tiny-fp32-gqa"
+
+
+def _tensors(folder) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("bits,g", [(4, 32), (8, -1)])
+def test_written_folder_matches_independent_unpacker(tmp_path, bits, g):
+    out = tmp_path / "q"
+    quantize_folder(str(BF16), str(out), QuantizationConfig(bits, g), max_shard_size="40KB")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "gptq", "bits": bits, "group_size": g, "sym": True, "desc_act": False,
+                  "checkpoint_format": "gptq", "lm_head": False}
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert (out / "tokenizer.json").is_file()
+    t, src = _tensors(out), _tensors(BF16)
+    sym_word = {4: 0x77777777, 8: 0x7F7F7F7F}[bits]  # v1: z - 1 = 7 / 127 in every slot
+    names = ["model.layers.1.mlp.experts.3.up_proj", "model.layers.0.mlp.experts.7.down_proj",
+             "model.layers.2.self_attn.o_proj", "model.layers.3.self_attn.k_proj"]
+    for p in names:
+        assert t[f"{p}.qweight"].dtype == np.int32 and t[f"{p}.scales"].dtype == np.float16
+        assert (t[f"{p}.qzeros"].view(np.uint32) == sym_word).all()
+        W = src[f"{p}.weight"].astype(np.float32)
+        assert t[f"{p}.qweight"].shape == (W.shape[1] * bits // 32, W.shape[0])
+        independent = gptq_unpack.dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"],
+                                             t[f"{p}.g_idx"], bits, v1=True)
+        gg = W.shape[1] if g == -1 else g
+        np.testing.assert_array_equal(independent, dequantize(*quantize(W, bits, gg), bits))
+    # the library's reader lands the same values in the in-memory layout
+    cells = quantized_cells(Qwen3MoeForCausalLM.from_pretrained(out))
+    c = cells["model.layers.1.mlp.experts.gate_up_proj"]
+    lib = dequantize(c.qweight.asnumpy(), c.scales.asnumpy(), c.qzeros.asnumpy(), bits)
+    p = names[0]
+    independent = gptq_unpack.dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"],
+                                         t[f"{p}.g_idx"], bits)
+    np.testing.assert_array_equal(lib[3, lib.shape[1] // 2:], independent)
+
+
+def test_reload_equals_quantize_on_load(tmp_path):
+    out = tmp_path / "q"
+    assert cli_main(["quantize", "--pretrained_model_dir", str(BF16), "--output", str(out), "--bits", "4",
+                     "--group_size", "32"]) == 0
+    a = Qwen3MoeForCausalLM.from_pretrained(BF16, quantization="int4", group_size=32)
+    b = Qwen3MoeForCausalLM.from_pretrained(out)
+    ids = np.random.default_rng(3).integers(0, a.config.vocab_size, (2, 9))
+    np.testing.assert_array_equal(a(ids).logits.asnumpy(), b(ids).logits.asnumpy())
+    assert not list(tmp_path.glob(".q.tmp-*"))  # the temporary folder was renamed away
+
+
+# ---- a third-party folder, built with the independent packer ------------------------------
+def _asym_act_order(W: np.ndarray, bits: int, g: int, rng) -> tuple:
+    """GPTQ-style asymmetric RTN with an act-order g_idx: groups are g inputs of a permutation."""
+    O, I = W.shape
+    maxq = 2 ** bits - 1
+    g_idx = (np.argsort(rng.permutation(I)) // g).astype(np.int32)
+    G = I // g
+    scales = np.zeros((G, O), np.float16)
+    z = np.zeros((G, O), np.int64)
+    q = np.zeros((I, O), np.int64)
+    for grp in range(G):
+        cols = np.nonzero(g_idx == grp)[0]
+        lo, hi = np.minimum(W[:, cols].min(1), 0), np.maximum(W[:, cols].max(1), 0)
+        s = ((hi - lo) / maxq).astype(np.float16)
+        scales[grp] = s
+        z[grp] = np.clip(np.rint(-lo / s.astype(np.float32)), 0, maxq)
+        q[cols] = np.clip(np.rint(W[:, cols].T / s.astype(np.float32)) + z[grp], 0, maxq)
+    z[0, :3] = 0  # zero points of 0: v1 stores them as 2^b - 1 (read back modulo 2^b)
+    return q, z, scales, g_idx
+
+
+def _third_party_folder(tmp_path, bits: int, v1: bool) -> tuple:
+    """tiny-fp32-gqa with every projection GPTQ-packed by tools/gptq_unpack.pack; returns the
+    folder and the independent dequantization of each projection."""
+    folder = tmp_path / f"gptq{bits}"
+    folder.mkdir()
+    src = _tensors(FP32)
+    rng = np.random.default_rng(bits)
+    out, deq = {}, {}
+    for name, W in src.items():
+        if not name.endswith("proj.weight"):
+            out[name] = W
+            continue
+        q, z, s, g_idx = _asym_act_order(W, bits, 32, rng)
+        packed = gptq_unpack.pack(q, z, s, g_idx, bits, v1=v1)
+        prefix = name[:-len(".weight")]
+        out.update({f"{prefix}.{k}": v for k, v in packed.items()})
+        deq[name] = gptq_unpack.dequantize(packed["qweight"], packed["qzeros"], packed["scales"],
+                                           packed["g_idx"], bits, v1=v1)
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((FP32 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": 32, "sym": False,
+                                  "desc_act": True, "damp_percent": 0.01, "true_sequential": True,
+                                  **({} if v1 else {"checkpoint_format": "gptq_v2"})}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, deq
+
+
+@pytest.mark.parametrize("bits,v1", [(4, True), pytest.param(8, False, marks=pytest.mark.slow)])
+def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, composite):
+    folder, deq = _third_party_folder(tmp_path, bits, v1)
+    qm = Qwen3MoeForCausalLM.from_pretrained(folder)
+    ref = Qwen3MoeForCausalLM.from_pretrained(FP32)  # fp32, weights replaced by the independent values
+    params = {p.name: p for p in ref.get_parameters()}
+    E = ref.config.num_experts
+    for name, p in params.items():
+        if name.endswith("experts.gate_up_proj"):
+            base = name[:-len("gate_up_proj")]
+            write_param(p, np.stack([np.concatenate([deq[f"{base}{j}.gate_proj.weight"],
+                                                     deq[f"{base}{j}.up_proj.weight"]]) for j in range(E)]))
+        elif name.endswith("experts.down_proj"):
+            write_param(p, np.stack([deq[f"{name[:-len('down_proj')]}{j}.down_proj.weight"] for j in range(E)]))
+        elif name in deq:
+            write_param(p, deq[name])
+    head = quantized_cells(qm)["lm_head.weight"]  # the float lm_head is int8-quantized on load
+    write_param(params["lm_head.weight"], dequantize(head.qweight.asnumpy(), head.scales.asnumpy(),
+                                                     head.qzeros.asnumpy(), 8))
+    ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
+    np.testing.assert_array_equal(qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy())
+
+
+def _edit_config(folder, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_bad_gptq_folders_are_one_line_errors(tmp_path, capsys):
+    base = tmp_path / "q"
+    quantize_folder(str(FP32), str(base), QuantizationConfig(4, 32))
+    cases = [({"bits": 3}, "quantization_config.bits 3 is not supported"),
+             ({"quant_method": "awq"}, "quantization_config.quant_method 'awq' is not supported"),
+             ({"group_size": 100}, "quantization_config.group_size 100 is not supported"),
+             ({"group_size": 64}, "group_size 64 does not divide the input dimension 32"),
+             ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not supported")]
+    for i, (change, words) in enumerate(cases):
+        folder = tmp_path / f"bad{i}"
+        shutil.copytree(base, folder)
+        _edit_config(folder, **change)
+        with pytest.raises(ValueError) as info:
+            Qwen3MoeForCausalLM.from_pretrained(folder)
+        assert words in str(info.value) and "\n" not in str(info.value), str(info.value)
+    # a missing scales tensor
+    folder = tmp_path / "noscales"
+    shutil.copytree(base, folder)
+    t = load_file(folder / "model.safetensors")
+    del t["model.layers.2.self_attn.v_proj.scales"]
+    save_file(t, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.2\.self_attn\.v_proj\.scales"):
+        Qwen3MoeForCausalLM.from_pretrained(folder)
+    # quantizing an already-quantized folder: API and both commands
+    with pytest.raises(ValueError, match="already quantized"):
+        Qwen3MoeForCausalLM.from_pretrained(base, quantization="int8")
+    for argv in (["generate", "--pretrained_model_dir", str(base), "--predict_data", "hi", "--quantize", "int4"],
+                 ["quantize", "--pretrained_model_dir", str(base), "--output", str(tmp_path / "x")],
+                 ["quantize", "--pretrained_model_dir", str(FP32), "--output", str(tmp_path / "y"), "--bits", "3"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "error:" in err, err
+        assert ("already quantized" in err) or ("bits must be 4 or 8, got 3" in err), err
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
+
+
+@pytest.mark.slow
+def test_generate_cli_quantize_and_bf16(tmp_path, capsys):
+    for extra in (["--quantize", "int4", "--group_size", "32"], ["--quantize", "int8"], ["--dtype", "auto"]):
+        out = tmp_path / "out.jsonl"
+        argv = ["generate", "--pretrained_model_dir", str(BF16), "--predict_data", "The quick brown fox",
+                "--max_new_tokens", "4", "--ignore_eos", "--output", str(out), *extra]
+        assert cli_main(argv) == 0, capsys.readouterr().err
+        row = json.loads(out.read_text().splitlines()[0])
+        assert row["completion_tokens"] == 4
