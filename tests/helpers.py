@@ -49,18 +49,20 @@ def launch(tmp_path, *cmd: str, timeout: int = 240) -> tuple[int, str, list[dict
 _REF_CACHE: dict = {}
 
 
-def reference(cfg, model, ids, labels, dp: int, M: int):
+def reference(cfg, model, ids, labels, dp: int, M: int, position_ids=None):
     """(loss, {name: gradient}) of the single-device model at its current weights: the
     unmodified model's loss (mean CE over valid labels + coef * pooled aux) and MindSpore
-    gradients, accumulated over M micro-batches as dp x M would split the global batch."""
+    gradients, accumulated over M micro-batches as dp x M would split the global batch
+    (RoPE positions `position_ids`, default 0..S-1)."""
     weights = hashlib.sha1(b"".join(p.asnumpy().tobytes() for p in model.trainable_params())).hexdigest()
-    key = (weights, ids.tobytes(), labels.tobytes(), dp, M)
+    pos = None if position_ids is None else position_ids.tobytes()
+    key = (weights, ids.tobytes(), labels.tobytes(), dp, M, pos)
     if key not in _REF_CACHE:
-        _REF_CACHE[key] = _reference(cfg, model, ids, labels, dp, M)
+        _REF_CACHE[key] = _reference(cfg, model, ids, labels, dp, M, position_ids)
     return _REF_CACHE[key]
 
 
-def _reference(cfg, model, ids, labels, dp: int, M: int):
+def _reference(cfg, model, ids, labels, dp: int, M: int, position_ids=None):
     import mindspore as ms
     from mindspore import ParameterTuple
 
@@ -73,7 +75,8 @@ def _reference(cfg, model, ids, labels, dp: int, M: int):
     total, grads = 0.0, None
     for m in range(M):
         rows = [r for i in range(dp) for r in range(i * B // dp + m * b, i * B // dp + (m + 1) * b)]
-        t = prepare_inputs(cfg, ids[rows], labels=labels[rows])
+        t = prepare_inputs(cfg, ids[rows], labels=labels[rows],
+                           position_ids=None if position_ids is None else position_ids[rows])
         n_m = float((t.labels.asnumpy() != -100).sum())
 
         def objective():

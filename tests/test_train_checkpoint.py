@@ -160,6 +160,31 @@ def test_kill_9_mid_save_resumes_exactly_and_cleans_up(tmp_path, full):
     assert sorted(os.listdir(root)) == ["step_00000002", "step_00000003"]
 
 
+def test_trainer_start_removes_leftovers_before_the_first_step(tmp_path):
+    """A run killed during its first save has no checkpoint to resume: its temp folder still goes
+    at start, before any step (issue: "on start and on resume"), not only at the next save."""
+    from qwen3moe.training.trainer import Trainer, TrainerConfig
+
+    root = tmp_path / "ckpt"
+    (root / ".step_00000002.tmp-k1").mkdir(parents=True)
+    (root / ".step_00000002.tmp-k1" / "model.safetensors").write_bytes(b"partial")
+    (root / ".step_00000001.old-k2").mkdir()
+    seen = []
+
+    class FirstStep(Exception):
+        pass
+
+    def step_fn(batch):
+        seen.append(sorted(os.listdir(root)))
+        raise FirstStep
+
+    data = type("Data", (), {"batch": lambda self, i: None})()
+    cfg = TrainerConfig(total_steps=4, save_interval=2, checkpoint_dir=str(root), progress=False)
+    with pytest.raises(FirstStep):
+        Trainer(step_fn, data, cfg, log=lambda s: None).fit()
+    assert seen == [[]]
+
+
 @pytest.mark.parametrize("damage", ["truncated_model", "truncated_optimizer", "bad_json"])
 def test_corrupt_latest_checkpoint_is_a_one_line_error(tmp_path, damage):
     from qwen3moe.io.safetensors_io import CheckpointError
