@@ -88,3 +88,32 @@ def _reference(cfg, model, ids, labels, dp: int, M: int, position_ids=None):
         g = [x.asnumpy() for x in g]
         grads = g if grads is None else [a + x for a, x in zip(grads, g)]
     return total, {p.name: x for p, x in zip(params, grads)}
+
+
+def clear_kernel_caches() -> None:
+    """Forget every built-kernel lookup (lru_cache) so a changed QWEN3MOE_KERNELS takes effect."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("qwen3moe.kernels"):
+            for obj in vars(mod).values():
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()
+
+
+def make_run(seed: int, **step_kw):
+    """(model, optimizer, TrainStep, schedule) of a 2-layer tiny model seeded `seed` (resume tests)."""
+    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from qwen3moe.layers.dtypes import set_init_seed
+    from qwen3moe.training import AdamW, cosine_with_warmup
+    from qwen3moe.training.step import TrainStep
+
+    set_init_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_preset("tiny", num_hidden_layers=2))
+    opt = AdamW(model.trainable_params(), lr=1e-3, weight_decay=0.1)
+    sched = cosine_with_warmup(3e-3, 2, 6, min_lr=1e-4)
+    return model, opt, TrainStep(model, opt, aux_coef=1e-3, z_coef=1e-4, clip=1.0, schedule=sched,
+                                            **step_kw), sched
+
+
+def batch_at(rng) -> "np.ndarray":
+    """The next [2, 12] token batch of `rng`."""
+    return rng.integers(0, 1000, (2, 12))

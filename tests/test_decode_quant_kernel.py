@@ -1,7 +1,7 @@
 """The fused decode kernels (DecodeAttn / DecodeMoe / DecodeHead) over bf16, int8 and int4 weights
 against the NumPy decode reference of test_decode_kernel.py run on the dequantized weights.
 
-Weights come from test_quant_kernel.quant_arrays: integer codes, zero points and fp16 scales are
+Weights come from kernel_reference.quant_arrays: integer codes, zero points and fp16 scales are
 drawn first and W = (u - z) * s is built from them, independently of the kernels' unpacking.
 Tolerance: as test_decode_kernel.py (float32, different summation orders, O(1) activations):
 2e-5 absolute plus 1e-5 relative (asymmetric codes give larger weights); the kernel's dequantized weights are the float32 rounding of (u - z) * s, the
@@ -202,7 +202,7 @@ def test_kernels_equal_composite_path(mode, monkeypatch):
     1e-4 of the largest logit, as test_bf16's kernel-vs-composite bound)."""
     from helpers import HF_FIXTURES
 
-    from conftest import _clear_kernel_caches
+    from helpers import clear_kernel_caches
 
     if mode == "bf16":
         folder, load = HF_FIXTURES / "roundtrip-bf16", dict(dtype=None)
@@ -212,12 +212,12 @@ def test_kernels_equal_composite_path(mode, monkeypatch):
     tokens, logits, fused = _greedy(folder, **load)
     assert fused == [True]  # the kernels' path really ran
     monkeypatch.setenv("QWEN3MOE_KERNELS", "0")
-    _clear_kernel_caches()
+    clear_kernel_caches()
     try:
         ref_tokens, ref_logits, ref_fused = _greedy(folder, **load)
     finally:
         monkeypatch.delenv("QWEN3MOE_KERNELS")
-        _clear_kernel_caches()
+        clear_kernel_caches()
     assert ref_fused == [False]
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4 * np.abs(ref_logits).max())

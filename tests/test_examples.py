@@ -87,7 +87,7 @@ def test_pretrain_example_on_megatron_data(tmp_path):
                       "--out", str(tmp_path))
     logged = float(re.search(r"step    1/4 loss ([\d.]+)", out)[1])
     batch = GPTBatches(build_gpt_dataset(prefix, 16, 8), 2).batch(0)
-    set_init_seed(0)  # the example's process builds one model from the package's fresh seed-0 generator
+    set_init_seed(0)  # the example's recipe seeds the initialisation with the task config's seed (0)
     fresh = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_preset("tiny", vocab_size=1024))
     first = fresh(batch["input_ids"], labels=batch["labels"], output_router_logits=True)
     assert abs(float(first.lm_loss.asnumpy()) + 1e-3 * float(first.aux_loss.asnumpy()) - logged) < 2e-4

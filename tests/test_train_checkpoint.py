@@ -6,23 +6,7 @@ import os
 import numpy as np
 import pytest
 
-
-def make_run(seed: int, **step_kw):
-    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    from qwen3moe.layers.dtypes import set_init_seed
-    from qwen3moe.training import AdamW, cosine_with_warmup
-    from qwen3moe.training.step import TrainStep
-
-    set_init_seed(seed)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_preset("tiny", num_hidden_layers=2))
-    opt = AdamW(model.trainable_params(), lr=1e-3, weight_decay=0.1)
-    sched = cosine_with_warmup(3e-3, 2, 6, min_lr=1e-4)
-    return model, opt, TrainStep(model, opt, aux_coef=1e-3, z_coef=1e-4, clip=1.0, schedule=sched,
-                                            **step_kw), sched
-
-
-def batch_at(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 1000, (2, 12))
+from helpers import batch_at, make_run
 
 
 def run_steps(step, rng, n):
@@ -121,7 +105,7 @@ _KILLED_RUN = r"""
 import os, signal, sys
 import numpy as np
 import qwen3moe.training.checkpoint as ck
-from test_train_checkpoint import batch_at, make_run
+from helpers import batch_at, make_run
 
 root, kill_at = sys.argv[1], int(sys.argv[2])
 write = ck.write_safetensors
