@@ -218,13 +218,13 @@ def test_atomic_write_refuses_read_only_targets(tmp_path):
 
 @pytest.mark.parametrize("target", ["dir", "ro_file", "ro_dir"])
 def test_generate_checks_output_before_loading(tmp_path, capsys, monkeypatch, target):
-    import qwen3moe.commands.generate as gen
+    import qwen3moe.generation.batch as gen
     from helpers import HF_FIXTURES
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the --output check")
 
-    monkeypatch.setattr(gen, "_load", no_load)
+    monkeypatch.setattr(gen, "load", no_load)  # generate imports it at call time: the patch is seen
     (tmp_path / "d").mkdir()
     (tmp_path / "ro.txt").write_text("old")
     (tmp_path / "ro.txt").chmod(0o444)
