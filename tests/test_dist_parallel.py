@@ -321,16 +321,20 @@ def test_pretrain_replicas_batch_not_divisible_is_one_line_error(tmp_path):
     assert "Traceback" not in logs
 
 
-@pytest.mark.parametrize("layout, megatron_flags", [
-    (["--parallel_config.model_parallel", "2"], True),
-    pytest.param(["--parallel_config.model_parallel", "2"], False, marks=pytest.mark.slow),
-    pytest.param(["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"], True,
+@pytest.mark.parametrize("layout, reset, eod_mask", [
+    (["--parallel_config.model_parallel", "2"], True, True),
+    pytest.param(["--parallel_config.model_parallel", "2"], False, False, marks=pytest.mark.slow),
+    pytest.param(["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"], True, True,
                  marks=pytest.mark.slow),
-    pytest.param(["--parallel_config.pipeline_stage", "2"], True, marks=pytest.mark.slow),
+    # 1F1B needs micro_batch_num >= pp: the reference accumulates the same two micro-batches, and
+    # TrainStep weights their LM means equally where the engine weights tokens: equal label counts
+    # (no eod_mask_loss) keep the two objectives the same
+    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, False,
+                 marks=pytest.mark.slow),
 ], ids=["tp2", "tp2-plain", "dp2ep2", "pp2"])
-def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, megatron_flags):
+def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):
     """`pretrain --use_parallel` under model parallelism on Megatron .bin/.idx data (reset_position_ids
-    and eod_mask_loss both true, or both false) logs, on every rank, the loss curve of
+    and eod_mask_loss true or false) logs, on every rank, the loss curve of
     single-process TrainStep on the same batches (once a NotImplementedError for position_ids)."""
     import re
 
@@ -346,9 +350,11 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, megatron_flags
     overrides = ["--model.model_config.num_hidden_layers", "2", "--model.model_config.moe_aux_loss_coeff", "0.05",
                  f"{dc}data_path=['{FIXTURES / 'megatron_gpt' / 'golden_a_text_document'}']",
                  f"{dc}seq_length", "16", f"{dc}pad", "null", f"{dc}eod", "1023",
-                 f"{dc}reset_position_ids", str(megatron_flags), f"{dc}eod_mask_loss", str(megatron_flags),
-                 "--runner_config.train_steps", "3", "--runner_config.batch_size", "4", "--optimizer.eps", "1e-3",
-                 "--output_dir", str(tmp_path / "out")]
+                 f"{dc}reset_position_ids", str(reset), f"{dc}eod_mask_loss", str(eod_mask),
+                 "--runner_config.train_steps", "3", "--optimizer.eps", "1e-3", "--output_dir", str(tmp_path / "out")]
+    M = int(layout[layout.index("--parallel_config.micro_batch_num") + 1]) if "--parallel_config.micro_batch_num" \
+        in layout else 1
+    overrides += ["--runner_config.batch_size", str(4 // M), "--runner_config.gradient_accumulation_steps", str(M)]
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
                         "--use_parallel", "True", *layout)
     assert rc == 0, err[-3000:]
@@ -361,7 +367,8 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, megatron_flags
     ms.set_seed(cfg.seed)
     model = build_model(cfg)
     data, samples = build_data(cfg, requested_samples(cfg))
-    assert ("position_ids" in data.batch(0)) == megatron_flags
+    first = data.batch(0)
+    assert all(("position_ids" in b) == reset for b in (first if isinstance(first, list) else [first]))
     steps = total_steps(cfg, samples)
     sched, o = build_schedule(cfg, steps), cfg.optimizer
     opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
