@@ -85,3 +85,13 @@ def _reference(cfg, model, ids, labels, dp: int, M: int):
         g = [x.asnumpy() for x in g]
         grads = g if grads is None else [a + x for a, x in zip(grads, g)]
     return total, {p.name: x for p, x in zip(params, grads)}
+
+
+def clear_kernel_caches() -> None:
+    """Forget which C++ kernels are available (after changing QWEN3MOE_KERNELS): models built
+    afterwards choose their paths again."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("qwen3moe.kernels"):
+            for obj in vars(mod).values():
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()

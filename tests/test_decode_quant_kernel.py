@@ -202,7 +202,7 @@ def test_kernels_equal_composite_path(mode, monkeypatch):
     1e-4 of the largest logit, as test_bf16's kernel-vs-composite bound)."""
     from helpers import HF_FIXTURES
 
-    from conftest import _clear_kernel_caches
+    from helpers import clear_kernel_caches
 
     if mode == "bf16":
         folder, load = HF_FIXTURES / "roundtrip-bf16", dict(dtype=None)
@@ -212,12 +212,12 @@ def test_kernels_equal_composite_path(mode, monkeypatch):
     tokens, logits, fused = _greedy(folder, **load)
     assert fused == [True]  # the kernels' path really ran
     monkeypatch.setenv("QWEN3MOE_KERNELS", "0")
-    _clear_kernel_caches()
+    clear_kernel_caches()
     try:
         ref_tokens, ref_logits, ref_fused = _greedy(folder, **load)
     finally:
         monkeypatch.delenv("QWEN3MOE_KERNELS")
-        _clear_kernel_caches()
+        clear_kernel_caches()
     assert ref_fused == [False]
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4 * np.abs(ref_logits).max())

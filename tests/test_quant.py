@@ -196,7 +196,7 @@ def test_kernel_path_matches_composite(monkeypatch):
     """With qwen3moe.kernels.quant built, the quantized layers route to it (prefill linear and
     MoE; the engine's decode kernels): same logits as the composite path up to fp32 summation
     order, same greedy tokens."""
-    from conftest import _clear_kernel_caches
+    from helpers import clear_kernel_caches
     from qwen3moe.kernels import quant as quant_kernel
 
     if not quant_kernel.available():
@@ -205,12 +205,12 @@ def test_kernel_path_matches_composite(monkeypatch):
     outs = []
     for env in ("1", "0"):
         monkeypatch.setenv("QWEN3MOE_KERNELS", env)
-        _clear_kernel_caches()
+        clear_kernel_caches()
         m = Qwen3MoeForCausalLM.from_pretrained(FP32, quantization="int4", group_size=32)
         assert m.model.layers[0].self_attn.q_proj.use_kernel == (env == "1")
         outs.append((m(ids).logits.asnumpy(),
                      np.asarray(m.generate(ids, max_new_tokens=4, do_sample=False, ignore_eos=True))))
-    _clear_kernel_caches()
+    clear_kernel_caches()
     (a, ga), (b, gb) = outs
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
     np.testing.assert_array_equal(ga, gb)
