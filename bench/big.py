@@ -8,10 +8,12 @@ Steps, each in its own subprocess (peak RSS per step; never the fp32 or bf16 mod
      under /usr/bin/time (wall time, peak RSS)
   3. reload WORK/int4 (from_pretrained, the GPTQ-layout folder: no re-quantizing), then prefill
      1x512 and decode b1/b8 tokens/s (bench/quant.py's measure()), peak RSS
-Disk: bf16 (61 GB) + int4 (~16.5 GB) must fit at once for step 2. When they do not
-(--delete-bf16 auto), step 2 is replaced by a quantize-on-load worker that quantizes from the
-bf16 folder into RAM, deletes the bf16 folder, and then writes the int4 folder from memory
-(the same quantize time is measured: load + write). Targets (issue 14): RSS <= 20 GiB in every
+Disk: bf16 (61 GB) + int4 (~16.6 GB) must fit at once for step 2. When they do not
+(--delete-bf16 auto), step 2 runs the same quantizer (io.gptq.quantize_folder, what the command
+calls) in a worker that deletes each bf16 shard as soon as its last tensor has been read
+(the synthetic folder's index lists tensors in shard order, which is the order the quantizer
+reads them), so the disk holds at most one bf16 shard beyond what is left to quantize.
+Targets (issue 14): RSS <= 20 GiB in every
 step, decode b1 >= 10 / b8 >= 20 tok/s, prefill >= 20 tok/s, quantize <= 15 min, reload <= 2 min.
 """
 from __future__ import annotations
@@ -56,6 +58,45 @@ def timed(cmd: list[str]) -> tuple[float, float]:
         return wall, int(tf.read().split()[-1]) / 2**20
 
 
+def quantize_deleting_source(src: str, dst: str) -> float:
+    """quantize_folder(src -> dst, int4 g128), unlinking each source shard after its last read."""
+    from qwen3moe.io import hf_checkpoint
+    from qwen3moe.io.gptq import quantize_folder
+    from qwen3moe.layers.quant import QuantizationConfig
+
+    weight_map = json.loads(Path(src, "model.safetensors.index.json").read_text())["weight_map"]
+    left: dict[str, int] = {}
+    for fname in weight_map.values():
+        left[fname] = left.get(fname, 0) + 1
+    cls = hf_checkpoint.CheckpointSource
+    plain = {"read": cls.read, "read_slice": cls.read_slice}
+
+    def consumed(self, name):
+        fname = weight_map[name]
+        left[fname] -= 1
+        if left[fname] == 0:
+            self.where[name].close()
+            os.unlink(os.path.join(src, fname))
+
+    def read(self, name, *args):
+        arr = plain["read"](self, name, *args)
+        consumed(self, name)
+        return arr
+
+    def read_slice(self, name, *args):
+        arr = plain["read_slice"](self, name, *args)
+        consumed(self, name)
+        return arr
+
+    cls.read, cls.read_slice = read, read_slice
+    t0 = time.perf_counter()
+    try:
+        quantize_folder(src, dst, QuantizationConfig(4, 128), "5GB")
+    finally:
+        cls.read, cls.read_slice = plain["read"], plain["read_slice"]
+    return time.perf_counter() - t0
+
+
 def worker(step: str, src: str, dst: str, reps: int) -> dict:
     import mindspore as ms
 
@@ -65,14 +106,10 @@ def worker(step: str, src: str, dst: str, reps: int) -> dict:
     from quant import measure
 
     out: dict = {}
-    t0 = time.perf_counter()
-    if step == "quantize-on-load":
-        model = Qwen3MoeForCausalLM.from_pretrained(src, quantization="int4", group_size=128)
-        out["load_s"] = time.perf_counter() - t0
-        shutil.rmtree(src)  # frees the disk the int4 folder needs; the model is in RAM
-        model.save_pretrained(dst)
-        out["quantize_s"] = time.perf_counter() - t0
+    if step == "quantize-deleting":
+        out["quantize_s"] = quantize_deleting_source(src, dst)
     else:
+        t0 = time.perf_counter()
         model = Qwen3MoeForCausalLM.from_pretrained(src)
         out["reload_s"] = time.perf_counter() - t0
         out["reload_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -93,26 +130,29 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def pipeline(work: Path, reps: int, delete_bf16: str) -> tuple[dict, list[str]]:
+def pipeline(work: Path, reps: int, delete_bf16: str, layers: int | None,
+             shard_size: int) -> tuple[dict, list[str]]:
     work.mkdir(parents=True, exist_ok=True)
     bf16, int4 = work / "bf16", work / "int4"
     res, notes = {}, []
     if not (bf16 / "model.safetensors.index.json").is_file() and not int4.is_dir():
-        if free_bytes(work) < BF16_BYTES + MARGIN:
+        need = BF16_BYTES * (layers or 48) / 48
+        if free_bytes(work) < need + MARGIN:
             sys.exit(f"bench/big.py: {work} has {free_bytes(work) / GB:.0f} GB free; the bf16 folder "
-                     f"needs {BF16_BYTES / GB:.0f} GB")
+                     f"needs {need / GB:.0f} GB")
         res["make_bf16_s"], res["make_bf16_rss_gib"] = timed(
             [sys.executable, str(REPO / "tools" / "make_synthetic_hf.py"), "--preset", "qwen3-30b-a3b",
-             "--dtype", "bfloat16", "--out", str(bf16)])
+             "--dtype", "bfloat16", "--out", str(bf16), "--shard_size", str(shard_size)]
+            + (["--layers", str(layers)] if layers else []))
     if not int4.is_dir():
-        both_fit = free_bytes(work) >= INT4_BYTES + MARGIN
+        both_fit = free_bytes(work) >= INT4_BYTES * (layers or 48) / 48 + MARGIN
         if delete_bf16 == "yes" or (delete_bf16 == "auto" and not both_fit):
-            notes.append(f"disk: {free_bytes(work) / GB:.0f} GB free beside the bf16 folder, int4 needs "
-                         f"~{INT4_BYTES / GB:.0f} GB: quantize-on-load, bf16 folder deleted, int4 written "
-                         "from memory")
-            r = run_worker("quantize-on-load", bf16, int4, reps)
-            res.update(quantize_s=r["quantize_s"], quantize_load_s=r["load_s"],
-                       quantize_rss_gib=r["peak_rss_gib"])
+            why = "--delete-bf16 yes" if both_fit else (
+                f"{free_bytes(work) / GB:.0f} GB free beside the bf16 folder, int4 needs "
+                f"~{INT4_BYTES * (layers or 48) / 48 / GB:.0f} GB")
+            notes.append(f"quantize_folder deleting each bf16 shard once read ({why})")
+            r = run_worker("quantize-deleting", bf16, int4, reps)
+            res.update(quantize_s=r["quantize_s"], quantize_rss_gib=r["peak_rss_gib"])
         else:
             res["quantize_s"], res["quantize_rss_gib"] = timed(
                 [sys.executable, "-m", "qwen3moe.cli", "quantize", "--pretrained_model_dir", str(bf16),
@@ -138,8 +178,10 @@ def main() -> None:
     ap.add_argument("--work", default="/work/data/big")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--delete-bf16", choices=("auto", "yes", "no"), default="auto")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (a smoke test of the pipeline)")
+    ap.add_argument("--shard-size", type=int, default=5_000_000_000)
     ap.add_argument("--no-results", action="store_true")
-    ap.add_argument("--worker", choices=("quantize-on-load", "reload"))
+    ap.add_argument("--worker", choices=("quantize-deleting", "reload"))
     ap.add_argument("--src")
     ap.add_argument("--dst")
     a = ap.parse_args()
@@ -147,7 +189,7 @@ def main() -> None:
         print(json.dumps(worker(a.worker, a.src, a.dst, a.reps)))
         return
     load0 = os.getloadavg()[0]
-    res, notes = pipeline(Path(a.work), a.reps, a.delete_bf16)
+    res, notes = pipeline(Path(a.work), a.reps, a.delete_bf16, a.layers, a.shard_size)
     lines = report(res, notes) + [f"1-min load at start/end: {load0:.1f}/{os.getloadavg()[0]:.1f} (2 cores)"]
     print("\n".join(lines))
     if not a.no_results:

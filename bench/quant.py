@@ -133,12 +133,15 @@ def run_ours(folder: str, mode: str, reps: int, tmp: str) -> tuple[dict, np.ndar
     proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--folder", folder,
                            "--reps", str(reps), "--logits", logits],
                           capture_output=True, text=True, env=bench_env())
-    if proc.returncode != 0:
-        sys.exit(f"bench worker {mode} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # reported in the results (e.g. killed by the OOM killer: -9), run goes on
+        tail = proc.stderr.strip().splitlines()[-1:] or [""]
+        return {"failed": f"worker exit {proc.returncode} {tail[0][:200]}"}, None
     return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(logits)
 
 
 def fmt(name: str, r: dict) -> str:
+    if "failed" in r:
+        return f"{name:7s} FAILED: {r['failed']}"
     load = f", load {r['load_s']:5.1f} s" if "load_s" in r else ""
     err = f", logits rel err vs fp32 {r['rel_err']:.2e}" if "rel_err" in r else ""
     return (f"{name:7s} prefill 1x{PREFILL_LEN} {r['prefill_tps']:7.1f} tok/s | decode b1 "
@@ -148,6 +151,7 @@ def fmt(name: str, r: dict) -> str:
 
 def ratios(ours: dict, llama: dict) -> list[str]:
     lines = []
+    ours = {m: r for m, r in ours.items() if "failed" not in r}
     base = ours.get("fp32")
     keys = ("prefill_tps", "decode_b1_tps", "decode_b8_tps")
     for mode, r in ours.items():
@@ -156,7 +160,7 @@ def ratios(ours: dict, llama: dict) -> list[str]:
             tgt = f" (target decode_b1 >= {TARGET_VS_FP32[mode]}x)" if mode in TARGET_VS_FP32 else ""
             lines.append(f"{mode} vs our fp32: {rs}{tgt}")
     for mine, theirs in PAIRS:
-        if mine in ours and theirs in llama:
+        if mine in ours and theirs in llama and "failed" not in llama[theirs]:
             rs = ", ".join(f"{k.removesuffix('_tps')} {ours[mine][k] / llama[theirs][k]:.2f}x" for k in keys)
             lines.append(f"{mine} vs llama.cpp {theirs}: {rs} (target >= 1.0x each)")
     return lines
@@ -189,7 +193,7 @@ def main() -> None:
             ours[mode], logits = run_ours(a.folder, mode, a.reps, tmp)
             if mode == "fp32":
                 ref = logits
-            if ref is not None:
+            if ref is not None and logits is not None:
                 ours[mode]["rel_err"] = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
             loads.append(f"{os.getloadavg()[0]:.1f}")
     llama: dict = {}
@@ -197,7 +201,8 @@ def main() -> None:
     for t in [t for t in a.llama.split(",") if t]:
         gguf = Path(a.gguf_dir) / f"{stem}-{LLAMA_MODES[t]}.gguf"
         if not gguf.is_file():
-            sys.exit(f"--gguf-dir: no {gguf} (see tools/llamacpp/README.md)")
+            llama[t] = {"failed": f"no {gguf} (see tools/llamacpp/README.md)"}
+            continue
         llama[t] = llama_side(Path(a.llama_bin), gguf, a.reps)
         loads.append(f"{os.getloadavg()[0]:.1f}")
     lines = [fmt(m, r) for m, r in ours.items()] + [fmt(f"llama {t}", r) for t, r in llama.items()]

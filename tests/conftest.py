@@ -8,6 +8,8 @@ import pytest
 from helpers import clear_kernel_caches
 from hypothesis import Phase, settings
 
+from helpers import clear_kernel_caches
+
 os.environ.setdefault("GLOG_v", "3")
 # `pytest --hypothesis-profile fail-fast`: report the first failing example without shrinking
 # (for checking that a property catches a deliberately broken implementation)

@@ -1,7 +1,7 @@
 """The fused decode kernels (DecodeAttn / DecodeMoe / DecodeHead) over bf16, int8 and int4 weights
 against the NumPy decode reference of test_decode_kernel.py run on the dequantized weights.
 
-Weights come from test_quant_kernel.quant_arrays: integer codes, zero points and fp16 scales are
+Weights come from kernel_reference.quant_arrays: integer codes, zero points and fp16 scales are
 drawn first and W = (u - z) * s is built from them, independently of the kernels' unpacking.
 Tolerance: as test_decode_kernel.py (float32, different summation orders, O(1) activations):
 2e-5 absolute plus 1e-5 relative (asymmetric codes give larger weights); the kernel's dequantized weights are the float32 rounding of (u - z) * s, the

@@ -20,6 +20,7 @@ ARGV = ["--steps", "12", "--batch", "2", "--seq-len", "32", "--new-tokens", "3"]
 def test_demo_learns_and_its_checkpoint_reloads(tmp_path, capsys):
     from qwen3moe import Qwen3MoeForCausalLM, demo
     from qwen3moe.io.tokenizer import Tokenizer
+    from qwen3moe.training import recipe
 
     out = tmp_path / "demo"
     argv = ARGV + ["--out", str(out)]
@@ -37,9 +38,11 @@ def test_demo_learns_and_its_checkpoint_reloads(tmp_path, capsys):
     assert all(f"### {p!r}\n{p}" in text for p in demo.PROMPTS)
 
     tok = Tokenizer.from_pretrained(ckpt)  # the tokenizer files were copied beside the weights
-    batch = demo.training_data(demo.build_megatron_corpus(tok, out), demo.parse_args(argv)).batch(0)
-    # the logged step-1 loss is the untrained model's (same seed) loss on this batch ...
-    assert abs(demo.batch_lm_loss(demo.build_model(tok, demo.parse_args(argv).seed), batch) - first) < 1e-4
+    # the demo's run assembled again, untrained: same seed, same data order
+    fresh = recipe.assemble(demo.task_config(tok, demo.build_megatron_corpus(tok, out), demo.parse_args(argv)))
+    batch = fresh.data.batch(0)
+    # the logged step-1 loss is the untrained model's loss on this batch ...
+    assert abs(demo.batch_lm_loss(fresh.model, batch) - first) < 1e-4
     # ... and the saved folder holds the trained weights: it scores the logged final value
     reloaded = Qwen3MoeForCausalLM.from_pretrained(ckpt)
     assert abs(demo.batch_lm_loss(reloaded, batch) - final) < 1e-5

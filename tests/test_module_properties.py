@@ -1,8 +1,8 @@
-"""Hypothesis properties of the layer modules (Linear, Qwen3MoeMLP, Qwen3MoeAttention) against
-independent NumPy float64 references, on both compute paths each module has (C++ kernel and
-composite MindSpore), plus attention causality and left-padding invariance, with and without
-the KV cache. Function-level invariants (RoPE, GQA, router, dispatch, MoE block) are in
-test_properties.py.
+"""Hypothesis properties of the layer modules (Linear fp32/bf16, QuantizedLinear int8/int4,
+Qwen3MoeMLP, Qwen3MoeAttention) against independent NumPy float64 references, on both compute
+paths each module has (C++ kernel and composite MindSpore), plus attention causality and
+left-padding invariance, with and without the KV cache. Function-level invariants (RoPE, GQA,
+router, dispatch, MoE block) are in test_properties.py.
 
 Tolerances (fp32 compute): outputs are O(1) sums of <= 64 products of O(1) terms, so float32
 reassociation (BLAS blocking vs float64) stays below ~1e-5 relative; we allow rtol 1e-4 /
@@ -28,6 +28,8 @@ from qwen3moe.layers.rope import rope_cos_sin, rope_parameters
 from qwen3moe.models.inputs import causal_bias
 
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the composite attention path runs ~40 PyNative ops per call: fewer examples keep it to seconds
+ATTN_SETTINGS = settings(SETTINGS, max_examples=6)
 seeds = st.integers(0, 2**31 - 1)
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -114,6 +116,31 @@ def test_linear_bf16_weights_compute_in_fp32(seed, T, IO, bias):
     assert y.shape == (T, O) and y.dtype == ms.float32
     want = x.astype(np.float64) @ bf16_round(w).T.astype(np.float64) + (bf16_round(b) if bias else 0)
     np.testing.assert_allclose(y.asnumpy(), want, **TOL)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@SETTINGS
+@given(seed=seeds, T=st.integers(1, 9), mode=st.sampled_from(["int8", "int4"]),
+       IO=st.sampled_from([(64, 16), (32, 8), (128, 24)]), per_channel=st.booleans())
+def test_quantized_linear_equals_numpy_dequantized_matmul(path, seed, T, mode, IO, per_channel):
+    """QuantizedLinear == x @ W^T with W = (u - z) * s built in float64 from codes drawn before
+    packing (kernel_reference.quant_arrays, independent of the layer's unpacking). Bound: the layer
+    computes with the float32 rounding of W, so |err| <= 1e-5 * sum_k |x_k W_ok| (+ 1e-6)."""
+    from kernel_reference import quant_arrays
+    from qwen3moe.layers.quant import QuantizedLinear
+
+    I, O = IO
+    r = rng(seed)
+    g = I if per_channel else 8
+    (q, s, z), w = quant_arrays(r, (O, I), mode, g)
+    lin = QuantizedLinear(I, O, 8 if mode == "int8" else 4, g)
+    for param, arr in zip((lin.qweight, lin.scales, lin.qzeros), (q, s, z)):
+        param.set_data(Tensor(arr))
+    x = r.standard_normal((T, I)).astype(np.float32)
+    y = run(lin, Tensor(x), path=path).asnumpy()
+    assert y.shape == (T, O) and y.dtype == np.float32
+    err = np.abs(y - x.astype(np.float64) @ w.T)
+    assert np.all(err <= 1e-5 * (np.abs(x.astype(np.float64)) @ np.abs(w).T) + 1e-6), err.max()
 
 
 # ------------------------------------------------------------------------------------------- MLP
@@ -203,7 +230,7 @@ def attend(a, x, mask, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@SETTINGS
+@ATTN_SETTINGS
 @given(seed=seeds, heads=HEADS, lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3))
 def test_attention_module_equals_reference_on_padded_batch(path, seed, heads, lengths):
     a = attention_module(seed, *heads)
@@ -216,7 +243,7 @@ def test_attention_module_equals_reference_on_padded_batch(path, seed, heads, le
 
 
 @pytest.mark.parametrize("path", PATHS)
-@SETTINGS
+@ATTN_SETTINGS
 @given(seed=seeds, heads=HEADS, lengths=st.lists(st.integers(2, 7), min_size=2, max_size=3),
        data=st.data())
 def test_attention_causal_and_blind_to_pads(path, seed, heads, lengths, data):
@@ -235,7 +262,7 @@ def test_attention_causal_and_blind_to_pads(path, seed, heads, lengths, data):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@SETTINGS
+@ATTN_SETTINGS
 @given(seed=seeds, heads=HEADS, n=st.integers(1, 7), pads=st.integers(1, 5))
 def test_attention_left_padding_invariant(path, seed, heads, n, pads):
     """A row left-padded by `pads` gives the same real-position outputs as the row alone."""

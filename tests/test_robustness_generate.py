@@ -53,9 +53,9 @@ def test_non_finite_logits_stop_generation(model, name, value, do_sample):
 
 
 def test_generation_error_is_a_cli_user_error():
-    from qwen3moe.cli import _is_user_error
+    from qwen3moe.errors import Qwen3MoeError
 
-    assert _is_user_error(GenerationError("x"))
+    assert isinstance(GenerationError("x"), Qwen3MoeError)  # cli.py: one line, exit 2
 
 
 def test_prompt_longer_than_max_position_embeddings_is_refused(model):

@@ -38,11 +38,11 @@ def _procs_running(needle: str) -> list[str]:
 
 
 def _start(tmp_path, script_body: str, timeout_s: int):
-    """Run parallel.launch.launch(2 workers of `script_body`) in a child interpreter."""
+    """Run commands.msrun.launch(2 workers of `script_body`) in a child interpreter."""
     script = tmp_path / "worker_script.py"
     script.write_text(script_body)
     logs = str(tmp_path / "logs")
-    code = ("import sys; from qwen3moe.parallel.launch import launch; "
+    code = ("import sys; from qwen3moe.commands.msrun import launch; "
             f"sys.exit(launch(2, [], timeout_s={timeout_s}, script={str(script)!r}, log_dir={logs!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -78,3 +78,50 @@ def test_sharded_checkpoint_missing_tensor_names_the_folder(saved, tmp_path):
     with pytest.raises(CheckpointError, match=r"sharded.*missing tensor 'model\.norm\.weight'"):
         load_sharded(d)["model.norm.weight"]  # the getter --use_parallel resumes through
     np.testing.assert_equal(sorted(p.name for p in d.iterdir()), ["rank_0.safetensors", "rank_1.safetensors"])
+
+
+# ---- killed parallel saves leave no temp files or partial step folders (BAD 3, --use_parallel) ----
+def _killed_saves(root):
+    """step_2 complete but holding a killed re-save's temps; step_4 a save killed before its state file."""
+    from qwen3moe.parallel.train_state import STATE
+
+    (root / "step_2").mkdir(parents=True)
+    for name in ("rank_0.safetensors", "optim_rank_0.safetensors", STATE, ".optim_rank_1.safetensors.tmp",
+                 ".rank_1.safetensors.tmp", f".{STATE}.tmp"):
+        (root / "step_2" / name).write_text("{}" if name == STATE else "x")
+    (root / "step_4").mkdir()
+    for name in ("rank_0.safetensors", ".optim_rank_0.safetensors.tmp"):
+        (root / "step_4" / name).write_text("x")
+    for d, name in (("step_00000003", "trainer_state.json"), ("step_5", "notes.txt")):  # not ours: kept
+        (root / d).mkdir()
+        (root / d / name).write_text("keep")
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_parallel_resume_removes_killed_save_leftovers(tmp_path):
+    from qwen3moe.parallel.train_state import STATE, resolve
+
+    _killed_saves(tmp_path)
+    assert resolve(str(tmp_path)) == str(tmp_path / "step_2")
+    assert _listing(tmp_path) == ["step_00000003", "step_00000003/trainer_state.json", "step_2",
+                                  "step_2/optim_rank_0.safetensors", f"step_2/{STATE}", "step_2/rank_0.safetensors",
+                                  "step_5", "step_5/notes.txt"]
+
+
+def test_parallel_save_removes_killed_save_leftovers(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qwen3moe.parallel import checkpoint, train_state
+
+    _killed_saves(tmp_path)
+    monkeypatch.setattr(checkpoint, "save_sharded", lambda pl, d: (d.mkdir(), (d / "rank_0.safetensors").write_text("x")))
+    monkeypatch.setattr(train_state, "rank_optimizers", lambda opt: {})
+    mesh = SimpleNamespace(dp=1, tp=1, pp=1, ep=1, sp=False, world_size=1)
+    train_state.save(str(tmp_path), 6, SimpleNamespace(mesh=mesh), None, 0, lambda: None, keep_last=2)
+    assert _listing(tmp_path) == ["step_00000003", "step_00000003/trainer_state.json", "step_2",
+                                  "step_2/optim_rank_0.safetensors", f"step_2/{train_state.STATE}",
+                                  "step_2/rank_0.safetensors", "step_5", "step_5/notes.txt", "step_6",
+                                  f"step_6/{train_state.STATE}", "step_6/rank_0.safetensors"]

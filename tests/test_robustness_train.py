@@ -27,6 +27,9 @@ TINY = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
     ("runner_config.epochs", "0", "runner_config.epochs must be >= 1"),
     ("train_dataset.data_loader.config.seq_length", "0", "train_dataset.data_loader.config.seq_length must be >= 1"),
     ("runner_wrapper.max_grad_norm", "0", "runner_wrapper.max_grad_norm must be > 0"),
+    # a silent no-op before: the train step always uses the plain causal mask
+    ("train_dataset.data_loader.config.reset_attention_mask", "True",
+     "train_dataset.data_loader.config.reset_attention_mask must be false"),
 ])
 def test_bad_optimizer_schedule_and_run_values_name_the_key(key, value, expected):
     with pytest.raises(TaskConfigError) as exc:
@@ -191,17 +194,25 @@ def test_eod_options_without_eod_id_are_an_error(flag):
     assert len(build_gpt_dataset(prefix, 8, 4, eod_id=0, **{flag: True})) >= 4
 
 
-def test_gpt_batches_refuse_position_resets_they_cannot_feed():
-    """GPTBatches yields [B, S+1] token windows only: reset position ids were dropped silently."""
+def test_gpt_batches_feed_position_resets():
+    """A dataset that resets position ids after EOD (alone or blended) has them fed to the model
+    with its [B, S+1] rows: the dataset's S positions plus one for the last row position (they
+    were once dropped silently); without the reset no position ids are passed (the model's 0..S)."""
+    import numpy as np
+
     from helpers import FIXTURES
     from qwen3moe.io.gpt_dataset import build_gpt_dataset
     from qwen3moe.io.gpt_loader import GPTBatches
 
     prefix = str(FIXTURES / "megatron_gpt" / "golden_a_text_document")
-    with pytest.raises(ValueError, match="reset_position_ids"):
-        GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0, reset_position_ids=True), 2)
-    blend = build_gpt_dataset(["1", prefix, "1", prefix.replace("_a_", "_b_")], 8, 4, eod_id=0,
+    ds = build_gpt_dataset(prefix, 16, 8, eod_id=1023, reset_position_ids=True)
+    b = GPTBatches(ds, 4).batch(0)
+    want = np.stack([ds[i]["position_ids"] for i in range(4)])
+    assert (want != np.arange(16)).any()  # the fixture has EODs inside these samples
+    np.testing.assert_array_equal(b["position_ids"][:, :-1], want)
+    np.testing.assert_array_equal(b["position_ids"][:, -1], want[:, -1] + 1)
+    blend = build_gpt_dataset(["1", prefix, "1", prefix.replace("_a_", "_b_")], 16, 8, eod_id=1023,
                               reset_position_ids=True)
-    with pytest.raises(ValueError, match="reset_position_ids"):
-        GPTBatches(blend, 2)
-    assert GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0), 2).batch(0)["input_ids"].shape == (2, 9)
+    assert GPTBatches(blend, 2).batch(0)["position_ids"].shape == (2, 17)
+    plain = GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0), 2).batch(0)
+    assert plain["input_ids"].shape == (2, 9) and "position_ids" not in plain

@@ -25,15 +25,12 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Zero
 
-try:  # C++ kernels for the quantized layers (qwen3moe/kernels/quant.py), when that module exists
-    from qwen3moe.kernels import quant as quant_kernel
-except ImportError:
-    quant_kernel = None
+from qwen3moe.kernels import quant as quant_kernel
 
 
 def kernel_available() -> bool:
-    """True when qwen3moe.kernels.quant exists and built here; the layers then route to it."""
-    return quant_kernel is not None and quant_kernel.available()
+    """True when qwen3moe/kernels/quant.py built here; the quantized layers then route to it."""
+    return quant_kernel.available()
 
 
 def zero_point(bits: int) -> int:

@@ -259,7 +259,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
         quantization: None, "int8" (per channel), "int4" (group_size 32/64/128, default 128) or a
         QuantizationConfig: weights quantized tensor by tensor while loading. GPTQ folders load
         quantized as stored (docs/quantization.md)."""
-        from qwen3moe.io.hf_checkpoint import load_pretrained
+        from qwen3moe.io.load import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, quantization=quantization, group_size=group_size,
                                **kwargs)

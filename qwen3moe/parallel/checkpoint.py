@@ -128,18 +128,8 @@ def load_sharded(directory) -> ShardedTensors:
     return ShardedTensors(directory, assemble(items))
 
 
-def export_hf(directory, cfg, out_dir, dtype: str | None = None) -> None:
+def export_hf(directory, cfg, out_dir, dtype: str | None = None, tokenizer_dir=None) -> None:
     """Sharded checkpoint -> HF folder (per-expert layout, via the model's own saver)."""
-    from mindspore import Tensor
+    from qwen3moe.training.checkpoint import export_pretrained
 
-    from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.layers.dtypes import skip_init
-
-    full = load_sharded(directory)
-    with skip_init():
-        model = Qwen3MoeForCausalLM(cfg)
-    params = list(model.get_parameters())
-    check_tensor_names(full.directory, full, [p.name for p in params])
-    for p in params:
-        p.set_data(Tensor(full[p.name]))
-    model.save_pretrained(out_dir, dtype=dtype)
+    export_pretrained(cfg, load_sharded(directory), out_dir, dtype, tokenizer_dir, source=str(directory))

@@ -3,9 +3,12 @@ run length, optimizer, schedule and data options a run cannot use, and `resume_o
 Each failure is one TaskConfigError line naming the YAML key, the value and what is expected."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qwen3moe.training.task_config import TaskConfig, TaskConfigError
+from qwen3moe.errors import TaskConfigError
+
+if TYPE_CHECKING:  # annotations only: task_config calls these checks
+    from qwen3moe.training.task_config import TaskConfig
 
 RESUME_OVERRIDES = ("model", "data")
 
@@ -35,7 +38,11 @@ def check_training_values(cfg: TaskConfig) -> None:
                "-1 (the run's step count) or >= 1"),
               ("lr_schedule.min_lr", ls.min_lr, ls.min_lr is None or ls.min_lr >= 0, ">= 0"),
               ("lr_schedule.lr_end", ls.lr_end, ls.lr_end >= 0, ">= 0"),
-              ("runner_wrapper.max_grad_norm", w.max_grad_norm, not w.use_clip_grad or w.max_grad_norm > 0, "> 0")]
+              ("runner_wrapper.max_grad_norm", w.max_grad_norm, not w.use_clip_grad or w.max_grad_norm > 0, "> 0"),
+              ("train_dataset.data_loader.config.reset_attention_mask",
+               cfg.train_dataset.data_loader.config.reset_attention_mask,
+               not cfg.train_dataset.data_loader.config.reset_attention_mask,
+               "false (the train step always uses the plain causal mask; true would be silently ignored)")]
     for key, value, ok, expected in checks:
         if not ok:
             raise TaskConfigError(f"{key} must be {expected}, got {value!r}")

@@ -19,11 +19,8 @@ from typing import Any
 
 import yaml
 
+from qwen3moe.errors import TaskConfigError  # noqa: F401  (raised here, imported from here)
 from qwen3moe.models.config import ConfigError, Qwen3MoeConfig
-
-
-class TaskConfigError(ValueError):
-    """A task-config problem: one line with the dotted key path."""
 
 
 # ---- sections -------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ static float *tile_scratch(int64_t n) {
 }
 
 // fn(i) for i in [0, n): on the decode pool (decode_pool.h: an OpenMP barrier waits for a
-// descheduled thread on a loaded machine, measured 12-16 ms instead of 0.3 ms for one int8
-// q_proj GEMV at load 14) or serially inside an already parallel task.
+// descheduled thread on a loaded machine, which made a decode-sized GEMV ~50x slower; figures in
+// bench/RESULTS.md) or serially inside an already parallel task.
 template <class F>
 static void for_each(int64_t n, bool parallel, F &&fn) {
   if (parallel && n > 1)

@@ -1,4 +1,6 @@
-"""`qwen3moe launch`: run a qwen3moe sub-command on N worker processes through MindSpore's msrun.
+"""The msrun launcher behind `qwen3moe launch` (commands/launch.py): run a qwen3moe sub-command
+on N worker processes through MindSpore's msrun. Part of the command layer: it starts cli.py in
+every worker and reports on stderr.
 
 msrun starts a scheduler plus the workers and runs `python <script> <args>` in each, with the
 first `python` on PATH, so the current interpreter's bin folder is put first. Each worker's
@@ -27,13 +29,15 @@ import time
 import uuid
 from pathlib import Path
 
+from qwen3moe.errors import Qwen3MoeError
+
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 JOB_ENV = "QWEN3MOE_LAUNCH_JOB"
 TIMEOUT_RC = 124
 GRACE_S = 5.0
 
 
-class LaunchError(ValueError):
+class LaunchError(Qwen3MoeError, ValueError):
     """A launch that cannot start (e.g. the master port is taken): one line naming the flag."""
 
 
