@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from helpers import clear_kernel_caches
 from hypothesis import Phase, settings
 
 from helpers import clear_kernel_caches
