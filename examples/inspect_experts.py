@@ -3,7 +3,7 @@
     python examples/inspect_experts.py --model DIR --text "Some text" [--png load.png]
 
 Prints, per MoE layer, the token share of the busiest expert vs the uniform share k/E and the
-HF aux loss; writes a heatmap PNG when matplotlib is installed (it is optional).
+HF aux loss; --png writes a layer x expert heatmap.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--text", default="The quick brown fox jumps over the lazy dog. " * 4)
-    ap.add_argument("--png", default=None, help="write a layer x expert heatmap (needs matplotlib)")
+    ap.add_argument("--png", default=None, help="write a layer x expert heatmap")
     args = ap.parse_args()
 
     model = Qwen3MoeForCausalLM.from_pretrained(args.model)
@@ -38,18 +38,15 @@ def main() -> None:
               f"busiest experts {top.tolist()}")
     print(f"aux loss (HF, pooled) = {float(out.aux_loss.asnumpy()):.4f} (k = {k} when balanced)")
     if args.png:
-        try:
-            import matplotlib
+        import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib not installed: no PNG written")
-        else:
-            plt.imshow(share, aspect="auto", cmap="viridis")
-            plt.xlabel("expert"), plt.ylabel("MoE layer"), plt.colorbar(label="token share")
-            plt.savefig(args.png, dpi=120)
-            print(f"wrote {args.png}")
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.imshow(share, aspect="auto", cmap="viridis")
+        plt.xlabel("expert"), plt.ylabel("MoE layer"), plt.colorbar(label="token share")
+        plt.savefig(args.png, dpi=120)
+        print(f"wrote {args.png}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"[forward {len(ids[0]) / dt:.1f} tok/s (includes compile); peak RSS {peak:.0f} MiB]")
 

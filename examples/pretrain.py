@@ -3,9 +3,10 @@
     python examples/pretrain.py --data PREFIX_text_document [--steps 50] [--out out/pretrain]
     python examples/pretrain.py --jsonl docs.jsonl --tokenizer-dir DIR   # preprocess first
 
-Builds the `tiny` preset (or --preset), reads samples in megatron-core GPTDataset order, trains
-with the compiled TrainStep (AdamW, cosine schedule, LM + 1e-3 aux loss), prints tokens/s and
-peak memory, and saves an HF folder.
+Describes the run as a task config (the shape of `qwen3moe pretrain`'s YAML) and lets
+qwen3moe.training.recipe assemble it: the `tiny` preset (or --preset), samples in megatron-core
+GPTDataset order, the compiled TrainStep (AdamW, cosine schedule, LM + 1e-3 aux loss). Prints
+tokens/s and peak memory, and saves an HF folder.
 """
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ import resource
 import time
 from pathlib import Path
 
-from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
-from qwen3moe.io.gpt_dataset import build_gpt_dataset
-from qwen3moe.io.gpt_loader import GPTBatches
 from qwen3moe.io.preprocess import Options, preprocess
-from qwen3moe.training import AdamW, DEFAULT_NO_DECAY, cosine_with_warmup
-from qwen3moe.training.step import TrainStep
+from qwen3moe.training import recipe
+from qwen3moe.training.task_config import load_task_config
 
 
 def main() -> None:
@@ -43,14 +41,19 @@ def main() -> None:
         prefix = preprocess(Options(args.jsonl, str(out / "data" / "corpus"), args.tokenizer_dir,
                                     append_eod=True))["text"]
 
-    cfg = Qwen3MoeConfig.from_preset(args.preset, vocab_size=args.vocab_size)
-    model = Qwen3MoeForCausalLM(cfg)
-    data = GPTBatches(build_gpt_dataset(prefix, args.seq_len, args.steps * args.batch), args.batch)
-    opt = AdamW(model.trainable_params(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                no_decay=DEFAULT_NO_DECAY)
-    step = TrainStep(model, opt, aux_coef=1e-3, clip=1.0,
-                     schedule=cosine_with_warmup(args.lr, warmup_steps=max(1, args.steps // 10),
-                                                 total_steps=args.steps, min_lr=args.lr / 10))
+    cfg = load_task_config(None, extra={
+        "model.preset": args.preset, "model.model_config": {"vocab_size": args.vocab_size,
+                                                            "moe_router_load_balancing_type": "hf",
+                                                            "moe_aux_loss_coeff": 1e-3},
+        "runner_config.batch_size": args.batch, "runner_config.train_steps": args.steps,
+        "optimizer.weight_decay": 0.1, "optimizer.no_decay_norms_and_biases": True,
+        "lr_schedule.type": "cosine", "lr_schedule.learning_rate": args.lr,
+        "lr_schedule.warmup_steps": max(1, args.steps // 10), "lr_schedule.min_lr": args.lr / 10,
+        "train_dataset.data_loader.config.data_path": [prefix],
+        "train_dataset.data_loader.config.seq_length": args.seq_len,
+        "train_dataset.data_loader.config.eod": None, "train_dataset.data_loader.config.pad": None})
+    run = recipe.assemble(cfg)
+    model, data, step = run.model, run.data, run.step
     t0, tokens = time.perf_counter(), 0
     for i in range(args.steps):
         batch = data.batch(i)

@@ -10,7 +10,7 @@ import os
 
 # The C++ kernels (qwen3moe/kernels) run OpenMP regions between MindSpore ops: idle OpenMP threads
 # must sleep rather than spin, or they take the cores MindSpore's own thread pool needs for the next
-# op (bench-mini prefill: 0.92x -> 1.11x of the previous kernels). libgomp reads this when it loads
+# op (bench/RESULTS.md, "Figures moved from docstrings"). libgomp reads this when it loads
 # (MindSpore loads it at import), so it only takes effect when qwen3moe is imported first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # A failed graph compile makes MindSpore write rank_<N>/om/analyze_fail.ir under $MS_OM_PATH, by

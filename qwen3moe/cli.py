@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from qwen3moe.errors import Qwen3MoeError
+
 # sub-command modules, in --help order; each defines add_parser(subparsers)
 COMMAND_MODULES = [
     "qwen3moe.commands.preprocess",
@@ -24,19 +26,13 @@ COMMAND_MODULES = [
 ]
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
+class CliError(Qwen3MoeError):
+    """A user error found by a command's own argument checks: printed as one line, exit code 2."""
 
 
-# library exceptions that describe bad input (each names the file, key or argument): one line,
-# exit 2. Matched by name so the CLI needs no import of the modules defining them.
-USER_ERRORS = frozenset({"ConfigError", "CheckpointError", "PreprocessError", "OutputError", "TokenizerError",
-                         "TaskConfigError", "MeshError"})
+# library exceptions describing bad input derive from qwen3moe.errors.Qwen3MoeError (each names
+# the file, key or argument): one line, exit 2
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    return any(c.__name__ in USER_ERRORS and c.__module__.startswith("qwen3moe.") for c in type(exc).__mro__)
 
 
 def quiet_broken_stdout() -> None:
@@ -69,18 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CliError as exc:
-        return _fail(args.command, str(exc))
+    except Qwen3MoeError as exc:  # library and command errors alike: one line, exit 2
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail(args.command, first)
     except KeyboardInterrupt:
         print(f"qwen3moe {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         quiet_broken_stdout()
         return 0
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
-        return _fail(args.command, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 def _fail(command: str, message: str) -> int:
@@ -89,7 +82,7 @@ def _fail(command: str, message: str) -> int:
 
 
 if __name__ == "__main__":
-    # run via the package module so commands' `qwen3moe.cli.CliError` is the class caught in main
+    # run via the package module so `qwen3moe.cli.CliError` is one class for commands and main
     from qwen3moe.cli import main as _main
 
     sys.exit(_main())

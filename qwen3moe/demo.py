@@ -4,8 +4,9 @@
    (`inspect.getdoc` over modules, classes, functions, methods), written as jsonl and
    preprocessed into Megatron .bin/.idx (qwen3moe preprocess, tiny BPE tokenizer in
    qwen3moe/assets/tiny-tokenizer, EOD appended), read back in Megatron GPTDataset order.
-2. Pretrain with the compiled TrainStep (AdamW, cosine schedule with warmup, clipping,
-   HF aux loss 1e-3), one log line per interval.
+2. Pretrain: the run is a task config assembled by qwen3moe/training/recipe.py as `qwen3moe
+   pretrain` does (compiled TrainStep, AdamW, cosine schedule with warmup, clipping, HF aux
+   loss 1e-3), one log line per interval.
 3. Save an HF folder to output/demo/checkpoint/, the loss curve (loss.png), greedy
    continuations to text_generation_result.txt, and print the loss drop from the first-10-step
    mean to the last-10-step mean.
@@ -17,7 +18,6 @@ import argparse
 import importlib
 import inspect
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,35 +102,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_model(tok, seed: int):
-    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    from qwen3moe.layers.dtypes import set_init_seed
+def task_config(tok, prefix: str, args):
+    """The demo's run as a task config, assembled by qwen3moe/training/recipe.py like `qwen3moe
+    pretrain`: tiny preset, AdamW (decay off for norms and biases), cosine schedule with warmup,
+    clipping at 1.0, HF aux loss 1e-3, GPTDataset samples of seq_len - 1 (+1) tokens."""
+    from qwen3moe.training.task_config import load_task_config
 
-    set_init_seed(seed)
-    cfg = Qwen3MoeConfig.from_preset("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                     bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    return Qwen3MoeForCausalLM(cfg)
+    return load_task_config(None, extra={
+        "seed": args.seed, "output_dir": args.out, "model.preset": "tiny",
+        "model.model_config": {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                               "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+                               "moe_aux_loss_coeff": 1e-3, "moe_router_load_balancing_type": "hf"},
+        "runner_config.batch_size": args.batch, "runner_config.train_steps": args.steps,
+        "runner_config.time_budget_s": args.budget_s, "runner_config.log_interval": max(1, args.steps // 20),
+        "optimizer.weight_decay": 0.1, "optimizer.no_decay_norms_and_biases": True,
+        "lr_schedule.type": "CosineWithWarmUpLR", "lr_schedule.learning_rate": args.lr,
+        "lr_schedule.warmup_steps": max(1, args.steps // 20), "lr_schedule.min_lr": args.lr / 10,
+        "train_dataset.data_loader.config.data_path": [prefix],
+        "train_dataset.data_loader.config.seq_length": args.seq_len - 1,  # rows of seq_len tokens
+        "train_dataset.data_loader.config.seed": args.seed,
+        "train_dataset.data_loader.config.eod": None, "train_dataset.data_loader.config.pad": None})
 
 
-def train(model, prefix: str, args) -> list[dict]:
-    from qwen3moe.training import AdamW, DEFAULT_NO_DECAY, cosine_with_warmup
-    from qwen3moe.training.step import TrainStep
+def train(run) -> list[dict]:
+    """Fit the assembled run; one log line per interval, no training checkpoints (the demo
+    saves an HF folder at the end)."""
     from qwen3moe.training.trainer import Trainer, TrainerConfig
 
-    opt = AdamW(model.trainable_params(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                no_decay=DEFAULT_NO_DECAY)
-    sched = cosine_with_warmup(args.lr, warmup_steps=max(1, args.steps // 20), total_steps=args.steps,
-                               min_lr=args.lr / 10)
-    step = TrainStep(model, opt, aux_coef=1e-3, z_coef=0.0, clip=1.0, schedule=sched)
-    from qwen3moe.io.gpt_dataset import build_gpt_dataset
-    from qwen3moe.io.gpt_loader import GPTBatches
+    r = run.cfg.runner_config
+    cfg = TrainerConfig(total_steps=run.steps, log_interval=r.log_interval, time_budget_s=r.time_budget_s)
+    return Trainer(run.step, run.data, cfg, log=lambda s: print(s, flush=True)).fit()
 
-    # Megatron GPTDataset sample order (seq_len + 1 tokens per sample, one-token overlap)
-    ds = build_gpt_dataset(prefix, args.seq_len - 1, args.steps * args.batch, seed=args.seed)
-    data = GPTBatches(ds, args.batch)
-    cfg = TrainerConfig(total_steps=args.steps, log_interval=max(1, args.steps // 20),
-                        time_budget_s=args.budget_s)
-    return Trainer(step, data, cfg, log=lambda s: print(s, flush=True)).fit()
+
+def batch_lm_loss(model, batch: dict) -> float:
+    """Mean next-token cross-entropy of `model` on one training batch (the logged `lm` value)."""
+    return float(model(batch["input_ids"], labels=batch["labels"]).lm_loss.asnumpy())
 
 
 def write_loss_curve(history: list[dict], out: Path) -> Path:
@@ -161,32 +167,35 @@ def greedy_continue(model, tok, prompt: str, new_tokens: int) -> str:
 def main(argv=None) -> int:
     import mindspore as ms
 
+    from qwen3moe.io.hf_checkpoint import copy_tokenizer_files
     from qwen3moe.io.tokenizer import Tokenizer
+    from qwen3moe.training import recipe
 
     args = parse_args(argv)
     t0 = time.perf_counter()
     ms.set_device("CPU")
-    ms.set_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_pretrained(ASSETS)
     prefix = build_megatron_corpus(tok, out)
-    model = build_model(tok, args.seed)
+    run = recipe.assemble(task_config(tok, prefix, args))
+    model = run.model
     print(f"model: tiny preset, {model.num_parameters():,} parameters "
           f"({model.num_parameters(active=True):,} active), batch {args.batch} x {args.seq_len}")
-    history = train(model, prefix, args)
+    history = train(run)
+    # the step-1 batch again with the trained weights: logged step 1 was this batch before any update
+    final = batch_lm_loss(model, run.data.batch(0))
     ckpt = out / "checkpoint"
     model.save_pretrained(ckpt)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copy2(ASSETS / f, ckpt / f)
+    copy_tokenizer_files(ASSETS, ckpt)
     curve = write_loss_curve(history, out)
     lines = [f"### {p!r}\n{p}{greedy_continue(model, tok, p, args.new_tokens)}\n" for p in PROMPTS]
     (out / "text_generation_result.txt").write_text("\n".join(lines))
     print("".join(lines))
-    return report(history, ckpt, curve, out, time.perf_counter() - t0)
+    return report(history, final, ckpt, curve, out, time.perf_counter() - t0)
 
 
-def report(history: list[dict], ckpt: Path, curve: Path, out: Path, wall: float) -> int:
+def report(history: list[dict], final: float, ckpt: Path, curve: Path, out: Path, wall: float) -> int:
     n = min(10, len(history) // 2)
     first = float(np.mean([m["lm_loss"] for m in history[:n]]))
     last = float(np.mean([m["lm_loss"] for m in history[-n:]]))
@@ -196,6 +205,7 @@ def report(history: list[dict], ckpt: Path, curve: Path, out: Path, wall: float)
     print(f"generations in {out / 'text_generation_result.txt'}")
     print(f"steps {len(history)}, median step {step_s * 1000:.0f} ms, wall {wall:.0f} s")
     print(f"loss drop: first-{n}-step mean {first:.4f} -> last-{n}-step mean {last:.4f} = {drop:.1%}")
+    print(f"step-1 batch: lm loss {history[0]['lm_loss']:.6f} at step 1 -> {final:.6f} after training")
     return 0
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import Phase, settings
+
+from helpers import clear_kernel_caches
 
 os.environ.setdefault("GLOG_v", "3")
+# `pytest --hypothesis-profile fail-fast`: report the first failing example without shrinking
+# (for checking that a property catches a deliberately broken implementation)
+settings.register_profile("fail-fast", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,21 +26,11 @@ def _scratch_cwd(tmp_path_factory):
     os.chdir(old)
 
 
-def _clear_kernel_caches() -> None:
-    import sys
-
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("qwen3moe.kernels"):
-            for obj in vars(mod).values():
-                if callable(getattr(obj, "cache_clear", None)):
-                    obj.cache_clear()
-
-
 @pytest.fixture
 def composite(monkeypatch):
     """Models built inside use the composite MindSpore path (QWEN3MOE_KERNELS=0)."""
     monkeypatch.setenv("QWEN3MOE_KERNELS", "0")
-    _clear_kernel_caches()
+    clear_kernel_caches()
     yield
     monkeypatch.delenv("QWEN3MOE_KERNELS")
-    _clear_kernel_caches()
+    clear_kernel_caches()

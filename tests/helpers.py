@@ -49,18 +49,20 @@ def launch(tmp_path, *cmd: str, timeout: int = 240) -> tuple[int, str, list[dict
 _REF_CACHE: dict = {}
 
 
-def reference(cfg, model, ids, labels, dp: int, M: int):
+def reference(cfg, model, ids, labels, dp: int, M: int, position_ids=None):
     """(loss, {name: gradient}) of the single-device model at its current weights: the
     unmodified model's loss (mean CE over valid labels + coef * pooled aux) and MindSpore
-    gradients, accumulated over M micro-batches as dp x M would split the global batch."""
+    gradients, accumulated over M micro-batches as dp x M would split the global batch
+    (RoPE positions `position_ids`, default 0..S-1)."""
     weights = hashlib.sha1(b"".join(p.asnumpy().tobytes() for p in model.trainable_params())).hexdigest()
-    key = (weights, ids.tobytes(), labels.tobytes(), dp, M)
+    pos = None if position_ids is None else position_ids.tobytes()
+    key = (weights, ids.tobytes(), labels.tobytes(), dp, M, pos)
     if key not in _REF_CACHE:
-        _REF_CACHE[key] = _reference(cfg, model, ids, labels, dp, M)
+        _REF_CACHE[key] = _reference(cfg, model, ids, labels, dp, M, position_ids)
     return _REF_CACHE[key]
 
 
-def _reference(cfg, model, ids, labels, dp: int, M: int):
+def _reference(cfg, model, ids, labels, dp: int, M: int, position_ids=None):
     import mindspore as ms
     from mindspore import ParameterTuple
 
@@ -73,7 +75,8 @@ def _reference(cfg, model, ids, labels, dp: int, M: int):
     total, grads = 0.0, None
     for m in range(M):
         rows = [r for i in range(dp) for r in range(i * B // dp + m * b, i * B // dp + (m + 1) * b)]
-        t = prepare_inputs(cfg, ids[rows], labels=labels[rows])
+        t = prepare_inputs(cfg, ids[rows], labels=labels[rows],
+                           position_ids=None if position_ids is None else position_ids[rows])
         n_m = float((t.labels.asnumpy() != -100).sum())
 
         def objective():
@@ -85,3 +88,32 @@ def _reference(cfg, model, ids, labels, dp: int, M: int):
         g = [x.asnumpy() for x in g]
         grads = g if grads is None else [a + x for a, x in zip(grads, g)]
     return total, {p.name: x for p, x in zip(params, grads)}
+
+
+def clear_kernel_caches() -> None:
+    """Forget every built-kernel lookup (lru_cache) so a changed QWEN3MOE_KERNELS takes effect."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("qwen3moe.kernels"):
+            for obj in vars(mod).values():
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()
+
+
+def make_run(seed: int, **step_kw):
+    """(model, optimizer, TrainStep, schedule) of a 2-layer tiny model seeded `seed` (resume tests)."""
+    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from qwen3moe.layers.dtypes import set_init_seed
+    from qwen3moe.training import AdamW, cosine_with_warmup
+    from qwen3moe.training.step import TrainStep
+
+    set_init_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_preset("tiny", num_hidden_layers=2))
+    opt = AdamW(model.trainable_params(), lr=1e-3, weight_decay=0.1)
+    sched = cosine_with_warmup(3e-3, 2, 6, min_lr=1e-4)
+    return model, opt, TrainStep(model, opt, aux_coef=1e-3, z_coef=1e-4, clip=1.0, schedule=sched,
+                                            **step_kw), sched
+
+
+def batch_at(rng) -> "np.ndarray":
+    """The next [2, 12] token batch of `rng`."""
+    return rng.integers(0, 1000, (2, 12))

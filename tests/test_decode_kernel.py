@@ -14,61 +14,14 @@ from hypothesis import given, settings, strategies as st
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
+from kernel_reference import (EPS, MASKED, decode_weights as _weights, ref_attn as _ref_attn, ref_moe as _ref_moe,
+                              rms_ref as _rms)
 from qwen3moe.kernels import decode as decode_kernel
 
 pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
 
-B, H, N, K, D, T, E, I, TOPK, EPS = 3, 32, 4, 2, 8, 12, 6, 16, 2, 1e-6
+B, H, N, K, D, T, E, I, TOPK = 3, 32, 4, 2, 8, 12, 6, 16, 2
 _NAMES = ("ln1", "wq", "wk", "wv", "qn", "kn", "wo", "ln2", "wr", "wgu", "wd")
-MASKED = float(np.finfo(np.float32).min)
-
-
-def _rms(x, w):
-    return w * (x / np.sqrt((x * x).mean(-1, keepdims=True) + EPS))
-
-
-def _rope(x, cos, sin):
-    h = x.shape[-1] // 2
-    return x * cos + np.concatenate([-x[..., h:], x[..., :h]], -1) * sin
-
-
-def _ref_attn(w, x_BH, kc, vc, cos_BD, sin_BD, bias_BT, slot):
-    """x + o_proj(attention(rms(x))) for one query per row; returns (y, new k cache, new v cache)."""
-    B, K, _, D = kc.shape
-    N = w["wq"].shape[0] // D
-    xn = _rms(x_BH, w["ln1"])
-    q = _rms((xn @ w["wq"].T).reshape(B, N, D), w["qn"])
-    k = _rms((xn @ w["wk"].T).reshape(B, K, D), w["kn"])
-    v = (xn @ w["wv"].T).reshape(B, K, D)
-    q, k = _rope(q, cos_BD[:, None], sin_BD[:, None]), _rope(k, cos_BD[:, None], sin_BD[:, None])
-    kc, vc = kc.copy(), vc.copy()
-    kc[:, :, slot], vc[:, :, slot] = k, v
-    kk = np.repeat(kc, N // K, axis=1)  # query head n uses kv head n // G
-    vv = np.repeat(vc, N // K, axis=1)
-    s = np.einsum("bnd,bntd->bnt", q, kk) * D ** -0.5 + bias_BT[:, None]
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    o = np.einsum("bnt,bntd->bnd", p, vv).reshape(B, N * D)
-    return x_BH + o @ w["wo"].T, kc, vc
-
-
-def _ref_moe(w, h_BH, norm_topk, top_k=TOPK):
-    I = w["wd"].shape[2]
-    z = _rms(h_BH, w["ln2"])
-    logits = z @ w["wr"].T
-    pr = np.exp(logits - logits.max(-1, keepdims=True))
-    pr /= pr.sum(-1, keepdims=True)
-    idx = np.argsort(-pr, -1, kind="stable")[:, :top_k]
-    wt = np.take_along_axis(pr, idx, -1)
-    if norm_topk:
-        wt = wt / wt.sum(-1, keepdims=True)
-    y = np.zeros_like(h_BH)
-    for b in range(h_BH.shape[0]):
-        for j in range(top_k):
-            gu = w["wgu"][idx[b, j]] @ z[b]
-            g, u = gu[:I], gu[I:]
-            y[b] += wt[b, j] * (w["wd"][idx[b, j]] @ (g / (1 + np.exp(-g)) * u))
-    return h_BH + y
 
 
 class _Layer(nn.Cell):
@@ -88,12 +41,6 @@ class _Layer(nn.Cell):
         h = self.dops.attn(x, ln1, wq, wk, wv, qn, kn, wo, self.kc, self.vc, cos, sin, bias, meta, self.fcfg)
         y = self.dops.moe(h, ln2, wr, wgu, wd, meta, self.fcfg)
         return h, y, self.dops.head(y, ln1, wr, self.fcfg)
-
-
-def _weights(rng, H=H, N=N, K=K, D=D, E=E, I=I):
-    f = lambda *s, sc=0.2: (rng.standard_normal(s) * sc).astype(np.float32)  # noqa: E731
-    return dict(ln1=1 + f(H), wq=f(N * D, H), wk=f(K * D, H), wv=f(K * D, H), qn=1 + f(D), kn=1 + f(D),
-                wo=f(H, N * D), ln2=1 + f(H), wr=f(E, H, sc=1.0), wgu=f(E, 2 * I, H), wd=f(H * E, I).reshape(E, H, I))
 
 
 @pytest.mark.parametrize("norm_topk", [True, False])

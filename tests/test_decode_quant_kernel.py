@@ -1,7 +1,7 @@
 """The fused decode kernels (DecodeAttn / DecodeMoe / DecodeHead) over bf16, int8 and int4 weights
 against the NumPy decode reference of test_decode_kernel.py run on the dequantized weights.
 
-Weights come from test_quant_kernel.quant_arrays: integer codes, zero points and fp16 scales are
+Weights come from kernel_reference.quant_arrays: integer codes, zero points and fp16 scales are
 drawn first and W = (u - z) * s is built from them, independently of the kernels' unpacking.
 Tolerance: as test_decode_kernel.py (float32, different summation orders, O(1) activations):
 2e-5 absolute plus 1e-5 relative (asymmetric codes give larger weights); the kernel's dequantized weights are the float32 rounding of (u - z) * s, the
@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
+from kernel_reference import (EPS, MASKED, decode_weights as _weights, quant_arrays, ref_attn as _ref_attn,
+                              ref_moe as _ref_moe, rms_ref as _rms)
 from qwen3moe.kernels import decode as decode_kernel
 from qwen3moe.kernels import quant
-from test_decode_kernel import EPS, MASKED, _ref_attn, _ref_moe, _rms, _weights
-from test_quant_kernel import quant_arrays
 
 pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
 _DTYPES = {np.dtype(np.float32): b"float32", np.dtype(np.uint16): b"bfloat16", np.dtype(np.uint8): b"uint8",
@@ -177,91 +177,48 @@ def test_compiled_graph_with_quantized_parameters(mode):
     np.testing.assert_allclose(logits.asnumpy(), _rms(y_ref, ref["ln1"]) @ ref["wr"].T, atol=2e-5, rtol=1e-5)
 
 
-class _QLinear(nn.Cell):
-    """Stand-in for the model side's quantized linear (GPTQ names): prefill via kernels/quant.py."""
-
-    def __init__(self, arrays, prefix):
-        super().__init__()
-        self.qweight, self.scales, self.qzeros = (Parameter(Tensor(a), name=f"{prefix}.{n}", requires_grad=False)
-                                                  for a, n in zip(arrays, ("qweight", "scales", "qzeros")))
-        self.bias = None
-
-    def construct(self, x):
-        return quant.linear(x, (self.qweight, self.scales, self.qzeros))
-
-
-class _QExperts(nn.Cell):
-    def __init__(self, gu, dn, prefix):
-        super().__init__()
-        self.gate_up_proj, self.down_proj = _QLinear(gu, f"{prefix}.gate_up_proj"), _QLinear(dn, f"{prefix}.down_proj")
-
-    def fused(self, x, idx, w):
-        g, d = self.gate_up_proj, self.down_proj
-        return quant.moe_experts(x, idx, w, (g.qweight, g.scales, g.qzeros), (d.qweight, d.scales, d.qzeros))
-
-
-def _store_model(model, ref_model, mode, rng):
-    """Store `model`'s projections, experts and lm_head in `mode` (random codes around the loaded
-    weights' scale); write the dequantized values into the fp32 `ref_model`."""
-    from qwen3moe.layers.dtypes import write_param
-
-    def put(owner, name, ref_owner, shape, prefix, head=False):
-        m = ("bf16" if mode == "bf16" else "int8") if head else mode
-        arrays, w = quant_arrays(rng, shape, m, None if m == "int8" else 32, scale=0.1 / (128 if m == "int8" else 8))
-        write_param(getattr(ref_owner, "weight" if name != "experts" else name), w.astype(np.float32))
-        if m == "bf16":
-            setattr(owner, "weight", Parameter(_param(arrays[0], False), name=f"{prefix}.weight"))
-        else:
-            setattr(owner, name, _QLinear(arrays, f"{prefix}.{name}"))
-
-    for i, (layer, ref) in enumerate(zip(model.model.layers, ref_model.model.layers)):
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            proj = getattr(layer.self_attn, p)
-            owner = proj if mode == "bf16" else layer.self_attn
-            put(owner, p, getattr(ref.self_attn, p), tuple(proj.weight.shape), f"model.layers.{i}.self_attn.{p}" if
-                mode == "bf16" else f"model.layers.{i}.self_attn")
-        ex, rex = layer.mlp.experts, ref.mlp.experts
-        gshape, dshape = tuple(ex.gate_up_proj.shape), tuple(ex.down_proj.shape)
-        arrays = [quant_arrays(rng, s, mode, None if mode != "int4" else 32, scale=0.1 / (128 if mode == "int8" else 8))
-                  for s in (gshape, dshape)]
-        write_param(rex.gate_up_proj, arrays[0][1].astype(np.float32))
-        write_param(rex.down_proj, arrays[1][1].astype(np.float32))
-        pre = f"model.layers.{i}.mlp.experts"
-        if mode == "bf16":
-            ex.gate_up_proj = Parameter(_param(arrays[0][0][0], False), name=f"{pre}.gate_up_proj")
-            ex.down_proj = Parameter(_param(arrays[1][0][0], False), name=f"{pre}.down_proj")
-        else:
-            layer.mlp.experts = _QExperts(arrays[0][0], arrays[1][0], pre)
-    owner = model.lm_head if mode == "bf16" else model
-    put(owner, "lm_head", ref_model.lm_head, tuple(model.lm_head.weight.shape),
-        "lm_head" if mode == "bf16" else "", head=True)
-
-
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
-def test_fused_engine_on_stored_weights_equals_fp32_of_the_same_values(mode):
-    """tiny-a with bf16 / int8 / int4 projections and experts (lm_head bf16 / int8): the fused
-    engine (prefill through kernels/quant.py, decode kernels dequantizing rows) gives the logits
-    of the fp32 model holding the dequantized values, prefill + 5 greedy steps, batch 3, padding.
-    Tolerance as test_decode_kernel's engine test (2e-5 on O(1) logits: summation order only)."""
-    from helpers import reference_dir
-
+def _greedy(folder, **load):
+    """Prefill + 6 greedy steps (batch 2, left padding) with step logits; the engine's path."""
     from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.generation import engine as eng_mod
+    from qwen3moe.generation.generate import GenerationRun, resolve_config
 
-    model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
-    ref_model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
-    _store_model(model, ref_model, mode, np.random.default_rng(1))
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 1000, (3, 16))
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, **load)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, model.config.vocab_size, (2, 11))
     mask = np.ones_like(ids)
-    mask[1, :5] = 0
-    runs = []
-    for m in (model, ref_model):
-        eng = eng_mod.DecodeEngine(m, 3, 64)
-        assert eng.fused
-        out = [eng.prefill(ids, mask)]
-        for _ in range(5):
-            out.append(eng.decode(out[-1].argmax(-1)))
-        runs.append(np.stack(out))
-    assert np.abs(runs[1]).max() > 0.1  # the test weights give non-trivial logits
-    np.testing.assert_allclose(runs[0], runs[1], atol=2e-5, rtol=1e-5)
+    mask[1, :4] = 0
+    run = GenerationRun(model, ids, mask, resolve_config(model, max_new_tokens=6, do_sample=False, ignore_eos=True),
+                        keep_logits=True)
+    tokens = np.asarray(run.run())
+    fused = [e.fused for e in model.__dict__.get("_decode_engines", {}).values()]
+    return tokens, np.stack(run.step_logits), fused
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4-g32"])
+def test_kernels_equal_composite_path(mode, monkeypatch):
+    """A bf16 / int8 / int4 model generates through the kernels (quantized prefill ops, fused decode
+    kernels) and through the composite path (QWEN3MOE_KERNELS=0: dequantize in the graph): same
+    tokens, step logits equal to fp32 rounding (different summation orders through 2-4 layers:
+    1e-4 of the largest logit, as test_bf16's kernel-vs-composite bound)."""
+    from helpers import HF_FIXTURES
+
+    from helpers import clear_kernel_caches
+
+    if mode == "bf16":
+        folder, load = HF_FIXTURES / "roundtrip-bf16", dict(dtype=None)
+    else:
+        folder = HF_FIXTURES / "tiny-fp32-gqa"
+        load = dict(quantization=mode[:4], group_size=32 if mode.endswith("g32") else None)
+    tokens, logits, fused = _greedy(folder, **load)
+    assert fused == [True]  # the kernels' path really ran
+    monkeypatch.setenv("QWEN3MOE_KERNELS", "0")
+    clear_kernel_caches()
+    try:
+        ref_tokens, ref_logits, ref_fused = _greedy(folder, **load)
+    finally:
+        monkeypatch.delenv("QWEN3MOE_KERNELS")
+        clear_kernel_caches()
+    assert ref_fused == [False]
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4 * np.abs(ref_logits).max())
+

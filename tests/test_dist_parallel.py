@@ -106,10 +106,15 @@ def test_training_equals_single_process(tmp_path, tiny, layout, M, steps):
         np.testing.assert_allclose(got[name], arr, rtol=0, atol=5e-5, err_msg=name)
 
 
-@pytest.mark.slow
-def test_generate_cli_use_parallel_matches_single_process(tmp_path):
-    """`qwen3moe generate --use_parallel True --parallel_config.model_parallel 2` under launch
-    writes the same greedy completion as the single-process command."""
+@pytest.mark.parametrize("layout", [
+    pytest.param(["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
+                 marks=pytest.mark.slow),
+    ["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"],
+], ids=["tp2ep2", "dp2ep2"])
+def test_generate_cli_use_parallel_matches_single_process(tmp_path, layout):
+    """`qwen3moe generate --use_parallel True` with model parallelism (tp2 x ep2; dp2 x ep2 with
+    --predict_batch_size 1, once a ValueError traceback: one prompt cannot be split over dp)
+    under launch writes the same greedy completion as the single-process command."""
     import json
     import os
     import subprocess
@@ -120,8 +125,8 @@ def test_generate_cli_use_parallel_matches_single_process(tmp_path):
     model = str(HF_FIXTURES / "tiny-fp32-gqa")
     common = ["generate", "--pretrained_model_dir", model, "--predict_data", "hello world",
               "--max_new_tokens", "5"]
-    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", "--parallel_config.model_parallel", "2",
-                        "--parallel_config.expert_parallel", "2", "--output", str(tmp_path / "par.jsonl"))
+    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--predict_batch_size", "1",
+                        "--output", str(tmp_path / "par.jsonl"))
     assert rc == 0, err[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--do_sample", "false",
@@ -175,8 +180,8 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1, accum):
     import re
 
     from helpers import REPO
-    from qwen3moe.commands.pretrain import (build_data, build_model, build_schedule, load,
-                                            requested_samples, total_steps)
+    from qwen3moe.training.recipe import build_data, build_model, build_schedule, requested_samples, total_steps
+    from qwen3moe.training.task_config import load_task_config as load
     from qwen3moe.training.optimizer import AdamW
     from qwen3moe.training.step import TrainStep
 
@@ -314,3 +319,60 @@ def test_pretrain_replicas_batch_not_divisible_is_one_line_error(tmp_path):
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("worker_*.log")))
     assert "runner_config.batch_size 3 is not divisible by parallel_config.data_parallel 2" in logs
     assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize("layout, reset, eod_mask", [
+    (["--parallel_config.model_parallel", "2"], True, True),
+    pytest.param(["--parallel_config.model_parallel", "2"], False, False, marks=pytest.mark.slow),
+    pytest.param(["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"], True, True,
+                 marks=pytest.mark.slow),
+    # 1F1B needs micro_batch_num >= pp: the reference accumulates the same two micro-batches, and
+    # TrainStep weights their LM means equally where the engine weights tokens: equal label counts
+    # (no eod_mask_loss) keep the two objectives the same
+    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, False,
+                 marks=pytest.mark.slow),
+], ids=["tp2", "tp2-plain", "dp2ep2", "pp2"])
+def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):
+    """`pretrain --use_parallel` under model parallelism on Megatron .bin/.idx data (reset_position_ids
+    and eod_mask_loss true or false) logs, on every rank, the loss curve of
+    single-process TrainStep on the same batches (once a NotImplementedError for position_ids)."""
+    import re
+
+    from helpers import FIXTURES, REPO
+    from qwen3moe.training.recipe import build_data, build_model, build_schedule, requested_samples, total_steps
+    from qwen3moe.training.optimizer import AdamW
+    from qwen3moe.training.step import TrainStep
+    from qwen3moe.training.task_config import load_task_config
+
+    yaml = (REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml").read_text()
+    (tmp_path / "t.yaml").write_text(yaml.replace("per_print_times: 2", "per_print_times: 1"))
+    dc = "--train_dataset.data_loader.config."
+    overrides = ["--model.model_config.num_hidden_layers", "2", "--model.model_config.moe_aux_loss_coeff", "0.05",
+                 f"{dc}data_path=['{FIXTURES / 'megatron_gpt' / 'golden_a_text_document'}']",
+                 f"{dc}seq_length", "16", f"{dc}pad", "null", f"{dc}eod", "1023",
+                 f"{dc}reset_position_ids", str(reset), f"{dc}eod_mask_loss", str(eod_mask),
+                 "--runner_config.train_steps", "3", "--optimizer.eps", "1e-3", "--output_dir", str(tmp_path / "out")]
+    M = int(layout[layout.index("--parallel_config.micro_batch_num") + 1]) if "--parallel_config.micro_batch_num" \
+        in layout else 1
+    overrides += ["--runner_config.batch_size", str(4 // M), "--runner_config.gradient_accumulation_steps", str(M)]
+    rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
+                        "--use_parallel", "True", *layout)
+    assert rc == 0, err[-3000:]
+    got = {}
+    for r in (0, 1):
+        text = (tmp_path / "logs" / f"worker_{r}.log").read_text()
+        got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+/3 loss ([0-9.]+)", text, re.M)]
+
+    cfg = load_task_config(str(tmp_path / "t.yaml"), overrides)
+    ms.set_seed(cfg.seed)
+    model = build_model(cfg)
+    data, samples = build_data(cfg, requested_samples(cfg))
+    first = data.batch(0)
+    assert all(("position_ids" in b) == reset for b in (first if isinstance(first, list) else [first]))
+    steps = total_steps(cfg, samples)
+    sched, o = build_schedule(cfg, steps), cfg.optimizer
+    opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    step = TrainStep(model, opt, clip=cfg.runner_wrapper.max_grad_norm, schedule=sched, **cfg.moe_training())
+    ref = [step(data.batch(i))["loss"] for i in range(steps)]
+    for r in (0, 1):
+        np.testing.assert_allclose(got[r], ref, rtol=2e-5)  # printed with 6 decimals

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from qwen3moe.generation.config import GenerationConfig
@@ -76,7 +77,10 @@ def test_validation_errors_are_one_line(kwargs, match) -> None:
 
 
 def test_greedy_ignores_temperature_zero() -> None:
-    assert GenerationConfig(do_sample=False, temperature=0.0).temperature == 0.0
+    """HF accepts temperature 0 when not sampling: the warpers are off, every row takes its argmax."""
+    logits = np.random.default_rng(0).standard_normal((4, 50)).astype(np.float32)
+    config = GenerationConfig(do_sample=False, temperature=0.0, top_k=3, top_p=0.5, min_p=0.9)
+    np.testing.assert_array_equal(Sampler.from_config(config)(logits), logits.argmax(-1))
 
 
 def test_folder_errors(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""GPTBatches: dp sharding covers the single-process batch exactly, resume by sample offset."""
+"""GPTBatches: dp shards stack to the single-process batch exactly, resume by sample offset."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +18,9 @@ def test_dp_shards_union_and_resume(tmp_path):
         got = np.sort(np.concatenate([s.sample_ids(i) for s in shards]))
         np.testing.assert_array_equal(got, np.sort(whole.sample_ids(i)))
         assert whole.tokens(i).shape == (4, 17)
+        # Megatron's sampler: rank r takes the contiguous rows [r*B, (r+1)*B) of the global batch
+        np.testing.assert_array_equal(np.concatenate([s.batch(i)["input_ids"] for s in shards]),
+                                      whole.batch(i)["input_ids"])
     resumed = GPTBatches(ds, 4, start_sample=whole.position(2))
     np.testing.assert_array_equal(resumed.tokens(0), whole.tokens(3))
     item = ds[int(whole.sample_ids(1)[0])]

@@ -86,3 +86,23 @@ def test_cache_key_includes_cpu_features(tmp_path, monkeypatch):
         build.kernel_library.cache_clear()
     assert all(paths) and paths[0] != paths[1]
     assert sorted(p.name for p in tmp_path.glob("sumsq-*.so")) == sorted(Path(p).name for p in paths)
+
+
+def test_cached_library_mode_follows_the_umask_and_failed_builds_leave_nothing(tmp_path, monkeypatch):
+    """The cached .so gets 0666 & ~umask like every other file we write (was mkstemp's 0600, which the
+    linker turned into 0711: unreadable to the group sharing the cache); a failed build leaves no temp."""
+    import stat
+
+    monkeypatch.setenv("QWEN3MOE_KERNEL_CACHE", str(tmp_path))
+    old = os.umask(0o027)
+    try:
+        build.kernel_library.cache_clear()
+        lib = build.kernel_library("sumsq")
+        build.kernel_library.cache_clear()
+        monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+        assert build.kernel_library("rmsnorm") is None
+    finally:
+        os.umask(old)
+        build.kernel_library.cache_clear()
+    assert stat.S_IMODE(os.stat(lib).st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == [Path(lib).name]

@@ -108,8 +108,8 @@ def test_use_parallel_pretrain_aux_coefficient(kind, coeff, z, want):
     """`pretrain --use_parallel` puts coef on ParallelLM's HF-scale pooled loss: the same loss as
     TrainStep's aux_mode; modes it cannot reproduce are refused in one line naming the key."""
     from helpers import REPO
-    from qwen3moe.cli import CliError
-    from qwen3moe.commands.pretrain import load
+    from qwen3moe.training.task_config import TaskConfigError
+    from qwen3moe.training.task_config import load_task_config as load
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.pretrain import hf_aux_coef
 
@@ -119,7 +119,7 @@ def test_use_parallel_pretrain_aux_coefficient(kind, coeff, z, want):
                 key + "moe_z_loss_coeff", z])
     assert cfg.model_config().num_experts_per_tok == 2
     if isinstance(want, str):
-        with pytest.raises(CliError, match=want) as err:
+        with pytest.raises(TaskConfigError, match=want) as err:
             hf_aux_coef(cfg, Mesh(dp=2))
         assert "\n" not in str(err.value)
     else:

@@ -105,14 +105,35 @@ def test_use_parallel_outside_launch_is_a_one_line_error(tmp_path, capsys):
     assert rc == 2 and "qwen3moe launch --nproc 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layout, env, words", [
+    (["--parallel_config.model_parallel", "3"], {}, "tp=3 must divide num_attention_heads"),
+    (["--parallel_config.model_parallel", "2"], {"WORLD_SIZE": "4"}, "world size 4 != dp*tp*pp = 1*2*1 = 2"),
+    (["--parallel_config.expert_parallel", "3"], {}, "ep=3 must divide num_experts"),
+], ids=["heads", "world", "experts"])
+def test_invalid_generation_layout_is_one_line_before_any_work(capsys, monkeypatch, layout, env, words):
+    """An impossible layout for the model (config.json only) or for the launched world size is
+    refused in one line before init() or any weight is read (was: a traceback from inside the
+    per-rank engine, or a hang waiting for a cluster)."""
+    from helpers import HF_FIXTURES
+    from qwen3moe.cli import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "hi",
+               "--use_parallel", "True", *layout])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and words in err[0], err
+
+
 def test_train_state_resolve_and_layout_check(tmp_path):
     """Only folders with the state file count (rank 0 writes it after every rank finished);
     optimizer state saved under another layout is refused in one line naming both layouts."""
     import json
 
-    from qwen3moe.cli import CliError
+    from qwen3moe.io.safetensors_io import CheckpointError
     from qwen3moe.parallel import train_state
     from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.training.checkpoint import step_dirs
 
     root = tmp_path / "checkpoint_sharded"
     for step, complete in ((2, True), (4, True), (6, False)):
@@ -120,7 +141,7 @@ def test_train_state_resolve_and_layout_check(tmp_path):
         d.mkdir(parents=True)
         if complete:
             (d / train_state.STATE).write_text(json.dumps({"step": step, "layout": "dp1.tp2.pp1.ep1.sp0"}))
-    assert [s for s, _ in train_state.step_dirs(str(root))] == [2, 4]
+    assert [s for s, _ in step_dirs(str(root), train_state.STATE)] == [2, 4]
     assert train_state.resolve(str(root)).endswith("step_4")
     assert train_state.resolve(str(root / "step_2")).endswith("step_2")
     assert train_state.resolve(str(root / "step_6")) is None
@@ -128,6 +149,6 @@ def test_train_state_resolve_and_layout_check(tmp_path):
 
     class Opt:  # the layout check comes before any file is read
         model = None
-    with pytest.raises(CliError, match=r"dp1\.tp2\.pp1\.ep1\.sp0, this run is dp2\.tp1") as err:
+    with pytest.raises(CheckpointError, match=r"dp1\.tp2\.pp1\.ep1\.sp0, this run is dp2\.tp1") as err:
         train_state.load_optimizer(str(root / "step_4"), Opt(), Mesh(dp=2))
     assert "\n" not in str(err.value)

@@ -229,3 +229,27 @@ def test_replicated_kv_heads_train_equals_single_device(setup_kv2, dp, tp, sp):
     pl = ParallelLM.from_model(model, Mesh(dp=dp, tp=tp))
     assert "kv2" in sync_classes(pl)
     check_combo(setup_kv2, dp, tp, 1, 1, 1, sp=sp)
+
+
+@pytest.mark.parametrize("dp,tp,pp,ep,M", [(1, 2, 1, 2, 1), (2, 1, 2, 1, 2)], ids=["tp2ep2", "dp2pp2"])
+def test_reset_position_ids_equal_single_device(setup, dp, tp, pp, ep, M):
+    """Megatron data with reset_position_ids: positions restart after each EOD. The sharded loss
+    and gradients use them exactly as the single-device model does (same tolerances as above),
+    and they matter: the loss differs from the one with positions 0..S-1."""
+    from qwen3moe.parallel.dp import allreduce_grads
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    cfg, model, ids, labels = setup
+    pos = np.stack([np.r_[np.arange(3), np.arange(5)], np.arange(8), np.r_[np.arange(6), np.arange(2)],
+                    np.r_[np.arange(2), np.arange(4), np.arange(2)]])
+    want_loss, want_grads = reference(cfg, model, ids, labels, dp, M, pos)
+    pl = ParallelLM.from_model(model, Mesh(dp=dp, tp=tp, pp=pp, ep=ep, micro_batch_num=M))
+    losses, grads = pl.loss_and_grads(ids, labels, pos)
+    for value in losses.values():
+        assert value == pytest.approx(want_loss, rel=1e-6)
+    assert abs(want_loss - reference(cfg, model, ids, labels, dp, M)[0]) > 1e-4
+    allreduce_grads(pl, grads, bucket_elems=4096)
+    got = pl.full_grads(grads)
+    for name, g in want_grads.items():
+        np.testing.assert_allclose(got[name], g, rtol=0, atol=2e-6, err_msg=name)

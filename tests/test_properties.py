@@ -2,6 +2,7 @@
 
 Layers run in PyNative on small shapes (fast, no compile); the whole-model causality test
 uses the compiled forward at one fixed shape. fp32 tolerances: 1e-5 absolute on O(1) values.
+Module-level properties (Linear, MLP, attention, the KV-cached decoder) are in test_module_properties.py.
 """
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def _dequantized_fp32_model(qmodel, folder):
     return m
 
 
-@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("mode,g", [pytest.param("int8", None, marks=pytest.mark.slow), ("int4", 32)])
 def test_quantized_model_is_the_dequantized_model(mode, g, composite):
     """The composite quantized forward computes exactly the fp32 forward of the dequantized
     weights (same ops on identical fp32 weights), and generate (KV cache, batch 2) agrees with it."""
@@ -189,3 +189,28 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         msg = str(info.value)
         assert words in msg and "\n" not in msg, msg
     assert issubclass(QuantizationError, ValueError)
+
+
+@pytest.mark.slow
+def test_kernel_path_matches_composite(monkeypatch):
+    """With qwen3moe.kernels.quant built, the quantized layers route to it (prefill linear and
+    MoE; the engine's decode kernels): same logits as the composite path up to fp32 summation
+    order, same greedy tokens."""
+    from helpers import clear_kernel_caches
+    from qwen3moe.kernels import quant as quant_kernel
+
+    if not quant_kernel.available():
+        pytest.skip("quant kernels not built here")
+    ids = np.random.default_rng(2).integers(0, 1024, (2, 12))
+    outs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("QWEN3MOE_KERNELS", env)
+        clear_kernel_caches()
+        m = Qwen3MoeForCausalLM.from_pretrained(FP32, quantization="int4", group_size=32)
+        assert m.model.layers[0].self_attn.q_proj.use_kernel == (env == "1")
+        outs.append((m(ids).logits.asnumpy(),
+                     np.asarray(m.generate(ids, max_new_tokens=4, do_sample=False, ignore_eos=True))))
+    clear_kernel_caches()
+    (a, ga), (b, gb) = outs
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    np.testing.assert_array_equal(ga, gb)

@@ -20,28 +20,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mindspore as ms
 from mindspore import Tensor
 
+from kernel_reference import quant_arrays
 from qwen3moe.kernels import quant
 
 pytestmark = pytest.mark.skipif(not quant.available(), reason="quant kernels not buildable here")
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def quant_arrays(rng, shape, mode, g=None, scale=0.05):
-    """(numpy tensors of the layout, float64 W) for a weight of `shape` [..., O, I]; bf16 is its
-    uint16 bit pattern. |W| ~ scale * 2 ** bits / 2 for the quantized modes."""
-    *lead, O, I = shape
-    if mode == "bf16":
-        bits = (rng.standard_normal(shape).astype(np.float32) * scale * 4).view(np.uint32) >> 16
-        return [bits.astype(np.uint16)], (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    nbits = 8 if mode == "int8" else 4
-    g = I if g is None else g
-    G = I // g
-    u = rng.integers(0, 2 ** nbits, shape).astype(np.uint8)
-    z = rng.integers(0, 2 ** nbits, (*lead, O, G)).astype(np.uint8)
-    s = (rng.uniform(0.5, 2.0, (*lead, O, G)) * rng.choice([-1, 1], (*lead, O, G)) * scale).astype(np.float16)
-    w = (u.astype(np.float64) - np.repeat(z, g, -1)) * np.repeat(s.astype(np.float64), g, -1)
-    q = u if nbits == 8 else (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-    return [q, s, z], w
 
 
 def make_weight(rng, shape, mode, g=None):

@@ -117,6 +117,24 @@ def test_export_keeps_unrelated_files(train_ckpt, tmp_path, capsys):
     Qwen3MoeForCausalLM.from_pretrained(out)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_export_refuses_non_finite_training_weights(train_ckpt, tmp_path, capsys, bad):
+    """BAD 5 on the export path: a NaN/Inf weight in the training checkpoint is named, nothing written."""
+    from qwen3moe.io.safetensors_io import SafetensorsFile
+
+    victim, f = "model.layers.0.self_attn.k_proj.weight", train_ckpt / "step_00000002" / "model.safetensors"
+    st = SafetensorsFile(str(f))
+    tensors = {k: st.read(k).copy() for k in st.keys()}
+    st.close()
+    tensors[victim][0, 1] = bad
+    write_safetensors(str(f), [(k, a, "F32") for k, a in tensors.items()])
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(train_ckpt), "--output", str(out), "--dtype", "float32"]) == 2
+    err = _one_line_error(capsys)
+    assert victim in err and "non-finite" in err and str(f) in err, err
+    assert not out.exists()
+
+
 # ---- BAD 2: wikitext-to-jsonl leaves the output untouched on any error -------------------------
 GOOD_WIKI = " = Valkyria = \n\n Senjō no Valkyria 3 @-@ a game .\n"
 
@@ -200,13 +218,13 @@ def test_atomic_write_refuses_read_only_targets(tmp_path):
 
 @pytest.mark.parametrize("target", ["dir", "ro_file", "ro_dir"])
 def test_generate_checks_output_before_loading(tmp_path, capsys, monkeypatch, target):
-    import qwen3moe.commands.generate as gen
+    import qwen3moe.generation.batch as gen
     from helpers import HF_FIXTURES
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the --output check")
 
-    monkeypatch.setattr(gen, "_load", no_load)
+    monkeypatch.setattr(gen, "load", no_load)  # generate imports it at call time: the patch is seen
     (tmp_path / "d").mkdir()
     (tmp_path / "ro.txt").write_text("old")
     (tmp_path / "ro.txt").chmod(0o444)

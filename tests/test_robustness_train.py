@@ -27,12 +27,21 @@ TINY = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
     ("runner_config.epochs", "0", "runner_config.epochs must be >= 1"),
     ("train_dataset.data_loader.config.seq_length", "0", "train_dataset.data_loader.config.seq_length must be >= 1"),
     ("runner_wrapper.max_grad_norm", "0", "runner_wrapper.max_grad_norm must be > 0"),
+    # a silent no-op before: the train step always uses the plain causal mask
+    ("train_dataset.data_loader.config.reset_attention_mask", "True",
+     "train_dataset.data_loader.config.reset_attention_mask must be false"),
 ])
 def test_bad_optimizer_schedule_and_run_values_name_the_key(key, value, expected):
     with pytest.raises(TaskConfigError) as exc:
         load_task_config(TINY, [f"--{key}", value])
     msg = str(exc.value)
     assert expected in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("flag", ["eod_mask_loss", "reset_position_ids"])
+def test_eod_options_on_npy_tokens_are_an_error(flag):
+    with pytest.raises(TaskConfigError, match=f"config.{flag}: applies to Megatron"):
+        load_task_config(TINY, [f"--train_dataset.data_loader.config.{flag}", "True"])
 
 
 def test_warmup_longer_than_schedule_is_refused():
@@ -146,3 +155,64 @@ def test_checkpoint_tensors_the_model_lacks_are_an_error(tmp_path):
 def test_resume_override_names_are_validated():
     with pytest.raises(TaskConfigError, match="resume_override"):
         load_task_config(TINY, ["--resume_override", "modle"])
+
+
+def test_resume_replaces_metrics_rows_of_steps_it_re_runs(two_step_run, tmp_path, capsys):
+    """Rows logged after the checkpoint (a run killed at step 4 after saving at 2) belong to steps
+    the resumed run trains again: they are dropped, so each step has one row, the resumed one."""
+    import csv
+    import json
+    import shutil
+
+    from qwen3moe.cli import main
+
+    root, common = two_step_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]
+    with open(out / "metrics.jsonl", "a") as fh:  # what the killed run logged past its checkpoint
+        fh.write(json.dumps({**rows[0], "step": 4.0, "loss": 99.0}) + "\n" + '{"step": 6.0, "lo')
+    with open(out / "metrics.csv", "a") as fh:
+        fh.write("4.0,99.0\n")
+    capsys.readouterr()
+    assert main(["pretrain", *common, "--output_dir", str(out), f"--load_checkpoint={out / 'checkpoint'}",
+                 "--runner_config.train_steps", "2"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert [float(r["step"]) for r in csv.DictReader((out / "metrics.csv").open())] == [2.0]
+
+
+@pytest.mark.parametrize("flag", ["reset_position_ids", "eod_mask_loss", "reset_attention_mask"])
+def test_eod_options_without_eod_id_are_an_error(flag):
+    """Each acts on EOD tokens: without eod_id they silently did nothing."""
+    from helpers import FIXTURES
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+
+    prefix = str(FIXTURES / "megatron_gpt" / "golden_a_text_document")
+    with pytest.raises(ValueError, match=f"{flag}=True needs eod_id"):
+        build_gpt_dataset(prefix, 8, 4, **{flag: True})
+    assert len(build_gpt_dataset(prefix, 8, 4, eod_id=0, **{flag: True})) >= 4
+
+
+def test_gpt_batches_feed_position_resets():
+    """A dataset that resets position ids after EOD (alone or blended) has them fed to the model
+    with its [B, S+1] rows: the dataset's S positions plus one for the last row position (they
+    were once dropped silently); without the reset no position ids are passed (the model's 0..S)."""
+    import numpy as np
+
+    from helpers import FIXTURES
+    from qwen3moe.io.gpt_dataset import build_gpt_dataset
+    from qwen3moe.io.gpt_loader import GPTBatches
+
+    prefix = str(FIXTURES / "megatron_gpt" / "golden_a_text_document")
+    ds = build_gpt_dataset(prefix, 16, 8, eod_id=1023, reset_position_ids=True)
+    b = GPTBatches(ds, 4).batch(0)
+    want = np.stack([ds[i]["position_ids"] for i in range(4)])
+    assert (want != np.arange(16)).any()  # the fixture has EODs inside these samples
+    np.testing.assert_array_equal(b["position_ids"][:, :-1], want)
+    np.testing.assert_array_equal(b["position_ids"][:, -1], want[:, -1] + 1)
+    blend = build_gpt_dataset(["1", prefix, "1", prefix.replace("_a_", "_b_")], 16, 8, eod_id=1023,
+                              reset_position_ids=True)
+    assert GPTBatches(blend, 2).batch(0)["position_ids"].shape == (2, 17)
+    plain = GPTBatches(build_gpt_dataset(prefix, 8, 4, eod_id=0), 2).batch(0)
+    assert plain["input_ids"].shape == (2, 9) and "position_ids" not in plain

@@ -6,23 +6,7 @@ import os
 import numpy as np
 import pytest
 
-
-def make_run(seed: int, **step_kw):
-    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    from qwen3moe.layers.dtypes import set_init_seed
-    from qwen3moe.training import AdamW, cosine_with_warmup
-    from qwen3moe.training.step import TrainStep
-
-    set_init_seed(seed)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig.from_preset("tiny", num_hidden_layers=2))
-    opt = AdamW(model.trainable_params(), lr=1e-3, weight_decay=0.1)
-    sched = cosine_with_warmup(3e-3, 2, 6, min_lr=1e-4)
-    return model, opt, TrainStep(model, opt, aux_coef=1e-3, z_coef=1e-4, clip=1.0, schedule=sched,
-                                            **step_kw), sched
-
-
-def batch_at(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 1000, (2, 12))
+from helpers import batch_at, make_run
 
 
 def run_steps(step, rng, n):
@@ -121,7 +105,7 @@ _KILLED_RUN = r"""
 import os, signal, sys
 import numpy as np
 import qwen3moe.training.checkpoint as ck
-from test_train_checkpoint import batch_at, make_run
+from helpers import batch_at, make_run
 
 root, kill_at = sys.argv[1], int(sys.argv[2])
 write = ck.write_safetensors
@@ -174,6 +158,31 @@ def test_kill_9_mid_save_resumes_exactly_and_cleans_up(tmp_path, full):
     (root / ".step_00000007.tmp-abc").mkdir()
     save_training_checkpoint(str(root), 3, model2, opt2, keep_last=2)  # and on (re)start of saving
     assert sorted(os.listdir(root)) == ["step_00000002", "step_00000003"]
+
+
+def test_trainer_start_removes_leftovers_before_the_first_step(tmp_path):
+    """A run killed during its first save has no checkpoint to resume: its temp folder still goes
+    at start, before any step (issue: "on start and on resume"), not only at the next save."""
+    from qwen3moe.training.trainer import Trainer, TrainerConfig
+
+    root = tmp_path / "ckpt"
+    (root / ".step_00000002.tmp-k1").mkdir(parents=True)
+    (root / ".step_00000002.tmp-k1" / "model.safetensors").write_bytes(b"partial")
+    (root / ".step_00000001.old-k2").mkdir()
+    seen = []
+
+    class FirstStep(Exception):
+        pass
+
+    def step_fn(batch):
+        seen.append(sorted(os.listdir(root)))
+        raise FirstStep
+
+    data = type("Data", (), {"batch": lambda self, i: None})()
+    cfg = TrainerConfig(total_steps=4, save_interval=2, checkpoint_dir=str(root), progress=False)
+    with pytest.raises(FirstStep):
+        Trainer(step_fn, data, cfg, log=lambda s: None).fit()
+    assert seen == [[]]
 
 
 @pytest.mark.parametrize("damage", ["truncated_model", "truncated_optimizer", "bad_json"])

@@ -7,7 +7,7 @@ group size g (-1: g = I), G = I / g groups:
   qweight int32 [I / F, O]: word [r, o] holds inputs k = r*F + j (j = 0..F-1) of output o, value j
           in bits [j*b, (j+1)*b) (least significant first);
   qzeros  int32 [G, O / F]: word [grp, c] holds the zero points of outputs o = c*F + j, same bits;
-          checkpoint_format "gptq" (v1) stores z - 1, "gptq_v2" stores z;
+          checkpoint_format "gptq" (v1) stores (z - 1) mod 2^b, "gptq_v2" stores z;
   scales  float16 [G, O];  g_idx int32 [I]: group of input k.
   W[o, k] = (q[k, o] - z[g_idx[k], o]) * scales[g_idx[k], o]
 This version works word by word with Python integers (slow, fine for test-sized tensors).
@@ -49,14 +49,14 @@ def unpack_qweight(qweight: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_qzeros(qzeros: np.ndarray, bits: int, v1: bool) -> np.ndarray:
-    """int32 [G, O/F] -> int64 z [G, O] (v1: stored + 1)."""
+    """int32 [G, O/F] -> int64 z [G, O] (v1: (stored + 1) mod 2^b)."""
     F = 32 // bits
     G, C = qzeros.shape
     z = np.zeros((G, C * F), np.int64)
     for grp in range(G):
         for c in range(C):
             for j, v in enumerate(_values(int(qzeros[grp, c]), bits)):
-                z[grp, c * F + j] = v + (1 if v1 else 0)
+                z[grp, c * F + j] = (v + 1) % (1 << bits) if v1 else v
     return z
 
 

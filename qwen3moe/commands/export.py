@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -63,7 +59,7 @@ def model_config(step_dir: str, config_yaml: str | None):
     from qwen3moe.cli import CliError
     from qwen3moe.commands.pretrain import load
     from qwen3moe.io.jsonfile import read_json_object
-    from qwen3moe.models.config import ConfigError, Qwen3MoeConfig
+    from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.training.checkpoint import STATE_FILE
 
     if config_yaml:
@@ -72,51 +68,24 @@ def model_config(step_dir: str, config_yaml: str | None):
     mc = (state.get("extra") or {}).get("model_config")
     if not mc:
         raise CliError(f"{step_dir}: no model config in {STATE_FILE}; pass --config TASK.yaml")
-    try:
-        return Qwen3MoeConfig.from_dict(mc, source=f"{step_dir}/{STATE_FILE}")
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
-
-
-def load_weights(model: Any, step_dir: str) -> None:
-    """Copy every parameter from the checkpoint's model.safetensors (native names)."""
-    import mindspore as ms
-    import numpy as np
-    from mindspore import Tensor
-
-    from qwen3moe.cli import CliError
-    from qwen3moe.io.safetensors_io import SafetensorsFile
-
-    st = SafetensorsFile(os.path.join(step_dir, "model.safetensors"))
-    try:
-        for p in model.get_parameters():
-            if p.name not in st.entries:
-                raise CliError(f"{step_dir}: parameter {p.name!r} missing from model.safetensors")
-            t = Tensor(st.read(p.name).astype(np.float32).reshape(p.shape))
-            p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
-    finally:
-        st.close()
+    return Qwen3MoeConfig.from_dict(mc, source=f"{step_dir}/{STATE_FILE}")
 
 
 def run(args: argparse.Namespace) -> int:
     import mindspore as ms
 
-    from qwen3moe.io.atomic import atomic_copy
-    from qwen3moe.layers.dtypes import skip_init
-    from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import SafetensorsFile
+    from qwen3moe.training.checkpoint import export_pretrained
 
     ms.set_device("CPU")
     step_dir = resolve_step_dir(args.checkpoint)
     check_output(args.output, args.checkpoint, step_dir)
     cfg = model_config(step_dir, args.config)
-    with skip_init():  # weights are overwritten next: skip the random init
-        model = Qwen3MoeForCausalLM(cfg)
-    load_weights(model, step_dir)
-    model.save_pretrained(args.output, dtype=args.dtype)
-    if args.tokenizer_dir:
-        for name in TOKENIZER_FILES:
-            src = Path(args.tokenizer_dir, name)
-            if src.is_file():
-                atomic_copy(src, Path(args.output, name))
+    st = SafetensorsFile(os.path.join(step_dir, "model.safetensors"))
+    try:
+        model = export_pretrained(cfg, st, args.output, args.dtype, args.tokenizer_dir,
+                                  source=f"{step_dir}/model.safetensors")
+    finally:
+        st.close()
     print(f"exported {step_dir} -> {args.output} ({model.num_parameters():,} parameters, {args.dtype})")
     return 0

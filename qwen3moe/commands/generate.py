@@ -12,12 +12,14 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qwen3moe.io.atomic import atomic_write_text
+
+
+# --parallel_config.<key> -> Mesh field
+PARALLEL_KEYS = {"data_parallel": "dp", "model_parallel": "tp", "pipeline_stage": "pp",
+                 "expert_parallel": "ep", "micro_batch_num": "micro_batch_num"}
 
 
 def _bool(text: str) -> bool:
@@ -53,107 +55,41 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="quantize the projections while loading (int8 per channel, int4 group-wise)")
     p.add_argument("--group_size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
-    from qwen3moe.parallel.generate import add_arguments as add_parallel_arguments
-
-    add_parallel_arguments(p)  # --use_parallel True --parallel_config.model_parallel N ... (under launch)
+    # --use_parallel True --parallel_config.model_parallel N ... (under `qwen3moe launch`)
+    p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")
+    for key in PARALLEL_KEYS:
+        p.add_argument(f"--parallel_config.{key}", dest=f"parallel_{key}", type=int, default=1)
     p.set_defaults(func=run)
 
 
-def read_prompts(data: str) -> list[str]:
-    from qwen3moe.cli import CliError
+def request(args: argparse.Namespace):
+    """The library's GenerateRequest from the parsed flags."""
+    from qwen3moe.generation.batch import OPTION_KEYS, GenerateRequest
 
-    if data.endswith(".txt"):
-        path = Path(data)
-        if not path.is_file():
-            raise CliError(f"--predict_data {data}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CliError(f"--predict_data {data}: unreadable ({type(exc).__name__})") from None
-        prompts = [line for line in lines if line.strip()]
-        if not prompts:
-            raise CliError(f"--predict_data {data}: no prompts (the file has no non-empty line)")
-        return prompts
-    if not data.strip():
-        raise CliError("--predict_data is empty: give a prompt or a .txt file")
-    return [data]
+    return GenerateRequest(args.pretrained_model_dir, args.predict_data, args.predict_batch_size, args.chat,
+                           args.enable_thinking, args.stream, args.ignore_eos,
+                           {k: getattr(args, k) for k in OPTION_KEYS}, args.dtype, args.quantize, args.group_size)
 
 
-def _check_args(args: argparse.Namespace) -> Path:
-    from qwen3moe.cli import CliError
+def run_parallel(args: argparse.Namespace, req) -> int:
+    """Under `qwen3moe launch`: parallel/generate.py; the reporting rank prints and writes."""
+    from qwen3moe.parallel.generate import generate
+    from qwen3moe.parallel.mesh import Mesh
 
-    folder = Path(args.pretrained_model_dir)
-    if not (folder / "config.json").is_file():
-        raise CliError(f"--pretrained_model_dir {folder}: not a model folder (no config.json)")
-    if args.predict_batch_size < 1:
-        raise CliError(f"--predict_batch_size must be >= 1, got {args.predict_batch_size}")
-    if args.stream and args.predict_batch_size != 1:
-        raise CliError("--stream needs --predict_batch_size 1")
-    return folder
-
-
-def _load(folder: Path, args: argparse.Namespace):
-    from qwen3moe.cli import CliError
-    from qwen3moe.generation.generate import resolve_config
-    from qwen3moe.io.tokenizer import Tokenizer
-    from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
-
-    try:
-        tok = Tokenizer.from_pretrained(folder)
-        model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if args.dtype == "auto" else args.dtype,
-                                                    quantization=args.quantize, group_size=args.group_size)
-        cfg = resolve_config(model, None, args.ignore_eos, **{
-            k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature",
-                                          "top_k", "top_p", "min_p", "repetition_penalty",
-                                          "presence_penalty", "seed", "stop_strings")})
-    except (ValueError, OSError) as exc:
-        raise CliError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    return tok, model, cfg
+    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()})
+    out = generate(req, mesh)
+    if out.results is not None:
+        lines = [json.dumps(r, ensure_ascii=False) for r in out.results]
+        for line in lines:
+            _print_line(line)
+        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
+        print(f"generate: {out.summary}; results in {args.output}", file=sys.stderr)
+    return 0
 
 
-def _encode(tok: Any, prompts: list[str], args: argparse.Namespace, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids and mask [B, S] (decoder-only batches pad on the left)."""
-    from qwen3moe.cli import CliError
-
-    if args.chat:
-        rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                        tokenize=True, enable_thinking=args.enable_thinking) for p in prompts]
-    else:
-        rows = [tok.encode(p) for p in prompts]
-    if any(len(r) == 0 for r in rows):
-        raise CliError("a prompt encodes to no tokens")
-    S = max(len(r) for r in rows)
-    ids = np.full((len(rows), S), pad, np.int64)
-    mask = np.zeros((len(rows), S), np.int64)
-    for b, r in enumerate(rows):
-        ids[b, S - len(r):], mask[b, S - len(r):] = r, 1
-    return ids, mask
-
-
-def _run_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], args: argparse.Namespace) -> tuple[list[dict], Any]:
-    from qwen3moe.generation.generate import GenerationRun
-    from qwen3moe.generation.streaming import StopStringStream
-
-    # a short last batch is filled with copies so it reuses the compiled (B, ...) graphs
-    filled = prompts + [prompts[-1]] * (args.predict_batch_size - len(prompts))
-    ids, mask = _encode(tok, filled, args, cfg.effective_pad_token_id or 0)
-    run = GenerationRun(model, ids, mask, cfg, tok)
-    stream = StopStringStream(tok, cfg.stop_strings, skip_special_tokens=True) if args.stream else None
-    for nxt_B in run.steps():
-        if stream is not None:
-            sys.stderr.write(stream.push(int(nxt_B[0])))
-            sys.stderr.flush()
-    if stream is not None:
-        sys.stderr.write(stream.flush() + "\n")
-    out, S, st = run.output(), ids.shape[1], run.stats
-    seconds = st.prefill_s + st.decode_s
-    results = []
-    for b, prompt in enumerate(prompts):
-        new = out[b, S:S + st.new_tokens[b]]
-        results.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
-                        "prompt_tokens": int(mask[b].sum()), "completion_tokens": int(st.new_tokens[b]),
-                        "tokens_per_s": round(st.new_tokens[b] / seconds, 3) if seconds else None})
-    return results, st
+def _stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def check_output(path: str) -> None:
@@ -178,25 +114,18 @@ def _print_line(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qwen3moe.generation.batch import generate_batches, load, read_prompts
+
     check_output(args.output)
+    req = request(args)
     if getattr(args, "use_parallel", False):
-        from qwen3moe.cli import CliError
-        from qwen3moe.parallel.generate import run as run_parallel
-
-        model_parallel = any(getattr(args, f"parallel_{k}", 1) not in (None, 1)
-                             for k in ("model_parallel", "pipeline_stage", "expert_parallel"))
-        if model_parallel and (args.quantize or args.dtype != "float32"):
-            raise CliError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
-
-        return run_parallel(args)
-    folder = _check_args(args)
-    prompts = read_prompts(args.predict_data)
-    tok, model, cfg = _load(folder, args)
+        return run_parallel(args, req)
+    req.check()
+    prompts = read_prompts(req.predict_data)
+    tok, model, cfg = load(req)
     lines, prefill_tok, prefill_s, decode_tok, decode_s, compiles = [], 0, 0.0, 0, 0.0, 0
     t0 = time.perf_counter()
-    for i in range(0, len(prompts), args.predict_batch_size):
-        batch = prompts[i:i + args.predict_batch_size]
-        results, st = _run_batch(model, tok, cfg, batch, args)
+    for results, st in generate_batches(model, tok, cfg, prompts, req, on_text=_stderr):
         for r in results:
             line = json.dumps(r, ensure_ascii=False)
             _print_line(line)

@@ -1,8 +1,9 @@
-"""`qwen3moe launch --nproc N [...] -- <sub-command ...>`: multi-process run through msrun,
-and `qwen3moe dist-check`: a data-parallel self-test to run under it."""
+"""`qwen3moe launch --nproc N [...] -- <sub-command ...>`: multi-process run through msrun
+(commands/msrun.py), and `qwen3moe dist-check` / `dist-parallel`: self-tests to run under it."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from qwen3moe.cli import CliError
 
@@ -16,22 +17,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--master_port", type=int, default=None, help="default: a free port")
     p.add_argument("--log_dir", default="msrun_logs")
     p.add_argument("--timeout", type=int, default=300, help="seconds before the job is stopped")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the sub-command and its flags")
+    # dest is not "command": that is cli.py's sub-command name (its error prefix)
+    p.add_argument("worker_command", metavar="command", nargs=argparse.REMAINDER,
+                   help="-- then the sub-command and its flags")
     p.set_defaults(func=run)
     c = sub.add_parser("dist-check", help="data-parallel gradient all-reduce self-test (under launch)")
     c.add_argument("--model", required=True, help="HF folder")
     c.set_defaults(func=dist_check)
+    d = sub.add_parser("dist-parallel", help="TP/EP/PP/DP generation or training on real processes (under launch)")
+    add_dist_parallel_arguments(d)
+    d.set_defaults(func=dist_parallel)
+
+
+def add_dist_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF folder")
+    p.add_argument("--mode", choices=["generate", "train", "load"], required=True)
+    for name in ("dp", "tp", "pp", "ep"):
+        p.add_argument(f"--{name}", type=int, default=1)
+    p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")
+    p.add_argument("--zero1", action="store_true", help="ZeRO-1: shard the AdamW moments (train)")
+    p.add_argument("--micro_batch_num", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2, help="global batch (train) / prompts (generate)")
+    p.add_argument("--seq", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="train steps / new tokens")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--out", default=".", help="folder for shards_rank<r>.npz")
+
+
+def dist_parallel(args: argparse.Namespace) -> int:
     from qwen3moe.parallel import distcheck
 
-    d = sub.add_parser("dist-parallel", help="TP/EP/PP/DP generation or training on real processes (under launch)")
-    distcheck.add_arguments(d)
-    d.set_defaults(func=lambda a: distcheck.run(a))
+    print("RESULT " + json.dumps(distcheck.run(args)), flush=True)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen3moe.parallel.launch import launch
+    from qwen3moe.commands.msrun import launch
 
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    cmd = args.worker_command[1:] if args.worker_command[:1] == ["--"] else args.worker_command
     if not cmd:
         raise CliError("nothing to launch: give -- <sub-command> [flags], e.g. -- dist-check --model DIR")
     if args.nproc < 1:
@@ -43,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
 def dist_check(args: argparse.Namespace) -> int:
     """Each rank takes its half of a fixed batch; the all-reduced mean gradient must equal the
     single-process full-batch gradient (LM loss: a mean over equal token counts per rank)."""
-    import json
-
     import numpy as np
     import mindspore as ms
 

@@ -21,6 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible
 from qwen3moe.layers.dtypes import widen
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
@@ -201,6 +202,28 @@ class DecodeEngine:
         return self._run(np.asarray(next_B, np.int64).reshape(-1, 1), pos, bias)
 
 
+def check_cache_fits(cfg, batch: int, slots: int, max_new_tokens: int) -> None:
+    """Refuse a KV cache (fp32 K and V, [B, K, T, D] per layer) larger than the memory available
+    now, before numpy is asked for it (a huge max_new_tokens was a 238 GiB allocation traceback)."""
+    need = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * slots * cfg.head_dim * 4
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {slots} positions needs "
+                              f"{need / 2**30:,.1f} GiB, more than the {avail / 2**30:.1f} GiB of memory available")
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int) -> tuple[DecodeEngine, int]:
     """A cached engine for (B, T) plus the bucketed prompt length P (engines are kept per model,
     so repeated generate calls reuse compiled graphs)."""
@@ -209,6 +232,7 @@ def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int)
     cache: dict = model.__dict__.setdefault("_decode_engines", {})
     engine = cache.get((batch, T))
     if engine is None:
+        check_cache_fits(model.config, batch, T, max_new_tokens)
         if len(cache) >= 2:  # bound memory (caches are B*T*L*2*K*D floats): drop the oldest engine
             cache.pop(next(iter(cache)))
         engine = cache[(batch, T)] = DecodeEngine(model, batch, T)

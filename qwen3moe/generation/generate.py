@@ -17,6 +17,7 @@ import numpy as np
 
 from qwen3moe.generation.config import GenerationConfig
 from qwen3moe.generation.engine import DecodeEngine, compile_count, get_engine
+from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.sampling import Sampler
 from qwen3moe.generation.streaming import StopStringStream
 from qwen3moe.models.inputs import check_token_ids, to_numpy_2d
@@ -65,6 +66,7 @@ class GenerationRun:
                  tokenizer: Any = None, keep_logits: bool = False) -> None:
         self.config = config
         self.step_logits: list[np.ndarray] | None = [] if keep_logits else None  # raw [B, V] per step
+        check_rectangular(input_ids)
         ids = to_numpy_2d(input_ids, "input_ids")
         if ids.shape[1] == 0:
             raise ValueError("input_ids is empty: need at least one token per row")
@@ -75,6 +77,10 @@ class GenerationRun:
         if not mask.any(axis=1).all():
             raise ValueError("attention_mask has a row without any real token")
         self.ids, self.mask = ids, (mask > 0).astype(np.int64)
+        longest, limit = int(self.mask.sum(1).max()), model.config.max_position_embeddings
+        if longest > limit:
+            raise GenerationError(f"input_ids: a prompt of {longest} tokens is longer than the model's "
+                                  f"max_position_embeddings={limit}; shorten it (positions past it were never trained)")
         self.pad = config.effective_pad_token_id if config.effective_pad_token_id is not None else 0
         self.eos = set() if config.ignore_eos else set(config.eos_token_id)
         self.sampler = Sampler.from_config(config)
@@ -103,6 +109,7 @@ class GenerationRun:
         S, n_max = self.ids.shape[1], self.config.max_new_tokens
         t0 = time.perf_counter()
         for step in range(n_max):
+            check_finite(logits_BV, step)
             if self.step_logits is not None:
                 self.step_logits.append(logits_BV)
             nxt = self.sampler(logits_BV, self.history, prompt_length=S)
@@ -137,6 +144,31 @@ class GenerationRun:
 
     def output(self) -> np.ndarray:
         return self.history.astype(np.int64)
+
+
+def check_finite(logits_BV: np.ndarray, step: int) -> None:
+    """NaN/Inf logits (NaN weights, a broken config) would be argmax-ed to token 0 and decoded as
+    garbage: stop instead. One max per row on the host, where the logits already are for sampling
+    (no extra device sync; ~35 us for a 152k vocabulary): it is NaN when any logit of the row is,
+    +Inf for an infinite one, -Inf when the whole row is -Inf (a partly -Inf row is a valid mask)."""
+    bad = ~np.isfinite(logits_BV.max(axis=1))
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad).tolist()
+    raise GenerationError(f"generation step {step}: the model produced non-finite logits (NaN or Inf) for batch "
+                          f"row {rows[0]}" + (f" and {len(rows) - 1} more" if len(rows) > 1 else "")
+                          + "; its weights or config are broken (NaN/Inf weights, rms_norm_eps <= 0)")
+
+
+def check_rectangular(input_ids: Any) -> None:
+    """Rows of different lengths (a list of lists): say how to batch them."""
+    if not isinstance(input_ids, (list, tuple)) or not all(isinstance(r, (list, tuple, np.ndarray)) for r in input_ids):
+        return
+    lengths = [len(r) for r in input_ids]
+    other = next((n for n in lengths if n != lengths[0]), None)
+    if other is not None:
+        raise GenerationError(f"input_ids rows have different lengths {lengths[0]} and {other}: pad every row on the "
+                              "left to one length with the pad token id and pass attention_mask (0 on the padding)")
 
 
 def _load_tokenizer(model: Any) -> Any:

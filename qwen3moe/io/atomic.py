@@ -15,8 +15,10 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 
+from qwen3moe.errors import Qwen3MoeError
 
-class OutputError(ValueError):
+
+class OutputError(Qwen3MoeError, ValueError):
     """An output path that cannot be written: one line naming it."""
 
 

@@ -10,7 +10,8 @@ On disk, per projection `<prefix>.{qweight,scales,qzeros,g_idx}` (prefix e.g.
   W[o, k] = (u[k, o] - z[g_idx[k], o]) * scales[g_idx[k], o].
 Zero-point convention: `checkpoint_format` "gptq" (v1; the default when absent, what AutoGPTQ,
 transformers/optimum and Qwen's GPTQ-Int4 release use) stores z - 1 (sym 4-bit: 0x77777777 for
-z = 8); "gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
+z = 8), read back as (stored + 1) mod 2^b like AutoGPTQ's reference dequantization;
+"gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
 Only the quantized projections use this layout; embeddings, norms, router and lm_head stay float
 tensors (the lm_head is quantized to int8 per channel when loading: docs/quantization.md).
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen3moe.io.safetensors_io import CheckpointError
-from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig, pack, unpack
+from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig, pack
 
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -110,9 +111,8 @@ def pack_int32(u: np.ndarray, bits: int, axis: int) -> np.ndarray:
     return words.view(np.int32)
 
 
-def to_gptq(qweight: np.ndarray, scales: np.ndarray, qzeros: np.ndarray, bits: int) -> dict[str, np.ndarray]:
-    """In-memory (qweight [O, P] u8, scales [O, G] f16, qzeros [O, G] u8) -> v1 GPTQ tensors."""
-    u = unpack(qweight, bits)  # [O, I]
+def to_gptq(u: np.ndarray, scales: np.ndarray, qzeros: np.ndarray, bits: int) -> dict[str, np.ndarray]:
+    """Unpacked values u [O, I] u8, scales [O, G] f16, qzeros [O, G] u8 -> v1 GPTQ tensors."""
     O, I = u.shape
     G = scales.shape[1]
     return {"qweight": pack_int32(u.T, bits, 0),
@@ -149,11 +149,8 @@ def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqS
         arrays[key] = src.read(name)
     u = unpack_int32(arrays["qweight"], bits, 0).T  # [O, I]
     z = unpack_int32(arrays["qzeros"], bits, 1).astype(np.int32)  # [G, O]
-    if spec.zero_minus_one:
-        z = z + 1
-    if z.max() > 255:
-        raise CheckpointError(f"{src.directory}: {prefix}.qzeros holds a zero point of 256 (8-bit v1 "
-                              f"value 255), which the uint8 layout cannot hold")
+    if spec.zero_minus_one:  # v1: z - 1 stored modulo 2^b (a zero point of 0 is stored as 2^b - 1)
+        z = (z + 1) & ((1 << bits) - 1)
     g_idx = arrays.get("g_idx")
     if g_idx is not None:
         if g_idx.min() < 0 or g_idx.max() >= G:
@@ -265,15 +262,11 @@ def _plan(src, qc: QuantizationConfig, config) -> list[tuple]:
 
 
 def _raw(src, name: str) -> np.ndarray:
-    from qwen3moe.io.safetensors_io import f32_to_bf16
-
-    tag = src.where[name].dtype(name)
-    arr = src.read(name)
-    return f32_to_bf16(arr) if tag == "BF16" else arr.astype(np.float16) if tag == "F16" else arr
+    return src.where[name].read_raw(name)  # copied as stored (bytes): no float32 transient
 
 
 def _quant_entries(prefix: str, shape, qc: QuantizationConfig, read) -> list[tuple]:
-    from qwen3moe.layers.quant import quantize
+    from qwen3moe.layers.quant import quantize_codes
 
     O, I = shape
     g = qc.group_for(I, prefix)
@@ -284,7 +277,7 @@ def _quant_entries(prefix: str, shape, qc: QuantizationConfig, read) -> list[tup
 
     def tensors():
         if not memo:
-            memo.update(to_gptq(*quantize(read(), qc.bits, g), qc.bits))
+            memo.update(to_gptq(*quantize_codes(read(), qc.bits, g), qc.bits))
         return memo
 
     def take(key):
@@ -336,7 +329,7 @@ def _write_stream(path: str, entries: list[tuple]) -> int:
         fh.write(hbytes)
         for name, shape, tag, thunk in entries:
             arr = np.ascontiguousarray(thunk())
-            if tuple(arr.shape) != tuple(shape) or arr.nbytes != _nbytes((name, shape, tag)):
+            if arr.nbytes != _nbytes((name, shape, tag)):
                 raise CheckpointError(f"{name}: produced {arr.dtype} {list(arr.shape)}, planned {tag} {list(shape)}")
             fh.write(arr.tobytes())
         fh.flush()

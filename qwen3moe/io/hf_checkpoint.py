@@ -16,6 +16,7 @@ import re
 import shutil
 
 import numpy as np
+from einops import rearrange
 
 from qwen3moe.io.atomic import OutputError, atomic_files
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
@@ -119,7 +120,7 @@ def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
 def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[int, ...], per: int) -> np.ndarray:
     """Per-expert tensors (keys in expert-major order, `per` projections each, concatenated on
     rows) written straight into one [E, rows, cols] float32 array: the transient is one expert
-    tensor, not a second and third copy of the stack (load peak RSS 1.24x -> see bench/RESULTS.md)."""
+    tensor, not a second and third copy of the stack (peak RSS: bench/RESULTS.md)."""
     out = np.empty(shape, np.float32)
     expected = (shape[1] // per, *shape[2:])
     for i, k in enumerate(keys):
@@ -132,20 +133,21 @@ def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[
     return out
 
 
-def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None,
-                    quantization=None, group_size: int | None = None):
-    """Build `cls(config)` without random init and fill it from an HF folder (quantized if asked,
-    or as stored for GPTQ folders: io/quantized.py, io/gptq.py)."""
-    from qwen3moe.layers.dtypes import skip_init, to_ms_dtype
-
+def check_folder(path, config: Qwen3MoeConfig | None = None) -> tuple[str, Qwen3MoeConfig]:
+    """(folder path, its config) of an HF model folder, or a one-line CheckpointError."""
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a folder (expected a Hugging Face model folder)")
-    config = config or Qwen3MoeConfig.from_pretrained(directory)
+    return directory, config or Qwen3MoeConfig.from_pretrained(directory)
+
+
+def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeConfig | None = None):
+    """Build `cls(config)` without random init and fill it from an HF folder as stored (float
+    weights; io/load.py dispatches quantized and GPTQ folders to io/quantized.py, io/gptq.py)."""
+    from qwen3moe.layers.dtypes import skip_init, to_ms_dtype
+
+    directory, config = check_folder(path, config)
     param_dtype = to_ms_dtype(dtype or config.torch_dtype)
-    quantized = _load_quantized(cls, directory, config, param_dtype, quantization, group_size)
-    if quantized is not None:
-        return quantized
     src = CheckpointSource(directory)
     with skip_init():
         model = cls(config, param_dtype=param_dtype)
@@ -162,26 +164,6 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
                               + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     model.source_dir = directory
     return model
-
-
-def _load_quantized(cls, directory, config, param_dtype, quantization, group_size):
-    """A quantized model when the folder is GPTQ or `quantization` is set, else None."""
-    from qwen3moe.io.gptq import gptq_config, load_gptq
-    from qwen3moe.io.quantized import load_quantizing
-    from qwen3moe.layers.quant import QuantizationConfig
-
-    qc = QuantizationConfig.of(quantization, group_size)
-    stored = gptq_config(config, directory)
-    if stored is not None:
-        if qc is not None:
-            raise CheckpointError(f"{directory}: already quantized ({stored.config.bits}-bit GPTQ); "
-                                  f"load it without quantization=/--quantize")
-        return load_gptq(cls, directory, config, stored, param_dtype)
-    if qc is None:
-        if group_size is not None:
-            raise CheckpointError("group_size is only used with quantization='int8'/'int4'")
-        return None
-    return load_quantizing(cls, directory, config, qc, param_dtype)
 
 
 def store_param(p, arr: np.ndarray) -> None:
@@ -220,9 +202,10 @@ def hf_tensors(model, dtype: str):
             continue
         prefix, kind = m.groups()
         projs = EXPERT_KEY_MAP[kind]
+        per_proj = rearrange(arr, "e (p rows) cols -> e p rows cols", p=len(projs))  # stacked on rows
         for j in range(cfg.num_experts):
-            for k, part in enumerate(np.split(arr[j], len(projs), axis=0)):
-                yield f"{prefix}.{j}.{projs[k]}.weight", *_convert(part, dtype)
+            for proj, part in zip(projs, per_proj[j]):
+                yield f"{prefix}.{j}.{proj}.weight", *_convert(part, dtype)
 
 
 def _convert(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
@@ -329,6 +312,21 @@ def _write_side_files(model, temp) -> None:
                                  ("pad_token_id", cfg.pad_token_id)) if v is not None}
         with open(temp("generation_config.json"), "w", encoding="utf-8") as fh:
             json.dump(gen, fh, indent=2)
-    for fname in TOKENIZER_FILES if src else ():
+    if src:
+        copy_tokenizer_files(src, temp)
+
+
+def copy_tokenizer_files(src, dest) -> list[str]:
+    """Copy the tokenizer files (TOKENIZER_FILES) that exist in folder `src` to `dest(name)` (a
+    temp-file allocator of an atomic save), or each atomically into folder `dest`; their names."""
+    from qwen3moe.io.atomic import atomic_copy
+
+    copied = []
+    for fname in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, fname)):
-            shutil.copyfile(os.path.join(src, fname), temp(fname))
+            if callable(dest):
+                shutil.copyfile(os.path.join(src, fname), dest(fname))
+            else:
+                atomic_copy(os.path.join(src, fname), os.path.join(dest, fname))
+            copied.append(fname)
+    return copied

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qwen3moe.errors import Qwen3MoeError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -21,7 +23,7 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
 CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(Qwen3MoeError, ValueError):
     """A malformed .idx/.bin pair: one line naming the file and what is wrong."""
 
 

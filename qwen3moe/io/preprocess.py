@@ -21,12 +21,13 @@ from itertools import chain
 
 import numpy as np
 
+from qwen3moe.errors import Qwen3MoeError
 from qwen3moe.io.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
 
 CHUNK = 1024  # lines per worker task (one encode_batch call each)
 
 
-class PreprocessError(ValueError):
+class PreprocessError(Qwen3MoeError, ValueError):
     """Bad input: one line naming the file, line number and what was expected."""
 
 

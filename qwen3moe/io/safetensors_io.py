@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from qwen3moe.errors import Qwen3MoeError
 from qwen3moe.io.atomic import atomic_write_bytes  # noqa: F401  (re-exported for callers)
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
@@ -24,7 +25,7 @@ _NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.
           np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Qwen3MoeError, ValueError):
     """A checkpoint file problem, reported in one line naming the file and tensor."""
 
 
@@ -126,6 +127,18 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> np.ndarray:  # a read-only mapping name -> tensor
+        return self.read(name)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
@@ -153,6 +166,14 @@ class SafetensorsFile:
         if e["dtype"] in ("F16", "F64"):
             return arr.astype(np.float32)
         return arr
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """A tensor's stored bytes (uint8, no widening): copying a tensor costs its own size."""
+        begin, end = self.entries[name]["data_offsets"]
+        buf = os.pread(self._fd, end - begin, self.data_start + begin)
+        if len(buf) != end - begin:
+            raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
+        return np.frombuffer(buf, np.uint8)
 
     def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """A hyperslab (one contiguous range per leading dims of `index`, others whole), read

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import tokenizers
 
+from qwen3moe.errors import Qwen3MoeError
 from qwen3moe.io.jsonfile import read_json_object
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "qwen3-tokenizer"
@@ -36,7 +37,7 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 Message = Mapping[str, Any]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(Qwen3MoeError, ValueError):
     """A tokenizer folder that cannot be used; the message is one line naming the folder."""
 
 

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
+from qwen3moe.errors import Qwen3MoeError
 from qwen3moe.io.atomic import atomic_file
 
 TOP_HEADING = re.compile(r"^ = (?!=)(.*?) = $")
@@ -57,7 +58,7 @@ def _article(title: str, body: list[str], undo: bool) -> dict:
     return {"title": fix(title), "text": "\n\n".join([fix(title)] + paragraphs)}
 
 
-class WikitextError(ValueError):
+class WikitextError(Qwen3MoeError, ValueError):
     """Bad input or output path: one line naming the file (and line)."""
 
 

@@ -15,14 +15,13 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
-import tempfile
+import warnings
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 # Per-kernel extra flags. adamw: without -fno-math-errno GCC keeps std::sqrt a libm call that may
-# set errno, which stops the update loop from vectorising (measured: 235 -> 38 ms for 118M
-# parameters on 2 threads); sqrt is correctly rounded either way, so results are unchanged.
+# set errno, which stops the update loop from vectorising (bench/RESULTS.md); sqrt is correctly
+# rounded either way, so results are unchanged.
 # -ffp-contract=off keeps torch's float32 rounding (no FMA), also pinned in the source.
 EXTRA_FLAGS = {"adamw": ["-fno-math-errno", "-ffp-contract=off"]}
 
@@ -91,15 +90,19 @@ def kernel_library(name: str) -> str | None:
     out = cache / f"{name}-{key}.so"
     if out.is_file():
         return str(out)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [cxx, *flags, str(src), "-o", tmp, *link]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        print(f"qwen3moe: kernel build failed, using the composite path: {proc.stderr[-500:]}",
-              file=sys.stderr)
+    from qwen3moe.io.atomic import atomic_file  # stdlib only: temp + rename, 0666 & ~umask
+
+    try:
+        with atomic_file(out) as tmp:
+            proc = subprocess.run([cxx, *flags, str(src), "-o", tmp, *link], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise _BuildFailed(proc.stderr[-500:])
+    except _BuildFailed as e:
+        warnings.warn(f"qwen3moe: kernel build failed, using the composite path: {e}", RuntimeWarning,
+                      stacklevel=2)
         return None
-    os.replace(tmp, out)
     return str(out)
+
+
+class _BuildFailed(RuntimeError):
+    """The compiler failed; atomic_file removes its temp on the way out."""

@@ -5,10 +5,9 @@ Shapes: T rows (all leading dims of x), I in-features, O out-features.
 `linear(x, w)` = layers/linear.py's `ops.MatMul(transpose_b=True)(x, w)`. `linear3(x, wq, wk, wv)`
 returns the three projections of one input from one op (three GEMMs; the dX terms are summed in
 the kernel). Inputs must be contiguous; gradients flow to x and every weight.
-Used by layers/linear.py for fp32 (q/k/v/o, dense MLP, lm_head). With OpenBLAS it matched
-MindSpore's MatMul (prefill 0.98-0.99x); with oneDNN's sgemm the backward shapes run 1.4-1.5x
-MindSpore's MatMul (bench/linear_micro.py) and the bench-mini train step 1.02x wall / 1.05x CPU,
-prefill 1.00x (bench/ab_kernel.py; bench/RESULTS.md 2026-11-29 09:xx).
+Used by layers/linear.py for fp32 (q/k/v/o, dense MLP, lm_head): oneDNN's sgemm beats
+MindSpore's MatMul on the backward shapes (bench/linear_micro.py, bench/ab_kernel.py; figures in
+bench/RESULTS.md).
 """
 from __future__ import annotations
 

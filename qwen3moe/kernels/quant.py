@@ -78,11 +78,11 @@ def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -
 
 def _split(args: tuple) -> tuple:
     """(weight tuple,) or loose tensors with an optional trailing `bits` int -> (tensors, bits)."""
-    if len(args) == 1 and isinstance(args[0], (tuple, list)):
-        return tuple(args[0]), None
+    if len(args) == 1 and isinstance(args[0], tuple):
+        return args[0], None
     if args and isinstance(args[-1], int):
-        return tuple(args[:-1]), args[-1]
-    return tuple(args), None
+        return args[:-1], args[-1]
+    return args, None
 
 
 def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
@@ -106,8 +106,8 @@ def linear(x: Tensor, *weight) -> Tensor:
 def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, *weights) -> Tensor:
     """Fused experts forward; idx int32 in [0, E), x and w float32. weights = (gate_up tuple,
     down tuple), or gate_up then down tensors (1 + 1 or 3 + 3) optionally followed by bits."""
-    if len(weights) == 2 and all(isinstance(w, (tuple, list)) for w in weights):
-        gate_up, down, bits = tuple(weights[0]), tuple(weights[1]), None
+    if len(weights) == 2 and isinstance(weights[0], tuple) and isinstance(weights[1], tuple):
+        gate_up, down, bits = weights[0], weights[1], None
     else:
         flat, bits = _split(weights)
         half = len(flat) // 2

@@ -4,7 +4,9 @@ gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I].
 Shapes: E experts, I expert ffn, H hidden, NB blocks, b rows per block, R = NB*b rows.
 Two compute paths with identical results (tests check both): `blocks` is portable composite
 MindSpore (block-padded batched matmul); `fused` is the whole dispatch + experts + combine in
-one C++ op (token order in, token order out).
+one C++ op (token order in, token order out): kernels/moe.py for fp32 (with a backward), the
+forward-only kernels/quant.py op for bf16 storage (its uint16 bits carry no gradient anyway),
+which widens one expert's rows at a time instead of the whole stack.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from mindspore import Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import init_param, widen
 from qwen3moe.kernels import moe as moe_kernel
+from qwen3moe.kernels import quant as quant_kernel
 
 
 class Qwen3MoeExperts(nn.Cell):
@@ -38,5 +41,8 @@ class Qwen3MoeExperts(nn.Cell):
 
     def fused(self, x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         """sum_j w_tj * Expert_{idx_tj}(x_t) by the fused C++ op: [T, H] -> [T, H]."""
+        if self.gate_up_proj.dtype != x_TH.dtype:  # bf16 (bits) storage
+            return quant_kernel.moe_experts(x_TH, idx_TK, w_TK.astype(x_TH.dtype), (self.gate_up_proj,),
+                                            (self.down_proj,))
         return moe_kernel.moe_experts(x_TH, idx_TK, w_TK.astype(x_TH.dtype),
                                       widen(self.gate_up_proj, x_TH.dtype), widen(self.down_proj, x_TH.dtype))

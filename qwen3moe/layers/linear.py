@@ -2,8 +2,8 @@
 
 Shapes: T tokens, I in-features, O out-features.
 fp32 x and weight go through the linear kernel (kernels/linear.py: oneDNN sgemm forward and a
-backward that sums dX in place) when it is built; it measured 1.4-1.5x MindSpore's MatMul on the
-backward shapes and ~1.0-1.05x forward (bench/RESULTS.md). Other dtypes use ops.MatMul.
+backward that sums dX in place) when it is built, faster than MindSpore's MatMul on the backward
+shapes (bench/RESULTS.md). Other dtypes use ops.MatMul.
 """
 from __future__ import annotations
 

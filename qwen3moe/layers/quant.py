@@ -23,16 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Zero
 
-try:  # C++ kernels for the quantized layers (qwen3moe/kernels/quant.py), when that module exists
-    from qwen3moe.kernels import quant as quant_kernel
-except ImportError:
-    quant_kernel = None
+from qwen3moe.kernels import quant as quant_kernel
 
 
 def kernel_available() -> bool:
-    """True when qwen3moe.kernels.quant exists and built here; the layers then route to it."""
-    return quant_kernel is not None and quant_kernel.available()
+    """True when qwen3moe/kernels/quant.py built here; the quantized layers then route to it."""
+    return quant_kernel.available()
 
 
 def zero_point(bits: int) -> int:
@@ -105,18 +103,24 @@ class QuantizationConfig:
 # ---- pure NumPy format ----------------------------------------------------------------------
 def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W [..., O, I] float -> (qweight uint8 [..., O, P], scales f16 [..., O, G], qzeros u8 [..., O, G])."""
+    u, scales, qzeros = quantize_codes(w, bits, group_size)
+    return pack(u, bits), scales, qzeros
+
+
+def quantize_codes(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [..., O, I] -> (unsigned values u uint8 [..., O, I], scales, qzeros), unpacked."""
     *lead, O, I = w.shape
     g = group_size
     G = I // g
     qmax = (1 << (bits - 1)) - 1
     w_g = np.asarray(w, np.float32).reshape(*lead, O, G, g)
-    amax = np.abs(w_g).max(-1)
-    scales = fp16_ceil(amax / np.float32(qmax))
+    scales = fp16_ceil(np.abs(w_g).max(-1) / np.float32(qmax))
     s = scales.astype(np.float32)[..., None]
-    q = np.rint(w_g / np.where(s == 0, np.float32(1), s))
-    u = (np.clip(q, -qmax, qmax) + zero_point(bits)).astype(np.uint8).reshape(*lead, O, I)
-    qzeros = np.full(scales.shape, zero_point(bits), np.uint8)
-    return pack(u, bits), scales, qzeros
+    q = np.divide(w_g, np.where(s == 0, np.float32(1), s))
+    np.rint(q, out=q)  # |q| <= qmax: the scale was rounded up, so no clipping is needed
+    q += np.float32(zero_point(bits))
+    u = q.astype(np.uint8).reshape(*lead, O, I)
+    return u, scales, np.full(scales.shape, zero_point(bits), np.uint8)
 
 
 def fp16_ceil(x: np.ndarray) -> np.ndarray:
@@ -182,7 +186,9 @@ def dequant_graph(qweight: Tensor, scales: Tensor, qzeros: Tensor, bits: int, g_
 
 # ---- layers ---------------------------------------------------------------------------------
 def _zeros(shape: tuple, dtype, name: str) -> Parameter:
-    return Parameter(Tensor(np.zeros(shape, dtype)), name=name, requires_grad=False)
+    """Lazily initialised zeros: no memory until the loader's set_data (or first use), so
+    building a quantized model never holds its weights twice."""
+    return Parameter(Tensor(shape=shape, dtype=dtype, init=Zero()), name=name, requires_grad=False)
 
 
 class QuantizedWeight(nn.Cell):
@@ -198,11 +204,11 @@ class QuantizedWeight(nn.Cell):
         self.bits, self.group_size = bits, group_size
         self.out_features, self.in_features = out_features, in_features
         shape, G = (*lead, out_features), in_features // group_size
-        self.qweight = _zeros((*shape, in_features * bits // 8), np.uint8, "qweight")
-        self.scales = _zeros((*shape, G), np.float16, "scales")
-        self.qzeros = _zeros((*shape, G), np.uint8, "qzeros")
+        self.qweight = _zeros((*shape, in_features * bits // 8), ms.uint8, "qweight")
+        self.scales = _zeros((*shape, G), ms.float16, "scales")
+        self.qzeros = _zeros((*shape, G), ms.uint8, "qzeros")
         # act-order group map (GPTQ desc_act folders); row_blocks 0 = plain k // g groups
-        self.g_idx = _zeros((*lead, row_blocks, in_features), np.int32, "g_idx") if row_blocks else None
+        self.g_idx = _zeros((*lead, row_blocks, in_features), ms.int32, "g_idx") if row_blocks else None
 
     def dequant(self) -> Tensor:
         return dequant_graph(self.qweight, self.scales, self.qzeros, self.bits, self.g_idx)

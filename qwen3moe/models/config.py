@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen3moe.errors import Qwen3MoeError
+
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(Qwen3MoeError, ValueError):
     """A config.json / preset problem: one line naming the key and what was expected."""
 
 

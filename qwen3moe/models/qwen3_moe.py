@@ -22,7 +22,8 @@ from qwen3moe.layers.experts import Qwen3MoeExperts
 from qwen3moe.layers.linear import Linear
 from qwen3moe.layers.mlp import Qwen3MoeMLP
 from qwen3moe.layers.norm import RMSNorm
-from qwen3moe.layers.quant import LM_HEAD_BITS, QuantizationConfig, QuantizedExperts, QuantizedLinear
+from qwen3moe.layers.quant import (LM_HEAD_BITS, QuantizationConfig, QuantizedExperts, QuantizedLinear,
+                                   kernel_available as quant_kernel_available)
 from qwen3moe.models.config import Qwen3MoeConfig
 from qwen3moe.models.inputs import prepare_inputs
 from qwen3moe.router import dispatch
@@ -43,8 +44,9 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
         self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob, init_std, param_dtype)
         if quantization is None:
             self.experts = Qwen3MoeExperts(num_experts, hidden_size, intermediate_size, init_std, param_dtype)
-            # the fused kernel reads fp32 buffers: bf16 experts run the composite blocks
-            kernel = resolve_moe_backend(moe_backend) and to_ms_dtype(param_dtype or "float32") == ms.float32
+            # fp32 experts: the fused kernel (fwd + bwd); bf16: the forward-only kernels/quant.py op
+            fp32 = to_ms_dtype(param_dtype or "float32") == ms.float32
+            kernel = resolve_moe_backend(moe_backend) and (fp32 or quant_kernel_available())
         else:
             q = quantization
             self.experts = QuantizedExperts(num_experts, hidden_size, intermediate_size, q.bits,
@@ -257,7 +259,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
         quantization: None, "int8" (per channel), "int4" (group_size 32/64/128, default 128) or a
         QuantizationConfig: weights quantized tensor by tensor while loading. GPTQ folders load
         quantized as stored (docs/quantization.md)."""
-        from qwen3moe.io.hf_checkpoint import load_pretrained
+        from qwen3moe.io.load import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, quantization=quantization, group_size=group_size,
                                **kwargs)
@@ -281,8 +283,8 @@ def compile_enabled() -> bool:
 class _GraphRunner(nn.Cell):
     """Compiles `model.construct` once per input signature.
 
-    Passing the model as an argument to a jit function re-traces it on every call (measured:
-    7 s/call vs 1.3 s on bench-mini); a wrapping Cell with a jit construct caches the graph.
+    Passing the model as an argument to a jit function re-traces it on every call; a wrapping
+    Cell with a jit construct caches the graph (bench/RESULTS.md, "Figures moved from docstrings").
     auto_prefix=False keeps the HF parameter names.
     """
 

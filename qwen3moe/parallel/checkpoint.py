@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3moe.io.hf_checkpoint import CheckpointSource
-from qwen3moe.io.safetensors_io import SafetensorsFile, write_safetensors
+from qwen3moe.io.hf_checkpoint import CheckpointSource, native_sources
+from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, check_tensor_names, write_safetensors
 from qwen3moe.parallel.ranks import ShardInfo, assemble
 
 
@@ -42,6 +42,9 @@ class ShardReader:
         name = info.name
         if name == "lm_head.weight" and name not in self.src.where and cfg.tie_word_embeddings:
             name = "model.embed_tokens.weight"
+        # every key of the parameter, not just this rank's experts: the single-process error, on every rank
+        check_tensor_names(self.src.directory, self.src.where, native_sources(name, cfg.num_experts, self.src.where),
+                           name, unexpected=False)
         if ".mlp.experts." in name:
             return self._experts(info, cfg)
         shape = self.src.shape(name)
@@ -96,7 +99,18 @@ def save_sharded(pl, directory) -> list[Path]:
     return written
 
 
-def load_sharded(directory) -> dict[str, np.ndarray]:
+class ShardedTensors(dict):
+    """Full tensors by HF name; a missing one is the loaders' one-line CheckpointError."""
+
+    def __init__(self, directory, tensors: dict) -> None:
+        super().__init__(tensors)
+        self.directory = os.fspath(directory)
+
+    def __missing__(self, name: str):
+        check_tensor_names(self.directory, self, [name], unexpected=False)
+
+
+def load_sharded(directory) -> ShardedTensors:
     """Full HF-named tensors assembled from every rank file of a sharded checkpoint."""
     files = sorted(Path(directory).glob("rank_*.safetensors"))
     if not files:
@@ -107,25 +121,15 @@ def load_sharded(directory) -> dict[str, np.ndarray]:
         for key in st.keys():
             parts = key.split("|")
             if len(parts) != 6:
-                raise ValueError(f"{f}: key {key!r} is not name|style|tp_rank|tp_size|ep_rank|ep_size")
+                raise CheckpointError(f"{f}: key {key!r} is not name|style|tp_rank|tp_size|ep_rank|ep_size")
             name, style, t, ts, e, es = parts
             items.append((ShardInfo(name, style, int(t), int(ts), int(e), int(es)), st.read(key)))
         st.close()
-    return assemble(items)
+    return ShardedTensors(directory, assemble(items))
 
 
-def export_hf(directory, cfg, out_dir, dtype: str | None = None) -> None:
+def export_hf(directory, cfg, out_dir, dtype: str | None = None, tokenizer_dir=None) -> None:
     """Sharded checkpoint -> HF folder (per-expert layout, via the model's own saver)."""
-    from mindspore import Tensor
+    from qwen3moe.training.checkpoint import export_pretrained
 
-    from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.layers.dtypes import skip_init
-
-    full = load_sharded(directory)
-    with skip_init():
-        model = Qwen3MoeForCausalLM(cfg)
-    for p in model.get_parameters():
-        if p.name not in full:
-            raise KeyError(f"{directory}: sharded checkpoint has no {p.name!r}")
-        p.set_data(Tensor(full[p.name]))
-    model.save_pretrained(out_dir, dtype=dtype)
+    export_pretrained(cfg, load_sharded(directory), out_dir, dtype, tokenizer_dir, source=str(directory))

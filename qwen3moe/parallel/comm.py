@@ -48,3 +48,15 @@ class MindSporeComm:
 
     def all_reduce(self, x: Tensor) -> Tensor:
         return self._all_reduce(x)
+
+
+def aggregate_peak(probe_size: int) -> float:
+    """Sum over ranks of each rank's matmul probe (run by all ranks at once, so ranks sharing a
+    machine each measure their share): the peak that the job's total FLOP/s is a fraction of.
+    A collective: every rank calls it."""
+    import numpy as np
+
+    from qwen3moe.training.metrics import measure_peak_flops
+
+    own = measure_peak_flops(int(probe_size))
+    return float(ops.AllReduce()(Tensor(np.float32(own))).asnumpy())

@@ -1,27 +1,13 @@
 """`qwen3moe dist-parallel`: greedy generation or training steps on real processes (one rank
-per process, run under `qwen3moe launch`), printing `RESULT {json}` lines and writing each
-rank's shards, so a test compares them with a single-process run it computes itself."""
+per process, run under `qwen3moe launch`): `run` returns each rank's result (the command prints
+it as a `RESULT {json}` line) and writes the rank's shards, so a test compares them with a
+single-process run it computes itself. Options (commands/launch.py): model, mode, dp, tp, pp,
+ep, sp, zero1, micro_batch_num, batch, seq, steps, lr, out."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="HF folder")
-    p.add_argument("--mode", choices=["generate", "train", "load"], required=True)
-    for name in ("dp", "tp", "pp", "ep"):
-        p.add_argument(f"--{name}", type=int, default=1)
-    p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")
-    p.add_argument("--zero1", action="store_true", help="ZeRO-1: shard the AdamW moments (train)")
-    p.add_argument("--micro_batch_num", type=int, default=1)
-    p.add_argument("--batch", type=int, default=2, help="global batch (train) / prompts (generate)")
-    p.add_argument("--seq", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="train steps / new tokens")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--out", default=".", help="folder for shards_rank<r>.npz")
 
 
 def data(vocab: int, batch: int, seq: int) -> np.ndarray:
@@ -29,7 +15,7 @@ def data(vocab: int, batch: int, seq: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab, (batch, seq))
 
 
-def run(args) -> int:
+def run(args) -> dict:
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
@@ -60,8 +46,7 @@ def run(args) -> int:
     else:
         result = {"losses": train(pl, data(cfg.vocab_size, args.batch, args.seq), args.steps, args.lr, args.zero1)}
         save_shards(pl, Path(args.out) / f"shards_rank{rank}.npz")
-    print("RESULT " + json.dumps({"rank": rank, "size": size, "bytes_read": pl.bytes_read, **result}), flush=True)
-    return 0
+    return {"rank": rank, "size": size, "bytes_read": pl.bytes_read, **result}
 
 
 def _status_kib(key: str) -> int:

@@ -1,84 +1,96 @@
-"""`qwen3moe generate --use_parallel True --parallel_config.model_parallel N ...` under
-`qwen3moe launch`: greedy generation with the model sharded over the processes (online-sharded
-loading, TP / EP / DP / PP as configured). Decoding runs stage to stage with each stage's KV
-cache of its own layers and heads (decode.py), in PyNative: meant for correctness and models
-too large for one process more than for speed. The last pipeline stage's first rank writes
-the results. Pure data parallelism (only data_parallel > 1) instead runs the compiled
-single-process generation on each rank's share of the prompts (replicas.generate)."""
+"""Generation with the model sharded over the processes started by `qwen3moe launch`
+(`qwen3moe generate --use_parallel True --parallel_config.model_parallel N ...`): greedy
+generation with online-sharded loading, TP / EP / DP / PP as configured. Decoding runs stage to
+stage with each stage's KV cache of its own layers and heads (decode.py), in PyNative: meant
+for correctness and models too large for one process more than for speed. Pure data
+parallelism (only data_parallel > 1) instead runs the compiled single-process generation on
+each rank's share of the prompts (replicas.generate).
+`generate` returns the results in prompt order on the one rank that reports them (the last
+pipeline stage's first rank; rank 0 for replicas), None on the others.
+"""
 from __future__ import annotations
 
-import json
 import os
-import sys
+from dataclasses import dataclass
 
 import numpy as np
 
-PARALLEL_KEYS = {"data_parallel": "dp", "model_parallel": "tp", "pipeline_stage": "pp",
-                 "expert_parallel": "ep", "micro_batch_num": "micro_batch_num"}
+from qwen3moe.generation.batch import GenerateRequest
+from qwen3moe.generation.errors import GenerationError
+from qwen3moe.parallel.mesh import Mesh, MeshError
 
 
-def add_arguments(p) -> None:
-    def _bool(text: str) -> bool:
-        return str(text).strip().lower() in ("1", "true", "yes", "y", "on")
-
-    p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")
-    for key in PARALLEL_KEYS:
-        p.add_argument(f"--parallel_config.{key}", dest=f"parallel_{key}", type=int, default=1)
+@dataclass
+class ParallelGeneration:
+    """This rank's share of the outcome: `results` on the reporting rank, else None."""
+    results: list[dict] | None
+    summary: str
 
 
-def run(args) -> int:
+def check_request(req: GenerateRequest, mesh: Mesh) -> None:
+    """Refused before any process does work: a layout the model or the launch cannot take
+    (config.json is read, no weights), and what the sharded (non-replica) path cannot do."""
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.parallel.mesh import launched_world_size
+
+    cfg = Qwen3MoeConfig.from_pretrained(req.check())
+    size = launched_world_size()
+    mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                  num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0,
+                  world_size=size if size > 1 else None)
+    if cfg.vocab_size % mesh.tp:
+        raise MeshError(f"tp={mesh.tp} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
+    if mesh.tp == mesh.pp == mesh.ep == 1:
+        return
+    if req.quantize or req.dtype != "float32":
+        raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
+    if req.options.get("do_sample"):
+        raise GenerationError("--use_parallel generation with model parallelism is greedy only: drop --do_sample")
+    if req.predict_batch_size != 1:
+        raise GenerationError("--use_parallel generation with model parallelism runs one prompt at a time: "
+                              "use --predict_batch_size 1")
+
+
+def generate(req: GenerateRequest, mesh: Mesh) -> ParallelGeneration:
+    """Join the launched processes and generate the request's prompts on `mesh`."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    from qwen3moe.cli import CliError
-    from qwen3moe.commands.generate import _check_args, read_prompts
-    from qwen3moe.io.atomic import atomic_write_text
+    from qwen3moe.generation.batch import read_prompts
     from qwen3moe.io.tokenizer import Tokenizer
-    from qwen3moe.parallel.mesh import Mesh, MeshError
     from qwen3moe.parallel.process import ProcessCollectives
     from qwen3moe.parallel.trainer import ParallelLM
 
-    folder = _check_args(args)
-    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()})
-    pure_dp = mesh.tp == mesh.pp == mesh.ep == 1
-    if args.do_sample and not pure_dp:
-        raise CliError("--use_parallel generation with model parallelism is greedy only: drop --do_sample")
-    if args.predict_batch_size != 1 and not pure_dp:
-        raise CliError("--use_parallel generation with model parallelism runs one prompt at a time: "
-                       "use --predict_batch_size 1")
+    folder = req.check()
+    check_request(req, mesh)  # one-line errors before init() and loading
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
-        raise CliError("--use_parallel needs the workers started by msrun: "
-                       f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
+        raise MeshError("--use_parallel needs the workers started by msrun: "
+                        f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
     ms.set_device("CPU")
     init()
     rank, size = get_rank(), get_group_size()
     if mesh.world_size != size:
-        raise CliError(f"--parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run "
-                       f"(qwen3moe launch --nproc {mesh.world_size} -- generate ...)")
-    if pure_dp:  # replicas: the compiled single-process generation on every rank's share of prompts
-        from qwen3moe.parallel.replicas import generate
+        raise MeshError(f"--parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run "
+                        f"(qwen3moe launch --nproc {mesh.world_size} -- generate ...)")
+    if mesh.tp == mesh.pp == mesh.ep == 1:  # replicas: compiled single-process generation per rank
+        from qwen3moe.parallel.replicas import generate as generate_replicas
 
-        return generate(args, rank, mesh.dp)
-    try:
-        pl = ParallelLM.from_pretrained(folder, mesh, train=False, coll=ProcessCollectives(mesh, rank), rank=rank)
-    except MeshError as exc:
-        raise CliError(str(exc)) from None
+        results = generate_replicas(req, rank, mesh.dp)
+        return ParallelGeneration(results, f"{len(results or [])} prompts on {mesh.dp} data-parallel replicas")
+    pl = ParallelLM.from_pretrained(folder, mesh, train=False, coll=ProcessCollectives(mesh, rank), rank=rank)
     tok = Tokenizer.from_pretrained(folder)
     eos = pl.cfg.eos_token_id if isinstance(pl.cfg.eos_token_id, list) else [pl.cfg.eos_token_id]
-    lines = []
-    for prompt in read_prompts(args.predict_data):
-        ids = np.asarray([tok.encode(prompt)], np.int64)
-        out = greedy_until(pl, ids, args.max_new_tokens or 32, [] if args.ignore_eos else eos)
+    results = []
+    rows = mesh.dp * mesh.micro_batch_num  # every dp rank and micro-batch needs a row: the prompt repeated
+    for prompt in read_prompts(req.predict_data):
+        ids = np.repeat(np.asarray([tok.encode(prompt)], np.int64), rows, axis=0)
+        out = greedy_until(pl, ids, req.options.get("max_new_tokens") or 32, [] if req.ignore_eos else eos)
         new = out[0, ids.shape[1]:]
-        lines.append(json.dumps({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
-                                 "completion_tokens": int(new.size)}, ensure_ascii=False))
-    if rank == mesh.rank_of(0, 0, mesh.pp - 1):
-        for line in lines:
-            print(line, flush=True)
-        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
-        print(f"generate: {len(lines)} prompts on {size} processes "
-              f"(dp{mesh.dp} tp{mesh.tp} pp{mesh.pp} ep{mesh.ep}); results in {args.output}", file=sys.stderr)
-    return 0
+        results.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
+                        "completion_tokens": int(new.size)})
+    mine = rank == mesh.rank_of(0, 0, mesh.pp - 1)
+    return ParallelGeneration(results if mine else None, f"{len(results)} prompts on {size} processes "
+                              f"(dp{mesh.dp} tp{mesh.tp} pp{mesh.pp} ep{mesh.ep})")
 
 
 def greedy_until(pl, ids: np.ndarray, max_new: int, eos: list) -> np.ndarray:

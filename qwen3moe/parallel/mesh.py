@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen3moe.errors import Qwen3MoeError
 
-class MeshError(ValueError):
+
+class MeshError(Qwen3MoeError, ValueError):
     """An invalid parallel layout: one line naming the degree and the constraint."""
 
 
@@ -95,3 +97,13 @@ class Mesh:
                    "edp": (c["pp"], c["etp"], c["ep"])}[kind]
             out.setdefault(key, []).append(r)
         return list(out.values())
+
+
+def launched_world_size() -> int:
+    """The process count the launcher (msrun, torchrun-style env) announced; 1 outside a launch."""
+    import os
+
+    for var in ("WORLD_SIZE", "RANK_SIZE", "MS_WORKER_NUM"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1

@@ -6,7 +6,9 @@ Transformers' yaml), loss logged on every rank, metrics.jsonl / metrics.csv from
 training checkpoints `<output_dir>/checkpoint_sharded/step_<N>` every
 CheckpointMonitor.save_checkpoint_steps and at the end (`train_state.py`: per-rank shards +
 optimizer state; `resume_training: True` with `load_checkpoint` continues bit-exactly; export
-a step folder with `checkpoint.export_hf`).
+a step folder with `checkpoint.export_hf`). The loop is the single-process one,
+training/trainer.Trainer, driving `ParallelTrainStep` (TrainStep's interface) with a
+`ShardedCheckpointer`.
 Router loss: the switch loss pooled over layers per global micro-batch (all dp ranks' tokens).
 `moe_router_load_balancing_type` maps as in single-process `TrainStep`: "aux_loss" (Megatron
 normalisation, HF value / K) uses coefficient coef / K on the HF-scale loss, "hf" coef, "none" 0;
@@ -17,14 +19,21 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+from collections.abc import Callable
 
 import numpy as np
 
+from qwen3moe.io.safetensors_io import CheckpointError
+from qwen3moe.parallel.mesh import MeshError
+from qwen3moe.training.task_config import TaskConfigError
+
+Log = Callable[[str], None]
+SHARDED_DIR = "checkpoint_sharded"
+
 
 def build(cfg, mesh, rank: int, coll):
-    from qwen3moe.commands.pretrain import build_model
     from qwen3moe.parallel.trainer import ParallelLM
+    from qwen3moe.training.recipe import build_model
 
     ck, aux = cfg.load_checkpoint, hf_aux_coef(cfg, mesh)
     resume = resume_path(cfg)
@@ -47,7 +56,6 @@ def build(cfg, mesh, rank: int, coll):
 
 def resume_path(cfg) -> str | None:
     """The sharded training checkpoint to continue from (resume_training + load_checkpoint)."""
-    from qwen3moe.cli import CliError
     from qwen3moe.parallel import train_state
 
     if not (cfg.resume_training and cfg.load_checkpoint):
@@ -56,22 +64,20 @@ def resume_path(cfg) -> str | None:
         return None  # an HF folder: start from its weights
     found = train_state.resolve(cfg.load_checkpoint)
     if found is None:
-        raise CliError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
+        raise CheckpointError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
                        f"(step_<N>/{train_state.STATE}) to resume from")
     return found
 
 
 def hf_aux_coef(cfg, mesh) -> float:
     """The coefficient on the HF-scale pooled switch loss that ParallelLM computes."""
-    from qwen3moe.cli import CliError
-
     mt = cfg.moe_training()
     key = "model.model_config"
     if mt["z_coef"]:
-        raise CliError(f"{key}.moe_z_loss_coeff: the router z-loss is not implemented with use_parallel "
+        raise TaskConfigError(f"{key}.moe_z_loss_coeff: the router z-loss is not implemented with use_parallel "
                        f"(got {mt['z_coef']}); set it to 0 or train without --use_parallel")
     if mt["aux_mode"] == "seq" or (mt["aux_mode"] == "global" and mesh.micro_batch_num > 1):
-        raise CliError(f"{key}.moe_router_load_balancing_type: {mt['aux_mode']!r} aux loss is not implemented "
+        raise TaskConfigError(f"{key}.moe_router_load_balancing_type: {mt['aux_mode']!r} aux loss is not implemented "
                        f"with use_parallel{' and micro_batch_num > 1' if mt['aux_mode'] == 'global' else ''}; "
                        "use aux_loss, hf or none")
     return mt["aux_coef"] / cfg.model_config().num_experts_per_tok if mt["aux_mode"] == "megatron" else mt["aux_coef"]
@@ -97,18 +103,19 @@ def global_grad_norm(pl, grads: dict) -> float:
     return math.sqrt(total)
 
 
-def train(cfg) -> int:
+def train(cfg, log: Log = lambda s: None) -> int:
+    """Train on the launched processes; `log` gets this rank's log lines (every rank's loss
+    lines, rank 0's metrics, checkpoints and notes)."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    from qwen3moe.cli import CliError
-    from qwen3moe.commands.pretrain import build_data, build_schedule, requested_samples, total_steps
-    from qwen3moe.parallel.mesh import Mesh, MeshError
+    from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.process import ProcessCollectives
+    from qwen3moe.training.recipe import build_data, build_schedule, requested_samples, total_steps
 
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
-        raise CliError("use_parallel with world size > 1 needs the workers started by msrun: "
-                       "qwen3moe launch --nproc N -- pretrain --config ... --use_parallel True")
+        raise MeshError("use_parallel with world size > 1 needs the workers started by msrun: "
+                        "qwen3moe launch --nproc N -- pretrain --config ... --use_parallel True")
     ms.set_device("CPU")
     ms.set_seed(cfg.seed)
     init()
@@ -117,42 +124,134 @@ def train(cfg) -> int:
     mesh = Mesh(dp=pc.data_parallel, tp=pc.model_parallel, pp=pc.pipeline_stage, ep=pc.expert_parallel,
                 sp=pc.use_seq_parallel, micro_batch_num=pc.micro_batch_num)
     if mesh.world_size != size:
-        raise CliError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
+        raise MeshError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
     from qwen3moe.parallel import replicas
 
     if replicas.supports(cfg, mesh):  # pure dp: compiled TrainStep per rank, in-graph gradient mean
-        return replicas.train(cfg, rank, mesh.dp)
-    try:
-        pl = build(cfg, mesh, rank, ProcessCollectives(mesh, rank))
-    except MeshError as exc:
-        raise CliError(str(exc)) from None
+        return replicas.train(cfg, rank, mesh.dp, log)
+    pl = build(cfg, mesh, rank, ProcessCollectives(mesh, rank))
     data, samples = build_data(cfg, requested_samples(cfg))
     steps = total_steps(cfg, samples)
     sched = build_schedule(cfg, steps)
-    opt = build_optimizer(cfg, pl, sched(0), rank)
-    start = resume_optimizer(cfg, opt, mesh, rank)
-    _loop(cfg, pl, opt, data, sched, range(start, steps), rank, size)
+    opt = build_optimizer(cfg, pl, sched(0), rank, log)
+    fit(cfg, ParallelTrainStep(pl, opt, sched, cfg, rank, steps, log), data, steps, rank, log)
+    log(f"rank {rank}: done, {steps} steps on {size} processes; shards in "
+        f"{os.path.join(cfg.output_dir, SHARDED_DIR)}")
     return 0
 
 
-def build_optimizer(cfg, pl, lr: float, rank: int):
+def fit(cfg, step, data, steps: int, rank: int, log: Log) -> list[dict]:
+    """The one training loop (training/trainer.Trainer) over the sharded step: logging intervals,
+    checkpoints every save interval and at the end (sharded train state), resume, non-finite
+    step accounting; rank 0 writes metrics.jsonl / metrics.csv and the plots."""
+    from qwen3moe.parallel.comm import aggregate_peak
+    from qwen3moe.training.metrics import MetricsLogger, train_flops_per_token
+    from qwen3moe.training.trainer import Trainer, TrainerConfig
+
+    ck = cfg.callback("CheckpointMonitor")
+    seq = cfg.train_dataset.data_loader.config.seq_length
+    peak = aggregate_peak(cfg.runner_config.mfu_probe_size)  # a collective: every rank
+    metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(step.pl.cfg, seq), peak) if rank == 0 else None
+    # no time budget: ranks stopping at different steps would leave the others in a collective
+    tc = TrainerConfig(total_steps=steps, log_interval=step.log_every,
+                       save_interval=int(ck.get("save_checkpoint_steps", 0) or 0),
+                       checkpoint_dir=os.path.join(cfg.output_dir, SHARDED_DIR),
+                       keep_last=int(ck.get("keep_checkpoint_max", 2)), nan_abort_after=cfg.runner_config.nan_abort_after,
+                       save_at_end=True, progress=False, plot_dir=cfg.output_dir if rank == 0 else None)
+    trainer = Trainer(step, data, tc, log=log if rank == 0 else (lambda s: None), metrics=metrics,
+                      checkpointer=ShardedCheckpointer(cfg, step, rank, log))
+    return trainer.fit()
+
+
+class ParallelTrainStep:
+    """TrainStep's interface over the sharded model: called with a global batch (or its list of
+    accumulation micro-batches) it runs the 1F1B pipeline (`ParallelLM.loss_and_grads`), the dp
+    gradient all-reduce, global-norm clipping over the unique shards (torch clip_grad_norm_:
+    scale by min(1, max / (norm + 1e-6))), the LR schedule and the sharded AdamW, and returns
+    the step's metrics. Every rank logs its loss line every `log_every` steps."""
+
+    def __init__(self, pl, optimizer, schedule, cfg, rank: int, total: int, log: Log) -> None:
+        w = cfg.runner_wrapper
+        self.pl, self.optimizer, self.schedule = pl, optimizer, schedule
+        self.rank, self.total, self.log = rank, total, log
+        self.clip = w.max_grad_norm if w.use_clip_grad else None
+        loss_cb = cfg.callback("MFLossMonitor")
+        self.log_every = max(1, int(loss_cb.get("per_print_times", cfg.runner_config.log_interval)))
+        self.model, self.steps_done = None, 0  # the sharded state is saved by ShardedCheckpointer
+
+    def __call__(self, batch) -> dict:
+        import time
+
+        from qwen3moe.parallel.dp import allreduce_grads
+
+        t0, i = time.perf_counter(), self.steps_done
+        ids, labels, pos = _global_batch(batch)
+        loss, grads = self.pl.loss_and_grads(ids, labels, pos)
+        allreduce_grads(self.pl, grads)
+        norm = global_grad_norm(self.pl, grads)
+        if self.clip is not None:
+            coef = min(1.0, self.clip / (norm + 1e-6))
+            grads = {k: g * np.float32(coef) for k, g in grads.items()}
+        lr = self.schedule(i)
+        for o in self.optimizer.optimizers():
+            o.set_lr(lr)
+        self.optimizer.step(grads)
+        self.steps_done = i + 1
+        value, aux_part = next(iter(loss.values())), self.pl.last_aux
+        coef, K = self.pl.cfg.router_aux_loss_coef, self.pl.cfg.num_experts_per_tok
+        aux = aux_part / coef if coef else None  # HF's aux value (the loss holds coef * aux)
+        if (i + 1) % self.log_every == 0 or i + 1 == self.total:
+            self.log(f"rank {self.rank} step {i + 1}/{self.total} loss {value:.6f} grad_norm {norm:.4f} "
+                     f"lr {lr:.3e}")
+        return {"step": i + 1, "loss": value, "lm_loss": value - aux_part, "aux": aux,
+                "aux_megatron": None if aux is None else aux / K, "z": 0.0, "grad_norm": norm, "lr": lr,
+                "tokens": int(ids.size), "step_time_s": time.perf_counter() - t0, "expert_load_max": [],
+                "skipped": False}
+
+
+class ShardedCheckpointer:
+    """The Trainer's checkpoints for ParallelTrainStep: per-rank shards + optimizer state
+    (train_state.py) under <output_dir>/checkpoint_sharded; resume loads the optimizer state
+    (the weights were re-sharded from the checkpoint by `build`)."""
+
+    def __init__(self, cfg, step: ParallelTrainStep, rank: int, log: Log) -> None:
+        self.cfg, self.step, self.rank, self.log = cfg, step, rank, log
+
+    def resume(self, trainer) -> int:
+        start = resume_optimizer(self.cfg, self.step.optimizer, self.step.pl.mesh, self.rank, self.log)
+        self.step.steps_done = start
+        return start
+
+    def save(self, trainer, step: int) -> str:
+        from mindspore import Tensor, ops
+
+        from qwen3moe.parallel import train_state
+
+        c = trainer.config
+        barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
+        path = train_state.save(c.checkpoint_dir, step, self.step.pl, self.step.optimizer, self.rank, barrier,
+                                keep_last=c.keep_last)
+        if self.rank == 0:
+            self.log(f"checkpoint: {path}")
+        return path
+
+
+def build_optimizer(cfg, pl, lr: float, rank: int, log: Log = lambda s: None):
     """ShardedAdamW from the optimizer section; ZeRO-1 with parallel.enable_parallel_optimizer."""
-    from qwen3moe.cli import CliError
     from qwen3moe.parallel.dp import ShardedAdamW
-    from qwen3moe.training.optimizer import DEFAULT_NO_DECAY
+    from qwen3moe.training.recipe import optimizer_arguments
 
     o = cfg.optimizer
     zero1 = bool(cfg.parallel.get("enable_parallel_optimizer", False)) and pl.mesh.dp > 1
     if zero1 and o.no_decay_norms_and_biases:
-        raise CliError("parallel.enable_parallel_optimizer (ZeRO-1) needs a uniform weight decay: set "
-                       "optimizer.no_decay_norms_and_biases to False")
+        raise TaskConfigError("parallel.enable_parallel_optimizer (ZeRO-1) needs a uniform weight decay: set "
+                              "optimizer.no_decay_norms_and_biases to False")
     if rank == 0:
-        print(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}", file=sys.stderr)
-    return ShardedAdamW(pl, zero1=zero1, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                        no_decay=DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ())
+        log(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}")
+    return ShardedAdamW(pl, zero1=zero1, lr=lr, **optimizer_arguments(cfg))
 
 
-def resume_optimizer(cfg, opt, mesh, rank: int) -> int:
+def resume_optimizer(cfg, opt, mesh, rank: int, log: Log = lambda s: None) -> int:
     """Load the optimizer state of the resumed checkpoint; the step to continue from (0: fresh)."""
     from qwen3moe.parallel import train_state
 
@@ -162,81 +261,16 @@ def resume_optimizer(cfg, opt, mesh, rank: int) -> int:
     train_state.load_optimizer(path, opt, mesh)
     step = int(train_state.read_state(path)["step"])
     if rank == 0:
-        print(f"resumed from {path} at step {step}", file=sys.stderr, flush=True)
+        log(f"resumed from {path} at step {step}")
     return step
 
 
-def _loop(cfg, pl, opt, data, sched, steps_range, rank: int, size: int) -> None:
-    """Train, log (every rank prints; rank 0 writes metrics), checkpoint every save interval and
-    at the end."""
-    import time
-
-    from mindspore import Tensor, ops
-
-    from qwen3moe.parallel import train_state
-    from qwen3moe.parallel.dp import allreduce_grads
-    from qwen3moe.training.metrics import MetricsLogger, format_record, train_flops_per_token
-
-    w, steps = cfg.runner_wrapper, steps_range.stop
-    log_every = max(1, int(cfg.callback("MFLossMonitor").get("per_print_times", cfg.runner_config.log_interval)))
-    ck = cfg.callback("CheckpointMonitor")
-    save_every, keep = int(ck.get("save_checkpoint_steps", 0) or 0), int(ck.get("keep_checkpoint_max", 2))
-    root = os.path.join(cfg.output_dir, "checkpoint_sharded")
-    barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
-    seq = cfg.train_dataset.data_loader.config.seq_length
-    peak = aggregate_peak(cfg)
-    metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(pl.cfg, seq), peak) if rank == 0 else None
-    aux_coef, K = pl.cfg.router_aux_loss_coef, pl.cfg.num_experts_per_tok
-    window: list[dict] = []
-    for i in steps_range:
-        t0 = time.perf_counter()
-        ids, labels = _global_batch(data.batch(i))
-        loss, grads = pl.loss_and_grads(ids, labels)
-        allreduce_grads(pl, grads)
-        norm = global_grad_norm(pl, grads)
-        if w.use_clip_grad:  # torch clip_grad_norm_: scale by min(1, max / (norm + 1e-6))
-            coef = min(1.0, w.max_grad_norm / (norm + 1e-6))
-            grads = {k: g * np.float32(coef) for k, g in grads.items()}
-        lr = sched(i)
-        for o_ in opt.optimizers():
-            o_.set_lr(lr)
-        opt.step(grads)
-        value = next(iter(loss.values()))
-        aux = pl.last_aux / aux_coef if aux_coef else None  # HF's aux value (the loss holds coef * aux)
-        window.append({"step": i + 1, "loss": value, "lm_loss": value - pl.last_aux, "aux": aux,
-                       "aux_megatron": None if aux is None else aux / K, "grad_norm": norm, "lr": lr,
-                       "tokens": int(ids.size), "step_time_s": time.perf_counter() - t0})
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            print(f"rank {rank} step {i + 1}/{steps} loss {value:.6f} grad_norm {norm:.4f} lr {lr:.3e}", flush=True)
-            if metrics is not None:
-                print(format_record(metrics.record(window[-1], window, 0), steps), flush=True)
-            window = []
-        if (save_every and (i + 1) % save_every == 0) or i + 1 == steps:
-            path = train_state.save(root, i + 1, pl, opt, rank, barrier, keep_last=keep)
-            if rank == 0:
-                print(f"checkpoint: {path}", file=sys.stderr, flush=True)
-    if metrics is not None:
-        metrics.close()
-    print(f"rank {rank}: done, {steps} steps on {size} processes; shards in {root}", file=sys.stderr, flush=True)
-
-
-def aggregate_peak(cfg) -> float:
-    """Sum over ranks of each rank's matmul probe (run by all ranks at once, so ranks sharing a
-    machine each measure their share): the peak that the job's total FLOP/s is a fraction of."""
-    from mindspore import Tensor, ops
-
-    from qwen3moe.training.metrics import measure_peak_flops
-
-    own = measure_peak_flops(int(cfg.runner_config.mfu_probe_size))
-    return float(ops.AllReduce()(Tensor(np.float32(own))).asnumpy())
-
-
 def _global_batch(batch):
-    """A pretrain batch (or its list of accumulation micro-batches) as one global batch."""
+    """A pretrain batch (or its list of accumulation micro-batches) as one global batch:
+    (input_ids, labels, position_ids or None); position_ids come with reset_position_ids."""
     from qwen3moe.training.step import as_batch
 
     parts = [as_batch(b) for b in (batch if isinstance(batch, list) else [batch])]
-    if any("position_ids" in b for b in parts):
-        raise NotImplementedError("reset_position_ids is not supported with use_parallel yet")
-    return (np.concatenate([np.asarray(b["input_ids"]) for b in parts]),
-            np.concatenate([np.asarray(b["labels"]) for b in parts]))
+    cat = lambda key: np.concatenate([np.asarray(b[key]) for b in parts])  # noqa: E731
+    pos = cat("position_ids") if "position_ids" in parts[0] else None
+    return cat("input_ids"), cat("labels"), pos

@@ -1,10 +1,8 @@
 """Pure data parallelism (tp = pp = ep = 1, no ZeRO-1): every rank runs the compiled single-device
 `TrainStep` on its rows of each micro-batch, and the gradient buffers are averaged over the ranks
 inside a compiled graph (one AllReduce per buffer) before the finiteness check, clipping and
-AdamW, so the replicas stay identical. The per-rank engine of parallel/trainer.py runs in
-PyNative and recomputes each stage's forward in its backward: on the tiny preset at DP=2
-(4 x 128 tokens a step, both processes on one 2-core machine) it took 3.3-3.6 s a step, this
-path 0.06-0.08 s once compiled, single-process pretrain 0.07-0.08 s (bench/RESULTS.md,
+AdamW, so the replicas stay identical. Why not parallel/trainer.py's per-rank engine: it runs in
+PyNative and recomputes each stage's forward in its backward, far slower (bench/RESULTS.md,
 "Parallel pretraining").
 
 Same result as one process on the global batch (tests/test_dist_parallel.py checks the loss
@@ -32,6 +30,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from qwen3moe.router.losses import switch_aux_weights
 from qwen3moe.training.step import TrainStep, as_batch, expert_load
 from qwen3moe.training.sync import fetch
 
@@ -78,10 +77,10 @@ class ReplicaTrainStep(TrainStep):
     `all_reduce(np.ndarray) -> np.ndarray` sums over the ranks (host side)."""
 
     def __init__(self, *args, rank: int, dp: int, all_reduce, aux_kind: str, log_every: int = 0,
-                 **kwargs) -> None:
+                 log=lambda s: None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rank, self.dp, self.host_all_reduce, self.aux_kind = rank, dp, all_reduce, aux_kind
-        self.skip_nonfinite, self.log_every = True, log_every
+        self.skip_nonfinite, self.log_every, self.log = True, log_every, log
         self._average = _AverageBuffers(self.graph, dp)
         self._label_counts: list[tuple[float, float]] = []
 
@@ -97,7 +96,7 @@ class ReplicaTrainStep(TrainStep):
             c, n = self._forward_counts(args)
             tot = self.host_all_reduce(np.concatenate([c, [n]]))
             C, N = tot[:-1], max(float(tot[-1]), 1.0)
-            aux_ws.append(Tensor((S / m * self.dp * self.E * C / N ** 2).astype(np.float32)))
+            aux_ws.append(Tensor((S / m * self.dp * switch_aux_weights(C, N)).astype(np.float32)))
         return lm_ws, aux_ws
 
     def _after_backward(self, metrics: dict) -> dict:
@@ -123,8 +122,8 @@ class ReplicaTrainStep(TrainStep):
             mine.append(rows)
         m = super().__call__(mine if isinstance(batch, (list, tuple)) else mine[0])
         if self.log_every and (m["step"] % self.log_every == 0):
-            print(f"rank {self.rank} step {m['step']} loss {m['loss']:.6f} grad_norm {m['grad_norm']:.4f} "
-                  f"lr {m['lr']:.3e}", flush=True)
+            self.log(f"rank {self.rank} step {m['step']} loss {m['loss']:.6f} grad_norm {m['grad_norm']:.4f} "
+                     f"lr {m['lr']:.3e}")
         return m
 
 
@@ -136,19 +135,19 @@ def supports(cfg, mesh) -> bool:
             and mesh.micro_batch_num == 1)
 
 
-def train(cfg, rank: int, dp: int) -> int:
-    """`pretrain --use_parallel` for a pure data-parallel layout (see `supports`)."""
-    from qwen3moe.cli import CliError
-    from qwen3moe.commands.pretrain import (build_data, build_model, requested_samples, step_arguments,
-                                            total_steps, trainer_config)
+def train(cfg, rank: int, dp: int, log=lambda s: None) -> int:
+    """`pretrain --use_parallel` for a pure data-parallel layout (see `supports`); `log` gets
+    this rank's loss lines (and rank 0's metrics, checkpoints and plots)."""
     from qwen3moe.parallel.aux import dp_stats_reducer
-    from qwen3moe.parallel.comm import MindSporeComm
-    from qwen3moe.parallel.pretrain import aggregate_peak
+    from qwen3moe.parallel.comm import MindSporeComm, aggregate_peak
     from qwen3moe.training.metrics import MetricsLogger, train_flops_per_token
-    from qwen3moe.training.trainer import Trainer, TrainingAborted
+    from qwen3moe.training.recipe import (build_data, build_model, requested_samples, step_arguments,
+                                          total_steps, trainer_config)
+    from qwen3moe.training.task_config import TaskConfigError
+    from qwen3moe.training.trainer import Trainer
 
     if cfg.runner_config.batch_size % dp:
-        raise CliError(f"runner_config.batch_size {cfg.runner_config.batch_size} is not divisible by "
+        raise TaskConfigError(f"runner_config.batch_size {cfg.runner_config.batch_size} is not divisible by "
                        f"parallel_config.data_parallel {dp} (each replica takes batch_size / dp rows)")
     comm = MindSporeComm(initialise=False)  # parallel/pretrain.py ran init()
     host_sum = lambda x: comm.all_reduce(Tensor(np.asarray(x, np.float32))).asnumpy().astype(np.float64)  # noqa: E731
@@ -162,23 +161,19 @@ def train(cfg, rank: int, dp: int) -> int:
     coef = mt["aux_coef"] / (K if kind == "megatron" else 1)  # the linear form is on HF's scale
     tc = trainer_config(cfg, model, steps)
     step = ReplicaTrainStep(model, aux_coef=coef, z_coef=mt["z_coef"], aux_mode="seq" if kind == "seq" else "global",
-                            rank=rank, dp=dp, all_reduce=host_sum, aux_kind=kind, log_every=tc.log_interval,
+                            rank=rank, dp=dp, all_reduce=host_sum, aux_kind=kind, log_every=tc.log_interval, log=log,
                             stats_reducer=dp_stats_reducer(comm) if kind == "global" else None,
                             **step_arguments(cfg, model, steps))
     seq = cfg.train_dataset.data_loader.config.seq_length
-    peak = aggregate_peak(cfg)  # a collective: every rank
+    peak = aggregate_peak(cfg.runner_config.mfu_probe_size)  # a collective: every rank
     metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(model.config, seq), peak) if rank == 0 else None
     if rank:  # replicas are identical: rank 0 alone writes checkpoints, plots and metrics
         tc = dataclasses.replace(tc, save_interval=0, save_at_end=False, plot_dir=None)
-    trainer = Trainer(step, data, tc, log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
-                      metrics=metrics)
+    trainer = Trainer(step, data, tc, log=log if rank == 0 else (lambda s: None), metrics=metrics)
     t0 = time.perf_counter()
-    try:
-        trainer.fit()
-    except TrainingAborted as exc:
-        raise CliError(str(exc)) from None
-    print(f"rank {rank}: done, {len(trainer.history)} steps on {dp} data-parallel replicas in "
-          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    trainer.fit()
+    log(f"rank {rank}: done, {len(trainer.history)} steps on {dp} data-parallel replicas in "
+        f"{time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -196,31 +191,24 @@ def gather_texts(text: str, size: int) -> list[str]:
     return [bytes(rows[r, :lens[r]].astype(np.uint8)).decode("utf-8") for r in range(size)]
 
 
-def generate(args, rank: int, dp: int) -> int:
+def generate(req, rank: int, dp: int) -> list[dict] | None:
     """`generate --use_parallel` for pure dp: the compiled single-process generation (sampling and
-    batching included) on prompts rank, rank + dp, ...; rank 0 writes them in prompt order."""
+    batching included) on prompts rank, rank + dp, ...; the results in prompt order on rank 0,
+    None on the other ranks."""
     import json
-    import sys
 
-    from qwen3moe.commands.generate import _check_args, _load, _run_batch, read_prompts
-    from qwen3moe.io.atomic import atomic_write_text
+    from qwen3moe.generation.batch import generate_batch, load, read_prompts
 
-    folder = _check_args(args)
-    prompts = read_prompts(args.predict_data)
+    prompts = read_prompts(req.predict_data)
     mine = list(range(rank, len(prompts), dp))
-    tok, model, cfg = _load(folder, args)
+    tok, model, cfg = load(req)
     done: dict[int, dict] = {}
-    for i in range(0, len(mine), args.predict_batch_size):
-        chunk = mine[i:i + args.predict_batch_size]
-        results, _ = _run_batch(model, tok, cfg, [prompts[j] for j in chunk], args)
+    for i in range(0, len(mine), req.predict_batch_size):
+        chunk = mine[i:i + req.predict_batch_size]
+        results, _ = generate_batch(model, tok, cfg, [prompts[j] for j in chunk], req)
         done.update(zip(chunk, results))
     parts = gather_texts(json.dumps({str(k): v for k, v in done.items()}, ensure_ascii=False), dp)
-    if rank == 0:
-        merged = {int(k): v for p in parts for k, v in json.loads(p).items()}
-        lines = [json.dumps(merged[i], ensure_ascii=False) for i in range(len(prompts))]
-        for line in lines:
-            print(line, flush=True)
-        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
-        print(f"generate: {len(prompts)} prompts on {dp} data-parallel replicas; results in {args.output}",
-              file=sys.stderr)
-    return 0
+    if rank:
+        return None
+    merged = {int(k): v for p in parts for k, v in json.loads(p).items()}
+    return [merged[i] for i in range(len(prompts))]

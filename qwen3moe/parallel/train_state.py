@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3moe.training.checkpoint import latest_checkpoint, step_dirs
+
 STATE = "parallel_state.json"
 
 
@@ -54,27 +56,43 @@ def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) 
         tmp = d / f".{STATE}.tmp"
         tmp.write_text(json.dumps({"step": step, "layout": layout(pl.mesh), "world": pl.mesh.world_size}))
         os.replace(tmp, d / STATE)
-        for s, old in step_dirs(root)[:-max(keep_last, 1)]:
+        for s, old in step_dirs(root, STATE)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
+        remove_leftovers(root)  # every rank is past the barrier: nothing is being written
     barrier()
     return str(d)
 
 
-def step_dirs(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under root, oldest first."""
+_TEMP = re.compile(rf"^\.((optim_)?rank_\d+\.safetensors|{re.escape(STATE)})\.tmp$")  # save()'s temp names
+_RANK_FILE = re.compile(r"^(optim_)?rank_\d+\.safetensors$")
+
+
+def remove_leftovers(root: str) -> list[str]:
+    """Delete what killed saves left under `root`: temp files in step folders, and step folders
+    without a state file (a save killed before rank 0 wrote it) holding only rank files: any other
+    folder (a single-process checkpoint, user files) is left alone. Call only while no rank
+    writes: at start-up (resolve) and by rank 0 between a save's barriers. Returns the paths."""
+    from qwen3moe.training.checkpoint import remove_leftovers as remove_matching
+
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root)
-             if (m := re.fullmatch(r"step_(\d+)", n)) and os.path.isfile(os.path.join(root, n, STATE))]
-    return sorted(found)
+    steps = [n for n in os.listdir(root) if re.fullmatch(r"step_\d+", n) and os.path.isdir(os.path.join(root, n))]
+    gone = [os.path.join(n, f) for n in steps for f in remove_matching(os.path.join(root, n), _TEMP)]
+    for n in steps:
+        if all(_RANK_FILE.match(f) for f in os.listdir(os.path.join(root, n))):  # no STATE, nothing foreign
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            gone.append(n)
+    return gone
 
 
 def resolve(path: str) -> str | None:
-    """A step folder, or the newest complete one under a root; None when there is none."""
+    """A step folder, or the newest complete one under a root (removing killed saves' leftovers
+    there); None when there is none."""
     if os.path.isfile(os.path.join(path, STATE)):
+        remove_leftovers(os.path.dirname(os.path.abspath(path)))
         return path
-    found = step_dirs(path)
-    return found[-1][1] if found else None
+    remove_leftovers(path)
+    return latest_checkpoint(path, STATE)
 
 
 def read_state(path: str) -> dict:
@@ -84,18 +102,17 @@ def read_state(path: str) -> dict:
 
 def load_optimizer(path: str, opt, mesh) -> None:
     """Moments and steps of this process's AdamWs from `path` (same layout required)."""
-    from qwen3moe.cli import CliError
-    from qwen3moe.io.safetensors_io import SafetensorsFile
+    from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile
 
     saved = read_state(path)["layout"]
     if saved != layout(mesh):
-        raise CliError(f"{path}: optimizer state was saved with layout {saved}, this run is {layout(mesh)}; "
+        raise CheckpointError(f"{path}: optimizer state was saved with layout {saved}, this run is {layout(mesh)}; "
                        "resume with the same parallel_config (weights alone re-shard: load them without "
                        "resume_training)")
     for r, opts in rank_optimizers(opt).items():
         f = os.path.join(path, f"optim_rank_{r}.safetensors")
         if not os.path.isfile(f):
-            raise CliError(f"{f}: missing (incomplete sharded checkpoint)")
+            raise CheckpointError(f"{f}: missing (incomplete sharded checkpoint)")
         st = SafetensorsFile(f)
         try:
             for j, o in enumerate(opts):

@@ -23,6 +23,7 @@ from qwen3moe.parallel.collectives import SimCollectives, stage_groups
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.pipeline import one_f_one_b, run_schedule
 from qwen3moe.parallel.ranks import assemble, build_stage, stage_layers
+from qwen3moe.router.losses import switch_aux_weights
 
 
 class ParallelLM:
@@ -77,19 +78,22 @@ class ParallelLM:
         return pl
 
     # ---- inputs --------------------------------------------------------------------------
-    def split_batch(self, ids: np.ndarray, labels: np.ndarray | None = None):
-        """Per micro-batch m: {n: inputs of stage-local rank n} (dp rank n // tp gets its rows)."""
+    def split_batch(self, ids: np.ndarray, labels: np.ndarray | None = None,
+                    position_ids: np.ndarray | None = None):
+        """Per micro-batch m: {n: inputs of stage-local rank n} (dp rank n // tp gets its rows).
+        position_ids (e.g. reset after each EOD): the RoPE positions of each row, else 0..S-1."""
         m, B = self.mesh, ids.shape[0]
         M = m.micro_batch_num
         if B % (m.dp * M):
-            raise ValueError(f"global batch {B} must be divisible by dp*micro_batch_num = {m.dp}*{M}")
+            raise MeshError(f"global batch {B} must be divisible by dp*micro_batch_num = {m.dp}*{M}")
         b = B // (m.dp * M)
         out = []
         for mb in range(M):
             per = {}
             for n in range(m.dp * m.tp):
                 rows = slice((n // m.tp) * B // m.dp + mb * b, (n // m.tp) * B // m.dp + (mb + 1) * b)
-                per[n] = prepare_inputs(self.cfg, ids[rows], labels=None if labels is None else labels[rows])
+                per[n] = prepare_inputs(self.cfg, ids[rows], labels=None if labels is None else labels[rows],
+                                        position_ids=None if position_ids is None else position_ids[rows])
             out.append(per)
         return out
 
@@ -127,11 +131,11 @@ class ParallelLM:
     def _params(self, s: int) -> list:
         return [p for n in sorted(self.entries[s]) for p, _ in self.entries[s][n]]
 
-    def loss_and_grads(self, ids: np.ndarray, labels: np.ndarray):
+    def loss_and_grads(self, ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray | None = None):
         """One global batch through the 1F1B pipeline. Returns (loss reported on every stage,
         {Parameter name: accumulated gradient (numpy)}), before the data-parallel all-reduce.
         `self.last_aux` is then the aux-loss part of that loss (coefficient applied)."""
-        mbs = self.split_batch(ids, labels)
+        mbs = self.split_batch(ids, labels, position_ids)
         M, pp = len(mbs), self.mesh.pp
         n_valid = sum(float((t.labels.asnumpy() != -100).sum()) for per in mbs for n, t in per.items()
                       if n % self.mesh.tp == 0)
@@ -175,9 +179,8 @@ class ParallelLM:
     def _aux_value(self, st, m) -> float:
         if not self.sparse_layers or st.probsum.get(m) is None:
             return 0.0
-        n, L, E = self._ntok(st, m), self.sparse_layers, self.cfg.num_experts
-        c, p = st.counts[m], st.probsum[m]
-        return self.cfg.router_aux_loss_coef / len(st.mbs) * E * float((c * p).sum()) / (n * L) ** 2
+        w = switch_aux_weights(st.counts[m], self._ntok(st, m) * self.sparse_layers)
+        return self.cfg.router_aux_loss_coef / len(st.mbs) * float(w @ np.asarray(st.probsum[m], np.float64))
 
     def _ntok(self, st, m) -> float:
         return sum(float(t.token_mask.asnumpy().sum()) for n, t in st.mbs[m].items() if n % self.mesh.tp == 0)
@@ -191,15 +194,15 @@ class ParallelLM:
             if self.sparse_layers:
                 st.counts[m] = self._recv_stats(s + 1)[0]
         dout = st.dout.pop((s, m), None)
-        C = Tensor(np.asarray(st.counts[m], np.float32)) if self.sparse_layers else None
-        aux_scale = (self.cfg.router_aux_loss_coef / len(st.mbs) * (self.cfg.num_experts or 0)
-                     / (self._ntok(st, m) * self.sparse_layers) ** 2) if self.sparse_layers else 0.0
+        # the aux loss's gradient weights on this stage's router probability mass (router/losses.py)
+        W = Tensor((self.cfg.router_aux_loss_coef / len(st.mbs) * switch_aux_weights(
+            st.counts[m], self._ntok(st, m) * self.sparse_layers)).astype(np.float32)) if self.sparse_layers else None
 
         def objective(*x_in):
             xs, stats, _ = self._run_stage(s, inp, dict(zip(order, x_in)) if s else None)
             J = 0.0
             if stats is not None:
-                J = J + aux_scale * sum((C * stats[n][1]).sum() for n in order)
+                J = J + sum((W * stats[n][1]).sum() for n in order)
             if last:
                 local = engine.head_logits(cells, self.coll, xs, self.mesh, inp)
                 ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in inp.items()}, self.mesh.tp)

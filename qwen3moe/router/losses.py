@@ -23,6 +23,7 @@ z-loss (ST-MoE): mean_t logsumexp(logits_t)^2.
 """
 from __future__ import annotations
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
@@ -73,6 +74,15 @@ def switch_aux_loss(counts_E: Tensor, probsum_E: Tensor, n_tokens: Tensor) -> Te
     E = counts_E.shape[-1]
     n = ops.maximum(n_tokens, Tensor(1.0, ms.float32))
     return E * ((counts_E / n) * (probsum_E / n)).sum()
+
+
+def switch_aux_weights(counts_E, n_tokens) -> np.ndarray:
+    """w_e = E * c_e / n^2 (host, float64). With the counts held fixed the switch loss is linear
+    in the probability mass, switch_aux_loss = sum_e w_e * s_e, so sum_e w_e * s_e' over any
+    subset of the tokens (one rank's rows, one pipeline stage's layers) is that subset's share of
+    the pooled loss, and w is its gradient with respect to s' (the counts carry none)."""
+    c_E = np.asarray(counts_E, np.float64)
+    return c_E.shape[-1] * c_E / max(float(n_tokens), 1.0) ** 2
 
 
 def z_loss(logits_TE: Tensor, token_mask_T: Tensor) -> Tensor:

@@ -1,5 +1,4 @@
 """qwen3moe.training: AdamW, LR schedules, compiled train step, checkpoint/resume, trainer."""
-from qwen3moe.training.optimizer import DEFAULT_NO_DECAY, AdamW, decay_mask
 from qwen3moe.training.schedules import (Schedule, constant_with_warmup, cosine_with_warmup,
                                          linear_with_warmup, lr_at)
 
@@ -9,7 +8,11 @@ __all__ = ["AdamW", "DEFAULT_NO_DECAY", "decay_mask", "Schedule", "lr_at", "cons
 
 
 def __getattr__(name: str):
-    """Lazy: the step/trainer/checkpoint modules import the model stack."""
+    """Lazy: the optimizer/step/trainer/checkpoint modules import MindSpore (the CLI and the task
+    config must start without it)."""
+    if name in ("AdamW", "DEFAULT_NO_DECAY", "decay_mask"):
+        from qwen3moe.training import optimizer
+        return getattr(optimizer, name)
     if name == "TrainStep":
         from qwen3moe.training.step import TrainStep
         return TrainStep

@@ -12,6 +12,7 @@ same loss sequence as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,11 +27,11 @@ from mindspore import nn
 
 from qwen3moe.io.atomic import atomic_directory
 from qwen3moe.io.jsonfile import read_json_object
-from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, check_tensor_names, f32_to_bf16,
-                                        write_safetensors)
+from qwen3moe.io.safetensors_io import (CheckpointError, SafetensorsFile, check_finite, check_tensor_names,
+                                        f32_to_bf16, write_safetensors)
 from qwen3moe.layers.dtypes import write_param
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")  # step_00000004 here, step_4 (parallel/train_state.py)
 _LEFTOVER = re.compile(r"^\.step_\d{8}\.(tmp|old)-")  # atomic_directory's temp names
 STATE_FILE = "trainer_state.json"
 
@@ -68,28 +69,34 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
-def step_dirs(root: str) -> list[tuple[int, str]]:
-    """(step, path) of complete checkpoints under root, oldest first."""
+def step_dirs(root: str, state_file: str = STATE_FILE) -> list[tuple[int, str]]:
+    """(step, path) of complete checkpoints under root (step_<N> folders holding `state_file`,
+    which is written last), oldest first."""
     if not os.path.isdir(root):
         return []
     found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root)
-             if (m := _STEP_DIR.match(d)) and os.path.isfile(os.path.join(root, d, STATE_FILE))]
+             if (m := _STEP_DIR.match(d)) and os.path.isfile(os.path.join(root, d, state_file))]
     return sorted(found)
 
 
-def remove_leftovers(root: str) -> list[str]:
-    """Delete the temp folders of saves that were killed (single writer per root: nothing else
-    can be writing them). Returns their names."""
+def remove_leftovers(root: str, pattern: re.Pattern = _LEFTOVER) -> list[str]:
+    """Delete the temp folders (or files) of saves that were killed: entries of `root` whose name
+    matches `pattern` (single writer per root: nothing else can be writing them). Returns their names."""
     if not os.path.isdir(root):
         return []
-    gone = sorted(d for d in os.listdir(root) if _LEFTOVER.match(d))
+    gone = sorted(d for d in os.listdir(root) if pattern.match(d))
     for d in gone:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        path = os.path.join(root, d)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     return gone
 
 
-def latest_checkpoint(root: str) -> str | None:
-    dirs = step_dirs(root)
+def latest_checkpoint(root: str, state_file: str = STATE_FILE) -> str | None:
+    dirs = step_dirs(root, state_file)
     return dirs[-1][1] if dirs else None
 
 
@@ -152,6 +159,35 @@ def load_training_checkpoint(path: str, model: nn.Cell, optimizer,
     restore_rng(state["rng"], np_rng)
     state["path"] = path
     return state
+
+
+def export_pretrained(config, tensors, out_dir, dtype: str | None = None,
+                      tokenizer_dir=None, source: str = "checkpoint"):
+    """Native-named full tensors (a mapping name -> array, e.g. a training checkpoint's
+    model.safetensors or a re-assembled sharded one) -> HF folder, through the model's own
+    saver (per-expert layout), plus the tokenizer files of `tokenizer_dir`. Returns the model.
+    A missing, unexpected or mis-shaped tensor is a CheckpointError naming `source`."""
+    from mindspore import Tensor
+
+    from qwen3moe.io.hf_checkpoint import copy_tokenizer_files
+    from qwen3moe.layers.dtypes import skip_init
+    from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    with skip_init():  # every weight is overwritten next: skip the random init
+        model = Qwen3MoeForCausalLM(config)
+    params = list(model.get_parameters())
+    check_tensor_names(source, tensors, [p.name for p in params])  # missing or unexpected: one line
+    for p in params:
+        arr = np.asarray(tensors[p.name], np.float32)
+        if arr.size != int(np.prod(p.shape)):
+            raise CheckpointError(f"{source}: {p.name!r} has shape {arr.shape}, the model expects {tuple(p.shape)}")
+        check_finite(arr, p.name, source)  # never export NaN/Inf weights
+        t = Tensor(arr.reshape(p.shape))
+        p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
+    model.save_pretrained(out_dir, dtype=dtype)
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, out_dir)
+    return model
 
 
 def _open(path: str) -> tuple[SafetensorsFile, SafetensorsFile, dict]:

@@ -10,6 +10,7 @@ compiled fp32 matmul probe (best of 5), so it is a fraction of what this machine
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -74,7 +75,9 @@ def is_finite_step(m: dict) -> bool:
 
 
 class MetricsLogger:
-    """Per-interval records -> `<out>/metrics.jsonl` and `<out>/metrics.csv` (appends on resume)."""
+    """Per-interval records -> `<out>/metrics.jsonl` and `<out>/metrics.csv`. A resumed run
+    appends after `resume_at(step)` dropped the rows of later steps (it trains them again), so
+    each step has one row, as in an uninterrupted run."""
 
     def __init__(self, out_dir: str, flops_per_token: float = float("nan"),
                  peak_flops: float = float("nan")) -> None:
@@ -110,8 +113,42 @@ class MetricsLogger:
         self._csv_fh.flush()
         return rec
 
+    def resume_at(self, step: int) -> None:
+        """Drop rows of steps after `step` (and a line cut short by a kill), atomically."""
+        from qwen3moe.io.atomic import atomic_write_text
+
+        if os.path.isfile(self.jsonl_path):
+            with open(self.jsonl_path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+            atomic_write_text(self.jsonl_path, "".join(f"{line}\n" for line in lines if _row_step(line) <= step))
+        self._csv_fh.close()
+        with open(self.csv_path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if _float(r.get("step")) <= step]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.csv_path, buf.getvalue())
+        self._csv_fh = open(self.csv_path, "a", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._csv_fh, CSV_FIELDS, extrasaction="ignore")
+
     def close(self) -> None:
         self._csv_fh.close()
+
+
+def _row_step(line: str) -> float:
+    """A JSONL row's step; +inf (dropped) for a line a kill cut short."""
+    try:
+        return _float(json.loads(line).get("step"))
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.inf
 
 
 def _num(v: Any) -> Any:

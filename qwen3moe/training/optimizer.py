@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.dtypes import write_param
 
 # name patterns usually excluded from weight decay: norm weights and biases
@@ -118,7 +119,7 @@ class AdamW(nn.Cell):
     def load_state_arrays(self, arrays: dict) -> None:
         for q in list(self.exp_avg) + list(self.exp_avg_sq) + [self.step]:
             if q.name not in arrays:
-                raise KeyError(f"optimizer state {q.name!r} missing from checkpoint")
+                raise CheckpointError(f"optimizer state {q.name!r} missing from the checkpoint")
             write_param(q, arrays[q.name])  # in place: the compiled update keeps its buffers
 
 

@@ -21,10 +21,12 @@ from typing import Any
 
 import mindspore as ms
 
+from qwen3moe.errors import Qwen3MoeError
+
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(Qwen3MoeError, ValueError):
     """Bad compute dtype / loss-scale setting: one line naming the key."""
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwen3moe.errors import Qwen3MoeError
 
-class RecomputeError(ValueError):
+
+class RecomputeError(Qwen3MoeError, ValueError):
     """Bad `recompute_config.recompute` value: one line naming the key."""
 
 

@@ -3,9 +3,9 @@
 MindSpore 2.10's `Tensor.asnumpy()` first waits for the runtime queues, and that wait is a spin
 loop (runtime/pipeline/async_rqueue.cc `AsyncRQueue::Wait`: `while (!tasks_queue_.IsEmpty()) {}`).
 While a training step runs, the Python thread that asked for its outputs therefore spins for the
-whole step. On a 2-core machine that is one runnable thread too many: perf put ~30% of the
-step's CPU samples in that loop, and the bench-mini train step ran 1.41x faster (1.71-1.77 ->
-1.21-1.22 s, same process settings) once the waiting thread had SCHED_IDLE priority.
+whole step. On a 2-core machine that is one runnable thread too many, and the train step is
+clearly faster once the waiting thread has SCHED_IDLE priority (bench/RESULTS.md, "Figures moved
+from docstrings").
 
 `fetch(*tensors)` does the waiting on one helper thread that lowers itself to SCHED_IDLE once
 (it then only runs on otherwise idle cores) and returns the numpy arrays; the caller blocks on a

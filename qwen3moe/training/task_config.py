@@ -19,11 +19,8 @@ from typing import Any
 
 import yaml
 
+from qwen3moe.errors import TaskConfigError  # noqa: F401  (raised here, imported from here)
 from qwen3moe.models.config import ConfigError, Qwen3MoeConfig
-
-
-class TaskConfigError(ValueError):
-    """A task-config problem: one line with the dotted key path."""
 
 
 # ---- sections -------------------------------------------------------------------------------
@@ -437,60 +434,10 @@ def _validate(cfg: TaskConfig) -> None:
                 raise unknown_key(f"callbacks[{i}].{key}", key, valid)
     if cfg.run_mode in ("train", "finetune"):
         map_model_config(cfg.model.model_config, "model.model_config")
-    _validate_training(cfg)
-    cfg.resume_override = _resume_override(cfg.resume_override)
+    from qwen3moe.training.task_checks import check_training_values, resume_override
 
-
-RESUME_OVERRIDES = ("model", "data")
-
-
-def _resume_override(value: Any) -> list[str]:
-    """`model,data` / [model, data] -> ["model", "data"]; anything else is an error."""
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
-    names = [str(v).strip() for v in items if str(v).strip()]
-    bad = [n for n in names if n not in RESUME_OVERRIDES]
-    if bad:
-        raise TaskConfigError(f"resume_override: {bad[0]!r} is not one of {', '.join(RESUME_OVERRIDES)}")
-    return names
-
-
-def _validate_training(cfg: TaskConfig) -> None:
-    """Run, optimizer and schedule values a training run cannot use: one line naming the key."""
-    r, o, ls, w = cfg.runner_config, cfg.optimizer, cfg.lr_schedule, cfg.runner_wrapper
-    seq = cfg.train_dataset.data_loader.config.seq_length
-    checks = [("runner_config.batch_size", r.batch_size, r.batch_size >= 1, ">= 1"),
-              ("runner_config.gradient_accumulation_steps", r.gradient_accumulation_steps,
-               r.gradient_accumulation_steps >= 1, ">= 1"),
-              ("runner_config.log_interval", r.log_interval, r.log_interval >= 1, ">= 1"),
-              ("runner_config.epochs", r.epochs, r.epochs >= 1, ">= 1"),
-              ("runner_config.train_steps", r.train_steps, r.train_steps == -1 or r.train_steps >= 1,
-               "-1 (from lr_schedule.total_steps or epochs) or >= 1"),
-              ("train_dataset.data_loader.config.seq_length", seq, seq >= 1, ">= 1"),
-              ("optimizer.learning_rate", o.learning_rate, o.learning_rate is None or o.learning_rate >= 0, ">= 0"),
-              ("lr_schedule.learning_rate", ls.learning_rate, ls.learning_rate >= 0, ">= 0"),
-              ("optimizer.eps", o.eps, o.eps > 0, "> 0"),
-              ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
-              ("optimizer.betas", o.betas, len(o.betas) == 2 and all(
-                  isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas),
-               "two numbers in [0, 1)"),
-              ("lr_schedule.warmup_steps", ls.warmup_steps, ls.warmup_steps >= 0, ">= 0"),
-              ("lr_schedule.warmup_ratio", ls.warmup_ratio, 0 <= ls.warmup_ratio <= 1, "in [0, 1]"),
-              ("lr_schedule.total_steps", ls.total_steps, ls.total_steps == -1 or ls.total_steps >= 1,
-               "-1 (the run's step count) or >= 1"),
-              ("lr_schedule.min_lr", ls.min_lr, ls.min_lr is None or ls.min_lr >= 0, ">= 0"),
-              ("lr_schedule.lr_end", ls.lr_end, ls.lr_end >= 0, ">= 0"),
-              ("runner_wrapper.max_grad_norm", w.max_grad_norm, not w.use_clip_grad or w.max_grad_norm > 0, "> 0")]
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise TaskConfigError(f"{key} must be {expected}, got {value!r}")
-    peak = o.learning_rate if o.learning_rate is not None else ls.learning_rate
-    floor, floor_key = (ls.min_lr, "lr_schedule.min_lr") if ls.min_lr is not None else (ls.lr_end, "lr_schedule.lr_end")
-    if floor > peak:
-        raise TaskConfigError(f"{floor_key} ({floor}) is above the peak learning rate ({peak}): "
-                              "the schedule would rise instead of decay")
-    if ls.total_steps >= 1 and ls.warmup_steps > ls.total_steps:
-        raise TaskConfigError(f"lr_schedule.warmup_steps ({ls.warmup_steps}) is longer than "
-                              f"lr_schedule.total_steps ({ls.total_steps})")
+    check_training_values(cfg)
+    cfg.resume_override = resume_override(cfg.resume_override)
 
 
 # keys of the callbacks acted on (others are ignored whole, with a note)

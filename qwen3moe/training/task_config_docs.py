@@ -113,7 +113,7 @@ TASK_FIELD_DOCS: dict[str, str] = {
     "DataConfig.pad": "Padding token id; padded positions get no loss.",
     "DataConfig.eod_mask_loss": "No loss on EOD positions.",
     "DataConfig.reset_position_ids": "Restart position ids after every EOD.",
-    "DataConfig.reset_attention_mask": "Block attention across documents: GPTDataset builds it as megatron-core does, but the train step uses a plain causal mask, so no effect on training yet.",
+    "DataConfig.reset_attention_mask": "Block attention across documents: GPTDataset builds it as megatron-core does, but the train step uses a plain causal mask, so `true` is refused (an error, not a silent no-op).",
     "DataConfig.create_attention_mask": "GPTDataset option (megatron-core semantics); the train step builds its own causal mask, so no effect on training.",
     "DataConfig.create_compressed_eod_mask": NO_EFFECT,
     "DataConfig.eod_pad_length": NO_EFFECT,

@@ -10,10 +10,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint,
+from qwen3moe.errors import Qwen3MoeError
+from qwen3moe.training.checkpoint import (latest_checkpoint, load_training_checkpoint, remove_leftovers,
                                           save_training_checkpoint)
 from qwen3moe.training.metrics import MetricsLogger, format_record, is_finite_step, write_plots
 from qwen3moe.training.step import TrainStep
@@ -56,7 +58,7 @@ class TrainerConfig:
     resume_override: tuple[str, ...] = ()  # "model" / "data": resume although these differ
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(Qwen3MoeError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
@@ -91,15 +93,23 @@ class Trainer:
     step_fn: TrainStep
     data: TokenWindows
     config: TrainerConfig
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = lambda text: None  # the caller decides where lines go
     history: list[dict] = field(default_factory=list)
     metrics: MetricsLogger | None = None
     skipped_total: int = 0
     skipped_run: int = 0
+    # how the step's state is saved and resumed when it is not step_fn.model / .optimizer in one
+    # process (parallel/pretrain.ShardedCheckpointer): .resume(trainer) -> start step,
+    # .save(trainer, step) -> path
+    checkpointer: Any = None
 
     def resume(self) -> int:
         """Load the latest checkpoint (resume_from, else checkpoint_dir) if any; returns the start step."""
+        if self.checkpointer is not None:
+            return self.checkpointer.resume(self)
         c = self.config
+        if c.checkpoint_dir:
+            remove_leftovers(c.checkpoint_dir)  # killed saves' temp folders, even with nothing to resume (one listdir)
         src = c.resume_from or (c.checkpoint_dir if c.resume else None)
         if not src or (not c.resume_from and latest_checkpoint(src) is None):
             return 0
@@ -114,6 +124,8 @@ class Trainer:
     def fit(self) -> list[dict]:
         c, t_start = self.config, time.perf_counter()
         start = self.resume()
+        if start and self.metrics is not None:
+            self.metrics.resume_at(start)
         bar = _progress(c, start)
         say = self.log if bar is None else _around_bar(bar, self.log)
         window: list[dict] = []
@@ -160,10 +172,13 @@ class Trainer:
 
     def save(self, step: int) -> str:
         c = self.config
-        path = save_training_checkpoint(c.checkpoint_dir, step, self.step_fn.model, self.step_fn.optimizer,
-                                        schedule=_schedule_dict(self.step_fn), data_position=step,
-                                        keep_last=c.keep_last,
-                                        extra={**c.checkpoint_extra, "skipped_total": self.skipped_total})
+        if self.checkpointer is not None:
+            path = self.checkpointer.save(self, step)
+        else:
+            path = save_training_checkpoint(c.checkpoint_dir, step, self.step_fn.model, self.step_fn.optimizer,
+                                            schedule=_schedule_dict(self.step_fn), data_position=step,
+                                            keep_last=c.keep_last,
+                                            extra={**c.checkpoint_extra, "skipped_total": self.skipped_total})
         if c.plot_dir and self.history:
             write_plots(self.history, c.plot_dir)
         return path
@@ -210,5 +225,10 @@ def format_metrics(m: dict, window: list[dict], total: int) -> str:
     tps = sum(w["tokens"] for w in window) / max(sum(w["step_time_s"] for w in window), 1e-9)
     load = max(m["expert_load_max"]) if m["expert_load_max"] else float("nan")
     return (f"step {m['step']:>5}/{total} | loss {m['loss']:.4f} | lm {m['lm_loss']:.4f} | "
-            f"aux {m['aux']:.4f} | z {m['z']:.3f} | grad_norm {m['grad_norm']:.3f} | "
+            f"aux {_fmt(m['aux'], '.4f')} | z {m['z']:.3f} | grad_norm {m['grad_norm']:.3f} | "
             f"lr {m['lr']:.2e} | {tps:,.0f} tok/s | max expert load {load:.2f}x")
+
+
+def _fmt(v, spec: str) -> str:
+    """A metric that may be unknown (None: e.g. the aux value of a run without aux loss)."""
+    return "n/a" if v is None else format(v, spec)

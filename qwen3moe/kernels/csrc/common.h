@@ -19,7 +19,7 @@ extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, 
 extern "C" int openblas_get_num_threads64_();
 extern "C" void openblas_set_num_threads64_(int);
 static const int kRow = 101, kN = 111, kT = 112;
-#ifdef QWEN3MOE_DNNL
+#if defined(QWEN3MOE_DNNL) && !defined(ONEAPI_DNNL_DNNL_H)  // (bench/dnnl_decompress.cc has dnnl.h)
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                           int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 #endif

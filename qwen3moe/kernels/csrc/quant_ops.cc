@@ -13,9 +13,8 @@
 #include <memory>
 #include <vector>
 
-#include <omp.h>
-
 #include "common.h"
+#include "decode_pool.h"
 #include "quant_common.h"
 
 static const int64_t kGemvRows = 16, kTile = 64, kChunkRows = 64;
@@ -33,24 +32,32 @@ static float *tile_scratch(int64_t n) {
   return p.get();
 }
 
+// fn(i) for i in [0, n): on the decode pool (decode_pool.h: an OpenMP barrier waits for a
+// descheduled thread on a loaded machine, which made a decode-sized GEMV ~50x slower; figures in
+// bench/RESULTS.md) or serially inside an already parallel task.
+template <class F>
+static void for_each(int64_t n, bool parallel, F &&fn) {
+  if (parallel && n > 1)
+    Pool::get().run(n, [&fn](int64_t i) { fn(i); });
+  else
+    for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
 // y[T, O] (row stride ldy) = x[T, I] @ W^T, parallel over weight rows; used by the MoE kernel too
 static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy, bool parallel) {
   if (T < kGemvRows) {
-    const int64_t nc = (O + kChunkRows - 1) / kChunkRows;
-#pragma omp parallel for schedule(dynamic, 1) if (parallel && nc > 1)
-    for (int64_t c = 0; c < nc; ++c)
+    for_each((O + kChunkRows - 1) / kChunkRows, parallel, [&](int64_t c) {
       rows_dot_q(W, c * kChunkRows, std::min(O, (c + 1) * kChunkRows), x, W.I, T, y, ldy);
+    });
     return;
   }
-  SerialBlas serial;
-  const int64_t nt = (O + kTile - 1) / kTile;
-#pragma omp parallel for schedule(dynamic, 1) if (parallel && nt > 1)
-  for (int64_t t = 0; t < nt; ++t) {
+  SerialBlas serial;  // (OpenBLAS backend) one thread per tile
+  for_each((O + kTile - 1) / kTile, parallel, [&](int64_t t) {
     const int64_t o0 = t * kTile, n = std::min(O, o0 + kTile) - o0;
     float *wt = tile_scratch(kTile * W.I);
     dequant_rows(W, o0, n, wt, W.I);
     gemm(false, true, T, n, W.I, x, W.I, wt, W.I, y + o0, ldy, 0.0f);
-  }
+  });
 }
 
 // inputs: x [..., I] float32, then one weight: bf16 [O, I] | (qweight uint8 [O, I or I/2],
@@ -78,7 +85,7 @@ static float *scratch(int slot, int64_t n) {
 // inputs: x [T,H] float32, idx [T,K] int32, w [T,K] float32, gate_up weight [E,2I,H] and down
 //         weight [E,H,I], each bf16 (one param) or qweight/scales/qzeros (three params)
 // output: y [T,H] = sum_j w_tj * SwiGLU_{idx_tj}(x_t), summed in j order as moe_fused.cc
-// Experts run in parallel (one thread each, dynamic); an expert with fewer than kGemvRows rows
+// Experts run in parallel (one thread each, claimed dynamically on the decode pool); an expert with fewer than kGemvRows rows
 // streams its weights (qlinear's GEMV path), a busier one goes through dequantized tiles + sgemm.
 extern "C" int QuantMoeFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
@@ -103,25 +110,24 @@ extern "C" int QuantMoeFwd(int nparam, void **params, int *ndims, int64_t **shap
   std::vector<int64_t> cur(off.begin(), off.end() - 1);
   for (int64_t a = 0; a < A; ++a) row[a] = cur[idx[a]]++;
   float *xs = scratch(0, A * H), *g = scratch(1, A * I2), *act = scratch(2, A * I), *ye = scratch(3, A * H);
-#pragma omp parallel for schedule(static)
-  for (int64_t a = 0; a < A; ++a) std::memcpy(xs + row[a] * H, x + (a / K) * H, H * sizeof(float));
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], n = off[e + 1] - off[e];
-    if (n == 0) continue;
+  for_each(A, A >= 64, [&](int64_t a) { std::memcpy(xs + row[a] * H, x + (a / K) * H, H * sizeof(float)); });
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (off[e + 1] > off[e]) active.push_back(e);
+  for_each(static_cast<int64_t>(active.size()), true, [&](int64_t j) {
+    const int64_t e = active[j], r0 = off[e], n = off[e + 1] - off[e];
     qlinear(gu.rows(e * I2), I2, xs + r0 * H, n, g + r0 * I2, I2, false);
     for (int64_t r = r0; r < r0 + n; ++r) silu_mul(g + r * I2, g + r * I2 + I, act + r * I, I);
     qlinear(dn.rows(e * H), H, act + r0 * I, n, ye + r0 * H, H, false);
-  }
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
+  });
+  for_each(T, T >= 16, [&](int64_t t) {
     float *yt = y + t * H;
     std::memset(yt, 0, H * sizeof(float));
     for (int64_t j = 0; j < K; ++j) {
       const float wt = w[t * K + j], *src = ye + row[t * K + j] * H;
       for (int64_t c = 0; c < H; ++c) yt[c] += wt * src[c];
     }
-  }
+  });
   return 0;
 }
 

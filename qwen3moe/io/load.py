@@ -1,0 +1,43 @@
+"""`Qwen3MoeForCausalLM.from_pretrained`'s loader: a GPTQ folder loads quantized as stored
+(io/gptq.py), `quantization=` quantizes while loading (io/quantized.py), anything else loads the
+float weights (io/hf_checkpoint.py). The dispatch lives here, above the three loaders, so none of
+them imports another's caller (no import circle).
+"""
+from __future__ import annotations
+
+from qwen3moe.io.hf_checkpoint import check_folder, load_pretrained as load_float
+from qwen3moe.io.safetensors_io import CheckpointError
+
+
+def load_pretrained(cls, path, dtype: str | None = "float32", config=None, quantization=None,
+                    group_size: int | None = None):
+    """Build `cls(config)` without random init and fill it from an HF folder (quantized if asked,
+    or as stored for GPTQ folders)."""
+    from qwen3moe.layers.dtypes import to_ms_dtype
+
+    directory, config = check_folder(path, config)
+    quantized = _load_quantized(cls, directory, config, to_ms_dtype(dtype or config.torch_dtype),
+                                quantization, group_size)
+    if quantized is not None:
+        return quantized
+    return load_float(cls, directory, dtype=dtype, config=config)
+
+
+def _load_quantized(cls, directory, config, param_dtype, quantization, group_size):
+    """A quantized model when the folder is GPTQ or `quantization` is set, else None."""
+    from qwen3moe.io.gptq import gptq_config, load_gptq
+    from qwen3moe.io.quantized import load_quantizing
+    from qwen3moe.layers.quant import QuantizationConfig
+
+    qc = QuantizationConfig.of(quantization, group_size)
+    stored = gptq_config(config, directory)
+    if stored is not None:
+        if qc is not None:
+            raise CheckpointError(f"{directory}: already quantized ({stored.config.bits}-bit GPTQ); "
+                                  f"load it without quantization=/--quantize")
+        return load_gptq(cls, directory, config, stored, param_dtype)
+    if qc is None:
+        if group_size is not None:
+            raise CheckpointError("group_size is only used with quantization='int8'/'int4'")
+        return None
+    return load_quantizing(cls, directory, config, qc, param_dtype)

@@ -1,0 +1,81 @@
+"""NumPy references shared by the kernel tests: the fused decode step (attention block with
+its cache write, MoE block) and the quantized weight layout (codes drawn before packing).
+Independent of the kernels: float math straight from HF Qwen3-MoE and docs/quantization.md."""
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6
+MASKED = float(np.finfo(np.float32).min)
+
+
+def rms_ref(x, w):
+    return w * (x / np.sqrt((x * x).mean(-1, keepdims=True) + EPS))
+
+
+def rope_ref(x, cos, sin):
+    h = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., h:], x[..., :h]], -1) * sin
+
+
+def ref_attn(w, x_BH, kc, vc, cos_BD, sin_BD, bias_BT, slot):
+    """x + o_proj(attention(rms(x))) for one query per row; returns (y, new k cache, new v cache)."""
+    B, K, _, D = kc.shape
+    N = w["wq"].shape[0] // D
+    xn = rms_ref(x_BH, w["ln1"])
+    q = rms_ref((xn @ w["wq"].T).reshape(B, N, D), w["qn"])
+    k = rms_ref((xn @ w["wk"].T).reshape(B, K, D), w["kn"])
+    v = (xn @ w["wv"].T).reshape(B, K, D)
+    q, k = rope_ref(q, cos_BD[:, None], sin_BD[:, None]), rope_ref(k, cos_BD[:, None], sin_BD[:, None])
+    kc, vc = kc.copy(), vc.copy()
+    kc[:, :, slot], vc[:, :, slot] = k, v
+    kk = np.repeat(kc, N // K, axis=1)  # query head n uses kv head n // G
+    vv = np.repeat(vc, N // K, axis=1)
+    s = np.einsum("bnd,bntd->bnt", q, kk) * D ** -0.5 + bias_BT[:, None]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("bnt,bntd->bnd", p, vv).reshape(B, N * D)
+    return x_BH + o @ w["wo"].T, kc, vc
+
+
+def ref_moe(w, h_BH, norm_topk, top_k=2):
+    I = w["wd"].shape[2]
+    z = rms_ref(h_BH, w["ln2"])
+    logits = z @ w["wr"].T
+    pr = np.exp(logits - logits.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    idx = np.argsort(-pr, -1, kind="stable")[:, :top_k]
+    wt = np.take_along_axis(pr, idx, -1)
+    if norm_topk:
+        wt = wt / wt.sum(-1, keepdims=True)
+    y = np.zeros_like(h_BH)
+    for b in range(h_BH.shape[0]):
+        for j in range(top_k):
+            gu = w["wgu"][idx[b, j]] @ z[b]
+            g, u = gu[:I], gu[I:]
+            y[b] += wt[b, j] * (w["wd"][idx[b, j]] @ (g / (1 + np.exp(-g)) * u))
+    return h_BH + y
+
+
+def decode_weights(rng, H=32, N=4, K=2, D=8, E=6, I=16):
+    f = lambda *s, sc=0.2: (rng.standard_normal(s) * sc).astype(np.float32)  # noqa: E731
+    return dict(ln1=1 + f(H), wq=f(N * D, H), wk=f(K * D, H), wv=f(K * D, H), qn=1 + f(D), kn=1 + f(D),
+                wo=f(H, N * D), ln2=1 + f(H), wr=f(E, H, sc=1.0), wgu=f(E, 2 * I, H), wd=f(H * E, I).reshape(E, H, I))
+
+
+def quant_arrays(rng, shape, mode, g=None, scale=0.05):
+    """(numpy tensors of the layout, float64 W) for a weight of `shape` [..., O, I]; bf16 is its
+    uint16 bit pattern. |W| ~ scale * 2 ** bits / 2 for the quantized modes."""
+    *lead, O, I = shape
+    if mode == "bf16":
+        bits = (rng.standard_normal(shape).astype(np.float32) * scale * 4).view(np.uint32) >> 16
+        return [bits.astype(np.uint16)], (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    nbits = 8 if mode == "int8" else 4
+    g = I if g is None else g
+    G = I // g
+    u = rng.integers(0, 2 ** nbits, shape).astype(np.uint8)
+    z = rng.integers(0, 2 ** nbits, (*lead, O, G)).astype(np.uint8)
+    s = (rng.uniform(0.5, 2.0, (*lead, O, G)) * rng.choice([-1, 1], (*lead, O, G)) * scale).astype(np.float16)
+    w = (u.astype(np.float64) - np.repeat(z, g, -1)) * np.repeat(s.astype(np.float64), g, -1)
+    q = u if nbits == 8 else (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return [q, s, z], w

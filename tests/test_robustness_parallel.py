@@ -1,0 +1,127 @@
+"""Issue 15 part B, BAD 10: the parallel loaders give the single-process loader's one-line
+CheckpointError (same helper, same text) for a missing tensor, never a raw KeyError."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from qwen3moe.layers.dtypes import set_init_seed
+
+    set_init_seed(1)
+    cfg = Qwen3MoeConfig.from_preset("tiny", vocab_size=128, num_hidden_layers=2, num_key_value_heads=2,
+                                     head_dim=16)
+    model = Qwen3MoeForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path)  # per-expert HF layout
+    return model, path
+
+
+def _without(src, dst, drop: str):
+    """A copy of HF folder `src` whose safetensors lack tensor `drop`."""
+    import shutil
+
+    from qwen3moe.io.safetensors_io import SafetensorsFile, write_safetensors
+
+    shutil.copytree(src, dst)
+    for f in sorted(dst.glob("*.safetensors")):
+        st = SafetensorsFile(str(f))
+        tensors = [(k, st.read(k), st.entries[k]["dtype"]) for k in st.keys() if k != drop]
+        st.close()
+        write_safetensors(str(f), tensors)
+    return dst
+
+
+@pytest.mark.parametrize("drop", ["model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.o_proj.weight",
+                                  "model.layers.1.mlp.experts.0.up_proj.weight"])
+def test_parallel_load_missing_tensor_is_the_single_process_error(saved, tmp_path, drop):
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import CheckpointError
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    folder = _without(saved[1], tmp_path / "m", drop)
+    with pytest.raises(CheckpointError) as single:
+        Qwen3MoeForCausalLM.from_pretrained(str(folder))
+    with pytest.raises(CheckpointError) as parallel:
+        ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
+    assert f"missing tensor {drop!r}" in str(single.value)
+    assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)
+
+
+def test_sharded_checkpoint_missing_tensor_names_the_folder(saved, tmp_path):
+    from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+    from qwen3moe.parallel.checkpoint import export_hf, load_sharded, save_sharded
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    model = saved[0]
+    d = tmp_path / "sharded"
+    save_sharded(ParallelLM.from_model(model, Mesh(tp=2), train=False), d)
+    f = d / "rank_0.safetensors"
+    st = SafetensorsFile(str(f))
+    keys = [k for k in st.keys() if not k.startswith("model.norm.weight|")]
+    tensors = [(k, st.read(k), "F32") for k in keys]
+    st.close()
+    for g in d.glob("rank_*.safetensors"):  # every rank loses it (replicated tensor)
+        if g != f:
+            sg = SafetensorsFile(str(g))
+            rest = [(k, sg.read(k), "F32") for k in sg.keys() if not k.startswith("model.norm.weight|")]
+            sg.close()
+            write_safetensors(str(g), rest)
+    write_safetensors(str(f), tensors)
+    with pytest.raises(CheckpointError, match=r"sharded.*missing tensor 'model\.norm\.weight'"):
+        export_hf(d, model.config, tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"sharded.*missing tensor 'model\.norm\.weight'"):
+        load_sharded(d)["model.norm.weight"]  # the getter --use_parallel resumes through
+    np.testing.assert_equal(sorted(p.name for p in d.iterdir()), ["rank_0.safetensors", "rank_1.safetensors"])
+
+
+# ---- killed parallel saves leave no temp files or partial step folders (BAD 3, --use_parallel) ----
+def _killed_saves(root):
+    """step_2 complete but holding a killed re-save's temps; step_4 a save killed before its state file."""
+    from qwen3moe.parallel.train_state import STATE
+
+    (root / "step_2").mkdir(parents=True)
+    for name in ("rank_0.safetensors", "optim_rank_0.safetensors", STATE, ".optim_rank_1.safetensors.tmp",
+                 ".rank_1.safetensors.tmp", f".{STATE}.tmp"):
+        (root / "step_2" / name).write_text("{}" if name == STATE else "x")
+    (root / "step_4").mkdir()
+    for name in ("rank_0.safetensors", ".optim_rank_0.safetensors.tmp"):
+        (root / "step_4" / name).write_text("x")
+    for d, name in (("step_00000003", "trainer_state.json"), ("step_5", "notes.txt")):  # not ours: kept
+        (root / d).mkdir()
+        (root / d / name).write_text("keep")
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_parallel_resume_removes_killed_save_leftovers(tmp_path):
+    from qwen3moe.parallel.train_state import STATE, resolve
+
+    _killed_saves(tmp_path)
+    assert resolve(str(tmp_path)) == str(tmp_path / "step_2")
+    assert _listing(tmp_path) == ["step_00000003", "step_00000003/trainer_state.json", "step_2",
+                                  "step_2/optim_rank_0.safetensors", f"step_2/{STATE}", "step_2/rank_0.safetensors",
+                                  "step_5", "step_5/notes.txt"]
+
+
+def test_parallel_save_removes_killed_save_leftovers(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qwen3moe.parallel import checkpoint, train_state
+
+    _killed_saves(tmp_path)
+    monkeypatch.setattr(checkpoint, "save_sharded", lambda pl, d: (d.mkdir(), (d / "rank_0.safetensors").write_text("x")))
+    monkeypatch.setattr(train_state, "rank_optimizers", lambda opt: {})
+    mesh = SimpleNamespace(dp=1, tp=1, pp=1, ep=1, sp=False, world_size=1)
+    train_state.save(str(tmp_path), 6, SimpleNamespace(mesh=mesh), None, 0, lambda: None, keep_last=2)
+    assert _listing(tmp_path) == ["step_00000003", "step_00000003/trainer_state.json", "step_2",
+                                  "step_2/optim_rank_0.safetensors", f"step_2/{train_state.STATE}",
+                                  "step_2/rank_0.safetensors", "step_5", "step_5/notes.txt", "step_6",
+                                  f"step_6/{train_state.STATE}", "step_6/rank_0.safetensors"]
