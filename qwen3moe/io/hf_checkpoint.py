@@ -94,12 +94,20 @@ def native_sources(name: str, num_experts: int, have: set[str]) -> list[str]:
     return [f"{prefix}.{j}.{proj}.weight" for j in range(num_experts) for proj in EXPERT_KEY_MAP[kind]]
 
 
-def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int) -> np.ndarray:
+def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int,
+                bits: bool = False) -> np.ndarray | None:
+    """Our Parameter `name` as float32 from its HF tensor(s). bits=True: as stored bf16 bits
+    (uint16) when every source tensor is BF16, else None (the caller widens and rounds instead)."""
     keys = native_sources(name, num_experts, set(src.where))
     check_tensor_names(src.directory, src.where, keys, name, unexpected=False)
+    read = read_weight
+    if bits:
+        if any(src.where[k].dtype(k) != "BF16" for k in keys):
+            return None
+        read = read_bf16_bits
     if len(keys) > 1:
-        return _read_fused(src, name, keys, shape, len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)]))
-    arr = read_weight(src, keys[0])
+        return _read_fused(src, name, keys, shape, len(EXPERT_KEY_MAP[_FUSED.match(name).group(2)]), read)
+    arr = read(src, keys[0])
     if tuple(arr.shape) != tuple(shape):
         raise CheckpointError(f"{src.file_of(keys[0])}: tensor {keys[0]!r} has shape {list(arr.shape)}, "
                               f"expected {list(shape)} for {name}")
@@ -117,14 +125,25 @@ def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
     return arr
 
 
-def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[int, ...], per: int) -> np.ndarray:
+def read_bf16_bits(src: CheckpointSource, key: str) -> np.ndarray:
+    """A BF16 tensor's stored bit pattern as uint16 (no fp32 copy); NaN/Inf is an error naming it."""
+    st = src.where[key]
+    bits = st.read_raw(key).view(np.uint16).reshape(st.shape(key))
+    if ((bits & 0x7F80) == 0x7F80).any():  # exponent all ones: Inf or NaN
+        raise CheckpointError(f"{st.path}: tensor {key!r} holds non-finite values (NaN or Inf)")
+    return bits
+
+
+def _read_fused(src: CheckpointSource, name: str, keys: list[str], shape: tuple[int, ...], per: int,
+                read=read_weight) -> np.ndarray:
     """Per-expert tensors (keys in expert-major order, `per` projections each, concatenated on
-    rows) written straight into one [E, rows, cols] float32 array: the transient is one expert
-    tensor, not a second and third copy of the stack (peak RSS: bench/RESULTS.md)."""
-    out = np.empty(shape, np.float32)
+    rows) written straight into one [E, rows, cols] array (float32, or bf16 bits from
+    read_bf16_bits): the transient is one expert tensor, not a second and third copy of the stack
+    (peak RSS: bench/RESULTS.md)."""
+    out = np.empty(shape, np.uint16 if read is read_bf16_bits else np.float32)
     expected = (shape[1] // per, *shape[2:])
     for i, k in enumerate(keys):
-        part = read_weight(src, k)
+        part = read(src, k)
         if tuple(part.shape) != expected:
             raise CheckpointError(f"{src.file_of(k)}: tensor {k!r} has shape {list(part.shape)}, "
                                   f"expected {list(expected)} for {name}")
@@ -153,10 +172,8 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
         model = cls(config, param_dtype=param_dtype)
     used: set[str] = set()
     for p in model.get_parameters():
-        arr = read_native(src, p.name, tuple(p.shape), config.num_experts)
+        load_param(src, p, config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
-        store_param(p, arr)
-        del arr
     unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} in "
@@ -164,6 +181,24 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
                               + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     model.source_dir = directory
     return model
+
+
+def load_param(src: CheckpointSource, p, num_experts: int) -> None:
+    """Fill a freshly built Parameter from the folder. bf16 storage of BF16 tensors takes the
+    stored bits: widening to fp32 and rounding back would cost the fp32 tensor plus numpy's
+    rounding temporaries (several times a [128, 1536, 2048] expert stack: bench/RESULTS.md)."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.layers.dtypes import BF16_BITS
+
+    if p.dtype in (BF16_BITS, ms.bfloat16):
+        bits = read_native(src, p.name, tuple(p.shape), num_experts, bits=True)
+        if bits is not None:
+            t = Tensor.from_numpy(np.ascontiguousarray(bits))
+            p.set_data(t if p.dtype == BF16_BITS else t.view(ms.bfloat16))
+            return
+    store_param(p, read_native(src, p.name, tuple(p.shape), num_experts))
 
 
 def store_param(p, arr: np.ndarray) -> None:

@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, CheckpointSource, native_sources, read_native,
-                                       read_weight, store_param)
+from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, CheckpointSource, load_param, native_sources,
+                                       read_native, read_weight)
 from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight, quantize
 
@@ -116,24 +116,11 @@ def load_quantizing(cls, directory: str, config, qc: QuantizationConfig, param_d
 
 def load_plain(src: CheckpointSource, model, skip: set[int], config) -> set[str]:
     """The unquantized Parameters (embeddings, norms, router, a float lm_head)."""
-    from mindspore import Tensor
-
-    from qwen3moe.layers.dtypes import BF16_BITS
-
     used: set[str] = set()
     for p in model.get_parameters():
         if id(p) in skip:
             continue
-        st = src.where.get(p.name)
-        if (p.dtype == BF16_BITS and st is not None and st.dtype(p.name) == "BF16"
-                and st.shape(p.name) == tuple(p.shape)):  # bf16 -> bf16 bits: the stored bytes
-            bits = st.read_raw(p.name).view(np.uint16).reshape(tuple(p.shape))
-            if ((bits & 0x7F80) == 0x7F80).any():
-                raise CheckpointError(f"{st.path}: tensor {p.name!r} holds non-finite values (NaN or Inf)")
-            p.set_data(Tensor.from_numpy(bits))
-            used.add(p.name)
-            continue
-        store_param(p, read_native(src, p.name, tuple(p.shape), config.num_experts))
+        load_param(src, p, config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
     return used
 
