@@ -3,7 +3,25 @@ its cache write, MoE block) and the quantized weight layout (codes drawn before 
 Independent of the kernels: float math straight from HF Qwen3-MoE and docs/quantization.md."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
+
+_AOT_DTYPES = {np.dtype(np.float32): b"float32", np.dtype(np.uint16): b"bfloat16", np.dtype(np.uint8): b"uint8",
+               np.dtype(np.float16): b"float16", np.dtype(np.int32): b"int32"}
+
+
+def call_aot(library: str, fn: str, arrays: list) -> int:
+    """Call a kernel entry point as ops.Custom aot calls it, on numpy buffers (uint16 arrays are
+    labelled bfloat16). Returns the kernel's status."""
+    lib = ctypes.CDLL(library)
+    n = len(arrays)
+    shp = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    return getattr(lib, fn)(n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]),
+                            (ctypes.c_int * n)(*[a.ndim for a in arrays]),
+                            (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(x, ctypes.POINTER(ctypes.c_int64))
+                                                                   for x in shp]),
+                            (ctypes.c_char_p * n)(*[_AOT_DTYPES[a.dtype] for a in arrays]), None, None)
 
 EPS = 1e-6
 MASKED = float(np.finfo(np.float32).min)

@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
-from kernel_reference import (EPS, MASKED, decode_weights as _weights, ref_attn as _ref_attn, ref_moe as _ref_moe,
-                              rms_ref as _rms)
+from kernel_reference import (EPS, MASKED, call_aot, decode_weights as _weights, ref_attn as _ref_attn,
+                              ref_moe as _ref_moe, rms_ref as _rms)
 from qwen3moe.kernels import decode as decode_kernel
 
 pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
@@ -100,17 +100,7 @@ def test_fused_engine_equals_composite_engine():
 
 
 def _call(fn: str, arrays: list) -> int:
-    """Call a kernel entry point directly (the ops.Custom aot calling convention) on numpy buffers."""
-    import ctypes
-
-    lib = ctypes.CDLL(decode_kernel.library())
-    n = len(arrays)
-    shp = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
-    return getattr(lib, fn)(n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]),
-                            (ctypes.c_int * n)(*[a.ndim for a in arrays]),
-                            (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(x, ctypes.POINTER(ctypes.c_int64))
-                                                                   for x in shp]),
-                            (ctypes.c_char_p * n)(*[b"float32"] * n), None, None)
+    return call_aot(decode_kernel.library(), fn, arrays)
 
 
 @settings(max_examples=30, deadline=None)

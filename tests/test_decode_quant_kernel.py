@@ -9,7 +9,6 @@ reference uses the same values. Both the AVX-512 and the portable scalar loops r
 """
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest
@@ -18,27 +17,17 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
-from kernel_reference import (EPS, MASKED, decode_weights as _weights, quant_arrays, ref_attn as _ref_attn,
+from kernel_reference import (EPS, MASKED, call_aot, decode_weights as _weights, quant_arrays, ref_attn as _ref_attn,
                               ref_moe as _ref_moe, rms_ref as _rms)
 from qwen3moe.kernels import decode as decode_kernel
 from qwen3moe.kernels import quant
 
 pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
-_DTYPES = {np.dtype(np.float32): b"float32", np.dtype(np.uint16): b"bfloat16", np.dtype(np.uint8): b"uint8",
-           np.dtype(np.float16): b"float16", np.dtype(np.int32): b"int32"}
 _PROJ = ("wq", "wk", "wv", "wo", "wgu", "wd")  # quantized; the router and lm_head may be any mode
 
 
 def _call(fn: str, arrays: list) -> int:
-    """A kernel entry point called as ops.Custom aot calls it; uint16 arrays are labelled bfloat16."""
-    lib = ctypes.CDLL(decode_kernel.library())
-    n = len(arrays)
-    shp = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
-    return getattr(lib, fn)(n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]),
-                            (ctypes.c_int * n)(*[a.ndim for a in arrays]),
-                            (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(x, ctypes.POINTER(ctypes.c_int64))
-                                                                   for x in shp]),
-                            (ctypes.c_char_p * n)(*[_DTYPES[a.dtype] for a in arrays]), None, None)
+    return call_aot(decode_kernel.library(), fn, arrays)
 
 
 def _store(rng, w: dict, mode: str, g, head_mode: str):

@@ -52,7 +52,10 @@ def quantize_cell(src: CheckpointSource, name: str, cell: QuantizedWeight, num_e
     """Read the float weight(s) behind native `name`, quantize into `cell`; returns the keys used."""
     shape = (*cell.qweight.shape[:-1], cell.in_features)
     keys = native_sources(name, num_experts, set(src.where))
-    if len(keys) == 1:  # a plain linear or a fused-layout expert stack: one tensor
+    if len(keys) == 1 and len(shape) == 2 and keys[0] in src.where and src.shape(keys[0]) == shape:
+        _quantize_rows(src, keys[0], cell)  # a linear (the lm_head is 311M weights): by row blocks
+        return keys
+    if len(keys) == 1:  # a fused-layout expert stack, or a mismatch read_native reports
         fill_cell(cell, *quantize(read_native(src, name, shape, num_experts), cell.bits, cell.group_size))
         return keys
     q, s, z = _empty(cell)
@@ -70,6 +73,27 @@ def quantize_cell(src: CheckpointSource, name: str, cell: QuantizedWeight, num_e
         q[j, sl], s[j, sl], z[j, sl] = quantize(part, cell.bits, cell.group_size)
     fill_cell(cell, q, s, z)
     return keys
+
+
+ROW_BLOCK_ELEMENTS = 1 << 24  # 64 MiB of float32 per block: bounds the quantizer's temporaries
+
+
+def _quantize_rows(src: CheckpointSource, key: str, cell: QuantizedWeight) -> None:
+    from qwen3moe.io.safetensors_io import FLOAT_TAGS, check_finite
+
+    st = src.where[key]
+    if st.dtype(key) not in FLOAT_TAGS:
+        raise CheckpointError(f"{st.path}: tensor {key!r} has dtype {st.dtype(key)}, expected a floating-point "
+                              f"weight ({', '.join(FLOAT_TAGS)})")
+    q, s, z = _empty(cell)
+    O, I = cell.out_features, cell.in_features
+    step = max(1, ROW_BLOCK_ELEMENTS // I)
+    for r0 in range(0, O, step):
+        r1 = min(O, r0 + step)
+        part = src.read(key, rows=(r0, r1))
+        check_finite(part, key, st.path)
+        q[r0:r1], s[r0:r1], z[r0:r1] = quantize(part, cell.bits, cell.group_size)
+    fill_cell(cell, q, s, z)
 
 
 def load_quantizing(cls, directory: str, config, qc: QuantizationConfig, param_dtype):
@@ -92,9 +116,22 @@ def load_quantizing(cls, directory: str, config, qc: QuantizationConfig, param_d
 
 def load_plain(src: CheckpointSource, model, skip: set[int], config) -> set[str]:
     """The unquantized Parameters (embeddings, norms, router, a float lm_head)."""
+    from mindspore import Tensor
+
+    from qwen3moe.layers.dtypes import BF16_BITS
+
     used: set[str] = set()
     for p in model.get_parameters():
         if id(p) in skip:
+            continue
+        st = src.where.get(p.name)
+        if (p.dtype == BF16_BITS and st is not None and st.dtype(p.name) == "BF16"
+                and st.shape(p.name) == tuple(p.shape)):  # bf16 -> bf16 bits: the stored bytes
+            bits = st.read_raw(p.name).view(np.uint16).reshape(tuple(p.shape))
+            if ((bits & 0x7F80) == 0x7F80).any():
+                raise CheckpointError(f"{st.path}: tensor {p.name!r} holds non-finite values (NaN or Inf)")
+            p.set_data(Tensor.from_numpy(bits))
+            used.add(p.name)
             continue
         store_param(p, read_native(src, p.name, tuple(p.shape), config.num_experts))
         used.update(native_sources(p.name, config.num_experts, set(src.where)))

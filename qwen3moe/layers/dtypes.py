@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
+from mindspore.common.initializer import Zero
 
 _RNG = np.random.default_rng(0)
 _SKIP_INIT = False
@@ -68,6 +69,9 @@ def to_ms_dtype(name) -> ms.dtype:
 def init_param(shape: tuple, init_std: float | None, name: str, param_dtype=None,
                gathered: bool = False) -> Parameter:
     dtype = to_ms_dtype(param_dtype or "float32")
+    if _SKIP_INIT and dtype != ms.float32:  # weights will be loaded: lazy zeros, no float32 transient
+        store = BF16_BITS if gathered and dtype == ms.bfloat16 else dtype
+        return Parameter(Tensor(shape=shape, dtype=store, init=Zero()), name=name)
     if _SKIP_INIT or init_std == 0.0:
         arr = np.zeros(shape, np.float32)
     elif init_std is None:
