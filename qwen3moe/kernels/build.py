@@ -24,6 +24,12 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 # rounded either way, so results are unchanged.
 # -ffp-contract=off keeps torch's float32 rounding (no FMA), also pinned in the source.
 EXTRA_FLAGS = {"adamw": ["-fno-math-errno", "-ffp-contract=off"]}
+# MindSpore dlcloses a kernel library when the last graph using it is freed (at interpreter exit
+# too), but the decode pool's detached helper threads (csrc/decode_pool.h) keep running the code
+# of the library that created the pool, and the pool is shared by every library that includes it.
+# Unmapping that code under a parked helper was the exit-time SIGSEGV; -z nodelete keeps every
+# kernel library mapped until the process ends.
+NODELETE = ["-Wl,-z,nodelete"]
 
 
 def _dnnl_library() -> str | None:
@@ -81,7 +87,8 @@ def kernel_library(name: str) -> str | None:
     if not cxx or not blas:
         return None
     src = CSRC / f"{name}.cc"
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *EXTRA_FLAGS.get(name, [])]
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *NODELETE,
+             *EXTRA_FLAGS.get(name, [])]
     headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # sources #include them
     link = _link_flags()
     key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags + link + [cxx, _cpu_flags()]).encode()

@@ -19,7 +19,11 @@
 class Pool {
  public:
   static Pool &get() {
-    static Pool *pool = new Pool();  // never destroyed: helpers may still be parked at exit
+    // Never destroyed: helpers may still be parked at exit. `pool` is an STB_GNU_UNIQUE symbol, so
+    // every kernel library including this header shares one pool, whose helpers run the code of
+    // the library that called get() first; kernels/build.py links with -z nodelete so that code
+    // is never unmapped under them (a dlclose at exit did that: SIGSEGV after the run).
+    static Pool *pool = new Pool();
     return *pool;
   }
 
