@@ -114,7 +114,9 @@ def build_model(cfg: TaskConfig):
 
     ck = cfg.load_checkpoint
     if ck and Path(ck, "config.json").is_file():
-        return Qwen3MoeForCausalLM.from_pretrained(ck, dtype=None)
+        # fp32 master weights whatever the folder stores: bf16 storage is inference-only here (its
+        # forward ops carry no gradient and AdamW updates fp32 parameters)
+        return Qwen3MoeForCausalLM.from_pretrained(ck, dtype="float32")
     if ck and not cfg.resume_training:
         raise TaskConfigError(f"load_checkpoint {ck}: not a HF folder (no config.json); training checkpoints "
                               "are continued with resume_training: True")
