@@ -306,6 +306,7 @@ def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
     assert resumed == {s: full[s] for s in (3, 4)}  # exact (same printed digits)
 
 
+@pytest.mark.slow  # a 2-process launch for an error path (~40 s); make test-slow runs it
 def test_pretrain_replicas_batch_not_divisible_is_one_line_error(tmp_path):
     """Pure dp with runner_config.batch_size 3 over 2 replicas: a one-line error naming both keys."""
     from helpers import REPO
