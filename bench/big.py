@@ -193,6 +193,14 @@ def quantize_streamed(work: Path, layers: int | None, max_ahead: int, shard_size
     return out
 
 
+class _Printed(list):
+    """Each run printed as it completes: kept in the log if the worker is killed (OOM) later."""
+
+    def append(self, run) -> None:
+        print(f"run {run[0]} = {run[1]:.2f} tok/s (1-min load {run[2]:.1f})", file=sys.stderr, flush=True)
+        super().append(run)
+
+
 def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int, shard_size: int) -> dict:
     if step == "quantize":
         out = quantize_streamed(work, layers, max_ahead, shard_size)
@@ -210,9 +218,9 @@ def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int,
         out = {"reload_s": time.perf_counter() - t0, "reload_load": os.getloadavg()[0],
                "reload_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         print(f"reloaded in {out['reload_s']:.1f} s, RSS {out['reload_rss_gib']:.2f} GiB", file=sys.stderr)
-        runs: list = []
-        out.update(measure(model, reps, runs))
-        out["runs"] = runs
+        runs = _Printed()
+        out.update(measure(model, reps, runs, prefill_last=True))
+        out["runs"] = list(runs)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
