@@ -114,13 +114,14 @@ def native_sources(name: str, num_experts: int, have: set[str]) -> list[str]:
 
 def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int,
                 bits: bool = False) -> np.ndarray | None:
-    """Our Parameter `name` as float32 from its HF tensor(s). bits=True: as stored bf16 bits
-    (uint16) when every source tensor is BF16, else None (the caller widens and rounds instead)."""
+    """Our Parameter `name` as float32 from its HF tensor(s). bits=True: as bf16 bits (uint16)
+    when every source tensor is BF16 (as stored) or FP8 (dequantized and rounded one tensor at a
+    time), else None (the caller widens and rounds instead)."""
     keys = native_sources(name, num_experts, set(src.where))
     check_tensor_names(src.directory, src.where, keys, name, unexpected=False)
     read = read_weight
     if bits:
-        if any(src.where[k].dtype(k) != "BF16" for k in keys):
+        if any(src.dtype(k) != "BF16" and k not in src.scales for k in keys):
             return None
         read = read_bf16_bits
     if len(keys) > 1:
@@ -144,7 +145,10 @@ def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
 
 
 def read_bf16_bits(src: CheckpointSource, key: str) -> np.ndarray:
-    """A BF16 tensor's stored bit pattern as uint16 (no fp32 copy); NaN/Inf is an error naming it."""
+    """A BF16 tensor's stored bit pattern as uint16 (no fp32 copy), an FP8 weight's dequantized
+    values rounded to bf16 bits; NaN/Inf is an error naming it."""
+    if key in src.scales:
+        return f32_to_bf16(read_weight(src, key))
     st = src.where[key]
     bits = st.read_raw(key).view(np.uint16).reshape(st.shape(key))
     if ((bits & 0x7F80) == 0x7F80).any():  # exponent all ones: Inf or NaN
