@@ -1,7 +1,8 @@
 """`Qwen3MoeForCausalLM.from_pretrained`'s loader: a GPTQ folder loads quantized as stored
 (io/gptq.py), `quantization=` quantizes while loading (io/quantized.py), anything else loads the
-float weights (io/hf_checkpoint.py); an FP8 folder is a float folder to all of them (io/fp8.py). The dispatch lives here, above the three loaders, so none of
-them imports another's caller (no import circle).
+float weights (io/hf_checkpoint.py); an FP8 folder is a float folder to all of them (io/fp8.py).
+The dispatch lives here, above the three loaders, so none of them imports another's caller (no
+import circle).
 """
 from __future__ import annotations
 
