@@ -181,3 +181,29 @@ def test_distcheck_run_is_a_library_call_checked_before_any_collective():
         distcheck.run(model, "generate", dp=3, ep=3)
     with pytest.raises(MeshError, match=r"^pp=8 must be <= num_hidden_layers=4$"):
         distcheck.run(model, "load", pp=8, micro_batch_num=8)
+
+
+@pytest.mark.parametrize("extra", ["model.layers.1.self_attn.extra_proj.weight", "model.layers.7.mlp.gate.weight"])
+def test_parallel_load_unexpected_tensor_is_the_single_process_error(saved, tmp_path, extra):
+    """A folder tensor the model does not read (a stray key; a layer the config lacks) is the
+    single-process loader's one-line error on the sharded path too (once silently ignored)."""
+    import shutil
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    folder = tmp_path / "m"
+    shutil.copytree(saved[1], folder)
+    f = sorted(folder.glob("*.safetensors"))[-1]
+    st = SafetensorsFile(str(f))
+    tensors = [(k, st.read(k), st.entries[k]["dtype"]) for k in st.keys()]
+    st.close()
+    write_safetensors(str(f), tensors + [(extra, np.ones((4, 4), np.float32), "F32")])
+    with pytest.raises(CheckpointError) as single:
+        Qwen3MoeForCausalLM.from_pretrained(str(folder))
+    with pytest.raises(CheckpointError) as parallel:
+        ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
+    assert f"unexpected tensor {extra!r}" in str(single.value)
+    assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)
