@@ -207,3 +207,27 @@ def test_parallel_load_unexpected_tensor_is_the_single_process_error(saved, tmp_
         ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
     assert f"unexpected tensor {extra!r}" in str(single.value)
     assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)
+
+
+@pytest.mark.parametrize("mesh_kw", [dict(tp=2), dict(pp=2, micro_batch_num=2)], ids=["tp2", "pp2"])
+def test_parallel_generation_non_finite_logits_is_the_single_process_error(saved, mesh_kw):
+    """NaN logits in stage-to-stage generation: the single-process one-line GenerationError
+    (generation/generate.check_finite, tests/test_robustness_generate.py) instead of token 0;
+    raised from the summed tokens, which every rank holds (the first stage too: no rank waits
+    in a collective)."""
+    from mindspore import Tensor
+
+    from qwen3moe.generation.errors import GenerationError
+    from qwen3moe.parallel.decode import greedy_cached
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    pl = ParallelLM.from_model(saved[0], Mesh(**mesh_kw), train=False)
+    for per in pl.entries:
+        for entries in per.values():
+            for p, info in entries:
+                if info.name == "model.norm.weight":
+                    p.set_data(Tensor(np.full(p.shape, np.nan, np.float32)))
+    with pytest.raises(GenerationError, match=r"^generation step 0: the model produced non-finite logits \(NaN or "
+                                              r"Inf\) for batch row 0 and 1 more; its weights or config are broken"):
+        greedy_cached(pl, np.array([[5, 6, 7], [8, 9, 10]]), 3)
