@@ -8,13 +8,15 @@ tests/fixtures Megatron prefix (.bin/.idx, reset_position_ids and eod_mask_loss 
 batch 8 x 128 tokens, as one process and as `launch --nproc 2 -- pretrain --use_parallel True`
 per layout. Step time = median `step_time_s` of metrics.jsonl over the steps after `--warmup`
 (the first steps compile). Target: parallel <= 2x the single-process step.
-Generation: `qwen3moe generate` on tests/fixtures/hf/tiny-fp32-gqa, B distinct prompts run as two
-batches of the same B prompts (the second batch reuses the first one's compiled graphs), greedy
-and seeded sampling, `--ignore_eos`. Tokens identical = every completion (text and token count)
-equals the single-process command's. Rate = tokens / seconds of the second batch, from the
-results' `tokens_per_s` (prefill + decode, no compile; the prompts are a few tokens against N
-new ones). When the parallel command reports no per-result rate, the rate is a two-launch
-estimate: (N - 1) new tokens per prompt / (wall time with N - wall time with 1 new token).
+The single process runs max(steps, 12) steps: its steps are short and the load is shared.
+Generation: `qwen3moe generate` on tests/fixtures/hf/tiny-fp32-gqa, B distinct prompts run as
+1 + `--gen-batches` batches of the same B prompts (later batches reuse the first one's compiled
+graphs), greedy and seeded sampling, `--ignore_eos`. Tokens identical = every completion (text
+and token count) equals the single-process command's. Rate = median over the later batches of
+tokens / seconds of the batch, from the results' `tokens_per_s` (prefill + decode, no compile;
+the prompts are a few tokens against N new ones). When the parallel command reports no
+per-result rate, the rate is a two-launch estimate: (N - 1) new tokens per prompt / (wall time
+with N - wall time with 1 new token).
 Target: identical tokens and rate >= 0.5x one process. An option the code refuses is printed
 as "refused: <its one-line error>".
 Nothing is written to bench/RESULTS.md: copy the printed table there with the command and load.
@@ -115,7 +117,7 @@ def train_one(name: str, root: Path, yaml: Path, a) -> dict:
     """Median step time of one run (name 'single' or a layout), or {'error': line}."""
     work = root / f"train-{name}-{time.monotonic_ns()}"
     work.mkdir()
-    args = train_args(work / "out", yaml, a.steps)
+    args = train_args(work / "out", yaml, max(a.steps, 12) if name == "single" else a.steps)
     if name == "single":
         rc, err, wall = cli(args, work, a.timeout)
     else:
@@ -176,7 +178,7 @@ def gen_one(layout: str | None, B: int, sample: bool, root: Path, a) -> dict:
     work = root / f"gen-{layout or 'single'}-b{B}-{'sample' if sample else 'greedy'}-{time.monotonic_ns()}"
     work.mkdir()
     prompts = work / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS[:B] * 2) + "\n")  # two batches of the same B prompts
+    prompts.write_text("\n".join(PROMPTS[:B] * (1 + a.gen_batches)) + "\n")  # batches of the same B prompts
 
     def run(N: int, out: Path):
         args = gen_args(prompts, B, N, sample, out)
@@ -189,11 +191,12 @@ def gen_one(layout: str | None, B: int, sample: bool, root: Path, a) -> dict:
         msg = error_line(err)
         return {"refused": msg} if _one_line_error(err) else {"error": f"exit {rc}: {msg}"}
     results = [json.loads(line) for line in (work / "out.jsonl").read_text().splitlines() if line.strip()]
-    second = results[B:]
-    if all(r.get("tokens_per_s") for r in second):  # the command's own per-batch rate
-        seconds = second[0]["completion_tokens"] / second[0]["tokens_per_s"]
-        return {"results": results, "rate": sum(r["completion_tokens"] for r in second) / seconds,
-                "how": "2nd batch"}
+    later = [results[i:i + B] for i in range(B, len(results), B)]
+    if all(r.get("tokens_per_s") for r in results[B:]):  # the command's own per-batch rate
+        rates = [sum(r["completion_tokens"] for r in bt) * bt[0]["tokens_per_s"] / bt[0]["completion_tokens"]
+                 for bt in later]
+        return {"results": results, "rate": statistics.median(rates),
+                "how": f"median of batches 2-{len(later) + 1}: {', '.join(f'{x:.0f}' for x in rates)}"}
     rc1, err1, wall1 = run(1, work / "one.jsonl")  # no rate reported: two-launch estimate
     if rc1 != 0:
         return {"results": results, "rate": None, "how": f"N=1 run failed: {error_line(err1)}"}
@@ -207,8 +210,8 @@ def same_tokens(got: list[dict], want: list[dict]) -> bool:
 
 
 def bench_generate(root: Path, a) -> None:
-    print(f"generation: {GEN_MODEL.name}, {a.new_tokens} new tokens, ignore_eos; tokens/s of the second "
-          "batch of the same B prompts (no compile)", flush=True)
+    print(f"generation: {GEN_MODEL.name}, {a.new_tokens} new tokens, ignore_eos; tokens/s: median over batches "
+          f"2-{a.gen_batches + 1} of the same B prompts (no compile)", flush=True)
     for rep in range(a.reps):
         for B in a.batches:
             for sample in a.modes:
@@ -249,13 +252,17 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 5; --quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 2; --quick 1)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 32; --quick 16)")
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per command")
-    ap.add_argument("--quick", action="store_true", help="3 steps (1 warm-up), 16 tokens, greedy batch 1 only")
+    ap.add_argument("--gen-batches", type=int, default=None,
+                    help="timed batches after the first (compiling) one (default 3; --quick 1)")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per command")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 steps (1 warm-up), 16 tokens, 1 timed batch, greedy batch 1 only")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
     a = ap.parse_args(argv)
     a.steps = a.steps or (3 if a.quick else 5)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.new_tokens = a.new_tokens or (16 if a.quick else 32)
+    a.gen_batches = a.gen_batches or (1 if a.quick else 3)
     a.layouts = [x for x in a.layouts.split(",") if x]
     a.gen_layouts = [x for x in a.gen_layouts.split(",") if x]
     for name in a.layouts:
