@@ -166,8 +166,8 @@ def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqS
 def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
     """A GPTQ folder into a quantized model, packed tensors read as stored (no re-quantizing);
     the float lm_head is quantized to int8 per channel on the way in."""
-    from qwen3moe.io.hf_checkpoint import CheckpointSource
-    from qwen3moe.io.quantized import check_unexpected, load_plain, quantize_cell, quantized_cells
+    from qwen3moe.io.hf_checkpoint import CheckpointSource, check_unexpected
+    from qwen3moe.io.quantized import load_plain, quantize_cell, quantized_cells
     from qwen3moe.layers.dtypes import skip_init
 
     src = CheckpointSource(directory)

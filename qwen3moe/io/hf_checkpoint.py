@@ -196,13 +196,33 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
     for p in model.get_parameters():
         load_param(src, p, config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
-    unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} in "
-                              f"{os.path.basename(src.file_of(unexpected[0]))}"
-                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    check_unexpected(src, used, config)
     model.source_dir = directory
     return model
+
+
+def check_unexpected(src: CheckpointSource, used: set[str], config: Qwen3MoeConfig) -> None:
+    """Every loader's one-line error for a folder tensor the model does not read (a tied model's
+    folder may still hold lm_head.weight)."""
+    unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if unexpected:
+        raise CheckpointError(f"{src.directory}: unexpected tensor {unexpected[0]!r} in "
+                              f"{os.path.basename(src.file_of(unexpected[0]))}"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+
+
+def model_keys(cls, config: Qwen3MoeConfig, have: set[str]) -> set[str]:
+    """The folder keys a `cls(config)` model reads (native_sources of each parameter), without
+    building it at its size: parameter names depend on the layer count and kinds, tying and the
+    expert layout, never on sizes, so the model class is built at toy sizes for its names."""
+    from qwen3moe.layers.dtypes import skip_init
+
+    toy = config.replace(hidden_size=8, intermediate_size=8, moe_intermediate_size=8, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=4, vocab_size=8, num_experts=2 if config.num_experts else 0,
+                         num_experts_per_tok=1 if config.num_experts else 0)
+    with skip_init():
+        names = [p.name for p in cls(toy).get_parameters()]
+    return {k for name in names for k in native_sources(name, config.num_experts, have)}
 
 
 def load_param(src: CheckpointSource, p, num_experts: int) -> None:
