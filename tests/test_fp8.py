@@ -227,3 +227,20 @@ def test_bad_fp8_folders_are_one_line_errors(tmp_path, case, words):
         Qwen3MoeForCausalLM.from_pretrained(folder)
     msg = str(info.value)
     assert (re.search(words, msg) if case == "block" else words in msg) and "\n" not in msg, msg
+
+
+def test_sharded_reads_of_fp8_are_slices_of_the_dequantized_weights():
+    """parallel/checkpoint.ShardReader (each rank reads only its slices) on the FP8 folder: row- and
+    column-split projections and an expert block split over tp, against torch-exact full reads."""
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.parallel.checkpoint import ShardReader
+    from qwen3moe.parallel.ranks import ShardInfo
+
+    cfg, src, reader = Qwen3MoeConfig.from_pretrained(FP8), CheckpointSource(str(FP8)), ShardReader(FP8)
+    q, o = "model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    np.testing.assert_array_equal(reader.read_shard(ShardInfo(q, "column", 1, 2), cfg), src.read(q)[64:])
+    np.testing.assert_array_equal(reader.read_shard(ShardInfo(o, "row", 1, 2), cfg), src.read(o)[:, 64:])
+    down = reader.read_shard(ShardInfo("model.layers.1.mlp.experts.down_proj", "row", 1, 2, 1, 2), cfg)
+    I = cfg.moe_intermediate_size
+    want = np.stack([src.read(f"model.layers.1.mlp.experts.{j}.down_proj.weight")[:, I // 2:] for j in range(4, 8)])
+    np.testing.assert_array_equal(down, want)
