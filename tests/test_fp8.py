@@ -2,8 +2,9 @@
 converting at load, checked against torch's dequantization recorded by tools/make_fp8_fixture.py
 (torch's float8_e4m3fn encoding and decoding, independent of our NumPy table): the decoded
 weights bit for bit, the float32 / bf16 / int8 / int4 loads against the same loads of a float
-folder holding torch's values, `qwen3moe quantize` / `generate --quantize` from FP8, and the
-one-line errors.
+folder holding torch's values, `qwen3moe quantize` / `generate --quantize` from FP8, sharded
+reads, F32 scales, a hypothesis property of the block scaling of any window, and the one-line
+errors.
 
 Fixture: tests/fixtures/hf/tiny-fp8 (roundtrip-bf16's first 2 layers; block [16, 24] so tensors
 of 32 / 64 / 128 rows and columns have several blocks and partial ones in both dims).
@@ -17,6 +18,7 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from helpers import HF_FIXTURES
 
@@ -24,6 +26,7 @@ from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
 from qwen3moe.io.gptq import quantize_folder
 from qwen3moe.io.hf_checkpoint import CheckpointSource, param_f32
+from qwen3moe.io.fp8 import apply_scales
 from qwen3moe.io.safetensors_io import E4M3_TABLE, SafetensorsFile, f32_to_bf16, write_safetensors
 from qwen3moe.layers.quant import QuantizationConfig
 
@@ -60,6 +63,40 @@ def test_dequantized_weights_equal_torch_bit_for_bit():
     recorded = np.load(FP8 / "fp8_reference.npz")
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"):
         np.testing.assert_array_equal(src.read(name), recorded[name])
+
+
+@settings(max_examples=60, deadline=None)
+@given(O=st.integers(1, 70), I=st.integers(1, 70), bm=st.integers(1, 40), bn=st.integers(1, 40),
+       cut=st.tuples(*[st.floats(0, 1)] * 4), seed=st.integers(0, 2**16))
+def test_scaling_a_part_equals_the_part_of_the_scaled_weight(O, I, bm, bn, cut, seed):
+    """apply_scales on any row/column window (row-block streaming, per-rank hyperslabs) with its
+    offsets gives that window of the whole weight scaled, for any block size, partial or not."""
+    rng = np.random.default_rng(seed)
+    w = E4M3_TABLE[rng.integers(0, 256, (O, I))]
+    w[np.isnan(w)] = 1.0
+    s = rng.standard_normal((-(-O // bm), -(-I // bn))).astype(np.float32)
+    r0, c0 = int(cut[0] * O), int(cut[1] * I)
+    r1, c1 = r0 + int(cut[2] * (O - r0)), c0 + int(cut[3] * (I - c0))
+    whole = apply_scales(w.copy(), s, (bm, bn))
+    np.testing.assert_array_equal(apply_scales(w[r0:r1, c0:c1].copy(), s, (bm, bn), r0, c0), whole[r0:r1, c0:c1])
+    o, k = rng.integers(0, O), rng.integers(0, I)  # and the definition, one element
+    assert whole[o, k] == np.float32(w[o, k] * s[o // bm, k // bn])
+
+
+def test_f32_scales_read_like_bf16_ones(tmp_path):
+    """DeepSeek-style F32 weight_scale_inv (here the BF16 scales of one shard widened exactly):
+    the same torch-exact weights."""
+    folder = _copy(tmp_path, "f32")
+
+    def widen(items):
+        return [(k, (r.view(np.uint16).astype(np.uint32) << 16).view(np.float32), "F32", sh)
+                if k.endswith("_scale_inv") else (k, r, t, sh) for k, r, t, sh in items]
+
+    _rewrite_shard(folder, widen)
+    src = CheckpointSource(str(folder))
+    assert {st.dtype(k) for k, st in src.scales.values()} == {"F32", "BF16"}
+    for name, want in REF.items():
+        assert _sha(src.read(name)) == want["f32"], name
 
 
 @pytest.fixture(scope="module")
