@@ -245,7 +245,7 @@ Q = "model.layers.0.self_attn.q_proj"
     ("input_scale", f"tensor '{Q}.input_scale': static activation scales are not supported"),
     ("no_config", "config.json has no quantization_config with quant_method 'fp8'"),
 ])
-def test_bad_fp8_folders_are_one_line_errors(tmp_path, case, words):
+def test_bad_fp8_folders_are_one_line_errors(tmp_path, capsys, case, words):
     changes = {"static": {"activation_scheme": "static"}, "fmt": {"fmt": "e5m2"},
                "block": {"weight_block_size": [32, 32]}, "per_tensor": {"weight_block_size": None}}
     folder = _copy(tmp_path, case, **changes.get(case, {}))
@@ -264,6 +264,13 @@ def test_bad_fp8_folders_are_one_line_errors(tmp_path, case, words):
         Qwen3MoeForCausalLM.from_pretrained(folder)
     msg = str(info.value)
     assert (re.search(words, msg) if case == "block" else words in msg) and "\n" not in msg, msg
+    if case == "static":  # the commands: exit 2 with that line, nothing written
+        for argv in (["generate", "--pretrained_model_dir", str(folder), "--predict_data", "hi"],
+                     ["quantize", "--pretrained_model_dir", str(folder), "--output", str(tmp_path / "q")]):
+            assert cli_main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and words in err, err
+        assert not list(tmp_path.glob("*q*"))
 
 
 def test_sharded_reads_of_fp8_are_slices_of_the_dequantized_weights():
