@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_dist_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder")
-    p.add_argument("--mode", choices=["generate", "train", "load"], required=True)
+    p.add_argument("--mode", choices=["generate", "train", "load", "forward"], required=True)
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1)
     p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")

@@ -1,4 +1,5 @@
-"""`qwen3moe dist-parallel`: greedy generation or training steps on real processes (one rank
+"""`qwen3moe dist-parallel`: greedy generation, training steps or (mode forward) the
+parallelize.py model's compiled forward and gradients on real processes (one rank
 per process, run under `qwen3moe launch`): `run` returns each rank's result (the command prints
 it as a `RESULT {json}` line) and writes the rank's shards, so a test compares them with a
 single-process run it computes itself. Options (commands/launch.py): model, mode, dp, tp, pp,
@@ -30,6 +31,8 @@ def run(args) -> dict:
     if mesh.world_size != size:
         raise MeshError(f"dp*tp*pp = {mesh.world_size} but {size} processes were launched")
     coll = ProcessCollectives(mesh, rank)
+    if args.mode == "forward":
+        return {"rank": rank, "size": size, **forward(args, mesh, rank, coll)}
     rss_before = _reset_peak_rss()
     pl = ParallelLM.from_pretrained(args.model, mesh, train=args.mode == "train", coll=coll, rank=rank)
     peak_rss = _status_kib("VmHWM") * 1024
@@ -84,3 +87,34 @@ def save_shards(pl, path: Path) -> None:
             for p, i in entries:
                 arrays[f"{i.name}|{i.style}|{i.tp_rank}|{i.tp_size}|{i.ep_rank}|{i.ep_size}"] = p.asnumpy()
     np.savez(path, **arrays)
+
+
+def forward(args, mesh, rank: int, coll) -> dict:
+    """parallelize.py's compiled per-rank model on this dp rank's rows: logits (gathered over
+    tp), loss and aux, and the compiled gradient of loss = lm_loss + coef * aux per parameter
+    (before any gradient sync); written to <out>/forward_rank<r>.npz."""
+    import time
+
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.models.inputs import prepare_inputs
+    from qwen3moe.parallel.parallelize import LossGrad, parallelize
+
+    cfg = Qwen3MoeConfig.from_pretrained(args.model)
+    rm = parallelize(cfg, mesh, rank, args.model, coll=coll)
+    ids = data(cfg.vocab_size, args.batch, args.seq)
+    b = args.batch // mesh.dp
+    dp_rank = mesh.coords(rank)["dp"]
+    rows = ids[dp_rank * b:(dp_rank + 1) * b]
+    out = rm.model(rows, labels=rows, output_router_logits=True)
+    t0 = time.perf_counter()
+    out = rm.model(rows, labels=rows, output_router_logits=True)
+    logits = out.logits.asnumpy()
+    fwd_s = time.perf_counter() - t0
+    t = prepare_inputs(cfg, rows, labels=rows)
+    grad_fn = LossGrad(rm.model)
+    loss, grads = grad_fn(t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels)
+    arrays = {"logits": logits, "loss": out.loss.asnumpy(), "aux": out.aux_loss.asnumpy()}
+    for (p, i), g in zip(rm.entries, grads):
+        arrays[f"grad|{i.name}|{i.style}|{i.tp_rank}|{i.tp_size}|{i.ep_rank}|{i.ep_size}|{i.sync}"] = g.asnumpy()
+    np.savez(Path(args.out) / f"forward_rank{rank}.npz", **arrays)
+    return {"loss": float(loss.asnumpy()), "forward_s": fwd_s, "bytes_read": rm.bytes_read}
