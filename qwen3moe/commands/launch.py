@@ -47,7 +47,10 @@ def add_dist_parallel_arguments(p: argparse.ArgumentParser) -> None:
 def dist_parallel(args: argparse.Namespace) -> int:
     from qwen3moe.parallel import distcheck
 
-    print("RESULT " + json.dumps(distcheck.run(args)), flush=True)
+    result = distcheck.run(args.model, args.mode, dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, sp=args.sp,
+                           zero1=args.zero1, micro_batch_num=args.micro_batch_num, batch=args.batch,
+                           seq=args.seq, steps=args.steps, lr=args.lr, out=args.out)
+    print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 

@@ -66,6 +66,7 @@ def resume_path(cfg) -> str | None:
     if found is None:
         raise CheckpointError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
                        f"(step_<N>/{train_state.STATE}) to resume from")
+    train_state.check_resume(cfg, found)  # before any tensor is read
     return found
 
 
@@ -186,7 +187,8 @@ class ParallelTrainStep:
 
         t0, i = time.perf_counter(), self.steps_done
         ids, labels, pos = _global_batch(batch)
-        loss, grads = self.pl.loss_and_grads(ids, labels, pos)
+        groups = len(batch) if isinstance(batch, list) else 1  # accumulation: TrainStep's per-micro-batch means
+        loss, grads = self.pl.loss_and_grads(ids, labels, pos, groups)
         allreduce_grads(self.pl, grads)
         norm = global_grad_norm(self.pl, grads)
         if self.clip is not None:
@@ -226,11 +228,12 @@ class ShardedCheckpointer:
         from mindspore import Tensor, ops
 
         from qwen3moe.parallel import train_state
+        from qwen3moe.training.recipe import checkpoint_extra
 
         c = trainer.config
         barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
         path = train_state.save(c.checkpoint_dir, step, self.step.pl, self.step.optimizer, self.rank, barrier,
-                                keep_last=c.keep_last)
+                                keep_last=c.keep_last, extra=checkpoint_extra(self.cfg))
         if self.rank == 0:
             self.log(f"checkpoint: {path}")
         return path

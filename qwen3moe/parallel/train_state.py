@@ -38,8 +38,9 @@ def rank_optimizers(opt) -> dict[int, list]:
     return out
 
 
-def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) -> str:
-    """Write step_<step> (every process its ranks, rank 0 the state file); prune old steps."""
+def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2, extra: dict | None = None) -> str:
+    """Write step_<step> (every process its ranks, rank 0 the state file with `extra`: the model
+    config and data geometry a resume must match, recipe.checkpoint_extra); prune old steps."""
     from qwen3moe.io.safetensors_io import write_safetensors
     from qwen3moe.parallel.checkpoint import save_sharded
 
@@ -54,7 +55,8 @@ def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) 
     barrier()
     if rank == 0:
         tmp = d / f".{STATE}.tmp"
-        tmp.write_text(json.dumps({"step": step, "layout": layout(pl.mesh), "world": pl.mesh.world_size}))
+        tmp.write_text(json.dumps({"step": step, "layout": layout(pl.mesh), "world": pl.mesh.world_size,
+                                   "extra": extra or {}}))
         os.replace(tmp, d / STATE)
         for s, old in step_dirs(root, STATE)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -98,6 +100,16 @@ def resolve(path: str) -> str | None:
 def read_state(path: str) -> dict:
     with open(os.path.join(path, STATE), encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def check_resume(cfg, path: str) -> None:
+    """Refuse to resume `path` with another model config or data geometry than the run's, as
+    single-process resume does (trainer.check_resume: one line naming the key and both values,
+    unless resume_override); checkpoints without the record pass."""
+    from qwen3moe.training.recipe import checkpoint_extra
+    from qwen3moe.training.trainer import check_resume as check
+
+    check(read_state(path).get("extra") or {}, checkpoint_extra(cfg), tuple(cfg.resume_override), path)
 
 
 def load_optimizer(path: str, opt, mesh) -> None:
