@@ -48,7 +48,8 @@ def test_plan_shards_match_engine_and_full_tensors(layout):
         rm = parallelize(cfg, mesh, rank, full.__getitem__, coll=SimpleNamespace(groups={}))
         s = mesh.coords(rank)["pp"]
         layers = stage_layers(cfg.num_hidden_layers, mesh.pp)[s]
-        assert rm.layers == layers
+        assert rm.layers == layers and rm.local_config.num_hidden_layers == len(layers)
+        assert rm.local_config.num_key_value_heads == mesh.kv_heads_per_rank(cfg.num_key_value_heads)
         _, engine = build_stage(cfg, mesh, s, rank % (mesh.dp * mesh.tp), layers, full.__getitem__)
         want = {i.name: (i, p.shape) for p, i in engine}
         got = {p.name: (i, p.shape) for p, i in rm.entries}

@@ -29,7 +29,11 @@ API (stable; other modules build on it):
       .entries    [(Parameter, ShardInfo)] for every parameter (ranks.ShardInfo: HF name, split
                   style and position over tp / ep, gradient sync group "dp" / "stage" / "edp" /
                   "kv<r>"); `rm.info(name)` looks one up by HF name.
-      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read
+      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read,
+      .local_config (rank_config: this rank's head / ffn / expert / vocab / layer counts, e.g.
+                  for KV-cache shapes; `.model.config` stays the global config)
+      .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
+               output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
 
 The plan (ranks.py's layouts, so checkpoint.py, dp.py, train_state.py and export see the same
 shards as the simulated engine):
@@ -175,6 +179,7 @@ class RankModel:
     coll: object
     layers: range
     vocab_start: int
+    local_config: object = None
     bytes_read: int = 0
     _by_name: dict = field(default_factory=dict, repr=False)
 
@@ -273,8 +278,9 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         coll.add_group(f"kv{mesh.tp // cfg.num_key_value_heads}")
     c = mesh.coords(rank)
     layers = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)[c["pp"]]
+    local_cfg = rank_config(cfg, mesh, layers)
     with skip_init():
-        model = Qwen3MoeForCausalLM(rank_config(cfg, mesh, layers))
+        model = Qwen3MoeForCausalLM(local_cfg)
         hf = _swap_routers(model, cfg, layers)
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
@@ -295,7 +301,7 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         for p, info in entries:
             load_shard(p, info, cfg, reader, f"rank {rank}")
             release_freed_heap()
-    return RankModel(model, entries, mesh, rank, coll, layers, vocab_start,
+    return RankModel(model, entries, mesh, rank, coll, layers, vocab_start, local_cfg,
                      getattr(reader, "bytes_read", 0), {i.name: i for _, i in entries})
 
 
