@@ -144,14 +144,15 @@ def optimizer_arguments(cfg: TaskConfig) -> dict:
             "no_decay": DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ()}
 
 
-def step_arguments(cfg: TaskConfig, model: Any, steps: int) -> dict:
+def step_arguments(cfg: TaskConfig, model: Any, steps: int, make_optimizer: Callable | None = None) -> dict:
     """TrainStep's optimizer, clip, schedule and loss scale from the config (recompute and
-    compute dtype applied to the model)."""
+    compute dtype applied to the model). `make_optimizer(params, lr=, **adamw)` replaces AdamW
+    (parallel/step.RankAdamW)."""
     from qwen3moe.training.optimizer import AdamW
 
     w = cfg.runner_wrapper
     sched = build_schedule(cfg, steps)
-    opt = AdamW(model.trainable_params(), lr=sched(0), **optimizer_arguments(cfg))
+    opt = (make_optimizer or AdamW)(model.trainable_params(), lr=sched(0), **optimizer_arguments(cfg))
     apply_recompute_config(cfg, model)
     return {"optimizer": opt, "clip": w.max_grad_norm if w.use_clip_grad else None, "schedule": sched,
             "loss_scale": apply_precision_config(cfg, model)}
