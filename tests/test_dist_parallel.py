@@ -346,10 +346,9 @@ _DP2, _ZERO1 = ["--parallel_config.data_parallel", "2"], ["--parallel.enable_par
     pytest.param(_DP2 + ["--parallel_config.expert_parallel", "2"], True, True, marks=pytest.mark.slow),
     pytest.param(_DP2, True, True, marks=pytest.mark.slow),
     pytest.param(_DP2 + _ZERO1, True, True, marks=pytest.mark.slow),
-    # 1F1B needs micro_batch_num >= pp: the reference accumulates the same two micro-batches, and
-    # TrainStep weights their LM means equally where the engine weights tokens: equal label counts
-    # (no eod_mask_loss) keep the two objectives the same
-    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, False,
+    # 1F1B needs micro_batch_num >= pp: the reference accumulates the same two micro-batches, each
+    # its own token mean (eod_mask_loss: unequal label counts), as the engine's accumulation groups
+    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, True,
                  marks=pytest.mark.slow),
 ], ids=["tp2", "tp2-plain", "dp2ep2", "dp2", "dp2-zero1", "pp2"])
 def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):

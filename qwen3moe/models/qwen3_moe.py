@@ -58,22 +58,26 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
 
     def construct(self, x_TH: Tensor):
         logits_TE, probs_TE, weights_TK, idx_TK = self.gate(x_TH)
+        return self.combine(x_TH, weights_TK, idx_TK), logits_TE, probs_TE, idx_TK
+
+    def combine(self, x_TH: Tensor, weights_TK: Tensor, idx_TK: Tensor) -> Tensor:
+        """sum_k weights_tk * Expert_{idx_tk}(x_t) over this block's experts (idx in [0, E_held)):
+        the routed half of the block, also run by parallel dispatchers on their local experts."""
+        E = self.experts.num_experts
         if self.use_kernel:  # one fused op: bucket by expert, grouped SwiGLU, weighted combine
-            y_TH = self.experts.fused(x_TH, idx_TK, weights_TK)
-            return y_TH, logits_TE, probs_TE, idx_TK
-        A = x_TH.shape[0] * self.top_k
+            return self.experts.fused(x_TH, idx_TK, weights_TK)
+        A = x_TH.shape[0] * idx_TK.shape[1]
         if self.capacity_factor is not None:
-            C = max(1, math.ceil(self.capacity_factor * A / self.num_experts))
-            slot_A, src_R, keep_A, _ = dispatch.capacity_dispatch(idx_TK, self.num_experts, C)
-            y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R),
-                                       dispatch.iota(self.num_experts).astype(ms.int32))
+            C = max(1, math.ceil(self.capacity_factor * A / E))
+            slot_A, src_R, keep_A, _ = dispatch.capacity_dispatch(idx_TK, E, C)
+            y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R), dispatch.iota(E).astype(ms.int32))
             weights_TK = weights_TK * keep_A.reshape(weights_TK.shape).astype(weights_TK.dtype)
-            return dispatch.unpermute(y_RH, slot_A, weights_TK), logits_TE, probs_TE, idx_TK
-        b = dispatch.choose_block_size(A, self.num_experts)
-        nb = dispatch.num_blocks(A, self.num_experts, b)
-        slot_A, src_R, expert_NB, _ = dispatch.dispatch_indices(idx_TK, self.num_experts, b, nb)
+            return dispatch.unpermute(y_RH, slot_A, weights_TK)
+        b = dispatch.choose_block_size(A, E)
+        nb = dispatch.num_blocks(A, E, b)
+        slot_A, src_R, expert_NB, _ = dispatch.dispatch_indices(idx_TK, E, b, nb)
         y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R), expert_NB)
-        return dispatch.unpermute(y_RH, slot_A, weights_TK), logits_TE, probs_TE, idx_TK
+        return dispatch.unpermute(y_RH, slot_A, weights_TK)
 
 
 def resolve_moe_backend(name: str) -> bool:

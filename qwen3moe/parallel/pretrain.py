@@ -167,7 +167,8 @@ class ParallelTrainStep:
 
         t0, i = time.perf_counter(), self.steps_done
         ids, labels, pos = _global_batch(batch)
-        loss, grads = self.pl.loss_and_grads(ids, labels, pos)
+        groups = len(batch) if isinstance(batch, list) else 1  # accumulation: TrainStep's per-micro-batch means
+        loss, grads = self.pl.loss_and_grads(ids, labels, pos, groups)
         allreduce_grads(self.pl, grads)
         norm = global_grad_norm(self.pl, grads)
         if self.clip is not None:

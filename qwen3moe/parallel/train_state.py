@@ -45,8 +45,9 @@ def rank_optimizers(opt) -> dict[int, list]:
     return out
 
 
-def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) -> str:
-    """Write step_<step> (every process its ranks, rank 0 the state file); prune old steps."""
+def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2, extra: dict | None = None) -> str:
+    """Write step_<step> (every process its ranks, rank 0 the state file with `extra`: the model
+    config and data geometry a resume must match, recipe.checkpoint_extra); prune old steps."""
     from qwen3moe.io.safetensors_io import write_safetensors
     from qwen3moe.parallel.checkpoint import save_sharded
 
@@ -61,7 +62,8 @@ def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2) 
     barrier()
     if rank == 0:
         tmp = d / f".{STATE}.tmp"
-        tmp.write_text(json.dumps({"step": step, "layout": layout(pl.mesh), "world": pl.mesh.world_size}))
+        tmp.write_text(json.dumps({"step": step, "layout": layout(pl.mesh), "world": pl.mesh.world_size,
+                                   "extra": extra or {}}))
         os.replace(tmp, d / STATE)
         for s, old in step_dirs(root, STATE)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -107,6 +109,16 @@ def read_state(path: str) -> dict:
         return json.load(fh)
 
 
+def check_resume(cfg, path: str) -> None:
+    """Refuse to resume `path` with another model config or data geometry than the run's, as
+    single-process resume does (trainer.check_resume: one line naming the key and both values,
+    unless resume_override); checkpoints without the record pass."""
+    from qwen3moe.training.recipe import checkpoint_extra
+    from qwen3moe.training.trainer import check_resume as check
+
+    check(read_state(path).get("extra") or {}, checkpoint_extra(cfg), tuple(cfg.resume_override), path)
+
+
 def load_optimizer(path: str, opt, mesh) -> None:
     """Moments and steps of this process's AdamWs from `path` (same layout required)."""
     from qwen3moe.io.safetensors_io import SafetensorsFile
@@ -139,6 +151,7 @@ def resume_path(cfg) -> str | None:
     if found is None:
         raise CheckpointError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
                               f"(step_<N>/{STATE}) to resume from")
+    check_resume(cfg, found)  # before any tensor is read
     return found
 
 
@@ -158,10 +171,12 @@ class ShardedCheckpointer:
     def save(self, trainer, step: int) -> str:
         from mindspore import Tensor, ops
 
+        from qwen3moe.training.recipe import checkpoint_extra
+
         c = trainer.config
         barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
         path = save(c.checkpoint_dir, step, self.step.pl, self.step.optimizer, self.rank, barrier,
-                                keep_last=c.keep_last)
+                    keep_last=c.keep_last, extra=checkpoint_extra(self.cfg))
         if self.rank == 0:
             self.log(f"checkpoint: {path}")
         return path

@@ -196,8 +196,15 @@ def trainer_config(cfg: TaskConfig, model: Any, steps: int):
         keep_last=int(ckpt_cb.get("keep_checkpoint_max", 2)), time_budget_s=r.time_budget_s,
         resume=bool(cfg.resume_training), resume_from=resume_from, nan_abort_after=r.nan_abort_after,
         plot_dir=cfg.output_dir, save_at_end=True,
-        checkpoint_extra={"model_config": model.config.to_dict(), "data": cfg.data_geometry()},
+        checkpoint_extra=checkpoint_extra(cfg, model.config),
         resume_override=tuple(cfg.resume_override))
+
+
+def checkpoint_extra(cfg: TaskConfig, config: Any = None) -> dict:
+    """What a resumed run must match (training/trainer.check_resume), stored with every training
+    checkpoint, single-process or sharded: the model config (`config`, default the run's) and
+    the data geometry."""
+    return {"model_config": (config or model_config(cfg)).to_dict(), "data": cfg.data_geometry()}
 
 
 # ---- the single-process run -----------------------------------------------------------------

@@ -1,0 +1,312 @@
+"""This rank's model: the model's own classes at per-rank sizes, with a parallel plan applied
+from outside (torchtitan `parallelize_module`, gpt-fast `tp.py`), one rank per process.
+
+API (stable; other modules build on it):
+
+    rm = parallelize(cfg, mesh, rank, weights=None, *, gather_logits=True, dispatcher="auto",
+                     coll=None)
+
+    cfg       the global Qwen3MoeConfig; mesh: parallel.mesh.Mesh; rank: this process's global
+              rank (mindspore.communication.get_rank() under msrun, after init()).
+    weights   None (zeros: load later), an HF folder (each rank preads only its slices through
+              checkpoint.ShardReader), a callable hf_name -> full array (sliced here), or any
+              object with read_shard(info, cfg).
+    gather_logits  True: the lm_head's vocab-split logits are all-gathered over tp, so
+              `rm.model(...)` returns full [B, S, V] logits and its own loss is right
+              (generation, evaluation). False: logits stay [B, S, V/tp] (this rank's vocab block,
+              starting at rm.vocab_start); use `VocabParallelCrossEntropy` for the loss
+              (training; the [T, V] logits are never gathered). The model's own `labels=` loss
+              is then meaningless and must not be used.
+    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp"
+              or "allgather" (dispatchers.py).
+    coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
+
+    returns RankModel:
+      .model      a Qwen3MoeForCausalLM (models/qwen3_moe.py) whose forward is the model's own:
+                  `rm.model(input_ids, attention_mask=..., labels=..., output_router_logits=...)`
+                  runs compiled (ms.jit, collectives inside the graph); parameter names are the
+                  HF names; router statistics come out as in one process (`.router_stats`).
+      .entries    [(Parameter, ShardInfo)] for every parameter (ranks.ShardInfo: HF name, split
+                  style and position over tp / ep, gradient sync group "dp" / "stage" / "edp" /
+                  "kv<r>"); `rm.info(name)` looks one up by HF name.
+      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read
+
+The plan (ranks.py's layouts, so checkpoint.py, dp.py, train_state.py and export see the same
+shards as the simulated engine):
+    attention, dense MLP   q/k/v, gate/up column-parallel (output dim split; kv heads
+                           replicated when tp > K, vLLM), o_proj / down_proj row-parallel; one
+                           copy f (identity forward, all-reduce backward) on the block input and
+                           one reduce g (all-reduce forward, identity backward) on its output,
+                           so the module's own construct runs unchanged on its per-rank heads.
+    embedding              vocab rows split: masked local lookup, reduce over tp.
+    lm_head                vocab rows split (column-parallel), f on the input, optional gather.
+    sparse MoE block       ParallelMoeBlock: f on the input, the replicated router, a dispatcher
+                           around the block's own expert combine (fused kernel or composite).
+The router sees the same tokens on every tp rank but back-propagates only its partial share
+(its experts' ffn slice, or its own rows): its gradient is summed over the stage (sync
+"stage"); the router probabilities (aux loss) and logits (z-loss) pass their gradient scaled
+by 1/tp, so that sum gives each term exactly once.
+Shapes: B batch, S seq, T = B*S, H hidden, V vocab, v = V/tp, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, nn, ops
+
+from qwen3moe.layers.dtypes import skip_init, widen
+from qwen3moe.parallel.dispatchers import AllGatherDispatcher, TPExpertsDispatcher, collective
+from qwen3moe.parallel.mesh import Mesh, MeshError
+from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
+from qwen3moe.router.topk import TopKRouter
+
+sg = ops.stop_gradient
+
+
+class _Around(nn.Cell):
+    """A module with a collective before (on its first input) and after (on its output)."""
+
+    def __init__(self, inner: nn.Cell, pre: nn.Cell, post: nn.Cell) -> None:
+        super().__init__()
+        self.inner, self.pre, self.post = inner, pre, post
+
+    def construct(self, x, *args):
+        return self.post(self.inner(self.pre(x), *args))
+
+
+class VocabParallelEmbedding(nn.Cell):
+    """Rows [vocab_start, vocab_start + v) of the embedding: masked local lookup, reduce over tp."""
+
+    def __init__(self, inner: nn.Cell, vocab_start: int, reduce: nn.Cell) -> None:
+        super().__init__()
+        self.inner, self.lo, self.reduce = inner, vocab_start, reduce
+
+    def construct(self, ids_BS: Tensor) -> Tensor:
+        v = self.inner.weight.shape[0]
+        local = ids_BS - self.lo
+        inside = ((local >= 0) & (local < v)).astype(ms.float32)
+        rows = widen(ops.gather(self.inner.weight, ops.clip_by_value(local, 0, v - 1), 0))
+        return self.reduce(rows * inside.expand_dims(-1))
+
+
+def _grad_scale(x: Tensor, s: float) -> Tensor:
+    """x in value, s * dx in gradient."""
+    return x * s + sg(x) * (1.0 - s)
+
+
+class ParallelMoeBlock(nn.Cell):
+    """Qwen3MoeSparseMoeBlock's contract (y_TH, router logits, probs, idx) over a dispatcher:
+    `block` is the model's own block holding this rank's experts and the full router."""
+
+    def __init__(self, block: nn.Cell, dispatcher: nn.Cell, copy: nn.Cell, tp: int) -> None:
+        super().__init__()
+        self.block, self.dispatcher, self.copy, self.tp = block, dispatcher, copy, tp
+
+    def construct(self, x_TH: Tensor):
+        x_TH = self.copy(x_TH)
+        logits_TE, probs_TE, w_TK, idx_TK = self.block.gate(x_TH)
+        x_RH, w_RK, idx_RK = self.dispatcher.dispatch(x_TH, w_TK, idx_TK)
+        y_TH = self.dispatcher.combine(self.block.combine(x_RH, w_RK, idx_RK), x_TH.shape[0])
+        if self.tp > 1:
+            logits_TE, probs_TE = _grad_scale(logits_TE, 1.0 / self.tp), _grad_scale(probs_TE, 1.0 / self.tp)
+        return y_TH, logits_TE, probs_TE, idx_TK
+
+
+class VocabParallelCrossEntropy(nn.Cell):
+    """Per-token cross-entropy [T] (0 where label == -100) from this rank's vocab block of the
+    logits [T, v] (vocab ids vocab_start .. vocab_start + v - 1): the max, the sum of exp and
+    the target logit are reduced over tp; [T, V] is never formed. Usable inside ms.jit."""
+
+    def __init__(self, tp_group, vocab_start: int) -> None:
+        super().__init__()
+        self.group, self.lo = tp_group, vocab_start
+        self.reduce = collective(tp_group, "reduce")
+
+    def construct(self, logits_Tv: Tensor, labels_T: Tensor) -> Tensor:
+        logits_Tv = logits_Tv.astype(ms.float32)
+        v = logits_Tv.shape[1]
+        m_T1 = sg(logits_Tv.max(-1, keepdims=True))
+        if self.group is not None:  # the same shift on every rank: max of the gathered maxima
+            m_T1 = sg(self.group.gather(m_T1, 1).max(-1, keepdims=True))
+        sumexp_T = self.reduce(ops.exp(logits_Tv - m_T1).sum(-1))
+        local = labels_T - self.lo
+        inside = ((local >= 0) & (local < v)).astype(ms.float32)
+        col = ops.clip_by_value(local, 0, v - 1).astype(ms.int32).reshape(-1, 1)
+        picked_T = self.reduce(ops.gather_elements(logits_Tv, 1, col).reshape(-1) * inside)
+        valid = (labels_T != -100).astype(ms.float32)
+        return (ops.log(sumexp_T) + m_T1.reshape(-1) - picked_T) * valid
+
+
+class _ModelLoss(nn.Cell):
+    def __init__(self, model: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.net = model
+
+    def construct(self, ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T):
+        return self.net.construct(ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, 0, True, False)[1]
+
+
+class LossGrad(nn.Cell):
+    """Compiled (loss, gradients) of the model's own loss (lm_loss + coef * aux of this rank's
+    tokens; needs gather_logits=True) with respect to every parameter, in `model.get_parameters()`
+    order (that of RankModel.entries), before any gradient sync. Inputs: models/inputs.prepare_inputs."""
+
+    def __init__(self, model: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.grad_fn = ms.value_and_grad(_ModelLoss(model), None, ParameterTuple(list(model.get_parameters())))
+
+    @ms.jit
+    def construct(self, ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T):
+        return self.grad_fn(ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T)
+
+
+@dataclass
+class RankModel:
+    model: nn.Cell
+    entries: list
+    mesh: Mesh
+    rank: int
+    coll: object
+    layers: range
+    vocab_start: int
+    bytes_read: int = 0
+    _by_name: dict = field(default_factory=dict, repr=False)
+
+    def info(self, name: str) -> ShardInfo:
+        return self._by_name[name]
+
+
+def rank_config(cfg, mesh: Mesh):
+    """The config whose layer sizes are this rank's: heads, ffn, experts and vocab divided."""
+    tp, etp, ep = mesh.tp, mesh.expert_tp, mesh.ep
+    checks = [("vocab_size", cfg.vocab_size, tp, "tp"), ("intermediate_size", cfg.intermediate_size, tp, "tp")]
+    if cfg.num_experts:
+        checks.append(("moe_intermediate_size", cfg.moe_intermediate_size, etp, "etp"))
+    for name, n, d, what in checks:
+        if n % d:
+            raise MeshError(f"{what}={d} must divide {name}={n}")
+    E = cfg.num_experts // ep if cfg.num_experts else 0
+    return cfg.replace(vocab_size=cfg.vocab_size // tp, num_attention_heads=cfg.num_attention_heads // tp,
+                       num_key_value_heads=mesh.kv_heads_per_rank(cfg.num_key_value_heads),
+                       intermediate_size=cfg.intermediate_size // tp,
+                       moe_intermediate_size=cfg.moe_intermediate_size // etp if E else cfg.moe_intermediate_size,
+                       num_experts=E, num_experts_per_tok=min(cfg.num_experts_per_tok, E) if E else
+                       cfg.num_experts_per_tok)
+
+
+def check_layout(cfg, mesh: Mesh) -> None:
+    mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                  num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0)
+    if mesh.ep == 1 and mesh.expert_tp != mesh.tp:
+        raise MeshError(f"etp={mesh.expert_tp} with ep=1 and tp={mesh.tp}: without expert parallelism the "
+                        "experts' ffn is split over the tp ranks (etp = tp)")
+    if mesh.ep > 1 and mesh.expert_tp != 1:
+        raise MeshError(f"etp={mesh.expert_tp} with ep={mesh.ep}: experts are split either over ep ranks "
+                        "or (ep=1) over the tp ranks' ffn dim")
+    if mesh.ep > 1 and cfg.moe_capacity_factor is not None:
+        raise MeshError("moe_capacity_factor with ep > 1: capacity is per expert over the whole ep group, "
+                        "which the all-gather dispatcher does not compute; use dropless routing")
+    if mesh.sp:
+        raise MeshError("sequence parallel (sp) is not implemented by parallelize yet; use the engine "
+                        "(parallel/trainer.py)")
+    if mesh.pp > 1:
+        raise MeshError("pp > 1 is not implemented by parallelize yet; use the engine (parallel/trainer.py)")
+
+
+def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool = True,
+                dispatcher: str = "auto", coll=None) -> RankModel:
+    """This rank's model with the plan applied and its shards loaded (module docstring)."""
+    from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    check_layout(cfg, mesh)
+    if dispatcher not in ("auto", "tp", "allgather"):
+        raise ValueError(f"dispatcher must be 'auto', 'tp' or 'allgather', got {dispatcher!r}")
+    if coll is None:
+        from qwen3moe.parallel.process import ProcessCollectives
+
+        coll = ProcessCollectives(mesh, rank)
+    if cfg.num_key_value_heads < mesh.tp and hasattr(coll, "add_group"):  # replicated kv heads' sync group
+        coll.add_group(f"kv{mesh.tp // cfg.num_key_value_heads}")
+    c = mesh.coords(rank)
+    with skip_init():
+        model = Qwen3MoeForCausalLM(rank_config(cfg, mesh))
+        hf = _swap_routers(model, cfg)
+    model.config = model.model.config = cfg  # inputs, losses and checks use the global config
+    vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
+    _apply_plan(model, mesh, c, coll.groups, vocab_start, gather_logits,
+                "allgather" if dispatcher == "auto" and mesh.ep > 1 else dispatcher)
+    n = rank % (mesh.dp * mesh.tp)
+    entries = []
+    for p in model.get_parameters():
+        p.name = hf[id(p)]
+        local = p.name[len("model."):] if p.name.startswith("model.") else p.name
+        entries.append((p, shard_info(local, p.name, mesh, n, cfg.num_key_value_heads)))
+    reader = _source(weights)
+    if reader is not None:
+        for p, info in entries:
+            load_shard(p, info, cfg, reader, f"rank {rank}")
+            release_freed_heap()
+    return RankModel(model, entries, mesh, rank, coll, range(cfg.num_hidden_layers), vocab_start,
+                     getattr(reader, "bytes_read", 0), {i.name: i for _, i in entries})
+
+
+def _swap_routers(model, cfg) -> dict:
+    """Give each sparse block the full E-way router (the block was built with E/ep experts);
+    returns {id(Parameter): HF name} recorded before any wrapper renames them."""
+    for layer in model.model.layers:
+        if layer.is_sparse:
+            layer.mlp.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                        cfg.norm_topk_prob)
+    return {id(p): name for name, p in model.parameters_and_names()}
+
+
+def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gather_logits: bool,
+                dispatcher: str) -> None:
+    tp_g = groups.get("tp")
+
+    def f():  # a fresh Cell per use
+        return collective(tp_g, "copy")
+
+    def g():
+        return collective(tp_g, "reduce")
+
+    m = model.model
+    m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, vocab_start, g())
+    for layer in m.layers:
+        if mesh.tp > 1:
+            layer.self_attn = _Around(layer.self_attn, f(), g())
+        if not layer.is_sparse:
+            if mesh.tp > 1:
+                layer.mlp = _Around(layer.mlp, f(), g())
+            continue
+        if dispatcher == "allgather":
+            e = layer.mlp.experts.num_experts
+            d = AllGatherDispatcher(tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
+        else:
+            if mesh.ep > 1:
+                raise MeshError("dispatcher 'tp' needs ep=1 (experts split over the tp ranks' ffn dim)")
+            d = TPExpertsDispatcher(tp_g)
+        layer.mlp = ParallelMoeBlock(layer.mlp, d, f(), mesh.tp)
+    if mesh.tp > 1:
+        model.lm_head = _Around(model.lm_head, f(),
+                                collective(tp_g, "gather", 1) if gather_logits else _identity())
+    model.__dict__.pop("_graph_runner", None)
+
+
+def _identity() -> nn.Cell:
+    from qwen3moe.parallel.dispatchers import _Identity
+
+    return _Identity()
+
+
+def _source(weights):
+    if weights is None or callable(weights) or hasattr(weights, "read_shard"):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        from qwen3moe.parallel.checkpoint import ShardReader
+
+        return ShardReader(weights)
+    raise TypeError(f"weights must be None, an HF folder, a callable name -> array or a ShardReader, "
+                    f"got {type(weights).__name__}")
