@@ -1,10 +1,13 @@
 """`pretrain --use_parallel` on the compiled per-rank step (parallel/step.py) for the layouts it
-supports: pure data parallelism (the whole model per rank), with or without ZeRO-1.
+supports (`supports`): pure data parallelism (the whole model per rank), tensor and expert
+parallelism (this rank's model from parallelize.py, vocab-parallel cross-entropy), each with
+or without ZeRO-1.
 
 Checkpoints: pure dp without ZeRO-1 writes single-process training checkpoints from rank 0
 (`output_dir/checkpoint`, replicas are identical; every rank resumes from them, exportable with
-`qwen3moe export`); with ZeRO-1 each rank's optimizer chunk is its own, so the sharded train
-state (`output_dir/checkpoint_sharded`, train_state.py, resumed with the same layout).
+`qwen3moe export`); otherwise ranks hold different state (shards, ZeRO-1 chunks): the sharded
+train state (`output_dir/checkpoint_sharded`, train_state.py; weights re-shard, the optimizer
+state resumes with the same layout).
 """
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ Log = Callable[[str], None]
 
 
 def supports(cfg, mesh) -> bool:
-    """Layouts this path trains; the rest run parallel/trainer.py's per-rank engine. Pipeline
-    micro-batches (micro_batch_num > 1) define a per-micro-batch aux the engine computes."""
-    return mesh.dp > 1 and mesh.tp == mesh.pp == mesh.ep == 1 and not mesh.sp and mesh.micro_batch_num == 1
+    """Layouts this path trains: dp, tp, ep and their products with pp = 1 (parallelize.py has
+    no pipeline stages or sequence parallelism yet); the rest run parallel/trainer.py's per-rank
+    engine. Pipeline micro-batches (micro_batch_num > 1) define a per-micro-batch aux the
+    engine computes."""
+    return mesh.world_size > 1 and mesh.pp == 1 and not mesh.sp and mesh.micro_batch_num == 1
 
 
 def zero1_enabled(cfg, mesh) -> bool:
@@ -160,6 +165,10 @@ def build_step(cfg, mesh, rank: int, coll, model, entries: list, steps: int, log
         log(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}")
     mt = cfg.moe_training()
     kind = mt["aux_mode"] if mt["aux_coef"] else "none"
+    if mesh.tp > 1 and (kind == "seq" or mt["z_coef"]):
+        raise TaskConfigError("model.model_config: the sequence-level aux loss and the router z-loss are not "
+                              "implemented with model_parallel > 1; use aux_loss, hf or global and "
+                              "moe_z_loss_coeff 0")
     K = model.config.num_experts_per_tok
     accum = cfg.runner_config.gradient_accumulation_steps
     reducer = None

@@ -106,13 +106,15 @@ def _tokens(batch) -> float:
 
 class SumNoGrad(nn.Cell):
     """AllReduce-sum of a statistic (router counts) inside a forward graph, not differentiated
-    (ops.AllReduce's own backward would be another AllReduce)."""
+    (ops.AllReduce's own backward would be another AllReduce); group None: this rank alone."""
 
-    def __init__(self, group: str) -> None:
+    def __init__(self, group: str | None) -> None:
         super().__init__(auto_prefix=False)
-        self.all_reduce = ops.AllReduce(group=group)
+        self.all_reduce = ops.AllReduce(group=group) if group is not None else None
 
     def construct(self, x):
+        if self.all_reduce is None:
+            return ops.stop_gradient(x)
         return self.all_reduce(ops.stop_gradient(x))
 
     def bprop(self, x, out, dout):
@@ -302,7 +304,7 @@ class ParallelTrainStep(TrainStep):
                  bucket_elems: int = 1 << 24, log_every: int = 0, log: Callable[[str], None] = lambda s: None,
                  aux_coef: float = 0.0, z_coef: float = 0.0, **kwargs) -> None:
         self.in_graph_counts = aux_kind in ("hf", "megatron") or (aux_kind == "global" and accum == 1)
-        reduce = SumNoGrad(counts_group) if self.in_graph_counts and counts_group else None
+        reduce = SumNoGrad(counts_group) if self.in_graph_counts else None
         super().__init__(model, optimizer, aux_coef=aux_coef if aux_kind != "none" else 0.0, z_coef=z_coef,
                          aux_mode="seq" if aux_kind == "seq" else "global", skip_nonfinite=True,
                          reduce_counts=reduce, **kwargs)
