@@ -111,6 +111,7 @@ class StreamedSource:
         import make_synthetic_hf as syn
 
         self.directory, self.producer, self.waited_s = directory, producer, 0.0
+        self.scales: dict = {}  # no FP8 block scales in a synthetic bf16 folder
         cfg = json.loads(Path(directory, "config.json").read_text())
         weight_map = json.loads(Path(directory, "model.safetensors.index.json").read_text())["weight_map"]
         tag = syn.DTYPES[cfg["torch_dtype"]][0]
@@ -131,6 +132,9 @@ class StreamedSource:
 
     def shape(self, name):
         return self.where[name].shape(name)
+
+    def dtype(self, name):
+        return self.where[name].dtype(name)
 
     def file_of(self, name):
         return self.where[name].path

@@ -1,6 +1,7 @@
 """Fused decode-layer kernels per weight storage at the Qwen3-30B-A3B geometry, random weights.
 
     PATH=.venv/bin:$PATH PYTHONPATH=. python bench/quant_ops.py [--batch 1 8] [--reps 30] [--head]
+    PATH=.venv/bin:$PATH PYTHONPATH=. python bench/quant_ops.py --rows 64 512 [--reps 10]
 
 One decoder layer (hidden 2048, 32/4 heads, head_dim 128, 128 experts top-8, expert ffn 768;
 int4 group 128, int8 per output channel) is built once per mode: fp32, bf16, int8, int4 (random
@@ -10,6 +11,9 @@ dispatch is timed), modes alternating call by call so machine load hits them ali
 gets a fresh random input, so the router picks fresh experts and weights stream from memory.
 Prints best / median ms per layer (attn + moe) and the ratio fp32 / mode of the medians.
 --head adds the lm_head (vocab 151936) per mode: fp32 1.2 GB more.
+--rows T ... times the prefill-shaped forward ops instead (kernels/csrc/quant_ops.cc; fp32: the
+linear.cc / moe_fused.cc ops the fp32 model runs): q_proj (4096 x 2048) on T rows and the fused
+experts on T tokens (top-8 of 128 drawn at random: ~T/16 rows per expert), best / median ms.
 """
 from __future__ import annotations
 
@@ -57,10 +61,10 @@ def layer(rng, mode, head):
 
 
 class Kernel:
-    def __init__(self):
-        from qwen3moe.kernels import decode
+    def __init__(self, name: str = "decode_layer"):
+        from qwen3moe.kernels.build import kernel_library
 
-        self.lib = ctypes.CDLL(decode.library())
+        self.lib = ctypes.CDLL(kernel_library(name))
 
     def __call__(self, fn, arrays):
         n = len(arrays)
@@ -74,18 +78,57 @@ class Kernel:
             raise RuntimeError(f"{fn} returned {rc}")
 
 
+def prefill_ops(layers, modes, rows, reps, rng) -> None:
+    """q_proj and fused experts on T rows per mode, modes alternating call by call."""
+    quant, linear, moe = Kernel("quant_ops"), Kernel("linear"), Kernel("moe_fused")
+    for T in rows:
+        times = {(m, op): [] for m in modes for op in ("q_proj", "experts")}
+        for _ in range(reps):
+            x = rng.standard_normal((T, H), dtype=np.float32)
+            idx = np.argsort(rng.random((T, E)), axis=1)[:, :TOPK].astype(np.int32)
+            w = rng.random((T, TOPK), dtype=np.float32)
+            for m in modes:
+                lw = layers[m]
+                y = np.empty((T, N * D), np.float32)
+                t0 = time.perf_counter()
+                if m == "fp32":
+                    linear("LinearFwd", [x, *lw["wq"], y])
+                else:
+                    quant("QuantLinearFwd", [x, *lw["wq"], y])
+                t1 = time.perf_counter()
+                out = np.empty_like(x)
+                if m == "fp32":
+                    A = T * TOPK
+                    moe("MoeFusedFwd", [x, idx, w, *lw["wgu"], *lw["wd"], out, np.empty((A, 2 * F), np.float32),
+                                        np.empty((A, H), np.float32), np.empty(A, np.int32), np.empty(E + 1, np.int32)])
+                else:
+                    quant("QuantMoeFwd", [x, idx, w, *lw["wgu"], *lw["wd"], out])
+                t2 = time.perf_counter()
+                times[m, "q_proj"].append(1e3 * (t1 - t0))
+                times[m, "experts"].append(1e3 * (t2 - t1))
+        for op in ("q_proj", "experts"):
+            base = np.median(times[modes[0], op])
+            for m in modes:
+                med = np.median(times[m, op])
+                print(f"T={T} {op:7s} {m:5s}: best {min(times[m, op]):8.2f} ms  median {med:8.2f} ms  "
+                      f"{modes[0]}/{m} {base / med:4.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--head", action="store_true")
     ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--rows", type=int, nargs="+", help="time the prefill ops on these row counts instead")
     a = ap.parse_args()
     call = Kernel()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     layers = {m: layer(rng, m, a.head) for m in a.modes}
     print(f"weights built in {time.perf_counter() - t0:.0f} s")
+    if a.rows:
+        return prefill_ops(layers, a.modes, a.rows, a.reps, rng)
     ones = lambda n: np.ones(n, np.float32)  # noqa: E731
     fcfg = np.array([1e-6, D ** -0.5], np.float32)
     for B in a.batch:

@@ -253,3 +253,32 @@ def test_reset_position_ids_equal_single_device(setup, dp, tp, pp, ep, M):
     got = pl.full_grads(grads)
     for name, g in want_grads.items():
         np.testing.assert_allclose(got[name], g, rtol=0, atol=2e-6, err_msg=name)
+
+
+def test_accumulation_groups_take_trainsteps_per_micro_batch_token_means(setup):
+    """pretrain --use_parallel pp2 with gradient accumulation 2 (= micro_batch_num) and
+    eod_mask_loss: TrainStep's LM loss is the mean over the accumulation micro-batches of each
+    one's token mean, so with unequal valid-label counts it is not the global token mean the
+    engine used (the pp2 real-process test had to run without eod_mask_loss). With groups=2 the
+    sharded loss and gradients equal the mean of the single-device model's (loss, gradients) on
+    each micro-batch (its own objective: HF lm_loss + coef * aux); groups=1 keeps the token mean
+    over the batch, which differs here."""
+    from qwen3moe.parallel.dp import allreduce_grads
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    cfg, model, ids, _ = setup
+    labels = ids.copy()
+    labels[0, 1:7] = labels[1, 2] = -100  # micro-batch 0: 7 labels masked of 14, micro-batch 1: none
+    parts = [reference(cfg, model, ids[g:g + 2], labels[g:g + 2], 1, 1) for g in (0, 2)]
+    want_loss = (parts[0][0] + parts[1][0]) / 2
+    pl = ParallelLM.from_model(model, Mesh(pp=2, micro_batch_num=2))
+    losses, grads = pl.loss_and_grads(ids, labels, groups=2)
+    for value in losses.values():
+        assert value == pytest.approx(want_loss, rel=1e-6)
+    assert abs(reference(cfg, model, ids, labels, 1, 2)[0] - want_loss) > 1e-3  # the global token mean differs
+    allreduce_grads(pl, grads, bucket_elems=4096)
+    got = pl.full_grads(grads)
+    for name in parts[0][1]:
+        np.testing.assert_allclose(got[name], (parts[0][1][name] + parts[1][1][name]) / 2, rtol=0, atol=2e-6,
+                                   err_msg=name)

@@ -112,6 +112,25 @@ def test_moe_experts_equal_numpy(portable, seed, mode, T, E, K, H, F, g):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_many_rows_equal_numpy(portable, mode):
+    """Prefill-sized calls: whole and partial 64-row token groups (T 130 = 64 + 64 + 2), 24-row
+    weight blocks plus a tail (O 50), and experts holding > 64 rows each."""
+    rng = np.random.default_rng(1)
+    weight, w = make_weight(rng, (50, 256), mode, 64)
+    x = rng.standard_normal((130, 256)).astype(np.float32)
+    _check(quant.linear(Tensor(x), weight).asnumpy(), x, w)
+    T, E, H, F = 150, 2, 128, 96
+    gate_up, gu = make_weight(rng, (E, 2 * F, H), mode, 32)
+    down, dn = make_weight(rng, (E, H, F), mode, 32)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    idx = rng.integers(0, E, (T, 1)).astype(np.int32)
+    wt = rng.random((T, 1)).astype(np.float32)
+    y = quant.moe_experts(Tensor(x), Tensor(idx), Tensor(wt), gate_up, down).asnumpy()
+    ref = _moe_reference(x, idx, wt, gu, dn)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda q, s, z: (q, s.astype(ms.float32), z), "scales float16"),
     (lambda q, s, z: (q[:, :5], s, z), "qweight uint8"),

@@ -125,3 +125,109 @@ def test_parallel_save_removes_killed_save_leftovers(tmp_path, monkeypatch):
                                   "step_2/optim_rank_0.safetensors", f"step_2/{train_state.STATE}",
                                   "step_2/rank_0.safetensors", "step_5", "step_5/notes.txt", "step_6",
                                   f"step_6/{train_state.STATE}", "step_6/rank_0.safetensors"]
+
+
+# ---- sharded resume checks the model / data geometry as single-process resume does ----
+def test_sharded_resume_refuses_another_model_or_data_geometry(tmp_path, monkeypatch):
+    """`pretrain --use_parallel` resume: a sharded checkpoint saved (through ShardedCheckpointer,
+    as the Trainer saves) with another model config or data geometry is refused before any
+    tensor is read, in one line naming the key and both values (trainer.check_resume, the
+    single-process rule), unless resume_override names it. Once resumed silently."""
+    from types import SimpleNamespace
+
+    import mindspore.ops as ops
+
+    from helpers import REPO
+    from qwen3moe.parallel import checkpoint, pretrain, train_state
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.training.task_config import load_task_config
+    from qwen3moe.training.trainer import ResumeMismatchError
+
+    yaml, root = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml"), tmp_path / "checkpoint_sharded"
+    # no processes: the rank files, the optimizer state and the barrier's AllReduce are stubbed
+    monkeypatch.setattr(checkpoint, "save_sharded", lambda pl, d: d.mkdir(parents=True))
+    monkeypatch.setattr(train_state, "rank_optimizers", lambda opt: {})
+    monkeypatch.setattr(ops, "AllReduce", lambda: (lambda t: t))
+    step = SimpleNamespace(pl=SimpleNamespace(mesh=Mesh(tp=2)), optimizer=None)
+    trainer = SimpleNamespace(config=SimpleNamespace(checkpoint_dir=str(root), keep_last=2))
+    pretrain.ShardedCheckpointer(load_task_config(yaml, []), step, 0, lambda s: None).save(trainer, 2)
+
+    def resume(*overrides):
+        return pretrain.resume_path(load_task_config(yaml, ["--resume_training", "True", "--load_checkpoint",
+                                                            str(root), *overrides]))
+
+    assert resume().endswith("step_2")
+    with pytest.raises(ResumeMismatchError, match=r"model\.model_config\.num_hidden_layers is 4 in the checkpoint "
+                                                  r"but 2 in this run") as err:
+        resume("--model.model_config.num_hidden_layers", "2")
+    assert "\n" not in str(err.value) and "resume_override" in str(err.value)
+    with pytest.raises(ResumeMismatchError, match=r"runner_config\.batch_size is 2 in the checkpoint but 4"):
+        resume("--runner_config.batch_size", "4")
+    assert resume("--model.model_config.num_hidden_layers", "2", "--resume_override", "model").endswith("step_2")
+
+
+def test_distcheck_run_is_a_library_call_checked_before_any_collective():
+    """parallel/distcheck.run takes explicit parameters (once an argparse namespace: library code
+    shaped by the command) and refuses a layout the model cannot take in one line, before
+    init() (no msrun here: reaching init would fail differently)."""
+    from helpers import HF_FIXTURES
+    from qwen3moe.parallel import distcheck
+    from qwen3moe.parallel.mesh import MeshError
+
+    model = str(HF_FIXTURES / "tiny-fp32-gqa")  # 4 heads, 2 kv heads, 8 experts, 4 layers
+    with pytest.raises(MeshError, match=r"^tp=3 must divide num_attention_heads=4$"):
+        distcheck.run(model, "train", tp=3)
+    with pytest.raises(MeshError, match=r"^ep=3 must divide num_experts=8$"):
+        distcheck.run(model, "generate", dp=3, ep=3)
+    with pytest.raises(MeshError, match=r"^pp=8 must be <= num_hidden_layers=4$"):
+        distcheck.run(model, "load", pp=8, micro_batch_num=8)
+
+
+@pytest.mark.parametrize("extra", ["model.layers.1.self_attn.extra_proj.weight", "model.layers.7.mlp.gate.weight"])
+def test_parallel_load_unexpected_tensor_is_the_single_process_error(saved, tmp_path, extra):
+    """A folder tensor the model does not read (a stray key; a layer the config lacks) is the
+    single-process loader's one-line error on the sharded path too (once silently ignored)."""
+    import shutil
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    folder = tmp_path / "m"
+    shutil.copytree(saved[1], folder)
+    f = sorted(folder.glob("*.safetensors"))[-1]
+    st = SafetensorsFile(str(f))
+    tensors = [(k, st.read(k), st.entries[k]["dtype"]) for k in st.keys()]
+    st.close()
+    write_safetensors(str(f), tensors + [(extra, np.ones((4, 4), np.float32), "F32")])
+    with pytest.raises(CheckpointError) as single:
+        Qwen3MoeForCausalLM.from_pretrained(str(folder))
+    with pytest.raises(CheckpointError) as parallel:
+        ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
+    assert f"unexpected tensor {extra!r}" in str(single.value)
+    assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)
+
+
+@pytest.mark.parametrize("mesh_kw", [dict(tp=2), dict(pp=2, micro_batch_num=2)], ids=["tp2", "pp2"])
+def test_parallel_generation_non_finite_logits_is_the_single_process_error(saved, mesh_kw):
+    """NaN logits in stage-to-stage generation: the single-process one-line GenerationError
+    (generation/generate.check_finite, tests/test_robustness_generate.py) instead of token 0;
+    raised from the summed tokens, which every rank holds (the first stage too: no rank waits
+    in a collective)."""
+    from mindspore import Tensor
+
+    from qwen3moe.generation.errors import GenerationError
+    from qwen3moe.parallel.decode import greedy_cached
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    pl = ParallelLM.from_model(saved[0], Mesh(**mesh_kw), train=False)
+    for per in pl.entries:
+        for entries in per.values():
+            for p, info in entries:
+                if info.name == "model.norm.weight":
+                    p.set_data(Tensor(np.full(p.shape, np.nan, np.float32)))
+    with pytest.raises(GenerationError, match=r"^generation step 0: the model produced non-finite logits \(NaN or "
+                                              r"Inf\) for batch row 0 and 1 more; its weights or config are broken"):
+        greedy_cached(pl, np.array([[5, 6, 7], [8, 9, 10]]), 3)

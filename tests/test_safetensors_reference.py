@@ -4,7 +4,9 @@ safetensors file under tests/fixtures: same tensor names, dtypes, shapes and val
 The `safetensors` package parses each file independently (`safe_open` for names, dtypes, shapes
 and the metadata; numpy-representable tensors through `get_tensor`). numpy has no bfloat16, so
 for BF16 tensors the reference is `safetensors.deserialize`'s raw bytes, widened here by the
-definition of bfloat16 (the top 16 bits of a float32). Exact equality: both sides widen exactly.
+definition of bfloat16 (the top 16 bits of a float32); F8_E4M3 bytes (tiny-fp8) through torch's
+float8_e4m3fn decoding of the 256 codes, recorded by tools/make_fp8_fixture.py. Exact equality:
+both sides widen exactly.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from helpers import FIXTURES
 from qwen3moe.io.safetensors_io import SafetensorsFile
 
 FILES = sorted(FIXTURES.rglob("*.safetensors"))
+TORCH_E4M3 = np.load(FIXTURES / "hf" / "tiny-fp8" / "fp8_reference.npz")["e4m3_codes"]
 
 
-def test_fixtures_include_bf16_and_fp32_files():
+def test_fixtures_include_bf16_fp32_and_fp8_files():
     dtypes = {SafetensorsFile(str(p)).dtype(n) for p in FILES for n in SafetensorsFile(str(p)).keys()}
-    assert len(FILES) >= 5 and {"BF16", "F32"} <= dtypes, (len(FILES), dtypes)
+    assert len(FILES) >= 5 and {"BF16", "F32", "F8_E4M3"} <= dtypes, (len(FILES), dtypes)
 
 
 def reference_tensors(path) -> dict[str, tuple[str, list[int], np.ndarray]]:
@@ -34,6 +37,8 @@ def reference_tensors(path) -> dict[str, tuple[str, list[int], np.ndarray]]:
             if tag == "BF16":
                 u16 = np.frombuffer(bytes(raw[name]["data"]), "<u2").reshape(shape)
                 values = (u16.astype(np.uint32) << 16).view(np.float32)
+            elif tag == "F8_E4M3":
+                values = TORCH_E4M3[np.frombuffer(bytes(raw[name]["data"]), np.uint8).reshape(shape)]
             else:
                 values = f.get_tensor(name)
                 values = values.astype(np.float32) if values.dtype.kind == "f" else values

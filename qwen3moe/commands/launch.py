@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_dist_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder")
-    p.add_argument("--mode", choices=["generate", "train", "load"], required=True)
+    p.add_argument("--mode", choices=["generate", "train", "load", "forward"], required=True)
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1)
     p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")
@@ -47,7 +47,10 @@ def add_dist_parallel_arguments(p: argparse.ArgumentParser) -> None:
 def dist_parallel(args: argparse.Namespace) -> int:
     from qwen3moe.parallel import distcheck
 
-    print("RESULT " + json.dumps(distcheck.run(args)), flush=True)
+    result = distcheck.run(args.model, args.mode, dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, sp=args.sp,
+                           zero1=args.zero1, micro_batch_num=args.micro_batch_num, batch=args.batch,
+                           seq=args.seq, steps=args.steps, lr=args.lr, out=args.out)
+    print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 

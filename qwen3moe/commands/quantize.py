@@ -17,8 +17,8 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("quantize", help="float HF folder -> int8/int4 GPTQ-format folder")
-    p.add_argument("--pretrained_model_dir", required=True, help="HF folder (bf16/fp32/fp16 weights)")
+    p = subparsers.add_parser("quantize", help="float (or FP8) HF folder -> int8/int4 GPTQ-format folder")
+    p.add_argument("--pretrained_model_dir", required=True, help="HF folder (bf16/fp32/fp16 weights, or an FP8 release: dequantized while read)")
     p.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
     p.add_argument("--bits", type=int, default=4, help="4 or 8")
     p.add_argument("--group_size", type=int, default=None,

@@ -53,9 +53,11 @@ def gptq_config(config, directory: str) -> GptqSpec | None:
     if not isinstance(qc, dict):
         raise CheckpointError(f"{where}: quantization_config must be an object, got {qc!r}")
     method = qc.get("quant_method", "gptq")
+    if method == "fp8":
+        return None  # block-scaled FP8 weights: a float folder to CheckpointSource (io/fp8.py)
     if method != "gptq":
         raise CheckpointError(f"{where}: quantization_config.quant_method {method!r} is not supported "
-                              f"(only 'gptq')")
+                              f"(only 'gptq' and 'fp8')")
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{where}: quantization_config.checkpoint_format {fmt!r} is not supported "
@@ -176,8 +178,8 @@ def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqS
 def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
     """A GPTQ folder into a quantized model, packed tensors read as stored (no re-quantizing);
     the float lm_head is quantized to int8 per channel on the way in."""
-    from qwen3moe.io.hf_checkpoint import CheckpointSource
-    from qwen3moe.io.quantized import check_unexpected, load_plain, quantize_cell, quantized_cells
+    from qwen3moe.io.hf_checkpoint import CheckpointSource, check_unexpected
+    from qwen3moe.io.quantized import load_plain, quantize_cell, quantized_cells
     from qwen3moe.layers.dtypes import skip_init
 
     src = CheckpointSource(directory)
@@ -277,9 +279,10 @@ def _plan(src, qc: QuantizationConfig, config) -> list[tuple]:
                 for r, proj in enumerate(projs):
                     read = (lambda n=name, j=j, r=r: src.read_slice(n, (slice(j, j + 1), slice(r * per, (r + 1) * per)))[0])
                     plan += _quant_entries(f"{base}.{j}.{proj}", (per, cols), qc, read)
+        elif name in src.scales:  # an FP8 weight outside the projections: float32, exact
+            plan.append((name, src.shape(name), "F32", lambda n=name: {n: src.read(n)}))
         else:  # copied as stored (bytes): no float32 transient
-            plan.append((name, src.shape(name), src.where[name].dtype(name),
-                         lambda n=name: {n: src.where[n].read_raw(n)}))
+            plan.append((name, src.shape(name), src.dtype(name), lambda n=name: {n: src.where[n].read_raw(n)}))
     return plan
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from einops import rearrange
 
 from qwen3moe.io.atomic import OutputError, atomic_files
+from qwen3moe.io.fp8 import apply_scales, split_scales
 from qwen3moe.io.safetensors_io import (FLOAT_TAGS, CheckpointError, SafetensorsFile, check_finite,
                                         check_tensor_names, bf16_to_f32, f32_to_bf16,
                                         write_safetensors)
@@ -36,7 +37,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 class CheckpointSource:
-    """All tensors of an HF folder, opened lazily, by name."""
+    """All tensors of an HF folder, opened lazily, by name. An FP8 folder (io/fp8.py) reads as the
+    float folder it encodes: its scale tensors are hidden and its F8 weights read dequantized."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -51,6 +53,7 @@ class CheckpointSource:
             for f in files:
                 st = SafetensorsFile(os.path.join(directory, f))
                 self.where.update({k: st for k in st.keys()})
+        self.fp8, self.scales = split_scales(directory, self.where)
 
     def _open_index(self, index: str) -> None:
         try:
@@ -73,10 +76,25 @@ class CheckpointSource:
             self.where[name] = opened[fname]
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        return self.where[name].read(name, rows)
+        arr = self.where[name].read(name, rows)
+        return self._dequant(name, arr, rows[0] if rows else 0, 0) if name in self.scales else arr
 
     def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        return self.where[name].read_slice(name, index)
+        arr = self.where[name].read_slice(name, index)
+        if name not in self.scales:
+            return arr
+        starts = [sl.indices(n)[0] for sl, n in zip(index, self.shape(name))] + [0, 0]
+        return self._dequant(name, arr, starts[0], starts[1])
+
+    def _dequant(self, name: str, arr: np.ndarray, row0: int, col0: int) -> np.ndarray:
+        key, st = self.scales[name]
+        scale_inv = st.read(key)
+        check_finite(scale_inv, key, st.path)
+        return apply_scales(arr, scale_inv, self.fp8.block, row0, col0)
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype tag (F8_E4M3 weights read as float32, dequantized)."""
+        return self.where[name].dtype(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.where[name].shape(name)
@@ -96,13 +114,14 @@ def native_sources(name: str, num_experts: int, have: set[str]) -> list[str]:
 
 def read_native(src: CheckpointSource, name: str, shape: tuple[int, ...], num_experts: int,
                 bits: bool = False) -> np.ndarray | None:
-    """Our Parameter `name` as float32 from its HF tensor(s). bits=True: as stored bf16 bits
-    (uint16) when every source tensor is BF16, else None (the caller widens and rounds instead)."""
+    """Our Parameter `name` as float32 from its HF tensor(s). bits=True: as bf16 bits (uint16)
+    when every source tensor is BF16 (as stored) or FP8 (dequantized and rounded one tensor at a
+    time), else None (the caller widens and rounds instead)."""
     keys = native_sources(name, num_experts, set(src.where))
     check_tensor_names(src.directory, src.where, keys, name, unexpected=False)
     read = read_weight
     if bits:
-        if any(src.where[k].dtype(k) != "BF16" for k in keys):
+        if any(src.dtype(k) != "BF16" and k not in src.scales for k in keys):
             return None
         read = read_bf16_bits
     if len(keys) > 1:
@@ -120,13 +139,16 @@ def read_weight(src: CheckpointSource, key: str) -> np.ndarray:
     if st.dtype(key) not in FLOAT_TAGS:
         raise CheckpointError(f"{st.path}: tensor {key!r} has dtype {st.dtype(key)}, expected a floating-point "
                               f"weight ({', '.join(FLOAT_TAGS)})")
-    arr = st.read(key)
+    arr = src.read(key)
     check_finite(arr, key, st.path)
     return arr
 
 
 def read_bf16_bits(src: CheckpointSource, key: str) -> np.ndarray:
-    """A BF16 tensor's stored bit pattern as uint16 (no fp32 copy); NaN/Inf is an error naming it."""
+    """A BF16 tensor's stored bit pattern as uint16 (no fp32 copy), an FP8 weight's dequantized
+    values rounded to bf16 bits; NaN/Inf is an error naming it."""
+    if key in src.scales:
+        return f32_to_bf16(read_weight(src, key))
     st = src.where[key]
     bits = st.read_raw(key).view(np.uint16).reshape(st.shape(key))
     if ((bits & 0x7F80) == 0x7F80).any():  # exponent all ones: Inf or NaN
@@ -174,13 +196,33 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config: Qwen3MoeCo
     for p in model.get_parameters():
         load_param(src, p, config.num_experts)
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
-    unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} in "
-                              f"{os.path.basename(src.file_of(unexpected[0]))}"
-                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    check_unexpected(src, used, config)
     model.source_dir = directory
     return model
+
+
+def check_unexpected(src: CheckpointSource, used: set[str], config: Qwen3MoeConfig) -> None:
+    """Every loader's one-line error for a folder tensor the model does not read (a tied model's
+    folder may still hold lm_head.weight)."""
+    unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if unexpected:
+        raise CheckpointError(f"{src.directory}: unexpected tensor {unexpected[0]!r} in "
+                              f"{os.path.basename(src.file_of(unexpected[0]))}"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+
+
+def model_keys(cls, config: Qwen3MoeConfig, have: set[str]) -> set[str]:
+    """The folder keys a `cls(config)` model reads (native_sources of each parameter), without
+    building it at its size: parameter names depend on the layer count and kinds, tying and the
+    expert layout, never on sizes, so the model class is built at toy sizes for its names."""
+    from qwen3moe.layers.dtypes import skip_init
+
+    toy = config.replace(hidden_size=8, intermediate_size=8, moe_intermediate_size=8, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=4, vocab_size=8, num_experts=2 if config.num_experts else 0,
+                         num_experts_per_tok=1 if config.num_experts else 0)
+    with skip_init():
+        names = [p.name for p in cls(toy).get_parameters()]
+    return {k for name in names for k in native_sources(name, config.num_experts, have)}
 
 
 def load_param(src: CheckpointSource, p, num_experts: int) -> None:

@@ -1,10 +1,12 @@
 """`Qwen3MoeForCausalLM.from_pretrained`'s loader: a GPTQ folder loads quantized as stored
 (io/gptq.py), `quantization=` quantizes while loading (io/quantized.py), anything else loads the
-float weights (io/hf_checkpoint.py). The dispatch lives here, above the three loaders, so none of
-them imports another's caller (no import circle).
+float weights (io/hf_checkpoint.py); an FP8 folder is a float folder to all of them (io/fp8.py).
+The dispatch lives here, above the three loaders, so none of them imports another's caller (no
+import circle).
 """
 from __future__ import annotations
 
+from qwen3moe.io.fp8 import fp8_spec
 from qwen3moe.io.hf_checkpoint import check_folder, load_pretrained as load_float
 from qwen3moe.io.safetensors_io import CheckpointError
 
@@ -16,6 +18,8 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config=None, quant
     from qwen3moe.layers.dtypes import to_ms_dtype
 
     directory, config = check_folder(path, config)
+    if fp8_spec(directory) is not None:  # read as the float folder it encodes (io/fp8.py)
+        config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
     quantized = _load_quantized(cls, directory, config, to_ms_dtype(dtype or config.torch_dtype),
                                 quantization, group_size)
     if quantized is not None:

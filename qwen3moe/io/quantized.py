@@ -8,12 +8,10 @@ and the quantized arrays of the cell being filled. The float model is never buil
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, CheckpointSource, load_param, native_sources,
-                                       read_native, read_weight)
+from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, CheckpointSource, check_unexpected, load_param,
+                                       native_sources, read_native, read_weight)
 from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight, quantize
 
@@ -124,10 +122,3 @@ def load_plain(src: CheckpointSource, model, skip: set[int], config) -> set[str]
         used.update(native_sources(p.name, config.num_experts, set(src.where)))
     return used
 
-
-def check_unexpected(src: CheckpointSource, used: set[str], config) -> None:
-    unexpected = sorted(set(src.where) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
-    if unexpected:
-        raise CheckpointError(f"{src.directory}: unexpected tensor {unexpected[0]!r} in "
-                              f"{os.path.basename(src.file_of(unexpected[0]))}"
-                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))

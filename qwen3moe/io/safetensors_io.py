@@ -20,7 +20,7 @@ from qwen3moe.io.atomic import atomic_write_bytes  # noqa: F401  (re-exported fo
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
+              "BOOL": np.bool_, "F8_E4M3": np.uint8}
 _NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
           np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
 
@@ -50,6 +50,25 @@ def _more(names: list) -> str:
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     """Exact widening: bf16 is the top half of an f32."""
     return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def _e4m3_table() -> np.ndarray:
+    """float8_e4m3fn (the OCP "E4M3" of FP8 checkpoints) -> float32 for all 256 codes, from the
+    format's definition: sign bit, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+    subnormal (m/8 * 2^-6); S.1111.111 is NaN; no infinities (S.1111.110 = 448, the max)."""
+    b = np.arange(256)
+    e, m = (b >> 3) & 15, (b & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    mag = np.where((e == 15) & (m == 7), np.nan, mag)
+    return (np.where(b >> 7, -1.0, 1.0) * mag).astype(np.float32)
+
+
+E4M3_TABLE = _e4m3_table()
+
+
+def e4m3_to_f32(u8: np.ndarray) -> np.ndarray:
+    """Exact widening of F8_E4M3 bytes (a 256-entry table lookup)."""
+    return E4M3_TABLE[u8]
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -94,6 +113,9 @@ class SafetensorsFile:
     def _validate(self, name: str, e: dict, size: int) -> None:
         if not isinstance(e, dict):
             raise CheckpointError(f"{self.path}: header entry for tensor {name!r} is not an object")
+        if str(e.get("dtype")).startswith("F8_") and e["dtype"] != "F8_E4M3":
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {e['dtype']}; the only 8-bit float "
+                                  f"read is F8_E4M3 (float8_e4m3fn)")
         if e.get("dtype") not in _NP_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
         shape = e.get("shape")
@@ -160,12 +182,7 @@ class SafetensorsFile:
         buf = os.pread(self._fd, end - begin, self.data_start + begin)
         if len(buf) != end - begin:
             raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
-        arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
-        if e["dtype"] == "BF16":
-            return bf16_to_f32(arr)
-        if e["dtype"] in ("F16", "F64"):
-            return arr.astype(np.float32)
-        return arr
+        return _widen(np.frombuffer(buf, dtype=np_dtype).reshape(shape), e["dtype"])
 
     def read_raw(self, name: str) -> np.ndarray:
         """A tensor's stored bytes (uint8, no widening): copying a tensor costs its own size."""
@@ -202,11 +219,7 @@ class SafetensorsFile:
             if len(buf) != nbytes:
                 raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
             flat[k] = np.frombuffer(buf, np_dtype)
-        if e["dtype"] == "BF16":
-            return bf16_to_f32(out)
-        if e["dtype"] in ("F16", "F64"):
-            return out.astype(np.float32)
-        return out
+        return _widen(out, e["dtype"])
 
     def close(self) -> None:
         if self._fd is not None:
@@ -220,11 +233,23 @@ class SafetensorsFile:
             pass
 
 
+def _widen(arr: np.ndarray, tag: str) -> np.ndarray:
+    """Stored values -> float32 (exactly) for float tags; integers as stored. F8_E4M3 gives the raw
+    FP8 values: a checkpoint's block scales are applied by hf_checkpoint.CheckpointSource."""
+    if tag == "BF16":
+        return bf16_to_f32(arr)
+    if tag == "F8_E4M3":
+        return e4m3_to_f32(arr)
+    if tag in ("F16", "F64"):
+        return arr.astype(np.float32)
+    return arr
+
+
 def _is_size(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-FLOAT_TAGS = ("F32", "F16", "BF16", "F64")
+FLOAT_TAGS = ("F32", "F16", "BF16", "F64", "F8_E4M3")
 
 
 def check_finite(arr: np.ndarray, name: str, path: str) -> None:

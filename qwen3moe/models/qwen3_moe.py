@@ -58,22 +58,26 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
 
     def construct(self, x_TH: Tensor):
         logits_TE, probs_TE, weights_TK, idx_TK = self.gate(x_TH)
+        return self.combine(x_TH, weights_TK, idx_TK), logits_TE, probs_TE, idx_TK
+
+    def combine(self, x_TH: Tensor, weights_TK: Tensor, idx_TK: Tensor) -> Tensor:
+        """sum_k weights_tk * Expert_{idx_tk}(x_t) over this block's experts (idx in [0, E_held)):
+        the routed half of the block, also run by parallel dispatchers on their local experts."""
+        E = self.experts.num_experts
         if self.use_kernel:  # one fused op: bucket by expert, grouped SwiGLU, weighted combine
-            y_TH = self.experts.fused(x_TH, idx_TK, weights_TK)
-            return y_TH, logits_TE, probs_TE, idx_TK
-        A = x_TH.shape[0] * self.top_k
+            return self.experts.fused(x_TH, idx_TK, weights_TK)
+        A = x_TH.shape[0] * idx_TK.shape[1]
         if self.capacity_factor is not None:
-            C = max(1, math.ceil(self.capacity_factor * A / self.num_experts))
-            slot_A, src_R, keep_A, _ = dispatch.capacity_dispatch(idx_TK, self.num_experts, C)
-            y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R),
-                                       dispatch.iota(self.num_experts).astype(ms.int32))
+            C = max(1, math.ceil(self.capacity_factor * A / E))
+            slot_A, src_R, keep_A, _ = dispatch.capacity_dispatch(idx_TK, E, C)
+            y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R), dispatch.iota(E).astype(ms.int32))
             weights_TK = weights_TK * keep_A.reshape(weights_TK.shape).astype(weights_TK.dtype)
-            return dispatch.unpermute(y_RH, slot_A, weights_TK), logits_TE, probs_TE, idx_TK
-        b = dispatch.choose_block_size(A, self.num_experts)
-        nb = dispatch.num_blocks(A, self.num_experts, b)
-        slot_A, src_R, expert_NB, _ = dispatch.dispatch_indices(idx_TK, self.num_experts, b, nb)
+            return dispatch.unpermute(y_RH, slot_A, weights_TK)
+        b = dispatch.choose_block_size(A, E)
+        nb = dispatch.num_blocks(A, E, b)
+        slot_A, src_R, expert_NB, _ = dispatch.dispatch_indices(idx_TK, E, b, nb)
         y_RH = self.experts.blocks(dispatch.permute(x_TH, src_R), expert_NB)
-        return dispatch.unpermute(y_RH, slot_A, weights_TK), logits_TE, probs_TE, idx_TK
+        return dispatch.unpermute(y_RH, slot_A, weights_TK)
 
 
 def resolve_moe_backend(name: str) -> bool:
@@ -109,9 +113,17 @@ class Qwen3MoeDecoderLayer(nn.Cell):
         else:
             self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size, std, param_dtype, lin)
 
-    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor):
-        B, S, H = x_BSH.shape
-        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_BSD, sin_BSD, bias_B1SS)
+    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,
+                  k_cache_BKTD: Tensor | None = None, v_cache_BKTD: Tensor | None = None,
+                  idx_BKS3: Tensor | None = None):
+        """(out [B,S,H], router outputs or None); with a KV cache see Qwen3MoeAttention.construct."""
+        a_BSH = self.input_layernorm(x_BSH)
+        h_BSH = x_BSH + self.self_attn(a_BSH, cos_BSD, sin_BSD, bias_B1ST, k_cache_BKTD, v_cache_BKTD, idx_BKS3)
+        return self.feed_forward(h_BSH)
+
+    def feed_forward(self, h_BSH: Tensor):
+        """Post-attention norm, MLP or MoE block, residual: (out [B,S,H], router outputs or None)."""
+        B, S, H = h_BSH.shape
         z_TH = self.post_attention_layernorm(h_BSH).reshape(B * S, H)
         if self.is_sparse:
             y_TH, logits_TE, probs_TE, idx_TK = self.mlp(z_TH)
@@ -164,6 +176,13 @@ class _Embedding(nn.Cell):
         return widen(ops.gather(self.weight, ids, 0))  # rows first: only T*H values widened
 
 
+class TokenCrossEntropy(nn.Cell):
+    """Per-token cross-entropy [T] of logits [T, V] (C++ kernel or composite)."""
+
+    def construct(self, logits_TV: Tensor, labels_T: Tensor) -> Tensor:
+        return token_cross_entropy(logits_TV, labels_T)
+
+
 @dataclass
 class CausalLMOutput:
     logits: Tensor
@@ -190,13 +209,14 @@ class Qwen3MoeForCausalLM(nn.Cell):
             self.lm_head = Linear(H, V, False, config.initializer_range, param_dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.cross_entropy = TokenCrossEntropy()  # a module, so a parallel plan can swap it
         self.source_dir: str | None = None  # set by from_pretrained (tokenizer files to copy on save)
         self.generation_config = None
 
     # ---- tensor-level forward (compiled) ------------------------------------------------
     def construct(self, input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, labels_T,
                   keep: int = 0, want_router: bool = False, want_hidden: bool = False):
-        B, S = input_ids_BS.shape
+        B, S = input_ids_BS.shape[:2]  # [B, S] ids, or [B, S, H] hidden states (a pipeline stage)
         x_BSH, router_logits, stats, hidden = self.model(
             input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, want_hidden)
         if keep:
@@ -210,7 +230,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
         if labels_T is not None:
             valid_T = (labels_T != -100).astype(ms.float32)
             safe_T = ops.select(labels_T != -100, labels_T, ops.zeros_like(labels_T))
-            ce_T = token_cross_entropy(logits_TV.astype(ms.float32), safe_T)  # C++ kernel or composite
+            ce_T = self.cross_entropy(logits_TV.astype(ms.float32), safe_T)
             lm_loss = (ce_T * valid_T).sum() / ops.maximum(valid_T.sum(), Tensor(1.0, ms.float32))
             loss = lm_loss
         if want_router and len(stats) == 3:
@@ -228,6 +248,12 @@ class Qwen3MoeForCausalLM(nn.Cell):
                  output_router_logits: bool = False, logits_to_keep: int = 0,
                  output_hidden_states: bool = False) -> CausalLMOutput:
         t = prepare_inputs(self.config, input_ids, attention_mask, position_ids, labels, logits_to_keep)
+        return self.run(t, logits_to_keep, output_router_logits, output_hidden_states)
+
+    def run(self, t, logits_to_keep: int = 0, output_router_logits: bool = False,
+            output_hidden_states: bool = False) -> CausalLMOutput:
+        """The forward on prepared inputs (models/inputs.GraphInputs; a pipeline stage passes
+        its received hidden states [B, S, H] as t.input_ids)."""
         fn = self.graph_runner() if compile_enabled() else self.construct
         logits, loss, lm_loss, aux, router_logits, hidden, stats = fn(
             t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels,

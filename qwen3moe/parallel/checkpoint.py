@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3moe.io.hf_checkpoint import CheckpointSource, native_sources
+from qwen3moe.io.hf_checkpoint import CheckpointSource, check_unexpected, model_keys, native_sources
 from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, check_tensor_names, write_safetensors
 from qwen3moe.parallel.ranks import ShardInfo, assemble
 
@@ -27,11 +27,14 @@ def _block(n: int, rank: int, size: int) -> slice:
 
 
 class ShardReader:
-    """`read_shard(info, cfg)`: the slice of an HF folder's tensor a rank holds; counts bytes."""
+    """`read_shard(info, cfg)`: the slice of an HF folder's tensor a rank holds; counts bytes.
+    Before the first read, a folder tensor the model does not read is the single-process
+    loader's one-line error (every rank checks the whole folder's names, reading no tensor)."""
 
     def __init__(self, directory) -> None:
         self.src = CheckpointSource(os.fspath(directory))
         self.bytes_read = 0
+        self.checked = False
 
     def _read(self, name: str, index: tuple) -> np.ndarray:
         arr = self.src.read_slice(name, index)
@@ -39,6 +42,12 @@ class ShardReader:
         return arr
 
     def read_shard(self, info: ShardInfo, cfg) -> np.ndarray:
+        if not self.checked:
+            from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
+
+            have = set(self.src.where)  # missing tensors: below, per name
+            check_unexpected(self.src, model_keys(Qwen3MoeForCausalLM, cfg, have) & have, cfg)
+            self.checked = True
         name = info.name
         if name == "lm_head.weight" and name not in self.src.where and cfg.tie_word_embeddings:
             name = "model.embed_tokens.weight"

@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 from mindspore import Tensor, ops
 
+from qwen3moe.generation.generate import check_finite
 from qwen3moe.layers.attention import grouped_attention
 from qwen3moe.parallel import engine
 
@@ -42,7 +43,7 @@ def greedy_cached(pl, ids: np.ndarray, max_new: int, eos=(), cache: dict | None 
     mesh = replace(pl.mesh, sp=False)
     cache = {} if cache is None else cache
     pos = 0
-    for _ in range(max_new):
+    for step in range(max_new):
         nxt = np.zeros(ids.shape[0], np.float32)
         for mb, per in enumerate(pl.split_batch(ids)):
             _step_micro_batch(pl, mesh, per, mb, pos, cache, nxt, ids.shape[0])
@@ -52,7 +53,9 @@ def greedy_cached(pl, ids: np.ndarray, max_new: int, eos=(), cache: dict | None 
                 nxt_t = next(iter(pl.coll.sum_nograd("dp", {n: nxt_t for n in pl.cells[-1]}).values()))
             nxt_t = pl.coll.pp_sum(nxt_t)
             pl.coll.finish()
-        tokens = np.rint(nxt_t.asnumpy()).astype(ids.dtype)
+        values = nxt_t.asnumpy()
+        check_finite(values[:, None], step)  # on every rank: a NaN row reached all through the sums
+        tokens = np.rint(values).astype(ids.dtype)
         pos = ids.shape[1]
         ids = np.concatenate([ids, tokens[:, None]], 1)
         if eos and all(int(t) in eos for t in tokens):
@@ -86,4 +89,5 @@ def _step_micro_batch(pl, mesh, per: dict, mb: int, pos: int, cache: dict, nxt: 
     full = pl.coll.gather("tp", last, 1)                                # [b, V]
     for n, v in full.items():  # every tp rank holds the same gathered logits
         lo = (n // m.tp) * B // m.dp + mb * b  # split_batch's rows of this dp rank
-        nxt[lo:lo + b] = v.asnumpy().argmax(-1)
+        logits = v.asnumpy()  # a row without a finite max: NaN, the single-process check's signal
+        nxt[lo:lo + b] = np.where(np.isfinite(logits.max(-1)), logits.argmax(-1), np.nan)

@@ -113,7 +113,7 @@ def _vocab_param(name: str, shape: tuple, lazy: bool) -> Parameter:
         return Parameter(initializer("zeros", shape, ms.float32), name=name)
 
 
-def _info(local: str, hf: str, mesh: Mesh, n: int, K: int) -> ShardInfo:
+def shard_info(local: str, hf: str, mesh: Mesh, n: int, K: int) -> ShardInfo:
     tp_j = n % mesh.tp
     if K < mesh.tp and (".k_proj." in local or ".v_proj." in local):
         # vLLM: each kv head replicated r = tp/K times; the rank holds block j // r of K, and its
@@ -162,7 +162,7 @@ def build_stage(cfg, mesh: Mesh, s: int, n: int, layers: range, get) -> tuple[Ra
     def load(stage: RankStage, prefix: str, sub: nn.Cell) -> None:
         for name, p in sub.parameters_and_names():
             infos[id(p)] = _load_one(cfg, mesh, s, n, stage, prefix + name, p, get)
-        _release_freed_heap()
+        release_freed_heap()
 
     cell = RankStage(cfg, mesh, layers, s == 0, s == mesh.pp - 1, load)
     entries = []
@@ -173,7 +173,7 @@ def build_stage(cfg, mesh: Mesh, s: int, n: int, layers: range, get) -> tuple[Ra
     return cell, entries
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """glibc keeps the freed zero buffers and read temporaries of a layer mapped (its dynamic
     mmap threshold moves them to the heap); returning them after each layer keeps a rank's
     peak memory while loading near its shard. A no-op where there is no glibc."""
@@ -193,16 +193,22 @@ _LIBC = None
 
 def _load_one(cfg, mesh: Mesh, s: int, n: int, stage: RankStage, local: str, p: Parameter, get) -> ShardInfo:
     hf = hf_name(local, stage)
-    info = _info(local, hf, mesh, n, cfg.num_key_value_heads)
+    info = shard_info(local, hf, mesh, n, cfg.num_key_value_heads)
+    load_shard(p, info, cfg, get, f"rank {n} of stage {s}")
+    return info
+
+
+def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
+    """Fill p with the rank's slice of info.name: `get(hf_name)` -> full array (sliced here), or
+    `get.read_shard(info, cfg)` -> the slice only (checkpoint.ShardReader)."""
     if hasattr(get, "read_shard"):  # a fresh array per call: the Parameter may own it
         arr = np.ascontiguousarray(get.read_shard(info, cfg), np.float32)
     else:  # a view of the caller's full array: copy, replicas must not share memory
-        arr = np.array(slice_for(info, get(hf)), np.float32, order="C", copy=True)
+        arr = np.array(slice_for(info, get(info.name)), np.float32, order="C", copy=True)
     if tuple(arr.shape) != tuple(p.shape):
-        raise ValueError(f"{hf}: shard of shape {list(arr.shape)} for rank {n} of stage {s}, "
+        raise ValueError(f"{info.name}: shard of shape {list(arr.shape)} for {who}, "
                          f"expected {list(p.shape)}")
     p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
-    return info
 
 
 def unsplit(parts: list[np.ndarray], style: str) -> np.ndarray:

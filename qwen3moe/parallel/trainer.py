@@ -131,15 +131,21 @@ class ParallelLM:
     def _params(self, s: int) -> list:
         return [p for n in sorted(self.entries[s]) for p, _ in self.entries[s][n]]
 
-    def loss_and_grads(self, ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray | None = None):
+    def loss_and_grads(self, ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray | None = None,
+                       groups: int = 1):
         """One global batch through the 1F1B pipeline. Returns (loss reported on every stage,
         {Parameter name: accumulated gradient (numpy)}), before the data-parallel all-reduce.
-        `self.last_aux` is then the aux-loss part of that loss (coefficient applied)."""
+        `self.last_aux` is then the aux-loss part of that loss (coefficient applied).
+        groups > 1: the batch's rows are that many gradient-accumulation micro-batches (equal,
+        contiguous) and the LM term is the mean of their token means, as TrainStep's; else one
+        token mean over the batch."""
         mbs = self.split_batch(ids, labels, position_ids)
         M, pp = len(mbs), self.mesh.pp
         n_valid = sum(float((t.labels.asnumpy() != -100).sum()) for per in mbs for n, t in per.items()
                       if n % self.mesh.tp == 0)
         st = _State(mbs, n_valid)
+        if groups > 1:
+            st.weights = self._group_weights(mbs, labels, groups)
         grads = {p.name: np.zeros(p.shape, np.float32) for s in range(pp) for p in self._params(s)}
         do = lambda s, op, m: (self._fwd if op == "F" else self._bwd)(st, s, m, grads)  # noqa: E731
         if self.real:
@@ -172,9 +178,25 @@ class ParallelLM:
             return
         local = engine.head_logits(self.cells[s], self.coll, xs, self.mesh, st.mbs[m])
         ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in st.mbs[m].items()}, self.mesh.tp)
-        total = self.coll.sum_nograd("dp", {n: ce[n].sum() for n in ce})
+        total = self.coll.sum_nograd("dp", {n: _lm_sum(st, m, n, ce[n]) for n in ce})
         st.aux[m] = self._aux_value(st, m)
-        st.loss[m] = float(next(iter(total.values())).asnumpy()) / st.n_valid + st.aux[m]
+        st.loss[m] = float(next(iter(total.values())).asnumpy()) / (1.0 if st.weights else st.n_valid) + st.aux[m]
+
+    def _group_weights(self, mbs, labels: np.ndarray, groups: int) -> dict:
+        """{(micro-batch, rank): per-token LM weight [b*S]}: 1 / (groups * N_g), N_g the valid
+        labels of the accumulation group g its row belongs to (the model shifts: labels[:, 1:])."""
+        m, (B, S) = self.mesh, labels.shape
+        if B % groups:
+            raise MeshError(f"global batch {B} must be divisible by the {groups} accumulation micro-batches")
+        n_g = (np.asarray(labels)[:, 1:] != -100).sum(1).reshape(groups, -1).sum(1)
+        w_r = np.repeat(1.0 / (groups * np.maximum(n_g, 1)), B // groups)
+        b = B // (m.dp * len(mbs))
+        out = {}
+        for mb, per in enumerate(mbs):
+            for n in per:  # split_batch's rows of rank n
+                lo = (n // m.tp) * B // m.dp + mb * b
+                out[(mb, n)] = Tensor(np.repeat(w_r[lo:lo + b], S).astype(np.float32))
+        return out
 
     def _aux_value(self, st, m) -> float:
         if not self.sparse_layers or st.probsum.get(m) is None:
@@ -206,7 +228,7 @@ class ParallelLM:
             if last:
                 local = engine.head_logits(cells, self.coll, xs, self.mesh, inp)
                 ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in inp.items()}, self.mesh.tp)
-                return J + sum(ce[n].sum() for n in order) / st.n_valid
+                return J + (sum(_lm_sum(st, m, n, ce[n]) for n in order) / (1.0 if st.weights else st.n_valid))
             return J + sum((xs[n] * dout[n]).sum() for n in order)
 
         x_in = [st.act[(s - 1, m)][n] for n in order] if s else []
@@ -269,9 +291,16 @@ class ParallelLM:
         return out
 
 
+def _lm_sum(st, m: int, n: int, ce):
+    """Rank n's summed CE of micro-batch m, times its tokens' weights when set (else divided by
+    N afterwards)."""
+    return (ce * st.weights[(m, n)]).sum() if st.weights else ce.sum()
+
+
 class _State:
     def __init__(self, mbs, n_valid: float) -> None:
         self.mbs, self.n_valid = mbs, n_valid
+        self.weights: dict = {}
         self.act: dict = {}
         self.dout: dict = {}
         self.counts: dict = {}

@@ -1,7 +1,7 @@
 """Run assembly: a `TaskConfig` -> model, data, schedule, optimizer and train-step arguments.
 
 One place turns the seed-style task file into the objects a run needs; `qwen3moe pretrain`,
-the parallel trainers (parallel/pretrain.py, parallel/replicas.py), the demo and the examples
+the parallel trainers (parallel/pretrain.py, parallel/compiled.py), the demo and the examples
 use it instead of rebuilding the wiring. Problems are `TaskConfigError`s naming the key
 (PrecisionError / RecomputeError from their modules); nothing here prints.
 
@@ -144,14 +144,15 @@ def optimizer_arguments(cfg: TaskConfig) -> dict:
             "no_decay": DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ()}
 
 
-def step_arguments(cfg: TaskConfig, model: Any, steps: int) -> dict:
+def step_arguments(cfg: TaskConfig, model: Any, steps: int, make_optimizer: Callable | None = None) -> dict:
     """TrainStep's optimizer, clip, schedule and loss scale from the config (recompute and
-    compute dtype applied to the model)."""
+    compute dtype applied to the model). `make_optimizer(params, lr=, **adamw)` replaces AdamW
+    (parallel/step.RankAdamW)."""
     from qwen3moe.training.optimizer import AdamW
 
     w = cfg.runner_wrapper
     sched = build_schedule(cfg, steps)
-    opt = AdamW(model.trainable_params(), lr=sched(0), **optimizer_arguments(cfg))
+    opt = (make_optimizer or AdamW)(model.trainable_params(), lr=sched(0), **optimizer_arguments(cfg))
     apply_recompute_config(cfg, model)
     return {"optimizer": opt, "clip": w.max_grad_norm if w.use_clip_grad else None, "schedule": sched,
             "loss_scale": apply_precision_config(cfg, model)}
@@ -195,8 +196,15 @@ def trainer_config(cfg: TaskConfig, model: Any, steps: int):
         keep_last=int(ckpt_cb.get("keep_checkpoint_max", 2)), time_budget_s=r.time_budget_s,
         resume=bool(cfg.resume_training), resume_from=resume_from, nan_abort_after=r.nan_abort_after,
         plot_dir=cfg.output_dir, save_at_end=True,
-        checkpoint_extra={"model_config": model.config.to_dict(), "data": cfg.data_geometry()},
+        checkpoint_extra=checkpoint_extra(cfg, model.config),
         resume_override=tuple(cfg.resume_override))
+
+
+def checkpoint_extra(cfg: TaskConfig, config: Any = None) -> dict:
+    """What a resumed run must match (training/trainer.check_resume), stored with every training
+    checkpoint, single-process or sharded: the model config (`config`, default the run's) and
+    the data geometry."""
+    return {"model_config": (config or model_config(cfg)).to_dict(), "data": cfg.data_geometry()}
 
 
 # ---- the single-process run -----------------------------------------------------------------

@@ -4,9 +4,12 @@
 //
 // Few rows (decode-shaped, T < kGemvRows): each weight row is dequantized in registers while it
 // streams and dotted with every x row (memory bound: bytes per weight are the cost). Many rows
-// (prefill): each thread dequantizes a tile of kTile weight rows into an L2-sized float32 scratch
-// and runs common.h's sgemm (oneDNN's dnnl_sgemm) on it, so the GEMM runs at the fp32 rate and the
-// dequantization is paid once per tile, not per token.
+// (prefill): a block of kBlockRows weight rows is dequantized into an L2-resident float32 scratch
+// once and multiplied with every x row by the register-blocked kernel below (x transposed once per
+// call so that 16 rows of x fill a vector and each dequantized weight is a broadcast): the GEMM
+// runs at the fp32 FMA rate with the dequantization paid once per weight. (The previous form,
+// 64-row tiles through dnnl_sgemm, re-packed x for every tile and ran the experts at about half
+// the fp32 experts' rate: bench/RESULTS.md.) The portable path keeps tiles + common.h's sgemm.
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
@@ -43,6 +46,93 @@ static void for_each(int64_t n, bool parallel, F &&fn) {
     for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
+#if defined(__AVX512F__)
+// x rows [m0, m0 + L) transposed into xp[k * L + j] = x[m0 + j, k] (rows past T: zeros)
+static void pack_xt(const float *x, int64_t ldx, int64_t m0, int64_t T, int64_t K, int64_t L, float *xp) {
+  for (int64_t j = 0; j < L; ++j) {
+    if (m0 + j >= T) {
+      for (int64_t k = 0; k < K; ++k) xp[k * L + j] = 0.0f;
+      continue;
+    }
+    const float *xr = x + (m0 + j) * ldx;
+    for (int64_t k = 0; k < K; ++k) xp[k * L + j] = xr[k];
+  }
+}
+
+// y[m0 + j, o + r] = sum_k w[r * K + k] * xp[k * 16NZ + j] for r < NR, j < valid: NR dequantized
+// weight rows against 16 * NZ x rows, NR x NZ accumulators (<= 24 of the 32 zmm registers),
+// k summed in order. Each weight is one broadcast feeding NZ FMAs; each x vector feeds NR.
+template <int NR, int NZ>
+static void qgemm_micro(const float *w, int64_t K, const float *xp, float *y, int64_t ldy, int64_t valid) {
+  __m512 acc[NR][NZ];
+  for (int r = 0; r < NR; ++r)
+    for (int z = 0; z < NZ; ++z) acc[r][z] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 xv[NZ];
+    for (int z = 0; z < NZ; ++z) xv[z] = _mm512_loadu_ps(xp + k * 16 * NZ + 16 * z);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 b = _mm512_set1_ps(w[r * K + k]);
+      for (int z = 0; z < NZ; ++z) acc[r][z] = _mm512_fmadd_ps(b, xv[z], acc[r][z]);
+    }
+  }
+  alignas(64) float c[NR][16 * NZ];
+  for (int r = 0; r < NR; ++r)
+    for (int z = 0; z < NZ; ++z) _mm512_store_ps(c[r] + 16 * z, acc[r][z]);
+  for (int64_t j = 0; j < valid; ++j)
+    for (int r = 0; r < NR; ++r) y[j * ldy + r] = c[r][j];
+}
+
+// Rows per micro-kernel call for NZ x vectors: NR * NZ accumulators
+template <int NZ>
+constexpr int kMicroRows = NZ == 1 ? 12 : (NZ == 2 ? 12 : (NZ == 3 ? 8 : 6));
+
+template <int NZ>
+static void qgemm_rows(const float *w, int64_t n, int64_t K, const float *xp, float *y, int64_t ldy, int64_t valid) {
+  constexpr int NR = kMicroRows<NZ>;
+  int64_t r = 0;
+  for (; r + NR <= n; r += NR) qgemm_micro<NR, NZ>(w + r * K, K, xp, y + r, ldy, valid);
+  for (; r < n; ++r) qgemm_micro<1, NZ>(w + r * K, K, xp, y + r, ldy, valid);
+}
+
+// Weight rows per dequantized block: a multiple of every kMicroRows (24 x 2048 floats = 192 KB, in L2)
+static const int64_t kBlockRows = 24, kGroupRows = 64;
+
+// Token groups of up to 64 x rows (4 vectors); the last group takes as many vectors as it needs
+static inline int64_t group_vectors(int64_t T, int64_t m0) {
+  const int64_t left = T - m0;
+  return left >= kGroupRows ? 4 : (left + 15) / 16;
+}
+
+// y[:, o0:o0+n] for all T rows: dequantize the n (<= kBlockRows) weight rows, then every token group
+static void qgemm_block(const QMat &W, int64_t o0, int64_t n, const float *xp, int64_t T, float *y, int64_t ldy) {
+  float *wb = tile_scratch(kBlockRows * W.I);
+  dequant_rows(W, o0, n, wb, W.I);
+  for (int64_t m0 = 0; m0 < T; m0 += kGroupRows) {
+    const int64_t nz = group_vectors(T, m0), valid = std::min(kGroupRows, T - m0);
+    const float *g = xp + m0 * W.I;
+    float *yg = y + m0 * ldy + o0;
+    switch (nz) {
+      case 1: qgemm_rows<1>(wb, n, W.I, g, yg, ldy, valid); break;
+      case 2: qgemm_rows<2>(wb, n, W.I, g, yg, ldy, valid); break;
+      case 3: qgemm_rows<3>(wb, n, W.I, g, yg, ldy, valid); break;
+      default: qgemm_rows<4>(wb, n, W.I, g, yg, ldy, valid);
+    }
+  }
+}
+
+// x rows padded up to whole token groups, as qlinear packs them
+static inline int64_t packed_rows(int64_t T) {
+  return (T / kGroupRows) * kGroupRows + (T % kGroupRows + 15) / 16 * 16;
+}
+#endif
+
+static float *xpack_scratch(int64_t n) {
+  thread_local std::unique_ptr<float[]> p;
+  thread_local int64_t cap = 0;
+  if (cap < n) p.reset(new float[n]), cap = n;
+  return p.get();
+}
+
 // y[T, O] (row stride ldy) = x[T, I] @ W^T, parallel over weight rows; used by the MoE kernel too
 static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy, bool parallel) {
   if (T < kGemvRows) {
@@ -51,6 +141,21 @@ static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *
     });
     return;
   }
+#if defined(__AVX512F__)
+  const int64_t step = W.kind == kQ4 ? 32 : 16;
+  if (quant_vector() && W.kind != kF32 && W.I % step == 0 && (W.kind == kBF16 || W.g % step == 0)) {
+    float *xp = xpack_scratch(packed_rows(T) * W.I);  // the caller's; helpers write / read it inside run()
+    for_each((T + kGroupRows - 1) / kGroupRows, parallel, [&](int64_t i) {  // group at m0: xp + m0 * I
+      const int64_t m0 = i * kGroupRows;
+      pack_xt(x, W.I, m0, T, W.I, 16 * group_vectors(T, m0), xp + m0 * W.I);
+    });
+    for_each((O + kBlockRows - 1) / kBlockRows, parallel, [&](int64_t b) {
+      const int64_t o0 = b * kBlockRows;
+      qgemm_block(W, o0, std::min(O, o0 + kBlockRows) - o0, xp, T, y, ldy);
+    });
+    return;
+  }
+#endif
   SerialBlas serial;  // (OpenBLAS backend) one thread per tile
   for_each((O + kTile - 1) / kTile, parallel, [&](int64_t t) {
     const int64_t o0 = t * kTile, n = std::min(O, o0 + kTile) - o0;
@@ -75,11 +180,13 @@ extern "C" int QuantLinearFwd(int nparam, void **params, int *ndims, int64_t **s
   return 0;
 }
 
+// Plain pointers, never freed: no static destructor runs at exit while another thread (MindSpore's
+// runtime, a pool helper) might still be inside a kernel using the buffers.
 static float *scratch(int slot, int64_t n) {
-  static std::unique_ptr<float[]> p[4];
+  static float *p[4] = {nullptr, nullptr, nullptr, nullptr};
   static int64_t cap[4] = {0, 0, 0, 0};
-  if (cap[slot] < n) p[slot].reset(new float[n]), cap[slot] = n;
-  return p[slot].get();
+  if (cap[slot] < n) delete[] p[slot], p[slot] = new float[n], cap[slot] = n;
+  return p[slot];
 }
 
 // inputs: x [T,H] float32, idx [T,K] int32, w [T,K] float32, gate_up weight [E,2I,H] and down

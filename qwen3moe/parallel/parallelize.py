@@ -1,0 +1,416 @@
+"""This rank's model: the model's own classes at per-rank sizes, with a parallel plan applied
+from outside (torchtitan `parallelize_module`, gpt-fast `tp.py`), one rank per process.
+
+API (stable; other modules build on it):
+
+    rm = parallelize(cfg, mesh, rank, weights=None, *, gather_logits=True, dispatcher="auto",
+                     coll=None)
+
+    cfg       the global Qwen3MoeConfig; mesh: parallel.mesh.Mesh; rank: this process's global
+              rank (mindspore.communication.get_rank() under msrun, after init()).
+    weights   None (zeros: load later), an HF folder (each rank preads only its slices through
+              checkpoint.ShardReader), a callable hf_name -> full array (sliced here), or any
+              object with read_shard(info, cfg).
+    gather_logits  True: the lm_head's vocab-split logits are all-gathered over tp, so
+              `rm.model(...)` returns full [B, S, V] logits (generation, evaluation). False:
+              logits stay [B, S, V/tp] (this rank's vocab block, starting at rm.vocab_start;
+              training: the [T, V] logits are never gathered). Either way the model's own loss
+              (`labels=`) is right: the plan swaps its cross-entropy module for
+              `VocabParallelCrossEntropy` (the max, sum of exp and target logit reduced over tp).
+    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp"
+              or "allgather" (dispatchers.py).
+    coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
+
+    returns RankModel:
+      .model      a Qwen3MoeForCausalLM (models/qwen3_moe.py) whose forward is the model's own:
+                  `rm.model(input_ids, attention_mask=..., labels=..., output_router_logits=...)`
+                  runs compiled (ms.jit, collectives inside the graph); parameter names are the
+                  HF names; router statistics come out as in one process (`.router_stats`).
+      .entries    [(Parameter, ShardInfo)] for every parameter (ranks.ShardInfo: HF name, split
+                  style and position over tp / ep, gradient sync group "dp" / "stage" / "edp" /
+                  "kv<r>"); `rm.info(name)` looks one up by HF name.
+      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read,
+      .local_config (rank_config: this rank's head / ffn / expert / vocab / layer counts, e.g.
+                  for KV-cache shapes; `.model.config` stays the global config)
+      .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
+               output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
+
+The plan (ranks.py's layouts, so checkpoint.py, dp.py, train_state.py and export see the same
+shards as the simulated engine):
+    attention, dense MLP   `LAYER_PLAN`, gpt-fast style: q/k/v, gate/up colwise (output dim
+                           split, kv heads replicated when tp > K as vLLM; a copy f, identity
+                           forward and all-reduce backward, on the input), o_proj / down_proj
+                           rowwise (input dim split; a reduce g, all-reduce forward, on the
+                           output), so the attention and MLP modules stay the model's own
+                           (per-rank head counts on `self_attn.num_heads` / `num_kv_heads`; the
+                           model's config stays the global one) and their construct runs
+                           unchanged.
+    embedding              vocab rows split: masked local lookup, reduce over tp.
+    lm_head                vocab rows split (column-parallel), f on the input, optional gather.
+    sparse MoE block       ParallelMoeBlock: f on the input, the replicated router, a dispatcher
+                           around the block's own expert combine (fused kernel or composite).
+The router sees the same tokens on every tp rank but back-propagates only its partial share
+(its experts' ffn slice, or its own rows): its gradient is summed over the stage (sync
+"stage"); the router probabilities (aux loss) and logits (z-loss) pass their gradient scaled
+by 1/tp, so that sum gives each term exactly once.
+Shapes: B batch, S seq, T = B*S, H hidden, V vocab, v = V/tp, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, nn, ops
+
+from qwen3moe.layers.dtypes import skip_init, widen
+from qwen3moe.parallel.dispatchers import AllGatherDispatcher, TPExpertsDispatcher, _Identity, collective
+from qwen3moe.parallel.mesh import Mesh, MeshError
+from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
+from qwen3moe.router.topk import TopKRouter
+
+sg = ops.stop_gradient
+
+
+class _Around(nn.Cell):
+    """A module with a collective before (on its first input) and after (on its output)."""
+
+    def __init__(self, inner: nn.Cell, pre: nn.Cell, post: nn.Cell) -> None:
+        super().__init__()
+        self.inner, self.pre, self.post = inner, pre, post
+
+    def construct(self, x, *args):
+        return self.post(self.inner(self.pre(x), *args))
+
+
+class VocabParallelEmbedding(nn.Cell):
+    """Rows [vocab_start, vocab_start + v) of the embedding: masked local lookup, reduce over tp."""
+
+    def __init__(self, inner: nn.Cell, vocab_start: int, reduce: nn.Cell) -> None:
+        super().__init__()
+        self.inner, self.lo, self.reduce = inner, vocab_start, reduce
+
+    def construct(self, ids_BS: Tensor) -> Tensor:
+        v = self.inner.weight.shape[0]
+        local = ids_BS - self.lo
+        inside = ((local >= 0) & (local < v)).astype(ms.float32)
+        rows = widen(ops.gather(self.inner.weight, ops.clip_by_value(local, 0, v - 1), 0))
+        return self.reduce(rows * inside.expand_dims(-1))
+
+
+def _grad_scale(x: Tensor, s: float) -> Tensor:
+    """x in value, s * dx in gradient."""
+    return x * s + sg(x) * (1.0 - s)
+
+
+class ParallelMoeBlock(nn.Cell):
+    """Qwen3MoeSparseMoeBlock's contract (y_TH, router logits, probs, idx) over a dispatcher:
+    `block` is the model's own block holding this rank's experts and the full router."""
+
+    def __init__(self, block: nn.Cell, dispatcher: nn.Cell, copy: nn.Cell, tp: int) -> None:
+        super().__init__()
+        self.block, self.dispatcher, self.copy, self.tp = block, dispatcher, copy, tp
+
+    def construct(self, x_TH: Tensor):
+        x_TH = self.copy(x_TH)
+        logits_TE, probs_TE, w_TK, idx_TK = self.block.gate(x_TH)
+        x_RH, w_RK, idx_RK = self.dispatcher.dispatch(x_TH, w_TK, idx_TK)
+        y_TH = self.dispatcher.combine(self.block.combine(x_RH, w_RK, idx_RK), x_TH.shape[0])
+        if self.tp > 1:
+            logits_TE, probs_TE = _grad_scale(logits_TE, 1.0 / self.tp), _grad_scale(probs_TE, 1.0 / self.tp)
+        return y_TH, logits_TE, probs_TE, idx_TK
+
+
+class VocabParallelCrossEntropy(nn.Cell):
+    """Per-token cross-entropy [T] (0 where label == -100) from this rank's vocab block of the
+    logits [T, v] (vocab ids vocab_start .. vocab_start + v - 1): the max, the sum of exp and
+    the target logit are reduced over tp; [T, V] is never formed. Usable inside ms.jit."""
+
+    def __init__(self, tp_group, vocab_start: int) -> None:
+        super().__init__()
+        self.group, self.lo = tp_group, vocab_start
+        self.reduce = collective(tp_group, "reduce")
+
+    def construct(self, logits_Tv: Tensor, labels_T: Tensor) -> Tensor:
+        logits_Tv = logits_Tv.astype(ms.float32)
+        v = logits_Tv.shape[1]
+        m_T1 = sg(logits_Tv.max(-1, keepdims=True))
+        if self.group is not None:  # the same shift on every rank: max of the gathered maxima
+            m_T1 = sg(self.group.gather(m_T1, 1).max(-1, keepdims=True))
+        sumexp_T = self.reduce(ops.exp(logits_Tv - m_T1).sum(-1))
+        local = labels_T - self.lo
+        inside = ((local >= 0) & (local < v)).astype(ms.float32)
+        col = ops.clip_by_value(local, 0, v - 1).astype(ms.int32).reshape(-1, 1)
+        picked_T = self.reduce(ops.gather_elements(logits_Tv, 1, col).reshape(-1) * inside)
+        valid = (labels_T != -100).astype(ms.float32)
+        return (ops.log(sumexp_T) + m_T1.reshape(-1) - picked_T) * valid
+
+
+class _ModelLoss(nn.Cell):
+    def __init__(self, model: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.net = model
+
+    def construct(self, ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T):
+        return self.net.construct(ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, 0, True, False)[1]
+
+
+class LossGrad(nn.Cell):
+    """Compiled (loss, gradients) of the model's own loss (lm_loss + coef * aux of this rank's
+    tokens) with respect to every parameter, in `model.get_parameters()`
+    order (that of RankModel.entries), before any gradient sync. Inputs: models/inputs.prepare_inputs."""
+
+    def __init__(self, model: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.grad_fn = ms.value_and_grad(_ModelLoss(model), None, ParameterTuple(list(model.get_parameters())))
+
+    @ms.jit
+    def construct(self, ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T):
+        return self.grad_fn(ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T)
+
+
+class _StageObjective(nn.Cell):
+    """What one pipeline stage back-propagates (summed over stages: the global objective):
+    last stage  lm_w * sum of its tokens' CE  + sum_e aux_w_e * s_e
+    other       <its output hidden, dout>     + sum_e aux_w_e * s_e
+    s_e: the router probability mass of the stage's own sparse layers (router/losses.py); the
+    caller pools the counts over stages and passes aux_w_e = coef * E * C_e / (n L)^2 (HF's
+    pooled aux: its gradient is exactly that weighting of s)."""
+
+    def __init__(self, model: nn.Cell, last: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.net, self.last = model, last
+
+    def construct(self, x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E):
+        if self.last:
+            out = self.net.construct(x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, 0, False, False)
+            valid = (labels_T != -100).astype(ms.float32).sum()
+            value, stats = out[2] * ops.maximum(valid, Tensor(1.0, ms.float32)) * lm_w, out[6]
+        else:
+            h, _, stats, _ = self.net.model(x, cos_BSD, sin_BSD, bias_B1SS, mask_T, False)
+            value = (h * dout_BSH).sum()
+        if len(stats) == 3:
+            value = value + (stats[1].sum(0) * aux_w_E).sum()
+        return value
+
+
+class StageGrad(nn.Cell):
+    """Compiled backward of one pipeline stage (a 1F1B building block; also a whole-model step
+    when pp = 1): `(dx, grads, counts_E)` for inputs (x, cos, sin, bias, mask, labels,
+    dout [B, S, H], lm_w, aux_w_E) as `_StageObjective`; dx = gradient w.r.t. the received
+    hidden states (zeros on the first stage, whose input is token ids), grads in
+    `model.get_parameters()` order. The stage's router counts come from its forward
+    (`RankModel.forward(...).router_stats`)."""
+
+    def __init__(self, model: nn.Cell, first: bool, last: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.objective, self.first = _StageObjective(model, last), first
+        self.params = ParameterTuple(list(model.get_parameters()))
+        self.grad_w = ops.GradOperation(get_by_list=True)
+        self.grad_xw = ops.GradOperation(get_all=True, get_by_list=True)
+
+    @ms.jit
+    def construct(self, x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E):
+        args = (x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E)
+        if self.first:
+            return ops.zeros_like(dout_BSH), self.grad_w(self.objective, self.params)(*args)
+        dargs, grads = self.grad_xw(self.objective, self.params)(*args)
+        return dargs[0], grads
+
+
+@dataclass
+class RankModel:
+    model: nn.Cell
+    entries: list
+    mesh: Mesh
+    rank: int
+    coll: object
+    layers: range
+    vocab_start: int
+    local_config: object = None
+    bytes_read: int = 0
+    stage_input: object = None
+    _by_name: dict = field(default_factory=dict, repr=False)
+
+    def info(self, name: str) -> ShardInfo:
+        return self._by_name[name]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                output_router_logits: bool = False):
+        """The pipeline forward (pp = 1: `self.model(...)`): each stage runs the model's compiled
+        graph on its input (token ids on the first stage, the received hidden states [B, S, H]
+        elsewhere, kept as `self.stage_input`) and sends its output to the next stage
+        (process.py send/recv). Returns the model's CausalLMOutput; on a stage other than the
+        last its `logits` are the stage's hidden states (no norm, no lm_head; labels ignored),
+        and loss / aux / router_stats cover that stage's layers only."""
+        if self.mesh.pp == 1:
+            return self.model(input_ids, attention_mask, position_ids, labels, output_router_logits)
+        from qwen3moe.models.inputs import prepare_inputs
+
+        cfg, s = self.model.config, self.mesh.coords(self.rank)["pp"]
+        last = s == self.mesh.pp - 1
+        t = prepare_inputs(cfg, input_ids, attention_mask, position_ids, labels if last else None)
+        B, S = t.input_ids.shape
+        if s > 0:
+            t.input_ids = self.coll.recv((B, S, cfg.hidden_size), s - 1)
+        self.stage_input = t.input_ids
+        out = self.model.run(t, 0, output_router_logits)
+        if not last:
+            self.coll.send(out.logits, s + 1)
+            self.coll.finish()
+        return out
+
+
+def rank_config(cfg, mesh: Mesh, layers: range | None = None):
+    """The config whose layer sizes are this rank's: heads, ffn, experts and vocab divided, and
+    only the stage's layers (local index j is global layer layers[j], sparse as that one)."""
+    tp, etp, ep = mesh.tp, mesh.expert_tp, mesh.ep
+    layers = range(cfg.num_hidden_layers) if layers is None else layers
+    checks = [("vocab_size", cfg.vocab_size, tp, "tp"), ("intermediate_size", cfg.intermediate_size, tp, "tp")]
+    if cfg.num_experts:
+        checks.append(("moe_intermediate_size", cfg.moe_intermediate_size, etp, "etp"))
+    for name, n, d, what in checks:
+        if n % d:
+            raise MeshError(f"{what}={d} must divide {name}={n}")
+    E = cfg.num_experts // ep if cfg.num_experts else 0
+    return cfg.replace(vocab_size=cfg.vocab_size // tp, num_attention_heads=cfg.num_attention_heads // tp,
+                       num_key_value_heads=mesh.kv_heads_per_rank(cfg.num_key_value_heads),
+                       intermediate_size=cfg.intermediate_size // tp,
+                       moe_intermediate_size=cfg.moe_intermediate_size // etp if E else cfg.moe_intermediate_size,
+                       num_experts=E, num_experts_per_tok=min(cfg.num_experts_per_tok, E) if E else
+                       cfg.num_experts_per_tok, num_hidden_layers=len(layers), decoder_sparse_step=1,
+                       mlp_only_layers=[j for j, i in enumerate(layers) if not cfg.is_sparse_layer(i)])
+
+
+def check_layout(cfg, mesh: Mesh) -> None:
+    mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                  num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0)
+    if mesh.ep == 1 and mesh.expert_tp != mesh.tp:
+        raise MeshError(f"etp={mesh.expert_tp} with ep=1 and tp={mesh.tp}: without expert parallelism the "
+                        "experts' ffn is split over the tp ranks (etp = tp)")
+    if mesh.ep > 1 and mesh.expert_tp != 1:
+        raise MeshError(f"etp={mesh.expert_tp} with ep={mesh.ep}: experts are split either over ep ranks "
+                        "or (ep=1) over the tp ranks' ffn dim")
+    if mesh.ep > 1 and cfg.moe_capacity_factor is not None:
+        raise MeshError("moe_capacity_factor with ep > 1: capacity is per expert over the whole ep group, "
+                        "which the all-gather dispatcher does not compute; use dropless routing")
+    if mesh.sp:
+        raise MeshError("sequence parallel (sp) is not implemented by parallelize yet; use the engine "
+                        "(parallel/trainer.py)")
+    if cfg.tie_word_embeddings and mesh.pp > 1:
+        raise MeshError("tie_word_embeddings with pp > 1 is not supported (embedding and lm_head live on "
+                        "different stages)")
+
+
+def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool = True,
+                dispatcher: str = "auto", coll=None, offset: list[int] | None = None) -> RankModel:
+    """This rank's model with the plan applied and its shards loaded (module docstring)."""
+    from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    check_layout(cfg, mesh)
+    if dispatcher not in ("auto", "tp", "allgather"):
+        raise ValueError(f"dispatcher must be 'auto', 'tp' or 'allgather', got {dispatcher!r}")
+    if coll is None:
+        from qwen3moe.parallel.process import ProcessCollectives
+
+        coll = ProcessCollectives(mesh, rank)
+    if cfg.num_key_value_heads < mesh.tp and hasattr(coll, "add_group"):  # replicated kv heads' sync group
+        coll.add_group(f"kv{mesh.tp // cfg.num_key_value_heads}")
+    c = mesh.coords(rank)
+    layers = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)[c["pp"]]
+    local_cfg = rank_config(cfg, mesh, layers)
+    with skip_init():
+        model = Qwen3MoeForCausalLM(local_cfg)
+        hf = _swap_routers(model, cfg, layers)
+    model.config = model.model.config = cfg  # inputs, losses and checks use the global config
+    vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
+    _apply_plan(model, mesh, c, coll.groups, vocab_start, gather_logits,
+                "allgather" if dispatcher == "auto" and mesh.ep > 1 else dispatcher)
+    if c["pp"] > 0:  # torchtitan's model split: the embedding on the first stage only
+        model.model.embed_tokens = _Identity()
+    if c["pp"] < mesh.pp - 1:  # final norm and lm_head on the last stage only
+        model.model.norm, model.lm_head = _Identity(), _Identity()
+    n = rank % (mesh.dp * mesh.tp)
+    entries = []
+    for p in model.get_parameters():
+        p.name = hf[id(p)]
+        local = p.name[len("model."):] if p.name.startswith("model.") else p.name
+        entries.append((p, shard_info(local, p.name, mesh, n, cfg.num_key_value_heads)))
+    reader = _source(weights)
+    if reader is not None:
+        for p, info in entries:
+            load_shard(p, info, cfg, reader, f"rank {rank}")
+            release_freed_heap()
+    return RankModel(model, entries, mesh, rank, coll, layers, vocab_start, local_cfg,
+                     getattr(reader, "bytes_read", 0), _by_name={i.name: i for _, i in entries})
+
+
+def _swap_routers(model, cfg, layers: range) -> dict:
+    """Give each sparse block the full E-way router (the block was built with E/ep experts);
+    returns {id(Parameter): HF name} recorded before any wrapper renames them (local layer j is
+    global layer layers[j])."""
+    for layer in model.model.layers:
+        if layer.is_sparse:
+            layer.mlp.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                        cfg.norm_topk_prob)
+
+    def hf(name: str) -> str:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return f"model.layers.{layers[int(m.group(1))]}.{name[m.end():]}" if m else name
+
+    return {id(p): hf(name) for name, p in model.parameters_and_names()}
+
+
+# gpt-fast / torchtitan styles per Linear of a decoder layer (module path -> style): colwise =
+# copy f on the input (its weight's output rows are this rank's), rowwise = reduce g on the
+# output (its input columns are this rank's); the modules around them run unchanged
+LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+              "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+              "mlp.down_proj": "rowwise"}
+
+
+def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gather_logits: bool,
+                dispatcher: str) -> None:
+    tp_g = groups.get("tp")
+
+    def style(kind: str, inner: nn.Cell) -> nn.Cell:  # fresh collective Cells per use
+        if kind == "colwise":
+            return _Around(inner, collective(tp_g, "copy"), _Identity())
+        return _Around(inner, _Identity(), collective(tp_g, "reduce"))
+
+    m = model.model
+    m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, vocab_start, collective(tp_g, "reduce"))
+    for layer in m.layers:
+        for path, kind in LAYER_PLAN.items():
+            owner, name = path.split(".")
+            cell = getattr(layer, owner)
+            if mesh.tp > 1 and hasattr(cell, name):
+                setattr(cell, name, style(kind, getattr(cell, name)))
+        if not layer.is_sparse:
+            continue
+        if dispatcher == "allgather":
+            e = layer.mlp.experts.num_experts
+            d = AllGatherDispatcher(tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
+        else:
+            if mesh.ep > 1:
+                raise MeshError("dispatcher 'tp' needs ep=1 (experts split over the tp ranks' ffn dim)")
+            d = TPExpertsDispatcher(tp_g)
+        layer.mlp = ParallelMoeBlock(layer.mlp, d, collective(tp_g, "copy"), mesh.tp)
+    if mesh.tp > 1:
+        model.lm_head = _Around(model.lm_head, collective(tp_g, "copy"),
+                                collective(tp_g, "gather", 1) if gather_logits else _Identity())
+        if not gather_logits:
+            model.cross_entropy = VocabParallelCrossEntropy(tp_g, vocab_start)
+    model.__dict__.pop("_graph_runner", None)
+
+
+def _source(weights):
+    if weights is None or callable(weights) or hasattr(weights, "read_shard"):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        from qwen3moe.parallel.checkpoint import ShardReader
+
+        return ShardReader(weights)
+    raise TypeError(f"weights must be None, an HF folder, a callable name -> array or a ShardReader, "
+                    f"got {type(weights).__name__}")
