@@ -113,9 +113,17 @@ class Qwen3MoeDecoderLayer(nn.Cell):
         else:
             self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size, std, param_dtype, lin)
 
-    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor):
-        B, S, H = x_BSH.shape
-        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_BSD, sin_BSD, bias_B1SS)
+    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,
+                  k_cache_BKTD: Tensor | None = None, v_cache_BKTD: Tensor | None = None,
+                  idx_BKS3: Tensor | None = None):
+        """(out [B,S,H], router outputs or None); with a KV cache see Qwen3MoeAttention.construct."""
+        a_BSH = self.input_layernorm(x_BSH)
+        h_BSH = x_BSH + self.self_attn(a_BSH, cos_BSD, sin_BSD, bias_B1ST, k_cache_BKTD, v_cache_BKTD, idx_BKS3)
+        return self.feed_forward(h_BSH)
+
+    def feed_forward(self, h_BSH: Tensor):
+        """Post-attention norm, MLP or MoE block, residual: (out [B,S,H], router outputs or None)."""
+        B, S, H = h_BSH.shape
         z_TH = self.post_attention_layernorm(h_BSH).reshape(B * S, H)
         if self.is_sparse:
             y_TH, logits_TE, probs_TE, idx_TK = self.mlp(z_TH)
