@@ -178,8 +178,8 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1, accum):
     logs, on every rank, the loss curve of single-process training with the same config: the
     reference here is TrainStep (compiled, clipping, cosine schedule, Megatron-normalised aux
     loss with a coefficient large enough that a K-fold error shows) on the same batches.
-    Pure dp runs the compiled replicas (parallel/replicas.py, single-process checkpoints); with
-    ZeRO-1 the per-rank engine (parallel/trainer.py, sharded checkpoints)."""
+    Both run the compiled per-rank step (parallel/step.py): pure dp writes single-process
+    checkpoints, ZeRO-1 sharded ones (each rank's optimizer chunk)."""
     import re
 
     from helpers import REPO
@@ -207,7 +207,7 @@ def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1, accum):
     if zero1:
         assert (tmp_path / "out" / "checkpoint_sharded" / "step_4" / "rank_1.safetensors").is_file()
     else:
-        assert "data-parallel replicas" in (tmp_path / "logs" / "worker_1.log").read_text()
+        assert "compiled" in (tmp_path / "logs" / "worker_1.log").read_text()
         assert (tmp_path / "out" / "checkpoint" / "step_00000004" / "model.safetensors").is_file()
 
     cfg = load(str(tmp_path / "t.yaml"), overrides)
@@ -325,20 +325,42 @@ def test_pretrain_replicas_batch_not_divisible_is_one_line_error(tmp_path):
     assert "Traceback" not in logs
 
 
+def final_params(out, steps: int) -> dict[str, np.ndarray]:
+    """HF-named parameters of the last training checkpoint of a parallel run: the sharded train
+    state (every rank file assembled) or rank 0's single-process checkpoint (pure dp)."""
+    from qwen3moe.io.safetensors_io import SafetensorsFile
+    from qwen3moe.parallel.checkpoint import load_sharded
+
+    if (out / "checkpoint_sharded").is_dir():
+        return dict(load_sharded(out / "checkpoint_sharded" / f"step_{steps}"))
+    st = SafetensorsFile(str(out / "checkpoint" / f"step_{steps:08d}" / "model.safetensors"))
+    try:
+        return {k: st.read(k) for k in st.keys()}
+    finally:
+        st.close()
+
+
+_DP2, _ZERO1 = ["--parallel_config.data_parallel", "2"], ["--parallel.enable_parallel_optimizer", "True"]
+
+
 @pytest.mark.parametrize("layout, reset, eod_mask", [
     (["--parallel_config.model_parallel", "2"], True, True),
     pytest.param(["--parallel_config.model_parallel", "2"], False, False, marks=pytest.mark.slow),
-    pytest.param(["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"], True, True,
-                 marks=pytest.mark.slow),
+    pytest.param(_DP2 + ["--parallel_config.expert_parallel", "2"], True, True, marks=pytest.mark.slow),
+    pytest.param(_DP2, True, True, marks=pytest.mark.slow),
+    pytest.param(_DP2 + _ZERO1, True, True, marks=pytest.mark.slow),
     # 1F1B needs micro_batch_num >= pp: the reference accumulates the same two micro-batches, each
     # its own token mean (eod_mask_loss: unequal label counts), as the engine's accumulation groups
     pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, True,
                  marks=pytest.mark.slow),
-], ids=["tp2", "tp2-plain", "dp2ep2", "pp2"])
+], ids=["tp2", "tp2-plain", "dp2ep2", "dp2", "dp2-zero1", "pp2"])
 def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):
-    """`pretrain --use_parallel` under model parallelism on Megatron .bin/.idx data (reset_position_ids
-    and eod_mask_loss true or false) logs, on every rank, the loss curve of
-    single-process TrainStep on the same batches (once a NotImplementedError for position_ids)."""
+    """`pretrain --use_parallel` on Megatron .bin/.idx data (reset_position_ids and eod_mask_loss
+    true or false) == single-process TrainStep on the same batches: the loss every rank logs, rank
+    0's metrics.jsonl losses (2e-6 relative: fp32 summation order over ranks) and the parameters
+    of the final checkpoint after 3 AdamW steps (5e-5 absolute, eps 1e-3 bounds AdamW's
+    amplification of gradient rounding; tests/test_parallel_train.py). Once a NotImplementedError
+    for position_ids."""
     import re
 
     from helpers import FIXTURES, REPO
@@ -364,7 +386,9 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mas
     got = {}
     for r in (0, 1):
         text = (tmp_path / "logs" / f"worker_{r}.log").read_text()
-        got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+/3 loss ([0-9.]+)", text, re.M)]
+        got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+(?:/3)? loss ([0-9.]+)", text, re.M)]
+        # pipeline stages run the per-rank engine, every other layout the compiled step
+        assert ("compiled" in text) == ("--parallel_config.pipeline_stage" not in layout)
 
     cfg = load_task_config(str(tmp_path / "t.yaml"), overrides)
     ms.set_seed(cfg.seed)
@@ -379,3 +403,9 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mas
     ref = [step(data.batch(i))["loss"] for i in range(steps)]
     for r in (0, 1):
         np.testing.assert_allclose(got[r], ref, rtol=2e-5)  # printed with 6 decimals
+    recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([rec["loss"] for rec in recs], ref, rtol=2e-6)
+    params = final_params(tmp_path / "out", steps)
+    assert set(params) == {p.name for p in model.trainable_params()}
+    for p in model.trainable_params():
+        np.testing.assert_allclose(params[p.name], p.asnumpy(), rtol=0, atol=5e-5, err_msg=p.name)

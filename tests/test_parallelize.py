@@ -48,7 +48,8 @@ def test_plan_shards_match_engine_and_full_tensors(layout):
         rm = parallelize(cfg, mesh, rank, full.__getitem__, coll=SimpleNamespace(groups={}))
         s = mesh.coords(rank)["pp"]
         layers = stage_layers(cfg.num_hidden_layers, mesh.pp)[s]
-        assert rm.layers == layers
+        assert rm.layers == layers and rm.local_config.num_hidden_layers == len(layers)
+        assert rm.local_config.num_key_value_heads == mesh.kv_heads_per_rank(cfg.num_key_value_heads)
         _, engine = build_stage(cfg, mesh, s, rank % (mesh.dp * mesh.tp), layers, full.__getitem__)
         want = {i.name: (i, p.shape) for p, i in engine}
         got = {p.name: (i, p.shape) for p, i in rm.entries}
@@ -127,10 +128,12 @@ def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout)
     mesh = Mesh(**{layout[i][2:]: int(layout[i + 1]) for i in range(0, len(layout), 2)})
     per, ref_grads = _reference(batch, seq, mesh.dp)
     got = {r: np.load(tmp_path / f"forward_rank{r}.npz") for r in range(2)}
-    if mesh.pp > 1:  # stage 0 holds layers 0-2, stage 1 layers 3-5 and returns the logits
+    if mesh.pp > 1:  # stage 0 holds layers 0-2, stage 1 layers 3-5 and returns the logits;
+        # gradients through StageGrad (counts forward, aux weights and input gradients back)
         assert [r["layers"] for r in sorted(results, key=lambda r: r["rank"])] == [[0, 1, 2], [3, 4, 5]]
-        assert got[0].files == []
+        assert "logits" not in got[0].files
         np.testing.assert_allclose(got[1]["logits"], per[0][0], rtol=0, atol=2e-5)
+        _check_grads(got, "grad", ref_grads, mesh)
         return
     for r, arrs in got.items():
         logits, loss, aux = per[mesh.coords(r)["dp"]]
@@ -152,11 +155,13 @@ def _check_grads(got: dict, tag: str, ref_grads: dict, mesh) -> None:
     from qwen3moe.parallel.ranks import ShardInfo, slice_for
 
     keys = {n: {k.split("|")[1]: k for k in got[n].files if k.startswith(tag + "|")} for n in got}
+    assert set().union(*keys.values()) == set(ref_grads)  # every parameter, on its stage
     for n in got:
-        assert set(keys[n]) == set(ref_grads)
         for name, key in keys[n].items():
             info = ShardInfo(name, *[int(x) if x.isdigit() else x for x in key.split("|")[2:]])
-            group = next(g for g in stage_groups(info.sync, mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp) if n in g)
+            local = n % (mesh.dp * mesh.tp)  # stage-local rank; group members are ranks of n's stage
+            group = [n - local + k for k in next(g for g in stage_groups(info.sync, mesh.dp, mesh.tp,
+                                                                          mesh.ep * mesh.expert_tp) if local in g)]
             if info.style != "replicate":  # one shard position per sync group
                 assert all(keys[m][name] == key for m in group), (key, group)
             total = sum(got[m][keys[m][name]] for m in group)

@@ -1,7 +1,7 @@
 """Prompts -> JSON-ready results: prompt reading, left-padded batching, batched generation.
 
 The text-in / text-out layer over generate.py that `qwen3moe generate`, `qwen3moe run --run_mode
-predict` and the data-parallel replicas (parallel/replicas.py) share. A `GenerateRequest` holds
+predict` and parallel generation (parallel/generate.py) share. A `GenerateRequest` holds
 the seed's predict options (run_mindformer names); problems are `GenerationError`s naming the
 argument. Nothing here prints: streamed text goes to an `on_text` callback.
 Shapes: B batch (prompts per call), S padded prompt length.

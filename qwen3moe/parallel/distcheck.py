@@ -121,11 +121,14 @@ def forward(model: str, mesh, rank: int, coll, batch: int, seq: int, steps: int,
     rows = ids[dp_rank * b:(dp_rank + 1) * b]
     out, times = timed(lambda: rm.forward(rows, labels=rows, output_router_logits=True), steps)
     result = {"forward_s": times, "layers": list(rm.layers), "bytes_read": rm.bytes_read}
-    arrays = {} if out is None else {"logits": out.logits.asnumpy(), "lm_loss": out.lm_loss.asnumpy()}
+    last = mesh.coords(rank)["pp"] == mesh.pp - 1
+    arrays = {"logits": out.logits.asnumpy(), "lm_loss": out.lm_loss.asnumpy()} if last else {}
     t = prepare_inputs(cfg, rows, labels=rows)
     if mesh.pp == 1:  # the loss, aux and gradients of the whole model
         arrays.update(loss=out.loss.asnumpy(), aux=out.aux_loss.asnumpy())
         result["grad_s"] = _grads(rm, t, "grad", arrays, steps)
+    if mesh.pp > 1:
+        result["grad_s"] = _pipeline_grads(rm, t, rows, arrays)
     if mesh.tp > 1 and mesh.pp == 1:  # vocab-split logits and the vocab-parallel cross-entropy
         rm = parallelize(cfg, mesh, rank, model, coll=coll, gather_logits=False)
         out = rm.model(rows, labels=rows, output_router_logits=True)
@@ -133,6 +136,52 @@ def forward(model: str, mesh, rank: int, coll, batch: int, seq: int, steps: int,
         result["vgrad_s"] = _grads(rm, t, "vgrad", arrays, steps)
     np.savez(Path(out_dir) / f"forward_rank{rank}.npz", **arrays)
     return result
+
+
+def _pipeline_grads(rm, t, rows: np.ndarray, arrays: dict) -> float:
+    """One pipeline backward (pp stages, dp = 1) of lm_loss + coef * pooled aux through
+    StageGrad: router counts go forward with the activations (summed), the aux weights and
+    the input gradients come back; gradients saved under "grad|..."; returns seconds."""
+    import time
+
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.parallel.parallelize import StageGrad
+
+    cfg, m, coll = rm.model.config, rm.mesh, rm.coll
+    s, E = m.coords(rm.rank)["pp"], cfg.num_experts
+    first, last = s == 0, s == m.pp - 1
+    out = rm.forward(rows, labels=rows, output_router_logits=True)
+    x = t.input_ids if first else rm.stage_input
+    zero_h = ms.ops.zeros(tuple(x.shape[:2]) + (cfg.hidden_size,), ms.float32)
+    lm_w = Tensor(1.0 / max(float((t.labels.asnumpy() != -100).sum()), 1.0), ms.float32)
+    grad_fn = StageGrad(rm.model, first, last)
+    args = (t.cos, t.sin, t.bias, t.token_mask, t.labels)
+    grad_fn(x, *args, zero_h, lm_w, ms.ops.zeros((E,), ms.float32))[0].asnumpy()  # compile before any wait
+    t0 = time.perf_counter()
+    out = rm.forward(rows, labels=rows, output_router_logits=True)
+    x = t.input_ids if first else rm.stage_input
+    counts = out.router_stats[0].sum(0) if out.router_stats else ms.ops.zeros((E,), ms.float32)
+    if not first:
+        counts = counts + coll.recv((E,), s - 1)
+    if not last:  # counts forward; the aux weights and the output gradient come back
+        coll.send(counts, s + 1)
+        coll.finish()
+        aux_w, dout = coll.recv((E,), s + 1), coll.recv(tuple(zero_h.shape), s + 1)
+    else:
+        n, L = float(t.token_mask.asnumpy().sum()), sum(map(cfg.is_sparse_layer, range(cfg.num_hidden_layers)))
+        aux_w, dout = counts * (cfg.router_aux_loss_coef * E / (n * L) ** 2), zero_h
+    if not first:
+        coll.send(aux_w, s - 1)
+    dx, grads = grad_fn(x, *args, dout, lm_w, aux_w)
+    if not first:
+        coll.send(dx, s - 1)
+        coll.finish()
+    _sync(grads)
+    for (_, i), g in zip(rm.entries, grads):
+        arrays[f"grad|{i.name}|{i.style}|{i.tp_rank}|{i.tp_size}|{i.ep_rank}|{i.ep_size}|{i.sync}"] = g.asnumpy()
+    return time.perf_counter() - t0
 
 
 def timed(fn, steps: int):

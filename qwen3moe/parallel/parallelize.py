@@ -29,7 +29,11 @@ API (stable; other modules build on it):
       .entries    [(Parameter, ShardInfo)] for every parameter (ranks.ShardInfo: HF name, split
                   style and position over tp / ep, gradient sync group "dp" / "stage" / "edp" /
                   "kv<r>"); `rm.info(name)` looks one up by HF name.
-      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read
+      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read,
+      .local_config (rank_config: this rank's head / ffn / expert / vocab / layer counts, e.g.
+                  for KV-cache shapes; `.model.config` stays the global config)
+      .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
+               output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
 
 The plan (ranks.py's layouts, so checkpoint.py, dp.py, train_state.py and export see the same
 shards as the simulated engine):
@@ -166,6 +170,55 @@ class LossGrad(nn.Cell):
         return self.grad_fn(ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T)
 
 
+class _StageObjective(nn.Cell):
+    """What one pipeline stage back-propagates (summed over stages: the global objective):
+    last stage  lm_w * sum of its tokens' CE  + sum_e aux_w_e * s_e
+    other       <its output hidden, dout>     + sum_e aux_w_e * s_e
+    s_e: the router probability mass of the stage's own sparse layers (router/losses.py); the
+    caller pools the counts over stages and passes aux_w_e = coef * E * C_e / (n L)^2 (HF's
+    pooled aux: its gradient is exactly that weighting of s)."""
+
+    def __init__(self, model: nn.Cell, last: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.net, self.last = model, last
+
+    def construct(self, x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E):
+        if self.last:
+            out = self.net.construct(x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, 0, False, False)
+            valid = (labels_T != -100).astype(ms.float32).sum()
+            value, stats = out[2] * ops.maximum(valid, Tensor(1.0, ms.float32)) * lm_w, out[6]
+        else:
+            h, _, stats, _ = self.net.model(x, cos_BSD, sin_BSD, bias_B1SS, mask_T, False)
+            value = (h * dout_BSH).sum()
+        if len(stats) == 3:
+            value = value + (stats[1].sum(0) * aux_w_E).sum()
+        return value
+
+
+class StageGrad(nn.Cell):
+    """Compiled backward of one pipeline stage (a 1F1B building block; also a whole-model step
+    when pp = 1): `(dx, grads, counts_E)` for inputs (x, cos, sin, bias, mask, labels,
+    dout [B, S, H], lm_w, aux_w_E) as `_StageObjective`; dx = gradient w.r.t. the received
+    hidden states (zeros on the first stage, whose input is token ids), grads in
+    `model.get_parameters()` order. The stage's router counts come from its forward
+    (`RankModel.forward(...).router_stats`)."""
+
+    def __init__(self, model: nn.Cell, first: bool, last: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.objective, self.first = _StageObjective(model, last), first
+        self.params = ParameterTuple(list(model.get_parameters()))
+        self.grad_w = ops.GradOperation(get_by_list=True)
+        self.grad_xw = ops.GradOperation(get_all=True, get_by_list=True)
+
+    @ms.jit
+    def construct(self, x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E):
+        args = (x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E)
+        if self.first:
+            return ops.zeros_like(dout_BSH), self.grad_w(self.objective, self.params)(*args)
+        dargs, grads = self.grad_xw(self.objective, self.params)(*args)
+        return dargs[0], grads
+
+
 @dataclass
 class RankModel:
     model: nn.Cell
@@ -175,7 +228,9 @@ class RankModel:
     coll: object
     layers: range
     vocab_start: int
+    local_config: object = None
     bytes_read: int = 0
+    stage_input: object = None
     _by_name: dict = field(default_factory=dict, repr=False)
 
     def info(self, name: str) -> ShardInfo:
@@ -183,37 +238,28 @@ class RankModel:
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                 output_router_logits: bool = False):
-        """The pipeline forward (pp = 1: `self.model(...)`): each stage runs its compiled graph
-        and sends its hidden states [B, S, H] to the next one (process.py send/recv). Returns
-        the model's CausalLMOutput on the last stage (loss and aux over that stage's layers
-        only), None on the others."""
+        """The pipeline forward (pp = 1: `self.model(...)`): each stage runs the model's compiled
+        graph on its input (token ids on the first stage, the received hidden states [B, S, H]
+        elsewhere, kept as `self.stage_input`) and sends its output to the next stage
+        (process.py send/recv). Returns the model's CausalLMOutput; on a stage other than the
+        last its `logits` are the stage's hidden states (no norm, no lm_head; labels ignored),
+        and loss / aux / router_stats cover that stage's layers only."""
         if self.mesh.pp == 1:
             return self.model(input_ids, attention_mask, position_ids, labels, output_router_logits)
         from qwen3moe.models.inputs import prepare_inputs
 
         cfg, s = self.model.config, self.mesh.coords(self.rank)["pp"]
-        t = prepare_inputs(cfg, input_ids, attention_mask, position_ids, labels)
+        last = s == self.mesh.pp - 1
+        t = prepare_inputs(cfg, input_ids, attention_mask, position_ids, labels if last else None)
         B, S = t.input_ids.shape
-        x = t.input_ids if s == 0 else self.coll.recv((B, S, cfg.hidden_size), s - 1)
-        if s == self.mesh.pp - 1:
-            t.input_ids = x
-            return self.model.run(t, 0, output_router_logits)
-        runner = self.__dict__.setdefault("_stage_runner", _StageRunner(self.model))
-        self.coll.send(runner(x, t.cos, t.sin, t.bias, t.token_mask), s + 1)
-        self.coll.finish()
-        return None
-
-
-class _StageRunner(nn.Cell):
-    """A non-last pipeline stage compiled: ids (first stage) or hidden -> hidden [B, S, H]."""
-
-    def __init__(self, model: nn.Cell) -> None:
-        super().__init__(auto_prefix=False)
-        self.net = model
-
-    @ms.jit
-    def construct(self, x, cos_BSD, sin_BSD, bias_B1SS, mask_T):
-        return self.net.model(x, cos_BSD, sin_BSD, bias_B1SS, mask_T, False)[0]
+        if s > 0:
+            t.input_ids = self.coll.recv((B, S, cfg.hidden_size), s - 1)
+        self.stage_input = t.input_ids
+        out = self.model.run(t, 0, output_router_logits)
+        if not last:
+            self.coll.send(out.logits, s + 1)
+            self.coll.finish()
+        return out
 
 
 def rank_config(cfg, mesh: Mesh, layers: range | None = None):
@@ -273,8 +319,9 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         coll.add_group(f"kv{mesh.tp // cfg.num_key_value_heads}")
     c = mesh.coords(rank)
     layers = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)[c["pp"]]
+    local_cfg = rank_config(cfg, mesh, layers)
     with skip_init():
-        model = Qwen3MoeForCausalLM(rank_config(cfg, mesh, layers))
+        model = Qwen3MoeForCausalLM(local_cfg)
         hf = _swap_routers(model, cfg, layers)
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
@@ -295,8 +342,8 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         for p, info in entries:
             load_shard(p, info, cfg, reader, f"rank {rank}")
             release_freed_heap()
-    return RankModel(model, entries, mesh, rank, coll, layers, vocab_start,
-                     getattr(reader, "bytes_read", 0), {i.name: i for _, i in entries})
+    return RankModel(model, entries, mesh, rank, coll, layers, vocab_start, local_cfg,
+                     getattr(reader, "bytes_read", 0), _by_name={i.name: i for _, i in entries})
 
 
 def _swap_routers(model, cfg, layers: range) -> dict:
