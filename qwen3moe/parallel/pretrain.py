@@ -23,12 +23,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.parallel.mesh import MeshError
+from qwen3moe.parallel.train_state import SHARDED_DIR, ShardedCheckpointer, resume_path
 from qwen3moe.training.task_config import TaskConfigError
 
 Log = Callable[[str], None]
-SHARDED_DIR = "checkpoint_sharded"
 
 
 def build(cfg, mesh, rank: int, coll):
@@ -54,22 +53,6 @@ def build(cfg, mesh, rank: int, coll):
     return pl
 
 
-def resume_path(cfg) -> str | None:
-    """The sharded training checkpoint to continue from (resume_training + load_checkpoint)."""
-    from qwen3moe.parallel import train_state
-
-    if not (cfg.resume_training and cfg.load_checkpoint):
-        return None
-    if os.path.isfile(os.path.join(cfg.load_checkpoint, "config.json")):
-        return None  # an HF folder: start from its weights
-    found = train_state.resolve(cfg.load_checkpoint)
-    if found is None:
-        raise CheckpointError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
-                       f"(step_<N>/{train_state.STATE}) to resume from")
-    train_state.check_resume(cfg, found)  # before any tensor is read
-    return found
-
-
 def hf_aux_coef(cfg, mesh) -> float:
     """The coefficient on the HF-scale pooled switch loss that ParallelLM computes."""
     mt = cfg.moe_training()
@@ -86,16 +69,13 @@ def hf_aux_coef(cfg, mesh) -> float:
 
 def global_grad_norm(pl, grads: dict) -> float:
     """sqrt of the sum of squares over every distinct shard (one replica of each)."""
-    m = pl.mesh
+    from qwen3moe.parallel.step import owns_shard
+
     total = 0.0
-    for s, per in enumerate(pl.entries):
+    for per in pl.entries:
         for n, entries in per.items():
             for p, info in entries:
-                r = int(info.sync[2:]) if info.sync.startswith("kv") else 1  # kv head replicas
-                owner = {"dp": n // m.tp == 0 and (info.style != "replicate" or n % m.tp == 0),
-                         "stage": n == 0, "edp": n // (m.ep * m.expert_tp) == 0}.get(
-                             info.sync, n // m.tp == 0 and (n % m.tp) % r == 0)
-                if owner:
+                if owns_shard(info, n, pl.mesh):
                     total += float(np.square(grads[p.name], dtype=np.float64).sum())
     if pl.real:
         from mindspore import Tensor, ops
@@ -126,10 +106,10 @@ def train(cfg, log: Log = lambda s: None) -> int:
                 sp=pc.use_seq_parallel, micro_batch_num=pc.micro_batch_num)
     if mesh.world_size != size:
         raise MeshError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
-    from qwen3moe.parallel import replicas
+    from qwen3moe.parallel import compiled
 
-    if replicas.supports(cfg, mesh):  # pure dp: compiled TrainStep per rank, in-graph gradient mean
-        return replicas.train(cfg, rank, mesh.dp, log)
+    if compiled.supports(cfg, mesh):  # compiled per-rank step (parallel/step.py)
+        return compiled.train(cfg, mesh, rank, log)
     pl = build(cfg, mesh, rank, ProcessCollectives(mesh, rank))
     data, samples = build_data(cfg, requested_samples(cfg))
     steps = total_steps(cfg, samples)
@@ -211,34 +191,6 @@ class ParallelTrainStep:
                 "skipped": False}
 
 
-class ShardedCheckpointer:
-    """The Trainer's checkpoints for ParallelTrainStep: per-rank shards + optimizer state
-    (train_state.py) under <output_dir>/checkpoint_sharded; resume loads the optimizer state
-    (the weights were re-sharded from the checkpoint by `build`)."""
-
-    def __init__(self, cfg, step: ParallelTrainStep, rank: int, log: Log) -> None:
-        self.cfg, self.step, self.rank, self.log = cfg, step, rank, log
-
-    def resume(self, trainer) -> int:
-        start = resume_optimizer(self.cfg, self.step.optimizer, self.step.pl.mesh, self.rank, self.log)
-        self.step.steps_done = start
-        return start
-
-    def save(self, trainer, step: int) -> str:
-        from mindspore import Tensor, ops
-
-        from qwen3moe.parallel import train_state
-        from qwen3moe.training.recipe import checkpoint_extra
-
-        c = trainer.config
-        barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
-        path = train_state.save(c.checkpoint_dir, step, self.step.pl, self.step.optimizer, self.rank, barrier,
-                                keep_last=c.keep_last, extra=checkpoint_extra(self.cfg))
-        if self.rank == 0:
-            self.log(f"checkpoint: {path}")
-        return path
-
-
 def build_optimizer(cfg, pl, lr: float, rank: int, log: Log = lambda s: None):
     """ShardedAdamW from the optimizer section; ZeRO-1 with parallel.enable_parallel_optimizer."""
     from qwen3moe.parallel.dp import ShardedAdamW
@@ -252,20 +204,6 @@ def build_optimizer(cfg, pl, lr: float, rank: int, log: Log = lambda s: None):
     if rank == 0:
         log(f"optimizer: AdamW{' with ZeRO-1 (moments sharded over dp)' if zero1 else ''}")
     return ShardedAdamW(pl, zero1=zero1, lr=lr, **optimizer_arguments(cfg))
-
-
-def resume_optimizer(cfg, opt, mesh, rank: int, log: Log = lambda s: None) -> int:
-    """Load the optimizer state of the resumed checkpoint; the step to continue from (0: fresh)."""
-    from qwen3moe.parallel import train_state
-
-    path = resume_path(cfg)
-    if path is None:
-        return 0
-    train_state.load_optimizer(path, opt, mesh)
-    step = int(train_state.read_state(path)["step"])
-    if rank == 0:
-        log(f"resumed from {path} at step {step}")
-    return step
 
 
 def _global_batch(batch):

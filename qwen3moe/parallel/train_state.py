@@ -8,6 +8,8 @@ is written to a temp name and renamed; rank 0 writes the state file only after e
 finished (a barrier), so a folder without it is incomplete and never resumed from.
 Resume: weights re-shard to any layout (full tensors -> ParallelLM); optimizer state is per
 shard, so it needs the layout it was saved with (one-line error otherwise).
+`ShardedCheckpointer` is the Trainer's checkpointer for a step with `.pl` (entries, mesh) and
+`.optimizer` (pretrain.ParallelTrainStep over the engine, step.ParallelTrainStep compiled).
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.training.checkpoint import latest_checkpoint, step_dirs
 
 STATE = "parallel_state.json"
+SHARDED_DIR = "checkpoint_sharded"  # under output_dir
 
 
 def layout(mesh) -> str:
@@ -29,7 +33,10 @@ def layout(mesh) -> str:
 
 
 def rank_optimizers(opt) -> dict[int, list]:
-    """Global rank -> the AdamW instances that step its parameters (deterministic order)."""
+    """Global rank -> the AdamW instances that step its parameters (deterministic order):
+    dp.ShardedAdamW's (every rank it simulates) or step.RankAdamW's (its own rank)."""
+    if hasattr(opt, "adamws"):
+        return {opt.rank: opt.adamws()}
     m, out = opt.model.mesh, {}
     for (s, n), o in opt.opts.items():
         out.setdefault(s * m.dp * m.tp + n, []).append(o)
@@ -114,7 +121,7 @@ def check_resume(cfg, path: str) -> None:
 
 def load_optimizer(path: str, opt, mesh) -> None:
     """Moments and steps of this process's AdamWs from `path` (same layout required)."""
-    from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile
+    from qwen3moe.io.safetensors_io import SafetensorsFile
 
     saved = read_state(path)["layout"]
     if saved != layout(mesh):
@@ -131,3 +138,57 @@ def load_optimizer(path: str, opt, mesh) -> None:
                 o.load_state_arrays({k.split("/", 1)[1]: st.read(k) for k in st.keys() if k.startswith(f"{j}/")})
         finally:
             st.close()
+
+
+# ---- the Trainer's side ---------------------------------------------------------------------
+def resume_path(cfg) -> str | None:
+    """The sharded training checkpoint to continue from (resume_training + load_checkpoint)."""
+    if not (cfg.resume_training and cfg.load_checkpoint):
+        return None
+    if os.path.isfile(os.path.join(cfg.load_checkpoint, "config.json")):
+        return None  # an HF folder: start from its weights
+    found = resolve(cfg.load_checkpoint)
+    if found is None:
+        raise CheckpointError(f"load_checkpoint {cfg.load_checkpoint}: no complete sharded training checkpoint "
+                              f"(step_<N>/{STATE}) to resume from")
+    check_resume(cfg, found)  # before any tensor is read
+    return found
+
+
+class ShardedCheckpointer:
+    """The Trainer's checkpoints for a sharded step: per-rank shards + optimizer state under
+    <output_dir>/checkpoint_sharded; resume loads the optimizer state (the weights were
+    re-sharded from the checkpoint when the rank's model was built)."""
+
+    def __init__(self, cfg, step, rank: int, log) -> None:
+        self.cfg, self.step, self.rank, self.log = cfg, step, rank, log
+
+    def resume(self, trainer) -> int:
+        start = resume_optimizer(self.cfg, self.step.optimizer, self.step.pl.mesh, self.rank, self.log)
+        self.step.steps_done = start
+        return start
+
+    def save(self, trainer, step: int) -> str:
+        from mindspore import Tensor, ops
+
+        from qwen3moe.training.recipe import checkpoint_extra
+
+        c = trainer.config
+        barrier = lambda: ops.AllReduce()(Tensor(np.float32(0.0))).asnumpy()  # noqa: E731
+        path = save(c.checkpoint_dir, step, self.step.pl, self.step.optimizer, self.rank, barrier,
+                    keep_last=c.keep_last, extra=checkpoint_extra(self.cfg))
+        if self.rank == 0:
+            self.log(f"checkpoint: {path}")
+        return path
+
+
+def resume_optimizer(cfg, opt, mesh, rank: int, log=lambda s: None) -> int:
+    """Load the optimizer state of the resumed checkpoint; the step to continue from (0: fresh)."""
+    path = resume_path(cfg)
+    if path is None:
+        return 0
+    load_optimizer(path, opt, mesh)
+    step = int(read_state(path)["step"])
+    if rank == 0:
+        log(f"resumed from {path} at step {step}")
+    return step

@@ -1,7 +1,7 @@
 """Run assembly: a `TaskConfig` -> model, data, schedule, optimizer and train-step arguments.
 
 One place turns the seed-style task file into the objects a run needs; `qwen3moe pretrain`,
-the parallel trainers (parallel/pretrain.py, parallel/replicas.py), the demo and the examples
+the parallel trainers (parallel/pretrain.py, parallel/compiled.py), the demo and the examples
 use it instead of rebuilding the wiring. Problems are `TaskConfigError`s naming the key
 (PrecisionError / RecomputeError from their modules); nothing here prints.
 
@@ -144,14 +144,15 @@ def optimizer_arguments(cfg: TaskConfig) -> dict:
             "no_decay": DEFAULT_NO_DECAY if o.no_decay_norms_and_biases else ()}
 
 
-def step_arguments(cfg: TaskConfig, model: Any, steps: int) -> dict:
+def step_arguments(cfg: TaskConfig, model: Any, steps: int, make_optimizer: Callable | None = None) -> dict:
     """TrainStep's optimizer, clip, schedule and loss scale from the config (recompute and
-    compute dtype applied to the model)."""
+    compute dtype applied to the model). `make_optimizer(params, lr=, **adamw)` replaces AdamW
+    (parallel/step.RankAdamW)."""
     from qwen3moe.training.optimizer import AdamW
 
     w = cfg.runner_wrapper
     sched = build_schedule(cfg, steps)
-    opt = AdamW(model.trainable_params(), lr=sched(0), **optimizer_arguments(cfg))
+    opt = (make_optimizer or AdamW)(model.trainable_params(), lr=sched(0), **optimizer_arguments(cfg))
     apply_recompute_config(cfg, model)
     return {"optimizer": opt, "clip": w.max_grad_norm if w.use_clip_grad else None, "schedule": sched,
             "loss_scale": apply_precision_config(cfg, model)}

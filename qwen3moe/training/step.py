@@ -22,7 +22,7 @@ pooled over all sparse layers as HF does, i.e. summed over layers with n counted
               (router/losses.py). One sequence per micro-batch: equals "megatron".
 z-loss (ST-MoE): mean over sparse layers of mean_t logsumexp(router logits_t)^2.
 The LM term's weight (1 / M here) is a graph input per micro-batch: data-parallel replicas
-(parallel/replicas.py) weight rank r's micro-batch mean by dp * n_r / (N M) instead.
+(parallel/step.py) weight rank r's micro-batch mean by dp * n_r / (N M) instead.
 Gradients are summed over micro-batches (= grad of the mean loss), then clipped by global norm
 (torch clip_grad_norm_ semantics) and applied by the optimizer.
 Host-side input prep (`prepare_inputs`) stays outside the graph; forward+backward is one
@@ -58,15 +58,23 @@ def global_norm(grads):
 class _LossCell(nn.Cell):
     """Scalar micro-batch loss (first output) plus metrics (not differentiated)."""
 
-    def __init__(self, model: nn.Cell, aux_coef: float, z_coef: float, aux_mode: str) -> None:
+    def __init__(self, model: nn.Cell, aux_coef: float, z_coef: float, aux_mode: str,
+                 reduce_counts: nn.Cell | None = None, cross_entropy: nn.Cell | None = None) -> None:
         super().__init__(auto_prefix=False)
-        self.net = model
+        self.net, self.reduce_counts, self.cross_entropy = model, reduce_counts, cross_entropy
         self.aux_coef, self.z_coef, self.aux_mode = float(aux_coef), float(z_coef), aux_mode
         self.E, self.K = model.config.num_experts, model.config.num_experts_per_tok
 
     def construct(self, ids, cos, sin, bias, mask, labels, inv_m, aux_w, lm_w):
-        _, _, lm, _, router_logits, _, stats = self.net.construct(ids, cos, sin, bias, mask, labels,
-                                                                  0, True, False)
+        if self.cross_entropy is None:
+            _, _, lm, _, router_logits, _, stats = self.net.construct(ids, cos, sin, bias, mask, labels,
+                                                                      0, True, False)
+        else:  # the model's logits are a vocab block (tensor parallel): its own loss is not the loss
+            logits, _, _, _, router_logits, _, stats = self.net.construct(ids, cos, sin, bias, mask, None,
+                                                                          0, True, False)
+            valid = (labels != -100).astype(ms.float32)
+            ce = self.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+            lm = (ce * valid).sum() / ops.maximum(valid.sum(), Tensor(1.0, ms.float32))
         zero = Tensor(0.0, ms.float32)
         if len(stats) == 3:  # at least one sparse layer
             counts_LE, probsum_LE, n = stats
@@ -75,7 +83,9 @@ class _LossCell(nn.Cell):
             aux_hf = switch_aux_loss(c_E, s_E, n * L)
         else:
             counts_LE, s_E, aux_hf = ops.zeros((1, self.E), ms.float32), ops.zeros(self.E, ms.float32), zero
-        if self.aux_mode == "global":
+        if self.aux_mode == "global" and self.reduce_counts is not None:  # w_e = aux_w_e * C_e (summed)
+            aux_term = (aux_w * self.reduce_counts(counts_LE.sum(0)) * s_E).sum()
+        elif self.aux_mode == "global":
             aux_term = (aux_w * s_E).sum()
         elif self.aux_mode == "seq":
             aux_term = self.seq_aux(router_logits, mask, ids.shape[0]) / self.K * inv_m
@@ -219,6 +229,10 @@ class TrainStep:
     `stats_reducer` (aux_mode "global" under data parallelism): (C_E, N) -> summed over dp ranks
     and dp; see parallel/aux.py.
 
+    `reduce_counts` (a Cell: this rank's router counts -> summed over the ranks, in the graph)
+    makes "global" aux weights `aux_w * C` (parallel/step.py); `cross_entropy(logits_Tv,
+    labels_T) -> [T]` replaces the model's own loss when its logits are a vocab block.
+
     `loss_scale` (training/precision.py, for fp16 compute): the loss is scaled by S, gradients
     unscaled before clip + update, overflowing steps skipped (implies skip_nonfinite) and S
     adjusted; metrics gain `loss_scale` (the S used by the step).
@@ -232,12 +246,14 @@ class TrainStep:
                  clip: float | None = 1.0, aux_mode: str = "hf",
                  schedule: Callable[[int], float] | None = None, skip_nonfinite: bool = False,
                  stats_reducer: Callable[[np.ndarray, float], tuple[np.ndarray, float, int]] | None = None,
-                 loss_scale: DynamicLossScale | None = None) -> None:
+                 loss_scale: DynamicLossScale | None = None, reduce_counts: nn.Cell | None = None,
+                 cross_entropy: nn.Cell | None = None) -> None:
         if aux_mode not in AUX_MODES:
             raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.aux_mode, self.aux_coef = aux_mode, float(aux_coef)
-        self.graph = _TrainGraph(_LossCell(model, aux_coef, z_coef, aux_mode), optimizer, clip)
+        self.graph = _TrainGraph(_LossCell(model, aux_coef, z_coef, aux_mode, reduce_counts,
+                                           cross_entropy), optimizer, clip)
         self.apply_graph = _ApplyAccumulated(self.graph)
         self.skip_nonfinite, self.stats_reducer = skip_nonfinite or loss_scale is not None, stats_reducer
         self.loss_scale = loss_scale
@@ -274,7 +290,7 @@ class TrainStep:
 
     def _micro_weights(self, prepped: list[tuple], S: float) -> tuple[list[float], list[Tensor]]:
         """Per micro-batch: the LM-loss weight (S / M: the mean over micro-batches) and the
-        "global"-mode aux weights. Data-parallel replicas (parallel/replicas.py) override it."""
+        "global"-mode aux weights. The per-rank parallel step (parallel/step.py) overrides it."""
         aux_w = self._global_weights(prepped, S)
         return [S / len(prepped)] * len(prepped), [aux_w] * len(prepped)
 
@@ -317,7 +333,7 @@ class TrainStep:
         """Forward+backward into the buffers; update only when loss and grad norm are finite."""
         if self._norm_graph is None:
             self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
-        metrics = self._after_backward(self._run(batch, update=False))
+        metrics = self._run(batch, update=False)
         scale = self._scale()
         norm = float(fetch(self._norm_graph(_TICK))[0]) / scale
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
@@ -329,11 +345,6 @@ class TrainStep:
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
             metrics.update(loss_scale=scale)
-        return metrics
-
-    def _after_backward(self, metrics: dict) -> dict:
-        """Hook between backward and the finiteness check (gradients in the buffers): data-parallel
-        replicas all-reduce the buffers and the metrics here."""
         return metrics
 
     def __call__(self, batch) -> dict:

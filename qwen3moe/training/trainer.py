@@ -99,7 +99,7 @@ class Trainer:
     skipped_total: int = 0
     skipped_run: int = 0
     # how the step's state is saved and resumed when it is not step_fn.model / .optimizer in one
-    # process (parallel/pretrain.ShardedCheckpointer): .resume(trainer) -> start step,
+    # process (parallel/train_state.ShardedCheckpointer): .resume(trainer) -> start step,
     # .save(trainer, step) -> path
     checkpointer: Any = None
 

@@ -180,11 +180,13 @@ extern "C" int QuantLinearFwd(int nparam, void **params, int *ndims, int64_t **s
   return 0;
 }
 
+// Plain pointers, never freed: no static destructor runs at exit while another thread (MindSpore's
+// runtime, a pool helper) might still be inside a kernel using the buffers.
 static float *scratch(int slot, int64_t n) {
-  static std::unique_ptr<float[]> p[4];
+  static float *p[4] = {nullptr, nullptr, nullptr, nullptr};
   static int64_t cap[4] = {0, 0, 0, 0};
-  if (cap[slot] < n) p[slot].reset(new float[n]), cap[slot] = n;
-  return p[slot].get();
+  if (cap[slot] < n) delete[] p[slot], p[slot] = new float[n], cap[slot] = n;
+  return p[slot];
 }
 
 // inputs: x [T,H] float32, idx [T,K] int32, w [T,K] float32, gate_up weight [E,2I,H] and down
