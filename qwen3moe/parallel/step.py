@@ -37,7 +37,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from qwen3moe.parallel.dp import buckets as cut_buckets
+from qwen3moe.parallel.dp import cut_buckets
 from qwen3moe.training.optimizer import AdamW, clip_by_global_norm
 from qwen3moe.training.step import TrainStep, as_batch, expert_load, global_norm
 from qwen3moe.training.sync import fetch
