@@ -1,7 +1,7 @@
 // Can MindSpore's bundled oneDNN (libdnnl.so.3, v3.10.1) run our int8 / int4 weight-only linear
 // layers itself (matmul weights decompression: u8/u4 weights, grouped f16 scales and u8 zero
 // points, fpmath_mode(f32, apply_to_int = true)), and is it faster than kernels/csrc/quant_ops.cc
-// (streaming GEMV for M < 16, dequantized 64-row tiles + dnnl_sgemm above)?
+// (streaming GEMV for M < 16, dequantized 24-row blocks x its register-blocked micro-kernel above)?
 // The wheel ships no headers: take include/oneapi/dnnl from oneDNN's git tag v3.10.1 and fill
 // dnnl_config.h / dnnl_version.h from their .in templates (CPU runtime OMP), then
 //   g++ -O3 -march=native -fopenmp -std=c++17 -DQWEN3MOE_DNNL -I/tmp/dnnl_inc bench/dnnl_decompress.cc \
@@ -83,6 +83,30 @@ static double onednn_ms(engine &eng, stream &s, int64_t M, int64_t N, int64_t K,
   }, impl.rfind("ref", 0) == 0 ? 1 : 7);  // the reference impl takes seconds per call
 }
 
+// The dynamic int8 activation route (llama.cpp's Q8_0 path): x quantized to s8 with one scale,
+// s8 weights with per-channel scales, s32 accumulation (VNNI), f32 out; the x quantization itself
+// is not timed. A ceiling for that candidate, not a drop-in: its numerics differ from ours.
+static double vnni_ms(engine &eng, stream &s, int64_t M, int64_t N, int64_t K) {
+  memory::desc src_md({M, K}, dt::s8, tag::ab), dst_md({M, N}, dt::f32, tag::ab), w_md({K, N}, dt::s8, tag::ba);
+  primitive_attr attr;
+  attr.set_scales_mask(DNNL_ARG_SRC, 0);
+  attr.set_scales_mask(DNNL_ARG_WEIGHTS, 1 << 1);
+  matmul::primitive_desc pd(eng, src_md, w_md, dst_md, attr);
+  std::printf("  oneDNN impl for M=%ld s8 x s8: %s\n", static_cast<long>(M), pd.impl_info_str());
+  memory src(src_md, eng), dst(dst_md, eng), w(w_md, eng);
+  memory xs(memory::desc({1}, dt::f32, tag::a), eng), ws(memory::desc({N}, dt::f32, tag::a), eng);
+  std::fill_n(static_cast<int8_t *>(src.get_data_handle()), M * K, 3);
+  std::fill_n(static_cast<int8_t *>(w.get_data_handle()), K * N, -5);
+  std::fill_n(static_cast<float *>(xs.get_data_handle()), 1, 0.01f);
+  std::fill_n(static_cast<float *>(ws.get_data_handle()), N, 0.01f);
+  matmul mm(pd);
+  return best_ms([&] {
+    mm.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, dst},
+                   {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, xs}, {DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, ws}});
+    s.wait();
+  });
+}
+
 static double ours_ms(int64_t M, int64_t N, int64_t K, int bits, int64_t g) {
   const int64_t G = K / g, P = bits == 4 ? K / 2 : K;
   std::vector<uint8_t> q(N * P), z(N * G, bits == 4 ? 8 : 128);
@@ -103,7 +127,7 @@ int main() {
   engine eng(engine::kind::cpu, 0);
   stream s(eng);
   const int64_t N = 4096, K = 2048;
-  for (int64_t M : {1, 64}) {
+  for (int64_t M : {1, 64, 512}) {
     std::vector<float> x(M * K, 0.5f), w(N * K, 0.01f), y(M * N);
     const double f32 = best_ms([&] {
 #pragma omp parallel num_threads(2)
@@ -118,11 +142,15 @@ int main() {
       const double o = ours_ms(M, N, K, bits, g);
       std::printf("M=%ld int%d: ours %.3f ms\n", static_cast<long>(M), bits, o);
       for (fpmath_mode mode : {fpmath_mode::strict, fpmath_mode::bf16}) {
+        if (M > 1 && (bits == 4 || mode == fpmath_mode::bf16)) continue;  // ref:any at M = 1 already (seconds)
         bool ok;
         const double d = onednn_ms(eng, s, M, N, K, bits, g, mode, ok);
         if (ok) std::printf("M=%ld int%d: oneDNN decompression %.3f ms (oneDNN/ours %.2fx)\n", static_cast<long>(M), bits, d, d / o);
       }
     }
+    const double v = vnni_ms(eng, s, M, N, K);
+    std::printf("M=%ld int8 activations (s8 x s8 brgemm, dynamic per-tensor x scale, not our numerics): %.3f ms\n",
+                static_cast<long>(M), v);
   }
   return 0;
 }

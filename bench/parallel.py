@@ -44,6 +44,7 @@ GEN_MODEL = REPO / "tests" / "fixtures" / "hf" / "tiny-fp32-gqa"
 PROMPTS = ["hello world", "the quick brown fox jumps", "once upon a time", "in the beginning was"]
 SAMPLING = ["--do_sample", "true", "--seed", "1234", "--temperature", "0.8", "--top_k", "20", "--top_p", "0.9"]
 
+LAUNCHER = "\n--- qwen3moe launch stderr ---\n"
 PC = "--parallel_config."
 TRAIN_LAYOUTS = {  # name -> pretrain flags (2 processes); dp2 (replicas) is extra, not an issue-17 target
     "tp2": [PC + "model_parallel", "2"],
@@ -81,12 +82,14 @@ def launched(args: list[str], work: Path, timeout: int) -> tuple[int, str, float
     rc, err, wall = cli(["launch", "--nproc", "2", "--log_dir", str(logs), "--timeout", str(timeout - 20),
                          "--", *args], work, timeout)
     text = "".join(p.read_text(errors="replace") for p in sorted(logs.glob("worker_*.log")))
-    return rc, err + text, wall
+    return rc, text + LAUNCHER + err, wall  # msrun's own traceback (any failing worker) comes last
 
 
 def error_line(text: str) -> str:
-    """The command's one-line error (`qwen3moe <cmd>: error: ...`), else the last line that says error."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    """The command's one-line error (`qwen3moe <cmd>: error: ...`), else the last line that says
+    error; from the workers' logs when they have any."""
+    own = text.split(LAUNCHER, 1)[0]
+    lines = [ln.strip() for ln in (own if own.strip() else text).splitlines() if ln.strip()]
     for ln in lines:
         if ": error: " in ln and ln.startswith("qwen3moe "):
             return ln.split(": error: ", 1)[1]
@@ -95,8 +98,9 @@ def error_line(text: str) -> str:
 
 
 def _one_line_error(text: str) -> bool:
-    return any(ln.startswith("qwen3moe ") and ": error: " in ln for ln in text.splitlines()) and \
-        "Traceback" not in text
+    """The command refused (its one-line error, no traceback in the workers' or its own output)."""
+    own = text.split(LAUNCHER, 1)[0]
+    return any(ln.startswith("qwen3moe ") and ": error: " in ln for ln in own.splitlines()) and "Traceback" not in own
 
 
 # ----------------------------------------------------------------------------- training

@@ -106,65 +106,68 @@ def test_training_equals_single_process(tmp_path, tiny, layout, M, steps):
         np.testing.assert_allclose(got[name], arr, rtol=0, atol=5e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("layout", [
-    pytest.param(["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
-                 marks=pytest.mark.slow),
-    ["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"],
-], ids=["tp2ep2", "dp2ep2"])
-def test_generate_cli_use_parallel_matches_single_process(tmp_path, layout):
-    """`qwen3moe generate --use_parallel True` with model parallelism (tp2 x ep2; dp2 x ep2 with
-    --predict_batch_size 1, once a ValueError traceback: one prompt cannot be split over dp)
-    under launch writes the same greedy completion as the single-process command."""
-    import json
+PROMPTS = "hello world\nthe quick brown fox jumps over\nonce upon a time\nin the beginning\nfive\n"
+SAMPLED = ["--do_sample", "true", "--seed", "7", "--temperature", "0.8", "--top_k", "20", "--top_p", "0.9",
+           "--min_p", "0.05", "--repetition_penalty", "1.2", "--presence_penalty", "0.3"]
+PC = "--parallel_config."
+GEN_LAYOUTS = {"tp2": [PC + "model_parallel", "2"], "dp2ep2": [PC + "data_parallel", "2", PC + "expert_parallel", "2"],
+               "dp2": [PC + "data_parallel", "2"], "tp2ep2": [PC + "model_parallel", "2", PC + "expert_parallel", "2"]}
+
+
+def generate_both(tmp_path, layout: list[str], *options: str) -> tuple[list[dict], list[dict], str, str]:
+    """`qwen3moe generate` with `options` on PROMPTS under `launch --nproc 2 ... --use_parallel True`
+    and as one process: (parallel results, single results, rank 0's log, the single stderr)."""
     import os
     import subprocess
     import sys
 
     from helpers import HF_FIXTURES, REPO
 
-    model = str(HF_FIXTURES / "tiny-fp32-gqa")
-    common = ["generate", "--pretrained_model_dir", model, "--predict_data", "hello world",
-              "--max_new_tokens", "5"]
-    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--predict_batch_size", "1",
-                        "--output", str(tmp_path / "par.jsonl"))
-    assert rc == 0, err[-3000:]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--do_sample", "false",
-                             "--output", str(tmp_path / "one.jsonl")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr[-2000:]
-    par = json.loads((tmp_path / "par.jsonl").read_text())
-    one = json.loads((tmp_path / "one.jsonl").read_text())
-    assert par["completion"] == one["completion"] and par["completion_tokens"] == one["completion_tokens"]
-
-
-def test_generate_cli_data_parallel_replicas_match_single_process(tmp_path):
-    """Pure dp (`--parallel_config.data_parallel 2`): each rank runs the compiled single-process
-    generation on its share of the prompts (0, 2 on rank 0; 1 on rank 1) and rank 0 writes all
-    of them in prompt order: the same greedy completions as the single-process command."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import HF_FIXTURES, REPO
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("hello world\nthe quick brown fox\nonce upon a time\n")
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
     common = ["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
-              str(prompts), "--max_new_tokens", "6", "--do_sample", "false"]
-    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", "--parallel_config.data_parallel", "2",
-                        "--output", str(tmp_path / "par.jsonl"))
+              str(tmp_path / "prompts.txt"), "--max_new_tokens", "8", *options]
+    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--output", str(tmp_path / "par.jsonl"))
     assert rc == 0, err[-3000:]
-    assert "on 2 data-parallel replicas" in (tmp_path / "logs" / "worker_0.log").read_text()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--output", str(tmp_path / "one.jsonl")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-2000:]
-    par = [json.loads(line) for line in (tmp_path / "par.jsonl").read_text().splitlines()]
-    one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
-    assert [p["prompt"] for p in par] == ["hello world", "the quick brown fox", "once upon a time"]
-    assert [(p["completion"], p["completion_tokens"]) for p in par] == \
-        [(o["completion"], o["completion_tokens"]) for o in one]
+    par, one = ([json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("par.jsonl", "one.jsonl"))
+    assert [p["prompt"] for p in par] == PROMPTS.split("\n")[:-1]
+    return par, one, (tmp_path / "logs" / "worker_0.log").read_text(), single.stderr
+
+
+def same_completions(par: list[dict], one: list[dict]) -> None:
+    assert [(p["completion"], p["completion_tokens"], p["prompt_tokens"]) for p in par] == \
+        [(o["completion"], o["completion_tokens"], o["prompt_tokens"]) for o in one]
+
+
+@pytest.mark.parametrize("layout", [pytest.param("tp2", marks=pytest.mark.slow), "dp2ep2",
+                                    pytest.param("dp2", marks=pytest.mark.slow)])
+def test_generate_use_parallel_sampled_batches_match_single_process(tmp_path, layout):
+    """`generate --use_parallel True`, --predict_batch_size 4 on 5 prompts of different lengths (a
+    left-padded batch of 4, then one prompt filled to 4 rows), seeded sampling with temperature,
+    top-k, top-p, min-p, repetition and presence penalties: the completions of one process, token
+    for token. One row stops early at EOS while the others go on (per-row EOS; with dp its rank
+    keeps stepping until all rows are done). dp ranks take 2 rows each and keep their rows' draws
+    of the batch's random stream (fails if a rank draws for its own rows only). Before: "greedy
+    only" / "one prompt at a time" refusals, or a ValueError traceback for dp2 x ep2."""
+    par, one, _, _ = generate_both(tmp_path, GEN_LAYOUTS[layout], "--predict_batch_size", "4", *SAMPLED)
+    assert any(o["completion_tokens"] < 8 for o in one) and any(o["completion_tokens"] == 8 for o in one)
+    same_completions(par, one)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2ep2", "dp2ep2"])
+def test_generate_use_parallel_greedy_stream_matches_single_process(tmp_path, layout):
+    """Greedy, batch 1, --stream: the completions of one process, and rank 0 streams each
+    completion's text (rank 1 prints none)."""
+    par, one, log0, single_err = generate_both(tmp_path, GEN_LAYOUTS[layout], "--do_sample", "false", "--stream")
+    same_completions(par, one)
+    log1 = (tmp_path / "logs" / "worker_1.log").read_text()
+    for o in one:
+        assert o["completion"] + "\n" in single_err and o["completion"] + "\n" in log0
+        assert o["completion"] + "\n" not in log1
 
 
 @pytest.mark.parametrize("zero1,accum", [(False, 1), pytest.param(True, 1, marks=pytest.mark.slow),

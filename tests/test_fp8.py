@@ -2,8 +2,9 @@
 converting at load, checked against torch's dequantization recorded by tools/make_fp8_fixture.py
 (torch's float8_e4m3fn encoding and decoding, independent of our NumPy table): the decoded
 weights bit for bit, the float32 / bf16 / int8 / int4 loads against the same loads of a float
-folder holding torch's values, `qwen3moe quantize` / `generate --quantize` from FP8, and the
-one-line errors.
+folder holding torch's values, `qwen3moe quantize` / `generate --quantize` from FP8, sharded
+reads, F32 scales, a hypothesis property of the block scaling of any window, and the one-line
+errors.
 
 Fixture: tests/fixtures/hf/tiny-fp8 (roundtrip-bf16's first 2 layers; block [16, 24] so tensors
 of 32 / 64 / 128 rows and columns have several blocks and partial ones in both dims).
@@ -17,6 +18,7 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from helpers import HF_FIXTURES
 
@@ -24,6 +26,7 @@ from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
 from qwen3moe.io.gptq import quantize_folder
 from qwen3moe.io.hf_checkpoint import CheckpointSource, param_f32
+from qwen3moe.io.fp8 import apply_scales
 from qwen3moe.io.safetensors_io import E4M3_TABLE, SafetensorsFile, f32_to_bf16, write_safetensors
 from qwen3moe.layers.quant import QuantizationConfig
 
@@ -60,6 +63,40 @@ def test_dequantized_weights_equal_torch_bit_for_bit():
     recorded = np.load(FP8 / "fp8_reference.npz")
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"):
         np.testing.assert_array_equal(src.read(name), recorded[name])
+
+
+@settings(max_examples=60, deadline=None)
+@given(O=st.integers(1, 70), I=st.integers(1, 70), bm=st.integers(1, 40), bn=st.integers(1, 40),
+       cut=st.tuples(*[st.floats(0, 1)] * 4), seed=st.integers(0, 2**16))
+def test_scaling_a_part_equals_the_part_of_the_scaled_weight(O, I, bm, bn, cut, seed):
+    """apply_scales on any row/column window (row-block streaming, per-rank hyperslabs) with its
+    offsets gives that window of the whole weight scaled, for any block size, partial or not."""
+    rng = np.random.default_rng(seed)
+    w = E4M3_TABLE[rng.integers(0, 256, (O, I))]
+    w[np.isnan(w)] = 1.0
+    s = rng.standard_normal((-(-O // bm), -(-I // bn))).astype(np.float32)
+    r0, c0 = int(cut[0] * O), int(cut[1] * I)
+    r1, c1 = r0 + int(cut[2] * (O - r0)), c0 + int(cut[3] * (I - c0))
+    whole = apply_scales(w.copy(), s, (bm, bn))
+    np.testing.assert_array_equal(apply_scales(w[r0:r1, c0:c1].copy(), s, (bm, bn), r0, c0), whole[r0:r1, c0:c1])
+    o, k = rng.integers(0, O), rng.integers(0, I)  # and the definition, one element
+    assert whole[o, k] == np.float32(w[o, k] * s[o // bm, k // bn])
+
+
+def test_f32_scales_read_like_bf16_ones(tmp_path):
+    """DeepSeek-style F32 weight_scale_inv (here the BF16 scales of one shard widened exactly):
+    the same torch-exact weights."""
+    folder = _copy(tmp_path, "f32")
+
+    def widen(items):
+        return [(k, (r.view(np.uint16).astype(np.uint32) << 16).view(np.float32), "F32", sh)
+                if k.endswith("_scale_inv") else (k, r, t, sh) for k, r, t, sh in items]
+
+    _rewrite_shard(folder, widen)
+    src = CheckpointSource(str(folder))
+    assert {st.dtype(k) for k, st in src.scales.values()} == {"F32", "BF16"}
+    for name, want in REF.items():
+        assert _sha(src.read(name)) == want["f32"], name
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +245,7 @@ Q = "model.layers.0.self_attn.q_proj"
     ("input_scale", f"tensor '{Q}.input_scale': static activation scales are not supported"),
     ("no_config", "config.json has no quantization_config with quant_method 'fp8'"),
 ])
-def test_bad_fp8_folders_are_one_line_errors(tmp_path, case, words):
+def test_bad_fp8_folders_are_one_line_errors(tmp_path, capsys, case, words):
     changes = {"static": {"activation_scheme": "static"}, "fmt": {"fmt": "e5m2"},
                "block": {"weight_block_size": [32, 32]}, "per_tensor": {"weight_block_size": None}}
     folder = _copy(tmp_path, case, **changes.get(case, {}))
@@ -227,3 +264,27 @@ def test_bad_fp8_folders_are_one_line_errors(tmp_path, case, words):
         Qwen3MoeForCausalLM.from_pretrained(folder)
     msg = str(info.value)
     assert (re.search(words, msg) if case == "block" else words in msg) and "\n" not in msg, msg
+    if case == "static":  # the commands: exit 2 with that line, nothing written
+        for argv in (["generate", "--pretrained_model_dir", str(folder), "--predict_data", "hi"],
+                     ["quantize", "--pretrained_model_dir", str(folder), "--output", str(tmp_path / "q")]):
+            assert cli_main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and words in err, err
+        assert not list(tmp_path.glob("*q*"))
+
+
+def test_sharded_reads_of_fp8_are_slices_of_the_dequantized_weights():
+    """parallel/checkpoint.ShardReader (each rank reads only its slices) on the FP8 folder: row- and
+    column-split projections and an expert block split over tp, against torch-exact full reads."""
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.parallel.checkpoint import ShardReader
+    from qwen3moe.parallel.ranks import ShardInfo
+
+    cfg, src, reader = Qwen3MoeConfig.from_pretrained(FP8), CheckpointSource(str(FP8)), ShardReader(FP8)
+    q, o = "model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    np.testing.assert_array_equal(reader.read_shard(ShardInfo(q, "column", 1, 2), cfg), src.read(q)[64:])
+    np.testing.assert_array_equal(reader.read_shard(ShardInfo(o, "row", 1, 2), cfg), src.read(o)[:, 64:])
+    down = reader.read_shard(ShardInfo("model.layers.1.mlp.experts.down_proj", "row", 1, 2, 1, 2), cfg)
+    I = cfg.moe_intermediate_size
+    want = np.stack([src.read(f"model.layers.1.mlp.experts.{j}.down_proj.weight")[:, I // 2:] for j in range(4, 8)])
+    np.testing.assert_array_equal(down, want)

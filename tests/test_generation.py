@@ -150,3 +150,35 @@ def test_config_defaults_from_folder(tiny):
         generate(model, ref["gen_input_ids"], max_new_tokens=0)
     with pytest.raises(ValueError):
         generate(model, [[5000]], max_new_tokens=2)
+
+
+@pytest.mark.slow  # 4 engine shapes to compile: ~10 s quiet, ~60 s at load 20
+def test_row_split_equals_one_batch(tiny):
+    """Two data-parallel shares of a batch of 3 (RowSplit: rows 0-1 and row 2 + a padding row),
+    stepped in lockstep as two processes would be, with seeded sampling and one row stopping at
+    EOS early: together they give one GenerationRun's tokens on the whole batch. Catches a share
+    drawing uniforms for its own rows only (rows 2+ get row 0's draws) and a share stopping
+    before the other's rows are done."""
+    from qwen3moe.generation.generate import RowSplit
+
+    d = reference_dir("tiny-a")
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 1000, (3, 9))
+    mask = np.ones_like(ids)
+    ids[1, :4], mask[1, :4] = PAD, 0
+    model = tiny[0]
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=11)
+    free = GenerationRun(model, ids, mask, resolve_config(model, ignore_eos=True, **kw)).run()
+    eos = int(free[2, 9 + 2])  # row 2 stops at its third token (maybe earlier), the others go on
+    cfg = resolve_config(model, eos_token_id=eos, pad_token_id=PAD, **kw)
+    want = GenerationRun(model, ids, mask, cfg).run()
+    assert want.shape[1] == 9 + 8 and (want[2, 9 + 3:] == PAD).all()
+    runs = []
+    done = lambda mine: all(r.finished.all() for r in runs)  # noqa: E731 (the all-reduce of two ranks)
+    for part in (0, 1):  # a model each: engines (KV caches) are kept per model and batch shape
+        m = Qwen3MoeForCausalLM.from_pretrained(d) if part else model
+        runs.append(GenerationRun(m, ids, mask, cfg, split=RowSplit(2, part, done)))
+    for _ in zip(*(r.steps() for r in runs)):
+        pass
+    assert runs[1].finished[1]  # the padding row is finished from the start
+    np.testing.assert_array_equal(np.concatenate([r.output() for r in runs])[:3], want)

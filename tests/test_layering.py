@@ -122,3 +122,33 @@ def test_library_never_prints():
                         and f.value.attr in ("stdout", "stderr")):
                     bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
     assert not bad, "library code prints:\n" + "\n".join(bad)
+
+
+def progress_bar_calls_off_stderr(tree: ast.AST) -> list[int]:
+    """Lines of tqdm(...) / tqdm.write(...) / bar.external_write_mode(...) calls without
+    file=sys.stderr (tqdm.write's default is stdout; explicit everywhere keeps the rule checkable)."""
+    def to_stderr(call: ast.Call) -> bool:
+        return any(k.arg == "file" and isinstance(k.value, ast.Attribute) and k.value.attr == "stderr"
+                   and isinstance(k.value.value, ast.Name) and k.value.value.id == "sys" for k in call.keywords)
+
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        on_tqdm = isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "tqdm"
+        if (name in ("tqdm", "trange", "external_write_mode") or (on_tqdm and name == "write")) and not to_stderr(node):
+            bad.append(node.lineno)
+    return bad
+
+
+def test_progress_bars_write_to_stderr():
+    """stdout carries generated text and results (JSON lines, `| head`): every tqdm bar and
+    every write around it in qwen3moe/ goes to stderr."""
+    bad = [f"{path.relative_to(PKG.parent)}:{line}" for _, path in sorted(modules().items())
+           for line in progress_bar_calls_off_stderr(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not bad, "progress output not on stderr:\n" + "\n".join(bad)
+    sample = ("import sys\nfrom tqdm import tqdm\nb = tqdm(total=3)\nc = tqdm(total=3, file=sys.stdout)\n"
+              "tqdm.write('x')\nwith b.external_write_mode(file=sys.stderr):\n    pass\nd = tqdm(file=sys.stderr)\n")
+    assert progress_bar_calls_off_stderr(ast.parse(sample)) == [3, 4, 5]  # the checker can fail

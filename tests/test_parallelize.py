@@ -32,20 +32,25 @@ def _full(path) -> dict[str, np.ndarray]:
     return model, {p.name: p.asnumpy() for p in model.get_parameters()}
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(dp=2, ep=2), dict(tp=4), dict(dp=2, tp=2, ep=4)],
-                         ids=["tp2", "dp2ep2", "tp4", "dp2tp2ep4"])
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(dp=2, ep=2), dict(tp=4), dict(dp=2, tp=2, ep=4),
+                                    dict(tp=2, pp=2, micro_batch_num=2)],
+                         ids=["tp2", "dp2ep2", "tp4", "dp2tp2ep4", "tp2pp2"])
 def test_plan_shards_match_engine_and_full_tensors(layout):
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.parallelize import parallelize
-    from qwen3moe.parallel.ranks import build_stage, slice_for
+    from qwen3moe.parallel.ranks import build_stage, slice_for, stage_layers
 
     cfg = Qwen3MoeConfig.from_pretrained(MQA)
     _, full = _full(MQA)
     mesh = Mesh(**layout)
     for rank in range(mesh.world_size):
         rm = parallelize(cfg, mesh, rank, full.__getitem__, coll=SimpleNamespace(groups={}))
-        _, engine = build_stage(cfg, mesh, 0, rank, range(cfg.num_hidden_layers), full.__getitem__)
+        s = mesh.coords(rank)["pp"]
+        layers = stage_layers(cfg.num_hidden_layers, mesh.pp)[s]
+        assert rm.layers == layers and rm.local_config.num_hidden_layers == len(layers)
+        assert rm.local_config.num_key_value_heads == mesh.kv_heads_per_rank(cfg.num_key_value_heads)
+        _, engine = build_stage(cfg, mesh, s, rank % (mesh.dp * mesh.tp), layers, full.__getitem__)
         want = {i.name: (i, p.shape) for p, i in engine}
         got = {p.name: (i, p.shape) for p, i in rm.entries}
         assert got == want, (rank, set(got) ^ set(want))
@@ -110,11 +115,10 @@ def _reference(batch: int, seq: int, dp: int):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--dp", "2", "--ep", "2"]], ids=["tp2", "dp2ep2"])
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--dp", "2", "--ep", "2"], ["--pp", "2", "--micro_batch_num", "2"]],
+                         ids=["tp2", "dp2ep2", "pp2"])
 def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout):
-    from qwen3moe.parallel.collectives import stage_groups
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.ranks import ShardInfo, slice_for
 
     batch, seq = 4, 7
     rc, err, results = launch(tmp_path, "dist-parallel", "--model", str(MQA), "--mode", "forward",
@@ -124,17 +128,40 @@ def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout)
     mesh = Mesh(**{layout[i][2:]: int(layout[i + 1]) for i in range(0, len(layout), 2)})
     per, ref_grads = _reference(batch, seq, mesh.dp)
     got = {r: np.load(tmp_path / f"forward_rank{r}.npz") for r in range(2)}
+    if mesh.pp > 1:  # stage 0 holds layers 0-2, stage 1 layers 3-5 and returns the logits;
+        # gradients through StageGrad (counts forward, aux weights and input gradients back)
+        assert [r["layers"] for r in sorted(results, key=lambda r: r["rank"])] == [[0, 1, 2], [3, 4, 5]]
+        assert "logits" not in got[0].files
+        np.testing.assert_allclose(got[1]["logits"], per[0][0], rtol=0, atol=2e-5)
+        _check_grads(got, "grad", ref_grads, mesh)
+        return
     for r, arrs in got.items():
         logits, loss, aux = per[mesh.coords(r)["dp"]]
         np.testing.assert_allclose(arrs["logits"], logits, rtol=0, atol=2e-5)
         np.testing.assert_allclose(float(arrs["loss"]), loss, rtol=1e-5)
         np.testing.assert_allclose(float(arrs["aux"]), aux, rtol=1e-5)
-    keys = {n: {k.split("|")[1]: k for k in got[n].files if k.startswith("grad|")} for n in got}
+    _check_grads(got, "grad", ref_grads, mesh)
+    if mesh.tp > 1:  # gather_logits=False: vocab-split logits, vocab-parallel cross-entropy
+        for r, arrs in got.items():
+            logits, loss, _ = per[mesh.coords(r)["dp"]]
+            v = logits.shape[-1] // mesh.tp
+            np.testing.assert_allclose(arrs["vlogits"], logits[..., r * v:(r + 1) * v], rtol=0, atol=2e-5)
+            np.testing.assert_allclose(float(arrs["vloss"]), loss, rtol=1e-5)
+        _check_grads(got, "vgrad", ref_grads, mesh)
+
+
+def _check_grads(got: dict, tag: str, ref_grads: dict, mesh) -> None:
+    from qwen3moe.parallel.collectives import stage_groups
+    from qwen3moe.parallel.ranks import ShardInfo, slice_for
+
+    keys = {n: {k.split("|")[1]: k for k in got[n].files if k.startswith(tag + "|")} for n in got}
+    assert set().union(*keys.values()) == set(ref_grads)  # every parameter, on its stage
     for n in got:
-        assert set(keys[n]) == set(ref_grads)
         for name, key in keys[n].items():
             info = ShardInfo(name, *[int(x) if x.isdigit() else x for x in key.split("|")[2:]])
-            group = next(g for g in stage_groups(info.sync, mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp) if n in g)
+            local = n % (mesh.dp * mesh.tp)  # stage-local rank; group members are ranks of n's stage
+            group = [n - local + k for k in next(g for g in stage_groups(info.sync, mesh.dp, mesh.tp,
+                                                                          mesh.ep * mesh.expert_tp) if local in g)]
             if info.style != "replicate":  # one shard position per sync group
                 assert all(keys[m][name] == key for m in group), (key, group)
             total = sum(got[m][keys[m][name]] for m in group)

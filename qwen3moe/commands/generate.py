@@ -77,7 +77,7 @@ def run_parallel(args: argparse.Namespace, req) -> int:
     from qwen3moe.parallel.mesh import Mesh
 
     mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()})
-    out = generate(req, mesh)
+    out = generate(req, mesh, on_text=_stderr)
     if out.results is not None:
         lines = [json.dumps(r, ensure_ascii=False) for r in out.results]
         for line in lines:

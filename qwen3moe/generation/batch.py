@@ -1,7 +1,7 @@
 """Prompts -> JSON-ready results: prompt reading, left-padded batching, batched generation.
 
 The text-in / text-out layer over generate.py that `qwen3moe generate`, `qwen3moe run --run_mode
-predict` and the data-parallel replicas (parallel/replicas.py) share. A `GenerateRequest` holds
+predict` and parallel generation (parallel/generate.py) share. A `GenerateRequest` holds
 the seed's predict options (run_mindformer names); problems are `GenerationError`s naming the
 argument. Nothing here prints: streamed text goes to an `on_text` callback.
 Shapes: B batch (prompts per call), S padded prompt length.
@@ -69,8 +69,9 @@ def read_prompts(data: str) -> list[str]:
     return [data]
 
 
-def load(req: GenerateRequest):
-    """(tokenizer, model, GenerationConfig) of the request's folder and options."""
+def load(req: GenerateRequest, build: Callable[[Path], Any] | None = None):
+    """(tokenizer, model, GenerationConfig) of the request's folder and options; `build(folder)`
+    makes the model instead of from_pretrained (parallel/generate.py: this rank's shards)."""
     from qwen3moe.generation.generate import resolve_config
     from qwen3moe.io.tokenizer import Tokenizer
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -78,8 +79,11 @@ def load(req: GenerateRequest):
     folder = req.check()
     try:
         tok = Tokenizer.from_pretrained(folder)
-        model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if req.dtype == "auto" else req.dtype,
-                                                    quantization=req.quantize, group_size=req.group_size)
+        if build is None:
+            model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if req.dtype == "auto" else req.dtype,
+                                                        quantization=req.quantize, group_size=req.group_size)
+        else:
+            model = build(folder)
         cfg = resolve_config(model, None, req.ignore_eos, **{k: req.options.get(k) for k in OPTION_KEYS})
     except Qwen3MoeError:
         raise
@@ -107,16 +111,18 @@ def encode_left_padded(tok: Any, prompts: list[str], pad: int, chat: bool = Fals
 
 
 def generate_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], req: GenerateRequest,
-                   on_text: Callable[[str], None] | None = None) -> tuple[list[dict], Any]:
+                   on_text: Callable[[str], None] | None = None, split: Any = None) -> tuple[list[dict], Any]:
     """One result dict per prompt (prompt, completion, token counts, tokens/s) and the run's
-    GenerationStats. With req.stream, `on_text` receives the text pieces as they are decoded."""
+    GenerationStats. With req.stream, `on_text` receives the text pieces as they are decoded.
+    With a `split` (generate.RowSplit: data-parallel ranks share the batch), the results of this
+    process's rows only."""
     from qwen3moe.generation.generate import GenerationRun
     from qwen3moe.generation.streaming import StopStringStream
 
     # a short last batch is filled with copies so it reuses the compiled (B, ...) graphs
     filled = prompts + [prompts[-1]] * (req.predict_batch_size - len(prompts))
     ids, mask = encode_left_padded(tok, filled, cfg.effective_pad_token_id or 0, req.chat, req.enable_thinking)
-    run = GenerationRun(model, ids, mask, cfg, tok)
+    run = GenerationRun(model, ids, mask, cfg, tok, split=split)
     stream = StopStringStream(tok, cfg.stop_strings, skip_special_tokens=True) if req.stream else None
     for nxt_B in run.steps():
         if stream is not None and on_text is not None:
@@ -126,16 +132,18 @@ def generate_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], req: Gene
     out, S, st = run.output(), ids.shape[1], run.stats
     seconds = st.prefill_s + st.decode_s
     results = []
-    for b, prompt in enumerate(prompts):
+    for b, prompt in enumerate(prompts[run.first:run.first + out.shape[0]]):
         new = out[b, S:S + st.new_tokens[b]]
         results.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
-                        "prompt_tokens": int(mask[b].sum()), "completion_tokens": int(st.new_tokens[b]),
+                        "prompt_tokens": int(run.mask[b].sum()), "completion_tokens": int(st.new_tokens[b]),
                         "tokens_per_s": round(st.new_tokens[b] / seconds, 3) if seconds else None})
     return results, st
 
 
 def generate_batches(model: Any, tok: Any, cfg: Any, prompts: list[str], req: GenerateRequest,
-                     on_text: Callable[[str], None] | None = None) -> Iterator[tuple[list[dict], Any]]:
-    """(results, stats) for each batch of req.predict_batch_size prompts, in prompt order."""
+                     on_text: Callable[[str], None] | None = None, split: Any = None
+                     ) -> Iterator[tuple[list[dict], Any]]:
+    """(results, stats) for each batch of req.predict_batch_size prompts, in prompt order (with a
+    `split`, this process's rows of each batch)."""
     for i in range(0, len(prompts), req.predict_batch_size):
-        yield generate_batch(model, tok, cfg, prompts[i:i + req.predict_batch_size], req, on_text)
+        yield generate_batch(model, tok, cfg, prompts[i:i + req.predict_batch_size], req, on_text, split)

@@ -2,8 +2,11 @@
 
 Shapes: B batch, Sq query tokens this step, T = S_max cache slots, H hidden, N query heads,
 K kv heads, D head_dim, V vocab, L layers.
-The engine reuses the model's sub-cells (norms, projections, MoE blocks, lm_head) without editing
-them. Each layer's K/V cache is a Parameter [B, K, T, D] updated in-graph by `scatter_nd_update`
+The step is the model's own forward: its embedding, the decoder layers given the cache
+(Qwen3MoeAttention.construct with a cache: the forward's projections, q/k norms and RoPE, then the
+cache write and attention over the slots), final norm and lm_head, so a model whose cells a parallel plan swapped
+(sharded projections with collectives, a parallel MoE block) runs through it unchanged. Each
+layer's K/V cache is a Parameter [B, K, T, D] updated in-graph by `scatter_nd_update`
 with host-built indices (measured fastest on CPU, see MINDSPORE_CPU.md), so the step graph has
 static shapes: one compile per (B, Sq, T). Slot layout per row: the left-padded prompt occupies
 slots [0, P), decode step t writes slot P + t; the host-built additive bias hides pad slots and
@@ -19,11 +22,11 @@ import itertools
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn
 
 from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible
-from qwen3moe.layers.dtypes import widen
+from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
@@ -41,99 +44,38 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-_bmmT = ops.BatchMatMul(transpose_b=True)
-_bmm = ops.BatchMatMul()
-
-
-def _w(p: Tensor, x: Tensor) -> Tensor:
-    """Weight in the compute dtype (bf16 storage computes in fp32); resolved at trace time."""
-    return widen(p, x.dtype)
-
-
-def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """HF Qwen3 RMSNorm for fp32 activations, with fewer graph ops than layers.norm (no no-op casts)."""
-    return _w(w, x) * (x * ops.rsqrt(ops.mean(x * x, -1, keep_dims=True) + eps))
-
-
-def rotation_matrix(D: int) -> np.ndarray:
-    """R [D, D] with x @ R == rotate_half(x) exactly (one +-1 per column): one matmul op
-    replaces slice/slice/neg/concat, which matters because each graph op costs ~6-11 us here."""
-    h = D // 2
-    r = np.zeros((D, D), np.float32)
-    r[np.arange(h) + h, np.arange(h)] = -1.0
-    r[np.arange(h), np.arange(h) + h] = 1.0
-    return r
-
-
-def _attention_block(a: nn.Cell, x_BSH: Tensor, cos_BS1D: Tensor, sin_BS1D: Tensor, rot_DD: Tensor,
-                     bias_B1ST: Tensor, k_cache: Tensor, v_cache: Tensor, idx_BKS3: Tensor) -> Tensor:
-    """self_attn on the normed input with the cache write; same math as Qwen3MoeAttention
-    (project_qkv + grouped_attention + output), written with the fewest ops for S == 1."""
-    B, S, H = x_BSH.shape
-    N, K, D = a.num_heads, a.num_kv_heads, a.head_dim
-    G = N // K
-    x_TH = x_BSH.reshape(B * S, H)
-    # the projection cells themselves: plain, bf16 or quantized weights (and biases)
-    q = _rms(a.q_proj(x_TH).reshape(B, S, N, D), a.q_norm.weight, a.q_norm.eps)
-    k = _rms(a.k_proj(x_TH).reshape(B, S, K, D), a.k_norm.weight, a.k_norm.eps)
-    v = a.v_proj(x_TH).reshape(B, S, K, D)
-    q = q * cos_BS1D + ops.matmul(q, rot_DD) * sin_BS1D
-    k = k * cos_BS1D + ops.matmul(k, rot_DD) * sin_BS1D
-    if S == 1:  # [B,1,X,D] -> [B,X,1,D] is a pure reshape: no transpose copies when decoding
-        q_BKXD, k, v = q.reshape(B, K, G, D), k.reshape(B, K, 1, D), v.reshape(B, K, 1, D)
-    else:
-        q_BKXD = q.transpose(0, 2, 1, 3).reshape(B, K, G * S, D)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    # the returned (updated) caches order the write before the read in the graph
-    k_BKTD = ops.scatter_nd_update(k_cache, idx_BKS3, k)
-    v_BKTD = ops.scatter_nd_update(v_cache, idx_BKS3, v)
-    T = k_BKTD.shape[2]
-    scores = (_bmmT(q_BKXD, k_BKTD) * a.scale).reshape(B, K, G, S, T) + bias_B1ST.reshape(B, 1, 1, S, T)
-    o_BKXD = _bmm(ops.softmax(scores, -1).reshape(B, K, G * S, T), v_BKTD)
-    if S == 1:
-        o_TX = o_BKXD.reshape(B, N * D)
-    else:
-        o_TX = o_BKXD.reshape(B, N, S, D).transpose(0, 2, 1, 3).reshape(B * S, N * D)
-    return a.o_proj(o_TX).reshape(B, S, H)
+def kv_heads(model: nn.Cell) -> int:
+    """K/V heads the attention cells hold: the config's, or this rank's share under tensor
+    parallelism (found inside whatever wrapper a parallel plan put around them)."""
+    return next(int(c.num_kv_heads) for _, c in model.cells_and_names() if isinstance(c, Qwen3MoeAttention))
 
 
 class _StepCell(nn.Cell):
-    """The compiled step. auto_prefix=False keeps the model's HF parameter names."""
+    """The compiled step: the model's own cells (embedding, decoder layers with the cache, final
+    norm, lm_head), whatever plan swapped them. auto_prefix=False keeps the model's HF parameter names."""
 
     def __init__(self, model: nn.Cell, batch: int, slots: int, uid: int) -> None:
         super().__init__(auto_prefix=False)
         self.net = model
         cfg = model.config
-        shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
+        shape = (batch, kv_heads(model), slots, cfg.head_dim)
         L = cfg.num_hidden_layers
         self.k_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.k.{i}",
                                                  requires_grad=False) for i in range(L)])
         self.v_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.v.{i}",
                                                  requires_grad=False) for i in range(L)])
-        self.rot_DD = Tensor(rotation_matrix(cfg.head_dim))
 
     @ms.jit
     def construct(self, ids_BS: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,
                   idx_BKS3: Tensor) -> Tensor:
         body = self.net.model
         x_BSH = body.embed_tokens(ids_BS)
-        B, S, H = x_BSH.shape
-        cos_BS1D, sin_BS1D = cos_BSD.reshape(B, S, 1, -1), sin_BSD.reshape(B, S, 1, -1)
+        S = x_BSH.shape[1]
         i = 0
         for layer in body.layers:
-            n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
-            h_BSH = x_BSH + _attention_block(layer.self_attn, _rms(x_BSH, n_in.weight, n_in.eps), cos_BS1D,
-                                             sin_BS1D, self.rot_DD, bias_B1ST, self.k_cache[i],
-                                             self.v_cache[i], idx_BKS3)
-            z_TH = _rms(h_BSH, n_post.weight, n_post.eps).reshape(B * S, H)
-            if layer.is_sparse:  # MoE block: (y, router logits, probs, idx)
-                y_TH = layer.mlp(z_TH)[0]
-            else:
-                y_TH = layer.mlp(z_TH)
-            x_BSH = h_BSH + y_TH.reshape(B, S, H)
+            x_BSH = layer(x_BSH, cos_BSD, sin_BSD, bias_B1ST, self.k_cache[i], self.v_cache[i], idx_BKS3)[0]
             i += 1
-        last_BH = _rms(x_BSH[:, S - 1], body.norm.weight, body.norm.eps)  # only the last position is needed
-        return self.net.lm_head(last_BH)
+        return self.net.lm_head(body.norm(x_BSH[:, S - 1]))  # only the last position is needed
 
 
 class DecodeEngine:
@@ -145,7 +87,7 @@ class DecodeEngine:
 
     def __init__(self, model: nn.Cell, batch: int, slots: int) -> None:
         self.model, self.config = model, model.config
-        self.batch, self.slots = batch, slots
+        self.batch, self.slots, self.kv_heads = batch, slots, kv_heads(model)
         self.uid = next(_ENGINE_IDS)
         self.cell = _StepCell(model, batch, slots, self.uid)
         self.fused = fused_eligible(model)
@@ -163,9 +105,9 @@ class DecodeEngine:
         if self.fused:  # the kernels take the first slot to write (+ MoE settings)
             where = np.array([self.cursor, *self.meta_head], np.int32)
         else:
-            where = np.empty((B, self.config.num_key_value_heads, S, 3), np.int32)
+            where = np.empty((B, self.kv_heads, S, 3), np.int32)
             where[..., 0] = np.arange(B)[:, None, None]
-            where[..., 1] = np.arange(self.config.num_key_value_heads)[None, :, None]
+            where[..., 1] = np.arange(self.kv_heads)[None, :, None]
             where[..., 2] = self.cursor + np.arange(S)[None, None, :]
         _COMPILED.add((self.uid, B, S, self.slots))
         logits = self.cell(Tensor(ids_BS.astype(np.int32)), Tensor(cos), Tensor(sin),
@@ -202,10 +144,11 @@ class DecodeEngine:
         return self._run(np.asarray(next_B, np.int64).reshape(-1, 1), pos, bias)
 
 
-def check_cache_fits(cfg, batch: int, slots: int, max_new_tokens: int) -> None:
+def check_cache_fits(model: nn.Cell, batch: int, slots: int, max_new_tokens: int) -> None:
     """Refuse a KV cache (fp32 K and V, [B, K, T, D] per layer) larger than the memory available
     now, before numpy is asked for it (a huge max_new_tokens was a 238 GiB allocation traceback)."""
-    need = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * slots * cfg.head_dim * 4
+    cfg = model.config
+    need = 2 * cfg.num_hidden_layers * batch * kv_heads(model) * slots * cfg.head_dim * 4
     avail = available_memory()
     if avail is not None and need > avail:
         raise GenerationError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {slots} positions needs "
@@ -232,7 +175,7 @@ def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int)
     cache: dict = model.__dict__.setdefault("_decode_engines", {})
     engine = cache.get((batch, T))
     if engine is None:
-        check_cache_fits(model.config, batch, T, max_new_tokens)
+        check_cache_fits(model, batch, T, max_new_tokens)
         if len(cache) >= 2:  # bound memory (caches are B*T*L*2*K*D floats): drop the oldest engine
             cache.pop(next(iter(cache)))
         engine = cache[(batch, T)] = DecodeEngine(model, batch, T)

@@ -43,8 +43,11 @@ def _kernel_readable(p: Parameter) -> bool:
 
 def fused_eligible(model: nn.Cell) -> bool:
     """Kernels built here, every weight in a storage they read, no q/k/v/o biases (the attention
-    kernel has none) and head_dim <= 1024 (its RoPE buffer)."""
+    kernel has none), head_dim <= 1024 (its RoPE buffer), and no cell swapped in by a parallel plan
+    (the kernels read the weights directly and would skip its collectives)."""
     if not decode_kernel.available() or model.config.head_dim > 1024:
+        return False
+    if any(type(c).__module__.startswith("qwen3moe.parallel") for _, c in model.cells_and_names()):
         return False
     if not all(_kernel_readable(p) for p in model.get_parameters()):
         return False
@@ -114,7 +117,4 @@ class FusedStepCell(nn.Cell):
                 m = layer.mlp
                 return self.ops1.moe(h_BSH, n.weight, *kernel_weight(m.gate), *kernel_weight(m.experts.gate_up_proj),
                                      *kernel_weight(m.experts.down_proj), meta_4, self.fcfg)
-        B, S, H = h_BSH.shape
-        z_TH = n(h_BSH).reshape(B * S, H)
-        y_TH = layer.mlp(z_TH)[0] if layer.is_sparse else layer.mlp(z_TH)
-        return h_BSH + y_TH.reshape(B, S, H)
+        return layer.feed_forward(h_BSH)[0]

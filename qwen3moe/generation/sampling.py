@@ -156,18 +156,28 @@ def greedy(logits: np.ndarray) -> np.ndarray:
     return np.argmax(np.asarray(logits), axis=-1).astype(np.int64)
 
 
-def sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def sample(logits: np.ndarray, rng: np.random.Generator, share: tuple[int, int] | None = None) -> np.ndarray:
     """Draw one id per row from softmax(logits) by inverse CDF with one uniform per row.
 
     Uses float64 probabilities; -inf logits have probability 0 and are never drawn (the draw is the
     first index whose cumulative mass exceeds u * total, and zero-mass ids never raise the cumsum).
+    share = (first, total): the logits are rows first.. of a batch of `total` rows sampled by
+    several processes with the same seed; the uniforms of all `total` rows are drawn and this
+    share's used, so each row gets the draw one process sampling the whole batch gives it (rows
+    at or past `total` are padding and get 0.5).
     """
     x = np.asarray(logits, dtype=np.float64)
     if not np.isfinite(x.max(axis=-1)).all():
         raise ValueError("cannot sample: a row has no finite logit (all tokens removed or NaN/+inf)")
     probs = np.exp(x - x.max(axis=-1, keepdims=True))
     cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(x.shape[0]) * cdf[:, -1]
+    if share is None:
+        u = rng.random(x.shape[0])
+    else:
+        u = np.full(x.shape[0], 0.5)
+        mine = rng.random(share[1])[share[0]:share[0] + x.shape[0]]
+        u[:mine.size] = mine
+    u = u * cdf[:, -1]
     idx = np.sum(cdf <= u[:, None], axis=-1)
     # u * total may round up to total: fall back to the last id with non-zero mass
     last_positive = x.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
@@ -210,6 +220,7 @@ class Sampler:
         self.eos_token_id = [int(i) for i in eos]
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.share: tuple[int, int] | None = None  # (first row, batch rows) when rows are split (`sample`)
 
     @classmethod
     def from_config(cls, config: GenerationConfig) -> Sampler:
@@ -258,7 +269,7 @@ class Sampler:
                  **counts: object) -> np.ndarray:
         """Next ids, int64 [B]."""
         processed = self.process(logits, history_ids, prompt_length, **counts)  # type: ignore[arg-type]
-        return sample(processed, self.rng) if self.do_sample else greedy(processed)
+        return sample(processed, self.rng, self.share) if self.do_sample else greedy(processed)
 
     def __repr__(self) -> str:
         return (f"Sampler(do_sample={self.do_sample}, temperature={self.temperature}, top_k={self.top_k}, "

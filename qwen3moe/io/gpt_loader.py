@@ -5,7 +5,7 @@ Framing: a GPTDataset sample is S+1 tokens (input_ids = tokens[:S], labels = tok
 batch row is all S+1 tokens and the model shifts labels itself, so the S predictions and their
 loss_mask are Megatron's. Split rule: global batch g holds samples [g*G, (g+1)*G) of the dataset
 order (G = micro_batch_size * dp) and rank r takes the contiguous rows [r*B, (r+1)*B) of it, as
-Megatron's MegatronPretrainingSampler does (and as parallel/replicas.rank_rows cuts a global
+Megatron's MegatronPretrainingSampler does (and as parallel/step.rank_rows cuts a global
 batch), so the ranks' rows stacked in rank order are exactly the single-process batch.
 `start_sample` resumes mid-run: batch i reads from sample `start_sample + i*G`, with no state
 but that offset.

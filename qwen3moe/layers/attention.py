@@ -8,10 +8,11 @@ matmul per kv head serves its G query heads (query head n uses kv head n // G, a
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from qwen3moe.kernels import attention as attention_kernel
 from qwen3moe.kernels import norm_rope as norm_rope_kernel
+from qwen3moe.layers.dtypes import widen
 from qwen3moe.layers.linear import Linear
 from qwen3moe.layers.norm import RMSNorm
 from qwen3moe.layers.rope import apply_rope
@@ -25,10 +26,16 @@ def grouped_attention(q_BNSD: Tensor, k_BKTD: Tensor, v_BKTD: Tensor, bias_B1ST:
     G = N // K
     q_BKXD = q_BNSD.reshape(B, K, G * S, D)
     scores_BKXT = ops.BatchMatMul(transpose_b=True)(q_BKXD, k_BKTD) * scale
-    scores = scores_BKXT.reshape(B, K, G, S, T).astype(ms.float32) + bias_B1ST.reshape(B, 1, 1, S, T)
-    probs = ops.softmax(scores, -1).astype(q_BNSD.dtype).reshape(B, K, G * S, T)
+    scores = widen(scores_BKXT.reshape(B, K, G, S, T)) + bias_B1ST.reshape(B, 1, 1, S, T)
+    probs = widen(ops.softmax(scores, -1), q_BNSD.dtype).reshape(B, K, G * S, T)
     out_BKXD = ops.BatchMatMul()(probs, v_BKTD)
     return out_BKXD.reshape(B, N, S, D)
+
+
+def heads_first(x_BSXD: Tensor) -> Tensor:
+    """[B, S, X, D] -> [B, X, S, D]; a pure reshape when S == 1 (no transpose copy per decode step)."""
+    B, S, X, D = x_BSXD.shape
+    return x_BSXD.reshape(B, X, 1, D) if S == 1 else x_BSXD.transpose(0, 2, 1, 3)
 
 
 class Qwen3MoeAttention(nn.Cell):
@@ -56,9 +63,9 @@ class Qwen3MoeAttention(nn.Cell):
         if (self.use_norm_rope and x_BSH.dtype == ms.float32 and cos_BSD.dtype == ms.float32
                 and self.q_norm.weight.dtype == ms.float32 and self.k_norm.weight.dtype == ms.float32):
             return self._project_qkv_fused(x_TH, B, S, cos_BSD, sin_BSD)
-        q = self.q_norm(self.q_proj(x_TH).reshape(B, S, self.num_heads, D)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x_TH).reshape(B, S, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x_TH).reshape(B, S, self.num_kv_heads, D).transpose(0, 2, 1, 3)
+        q = heads_first(self.q_norm(self.q_proj(x_TH).reshape(B, S, self.num_heads, D)))
+        k = heads_first(self.k_norm(self.k_proj(x_TH).reshape(B, S, self.num_kv_heads, D)))
+        v = heads_first(self.v_proj(x_TH).reshape(B, S, self.num_kv_heads, D))
         cos, sin = cos_BSD.expand_dims(1), sin_BSD.expand_dims(1)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -68,15 +75,30 @@ class Qwen3MoeAttention(nn.Cell):
         k_BSKD = self.k_proj(x_TH).reshape(B, S, self.num_kv_heads, D)
         q = norm_rope_kernel.norm_rope(q_BSND, self.q_norm.weight, self.q_norm.eps_1, cos_BSD, sin_BSD)
         k = norm_rope_kernel.norm_rope(k_BSKD, self.k_norm.weight, self.k_norm.eps_1, cos_BSD, sin_BSD)
-        v = self.v_proj(x_TH).reshape(B, S, self.num_kv_heads, D).transpose(0, 2, 1, 3)
+        v = heads_first(self.v_proj(x_TH).reshape(B, S, self.num_kv_heads, D))
         return q, k, v
 
     def output(self, o_BNSD: Tensor) -> Tensor:
         B, N, S, D = o_BNSD.shape
-        return self.o_proj(o_BNSD.transpose(0, 2, 1, 3).reshape(B * S, N * D)).reshape(B, S, -1)
+        o_BSND = o_BNSD if S == 1 else o_BNSD.transpose(0, 2, 1, 3)  # S == 1: the same memory order
+        return self.o_proj(o_BSND.reshape(B * S, N * D)).reshape(B, S, -1)
 
-    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor) -> Tensor:
+    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,
+                  k_cache_BKTD: Parameter | None = None, v_cache_BKTD: Parameter | None = None,
+                  idx_BKS3: Tensor | None = None) -> Tensor:
+        """Self-attention of the S positions of x [B, S, H] -> [B, S, H].
+
+        Without a cache T = S. With one (generation/engine.py: static KV cache Parameters
+        [B, K, T, D] of T slots), the positions' k/v are first written into it at `idx`
+        ([b, k, slot] per row, head and position) and q attends over all T slots, the bias hiding
+        empty and future ones. Both use the same projections, norms and RoPE, and a plan that
+        wraps this cell (tensor parallelism: this rank's heads) passes the cache through."""
         q, k, v = self.project_qkv(x_BSH, cos_BSD, sin_BSD)
+        if k_cache_BKTD is not None:
+            # the returned (updated) caches order the write before the read in the graph
+            k = ops.scatter_nd_update(k_cache_BKTD, idx_BKS3, k)
+            v = ops.scatter_nd_update(v_cache_BKTD, idx_BKS3, v)
+            return self.output(grouped_attention(q, k, v, bias_B1ST, self.scale))
         if self.use_kernel and q.dtype == ms.float32:
-            return self.output(attention_kernel.attention_core(q, k, v, bias_B1SS.astype(ms.float32)))
-        return self.output(grouped_attention(q, k, v, bias_B1SS, self.scale))
+            return self.output(attention_kernel.attention_core(q, k, v, bias_B1ST.astype(ms.float32)))
+        return self.output(grouped_attention(q, k, v, bias_B1ST, self.scale))

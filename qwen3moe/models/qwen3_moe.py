@@ -113,9 +113,17 @@ class Qwen3MoeDecoderLayer(nn.Cell):
         else:
             self.mlp = Qwen3MoeMLP(c.hidden_size, c.intermediate_size, std, param_dtype, lin)
 
-    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1SS: Tensor):
-        B, S, H = x_BSH.shape
-        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_BSD, sin_BSD, bias_B1SS)
+    def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,
+                  k_cache_BKTD: Tensor | None = None, v_cache_BKTD: Tensor | None = None,
+                  idx_BKS3: Tensor | None = None):
+        """(out [B,S,H], router outputs or None); with a KV cache see Qwen3MoeAttention.construct."""
+        a_BSH = self.input_layernorm(x_BSH)
+        h_BSH = x_BSH + self.self_attn(a_BSH, cos_BSD, sin_BSD, bias_B1ST, k_cache_BKTD, v_cache_BKTD, idx_BKS3)
+        return self.feed_forward(h_BSH)
+
+    def feed_forward(self, h_BSH: Tensor):
+        """Post-attention norm, MLP or MoE block, residual: (out [B,S,H], router outputs or None)."""
+        B, S, H = h_BSH.shape
         z_TH = self.post_attention_layernorm(h_BSH).reshape(B * S, H)
         if self.is_sparse:
             y_TH, logits_TE, probs_TE, idx_TK = self.mlp(z_TH)
@@ -168,6 +176,13 @@ class _Embedding(nn.Cell):
         return widen(ops.gather(self.weight, ids, 0))  # rows first: only T*H values widened
 
 
+class TokenCrossEntropy(nn.Cell):
+    """Per-token cross-entropy [T] of logits [T, V] (C++ kernel or composite)."""
+
+    def construct(self, logits_TV: Tensor, labels_T: Tensor) -> Tensor:
+        return token_cross_entropy(logits_TV, labels_T)
+
+
 @dataclass
 class CausalLMOutput:
     logits: Tensor
@@ -194,13 +209,14 @@ class Qwen3MoeForCausalLM(nn.Cell):
             self.lm_head = Linear(H, V, False, config.initializer_range, param_dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.cross_entropy = TokenCrossEntropy()  # a module, so a parallel plan can swap it
         self.source_dir: str | None = None  # set by from_pretrained (tokenizer files to copy on save)
         self.generation_config = None
 
     # ---- tensor-level forward (compiled) ------------------------------------------------
     def construct(self, input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, labels_T,
                   keep: int = 0, want_router: bool = False, want_hidden: bool = False):
-        B, S = input_ids_BS.shape
+        B, S = input_ids_BS.shape[:2]  # [B, S] ids, or [B, S, H] hidden states (a pipeline stage)
         x_BSH, router_logits, stats, hidden = self.model(
             input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, want_hidden)
         if keep:
@@ -214,7 +230,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
         if labels_T is not None:
             valid_T = (labels_T != -100).astype(ms.float32)
             safe_T = ops.select(labels_T != -100, labels_T, ops.zeros_like(labels_T))
-            ce_T = token_cross_entropy(logits_TV.astype(ms.float32), safe_T)  # C++ kernel or composite
+            ce_T = self.cross_entropy(logits_TV.astype(ms.float32), safe_T)
             lm_loss = (ce_T * valid_T).sum() / ops.maximum(valid_T.sum(), Tensor(1.0, ms.float32))
             loss = lm_loss
         if want_router and len(stats) == 3:
@@ -232,6 +248,12 @@ class Qwen3MoeForCausalLM(nn.Cell):
                  output_router_logits: bool = False, logits_to_keep: int = 0,
                  output_hidden_states: bool = False) -> CausalLMOutput:
         t = prepare_inputs(self.config, input_ids, attention_mask, position_ids, labels, logits_to_keep)
+        return self.run(t, logits_to_keep, output_router_logits, output_hidden_states)
+
+    def run(self, t, logits_to_keep: int = 0, output_router_logits: bool = False,
+            output_hidden_states: bool = False) -> CausalLMOutput:
+        """The forward on prepared inputs (models/inputs.GraphInputs; a pipeline stage passes
+        its received hidden states [B, S, H] as t.input_ids)."""
         fn = self.graph_runner() if compile_enabled() else self.construct
         logits, loss, lm_loss, aux, router_logits, hidden, stats = fn(
             t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels,

@@ -80,11 +80,13 @@ class AllGatherDispatcher(nn.Cell):
         return x[self.tp_pos * t:(self.tp_pos + 1) * t]
 
     def dispatch(self, x_TH: Tensor, w_TK: Tensor, idx_TK: Tensor):
-        x_RH = self.gather_ep(self._own(x_TH))
-        w_RK = self.gather_ep(self._own(w_TK))
-        # indices travel as fp32 (MCCL reduces float only; exact below 2^24) and carry no gradient
-        idx_RK = ops.stop_gradient(self.gather_ep(ops.stop_gradient(self._own(idx_TK)).astype(ms.float32)))
-        idx_RK = idx_RK.astype(ms.int32) - self.lo
+        H, K = x_TH.shape[1], w_TK.shape[1]
+        # one collective for rows, weights and indices; the indices travel as fp32 (MCCL
+        # reduces float only; exact below 2^24) and carry no gradient
+        idx_TK = ops.stop_gradient(idx_TK).astype(x_TH.dtype)
+        packed = self.gather_ep(self._own(ops.concat([x_TH, w_TK.astype(x_TH.dtype), idx_TK], 1)))
+        x_RH, w_RK = packed[:, :H], packed[:, H:H + K].astype(w_TK.dtype)
+        idx_RK = ops.stop_gradient(packed[:, H + K:]).astype(ms.int32) - self.lo
         mine = (idx_RK >= 0) & (idx_RK < self.e)
         local_RK = ops.select(mine, idx_RK, ops.zeros_like(idx_RK))
         return x_RH, w_RK * mine.astype(w_RK.dtype), local_RK

@@ -21,7 +21,8 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
         lr: float = 1e-2, out: str = ".") -> dict:
     """This rank's result for `mode` on the model folder `model` sharded as dp x tp x pp (ep
     folded, sp over tp): generate (`steps` greedy tokens of a fixed [batch, seq] prompt), train
-    (`steps` AdamW steps at `lr`, ZeRO-1 with `zero1`; shards written to `out`) or load (peak RSS).
+    (`steps` AdamW steps at `lr`, ZeRO-1 with `zero1`; shards written to `out`), load (peak RSS)
+    or forward (parallelize.py's model: `forward`).
     The layout is checked against config.json and the launched world size before any collective."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
@@ -43,8 +44,8 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
     if mesh.world_size != size:
         raise MeshError(f"dp*tp*pp = {mesh.world_size} but {size} processes were launched")
     coll = ProcessCollectives(mesh, rank)
-    if args.mode == "forward":
-        return {"rank": rank, "size": size, **forward(args, mesh, rank, coll)}
+    if mode == "forward":
+        return {"rank": rank, "size": size, **forward(model, mesh, rank, coll, batch, seq, steps, out_dir=out)}
     rss_before = _reset_peak_rss()
     pl = ParallelLM.from_pretrained(model, mesh, train=mode == "train", coll=coll, rank=rank)
     peak_rss = _status_kib("VmHWM") * 1024
@@ -62,7 +63,7 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
         result = {"losses": train(pl, data(cfg.vocab_size, batch, seq), steps, lr, zero1)}
         save_shards(pl, Path(out) / f"shards_rank{rank}.npz")
     else:
-        raise MeshError(f"mode {mode!r}: expected generate, train or load")
+        raise MeshError(f"mode {mode!r}: expected generate, train, load or forward")
     return {"rank": rank, "size": size, "bytes_read": pl.bytes_read, **result}
 
 
@@ -103,32 +104,111 @@ def save_shards(pl, path: Path) -> None:
     np.savez(path, **arrays)
 
 
-def forward(args, mesh, rank: int, coll) -> dict:
+def forward(model: str, mesh, rank: int, coll, batch: int, seq: int, steps: int, out_dir: str) -> dict:
     """parallelize.py's compiled per-rank model on this dp rank's rows: logits (gathered over
     tp), loss and aux, and the compiled gradient of loss = lm_loss + coef * aux per parameter
-    (before any gradient sync); written to <out>/forward_rank<r>.npz."""
-    import time
-
+    (before any gradient sync), also with vocab-split logits when tp > 1; written to
+    <out>/forward_rank<r>.npz. Times: median seconds of `steps` calls after the compiling one."""
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.models.inputs import prepare_inputs
-    from qwen3moe.parallel.parallelize import LossGrad, parallelize
+    from qwen3moe.parallel.parallelize import parallelize
 
-    cfg = Qwen3MoeConfig.from_pretrained(args.model)
-    rm = parallelize(cfg, mesh, rank, args.model, coll=coll)
-    ids = data(cfg.vocab_size, args.batch, args.seq)
-    b = args.batch // mesh.dp
+    cfg = Qwen3MoeConfig.from_pretrained(model)
+    rm = parallelize(cfg, mesh, rank, model, coll=coll)
+    ids = data(cfg.vocab_size, batch, seq)
+    b = batch // mesh.dp
     dp_rank = mesh.coords(rank)["dp"]
     rows = ids[dp_rank * b:(dp_rank + 1) * b]
-    out = rm.model(rows, labels=rows, output_router_logits=True)
-    t0 = time.perf_counter()
-    out = rm.model(rows, labels=rows, output_router_logits=True)
-    logits = out.logits.asnumpy()
-    fwd_s = time.perf_counter() - t0
+    out, times = timed(lambda: rm.forward(rows, labels=rows, output_router_logits=True), steps)
+    result = {"forward_s": times, "layers": list(rm.layers), "bytes_read": rm.bytes_read}
+    last = mesh.coords(rank)["pp"] == mesh.pp - 1
+    arrays = {"logits": out.logits.asnumpy(), "lm_loss": out.lm_loss.asnumpy()} if last else {}
     t = prepare_inputs(cfg, rows, labels=rows)
-    grad_fn = LossGrad(rm.model)
-    loss, grads = grad_fn(t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels)
-    arrays = {"logits": logits, "loss": out.loss.asnumpy(), "aux": out.aux_loss.asnumpy()}
-    for (p, i), g in zip(rm.entries, grads):
+    if mesh.pp == 1:  # the loss, aux and gradients of the whole model
+        arrays.update(loss=out.loss.asnumpy(), aux=out.aux_loss.asnumpy())
+        result["grad_s"] = _grads(rm, t, "grad", arrays, steps)
+    if mesh.pp > 1:
+        result["grad_s"] = _pipeline_grads(rm, t, rows, arrays)
+    if mesh.tp > 1 and mesh.pp == 1:  # vocab-split logits and the vocab-parallel cross-entropy
+        rm = parallelize(cfg, mesh, rank, model, coll=coll, gather_logits=False)
+        out = rm.model(rows, labels=rows, output_router_logits=True)
+        arrays.update(vlogits=out.logits.asnumpy(), vloss=out.loss.asnumpy())
+        result["vgrad_s"] = _grads(rm, t, "vgrad", arrays, steps)
+    np.savez(Path(out_dir) / f"forward_rank{rank}.npz", **arrays)
+    return result
+
+
+def _pipeline_grads(rm, t, rows: np.ndarray, arrays: dict) -> float:
+    """One pipeline backward (pp stages, dp = 1) of lm_loss + coef * pooled aux through
+    StageGrad: router counts go forward with the activations (summed), the aux weights and
+    the input gradients come back; gradients saved under "grad|..."; returns seconds."""
+    import time
+
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen3moe.parallel.parallelize import StageGrad
+
+    cfg, m, coll = rm.model.config, rm.mesh, rm.coll
+    s, E = m.coords(rm.rank)["pp"], cfg.num_experts
+    first, last = s == 0, s == m.pp - 1
+    out = rm.forward(rows, labels=rows, output_router_logits=True)
+    x = t.input_ids if first else rm.stage_input
+    zero_h = ms.ops.zeros(tuple(x.shape[:2]) + (cfg.hidden_size,), ms.float32)
+    lm_w = Tensor(1.0 / max(float((t.labels.asnumpy() != -100).sum()), 1.0), ms.float32)
+    grad_fn = StageGrad(rm.model, first, last)
+    args = (t.cos, t.sin, t.bias, t.token_mask, t.labels)
+    grad_fn(x, *args, zero_h, lm_w, ms.ops.zeros((E,), ms.float32))[0].asnumpy()  # compile before any wait
+    t0 = time.perf_counter()
+    out = rm.forward(rows, labels=rows, output_router_logits=True)
+    x = t.input_ids if first else rm.stage_input
+    counts = out.router_stats[0].sum(0) if out.router_stats else ms.ops.zeros((E,), ms.float32)
+    if not first:
+        counts = counts + coll.recv((E,), s - 1)
+    if not last:  # counts forward; the aux weights and the output gradient come back
+        coll.send(counts, s + 1)
+        coll.finish()
+        aux_w, dout = coll.recv((E,), s + 1), coll.recv(tuple(zero_h.shape), s + 1)
+    else:
+        n, L = float(t.token_mask.asnumpy().sum()), sum(map(cfg.is_sparse_layer, range(cfg.num_hidden_layers)))
+        aux_w, dout = counts * (cfg.router_aux_loss_coef * E / (n * L) ** 2), zero_h
+    if not first:
+        coll.send(aux_w, s - 1)
+    dx, grads = grad_fn(x, *args, dout, lm_w, aux_w)
+    if not first:
+        coll.send(dx, s - 1)
+        coll.finish()
+    _sync(grads)
+    for (_, i), g in zip(rm.entries, grads):
         arrays[f"grad|{i.name}|{i.style}|{i.tp_rank}|{i.tp_size}|{i.ep_rank}|{i.ep_size}|{i.sync}"] = g.asnumpy()
-    np.savez(Path(args.out) / f"forward_rank{rank}.npz", **arrays)
-    return {"loss": float(loss.asnumpy()), "forward_s": fwd_s, "bytes_read": rm.bytes_read}
+    return time.perf_counter() - t0
+
+
+def timed(fn, steps: int):
+    """(last result, median seconds of `steps` calls after a first, compiling one)."""
+    import time
+
+    out, times = fn(), []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(out)
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times)) if times else None
+
+
+def _sync(out) -> None:
+    """asnumpy() of one output: the graph has run."""
+    t = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    if t is not None:
+        t.asnumpy()
+
+
+def _grads(rm, t, tag: str, arrays: dict, steps: int) -> float:
+    from qwen3moe.parallel.parallelize import LossGrad
+
+    fn = LossGrad(rm.model)
+    (_, grads), median = timed(lambda: fn(t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels), steps)
+    for (_, i), g in zip(rm.entries, grads):
+        arrays[f"{tag}|{i.name}|{i.style}|{i.tp_rank}|{i.tp_size}|{i.ep_rank}|{i.ep_size}|{i.sync}"] = g.asnumpy()
+    return median

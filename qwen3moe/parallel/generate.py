@@ -1,16 +1,30 @@
 """Generation with the model sharded over the processes started by `qwen3moe launch`
-(`qwen3moe generate --use_parallel True --parallel_config.model_parallel N ...`): greedy
-generation with online-sharded loading, TP / EP / DP / PP as configured. Decoding runs stage to
-stage with each stage's KV cache of its own layers and heads (decode.py), in PyNative: meant
-for correctness and models too large for one process more than for speed. Pure data
-parallelism (only data_parallel > 1) instead runs the compiled single-process generation on
-each rank's share of the prompts (replicas.generate).
-`generate` returns the results in prompt order on the one rank that reports them (the last
-pipeline stage's first rank; rank 0 for replicas), None on the others.
+(`qwen3moe generate --use_parallel True --parallel_config.model_parallel N ...`).
+
+pp = 1 (tp, ep, dp and their products): each rank builds its model (parallelize.py: the model's
+own classes with the tp / ep plan, its shards read online; with tp = ep = 1 the whole model,
+loaded as one process loads it, so --dtype / --quantize and the fused decode kernels apply) and
+runs the ordinary generation engine on it: compiled KV-cached step, batches with left padding,
+per-row EOS and stop strings, sampling, streaming. Every rank encodes the whole batch (the same
+padded length everywhere); the dp ranks take equal shares of its rows (generate.RowSplit: the
+last share padded with dummy rows). Every rank runs the same steps with the same shapes, as the
+collectives inside the model need:
+  - the tp ranks of a dp rank hold the same logits (the lm_head's are gathered over tp) and run
+    the same sampler with the same seed, so they pick the same tokens and stop together;
+  - the dp ranks stop when all rows are done: an all-reduce of the unfinished-row counts after
+    each step (RowSplit.all_done), and their sampler draws for the whole batch and keeps its
+    rows' draws, so the tokens equal one process generating the batch.
+The results come out on rank 0 (world AllGather of each rank's JSON), streamed text too.
+pp > 1: greedy, one prompt at a time, stage to stage with a KV cache per stage (decode.py, the
+per-rank engine in PyNative), since parallelize does not build pipeline stages yet.
+`generate` returns the results in prompt order on the one rank that reports them, None elsewhere.
 """
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +43,10 @@ class ParallelGeneration:
 
 def check_request(req: GenerateRequest, mesh: Mesh) -> None:
     """Refused before any process does work: a layout the model or the launch cannot take
-    (config.json is read, no weights), and what the sharded (non-replica) path cannot do."""
+    (config.json is read, no weights), and what the sharded paths cannot do."""
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import launched_world_size
+    from qwen3moe.parallel.parallelize import check_layout
 
     cfg = Qwen3MoeConfig.from_pretrained(req.check())
     size = launched_world_size()
@@ -44,24 +59,23 @@ def check_request(req: GenerateRequest, mesh: Mesh) -> None:
         return
     if req.quantize or req.dtype != "float32":
         raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
+    if mesh.pp == 1:
+        check_layout(cfg, mesh)
+        return
     if req.options.get("do_sample"):
-        raise GenerationError("--use_parallel generation with model parallelism is greedy only: drop --do_sample")
+        raise GenerationError("--use_parallel generation with pipeline stages is greedy only: drop --do_sample")
     if req.predict_batch_size != 1:
-        raise GenerationError("--use_parallel generation with model parallelism runs one prompt at a time: "
+        raise GenerationError("--use_parallel generation with pipeline stages runs one prompt at a time: "
                               "use --predict_batch_size 1")
 
 
-def generate(req: GenerateRequest, mesh: Mesh) -> ParallelGeneration:
-    """Join the launched processes and generate the request's prompts on `mesh`."""
+def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | None = None) -> ParallelGeneration:
+    """Join the launched processes and generate the request's prompts on `mesh`; with
+    req.stream, rank 0 passes the text pieces to `on_text`."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    from qwen3moe.generation.batch import read_prompts
-    from qwen3moe.io.tokenizer import Tokenizer
-    from qwen3moe.parallel.process import ProcessCollectives
-    from qwen3moe.parallel.trainer import ParallelLM
-
-    folder = req.check()
+    req.check()
     check_request(req, mesh)  # one-line errors before init() and loading
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
         raise MeshError("--use_parallel needs the workers started by msrun: "
@@ -72,11 +86,76 @@ def generate(req: GenerateRequest, mesh: Mesh) -> ParallelGeneration:
     if mesh.world_size != size:
         raise MeshError(f"--parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run "
                         f"(qwen3moe launch --nproc {mesh.world_size} -- generate ...)")
-    if mesh.tp == mesh.pp == mesh.ep == 1:  # replicas: compiled single-process generation per rank
-        from qwen3moe.parallel.replicas import generate as generate_replicas
+    if mesh.pp > 1:
+        return generate_stages(req, mesh, rank)
+    return generate_engine(req, mesh, rank, on_text)
 
-        results = generate_replicas(req, rank, mesh.dp)
-        return ParallelGeneration(results, f"{len(results or [])} prompts on {mesh.dp} data-parallel replicas")
+
+def generate_engine(req: GenerateRequest, mesh: Mesh, rank: int,
+                    on_text: Callable[[str], None] | None = None) -> ParallelGeneration:
+    """pp = 1: the generation engine on this rank's model (module docstring)."""
+    from qwen3moe.generation.batch import generate_batches, load, read_prompts
+    from qwen3moe.generation.generate import RowSplit
+
+    tok, model, cfg = load(req, None if mesh.tp == mesh.ep == 1 else lambda folder: rank_model(folder, mesh, rank))
+    prompts = read_prompts(req.predict_data)
+    split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done) if mesh.dp > 1 else None
+    batches, steps, decode_s, t0 = [], 0, 0.0, time.perf_counter()
+    for results, st in generate_batches(model, tok, cfg, prompts, req, on_text if rank == 0 else None, split):
+        batches.append(results)
+        steps, decode_s = steps + st.decode_steps, decode_s + st.decode_s
+    wall = time.perf_counter() - t0
+    parts = [json.loads(p) for p in gather_texts(json.dumps(batches, ensure_ascii=False), mesh.world_size)]
+    if rank:
+        return ParallelGeneration(None, "")
+    # batch by batch, the rows of dp rank 0, 1, ... (their tp rank 0 holds them)
+    merged = [r for i in range(len(batches)) for d in range(mesh.dp) for r in parts[mesh.rank_of(0, d)][i]]
+    rate = req.predict_batch_size * steps / max(decode_s, 1e-9)
+    return ParallelGeneration(merged, f"{len(merged)} prompts on {mesh.world_size} processes (dp{mesh.dp} "
+                                      f"tp{mesh.tp} ep{mesh.ep}) in {wall:.2f} s; decode {rate:.1f} tok/s")
+
+
+def rank_model(folder, mesh: Mesh, rank: int):
+    """This rank's parallelized model (lm_head logits gathered over tp), its shards loaded."""
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.parallel.parallelize import parallelize
+
+    model = parallelize(Qwen3MoeConfig.from_pretrained(folder), mesh, rank, weights=folder, gather_logits=True).model
+    model.source_dir = str(folder)  # generation_config.json and the tokenizer are read from it
+    return model
+
+
+def all_done(mine: bool) -> bool:
+    """Whether every rank's rows are finished: a world all-reduce of the unfinished counts."""
+    from mindspore import Tensor, ops
+
+    return float(ops.AllReduce()(Tensor(np.float32(0.0 if mine else 1.0))).asnumpy()) == 0.0
+
+
+def gather_texts(text: str, size: int) -> list[str]:
+    """Every rank's `text`, in rank order, on every rank (world AllGather of the UTF-8 bytes, as
+    int32 and padded to the longest: MCCL on CPU gathers on the world group only)."""
+    from mindspore import Tensor, ops
+
+    data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    gather = ops.AllGather()
+    lens = gather(Tensor(np.array([data.size], np.int32))).asnumpy()
+    longest = max(int(lens.max()), 1)
+    padded = np.zeros(longest, np.int32)
+    padded[:data.size] = data
+    rows = gather(Tensor(padded)).asnumpy().reshape(size, longest)
+    return [bytes(rows[r, :lens[r]].astype(np.uint8)).decode("utf-8") for r in range(size)]
+
+
+def generate_stages(req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGeneration:
+    """pp > 1: greedy, one prompt at a time, stage to stage with a KV cache per stage (decode.py)."""
+    from qwen3moe.generation.batch import read_prompts
+    from qwen3moe.io.tokenizer import Tokenizer
+    from qwen3moe.parallel.decode import greedy_cached
+    from qwen3moe.parallel.process import ProcessCollectives
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    folder = req.check()
     pl = ParallelLM.from_pretrained(folder, mesh, train=False, coll=ProcessCollectives(mesh, rank), rank=rank)
     tok = Tokenizer.from_pretrained(folder)
     eos = pl.cfg.eos_token_id if isinstance(pl.cfg.eos_token_id, list) else [pl.cfg.eos_token_id]
@@ -84,17 +163,10 @@ def generate(req: GenerateRequest, mesh: Mesh) -> ParallelGeneration:
     rows = mesh.dp * mesh.micro_batch_num  # every dp rank and micro-batch needs a row: the prompt repeated
     for prompt in read_prompts(req.predict_data):
         ids = np.repeat(np.asarray([tok.encode(prompt)], np.int64), rows, axis=0)
-        out = greedy_until(pl, ids, req.options.get("max_new_tokens") or 32, [] if req.ignore_eos else eos)
+        out = greedy_cached(pl, ids, req.options.get("max_new_tokens") or 32, [] if req.ignore_eos else eos)
         new = out[0, ids.shape[1]:]
         results.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
                         "completion_tokens": int(new.size)})
     mine = rank == mesh.rank_of(0, 0, mesh.pp - 1)
-    return ParallelGeneration(results if mine else None, f"{len(results)} prompts on {size} processes "
+    return ParallelGeneration(results if mine else None, f"{len(results)} prompts on {mesh.world_size} processes "
                               f"(dp{mesh.dp} tp{mesh.tp} pp{mesh.pp} ep{mesh.ep})")
-
-
-def greedy_until(pl, ids: np.ndarray, max_new: int, eos: list) -> np.ndarray:
-    """Greedy tokens, stage to stage with a KV cache per stage (decode.py)."""
-    from qwen3moe.parallel.decode import greedy_cached
-
-    return greedy_cached(pl, ids, max_new, eos)

@@ -12,11 +12,11 @@ API (stable; other modules build on it):
               checkpoint.ShardReader), a callable hf_name -> full array (sliced here), or any
               object with read_shard(info, cfg).
     gather_logits  True: the lm_head's vocab-split logits are all-gathered over tp, so
-              `rm.model(...)` returns full [B, S, V] logits and its own loss is right
-              (generation, evaluation). False: logits stay [B, S, V/tp] (this rank's vocab block,
-              starting at rm.vocab_start); use `VocabParallelCrossEntropy` for the loss
-              (training; the [T, V] logits are never gathered). The model's own `labels=` loss
-              is then meaningless and must not be used.
+              `rm.model(...)` returns full [B, S, V] logits (generation, evaluation). False:
+              logits stay [B, S, V/tp] (this rank's vocab block, starting at rm.vocab_start;
+              training: the [T, V] logits are never gathered). Either way the model's own loss
+              (`labels=`) is right: the plan swaps its cross-entropy module for
+              `VocabParallelCrossEntropy` (the max, sum of exp and target logit reduced over tp).
     dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp"
               or "allgather" (dispatchers.py).
     coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
@@ -29,15 +29,22 @@ API (stable; other modules build on it):
       .entries    [(Parameter, ShardInfo)] for every parameter (ranks.ShardInfo: HF name, split
                   style and position over tp / ep, gradient sync group "dp" / "stage" / "edp" /
                   "kv<r>"); `rm.info(name)` looks one up by HF name.
-      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read
+      .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read,
+      .local_config (rank_config: this rank's head / ffn / expert / vocab / layer counts, e.g.
+                  for KV-cache shapes; `.model.config` stays the global config)
+      .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
+               output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
 
 The plan (ranks.py's layouts, so checkpoint.py, dp.py, train_state.py and export see the same
 shards as the simulated engine):
-    attention, dense MLP   q/k/v, gate/up column-parallel (output dim split; kv heads
-                           replicated when tp > K, vLLM), o_proj / down_proj row-parallel; one
-                           copy f (identity forward, all-reduce backward) on the block input and
-                           one reduce g (all-reduce forward, identity backward) on its output,
-                           so the module's own construct runs unchanged on its per-rank heads.
+    attention, dense MLP   `LAYER_PLAN`, gpt-fast style: q/k/v, gate/up colwise (output dim
+                           split, kv heads replicated when tp > K as vLLM; a copy f, identity
+                           forward and all-reduce backward, on the input), o_proj / down_proj
+                           rowwise (input dim split; a reduce g, all-reduce forward, on the
+                           output), so the attention and MLP modules stay the model's own
+                           (per-rank head counts on `self_attn.num_heads` / `num_kv_heads`; the
+                           model's config stays the global one) and their construct runs
+                           unchanged.
     embedding              vocab rows split: masked local lookup, reduce over tp.
     lm_head                vocab rows split (column-parallel), f on the input, optional gather.
     sparse MoE block       ParallelMoeBlock: f on the input, the replicated router, a dispatcher
@@ -51,13 +58,14 @@ Shapes: B batch, S seq, T = B*S, H hidden, V vocab, v = V/tp, E experts, K top-k
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import skip_init, widen
-from qwen3moe.parallel.dispatchers import AllGatherDispatcher, TPExpertsDispatcher, collective
+from qwen3moe.parallel.dispatchers import AllGatherDispatcher, TPExpertsDispatcher, _Identity, collective
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
 from qwen3moe.router.topk import TopKRouter
@@ -150,7 +158,7 @@ class _ModelLoss(nn.Cell):
 
 class LossGrad(nn.Cell):
     """Compiled (loss, gradients) of the model's own loss (lm_loss + coef * aux of this rank's
-    tokens; needs gather_logits=True) with respect to every parameter, in `model.get_parameters()`
+    tokens) with respect to every parameter, in `model.get_parameters()`
     order (that of RankModel.entries), before any gradient sync. Inputs: models/inputs.prepare_inputs."""
 
     def __init__(self, model: nn.Cell) -> None:
@@ -162,6 +170,55 @@ class LossGrad(nn.Cell):
         return self.grad_fn(ids_BS, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T)
 
 
+class _StageObjective(nn.Cell):
+    """What one pipeline stage back-propagates (summed over stages: the global objective):
+    last stage  lm_w * sum of its tokens' CE  + sum_e aux_w_e * s_e
+    other       <its output hidden, dout>     + sum_e aux_w_e * s_e
+    s_e: the router probability mass of the stage's own sparse layers (router/losses.py); the
+    caller pools the counts over stages and passes aux_w_e = coef * E * C_e / (n L)^2 (HF's
+    pooled aux: its gradient is exactly that weighting of s)."""
+
+    def __init__(self, model: nn.Cell, last: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.net, self.last = model, last
+
+    def construct(self, x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E):
+        if self.last:
+            out = self.net.construct(x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, 0, False, False)
+            valid = (labels_T != -100).astype(ms.float32).sum()
+            value, stats = out[2] * ops.maximum(valid, Tensor(1.0, ms.float32)) * lm_w, out[6]
+        else:
+            h, _, stats, _ = self.net.model(x, cos_BSD, sin_BSD, bias_B1SS, mask_T, False)
+            value = (h * dout_BSH).sum()
+        if len(stats) == 3:
+            value = value + (stats[1].sum(0) * aux_w_E).sum()
+        return value
+
+
+class StageGrad(nn.Cell):
+    """Compiled backward of one pipeline stage (a 1F1B building block; also a whole-model step
+    when pp = 1): `(dx, grads, counts_E)` for inputs (x, cos, sin, bias, mask, labels,
+    dout [B, S, H], lm_w, aux_w_E) as `_StageObjective`; dx = gradient w.r.t. the received
+    hidden states (zeros on the first stage, whose input is token ids), grads in
+    `model.get_parameters()` order. The stage's router counts come from its forward
+    (`RankModel.forward(...).router_stats`)."""
+
+    def __init__(self, model: nn.Cell, first: bool, last: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.objective, self.first = _StageObjective(model, last), first
+        self.params = ParameterTuple(list(model.get_parameters()))
+        self.grad_w = ops.GradOperation(get_by_list=True)
+        self.grad_xw = ops.GradOperation(get_all=True, get_by_list=True)
+
+    @ms.jit
+    def construct(self, x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E):
+        args = (x, cos_BSD, sin_BSD, bias_B1SS, mask_T, labels_T, dout_BSH, lm_w, aux_w_E)
+        if self.first:
+            return ops.zeros_like(dout_BSH), self.grad_w(self.objective, self.params)(*args)
+        dargs, grads = self.grad_xw(self.objective, self.params)(*args)
+        return dargs[0], grads
+
+
 @dataclass
 class RankModel:
     model: nn.Cell
@@ -171,16 +228,45 @@ class RankModel:
     coll: object
     layers: range
     vocab_start: int
+    local_config: object = None
     bytes_read: int = 0
+    stage_input: object = None
     _by_name: dict = field(default_factory=dict, repr=False)
 
     def info(self, name: str) -> ShardInfo:
         return self._by_name[name]
 
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                output_router_logits: bool = False):
+        """The pipeline forward (pp = 1: `self.model(...)`): each stage runs the model's compiled
+        graph on its input (token ids on the first stage, the received hidden states [B, S, H]
+        elsewhere, kept as `self.stage_input`) and sends its output to the next stage
+        (process.py send/recv). Returns the model's CausalLMOutput; on a stage other than the
+        last its `logits` are the stage's hidden states (no norm, no lm_head; labels ignored),
+        and loss / aux / router_stats cover that stage's layers only."""
+        if self.mesh.pp == 1:
+            return self.model(input_ids, attention_mask, position_ids, labels, output_router_logits)
+        from qwen3moe.models.inputs import prepare_inputs
 
-def rank_config(cfg, mesh: Mesh):
-    """The config whose layer sizes are this rank's: heads, ffn, experts and vocab divided."""
+        cfg, s = self.model.config, self.mesh.coords(self.rank)["pp"]
+        last = s == self.mesh.pp - 1
+        t = prepare_inputs(cfg, input_ids, attention_mask, position_ids, labels if last else None)
+        B, S = t.input_ids.shape
+        if s > 0:
+            t.input_ids = self.coll.recv((B, S, cfg.hidden_size), s - 1)
+        self.stage_input = t.input_ids
+        out = self.model.run(t, 0, output_router_logits)
+        if not last:
+            self.coll.send(out.logits, s + 1)
+            self.coll.finish()
+        return out
+
+
+def rank_config(cfg, mesh: Mesh, layers: range | None = None):
+    """The config whose layer sizes are this rank's: heads, ffn, experts and vocab divided, and
+    only the stage's layers (local index j is global layer layers[j], sparse as that one)."""
     tp, etp, ep = mesh.tp, mesh.expert_tp, mesh.ep
+    layers = range(cfg.num_hidden_layers) if layers is None else layers
     checks = [("vocab_size", cfg.vocab_size, tp, "tp"), ("intermediate_size", cfg.intermediate_size, tp, "tp")]
     if cfg.num_experts:
         checks.append(("moe_intermediate_size", cfg.moe_intermediate_size, etp, "etp"))
@@ -193,7 +279,8 @@ def rank_config(cfg, mesh: Mesh):
                        intermediate_size=cfg.intermediate_size // tp,
                        moe_intermediate_size=cfg.moe_intermediate_size // etp if E else cfg.moe_intermediate_size,
                        num_experts=E, num_experts_per_tok=min(cfg.num_experts_per_tok, E) if E else
-                       cfg.num_experts_per_tok)
+                       cfg.num_experts_per_tok, num_hidden_layers=len(layers), decoder_sparse_step=1,
+                       mlp_only_layers=[j for j, i in enumerate(layers) if not cfg.is_sparse_layer(i)])
 
 
 def check_layout(cfg, mesh: Mesh) -> None:
@@ -211,12 +298,13 @@ def check_layout(cfg, mesh: Mesh) -> None:
     if mesh.sp:
         raise MeshError("sequence parallel (sp) is not implemented by parallelize yet; use the engine "
                         "(parallel/trainer.py)")
-    if mesh.pp > 1:
-        raise MeshError("pp > 1 is not implemented by parallelize yet; use the engine (parallel/trainer.py)")
+    if cfg.tie_word_embeddings and mesh.pp > 1:
+        raise MeshError("tie_word_embeddings with pp > 1 is not supported (embedding and lm_head live on "
+                        "different stages)")
 
 
 def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool = True,
-                dispatcher: str = "auto", coll=None) -> RankModel:
+                dispatcher: str = "auto", coll=None, offset: list[int] | None = None) -> RankModel:
     """This rank's model with the plan applied and its shards loaded (module docstring)."""
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -230,13 +318,19 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     if cfg.num_key_value_heads < mesh.tp and hasattr(coll, "add_group"):  # replicated kv heads' sync group
         coll.add_group(f"kv{mesh.tp // cfg.num_key_value_heads}")
     c = mesh.coords(rank)
+    layers = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)[c["pp"]]
+    local_cfg = rank_config(cfg, mesh, layers)
     with skip_init():
-        model = Qwen3MoeForCausalLM(rank_config(cfg, mesh))
-        hf = _swap_routers(model, cfg)
+        model = Qwen3MoeForCausalLM(local_cfg)
+        hf = _swap_routers(model, cfg, layers)
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
     _apply_plan(model, mesh, c, coll.groups, vocab_start, gather_logits,
                 "allgather" if dispatcher == "auto" and mesh.ep > 1 else dispatcher)
+    if c["pp"] > 0:  # torchtitan's model split: the embedding on the first stage only
+        model.model.embed_tokens = _Identity()
+    if c["pp"] < mesh.pp - 1:  # final norm and lm_head on the last stage only
+        model.model.norm, model.lm_head = _Identity(), _Identity()
     n = rank % (mesh.dp * mesh.tp)
     entries = []
     for p in model.get_parameters():
@@ -248,38 +342,52 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         for p, info in entries:
             load_shard(p, info, cfg, reader, f"rank {rank}")
             release_freed_heap()
-    return RankModel(model, entries, mesh, rank, coll, range(cfg.num_hidden_layers), vocab_start,
-                     getattr(reader, "bytes_read", 0), {i.name: i for _, i in entries})
+    return RankModel(model, entries, mesh, rank, coll, layers, vocab_start, local_cfg,
+                     getattr(reader, "bytes_read", 0), _by_name={i.name: i for _, i in entries})
 
 
-def _swap_routers(model, cfg) -> dict:
+def _swap_routers(model, cfg, layers: range) -> dict:
     """Give each sparse block the full E-way router (the block was built with E/ep experts);
-    returns {id(Parameter): HF name} recorded before any wrapper renames them."""
+    returns {id(Parameter): HF name} recorded before any wrapper renames them (local layer j is
+    global layer layers[j])."""
     for layer in model.model.layers:
         if layer.is_sparse:
             layer.mlp.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
                                         cfg.norm_topk_prob)
-    return {id(p): name for name, p in model.parameters_and_names()}
+
+    def hf(name: str) -> str:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return f"model.layers.{layers[int(m.group(1))]}.{name[m.end():]}" if m else name
+
+    return {id(p): hf(name) for name, p in model.parameters_and_names()}
+
+
+# gpt-fast / torchtitan styles per Linear of a decoder layer (module path -> style): colwise =
+# copy f on the input (its weight's output rows are this rank's), rowwise = reduce g on the
+# output (its input columns are this rank's); the modules around them run unchanged
+LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+              "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+              "mlp.down_proj": "rowwise"}
 
 
 def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gather_logits: bool,
                 dispatcher: str) -> None:
     tp_g = groups.get("tp")
 
-    def f():  # a fresh Cell per use
-        return collective(tp_g, "copy")
-
-    def g():
-        return collective(tp_g, "reduce")
+    def style(kind: str, inner: nn.Cell) -> nn.Cell:  # fresh collective Cells per use
+        if kind == "colwise":
+            return _Around(inner, collective(tp_g, "copy"), _Identity())
+        return _Around(inner, _Identity(), collective(tp_g, "reduce"))
 
     m = model.model
-    m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, vocab_start, g())
+    m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, vocab_start, collective(tp_g, "reduce"))
     for layer in m.layers:
-        if mesh.tp > 1:
-            layer.self_attn = _Around(layer.self_attn, f(), g())
+        for path, kind in LAYER_PLAN.items():
+            owner, name = path.split(".")
+            cell = getattr(layer, owner)
+            if mesh.tp > 1 and hasattr(cell, name):
+                setattr(cell, name, style(kind, getattr(cell, name)))
         if not layer.is_sparse:
-            if mesh.tp > 1:
-                layer.mlp = _Around(layer.mlp, f(), g())
             continue
         if dispatcher == "allgather":
             e = layer.mlp.experts.num_experts
@@ -288,17 +396,13 @@ def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gath
             if mesh.ep > 1:
                 raise MeshError("dispatcher 'tp' needs ep=1 (experts split over the tp ranks' ffn dim)")
             d = TPExpertsDispatcher(tp_g)
-        layer.mlp = ParallelMoeBlock(layer.mlp, d, f(), mesh.tp)
+        layer.mlp = ParallelMoeBlock(layer.mlp, d, collective(tp_g, "copy"), mesh.tp)
     if mesh.tp > 1:
-        model.lm_head = _Around(model.lm_head, f(),
-                                collective(tp_g, "gather", 1) if gather_logits else _identity())
+        model.lm_head = _Around(model.lm_head, collective(tp_g, "copy"),
+                                collective(tp_g, "gather", 1) if gather_logits else _Identity())
+        if not gather_logits:
+            model.cross_entropy = VocabParallelCrossEntropy(tp_g, vocab_start)
     model.__dict__.pop("_graph_runner", None)
-
-
-def _identity() -> nn.Cell:
-    from qwen3moe.parallel.dispatchers import _Identity
-
-    return _Identity()
 
 
 def _source(weights):

@@ -1,7 +1,7 @@
 """Run assembly: a `TaskConfig` -> model, data, schedule, optimizer and train-step arguments.
 
 One place turns the seed-style task file into the objects a run needs; `qwen3moe pretrain`,
-the parallel trainers (parallel/pretrain.py, parallel/replicas.py), the demo and the examples
+the parallel trainers (parallel/pretrain.py, parallel/compiled.py), the demo and the examples
 use it instead of rebuilding the wiring. Problems are `TaskConfigError`s naming the key
 (PrecisionError / RecomputeError from their modules); nothing here prints.
 

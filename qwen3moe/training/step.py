@@ -22,7 +22,7 @@ pooled over all sparse layers as HF does, i.e. summed over layers with n counted
               (router/losses.py). One sequence per micro-batch: equals "megatron".
 z-loss (ST-MoE): mean over sparse layers of mean_t logsumexp(router logits_t)^2.
 The LM term's weight (1 / M here) is a graph input per micro-batch: data-parallel replicas
-(parallel/replicas.py) weight rank r's micro-batch mean by dp * n_r / (N M) instead.
+(parallel/step.py) weight rank r's micro-batch mean by dp * n_r / (N M) instead.
 Gradients are summed over micro-batches (= grad of the mean loss), then clipped by global norm
 (torch clip_grad_norm_ semantics) and applied by the optimizer.
 Host-side input prep (`prepare_inputs`) stays outside the graph; forward+backward is one
@@ -290,7 +290,7 @@ class TrainStep:
 
     def _micro_weights(self, prepped: list[tuple], S: float) -> tuple[list[float], list[Tensor]]:
         """Per micro-batch: the LM-loss weight (S / M: the mean over micro-batches) and the
-        "global"-mode aux weights. Data-parallel replicas (parallel/replicas.py) override it."""
+        "global"-mode aux weights. The per-rank parallel step (parallel/step.py) overrides it."""
         aux_w = self._global_weights(prepped, S)
         return [S / len(prepped)] * len(prepped), [aux_w] * len(prepped)
 
@@ -333,7 +333,7 @@ class TrainStep:
         """Forward+backward into the buffers; update only when loss and grad norm are finite."""
         if self._norm_graph is None:
             self._norm_graph, self._clear_graph = _AccumulatedNorm(self.graph), _ClearAccumulated(self.graph)
-        metrics = self._after_backward(self._run(batch, update=False))
+        metrics = self._run(batch, update=False)
         scale = self._scale()
         norm = float(fetch(self._norm_graph(_TICK))[0]) / scale
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
@@ -345,11 +345,6 @@ class TrainStep:
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
             metrics.update(loss_scale=scale)
-        return metrics
-
-    def _after_backward(self, metrics: dict) -> dict:
-        """Hook between backward and the finiteness check (gradients in the buffers): data-parallel
-        replicas all-reduce the buffers and the metrics here."""
         return metrics
 
     def __call__(self, batch) -> dict:

@@ -8,7 +8,8 @@
 // bf16: the plain bfloat16 matrix. Fused experts stack E such matrices (leading dim).
 // Each weight vector is dequantized to exactly that float32 value (u - z is an exact integer, one
 // rounding in the multiply), so results differ from a NumPy dequant reference only by the fp32
-// summation order. AVX-512 code when the build has it, else (or after quant_set_portable(1)) the
+// summation order (int8 with one group per row: the scale multiplies the row's finished dot
+// product instead, qblock4's ROWSCALE: one rounding per product either way). AVX-512 code when the build has it, else (or after quant_set_portable(1)) the
 // portable scalar loops, which the tests force to check them too.
 // kernels/build.py hashes csrc/*.h into every kernel's cache key.
 #pragma once
@@ -146,6 +147,12 @@ static inline __m512 q8x16(const uint8_t *p, const GroupQ &q) {
   return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(u), q.a), q.b);
 }
 
+// 16 int8 weights as u - z (the scale applied later, see qblock4's ROWSCALE)
+static inline __m512 q8x16_unscaled(const uint8_t *p, const GroupQ &q) {
+  const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+  return _mm512_sub_ps(_mm512_cvtepi32_ps(u), q.a);
+}
+
 // 32 int4 weights (16 bytes) of one group -> even-k and odd-k vectors
 static inline void q4x32(const uint8_t *p, const GroupQ &q, __m512 &even, __m512 &odd) {
   const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
@@ -173,21 +180,28 @@ constexpr int64_t kStep = KIND == kQ4 ? 32 : 16;
 
 // y[b * ldy + r] = W[o + r, :] . x[b, :] for 4 rows r and NB batch rows; x in the kernel order
 // (for int4 each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0, g % kStep == 0.
-template <int KIND, int NB>
+// ROWSCALE (int8 with one group per row: the per-channel layout and the lm_head): the row's scale
+// multiplies the finished dot product instead of every weight, sum_k (u - z) x_k then * s (each
+// product of an exact integer is rounded once, as before: same fp32 error bound, one multiply
+// less per 16 weights in this memory-bound loop).
+template <int KIND, int NB, bool ROWSCALE = false>
 static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx, float *y, int64_t ldy,
-                           RowPrefetch *pf) {
+                           const RowPrefetch *next) {
   __m512 acc[4][NB];
   for (int r = 0; r < 4; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
   const int64_t g = KIND == kBF16 ? W.I : W.g, G = W.I / g;
   const int64_t step_bytes = QMat::bytes_for(KIND, kStep<KIND>);
   const uint8_t *w0 = W.w + o * W.ld;
+  // a local copy: through the pointer, its position was stored and reloaded every step (a
+  // store-to-load chain in the loop; perf annotate of the int8 decode)
+  RowPrefetch pf = next ? *next : RowPrefetch{nullptr, 0, 0, 0};
   for (int64_t gi = 0; gi < G; ++gi) {
     GroupQ q[4];
     if (KIND != kBF16)
       for (int r = 0; r < 4; ++r) q[r].template set<KIND>(W, o + r, gi);
     for (int64_t h = gi * g; h < (gi + 1) * g; h += kStep<KIND>) {
-      if (pf) pf->step(4 * step_bytes);
+      if (next) pf.step(4 * step_bytes);
       const int64_t off = QMat::bytes_for(KIND, h);
       if (KIND == kQ4) {
         __m512 xe[NB], xo[NB];
@@ -202,42 +216,45 @@ static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx
         for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + h);
         for (int r = 0; r < 4; ++r) {
           const uint8_t *p = w0 + r * W.ld + off;
-          const __m512 wv = KIND == kBF16 ? bf16x16(p) : q8x16(p, q[r]);
+          const __m512 wv = KIND == kBF16 ? bf16x16(p) : (ROWSCALE ? q8x16_unscaled(p, q[r]) : q8x16(p, q[r]));
           for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
         }
       }
     }
   }
-  for (int r = 0; r < 4; ++r)
-    for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[r][b]);
+  for (int r = 0; r < 4; ++r) {
+    const float sc = ROWSCALE ? half_to_float(W.s[(o + r) * W.lds]) : 1.0f;
+    for (int b = 0; b < NB; ++b) y[b * ldy + r] = ROWSCALE ? _mm512_reduce_add_ps(acc[r][b]) * sc : _mm512_reduce_add_ps(acc[r][b]);
+  }
 }
 
-template <int KIND>
+template <int KIND, bool ROWSCALE = false>
 static inline void qblock4_nb(const QMat &W, int64_t o, const float *x, int64_t ldx, float *y, int64_t ldy,
-                              RowPrefetch *pf, int64_t nb) {
+                              const RowPrefetch *pf, int64_t nb) {
   switch (nb) {
-    case 1: return qblock4<KIND, 1>(W, o, x, ldx, y, ldy, pf);
-    case 2: return qblock4<KIND, 2>(W, o, x, ldx, y, ldy, pf);
-    case 3: return qblock4<KIND, 3>(W, o, x, ldx, y, ldy, pf);
-    default: return qblock4<KIND, 4>(W, o, x, ldx, y, ldy, pf);
+    case 1: return qblock4<KIND, 1, ROWSCALE>(W, o, x, ldx, y, ldy, pf);
+    case 2: return qblock4<KIND, 2, ROWSCALE>(W, o, x, ldx, y, ldy, pf);
+    case 3: return qblock4<KIND, 3, ROWSCALE>(W, o, x, ldx, y, ldy, pf);
+    default: return qblock4<KIND, 4, ROWSCALE>(W, o, x, ldx, y, ldy, pf);
   }
 }
 
 // rows_dot_q's vector path for o1 - o0 >= 4: 4-row blocks; a tail of 1-3 rows recomputes the
 // last 4 rows into a temporary and keeps its own.
-template <int KIND>
+template <int KIND, bool ROWSCALE = false>
 static void qrows_vec(const QMat &W, int64_t o0, int64_t o1, const float *x, int64_t ldx, int64_t nb, float *y,
                       int64_t ldy) {
   const int64_t len = QMat::bytes_for(KIND, W.I), full = o0 + (o1 - o0) / 4 * 4;
   for (int64_t o = o0; o < full; o += 4)
     for (int64_t b = 0; b < nb; b += 4) {
       RowPrefetch pf{reinterpret_cast<const char *>(W.w + (o + 4) * W.ld), 0, len, W.ld};
-      qblock4_nb<KIND>(W, o, x + b * ldx, ldx, y + b * ldy + o, ldy, b == 0 && o + 8 <= o1 ? &pf : nullptr, nb - b);
+      qblock4_nb<KIND, ROWSCALE>(W, o, x + b * ldx, ldx, y + b * ldy + o, ldy, b == 0 && o + 8 <= o1 ? &pf : nullptr,
+                                 nb - b);
     }
   if (full == o1) return;
   float tmp[4 * 4];
   for (int64_t b = 0; b < nb; b += 4) {
-    qblock4_nb<KIND>(W, o1 - 4, x + b * ldx, ldx, tmp, 4, nullptr, nb - b);
+    qblock4_nb<KIND, ROWSCALE>(W, o1 - 4, x + b * ldx, ldx, tmp, 4, nullptr, nb - b);
     for (int64_t bb = 0; bb < 4 && b + bb < nb; ++bb)
       for (int64_t o = full; o < o1; ++o) y[(b + bb) * ldy + o] = tmp[bb * 4 + o - (o1 - 4)];
   }
@@ -274,7 +291,9 @@ static void rows_dot_q(const QMat &W, int64_t o0, int64_t o1, const float *x, in
     const float *xp = prep_x(W.kind, x, ldx, nb, W.I, buf, ld);
     switch (W.kind) {
       case kBF16: return qrows_vec<kBF16>(W, o0, o1, xp, ld, nb, y, ldy);
-      case kQ8: return qrows_vec<kQ8>(W, o0, o1, xp, ld, nb, y, ldy);
+      case kQ8:
+        if (W.g == W.I) return qrows_vec<kQ8, true>(W, o0, o1, xp, ld, nb, y, ldy);
+        return qrows_vec<kQ8>(W, o0, o1, xp, ld, nb, y, ldy);
       case kQ4: return qrows_vec<kQ4>(W, o0, o1, xp, ld, nb, y, ldy);
       default: break;
     }

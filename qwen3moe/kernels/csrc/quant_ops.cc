@@ -103,12 +103,6 @@ static inline int64_t group_vectors(int64_t T, int64_t m0) {
   return left >= kGroupRows ? 4 : (left + 15) / 16;
 }
 
-// x [T, I] transposed per token group into xp (group at m0 starts at xp + m0 * I)
-static void pack_groups(const float *x, int64_t T, int64_t I, float *xp) {
-  for (int64_t m0 = 0; m0 < T; m0 += kGroupRows)
-    pack_xt(x, I, m0, T, I, 16 * group_vectors(T, m0), xp + m0 * I);
-}
-
 // y[:, o0:o0+n] for all T rows: dequantize the n (<= kBlockRows) weight rows, then every token group
 static void qgemm_block(const QMat &W, int64_t o0, int64_t n, const float *xp, int64_t T, float *y, int64_t ldy) {
   float *wb = tile_scratch(kBlockRows * W.I);
@@ -126,7 +120,7 @@ static void qgemm_block(const QMat &W, int64_t o0, int64_t n, const float *xp, i
   }
 }
 
-// x rows padded up to whole token groups, as pack_groups writes them
+// x rows padded up to whole token groups, as qlinear packs them
 static inline int64_t packed_rows(int64_t T) {
   return (T / kGroupRows) * kGroupRows + (T % kGroupRows + 15) / 16 * 16;
 }
@@ -150,8 +144,11 @@ static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *
 #if defined(__AVX512F__)
   const int64_t step = W.kind == kQ4 ? 32 : 16;
   if (quant_vector() && W.kind != kF32 && W.I % step == 0 && (W.kind == kBF16 || W.g % step == 0)) {
-    float *xp = xpack_scratch(packed_rows(T) * W.I);  // the caller's thread; helpers only read it
-    pack_groups(x, T, W.I, xp);
+    float *xp = xpack_scratch(packed_rows(T) * W.I);  // the caller's; helpers write / read it inside run()
+    for_each((T + kGroupRows - 1) / kGroupRows, parallel, [&](int64_t i) {  // group at m0: xp + m0 * I
+      const int64_t m0 = i * kGroupRows;
+      pack_xt(x, W.I, m0, T, W.I, 16 * group_vectors(T, m0), xp + m0 * W.I);
+    });
     for_each((O + kBlockRows - 1) / kBlockRows, parallel, [&](int64_t b) {
       const int64_t o0 = b * kBlockRows;
       qgemm_block(W, o0, std::min(O, o0 + kBlockRows) - o0, xp, T, y, ldy);
@@ -183,11 +180,13 @@ extern "C" int QuantLinearFwd(int nparam, void **params, int *ndims, int64_t **s
   return 0;
 }
 
+// Plain pointers, never freed: no static destructor runs at exit while another thread (MindSpore's
+// runtime, a pool helper) might still be inside a kernel using the buffers.
 static float *scratch(int slot, int64_t n) {
-  static std::unique_ptr<float[]> p[4];
+  static float *p[4] = {nullptr, nullptr, nullptr, nullptr};
   static int64_t cap[4] = {0, 0, 0, 0};
-  if (cap[slot] < n) p[slot].reset(new float[n]), cap[slot] = n;
-  return p[slot].get();
+  if (cap[slot] < n) delete[] p[slot], p[slot] = new float[n], cap[slot] = n;
+  return p[slot];
 }
 
 // inputs: x [T,H] float32, idx [T,K] int32, w [T,K] float32, gate_up weight [E,2I,H] and down
