@@ -50,8 +50,10 @@ def _ids(B: int, S: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151643, (B, S))  # real (non-special) Qwen ids
 
 
-def measure(model, reps: int) -> dict:
-    """Prefill 1x512 and decode b1/b8 tokens/s of a loaded model: medians of `reps` after a warm-up."""
+def measure(model, reps: int, runs: list | None = None, prefill_last: bool = False) -> dict:
+    """Prefill 1x512 and decode b1/b8 tokens/s of a loaded model: medians of `reps` after a warm-up.
+    `runs` (optional) collects every run as (key, tokens/s, 1-min load average after it);
+    prefill_last: decode first (a 512-token prefill needs the most memory)."""
     from qwen3moe.generation.generate import GenerationRun, resolve_config
 
     def run(B: int, S: int, new: int, seed: int):
@@ -60,17 +62,28 @@ def measure(model, reps: int) -> dict:
         r.run()
         return r.stats
 
+    def note(key: str, rate: float) -> float:
+        if runs is not None:
+            runs.append((key, rate, os.getloadavg()[0]))
+        return rate
+
+    def prefill():
+        run(1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
+        out["prefill_tps"] = statistics.median(
+            note("prefill_tps", PREFILL_LEN / run(1, PREFILL_LEN, 1, i).prefill_s) for i in range(reps))
+
     out = {}
-    run(1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
-    out["prefill_tps"] = statistics.median(
-        PREFILL_LEN / run(1, PREFILL_LEN, 1, i).prefill_s for i in range(reps))
+    if not prefill_last:
+        prefill()
     for B in DECODE_BATCHES:
         run(B, PROMPT, NEW, 100)
         rates = []
         for i in range(reps):
             st = run(B, PROMPT, NEW, 100 + i)
-            rates.append(B * st.decode_steps / st.decode_s)
+            rates.append(note(f"decode_b{B}_tps", B * st.decode_steps / st.decode_s))
         out[f"decode_b{B}_tps"] = statistics.median(rates)
+    if prefill_last:
+        prefill()
     return out
 
 

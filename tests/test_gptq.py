@@ -12,16 +12,17 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
 from helpers import HF_FIXTURES, REPO
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
-from qwen3moe.io.gptq import quantize_folder
+from qwen3moe.io.gptq import quantize_folder, to_gptq
 from qwen3moe.io.quantized import quantized_cells
 from qwen3moe.layers.dtypes import write_param
-from qwen3moe.layers.quant import QuantizationConfig, dequantize, quantize
+from qwen3moe.layers.quant import QuantizationConfig, dequantize, quantize, quantize_codes
 
 sys.path.insert(0, str(REPO / "tools"))
 import gptq_unpack  # noqa: E402  (independent implementation of the format)
@@ -67,6 +68,46 @@ def test_written_folder_matches_independent_unpacker(tmp_path, bits, g):
     independent = gptq_unpack.dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"],
                                          t[f"{p}.g_idx"], bits)
     np.testing.assert_array_equal(lib[3, lib.shape[1] // 2:], independent)
+
+
+def _reference_codes(w: np.ndarray, bits: int, g: int):
+    """The quantizer's math as first written (one abs-max reduction per group), kept as the
+    reference for the faster tree reduction and byte packing."""
+    *lead, O, I = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    w_g = w.astype(np.float32).reshape(*lead, O, I // g, g)
+    x = np.abs(w_g).max(-1) / np.float32(qmax)
+    h = x.astype(np.float16)
+    scales = np.where(h.astype(np.float32) < x, np.nextafter(h, np.float16(np.inf)), h)
+    s = scales.astype(np.float32)[..., None]
+    u = (np.rint(w_g / np.where(s == 0, np.float32(1), s)) + 2 ** (bits - 1)).astype(np.uint8)
+    return u.reshape(*lead, O, I), scales
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from([4, 8]), g=st.sampled_from([32, 64, 128, -1]), rows=st.integers(1, 4),
+       groups=st.integers(1, 3), seed=st.integers(0, 2 ** 16), scale=st.sampled_from([1e-6, 0.02, 3.0]))
+def test_fast_quantizer_equals_reference_math(bits, g, rows, groups, seed, scale):
+    """quantize_codes (tree abs-max) on stacked experts [E, O, I] and to_gptq (byte-folding
+    packer) equal the first implementation's math and tools/gptq_unpack.pack bit for bit."""
+    rng = np.random.default_rng(seed)
+    O, I = 8 * rows, (64 if g == -1 else g) * groups
+    gg = I if g == -1 else g
+    w = (rng.standard_normal((2, O, I)) * scale).astype(np.float32)
+    w[0, 0, :gg] = 0.0  # an all-zero group: scale 0
+    w[1, 2, 1] = 40 * scale  # an outlier owning its group's scale
+    w = ((w.view(np.uint32) >> 16) << 16).view(np.float32)  # bf16 values, as read from the hub's folders
+    u, scales, qzeros = quantize_codes(w, bits, gg)
+    ref_u, ref_s = _reference_codes(w, bits, gg)
+    np.testing.assert_array_equal(u, ref_u)
+    np.testing.assert_array_equal(scales.view(np.uint16), ref_s.view(np.uint16))
+    for e in range(2):
+        got = to_gptq(u[e], scales[e], qzeros[e], bits)
+        want = gptq_unpack.pack(ref_u[e].T.astype(np.int64), np.full((I // gg, O), 2 ** (bits - 1)),
+                                ref_s[e].T, np.arange(I) // gg, bits, v1=True)
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            assert got[key].dtype == want[key].dtype, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_reload_equals_quantize_on_load(tmp_path):

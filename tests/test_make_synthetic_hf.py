@@ -3,6 +3,7 @@ safetensors library (an independent reader) and by our loader, and its index is 
 from __future__ import annotations
 
 import json
+import time
 import sys
 from pathlib import Path
 
@@ -98,3 +99,40 @@ def test_bad_override_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="--set 'nope=1'"):
         syn.main(["--preset", "qwen3-30b-a3b", "--out", str(tmp_path / "x"), "--set", "nope=1"])
     assert not (tmp_path / "x").exists()
+
+
+def test_stream_mode_feeds_the_quantizer_shard_by_shard(tmp_path):
+    """--stream writes the same bytes; bench/big.py's StreamedSource quantizes a folder while it
+    is written (max_ahead 1: at most one complete shard waits), deletes every bf16 shard once
+    read, and gives the same GPTQ folder as quantizing the finished folder."""
+    import filecmp
+    import threading
+    from types import SimpleNamespace
+
+    from qwen3moe.io.gptq import quantize_folder
+    from qwen3moe.layers.quant import QuantizationConfig
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from big import StreamedSource
+
+    whole = _make(tmp_path, "bfloat16")
+    shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+    args = ["--preset", "qwen3-30b-a3b", "--layers", "1", "--dtype", "bfloat16", "--shard_size", "150000",
+            *[a for kv in TINY for a in ("--set", kv)]]
+    syn.main(args + ["--out", str(tmp_path / "s0"), "--stream"])
+    for f in [*shards, "model.safetensors.index.json", "config.json"]:
+        assert filecmp.cmp(whole / f, tmp_path / "s0" / f, shallow=False), f
+    qc = QuantizationConfig(4, 32)
+    quantize_folder(str(whole), str(tmp_path / "q-whole"), qc)
+    out = tmp_path / "s1"
+    writer = threading.Thread(target=syn.main, args=(args + ["--out", str(out), "--stream", "--max_ahead", "1"],))
+    writer.start()
+    producer = SimpleNamespace(poll=lambda: None if writer.is_alive() else 0)  # a Popen's poll()
+    while not any(out.glob(".model-*.partial")) and not any(out.glob("model-*.safetensors")):
+        assert writer.is_alive()
+        time.sleep(0.05)
+    quantize_folder(str(out), str(tmp_path / "q-stream"), qc, source=StreamedSource(str(out), producer))
+    writer.join(timeout=60)
+    assert not list(out.glob("model-*.safetensors")) and not list(out.glob(".*partial"))
+    for f in sorted(p.name for p in (tmp_path / "q-whole").iterdir()):
+        assert filecmp.cmp(tmp_path / "q-whole" / f, tmp_path / "q-stream" / f, shallow=False), f

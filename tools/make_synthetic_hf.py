@@ -14,6 +14,12 @@ quantization error is measured on a non-degenerate distribution. Speed and bound
 one random block of BLOCK (a prime) values drawn once; each tensor is a window of that block at its
 own random offset, written in slices, so the 61 GB 48-layer folder needs ~0.1 GB of RAM and runs
 at disk speed. The folder is written to a temporary sibling and renamed when complete.
+
+--stream (for a consumer that must not hold the whole folder on disk, bench/big.py): config,
+tokenizer and index.json (listing every shard up front) are written to --out first, then each
+shard as `.NAME.partial`, renamed to NAME when complete (the consumer reads only renamed
+shards, never a half-written file). With --max_ahead N the writer waits while N complete shards
+are on disk, so a consumer that deletes each shard once read bounds the disk to N + 1 shards.
 """
 from __future__ import annotations
 
@@ -148,7 +154,7 @@ def write_window(fh, block: np.ndarray, n: int, offset: int) -> None:
     pos = offset % L
     while n:
         take = min(n, L - pos, CHUNK)
-        fh.write(block[pos:pos + take].tobytes())
+        fh.write(memoryview(block[pos:pos + take]).cast("B"))  # no copy
         n -= take
         pos = (pos + take) % L
 
@@ -170,30 +176,57 @@ def write_shard(path: str, specs, tag: str, itemsize: int, blocks, rng) -> int:
     return off
 
 
-def write_folder(cfg: dict, out: str, dtype: str, shard_size: int, seed: int) -> dict:
+def write_folder(cfg: dict, out: str, dtype: str, shard_size: int, seed: int,
+                 stream: bool = False, max_ahead: int = 0) -> dict:
     tag, itemsize = DTYPES[dtype]
     specs = tensor_specs(cfg)
     shards = plan_shards(specs, itemsize, shard_size)
-    blocks = random_blocks(seed, cfg["initializer_range"], dtype)
-    rng = np.random.default_rng(seed + 1)
-    with atomic_directory(out) as tmp:
-        n = len(shards)
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            total += write_shard(os.path.join(tmp, fname), shard, tag, itemsize, blocks, rng)
-            weight_map.update({name: fname for name, _, _ in shard})
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            Path(tmp, "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        Path(tmp, "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        gen = dict(GENERATION_CONFIG)
-        if cfg["vocab_size"] <= max(gen["eos_token_id"]):  # a shrunken vocab: no Qwen special ids
-            gen = {"do_sample": False}
-        Path(tmp, "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy2(TOKENIZER_DIR / f, os.path.join(tmp, f))
+    n = len(shards)
+    names = ["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if stream:
+        os.makedirs(out, exist_ok=True)
+        write_side_files(cfg, out, shards, names, itemsize)
+        total = write_shards(out, shards, names, tag, itemsize, seed, cfg, max_ahead)
+    else:
+        with atomic_directory(out) as tmp:
+            total = write_shards(tmp, shards, names, tag, itemsize, seed, cfg, 0)
+            write_side_files(cfg, tmp, shards, names, itemsize)
     return {"shards": n, "tensors": len(specs), "bytes": total}
+
+
+def write_shards(out: str, shards, names, tag: str, itemsize: int, seed: int, cfg: dict,
+                 max_ahead: int) -> int:
+    """Each shard as .NAME.partial, renamed to NAME when complete; with max_ahead, first wait
+    until fewer than max_ahead complete shards are on disk (the consumer deletes them)."""
+    blocks = random_blocks(seed, cfg["initializer_range"], dtype_of(tag))
+    rng = np.random.default_rng(seed + 1)
+    total = 0
+    for shard, fname in zip(shards, names):
+        while max_ahead and sum(os.path.exists(os.path.join(out, f)) for f in names) >= max_ahead:
+            time.sleep(0.2)
+        partial = os.path.join(out, f".{fname}.partial")
+        total += write_shard(partial, shard, tag, itemsize, blocks, rng)
+        os.rename(partial, os.path.join(out, fname))
+    return total
+
+
+def dtype_of(tag: str) -> str:
+    return next(name for name, (t, _) in DTYPES.items() if t == tag)
+
+
+def write_side_files(cfg: dict, out: str, shards, names, itemsize: int) -> None:
+    if len(shards) > 1:
+        weight_map = {name: fname for shard, fname in zip(shards, names) for name, _, _ in shard}
+        total = sum(int(np.prod(shape)) * itemsize for shard in shards for _, shape, _ in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        Path(out, "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    Path(out, "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = dict(GENERATION_CONFIG)
+    if cfg["vocab_size"] <= max(gen["eos_token_id"]):  # a shrunken vocab: no Qwen special ids
+        gen = {"do_sample": False}
+    Path(out, "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(TOKENIZER_DIR / f, os.path.join(out, f))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shard_size", type=int, default=5_000_000_000, help="bytes per shard (hub: 5 GB)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stream", action="store_true",
+                    help="write into --out directly: index first, each shard renamed into place when complete")
+    ap.add_argument("--max_ahead", type=int, default=0,
+                    help="with --stream: wait while this many complete shards are on disk (0: never wait)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config.json field (JSON value), e.g. --set hidden_size=64")
     args = ap.parse_args(argv)
@@ -211,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--shard_size: expected a positive byte count, got {args.shard_size}")
     cfg = make_config(args.preset, args.layers, args.dtype, args.set)
     t0 = time.perf_counter()
-    info = write_folder(cfg, args.out, args.dtype, args.shard_size, args.seed)
+    if args.max_ahead < 0 or (args.max_ahead and not args.stream):
+        raise SystemExit(f"--max_ahead: expected a count >= 0 with --stream, got {args.max_ahead}")
+    info = write_folder(cfg, args.out, args.dtype, args.shard_size, args.seed, args.stream, args.max_ahead)
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB in "
           f"{info['shards']} shard(s), {time.perf_counter() - t0:.1f} s")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen3moe.io.safetensors_io import CheckpointError
-from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig, pack
+from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig
 
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -102,15 +102,25 @@ def unpack_int32(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
 
 def pack_int32(u: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """Unsigned values -> int32 words packing F consecutive values along `axis` (0 or 1)."""
-    F = 32 // bits
-    v = u.astype(np.uint32)
     if axis == 0:
-        v = v.reshape(-1, F, v.shape[1]) << _shifts(bits)[None, :, None]
-        words = np.bitwise_or.reduce(v, axis=1)
-    else:
-        v = v.reshape(v.shape[0], -1, F) << _shifts(bits)[None, None, :]
-        words = np.bitwise_or.reduce(v, axis=2)
-    return words.view(np.int32)
+        return np.ascontiguousarray(_pack_rows(np.ascontiguousarray(u.T), bits).T).view(np.int32)
+    return _pack_rows(u, bits).view(np.int32)
+
+
+_NIBBLE_MASKS = ((4, 0x00FF00FF00FF00FF), (8, 0x0000FFFF0000FFFF), (16, 0x00000000FFFFFFFF))
+
+
+def _pack_rows(u: np.ndarray, bits: int) -> np.ndarray:
+    """[R, C] values < 2^bits -> uint32 [R, C // F], value c at bits (c % F) * b of word c // F.
+    Works on the bytes: 8 bits is a little-endian view of 4 bytes; 4 bits views 8 one-value
+    bytes as a uint64 and folds the nibbles together (bytes 2j, 2j+1 -> byte j) in 3 steps."""
+    b = np.ascontiguousarray(u, np.uint8)
+    if bits == 8:
+        return b.view("<u4").astype(np.uint32)
+    x = b.view("<u8")
+    for shift, mask in _NIBBLE_MASKS:
+        x = (x | (x >> np.uint64(shift))) & np.uint64(mask)
+    return x.astype(np.uint32)
 
 
 def to_gptq(u: np.ndarray, scales: np.ndarray, qzeros: np.ndarray, bits: int) -> dict[str, np.ndarray]:
@@ -149,7 +159,9 @@ def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqS
             raise CheckpointError(f"{st.path}: tensor {name!r} is {st.dtype(name)} {list(st.shape(name))}, "
                                   f"expected {tag} {shape}")
         arrays[key] = src.read(name)
-    u = unpack_int32(arrays["qweight"], bits, 0).T  # [O, I]
+    # qweight [I // F, O] -> [O, I // F] words; a word's little-endian bytes hold its values
+    # low bits first (k even in the low nibble): exactly the in-memory packing, so no unpacking
+    packed = np.ascontiguousarray(arrays["qweight"].astype("<u4", copy=False).T).view(np.uint8)
     z = unpack_int32(arrays["qzeros"], bits, 1).astype(np.int32)  # [G, O]
     if spec.zero_minus_one:  # v1: z - 1 stored modulo 2^b (a zero point of 0 is stored as 2^b - 1)
         z = (z + 1) & ((1 << bits) - 1)
@@ -159,7 +171,7 @@ def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqS
             raise CheckpointError(f"{src.directory}: {prefix}.g_idx has groups outside [0, {G})")
         if np.array_equal(g_idx, np.arange(I) // g):
             g_idx = None
-    return (pack(np.ascontiguousarray(u), bits), np.ascontiguousarray(arrays["scales"].T, np.float16),
+    return (packed, np.ascontiguousarray(arrays["scales"].T, np.float16),
             np.ascontiguousarray(z.T, np.uint8), None if g_idx is None else g_idx.astype(np.int32))
 
 
@@ -175,8 +187,10 @@ def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
         model = cls(config, param_dtype=param_dtype, quantization=spec.config)
     cells = quantized_cells(model)
     owned = {id(p) for c in cells.values() for p in c.get_parameters()}
-    used: set[str] = set()
-    for name, cell in cells.items():
+    # the float tensors first: the embedding's read transient comes before the quantized
+    # weights are resident, not on top of them (the peak RSS of a 30B-class reload)
+    used = set(load_plain(src, model, owned, config))
+    for name, cell in sorted(cells.items(), key=lambda kv: kv[0] != "lm_head.weight"):  # lm_head first, too
         if name == "lm_head.weight":
             used.update(quantize_cell(src, name, cell, config.num_experts))
             continue
@@ -186,7 +200,6 @@ def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
                     if m else [name[:-len(".weight")]])
         _fill_from_gptq(src, cell, prefixes, spec)
         used.update(f"{p}.{k}" for p in prefixes for k in QUANT_KEYS)
-    used.update(load_plain(src, model, owned, config))
     check_unexpected(src, used & set(src.where), config)
     model.source_dir = directory
     return model
@@ -216,11 +229,18 @@ def _fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec) -> None:
 
 
 # ---- writing: float HF folder -> GPTQ folder, streaming -------------------------------------
-def quantize_folder(src_dir: str, out_dir: str, qc: QuantizationConfig, max_shard_size: int | str = "5GB") -> dict:
+WORKERS = 1  # a thread quantizing ahead of the writer: overlaps the math with the write syscalls
+AHEAD = 6    # source tensors in flight: bounds the RAM to a few tensors' transients
+
+
+def quantize_folder(src_dir: str, out_dir: str, qc: QuantizationConfig, max_shard_size: int | str = "5GB",
+                    source=None) -> dict:
     """Quantize every expert / attention / dense-MLP projection of a float HF folder into a GPTQ
     folder (v1 zero points); other tensors (embeddings, norms, router, lm_head) are copied as
-    stored. Reads and writes one tensor at a time; the folder appears only when complete.
-    Returns {"tensors": n, "quantized": n_projections, "bytes": data bytes}."""
+    stored. Source tensors are read and quantized in order by WORKERS threads, at most AHEAD
+    ahead of the writer; the folder appears only when complete. `source`: a CheckpointSource
+    of src_dir to read from instead of opening one (bench/big.py passes one that waits for
+    shards still being written). Returns {"tensors": n, "quantized": n_projections, "bytes": data bytes}."""
     from qwen3moe.io.atomic import atomic_directory
     from qwen3moe.io.hf_checkpoint import CheckpointSource, parse_size
     from qwen3moe.models.config import Qwen3MoeConfig
@@ -228,14 +248,14 @@ def quantize_folder(src_dir: str, out_dir: str, qc: QuantizationConfig, max_shar
     config = Qwen3MoeConfig.from_pretrained(src_dir)
     if gptq_config(config, src_dir) is not None:
         raise CheckpointError(f"{src_dir}: already quantized (config.json has a quantization_config)")
-    src = CheckpointSource(src_dir)
+    src = CheckpointSource(src_dir) if source is None else source
     plan = _plan(src, qc, config)
     shards = _shard(plan, parse_size(max_shard_size))
     with open(os.path.join(src_dir, "config.json"), encoding="utf-8") as fh:
         raw_config = json.load(fh)
     raw_config["quantization_config"] = quantization_config_json(qc)
     with atomic_directory(out_dir) as tmp:
-        total = _write_shards(tmp, shards)
+        total = _write_shards(tmp, shards, _computed(plan))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(raw_config, fh, indent=2)
         _copy_side_files(src_dir, tmp)
@@ -243,7 +263,8 @@ def quantize_folder(src_dir: str, out_dir: str, qc: QuantizationConfig, max_shar
 
 
 def _plan(src, qc: QuantizationConfig, config) -> list[tuple]:
-    """(out name, shape, tag, thunk) per output tensor, in source order."""
+    """(out name, shape, tag, job) per output tensor, in source order; a job (one source
+    tensor) returns {out name: array} for its consecutive entries."""
     plan = []
     for name in src.where:
         m_exp, m_fused = _EXPERT.match(name), _FUSED.match(name)
@@ -259,14 +280,10 @@ def _plan(src, qc: QuantizationConfig, config) -> list[tuple]:
                     read = (lambda n=name, j=j, r=r: src.read_slice(n, (slice(j, j + 1), slice(r * per, (r + 1) * per)))[0])
                     plan += _quant_entries(f"{base}.{j}.{proj}", (per, cols), qc, read)
         elif name in src.scales:  # an FP8 weight outside the projections: float32, exact
-            plan.append((name, src.shape(name), "F32", lambda n=name: src.read(n)))
-        else:
-            plan.append((name, src.shape(name), src.dtype(name), lambda n=name: _raw(src, n)))
+            plan.append((name, src.shape(name), "F32", lambda n=name: {n: src.read(n)}))
+        else:  # copied as stored (bytes): no float32 transient
+            plan.append((name, src.shape(name), src.dtype(name), lambda n=name: {n: src.where[n].read_raw(n)}))
     return plan
-
-
-def _raw(src, name: str) -> np.ndarray:
-    return src.where[name].read_raw(name)  # copied as stored (bytes): no float32 transient
 
 
 def _quant_entries(prefix: str, shape, qc: QuantizationConfig, read) -> list[tuple]:
@@ -277,26 +294,37 @@ def _quant_entries(prefix: str, shape, qc: QuantizationConfig, read) -> list[tup
     F = 32 // qc.bits
     if I % F or O % F:
         raise CheckpointError(f"{prefix}: shape {[O, I]} cannot be GPTQ-packed ({F} values per int32 word)")
-    memo: dict = {}
 
-    def tensors():
-        if not memo:
-            memo.update(to_gptq(*quantize_codes(read(), qc.bits, g), qc.bits))
-        return memo
-
-    def take(key):
-        def thunk():
-            arr = tensors()[key]
-            if key == "g_idx":  # the last of the four: drop the cache
-                memo.clear()
-            return arr
-        return thunk
+    def job():
+        return {f"{prefix}.{k}": v for k, v in to_gptq(*quantize_codes(read(), qc.bits, g), qc.bits).items()}
 
     G = I // g
-    return [(f"{prefix}.qweight", (I // F, O), "I32", take("qweight")),
-            (f"{prefix}.qzeros", (G, O // F), "I32", take("qzeros")),
-            (f"{prefix}.scales", (G, O), "F16", take("scales")),
-            (f"{prefix}.g_idx", (I,), "I32", take("g_idx"))]
+    return [(f"{prefix}.qweight", (I // F, O), "I32", job),
+            (f"{prefix}.qzeros", (G, O // F), "I32", job),
+            (f"{prefix}.scales", (G, O), "F16", job),
+            (f"{prefix}.g_idx", (I,), "I32", job)]
+
+
+def _computed(plan: list[tuple]):
+    """The plan's arrays in order, its jobs run by WORKERS threads at most AHEAD jobs ahead."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = list(dict.fromkeys(e[3] for e in plan))  # in order, each once
+    ex = ThreadPoolExecutor(WORKERS, thread_name_prefix="quantize")
+    try:
+        pending = deque(ex.submit(j) for j in jobs[:AHEAD])
+        at, nxt = 0, AHEAD
+        while pending:
+            out = pending.popleft().result()
+            if nxt < len(jobs):
+                pending.append(ex.submit(jobs[nxt]))
+                nxt += 1
+            for _ in out:  # the job's entries are the next len(out) of the plan
+                yield out[plan[at][0]]
+                at += 1
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -317,8 +345,9 @@ def _shard(plan: list[tuple], limit: int) -> list[list[tuple]]:
     return shards
 
 
-def _write_stream(path: str, entries: list[tuple]) -> int:
-    """A safetensors file whose header is known up front; tensors computed and written one by one."""
+def _write_stream(path: str, entries: list[tuple], arrays) -> int:
+    """A safetensors file whose header is known up front; its tensors, taken in order from the
+    iterator `arrays`, are written one by one."""
     import struct
 
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -331,26 +360,26 @@ def _write_stream(path: str, entries: list[tuple]) -> int:
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(hbytes)))
         fh.write(hbytes)
-        for name, shape, tag, thunk in entries:
-            arr = np.ascontiguousarray(thunk())
+        for name, shape, tag, _ in entries:
+            arr = np.ascontiguousarray(next(arrays))
             if arr.nbytes != _nbytes((name, shape, tag)):
                 raise CheckpointError(f"{name}: produced {arr.dtype} {list(arr.shape)}, planned {tag} {list(shape)}")
-            fh.write(arr.tobytes())
+            fh.write(memoryview(arr.reshape(-1)).cast("B"))
         fh.flush()
         os.fsync(fh.fileno())
     return offset
 
 
-def _write_shards(tmp: str, shards: list[list[tuple]]) -> int:
+def _write_shards(tmp: str, shards: list[list[tuple]], arrays) -> int:
     from qwen3moe.io.hf_checkpoint import INDEX_FILE
 
     n = len(shards)
     if n == 1:
-        return _write_stream(os.path.join(tmp, "model.safetensors"), shards[0])
+        return _write_stream(os.path.join(tmp, "model.safetensors"), shards[0], arrays)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        total += _write_stream(os.path.join(tmp, fname), shard)
+        total += _write_stream(os.path.join(tmp, fname), shard, arrays)
         weight_map.update({e[0]: fname for e in shard})
     with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
