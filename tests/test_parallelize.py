@@ -121,8 +121,10 @@ def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout)
     from qwen3moe.parallel.mesh import Mesh
 
     batch, seq = 4, 7
-    rc, err, results = launch(tmp_path, "dist-parallel", "--model", str(MQA), "--mode", "forward",
-                              "--batch", str(batch), "--seq", str(seq), "--out", str(tmp_path), *layout)
+    # one timed repeat (the benchmark's job); up to 4 graphs compile per rank: 480 s under load
+    rc, err, results = launch(tmp_path, "dist-parallel", "--model", str(MQA), "--mode", "forward", "--steps", "1",
+                              "--batch", str(batch), "--seq", str(seq), "--out", str(tmp_path), *layout,
+                              timeout=480)
     assert rc == 0, err[-3000:]
     assert sorted(r["rank"] for r in results) == [0, 1], results
     mesh = Mesh(**{layout[i][2:]: int(layout[i + 1]) for i in range(0, len(layout), 2)})

@@ -46,7 +46,7 @@ def allreduce_grads(model, grads: dict, bucket_elems: int = 1 << 20) -> int:
             params = _by_rank(model, s, sync)
             if not params or len(_groups(model, sync)[0]) == 1 or not params[min(params)]:
                 continue
-            for chunk in _buckets([p.size for p in params[min(params)]], bucket_elems):
+            for chunk in cut_buckets([p.size for p in params[min(params)]], bucket_elems):
                 flat = {n: Tensor(np.concatenate([grads[plist[k].name].ravel() for k in chunk]))
                         for n, plist in params.items()}
                 total = model.coll.sum_nograd(sync, flat)
@@ -57,7 +57,8 @@ def allreduce_grads(model, grads: dict, bucket_elems: int = 1 << 20) -> int:
     return buckets
 
 
-def _buckets(sizes: list[int], cap: int) -> list[list[int]]:
+def cut_buckets(sizes: list[int], cap: int) -> list[list[int]]:
+    """Consecutive index runs of at most `cap` elements (a larger item alone)."""
     out, cur, used = [], [], 0
     for k, size in enumerate(sizes):
         if cur and used + size > cap:

@@ -21,6 +21,7 @@ per-rank engine in PyNative), since parallelize does not build pipeline stages y
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -127,9 +128,17 @@ def rank_model(folder, mesh: Mesh, rank: int):
 
 def all_done(mine: bool) -> bool:
     """Whether every rank's rows are finished: a world all-reduce of the unfinished counts."""
-    from mindspore import Tensor, ops
+    from mindspore import Tensor
 
-    return float(ops.AllReduce()(Tensor(np.float32(0.0 if mine else 1.0))).asnumpy()) == 0.0
+    return float(_world_sum()(Tensor(np.float32(0.0 if mine else 1.0))).asnumpy()) == 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _world_sum():
+    """One AllReduce primitive for every step (not one built per call)."""
+    from mindspore import ops
+
+    return ops.AllReduce()
 
 
 def gather_texts(text: str, size: int) -> list[str]:

@@ -37,6 +37,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.parallel.dp import cut_buckets
 from qwen3moe.training.optimizer import AdamW, clip_by_global_norm
 from qwen3moe.training.step import TrainStep, as_batch, expert_load, global_norm
 from qwen3moe.training.sync import fetch
@@ -272,17 +273,6 @@ class _ApplyGlobal(nn.Cell):
         return norm
 
 
-def _buckets(sizes: list[int], cap: int) -> list[list[int]]:
-    out, cur, used = [], [], 0
-    for k, size in enumerate(sizes):
-        if cur and used + size > cap:
-            out.append(cur)
-            cur, used = [], 0
-        cur.append(k)
-        used += size
-    return out + ([cur] if cur else [])
-
-
 class ParallelTrainStep(TrainStep):
     """`ParallelTrainStep(model, optimizer, syncs=..., owned=..., groups=..., dp=, dp_rank=, ...)`:
     called with the GLOBAL batch (or its list of micro-batches) like TrainStep, trains this rank
@@ -318,7 +308,7 @@ class ParallelTrainStep(TrainStep):
             idx = [i for i, s in enumerate(syncs) if s == kind]
             if g.size > 1 and idx:
                 sizes = [int(np.prod(self.graph.acc[i].shape)) for i in idx]
-                buckets += [(g.name, tuple(idx[j] for j in chunk)) for chunk in _buckets(sizes, bucket_elems)]
+                buckets += [(g.name, tuple(idx[j] for j in chunk)) for chunk in cut_buckets(sizes, bucket_elems)]
         self._sync = _SyncAndNorm(self.graph.acc, buckets, tuple(bool(o) for o in owned))
         self._apply = _ApplyGlobal(self.graph, optimizer, self.graph.clip)
         self._clear = None

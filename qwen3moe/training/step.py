@@ -22,7 +22,7 @@ pooled over all sparse layers as HF does, i.e. summed over layers with n counted
               (router/losses.py). One sequence per micro-batch: equals "megatron".
 z-loss (ST-MoE): mean over sparse layers of mean_t logsumexp(router logits_t)^2.
 The LM term's weight (1 / M here) is a graph input per micro-batch: data-parallel replicas
-(parallel/step.py) weight rank r's micro-batch mean by dp * n_r / (N M) instead.
+(parallel/step.py) weight rank r's micro-batch mean by n_r / (N M) instead (gradients summed over ranks).
 Gradients are summed over micro-batches (= grad of the mean loss), then clipped by global norm
 (torch clip_grad_norm_ semantics) and applied by the optimizer.
 Host-side input prep (`prepare_inputs`) stays outside the graph; forward+backward is one
