@@ -38,18 +38,8 @@ def _without(src, dst, drop: str):
 @pytest.mark.parametrize("drop", ["model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.o_proj.weight",
                                   "model.layers.1.mlp.experts.0.up_proj.weight"])
 def test_parallel_load_missing_tensor_is_the_single_process_error(saved, tmp_path, drop):
-    from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.io.safetensors_io import CheckpointError
-    from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
-
     folder = _without(saved[1], tmp_path / "m", drop)
-    with pytest.raises(CheckpointError) as single:
-        Qwen3MoeForCausalLM.from_pretrained(str(folder))
-    with pytest.raises(CheckpointError) as parallel:
-        ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
-    assert f"missing tensor {drop!r}" in str(single.value)
-    assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)
+    _assert_parallel_load_error_is_single(folder, f"missing tensor {drop!r}")
 
 
 def test_sharded_checkpoint_missing_tensor_names_the_folder(saved, tmp_path):
@@ -189,10 +179,7 @@ def test_parallel_load_unexpected_tensor_is_the_single_process_error(saved, tmp_
     single-process loader's one-line error on the sharded path too (once silently ignored)."""
     import shutil
 
-    from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-    from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from qwen3moe.io.safetensors_io import SafetensorsFile, write_safetensors
 
     folder = tmp_path / "m"
     shutil.copytree(saved[1], folder)
@@ -201,12 +188,7 @@ def test_parallel_load_unexpected_tensor_is_the_single_process_error(saved, tmp_
     tensors = [(k, st.read(k), st.entries[k]["dtype"]) for k in st.keys()]
     st.close()
     write_safetensors(str(f), tensors + [(extra, np.ones((4, 4), np.float32), "F32")])
-    with pytest.raises(CheckpointError) as single:
-        Qwen3MoeForCausalLM.from_pretrained(str(folder))
-    with pytest.raises(CheckpointError) as parallel:
-        ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
-    assert f"unexpected tensor {extra!r}" in str(single.value)
-    assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)
+    _assert_parallel_load_error_is_single(folder, f"unexpected tensor {extra!r}")
 
 
 @pytest.mark.parametrize("mesh_kw", [dict(tp=2), dict(pp=2, micro_batch_num=2)], ids=["tp2", "pp2"])
@@ -231,3 +213,18 @@ def test_parallel_generation_non_finite_logits_is_the_single_process_error(saved
     with pytest.raises(GenerationError, match=r"^generation step 0: the model produced non-finite logits \(NaN or "
                                               r"Inf\) for batch row 0 and 1 more; its weights or config are broken"):
         greedy_cached(pl, np.array([[5, 6, 7], [8, 9, 10]]), 3)
+
+
+def _assert_parallel_load_error_is_single(folder, needle: str) -> None:
+    """The sharded load of `folder` fails with exactly the single-process one-line error."""
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import CheckpointError
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.trainer import ParallelLM
+
+    with pytest.raises(CheckpointError) as single:
+        Qwen3MoeForCausalLM.from_pretrained(str(folder))
+    with pytest.raises(CheckpointError) as parallel:
+        ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
+    assert needle in str(single.value)
+    assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)
