@@ -1,6 +1,7 @@
 """Latency of the collectives inside a compiled graph, 2 real processes under `qwen3moe launch`:
-MCCL's AllReduce (ops.AllReduce, world group) against the shared-memory backend
-(parallel/shm.py) when its kernels are built, per message size, with the ratio shm / MCCL.
+MCCL (parallel/backend.py MCCLBackend: AllReduce / AllGather native, reduce_scatter and
+all_to_all emulated with AllReduce) against the shared-memory backend (parallel/shm.py) when
+its kernels are built, world group, per message size, with the ratio shm / MCCL.
 
     .venv/bin/python bench/collectives.py [--reps 20] [--max-mib 16] [--ops all_reduce,all_gather,...]
 
@@ -39,57 +40,46 @@ def _threads() -> dict:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
-def _ops(backend: str, kinds: list[str], world: int):
-    """name -> (Cell factory, output elements for n input elements)."""
-    from mindspore import ops
+def _ops(kind: str, kinds: list[str]):
+    """name -> Cell factory on the world group (parallel/backend.py; MCCL on CPU has AllReduce and
+    AllGather natively, reduce_scatter / all_to_all are its AllReduce-based emulations)."""
+    from qwen3moe.parallel import backend
 
-    if backend == "mccl":
-        made = {"all_reduce": lambda: ops.AllReduce(), "all_gather": lambda: ops.AllGather()}
-    else:
-        from qwen3moe.parallel import shm
+    be = backend.MCCLBackend() if kind == "mccl" else backend.ShmBackend()
+    return {k: (lambda k=k: getattr(be, k)(None, "bench")) for k in kinds}
 
-        g = shm.world_group()
-        made = {"all_reduce": lambda: shm.AllReduce(g, "bench"), "all_gather": lambda: shm.AllGather(g, "bench"),
-                "reduce_scatter": lambda: shm.ReduceScatter(g, "bench"), "all_to_all": lambda: shm.AllToAll(g, "bench")}
-    return {k: made[k] for k in kinds if k in made}
+
+def _compiled(op):
+    import mindspore as ms
+
+    @ms.jit
+    def call(x):
+        return op(x)
+
+    return call
 
 
 def worker(a) -> None:
     import numpy as np
     import mindspore as ms
-    from mindspore import Tensor, nn
+    from mindspore import Tensor
     from mindspore.communication import get_group_size, get_rank, init
 
     ms.set_device("CPU")
     init()
     rank, world = get_rank(), get_group_size()
 
-    class Graph(nn.Cell):
-        def __init__(self, op):
-            super().__init__()
-            self.op = op
+    from qwen3moe.parallel import shm
 
-        @ms.jit
-        def construct(self, x):
-            return self.op(x)
-
-    backends = ["mccl"]
-    try:
-        from qwen3moe.parallel import shm
-
-        if shm.available():
-            shm.setup()
-            backends.append("shm")
-    except ImportError:
-        pass
+    backends = ["mccl"] + (["shm"] if shm.setup() else [])
     out = {"rank": rank, "threads": _threads(), "times": {}}
     for backend in backends:
-        for kind, make in _ops(backend, a.ops.split(","), world).items():
+        for kind, make in _ops(backend, a.ops.split(",")).items():
             for size in [s for s in SIZES if s <= a.max_mib << 20]:
                 n = max(size // 4, world)
                 n -= n % world
                 x = Tensor(np.full(n, rank + 1, np.float32))
-                g = Graph(make())
+                g = _compiled(make())
                 for _ in range(3):
                     g(x).asnumpy()
                 ts = []

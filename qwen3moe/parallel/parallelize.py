@@ -17,8 +17,8 @@ API (stable; other modules build on it):
               training: the [T, V] logits are never gathered). Either way the model's own loss
               (`labels=`) is right: the plan swaps its cross-entropy module for
               `VocabParallelCrossEntropy` (the max, sum of exp and target logit reduced over tp).
-    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp"
-              or "allgather" (dispatchers.py).
+    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp",
+              "allgather" or "alltoall" (AllToAllDispatcher; dispatchers.py).
     coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
 
     returns RankModel:
@@ -65,7 +65,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import skip_init, widen
-from qwen3moe.parallel.dispatchers import AllGatherDispatcher, TPExpertsDispatcher, _Identity, collective
+from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
 from qwen3moe.router.topk import TopKRouter
@@ -309,8 +309,8 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
     check_layout(cfg, mesh)
-    if dispatcher not in ("auto", "tp", "allgather"):
-        raise ValueError(f"dispatcher must be 'auto', 'tp' or 'allgather', got {dispatcher!r}")
+    if dispatcher not in ("auto", "tp", "allgather", "alltoall"):
+        raise ValueError(f"dispatcher must be 'auto', 'tp', 'allgather' or 'alltoall', got {dispatcher!r}")
     if coll is None:
         from qwen3moe.parallel.process import ProcessCollectives
 
@@ -389,9 +389,9 @@ def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gath
                 setattr(cell, name, style(kind, getattr(cell, name)))
         if not layer.is_sparse:
             continue
-        if dispatcher == "allgather":
+        if dispatcher in ("allgather", "alltoall"):
             e = layer.mlp.experts.num_experts
-            d = AllGatherDispatcher(tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
+            d = ep_dispatcher(dispatcher, tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
         else:
             if mesh.ep > 1:
                 raise MeshError("dispatcher 'tp' needs ep=1 (experts split over the tp ranks' ffn dim)")
