@@ -72,7 +72,7 @@ def worker(a) -> None:
     from qwen3moe.parallel import shm
 
     backends = ["mccl"] + (["shm"] if shm.setup() else [])
-    out = {"rank": rank, "threads": _threads(), "times": {}}
+    out = {"rank": rank, "threads": _threads(), "times": {}, "checks": {}}
     for backend in backends:
         for kind, make in _ops(backend, a.ops.split(",")).items():
             for size in [s for s in SIZES if s <= a.max_mib << 20]:
@@ -81,7 +81,8 @@ def worker(a) -> None:
                 x = Tensor(np.full(n, rank + 1, np.float32))
                 g = _compiled(make())
                 for _ in range(3):
-                    g(x).asnumpy()
+                    y = g(x).asnumpy()
+                out["checks"][f"{backend}/{kind}/{size}"] = float(y.astype(np.float64).sum())
                 ts = []
                 for _ in range(a.reps):
                     t0 = time.perf_counter()

@@ -132,7 +132,8 @@ def _join(name: bytes, rank: int, world: int) -> str | None:
     if rank == 0:
         bad[0] = lib.qshm_open(name, world, rank, slot_bytes(), 1, timeout_s()) != 0
     if _world_sum(bad).any():
-        return f"shared-memory collectives: rank 0 could not create {name.decode()}"
+        return f"shared-memory collectives: rank 0 could not create {name.decode()}" + (
+            f": {lib.qshm_error().decode()}" if rank == 0 else "")
     if rank != 0:
         bad[rank] = lib.qshm_open(name, world, rank, slot_bytes(), 0, timeout_s()) != 0
     failed = _world_sum(bad)

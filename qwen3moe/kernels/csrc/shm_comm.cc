@@ -197,10 +197,10 @@ int wait_for(P pred, int op, uint64_t key, int who, const char *what) {
     if (pred()) return 0;  // the peer may have finished its part, then exited
     if (s > g.timeout_s || dead) {
       char buf[512];
-      std::snprintf(buf, sizeof buf, "shared-memory %s at call site '%s' (rank %d): rank %d %s %s", kOpName[op],
-                    site_name(key).c_str(), g.rank, who, dead ? "exited before it" : "did not", what);
+      std::snprintf(buf, sizeof buf, "shared-memory %s at call site '%s' (rank %d): rank %d did not %s", kOpName[op],
+                    site_name(key).c_str(), g.rank, who, what);
       std::string msg(buf);
-      if (!dead) msg += " within " + std::to_string(int(g.timeout_s)) + " s (QWEN3MOE_SHM_TIMEOUT)";
+      msg += dead ? " (its process exited)" : " within " + std::to_string(int(g.timeout_s)) + " s (QWEN3MOE_SHM_TIMEOUT)";
       return fail(msg);
     }
   }
@@ -352,7 +352,7 @@ int kernel(int op, int nparam, void **params, int *ndims, int64_t **shapes, cons
                std::strcmp(dtypes[0], "float32") == 0);
   if (rc != 0) {
     // MindSpore turns a failed kernel into a long C++ trace: the cause goes first, on one line
-    std::fprintf(stderr, "qwen3moe: error: %s\n", g.error.c_str());
+    std::fprintf(stderr, "qwen3moe shm: error: %s\n", g.error.c_str());
     std::fflush(stderr);
     if (std::getenv("QWEN3MOE_SHM_RAISE") == nullptr) std::_Exit(75);
   }
@@ -369,9 +369,14 @@ int qshm_open(const char *name, int nranks, int rank, long long slot_bytes, int 
   const size_t bytes = segment_bytes(nranks, slot_bytes);
   int fd = shm_open(name, create ? (O_CREAT | O_EXCL | O_RDWR) : O_RDWR, 0600);
   if (fd < 0) return fail(std::string("shm_open ") + name + ": " + std::strerror(errno));
-  if (create && ftruncate(fd, off_t(bytes)) != 0) {
+  // reserve the pages now: a /dev/shm too small for the segment is an error here, not a SIGBUS
+  // at the first large message
+  int err = create ? posix_fallocate(fd, 0, off_t(bytes)) : 0;
+  if (err != 0) {
     close(fd);
-    return fail(std::string("ftruncate ") + name + ": " + std::strerror(errno));
+    shm_unlink(name);
+    return fail(std::string("cannot reserve ") + std::to_string(bytes >> 20) + " MiB for " + name + " in /dev/shm (" +
+                std::strerror(err) + "); lower QWEN3MOE_SHM_SLOT_MIB or use QWEN3MOE_COLLECTIVES=mccl");
   }
   void *p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   close(fd);
