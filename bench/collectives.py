@@ -7,7 +7,8 @@ its kernels are built, world group, per message size, with the ratio shm / MCCL.
 
 Each size is one ms.jit graph holding one collective of a float32 message of that many bytes;
 time = median wall time of `reps` calls after 3 warm-up calls (each call ends with the output's
-asnumpy, which waits for the graph). The slowest rank's median is reported. Also printed per rank:
+asnumpy, which waits for the graph). The slowest rank's median is reported, and whether every
+output held the expected values. Also printed per rank:
 its OS threads, MindSpore's runtime_num_threads and OpenMP's thread count (oversubscription of the
 2 cores by 2 ranks). Nothing is written to bench/RESULTS.md: copy the table with the command and load.
 """
@@ -81,13 +82,13 @@ def worker(a) -> None:
                 x = Tensor(np.full(n, rank + 1, np.float32))
                 g = _compiled(make())
                 for _ in range(3):
-                    y = g(x).asnumpy()
-                out["checks"][f"{backend}/{kind}/{size}"] = float(y.astype(np.float64).sum())
+                    g(x).asnumpy()
                 ts = []
                 for _ in range(a.reps):
                     t0 = time.perf_counter()
-                    g(x).asnumpy()
+                    y = g(x).asnumpy()
                     ts.append(time.perf_counter() - t0)
+                out["checks"][f"{backend}/{kind}/{size}"] = float(y.astype(np.float64).sum())  # the last call's
                 out["times"][f"{backend}/{kind}/{size}"] = statistics.median(ts)
     out["threads_after"] = _threads()["os_threads"]
     print("RESULT " + json.dumps(out), flush=True)
@@ -124,11 +125,21 @@ def main() -> None:
     print(f"median ms per call, slowest of 2 ranks (1-min load {load:.1f}); ratio = shm / MCCL")
     keys = res[0]["times"].keys()
     rows = sorted({tuple(k.split("/")[1:]) for k in keys}, key=lambda t: (t[0], int(t[1])))
-    print(f"  {'op':<15}{'bytes':>9}{'MCCL ms':>10}{'shm ms':>10}{'ratio':>8}")
+    print(f"  {'op':<15}{'bytes':>9}{'MCCL ms':>10}{'shm ms':>10}{'ratio':>8}  outputs")
     for kind, size in rows:
         t = {b: max(r["times"].get(f"{b}/{kind}/{size}", float("nan")) for r in res) for b in ("mccl", "shm")}
         ratio = t["shm"] / t["mccl"] if t["mccl"] == t["mccl"] else float("nan")
-        print(f"  {kind:<15}{_fmt(int(size)):>9}{t['mccl'] * 1e3:>10.3f}{t['shm'] * 1e3:>10.3f}{ratio:>8.3f}")
+        ok = all(_expected_sum(kind, int(size)) == r["checks"][k] for r in res for k in r["checks"]
+                 if k.endswith(f"/{kind}/{size}"))
+        print(f"  {kind:<15}{_fmt(int(size)):>9}{t['mccl'] * 1e3:>10.3f}{t['shm'] * 1e3:>10.3f}{ratio:>8.3f}  "
+              f"{'right' if ok else 'WRONG'}")
+
+
+def _expected_sum(kind: str, size: int) -> float:
+    """Sum of a rank's output for inputs filled with rank + 1 (2 ranks, n elements each)."""
+    n = max(size // 4, 2)
+    n -= n % 2
+    return {"all_reduce": 3.0 * n, "all_gather": 3.0 * n}.get(kind, 1.5 * n)
 
 
 if __name__ == "__main__":

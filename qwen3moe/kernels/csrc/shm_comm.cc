@@ -12,11 +12,14 @@
 //   3. wait until every member's entry for this key has arrive == s (acquire) and equal bytes;
 //   4. compute my output from the members' slots, in member order (ascending rank) for sums, so
 //      every rank adds the same operands in the same order: bit-identical results;
-//   5. done = s; wait until every member's done >= s (nobody still reads my slot); free my slot.
+//   5. done = s; the slot is free once every member's done >= s, which is checked lazily: before
+//      the slot is written again, and before call s + 1 of the call site replaces my info (one
+//      synchronisation per op; the readers are usually done long before).
 // Keys per call site (not one counter per group) let independent collectives of one graph run
 // concurrently (MindSpore's CPU runtime does that) and in any order across ranks without mixing
 // their data; a call site executed by one rank only is a timeout naming it, never a silent mix.
-// Waits spin, then yield; after QWEN3MOE_SHM_TIMEOUT seconds (default 300), or when a member's
+// Waits spin (QWEN3MOE_SHM_SPIN pauses), then sleep on the peer's futex word; after
+// QWEN3MOE_SHM_TIMEOUT seconds (default 300), or when a member's
 // process has exited, the op fails with a one-line error naming the op, its call site and the
 // rank that did not arrive.
 #include <fcntl.h>
@@ -86,6 +89,7 @@ struct State {
   int nranks = 0, rank = -1;
   int64_t slot_bytes = 0;
   double timeout_s = 300.0;
+  uint64_t spin = 200;  // pauses before sleeping (QWEN3MOE_SHM_SPIN): spinning longer took the core the peer needed on a loaded machine
   std::mutex mu;  // guards `sites` and `error`
   std::map<uint64_t, std::string> sites;
   std::string error;
@@ -177,7 +181,7 @@ void sleep_on(int r, P &pred) {
   b->waiters.fetch_sub(1, std::memory_order_seq_cst);
 }
 
-// Wait until pred() holds: spin briefly (the peer is usually microseconds away), then sleep on
+// Wait until pred() holds: spin briefly (QWEN3MOE_SHM_SPIN pauses), then sleep on
 // the futex of rank `who` (spinning or yielding on a loaded machine takes the core the peer
 // needs); on timeout or a dead peer fail with a one-line message.
 template <class P>
@@ -186,7 +190,7 @@ int wait_for(P pred, int op, uint64_t key, int who, const char *what) {
   auto t0 = clock::now();
   for (uint64_t k = 0;; ++k) {
     if (pred()) return 0;
-    if (k < 2000) {
+    if (k < g.spin) {
       QSHM_PAUSE();
       continue;
     }
@@ -221,22 +225,52 @@ struct Members {
   int n = 0, pos = -1, rank[kMaxRanks];
 };
 
+// Wait until every member has finished reading call s of `key` (its done >= s).
+int wait_read(int op, uint64_t key, uint64_t s, int n, const int *rank, Entry *const *pe) {
+  for (int j = 0; j < n; ++j) {
+    Entry *p = pe[j];
+    if (p == nullptr) continue;
+    int rc = wait_for([&] { return p->done.load(std::memory_order_acquire) >= s; }, op, key, rank[j],
+                      "finish reading");
+    if (rc != 0) return rc;
+  }
+  return 0;
+}
+
+// A slot's last call, whose readers must be done before the slot is written again. Touched only
+// by the thread holding the slot (busy), so process-local.
+struct Pending {
+  int op = 0, n = 0, rank[kMaxRanks];
+  uint64_t key = 0, s = 0;
+  Entry *pe[kMaxRanks];
+} pending[kSlots];
+
 // One chunk of one op: `mine` is copied into my slot (bytes); fill(peer_slots) computes the output.
+// One synchronisation per op: the readers of my slot are waited for lazily, when the slot or this
+// call site is used again (usually long done by then).
 template <class F>
 int exchange(int op, uint64_t key, const Members &m, const char *mine, int64_t bytes, F fill) {
   Entry *e = find(g.rank, key, true);
   if (e == nullptr) return fail("shared-memory collectives: more than 4096 call sites on one rank");
   const uint64_t s = e->arrive.load(std::memory_order_relaxed) + 1;
+  Entry *pe[kMaxRanks];
+  for (int j = 0; j < m.n; ++j) pe[j] = find(m.rank[j], key, false);
+  // my entry's info of call s - 1 is replaced below: every member must have read it
+  if (s > 1 && wait_read(op, key, s - 1, m.n, m.rank, pe) != 0) return -1;
   const int i = take_slot();
+  Pending &prev = pending[i];
+  if (prev.s != 0 && wait_read(prev.op, prev.key, prev.s, prev.n, prev.rank, prev.pe) != 0) {
+    block(g.rank)->busy[i].store(0, std::memory_order_release);
+    return -1;
+  }
+  prev.s = 0;
   std::memcpy(slot(g.rank, i), mine, size_t(bytes));
   e->info.store((uint64_t(i) << 56) | uint64_t(bytes), std::memory_order_relaxed);
   e->arrive.store(s, std::memory_order_release);
   publish();
   const char *peer[kMaxRanks];
-  Entry *pe[kMaxRanks];
   for (int j = 0; j < m.n; ++j) {
     const int r = m.rank[j];
-    pe[j] = nullptr;
     auto arrived = [&] {
       if (pe[j] == nullptr) pe[j] = find(r, key, false);
       return pe[j] != nullptr && pe[j]->arrive.load(std::memory_order_acquire) >= s;
@@ -261,13 +295,16 @@ int exchange(int op, uint64_t key, const Members &m, const char *mine, int64_t b
   fill(peer);
   e->done.store(s, std::memory_order_release);
   publish();
-  int rc = 0;
-  for (int j = 0; j < m.n && rc == 0; ++j) {
-    rc = wait_for([&] { return pe[j]->done.load(std::memory_order_acquire) >= s; }, op, key, m.rank[j],
-                  "finish reading");
+  prev.op = op;
+  prev.n = m.n;
+  prev.key = key;
+  prev.s = s;
+  for (int j = 0; j < m.n; ++j) {
+    prev.rank[j] = m.rank[j];
+    prev.pe[j] = pe[j];
   }
   block(g.rank)->busy[i].store(0, std::memory_order_release);
-  return rc;
+  return 0;
 }
 
 void add_into(float *out, const float *a, int64_t n, bool first) {
@@ -391,6 +428,8 @@ int qshm_open(const char *name, int nranks, int rank, long long slot_bytes, int 
     munmap(p, bytes);
     return fail(std::string("segment ") + name + " does not belong to this job");
   }
+  for (Pending &pend : pending) pend.s = 0;  // records of an earlier segment
+  if (const char *spin = std::getenv("QWEN3MOE_SHM_SPIN")) g.spin = std::strtoull(spin, nullptr, 10);
   g.base = static_cast<char *>(p);
   g.bytes = bytes;
   g.nranks = nranks;
