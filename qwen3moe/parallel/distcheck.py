@@ -126,8 +126,10 @@ def forward(model: str, mesh, rank: int, coll, batch: int, seq: int, steps: int,
     last = mesh.coords(rank)["pp"] == mesh.pp - 1
     arrays = {"logits": out.logits.asnumpy(), "lm_loss": out.lm_loss.asnumpy()} if last else {}
     t = prepare_inputs(cfg, rows, labels=rows)
-    if mesh.pp == 1:  # the loss, aux and gradients of the whole model
-        arrays.update(loss=out.loss.asnumpy(), aux=out.aux_loss.asnumpy())
+    if mesh.pp == 1:  # the loss, aux, router logits, hidden states and gradients of the whole model
+        arrays.update(loss=out.loss.asnumpy(), aux=out.aux_loss.asnumpy(),
+                      router_logits=np.stack([x.asnumpy() for x in out.router_logits]),
+                      hidden=np.stack([x.asnumpy() for x in rm.model(rows, output_hidden_states=True).hidden_states]))
         result["grad_s"] = _grads(rm, t, "grad", arrays, steps)
     if mesh.pp > 1:
         result["grad_s"] = _pipeline_grads(rm, t, rows, arrays)

@@ -62,6 +62,8 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
     if req.quantize or req.dtype != "float32":
         raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
     if mesh.pp == 1:
+        if mesh.sp:  # the compiled decode step calls the layers' modules on whole [B, S, H] rows
+            raise GenerationError("sequence parallel (sp) is a training layout; generate without it (same shards)")
         check_layout(cfg, mesh)
         return
     if req.options.get("do_sample"):
