@@ -154,10 +154,6 @@ class Group:
         self.pos = self.ranks.index(_STATE.get("rank", 0) if me is None else me)
 
 
-def world_group() -> Group:
-    return Group(range(_STATE["world"]))
-
-
 def _meta(g: Group, site: str) -> Tensor:
     """[mask, tag] of a new call site on g (tags count per group), its name registered for errors."""
     tag = _TAGS[g.mask] = _TAGS.get(g.mask, 0) + 1
