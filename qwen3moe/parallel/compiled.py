@@ -62,6 +62,9 @@ def train(cfg, mesh, rank: int, log: Log = lambda s: None) -> int:
         raise TaskConfigError(f"runner_config.batch_size {r.batch_size} is not divisible by parallel_config."
                               f"data_parallel {mesh.dp} (each replica takes batch_size / dp rows)")
     coll = ProcessCollectives(mesh, rank)
+    from qwen3moe.parallel import backend
+
+    log(f"rank {rank}: collectives {backend.get().kind} (QWEN3MOE_COLLECTIVES={backend.choice()})")
     ms.set_seed(cfg.seed)
     model, entries, ce = _rank_model(cfg, mesh, rank, coll)
     data, samples = build_data(cfg, requested_samples(cfg))

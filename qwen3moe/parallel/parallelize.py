@@ -17,8 +17,8 @@ API (stable; other modules build on it):
               training: the [T, V] logits are never gathered). Either way the model's own loss
               (`labels=`) is right: the plan swaps its cross-entropy module for
               `VocabParallelCrossEntropy` (the max, sum of exp and target logit reduced over tp).
-    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp"
-              or "allgather" (dispatchers.py).
+    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp",
+              "allgather" or "alltoall" (AllToAllDispatcher; dispatchers.py).
     coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
 
     returns RankModel:
@@ -71,7 +71,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import skip_init, widen
-from qwen3moe.parallel.dispatchers import AllGatherDispatcher, TPExpertsDispatcher, _Identity, collective
+from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
 from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter
@@ -317,11 +317,11 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
     check_layout(cfg, mesh)
-    if dispatcher not in ("auto", "tp", "allgather"):
-        raise ValueError(f"dispatcher must be 'auto', 'tp' or 'allgather', got {dispatcher!r}")
+    if dispatcher not in ("auto", "tp", "allgather", "alltoall"):
+        raise ValueError(f"dispatcher must be 'auto', 'tp', 'allgather' or 'alltoall', got {dispatcher!r}")
     if mesh.sp and dispatcher == "tp":
         raise MeshError("dispatcher 'tp' needs every token on every tp rank; sequence parallel feeds the MoE "
-                        "block the rank's own rows (dispatcher 'allgather')")
+                        "block the rank's own rows (dispatcher 'allgather' or 'alltoall')")
     if coll is None:
         from qwen3moe.parallel.process import ProcessCollectives
 
@@ -421,12 +421,12 @@ def _moe_block(block, mesh: Mesh, c: dict, groups: dict, dispatcher: str) -> Par
     the all-gather dispatcher with no tp split or gather around it, and no f (the ep-group
     gather's backward sums the rows' gradients)."""
     tp_g = groups.get("tp")
-    if dispatcher == "allgather":
+    if dispatcher in ("allgather", "alltoall"):
         e = block.experts.num_experts
         if mesh.sp:
-            return ParallelMoeBlock(block, AllGatherDispatcher(None, groups.get("ep"), 1, 0, c["ep"] * e, e),
+            return ParallelMoeBlock(block, ep_dispatcher(dispatcher, None, groups.get("ep"), 1, 0, c["ep"] * e, e),
                                     _Identity(), 1)
-        d = AllGatherDispatcher(tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
+        d = ep_dispatcher(dispatcher, tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
     else:
         if mesh.ep > 1:
             raise MeshError("dispatcher 'tp' needs ep=1 (experts split over the tp ranks' ffn dim)")
