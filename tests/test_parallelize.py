@@ -88,6 +88,8 @@ def test_plan_refuses_layouts_it_cannot_run():
             parallelize(cfg, mesh, 0, coll=SimpleNamespace(groups={}))
     with pytest.raises(MeshError, match="dispatcher 'tp'.*sequence parallel"):
         parallelize(cfg, Mesh(tp=2, sp=True), 0, dispatcher="tp", coll=SimpleNamespace(groups={}))
+    with pytest.raises(MeshError, match="dispatcher 'alltoall' needs ep > 1"):
+        parallelize(cfg, Mesh(tp=2, sp=True), 0, dispatcher="alltoall", coll=SimpleNamespace(groups={}))
 
 
 def test_generate_refuses_sequence_parallel():

@@ -322,6 +322,9 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     if mesh.sp and dispatcher == "tp":
         raise MeshError("dispatcher 'tp' needs every token on every tp rank; sequence parallel feeds the MoE "
                         "block the rank's own rows (dispatcher 'allgather' or 'alltoall')")
+    if dispatcher == "alltoall" and mesh.ep == 1:
+        raise MeshError("dispatcher 'alltoall' needs ep > 1 (each ep member holding other experts); with ep=1 "
+                        "every tp rank holds all experts' ffn slices: dispatcher 'tp' or 'allgather'")
     if coll is None:
         from qwen3moe.parallel.process import ProcessCollectives
 

@@ -14,10 +14,11 @@ unchanged. Around the model's modules (the layout and the backward rules of engi
                        dispatcher over the ep*etp group, no tp gather)
     final hidden       own rows after the final norm -> all-gather -> [B, S, H] (lm_head)
 all-gather's backward is a reduce-scatter (gather_rs), reduce-scatter's an all-gather; the
-collectives themselves are process.py's (`collective`: one place for every backend). The
-norms see only their rank's tokens, so their gradients are partial: summed over the stage
-(ranks.ShardInfo). Zero pad rows stay zero through norms, attention output, MLPs and experts
-(no biases), and carry token mask 0, so router statistics never count them.
+collectives themselves are `collective` cells (process.py `_Op` over backend.py: shared
+memory or MCCL), as every other plan's. The norms see only their rank's tokens, so their
+gradients are partial: summed over the stage (ranks.ShardInfo). Zero pad rows stay zero
+through norms, attention output, MLPs and experts (no biases), and carry token mask 0, so
+router statistics never count them.
 
 Router statistics: the model computes them on its own rows (its mask the rank's slice of the
 padded token mask); `SequenceParallelModel` sums them over tp with an identity backward, so
