@@ -10,8 +10,10 @@ Steps, each in its own subprocess (peak RSS per step; never the fp32 or bf16 mod
      io.gptq.quantize_folder (what `qwen3moe quantize --bits 4 --group_size 128` calls) on a
      StreamedSource that opens each shard once it is renamed into place (never a half-written
      file) and deletes it after its last tensor was read. bf16 on disk <= (N + 1) shards.
-  2. reload WORK/int4 (from_pretrained, the GPTQ-layout folder: no re-quantizing), then prefill
-     1x512 and decode b1/b8 tokens/s (bench/quant.py's measure(), every run with its load), peak RSS
+  2. reload WORK/int4 (from_pretrained, the GPTQ-layout folder: no re-quantizing), then decode
+     b1/b8 and last prefill 1x512 tokens/s (bench/quant.py's measure(), every run with its load),
+     peak RSS of the reload and of each phase (decode_b1/decode_b8/prefill_rss_gib: VmHWM, reset
+     after each phase) and of the whole step
 Targets (issue 14): RSS <= 20 GiB in every step, decode b1 >= 10 / b8 >= 20 tok/s, prefill
 >= 20 tok/s, quantize <= 15 min, reload <= 2 min.
 """
@@ -205,6 +207,18 @@ class _Printed(list):
         super().append(run)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak RSS since start or the last reset_peak_rss (VmHWM)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")
+
+
 def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int, shard_size: int) -> dict:
     if step == "quantize":
         out = quantize_streamed(work, layers, max_ahead, shard_size)
@@ -223,7 +237,14 @@ def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int,
                "reload_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         print(f"reloaded in {out['reload_s']:.1f} s, RSS {out['reload_rss_gib']:.2f} GiB", file=sys.stderr)
         runs = _Printed()
-        out.update(measure(model, reps, runs, prefill_last=True))
+        reset_peak_rss()
+
+        def phase_done(key: str) -> None:  # the peak of each phase on its own (VmHWM reset after it)
+            out[f"{key}_rss_gib"] = peak_rss_gib()
+            print(f"{key}: peak RSS {out[f'{key}_rss_gib']:.2f} GiB", file=sys.stderr, flush=True)
+            reset_peak_rss()
+
+        out.update(measure(model, reps, runs, prefill_last=True, phase_done=phase_done))
         out["runs"] = list(runs)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,12 @@ def _ids(B: int, S: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151643, (B, S))  # real (non-special) Qwen ids
 
 
-def measure(model, reps: int, runs: list | None = None, prefill_last: bool = False) -> dict:
+def measure(model, reps: int, runs: list | None = None, prefill_last: bool = False,
+            phase_done: Callable[[str], None] | None = None) -> dict:
     """Prefill 1x512 and decode b1/b8 tokens/s of a loaded model: medians of `reps` after a warm-up.
     `runs` (optional) collects every run as (key, tokens/s, 1-min load average after it);
-    prefill_last: decode first (a 512-token prefill needs the most memory)."""
+    prefill_last: decode first (a 512-token prefill needs the most memory); phase_done(key) is
+    called after each phase (warm-up + reps), e.g. to read and reset the peak RSS."""
     from qwen3moe.generation.generate import GenerationRun, resolve_config
 
     def run(B: int, S: int, new: int, seed: int):
@@ -71,6 +74,8 @@ def measure(model, reps: int, runs: list | None = None, prefill_last: bool = Fal
         run(1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
         out["prefill_tps"] = statistics.median(
             note("prefill_tps", PREFILL_LEN / run(1, PREFILL_LEN, 1, i).prefill_s) for i in range(reps))
+        if phase_done:
+            phase_done("prefill")
 
     out = {}
     if not prefill_last:
@@ -82,6 +87,8 @@ def measure(model, reps: int, runs: list | None = None, prefill_last: bool = Fal
             st = run(B, PROMPT, NEW, 100 + i)
             rates.append(note(f"decode_b{B}_tps", B * st.decode_steps / st.decode_s))
         out[f"decode_b{B}_tps"] = statistics.median(rates)
+        if phase_done:
+            phase_done(f"decode_b{B}")
     if prefill_last:
         prefill()
     return out

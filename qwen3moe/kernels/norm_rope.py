@@ -5,6 +5,9 @@ Shapes: B batch, S sequence, H heads, D head_dim. `norm_rope(x_BSHD, w_D, eps_1,
 returns [B, H, S, D] = apply_rope(RMSNorm(x).transpose(0, 2, 1, 3), cos, sin) (layers/norm.py +
 layers/rope.py, which stay the reference and the fallback). Gradients flow to x and w; the
 cos/sin tables are host inputs and get none.
+`swap_axes12(x)` [B, A, C, D] -> [B, C, A, D] is a copy (its own backward), used instead of a
+MindSpore Transpose on the prefill path: in a CPU graph a Transpose's input stays allocated until
+the graph ends, so a many-layer graph kept every layer's activations (kernels/csrc/norm_rope.cc).
 """
 from __future__ import annotations
 
@@ -32,6 +35,18 @@ def _op():
                       out_dtype=lambda x, w, e, c, s: (x, x), func_type="aot", bprop=bprop)
 
 
+@functools.lru_cache(maxsize=None)
+def _swap_op():
+    lib = kernel_library("norm_rope")
+    shape = lambda x: [x[0], x[2], x[1], x[3]]
+    back = ops.Custom(f"{lib}:SwapAxes12", out_shape=shape, out_dtype=lambda x: x, func_type="aot")
+
+    def bprop(x, out, dout):
+        return (back(dout),)
+
+    return ops.Custom(f"{lib}:SwapAxes12", out_shape=shape, out_dtype=lambda x: x, func_type="aot", bprop=bprop)
+
+
 def available() -> bool:
     return _op() is not None
 
@@ -39,3 +54,8 @@ def available() -> bool:
 def norm_rope(x_BSHD: Tensor, w_D: Tensor, eps_1: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
     """All fp32 and contiguous; D even."""
     return _op()(x_BSHD, w_D, eps_1, cos_BSD, sin_BSD)[0]
+
+
+def swap_axes12(x: Tensor) -> Tensor:
+    """x [B, A, C, D] float32 contiguous -> [B, C, A, D] (= x.transpose(0, 2, 1, 3)), a copy."""
+    return _swap_op()(x)

@@ -35,7 +35,15 @@ def grouped_attention(q_BNSD: Tensor, k_BKTD: Tensor, v_BKTD: Tensor, bias_B1ST:
 def heads_first(x_BSXD: Tensor) -> Tensor:
     """[B, S, X, D] -> [B, X, S, D]; a pure reshape when S == 1 (no transpose copy per decode step)."""
     B, S, X, D = x_BSXD.shape
-    return x_BSXD.reshape(B, X, 1, D) if S == 1 else x_BSXD.transpose(0, 2, 1, 3)
+    return x_BSXD.reshape(B, X, 1, D) if S == 1 else swap_axes12(x_BSXD)
+
+
+def swap_axes12(x: Tensor) -> Tensor:
+    """[B, A, C, D] -> [B, C, A, D]: the C++ copy for fp32 when built (a graph Transpose keeps its
+    input allocated until the graph ends: kernels/norm_rope.py), else a Transpose."""
+    if norm_rope_kernel.available() and x.dtype == ms.float32:
+        return norm_rope_kernel.swap_axes12(x)
+    return x.transpose(0, 2, 1, 3)
 
 
 class Qwen3MoeAttention(nn.Cell):
@@ -60,8 +68,7 @@ class Qwen3MoeAttention(nn.Cell):
         B, S, H = x_BSH.shape
         D = self.head_dim
         x_TH = x_BSH.reshape(B * S, H)
-        if (self.use_norm_rope and x_BSH.dtype == ms.float32 and cos_BSD.dtype == ms.float32
-                and self.q_norm.weight.dtype == ms.float32 and self.k_norm.weight.dtype == ms.float32):
+        if self.use_norm_rope and x_BSH.dtype == ms.float32 and cos_BSD.dtype == ms.float32:
             return self._project_qkv_fused(x_TH, B, S, cos_BSD, sin_BSD)
         q = heads_first(self.q_norm(self.q_proj(x_TH).reshape(B, S, self.num_heads, D)))
         k = heads_first(self.k_norm(self.k_proj(x_TH).reshape(B, S, self.num_kv_heads, D)))
@@ -73,14 +80,15 @@ class Qwen3MoeAttention(nn.Cell):
         D = self.head_dim
         q_BSND = self.q_proj(x_TH).reshape(B, S, self.num_heads, D)
         k_BSKD = self.k_proj(x_TH).reshape(B, S, self.num_kv_heads, D)
-        q = norm_rope_kernel.norm_rope(q_BSND, self.q_norm.weight, self.q_norm.eps_1, cos_BSD, sin_BSD)
-        k = norm_rope_kernel.norm_rope(k_BSKD, self.k_norm.weight, self.k_norm.eps_1, cos_BSD, sin_BSD)
+        # stored bf16 norm weights are widened (exact) for the fp32 kernel
+        q = norm_rope_kernel.norm_rope(q_BSND, widen(self.q_norm.weight), self.q_norm.eps_1, cos_BSD, sin_BSD)
+        k = norm_rope_kernel.norm_rope(k_BSKD, widen(self.k_norm.weight), self.k_norm.eps_1, cos_BSD, sin_BSD)
         v = heads_first(self.v_proj(x_TH).reshape(B, S, self.num_kv_heads, D))
         return q, k, v
 
     def output(self, o_BNSD: Tensor) -> Tensor:
         B, N, S, D = o_BNSD.shape
-        o_BSND = o_BNSD if S == 1 else o_BNSD.transpose(0, 2, 1, 3)  # S == 1: the same memory order
+        o_BSND = o_BNSD if S == 1 else swap_axes12(o_BNSD)  # S == 1: the same memory order
         return self.o_proj(o_BSND.reshape(B * S, N * D)).reshape(B, S, -1)
 
     def construct(self, x_BSH: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,

@@ -1,8 +1,9 @@
 """RMSNorm exactly as HF Qwen3: fp32 `x * rsqrt(mean(x^2) + eps)`, cast back, times weight.
 
 Shapes: any leading dims, last dim = normalised features.
-fp32 activations and weights go through the fused C++ op (kernels/rmsnorm.py, forward and
-backward in one pass each) when it builds here; the composite form below is the reference.
+fp32 activations (with fp32 weights, or stored bf16 ones widened) go through the fused C++ op
+(kernels/rmsnorm.py, forward and backward in one pass each) when it builds here; the composite
+form below is the reference.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ class RMSNorm(nn.Cell):
         self.eps_1 = Tensor([eps], ms.float32)
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.use_kernel and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
-            return rmsnorm_kernel.rms_norm(x, self.weight, self.eps_1)
+        if self.use_kernel and x.dtype == ms.float32:  # a stored bf16 weight is widened (exact)
+            return rmsnorm_kernel.rms_norm(x, widen(self.weight), self.eps_1)
         return self.composite(x)
 
     def composite(self, x: Tensor) -> Tensor:

@@ -12,6 +12,7 @@
 // Shapes: B batch, S sequence, H heads, D head_dim (even); cos/sin [B,S,D]; w [D]; eps [1].
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <omp.h>
@@ -107,6 +108,25 @@ extern "C" int NormRopeBwd(int nparam, void **params, int *ndims, int64_t **shap
     double acc = 0.0;
     for (int t = 0; t < nt; ++t) acc += part[static_cast<size_t>(t) * d.D + j];
     dw[j] = static_cast<float>(acc);
+  }
+  return 0;
+}
+
+// Axes 1 and 2 swapped by a copy: x [B,A,C,D] -> y [B,C,A,D] (e.g. [B,S,K,D] <-> [B,K,S,D]).
+// Why a kernel: in a MindSpore 2.10 CPU graph a Transpose keeps its input (and what is computed
+// from its output) allocated until the graph ends, so a 48-layer prefill graph held every layer's
+// activations (bench/RESULTS.md); a custom op's buffers are reused like any other op's.
+extern "C" int SwapAxes12(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 2 || ndims[0] != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t B = shapes[0][0], A = shapes[0][1], C = shapes[0][2], D = shapes[0][3];
+#pragma omp parallel for schedule(static) if (B * A * C * D > 65536)
+  for (int64_t ba = 0; ba < B * A; ++ba) {
+    const int64_t b = ba / A, a = ba % A;
+    for (int64_t c = 0; c < C; ++c)
+      std::memcpy(y + ((b * C + c) * A + a) * D, x + (ba * C + c) * D, D * sizeof(float));
   }
   return 0;
 }
