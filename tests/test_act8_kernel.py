@@ -1,6 +1,6 @@
 """The opt-in int8-activation mode of the decode kernels (kernels/csrc/quant_vnni.h) against an
 independent NumPy implementation of its arithmetic (docs/quantization.md "int8 activations"):
-activations quantized per row in blocks of 32, symmetric, q = rint(x * 127 / max|x|), sx = max|x| / 127;
+activations quantized per row in blocks of 16, symmetric, q = rint(x * 127 / max|x|), sx = max|x| / 127;
 integer products (u - z) * q summed exactly; each (activation block, weight group) piece scaled by
 sx * s_w in float. The reference sums exactly (int64 and float64); the kernel sums the pieces in
 float32, so the tolerance is 1e-5 of the sum of the pieces' magnitudes (float32 rounding of
@@ -21,13 +21,13 @@ from qwen3moe.kernels import decode as decode_kernel
 from qwen3moe.kernels import quant
 
 pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
-BLOCK = 32
-MEASURED = 0.01
+BLOCK = 16
+MEASURED = 0.013  # max |logit diff| / max |logit|, int4 g128 int8-activations vs weight-only, _steps below
 QUALITY_MODEL = REPO / "tests" / "fixtures" / "quality" / "model"
 
 
 def quantize_act(x_BI: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(q int64 [B, I], sx float32 [B, I // 32]) in float32 math, as specified."""
+    """(q int64 [B, I], sx float32 [B, I // 16]) in float32 math, as specified."""
     B, I = x_BI.shape
     xb = x_BI.astype(np.float32).reshape(B, I // BLOCK, BLOCK)
     amax = np.abs(xb).max(-1)
@@ -67,7 +67,7 @@ def rows(x, arrays, act8: bool) -> np.ndarray:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bits=st.sampled_from([8, 4]), g=st.sampled_from([None, 32, 64, 128]), I=st.sampled_from([128, 256, 384]),
+@given(bits=st.sampled_from([8, 4]), g=st.sampled_from([None, 16, 32, 64, 128]), I=st.sampled_from([128, 256, 384]),
        O=st.integers(1, 70), B=st.integers(1, 9), sym=st.booleans(), portable=st.booleans(),
        zero_block=st.booleans(), seed=st.integers(0, 2**16))
 def test_rows_match_numpy(bits, g, I, O, B, sym, portable, zero_block, seed):
@@ -141,16 +141,15 @@ def _steps(quantization):
 def test_generation_with_int8_activations():
     """QuantizationConfig(activations="int8") reaches the step kernels (every step's logits
     change: the decode layers and the lm_head of the prefill too) and the change stays within the
-    activation rounding error: measured max |diff| MEASURED of the largest logit on this fixture,
-    bound 4x that."""
+    activation rounding error: measured max |diff| 1.3% of the largest logit on this fixture
+    (MEASURED), bound 3x that (a wrong activation scale or lane order gives O(1) differences)."""
     from qwen3moe import QuantizationConfig
 
     weight_only = _steps(QuantizationConfig(4, 128))
     act8 = _steps(QuantizationConfig(4, 128, activations="int8"))
     assert all(not np.array_equal(a, w) for a, w in zip(act8, weight_only))
     rel = np.abs(act8 - weight_only).max() / np.abs(weight_only).max()
-    print(rel)
-    assert rel <= 4 * MEASURED
+    assert rel <= 3 * MEASURED
 
 
 def test_int8_activations_without_kernels_is_an_error(monkeypatch):

@@ -54,7 +54,7 @@ class QuantizationConfig:
     bits 8 or 4; group_size along the input dimension, -1 = per output channel; sym False and
     desc_act True only come from GPTQ folders (zero points / act-order group maps read as is).
     activations "int8" (opt-in, docs/quantization.md): the decode steps' fused kernels quantize
-    their activations to int8 per 32-input block and take integer dot products (AVX512-VNNI);
+    their activations to int8 per 16-input block and take integer dot products (AVX512-VNNI);
     prefill and forward keep float32 activations. It needs the fused decode kernels."""
 
     bits: int = 4
