@@ -182,8 +182,12 @@ static inline void chunk_terms(const QMat &W, const LaneGroups &lg, int64_t o, i
   zdef = false;
 }
 
-// 4 rows x NB batch rows; RS: int8 per channel (the row scale multiplies the finished sum)
-template <int KIND, int NB, bool RS>
+// How a row's weight scales / zero points meet the chunks: one per row (int8 per channel: the
+// scale multiplies the finished sum), one group per chunk (int4 g128: 16 groups' scales read and
+// checked at once), anything else (chunk_terms per chunk).
+enum ScaleMode { kRowScale, kGroupPerChunk, kGeneral };
+
+template <int KIND, int NB, int SM>
 static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, const ActView &a, float *y,
                                int64_t ldy, const RowPrefetch *next) {
   __m512 acc[4][NB];
@@ -192,9 +196,24 @@ static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, c
   const __m512i lo4 = _mm512_set1_epi8(0x0F);
   const uint8_t *w0 = W.w + o * W.ld;
   const int64_t CW = chunk_inputs(KIND), bstride = a.C * 16;
+  const uint8_t zd = static_cast<uint8_t>(default_zero(KIND));
   RowPrefetch pf = next ? *next : RowPrefetch{nullptr, 0, 0, 0};
+  __m512 s16[4];         // kGroupPerChunk: scales of chunks c .. c + 15
+  __mmask16 zoff16[4];   // ... and which of them have a zero point other than the default
+  bool zdef_row[4];      // kRowScale
+  for (int r = 0; r < 4; ++r) {
+    zdef_row[r] = W.z[(o + r) * W.lds] == zd;
+    s16[r] = _mm512_setzero_ps(), zoff16[r] = 0;
+  }
   for (int64_t c = 0; c < a.C; ++c) {
     if (next) pf.step(4 * 64);
+    if (SM == kGroupPerChunk && c % 16 == 0) {
+      const __mmask16 m = a.C - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (a.C - c)) - 1);
+      for (int r = 0; r < 4; ++r) {
+        s16[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, W.s + (o + r) * W.lds + c));
+        zoff16[r] = _mm_mask_cmpneq_epu8_mask(m, _mm_maskz_loadu_epi8(m, W.z + (o + r) * W.lds + c), _mm_set1_epi8(zd));
+      }
+    }
     __m512i xe[NB], xo[NB];
     __m512 sv[NB];
     for (int b = 0; b < NB; ++b) {
@@ -204,46 +223,47 @@ static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, c
     }
     for (int r = 0; r < 4; ++r) {
       const __m512i wv = _mm512_loadu_si512(w0 + r * W.ld + c * 64);
-      __m512 s;
+      const __m512i lo = KIND == kQ4 ? _mm512_and_si512(wv, lo4) : wv;
+      const __m512i hi = KIND == kQ4 ? _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4) : wv;
+      __m512 s = _mm512_setzero_ps();
       bool zdef;
-      __m512i zneg;
-      if (RS) {
-        zdef = W.z[(o + r) * W.lds] == default_zero(KIND);
-        zneg = _mm512_set1_epi32(-static_cast<int32_t>(W.z[(o + r) * W.lds]));
-        s = _mm512_setzero_ps();
+      __m512i zneg = _mm512_setzero_si512();  // read only when !zdef
+      if (SM == kRowScale) {
+        zdef = zdef_row[r];
+        if (!zdef) zneg = _mm512_set1_epi32(-static_cast<int32_t>(W.z[(o + r) * W.lds]));
+      } else if (SM == kGroupPerChunk) {
+        s = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(c % 16)), s16[r]);
+        zdef = !((zoff16[r] >> (c % 16)) & 1);
+        if (!zdef) zneg = _mm512_set1_epi32(-static_cast<int32_t>(W.z[(o + r) * W.lds + c]));
       } else {
         chunk_terms(W, lg, o + r, c, s, zdef, zneg);
       }
       for (int b = 0; b < NB; ++b) {
         const int64_t at = b * bstride + c * 16;
         __m512i d = zdef ? _mm512_loadu_si512(a.zl + at) : _mm512_mullo_epi32(_mm512_loadu_si512(a.ls + at), zneg);
-        if (KIND == kQ4) {
-          d = _mm512_dpbusd_epi32(d, _mm512_and_si512(wv, lo4), xe[b]);
-          d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4), xo[b]);
-        } else {
-          d = _mm512_dpbusd_epi32(d, wv, xe[b]);
-        }
-        acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), RS ? sv[b] : _mm512_mul_ps(sv[b], s), acc[r][b]);
+        d = _mm512_dpbusd_epi32(d, lo, xe[b]);
+        if (KIND == kQ4) d = _mm512_dpbusd_epi32(d, hi, xo[b]);
+        acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), SM == kRowScale ? sv[b] : _mm512_mul_ps(sv[b], s), acc[r][b]);
       }
     }
   }
   for (int r = 0; r < 4; ++r) {
-    const float sc = RS ? half_to_float(W.s[(o + r) * W.lds]) : 1.0f;
-    for (int b = 0; b < NB; ++b) y[b * ldy + r] = RS ? _mm512_reduce_add_ps(acc[r][b]) * sc : _mm512_reduce_add_ps(acc[r][b]);
+    const float sc = SM == kRowScale ? half_to_float(W.s[(o + r) * W.lds]) : 1.0f;
+    for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[r][b]) * sc;
   }
 }
 
-template <int KIND, bool RS>
+template <int KIND, int SM>
 static void act8_rows_vec(const QMat &W, int64_t o0, int64_t o1, const ActView &a, int64_t nb, float *y, int64_t ldy) {
   const LaneGroups lg(W);
   const int64_t full = o0 + (o1 - o0) / 4 * 4;
   auto call = [&](int64_t o, int64_t b, float *yb, int64_t ld, const RowPrefetch *pf) {
     const ActView ab = a.rows(b);
     switch (nb - b) {
-      case 1: return act8_block4<KIND, 1, RS>(W, lg, o, ab, yb, ld, pf);
-      case 2: return act8_block4<KIND, 2, RS>(W, lg, o, ab, yb, ld, pf);
-      case 3: return act8_block4<KIND, 3, RS>(W, lg, o, ab, yb, ld, pf);
-      default: return act8_block4<KIND, 4, RS>(W, lg, o, ab, yb, ld, pf);
+      case 1: return act8_block4<KIND, 1, SM>(W, lg, o, ab, yb, ld, pf);
+      case 2: return act8_block4<KIND, 2, SM>(W, lg, o, ab, yb, ld, pf);
+      case 3: return act8_block4<KIND, 3, SM>(W, lg, o, ab, yb, ld, pf);
+      default: return act8_block4<KIND, 4, SM>(W, lg, o, ab, yb, ld, pf);
     }
   };
   for (int64_t o = o0; o < full; o += 4)
@@ -267,9 +287,13 @@ static void act8_rows(const QMat &W, int64_t o0, int64_t o1, const ActView &a, i
   if (o1 <= o0 || nb <= 0) return;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (quant_vector() && o1 - o0 >= 4) {
-    if (W.kind == kQ8 && W.g == W.I) return act8_rows_vec<kQ8, true>(W, o0, o1, a, nb, y, ldy);
-    if (W.kind == kQ8) return act8_rows_vec<kQ8, false>(W, o0, o1, a, nb, y, ldy);
-    return act8_rows_vec<kQ4, false>(W, o0, o1, a, nb, y, ldy);
+    const bool per_chunk = W.g == chunk_inputs(W.kind);
+    if (W.kind == kQ8 && W.g == W.I) return act8_rows_vec<kQ8, kRowScale>(W, o0, o1, a, nb, y, ldy);
+    if (W.kind == kQ8)
+      return per_chunk ? act8_rows_vec<kQ8, kGroupPerChunk>(W, o0, o1, a, nb, y, ldy)
+                       : act8_rows_vec<kQ8, kGeneral>(W, o0, o1, a, nb, y, ldy);
+    return per_chunk ? act8_rows_vec<kQ4, kGroupPerChunk>(W, o0, o1, a, nb, y, ldy)
+                     : act8_rows_vec<kQ4, kGeneral>(W, o0, o1, a, nb, y, ldy);
   }
 #endif
   act8_rows_scalar(W, o0, o1, a, nb, y, ldy);
