@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <vector>
 
 #include "decode_pool.h"
@@ -61,9 +62,13 @@ int main(int argc, char **argv) {
     printf("sum (bandwidth)      cold %6.1f GB/s  %7.3f ms  (%ld threads)\n", M * H * 4 / best / 1e9, best * 1e3,
            static_cast<long>(pool.threads()));
   }
+  // ROWS_BW_HOT=m (with OMP_NUM_THREADS=1): only mode m (0 fp32, 1 bf16, 2 int8, 3 int4, 4/5 int8 /
+  // int4 act8), its hot loop 20000 times, rate per second of this thread's CPU time
+  const char *hot_only = std::getenv("ROWS_BW_HOT");
   for (int mode = kF32; mode <= kQ4 + 2; ++mode) {
     const int kind = mode > kQ4 ? mode - 2 : mode;
     const bool act8 = mode > kQ4;
+    if (hot_only && atoi(hot_only) != mode) continue;
     std::vector<uint8_t> w, z;
     std::vector<uint16_t> s;
     const int64_t M = (MB << 20) / QMat::bytes_for(kind, H) / 256 * 256;  // MB of this storage
@@ -72,6 +77,16 @@ int main(int argc, char **argv) {
     const int64_t chunk = 256, nc = M / chunk;
     ActQ q8, q4;
     const XIn in = prepare_x(x.data(), H, NB, H, act8, {&W}, q8, q4);
+    if (hot_only) {  // this thread's CPU time, not wall time: the other tenants' load stays out of it
+      timespec t0, t1;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+      for (int r = 0; r < 20000; ++r) mat_dot(W, 0, 64, in, y.data() + r % 4 * 64, M);
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+      const double cpu = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+      printf("%-10s%s NB=%ld hot, one thread: %6.1f GB/s of CPU time\n", names[kind], act8 ? " act8" : "",
+             static_cast<long>(NB), 20000.0 * 64 * W.ld / cpu / 1e9);
+      continue;
+    }
     double best = 1e9, hot = 1e9;
     for (int r = 0; r < 7; ++r) {
       auto t0 = std::chrono::steady_clock::now();
