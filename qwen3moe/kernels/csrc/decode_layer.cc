@@ -415,8 +415,8 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
 }
 
 // inputs: x [B,I] float32, w [O,I] (any weight storage, see Args), fcfg float32 [2 or 3]
-// output: y [B,O] = x @ W^T through the decode row kernels (the head's loop without its norm;
-// kernels/decode.py `rows`, used by tests and bench/rows_bw.cc's A/B)
+// output: y [B,O] = x @ W^T through the decode row kernels (the head's loop without its norm):
+// the entry tests/test_act8_kernel.py checks the row kernels through, on arbitrary x
 extern "C" int DecodeRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
   Args args{nparam, params, ndims, shapes, dtypes};
