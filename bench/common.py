@@ -66,3 +66,15 @@ def forward_flops(cfg: dict, batch: int, seq: int) -> float:
     attn_per_seq_layer = 2 * 2 * N * D * seq * (seq + 1) / 2  # QK^T and PV over the causal triangle
     tokens = batch * seq
     return L * (tokens * per_tok_layer + batch * attn_per_seq_layer) + tokens * 2 * H * V
+
+
+def load_kwargs(mode: dict) -> dict:
+    """A bench mode's from_pretrained keyword arguments: `activations` (with `quantization` and an
+    optional `group_size`) becomes a QuantizationConfig, the rest passes through."""
+    kw = dict(mode)
+    if "activations" in kw:
+        from qwen3moe.layers.quant import QuantizationConfig
+
+        kw["quantization"] = QuantizationConfig.from_name(kw.pop("quantization"), kw.pop("group_size", None),
+                                                          kw.pop("activations"))
+    return kw

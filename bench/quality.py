@@ -1,7 +1,7 @@
 """Quantization quality on a trained model: perplexity, KL divergence and top-1 agreement vs fp32.
 
     python bench/quality.py [--model tests/fixtures/quality/model] [--text tests/fixtures/quality/heldout.txt]
-        [--modes fp32,int8,int4-g32,int4-g64,int4-g128] [--no-results]
+        [--modes fp32,int8,int4-g32,int4-g64,int4-g128] [--path forward|decode] [--no-results]
 
 The fixture is a small Qwen3-MoE trained by the demo pipeline (tools/make_quality_fixture.py), the
 text is held out from its training corpus. The text is tokenized once, cut into non-overlapping
@@ -9,6 +9,10 @@ windows of WINDOW tokens, and every mode scores the same windows: perplexity ove
 predictions, and against fp32's distributions at the same positions the mean KL(p_fp32 || p_mode)
 and the fraction of positions whose argmax agrees. Budgets (issue 14): int8 ppl <= +1%, int4 g128
 <= +5% vs fp32. tests/test_quant_quality.py asserts them on the same fixture and text.
+--path decode scores every mode except the fp32 reference through the generation engine instead
+of the forward pass: the first token is a prefill, every next one a decode step fed the true token
+(teacher forcing), so the fused decode kernels make the predictions. The "-a8" modes (the opt-in
+int8 activations, QuantizationConfig(activations="int8")) exist only there.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ MODES = {
     "int4-g64": dict(quantization="int4", group_size=64),
     "int4-g128": dict(quantization="int4", group_size=128),
 }
-BUDGET_PPL = {"int8": 0.01, "int4-g128": 0.05}  # relative perplexity increase vs fp32
+MODES.update({f"{m}-a8": dict(v, activations="int8") for m, v in MODES.items() if "quantization" in v})
+BUDGET_PPL = {"int8": 0.01, "int4-g128": 0.05, "int8-a8": 0.01, "int4-g128-a8": 0.05}  # relative ppl increase
 
 
 def windows(model_dir: Path, text_path: Path, max_windows: int | None = None) -> np.ndarray:
@@ -45,13 +50,32 @@ def windows(model_dir: Path, text_path: Path, max_windows: int | None = None) ->
     return ids[: n * WINDOW].reshape(n, WINDOW)
 
 
+def _log_softmax(logits) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
+
+
 def log_probs(model, ids_NS: np.ndarray) -> np.ndarray:
     """[N, S, V] float32 log-softmax of the model's logits, BATCH windows per forward."""
+    return np.concatenate([_log_softmax(model(ids_NS[i:i + BATCH]).logits.asnumpy())
+                           for i in range(0, len(ids_NS), BATCH)])
+
+
+def decode_log_probs(model, ids_NS: np.ndarray) -> np.ndarray:
+    """The same through the generation engine: a 1-token prefill, then one decode step per true
+    next token (teacher forcing), BATCH windows at a time."""
+    from qwen3moe.generation.engine import get_engine
+
     out = []
     for i in range(0, len(ids_NS), BATCH):
-        logits = np.asarray(model(ids_NS[i:i + BATCH]).logits.asnumpy(), np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        out.append((logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32))
+        ids = ids_NS[i:i + BATCH]
+        engine, P = get_engine(model, len(ids), 1, ids.shape[1])
+        first, mask = np.zeros((len(ids), P), np.int64), np.zeros((len(ids), P), np.int64)
+        first[:, -1], mask[:, -1] = ids[:, 0], 1  # the first token, left-padded to the prompt bucket
+        steps = [engine.prefill(first, mask)]
+        steps += [engine.decode(ids[:, t]) for t in range(1, ids.shape[1])]
+        out.append(_log_softmax(np.stack(steps, 1)))
     return np.concatenate(out)
 
 
@@ -66,18 +90,25 @@ def metrics(lp: np.ndarray, ids_NS: np.ndarray, ref: np.ndarray | None) -> dict:
     return out
 
 
-def evaluate(model_dir: Path, text_path: Path, modes: list[str], max_windows: int | None = None) -> dict:
-    """{mode: {ppl, kl, top1, tokens}} on the same windows; fp32 is always evaluated first."""
+def load(model_dir: Path, mode: str):
+    from common import load_kwargs
+    from qwen3moe import Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM.from_pretrained(str(model_dir), **load_kwargs(MODES[mode]))
+
+
+def evaluate(model_dir: Path, text_path: Path, modes: list[str], max_windows: int | None = None,
+             path: str = "forward") -> dict:
+    """{mode: {ppl, kl, top1, tokens}} on the same windows; fp32 is always evaluated first (by
+    the forward pass: the reference); path "decode": the other modes through decode steps."""
     import mindspore as ms
 
     ms.set_device("CPU")
-    from qwen3moe import Qwen3MoeForCausalLM
-
     ids = windows(model_dir, text_path, max_windows)
     results, ref = {}, None
     for mode in ["fp32"] + [m for m in modes if m != "fp32"]:
-        model = Qwen3MoeForCausalLM.from_pretrained(str(model_dir), **MODES[mode])
-        lp = log_probs(model, ids)
+        model = load(model_dir, mode)
+        lp = log_probs(model, ids) if mode == "fp32" or path == "forward" else decode_log_probs(model, ids)
         results[mode] = metrics(lp, ids, ref)
         if mode == "fp32":
             ref = lp
@@ -104,13 +135,17 @@ def main() -> None:
     ap.add_argument("--model", default=str(FIXTURE / "model"))
     ap.add_argument("--text", default=str(FIXTURE / "heldout.txt"))
     ap.add_argument("--modes", default="fp32,int8,int4-g32,int4-g64,int4-g128")
+    ap.add_argument("--path", choices=("forward", "decode"), default="forward")
     ap.add_argument("--no-results", action="store_true")
     a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
         sys.exit(f"--modes: unknown {bad[0]!r}; choose from {sorted(MODES)}")
-    lines = report(evaluate(Path(a.model), Path(a.text), modes))
+    if a.path == "forward" and any(m.endswith("-a8") for m in modes):
+        sys.exit("--modes: the -a8 (int8 activation) modes run in the decode kernels only: add --path decode")
+    lines = report(evaluate(Path(a.model), Path(a.text), modes, path=a.path))
+    lines.append(f"path: {a.path} (fp32 reference: forward)")
     print("\n".join(lines))
     if not a.no_results:
         cmd = "python bench/quality.py " + " ".join(sys.argv[1:])

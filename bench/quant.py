@@ -11,6 +11,8 @@ Per mode, each in its own subprocess (so peak RSS and thread pools don't mix):
 llama.cpp (reference tooling, tools/llamacpp/): llama-bench pp512 and tg64 (b1), and
 llama-batched-bench -npp 16 -ntg 64 -npl 8 (S_TG, aggregate b8), peak RSS from /usr/bin/time.
 Prints each of our modes against our fp32 and int8 vs Q8_0, int4 vs Q4_K_M (targets in issue 14).
+Modes int8-a8 / int4-a8: the same weights with the opt-in int8 activations of the decode kernels
+(QuantizationConfig(activations="int8"), docs/quantization.md).
 Times are medians over --reps after a warm-up call.
 """
 from __future__ import annotations
@@ -41,10 +43,13 @@ MODES = {
     "bf16": dict(dtype="bfloat16"),
     "int8": dict(quantization="int8"),
     "int4": dict(quantization="int4", group_size=128),
+    # the opt-in int8-activation decode kernels (QuantizationConfig(activations="int8"))
+    "int8-a8": dict(quantization="int8", activations="int8"),
+    "int4-a8": dict(quantization="int4", group_size=128, activations="int8"),
 }
 LLAMA_MODES = {"F32": "F32", "Q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
-PAIRS = (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("fp32", "F32"))
-TARGET_VS_FP32 = {"bf16": 1.8, "int8": 3.0, "int4": 4.5}
+PAIRS = (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int8-a8", "Q8_0"), ("int4-a8", "Q4_K_M"), ("fp32", "F32"))
+TARGET_VS_FP32 = {"bf16": 1.8, "int8": 3.0, "int4": 4.5, "int8-a8": 3.0, "int4-a8": 4.5}
 
 
 def _ids(B: int, S: int, seed: int) -> np.ndarray:
@@ -101,8 +106,10 @@ def worker_ours(folder: str, mode: str, reps: int, logits_out: str) -> dict:
     ms.set_device("CPU")
     from qwen3moe import Qwen3MoeForCausalLM
 
+    from common import load_kwargs
+
     t0 = time.perf_counter()
-    model = Qwen3MoeForCausalLM.from_pretrained(folder, **MODES[mode])
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, **load_kwargs(MODES[mode]))
     out: dict = {"load_s": time.perf_counter() - t0,
                  "load_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     out.update(measure(model, reps))

@@ -11,6 +11,10 @@ dispatch is timed), modes alternating call by call so machine load hits them ali
 gets a fresh random input, so the router picks fresh experts and weights stream from memory.
 Prints best / median ms per layer (attn + moe) and the ratio fp32 / mode of the medians.
 --head adds the lm_head (vocab 151936) per mode: fp32 1.2 GB more.
+--profile: batch 1, attention / MoE / lm_head op by op per mode (the head in the model's storage:
+int8 per channel in the quantized modes), ms and GB/s of the weight bytes each op reads, plus the
+"-a8" modes (the same int8 / int4 weights, int8 activations); --experts 32 keeps the fp32 run
+under 2 GB (8 of 32 experts per call are still far beyond the L3).
 --rows T ... times the prefill-shaped forward ops instead (kernels/csrc/quant_ops.cc; fp32: the
 linear.cc / moe_fused.cc ops the fp32 model runs): q_proj (4096 x 2048) on T rows and the fused
 experts on T tokens (top-8 of 128 drawn at random: ~T/16 rows per expert), best / median ms.
@@ -50,14 +54,54 @@ def weight(rng, shape, mode):
     return [q, s, z]
 
 
-def layer(rng, mode, head):
+def layer(rng, mode, head, E=E, head_mode=None):
     w = {name: weight(rng, shape, mode) for name, shape in
          (("wq", (N * D, H)), ("wk", (K * D, H)), ("wv", (K * D, H)), ("wo", (H, N * D)),
           ("wgu", (E, 2 * F, H)), ("wd", (E, H, F)))}
     w["wr"] = weight(rng, (E, H), "fp32")  # the router stays as loaded (fp32 here)
     if head:
-        w["head"] = weight(rng, (V, H), mode)
+        w["head"] = weight(rng, (V, H), head_mode or mode)
     return w
+
+
+def profile(modes, reps, rng, E) -> None:
+    """B=1 attention, MoE and lm_head ops per mode, modes alternating call by call."""
+    base = {m.removesuffix("-a8") for m in modes}
+    layers = {m: layer(rng, m, True, E, "int8" if m in ("int8", "int4") else m) for m in sorted(base)}
+    nbytes = lambda arrs: sum(a.nbytes for a in arrs)  # noqa: E731
+    ones = lambda n: np.ones(n, np.float32)  # noqa: E731
+    kc, vc = rng.standard_normal((2, 1, K, T, D), dtype=np.float32)
+    bias = np.where(np.arange(T) < 200, 0.0, np.finfo(np.float32).min).astype(np.float32).reshape(1, 1, T)
+    cos, sin = np.ones((1, 1, D), np.float32), np.zeros((1, 1, D), np.float32)
+    meta = np.array([199, TOPK, 1, 0], np.int32)
+    call = Kernel()
+    times = {(m, op): [] for m in modes for op in ("attn", "moe", "head")}
+    for _ in range(reps):
+        x = rng.standard_normal((1, 1, H), dtype=np.float32)
+        for m in modes:
+            w = layers[m.removesuffix("-a8")]
+            fcfg = np.array([1e-6, D ** -0.5, float(m.endswith("-a8"))], np.float32)
+            h, y, logits = np.empty_like(x), np.empty_like(x), np.empty((1, V), np.float32)
+            t0 = time.perf_counter()
+            call("DecodeAttn", [x, ones(H), *w["wq"], *w["wk"], *w["wv"], ones(D), ones(D), *w["wo"], kc, vc, cos, sin,
+                                bias, meta, fcfg, h])
+            t1 = time.perf_counter()
+            call("DecodeMoe", [h, ones(H), *w["wr"], *w["wgu"], *w["wd"], meta, fcfg, y])
+            t2 = time.perf_counter()
+            call("DecodeHead", [y, ones(H), *w["head"], fcfg, logits])
+            t3 = time.perf_counter()
+            for op, dt in (("attn", t1 - t0), ("moe", t2 - t1), ("head", t3 - t2)):
+                times[m, op].append(1e3 * dt)
+    for m in modes:
+        w = layers[m.removesuffix("-a8")]
+        read = {"attn": nbytes(w["wq"] + w["wk"] + w["wv"] + w["wo"]),
+                "moe": nbytes(w["wr"]) + TOPK / E * nbytes(w["wgu"] + w["wd"]), "head": nbytes(w["head"])}
+        parts = []
+        for op in ("attn", "moe", "head"):
+            med = float(np.median(times[m, op]))
+            parts.append(f"{op} {med:7.3f} ms {read[op] / med / 1e6:5.1f} GB/s")
+        total = sum(float(np.median(times[m, op])) for op in ("attn", "moe", "head"))
+        print(f"B=1 {m:8s} " + " | ".join(parts) + f" | 1 layer + head {total:7.3f} ms", flush=True)
 
 
 class Kernel:
@@ -121,7 +165,11 @@ def main() -> None:
     ap.add_argument("--head", action="store_true")
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--rows", type=int, nargs="+", help="time the prefill ops on these row counts instead")
+    ap.add_argument("--profile", action="store_true", help="B=1 op by op with the model's head storage")
+    ap.add_argument("--experts", type=int, default=E)
     a = ap.parse_args()
+    if a.profile:
+        return profile(a.modes, a.reps, np.random.default_rng(0), a.experts)
     call = Kernel()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()

@@ -52,7 +52,7 @@ def _store(rng, w: dict, mode: str, g, head_mode: str):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mode=st.sampled_from(["bf16", "int8", "int4"]), head_mode=st.sampled_from(["fp32", "bf16", "int8", "int4"]),
-       b=st.integers(1, 6), H=st.sampled_from([32, 64, 40]), d=st.sampled_from([16, 32]), g=st.sampled_from([None, 16, 32]),
+       b=st.integers(1, 6), H=st.sampled_from([32, 64, 40, 48]), d=st.sampled_from([16, 32]), g=st.sampled_from([None, 16, 32]),
        e=st.integers(2, 9), i=st.sampled_from([32, 64, 24]), top_k=st.integers(1, 4), portable=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_quantized_layer_matches_numpy(mode, head_mode, b, H, d, g, e, i, top_k, portable, seed):

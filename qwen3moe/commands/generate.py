@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="quantize the projections while loading (int8 per channel, int4 group-wise)")
     p.add_argument("--group_size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
+    p.add_argument("--activations", default="float32", choices=("float32", "int8"),
+                   help="with --quantize: int8 = decode steps with int8 activations and integer dot products "
+                        "(opt-in, docs/quantization.md); float32 = weight-only (default)")
     # --use_parallel True --parallel_config.model_parallel N ... (under `qwen3moe launch`)
     p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")
     for key in PARALLEL_KEYS:
@@ -68,7 +71,8 @@ def request(args: argparse.Namespace):
 
     return GenerateRequest(args.pretrained_model_dir, args.predict_data, args.predict_batch_size, args.chat,
                            args.enable_thinking, args.stream, args.ignore_eos,
-                           {k: getattr(args, k) for k in OPTION_KEYS}, args.dtype, args.quantize, args.group_size)
+                           {k: getattr(args, k) for k in OPTION_KEYS}, args.dtype, args.quantize, args.group_size,
+                           args.activations)
 
 
 def run_parallel(args: argparse.Namespace, req) -> int:

@@ -37,6 +37,17 @@ class GenerateRequest:
     dtype: str = "float32"              # weights in memory: float32, bfloat16, auto (the folder's)
     quantize: str | None = None         # int8 / int4 projections, quantized while loading
     group_size: int | None = None       # int4 group size
+    activations: str = "float32"        # with quantize: int8 = the opt-in int8-activation decode kernels
+
+    def quantization(self):
+        """from_pretrained's quantization: None, or a QuantizationConfig of the flags."""
+        from qwen3moe.layers.quant import QuantizationConfig
+
+        if self.quantize is None:
+            if self.activations != "float32":
+                raise GenerationError(f"--activations {self.activations} needs --quantize int8/int4")
+            return None
+        return QuantizationConfig.from_name(self.quantize, self.group_size, self.activations)
 
     def check(self) -> Path:
         """The model folder, after the checks that need no model."""
@@ -81,7 +92,8 @@ def load(req: GenerateRequest, build: Callable[[Path], Any] | None = None):
         tok = Tokenizer.from_pretrained(folder)
         if build is None:
             model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if req.dtype == "auto" else req.dtype,
-                                                        quantization=req.quantize, group_size=req.group_size)
+                                                        quantization=req.quantization(),
+                                                        group_size=None if req.quantize else req.group_size)
         else:
             model = build(folder)
         cfg = resolve_config(model, None, req.ignore_eos, **{k: req.options.get(k) for k in OPTION_KEYS})

@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
 from qwen3moe.generation.errors import GenerationError
-from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible
+from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible, int8_activations
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
@@ -93,6 +93,9 @@ class DecodeEngine:
         self.fused = fused_eligible(model)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
             self.cell = FusedStepCell(model, batch, self.cell.k_cache, self.cell.v_cache)
+        elif int8_activations(model):
+            raise GenerationError("quantization activations='int8' runs in the fused decode kernels, which do not "
+                                  "apply to this model (a parallel plan, attention biases or act-order GPTQ maps)")
         moe = model.config
         self.meta_head = [int(moe.num_experts_per_tok), int(bool(moe.norm_topk_prob)), 0]
         self.valid_BT = np.zeros((batch, slots), bool)  # slots a query may attend (real tokens)

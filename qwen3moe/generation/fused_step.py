@@ -54,6 +54,12 @@ def fused_eligible(model: nn.Cell) -> bool:
     return not any(getattr(layer.self_attn.q_proj, "bias", None) is not None for layer in model.model.layers)
 
 
+def int8_activations(model: nn.Cell) -> bool:
+    """The model was loaded with QuantizationConfig(activations="int8")."""
+    q = getattr(model, "quantization", None)
+    return q is not None and q.activations == "int8"
+
+
 def _kernel_moe(layer: nn.Cell) -> bool:
     return bool(layer.is_sparse) and layer.mlp.capacity_factor is None
 
@@ -68,7 +74,9 @@ class FusedStepCell(nn.Cell):
         cfg = model.config
         self.k_cache, self.v_cache = k_cache, v_cache
         self.ops1 = decode_kernel.DecodeOps(batch, 1, cfg.hidden_size, cfg.vocab_size)
-        self.fcfg = Tensor(np.array([cfg.rms_norm_eps, cfg.head_dim ** -0.5], np.float32))
+        # third element: the opt-in int8-activation mode of the quantized rows (kernels/csrc/quant_vnni.h)
+        self.fcfg = Tensor(np.array([cfg.rms_norm_eps, cfg.head_dim ** -0.5, float(int8_activations(model))],
+                                    np.float32))
         self.attn_kernel = attention_kernel.available()
 
     @ms.jit

@@ -44,4 +44,5 @@ def _load_quantized(cls, directory, config, param_dtype, quantization, group_siz
         if group_size is not None:
             raise CheckpointError("group_size is only used with quantization='int8'/'int4'")
         return None
+    qc.check_runnable()
     return load_quantizing(cls, directory, config, qc, param_dtype)

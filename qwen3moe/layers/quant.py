@@ -42,6 +42,7 @@ class QuantizationError(ValueError):
 
 
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group per output row (per channel)
+ACTIVATIONS = ("float32", "int8")  # decode-step activations: weight-only (default) or int8 (VNNI)
 LM_HEAD_BITS = 8  # lm_head: int8 per output channel in every mode (docs/quantization.md)
 
 
@@ -51,12 +52,16 @@ class QuantizationConfig:
     untied lm_head in int8 per channel); embeddings, norms and the router stay as loaded.
 
     bits 8 or 4; group_size along the input dimension, -1 = per output channel; sym False and
-    desc_act True only come from GPTQ folders (zero points / act-order group maps read as is)."""
+    desc_act True only come from GPTQ folders (zero points / act-order group maps read as is).
+    activations "int8" (opt-in, docs/quantization.md): the decode steps' fused kernels quantize
+    their activations to int8 per 16-input block and take integer dot products (AVX512-VNNI);
+    prefill and forward keep float32 activations. It needs the fused decode kernels."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False
+    activations: str = "float32"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -64,14 +69,16 @@ class QuantizationConfig:
         if self.group_size not in GROUP_SIZES:
             raise QuantizationError(f"quantization group_size must be one of {GROUP_SIZES} "
                                     f"(-1 = per output channel), got {self.group_size!r}")
+        if self.activations not in ACTIVATIONS:
+            raise QuantizationError(f"quantization activations must be one of {ACTIVATIONS}, got {self.activations!r}")
 
     @classmethod
-    def from_name(cls, name: str, group_size: int | None = None) -> "QuantizationConfig":
+    def from_name(cls, name: str, group_size: int | None = None, activations: str = "float32") -> "QuantizationConfig":
         """"int8" (per channel unless group_size is given) or "int4" (group_size default 128)."""
         if name == "int8":
-            return cls(8, -1 if group_size is None else group_size)
+            return cls(8, -1 if group_size is None else group_size, activations=activations)
         if name == "int4":
-            return cls(4, 128 if group_size is None else group_size)
+            return cls(4, 128 if group_size is None else group_size, activations=activations)
         raise QuantizationError(f"quantization must be 'int8' or 'int4', got {name!r}")
 
     @classmethod
@@ -82,6 +89,18 @@ class QuantizationConfig:
                 raise QuantizationError("group_size is set both in the QuantizationConfig and as an argument")
             return quantization
         return cls.from_name(str(quantization), group_size)
+
+    @property
+    def int8_activations(self) -> bool:
+        return self.activations == "int8"
+
+    def check_runnable(self) -> None:
+        """activations='int8' exists only in the fused decode kernels: refuse it where they are not built."""
+        from qwen3moe.kernels import decode as decode_kernel
+
+        if self.int8_activations and not decode_kernel.available():
+            raise QuantizationError("quantization activations='int8' needs the fused decode kernels, which are not "
+                                    "available here (QWEN3MOE_KERNELS=0, or no C++ compiler)")
 
     def group_for(self, in_features: int, what: str = "weight") -> int:
         g = in_features if self.group_size == -1 else self.group_size

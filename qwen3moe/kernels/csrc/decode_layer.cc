@@ -82,6 +82,11 @@ struct Args {
   }
 };
 
+// fcfg[2] != 0 (a third element, optional): the opt-in int8-activation mode (quant_vnni.h)
+static inline bool act8_mode(int *ndims, int64_t **shapes, int ifcfg, const float *fcfg) {
+  return ndims[ifcfg] == 1 && shapes[ifcfg][0] >= 3 && fcfg[2] != 0.0f;
+}
+
 struct AttnDims {
   int64_t B, S, H, N, K, G, D, T;
 };
@@ -161,7 +166,7 @@ static void attend(const float *q, const float *kc, const float *vc, const float
 // inputs: x [B,S,H], ln1 [H], wq [N*D,H], wk [K*D,H], wv [K*D,H], q_norm [D], k_norm [D],
 //         wo [H,N*D], k_cache [B,K,T,D], v_cache [B,K,T,D], cos [B,S,D], sin [B,S,D], bias [B,S,T],
 //         meta int32 [4] (first slot written, top_k, norm_topk_prob, unused),
-//         fcfg float32 [2] (rms eps, attention scale)
+//         fcfg float32 [2 or 3] (rms eps, attention scale[, 1 = int8 activations, act8_mode])
 // output: y [B,S,H] = x + o_proj(attention(rms(x)))
 // Each weight is float32, bfloat16 or (qweight, scales, qzeros) (see Args); norms float32 or bf16.
 // Query s of row b is written to slot meta[0] + s and sees the keys its bias row allows.
@@ -194,9 +199,12 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t slot0 = meta[0];
   if (!a.ok || d.N % d.K != 0 || slot0 < 0 || slot0 + d.S > d.T) return 1;
   const float eps = fcfg[0], scale = fcfg[1];
+  const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   const int64_t R = d.B * d.S, QKV = ND + 2 * KD;
   std::vector<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
+  ActQ xq8, xq4, oq8, oq4;
+  const XIn xin = prepare_x(xn.data(), d.H, R, d.H, act8, {&wq, &wk, &wv}, xq8, xq4);
   Pool &pool = Pool::get();
   // q | k | v projections as one row range over the three weights
   const int64_t cq = nchunks(ND), ck = nchunks(KD);
@@ -205,7 +213,7 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
     const int64_t rows = c < cq ? ND : KD, base = c < cq ? 0 : (c < cq + ck ? ND : ND + KD);
     const int64_t cc = c < cq ? c : (c < cq + ck ? c - cq : c - cq - ck);
     const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
-    mat_dot(W, o0, o1, xn.data(), d.H, R, qkv.data() + base, QKV);
+    mat_dot(W, o0, o1, xin, qkv.data() + base, QKV);
   });
   // one task per (row b, kv head k): its S keys/values are normed, rotated and written to the
   // cache first, then its G query heads of every query attend (no other task touches them)
@@ -230,9 +238,10 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
       }
     }
   });
+  const XIn oin = prepare_x(o.data(), ND, R, ND, act8, {&wo}, oq8, oq4);
   pool.run(nchunks(d.H), [&](int64_t c) {
     const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
-    mat_dot(wo, o0, o1, o.data(), ND, R, y, d.H);
+    mat_dot(wo, o0, o1, oin, y, d.H);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t i = o0; i < o1; ++i) y[r * d.H + i] = x[r * d.H + i] + y[r * d.H + i];
   });
@@ -265,7 +274,7 @@ static void route(const float *logits, const MoeDims &d, bool norm, int32_t *idx
 }
 
 // inputs: h [R,H], ln2 [H], router [E,H], gate_up [E,2I,H], down [E,H,I],
-//         meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2] (rms eps, unused)
+//         meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2 or 3] (rms eps, unused[, int8 activations])
 // output: y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h)); weights and ln2 as in DecodeAttn
 extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
@@ -305,6 +314,9 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   for (int64_t a = 0; a < A; ++a) row[a] = cur[idx[a]]++;
   std::vector<float> zs(A * d.H);
   for (int64_t a = 0; a < A; ++a) std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
+  const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
+  ActQ zq8, zq4;
+  const XIn zin = prepare_x(zs.data(), d.H, A, d.H, act8, {&wgu}, zq8, zq4);
   std::vector<int64_t> active;
   for (int64_t e = 0; e < d.E; ++e)
     if (off[e + 1] > off[e]) active.push_back(e);
@@ -326,15 +338,18 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
     const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
     const QMat we = wgu.rows(e * d.I2);
     float *g = gu.data() + part * A * 2 * Is + r0 * 2 * Is, *u = g + n * Is;  // [n, Is] each
-    mat_dot(we.rows(i0), 0, ni, zs.data() + r0 * d.H, d.H, n, g, Is);
-    mat_dot(we.rows(d.I + i0), 0, ni, zs.data() + r0 * d.H, d.H, n, u, Is);
+    const XIn zr = zin.rows(r0, n);
+    mat_dot(we.rows(i0), 0, ni, zr, g, Is);
+    mat_dot(we.rows(d.I + i0), 0, ni, zr, u, Is);
     for (int64_t a = 0; a < n; ++a)
       for (int64_t i = 0; i < ni; ++i) {
         const float gv = g[a * Is + i];
         g[a * Is + i] = gv / (1.0f + std::exp(-gv)) * u[a * Is + i];
       }
     // down slice: ye[part][r0 + a][h] = wd[e][h, i0:i0+ni] . act[a, :ni]
-    mat_dot(wd.rows(e * d.H).cols(i0, ni), 0, d.H, g, Is, n, ye.data() + (part * A + r0) * d.H, d.H);
+    const QMat wds = wd.rows(e * d.H).cols(i0, ni);
+    ActQ gq8, gq4;
+    mat_dot(wds, 0, d.H, prepare_x(g, Is, n, ni, act8, {&wds}, gq8, gq4), ye.data() + (part * A + r0) * d.H, d.H);
   });
   pool.run(d.R, [&](int64_t r) {
     float *yr = y + r * d.H;
@@ -371,7 +386,7 @@ extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// inputs: x [B,S,H], norm [H], lm_head [V,H] (any weight storage, see Args), fcfg float32 [2]
+// inputs: x [B,S,H], norm [H], lm_head [V,H] (any weight storage, see Args), fcfg float32 [2 or 3]
 // output: logits [B,V] of the last position: lm_head(rms(x[:, S-1]))
 extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
@@ -389,10 +404,36 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   float *y = static_cast<float *>(params[iy]);
   std::vector<float> z(B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
+  ActQ zq8, zq4;
+  const XIn zin = prepare_x(z.data(), H, B, H, act8_mode(ndims, shapes, ifcfg, fcfg), {&W}, zq8, zq4);
   const int64_t chunk = 256, nc = (V + chunk - 1) / chunk;  // see kChunk
   Pool::get().run(nc, [&](int64_t c) {
     const int64_t o1 = (c + 1) * chunk < V ? (c + 1) * chunk : V;
-    mat_dot(W, c * chunk, o1, z.data(), H, B, y, V);
+    mat_dot(W, c * chunk, o1, zin, y, V);
+  });
+  return 0;
+}
+
+// inputs: x [B,I] float32, w [O,I] (any weight storage, see Args), fcfg float32 [2 or 3]
+// output: y [B,O] = x @ W^T through the decode row kernels (the head's loop without its norm):
+// the entry tests/test_act8_kernel.py checks the row kernels through, on arbitrary x
+extern "C" int DecodeRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  Args args{nparam, params, ndims, shapes, dtypes};
+  const int ix = args.take();
+  if (!args.ok || ndims[ix] != 2 || !dtype_is(dtypes[ix], "float32")) return 1;
+  const int64_t B = shapes[ix][0], I = shapes[ix][1];
+  int64_t O;
+  const QMat W = args.weight(I, 0, &O);
+  const int ifcfg = args.take(), iy = args.take();
+  if (!args.ok || args.i != nparam || ndims[iy] != 2 || shapes[iy][0] != B || shapes[iy][1] != O) return 1;
+  const float *x = static_cast<const float *>(params[ix]), *fcfg = static_cast<const float *>(params[ifcfg]);
+  float *y = static_cast<float *>(params[iy]);
+  ActQ q8, q4;
+  const XIn in = prepare_x(x, I, B, I, act8_mode(ndims, shapes, ifcfg, fcfg), {&W}, q8, q4);
+  Pool::get().run(nchunks(O), [&](int64_t c) {
+    const int64_t o1 = (c + 1) * kChunk < O ? (c + 1) * kChunk : O;
+    mat_dot(W, c * kChunk, o1, in, y, O);
   });
   return 0;
 }

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "quant_common.h"
+#include "quant_vnni.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -97,4 +98,13 @@ static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const float *x
     rows_dot_ld(reinterpret_cast<const float *>(W.w), W.ld / 4, W.I, o0, o1, x, ldx, nb, y, ldy);
   else
     rows_dot_q(W, o0, o1, x, ldx, nb, y, ldy);
+}
+
+// The same with activations from prepare_x: int8 / int4 rows whose kind has quantized
+// activations there take the int8-activation arithmetic (quant_vnni.h)
+static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const XIn &in, float *y, int64_t ldy) {
+  if (W.quantized() && in.for_kind(W.kind).q != nullptr && in.for_kind(W.kind).I == W.I && act8_fits(W))
+    act8_rows(W, o0, o1, in.for_kind(W.kind), in.nb, y, ldy);
+  else
+    mat_dot(W, o0, o1, in.x, in.ldx, in.nb, y, ldy);
 }

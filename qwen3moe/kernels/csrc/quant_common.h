@@ -135,6 +135,19 @@ struct GroupQ {
   }
 };
 
+// 32 bf16 weights (one 64-byte load) -> two float32 vectors in natural order: each word moved to
+// the high half of its dword by one zero-masking vpermw (instead of a zero-extend and a shift per
+// 16 weights: at 8 batch rows the bf16 loop ran 1.8x faster, bench/rows_bw.cc ROWS_BW_HOT)
+static inline void bf16x32(const uint8_t *p, __m512 &lo, __m512 &hi) {
+  const __m512i v = _mm512_loadu_si512(p);
+  const __m512i ilo = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0,
+                                       1, 0, 0, 0);
+  const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+  const __mmask32 odd = 0xAAAAAAAAu;
+  lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(odd, ilo, v));
+  hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(odd, ihi, v));
+}
+
 // 16 bf16 weights -> float32
 static inline __m512 bf16x16(const uint8_t *p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
@@ -174,9 +187,9 @@ struct RowPrefetch {
   }
 };
 
-// Elements per inner step: int4 dequantizes 32 (two vectors), the others 16.
+// Elements per inner step: int4 and bf16 widen 32 (two vectors), int8 16.
 template <int KIND>
-constexpr int64_t kStep = KIND == kQ4 ? 32 : 16;
+constexpr int64_t kStep = KIND == kQ8 ? 16 : 32;
 
 // y[b * ldy + r] = W[o + r, :] . x[b, :] for 4 rows r and NB batch rows; x in the kernel order
 // (for int4 each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0, g % kStep == 0.
@@ -203,12 +216,22 @@ static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx
     for (int64_t h = gi * g; h < (gi + 1) * g; h += kStep<KIND>) {
       if (next) pf.step(4 * step_bytes);
       const int64_t off = QMat::bytes_for(KIND, h);
-      if (KIND == kQ4) {
+      if (KIND == kBF16 && h + 32 > W.I) {  // bf16 rows of 16 * odd: the last 16 alone
+        __m512 xv[NB];
+        for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + h);
+        for (int r = 0; r < 4; ++r) {
+          const __m512 wv = bf16x16(w0 + r * W.ld + off);
+          for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+        }
+      } else if (KIND == kQ4 || KIND == kBF16) {  // bf16: natural order (lo, hi), as the fp32 loop sums
         __m512 xe[NB], xo[NB];
         for (int b = 0; b < NB; ++b) xe[b] = _mm512_loadu_ps(x + b * ldx + h), xo[b] = _mm512_loadu_ps(x + b * ldx + h + 16);
         for (int r = 0; r < 4; ++r) {
           __m512 we, wo;
-          q4x32(w0 + r * W.ld + off, q[r], we, wo);
+          if (KIND == kQ4)
+            q4x32(w0 + r * W.ld + off, q[r], we, wo);
+          else
+            bf16x32(w0 + r * W.ld + off, we, wo);
           for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wo, xo[b], _mm512_fmadd_ps(we, xe[b], acc[r][b]));
         }
       } else {
@@ -216,7 +239,7 @@ static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx
         for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + h);
         for (int r = 0; r < 4; ++r) {
           const uint8_t *p = w0 + r * W.ld + off;
-          const __m512 wv = KIND == kBF16 ? bf16x16(p) : (ROWSCALE ? q8x16_unscaled(p, q[r]) : q8x16(p, q[r]));
+          const __m512 wv = ROWSCALE ? q8x16_unscaled(p, q[r]) : q8x16(p, q[r]);
           for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
         }
       }
