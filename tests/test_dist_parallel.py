@@ -260,10 +260,15 @@ def test_sharded_load_peak_rss_per_rank_is_about_the_shard(tmp_path):
         assert growth < 0.75 * full, (growth, full)
 
 
+_RESUME_LAYOUTS = {"tp2": ["--parallel_config.model_parallel", "2"], "dp2": ["--parallel_config.data_parallel", "2"],
+                   "pp2": ["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "pp2"])
 def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
-    """tp = 2 (weights sharded, not only replicated; sharded checkpoints) and dp = 2 (compiled
+    """tp = 2 (weights sharded, not only replicated; sharded checkpoints), pp = 2 (each stage
+    its layers and AdamW state, sharded checkpoints) and dp = 2 (compiled
     replicas; single-process checkpoints written by rank 0): a 4-step run saving every
     2 steps; resuming from step 2 in a new launch logs exactly the first run's steps 3-4 (model
     + AdamW moments + step restored; batches and lr are functions of the step); rank 0
@@ -281,9 +286,8 @@ def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
     common = ["--config", str(tmp_path / "t.yaml"), "--model.model_config.num_hidden_layers", "2",
               f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
               "--runner_config.train_steps", "4", "--runner_config.batch_size", "2", "--optimizer.eps", "1e-3",
-              "--use_parallel", "True",
-              "--parallel_config.model_parallel" if layout == "tp2" else "--parallel_config.data_parallel", "2"]
-    ck, steps = ("checkpoint_sharded", ["step_2", "step_4"]) if layout == "tp2" else \
+              "--use_parallel", "True", *_RESUME_LAYOUTS[layout]]
+    ck, steps = ("checkpoint_sharded", ["step_2", "step_4"]) if layout != "dp2" else \
         ("checkpoint", ["step_00000002", "step_00000004"])
 
     def losses(log_dir, r=0):
@@ -353,7 +357,12 @@ _DP2, _ZERO1 = ["--parallel_config.data_parallel", "2"], ["--parallel.enable_par
     # its own token mean (eod_mask_loss: unequal label counts), as the engine's accumulation groups
     pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, True,
                  marks=pytest.mark.slow),
-], ids=["tp2", "tp2-plain", "dp2ep2", "dp2", "dp2-zero1", "pp2"])
+    # 4 processes: two pipeline stages of two data-parallel ranks (each micro-batch's rows split)
+    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"] + _DP2, True,
+                 True, marks=pytest.mark.slow),
+    # pipeline micro-batches without a pipeline: the compiled step accumulates over them
+    pytest.param(_DP2 + ["--parallel_config.micro_batch_num", "2"], True, True, marks=pytest.mark.slow),
+], ids=["tp2", "tp2-plain", "dp2ep2", "dp2", "dp2-zero1", "pp2", "pp2dp2", "dp2-mb2"])
 def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):
     """`pretrain --use_parallel` on Megatron .bin/.idx data (reset_position_ids and eod_mask_loss
     true or false) == single-process TrainStep on the same batches: the loss every rank logs, rank
@@ -380,11 +389,12 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mas
     M = int(layout[layout.index("--parallel_config.micro_batch_num") + 1]) if "--parallel_config.micro_batch_num" \
         in layout else 1
     overrides += ["--runner_config.batch_size", str(4 // M), "--runner_config.gradient_accumulation_steps", str(M)]
+    world = 4 if "--parallel_config.pipeline_stage" in layout and "--parallel_config.data_parallel" in layout else 2
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
-                        "--use_parallel", "True", *layout)
+                        "--use_parallel", "True", *layout, nproc=world, timeout=240 * world // 2)
     assert rc == 0, err[-3000:]
     got = {}
-    for r in (0, 1):
+    for r in range(world):
         text = (tmp_path / "logs" / f"worker_{r}.log").read_text()
         got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+(?:/3)? loss ([0-9.]+)", text, re.M)]
         assert "compiled" in text  # every layout but sequence parallelism: the compiled per-rank step
@@ -400,7 +410,7 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mas
     opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     step = TrainStep(model, opt, clip=cfg.runner_wrapper.max_grad_norm, schedule=sched, **cfg.moe_training())
     ref = [step(data.batch(i))["loss"] for i in range(steps)]
-    for r in (0, 1):
+    for r in range(world):
         np.testing.assert_allclose(got[r], ref, rtol=2e-5)  # printed with 6 decimals
     recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([rec["loss"] for rec in recs], ref, rtol=2e-6)
