@@ -1,7 +1,7 @@
 """`pretrain --use_parallel` on the compiled per-rank step (parallel/step.py) for the layouts it
-supports (`supports`): pure data parallelism (the whole model per rank), tensor and expert
-parallelism (this rank's model from parallelize.py, vocab-parallel cross-entropy), each with
-or without ZeRO-1.
+supports (`supports`): pure data parallelism (the whole model per rank), tensor (also with
+sequence parallel) and expert parallelism (this rank's model from parallelize.py,
+vocab-parallel cross-entropy), each with or without ZeRO-1.
 
 Checkpoints: pure dp without ZeRO-1 writes single-process training checkpoints from rank 0
 (`output_dir/checkpoint`, replicas are identical; every rank resumes from them, exportable with
@@ -23,9 +23,10 @@ Log = Callable[[str], None]
 
 
 def supports(cfg, mesh) -> bool:
-    """Layouts this path trains: dp, tp, ep, pp (1F1B, pipeline_step.py) and their products, any
-    micro_batch_num; sequence parallelism still runs parallel/trainer.py's per-rank engine."""
-    return mesh.world_size > 1 and not mesh.sp
+    """Layouts this path trains: dp, tp (with or without sequence parallel), ep, pp
+    (pipeline_step.py) and their products, any micro_batch_num; sequence parallel with pp > 1
+    still runs parallel/trainer.py's per-rank engine (parallelize.py has no sp pipeline stages)."""
+    return mesh.world_size > 1 and not (mesh.sp and mesh.pp > 1)
 
 
 def zero1_enabled(cfg, mesh) -> bool:
@@ -66,6 +67,9 @@ def train(cfg, mesh, rank: int, log: Log = lambda s: None) -> int:
                               f"micro-batches x data_parallel {mesh.dp} (parallel_config.micro_batch_num "
                               f"{mesh.micro_batch_num}, gradient_accumulation_steps {r.gradient_accumulation_steps})")
     coll = ProcessCollectives(mesh, rank)
+    from qwen3moe.parallel import backend
+
+    log(f"rank {rank}: collectives {backend.get().kind} (QWEN3MOE_COLLECTIVES={backend.choice()})")
     ms.set_seed(cfg.seed)
     model, entries, ce, layers = _rank_model(cfg, mesh, rank, coll)
     data, samples = build_data(cfg, requested_samples(cfg))

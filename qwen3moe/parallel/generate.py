@@ -42,15 +42,16 @@ class ParallelGeneration:
     summary: str
 
 
-def check_request(req: GenerateRequest, mesh: Mesh) -> None:
+def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = None) -> None:
     """Refused before any process does work: a layout the model or the launch cannot take
-    (config.json is read, no weights), and what the sharded paths cannot do."""
+    (config.json is read, no weights), and what the sharded paths cannot do. world_size: the
+    process count (default: the one the launcher announced)."""
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import launched_world_size
     from qwen3moe.parallel.parallelize import check_layout
 
     cfg = Qwen3MoeConfig.from_pretrained(req.check())
-    size = launched_world_size()
+    size = launched_world_size() if world_size is None else world_size
     mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
                   num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0,
                   world_size=size if size > 1 else None)
@@ -61,6 +62,8 @@ def check_request(req: GenerateRequest, mesh: Mesh) -> None:
     if req.quantize or req.dtype != "float32":
         raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
     if mesh.pp == 1:
+        if mesh.sp:  # the compiled decode step calls the layers' modules on whole [B, S, H] rows
+            raise GenerationError("sequence parallel (sp) is a training layout; generate without it (same shards)")
         check_layout(cfg, mesh)
         return
     if req.options.get("do_sample"):
@@ -135,10 +138,10 @@ def all_done(mine: bool) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _world_sum():
-    """One AllReduce primitive for every step (not one built per call)."""
-    from mindspore import ops
+    """One world all-reduce for every step (not one built per call)."""
+    from qwen3moe.parallel import backend
 
-    return ops.AllReduce()
+    return backend.get().all_reduce(None, "rows done")
 
 
 def gather_texts(text: str, size: int) -> list[str]:
