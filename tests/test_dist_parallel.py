@@ -261,14 +261,16 @@ def test_sharded_load_peak_rss_per_rank_is_about_the_shard(tmp_path):
 
 
 PRETRAIN_LAYOUTS = {"tp2": ["--parallel_config.model_parallel", "2"], "dp2": ["--parallel_config.data_parallel", "2"],
-                    "tp2sp": ["--parallel_config.model_parallel", "2", "--parallel_config.use_seq_parallel", "True"]}
+                    "tp2sp": ["--parallel_config.model_parallel", "2", "--parallel_config.use_seq_parallel", "True"],
+                    "pp2": ["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "dp2", "tp2sp"])
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "tp2sp", "pp2"])
 def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
     """tp = 2 (weights sharded, not only replicated; sharded checkpoints), tp = 2 with sequence
-    parallel (the same shards and checkpoints) and dp = 2 (compiled
+    parallel (the same shards and checkpoints), pp = 2 (each stage its layers and AdamW state,
+    sharded checkpoints) and dp = 2 (compiled
     replicas; single-process checkpoints written by rank 0): a 4-step run saving every
     2 steps; resuming from step 2 in a new launch logs exactly the first run's steps 3-4 (model
     + AdamW moments + step restored; batches and lr are functions of the step); rank 0
@@ -356,11 +358,16 @@ _SP = ["--parallel_config.use_seq_parallel", "True"]
     pytest.param(_DP2 + ["--parallel_config.expert_parallel", "2"], True, True, marks=pytest.mark.slow),
     pytest.param(_DP2, True, True, marks=pytest.mark.slow),
     pytest.param(_DP2 + _ZERO1, True, True, marks=pytest.mark.slow),
-    # 1F1B needs micro_batch_num >= pp: the reference accumulates the same two micro-batches, each
-    # its own token mean (eod_mask_loss: unequal label counts), as the engine's accumulation groups
+    # a pipeline needs micro_batch_num >= pp: the reference accumulates the same two micro-batches,
+    # each its own token mean (eod_mask_loss: unequal label counts), as the pipeline's groups
     pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, True,
                  marks=pytest.mark.slow),
-], ids=["tp2", "tp2-plain", "tp2sp", "dp2ep2", "dp2", "dp2-zero1", "pp2"])
+    # 4 processes: two pipeline stages of two data-parallel ranks (each micro-batch's rows split)
+    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"] + _DP2, True,
+                 True, marks=pytest.mark.slow),
+    # pipeline micro-batches without a pipeline: the compiled step accumulates over them
+    pytest.param(_DP2 + ["--parallel_config.micro_batch_num", "2"], True, True, marks=pytest.mark.slow),
+], ids=["tp2", "tp2-plain", "tp2sp", "dp2ep2", "dp2", "dp2-zero1", "pp2", "pp2dp2", "dp2-mb2"])
 def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):
     """`pretrain --use_parallel` on Megatron .bin/.idx data (reset_position_ids and eod_mask_loss
     true or false) == single-process TrainStep on the same batches: the loss every rank logs, rank
@@ -387,15 +394,15 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mas
     M = int(layout[layout.index("--parallel_config.micro_batch_num") + 1]) if "--parallel_config.micro_batch_num" \
         in layout else 1
     overrides += ["--runner_config.batch_size", str(4 // M), "--runner_config.gradient_accumulation_steps", str(M)]
+    world = 4 if "--parallel_config.pipeline_stage" in layout and "--parallel_config.data_parallel" in layout else 2
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
-                        "--use_parallel", "True", *layout)
+                        "--use_parallel", "True", *layout, nproc=world, timeout=240 * world // 2)
     assert rc == 0, err[-3000:]
     got = {}
-    for r in (0, 1):
+    for r in range(world):
         text = (tmp_path / "logs" / f"worker_{r}.log").read_text()
         got[r] = [float(x) for x in re.findall(rf"^rank {r} step \d+(?:/3)? loss ([0-9.]+)", text, re.M)]
-        # pipeline stages run the per-rank engine, every other layout the compiled step
-        assert ("compiled" in text) == ("--parallel_config.pipeline_stage" not in layout)
+        assert "compiled" in text  # every layout here: the compiled per-rank step
 
     cfg = load_task_config(str(tmp_path / "t.yaml"), overrides)
     ms.set_seed(cfg.seed)
@@ -408,7 +415,7 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mas
     opt = AdamW(model.trainable_params(), lr=sched(0), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     step = TrainStep(model, opt, clip=cfg.runner_wrapper.max_grad_norm, schedule=sched, **cfg.moe_training())
     ref = [step(data.batch(i))["loss"] for i in range(steps)]
-    for r in (0, 1):
+    for r in range(world):
         np.testing.assert_allclose(got[r], ref, rtol=2e-5)  # printed with 6 decimals
     recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([rec["loss"] for rec in recs], ref, rtol=2e-6)

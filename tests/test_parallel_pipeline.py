@@ -33,6 +33,31 @@ def test_one_f_one_b_schedule(pp, M):
             assert pos[(s, "B", m)] < pos[(s - 1, "B", m)]
 
 
+@given(pp=st.integers(1, 6), M=st.integers(1, 10))
+@settings(max_examples=40, deadline=None)
+def test_lifo_schedule_pops_the_newest_forward(pp, M):
+    """pipeline.lifo (the compiled pipeline's order, pipeline_step.py): each backward is that of
+    the newest pending forward (MindSpore keeps pending vjp forwards on a stack), every op once,
+    and the stages' lists execute without deadlock in dependency order."""
+    from qwen3moe.parallel.pipeline import lifo, run_schedule
+
+    M = max(M, pp)
+    for s in range(pp):
+        ops, pending = lifo(pp, M, s), []
+        assert sorted(ops) == sorted([("F", m) for m in range(M)] + [("B", m) for m in range(M)])
+        for op, m in ops:
+            if op == "F":
+                pending.append(m)
+            else:
+                assert pending.pop() == m
+    events = run_schedule(pp, M, lambda s, op, m: None, schedule=lifo)
+    pos = {e: i for i, e in enumerate(events)}
+    for m in range(M):
+        for s in range(1, pp):
+            assert pos[(s - 1, "F", m)] < pos[(s, "F", m)]
+            assert pos[(s, "B", m)] < pos[(s - 1, "B", m)]
+
+
 def test_schedule_order_is_the_executed_order():
     """The executor of a real pp=2, M=3 training step follows the 1F1B lists exactly."""
     from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM

@@ -12,6 +12,7 @@ state resumes with the same layout).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -22,11 +23,10 @@ Log = Callable[[str], None]
 
 
 def supports(cfg, mesh) -> bool:
-    """Layouts this path trains: dp, tp (with or without sequence parallel), ep and their
-    products with pp = 1 (parallelize.py has no pipeline stages yet); the rest run
-    parallel/trainer.py's per-rank engine. Pipeline micro-batches (micro_batch_num > 1) define
-    a per-micro-batch aux the engine computes."""
-    return mesh.world_size > 1 and mesh.pp == 1 and mesh.micro_batch_num == 1
+    """Layouts this path trains: dp, tp (with or without sequence parallel), ep, pp
+    (pipeline_step.py) and their products, any micro_batch_num; sequence parallel with pp > 1
+    still runs parallel/trainer.py's per-rank engine (parallelize.py has no sp pipeline stages)."""
+    return mesh.world_size > 1 and not (mesh.sp and mesh.pp > 1)
 
 
 def zero1_enabled(cfg, mesh) -> bool:
@@ -35,7 +35,7 @@ def zero1_enabled(cfg, mesh) -> bool:
 
 def sharded_state(cfg, mesh) -> bool:
     """Whether ranks hold different state (shards or ZeRO-1 chunks): sharded checkpoints."""
-    return zero1_enabled(cfg, mesh) or mesh.tp * mesh.ep > 1
+    return zero1_enabled(cfg, mesh) or mesh.tp * mesh.ep * mesh.pp > 1
 
 
 @dataclasses.dataclass
@@ -61,15 +61,20 @@ def train(cfg, mesh, rank: int, log: Log = lambda s: None) -> int:
     if r.batch_size % mesh.dp:
         raise TaskConfigError(f"runner_config.batch_size {r.batch_size} is not divisible by parallel_config."
                               f"data_parallel {mesh.dp} (each replica takes batch_size / dp rows)")
+    cut = math.lcm(r.gradient_accumulation_steps, mesh.micro_batch_num) // r.gradient_accumulation_steps
+    if r.batch_size % (cut * mesh.dp):
+        raise TaskConfigError(f"runner_config.batch_size {r.batch_size} is not divisible by {cut} pipeline "
+                              f"micro-batches x data_parallel {mesh.dp} (parallel_config.micro_batch_num "
+                              f"{mesh.micro_batch_num}, gradient_accumulation_steps {r.gradient_accumulation_steps})")
     coll = ProcessCollectives(mesh, rank)
     from qwen3moe.parallel import backend
 
     log(f"rank {rank}: collectives {backend.get().kind} (QWEN3MOE_COLLECTIVES={backend.choice()})")
     ms.set_seed(cfg.seed)
-    model, entries, ce = _rank_model(cfg, mesh, rank, coll)
+    model, entries, ce, layers = _rank_model(cfg, mesh, rank, coll)
     data, samples = build_data(cfg, requested_samples(cfg))
     steps = total_steps(cfg, samples)
-    step = build_step(cfg, mesh, rank, coll, model, entries, steps, log, cross_entropy=ce)
+    step = build_step(cfg, mesh, rank, coll, model, entries, steps, log, cross_entropy=ce, stage_layers=layers)
     seq = cfg.train_dataset.data_loader.config.seq_length
     peak = aggregate_peak(r.mfu_probe_size)  # a collective: every rank
     metrics = MetricsLogger(cfg.output_dir, train_flops_per_token(model.config, seq), peak) if rank == 0 else None
@@ -101,7 +106,8 @@ def _layout(mesh) -> str:
 
 def _rank_model(cfg, mesh, rank: int, coll):
     """(this rank's model, its [(Parameter, ShardInfo)], the vocab-parallel cross-entropy or
-    None). Pure dp holds the whole model; tp / ep the shards `parallelize` builds. Weights: the
+    None, its global layer ids). Pure dp holds the whole model; tp / ep / pp the shards
+    `parallelize` builds (recompute_config marks the stage's layers). Weights: the
     sharded checkpoint being resumed, else the HF folder in load_checkpoint (each rank reads its
     slices), else the seeded initialisation of one process, sliced."""
     from qwen3moe.parallel.ranks import ShardInfo
@@ -109,9 +115,10 @@ def _rank_model(cfg, mesh, rank: int, coll):
     from qwen3moe.training.recipe import build_model, model_config
 
     resume = resume_path(cfg) if sharded_state(cfg, mesh) else None
-    if mesh.tp == mesh.ep == 1:
+    if mesh.tp == mesh.ep == mesh.pp == 1:
         model = _from_sharded(cfg, resume) if resume else build_model(cfg)
-        return model, [(p, ShardInfo(p.name, "replicate", 0, 1)) for p in model.trainable_params()], None
+        entries = [(p, ShardInfo(p.name, "replicate", 0, 1)) for p in model.trainable_params()]
+        return model, entries, None, range(model.config.num_hidden_layers)
     from qwen3moe.parallel.checkpoint import load_sharded
     from qwen3moe.parallel.parallelize import VocabParallelCrossEntropy, parallelize
 
@@ -126,7 +133,18 @@ def _rank_model(cfg, mesh, rank: int, coll):
         del whole
     rm = parallelize(model_config(cfg), mesh, rank, weights, gather_logits=False, coll=coll)
     ce = VocabParallelCrossEntropy(coll.groups["tp"], rm.vocab_start) if mesh.tp > 1 else None
-    return rm.model, rm.entries, ce
+    _recompute(cfg, mesh, rm)
+    return rm.model, rm.entries, ce, rm.layers
+
+
+def _recompute(cfg, mesh, rm) -> None:
+    """recompute_config.recompute on this rank's layers (global ids as one process counts them)."""
+    from qwen3moe.training.recompute import recompute_layers
+
+    chosen = set(recompute_layers(cfg.recompute_config.recompute, cfg.model_config().num_hidden_layers, mesh.pp))
+    for j, i in enumerate(rm.layers):
+        if i in chosen:
+            rm.model.model.layers[j].recompute()
 
 
 def _from_sharded(cfg, path: str):
@@ -145,10 +163,10 @@ def _from_sharded(cfg, path: str):
 
 
 def build_step(cfg, mesh, rank: int, coll, model, entries: list, steps: int, log: Log = lambda s: None,
-               cross_entropy=None):
-    """ParallelTrainStep for this rank's model: sync groups and norm ownership from the
-    ShardInfos, the config's AdamW (ZeRO-1 with parallel.enable_parallel_optimizer), clipping,
-    schedule, aux loss."""
+               cross_entropy=None, stage_layers=None):
+    """ParallelTrainStep for this rank's model (pipeline_step.PipelineTrainStep with pp > 1 or
+    micro_batch_num > 1): sync groups and norm ownership from the ShardInfos, the config's AdamW
+    (ZeRO-1 with parallel.enable_parallel_optimizer), clipping, schedule, aux loss."""
     from qwen3moe.parallel.aux import dp_stats_reducer
     from qwen3moe.parallel.comm import MindSporeComm
     from qwen3moe.parallel.step import ParallelTrainStep, RankAdamW, owns_shard, sync_groups
@@ -174,16 +192,23 @@ def build_step(cfg, mesh, rank: int, coll, model, entries: list, steps: int, log
                               "moe_z_loss_coeff 0")
     K = model.config.num_experts_per_tok
     accum = cfg.runner_config.gradient_accumulation_steps
+    cls, extra = ParallelTrainStep, {}
+    if mesh.pp > 1 or mesh.micro_batch_num > 1:
+        from qwen3moe.parallel.pipeline_step import PipelineTrainStep, check_pipeline_losses
+
+        check_pipeline_losses(mesh, kind, mt["z_coef"])
+        cls, extra = PipelineTrainStep, dict(mesh=mesh, coll=coll, stage_layers=stage_layers)
+        accum = math.lcm(accum, mesh.micro_batch_num)  # the micro-batches a step runs
     reducer = None
     if kind == "global" and accum > 1:  # C, N pooled over micro-batches and ranks by a pre-pass
         sums = dp_stats_reducer(MindSporeComm(initialise=False))
         reducer = lambda C, N: sums(C, N)[:2] + (1,)  # noqa: E731  (gradients are summed, not averaged)
     make_opt = lambda ps, **kw: RankAdamW(ps, syncs, groups, zero1, rank=rank, **kw)  # noqa: E731
-    step = ParallelTrainStep(model, syncs=syncs, owned=owned, groups=groups, dp=mesh.dp, dp_rank=c["dp"],
-                             counts_group=groups["dp"].name, aux_kind=kind, rank=rank, owner=c["tp"] == 0,
-                             R=mesh.dp, accum=accum, log_every=trainer_config(cfg, model, steps).log_interval,
-                             log=log, aux_coef=mt["aux_coef"] / (K if kind == "megatron" else 1),
-                             z_coef=mt["z_coef"], stats_reducer=reducer, cross_entropy=cross_entropy,
-                             **step_arguments(cfg, model, steps, make_optimizer=make_opt))
+    step = cls(model, syncs=syncs, owned=owned, groups=groups, dp=mesh.dp, dp_rank=c["dp"],
+               counts_group=groups["dp"].name, aux_kind=kind, rank=rank, owner=c["tp"] == 0,
+               R=mesh.dp, accum=accum, log_every=trainer_config(cfg, model, steps).log_interval,
+               log=log, aux_coef=mt["aux_coef"] / (K if kind == "megatron" else 1),
+               z_coef=mt["z_coef"], stats_reducer=reducer, cross_entropy=cross_entropy,
+               **step_arguments(cfg, model, steps, make_optimizer=make_opt), **extra)
     step.pl = RankShards(mesh, model.config, [{n: entries} if s == c["pp"] else {} for s in range(mesh.pp)])
     return step

@@ -2,7 +2,10 @@
 
 `one_f_one_b(pp, M, s)` is stage s's op list: min(pp-s-1, M) warm-up forwards, then alternating
 one forward / one backward, then the remaining backwards (Megatron's non-interleaved 1F1B);
-stage s holds at most pp-s activations in flight. `run_schedule` executes every stage's list in
+stage s holds at most pp-s activations in flight. `lifo(pp, M, s)` is GPipe's order with the
+backwards reversed (every forward, then B(M-1) .. B(0)): the same bubble as 1F1B, M micro-batches in
+flight, and each backward is that of the newest pending forward (what MindSpore's PyNative
+autograd allows, pipeline_step.py). `run_schedule` executes every stage's list in
 dependency order (F(m) on s needs F(m) on s-1; B(m) needs B(m) on s+1, or F(m) on the last
 stage) and returns the global event order, so the schedule is observable and testable.
 """
@@ -18,11 +21,15 @@ def one_f_one_b(pp: int, micro_batches: int, stage: int) -> list[tuple[str, int]
     return ops
 
 
-def run_schedule(pp: int, micro_batches: int, do) -> list[tuple[int, str, int]]:
-    """Execute the 1F1B lists of all stages; `do(stage, op, m)` performs one op. Returns the
-    executed (stage, op, m) events in order. Stages advance round-robin, one op per turn, which
-    is how independent devices would interleave."""
-    lists = [one_f_one_b(pp, micro_batches, s) for s in range(pp)]
+def lifo(pp: int, micro_batches: int, stage: int) -> list[tuple[str, int]]:
+    return [("F", m) for m in range(micro_batches)] + [("B", m) for m in reversed(range(micro_batches))]
+
+
+def run_schedule(pp: int, micro_batches: int, do, schedule=one_f_one_b) -> list[tuple[int, str, int]]:
+    """Execute the op lists of all stages (`schedule(pp, M, s)`, default 1F1B); `do(stage, op, m)`
+    performs one op. Returns the executed (stage, op, m) events in order. Stages advance
+    round-robin, one op per turn, which is how independent devices would interleave."""
+    lists = [schedule(pp, micro_batches, s) for s in range(pp)]
     pos = [0] * pp
     done: set[tuple[int, str, int]] = set()
     events = []

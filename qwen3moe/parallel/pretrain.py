@@ -1,6 +1,7 @@
 """`qwen3moe pretrain --use_parallel True --parallel_config.* ...` under `qwen3moe launch`:
-the task config's data, schedule and AdamW settings, the model sharded over the processes
-(`ParallelLM`: TP / EP / PP with 1F1B / DP with bucketed all-reduce), global-norm clipping over
+every layout but sequence parallelism trains on the compiled per-rank step (`compiled.train`);
+with sp, the engine below: the task config's data, schedule and AdamW settings, the model sharded
+over the processes (`ParallelLM`: TP / EP / PP with 1F1B / DP with bucketed all-reduce), global-norm clipping over
 the unique shards, ZeRO-1 when `parallel.enable_parallel_optimizer` is true (as in MindSpore
 Transformers' yaml), loss logged on every rank, metrics.jsonl / metrics.csv from rank 0, and
 training checkpoints `<output_dir>/checkpoint_sharded/step_<N>` every
