@@ -32,11 +32,11 @@ def parity_dirs() -> list[Path]:
     return dirs
 
 
-def launch(tmp_path, *cmd: str, timeout: int = 240) -> tuple[int, str, list[dict]]:
-    """`qwen3moe launch --nproc 2 -- cmd...` in tmp_path: (exit code, stderr, RESULT lines of all workers)."""
+def launch(tmp_path, *cmd: str, timeout: int = 240, nproc: int = 2) -> tuple[int, str, list[dict]]:
+    """`qwen3moe launch --nproc N -- cmd...` in tmp_path: (exit code, stderr, RESULT lines of all workers)."""
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO),
                PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "qwen3moe.cli", "launch", "--nproc", "2", "--log_dir",
+    proc = subprocess.run([sys.executable, "-m", "qwen3moe.cli", "launch", "--nproc", str(nproc), "--log_dir",
                            str(tmp_path / "logs"), "--timeout", str(timeout - 30), "--", *cmd],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     results = []

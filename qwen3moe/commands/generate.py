@@ -12,6 +12,7 @@ import json
 import resource
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from qwen3moe.io.atomic import atomic_write_text
@@ -57,8 +58,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--group_size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
     # --use_parallel True --parallel_config.model_parallel N ... (under `qwen3moe launch`)
     p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")
-    for key in PARALLEL_KEYS:
-        p.add_argument(f"--parallel_config.{key}", dest=f"parallel_{key}", type=int, default=1)
+    for key in PARALLEL_KEYS:  # micro_batch_num: decode micro-batches of the pipeline (default pp)
+        p.add_argument(f"--parallel_config.{key}", dest=f"parallel_{key}", type=int,
+                       default=None if key == "micro_batch_num" else 1)
     p.set_defaults(func=run)
 
 
@@ -76,7 +78,11 @@ def run_parallel(args: argparse.Namespace, req) -> int:
     from qwen3moe.parallel.generate import generate
     from qwen3moe.parallel.mesh import Mesh
 
-    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()})
+    from qwen3moe.parallel.pipeline_generate import default_micro_batches
+
+    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items() if v != "micro_batch_num"})
+    M = args.parallel_micro_batch_num
+    mesh = replace(mesh, micro_batch_num=default_micro_batches(mesh, req.predict_batch_size) if M is None else M)
     out = generate(req, mesh, on_text=_stderr)
     if out.results is not None:
         lines = [json.dumps(r, ensure_ascii=False) for r in out.results]
