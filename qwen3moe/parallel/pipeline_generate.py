@@ -13,7 +13,8 @@ micro-batch m:
     last stage     receives the hidden states, runs -> logits, samples with the same seed as one
                    process, all-reduces the done flags over dp, sends tokens + stop flag to every
                    other stage of its pipeline
-The messages are isends and blocking receives in one fixed order per channel ((m, t) by step,
+The messages (p2p.py: named pipes on one host, else MindSpore isend / recv) are sent without
+waiting for the receiver and received blocking, in one fixed order per channel ((m, t) by step,
 then micro-batch), so while the last stage works on micro-batch m, stage 0 already runs m + 1:
 the stages overlap across micro-batches (M = 1: one after another). A micro-batch stops when
 all its rows over the dp ranks are finished (every dp rank runs the same graphs in the same
@@ -29,42 +30,12 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from qwen3moe.generation.engine import PROMPT_BUCKET, SLOT_BUCKET, DecodeEngine, check_cache_fits, round_up
 from qwen3moe.generation.generate import GenerationRun, RowSplit, check_finite
 from qwen3moe.parallel.mesh import Mesh
-
-
-class StageLink:
-    """Point-to-point messages between the stages of this rank's pipeline (process.py's isend /
-    recv); a sent tensor and its handle are kept until `settle` waits for them."""
-
-    def __init__(self, coll) -> None:
-        self.ranks = coll.pp_ranks
-        self.pending: list = []
-
-    def send(self, x: Tensor, stage: int) -> None:
-        from mindspore import mint
-
-        x = x.copy()
-        self.pending.append((mint.distributed.isend(x, dst=self.ranks[stage]), x))
-
-    def recv(self, shape: tuple, stage: int) -> Tensor:
-        from mindspore import mint
-
-        buf = ops.zeros(shape, ms.float32)
-        mint.distributed.recv(buf, src=self.ranks[stage])
-        return buf
-
-    def settle(self, keep: int = 0) -> None:
-        """Wait for all but the `keep` latest sends (waiting for the current round's sends would
-        hold a stage until the other has received them, undoing the overlap)."""
-        done, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        for handle, _ in done:
-            if handle is not None:
-                handle.wait()
+from qwen3moe.parallel.p2p import stage_link
 
 
 class StageEngine(DecodeEngine):
@@ -72,14 +43,14 @@ class StageEngine(DecodeEngine):
     token ids, the others receive the previous stage's hidden states [b, S, H]; the last
     returns logits [b, V], the others send every position's hidden states on."""
 
-    def __init__(self, model, batch: int, slots: int, link: StageLink, stage: int, pp: int) -> None:
+    def __init__(self, model, batch: int, slots: int, link, stage: int, pp: int) -> None:
         super().__init__(model, batch, slots, hidden_out=stage < pp - 1)
         self.link, self.stage, self.pp = link, stage, pp
 
     def _feed(self, ids_BS: np.ndarray) -> Tensor:
         if self.stage == 0:
             return super()._feed(ids_BS)
-        return self.link.recv(ids_BS.shape + (self.config.hidden_size,), self.stage - 1)
+        return Tensor(self.link.recv(ids_BS.shape + (self.config.hidden_size,), self.stage - 1))
 
     def _emit(self, out: Tensor) -> np.ndarray | None:
         if self.stage == self.pp - 1:
@@ -88,7 +59,7 @@ class StageEngine(DecodeEngine):
         return None
 
 
-def stage_engines(link: StageLink, stage: int, pp: int, micro_batch: int) -> Callable:
+def stage_engines(link, stage: int, pp: int, micro_batch: int) -> Callable:
     """GenerationRun's `engine` factory for micro-batch `micro_batch`: a StageEngine per
     (micro-batch, B, T), kept on the model so later batches reuse its compiled graphs."""
     def make(model, batch: int, prompt_len: int, max_new_tokens: int):
@@ -106,14 +77,14 @@ def stage_engines(link: StageLink, stage: int, pp: int, micro_batch: int) -> Cal
 
 
 def micro_batch_runs(model, ids: np.ndarray, mask: np.ndarray, cfg, tok, mesh: Mesh, rank: int,
-                     link: StageLink, all_done: Callable[[bool], bool]) -> list[GenerationRun]:
+                     link, all_done: Callable[[bool], bool]) -> list[GenerationRun]:
     """This rank's M micro-batches of a batch [B, S]: RowSplit shares d*M .. d*M + M-1 of dp*M."""
     c, M = mesh.coords(rank), mesh.micro_batch_num
     return [GenerationRun(model, ids, mask, cfg, tok, split=RowSplit(mesh.dp * M, c["dp"] * M + m, all_done),
                           engine=stage_engines(link, c["pp"], mesh.pp, m)) for m in range(M)]
 
 
-def run_pipeline(runs: list[GenerationRun], link: StageLink, stage: int, pp: int,
+def run_pipeline(runs: list[GenerationRun], link, stage: int, pp: int,
                  on_token: Callable[[int], None] | None = None) -> int:
     """Generate every micro-batch to its end through the stages (module docstring); `on_token`
     gets row 0 of micro-batch 0's tokens on stage 0 (streaming). Returns the decode steps run."""
@@ -144,7 +115,7 @@ def run_pipeline(runs: list[GenerationRun], link: StageLink, stage: int, pp: int
     return step - 1
 
 
-def _sample_and_send(run: GenerationRun, logits_bV: np.ndarray, link: StageLink, pp: int, step: int) -> bool:
+def _sample_and_send(run: GenerationRun, logits_bV: np.ndarray, link, pp: int, step: int) -> bool:
     """Last stage: pick the step's tokens, decide the stop (over dp), send both to the other
     stages; broken rows go out as -1 before the error is raised here."""
     bad = ~np.isfinite(logits_bV.max(axis=1))
@@ -157,14 +128,14 @@ def _sample_and_send(run: GenerationRun, logits_bV: np.ndarray, link: StageLink,
     return stop
 
 
-def _send_tokens(link: StageLink, pp: int, nxt_b: np.ndarray, stop: bool) -> None:
-    msg = Tensor(np.append(nxt_b.astype(np.float32), np.float32(stop)))  # ids < 2^24: exact in fp32
+def _send_tokens(link, pp: int, nxt_b: np.ndarray, stop: bool) -> None:
+    msg = np.append(nxt_b.astype(np.float32), np.float32(stop))  # ids < 2^24: exact in fp32
     for s in range(pp - 1):
         link.send(msg, s)
 
 
-def _receive_tokens(run: GenerationRun, link: StageLink, pp: int, step: int) -> tuple[np.ndarray, bool]:
-    msg = link.recv((run.ids.shape[0] + 1,), pp - 1).asnumpy()
+def _receive_tokens(run: GenerationRun, link, pp: int, step: int) -> tuple[np.ndarray, bool]:
+    msg = link.recv((run.ids.shape[0] + 1,), pp - 1)
     nxt = np.rint(msg[:-1]).astype(np.int64)
     if (nxt < 0).any():  # the last stage's logits were not finite: its error, here too
         check_finite(np.where(nxt < 0, np.nan, 0.0)[:, None], step)
@@ -195,8 +166,7 @@ def default_micro_batches(mesh: Mesh, batch: int) -> int:
 def pipeline_batches(req, mesh: Mesh, rank: int, on_text: Callable[[str], None] | None = None):
     """(results of this rank's rows, decode steps, decode seconds) per batch of the request on this
     rank's stage; stage 0 holds the results (and rank 0 streams), the other stages empty lists."""
-    from qwen3moe.generation.batch import filled_batch, load, read_prompts, row_results
-    from qwen3moe.generation.streaming import StopStringStream
+    from qwen3moe.generation.batch import load, read_prompts
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.parallelize import parallelize
 
@@ -209,9 +179,20 @@ def pipeline_batches(req, mesh: Mesh, rank: int, on_text: Callable[[str], None] 
         return rm.model
 
     tok, model, cfg = load(req, build)
-    rm, stage = held["rm"], mesh.coords(rank)["pp"]
-    link, done = StageLink(rm.coll), all_done_over(rm.coll.groups.get("dp"))
+    rm = held["rm"]
+    link, done = stage_link(rm.coll, rank), all_done_over(rm.coll.groups.get("dp"))
     prompts = read_prompts(req.predict_data)
+    try:
+        yield from _batches(req, model, tok, cfg, prompts, mesh, rank, link, done, on_text)
+    finally:
+        link.close()
+
+
+def _batches(req, model, tok, cfg, prompts: list[str], mesh: Mesh, rank: int, link, done, on_text):
+    from qwen3moe.generation.batch import filled_batch, row_results
+    from qwen3moe.generation.streaming import StopStringStream
+
+    stage = mesh.coords(rank)["pp"]
     for i in range(0, len(prompts), req.predict_batch_size):
         chunk = prompts[i:i + req.predict_batch_size]
         ids, mask = filled_batch(tok, cfg, chunk, req)
