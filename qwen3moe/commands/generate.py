@@ -76,14 +76,8 @@ def request(args: argparse.Namespace):
 def run_parallel(args: argparse.Namespace, req) -> int:
     """Under `qwen3moe launch`: parallel/generate.py; the reporting rank prints and writes."""
     from qwen3moe.parallel.generate import generate
-    from qwen3moe.parallel.mesh import Mesh
 
-    from qwen3moe.parallel.pipeline_generate import default_micro_batches
-
-    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items() if v != "micro_batch_num"})
-    M = args.parallel_micro_batch_num
-    mesh = replace(mesh, micro_batch_num=default_micro_batches(mesh, req.predict_batch_size) if M is None else M)
-    out = generate(req, mesh, on_text=_stderr)
+    out = generate(req, mesh_of(args, req), on_text=_stderr)
     if out.results is not None:
         lines = [json.dumps(r, ensure_ascii=False) for r in out.results]
         for line in lines:
@@ -91,6 +85,17 @@ def run_parallel(args: argparse.Namespace, req) -> int:
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
         print(f"generate: {out.summary}; results in {args.output}", file=sys.stderr)
     return 0
+
+
+def mesh_of(args: argparse.Namespace, req):
+    """The --parallel_config mesh; micro_batch_num (pipeline decode micro-batches) defaults to
+    pp, at most the rows of a dp rank."""
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.pipeline_generate import default_micro_batches
+
+    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items() if v != "micro_batch_num"})
+    M = args.parallel_micro_batch_num
+    return replace(mesh, micro_batch_num=default_micro_batches(mesh, req.predict_batch_size) if M is None else M)
 
 
 def _stderr(text: str) -> None:
@@ -117,6 +122,19 @@ def _print_line(line: str) -> None:
         print(line, flush=True)
     except BrokenPipeError:
         quiet_broken_stdout()
+
+
+def preflight(args: argparse.Namespace, world_size: int) -> None:
+    """`qwen3moe launch` checks the request before starting `world_size` workers."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.parallel.generate import check_request
+
+    if not getattr(args, "use_parallel", False):
+        raise CliError(f"generate on {world_size} processes needs --use_parallel True (without it every "
+                       f"process would generate every prompt and write {args.output})")
+    check_output(args.output)
+    req = request(args)
+    check_request(req, mesh_of(args, req), world_size)
 
 
 def run(args: argparse.Namespace) -> int:
