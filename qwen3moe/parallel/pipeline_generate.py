@@ -87,7 +87,8 @@ def micro_batch_runs(model, ids: np.ndarray, mask: np.ndarray, cfg, tok, mesh: M
 def run_pipeline(runs: list[GenerationRun], link, stage: int, pp: int,
                  on_token: Callable[[int], None] | None = None) -> int:
     """Generate every micro-batch to its end through the stages (module docstring); `on_token`
-    gets row 0 of micro-batch 0's tokens on stage 0 (streaming). Returns the decode steps run."""
+    gets row 0 of micro-batch 0's tokens on stage 0 (streaming). Returns the most decode steps
+    a micro-batch ran."""
     last = stage == pp - 1
     active, t0, step = list(range(len(runs))), time.perf_counter(), 0
     prefill_s = 0.0
@@ -110,9 +111,10 @@ def run_pipeline(runs: list[GenerationRun], link, stage: int, pp: int,
         step += 1
     link.settle()
     decode_s = time.perf_counter() - t0 - prefill_s
-    for run in runs:
-        run.stats.prefill_s, run.stats.decode_s, run.stats.decode_steps = prefill_s, decode_s, step - 1
-    return step - 1
+    for run in runs:  # tokens after the prefill's first one: one decode step each
+        run.stats.prefill_s, run.stats.decode_s = prefill_s, decode_s
+        run.stats.decode_steps = run.history.shape[1] - run.ids.shape[1] - 1
+    return max(run.stats.decode_steps for run in runs)
 
 
 def _sample_and_send(run: GenerationRun, logits_bV: np.ndarray, link, pp: int, step: int) -> bool:
