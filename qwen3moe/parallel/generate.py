@@ -63,6 +63,8 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
         return
     if req.quantize or req.dtype != "float32":
         raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
+    if mesh.sp:  # the compiled decode step calls the layers' modules on whole [B, S, H] rows
+        raise GenerationError("sequence parallel (sp) is a training layout; generate without it (same shards)")
     if mesh.pp > 1:
         rows = -(-req.predict_batch_size // mesh.dp)
         if mesh.micro_batch_num > rows:
@@ -146,10 +148,10 @@ def all_done(mine: bool) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _world_sum():
-    """One AllReduce primitive for every step (not one built per call)."""
-    from mindspore import ops
+    """One world all-reduce for every step (not one built per call)."""
+    from qwen3moe.parallel import backend
 
-    return ops.AllReduce()
+    return backend.get().all_reduce(None, "rows done")
 
 
 def gather_texts(text: str, size: int) -> list[str]:
