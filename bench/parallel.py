@@ -58,7 +58,9 @@ TRAIN_LAYOUTS = {  # name -> pretrain flags (2 processes); dp2 (replicas) is ext
 }
 DEFAULT_TRAIN = ["tp2", "ep2", "pp2", "tp2sp", "zero1"]
 GEN_LAYOUTS = {"tp2": [PC + "model_parallel", "2"],
-               "dp2ep2": [PC + "data_parallel", "2", PC + "expert_parallel", "2"]}
+               "dp2ep2": [PC + "data_parallel", "2", PC + "expert_parallel", "2"],
+               "pp2": [PC + "pipeline_stage", "2"],  # 2 decode micro-batches overlapped (1 at B=1)
+               "pp2-m1": [PC + "pipeline_stage", "2", PC + "micro_batch_num", "1"]}  # stages one after another
 
 
 def env() -> dict[str, str]:

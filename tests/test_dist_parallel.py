@@ -37,25 +37,6 @@ def by_rank(results: list[dict]) -> dict[int, dict]:
     return out
 
 
-@pytest.mark.parametrize("layout, cached", [
-    (["--dp", "2", "--ep", "2"], [[0, 1, 2], [0, 1, 2]]),  # tp=2 (x ep=2): the CLI test
-    (["--pp", "2", "--micro_batch_num", "2"], [[0], [1, 2]]),  # stage to stage, each its own layers' cache
-], ids=["ep2", "pp2"])
-@pytest.mark.slow
-def test_greedy_generation_identical(tmp_path, tiny, layout, cached):
-    from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.parallel.distcheck import data
-
-    rc, err, results = launch(tmp_path, "dist-parallel", "--model", str(tiny), "--mode", "generate",
-                              "--batch", "2", "--seq", "6", "--steps", "4", *layout)
-    assert rc == 0, err[-3000:]
-    model = Qwen3MoeForCausalLM.from_pretrained(tiny)
-    want = model.generate(data(128, 2, 6), max_new_tokens=4, do_sample=False, ignore_eos=True)
-    for r in by_rank(results).values():
-        assert r["tokens"] == want.tolist()
-        assert r["cached_layers"] == cached[r["rank"]]
-
-
 def reference_steps(tiny, batch: int, M: int, steps: int):
     """Single-process AdamW steps on the global batch: (losses, final HF parameters)."""
     from qwen3moe import Qwen3MoeForCausalLM
@@ -111,11 +92,14 @@ SAMPLED = ["--do_sample", "true", "--seed", "7", "--temperature", "0.8", "--top_
            "--min_p", "0.05", "--repetition_penalty", "1.2", "--presence_penalty", "0.3"]
 PC = "--parallel_config."
 GEN_LAYOUTS = {"tp2": [PC + "model_parallel", "2"], "dp2ep2": [PC + "data_parallel", "2", PC + "expert_parallel", "2"],
-               "dp2": [PC + "data_parallel", "2"], "tp2ep2": [PC + "model_parallel", "2", PC + "expert_parallel", "2"]}
+               "dp2": [PC + "data_parallel", "2"], "tp2ep2": [PC + "model_parallel", "2", PC + "expert_parallel", "2"],
+               "pp2": [PC + "pipeline_stage", "2"], "pp2tp2": [PC + "pipeline_stage", "2", PC + "model_parallel", "2"],
+               "pp2dp2": [PC + "pipeline_stage", "2", PC + "data_parallel", "2"]}
 
 
-def generate_both(tmp_path, layout: list[str], *options: str) -> tuple[list[dict], list[dict], str, str]:
-    """`qwen3moe generate` with `options` on PROMPTS under `launch --nproc 2 ... --use_parallel True`
+def generate_both(tmp_path, layout: list[str], *options: str, nproc: int = 2
+                  ) -> tuple[list[dict], list[dict], str, str]:
+    """`qwen3moe generate` with `options` on PROMPTS under `launch --nproc N ... --use_parallel True`
     and as one process: (parallel results, single results, rank 0's log, the single stderr)."""
     import os
     import subprocess
@@ -126,7 +110,8 @@ def generate_both(tmp_path, layout: list[str], *options: str) -> tuple[list[dict
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     common = ["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
               str(tmp_path / "prompts.txt"), "--max_new_tokens", "8", *options]
-    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--output", str(tmp_path / "par.jsonl"))
+    rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--output", str(tmp_path / "par.jsonl"),
+                        timeout=240 if nproc == 2 else 420, nproc=nproc)
     assert rc == 0, err[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--output", str(tmp_path / "one.jsonl")],
@@ -143,31 +128,48 @@ def same_completions(par: list[dict], one: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("layout", [pytest.param("tp2", marks=pytest.mark.slow), "dp2ep2",
-                                    pytest.param("dp2", marks=pytest.mark.slow)])
+                                    pytest.param("dp2", marks=pytest.mark.slow),
+                                    pytest.param("pp2", marks=pytest.mark.slow)])
 def test_generate_use_parallel_sampled_batches_match_single_process(tmp_path, layout):
     """`generate --use_parallel True`, --predict_batch_size 4 on 5 prompts of different lengths (a
     left-padded batch of 4, then one prompt filled to 4 rows), seeded sampling with temperature,
     top-k, top-p, min-p, repetition and presence penalties: the completions of one process, token
     for token. One row stops early at EOS while the others go on (per-row EOS; with dp its rank
     keeps stepping until all rows are done). dp ranks take 2 rows each and keep their rows' draws
-    of the batch's random stream (fails if a rank draws for its own rows only). Before: "greedy
-    only" / "one prompt at a time" refusals, or a ValueError traceback for dp2 x ep2."""
+    of the batch's random stream (fails if a rank draws for its own rows only). pp2: two
+    micro-batches of 2 rows overlapped across the stages, the last stage sampling each with its
+    rows' draws and sending the tokens back. Before: "greedy only" / "one prompt at a time"
+    refusals, or a ValueError traceback for dp2 x ep2."""
     par, one, _, _ = generate_both(tmp_path, GEN_LAYOUTS[layout], "--predict_batch_size", "4", *SAMPLED)
     assert any(o["completion_tokens"] < 8 for o in one) and any(o["completion_tokens"] == 8 for o in one)
     same_completions(par, one)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2ep2", "dp2ep2"])
+@pytest.mark.parametrize("layout", ["tp2ep2", "dp2ep2", "pp2"])
 def test_generate_use_parallel_greedy_stream_matches_single_process(tmp_path, layout):
     """Greedy, batch 1, --stream: the completions of one process, and rank 0 streams each
-    completion's text (rank 1 prints none)."""
+    completion's text (rank 1 prints none; pp2: rank 0 is the first stage, which receives the
+    tokens the last stage picks)."""
     par, one, log0, single_err = generate_both(tmp_path, GEN_LAYOUTS[layout], "--do_sample", "false", "--stream")
     same_completions(par, one)
     log1 = (tmp_path / "logs" / "worker_1.log").read_text()
     for o in one:
         assert o["completion"] + "\n" in single_err and o["completion"] + "\n" in log0
         assert o["completion"] + "\n" not in log1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2tp2", "pp2dp2"])
+def test_generate_use_parallel_pipeline_on_four_processes_matches_single_process(tmp_path, layout):
+    """pp2 x tp2 and pp2 x dp2 on 4 processes, greedy, batch 4 (5 prompts, left padding): the
+    completions of one process. tp2: each stage's graphs hold the tp collectives, both tp ranks
+    of the last stage sample and each sends to its own first stage; dp2: each dp rank's pipeline
+    runs 2 micro-batches of 1 row (the second batch's dummy rows included) and the last stages
+    all-reduce the done flags, so both pipelines run the same steps."""
+    par, one, _, _ = generate_both(tmp_path, GEN_LAYOUTS[layout], "--predict_batch_size", "4", "--do_sample", "false",
+                                   nproc=4)
+    same_completions(par, one)
 
 
 @pytest.mark.parametrize("zero1,accum", [(False, 1), pytest.param(True, 1, marks=pytest.mark.slow),

@@ -109,7 +109,10 @@ def test_use_parallel_outside_launch_is_a_one_line_error(tmp_path, capsys):
     (["--parallel_config.model_parallel", "3"], {}, "tp=3 must divide num_attention_heads"),
     (["--parallel_config.model_parallel", "2"], {"WORLD_SIZE": "4"}, "world size 4 != dp*tp*pp = 1*2*1 = 2"),
     (["--parallel_config.expert_parallel", "3"], {}, "ep=3 must divide num_experts"),
-], ids=["heads", "world", "experts"])
+    (["--parallel_config.pipeline_stage", "5"], {}, "pp=5 must be <= num_hidden_layers=4"),
+    (["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "3", "--predict_batch_size", "4",
+      "--parallel_config.data_parallel", "2"], {}, "micro_batch_num=3: more decode micro-batches than the 2 rows"),
+], ids=["heads", "world", "experts", "stages", "micro-batches"])
 def test_invalid_generation_layout_is_one_line_before_any_work(capsys, monkeypatch, layout, env, words):
     """An impossible layout for the model (config.json only) or for the launched world size is
     refused in one line before init() or any weight is read (was: a traceback from inside the

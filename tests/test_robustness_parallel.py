@@ -191,28 +191,42 @@ def test_parallel_load_unexpected_tensor_is_the_single_process_error(saved, tmp_
     _assert_parallel_load_error_is_single(folder, f"unexpected tensor {extra!r}")
 
 
-@pytest.mark.parametrize("mesh_kw", [dict(tp=2), dict(pp=2, micro_batch_num=2)], ids=["tp2", "pp2"])
-def test_parallel_generation_non_finite_logits_is_the_single_process_error(saved, mesh_kw):
-    """NaN logits in stage-to-stage generation: the single-process one-line GenerationError
-    (generation/generate.check_finite, tests/test_robustness_generate.py) instead of token 0;
-    raised from the summed tokens, which every rank holds (the first stage too: no rank waits
-    in a collective)."""
-    from mindspore import Tensor
+@pytest.mark.slow
+@pytest.mark.dist
+def test_pipeline_generation_non_finite_logits_is_the_single_process_error(tmp_path):
+    """Non-finite logits (a finite final-norm weight of 3e38 overflows to Inf on the last stage; the
+    loader refuses NaN weights themselves) in `generate --use_parallel` with pp2: every
+    stage exits 2 with the single-process one-line GenerationError (generation/generate.check_finite)
+    instead of token 0 or a first stage waiting forever for tokens: the last stage sends -1 for the
+    broken rows before raising, and the first stage raises the same error from them."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
 
-    from qwen3moe.generation.errors import GenerationError
-    from qwen3moe.parallel.decode import greedy_cached
-    from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from helpers import HF_FIXTURES, REPO, launch
+    from qwen3moe.io.safetensors_io import SafetensorsFile, write_safetensors
 
-    pl = ParallelLM.from_model(saved[0], Mesh(**mesh_kw), train=False)
-    for per in pl.entries:
-        for entries in per.values():
-            for p, info in entries:
-                if info.name == "model.norm.weight":
-                    p.set_data(Tensor(np.full(p.shape, np.nan, np.float32)))
-    with pytest.raises(GenerationError, match=r"^generation step 0: the model produced non-finite logits \(NaN or "
-                                              r"Inf\) for batch row 0 and 1 more; its weights or config are broken"):
-        greedy_cached(pl, np.array([[5, 6, 7], [8, 9, 10]]), 3)
+    folder = shutil.copytree(HF_FIXTURES / "tiny-fp32-gqa", tmp_path / "m")
+    f = folder / "model.safetensors"
+    st = SafetensorsFile(str(f))
+    tensors = [(k, np.full_like(st.read(k), 3e38) if k == "model.norm.weight" else st.read(k), st.entries[k]["dtype"]) for k in st.keys()]
+    st.close()
+    write_safetensors(str(f), tensors)
+    args = ["generate", "--pretrained_model_dir", str(folder), "--predict_data", "hello world",
+            "--max_new_tokens", "4", "--do_sample", "false"]
+    single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *args, "--output", str(tmp_path / "one.jsonl")],
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=240)
+    want = single.stderr.strip().splitlines()[-1]
+    assert single.returncode == 2 and re.search(r"generation step 0: the model produced non-finite logits", want), want
+    rc, err, _ = launch(tmp_path, *args, "--use_parallel", "True", "--parallel_config.pipeline_stage", "2",
+                        "--output", str(tmp_path / "par.jsonl"))
+    assert rc != 0
+    for r in (0, 1):
+        log = (tmp_path / "logs" / f"worker_{r}.log").read_text()
+        assert want in log.splitlines() and "Traceback" not in log, (r, log[-2000:])
 
 
 def _assert_parallel_load_error_is_single(folder, needle: str) -> None:

@@ -12,6 +12,7 @@ import json
 import resource
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from qwen3moe.io.atomic import atomic_write_text
@@ -60,8 +61,9 @@ def add_parser(subparsers: Any) -> None:
                         "(opt-in, docs/quantization.md); float32 = weight-only (default)")
     # --use_parallel True --parallel_config.model_parallel N ... (under `qwen3moe launch`)
     p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")
-    for key in PARALLEL_KEYS:
-        p.add_argument(f"--parallel_config.{key}", dest=f"parallel_{key}", type=int, default=1)
+    for key in PARALLEL_KEYS:  # micro_batch_num: decode micro-batches of the pipeline (default pp)
+        p.add_argument(f"--parallel_config.{key}", dest=f"parallel_{key}", type=int,
+                       default=None if key == "micro_batch_num" else 1)
     p.set_defaults(func=run)
 
 
@@ -78,10 +80,8 @@ def request(args: argparse.Namespace):
 def run_parallel(args: argparse.Namespace, req) -> int:
     """Under `qwen3moe launch`: parallel/generate.py; the reporting rank prints and writes."""
     from qwen3moe.parallel.generate import generate
-    from qwen3moe.parallel.mesh import Mesh
 
-    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()})
-    out = generate(req, mesh, on_text=_stderr)
+    out = generate(req, mesh_of(args, req), on_text=_stderr)
     if out.results is not None:
         lines = [json.dumps(r, ensure_ascii=False) for r in out.results]
         for line in lines:
@@ -89,6 +89,17 @@ def run_parallel(args: argparse.Namespace, req) -> int:
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
         print(f"generate: {out.summary}; results in {args.output}", file=sys.stderr)
     return 0
+
+
+def mesh_of(args: argparse.Namespace, req):
+    """The --parallel_config mesh; micro_batch_num (pipeline decode micro-batches) defaults to
+    pp, at most the rows of a dp rank."""
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.pipeline_generate import default_micro_batches
+
+    mesh = Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items() if v != "micro_batch_num"})
+    M = args.parallel_micro_batch_num
+    return replace(mesh, micro_batch_num=default_micro_batches(mesh, req.predict_batch_size) if M is None else M)
 
 
 def _stderr(text: str) -> None:
@@ -121,14 +132,13 @@ def preflight(args: argparse.Namespace, world_size: int) -> None:
     """`qwen3moe launch` checks the request before starting `world_size` workers."""
     from qwen3moe.cli import CliError
     from qwen3moe.parallel.generate import check_request
-    from qwen3moe.parallel.mesh import Mesh
 
     if not getattr(args, "use_parallel", False):
         raise CliError(f"generate on {world_size} processes needs --use_parallel True (without it every "
                        f"process would generate every prompt and write {args.output})")
     check_output(args.output)
-    check_request(request(args), Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()}),
-                  world_size)
+    req = request(args)
+    check_request(req, mesh_of(args, req), world_size)
 
 
 def run(args: argparse.Namespace) -> int:

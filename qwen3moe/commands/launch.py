@@ -24,22 +24,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("dist-check", help="data-parallel gradient all-reduce self-test (under launch)")
     c.add_argument("--model", required=True, help="HF folder")
     c.set_defaults(func=dist_check)
-    d = sub.add_parser("dist-parallel", help="TP/EP/PP/DP generation or training on real processes (under launch)")
+    d = sub.add_parser("dist-parallel", help="TP/EP/PP/DP training, loading or forward on real processes (under launch)")
     add_dist_parallel_arguments(d)
     d.set_defaults(func=dist_parallel)
 
 
 def add_dist_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder")
-    p.add_argument("--mode", choices=["generate", "train", "load", "forward"], required=True)
+    p.add_argument("--mode", choices=["train", "load", "forward"], required=True)
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1)
     p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")
     p.add_argument("--zero1", action="store_true", help="ZeRO-1: shard the AdamW moments (train)")
     p.add_argument("--micro_batch_num", type=int, default=1)
-    p.add_argument("--batch", type=int, default=2, help="global batch (train) / prompts (generate)")
+    p.add_argument("--batch", type=int, default=2, help="global batch")
     p.add_argument("--seq", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="train steps / new tokens")
+    p.add_argument("--steps", type=int, default=3, help="train steps")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--out", default=".", help="folder for shards_rank<r>.npz")
 

@@ -131,9 +131,7 @@ def generate_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], req: Gene
     from qwen3moe.generation.generate import GenerationRun
     from qwen3moe.generation.streaming import StopStringStream
 
-    # a short last batch is filled with copies so it reuses the compiled (B, ...) graphs
-    filled = prompts + [prompts[-1]] * (req.predict_batch_size - len(prompts))
-    ids, mask = encode_left_padded(tok, filled, cfg.effective_pad_token_id or 0, req.chat, req.enable_thinking)
+    ids, mask = filled_batch(tok, cfg, prompts, req)
     run = GenerationRun(model, ids, mask, cfg, tok, split=split)
     stream = StopStringStream(tok, cfg.stop_strings, skip_special_tokens=True) if req.stream else None
     for nxt_B in run.steps():
@@ -141,7 +139,19 @@ def generate_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], req: Gene
             on_text(stream.push(int(nxt_B[0])))
     if stream is not None and on_text is not None:
         on_text(stream.flush() + "\n")
-    out, S, st = run.output(), ids.shape[1], run.stats
+    return row_results(run, prompts, tok), run.stats
+
+
+def filled_batch(tok: Any, cfg: Any, prompts: list[str], req: GenerateRequest) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's left-padded ids and mask [predict_batch_size, S]: a short last batch is filled
+    with copies of its last prompt, so it reuses the compiled (B, ...) graphs."""
+    filled = prompts + [prompts[-1]] * (req.predict_batch_size - len(prompts))
+    return encode_left_padded(tok, filled, cfg.effective_pad_token_id or 0, req.chat, req.enable_thinking)
+
+
+def row_results(run: Any, prompts: list[str], tok: Any) -> list[dict]:
+    """A finished GenerationRun's result dicts, one per real prompt among its rows."""
+    out, S, st = run.output(), run.ids.shape[1], run.stats
     seconds = st.prefill_s + st.decode_s
     results = []
     for b, prompt in enumerate(prompts[run.first:run.first + out.shape[0]]):
@@ -149,7 +159,7 @@ def generate_batch(model: Any, tok: Any, cfg: Any, prompts: list[str], req: Gene
         results.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
                         "prompt_tokens": int(run.mask[b].sum()), "completion_tokens": int(st.new_tokens[b]),
                         "tokens_per_s": round(st.new_tokens[b] / seconds, 3) if seconds else None})
-    return results, st
+    return results
 
 
 def generate_batches(model: Any, tok: Any, cfg: Any, prompts: list[str], req: GenerateRequest,

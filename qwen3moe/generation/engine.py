@@ -54,12 +54,12 @@ class _StepCell(nn.Cell):
     """The compiled step: the model's own cells (embedding, decoder layers with the cache, final
     norm, lm_head), whatever plan swapped them. auto_prefix=False keeps the model's HF parameter names."""
 
-    def __init__(self, model: nn.Cell, batch: int, slots: int, uid: int) -> None:
+    def __init__(self, model: nn.Cell, batch: int, slots: int, uid: int, hidden_out: bool = False) -> None:
         super().__init__(auto_prefix=False)
-        self.net = model
+        self.net, self.hidden_out = model, hidden_out
         cfg = model.config
         shape = (batch, kv_heads(model), slots, cfg.head_dim)
-        L = cfg.num_hidden_layers
+        L = len(model.model.layers)  # a pipeline stage holds only its own layers
         self.k_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.k.{i}",
                                                  requires_grad=False) for i in range(L)])
         self.v_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.v.{i}",
@@ -75,6 +75,8 @@ class _StepCell(nn.Cell):
         for layer in body.layers:
             x_BSH = layer(x_BSH, cos_BSD, sin_BSD, bias_B1ST, self.k_cache[i], self.v_cache[i], idx_BKS3)[0]
             i += 1
+        if self.hidden_out:  # a pipeline stage before the last: every position goes to the next stage
+            return x_BSH
         return self.net.lm_head(body.norm(x_BSH[:, S - 1]))  # only the last position is needed
 
 
@@ -85,12 +87,12 @@ class DecodeEngine:
     Valid for (B, T) fixed at construction; prompts must fit T - max_new_tokens.
     """
 
-    def __init__(self, model: nn.Cell, batch: int, slots: int) -> None:
+    def __init__(self, model: nn.Cell, batch: int, slots: int, hidden_out: bool = False) -> None:
         self.model, self.config = model, model.config
         self.batch, self.slots, self.kv_heads = batch, slots, kv_heads(model)
         self.uid = next(_ENGINE_IDS)
-        self.cell = _StepCell(model, batch, slots, self.uid)
-        self.fused = fused_eligible(model)
+        self.cell = _StepCell(model, batch, slots, self.uid, hidden_out)
+        self.fused = not hidden_out and fused_eligible(model)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
             self.cell = FusedStepCell(model, batch, self.cell.k_cache, self.cell.v_cache)
         elif int8_activations(model):
@@ -113,10 +115,17 @@ class DecodeEngine:
             where[..., 1] = np.arange(self.kv_heads)[None, :, None]
             where[..., 2] = self.cursor + np.arange(S)[None, None, :]
         _COMPILED.add((self.uid, B, S, self.slots))
-        logits = self.cell(Tensor(ids_BS.astype(np.int32)), Tensor(cos), Tensor(sin),
-                           Tensor(bias_B1ST), Tensor(where))
+        out = self.cell(self._feed(ids_BS), Tensor(cos), Tensor(sin), Tensor(bias_B1ST), Tensor(where))
         self.cursor += S
-        return logits.asnumpy()
+        return self._emit(out)
+
+    def _feed(self, ids_BS: np.ndarray) -> Tensor:
+        """The step's input (a pipeline stage's engine receives the previous stage's hidden states)."""
+        return Tensor(ids_BS.astype(np.int32))
+
+    def _emit(self, out: Tensor) -> np.ndarray | None:
+        """The step's output as returned (a pipeline stage's engine sends it to the next stage)."""
+        return out.asnumpy()
 
     def prefill(self, ids_BP: np.ndarray, mask_BP: np.ndarray) -> np.ndarray:
         """Run the (left-padded) prompt; returns float32 logits [B, V] of its last position."""
@@ -151,7 +160,7 @@ def check_cache_fits(model: nn.Cell, batch: int, slots: int, max_new_tokens: int
     """Refuse a KV cache (fp32 K and V, [B, K, T, D] per layer) larger than the memory available
     now, before numpy is asked for it (a huge max_new_tokens was a 238 GiB allocation traceback)."""
     cfg = model.config
-    need = 2 * cfg.num_hidden_layers * batch * kv_heads(model) * slots * cfg.head_dim * 4
+    need = 2 * len(model.model.layers) * batch * kv_heads(model) * slots * cfg.head_dim * 4
     avail = available_memory()
     if avail is not None and need > avail:
         raise GenerationError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {slots} positions needs "

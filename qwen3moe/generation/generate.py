@@ -86,7 +86,8 @@ class GenerationRun:
     """One generate call: `for next_B in run.steps(): ...`, then `run.output()` [B, S + n] int64."""
 
     def __init__(self, model: Any, input_ids: Any, attention_mask: Any, config: GenerationConfig,
-                 tokenizer: Any = None, keep_logits: bool = False, split: RowSplit | None = None) -> None:
+                 tokenizer: Any = None, keep_logits: bool = False, split: RowSplit | None = None,
+                 engine: Callable[..., tuple[Any, int]] = get_engine) -> None:
         self.config = config
         self.step_logits: list[np.ndarray] | None = [] if keep_logits else None  # raw [B, V] per step
         ids, mask = checked_inputs(model, input_ids, attention_mask)
@@ -102,7 +103,8 @@ class GenerationRun:
         if config.stop_strings:
             tok = tokenizer or _load_tokenizer(model)
             self.stops = [StopStringStream(tok, config.stop_strings) for _ in range(ids.shape[0])]
-        self.engine, self.P = get_engine(model, ids.shape[0], ids.shape[1], config.max_new_tokens)
+        # engine(model, B, S, max_new_tokens) -> (DecodeEngine, P); pipeline stages pass their own
+        self.engine, self.P = engine(model, ids.shape[0], ids.shape[1], config.max_new_tokens)
         self.history = ids
         real = min(max(total - self.first, 0), ids.shape[0])  # rows past it pad a share of a split batch
         self.finished = np.arange(ids.shape[0]) >= real
@@ -123,18 +125,11 @@ class GenerationRun:
     def steps(self) -> Iterator[np.ndarray]:
         """Yields each step's tokens [B] (finished rows already replaced by the pad id)."""
         logits_BV = self._prefill()
-        S, n_max = self.ids.shape[1], self.config.max_new_tokens
         t0 = time.perf_counter()
-        for step in range(n_max):
-            check_finite(logits_BV, step)
-            if self.step_logits is not None:
-                self.step_logits.append(logits_BV)
-            nxt = self.sampler(logits_BV, self.history, prompt_length=S)
-            nxt = np.where(self.finished, self.pad, nxt).astype(np.int64)
-            self.history = np.concatenate([self.history, nxt[:, None]], 1)
-            self._update_finished(nxt)
+        for step in range(self.config.max_new_tokens):
+            nxt = self.pick(logits_BV, step)
             yield nxt
-            if step == n_max - 1 or self._all_finished():
+            if self.stopped(step):
                 break
             t1 = time.perf_counter()
             logits_BV = self.engine.decode(nxt)
@@ -142,6 +137,24 @@ class GenerationRun:
             self.stats.decode_steps += 1
         self.stats.decode_s = time.perf_counter() - t0
         self.stats.compiles = compile_count()
+
+    def pick(self, logits_BV: np.ndarray, step: int) -> np.ndarray:
+        """Sample step `step`'s tokens [B] from its logits and record them (`record`)."""
+        check_finite(logits_BV, step)
+        if self.step_logits is not None:
+            self.step_logits.append(logits_BV)
+        return self.record(self.sampler(logits_BV, self.history, prompt_length=self.ids.shape[1]))
+
+    def record(self, nxt_B: np.ndarray) -> np.ndarray:
+        """Append a step's tokens (finished rows get the pad id) and update the finished rows."""
+        nxt = np.where(self.finished, self.pad, nxt_B).astype(np.int64)
+        self.history = np.concatenate([self.history, nxt[:, None]], 1)
+        self._update_finished(nxt)
+        return nxt
+
+    def stopped(self, step: int) -> bool:
+        """Whether generation ends after step `step` (a collective with a RowSplit)."""
+        return step == self.config.max_new_tokens - 1 or self._all_finished()
 
     def _all_finished(self) -> bool:
         mine = bool(self.finished.all())

@@ -1,4 +1,4 @@
-"""`qwen3moe dist-parallel`: greedy generation, training steps or (mode forward) the
+"""`qwen3moe dist-parallel`: training steps, a sharded load or (mode forward) the
 parallelize.py model's compiled forward and gradients on real processes (one rank
 per process, run under `qwen3moe launch`): `run` returns each rank's result (the command prints
 it as a `RESULT {json}` line) and writes the rank's shards, so a test compares them with a
@@ -20,8 +20,7 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
         zero1: bool = False, micro_batch_num: int = 1, batch: int = 2, seq: int = 8, steps: int = 3,
         lr: float = 1e-2, out: str = ".") -> dict:
     """This rank's result for `mode` on the model folder `model` sharded as dp x tp x pp (ep
-    folded, sp over tp): generate (`steps` greedy tokens of a fixed [batch, seq] prompt), train
-    (`steps` AdamW steps at `lr`, ZeRO-1 with `zero1`; shards written to `out`), load (peak RSS)
+    folded, sp over tp): train (`steps` AdamW steps at `lr`, ZeRO-1 with `zero1`; shards written to `out`), load (peak RSS)
     or forward (parallelize.py's model: `forward`).
     The layout is checked against config.json and the launched world size before any collective."""
     import mindspore as ms
@@ -55,17 +54,11 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
     if mode == "load":  # peak RSS growth while loading vs the bytes this rank holds
         held = sum(p.nbytes for per in pl.entries for e in per.values() for p, _ in e)
         result = {"rss_before": rss_before, "peak_rss": peak_rss, "held_bytes": held}
-    elif mode == "generate":  # stage-to-stage with a KV cache per stage
-        from qwen3moe.parallel.decode import greedy_cached
-
-        cache: dict = {}
-        tokens = greedy_cached(pl, data(cfg.vocab_size, batch, seq), steps, cache=cache)
-        result = {"tokens": tokens.tolist(), "cached_layers": sorted({k[2] for k in cache})}
     elif mode == "train":
         result = {"losses": train(pl, data(cfg.vocab_size, batch, seq), steps, lr, zero1)}
         save_shards(pl, Path(out) / f"shards_rank{rank}.npz")
     else:
-        raise MeshError(f"mode {mode!r}: expected generate, train, load or forward")
+        raise MeshError(f"mode {mode!r}: expected train, load or forward")
     return {"rank": rank, "size": size, "bytes_read": pl.bytes_read, "collectives": backend.get().kind, **result}
 
 

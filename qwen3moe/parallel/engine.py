@@ -117,9 +117,9 @@ def _moe_rows(cells, coll, j: int, zs: dict, mask: dict, mesh) -> tuple[dict, di
     return coll.reduce_scatter("ep", part, 0), stats                 # [t, H]
 
 
-def layer(cells, coll, j: int, xs: dict, rope, masks, mesh, attn=None):
-    """One decoder layer; `attn` replaces `attention` (decode.py: KV-cached attention)."""
-    h = (attn or attention)(cells, coll, j, xs, rope, mesh)
+def layer(cells, coll, j: int, xs: dict, rope, masks, mesh):
+    """One decoder layer."""
+    h = attention(cells, coll, j, xs, rope, mesh)
     h = {n: xs[n] + h[n] for n in xs}
     H = next(iter(h.values())).shape[-1]
     z = {n: c.layers[j].post_attention_layernorm(h[n]).reshape(-1, H) for n, c in cells.items()}
@@ -162,14 +162,14 @@ def vocab_parallel_ce(coll, logits: dict, labels: dict, tp: int) -> dict:
     return out
 
 
-def stage_forward(cells, coll, xs_or_ids: dict, rope: dict, masks: dict, mesh, cfg, attn=None):
+def stage_forward(cells, coll, xs_or_ids: dict, rope: dict, masks: dict, mesh, cfg):
     """Run one stage. Stage 0 takes token ids. Returns (hidden streams, per-rank router stats
     summed over this stage's sparse layers (counts_E, probsum_E) or None, sparse layer count)."""
     first = next(iter(cells.values()))
     xs = embed(cells, coll, xs_or_ids, cfg.vocab_size, mesh.tp, mesh.sp) if first.first else xs_or_ids
     acc, L = None, 0
     for j in range(len(first.layers)):
-        xs, stats = layer(cells, coll, j, xs, rope, masks, mesh, attn)
+        xs, stats = layer(cells, coll, j, xs, rope, masks, mesh)
         if stats is not None:
             L += 1
             acc = stats if acc is None else {n: (acc[n][0] + stats[n][0], acc[n][1] + stats[n][1]) for n in acc}

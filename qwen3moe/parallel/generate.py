@@ -15,8 +15,9 @@ collectives inside the model need:
     each step (RowSplit.all_done), and their sampler draws for the whole batch and keeps its
     rows' draws, so the tokens equal one process generating the batch.
 The results come out on rank 0 (world AllGather of each rank's JSON), streamed text too.
-pp > 1: greedy, one prompt at a time, stage to stage with a KV cache per stage (decode.py, the
-per-rank engine in PyNative), since parallelize does not build pipeline stages yet.
+pp > 1 (pipeline_generate.py): the same engine over each rank's stage of the parallelized model,
+micro-batches of rows overlapped across the stages; the last stage samples and sends the tokens
+back; stage 0 of each dp rank holds the results.
 `generate` returns the results in prompt order on the one rank that reports them, None elsewhere.
 """
 from __future__ import annotations
@@ -49,28 +50,28 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import launched_world_size
     from qwen3moe.parallel.parallelize import check_layout
+    from qwen3moe.parallel.pipeline_generate import layout_mesh
 
     cfg = Qwen3MoeConfig.from_pretrained(req.check())
     size = launched_world_size() if world_size is None else world_size
-    mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-                  num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0,
-                  world_size=size if size > 1 else None)
+    layout_mesh(mesh).validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                               num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0,
+                               world_size=size if size > 1 else None)
     if cfg.vocab_size % mesh.tp:
         raise MeshError(f"tp={mesh.tp} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
     if mesh.tp == mesh.pp == mesh.ep == 1:
         return
     if req.quantize or req.dtype != "float32":
         raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
-    if mesh.pp == 1:
-        if mesh.sp:  # the compiled decode step calls the layers' modules on whole [B, S, H] rows
-            raise GenerationError("sequence parallel (sp) is a training layout; generate without it (same shards)")
-        check_layout(cfg, mesh)
-        return
-    if req.options.get("do_sample"):
-        raise GenerationError("--use_parallel generation with pipeline stages is greedy only: drop --do_sample")
-    if req.predict_batch_size != 1:
-        raise GenerationError("--use_parallel generation with pipeline stages runs one prompt at a time: "
-                              "use --predict_batch_size 1")
+    if mesh.sp:  # the compiled decode step calls the layers' modules on whole [B, S, H] rows
+        raise GenerationError("sequence parallel (sp) is a training layout; generate without it (same shards)")
+    if mesh.pp > 1:
+        rows = -(-req.predict_batch_size // mesh.dp)
+        if mesh.micro_batch_num > rows:
+            raise MeshError(f"--parallel_config.micro_batch_num={mesh.micro_batch_num}: more decode micro-batches "
+                            f"than the {rows} rows of a dp rank (predict_batch_size={req.predict_batch_size}, "
+                            f"dp={mesh.dp})")
+    check_layout(cfg, layout_mesh(mesh))
 
 
 def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | None = None) -> ParallelGeneration:
@@ -91,32 +92,41 @@ def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | 
         raise MeshError(f"--parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run "
                         f"(qwen3moe launch --nproc {mesh.world_size} -- generate ...)")
     if mesh.pp > 1:
-        return generate_stages(req, mesh, rank)
-    return generate_engine(req, mesh, rank, on_text)
+        from qwen3moe.parallel.pipeline_generate import pipeline_batches
+
+        return report(pipeline_batches(req, mesh, rank, on_text), req, mesh, rank)
+    return report(engine_batches(req, mesh, rank, on_text), req, mesh, rank)
 
 
-def generate_engine(req: GenerateRequest, mesh: Mesh, rank: int,
-                    on_text: Callable[[str], None] | None = None) -> ParallelGeneration:
-    """pp = 1: the generation engine on this rank's model (module docstring)."""
+def engine_batches(req: GenerateRequest, mesh: Mesh, rank: int, on_text: Callable[[str], None] | None = None):
+    """pp = 1: the generation engine on this rank's model (module docstring); (results of this
+    rank's rows, decode steps, decode seconds) per batch."""
     from qwen3moe.generation.batch import generate_batches, load, read_prompts
     from qwen3moe.generation.generate import RowSplit
 
     tok, model, cfg = load(req, None if mesh.tp == mesh.ep == 1 else lambda folder: rank_model(folder, mesh, rank))
     prompts = read_prompts(req.predict_data)
     split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done) if mesh.dp > 1 else None
-    batches, steps, decode_s, t0 = [], 0, 0.0, time.perf_counter()
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text if rank == 0 else None, split):
+        yield results, st.decode_steps, st.decode_s
+
+
+def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGeneration:
+    """Run the batches; the results of every dp rank's first stage, tp rank 0, merged on rank 0."""
+    batches, steps, decode_s, t0 = [], 0, 0.0, time.perf_counter()
+    for results, st, sec in per_batch:
         batches.append(results)
-        steps, decode_s = steps + st.decode_steps, decode_s + st.decode_s
+        steps, decode_s = steps + st, decode_s + sec
     wall = time.perf_counter() - t0
     parts = [json.loads(p) for p in gather_texts(json.dumps(batches, ensure_ascii=False), mesh.world_size)]
     if rank:
         return ParallelGeneration(None, "")
-    # batch by batch, the rows of dp rank 0, 1, ... (their tp rank 0 holds them)
+    # batch by batch, the rows of dp rank 0, 1, ... (their first stage's tp rank 0 holds them)
     merged = [r for i in range(len(batches)) for d in range(mesh.dp) for r in parts[mesh.rank_of(0, d)][i]]
     rate = req.predict_batch_size * steps / max(decode_s, 1e-9)
+    pp = f" pp{mesh.pp} x {mesh.micro_batch_num} micro-batches" if mesh.pp > 1 else ""
     return ParallelGeneration(merged, f"{len(merged)} prompts on {mesh.world_size} processes (dp{mesh.dp} "
-                                      f"tp{mesh.tp} ep{mesh.ep}) in {wall:.2f} s; decode {rate:.1f} tok/s")
+                                      f"tp{mesh.tp} ep{mesh.ep}{pp}) in {wall:.2f} s; decode {rate:.1f} tok/s")
 
 
 def rank_model(folder, mesh: Mesh, rank: int):
@@ -157,28 +167,3 @@ def gather_texts(text: str, size: int) -> list[str]:
     padded[:data.size] = data
     rows = gather(Tensor(padded)).asnumpy().reshape(size, longest)
     return [bytes(rows[r, :lens[r]].astype(np.uint8)).decode("utf-8") for r in range(size)]
-
-
-def generate_stages(req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGeneration:
-    """pp > 1: greedy, one prompt at a time, stage to stage with a KV cache per stage (decode.py)."""
-    from qwen3moe.generation.batch import read_prompts
-    from qwen3moe.io.tokenizer import Tokenizer
-    from qwen3moe.parallel.decode import greedy_cached
-    from qwen3moe.parallel.process import ProcessCollectives
-    from qwen3moe.parallel.trainer import ParallelLM
-
-    folder = req.check()
-    pl = ParallelLM.from_pretrained(folder, mesh, train=False, coll=ProcessCollectives(mesh, rank), rank=rank)
-    tok = Tokenizer.from_pretrained(folder)
-    eos = pl.cfg.eos_token_id if isinstance(pl.cfg.eos_token_id, list) else [pl.cfg.eos_token_id]
-    results = []
-    rows = mesh.dp * mesh.micro_batch_num  # every dp rank and micro-batch needs a row: the prompt repeated
-    for prompt in read_prompts(req.predict_data):
-        ids = np.repeat(np.asarray([tok.encode(prompt)], np.int64), rows, axis=0)
-        out = greedy_cached(pl, ids, req.options.get("max_new_tokens") or 32, [] if req.ignore_eos else eos)
-        new = out[0, ids.shape[1]:]
-        results.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
-                        "completion_tokens": int(new.size)})
-    mine = rank == mesh.rank_of(0, 0, mesh.pp - 1)
-    return ParallelGeneration(results if mine else None, f"{len(results)} prompts on {mesh.world_size} processes "
-                              f"(dp{mesh.dp} tp{mesh.tp} pp{mesh.pp} ep{mesh.ep})")
