@@ -143,6 +143,7 @@ def same_completions(par: list[dict], one: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("layout", [pytest.param("tp2", marks=pytest.mark.slow), "dp2ep2",
+                                    pytest.param("tp2ep2", marks=pytest.mark.slow),
                                     pytest.param("dp2", marks=pytest.mark.slow)])
 def test_generate_use_parallel_sampled_batches_match_single_process(tmp_path, layout):
     """`generate --use_parallel True`, --predict_batch_size 4 on 5 prompts of different lengths (a
@@ -152,18 +153,20 @@ def test_generate_use_parallel_sampled_batches_match_single_process(tmp_path, la
     keeps stepping until all rows are done). dp ranks take 2 rows each and keep their rows' draws
     of the batch's random stream (fails if a rank draws for its own rows only). Before: "greedy
     only" / "one prompt at a time" refusals, or a ValueError traceback for dp2 x ep2."""
-    par, one, _, _ = generate_both(tmp_path, GEN_LAYOUTS[layout], "--predict_batch_size", "4", *SAMPLED)
+    par, one, log0, _ = generate_both(tmp_path, GEN_LAYOUTS[layout], "--predict_batch_size", "4", *SAMPLED)
     assert any(o["completion_tokens"] < 8 for o in one) and any(o["completion_tokens"] == 8 for o in one)
     same_completions(par, one)
+    assert "(fused step)" in log0  # the ranks decoded with the fused kernels (parallel/fused_step.py)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2ep2", "dp2ep2"])
+@pytest.mark.parametrize("layout", ["tp2ep2", "dp2ep2", "tp2"])
 def test_generate_use_parallel_greedy_stream_matches_single_process(tmp_path, layout):
     """Greedy, batch 1, --stream: the completions of one process, and rank 0 streams each
     completion's text (rank 1 prints none)."""
     par, one, log0, single_err = generate_both(tmp_path, GEN_LAYOUTS[layout], "--do_sample", "false", "--stream")
     same_completions(par, one)
+    assert "(fused step)" in log0
     log1 = (tmp_path / "logs" / "worker_1.log").read_text()
     for o in one:
         assert o["completion"] + "\n" in single_err and o["completion"] + "\n" in log0

@@ -112,8 +112,10 @@ def generate_engine(req: GenerateRequest, mesh: Mesh, rank: int,
     # batch by batch, the rows of dp rank 0, 1, ... (their tp rank 0 holds them)
     merged = [r for i in range(len(batches)) for d in range(mesh.dp) for r in parts[mesh.rank_of(0, d)][i]]
     rate = req.predict_batch_size * steps / max(decode_s, 1e-9)
+    step = "fused" if any(e.fused for e in model.__dict__.get("_decode_engines", {}).values()) else "composite"
     return ParallelGeneration(merged, f"{len(merged)} prompts on {mesh.world_size} processes (dp{mesh.dp} "
-                                      f"tp{mesh.tp} ep{mesh.ep}) in {wall:.2f} s; decode {rate:.1f} tok/s")
+                                      f"tp{mesh.tp} ep{mesh.ep}) in {wall:.2f} s; decode {rate:.1f} tok/s "
+                                      f"({step} step)")
 
 
 def rank_model(folder, mesh: Mesh, rank: int):
