@@ -116,3 +116,47 @@ def test_logs_left_over_from_an_earlier_run_are_not_printed(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "THIS RUN FAILED" in err and "STALE LINE" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("cmd, words", [
+    (["generate", "--use_parallel", "True", "--parallel_config.model_parallel", "4"], "world size 2 != dp*tp*pp"),
+    (["generate", "--parallel_config.model_parallel", "2"], "needs --use_parallel True"),
+    (["generate", "--use_parallel", "True", "--parallel_config.model_parallel", "2", "--pretrained_model_dir",
+      "MISSING"], "MISSING"),
+    (["pretrain", "--config", "YAML"], "needs use_parallel: True"),
+    (["pretrain", "--config", "YAML", "--use_parallel", "True", "--parallel_config.pipeline_stage", "2"],
+     "micro_batch_num=1 must be >= pp=2"),
+], ids=["gen-world", "gen-no-parallel", "gen-missing-model", "pretrain-no-parallel", "pretrain-pp-mbn"])
+def test_bad_worker_command_is_one_line_before_any_worker_starts(tmp_path, monkeypatch, capsys, cmd, words):
+    """The sub-command's own checks run in the launcher for the launched world size (was: msrun
+    started, every worker printed the error and msrun its own traceback; without use_parallel
+    every process generated / trained the whole job into the same output)."""
+    from helpers import HF_FIXTURES
+    from qwen3moe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    yaml = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
+    cmd = [str(tmp_path / "missing") if c == "MISSING" else yaml if c == "YAML" else c for c in cmd]
+    if cmd[0] == "generate":
+        cmd += ["--predict_data", "hi"] + ([] if "--pretrained_model_dir" in cmd else
+                                           ["--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa")])
+    rc = main(["launch", "--nproc", "2", "--log_dir", str(tmp_path / "logs"), "--", *cmd])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("qwen3moe launch: error: ") and words.replace(
+        "MISSING", str(tmp_path / "missing")) in err[0], err
+    assert not (tmp_path / "logs").exists()  # msrun never started
+
+
+def test_worker_errors_are_reported_once_without_msruns_traceback(tmp_path):
+    """Workers failing with the CLI's one-line error: that line once, naming the worker logs; no
+    msrun traceback (kept in <log_dir>/msrun_stderr.log), no msrun start-up or MindSpore INFO lines."""
+    body = ("import sys\nprint('[INFO] DISTRIBUTED(1,7f,python):2026 tcp_client.cc] Start] noise', flush=True)\n"
+            "print('qwen3moe generate: error: --foo 3: expected 1 or 2', file=sys.stderr, flush=True)\n"
+            "sys.exit(2)\n")
+    proc, _ = _start(tmp_path, body, timeout_s=120)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.strip().splitlines() == ["qwen3moe generate: error: --foo 3: expected 1 or 2 "
+                                        "[worker_0.log, worker_1.log]"], err[-2000:]
+    assert "[INFO]" not in out and "Start worker process" not in out, out[-2000:]
+    assert "Traceback" in (tmp_path / "logs" / "msrun_stderr.log").read_text()

@@ -113,6 +113,20 @@ def _print_line(line: str) -> None:
         quiet_broken_stdout()
 
 
+def preflight(args: argparse.Namespace, world_size: int) -> None:
+    """`qwen3moe launch` checks the request before starting `world_size` workers."""
+    from qwen3moe.cli import CliError
+    from qwen3moe.parallel.generate import check_request
+    from qwen3moe.parallel.mesh import Mesh
+
+    if not getattr(args, "use_parallel", False):
+        raise CliError(f"generate on {world_size} processes needs --use_parallel True (without it every "
+                       f"process would generate every prompt and write {args.output})")
+    check_output(args.output)
+    check_request(request(args), Mesh(**{v: getattr(args, f"parallel_{k}") for k, v in PARALLEL_KEYS.items()}),
+                  world_size)
+
+
 def run(args: argparse.Namespace) -> int:
     from qwen3moe.generation.batch import generate_batches, load, read_prompts
 

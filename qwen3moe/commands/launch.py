@@ -62,8 +62,27 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("nothing to launch: give -- <sub-command> [flags], e.g. -- dist-check --model DIR")
     if args.nproc < 1:
         raise CliError(f"--nproc must be >= 1, got {args.nproc}")
+    check_command(cmd, args.nproc * args.nnodes)
     return launch(args.nproc, cmd, timeout_s=args.timeout, nnodes=args.nnodes, node_rank=args.node_rank,
                   master_addr=args.master_addr, master_port=args.master_port, log_dir=args.log_dir)
+
+
+def check_command(cmd: list[str], world_size: int) -> None:
+    """The sub-command's own checks for `world_size` processes (its `preflight(args, world_size)`,
+    when it has one), so a bad flag or layout is one line before any worker starts. argparse
+    errors exit here with the sub-command's usage, as they would in every worker."""
+    import sys
+
+    from qwen3moe.cli import build_parser
+
+    args = build_parser().parse_args(cmd)
+    if not getattr(args, "func", None):
+        raise CliError(f"nothing to launch: {' '.join(cmd)!r} names no sub-command")
+    if args.command == "launch":
+        raise CliError("launch inside launch: give the sub-command to run on the workers")
+    check = getattr(sys.modules[args.func.__module__], "preflight", None)
+    if check is not None:
+        check(args, world_size)
 
 
 def dist_check(args: argparse.Namespace) -> int:

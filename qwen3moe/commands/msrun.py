@@ -9,6 +9,11 @@ output goes to <log_dir>/worker_<i>.log; when a worker fails, the tail of its lo
 A free port is picked when none is given (two jobs on one machine must not share a port); a
 given --master_port that is already bound is refused at once, before msrun starts.
 
+The job's console is msrun's (every worker log tailed) without msrun's start-up lines and
+MindSpore's INFO / WARNING lines; msrun's stderr (its traceback when a worker fails) goes to
+<log_dir>/msrun_stderr.log. When workers fail with the CLI's one-line errors, those lines are
+printed once each.
+
 Stopping: msrun runs in its own session, and each worker msrun starts calls setsid, so neither
 a terminal's Ctrl-C nor killing msrun's process group reaches them. Every process of the job
 inherits a unique JOB_ENV marker in its environment; on --timeout, SIGTERM or SIGINT the launcher
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +41,10 @@ CLI = Path(__file__).resolve().parent.parent / "cli.py"
 JOB_ENV = "QWEN3MOE_LAUNCH_JOB"
 TIMEOUT_RC = 124
 GRACE_S = 5.0
+MSRUN_STDERR = "msrun_stderr.log"
+# msrun's start-up lines and MindSpore's glog lines below ERROR: not for the user's console
+NOISE = re.compile(r"(Start (scheduler|worker) process|\[(DEBUG|INFO|WARNING)\] [A-Z_]+\(\d+,)")
+ERROR_LINE = re.compile(r"qwen3moe [\w-]+: error: ")
 
 
 class LaunchError(Qwen3MoeError, ValueError):
@@ -131,8 +141,11 @@ def launch(nproc: int, args: list[str], timeout_s: int = 300, script: str | os.P
     marker = uuid.uuid4().hex
     env = dict(os.environ, PATH=_path(), GLOG_v=os.environ.get("GLOG_v", "3"), **{JOB_ENV: marker})
     started = time.time()
-    with _signals_raise():
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    os.makedirs(log_dir, exist_ok=True)
+    with _signals_raise(), open(os.path.join(log_dir, MSRUN_STDERR), "w") as err:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=err)
+        relay = threading.Thread(target=_relay, args=(proc.stdout, sys.stdout), daemon=True)
+        relay.start()
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -143,11 +156,40 @@ def launch(nproc: int, args: list[str], timeout_s: int = 300, script: str | os.P
             print(f"qwen3moe launch: {signal.Signals(sig.signum).name}: stopping the job", file=sys.stderr)
             stop_job(proc, marker)
             rc = 128 + sig.signum
+    relay.join(timeout=GRACE_S)
     if rc != 0:
-        for log in this_run_logs(log_dir, started):
-            tail = log.read_text(errors="replace").splitlines()[-8:]
-            print(f"--- {log} (last lines) ---\n" + "\n".join(tail), file=sys.stderr)
+        _report_failure(this_run_logs(log_dir, started), os.path.join(log_dir, MSRUN_STDERR))
     return rc
+
+
+def _relay(src, dst) -> None:
+    """msrun's console (the tailed worker logs) without its own and MindSpore's chatter; the
+    workers' one-line errors are reported once, after the job (_report_failure)."""
+    for raw in iter(src.readline, b""):
+        line = raw.decode(errors="replace")
+        if not NOISE.match(line) and not ERROR_LINE.match(line):
+            dst.write(line)
+            dst.flush()
+
+
+def _report_failure(logs: list[Path], msrun_err: str) -> None:
+    """The workers' one-line errors, each once; when a worker failed otherwise (a crash, a
+    traceback), the last lines of every worker log of this run. msrun's own traceback ("job
+    exited with exception") stays in its stderr file."""
+    texts = [log.read_text(errors="replace").splitlines() for log in logs]
+    errors: dict[str, list[str]] = {}  # error line -> the logs that end with it
+    for log, lines in zip(logs, texts):
+        for line in lines:
+            if ERROR_LINE.match(line):
+                errors.setdefault(line, []).append(log.name)
+    if errors and not any("Traceback (most recent call last)" in line for lines in texts for line in lines):
+        for line, names in errors.items():
+            print(f"{line} [{', '.join(names)}]", file=sys.stderr)
+        return
+    for log, lines in zip(logs, texts):
+        tail = [line for line in lines if not NOISE.match(line)][-8:]
+        print(f"--- {log} (last lines) ---\n" + "\n".join(tail), file=sys.stderr)
+    print(f"(msrun's own output: {msrun_err})", file=sys.stderr)
 
 
 def this_run_logs(log_dir: str, since: float) -> list[Path]:

@@ -17,7 +17,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from qwen3moe.training.task_config import TaskConfig, load_task_config
+from qwen3moe.training.task_config import TaskConfig, TaskConfigError, load_task_config
 
 GiB = 2 ** 30
 
@@ -52,6 +52,20 @@ def add_parser(subparsers: Any) -> None:
 def load(path: str, overrides: list[str], extra: dict | None = None) -> TaskConfig:
     """The task file with its overrides (a TaskConfigError names the bad key)."""
     return load_task_config(path, overrides, extra)
+
+
+def preflight(args: argparse.Namespace, world_size: int) -> None:
+    """`qwen3moe launch` checks the task before starting `world_size` workers."""
+    from qwen3moe.parallel.pretrain import check_request
+
+    cfg = load(args.config, getattr(args, "overrides", []))
+    if args.dry_run:
+        return
+    if not cfg.use_parallel:
+        raise TaskConfigError(f"pretrain on {world_size} processes needs use_parallel: True (or "
+                              f"--use_parallel True); without it every process would train the whole model "
+                              f"into {cfg.output_dir}")
+    check_request(cfg, world_size)
 
 
 def run(args: argparse.Namespace) -> int:

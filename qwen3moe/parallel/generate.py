@@ -42,15 +42,16 @@ class ParallelGeneration:
     summary: str
 
 
-def check_request(req: GenerateRequest, mesh: Mesh) -> None:
+def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = None) -> None:
     """Refused before any process does work: a layout the model or the launch cannot take
-    (config.json is read, no weights), and what the sharded paths cannot do."""
+    (config.json is read, no weights), and what the sharded paths cannot do. world_size: the
+    process count (default: the one the launcher announced)."""
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import launched_world_size
     from qwen3moe.parallel.parallelize import check_layout
 
     cfg = Qwen3MoeConfig.from_pretrained(req.check())
-    size = launched_world_size()
+    size = launched_world_size() if world_size is None else world_size
     mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
                   num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0,
                   world_size=size if size > 1 else None)

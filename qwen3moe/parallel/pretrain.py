@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qwen3moe.parallel.mesh import MeshError
+from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.train_state import SHARDED_DIR, ShardedCheckpointer, resume_path
 from qwen3moe.training.task_config import TaskConfigError
 
@@ -84,13 +84,30 @@ def global_grad_norm(pl, grads: dict) -> float:
     return math.sqrt(total)
 
 
+def mesh_of(cfg) -> Mesh:
+    """The task config's parallel_config as a Mesh."""
+    pc = cfg.parallel_config
+    return Mesh(dp=pc.data_parallel, tp=pc.model_parallel, pp=pc.pipeline_stage, ep=pc.expert_parallel,
+                sp=pc.use_seq_parallel, micro_batch_num=pc.micro_batch_num)
+
+
+def check_request(cfg, world_size: int) -> Mesh:
+    """The layout checked against the model and the process count, before any process does work
+    (the launcher calls it before starting the workers, each worker again after init)."""
+    from qwen3moe.training.recipe import model_config
+
+    mc, mesh = model_config(cfg), mesh_of(cfg)
+    mesh.validate(num_layers=mc.num_hidden_layers, num_heads=mc.num_attention_heads,
+                  num_kv_heads=mc.num_key_value_heads, num_experts=mc.num_experts or 0, world_size=world_size)
+    return mesh
+
+
 def train(cfg, log: Log = lambda s: None) -> int:
     """Train on the launched processes; `log` gets this rank's log lines (every rank's loss
     lines, rank 0's metrics, checkpoints and notes)."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.process import ProcessCollectives
     from qwen3moe.training.recipe import build_data, build_schedule, requested_samples, total_steps
 
@@ -101,11 +118,7 @@ def train(cfg, log: Log = lambda s: None) -> int:
     ms.set_seed(cfg.seed)
     init()
     rank, size = get_rank(), get_group_size()
-    pc = cfg.parallel_config
-    mesh = Mesh(dp=pc.data_parallel, tp=pc.model_parallel, pp=pc.pipeline_stage, ep=pc.expert_parallel,
-                sp=pc.use_seq_parallel, micro_batch_num=pc.micro_batch_num)
-    if mesh.world_size != size:
-        raise MeshError(f"parallel_config gives dp*tp*pp = {mesh.world_size} but {size} processes run")
+    mesh = check_request(cfg, size)
     from qwen3moe.parallel import compiled
 
     if compiled.supports(cfg, mesh):  # compiled per-rank step (parallel/step.py)
