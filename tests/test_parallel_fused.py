@@ -88,7 +88,8 @@ def _steps(model, ids, mask, fused: bool, feed=None, n: int = 4):
 
 
 @pytest.mark.parametrize("layout, rank, batch", [
-    pytest.param(dict(tp=2), 1, 3, marks=pytest.mark.slow), pytest.param(dict(dp=2, ep=2), 1, 3, marks=pytest.mark.slow),
+    pytest.param(dict(tp=2), 1, 3, marks=pytest.mark.slow),
+    pytest.param(dict(dp=2, ep=2), 1, 3, marks=pytest.mark.slow),
     pytest.param(dict(tp=2, ep=2), 0, 3, marks=pytest.mark.slow), (dict(tp=2, ep=2), 1, 1)],
     ids=["tp2-r1-b3", "dp2ep2-r1-b3", "tp2ep2-r0-b3", "tp2ep2-r1-b1"])  # 6-17 s each at load 10-13
 def test_rank_fused_step_equals_composite_step(two_layers, layout, rank, batch):
