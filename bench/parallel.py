@@ -2,6 +2,7 @@
 against one process measured in the same run on the same cores.
 
     .venv/bin/python bench/parallel.py [--only train|generate] [--layouts tp2,ep2,...] [--reps 1] [--quick]
+                                       [--collectives mccl,shm]
 
 Training: `qwen3moe pretrain` with examples/configs/pretrain_tiny_cpu.yaml (tiny preset) on the
 tests/fixtures Megatron prefix (.bin/.idx, reset_position_ids and eod_mask_loss true), global
@@ -25,6 +26,7 @@ Shapes: B prompts per batch, N new tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -140,18 +142,22 @@ def bench_train(root: Path, a) -> None:
                     .replace("save_checkpoint_steps: 4", "save_checkpoint_steps: 0"))
     print(f"training: tiny preset, Megatron {MEGATRON.name} (reset_position_ids, eod_mask_loss), 8 x 128 "
           f"tokens a step, {a.steps} steps, median step time after {a.warmup} warm-up steps", flush=True)
-    rows: dict[str, list] = {n: [] for n in ["single", *a.layouts]}
+    runs = [(n, c) for n in a.layouts for c in a.collectives]
+    rows: dict[str, list] = {n: [] for n in ["single", *(_label(n, c, a) for n, c in runs)]}
     for rep in range(a.reps):
         single = train_one("single", root, yaml, a)
         rows["single"].append(single)
         _print_train("single", single, None, rep)
-        for name in a.layouts:
-            r = train_one(name, root, yaml, a)
-            rows[name].append(r)
-            _print_train(name, r, single.get("median"), rep)
+        for name, coll in runs:
+            with collectives(coll):
+                r = train_one(name, root, yaml, a)
+            rows[_label(name, coll, a)].append(r)
+            _print_train(_label(name, coll, a), r, single.get("median"), rep)
     if a.reps > 1:
         print("  median over reps:")
-        for name in a.layouts:
+        for name in rows:
+            if name == "single":
+                continue
             ratios = [r["median"] / s["median"] for r, s in zip(rows[name], rows["single"])
                       if "median" in r and "median" in s]
             if ratios:
@@ -160,7 +166,7 @@ def bench_train(root: Path, a) -> None:
 
 
 def _print_train(name: str, r: dict, single: float | None, rep: int) -> None:
-    head = f"  [{rep + 1}] {name:7s}"
+    head = f"  [{rep + 1}] {name:10s}"
     if "error" in r:
         print(f"{head} failed: {r['error']}  (wall {r['wall']:.0f} s)", flush=True)
         return
@@ -227,11 +233,14 @@ def bench_generate(root: Path, a) -> None:
                 print(f"  [{rep + 1}] single  B={B} {mode:6s} {single['rate']:8.1f} tok/s ({single['how']})",
                       flush=True)
                 for layout in a.gen_layouts:
-                    _print_gen(rep, layout, B, mode, gen_one(layout, B, sample, root, a), single)
+                    for coll in a.collectives:
+                        with collectives(coll):
+                            r = gen_one(layout, B, sample, root, a)
+                        _print_gen(rep, _label(layout, coll, a), B, mode, r, single)
 
 
 def _print_gen(rep: int, layout: str, B: int, mode: str, r: dict, single: dict) -> None:
-    head = f"  [{rep + 1}] {layout:7s} B={B} {mode:6s}"
+    head = f"  [{rep + 1}] {layout:11s} B={B} {mode:6s}"
     if "refused" in r or "error" in r:
         print(f"{head} {'refused' if 'refused' in r else 'failed'}: {r.get('refused') or r['error']}", flush=True)
         return
@@ -243,6 +252,24 @@ def _print_gen(rep: int, layout: str, B: int, mode: str, r: dict, single: dict) 
     print(f"{head} tokens identical: {same}; {r['rate']:8.1f} tok/s, ratio {ratio:.2f}x "
           f"{'met' if ratio >= 0.5 and same == 'yes' else 'NOT met'} (target >= 0.5x, identical) [{r['how']}]",
           flush=True)
+
+
+@contextlib.contextmanager
+def collectives(kind: str | None):
+    """QWEN3MOE_COLLECTIVES for the commands started inside (None: the environment's)."""
+    saved = os.environ.get("QWEN3MOE_COLLECTIVES")
+    if kind is not None:
+        os.environ["QWEN3MOE_COLLECTIVES"] = kind
+    try:
+        yield
+    finally:
+        os.environ.pop("QWEN3MOE_COLLECTIVES", None)
+        if saved is not None:
+            os.environ["QWEN3MOE_COLLECTIVES"] = saved
+
+
+def _label(layout: str, coll: str | None, a) -> str:
+    return layout if coll is None or len(a.collectives) == 1 else f"{layout}/{coll}"
 
 
 # ----------------------------------------------------------------------------- main
@@ -262,7 +289,14 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="3 steps (1 warm-up), 16 tokens, 1 timed batch, greedy batch 1 only")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
+    ap.add_argument("--collectives", default=None,
+                    help="run each layout with each QWEN3MOE_COLLECTIVES value, comma-separated, e.g. mccl,shm "
+                         "(default: the environment's)")
     a = ap.parse_args(argv)
+    a.collectives = [x for x in a.collectives.split(",") if x] if a.collectives else [None]
+    for c in a.collectives:
+        if c not in (None, "auto", "shm", "mccl"):
+            ap.error(f"--collectives: unknown backend {c!r}; expected auto, shm or mccl")
     a.steps = a.steps or (3 if a.quick else 5)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.new_tokens = a.new_tokens or (16 if a.quick else 32)

@@ -263,10 +263,15 @@ def test_sharded_load_peak_rss_per_rank_is_about_the_shard(tmp_path):
         assert growth < 0.75 * full, (growth, full)
 
 
+PRETRAIN_LAYOUTS = {"tp2": ["--parallel_config.model_parallel", "2"], "dp2": ["--parallel_config.data_parallel", "2"],
+                    "tp2sp": ["--parallel_config.model_parallel", "2", "--parallel_config.use_seq_parallel", "True"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "tp2sp"])
 def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
-    """tp = 2 (weights sharded, not only replicated; sharded checkpoints) and dp = 2 (compiled
+    """tp = 2 (weights sharded, not only replicated; sharded checkpoints), tp = 2 with sequence
+    parallel (the same shards and checkpoints) and dp = 2 (compiled
     replicas; single-process checkpoints written by rank 0): a 4-step run saving every
     2 steps; resuming from step 2 in a new launch logs exactly the first run's steps 3-4 (model
     + AdamW moments + step restored; batches and lr are functions of the step); rank 0
@@ -284,10 +289,9 @@ def test_pretrain_use_parallel_checkpoints_resume_and_metrics(tmp_path, layout):
     common = ["--config", str(tmp_path / "t.yaml"), "--model.model_config.num_hidden_layers", "2",
               f"--train_dataset.data_loader.config.data_path=['{tmp_path / 'tok.npy'}']",
               "--runner_config.train_steps", "4", "--runner_config.batch_size", "2", "--optimizer.eps", "1e-3",
-              "--use_parallel", "True",
-              "--parallel_config.model_parallel" if layout == "tp2" else "--parallel_config.data_parallel", "2"]
-    ck, steps = ("checkpoint_sharded", ["step_2", "step_4"]) if layout == "tp2" else \
-        ("checkpoint", ["step_00000002", "step_00000004"])
+              "--use_parallel", "True", *PRETRAIN_LAYOUTS[layout]]
+    ck, steps = ("checkpoint", ["step_00000002", "step_00000004"]) if layout == "dp2" else \
+        ("checkpoint_sharded", ["step_2", "step_4"])
 
     def losses(log_dir, r=0):
         text = (log_dir / f"worker_{r}.log").read_text()
@@ -344,11 +348,14 @@ def final_params(out, steps: int) -> dict[str, np.ndarray]:
 
 
 _DP2, _ZERO1 = ["--parallel_config.data_parallel", "2"], ["--parallel.enable_parallel_optimizer", "True"]
+_TP2 = ["--parallel_config.model_parallel", "2"]
+_SP = ["--parallel_config.use_seq_parallel", "True"]
 
 
 @pytest.mark.parametrize("layout, reset, eod_mask", [
-    (["--parallel_config.model_parallel", "2"], True, True),
-    pytest.param(["--parallel_config.model_parallel", "2"], False, False, marks=pytest.mark.slow),
+    (_TP2, True, True),
+    pytest.param(_TP2, False, False, marks=pytest.mark.slow),
+    pytest.param(_TP2 + _SP, True, True, marks=pytest.mark.slow),  # sequence parallel, compiled
     pytest.param(_DP2 + ["--parallel_config.expert_parallel", "2"], True, True, marks=pytest.mark.slow),
     pytest.param(_DP2, True, True, marks=pytest.mark.slow),
     pytest.param(_DP2 + _ZERO1, True, True, marks=pytest.mark.slow),
@@ -356,7 +363,7 @@ _DP2, _ZERO1 = ["--parallel_config.data_parallel", "2"], ["--parallel.enable_par
     # its own token mean (eod_mask_loss: unequal label counts), as the engine's accumulation groups
     pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"], True, True,
                  marks=pytest.mark.slow),
-], ids=["tp2", "tp2-plain", "dp2ep2", "dp2", "dp2-zero1", "pp2"])
+], ids=["tp2", "tp2-plain", "tp2sp", "dp2ep2", "dp2", "dp2-zero1", "pp2"])
 def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):
     """`pretrain --use_parallel` on Megatron .bin/.idx data (reset_position_ids and eod_mask_loss
     true or false) == single-process TrainStep on the same batches: the loss every rank logs, rank

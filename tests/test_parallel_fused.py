@@ -2,8 +2,9 @@
 step on the same rank model (one process), and the kernels' partial / expert-offset variants
 sum to the NumPy reference of the whole block.
 
-One process cannot run a real 2-rank group, so the rank models here use `MirrorGroup`: a 2-rank
-group whose other rank holds the same tensor as this one (all-reduce doubles, gather repeats).
+One process cannot run a real 2-rank group, so the rank models here use `MirrorBackend`: the
+collectives of 2-rank groups whose other rank holds the same tensor as this one (all-reduce
+doubles, gather repeats), in place of backend.get() under the plan's own process._Group / _Op.
 That is not the real model, but it is a non-identity map at each collective that both step
 graphs must apply at the same places with the same inputs: a fused path that skipped a
 collective, applied it after the residual, or reduced the wrong rows differs by a factor of 2.
@@ -27,25 +28,41 @@ pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode ke
 MQA = HF_FIXTURES / "tiny-mqa-dense"  # dense + sparse layers, 16 experts top-4, one kv head (replicated over tp)
 
 
-class MirrorGroup(nn.Cell):
-    """A 2-rank group in one process whose other rank holds this rank's tensor (module docstring);
-    the interface process._Op uses."""
+class _Mirror(nn.Cell):
+    """One collective of a 2-rank group whose other rank holds this rank's tensor (axis 0)."""
+
+    def __init__(self, kind: str, pos: int) -> None:
+        super().__init__()
+        self.kind, self.pos = kind, pos
+
+    def construct(self, x):
+        if self.kind == "sum":
+            return x + x
+        if self.kind == "gather":
+            return ops.concat((x, x), 0)
+        half = x.shape[0] // 2
+        if self.kind == "sum_own":
+            return (x + x)[self.pos * half:(self.pos + 1) * half]
+        return ops.concat((x[self.pos * half:(self.pos + 1) * half],) * 2, 0)  # all-to-all
+
+
+class MirrorBackend:
+    """backend.py's interface over _Mirror cells (module docstring)."""
 
     def __init__(self, pos: int) -> None:
-        super().__init__()
-        self.name, self.size, self.pos = "mirror", 2, pos
+        self.pos = pos
 
-    def ar(self, x):
-        return x + x
+    def all_reduce(self, name, site=""):
+        return _Mirror("sum", self.pos)
 
-    def gather(self, x, axis):
-        return ops.concat((x, x), axis)
+    def all_gather(self, name, site=""):
+        return _Mirror("gather", self.pos)
 
-    def own(self, x, axis):
-        return ops.split(x, x.shape[axis] // 2, axis)[self.pos]
+    def reduce_scatter(self, name, site=""):
+        return _Mirror("sum_own", self.pos)
 
-    def reduce_own(self, x, axis):
-        return self.own(self.ar(x), axis)
+    def all_to_all(self, name, site=""):
+        return _Mirror("a2a", self.pos)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +77,19 @@ def two_layers():
     return cfg, full
 
 
-def _rank_model(cfg, full, layout: dict, rank: int):
-    """This rank's parallelized model over MirrorGroups (process._Op cells, as under msrun)."""
+def _rank_model(cfg, full, layout: dict, rank: int, monkeypatch, dispatcher: str = "auto"):
+    """This rank's parallelized model, its collectives the plan's own process._Op cells over
+    MirrorBackend (as under msrun over shm / MCCL)."""
+    from qwen3moe.parallel import backend
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.parallelize import parallelize
+    from qwen3moe.parallel.process import _Group
 
+    monkeypatch.setattr(backend, "get", lambda: MirrorBackend(rank))
     mesh = Mesh(**layout)
-    groups = {kind: MirrorGroup(rank) for kind in ("tp", "ep") if getattr(mesh, kind) > 1}
-    return parallelize(cfg, mesh, rank, full.__getitem__, coll=SimpleNamespace(groups=groups)).model
+    groups = {kind: _Group(f"mirror-{kind}", [0, 1], rank) for kind in ("tp", "ep") if getattr(mesh, kind) > 1}
+    return parallelize(cfg, mesh, rank, full.__getitem__, coll=SimpleNamespace(groups=groups),
+                       dispatcher=dispatcher).model
 
 
 def _steps(model, ids, mask, fused: bool, feed=None, n: int = 4):
@@ -90,17 +112,20 @@ def _steps(model, ids, mask, fused: bool, feed=None, n: int = 4):
 @pytest.mark.parametrize("layout, rank, batch", [
     pytest.param(dict(tp=2), 1, 3, marks=pytest.mark.slow),
     pytest.param(dict(dp=2, ep=2), 1, 3, marks=pytest.mark.slow),
-    pytest.param(dict(tp=2, ep=2), 0, 3, marks=pytest.mark.slow), (dict(tp=2, ep=2), 1, 1)],
-    ids=["tp2-r1-b3", "dp2ep2-r1-b3", "tp2ep2-r0-b3", "tp2ep2-r1-b1"])  # 6-17 s each at load 10-13
-def test_rank_fused_step_equals_composite_step(two_layers, layout, rank, batch):
+    pytest.param(dict(tp=2, ep=2), 0, 3, marks=pytest.mark.slow), (dict(tp=2, ep=2), 1, 1),
+    pytest.param(dict(dp=2, ep=2, dispatcher="alltoall"), 1, 3, marks=pytest.mark.slow)],
+    ids=["tp2-r1-b3", "dp2ep2-r1-b3", "tp2ep2-r0-b3", "tp2ep2-r1-b1", "dp2ep2-alltoall-r1-b3"])  # 6-17 s each at load 10-13
+def test_rank_fused_step_equals_composite_step(two_layers, layout, rank, batch, monkeypatch):
     """Prefill + 4 decode steps with left padding on one rank's model: the fused decode graph
     (partial kernels, then the plan's reduce / ep gather + reduce-scatter / tp gather, then the
     residual; head on the vocab slice, then the gather) gives the composite step's logits. Rank
     1 of ep2 holds experts 8-15 (the kernel's expert offset); tp2 x ep2 pads 3 rows to 4 before
     the ep gather; b1: rank 1's own row is the zero pad row, routed to rank 0's experts only
     (caught a division by zero in the kernel with no local assignment). Before: rank models
-    always ran the composite step."""
-    model = _rank_model(*two_layers, layout, rank)
+    always ran the composite step. alltoall: the fused step gathers the rows and combines
+    through the all-to-all dispatcher's own return path."""
+    layout = dict(layout)
+    model = _rank_model(*two_layers, layout, rank, monkeypatch, layout.pop("dispatcher", "auto"))
     rng = np.random.default_rng(batch)
     ids = rng.integers(0, 1000, (batch, 16))
     mask = np.ones_like(ids)

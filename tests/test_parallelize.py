@@ -5,12 +5,13 @@ Fast (one process, no collectives): every parameter's HF name, shape, ShardInfo 
 against ranks.py's engine shards (build_stage) and against slicing the full HF tensors; with
 mesh 1x1 the planned model's compiled logits, loss and aux equal the unmodified model's bit
 for bit (the wrappers add nothing).
-Real processes (`dist` + `slow`, ~40-60 s a launch): each rank's compiled forward (logits
-gathered over tp) == the single-process model on that rank's rows (fixture tiny-mqa-dense:
-dense and sparse layers, one kv head replicated over tp = 2), and each parameter's compiled
+Real processes (`dist` + `slow`, ~40-60 s a launch, 150-270 s at load 12): each rank's compiled
+forward (logits gathered over tp, router logits, hidden states) == the single-process model on
+that rank's rows (fixture tiny-mqa-dense: dense and sparse layers, one kv head replicated over
+tp = 2; tp2 + sequence parallel also with T = 21, one zero pad row), and each parameter's compiled
 gradient of loss = lm_loss + coef * aux, summed over its ShardInfo sync group, == the sliced
 single-process gradient of sum over dp ranks of their losses.
-Tolerances: logits 2e-5 absolute (|logits| ~ 1: fp32 sums split over ranks in another order);
+Tolerances: logits, router logits and hidden states 2e-5 absolute (|logits| ~ 1: fp32 sums split over ranks in another order);
 gradients 1e-5 of the tensor's largest reference entry plus 1e-4 relative (same reason, summed
 over up to 4 partial contributions)."""
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _full(path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("layout", [dict(tp=2), dict(dp=2, ep=2), dict(tp=4), dict(dp=2, tp=2, ep=4),
-                                    dict(tp=2, pp=2, micro_batch_num=2)],
-                         ids=["tp2", "dp2ep2", "tp4", "dp2tp2ep4", "tp2pp2"])
+                                    dict(tp=2, pp=2, micro_batch_num=2), dict(tp=2, sp=True),
+                                    dict(dp=2, tp=2, ep=2, sp=True)],
+                         ids=["tp2", "dp2ep2", "tp4", "dp2tp2ep4", "tp2pp2", "tp2sp", "dp2tp2ep2sp"])
 def test_plan_shards_match_engine_and_full_tensors(layout):
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import Mesh
@@ -81,9 +83,22 @@ def test_plan_refuses_layouts_it_cannot_run():
     from qwen3moe.parallel.parallelize import parallelize
 
     cfg = Qwen3MoeConfig.from_pretrained(MQA)
-    for mesh, words in [(Mesh(dp=2, tp=2, ep=2, etp=2), "etp=2 with ep=2"), (Mesh(tp=2, sp=True), "sequence parallel")]:
+    for mesh, words in [(Mesh(dp=2, tp=2, ep=2, etp=2), "etp=2 with ep=2"), (Mesh(tp=2, pp=2, sp=True, micro_batch_num=2), "sequence parallel")]:
         with pytest.raises(MeshError, match=words):
             parallelize(cfg, mesh, 0, coll=SimpleNamespace(groups={}))
+    with pytest.raises(MeshError, match="dispatcher 'tp'.*sequence parallel"):
+        parallelize(cfg, Mesh(tp=2, sp=True), 0, dispatcher="tp", coll=SimpleNamespace(groups={}))
+
+
+def test_generate_refuses_sequence_parallel():
+    """sp is a training layout (the decode step runs the layers' modules on whole rows)."""
+    from qwen3moe.generation.batch import GenerateRequest
+    from qwen3moe.generation.errors import GenerationError
+    from qwen3moe.parallel.generate import check_request
+    from qwen3moe.parallel.mesh import Mesh
+
+    with pytest.raises(GenerationError, match="sequence parallel"):
+        check_request(GenerateRequest(str(MQA), "hello"), Mesh(tp=2, sp=True))
 
 
 def _reference(batch: int, seq: int, dp: int):
@@ -104,7 +119,9 @@ def _reference(batch: int, seq: int, dp: int):
     for r in range(dp):
         rows = ids[r * b:(r + 1) * b]
         out = model(rows, labels=rows, output_router_logits=True)
-        per.append((out.logits.asnumpy(), float(out.loss.asnumpy()), float(out.aux_loss.asnumpy())))
+        hidden = np.stack([x.asnumpy() for x in model(rows, output_hidden_states=True).hidden_states])
+        per.append((out.logits.asnumpy(), float(out.loss.asnumpy()), float(out.aux_loss.asnumpy()),
+                    np.stack([x.asnumpy() for x in out.router_logits]), hidden))
         t = prepare_inputs(cfg, rows, labels=rows)
         g = ms.grad(lambda: model.construct(t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels,
                                             0, True, False)[1], None, params)()
@@ -115,19 +132,23 @@ def _reference(batch: int, seq: int, dp: int):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--dp", "2", "--ep", "2"], ["--pp", "2", "--micro_batch_num", "2"]],
-                         ids=["tp2", "dp2ep2", "pp2"])
-def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout):
+@pytest.mark.parametrize("layout, batch", [(["--tp", "2"], 4), (["--dp", "2", "--ep", "2"], 4),
+                                           (["--pp", "2", "--micro_batch_num", "2"], 4),
+                                           (["--tp", "2", "--sp"], 4),  # sequence parallel, T = 28
+                                           (["--tp", "2", "--sp"], 3)],  # T = 21: a zero pad row
+                         ids=["tp2", "dp2ep2", "pp2", "tp2sp", "tp2sp-oddT"])
+def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout, batch):
     from qwen3moe.parallel.mesh import Mesh
 
-    batch, seq = 4, 7
+    seq = 7
     # one timed repeat (the benchmark's job); up to 4 graphs compile per rank: 480 s under load
     rc, err, results = launch(tmp_path, "dist-parallel", "--model", str(MQA), "--mode", "forward", "--steps", "1",
                               "--batch", str(batch), "--seq", str(seq), "--out", str(tmp_path), *layout,
                               timeout=480)
     assert rc == 0, err[-3000:]
     assert sorted(r["rank"] for r in results) == [0, 1], results
-    mesh = Mesh(**{layout[i][2:]: int(layout[i + 1]) for i in range(0, len(layout), 2)})
+    sizes = [a for a in layout if a != "--sp"]
+    mesh = Mesh(**{sizes[i][2:]: int(sizes[i + 1]) for i in range(0, len(sizes), 2)}, sp="--sp" in layout)
     per, ref_grads = _reference(batch, seq, mesh.dp)
     got = {r: np.load(tmp_path / f"forward_rank{r}.npz") for r in range(2)}
     if mesh.pp > 1:  # stage 0 holds layers 0-2, stage 1 layers 3-5 and returns the logits;
@@ -138,14 +159,16 @@ def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout)
         _check_grads(got, "grad", ref_grads, mesh)
         return
     for r, arrs in got.items():
-        logits, loss, aux = per[mesh.coords(r)["dp"]]
+        logits, loss, aux, router_logits, hidden = per[mesh.coords(r)["dp"]]
         np.testing.assert_allclose(arrs["logits"], logits, rtol=0, atol=2e-5)
         np.testing.assert_allclose(float(arrs["loss"]), loss, rtol=1e-5)
         np.testing.assert_allclose(float(arrs["aux"]), aux, rtol=1e-5)
+        np.testing.assert_allclose(arrs["router_logits"], router_logits, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(arrs["hidden"], hidden, rtol=0, atol=2e-5)
     _check_grads(got, "grad", ref_grads, mesh)
     if mesh.tp > 1:  # gather_logits=False: vocab-split logits, vocab-parallel cross-entropy
         for r, arrs in got.items():
-            logits, loss, _ = per[mesh.coords(r)["dp"]]
+            logits, loss = per[mesh.coords(r)["dp"]][:2]
             v = logits.shape[-1] // mesh.tp
             np.testing.assert_allclose(arrs["vlogits"], logits[..., r * v:(r + 1) * v], rtol=0, atol=2e-5)
             np.testing.assert_allclose(float(arrs["vloss"]), loss, rtol=1e-5)

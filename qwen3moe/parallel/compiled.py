@@ -1,7 +1,7 @@
 """`pretrain --use_parallel` on the compiled per-rank step (parallel/step.py) for the layouts it
-supports (`supports`): pure data parallelism (the whole model per rank), tensor and expert
-parallelism (this rank's model from parallelize.py, vocab-parallel cross-entropy), each with
-or without ZeRO-1.
+supports (`supports`): pure data parallelism (the whole model per rank), tensor (also with
+sequence parallel) and expert parallelism (this rank's model from parallelize.py,
+vocab-parallel cross-entropy), each with or without ZeRO-1.
 
 Checkpoints: pure dp without ZeRO-1 writes single-process training checkpoints from rank 0
 (`output_dir/checkpoint`, replicas are identical; every rank resumes from them, exportable with
@@ -22,11 +22,11 @@ Log = Callable[[str], None]
 
 
 def supports(cfg, mesh) -> bool:
-    """Layouts this path trains: dp, tp, ep and their products with pp = 1 (parallelize.py has
-    no pipeline stages or sequence parallelism yet); the rest run parallel/trainer.py's per-rank
-    engine. Pipeline micro-batches (micro_batch_num > 1) define a per-micro-batch aux the
-    engine computes."""
-    return mesh.world_size > 1 and mesh.pp == 1 and not mesh.sp and mesh.micro_batch_num == 1
+    """Layouts this path trains: dp, tp (with or without sequence parallel), ep and their
+    products with pp = 1 (parallelize.py has no pipeline stages yet); the rest run
+    parallel/trainer.py's per-rank engine. Pipeline micro-batches (micro_batch_num > 1) define
+    a per-micro-batch aux the engine computes."""
+    return mesh.world_size > 1 and mesh.pp == 1 and mesh.micro_batch_num == 1
 
 
 def zero1_enabled(cfg, mesh) -> bool:
@@ -62,6 +62,9 @@ def train(cfg, mesh, rank: int, log: Log = lambda s: None) -> int:
         raise TaskConfigError(f"runner_config.batch_size {r.batch_size} is not divisible by parallel_config."
                               f"data_parallel {mesh.dp} (each replica takes batch_size / dp rows)")
     coll = ProcessCollectives(mesh, rank)
+    from qwen3moe.parallel import backend
+
+    log(f"rank {rank}: collectives {backend.get().kind} (QWEN3MOE_COLLECTIVES={backend.choice()})")
     ms.set_seed(cfg.seed)
     model, entries, ce = _rank_model(cfg, mesh, rank, coll)
     data, samples = build_data(cfg, requested_samples(cfg))

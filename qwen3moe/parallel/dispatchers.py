@@ -18,10 +18,17 @@ index but a zero weight, so they add nothing (forward and gradient) and shapes s
                           weights and indices are all-gathered over the ep group (backward:
                           reduce-scatter), the local experts run on all of them, the outputs are
                           reduce-scattered back (backward: all-gather) and gathered over tp.
-                          On CPU (MCCL: AllReduce only on sub-groups) every gather is an
-                          AllReduce of a zero-padded buffer (process.py).
-An all-to-all dispatcher (each token sent only to its experts' ranks) is not here: MCCL has no
-AlltoAll, so it could not be tested on this machine.
+                          On MCCL (AllReduce only on CPU sub-groups) every gather is an
+                          AllReduce of a zero-padded buffer (backend.py).
+    AllToAllDispatcher    ep > 1 (etp = 1), Megatron-Core's alltoall dispatcher with equal
+                          splits (static shapes): each tp rank's own T/tp rows are sent to every ep
+                          member with the weights and local indices of that member's experts
+                          (zero weight elsewhere) by one all-to-all, the local experts run, the
+                          outputs go back by a second all-to-all (backward of each: all-to-all)
+                          and each row sums its members' contributions in member order; then
+                          gathered over tp. Equal to AllGatherDispatcher (the same rows meet the
+                          same experts; the same additions in the same order). The shared-memory
+                          backend has a native all-to-all; on MCCL it is a gather (backend.py).
 
 The input x_TH reaches the dispatcher through the block's copy (f) over tp, so the partial
 gradients of each tp rank's rows and experts are summed there.
@@ -110,3 +117,43 @@ class AllGatherDispatcher(nn.Cell):
 
     def combine(self, y_RH: Tensor, T: int) -> Tensor:
         return self.gather_tp(self.scatter_ep(y_RH))[:T]
+
+
+class AllToAllDispatcher(AllGatherDispatcher):
+    """ep > 1: own rows to every ep member with that member's expert weights (all-to-all), local
+    experts, outputs back (all-to-all), contributions summed, gathered over tp."""
+
+    def __init__(self, tp_group: _Group | None, ep_group: _Group, tp: int, tp_pos: int,
+                 expert_lo: int, local_experts: int) -> None:
+        super().__init__(tp_group, ep_group, tp, tp_pos, expert_lo, local_experts)
+        self.G = 1 if ep_group is None else ep_group.size
+        self.send = collective(ep_group, "all_to_all")
+        self.back = collective(ep_group, "all_to_all")
+
+    def dispatch(self, x_TH: Tensor, w_TK: Tensor, idx_TK: Tensor):
+        H, K = x_TH.shape[1], w_TK.shape[1]
+        x_tH, w_tK = self._own(x_TH), self._own(w_TK.astype(x_TH.dtype))
+        idx_tK = self._own(ops.stop_gradient(idx_TK).astype(ms.int32))
+        blocks = ()
+        for j in range(self.G):  # block j: what member j (experts j*e .. j*e + e - 1) receives
+            local = idx_tK - j * self.e
+            mine = (local >= 0) & (local < self.e)
+            local = ops.select(mine, local, ops.zeros_like(local)).astype(x_TH.dtype)
+            blocks = blocks + (ops.concat([x_tH, w_tK * mine.astype(x_TH.dtype), local], 1),)
+        packed = self.send(ops.concat(blocks, 0))  # [G*t, H+2K]: member j's rows for my experts
+        idx_RK = ops.stop_gradient(packed[:, H + K:]).astype(ms.int32)
+        return packed[:, :H], packed[:, H:H + K].astype(w_TK.dtype), idx_RK
+
+    def combine(self, y_RH: Tensor, T: int) -> Tensor:
+        parts = self.back(y_RH)  # block j: member j's outputs for my rows
+        t = parts.shape[0] // self.G
+        y_tH = parts[:t]
+        for j in range(1, self.G):  # member order, as the reduce-scatter adds
+            y_tH = y_tH + parts[j * t:(j + 1) * t]
+        return self.gather_tp(y_tH)[:T]
+
+
+def ep_dispatcher(kind: str, tp_group, ep_group, tp: int, tp_pos: int, expert_lo: int, local_experts: int):
+    """The ep > 1 dispatcher named by parallelize's `dispatcher=` ("allgather" / "alltoall")."""
+    cls = AllToAllDispatcher if kind == "alltoall" else AllGatherDispatcher
+    return cls(tp_group, ep_group, tp, tp_pos, expert_lo, local_experts)

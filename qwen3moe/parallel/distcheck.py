@@ -44,8 +44,10 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
     if mesh.world_size != size:
         raise MeshError(f"dp*tp*pp = {mesh.world_size} but {size} processes were launched")
     coll = ProcessCollectives(mesh, rank)
+    from qwen3moe.parallel import backend
+
     if mode == "forward":
-        return {"rank": rank, "size": size, **forward(model, mesh, rank, coll, batch, seq, steps, out_dir=out)}
+        return {"rank": rank, "size": size, "collectives": backend.get().kind, **forward(model, mesh, rank, coll, batch, seq, steps, out_dir=out)}
     rss_before = _reset_peak_rss()
     pl = ParallelLM.from_pretrained(model, mesh, train=mode == "train", coll=coll, rank=rank)
     peak_rss = _status_kib("VmHWM") * 1024
@@ -64,7 +66,7 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
         save_shards(pl, Path(out) / f"shards_rank{rank}.npz")
     else:
         raise MeshError(f"mode {mode!r}: expected generate, train, load or forward")
-    return {"rank": rank, "size": size, "bytes_read": pl.bytes_read, **result}
+    return {"rank": rank, "size": size, "bytes_read": pl.bytes_read, "collectives": backend.get().kind, **result}
 
 
 def _status_kib(key: str) -> int:
@@ -124,8 +126,10 @@ def forward(model: str, mesh, rank: int, coll, batch: int, seq: int, steps: int,
     last = mesh.coords(rank)["pp"] == mesh.pp - 1
     arrays = {"logits": out.logits.asnumpy(), "lm_loss": out.lm_loss.asnumpy()} if last else {}
     t = prepare_inputs(cfg, rows, labels=rows)
-    if mesh.pp == 1:  # the loss, aux and gradients of the whole model
-        arrays.update(loss=out.loss.asnumpy(), aux=out.aux_loss.asnumpy())
+    if mesh.pp == 1:  # the loss, aux, router logits, hidden states and gradients of the whole model
+        arrays.update(loss=out.loss.asnumpy(), aux=out.aux_loss.asnumpy(),
+                      router_logits=np.stack([x.asnumpy() for x in out.router_logits]),
+                      hidden=np.stack([x.asnumpy() for x in rm.model(rows, output_hidden_states=True).hidden_states]))
         result["grad_s"] = _grads(rm, t, "grad", arrays, steps)
     if mesh.pp > 1:
         result["grad_s"] = _pipeline_grads(rm, t, rows, arrays)

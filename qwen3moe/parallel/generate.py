@@ -62,6 +62,8 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
     if req.quantize or req.dtype != "float32":
         raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
     if mesh.pp == 1:
+        if mesh.sp:  # the compiled decode step calls the layers' modules on whole [B, S, H] rows
+            raise GenerationError("sequence parallel (sp) is a training layout; generate without it (same shards)")
         check_layout(cfg, mesh)
         return
     if req.options.get("do_sample"):
@@ -138,21 +140,10 @@ def all_done(mine: bool) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _world_sum():
-    """One compiled AllReduce graph for every step: the PyNative primitive took 5-8 ms a call
-    against ~0.25 ms compiled on 2 loaded cores (bench/parallel_decode.py), once per decode step."""
-    import mindspore as ms
-    from mindspore import nn, ops
+    """One world all-reduce for every step (not one built per call)."""
+    from qwen3moe.parallel import backend
 
-    class _Sum(nn.Cell):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ar = ops.AllReduce()
-
-        @ms.jit
-        def construct(self, x):
-            return self.ar(x)
-
-    return _Sum()
+    return backend.get().all_reduce(None, "rows done")
 
 
 def gather_texts(text: str, size: int) -> list[str]:

@@ -17,8 +17,8 @@ API (stable; other modules build on it):
               training: the [T, V] logits are never gathered). Either way the model's own loss
               (`labels=`) is right: the plan swaps its cross-entropy module for
               `VocabParallelCrossEntropy` (the max, sum of exp and target logit reduced over tp).
-    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp"
-              or "allgather" (dispatchers.py).
+    dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp",
+              "allgather" or "alltoall" (AllToAllDispatcher; dispatchers.py).
     coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
 
     returns RankModel:
@@ -51,7 +51,13 @@ shards as the simulated engine):
     lm_head                vocab rows split (column-parallel), f on the input, optional gather.
     sparse MoE block       ParallelMoeBlock: f on the input, the replicated router, a dispatcher
                            around the block's own expert combine (fused kernel or composite).
-The router sees the same tokens on every tp rank but back-propagates only its partial share
+    sequence parallel      (mesh.sp, seqpar.py) the residual stream, norms and MoE input hold the
+                           rank's own token rows: attention and dense MLP wrapped whole (all-gather
+                           in, reduce-scatter out, no f/g), embedding reduce-scattered, the MoE
+                           block fed own rows (all-gather dispatcher, no tp split), the final
+                           hidden rows all-gathered for the lm_head; router statistics summed
+                           over tp. pp = 1 only; not for generation.
+Without sp the router sees the same tokens on every tp rank but back-propagates only its partial share
 (its experts' ffn slice, or its own rows): its gradient is summed over the stage (sync
 "stage"); the router probabilities (aux loss) and logits (z-loss) pass their gradient scaled
 by 1/tp, so that sum gives each term exactly once.
@@ -68,10 +74,11 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import skip_init, widen
-from qwen3moe.parallel.dispatchers import AllGatherDispatcher, TPExpertsDispatcher, _Identity, collective
+from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
 from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
+from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter
 from qwen3moe.router.topk import TopKRouter
 
 sg = ops.stop_gradient
@@ -110,7 +117,8 @@ def _grad_scale(x: Tensor, s: float) -> Tensor:
 
 class ParallelMoeBlock(nn.Cell):
     """Qwen3MoeSparseMoeBlock's contract (y_TH, router logits, probs, idx) over a dispatcher:
-    `block` is the model's own block holding this rank's experts and the full router."""
+    `block` is the model's own block holding this rank's experts and the full router; `tp` the
+    ranks routing the same tokens (1 with sequence parallel: each routes its own rows)."""
 
     def __init__(self, block: nn.Cell, dispatcher: nn.Cell, copy: nn.Cell, tp: int) -> None:
         super().__init__()
@@ -299,9 +307,9 @@ def check_layout(cfg, mesh: Mesh) -> None:
     if mesh.ep > 1 and cfg.moe_capacity_factor is not None:
         raise MeshError("moe_capacity_factor with ep > 1: capacity is per expert over the whole ep group, "
                         "which the all-gather dispatcher does not compute; use dropless routing")
-    if mesh.sp:
-        raise MeshError("sequence parallel (sp) is not implemented by parallelize yet; use the engine "
-                        "(parallel/trainer.py)")
+    if mesh.sp and mesh.pp > 1:
+        raise MeshError("sequence parallel (sp) with pp > 1 is not implemented by parallelize yet; use the "
+                        "engine (parallel/trainer.py)")
     if cfg.tie_word_embeddings and mesh.pp > 1:
         raise MeshError("tie_word_embeddings with pp > 1 is not supported (embedding and lm_head live on "
                         "different stages)")
@@ -313,8 +321,11 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
     check_layout(cfg, mesh)
-    if dispatcher not in ("auto", "tp", "allgather"):
-        raise ValueError(f"dispatcher must be 'auto', 'tp' or 'allgather', got {dispatcher!r}")
+    if dispatcher not in ("auto", "tp", "allgather", "alltoall"):
+        raise ValueError(f"dispatcher must be 'auto', 'tp', 'allgather' or 'alltoall', got {dispatcher!r}")
+    if mesh.sp and dispatcher == "tp":
+        raise MeshError("dispatcher 'tp' needs every token on every tp rank; sequence parallel feeds the MoE "
+                        "block the rank's own rows (dispatcher 'allgather' or 'alltoall')")
     if coll is None:
         from qwen3moe.parallel.process import ProcessCollectives
 
@@ -330,12 +341,12 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
     _apply_plan(model, mesh, c, coll.groups, vocab_start, gather_logits,
-                "allgather" if dispatcher == "auto" and mesh.ep > 1 else dispatcher)
+                "allgather" if dispatcher == "auto" and (mesh.ep > 1 or mesh.sp) else dispatcher)
     if c["pp"] > 0:  # torchtitan's model split: the embedding on the first stage only
         model.model.embed_tokens = _Identity()
     if c["pp"] < mesh.pp - 1:  # final norm and lm_head on the last stage only
         model.model.norm, model.lm_head = _Identity(), _Identity()
-    if mesh.pp == 1:  # the generation engine's fused decode step with this plan's collectives
+    if mesh.pp == 1 and not mesh.sp:  # the generation engine's fused decode step, this plan's collectives
         model.__dict__["fused_step_cell"] = functools.partial(RankFusedStepCell, tp=mesh.tp)
     n = rank % (mesh.dp * mesh.tp)
     entries = []
@@ -378,7 +389,7 @@ LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "sel
 
 def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gather_logits: bool,
                 dispatcher: str) -> None:
-    tp_g = groups.get("tp")
+    tp_g, sp = groups.get("tp"), mesh.sp
 
     def style(kind: str, inner: nn.Cell) -> nn.Cell:  # fresh collective Cells per use
         if kind == "colwise":
@@ -386,29 +397,47 @@ def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gath
         return _Around(inner, _Identity(), collective(tp_g, "reduce"))
 
     m = model.model
-    m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, vocab_start, collective(tp_g, "reduce"))
+    m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, vocab_start,
+                                            TokenScatter(tp_g, mesh.tp) if sp else collective(tp_g, "reduce"))
     for layer in m.layers:
-        for path, kind in LAYER_PLAN.items():
-            owner, name = path.split(".")
-            cell = getattr(layer, owner)
-            if mesh.tp > 1 and hasattr(cell, name):
-                setattr(cell, name, style(kind, getattr(cell, name)))
-        if not layer.is_sparse:
-            continue
-        if dispatcher == "allgather":
-            e = layer.mlp.experts.num_experts
-            d = AllGatherDispatcher(tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
+        if sp:  # whole modules on gathered rows, reduce-scattered back (seqpar.py): no f/g inside
+            layer.self_attn = SequenceParallelAttention(layer.self_attn, tp_g, mesh.tp)
+            if not layer.is_sparse:
+                layer.mlp = _Around(layer.mlp, collective(tp_g, "gather_rs"), collective(tp_g, "reduce_scatter"))
         else:
-            if mesh.ep > 1:
-                raise MeshError("dispatcher 'tp' needs ep=1 (experts split over the tp ranks' ffn dim)")
-            d = TPExpertsDispatcher(tp_g)
-        layer.mlp = ParallelMoeBlock(layer.mlp, d, collective(tp_g, "copy"), mesh.tp)
-    if mesh.tp > 1:
-        model.lm_head = _Around(model.lm_head, collective(tp_g, "copy"),
+            for path, kind in LAYER_PLAN.items():
+                owner, name = path.split(".")
+                cell = getattr(layer, owner)
+                if mesh.tp > 1 and hasattr(cell, name):
+                    setattr(cell, name, style(kind, getattr(cell, name)))
+        if layer.is_sparse:
+            layer.mlp = _moe_block(layer.mlp, mesh, c, groups, dispatcher)
+    if mesh.tp > 1:  # with sp the final hidden rows arrive all-gathered (backward: reduce-scatter)
+        model.lm_head = _Around(model.lm_head, _Identity() if sp else collective(tp_g, "copy"),
                                 collective(tp_g, "gather", 1) if gather_logits else _Identity())
         if not gather_logits:
             model.cross_entropy = VocabParallelCrossEntropy(tp_g, vocab_start)
+    if sp:
+        model.model = SequenceParallelModel(m, tp_g, mesh.tp, c["tp"])
     model.__dict__.pop("_graph_runner", None)
+
+
+def _moe_block(block, mesh: Mesh, c: dict, groups: dict, dispatcher: str) -> ParallelMoeBlock:
+    """The sparse block over its dispatcher. With sp its input is already the rank's own rows:
+    the all-gather dispatcher with no tp split or gather around it, and no f (the ep-group
+    gather's backward sums the rows' gradients)."""
+    tp_g = groups.get("tp")
+    if dispatcher in ("allgather", "alltoall"):
+        e = block.experts.num_experts
+        if mesh.sp:
+            return ParallelMoeBlock(block, ep_dispatcher(dispatcher, None, groups.get("ep"), 1, 0, c["ep"] * e, e),
+                                    _Identity(), 1)
+        d = ep_dispatcher(dispatcher, tp_g, groups.get("ep"), mesh.tp, c["tp"], c["ep"] * e, e)
+    else:
+        if mesh.ep > 1:
+            raise MeshError("dispatcher 'tp' needs ep=1 (experts split over the tp ranks' ffn dim)")
+        d = TPExpertsDispatcher(tp_g)
+    return ParallelMoeBlock(block, d, collective(tp_g, "copy"), mesh.tp)
 
 
 def _source(weights):

@@ -1,73 +1,99 @@
-"""The process-per-rank backend of collectives.py: MindSpore collectives under msrun.
+"""The process-per-rank backend of collectives.py: one rank per process under msrun.
 
-Same interface as SimCollectives (streams hold this process's one rank). What each device
-has: AllReduce-sum works on any group everywhere; on CPU (MCCL) AllGather only on the world
-group and ReduceScatter / AlltoAll not at all (MINDSPORE_CPU.md section 6). So on CPU every
-gather is an AllReduce of a zero buffer holding this rank's block (R6), and reduce-scatter is
-AllReduce + own slice; on Ascend/GPU the native AllGather / ReduceScatter are used. Each
-collective is a Cell with Megatron's backward (R5). Pipeline stages exchange activations with
-`mint.distributed` isend/irecv (after R4's fix of their default group on CPU).
+Same interface as SimCollectives (streams hold this process's one rank). The collectives are
+made by the backend of backend.py (QWEN3MOE_COLLECTIVES: shared memory between the ranks of one
+host, or MindSpore's, whose CPU MCCL has AllReduce on any group, AllGather on the world group
+only and no ReduceScatter / AlltoAll, emulated there with AllReduce, MINDSPORE_CPU.md section
+6). Each collective is a Cell with Megatron's backward (R5) whose forward and backward are call
+sites of their own. Pipeline stages exchange activations with `mint.distributed` isend/irecv
+(after R4's fix of their default group on CPU).
 """
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from qwen3moe.parallel import backend
 from qwen3moe.parallel.collectives import stage_groups
 
 
 class _Group(nn.Cell):
-    def __init__(self, name: str, ranks: list[int], me: int, native: bool) -> None:
+    """A communication group of this rank: name, size, position, and shared collectives (for
+    callers outside graphs; a graph's call sites make their own, `_Op`)."""
+
+    def __init__(self, name: str, ranks: list[int], me: int) -> None:
         super().__init__()
         self.name, self.size, self.pos = name, len(ranks), ranks.index(me)
-        self.ar = ops.AllReduce(group=name)
-        self.ag = ops.AllGather(group=name) if native else None
-        self.rs = ops.ReduceScatter(group=name) if native else None
+        be = backend.get()
+        self.ar = be.all_reduce(name, "shared sum")
+        self.ag = be.all_gather(name, "shared gather")
+        self.rs = be.reduce_scatter(name, "shared reduce-scatter")
 
     def gather(self, x: Tensor, axis: int) -> Tensor:
-        if self.ag is not None and axis == 0:
-            return self.ag(x)
-        buf = ops.zeros((self.size,) + x.shape, x.dtype)
-        buf = ops.tensor_scatter_update(buf, Tensor([[self.pos]], ms.int32), x.expand_dims(0))
-        buf = self.ar(buf)
-        return ops.concat([buf[i] for i in range(self.size)], axis)
+        return _along(self.ag(_first(x, axis)), axis, self.size)
 
     def own(self, x: Tensor, axis: int) -> Tensor:
         return ops.split(x, x.shape[axis] // self.size, axis)[self.pos]
 
     def reduce_own(self, x: Tensor, axis: int) -> Tensor:
-        if self.rs is not None and axis == 0:
-            return self.rs(x)
-        return self.own(self.ar(x), axis)
+        return _first(self.rs(_first(x, axis)), axis)
+
+
+def _first(x: Tensor, axis: int) -> Tensor:
+    """x with `axis` moved to the front (the backends gather / scatter along axis 0)."""
+    return x if axis == 0 else ops.swapaxes(x, 0, axis)
+
+
+def _along(y: Tensor, axis: int, size: int) -> Tensor:
+    """An axis-0 gather of blocks [d, ...] (axis moved first) back to the concat along `axis`."""
+    if axis == 0:
+        return y
+    d = y.shape[0] // size
+    return ops.concat([ops.swapaxes(y[i * d:(i + 1) * d], 0, axis) for i in range(size)], axis)
+
+
+class _Step(nn.Cell):
+    """One direction of a collective at one call site: sum / gather / own / sum_own / id."""
+
+    def __init__(self, g: _Group, kind: str, axis: int, site: str) -> None:
+        super().__init__()
+        self.kind, self.axis, self.size, self.pos = kind, axis, g.size, g.pos
+        be = backend.get()
+        make = {"sum": be.all_reduce, "gather": be.all_gather, "sum_own": be.reduce_scatter,
+                "a2a": be.all_to_all}.get(kind)
+        self.op = make(g.name, site) if make is not None else None
+
+    def construct(self, x):
+        if self.kind == "sum" or self.kind == "a2a":
+            return self.op(x)
+        if self.kind == "gather":
+            return _along(self.op(_first(x, self.axis)), self.axis, self.size)
+        if self.kind == "own":
+            return ops.split(x, x.shape[self.axis] // self.size, self.axis)[self.pos]
+        if self.kind == "sum_own":
+            return _first(self.op(_first(x, self.axis)), self.axis)
+        return x
 
 
 class _Op(nn.Cell):
-    """One collective with an explicit backward (MindSpore's own bprops need ReduceScatter)."""
+    """One collective with an explicit backward (MindSpore's own bprops need ReduceScatter);
+    its forward and backward are call sites of their own."""
 
     def __init__(self, g: _Group, fwd: str, bwd: str, axis: int = 0) -> None:
         super().__init__()
-        self.g, self.fwd, self.bwd, self.axis = g, fwd, bwd, axis
-
-    def _do(self, kind: str, x):
-        if kind == "sum":
-            return self.g.ar(x)
-        if kind == "gather":
-            return self.g.gather(x, self.axis)
-        if kind == "own":
-            return self.g.own(x, self.axis)
-        if kind == "sum_own":
-            return self.g.reduce_own(x, self.axis)
-        return x
+        self.f = _Step(g, fwd, axis, f"{fwd}")
+        self.b = _Step(g, bwd, axis, f"{bwd} (backward of {fwd})")
 
     def construct(self, x):
-        return self._do(self.fwd, x)
+        return self.f(x)
 
     def bprop(self, x, out, dout):
-        return (self._do(self.bwd, dout),)
+        return (self.b(dout),)
 
 
 RULES = {"reduce": ("sum", "id"), "copy": ("id", "sum"), "gather": ("gather", "own"),
-         "scatter": ("own", "gather"), "gather_rs": ("gather", "sum_own"), "reduce_scatter": ("sum_own", "gather")}
+         "scatter": ("own", "gather"), "gather_rs": ("gather", "sum_own"), "reduce_scatter": ("sum_own", "gather"),
+         "all_to_all": ("a2a", "a2a")}
 
 
 class ProcessCollectives:
@@ -77,7 +103,7 @@ class ProcessCollectives:
         self.mesh, self.rank = mesh, rank
         c = mesh.coords(rank)
         self.stage, self.local = c["pp"], rank % (mesh.dp * mesh.tp)
-        self.native = ms.get_context("device_target") != "CPU"
+        backend.get()  # the backend is decided once, by every rank at this point
         self.groups: dict[str, _Group | None] = {}
         for kind in ("tp", "dp", "ep", "edp", "stage"):
             self.add_group(kind)
@@ -88,7 +114,8 @@ class ProcessCollectives:
             name = GlobalComm.WORLD_COMM_GROUP if mesh.pp == mesh.world_size else "pp_" + "_".join(map(str, pp_ranks))
             if name != GlobalComm.WORLD_COMM_GROUP:
                 create_group(name, pp_ranks)
-            self.pp_group = _Group(name, pp_ranks, rank, self.native)
+                backend.register(name, pp_ranks)
+            self.pp_group = _Group(name, pp_ranks, rank)
             _patch_p2p_defaults()
         self.ops: dict = {}
         self.calls: dict[str, int] = {}
@@ -109,7 +136,8 @@ class ProcessCollectives:
         else:
             name = f"{kind}_" + "_".join(map(str, ranks))
             create_group(name, ranks)
-        self.groups[kind] = _Group(name, ranks, self.rank, self.native)
+            backend.register(name, ranks)
+        self.groups[kind] = _Group(name, ranks, self.rank)
 
     def _call(self, name: str, kind: str, xs: dict, axis: int = 0) -> dict:
         g = self.groups[kind]

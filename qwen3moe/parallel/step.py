@@ -12,7 +12,7 @@ Per step, with no forward recompute (each a compiled graph):
      counted) and the step's metrics, summed over the world in one more AllReduce;
   3. clipping by that norm (torch clip_grad_norm_), the schedule's lr and torch-exact AdamW
      (`RankAdamW`): whole parameters, or with ZeRO-1 this rank's chunk of each sync group's
-     flattened parameters, the updated chunks gathered by an AllReduce of zero-padded buffers.
+     flattened parameters, the updated chunks all-gathered (backend.py).
 A step whose loss or norm is not finite changes nothing (all ranks see the same global values).
 
 Loss of rank r for micro-batch i of M (parallel/README.md, "Loss and gradient"), rows split by
@@ -37,6 +37,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.parallel import backend
 from qwen3moe.parallel.dp import cut_buckets
 from qwen3moe.training.optimizer import AdamW, clip_by_global_norm
 from qwen3moe.training.step import TrainStep, as_batch, expert_load, global_norm
@@ -111,7 +112,7 @@ class SumNoGrad(nn.Cell):
 
     def __init__(self, group: str | None) -> None:
         super().__init__(auto_prefix=False)
-        self.all_reduce = ops.AllReduce(group=group) if group is not None else None
+        self.all_reduce = backend.get().all_reduce(group, "router counts") if group is not None else None
 
     def construct(self, x):
         if self.all_reduce is None:
@@ -125,8 +126,8 @@ class SumNoGrad(nn.Cell):
 class _Zero1Chunk(nn.Cell):
     """ZeRO-1 for one sync group: this member's chunk [pos*c, (pos+1)*c) of the group's flattened
     parameters (zero-padded to size*c) with its own AdamW moments; after the step every member's
-    chunk is gathered into all parameters (AllReduce of zero-padded buffers: CPU has no
-    sub-group AllGather)."""
+    chunk is gathered into all parameters (backend.py all_gather: on MCCL an AllReduce of
+    zero-padded buffers, CPU has no sub-group AllGather)."""
 
     def __init__(self, params: list, idx: tuple, group: SyncGroup, adamw: dict) -> None:
         super().__init__(auto_prefix=False)
@@ -143,7 +144,7 @@ class _Zero1Chunk(nn.Cell):
         # read after the in-place kernel saw the old values (the parameters never moved)
         self.opt.fused = None
         self.opt.step.name, self.opt.learning_rate.name = f"adamw.step.{group.kind}", f"adamw.lr.{group.kind}"
-        self.all_reduce = ops.AllReduce(group=group.name)
+        self.gather = backend.get().all_gather(group.name, f"zero1 {group.kind} chunks")
 
     def update(self, grads, params, after):
         g = ops.concat([grads[i].reshape(-1) for i in self.idx])
@@ -151,14 +152,7 @@ class _Zero1Chunk(nn.Cell):
             g = ops.concat([g, ops.zeros(self.G * self.c - self.P, ms.float32)])
         c, k = self.c, self.pos
         t = self.opt.update((ops.depend(g[k * c:(k + 1) * c], after),))
-        mine = ops.depend(self.chunk, t)
-        pieces = ()
-        if k:
-            pieces = pieces + (ops.zeros(k * c, ms.float32),)
-        pieces = pieces + (mine,)
-        if k < self.G - 1:
-            pieces = pieces + (ops.zeros((self.G - 1 - k) * c, ms.float32),)
-        full = self.all_reduce(ops.concat(pieces))
+        full = self.gather(ops.depend(self.chunk, t))
         parts = ops.split(full[:self.P], self.sizes)
         for j in range(len(self.idx)):
             ops.assign(params[self.idx[j]], parts[j].reshape(self.shapes[j]))
@@ -226,7 +220,7 @@ class _SyncAndNorm(nn.Cell):
         self.reducers = nn.CellList([_AllReduce(name) for name, _ in buckets])
         in_bucket = {i for _, idx in buckets for i in idx}
         self.alone = tuple(i for i in range(len(acc)) if i not in in_bucket and owned[i])
-        self.world = ops.AllReduce()
+        self.world = backend.get().all_reduce(None, "norm and metrics")
 
     @ms.jit
     def construct(self, metrics):
@@ -250,7 +244,7 @@ class _SyncAndNorm(nn.Cell):
 class _AllReduce(nn.Cell):
     def __init__(self, group: str) -> None:
         super().__init__(auto_prefix=False)
-        self.op = ops.AllReduce(group=group)
+        self.op = backend.get().all_reduce(group, "gradient bucket")
 
     def construct(self, x):
         return self.op(x)
