@@ -9,7 +9,7 @@ prefill (compile excluded), each on its own engine:
     fused_nocoll   the same rank model built with no groups (every collective an identity: the
                    kernels and the graph without communication; its logits are not the model's)
     composite      the composite step (generation/engine._StepCell) with the collectives
-    allreduce      one compiled graph of `n` AllReduces over the world group of a [B, 1, H]
+    allreduce      one compiled graph of `n` AllReduces (backend.py: shm or MCCL) over the world group of a [B, 1, H]
                    tensor, per AllReduce (n = the step's in-graph collectives: tp2 1 + 2 L + 1,
                    dp2 x ep2 2 L on the sparse layers)
     host_done      generation.generate's per-step host all-reduce of the unfinished rows (dp > 1)
@@ -58,7 +58,7 @@ def _engine_ms(model, batch: int, steps: int, fused: bool) -> float:
 def worker(a) -> None:
     import mindspore as ms
     import numpy as np
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, nn
     from mindspore.communication import get_rank, init
 
     from qwen3moe.models.config import Qwen3MoeConfig
@@ -82,21 +82,23 @@ def worker(a) -> None:
     L = cfg.num_hidden_layers
     n = 2 * L + 2 if mesh.tp > 1 else 2 * L
 
-    class Chain(nn.Cell):
+    from qwen3moe.parallel import backend
+
+    class Chain(nn.Cell):  # the backend's all-reduce (shm or MCCL), one call site each
         def __init__(self):
             super().__init__()
-            self.ar = ops.AllReduce()
+            self.ars = nn.CellList([backend.get().all_reduce(None, f"bench {i}") for i in range(n)])
 
         @ms.jit
         def construct(self, x):
-            for _ in range(n):
-                x = self.ar(x) * 0.5
+            for ar in self.ars:
+                x = ar(x) * 0.5
             return x
 
     chain, x = Chain(), Tensor(np.ones((a.batch, 1, cfg.hidden_size), np.float32))
     chain(x).asnumpy()
     out["allreduce"] = _best_ms(lambda: chain(x).asnumpy(), a.steps) / n
-    out["allreduce_n"] = n
+    out["allreduce_n"], out["backend"] = n, backend.get().kind
     out["host_done"] = _best_ms(lambda: all_done(False), a.steps)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -143,7 +145,7 @@ def main() -> None:
             for ln in lines:
                 r = json.loads(ln)
                 print(f"  {layout} rank {r['rank']}: fused {r['fused']:.2f} ms, no collectives "
-                      f"{r['fused_nocoll']:.2f} ms, composite {r['composite']:.2f} ms, AllReduce "
+                      f"{r['fused_nocoll']:.2f} ms, composite {r['composite']:.2f} ms, {r['backend']} AllReduce "
                       f"{r['allreduce']:.3f} ms x {r['allreduce_n']} a step, host all_done {r['host_done']:.2f} ms",
                       flush=True)
     print(f"load at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
