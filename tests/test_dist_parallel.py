@@ -128,6 +128,7 @@ def same_completions(par: list[dict], one: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("layout", [pytest.param("tp2", marks=pytest.mark.slow), "dp2ep2",
+                                    pytest.param("tp2ep2", marks=pytest.mark.slow),
                                     pytest.param("dp2", marks=pytest.mark.slow),
                                     pytest.param("pp2", marks=pytest.mark.slow)])
 def test_generate_use_parallel_sampled_batches_match_single_process(tmp_path, layout):
@@ -140,19 +141,23 @@ def test_generate_use_parallel_sampled_batches_match_single_process(tmp_path, la
     micro-batches of 2 rows overlapped across the stages, the last stage sampling each with its
     rows' draws and sending the tokens back. Before: "greedy only" / "one prompt at a time"
     refusals, or a ValueError traceback for dp2 x ep2."""
-    par, one, _, _ = generate_both(tmp_path, GEN_LAYOUTS[layout], "--predict_batch_size", "4", *SAMPLED)
+    par, one, log0, _ = generate_both(tmp_path, GEN_LAYOUTS[layout], "--predict_batch_size", "4", *SAMPLED)
     assert any(o["completion_tokens"] < 8 for o in one) and any(o["completion_tokens"] == 8 for o in one)
     same_completions(par, one)
+    if "pp" not in layout:  # pp = 1 ranks decode with the fused kernels (parallel/fused_step.py)
+        assert "(fused step)" in log0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2ep2", "dp2ep2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2ep2", "dp2ep2", "tp2", "pp2"])
 def test_generate_use_parallel_greedy_stream_matches_single_process(tmp_path, layout):
     """Greedy, batch 1, --stream: the completions of one process, and rank 0 streams each
     completion's text (rank 1 prints none; pp2: rank 0 is the first stage, which receives the
     tokens the last stage picks)."""
     par, one, log0, single_err = generate_both(tmp_path, GEN_LAYOUTS[layout], "--do_sample", "false", "--stream")
     same_completions(par, one)
+    if "pp" not in layout:
+        assert "(fused step)" in log0
     log1 = (tmp_path / "logs" / "worker_1.log").read_text()
     for o in one:
         assert o["completion"] + "\n" in single_err and o["completion"] + "\n" in log0

@@ -13,7 +13,7 @@ slots [0, P), decode step t writes slot P + t; the host-built additive bias hide
 future slots, and positions are cumsum(mask) - 1 per row (pads get 1, as transformers 5).
 With the C++ kernels built here (fp32, bf16 or quantized weights), the step graph is
 generation/fused_step.py instead (same cache Parameters and host bookkeeping, kernels write the
-cache in place); this composite graph is the reference and the fallback (QWEN3MOE_KERNELS=0,
+cache in place; on a parallelized rank model the plan's subclass, parallel/fused_step.py); this composite graph is the reference and the fallback (QWEN3MOE_KERNELS=0,
 attention bias, act-order GPTQ maps).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
 from qwen3moe.generation.errors import GenerationError
-from qwen3moe.generation.fused_step import FusedStepCell, fused_eligible, int8_activations
+from qwen3moe.generation.fused_step import fused_eligible, int8_activations, step_cell_class
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
@@ -94,7 +94,7 @@ class DecodeEngine:
         self.cell = _StepCell(model, batch, slots, self.uid, hidden_out)
         self.fused = not hidden_out and fused_eligible(model)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
-            self.cell = FusedStepCell(model, batch, self.cell.k_cache, self.cell.v_cache)
+            self.cell = step_cell_class(model)(model, batch, self.cell.k_cache, self.cell.v_cache)
         elif int8_activations(model):
             raise GenerationError("quantization activations='int8' runs in the fused decode kernels, which do not "
                                   "apply to this model (a parallel plan, attention biases or act-order GPTQ maps)")

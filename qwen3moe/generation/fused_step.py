@@ -41,17 +41,26 @@ def _kernel_readable(p: Parameter) -> bool:
     return (leaf in ("qweight", "qzeros") and p.dtype == ms.uint8) or (leaf == "scales" and p.dtype == ms.float16)
 
 
+def step_cell_class(model: nn.Cell) -> type:
+    """The fused step graph for `model`: FusedStepCell, or the subclass a parallel plan put on the
+    model as `fused_step_cell` (parallel/fused_step.py: the ops' partial outputs reduced through
+    the plan's collectives)."""
+    return model.__dict__.get("fused_step_cell", FusedStepCell)
+
+
 def fused_eligible(model: nn.Cell) -> bool:
     """Kernels built here, every weight in a storage they read, no q/k/v/o biases (the attention
     kernel has none), head_dim <= 1024 (its RoPE buffer), and no cell swapped in by a parallel plan
-    (the kernels read the weights directly and would skip its collectives)."""
+    unless the plan also gave the model its `fused_step_cell` (the plain kernels read the weights
+    directly and would skip the plan's collectives)."""
     if not decode_kernel.available() or model.config.head_dim > 1024:
         return False
-    if any(type(c).__module__.startswith("qwen3moe.parallel") for _, c in model.cells_and_names()):
+    if "fused_step_cell" not in model.__dict__ and any(
+            type(c).__module__.startswith("qwen3moe.parallel") for _, c in model.cells_and_names()):
         return False
     if not all(_kernel_readable(p) for p in model.get_parameters()):
         return False
-    return not any(getattr(layer.self_attn.q_proj, "bias", None) is not None for layer in model.model.layers)
+    return not model.config.attention_bias
 
 
 def int8_activations(model: nn.Cell) -> bool:

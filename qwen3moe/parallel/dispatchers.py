@@ -4,6 +4,9 @@ A dispatcher moves a rank's routed tokens to the experts it holds and their outp
     dispatch(x_TH, w_TK, idx_TK) -> (x_RH, w_RK, idx_RK)   rows for the local experts, with
                                                           local expert indices in [0, e)
     combine(y_RH, T) -> y_TH                              the block's complete output [T, H]
+    rows(x_TH) -> x_RH, rows_for(T) -> R, expert_lo      the rows alone (the fused decode step routes
+                                                          them itself, kernels/decode.py), their count,
+                                                          and the first local expert's global index
 In between, the block's own `combine` (models/qwen3_moe.py: fused C++ kernel or composite
 blocks) runs the local experts. Assignments to experts held elsewhere keep an in-range local
 index but a zero weight, so they add nothing (forward and gradient) and shapes stay static.
@@ -56,6 +59,13 @@ class TPExpertsDispatcher(nn.Cell):
     def __init__(self, tp_group: _Group | None) -> None:
         super().__init__()
         self.reduce = collective(tp_group, "reduce")
+        self.expert_lo = 0
+
+    def rows(self, x_TH: Tensor) -> Tensor:
+        return x_TH
+
+    def rows_for(self, T: int) -> int:
+        return T
 
     def dispatch(self, x_TH: Tensor, w_TK: Tensor, idx_TK: Tensor):
         return x_TH, w_TK, idx_TK
@@ -74,7 +84,8 @@ class AllGatherDispatcher(nn.Cell):
                  expert_lo: int, local_experts: int) -> None:
         super().__init__()
         self.tp, self.tp_pos = tp, tp_pos
-        self.lo, self.e = expert_lo, local_experts
+        self.expert_lo, self.e = expert_lo, local_experts
+        self.ep_size = 1 if ep_group is None else ep_group.size
         self.gather_ep = collective(ep_group, "gather_rs")      # bwd: sum over ep + own rows
         self.scatter_ep = collective(ep_group, "reduce_scatter")  # bwd: gather over ep
         self.gather_tp = collective(tp_group, "gather")          # bwd: own rows
@@ -86,6 +97,12 @@ class AllGatherDispatcher(nn.Cell):
         t = x.shape[0] // self.tp
         return x[self.tp_pos * t:(self.tp_pos + 1) * t]
 
+    def rows(self, x_TH: Tensor) -> Tensor:
+        return self.gather_ep(self._own(x_TH))
+
+    def rows_for(self, T: int) -> int:
+        return self.ep_size * -(-T // self.tp)
+
     def dispatch(self, x_TH: Tensor, w_TK: Tensor, idx_TK: Tensor):
         H, K = x_TH.shape[1], w_TK.shape[1]
         # one collective for rows, weights and indices; the indices travel as fp32 (MCCL
@@ -93,7 +110,7 @@ class AllGatherDispatcher(nn.Cell):
         idx_TK = ops.stop_gradient(idx_TK).astype(x_TH.dtype)
         packed = self.gather_ep(self._own(ops.concat([x_TH, w_TK.astype(x_TH.dtype), idx_TK], 1)))
         x_RH, w_RK = packed[:, :H], packed[:, H:H + K].astype(w_TK.dtype)
-        idx_RK = ops.stop_gradient(packed[:, H + K:]).astype(ms.int32) - self.lo
+        idx_RK = ops.stop_gradient(packed[:, H + K:]).astype(ms.int32) - self.expert_lo
         mine = (idx_RK >= 0) & (idx_RK < self.e)
         local_RK = ops.select(mine, idx_RK, ops.zeros_like(idx_RK))
         return x_RH, w_RK * mine.astype(w_RK.dtype), local_RK

@@ -108,13 +108,14 @@ def engine_batches(req: GenerateRequest, mesh: Mesh, rank: int, on_text: Callabl
     prompts = read_prompts(req.predict_data)
     split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done) if mesh.dp > 1 else None
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text if rank == 0 else None, split):
-        yield results, st.decode_steps, st.decode_s
+        fused = any(e.fused for e in model.__dict__.get("_decode_engines", {}).values())
+        yield results, st.decode_steps, st.decode_s, "fused" if fused else "composite"
 
 
 def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGeneration:
     """Run the batches; the results of every dp rank's first stage, tp rank 0, merged on rank 0."""
-    batches, steps, decode_s, t0 = [], 0, 0.0, time.perf_counter()
-    for results, st, sec in per_batch:
+    batches, steps, decode_s, step, t0 = [], 0, 0.0, "no", time.perf_counter()
+    for results, st, sec, step in per_batch:
         batches.append(results)
         steps, decode_s = steps + st, decode_s + sec
     wall = time.perf_counter() - t0
@@ -126,7 +127,8 @@ def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGe
     rate = req.predict_batch_size * steps / max(decode_s, 1e-9)
     pp = f" pp{mesh.pp} x {mesh.micro_batch_num} micro-batches" if mesh.pp > 1 else ""
     return ParallelGeneration(merged, f"{len(merged)} prompts on {mesh.world_size} processes (dp{mesh.dp} "
-                                      f"tp{mesh.tp} ep{mesh.ep}{pp}) in {wall:.2f} s; decode {rate:.1f} tok/s")
+                                      f"tp{mesh.tp} ep{mesh.ep}{pp}) in {wall:.2f} s; decode {rate:.1f} tok/s "
+                                      f"({step} step)")
 
 
 def rank_model(folder, mesh: Mesh, rank: int):
@@ -148,10 +150,23 @@ def all_done(mine: bool) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _world_sum():
-    """One world all-reduce for every step (not one built per call)."""
+    """One world all-reduce for every step (not one built per call), compiled: called eagerly
+    (PyNative) it took 5-10 ms a decode step against ~0.5 ms (bench/parallel_decode.py)."""
+    import mindspore as ms
+    from mindspore import nn
+
     from qwen3moe.parallel import backend
 
-    return backend.get().all_reduce(None, "rows done")
+    class _Sum(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ar = backend.get().all_reduce(None, "rows done")
+
+        @ms.jit
+        def construct(self, x):
+            return self.ar(x)
+
+    return _Sum()
 
 
 def gather_texts(text: str, size: int) -> list[str]:

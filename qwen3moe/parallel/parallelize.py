@@ -32,6 +32,8 @@ API (stable; other modules build on it):
       .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read,
       .local_config (rank_config: this rank's head / ffn / expert / vocab / layer counts, e.g.
                   for KV-cache shapes; `.model.config` stays the global config)
+      .model.fused_step_cell (pp = 1)  the fused decode step for this plan (fused_step.py), which
+                  the generation engine runs when the kernels apply
       .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
                output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
 
@@ -63,6 +65,7 @@ Shapes: B batch, S seq, T = B*S, H hidden, V vocab, v = V/tp, E experts, K top-k
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -72,6 +75,7 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import skip_init, widen
 from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
+from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
 from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter
@@ -345,6 +349,8 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         model.model.embed_tokens = _Identity()
     if c["pp"] < mesh.pp - 1:  # final norm and lm_head on the last stage only
         model.model.norm, model.lm_head = _Identity(), _Identity()
+    if mesh.pp == 1 and not mesh.sp:  # the generation engine's fused decode step, this plan's collectives
+        model.__dict__["fused_step_cell"] = functools.partial(RankFusedStepCell, tp=mesh.tp)
     n = rank % (mesh.dp * mesh.tp)
     entries = []
     for p in model.get_parameters():

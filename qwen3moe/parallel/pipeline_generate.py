@@ -206,4 +206,5 @@ def _batches(req, model, tok, cfg, prompts: list[str], mesh: Mesh, rank: int, li
         if stream is not None:
             on_text(stream.flush() + "\n")
         rows = [r for run in runs for r in row_results(run, chunk, tok)] if stage == 0 else []
-        yield rows, steps, runs[0].stats.decode_s
+        fused = any(r.engine.fused for r in runs)
+        yield rows, steps, runs[0].stats.decode_s, "fused" if fused else "composite"

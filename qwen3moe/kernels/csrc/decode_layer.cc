@@ -166,8 +166,9 @@ static void attend(const float *q, const float *kc, const float *vc, const float
 // inputs: x [B,S,H], ln1 [H], wq [N*D,H], wk [K*D,H], wv [K*D,H], q_norm [D], k_norm [D],
 //         wo [H,N*D], k_cache [B,K,T,D], v_cache [B,K,T,D], cos [B,S,D], sin [B,S,D], bias [B,S,T],
 //         meta int32 [4] (first slot written, top_k, norm_topk_prob, unused),
-//         fcfg float32 [2 or 3] (rms eps, attention scale[, 1 = int8 activations, act8_mode])
-// output: y [B,S,H] = x + o_proj(attention(rms(x)))
+//         fcfg float32 [2], [3] or [4] (rms eps, attention scale[, 1 = int8 activations (act8_mode)[, partial]])
+// output: y [B,S,H] = x + o_proj(attention(rms(x))); partial != 0: o_proj(attention(rms(x))) only
+// (a tensor-parallel rank: its heads and o_proj columns; the caller all-reduces, then adds x)
 // Each weight is float32, bfloat16 or (qweight, scales, qzeros) (see Args); norms float32 or bf16.
 // Query s of row b is written to slot meta[0] + s and sees the keys its bias row allows.
 extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -200,6 +201,7 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   if (!a.ok || d.N % d.K != 0 || slot0 < 0 || slot0 + d.S > d.T) return 1;
   const float eps = fcfg[0], scale = fcfg[1];
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
+  const bool residual = ndims[ifcfg] != 1 || shapes[ifcfg][0] < 4 || fcfg[3] == 0.f;
   const int64_t R = d.B * d.S, QKV = ND + 2 * KD;
   std::vector<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
@@ -242,28 +244,28 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   pool.run(nchunks(d.H), [&](int64_t c) {
     const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
     mat_dot(wo, o0, o1, oin, y, d.H);
-    for (int64_t r = 0; r < R; ++r)
+    for (int64_t r = 0; r < R && residual; ++r)
       for (int64_t i = o0; i < o1; ++i) y[r * d.H + i] = x[r * d.H + i] + y[r * d.H + i];
   });
   return 0;
 }
 
 struct MoeDims {
-  int64_t R, H, E, I, I2, K;
+  int64_t R, H, E, I, I2, K, Er, lo;  // Er router experts; this op's E experts are lo .. lo + E - 1
 };
 
 // probs = softmax(logits); top-k (largest first, lower expert id on ties); optional renorm
 static void route(const float *logits, const MoeDims &d, bool norm, int32_t *idx, float *w) {
-  std::vector<float> pr(d.E);
+  std::vector<float> pr(d.Er);
   float mx = -INFINITY, sum = 0.f;
-  for (int64_t e = 0; e < d.E; ++e) mx = logits[e] > mx ? logits[e] : mx;
-  for (int64_t e = 0; e < d.E; ++e) sum += (pr[e] = std::exp(logits[e] - mx));
-  for (int64_t e = 0; e < d.E; ++e) pr[e] /= sum;
-  std::vector<char> used(d.E, 0);
+  for (int64_t e = 0; e < d.Er; ++e) mx = logits[e] > mx ? logits[e] : mx;
+  for (int64_t e = 0; e < d.Er; ++e) sum += (pr[e] = std::exp(logits[e] - mx));
+  for (int64_t e = 0; e < d.Er; ++e) pr[e] /= sum;
+  std::vector<char> used(d.Er, 0);
   float tot = 0.f;
   for (int64_t j = 0; j < d.K; ++j) {
     int64_t best = -1;
-    for (int64_t e = 0; e < d.E; ++e)
+    for (int64_t e = 0; e < d.Er; ++e)
       if (!used[e] && (best < 0 || pr[e] > pr[best])) best = e;
     used[best] = 1;
     idx[j] = static_cast<int32_t>(best);
@@ -275,7 +277,12 @@ static void route(const float *logits, const MoeDims &d, bool norm, int32_t *idx
 
 // inputs: h [R,H], ln2 [H], router [E,H], gate_up [E,2I,H], down [E,H,I],
 //         meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2 or 3] (rms eps, unused[, int8 activations])
-// output: y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h)); weights and ln2 as in DecodeAttn
+//         or [5] (..., int8 activations, partial, lo)
+// output: y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h)); weights and ln2 as in DecodeAttn.
+// Parallel ranks (fcfg [5]): the router has all Er experts and gate_up / down hold experts
+// lo .. lo + E - 1 (expert parallel) or every expert's slice of the ffn (tensor parallel, lo 0);
+// routing is over all Er, assignments to experts held elsewhere add nothing, and partial != 0
+// returns the sum without h (the caller reduces over the ranks, then adds h).
 extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
   Args args{nparam, params, ndims, shapes, dtypes};
@@ -284,36 +291,43 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   MoeDims d;
   d.R = 1, d.H = shapes[ih][ndims[ih] - 1];
   for (int i = 0; i + 1 < ndims[ih]; ++i) d.R *= shapes[ih][i];
-  int64_t Er, Hd;
-  const QMat wr = args.weight(d.H, 0, &Er);
+  int64_t Hd;
+  const QMat wr = args.weight(d.H, 0, &d.Er);
   const int igu = args.i;
   const QMat wgu = args.weight(d.H, 1, &d.I2);
   d.E = args.ok ? shapes[igu][0] : 0, d.I = d.I2 / 2;
   const int idn = args.i;
   const QMat wd = args.weight(d.I, 1, &Hd);
   const int imeta = args.take(), ifcfg = args.take(), iy = args.take();
-  if (!args.ok || args.i != nparam || Er != d.E || Hd != d.H || shapes[idn][0] != d.E || d.I2 % 2 != 0) return 1;
+  if (!args.ok || args.i != nparam || Hd != d.H || shapes[idn][0] != d.E || d.I2 % 2 != 0) return 1;
   std::vector<float> lnbuf;
   const float *h = static_cast<const float *>(params[ih]), *ln2 = args.vec(iln, d.H, lnbuf);
   const int32_t *meta = static_cast<const int32_t *>(params[imeta]);
   const float *fcfg = static_cast<const float *>(params[ifcfg]);
   float *y = static_cast<float *>(params[iy]);
-  d.K = meta[1];
-  if (!args.ok || d.K < 1 || d.K > d.E) return 1;
+  const bool ranked = ndims[ifcfg] == 1 && shapes[ifcfg][0] >= 5, partial = ranked && fcfg[3] != 0.f;
+  d.K = meta[1], d.lo = ranked ? static_cast<int64_t>(fcfg[4]) : 0;
+  if (!args.ok || d.K < 1 || d.K > d.Er || d.lo < 0 || d.lo + d.E > d.Er || (!ranked && d.Er != d.E)) return 1;
   const int64_t A = d.R * d.K;
-  std::vector<float> z(d.R * d.H), logits(d.R * d.E), w(A);
+  std::vector<float> z(d.R * d.H), logits(d.R * d.Er), w(A);
   std::vector<int32_t> idx(A);
   for (int64_t r = 0; r < d.R; ++r) rms(h + r * d.H, ln2, d.H, fcfg[0], z.data() + r * d.H);
-  mat_dot(wr, 0, d.E, z.data(), d.H, d.R, logits.data(), d.E);
-  for (int64_t r = 0; r < d.R; ++r) route(logits.data() + r * d.E, d, meta[2] != 0, idx.data() + r * d.K, w.data() + r * d.K);
-  // stable counting sort of assignments by expert; zs holds the rows in expert order
-  std::vector<int64_t> off(d.E + 1, 0), row(A);
-  for (int64_t a = 0; a < A; ++a) ++off[idx[a] + 1];
+  mat_dot(wr, 0, d.Er, z.data(), d.H, d.R, logits.data(), d.Er);
+  for (int64_t r = 0; r < d.R; ++r)
+    route(logits.data() + r * d.Er, d, meta[2] != 0, idx.data() + r * d.K, w.data() + r * d.K);
+  // stable counting sort of the assignments to this op's experts (local index idx - lo; others
+  // get row -1); zs holds their rows in expert order
+  for (int64_t a = 0; a < A; ++a) idx[a] = idx[a] >= d.lo && idx[a] < d.lo + d.E ? idx[a] - d.lo : -1;
+  std::vector<int64_t> off(d.E + 1, 0), row(A, -1);
+  for (int64_t a = 0; a < A; ++a)
+    if (idx[a] >= 0) ++off[idx[a] + 1];
   for (int64_t e = 0; e < d.E; ++e) off[e + 1] += off[e];
   std::vector<int64_t> cur(off.begin(), off.end() - 1);
-  for (int64_t a = 0; a < A; ++a) row[a] = cur[idx[a]]++;
+  for (int64_t a = 0; a < A; ++a)
+    if (idx[a] >= 0) row[a] = cur[idx[a]]++;
   std::vector<float> zs(A * d.H);
-  for (int64_t a = 0; a < A; ++a) std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
+  for (int64_t a = 0; a < A; ++a)
+    if (row[a] >= 0) std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   ActQ zq8, zq4;
   const XIn zin = prepare_x(zs.data(), d.H, A, d.H, act8, {&wgu}, zq8, zq4);
@@ -325,7 +339,7 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   // fewer experts than ~2 tasks per thread (batch 1), and their partial outputs are summed last.
   const int64_t na = static_cast<int64_t>(active.size());
   const int64_t threads = Pool::get().threads();
-  int64_t P = na >= 2 * threads ? 1 : (2 * threads + na - 1) / na;
+  int64_t P = na >= 2 * threads ? 1 : (2 * threads + na - 1) / (na > 0 ? na : 1);  // na 0: no local rows
   const int64_t gran = wd.quantized() ? (wd.g + 15) / 16 * 16 : 16;  // down slices: whole groups
   int64_t Is = ((d.I + P - 1) / P + gran - 1) / gran * gran;
   if (wd.quantized() && Is % wd.g != 0) Is = d.I;
@@ -355,13 +369,14 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
     float *yr = y + r * d.H;
     for (int64_t i = 0; i < d.H; ++i) yr[i] = 0.f;
     for (int64_t j = 0; j < d.K; ++j) {
+      if (row[r * d.K + j] < 0) continue;  // an expert held by another rank
       const float wj = w[r * d.K + j];
       for (int64_t part = 0; part < P; ++part) {
         const float *src = ye.data() + (part * A + row[r * d.K + j]) * d.H;
         for (int64_t i = 0; i < d.H; ++i) yr[i] += wj * src[i];
       }
     }
-    for (int64_t i = 0; i < d.H; ++i) yr[i] = h[r * d.H + i] + yr[i];
+    for (int64_t i = 0; i < d.H && !partial; ++i) yr[i] = h[r * d.H + i] + yr[i];
   });
   return 0;
 }

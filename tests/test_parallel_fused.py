@@ -1,0 +1,202 @@
+"""parallel/fused_step.py: the fused decode step on a parallelized rank model is the composite
+step on the same rank model (one process), and the kernels' partial / expert-offset variants
+sum to the NumPy reference of the whole block.
+
+One process cannot run a real 2-rank group, so the rank models here use `MirrorBackend`: the
+collectives of 2-rank groups whose other rank holds the same tensor as this one (all-reduce
+doubles, gather repeats), in place of backend.get() under the plan's own process._Group / _Op.
+That is not the real model, but it is a non-identity map at each collective that both step
+graphs must apply at the same places with the same inputs: a fused path that skipped a
+collective, applied it after the residual, or reduced the wrong rows differs by a factor of 2.
+The real 2-process runs (tokens identical to one process) are tests/test_dist_parallel.py.
+Tolerances: fp32, the same math in other summation orders (kernel dot products vs MindSpore
+matmuls) on logits of magnitude ~1-10: 1e-4 absolute; kernel blocks 2e-5 as tests/test_decode_kernel.py.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from mindspore import nn, ops
+
+from helpers import HF_FIXTURES
+from kernel_reference import EPS, call_aot, decode_weights, ref_attn, ref_moe
+from qwen3moe.kernels import decode as decode_kernel
+
+pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
+MQA = HF_FIXTURES / "tiny-mqa-dense"  # dense + sparse layers, 16 experts top-4, one kv head (replicated over tp)
+
+
+class _Mirror(nn.Cell):
+    """One collective of a 2-rank group whose other rank holds this rank's tensor (axis 0)."""
+
+    def __init__(self, kind: str, pos: int) -> None:
+        super().__init__()
+        self.kind, self.pos = kind, pos
+
+    def construct(self, x):
+        if self.kind == "sum":
+            return x + x
+        if self.kind == "gather":
+            return ops.concat((x, x), 0)
+        half = x.shape[0] // 2
+        if self.kind == "sum_own":
+            return (x + x)[self.pos * half:(self.pos + 1) * half]
+        return ops.concat((x[self.pos * half:(self.pos + 1) * half],) * 2, 0)  # all-to-all
+
+
+class MirrorBackend:
+    """backend.py's interface over _Mirror cells (module docstring)."""
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+
+    def all_reduce(self, name, site=""):
+        return _Mirror("sum", self.pos)
+
+    def all_gather(self, name, site=""):
+        return _Mirror("gather", self.pos)
+
+    def reduce_scatter(self, name, site=""):
+        return _Mirror("sum_own", self.pos)
+
+    def all_to_all(self, name, site=""):
+        return _Mirror("a2a", self.pos)
+
+
+@pytest.fixture(scope="module")
+def two_layers():
+    """tiny-mqa-dense cut to a dense and a sparse layer (fewer graph ops to compile): (config,
+    full HF tensors)."""
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.models.config import Qwen3MoeConfig
+
+    full = {p.name: p.asnumpy() for p in Qwen3MoeForCausalLM.from_pretrained(MQA).get_parameters()}
+    cfg = Qwen3MoeConfig.from_pretrained(MQA).replace(num_hidden_layers=2, mlp_only_layers=[0], decoder_sparse_step=1)
+    return cfg, full
+
+
+def _rank_model(cfg, full, layout: dict, rank: int, monkeypatch, dispatcher: str = "auto"):
+    """This rank's parallelized model, its collectives the plan's own process._Op cells over
+    MirrorBackend (as under msrun over shm / MCCL)."""
+    from qwen3moe.parallel import backend
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.parallelize import parallelize
+    from qwen3moe.parallel.process import _Group
+
+    monkeypatch.setattr(backend, "get", lambda: MirrorBackend(rank))
+    mesh = Mesh(**layout)
+    groups = {kind: _Group(f"mirror-{kind}", [0, 1], rank) for kind in ("tp", "ep") if getattr(mesh, kind) > 1}
+    return parallelize(cfg, mesh, rank, full.__getitem__, coll=SimpleNamespace(groups=groups),
+                       dispatcher=dispatcher).model
+
+
+def _steps(model, ids, mask, fused: bool, feed=None, n: int = 4):
+    """Prefill + n decode steps on a fresh engine: (logits [n + 1, B, V], fed tokens)."""
+    from qwen3moe.generation import engine as eng_mod
+    from qwen3moe.parallel.fused_step import RankFusedStepCell
+
+    B = ids.shape[0]
+    eng = eng_mod.DecodeEngine(model, B, 64)
+    assert eng.fused and isinstance(eng.cell, RankFusedStepCell)  # the rank model runs the fused step
+    if not fused:
+        eng.fused, eng.cell = False, eng_mod._StepCell(model, B, 64, eng.uid)
+    out, fed = [eng.prefill(ids, mask)], []
+    for t in range(n):
+        fed.append(out[-1].argmax(-1) if feed is None else feed[t])
+        out.append(eng.decode(fed[-1]))
+    return np.stack(out), fed
+
+
+@pytest.mark.parametrize("layout, rank, batch", [
+    pytest.param(dict(tp=2), 1, 3, marks=pytest.mark.slow),
+    pytest.param(dict(dp=2, ep=2), 1, 3, marks=pytest.mark.slow),
+    pytest.param(dict(tp=2, ep=2), 0, 3, marks=pytest.mark.slow), (dict(tp=2, ep=2), 1, 1),
+    pytest.param(dict(dp=2, ep=2, dispatcher="alltoall"), 1, 3, marks=pytest.mark.slow)],
+    ids=["tp2-r1-b3", "dp2ep2-r1-b3", "tp2ep2-r0-b3", "tp2ep2-r1-b1", "dp2ep2-alltoall-r1-b3"])  # 6-17 s each at load 10-13
+def test_rank_fused_step_equals_composite_step(two_layers, layout, rank, batch, monkeypatch):
+    """Prefill + 4 decode steps with left padding on one rank's model: the fused decode graph
+    (partial kernels, then the plan's reduce / ep gather + reduce-scatter / tp gather, then the
+    residual; head on the vocab slice, then the gather) gives the composite step's logits. Rank
+    1 of ep2 holds experts 8-15 (the kernel's expert offset); tp2 x ep2 pads 3 rows to 4 before
+    the ep gather; b1: rank 1's own row is the zero pad row, routed to rank 0's experts only
+    (caught a division by zero in the kernel with no local assignment). Before: rank models
+    always ran the composite step. alltoall: the fused step gathers the rows and combines
+    through the all-to-all dispatcher's own return path."""
+    layout = dict(layout)
+    model = _rank_model(*two_layers, layout, rank, monkeypatch, layout.pop("dispatcher", "auto"))
+    rng = np.random.default_rng(batch)
+    ids = rng.integers(0, 1000, (batch, 16))
+    mask = np.ones_like(ids)
+    mask[-1, :5] = 0  # left padding of the last row
+    want, fed = _steps(model, ids, mask, fused=False)
+    got, _ = _steps(model, ids, mask, fused=True, feed=fed)
+    assert np.abs(want).max() > 1.0  # logits of a working model, not all zeros
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def _split_attn(w, tp):
+    """Rank r's attention slices: q heads, kv heads (replicated when tp > K), o_proj columns."""
+    D = w["qn"].shape[0]
+    N, K = w["wq"].shape[0] // D, w["wk"].shape[0] // D
+    n, k = N // tp, max(K // tp, 1)
+    for r in range(tp):
+        kr = (r * n) // (N // K) // k  # the kv block this rank's query heads use
+        q, kv = slice(r * n * D, (r + 1) * n * D), slice(kr * k * D, (kr + 1) * k * D)
+        yield r, kr, dict(w, wq=w["wq"][q], wk=w["wk"][kv], wv=w["wv"][kv], wo=np.ascontiguousarray(w["wo"][:, q])), k
+
+
+@pytest.mark.parametrize("tp, K", [(2, 2), (2, 1), (4, 2)])
+def test_attention_partials_sum_to_the_block(tp, K):
+    """DecodeAttn with fcfg (eps, scale, 0, 1) on each rank's heads returns o_proj's partial without
+    the residual; x + the sum over ranks == the NumPy block (fails if the residual is added or the
+    flag ignored: x counted tp times)."""
+    B, T, slot, D = 3, 10, 6, 8
+    rng = np.random.default_rng(tp + K)
+    w = decode_weights(rng, N=4, K=K, D=D)
+    x = rng.standard_normal((B, 1, 32)).astype(np.float32)
+    kc = rng.standard_normal((B, K, T, D)).astype(np.float32)
+    vc = rng.standard_normal((B, K, T, D)).astype(np.float32)
+    ang = rng.uniform(0, 3, (B, D // 2)).astype(np.float32)
+    cos, sin = np.tile(np.cos(ang), 2)[:, None], np.tile(np.sin(ang), 2)[:, None]
+    bias = np.where(rng.random((B, T)) < 0.7, 0.0, -3.0e38).astype(np.float32)
+    bias[:, slot] = 0.0
+    meta = np.array([slot, 2, 1, 0], np.int32)
+    total = x[:, 0].copy()
+    for r, kr, wr, k in _split_attn(w, tp):
+        y = np.zeros_like(x)
+        kcr, vcr = kc[:, kr * k:(kr + 1) * k].copy(), vc[:, kr * k:(kr + 1) * k].copy()
+        assert call_aot(decode_kernel.library(), "DecodeAttn",
+                        [x, wr["ln1"], wr["wq"], wr["wk"], wr["wv"], wr["qn"], wr["kn"], wr["wo"], kcr, vcr, cos, sin,
+                         bias[:, None], meta, np.array([EPS, D ** -0.5, 0.0, 1.0], np.float32), y]) == 0
+        total += y[:, 0]
+    want, _, _ = ref_attn(w, x[:, 0], kc, vc, cos[:, 0], sin[:, 0], bias, slot)
+    np.testing.assert_allclose(total, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ep, tp, norm, B", [(2, 1, True, 5), (4, 1, False, 5), (1, 2, True, 5), (2, 1, False, 5),
+                                             (4, 1, True, 1)])
+def test_moe_partials_sum_to_the_block(ep, tp, norm, B):
+    """DecodeMoe with fcfg (eps, scale, 0, 1, lo), the full router and a rank's experts lo .. lo + e - 1
+    (ep) or every expert's ffn slice (tp): h + the sum of the ranks' partials == the NumPy block
+    over all experts (fails if routing were over the local experts only, non-local assignments
+    were not dropped, or h were added per rank). B 1, ep 4: 3 assignments, so some rank has none."""
+    E, I, top_k = 8, 16, 3
+    rng = np.random.default_rng(ep * 10 + tp + norm)
+    w = decode_weights(rng, E=E, I=I)
+    h = rng.standard_normal((B, 32)).astype(np.float32)
+    meta = np.array([0, top_k, int(norm), 0], np.int32)
+    e, i = E // ep, I // tp
+    total = h.copy()
+    for r in range(ep * tp):
+        lo, part = (r * e, slice(None)) if ep > 1 else (0, slice(r * i, (r + 1) * i))
+        gu = w["wgu"][lo:lo + e]
+        gu = np.concatenate([gu[:, :I][:, part], gu[:, I:][:, part]], 1)
+        dn = np.ascontiguousarray(w["wd"][lo:lo + e][:, :, part])
+        y = np.zeros_like(h)
+        assert call_aot(decode_kernel.library(), "DecodeMoe",
+                        [h, w["ln2"], w["wr"], np.ascontiguousarray(gu), dn, meta,
+                         np.array([EPS, 0.0, 0.0, 1.0, lo], np.float32), y]) == 0
+        total += y
+    np.testing.assert_allclose(total, ref_moe(w, h, norm, top_k), atol=2e-5, rtol=0)
