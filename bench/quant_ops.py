@@ -17,7 +17,8 @@ int8 per channel in the quantized modes), ms and GB/s of the weight bytes each o
 under 2 GB (8 of 32 experts per call are still far beyond the L3).
 --rows T ... times the prefill-shaped forward ops instead (kernels/csrc/quant_ops.cc; fp32: the
 linear.cc / moe_fused.cc ops the fp32 model runs): q_proj (4096 x 2048) on T rows and the fused
-experts on T tokens (top-8 of 128 drawn at random: ~T/16 rows per expert), best / median ms.
+experts on T tokens (top-8 of 128 drawn at random: ~T/16 rows per expert), best / median ms;
+modes int8-a8 / int4-a8: the same weights with int8 activations (the opt-in mode's ops).
 """
 from __future__ import annotations
 
@@ -132,13 +133,13 @@ def prefill_ops(layers, modes, rows, reps, rng) -> None:
             idx = np.argsort(rng.random((T, E)), axis=1)[:, :TOPK].astype(np.int32)
             w = rng.random((T, TOPK), dtype=np.float32)
             for m in modes:
-                lw = layers[m]
+                lw, a8 = layers[m.removesuffix("-a8")], "A8" if m.endswith("-a8") else ""
                 y = np.empty((T, N * D), np.float32)
                 t0 = time.perf_counter()
                 if m == "fp32":
                     linear("LinearFwd", [x, *lw["wq"], y])
                 else:
-                    quant("QuantLinearFwd", [x, *lw["wq"], y])
+                    quant("QuantLinearFwd" + a8, [x, *lw["wq"], y])
                 t1 = time.perf_counter()
                 out = np.empty_like(x)
                 if m == "fp32":
@@ -146,7 +147,7 @@ def prefill_ops(layers, modes, rows, reps, rng) -> None:
                     moe("MoeFusedFwd", [x, idx, w, *lw["wgu"], *lw["wd"], out, np.empty((A, 2 * F), np.float32),
                                         np.empty((A, H), np.float32), np.empty(A, np.int32), np.empty(E + 1, np.int32)])
                 else:
-                    quant("QuantMoeFwd", [x, idx, w, *lw["wgu"], *lw["wd"], out])
+                    quant("QuantMoeFwd" + a8, [x, idx, w, *lw["wgu"], *lw["wd"], out])
                 t2 = time.perf_counter()
                 times[m, "q_proj"].append(1e3 * (t1 - t0))
                 times[m, "experts"].append(1e3 * (t2 - t1))
@@ -173,7 +174,7 @@ def main() -> None:
     call = Kernel()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    layers = {m: layer(rng, m, a.head) for m in a.modes}
+    layers = {m: layer(rng, m, a.head) for m in dict.fromkeys(m.removesuffix("-a8") for m in a.modes)}
     print(f"weights built in {time.perf_counter() - t0:.0f} s")
     if a.rows:
         return prefill_ops(layers, a.modes, a.rows, a.reps, rng)

@@ -97,3 +97,34 @@ def quant_arrays(rng, shape, mode, g=None, scale=0.05):
     w = (u.astype(np.float64) - np.repeat(z, g, -1)) * np.repeat(s.astype(np.float64), g, -1)
     q = u if nbits == 8 else (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
     return [q, s, z], w
+
+
+# ---- the int8-activation mode (docs/quantization.md "int8 activations") ----------------
+ACT_BLOCK = 16
+
+
+def quantize_act(x_BI: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(q int64 [B, I], sx float32 [B, I // 16]) in float32 math, as specified."""
+    B, I = x_BI.shape
+    xb = x_BI.astype(np.float32).reshape(B, I // ACT_BLOCK, ACT_BLOCK)
+    amax = np.abs(xb).max(-1)
+    safe = np.where(amax > 0, amax, np.float32(1))
+    inv = np.where(amax > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int64).reshape(B, I)
+    return q, (amax / np.float32(127)).astype(np.float32)
+
+
+def act8_reference(x_BI, u_OI, z_OG, s_OG):
+    """y [B, O] float64 and the sum of |pieces| [B, O] (for the tolerance)."""
+    q, sx = quantize_act(x_BI)
+    O, I = u_OI.shape
+    g = I // z_OG.shape[1]
+    piece = min(g, ACT_BLOCK)  # a piece lies in one activation block and one weight group
+    P = I // piece
+    wz = u_OI.astype(np.int64) - np.repeat(z_OG.astype(np.int64), g, 1)  # exact
+    d = np.einsum("bpk,opk->bop", q.reshape(-1, P, piece), wz.reshape(O, P, piece))  # exact int64
+    k0 = np.arange(P) * piece
+    scale = (sx[:, k0 // ACT_BLOCK].astype(np.float64)[:, None, :]
+             * s_OG[:, k0 // g].astype(np.float64)[None, :, :])
+    terms = d * scale
+    return terms.sum(-1), np.abs(terms).sum(-1)

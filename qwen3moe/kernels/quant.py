@@ -9,9 +9,12 @@ pattern, as the model holds bf16 weights it gathers from), or
 qzeros uint8 [O, G]; W[o, k] = (u[o, k] - z[o, k // g]) * scales[o, k // g]. Experts carry a
 leading E on each tensor.
 - `linear(x, *weight)` = x @ W^T: streaming dequantized rows (GEMV) for a few rows, dequantized
-  tiles + oneDNN sgemm for many.
+  row blocks + a register-blocked fp32 micro-kernel for many.
 - `moe_experts(x_TH, idx_TK, w_TK, gate_up, down)` (or the six quantized tensors, + bits) = sum_j w_tj SwiGLU_{idx_tj}(x_t) (the fp32
   kernels/moe.py op's forward).
+- `act8=True` (both): the opt-in int8-activation arithmetic (docs/quantization.md; csrc/quant_vnni.h
+  for few rows, csrc/quant_gemm8.h for many) on every int8 / int4 weight whose shape takes it; bf16
+  weights and other shapes keep float32 activations.
 No gradients: training stays on fp32 weights. `set_portable(True)` switches to the scalar loops
 (tests check both code paths against NumPy).
 """
@@ -44,12 +47,12 @@ def _op(name: str, out_shape, out_dtype):
     return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
-def _linear_op():
-    return _op("QuantLinearFwd", lambda x, *w: list(x[:-1]) + [w[0][0]], lambda x, *w: x)
+def _linear_op(name: str):
+    return _op(name, lambda x, *w: list(x[:-1]) + [w[0][0]], lambda x, *w: x)
 
 
-def _moe_op():
-    return _op("QuantMoeFwd", lambda x, *rest: x, lambda x, *rest: x)
+def _moe_op(name: str):
+    return _op(name, lambda x, *rest: x, lambda x, *rest: x)
 
 
 def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -> None:
@@ -94,18 +97,22 @@ def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
                          f"{in_features}")
 
 
-def linear(x: Tensor, *weight) -> Tensor:
+def linear(x: Tensor, *weight, act8: bool = False) -> Tensor:
     """x [..., I] float32 @ W^T -> [..., O] float32; weight = (w,) / (qweight, scales, qzeros)
-    as one tuple or loose tensors, optionally followed by bits (checked against the shapes)."""
+    as one tuple or loose tensors, optionally followed by bits (checked against the shapes);
+    act8: int8 activations (see the module docstring)."""
     weight, bits = _split(weight)
     check_weight("linear weight", weight, x.shape[-1])
     _check_bits("linear weight", weight, x.shape[-1], bits)
-    return _linear_op()(x, *weight)
+    if act8:
+        return _linear_op("QuantLinearFwdA8")(x, *weight)
+    return _linear_op("QuantLinearFwd")(x, *weight)
 
 
-def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, *weights) -> Tensor:
+def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, *weights, act8: bool = False) -> Tensor:
     """Fused experts forward; idx int32 in [0, E), x and w float32. weights = (gate_up tuple,
-    down tuple), or gate_up then down tensors (1 + 1 or 3 + 3) optionally followed by bits."""
+    down tuple), or gate_up then down tensors (1 + 1 or 3 + 3) optionally followed by bits;
+    act8: int8 activations (see the module docstring)."""
     if len(weights) == 2 and isinstance(weights[0], tuple) and isinstance(weights[1], tuple):
         gate_up, down, bits = weights[0], weights[1], None
     else:
@@ -118,4 +125,6 @@ def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, *weights) -> Tensor:
     check_weight("experts down", down, F, (E,))
     _check_bits("experts gate_up", gate_up, x_TH.shape[-1], bits)
     _check_bits("experts down", down, F, bits)
-    return _moe_op()(x_TH, idx_TK, w_TK, *gate_up, *down)
+    if act8:
+        return _moe_op("QuantMoeFwdA8")(x_TH, idx_TK, w_TK, *gate_up, *down)
+    return _moe_op("QuantMoeFwd")(x_TH, idx_TK, w_TK, *gate_up, *down)

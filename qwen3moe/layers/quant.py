@@ -42,7 +42,7 @@ class QuantizationError(ValueError):
 
 
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group per output row (per channel)
-ACTIVATIONS = ("float32", "int8")  # decode-step activations: weight-only (default) or int8 (VNNI)
+ACTIVATIONS = ("float32", "int8")  # activations of quantized products: weight-only (default) or int8 (VNNI)
 LM_HEAD_BITS = 8  # lm_head: int8 per output channel in every mode (docs/quantization.md)
 
 
@@ -53,9 +53,9 @@ class QuantizationConfig:
 
     bits 8 or 4; group_size along the input dimension, -1 = per output channel; sym False and
     desc_act True only come from GPTQ folders (zero points / act-order group maps read as is).
-    activations "int8" (opt-in, docs/quantization.md): the decode steps' fused kernels quantize
-    their activations to int8 per 16-input block and take integer dot products (AVX512-VNNI);
-    prefill and forward keep float32 activations. It needs the fused decode kernels."""
+    activations "int8" (opt-in, docs/quantization.md): the quantized projections' kernels (decode
+    steps, prefill and forward) quantize their activations to int8 per 16-input block and take
+    integer dot products (AVX512-VNNI). It needs the C++ kernels."""
 
     bits: int = 4
     group_size: int = 128
@@ -95,10 +95,11 @@ class QuantizationConfig:
         return self.activations == "int8"
 
     def check_runnable(self) -> None:
-        """activations='int8' exists only in the fused decode kernels: refuse it where they are not built."""
+        """activations='int8' exists only in the C++ kernels (fused decode, quantized forward ops):
+        refuse it where they are not built."""
         from qwen3moe.kernels import decode as decode_kernel
 
-        if self.int8_activations and not decode_kernel.available():
+        if self.int8_activations and not (decode_kernel.available() and kernel_available()):
             raise QuantizationError("quantization activations='int8' needs the fused decode kernels, which are not "
                                     "available here (QWEN3MOE_KERNELS=0, or no C++ compiler)")
 
@@ -116,7 +117,7 @@ class QuantizationConfig:
             raise QuantizationError("attention_bias: true cannot be quantized (the quantized linear has no bias)")
         return QuantizedLinear(in_features, out_features, self.bits,
                                self.group_for(in_features, f"a [{out_features}, {in_features}] projection"),
-                               self.desc_act)
+                               self.desc_act, self.int8_activations)
 
 
 # ---- pure NumPy format ----------------------------------------------------------------------
@@ -254,18 +255,20 @@ class QuantizedWeight(nn.Cell):
 
 class QuantizedLinear(QuantizedWeight):
     """Bias-free y = x @ W^T with W quantized: `kernels.quant.linear` when built, else dequantize
-    the weight in the graph and run MatMul (QWEN3MOE_KERNELS=0: always)."""
+    the weight in the graph and run MatMul (QWEN3MOE_KERNELS=0: always). act8: the opt-in
+    int8-activation kernels (QuantizationConfig.check_runnable refuses it without them)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 act_order: bool = False) -> None:
+                 act_order: bool = False, act8: bool = False) -> None:
         super().__init__((), out_features, in_features, bits, group_size, 1 if act_order else 0)
         self.bias = None  # attention_bias models are refused by the quantized build
         self.matmul = ops.MatMul(transpose_b=True)
         self.use_kernel = kernel_available() and not act_order
+        self.act8 = act8
 
     def construct(self, x_TI: Tensor) -> Tensor:
         if self.use_kernel:
-            return quant_kernel.linear(x_TI, self.qweight, self.scales, self.qzeros, self.bits)
+            return quant_kernel.linear(x_TI, self.qweight, self.scales, self.qzeros, self.bits, act8=self.act8)
         return self.matmul(x_TI, self.dequant())
 
 
@@ -274,7 +277,7 @@ class QuantizedExperts(nn.Cell):
     points as layers/experts.Qwen3MoeExperts: `blocks` composite, `fused` kernel)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int,
-                 group_size_h: int, group_size_i: int, act_order: bool = False) -> None:
+                 group_size_h: int, group_size_i: int, act_order: bool = False, act8: bool = False) -> None:
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         E, H, I = num_experts, hidden_size, intermediate_size
@@ -282,6 +285,7 @@ class QuantizedExperts(nn.Cell):
         self.down_proj = QuantizedWeight((E,), H, I, bits, group_size_i, 1 if act_order else 0)
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.use_kernel = kernel_available() and not act_order
+        self.act8 = act8  # the opt-in int8-activation kernels
 
     def blocks(self, x_RH: Tensor, expert_NB: Tensor) -> Tensor:
         """Each block of b rows through its expert, dequantizing only the blocks' experts."""
@@ -295,4 +299,4 @@ class QuantizedExperts(nn.Cell):
     def fused(self, x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         gu, d = self.gate_up_proj, self.down_proj
         return quant_kernel.moe_experts(x_TH, idx_TK, w_TK.astype(x_TH.dtype), gu.qweight, gu.scales,
-                                        gu.qzeros, d.qweight, d.scales, d.qzeros, gu.bits)
+                                        gu.qzeros, d.qweight, d.scales, d.qzeros, gu.bits, act8=self.act8)

@@ -52,7 +52,7 @@ class Qwen3MoeSparseMoeBlock(nn.Cell):
             self.experts = QuantizedExperts(num_experts, hidden_size, intermediate_size, q.bits,
                                             q.group_for(hidden_size, "the experts' gate/up projections"),
                                             q.group_for(intermediate_size, "the experts' down projection"),
-                                            q.desc_act)
+                                            q.desc_act, q.int8_activations)
             kernel = self.experts.use_kernel and moe_backend != "composite"
         self.use_kernel = capacity_factor is None and kernel
 
@@ -204,7 +204,7 @@ class Qwen3MoeForCausalLM(nn.Cell):
         self.model = Qwen3MoeModel(config, param_dtype, quantization)
         H, V = config.hidden_size, config.vocab_size
         if quantization is not None and not config.tie_word_embeddings:  # int8 per channel
-            self.lm_head = QuantizedLinear(H, V, LM_HEAD_BITS, H)
+            self.lm_head = QuantizedLinear(H, V, LM_HEAD_BITS, H, act8=quantization.int8_activations)
         else:  # a tied lm_head reads the (unquantized) embedding
             self.lm_head = Linear(H, V, False, config.initializer_range, param_dtype)
         if config.tie_word_embeddings:

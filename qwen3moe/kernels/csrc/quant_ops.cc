@@ -19,6 +19,7 @@
 #include "common.h"
 #include "decode_pool.h"
 #include "quant_common.h"
+#include "quant_gemm8.h"
 
 static const int64_t kGemvRows = 16, kTile = 64, kChunkRows = 64;
 
@@ -165,10 +166,42 @@ static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *
   });
 }
 
+// qlinear in the int8-activation mode for a weight that takes it (gemm8_fits): x quantized per
+// 16-input block; few rows through the decode rows (quant_vnni.h), many through quant_gemm8.h.
+static void qlinear8(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy, bool parallel) {
+  if (T < kGemvRows) {
+    thread_local ActQ a;
+    act_quantize(W.kind, x, W.I, T, W.I, a);
+    const ActView av = act_view(a);
+    for_each((O + kChunkRows - 1) / kChunkRows, parallel, [&](int64_t c) {
+      act8_rows(W, c * kChunkRows, std::min(O, (c + 1) * kChunkRows), av, T, y, ldy);
+    });
+    return;
+  }
+  thread_local XPack8 mine;
+  XPack8 &p = mine;  // the caller's (a thread_local named inside the lambdas would be each helper's own)
+  p.reset(T, W.I, W.g);
+  for_each(p.V, parallel, [&](int64_t v) {
+    for (int64_t t = v * kLanes; t < std::min(T, (v + 1) * kLanes); ++t) pack_row8(x + t * W.I, t, p);
+  });
+  for_each((O + kBlockRows - 1) / kBlockRows, parallel, [&](int64_t b) {
+    thread_local std::vector<uint8_t> buf;
+    if (W.kind == kQ4) buf.resize(kBlockRows * W.I);
+    const int64_t o0 = b * kBlockRows;
+    gemm8_block(W, o0, std::min(O, o0 + kBlockRows) - o0, p, T, y, ldy, buf.data());
+  });
+}
+
+// the product in the mode asked for: int8 activations where the weight takes them
+static inline void qlinear_mode(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy,
+                                bool parallel, bool act8) {
+  if (act8 && gemm8_fits(W)) return qlinear8(W, O, x, T, y, ldy, parallel);
+  qlinear(W, O, x, T, y, ldy, parallel);
+}
+
 // inputs: x [..., I] float32, then one weight: bf16 [O, I] | (qweight uint8 [O, I or I/2],
 //         scales float16 [O, G], qzeros uint8 [O, G]);  output: y [..., O] float32
-extern "C" int QuantLinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                              void *stream, void *extra) {
+static int quant_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool act8) {
   if (nparam < 3 || !dtype_is(dtypes[0], "float32")) return 1;
   const int64_t I = shapes[0][ndims[0] - 1], T = rows_of(ndims[0], shapes[0]);
   int i = 1;
@@ -176,8 +209,19 @@ extern "C" int QuantLinearFwd(int nparam, void **params, int *ndims, int64_t **s
   if (!parse_weight(i, nparam, params, ndims, shapes, dtypes, I, 0, &W) || i != nparam - 1) return 1;
   const int64_t O = shapes[1][0];
   if (shapes[i][ndims[i] - 1] != O || rows_of(ndims[i], shapes[i]) != T) return 1;
-  qlinear(W, O, static_cast<const float *>(params[0]), T, static_cast<float *>(params[i]), O, true);
+  qlinear_mode(W, O, static_cast<const float *>(params[0]), T, static_cast<float *>(params[i]), O, true, act8);
   return 0;
+}
+
+extern "C" int QuantLinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  return quant_linear(nparam, params, ndims, shapes, dtypes, false);
+}
+
+// The same with int8 activations (the opt-in mode) for weights that take them
+extern "C" int QuantLinearFwdA8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  return quant_linear(nparam, params, ndims, shapes, dtypes, true);
 }
 
 // Plain pointers, never freed: no static destructor runs at exit while another thread (MindSpore's
@@ -194,8 +238,7 @@ static float *scratch(int slot, int64_t n) {
 // output: y [T,H] = sum_j w_tj * SwiGLU_{idx_tj}(x_t), summed in j order as moe_fused.cc
 // Experts run in parallel (one thread each, claimed dynamically on the decode pool); an expert with fewer than kGemvRows rows
 // streams its weights (qlinear's GEMV path), a busier one goes through dequantized tiles + sgemm.
-extern "C" int QuantMoeFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                           void *stream, void *extra) {
+static int quant_moe(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool act8) {
   if (nparam < 6 || ndims[0] != 2 || ndims[1] != 2 || !dtype_is(dtypes[1], "int32")) return 1;
   const int64_t T = shapes[0][0], H = shapes[0][1], K = shapes[1][1], A = T * K;
   int i = 3;
@@ -223,9 +266,9 @@ extern "C" int QuantMoeFwd(int nparam, void **params, int *ndims, int64_t **shap
     if (off[e + 1] > off[e]) active.push_back(e);
   for_each(static_cast<int64_t>(active.size()), true, [&](int64_t j) {
     const int64_t e = active[j], r0 = off[e], n = off[e + 1] - off[e];
-    qlinear(gu.rows(e * I2), I2, xs + r0 * H, n, g + r0 * I2, I2, false);
+    qlinear_mode(gu.rows(e * I2), I2, xs + r0 * H, n, g + r0 * I2, I2, false, act8);
     for (int64_t r = r0; r < r0 + n; ++r) silu_mul(g + r * I2, g + r * I2 + I, act + r * I, I);
-    qlinear(dn.rows(e * H), H, act + r0 * I, n, ye + r0 * H, H, false);
+    qlinear_mode(dn.rows(e * H), H, act + r0 * I, n, ye + r0 * H, H, false, act8);
   });
   for_each(T, T >= 16, [&](int64_t t) {
     float *yt = y + t * H;
@@ -236,6 +279,16 @@ extern "C" int QuantMoeFwd(int nparam, void **params, int *ndims, int64_t **shap
     }
   });
   return 0;
+}
+
+extern "C" int QuantMoeFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  return quant_moe(nparam, params, ndims, shapes, dtypes, false);
+}
+
+extern "C" int QuantMoeFwdA8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return quant_moe(nparam, params, ndims, shapes, dtypes, true);
 }
 
 // Exported for the tests: 1 = the portable scalar loops from now on, 0 = vector code again.

@@ -67,6 +67,30 @@ struct ActView {
 
 static inline int32_t default_zero(int kind) { return kind == kQ4 ? 8 : 128; }
 
+// One 16-input block of x quantized: q[0:16] = rint(x * (127 / max|x|)) in [-127, 127] (all zero
+// for an all-zero block), returns sx = max|x| / 127; float32 math, the vector form the same ops.
+static inline float quantize_block16(const float *x, int8_t *q) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (quant_vector()) {
+    const __m512 v = _mm512_loadu_ps(x);
+    const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+    const float inv = amax > 0.f ? 127.0f / amax : 0.f;
+    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // MXCSR: round half to even
+    r = _mm512_max_epi32(_mm512_min_epi32(r, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(q), _mm512_cvtepi32_epi8(r));
+    return amax / 127.0f;
+  }
+#endif
+  float amax = 0.f;
+  for (int k = 0; k < kActBlock; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+  const float inv = amax > 0.f ? 127.0f / amax : 0.f;
+  for (int k = 0; k < kActBlock; ++k) {
+    const float v = std::nearbyint(x[k] * inv);  // round half to even, as np.rint
+    q[k] = static_cast<int8_t>(v > 127.f ? 127.f : (v < -127.f ? -127.f : v));
+  }
+  return amax / 127.0f;
+}
+
 // x [nb, I] (rows ldx apart) -> a in `kind`'s layout (I % chunk_inputs(kind) == 0)
 static void act_quantize(int kind, const float *x, int64_t ldx, int64_t nb, int64_t I, ActQ &a) {
   const int64_t CW = chunk_inputs(kind), LW = lane_inputs(kind), C = I / CW, zd = default_zero(kind);
@@ -76,16 +100,7 @@ static void act_quantize(int kind, const float *x, int64_t ldx, int64_t nb, int6
   std::vector<float> sx(I / kActBlock);
   for (int64_t b = 0; b < nb; ++b) {
     const float *xb = x + b * ldx;
-    for (int64_t k0 = 0; k0 < I; k0 += kActBlock) {
-      float amax = 0.f;
-      for (int64_t k = k0; k < k0 + kActBlock; ++k) amax = std::fmax(amax, std::fabs(xb[k]));
-      const float inv = amax > 0.f ? 127.0f / amax : 0.f;
-      sx[k0 / kActBlock] = amax / 127.0f;
-      for (int64_t k = k0; k < k0 + kActBlock; ++k) {
-        const float v = std::nearbyint(xb[k] * inv);  // round half to even, as np.rint
-        qn[k] = static_cast<int8_t>(v > 127.f ? 127.f : (v < -127.f ? -127.f : v));
-      }
-    }
+    for (int64_t k0 = 0; k0 < I; k0 += kActBlock) sx[k0 / kActBlock] = quantize_block16(xb + k0, qn.data() + k0);
     int8_t *qb = a.q.data() + b * I;
     for (int64_t k = 0; k < I; ++k) {
       const int64_t j = k % CW;
