@@ -139,9 +139,11 @@ static void gemm8_micro(const QMat &W, int64_t o, const uint8_t *w, int64_t ldw,
     for (int r = 0; r < NR; ++r) y[j * ldy + r] = out[r][j];
 }
 
-// Weight rows per micro-kernel call for NZ token vectors (2 x NR x NZ accumulators + NZ x vectors)
+// Weight rows per micro-kernel call for NZ token vectors (2 x NR x NZ accumulators + NZ x vectors).
+// At most 2 vectors: 6 rows x 2 vectors ran 1.2-1.35x the rate of 3 x 4 on q_proj at 512 rows
+// (more products per x load did not pay for fewer broadcasts per vpdpbusd; bench/gemm8_micro.cc).
 template <int NZ>
-constexpr int kGemm8Rows = NZ == 1 ? 12 : (NZ == 2 ? 6 : (NZ == 3 ? 4 : 3));
+constexpr int kGemm8Rows = NZ == 1 ? 12 : 6;
 
 template <int NZ>
 static void gemm8_rows(const QMat &W, int64_t o0, int64_t n, const uint8_t *w, int64_t ldw, const XPack8 &p,
@@ -154,7 +156,7 @@ static void gemm8_rows(const QMat &W, int64_t o0, int64_t n, const uint8_t *w, i
 #endif
 
 // y[t, o0 + r] for all T rows of p and weight rows [o0, o0 + n): int4 rows unpacked into `buf`
-// (n * I bytes), int8 rows read in place; token vectors in groups of up to 4.
+// (n * I bytes), int8 rows read in place; token vectors in pairs.
 static void gemm8_block(const QMat &W, int64_t o0, int64_t n, const XPack8 &p, int64_t T, float *y, int64_t ldy,
                         uint8_t *buf) {
   const uint8_t *w = W.w + o0 * W.ld;
@@ -162,15 +164,12 @@ static void gemm8_block(const QMat &W, int64_t o0, int64_t n, const XPack8 &p, i
   if (W.kind == kQ4) unpack_q4_rows(W, o0, n, buf), w = buf, ldw = W.I;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (quant_vector()) {
-    for (int64_t v0 = 0; v0 < p.V; v0 += 4) {
-      const int64_t nz = std::min<int64_t>(4, p.V - v0), valid = std::min(4 * kLanes, T - v0 * kLanes);
+    for (int64_t v0 = 0; v0 < p.V; v0 += 2) {
       float *yg = y + v0 * kLanes * ldy + o0;
-      switch (nz) {
-        case 1: gemm8_rows<1>(W, o0, n, w, ldw, p, v0, yg, ldy, valid); break;
-        case 2: gemm8_rows<2>(W, o0, n, w, ldw, p, v0, yg, ldy, valid); break;
-        case 3: gemm8_rows<3>(W, o0, n, w, ldw, p, v0, yg, ldy, valid); break;
-        default: gemm8_rows<4>(W, o0, n, w, ldw, p, v0, yg, ldy, valid);
-      }
+      if (v0 + 1 < p.V)
+        gemm8_rows<2>(W, o0, n, w, ldw, p, v0, yg, ldy, std::min(2 * kLanes, T - v0 * kLanes));
+      else
+        gemm8_rows<1>(W, o0, n, w, ldw, p, v0, yg, ldy, T - v0 * kLanes);
     }
     return;
   }
