@@ -34,7 +34,8 @@ int main(int argc, char **argv) {
   std::mt19937 rng(0);
   struct Case { const char *name; int64_t O, I, T; };
   const Case cases[] = {{"q_proj T=512", 4096, 2048, 512}, {"gate_up n=32", 1536, 2048, 32}, {"down n=32", 2048, 768, 32},
-                        {"gate_up n=20", 1536, 2048, 20}, {"gate_up n=48", 1536, 2048, 48}};
+                        {"gate_up n=20", 1536, 2048, 20}, {"gate_up n=48", 1536, 2048, 48},
+                        {"gate_up n=4", 1536, 2048, 4}, {"gate_up n=8", 1536, 2048, 8}, {"gate_up n=12", 1536, 2048, 12}};
   for (const Case &c : cases)
     for (int kind : {kQ8, kQ4}) {
       Weight W(kind, c.O, c.I, kind == kQ4 ? 128 : c.I, rng);

@@ -1,5 +1,5 @@
 """The int8-activation mode in the forward / prefill ops (kernels/quant.py `act8=True`:
-csrc/quant_vnni.h rows below 16 x rows, csrc/quant_gemm8.h's token-in-lane GEMM above) against
+csrc/quant_vnni.h rows for 1-4 x rows, csrc/quant_gemm8.h's token-in-lane GEMM above) against
 the NumPy implementation of the mode's arithmetic (kernel_reference.act8_reference: activations
 quantized per 16-input block, integer sums exact in int64, float64 scaling).
 
@@ -57,11 +57,12 @@ def linear(x, arrays, act8=True):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([8, 4]), g=st.sampled_from([None, 32, 64, 128]), I=st.sampled_from([128, 256, 384]),
-       O=st.integers(1, 53), T=st.sampled_from([1, 7, 15, 16, 17, 33, 64, 100]), sym=st.booleans(),
+       O=st.integers(1, 53), T=st.sampled_from([1, 4, 5, 7, 16, 17, 33, 64, 100]), sym=st.booleans(),
        portable=st.booleans(), zero_block=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_matches_numpy(bits, g, I, O, T, sym, portable, zero_block, seed):
-    """Rows below 16 (decode rows), one partial token vector (T 17, 33), whole groups of 4
-    vectors and a tail (T 100); weight blocks of 24 rows with 1-23 left over (O up to 53)."""
+    """1-4 rows (decode rows), 5+ rows (GEMM): one partial token vector (T 5, 7), a pair and a
+    partial single (T 33), whole pairs (T 64) and a partial pair (T 100); weight blocks of 24 rows
+    with 1-23 left over (O up to 53)."""
     rng = np.random.default_rng(seed)
     if g is not None and I % g:
         g = None
@@ -127,7 +128,7 @@ def _moe_reference(x, idx, wt, gate_up, down):
 @pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("portable", [False, True])
 def test_moe_experts_match_numpy(mode, g, portable):
-    """Experts with 0, < 16 (decode rows) and >= 16 rows (GEMM) in one call, H 256, F 128.
+    """Experts with 0, 3 (decode rows) and ~16 rows (GEMM) in one call, H 256, F 128.
     The reference rounds each expert's gate_up output and SwiGLU to float32 as the kernel holds
     them; the activation quantization of the down input can then flip a rounding where the
     kernel's float32 gate_up differs in the last bit, so the bound is relative to the output
@@ -147,7 +148,7 @@ def test_moe_experts_match_numpy(mode, g, portable):
     finally:
         quant.set_portable(False)
     counts = np.bincount(idx.ravel(), minlength=E)
-    assert counts[E - 1] < 16 and counts[:E - 1].max() >= 16
+    assert counts[E - 1] < 5 and counts[:E - 1].min() >= 5
     ref = _moe_reference(x, idx, wt, tuple(unpack(gate_up, H)), tuple(unpack(down, F)))
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-3 * np.abs(ref).max())
     y_fp = np.zeros_like(x)
