@@ -11,8 +11,8 @@ Per mode, each in its own subprocess (so peak RSS and thread pools don't mix):
 llama.cpp (reference tooling, tools/llamacpp/): llama-bench pp512 and tg64 (b1), and
 llama-batched-bench -npp 16 -ntg 64 -npl 8 (S_TG, aggregate b8), peak RSS from /usr/bin/time.
 Prints each of our modes against our fp32 and int8 vs Q8_0, int4 vs Q4_K_M (targets in issue 14).
-Modes int8-a8 / int4-a8: the same weights with the opt-in int8 activations of the decode kernels
-(QuantizationConfig(activations="int8"), docs/quantization.md).
+Modes int8-a8 / int4-a8: the same weights with the opt-in int8 activations (prefill and decode
+kernels; QuantizationConfig(activations="int8"), docs/quantization.md).
 Times are medians over --reps after a warm-up call.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ MODES = {
     "bf16": dict(dtype="bfloat16"),
     "int8": dict(quantization="int8"),
     "int4": dict(quantization="int4", group_size=128),
-    # the opt-in int8-activation decode kernels (QuantizationConfig(activations="int8"))
+    # the opt-in int8-activation kernels, prefill and decode (QuantizationConfig(activations="int8"))
     "int8-a8": dict(quantization="int8", activations="int8"),
     "int4-a8": dict(quantization="int4", group_size=128, activations="int8"),
 }

@@ -57,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
                    help="quantize the projections while loading (int8 per channel, int4 group-wise)")
     p.add_argument("--group_size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
     p.add_argument("--activations", default="float32", choices=("float32", "int8"),
-                   help="with --quantize: int8 = decode steps with int8 activations and integer dot products "
+                   help="with --quantize: int8 = prefill and decode with int8 activations and integer dot products "
                         "(opt-in, docs/quantization.md); float32 = weight-only (default)")
     # --use_parallel True --parallel_config.model_parallel N ... (under `qwen3moe launch`)
     p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")

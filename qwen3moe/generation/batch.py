@@ -37,7 +37,7 @@ class GenerateRequest:
     dtype: str = "float32"              # weights in memory: float32, bfloat16, auto (the folder's)
     quantize: str | None = None         # int8 / int4 projections, quantized while loading
     group_size: int | None = None       # int4 group size
-    activations: str = "float32"        # with quantize: int8 = the opt-in int8-activation decode kernels
+    activations: str = "float32"        # with quantize: int8 = the opt-in int8-activation kernels
 
     def quantization(self):
         """from_pretrained's quantization: None, or a QuantizationConfig of the flags."""
