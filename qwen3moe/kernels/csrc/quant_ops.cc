@@ -10,6 +10,8 @@
 // runs at the fp32 FMA rate with the dequantization paid once per weight. (The previous form,
 // 64-row tiles through dnnl_sgemm, re-packed x for every tile and ran the experts at about half
 // the fp32 experts' rate: bench/RESULTS.md.) The portable path keeps tiles + common.h's sgemm.
+// The *A8 entry points: the opt-in int8-activation arithmetic (quant_vnni.h / quant_gemm8.h) for
+// the int8 / int4 weights whose shapes take it.
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
@@ -242,7 +244,8 @@ static float *scratch(int slot, int64_t n) {
 //         weight [E,H,I], each bf16 (one param) or qweight/scales/qzeros (three params)
 // output: y [T,H] = sum_j w_tj * SwiGLU_{idx_tj}(x_t), summed in j order as moe_fused.cc
 // Experts run in parallel (one thread each, claimed dynamically on the decode pool); an expert with fewer than kGemvRows rows
-// streams its weights (qlinear's GEMV path), a busier one goes through dequantized tiles + sgemm.
+// streams its weights (qlinear's GEMV path), a busier one goes through the dequantized-block micro-kernel
+// (the QuantMoeFwdA8 entry: qlinear8's paths instead).
 static int quant_moe(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool act8) {
   if (nparam < 6 || ndims[0] != 2 || ndims[1] != 2 || !dtype_is(dtypes[1], "int32")) return 1;
   const int64_t T = shapes[0][0], H = shapes[0][1], K = shapes[1][1], A = T * K;
