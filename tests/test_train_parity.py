@@ -80,11 +80,16 @@ def run_one_step(path: str):
     return ref, model.config.tie_word_embeddings, before, g, metrics, norm, after, metrics_after
 
 
-DIRS = train_dirs()
-IDS = [p.rsplit("/", 1)[-1] for p in DIRS]
+# tiny-fp32-gqa and tiny-fused have tiny-a's architecture (4 layers, GQA 4/2, 8 experts top-2,
+# untied): they differ in how the folder stores it, which test_parity_hf.py checks on the logits in
+# make test; their training parity runs in make test-slow (~10 s of compiling each)
+SAME_AS_TINY_A = ("tiny-fp32-gqa", "tiny-fused")
+DIRS = [pytest.param(p, id=p.rsplit("/", 1)[-1],
+                     marks=[pytest.mark.slow] if p.rsplit("/", 1)[-1] in SAME_AS_TINY_A else [])
+        for p in train_dirs()]
 
 
-@pytest.mark.parametrize("path", DIRS, ids=IDS)
+@pytest.mark.parametrize("path", DIRS)
 def test_gradients_match(path):
     ref, tied, _, g, metrics, norm, _, _ = run_one_step(path)
     assert abs(metrics["loss"] - ref["train_loss_before"]) < LOSS_ATOL
@@ -99,7 +104,7 @@ def test_gradients_match(path):
     assert norm == pytest.approx(float(ref["grad_global_norm"]), rel=NORM_RTOL)
 
 
-@pytest.mark.parametrize("path", DIRS, ids=IDS)
+@pytest.mark.parametrize("path", DIRS)
 def test_one_adamw_step_matches(path):
     ref, tied, before, _, _, _, after, metrics_after = run_one_step(path)
     for key in (k for k in ref if k.startswith("param_after_step.")):
