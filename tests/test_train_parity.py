@@ -158,12 +158,13 @@ def test_global_batch_aux_equals_pooled_full_batch():
     model = tiny_model()
     x = np.random.default_rng(1).integers(0, 1000, (2, 8))
     opt = AdamW(model.trainable_params(), lr=1e-3)
-    full_m, full_g = TrainStep(model, opt, aux_coef=0.1, aux_mode="hf").gradients(x)
+    hf = TrainStep(model, opt, aux_coef=0.1, aux_mode="hf")
+    full_m, full_g = hf.gradients(x)
     glob_m, glob_g = TrainStep(model, opt, aux_coef=0.1, aux_mode="global").gradients([x[:1], x[1:]])
     assert glob_m["loss"] == pytest.approx(full_m["loss"], abs=1e-5)
     for a, b in zip(full_g, glob_g):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
-    hf_m, _ = TrainStep(model, opt, aux_coef=0.1, aux_mode="hf").gradients([x[:1], x[1:]])
+    hf_m, _ = hf.gradients([x[:1], x[1:]])  # the same step on the two micro-batches
     assert hf_m["aux_megatron"] == pytest.approx(hf_m["aux"] / model.config.num_experts_per_tok)
 
 
