@@ -7,9 +7,11 @@ Per step, with no forward recompute (each a compiled graph):
      gradients accumulated in fp32 buffers;
   2. each buffer summed over its parameter's sync group (ranks.ShardInfo.sync: "dp", "stage",
      "edp", "kv<r>"; groups from process.ProcessCollectives), one flat AllReduce per bucket
-     (at most `bucket_elems` values, buckets chained so every rank issues them in one order);
-     the global gradient norm over the distinct shards (`owns_shard`: one replica of each
-     counted) and the step's metrics, summed over the world in one more AllReduce;
+     (at most `bucket_elems` values; kinds whose groups are the same ranks share buckets;
+     buckets chained so every rank issues them in one order); the global gradient norm over
+     the distinct shards (`owns_shard`: one replica of each counted) and the step's metrics,
+     summed over the world in one more AllReduce (none when every buffer is summed over the
+     world: each rank then holds the whole gradient, and the metrics ride in its last bucket);
   3. clipping by that norm (torch clip_grad_norm_), the schedule's lr and torch-exact AdamW
      (`RankAdamW`): whole parameters, or with ZeRO-1 this rank's chunk of each sync group's
      flattened parameters, the updated chunks all-gathered (backend.py).
