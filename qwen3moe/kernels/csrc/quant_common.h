@@ -160,27 +160,6 @@ struct GroupQ {
   }
 };
 
-// The int4 tables of 4 rows group by group, as GroupQ::set<kQ4> makes them ((i - z) * s, the same
-// float32 values) from vectors: 16 groups' scales converted at once and i - z kept while z stays
-// (scalar conversions per row and group took ~30% of the int4 g128 rows' time, perf annotate).
-struct Q4Tables {
-  __m512 s16[4], iz[4];
-  int zl[4] = {-1, -1, -1, -1};
-  inline void set(const QMat &W, int64_t o, int64_t gi, int64_t G, GroupQ *q) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i lane = _mm512_set1_epi32(static_cast<int>(gi % 16));
-    for (int r = 0; r < 4; ++r) {
-      const int64_t at = (o + r) * W.lds + gi;
-      if (gi % 16 == 0) {
-        const __mmask16 m = G - gi >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (G - gi)) - 1);
-        s16[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, W.s + at));
-      }
-      if (W.z[at] != zl[r]) zl[r] = W.z[at], iz[r] = _mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zl[r])));
-      q[r].a = _mm512_mul_ps(iz[r], _mm512_permutexvar_ps(lane, s16[r]));
-    }
-  }
-};
-
 // 32 bf16 weights (one 64-byte load) -> two float32 vectors in natural order: each word moved to
 // the high half of its dword by one zero-masking vpermw (instead of a zero-extend and a shift per
 // 16 weights: at 8 batch rows the bf16 loop ran 1.8x faster, bench/rows_bw.cc ROWS_BW_HOT)
@@ -255,12 +234,9 @@ static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx
   // a local copy: through the pointer, its position was stored and reloaded every step (a
   // store-to-load chain in the loop; perf annotate of the int8 decode)
   RowPrefetch pf = next ? *next : RowPrefetch{nullptr, 0, 0, 0};
-  Q4Tables q4t;
   for (int64_t gi = 0; gi < G; ++gi) {
     GroupQ q[4];
-    if (KIND == kQ4)
-      q4t.set(W, o, gi, G, q);
-    else if (KIND != kBF16)
+    if (KIND != kBF16)
       for (int r = 0; r < 4; ++r) q[r].template set<KIND>(W, o + r, gi);
     for (int64_t h = gi * g; h < (gi + 1) * g; h += kStep<KIND>) {
       if (next) pf.step(4 * step_bytes);
