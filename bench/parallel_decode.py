@@ -13,8 +13,13 @@ prefill (compile excluded), each on its own engine:
                    tensor, per AllReduce (n = the step's in-graph collectives: tp2 1 + 2 L + 1,
                    dp2 x ep2 2 L on the sparse layers)
     host_done      generation.generate's per-step host all-reduce of the unfinished rows (dp > 1)
-and one process: the single-process fused step on the whole model. Prints one JSON line per
-rank and a summary. Nothing is written to bench/RESULTS.md.
+    loop           the whole host loop (generation.generate.GenerationRun, --loop-tokens greedy
+                   and seeded-sampling tokens, ignore_eos, after one compiling run): ms per token
+                   (wall, and this process's CPU time, all threads), split into the compiled
+                   step (engine.decode), the sampler and the rows-done all-reduce; the
+                   shared-memory ops' waits (count, futex sleeps, ms waited a token)
+and one process: the single-process fused step and loop on the whole model. Prints one JSON line
+per rank and a summary. Nothing is written to bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -53,6 +58,74 @@ def _engine_ms(model, batch: int, steps: int, fused: bool) -> float:
     tok = eng.prefill(ids, np.ones_like(ids)).argmax(-1)
     eng.decode(tok)  # compile
     return _best_ms(lambda: eng.decode(tok), min(steps, 128 - 10))
+
+
+class _Timed:
+    """fn with its calls' wall and process CPU seconds summed."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.wall, self.cpu = fn, 0.0, 0.0
+
+    def __call__(self, *args, **kwargs):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.wall += time.perf_counter() - w
+            self.cpu += time.process_time() - c
+
+
+def _loop(model, batch: int, tokens: int, sample: bool, split_of=None) -> dict:
+    """ms per token of GenerationRun's decode loop, split by phase (module docstring)."""
+    import numpy as np
+
+    from qwen3moe.generation.config import GenerationConfig
+    from qwen3moe.generation.generate import GenerationRun
+
+    cfg = GenerationConfig(max_new_tokens=tokens, ignore_eos=True, do_sample=sample, seed=1234,
+                           temperature=0.8, top_k=20, top_p=0.9)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, 8))
+    GenerationRun(model, ids, None, cfg, split=split_of(lambda f: f) if split_of else None).run()  # compile
+    done = _Timed(None)
+    run = GenerationRun(model, ids, None, cfg, split=split_of(lambda f: setattr(done, "fn", f) or done)
+                        if split_of else None)
+    step, run.sampler = _Timed(run.engine.decode), _Timed(run.sampler)
+    run.engine.decode = step
+    shm0, th0 = _shm_stats(), _thread_cpu()
+    w, c = time.perf_counter(), time.process_time()
+    run.run()
+    w, c = time.perf_counter() - w, time.process_time() - c
+    th1 = _thread_cpu()
+    del run.engine.decode  # the engine is cached on the model: back to its method
+    n = run.stats.decode_steps + 1  # tokens sampled: the prefill's and one per decode step
+    out = {"wall": 1e3 * w / n, "cpu": 1e3 * c / n, "step": 1e3 * step.wall / n, "step_cpu": 1e3 * step.cpu / n,
+           "sampler": 1e3 * run.sampler.wall / n, "done": 1e3 * done.wall / n}
+    busy = sorted(((th1[t][1] - th0.get(t, (None, 0.0))[1], th1[t][0]) for t in th1), reverse=True)[:4]
+    out["threads"] = [[name, round(1e3 * sec / n, 3)] for sec, name in busy if sec > 0]
+    shm1 = _shm_stats()
+    if shm0 and shm1:
+        out.update({k: (shm1[k] - shm0[k]) / n * (1e3 if k == "wait_s" else 1) for k in shm0})
+    return out
+
+
+def _thread_cpu() -> dict:
+    """{thread id: (name, CPU seconds)} of this process's threads (/proc; clock ticks)."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        out[task.name] = (f"{name}:{task.name}", (int(rest[11]) + int(rest[12])) / ticks)
+    return out
+
+
+def _shm_stats() -> dict | None:
+    """The shared-memory counters when this process joined a segment (never in the single process)."""
+    from qwen3moe.parallel import shm
+
+    return shm.stats() if shm._STATE.get("ok") else None
 
 
 def worker(a) -> None:
@@ -100,13 +173,29 @@ def worker(a) -> None:
     out["allreduce"] = _best_ms(lambda: chain(x).asnumpy(), a.steps) / n
     out["allreduce_n"], out["backend"] = n, backend.get().kind
     out["host_done"] = _best_ms(lambda: all_done(False), a.steps)
+    split_of = None
+    if mesh.dp > 1:
+        from qwen3moe.generation.generate import RowSplit
+
+        split_of = lambda wrap: RowSplit(mesh.dp, mesh.coords(rank)["dp"], wrap(all_done))  # noqa: E731
+    for mode in ("greedy", "sample"):
+        out["loop_" + mode] = _loop(model, a.batch, a.loop_tokens, mode == "sample", split_of)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def single(a) -> float:
+def single(a) -> dict:
     from qwen3moe import Qwen3MoeForCausalLM
 
-    return _engine_ms(Qwen3MoeForCausalLM.from_pretrained(MODEL), a.batch, a.steps, True)
+    model = Qwen3MoeForCausalLM.from_pretrained(MODEL)
+    return {"fused": _engine_ms(model, a.batch, a.steps, True),
+            **{"loop_" + m: _loop(model, a.batch, a.loop_tokens, m == "sample") for m in ("greedy", "sample")}}
+
+
+def _loop_line(r: dict) -> str:
+    shm = f"; shm {r['ops']:.0f} ops, {r['sleeps']:.1f} sleeps, {r['wait_s']:.2f} ms waited" if "ops" in r else ""
+    threads = ", ".join(f"{name} {ms:.2f}" for name, ms in r.get("threads", []))
+    return (f"{r['wall']:.2f} ms/token (cpu {r['cpu']:.2f}): step {r['step']:.2f} (cpu {r['step_cpu']:.2f}), "
+            f"sampler {r['sampler']:.2f}, rows done {r['done']:.2f}{shm}; busiest threads (cpu ms/token) {threads}")
 
 
 def main() -> None:
@@ -117,24 +206,33 @@ def main() -> None:
     ap.add_argument("--layouts", default="tp2,dp2ep2")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--loop-tokens", type=int, default=64)
     ap.add_argument("--layout", help=argparse.SUPPRESS)
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.layout:
         return worker(a)
     if a.single:
-        print(json.dumps({"single_fused": single(a)}))
+        print("RESULT " + json.dumps(single(a)))
         return
     env = dict(os.environ, PYTHONPATH=str(REPO), GLOG_v="3",
                PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     print(f"bench/parallel_decode.py: load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; batch {a.batch}",
           flush=True)
-    one = subprocess.run([sys.executable, __file__, "--single", "--batch", str(a.batch), "--steps", str(a.steps)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    print(f"  single process fused step: {one.stdout.strip() or one.stderr[-800:]}", flush=True)
+    common = ["--batch", str(a.batch), "--steps", str(a.steps), "--loop-tokens", str(a.loop_tokens)]
+    one = subprocess.run([sys.executable, __file__, "--single", *common], env=env, capture_output=True, text=True,
+                         timeout=600)
+    got = [ln.split("RESULT ", 1)[1] for ln in one.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not got:
+        print(f"  single process failed: {one.stderr[-800:]}", flush=True)
+    else:
+        r = json.loads(got[0])
+        print(f"  single process: fused step {r['fused']:.2f} ms", flush=True)
+        for mode in ("greedy", "sample"):
+            print(f"    loop {mode:6s} {_loop_line(r['loop_' + mode])}", flush=True)
     for layout in a.layouts.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = msrun_command(2, ["--layout", layout, "--batch", str(a.batch), "--steps", str(a.steps)],
+            cmd = msrun_command(2, ["--layout", layout, *common],
                                 log_dir=f"{tmp}/logs", timeout_s=300, script=__file__)
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
             lines = [ln.split("RESULT ", 1)[1] for f in sorted(Path(tmp, "logs").glob("worker_*.log"))
@@ -148,6 +246,8 @@ def main() -> None:
                       f"{r['fused_nocoll']:.2f} ms, composite {r['composite']:.2f} ms, {r['backend']} AllReduce "
                       f"{r['allreduce']:.3f} ms x {r['allreduce_n']} a step, host all_done {r['host_done']:.2f} ms",
                       flush=True)
+                for mode in ("greedy", "sample"):
+                    print(f"    loop {mode:6s} {_loop_line(r['loop_' + mode])}", flush=True)
     print(f"load at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

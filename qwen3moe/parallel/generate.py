@@ -143,30 +143,17 @@ def rank_model(folder, mesh: Mesh, rank: int):
 
 def all_done(mine: bool) -> bool:
     """Whether every rank's rows are finished: a world all-reduce of the unfinished counts."""
-    from mindspore import Tensor
-
-    return float(_world_sum()(Tensor(np.float32(0.0 if mine else 1.0))).asnumpy()) == 0.0
+    return float(_world_sum()(np.array([0.0 if mine else 1.0], np.float32))[0]) == 0.0
 
 
 @functools.lru_cache(maxsize=1)
 def _world_sum():
-    """One world all-reduce for every step (not one built per call), compiled: called eagerly
-    (PyNative) it took 5-10 ms a decode step against ~0.5 ms (bench/parallel_decode.py)."""
-    import mindspore as ms
-    from mindspore import nn
-
+    """One world sum from the host for every step (backend.host_sum: shared memory without a
+    graph, else a compiled all-reduce), built at the first call, which every rank reaches at
+    the same point (the call site's tag)."""
     from qwen3moe.parallel import backend
 
-    class _Sum(nn.Cell):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ar = backend.get().all_reduce(None, "rows done")
-
-        @ms.jit
-        def construct(self, x):
-            return self.ar(x)
-
-    return _Sum()
+    return backend.get().host_sum(None, "rows done")
 
 
 def gather_texts(text: str, size: int) -> list[str]:

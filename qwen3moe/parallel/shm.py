@@ -57,6 +57,7 @@ def _lib():
     lib.qshm_unlink.argtypes = [ctypes.c_char_p]
     lib.qshm_describe.argtypes = [ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_char_p]
     lib.qshm_error.restype = ctypes.c_char_p
+    lib.qshm_stats.argtypes = [ctypes.POINTER(ctypes.c_ulonglong)]
     lib.qshm_run.argtypes = [ctypes.c_int, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_longlong, ctypes.c_int, ctypes.c_int]
     return lib, path
@@ -210,6 +211,19 @@ class AllToAll(_Collective):
     FN, BACK = "ShmAllToAll", "AllToAll"
 
 
+class HostAllReduce:
+    """A sum of a float32 NumPy array over g called from Python, outside any graph (one call
+    site): the ctypes call releases the GIL and sleeps on the futex like the kernels, where a
+    one-op compiled graph costs a graph launch and asnumpy's busy wait on top of the exchange."""
+
+    def __init__(self, g: Group, site: str) -> None:
+        self.g = g
+        self.tag = int(_meta(g, f"HostAllReduce {site}").asnumpy()[1])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return run("all_reduce", self.g, self.tag, np.asarray(x, np.float32))
+
+
 def run(op: str, g: Group, tag: int, x: np.ndarray) -> np.ndarray:
     """One op on a NumPy array outside MindSpore (ctypes; tests and probes)."""
     lib, _ = _lib()
@@ -221,6 +235,14 @@ def run(op: str, g: Group, tag: int, x: np.ndarray) -> np.ndarray:
     if rc != 0:
         raise CollectivesError(lib.qshm_error().decode())
     return out
+
+
+def stats() -> dict[str, float]:
+    """This process's counters since it started: ops run, futex sleeps while waiting for a peer,
+    seconds waited (bench/parallel_decode.py)."""
+    out = (ctypes.c_ulonglong * 3)()
+    _lib()[0].qshm_stats(out)
+    return {"ops": int(out[0]), "sleeps": int(out[1]), "wait_s": out[2] * 1e-9}
 
 
 def open_segment(name: str, world: int, rank: int, create: bool) -> None:

@@ -90,6 +90,8 @@ struct State {
   int64_t slot_bytes = 0;
   double timeout_s = 300.0;
   uint64_t spin = 200;  // pauses before sleeping (QWEN3MOE_SHM_SPIN): spinning longer took the core the peer needed on a loaded machine
+  // process-local counters (qshm_stats, bench/parallel_decode.py): ops run, futex sleeps, wait time
+  std::atomic<uint64_t> ops{0}, sleeps{0}, wait_ns{0};
   std::mutex mu;  // guards `sites` and `error`
   std::map<uint64_t, std::string> sites;
   std::string error;
@@ -187,13 +189,22 @@ void sleep_on(int r, P &pred) {
 template <class P>
 int wait_for(P pred, int op, uint64_t key, int who, const char *what) {
   using clock = std::chrono::steady_clock;
+  if (pred()) return 0;
   auto t0 = clock::now();
+  struct Waited {  // the wait's time, on every return
+    clock::time_point t0;
+    ~Waited() {
+      g.wait_ns.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count()),
+                          std::memory_order_relaxed);
+    }
+  } waited{t0};
   for (uint64_t k = 0;; ++k) {
     if (pred()) return 0;
     if (k < g.spin) {
       QSHM_PAUSE();
       continue;
     }
+    g.sleeps.fetch_add(1, std::memory_order_relaxed);
     sleep_on(who, pred);
     if (k % 16) continue;
     double s = std::chrono::duration<double>(clock::now() - t0).count();
@@ -340,6 +351,7 @@ int run(int op, uint64_t mask, uint32_t tag, const char *in, char *out, int64_t 
     return fail(std::string("shared-memory ") + kOpName[op] + ": float32 only");
   const uint64_t key = (mask << 32 >> 32 == mask ? mask : mix(mask)) << 32 | tag;
   const int n = m.n;
+  g.ops.fetch_add(1, std::memory_order_relaxed);
   const int64_t slot_elems = g.slot_bytes / esize;
   if (op == kAllReduce || op == kAllGather) {
     const int64_t chunk = slot_elems;
@@ -451,6 +463,13 @@ void qshm_describe(unsigned long long mask, unsigned tag, const char *site) {
 }
 
 const char *qshm_error() { return g.error.c_str(); }
+
+// Counters since the process started: ops run, futex sleeps while waiting, nanoseconds waited.
+void qshm_stats(unsigned long long *out) {
+  out[0] = g.ops.load();
+  out[1] = g.sleeps.load();
+  out[2] = g.wait_ns.load();
+}
 
 // ctypes entry for tests: same as the kernels, returns 0 or -1 (message: qshm_error()).
 int qshm_run(int op, unsigned long long mask, unsigned tag, const void *in, void *out, long long count,
