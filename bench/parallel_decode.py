@@ -1,9 +1,11 @@
 """Where a parallel rank's decode step spends its time (issue 17, generation on 2 processes).
 
     .venv/bin/python bench/parallel_decode.py [--layouts tp2,dp2ep2] [--batch 1] [--steps 64]
+                                              [--loop-tokens 64] [--model tiny|bench-mini]
 
 One `msrun` job of 2 processes per layout; each rank loads its parallelized model of
-tests/fixtures/hf/tiny-fp32-gqa and times, best ms per decode step over `--steps` steps after a
+tests/fixtures/hf/tiny-fp32-gqa (`--model bench-mini`: bench/common.py's random bench-mini
+folder, 8 layers, hidden 512, 32 experts, vocab 8192) and times, best ms per decode step over `--steps` steps after a
 prefill (compile excluded), each on its own engine:
     fused          the fused step (parallel/fused_step.py) with the plan's collectives
     fused_nocoll   the same rank model built with no groups (every collective an identity: the
@@ -33,7 +35,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = REPO / "tests" / "fixtures" / "hf" / "tiny-fp32-gqa"
+TINY = REPO / "tests" / "fixtures" / "hf" / "tiny-fp32-gqa"
+
+
+def model_dir(name: str) -> Path:
+    if name == "tiny":
+        return TINY
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import ensure_bench_folder
+
+    return ensure_bench_folder()
 LAYOUTS = {"tp2": dict(tp=2), "dp2ep2": dict(dp=2, ep=2), "tp2ep2": dict(tp=2, ep=2)}
 
 
@@ -61,15 +72,21 @@ def _engine_ms(model, batch: int, steps: int, fused: bool) -> float:
 
 
 class _Timed:
-    """fn with its calls' wall and process CPU seconds summed."""
+    """fn with its calls' wall and process CPU seconds summed; `of(g)`: g timed into the same sums."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn=None) -> None:
         self.fn, self.wall, self.cpu = fn, 0.0, 0.0
 
     def __call__(self, *args, **kwargs):
+        return self._run(self.fn, *args, **kwargs)
+
+    def of(self, g):
+        return lambda *args, **kwargs: self._run(g, *args, **kwargs)
+
+    def _run(self, g, *args, **kwargs):
         w, c = time.perf_counter(), time.process_time()
         try:
-            return self.fn(*args, **kwargs)
+            return g(*args, **kwargs)
         finally:
             self.wall += time.perf_counter() - w
             self.cpu += time.process_time() - c
@@ -85,10 +102,9 @@ def _loop(model, batch: int, tokens: int, sample: bool, split_of=None) -> dict:
     cfg = GenerationConfig(max_new_tokens=tokens, ignore_eos=True, do_sample=sample, seed=1234,
                            temperature=0.8, top_k=20, top_p=0.9)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, 8))
-    GenerationRun(model, ids, None, cfg, split=split_of(lambda f: f) if split_of else None).run()  # compile
-    done = _Timed(None)
-    run = GenerationRun(model, ids, None, cfg, split=split_of(lambda f: setattr(done, "fn", f) or done)
-                        if split_of else None)
+    GenerationRun(model, ids, None, cfg, split=split_of(_Timed()) if split_of else None).run()  # compile
+    done = _Timed()
+    run = GenerationRun(model, ids, None, cfg, split=split_of(done) if split_of else None)
     step, run.sampler = _Timed(run.engine.decode), _Timed(run.sampler)
     run.engine.decode = step
     shm0, th0 = _shm_stats(), _thread_cpu()
@@ -128,34 +144,24 @@ def _shm_stats() -> dict | None:
     return shm.stats() if shm._STATE.get("ok") else None
 
 
-def worker(a) -> None:
+def _step_split(a, cfg, mesh, rank, folder, model) -> dict:
+    """Best ms of the fused step, without collectives, the composite step, an AllReduce, all_done."""
     import mindspore as ms
     import numpy as np
     from mindspore import Tensor, nn
-    from mindspore.communication import get_rank, init
 
-    from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.generate import all_done
-    from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.parallelize import parallelize
 
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
-    cfg = Qwen3MoeConfig.from_pretrained(MODEL)
-    mesh = Mesh(**LAYOUTS[a.layout])
-    model = parallelize(cfg, mesh, rank, str(MODEL)).model
-    out = {"rank": rank, "layout": a.layout, "batch": a.batch}
-    out["fused"] = _engine_ms(model, a.batch, a.steps, True)
-    out["composite"] = _engine_ms(model, a.batch, a.steps, False)
     from types import SimpleNamespace
 
-    bare = parallelize(cfg, mesh, rank, str(MODEL), coll=SimpleNamespace(groups={})).model
+    from qwen3moe.parallel import backend
+
+    out = {"fused": _engine_ms(model, a.batch, a.steps, True), "composite": _engine_ms(model, a.batch, a.steps, False)}
+    bare = parallelize(cfg, mesh, rank, str(folder), coll=SimpleNamespace(groups={})).model
     out["fused_nocoll"] = _engine_ms(bare, a.batch, a.steps, True)
     L = cfg.num_hidden_layers
     n = 2 * L + 2 if mesh.tp > 1 else 2 * L
-
-    from qwen3moe.parallel import backend
 
     class Chain(nn.Cell):  # the backend's all-reduce (shm or MCCL), one call site each
         def __init__(self):
@@ -173,11 +179,37 @@ def worker(a) -> None:
     out["allreduce"] = _best_ms(lambda: chain(x).asnumpy(), a.steps) / n
     out["allreduce_n"], out["backend"] = n, backend.get().kind
     out["host_done"] = _best_ms(lambda: all_done(False), a.steps)
+    return out
+
+
+def worker(a) -> None:
+    import mindspore as ms
+    from mindspore.communication import get_rank, init
+
+    from qwen3moe.generation.runtime import no_graph_pipeline
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.parallel.generate import all_done, start_done
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.parallelize import parallelize
+
+    ms.set_device("CPU")
+    no_graph_pipeline()  # as `qwen3moe generate` (QWEN3MOE_GRAPH_PIPELINE=on keeps it)
+    init()
+    rank = get_rank()
+    folder = model_dir(a.model)
+    cfg = Qwen3MoeConfig.from_pretrained(folder)
+    mesh = Mesh(**LAYOUTS[a.layout])
+    model = parallelize(cfg, mesh, rank, str(folder)).model
+    out = {"rank": rank, "layout": a.layout, "batch": a.batch}
+    if a.steps:  # 0: the loop alone
+        out.update(_step_split(a, cfg, mesh, rank, folder, model))
     split_of = None
     if mesh.dp > 1:
         from qwen3moe.generation.generate import RowSplit
 
-        split_of = lambda wrap: RowSplit(mesh.dp, mesh.coords(rank)["dp"], wrap(all_done))  # noqa: E731
+        def split_of(timer):  # all_done and both halves of start_done timed by `timer`
+            return RowSplit(mesh.dp, mesh.coords(rank)["dp"], timer.of(all_done),
+                            lambda mine: timer.of(timer.of(start_done)(mine)))
     for mode in ("greedy", "sample"):
         out["loop_" + mode] = _loop(model, a.batch, a.loop_tokens, mode == "sample", split_of)
     print("RESULT " + json.dumps(out), flush=True)
@@ -185,9 +217,11 @@ def worker(a) -> None:
 
 def single(a) -> dict:
     from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.generation.runtime import no_graph_pipeline
 
-    model = Qwen3MoeForCausalLM.from_pretrained(MODEL)
-    return {"fused": _engine_ms(model, a.batch, a.steps, True),
+    no_graph_pipeline()
+    model = Qwen3MoeForCausalLM.from_pretrained(model_dir(a.model))
+    return {"fused": _engine_ms(model, a.batch, a.steps, True) if a.steps else float("nan"),
             **{"loop_" + m: _loop(model, a.batch, a.loop_tokens, m == "sample") for m in ("greedy", "sample")}}
 
 
@@ -198,6 +232,13 @@ def _loop_line(r: dict) -> str:
             f"sampler {r['sampler']:.2f}, rows done {r['done']:.2f}{shm}; busiest threads (cpu ms/token) {threads}")
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def main() -> None:
     sys.path.insert(0, str(REPO))
     from qwen3moe.commands.msrun import msrun_command
@@ -205,8 +246,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layouts", default="tp2,dp2ep2")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=64, help="timed steps of the step split (0: the loop alone)")
     ap.add_argument("--loop-tokens", type=int, default=64)
+    ap.add_argument("--model", choices=("tiny", "bench-mini"), default="tiny")
     ap.add_argument("--layout", help=argparse.SUPPRESS)
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -217,9 +259,10 @@ def main() -> None:
         return
     env = dict(os.environ, PYTHONPATH=str(REPO), GLOG_v="3",
                PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    print(f"bench/parallel_decode.py: load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; batch {a.batch}",
-          flush=True)
-    common = ["--batch", str(a.batch), "--steps", str(a.steps), "--loop-tokens", str(a.loop_tokens)]
+    print(f"bench/parallel_decode.py: {a.model}, batch {a.batch}; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+          f"; code {_commit()}", flush=True)
+    common = ["--batch", str(a.batch), "--steps", str(a.steps), "--loop-tokens", str(a.loop_tokens), "--model", a.model]
+    model_dir(a.model)  # written once, before the jobs
     one = subprocess.run([sys.executable, __file__, "--single", *common], env=env, capture_output=True, text=True,
                          timeout=600)
     got = [ln.split("RESULT ", 1)[1] for ln in one.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -242,10 +285,10 @@ def main() -> None:
                 continue
             for ln in lines:
                 r = json.loads(ln)
-                print(f"  {layout} rank {r['rank']}: fused {r['fused']:.2f} ms, no collectives "
+                print(f"  {layout} rank {r['rank']}" + (f": fused {r['fused']:.2f} ms, no collectives "
                       f"{r['fused_nocoll']:.2f} ms, composite {r['composite']:.2f} ms, {r['backend']} AllReduce "
-                      f"{r['allreduce']:.3f} ms x {r['allreduce_n']} a step, host all_done {r['host_done']:.2f} ms",
-                      flush=True)
+                      f"{r['allreduce']:.3f} ms x {r['allreduce_n']} a step, host all_done {r['host_done']:.2f} ms"
+                      if "fused" in r else ""), flush=True)
                 for mode in ("greedy", "sample"):
                     print(f"    loop {mode:6s} {_loop_line(r['loop_' + mode])}", flush=True)
     print(f"load at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -14,8 +14,9 @@ inside a graph is a Cell made here: `all_reduce`, `all_gather` (axis 0), `reduce
 0), `all_to_all` (equal blocks of axis 0), on a communication group known by name (`register`,
 called where the groups are created; None or the world group's name: every rank). Each call
 returns a new Cell: one Cell per call site (shm keys its data by call site). `host_sum` is the
-one collective called from the host loop between graphs (generation's rows-done count): a
-function of a float32 NumPy array, one call site too.
+one collective called from the host loop between graphs (generation's rows-done count), one
+call site too: `.sum(x)` of a small float32 NumPy array, or `.start(x)` -> a function that
+returns the sum (shm: x published at once, the wait in the function).
 """
 from __future__ import annotations
 
@@ -138,12 +139,13 @@ class MCCLBackend:
         return _AllToAllByGather(self.all_gather(name, site), *self._pos(name))
 
     def host_sum(self, name: str | None, site: str = ""):
-        cell = _CompiledSum(self.all_reduce(name, site))
-        return lambda x: cell(Tensor(x, ms.float32)).asnumpy()
+        return _CompiledSum(self.all_reduce(name, site))
 
 
 class _CompiledSum(nn.Cell):
-    """A one-op compiled graph of an all-reduce (eagerly, PyNative, it took 5-10 ms a call)."""
+    """A one-op compiled graph of an all-reduce (eagerly, PyNative, it took 5-10 ms a call), as
+    host_sum's interface: `sum(x)`, and `start(x)` -> a function returning the sum (computed at
+    once: MindSpore's collectives have no split phase here)."""
 
     def __init__(self, ar: nn.Cell) -> None:
         super().__init__()
@@ -152,6 +154,13 @@ class _CompiledSum(nn.Cell):
     @ms.jit
     def construct(self, x):
         return self.ar(x)
+
+    def sum(self, x):
+        return self(Tensor(x, ms.float32)).asnumpy()
+
+    def start(self, x):
+        out = self.sum(x)
+        return lambda: out
 
 
 class ShmBackend:

@@ -151,7 +151,7 @@ def all_done_over(group) -> Callable[[bool], bool]:
     if group is None:
         return lambda mine: mine
     total = backend.get().host_sum(group.name, "rows done")
-    return lambda mine: float(total(np.array([0.0 if mine else 1.0], np.float32))[0]) == 0.0
+    return lambda mine: float(total.sum(np.array([0.0 if mine else 1.0], np.float32))[0]) == 0.0
 
 
 def layout_mesh(mesh: Mesh) -> Mesh:
