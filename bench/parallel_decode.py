@@ -186,19 +186,19 @@ def worker(a) -> None:
     import mindspore as ms
     from mindspore.communication import get_rank, init
 
-    from qwen3moe.generation.runtime import no_graph_pipeline
+    from qwen3moe.generation.runtime import decode_runtime
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.generate import all_done, start_done
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.parallelize import parallelize
 
     ms.set_device("CPU")
-    no_graph_pipeline()  # as `qwen3moe generate` (QWEN3MOE_GRAPH_PIPELINE=on keeps it)
+    mesh = Mesh(**LAYOUTS[a.layout])
+    decode_runtime()  # as `qwen3moe generate` (QWEN3MOE_GRAPH_PIPELINE=on keeps MindSpore's pipeline)
     init()
     rank = get_rank()
     folder = model_dir(a.model)
     cfg = Qwen3MoeConfig.from_pretrained(folder)
-    mesh = Mesh(**LAYOUTS[a.layout])
     model = parallelize(cfg, mesh, rank, str(folder)).model
     out = {"rank": rank, "layout": a.layout, "batch": a.batch}
     if a.steps:  # 0: the loop alone
@@ -217,9 +217,9 @@ def worker(a) -> None:
 
 def single(a) -> dict:
     from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.generation.runtime import no_graph_pipeline
+    from qwen3moe.generation.runtime import decode_runtime
 
-    no_graph_pipeline()
+    decode_runtime()
     model = Qwen3MoeForCausalLM.from_pretrained(model_dir(a.model))
     return {"fused": _engine_ms(model, a.batch, a.steps, True) if a.steps else float("nan"),
             **{"loop_" + m: _loop(model, a.batch, a.loop_tokens, m == "sample") for m in ("greedy", "sample")}}

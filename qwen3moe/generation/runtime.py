@@ -1,18 +1,18 @@
 """MindSpore runtime setting of the decode loop, for a process that generates: call
-`no_graph_pipeline()` after any set_device and before MindSpore runs its first op (it runs one;
+`decode_runtime()` after any set_device and before MindSpore runs its first op (it runs one;
 commands/generate.py and parallel/generate.py do).
 
 MindSpore 2.10 runs a jit graph called from Python through its graph pipeline: the call is
 queued to a `frontend_queue` thread, which launches the graph's actors. The decode loop calls one
 small step graph per token and needs its logits at once (the sampler reads them), so the
-pipeline overlaps nothing and adds thread hand-offs to every token; on tiny-fp32-gqa it was more
-than half of the process's CPU time per token, and with one process per rank on shared cores
-those extra busy threads compete with the peers the collectives wait for (bench/RESULTS.md,
-"Decode host loop and collectives"). `MS_DEV_RUNTIME_CONF="graph_pipeline:False"` launches the
-graph from the calling thread. MindSpore reads the variable once, at its first op, and then
-prints it, and the jit level at its first compile, on stdout, where `generate` writes its JSON
-lines: both are triggered here with stdout pointed at stderr. A value the user gave for
-graph_pipeline is kept; QWEN3MOE_GRAPH_PIPELINE=on leaves MindSpore's default (A/B benchmarks).
+pipeline overlaps nothing and adds a busy thread and hand-offs to every token: on tiny-fp32-gqa
+one process spent 1.0-1.5 ms of CPU a token with it and 0.6-0.75 ms without, a tp2 rank 2.5-4
+ms with it and 1.0-1.2 ms without (bench/RESULTS.md, "Decode host loop and collectives").
+`MS_DEV_RUNTIME_CONF="graph_pipeline:False"` launches the graph from the calling thread.
+MindSpore reads the variable once, at its first op, and then prints it, and the jit level at its
+first compile, on stdout, where `generate` writes its JSON lines: both are triggered here with
+stdout pointed at stderr. A value the user gave for graph_pipeline is kept;
+QWEN3MOE_GRAPH_PIPELINE=on leaves MindSpore's default (A/B benchmarks).
 """
 from __future__ import annotations
 
@@ -20,16 +20,15 @@ import ctypes
 import os
 import sys
 
-ENV, KEY = "MS_DEV_RUNTIME_CONF", "graph_pipeline"
+ENV, KEY, SWITCH = "MS_DEV_RUNTIME_CONF", "graph_pipeline", "QWEN3MOE_GRAPH_PIPELINE"
 _APPLIED: list[bool] = []
 
 
-def no_graph_pipeline() -> None:
+def decode_runtime() -> None:
     """Graph pipeline off for this process (module docstring); once per process."""
-    if _APPLIED or os.environ.get("QWEN3MOE_GRAPH_PIPELINE", "").lower() in ("1", "on", "true"):
-        return
-    if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler runs no graph, and with the
-        return  # setting it aborted at exit ("terminate called without an active exception")
+    keep = os.environ.get(SWITCH, "").strip().lower() in ("1", "on", "true")
+    if _APPLIED or keep or os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler runs no graph,
+        return  # and with the setting it aborted at exit ("terminate called without an active exception")
     _APPLIED.append(True)
     conf = os.environ.get(ENV, "").strip().strip(",")
     if KEY not in conf:

@@ -81,7 +81,7 @@ def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | 
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    from qwen3moe.generation.runtime import no_graph_pipeline
+    from qwen3moe.generation.runtime import decode_runtime
 
     req.check()
     check_request(req, mesh)  # one-line errors before init() and loading
@@ -89,7 +89,7 @@ def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | 
         raise MeshError("--use_parallel needs the workers started by msrun: "
                         f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
     ms.set_device("CPU")
-    no_graph_pipeline()  # before MindSpore's first op
+    decode_runtime()  # before MindSpore's first op
     init()
     rank, size = get_rank(), get_group_size()
     if mesh.world_size != size:

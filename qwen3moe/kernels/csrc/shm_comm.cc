@@ -20,7 +20,7 @@
 // Keys per call site (not one counter per group) let independent collectives of one graph run
 // concurrently (MindSpore's CPU runtime does that) and in any order across ranks without mixing
 // their data; a call site executed by one rank only is a timeout naming it, never a silent mix.
-// Waits spin (QWEN3MOE_SHM_SPIN pauses, then up to QWEN3MOE_SHM_SPIN_US microseconds while most recent
+// Waits spin (QWEN3MOE_SHM_SPIN pauses, then, opt-in, up to QWEN3MOE_SHM_SPIN_US microseconds while most recent
 // waits were that short: learn), then sleep on the peer's futex word; after
 // QWEN3MOE_SHM_TIMEOUT seconds (default 300), or when a member's
 // process has exited, the op fails with a one-line error naming the op, its call site and the
@@ -93,7 +93,8 @@ struct State {
   int64_t slot_bytes = 0;
   double timeout_s = 300.0;
   uint64_t spin = 200;  // pauses before sleeping at least (QWEN3MOE_SHM_SPIN)
-  int64_t spin_cap_ns = 100000;  // the adaptive spin's ceiling (QWEN3MOE_SHM_SPIN_US; 0: off)
+  int64_t spin_cap_ns = 0;  // the adaptive spin's ceiling (QWEN3MOE_SHM_SPIN_US; 0: off, the default: at
+                           // load 8-16 a 100 us ceiling tripled a decoding tp2 rank's CPU time a token)
   std::atomic<int32_t> short_waits{1024};  // recent waits within spin_cap_ns, of 1024 (learn)
   // process-local counters (qshm_stats, bench/parallel_decode.py): ops run, futex sleeps, wait time
   std::atomic<uint64_t> ops{0}, sleeps{0}, wait_ns{0};
