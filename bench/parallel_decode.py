@@ -5,23 +5,27 @@
 
 One `msrun` job of 2 processes per layout; each rank loads its parallelized model of
 tests/fixtures/hf/tiny-fp32-gqa (`--model bench-mini`: bench/common.py's random bench-mini
-folder, 8 layers, hidden 512, 32 experts, vocab 8192) and times, best ms per decode step over `--steps` steps after a
-prefill (compile excluded), each on its own engine:
+folder, 8 layers, hidden 512, 32 experts, vocab 8192) and times, best ms per decode step over
+`--steps` steps after a prefill (compile excluded; `--steps 0`: the loop alone), each on its
+own engine:
     fused          the fused step (parallel/fused_step.py) with the plan's collectives
     fused_nocoll   the same rank model built with no groups (every collective an identity: the
                    kernels and the graph without communication; its logits are not the model's)
     composite      the composite step (generation/engine._StepCell) with the collectives
-    allreduce      one compiled graph of `n` AllReduces (backend.py: shm or MCCL) over the world group of a [B, 1, H]
-                   tensor, per AllReduce (n = the step's in-graph collectives: tp2 1 + 2 L + 1,
-                   dp2 x ep2 2 L on the sparse layers)
-    host_done      generation.generate's per-step host all-reduce of the unfinished rows (dp > 1)
+    allreduce      one compiled graph of `n` AllReduces (backend.py: shm or MCCL) over the world
+                   group of a [B, 1, H] tensor, per AllReduce (n = the step's in-graph
+                   collectives: tp2 1 + 2 L + 1, dp2 x ep2 2 L on the sparse layers)
+    host_done      the dp ranks' rows-done sum from the host (parallel/generate.all_done)
     loop           the whole host loop (generation.generate.GenerationRun, --loop-tokens greedy
                    and seeded-sampling tokens, ignore_eos, after one compiling run): ms per token
                    (wall, and this process's CPU time, all threads), split into the compiled
-                   step (engine.decode), the sampler and the rows-done all-reduce; the
-                   shared-memory ops' waits (count, futex sleeps, ms waited a token)
-and one process: the single-process fused step and loop on the whole model. Prints one JSON line
-per rank and a summary. Nothing is written to bench/RESULTS.md.
+                   step (engine.decode), the sampler and the rows-done sum (both halves of
+                   RowSplit.start_done); the shared-memory ops' waits (ops, futex sleeps, ms
+                   waited a token); the busiest threads' CPU ms a token
+and one process: the single-process fused step and loop on the whole model. Every process sets
+the decode runtime as `qwen3moe generate` does (generation/runtime.py; QWEN3MOE_GRAPH_PIPELINE=on
+keeps MindSpore's graph pipeline). Prints one JSON line per rank and a summary. Nothing is
+written to bench/RESULTS.md.
 """
 from __future__ import annotations
 
