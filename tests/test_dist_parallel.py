@@ -372,9 +372,16 @@ _SP = ["--parallel_config.use_seq_parallel", "True"]
     # 4 processes: two pipeline stages of two data-parallel ranks (each micro-batch's rows split)
     pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"] + _DP2, True,
                  True, marks=pytest.mark.slow),
+    # 4 processes: two pipeline stages of two tp ranks (gradients ~1000x too large until the
+    # vocab-parallel cross-entropy's two reduces became two cells), and the same + sequence
+    # parallel (stages exchange each rank's own token rows [1, t, H]; once the PyNative engine's)
+    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"] + _TP2,
+                 True, True, marks=pytest.mark.slow),
+    pytest.param(["--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "2"] + _TP2 + _SP,
+                 True, True, marks=pytest.mark.slow),
     # pipeline micro-batches without a pipeline: the compiled step accumulates over them
     pytest.param(_DP2 + ["--parallel_config.micro_batch_num", "2"], True, True, marks=pytest.mark.slow),
-], ids=["tp2", "tp2-plain", "tp2sp", "dp2ep2", "dp2", "dp2-zero1", "pp2", "pp2dp2", "dp2-mb2"])
+], ids=["tp2", "tp2-plain", "tp2sp", "dp2ep2", "dp2", "dp2-zero1", "pp2", "pp2dp2", "pp2tp2", "pp2tp2sp", "dp2-mb2"])
 def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mask):
     """`pretrain --use_parallel` on Megatron .bin/.idx data (reset_position_ids and eod_mask_loss
     true or false) == single-process TrainStep on the same batches: the loss every rank logs, rank
@@ -401,7 +408,8 @@ def test_pretrain_use_parallel_on_megatron_data(tmp_path, layout, reset, eod_mas
     M = int(layout[layout.index("--parallel_config.micro_batch_num") + 1]) if "--parallel_config.micro_batch_num" \
         in layout else 1
     overrides += ["--runner_config.batch_size", str(4 // M), "--runner_config.gradient_accumulation_steps", str(M)]
-    world = 4 if "--parallel_config.pipeline_stage" in layout and "--parallel_config.data_parallel" in layout else 2
+    world = 4 if "--parallel_config.pipeline_stage" in layout and len(set(layout) & {
+        "--parallel_config.data_parallel", "--parallel_config.model_parallel"}) else 2
     rc, err, _ = launch(tmp_path, "pretrain", "--config", str(tmp_path / "t.yaml"), *overrides,
                         "--use_parallel", "True", *layout, nproc=world, timeout=240 * world // 2)
     assert rc == 0, err[-3000:]

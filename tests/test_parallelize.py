@@ -83,9 +83,8 @@ def test_plan_refuses_layouts_it_cannot_run():
     from qwen3moe.parallel.parallelize import parallelize
 
     cfg = Qwen3MoeConfig.from_pretrained(MQA)
-    for mesh, words in [(Mesh(dp=2, tp=2, ep=2, etp=2), "etp=2 with ep=2"), (Mesh(tp=2, pp=2, sp=True, micro_batch_num=2), "sequence parallel")]:
-        with pytest.raises(MeshError, match=words):
-            parallelize(cfg, mesh, 0, coll=SimpleNamespace(groups={}))
+    with pytest.raises(MeshError, match="etp=2 with ep=2"):
+        parallelize(cfg, Mesh(dp=2, tp=2, ep=2, etp=2), 0, coll=SimpleNamespace(groups={}))
     with pytest.raises(MeshError, match="dispatcher 'tp'.*sequence parallel"):
         parallelize(cfg, Mesh(tp=2, sp=True), 0, dispatcher="tp", coll=SimpleNamespace(groups={}))
     with pytest.raises(MeshError, match="dispatcher 'alltoall' needs ep > 1"):

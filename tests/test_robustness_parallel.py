@@ -128,7 +128,7 @@ def test_sharded_resume_refuses_another_model_or_data_geometry(tmp_path, monkeyp
     import mindspore.ops as ops
 
     from helpers import REPO
-    from qwen3moe.parallel import checkpoint, pretrain, train_state
+    from qwen3moe.parallel import checkpoint, train_state
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.training.task_config import load_task_config
     from qwen3moe.training.trainer import ResumeMismatchError
@@ -140,10 +140,10 @@ def test_sharded_resume_refuses_another_model_or_data_geometry(tmp_path, monkeyp
     monkeypatch.setattr(ops, "AllReduce", lambda: (lambda t: t))
     step = SimpleNamespace(pl=SimpleNamespace(mesh=Mesh(tp=2)), optimizer=None)
     trainer = SimpleNamespace(config=SimpleNamespace(checkpoint_dir=str(root), keep_last=2))
-    pretrain.ShardedCheckpointer(load_task_config(yaml, []), step, 0, lambda s: None).save(trainer, 2)
+    train_state.ShardedCheckpointer(load_task_config(yaml, []), step, 0, lambda s: None).save(trainer, 2)
 
     def resume(*overrides):
-        return pretrain.resume_path(load_task_config(yaml, ["--resume_training", "True", "--load_checkpoint",
+        return train_state.resume_path(load_task_config(yaml, ["--resume_training", "True", "--load_checkpoint",
                                                             str(root), *overrides]))
 
     assert resume().endswith("step_2")

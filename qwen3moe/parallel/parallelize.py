@@ -56,7 +56,8 @@ shards as the simulated engine):
                            in, reduce-scatter out, no f/g), embedding reduce-scattered, the MoE
                            block fed own rows (all-gather dispatcher, no tp split), the final
                            hidden rows all-gathered for the lm_head; router statistics summed
-                           over tp. pp = 1 only; not for generation.
+                           over tp; pipeline stages exchange own rows [1, t, H]
+                           (`stage_input_shape`). Not for generation.
 Without sp the router sees the same tokens on every tp rank but back-propagates only its partial share
 (its experts' ffn slice, or its own rows): its gradient is summed over the stage (sync
 "stage"); the router probabilities (aux loss) and logits (z-loss) pass their gradient scaled
@@ -78,7 +79,7 @@ from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collec
 from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
-from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter
+from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter, own_rows
 from qwen3moe.router.topk import TopKRouter
 
 sg = ops.stop_gradient
@@ -137,12 +138,15 @@ class ParallelMoeBlock(nn.Cell):
 class VocabParallelCrossEntropy(nn.Cell):
     """Per-token cross-entropy [T] (0 where label == -100) from this rank's vocab block of the
     logits [T, v] (vocab ids vocab_start .. vocab_start + v - 1): the max, the sum of exp and
-    the target logit are reduced over tp; [T, V] is never formed. Usable inside ms.jit."""
+    the target logit are reduced over tp; [T, V] is never formed. Usable inside ms.jit. Each
+    reduce is its own cell: one collective cell called twice in a compiled graph got wrong
+    gradients (NaN) under PyNative `mindspore.vjp` (the pipeline's stage forward) in MindSpore 2.10."""
 
     def __init__(self, tp_group, vocab_start: int) -> None:
         super().__init__()
         self.group, self.lo = tp_group, vocab_start
-        self.reduce = collective(tp_group, "reduce")
+        self.reduce_sumexp = collective(tp_group, "reduce")
+        self.reduce_target = collective(tp_group, "reduce")
 
     def construct(self, logits_Tv: Tensor, labels_T: Tensor) -> Tensor:
         logits_Tv = logits_Tv.astype(ms.float32)
@@ -150,11 +154,11 @@ class VocabParallelCrossEntropy(nn.Cell):
         m_T1 = sg(logits_Tv.max(-1, keepdims=True))
         if self.group is not None:  # the same shift on every rank: max of the gathered maxima
             m_T1 = sg(self.group.gather(m_T1, 1).max(-1, keepdims=True))
-        sumexp_T = self.reduce(ops.exp(logits_Tv - m_T1).sum(-1))
+        sumexp_T = self.reduce_sumexp(ops.exp(logits_Tv - m_T1).sum(-1))
         local = labels_T - self.lo
         inside = ((local >= 0) & (local < v)).astype(ms.float32)
         col = ops.clip_by_value(local, 0, v - 1).astype(ms.int32).reshape(-1, 1)
-        picked_T = self.reduce(ops.gather_elements(logits_Tv, 1, col).reshape(-1) * inside)
+        picked_T = self.reduce_target(ops.gather_elements(logits_Tv, 1, col).reshape(-1) * inside)
         valid = (labels_T != -100).astype(ms.float32)
         return (ops.log(sumexp_T) + m_T1.reshape(-1) - picked_T) * valid
 
@@ -265,13 +269,19 @@ class RankModel:
         t = prepare_inputs(cfg, input_ids, attention_mask, position_ids, labels if last else None)
         B, S = t.input_ids.shape
         if s > 0:
-            t.input_ids = self.coll.recv((B, S, cfg.hidden_size), s - 1)
+            t.input_ids = self.coll.recv(stage_input_shape(self.mesh, cfg, B, S), s - 1)
         self.stage_input = t.input_ids
         out = self.model.run(t, 0, output_router_logits)
         if not last:
             self.coll.send(out.logits, s + 1)
             self.coll.finish()
         return out
+
+
+def stage_input_shape(mesh: Mesh, cfg, B: int, S: int) -> tuple:
+    """What a pipeline stage receives from the one before: hidden states [B, S, H], or with
+    sequence parallel the rank's own token rows [1, t, H] (seqpar.py)."""
+    return (1, own_rows(B, S, mesh.tp), cfg.hidden_size) if mesh.sp else (B, S, cfg.hidden_size)
 
 
 def rank_config(cfg, mesh: Mesh, layers: range | None = None):
@@ -307,9 +317,6 @@ def check_layout(cfg, mesh: Mesh) -> None:
     if mesh.ep > 1 and cfg.moe_capacity_factor is not None:
         raise MeshError("moe_capacity_factor with ep > 1: capacity is per expert over the whole ep group, "
                         "which the all-gather dispatcher does not compute; use dropless routing")
-    if mesh.sp and mesh.pp > 1:
-        raise MeshError("sequence parallel (sp) with pp > 1 is not implemented by parallelize yet; use the "
-                        "engine (parallel/trainer.py)")
     if cfg.tie_word_embeddings and mesh.pp > 1:
         raise MeshError("tie_word_embeddings with pp > 1 is not supported (embedding and lm_head live on "
                         "different stages)")
@@ -345,10 +352,11 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
     _apply_plan(model, mesh, c, coll.groups, vocab_start, gather_logits,
                 "allgather" if dispatcher == "auto" and (mesh.ep > 1 or mesh.sp) else dispatcher)
+    body = model.model.inner if mesh.sp else model.model  # sp: the wrapped Qwen3MoeModel
     if c["pp"] > 0:  # torchtitan's model split: the embedding on the first stage only
-        model.model.embed_tokens = _Identity()
+        body.embed_tokens = _Identity()
     if c["pp"] < mesh.pp - 1:  # final norm and lm_head on the last stage only
-        model.model.norm, model.lm_head = _Identity(), _Identity()
+        body.norm, model.lm_head = _Identity(), _Identity()
     if mesh.pp == 1 and not mesh.sp:  # the generation engine's fused decode step, this plan's collectives
         model.__dict__["fused_step_cell"] = functools.partial(RankFusedStepCell, tp=mesh.tp)
     n = rank % (mesh.dp * mesh.tp)
@@ -421,7 +429,7 @@ def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gath
         if not gather_logits:
             model.cross_entropy = VocabParallelCrossEntropy(tp_g, vocab_start)
     if sp:
-        model.model = SequenceParallelModel(m, tp_g, mesh.tp, c["tp"])
+        model.model = SequenceParallelModel(m, tp_g, mesh.tp, c["tp"], gather_out=c["pp"] == mesh.pp - 1)
     model.__dict__.pop("_graph_runner", None)
 
 

@@ -45,6 +45,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
+from qwen3moe.parallel.parallelize import stage_input_shape
 from qwen3moe.parallel.pipeline import lifo
 from qwen3moe.parallel.step import ParallelTrainStep, SumNoGrad, valid_labels
 from qwen3moe.training.step import as_batch, expert_load
@@ -235,7 +236,8 @@ class _Pipeline:
         return w
 
     def _hidden_shape(self, t) -> tuple:
-        return tuple(t.input_ids.shape[:2]) + (self.cfg.hidden_size,)
+        B, S = t.input_ids.shape[:2]
+        return stage_input_shape(self.step.mesh, self.cfg, B, S)
 
     @property
     def counts_shape(self) -> tuple:
