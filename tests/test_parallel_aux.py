@@ -11,8 +11,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor
 
 from qwen3moe.models.inputs import prepare_inputs
-from qwen3moe.parallel.aux import global_aux_terms
-from qwen3moe.parallel.comm import SimComm
+from parallel_sim.aux import SimComm, global_aux_terms
 from qwen3moe.router.losses import switch_aux_loss
 
 

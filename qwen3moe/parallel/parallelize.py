@@ -37,8 +37,8 @@ API (stable; other modules build on it):
       .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
                output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
 
-The plan (ranks.py's layouts, so checkpoint.py, dp.py, train_state.py and export see the same
-shards as the simulated engine):
+The plan (ranks.py's layouts, so checkpoint.py, train_state.py and export see the same
+shards as the test harness's simulated ranks, tests/parallel_sim):
     attention, dense MLP   `LAYER_PLAN`, gpt-fast style: q/k/v, gate/up colwise (output dim
                            split, kv heads replicated when tp > K as vLLM; a copy f, identity
                            forward and all-reduce backward, on the input), o_proj / down_proj
