@@ -345,7 +345,8 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     c = mesh.coords(rank)
     layers = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)[c["pp"]]
     local_cfg = rank_config(cfg, mesh, layers)
-    with skip_init():
+    reader = _source(weights)
+    with skip_init(lazy=reader is not None):  # lazy: no zero buffers beside the loaded shards
         model = Qwen3MoeForCausalLM(local_cfg)
         hf = _swap_routers(model, cfg, layers)
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
@@ -365,7 +366,6 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         p.name = hf[id(p)]
         local = p.name[len("model."):] if p.name.startswith("model.") else p.name
         entries.append((p, shard_info(local, p.name, mesh, n, cfg.num_key_value_heads)))
-    reader = _source(weights)
     if reader is not None:
         for p, info in entries:
             load_shard(p, info, cfg, reader, f"rank {rank}")
