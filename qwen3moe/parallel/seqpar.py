@@ -4,7 +4,7 @@ Each rank's residual stream, its norms and its MoE input hold only its own token
 T = B*S tokens of its dp rows, zero-padded to Tp (a multiple of tp), cut into tp blocks of
 t = Tp / tp rows; rank j of the tp group holds rows [j*t, (j+1)*t), carried as [1, t, H] so
 the decoder layer's own code (norms, residual adds, reshape to [T, H] for the MLP) runs
-unchanged. Around the model's modules (the layout and the backward rules of engine.py):
+unchanged. Around the model's modules (the layout and backward rules of Megatron's sequence parallelism):
 
     embedding          vocab-parallel partial rows -> reduce-scatter -> own rows
     attention          own rows -> all-gather -> [B, S, H] -> the module (q/k/v/o unwrapped:
@@ -42,7 +42,7 @@ def own_rows(B: int, S: int, tp: int) -> int:
 
 
 def pad_rows(x_TX: Tensor, tp: int) -> Tensor:
-    """Zero rows up to a multiple of tp (engine.py's padding)."""
+    """Zero rows up to a multiple of tp."""
     pad = -x_TX.shape[0] % tp
     return ops.concat([x_TX, ops.zeros((pad,) + x_TX.shape[1:], x_TX.dtype)]) if pad else x_TX
 
