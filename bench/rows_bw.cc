@@ -36,7 +36,13 @@ static QMat make(int kind, int64_t M, int64_t H, int64_t g, std::vector<uint8_t>
 int main(int argc, char **argv) {
   const int64_t H = argc > 1 ? atoi(argv[1]) : 2048, NB = argc > 2 ? atoi(argv[2]) : 1;
   const int64_t MB = argc > 3 ? atoi(argv[3]) : 256, M0 = (MB << 20) / 4 / H / 256 * 256;
-  std::vector<float> x(NB * H), y(NB * M0 * 8);
+  // x 64-byte aligned (ROWS_BW_XOFF=k floats later: the misaligned x of a plain std::vector), as
+  // the decode kernels' activation buffers (quant_common.h avec)
+  const char *xoff = std::getenv("ROWS_BW_XOFF");
+  float *xbuf = nullptr;
+  if (posix_memalign(reinterpret_cast<void **>(&xbuf), 64, (NB * H + 16) * sizeof(float)) != 0) return 1;
+  float *x = xbuf + (xoff ? atoi(xoff) : 0);
+  std::vector<float> y(NB * M0 * 8);
   for (int64_t i = 0; i < NB * H; ++i) x[i] = 0.01f * (i % 13) - 0.05f;
   Pool &pool = Pool::get();
   const char *names[] = {"fp32", "bf16", "int8", "int4 g128"};  // then int8 / int4 with int8 activations
@@ -76,7 +82,7 @@ int main(int argc, char **argv) {
     const double bytes = static_cast<double>(M) * W.ld + (W.quantized() ? M * W.lds * 3.0 : 0.0);
     const int64_t chunk = 256, nc = M / chunk;
     ActQ q8, q4;
-    const XIn in = prepare_x(x.data(), H, NB, H, act8, {&W}, q8, q4);
+    const XIn in = prepare_x(x, H, NB, H, act8, {&W}, q8, q4);
     if (hot_only) {  // this thread's CPU time, not wall time: the other tenants' load stays out of it
       timespec t0, t1;
       clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);

@@ -3,14 +3,16 @@ composite `ops.cross_entropy`, forward and gradients (including a gradient throu
 
 Tolerances: logits up to |x| ~ 30 (peaked rows included), float32 sums over V <= 8192 terms and a
 polynomial exp (rel. err < 1e-7): ce to rtol 1e-5 / atol 1e-5 (values are O(1-10), a float32 sum
-of V terms carries ~V^0.5 ulp), gradients (entries <= |upstream| ~ 3) to atol 1e-6 against float64 and 2e-6 against the
-composite float32 op (a few ulp of the largest entries).
+of V terms carries ~V^0.5 ulp), gradients (entries <= |upstream| ~ 3) to rtol 1e-5 / atol 1e-6
+against float64: p = exp(x - lse) inherits lse's float32 rounding as a relative error (lse up to
+~40 with the peaked row: half an ulp is 1.9e-6, so an entry of 0.83 was seen 1.5e-6 off, seed
+881), and 2e-6 against the composite float32 op (a few ulp of the largest entries).
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -67,6 +69,7 @@ class _Wrapper(nn.Cell):
 @SETTINGS
 @given(seed=st.integers(0, 10_000), T=st.integers(1, 9), V=st.sampled_from([1, 7, 64, 1000]),
        scale=st.sampled_from([0.1, 3.0]))
+@example(seed=881, T=5, V=1000, scale=3.0)  # an entry 1.5e-6 (1.8e-6 relative) from float64: the lse rounding
 def test_forward_and_grads_equal_numpy(seed, T, V, scale):
     x, lab, w, u = _case(seed, T, V, scale)
     ce, lse = cek._op()(Tensor(x), Tensor(lab))
@@ -74,7 +77,7 @@ def test_forward_and_grads_equal_numpy(seed, T, V, scale):
     np.testing.assert_allclose(ce.asnumpy(), ref_ce, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse.asnumpy(), ref_lse, rtol=1e-5, atol=1e-5)
     dx = ms.grad(_Loss(), grad_position=0)(Tensor(x), Tensor(lab), Tensor(w), Tensor(u))
-    np.testing.assert_allclose(dx.asnumpy(), ref_dx, atol=1e-6)
+    np.testing.assert_allclose(dx.asnumpy(), ref_dx, rtol=1e-5, atol=1e-6)
 
 
 def test_matches_composite_at_model_shape():

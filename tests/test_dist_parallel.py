@@ -14,7 +14,8 @@ import mindspore as ms
 
 from helpers import launch
 
-pytestmark = [pytest.mark.dist]  # slow per test: one real-process run stays in make test
+pytestmark = [pytest.mark.dist]  # slow per test; in make test: the dp2 x ep2 sampled generation and
+# `pretrain --use_parallel` tp2 on Megatron data
 
 
 def by_rank(results: list[dict]) -> dict[int, dict]:
@@ -113,8 +114,8 @@ def test_generate_use_parallel_pipeline_on_four_processes_matches_single_process
     same_completions(par, one)
 
 
-@pytest.mark.parametrize("zero1,accum", [(False, 1), pytest.param(True, 1, marks=pytest.mark.slow),
-                                         pytest.param(False, 2, marks=pytest.mark.slow)],
+@pytest.mark.slow  # make test's `pretrain --use_parallel` run: the tp2 Megatron-data case below
+@pytest.mark.parametrize("zero1,accum", [(False, 1), (True, 1), (False, 2)],
                          ids=["adamw", "zero1", "accum2"])
 def test_pretrain_use_parallel_dp2_loss_curve(tmp_path, zero1, accum):
     """`qwen3moe launch --nproc 2 -- pretrain --use_parallel True --parallel_config.data_parallel 2`

@@ -74,6 +74,7 @@ def test_inspect_experts_example(tmp_path):
     assert abs(float(re.search(r"aux loss \(HF, pooled\) = ([\d.]+)", out)[1]) - aux) < 6e-5
 
 
+@pytest.mark.slow  # ~15 s of CPU; make test trains on Megatron data through the CLI (test_pretrain_cli.py, README)
 def test_pretrain_example_on_megatron_data(tmp_path):
     """The logged step-1 loss is the freshly initialised tiny model's LM + 1e-3 aux loss on the first
     batch, and the saved checkpoint holds trained weights that score that batch lower."""

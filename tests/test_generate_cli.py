@@ -34,6 +34,10 @@ def test_generate_prompt_file_batched(tmp_path):
     assert all(r["completion_tokens"] == 4 and r["prompt_tokens"] > 0 and r["tokens_per_s"] > 0 for r in lines)
     assert [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()] == lines
     assert "prefill" in proc.stderr and "decode" in proc.stderr and "peak RSS" in proc.stderr
+    # generation/runtime.py: MindSpore's graph pipeline off, and its notice of that on stderr:
+    # stdout holds the JSON lines only
+    assert "graph_pipeline:False" in proc.stderr
+    assert all(x.startswith("{") for x in proc.stdout.splitlines()), proc.stdout[:500]
 
 
 def test_generate_chat_stream_sampling(tmp_path):

@@ -182,3 +182,53 @@ def test_row_split_equals_one_batch(tiny):
         pass
     assert runs[1].finished[1]  # the padding row is finished from the start
     np.testing.assert_array_equal(np.concatenate([r.output() for r in runs])[:3], want)
+
+
+@pytest.mark.slow  # engine shapes to compile, as above
+def test_row_split_start_done_drops_the_step_after_all_rows_stop(tiny):
+    """RowSplit.start_done (the dp ranks' rows-done question sent before the next decode step,
+    answered after it): every row stops at EOS before max_new_tokens, so both shares run one
+    step past the last token and drop it. Together they give one GenerationRun's tokens, with
+    its length (fails if the dropped step's tokens were kept or a share stopped a step apart),
+    and run one engine step more than they count. The two shares are stepped as two processes
+    would be: a share's answer waits for the other's question of the same step."""
+    from qwen3moe.generation.generate import RowSplit
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 1000, (3, 9))
+    mask = np.ones_like(ids)
+    ids[1, :4], mask[1, :4] = PAD, 0
+    model = tiny[0]
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=11)
+    free = GenerationRun(model, ids, mask, resolve_config(model, ignore_eos=True, **kw)).run()
+    eos = sorted({int(free[b, 9 + 2]) for b in range(3)})  # every row stops by its third token
+    cfg = resolve_config(model, eos_token_id=eos, pad_token_id=PAD, **kw)
+    want = GenerationRun(model, ids, mask, cfg).run()
+    assert want.shape[1] <= 9 + 3
+    flags: dict[int, list[bool]] = {0: [], 1: []}
+    gens: dict[int, object] = {}
+
+    def start(part):
+        def ask(mine):
+            flags[part].append(mine)
+            i, other = len(flags[part]) - 1, 1 - part
+
+            def answer():
+                while len(flags[other]) <= i:  # the other process reaches the same question
+                    ended = next(gens[other], None) is None
+                    assert not ended or len(flags[other]) > i, "the other share stopped a step apart"
+                return all(flags[p][i] for p in (0, 1))
+            return answer
+        return ask
+
+    d = reference_dir("tiny-a")
+    runs = [GenerationRun(m, ids, mask, cfg, split=RowSplit(2, part, lambda mine: 1 / 0, start(part)))
+            for part, m in ((0, model), (1, Qwen3MoeForCausalLM.from_pretrained(d)))]
+    gens.update({p: r.steps() for p, r in enumerate(runs)})
+    for p in (0, 1):
+        for _ in gens[p]:
+            pass
+    np.testing.assert_array_equal(np.concatenate([r.output() for r in runs])[:3], want)
+    steps = want.shape[1] - 9 - 1  # decode steps one process counts
+    assert [r.stats.decode_steps for r in runs] == [steps, steps]
+    assert [len(f) for f in flags.values()] == [steps + 1, steps + 1]  # one dropped step each

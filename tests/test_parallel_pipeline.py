@@ -36,7 +36,7 @@ def test_one_f_one_b_schedule(pp, M):
 @given(pp=st.integers(1, 6), M=st.integers(1, 10))
 @settings(max_examples=40, deadline=None)
 def test_lifo_schedule_pops_the_newest_forward(pp, M):
-    """pipeline.lifo (the compiled pipeline's order, pipeline_step.py): each backward is that of
+    """pipeline_step.lifo (the compiled pipeline's order, pipeline_step.py): each backward is that of
     the newest pending forward (MindSpore keeps pending vjp forwards on a stack), every op once,
     and the stages' lists execute without deadlock in dependency order."""
     from parallel_sim.schedule import run_schedule

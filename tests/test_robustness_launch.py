@@ -150,8 +150,16 @@ def test_bad_worker_command_is_one_line_before_any_worker_starts(tmp_path, monke
 def test_worker_errors_are_reported_once_without_msruns_traceback(tmp_path):
     """Workers failing with the CLI's one-line error: that line once, naming the worker logs; no
     msrun traceback (kept in <log_dir>/msrun_stderr.log), no msrun start-up or MindSpore INFO lines."""
-    body = ("import sys\nprint('[INFO] DISTRIBUTED(1,7f,python):2026 tcp_client.cc] Start] noise', flush=True)\n"
+    # every process of the job (scheduler + 2 workers) prints the error, then waits until all have
+    # (files failed_<pid>) before exiting: otherwise, on a loaded machine, msrun stopped worker 1
+    # when worker 0 exited before worker 1 had printed (the line named worker_0.log only)
+    body = ("import glob, os, sys, time\n"
+            "print('[INFO] DISTRIBUTED(1,7f,python):2026 tcp_client.cc] Start] noise', flush=True)\n"
             "print('qwen3moe generate: error: --foo 3: expected 1 or 2', file=sys.stderr, flush=True)\n"
+            "open(f'failed_{os.getpid()}', 'w').close()\n"
+            "deadline = time.monotonic() + 60\n"
+            "while len(glob.glob('failed_*')) < 3 and time.monotonic() < deadline:\n"
+            "    time.sleep(0.05)\n"
             "sys.exit(2)\n")
     proc, _ = _start(tmp_path, body, timeout_s=120)
     out, err = proc.communicate(timeout=120)

@@ -99,6 +99,29 @@ def test_subgroups():
         np.testing.assert_array_equal(got[r][1], np.repeat([lo + 1, lo + 2], 5).astype(np.float32))
 
 
+def _split_phase(rank, world):
+    """HostAllReduce.start: 3 calls of one call site, each with another op run while it is in
+    flight (as generation runs a decode step between a rows-done count's two halves)."""
+    g = shm.Group(range(world), rank)
+    done = shm.HostAllReduce(g, "rows done")
+    out = []
+    for k in range(3):
+        finish = done.start(np.array([rank + k, 1.0], np.float32))
+        between = shm.run("all_gather", g, 100 + k, np.full(2, rank * 10 + k, np.float32))
+        out.append((finish(), between))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_host_all_reduce_in_two_halves(world):
+    got = _run(_split_phase, world)
+    assert not any(isinstance(v, Exception) for v in got.values()), got
+    for r in range(world):
+        for k, (total, between) in enumerate(got[r]):
+            np.testing.assert_array_equal(total, [sum(range(world)) + world * k, world])
+            np.testing.assert_array_equal(between, np.repeat([q * 10 + k for q in range(world)], 2))
+
+
 def _other_site(rank, world):
     return shm.run("all_reduce", shm.Group(range(world), rank), 7 if rank == 0 else 8, np.ones(3, np.float32))
 

@@ -80,11 +80,16 @@ def run_one_step(path: str):
     return ref, model.config.tie_word_embeddings, before, g, metrics, norm, after, metrics_after
 
 
-DIRS = train_dirs()
-IDS = [p.rsplit("/", 1)[-1] for p in DIRS]
+# tiny-fp32-gqa and tiny-fused have tiny-a's architecture (4 layers, GQA 4/2, 8 experts top-2,
+# untied): they differ in how the folder stores it, which test_parity_hf.py checks on the logits in
+# make test; their training parity runs in make test-slow (~10 s of compiling each)
+SAME_AS_TINY_A = ("tiny-fp32-gqa", "tiny-fused")
+DIRS = [pytest.param(p, id=p.rsplit("/", 1)[-1],
+                     marks=[pytest.mark.slow] if p.rsplit("/", 1)[-1] in SAME_AS_TINY_A else [])
+        for p in train_dirs()]
 
 
-@pytest.mark.parametrize("path", DIRS, ids=IDS)
+@pytest.mark.parametrize("path", DIRS)
 def test_gradients_match(path):
     ref, tied, _, g, metrics, norm, _, _ = run_one_step(path)
     assert abs(metrics["loss"] - ref["train_loss_before"]) < LOSS_ATOL
@@ -99,7 +104,7 @@ def test_gradients_match(path):
     assert norm == pytest.approx(float(ref["grad_global_norm"]), rel=NORM_RTOL)
 
 
-@pytest.mark.parametrize("path", DIRS, ids=IDS)
+@pytest.mark.parametrize("path", DIRS)
 def test_one_adamw_step_matches(path):
     ref, tied, before, _, _, _, after, metrics_after = run_one_step(path)
     for key in (k for k in ref if k.startswith("param_after_step.")):
@@ -153,12 +158,13 @@ def test_global_batch_aux_equals_pooled_full_batch():
     model = tiny_model()
     x = np.random.default_rng(1).integers(0, 1000, (2, 8))
     opt = AdamW(model.trainable_params(), lr=1e-3)
-    full_m, full_g = TrainStep(model, opt, aux_coef=0.1, aux_mode="hf").gradients(x)
+    hf = TrainStep(model, opt, aux_coef=0.1, aux_mode="hf")
+    full_m, full_g = hf.gradients(x)
     glob_m, glob_g = TrainStep(model, opt, aux_coef=0.1, aux_mode="global").gradients([x[:1], x[1:]])
     assert glob_m["loss"] == pytest.approx(full_m["loss"], abs=1e-5)
     for a, b in zip(full_g, glob_g):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
-    hf_m, _ = TrainStep(model, opt, aux_coef=0.1, aux_mode="hf").gradients([x[:1], x[1:]])
+    hf_m, _ = hf.gradients([x[:1], x[1:]])  # the same step on the two micro-batches
     assert hf_m["aux_megatron"] == pytest.approx(hf_m["aux"] / model.config.num_experts_per_tok)
 
 

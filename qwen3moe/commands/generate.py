@@ -143,12 +143,14 @@ def preflight(args: argparse.Namespace, world_size: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qwen3moe.generation.batch import generate_batches, load, read_prompts
+    from qwen3moe.generation.runtime import decode_runtime
 
     check_output(args.output)
     req = request(args)
     if getattr(args, "use_parallel", False):
         return run_parallel(args, req)
     req.check()
+    decode_runtime()  # before MindSpore's first op (parallel/generate.py: after set_device)
     prompts = read_prompts(req.predict_data)
     tok, model, cfg = load(req)
     lines, prefill_tok, prefill_s, decode_tok, decode_s, compiles = [], 0, 0.0, 0, 0.0, 0

@@ -67,10 +67,15 @@ class RowSplit:
     the whole batch and keeps its share's draws (sampling.sample), so every row gets the tokens
     of one process generating the batch. `all_done(mine)` says whether every process's rows are
     finished given whether this one's are: a collective, so every process runs the same steps
-    with the same shapes (the collectives inside a parallelized model need them)."""
+    with the same shapes (the collectives inside a parallelized model need them). When given,
+    `start_done(mine)` asks the same and returns at once a function that gets the answer:
+    GenerationRun runs the next decode step before it, so the exchange costs no wait of its own
+    (the step's collectives keep the processes together), and drops that step when the answer
+    is yes."""
     parts: int
     part: int
     all_done: Callable[[bool], bool]
+    start_done: Callable[[bool], Callable[[], bool]] | None = None
 
     def take(self, x_BS: np.ndarray) -> np.ndarray:
         """This share's rows [b, S] of a batch [B, S] (b = ceil(B / parts))."""
@@ -129,11 +134,15 @@ class GenerationRun:
         for step in range(self.config.max_new_tokens):
             nxt = self.pick(logits_BV, step)
             yield nxt
-            if self.stopped(step):
+            ahead = self._start_done(step)
+            if ahead is None and self.stopped(step):
                 break
             t1 = time.perf_counter()
-            logits_BV = self.engine.decode(nxt)
+            out = self.engine.decode(nxt)
             self.stats.engine_s += time.perf_counter() - t1
+            if ahead is not None and ahead():  # every process's rows were done: the step just run is dropped
+                break
+            logits_BV = out
             self.stats.decode_steps += 1
         self.stats.decode_s = time.perf_counter() - t0
         self.stats.compiles = compile_count()
@@ -155,6 +164,12 @@ class GenerationRun:
     def stopped(self, step: int) -> bool:
         """Whether generation ends after step `step` (a collective with a RowSplit)."""
         return step == self.config.max_new_tokens - 1 or self._all_finished()
+
+    def _start_done(self, step: int) -> Callable[[], bool] | None:
+        """RowSplit.start_done's answer-getter for `stopped(step)` (None: ask `stopped` now)."""
+        if self.split is None or self.split.start_done is None or step == self.config.max_new_tokens - 1:
+            return None
+        return self.split.start_done(bool(self.finished.all()))
 
     def _all_finished(self) -> bool:
         mine = bool(self.finished.all())

@@ -13,7 +13,10 @@ point: process.ProcessCollectives does, first thing). Every collective of the pa
 inside a graph is a Cell made here: `all_reduce`, `all_gather` (axis 0), `reduce_scatter` (axis
 0), `all_to_all` (equal blocks of axis 0), on a communication group known by name (`register`,
 called where the groups are created; None or the world group's name: every rank). Each call
-returns a new Cell: one Cell per call site (shm keys its data by call site).
+returns a new Cell: one Cell per call site (shm keys its data by call site). `host_sum` is the
+one collective called from the host loop between graphs (generation's rows-done count), one
+call site too: `.sum(x)` of a small float32 NumPy array, or `.start(x)` -> a function that
+returns the sum (shm: x published at once, the wait in the function).
 """
 from __future__ import annotations
 
@@ -135,6 +138,30 @@ class MCCLBackend:
     def all_to_all(self, name: str | None, site: str = "") -> nn.Cell:
         return _AllToAllByGather(self.all_gather(name, site), *self._pos(name))
 
+    def host_sum(self, name: str | None, site: str = ""):
+        return _CompiledSum(self.all_reduce(name, site))
+
+
+class _CompiledSum(nn.Cell):
+    """A one-op compiled graph of an all-reduce (eagerly, PyNative, it took 5-10 ms a call), as
+    host_sum's interface: `sum(x)`, and `start(x)` -> a function returning the sum (computed at
+    once: MindSpore's collectives have no split phase here)."""
+
+    def __init__(self, ar: nn.Cell) -> None:
+        super().__init__()
+        self.ar = ar
+
+    @ms.jit
+    def construct(self, x):
+        return self.ar(x)
+
+    def sum(self, x):
+        return self(Tensor(x, ms.float32)).asnumpy()
+
+    def start(self, x):
+        out = self.sum(x)
+        return lambda: out
+
 
 class ShmBackend:
     """Shared-memory kernels (shm.py), one Cell per call site."""
@@ -165,3 +192,8 @@ class ShmBackend:
         from qwen3moe.parallel import shm
 
         return shm.AllToAll(self._group(name), f"{_name(name)} {site}".strip())
+
+    def host_sum(self, name: str | None, site: str = ""):
+        from qwen3moe.parallel import shm
+
+        return shm.HostAllReduce(self._group(name), f"{_name(name)} {site}".strip())

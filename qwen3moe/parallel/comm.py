@@ -1,7 +1,6 @@
-"""List-per-group communicators: `SimComm` (every rank of a group in one process: used by
-aux.py's global aux loss) and `MindSporeComm` (world-group AllReduce for `qwen3moe dist-check`,
-commands/launch.py). The parallel engine's communicators are collectives.SimCollectives and
-process.ProcessCollectives."""
+"""`MindSporeComm` (world-group AllReduce for `qwen3moe dist-check`, commands/launch.py, and the
+global aux's counts, aux.dp_stats_reducer) and `aggregate_peak`. The compiled rank models'
+collectives are backend.py's cells over process.ProcessCollectives' groups."""
 from __future__ import annotations
 
 from mindspore import Tensor, ops

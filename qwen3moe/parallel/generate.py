@@ -11,9 +11,10 @@ last share padded with dummy rows). Every rank runs the same steps with the same
 collectives inside the model need:
   - the tp ranks of a dp rank hold the same logits (the lm_head's are gathered over tp) and run
     the same sampler with the same seed, so they pick the same tokens and stop together;
-  - the dp ranks stop when all rows are done: an all-reduce of the unfinished-row counts after
-    each step (RowSplit.all_done), and their sampler draws for the whole batch and keeps its
-    rows' draws, so the tokens equal one process generating the batch.
+  - the dp ranks stop when all rows are done: a sum of the unfinished-row counts after each
+    step (RowSplit.start_done, answered after the next decode step, which is dropped when all
+    were done), and their sampler draws for the whole batch and keeps its rows' draws, so the
+    tokens equal one process generating the batch.
 The results come out on rank 0 (world AllGather of each rank's JSON), streamed text too.
 pp > 1 (pipeline_generate.py): the same engine over each rank's stage of the parallelized model,
 micro-batches of rows overlapped across the stages; the last stage samples and sends the tokens
@@ -80,12 +81,15 @@ def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | 
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
+    from qwen3moe.generation.runtime import decode_runtime
+
     req.check()
     check_request(req, mesh)  # one-line errors before init() and loading
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
         raise MeshError("--use_parallel needs the workers started by msrun: "
                         f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
     ms.set_device("CPU")
+    decode_runtime()  # before MindSpore's first op
     init()
     rank, size = get_rank(), get_group_size()
     if mesh.world_size != size:
@@ -106,7 +110,7 @@ def engine_batches(req: GenerateRequest, mesh: Mesh, rank: int, on_text: Callabl
 
     tok, model, cfg = load(req, None if mesh.tp == mesh.ep == 1 else lambda folder: rank_model(folder, mesh, rank))
     prompts = read_prompts(req.predict_data)
-    split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done) if mesh.dp > 1 else None
+    split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done, start_done) if mesh.dp > 1 else None
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text if rank == 0 else None, split):
         fused = any(e.fused for e in model.__dict__.get("_decode_engines", {}).values())
         yield results, st.decode_steps, st.decode_s, "fused" if fused else "composite"
@@ -143,30 +147,23 @@ def rank_model(folder, mesh: Mesh, rank: int):
 
 def all_done(mine: bool) -> bool:
     """Whether every rank's rows are finished: a world all-reduce of the unfinished counts."""
-    from mindspore import Tensor
+    return float(_world_sum().sum(np.array([0.0 if mine else 1.0], np.float32))[0]) == 0.0
 
-    return float(_world_sum()(Tensor(np.float32(0.0 if mine else 1.0))).asnumpy()) == 0.0
+
+def start_done(mine: bool) -> Callable[[], bool]:
+    """all_done in two halves (RowSplit.start_done): this rank's count sent now, the answer later."""
+    finish = _world_sum().start(np.array([0.0 if mine else 1.0], np.float32))
+    return lambda: float(finish()[0]) == 0.0
 
 
 @functools.lru_cache(maxsize=1)
 def _world_sum():
-    """One world all-reduce for every step (not one built per call), compiled: called eagerly
-    (PyNative) it took 5-10 ms a decode step against ~0.5 ms (bench/parallel_decode.py)."""
-    import mindspore as ms
-    from mindspore import nn
-
+    """One world sum from the host for every step (backend.host_sum: shared memory without a
+    graph, else a compiled all-reduce), built at the first call, which every rank reaches at
+    the same point (the call site's tag)."""
     from qwen3moe.parallel import backend
 
-    class _Sum(nn.Cell):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ar = backend.get().all_reduce(None, "rows done")
-
-        @ms.jit
-        def construct(self, x):
-            return self.ar(x)
-
-    return _Sum()
+    return backend.get().host_sum(None, "rows done")
 
 
 def gather_texts(text: str, size: int) -> list[str]:

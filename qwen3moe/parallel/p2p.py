@@ -1,4 +1,5 @@
-"""Point-to-point messages between the pipeline stages of one rank's pipeline (pipeline_generate.py).
+"""Point-to-point messages between the pipeline stages of one rank's pipeline (pipeline_generate.py;
+pipeline_step.py's training with `both_ways`: activations forward, gradients back).
 
 Two transports with one interface (`send(x, stage)`, `recv(shape, stage) -> float32 ndarray`,
 `settle(keep)`, `close()`):
@@ -65,11 +66,14 @@ class MsLink:
 class FifoLink:
     """Named pipes between this rank and the other stages of its pipeline (same host)."""
 
-    def __init__(self, ranks: list[int], me: int, folder: Path, barrier) -> None:
+    def __init__(self, ranks: list[int], me: int, folder: Path, barrier, both_ways: bool = False) -> None:
         pp, s = len(ranks), ranks.index(me)
-        # the pipeline's channels: hidden states s -> s + 1, tokens last -> every other stage
-        ins = ([s - 1] if s > 0 else []) + ([pp - 1] if s < pp - 1 else [])
-        outs = [s + 1] if s < pp - 1 else list(range(pp - 1))
+        neighbours = [t for t in (s - 1, s + 1) if 0 <= t < pp]
+        if both_ways:  # training: hidden states s -> s + 1, their gradients s + 1 -> s
+            ins, outs = neighbours, neighbours
+        else:  # generation: hidden states s -> s + 1, tokens last -> every other stage
+            ins = ([s - 1] if s > 0 else []) + ([pp - 1] if s < pp - 1 else [])
+            outs = [s + 1] if s < pp - 1 else list(range(pp - 1))
         folder.mkdir(parents=True, exist_ok=True)
         path = lambda a, b: folder / f"{ranks[a]}-{ranks[b]}"  # noqa: E731  (src rank - dst rank)
         for p in [path(a, s) for a in ins] + [path(s, b) for b in outs]:
@@ -132,13 +136,15 @@ class FifoLink:
         self.rd, self.wr = {}, {}
 
 
-def stage_link(coll, rank: int):
+def stage_link(coll, rank: int, both_ways: bool = False):
     """The fastest transport for this rank's pipeline: FifoLink when every process runs on this
-    host (QWEN3MOE_P2P=mccl forces MsLink), else MsLink."""
+    host (QWEN3MOE_P2P=mccl forces MsLink), else MsLink. `both_ways`: channels to both
+    neighbouring stages (training) instead of generation's ring."""
     host, port = os.environ.get("MS_SCHED_HOST", ""), os.environ.get("MS_SCHED_PORT", "")
     if os.environ.get("QWEN3MOE_P2P", "") != "mccl" and host in _LOOPBACK and port:
         from mindspore import Tensor
 
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen3moe-p2p-{port}"
-        return FifoLink(coll.pp_ranks, rank, folder, lambda: coll.pp_sum(Tensor(np.zeros(1, np.float32))).asnumpy())
+        return FifoLink(coll.pp_ranks, rank, folder, lambda: coll.pp_sum(Tensor(np.zeros(1, np.float32))).asnumpy(),
+                        both_ways)
     return MsLink(coll.pp_ranks)

@@ -16,7 +16,7 @@ API (stable; other modules build on it):
               logits stay [B, S, V/tp] (this rank's vocab block, starting at rm.vocab_start;
               training: the [T, V] logits are never gathered). Either way the model's own loss
               (`labels=`) is right: the plan swaps its cross-entropy module for
-              `VocabParallelCrossEntropy` (the max, sum of exp and target logit reduced over tp).
+              `VocabParallelCrossEntropy` (each rank's max, sum of exp and target logit gathered over tp).
     dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp",
               "allgather" or "alltoall" (AllToAllDispatcher; dispatchers.py).
     coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
@@ -40,10 +40,10 @@ API (stable; other modules build on it):
 The plan (ranks.py's layouts, so checkpoint.py, train_state.py and export see the same
 shards as the test harness's simulated ranks, tests/parallel_sim):
     attention, dense MLP   `LAYER_PLAN`, gpt-fast style: q/k/v, gate/up colwise (output dim
-                           split, kv heads replicated when tp > K as vLLM; a copy f, identity
-                           forward and all-reduce backward, on the input), o_proj / down_proj
-                           rowwise (input dim split; a reduce g, all-reduce forward, on the
-                           output), so the attention and MLP modules stay the model's own
+                           split, kv heads replicated when tp > K as vLLM; one copy f, identity
+                           forward and all-reduce backward, on the norm output they all read),
+                           o_proj / down_proj rowwise (input dim split; a reduce g, all-reduce
+                           forward, on the output), so the attention and MLP modules stay the model's own
                            (per-rank head counts on `self_attn.num_heads` / `num_kv_heads`; the
                            model's config stays the global one) and their construct runs
                            unchanged.
@@ -75,6 +75,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.layers.dtypes import skip_init, widen
+from qwen3moe.layers.norm import RMSNorm
 from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
 from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
@@ -137,30 +138,39 @@ class ParallelMoeBlock(nn.Cell):
 
 class VocabParallelCrossEntropy(nn.Cell):
     """Per-token cross-entropy [T] (0 where label == -100) from this rank's vocab block of the
-    logits [T, v] (vocab ids vocab_start .. vocab_start + v - 1): the max, the sum of exp and
-    the target logit are reduced over tp; [T, V] is never formed. Usable inside ms.jit. Each
-    reduce is its own cell: one collective cell called twice in a compiled graph got wrong
-    gradients (NaN) under PyNative `mindspore.vjp` (the pipeline's stage forward) in MindSpore 2.10."""
+    logits [T, v] (vocab ids vocab_start .. vocab_start + v - 1); [T, V] is never formed. Each
+    rank reduces its block to three numbers per token: its max m_r, the sum of exp under that
+    max s_r and the target logit p_r (0 unless the label is in its block); one all-gather over
+    tp brings every rank's three (backward: each rank keeps its own block's gradient, as the
+    loss is the same on every rank), and the log-sum-exp is merged as in online softmax:
+    M = max_r m_r, sum of exp = sum_r s_r exp(m_r - M) (in rank order). One collective instead
+    of a max gather and two sums. Usable inside ms.jit."""
 
     def __init__(self, tp_group, vocab_start: int) -> None:
         super().__init__()
-        self.group, self.lo = tp_group, vocab_start
-        self.reduce_sumexp = collective(tp_group, "reduce")
-        self.reduce_target = collective(tp_group, "reduce")
+        self.lo = vocab_start
+        self.tp = 1 if tp_group is None else tp_group.size
+        self.gather = collective(tp_group, "gather")
 
     def construct(self, logits_Tv: Tensor, labels_T: Tensor) -> Tensor:
         logits_Tv = logits_Tv.astype(ms.float32)
         v = logits_Tv.shape[1]
         m_T1 = sg(logits_Tv.max(-1, keepdims=True))
-        if self.group is not None:  # the same shift on every rank: max of the gathered maxima
-            m_T1 = sg(self.group.gather(m_T1, 1).max(-1, keepdims=True))
-        sumexp_T = self.reduce_sumexp(ops.exp(logits_Tv - m_T1).sum(-1))
+        sumexp_T = ops.exp(logits_Tv - m_T1).sum(-1)
         local = labels_T - self.lo
         inside = ((local >= 0) & (local < v)).astype(ms.float32)
         col = ops.clip_by_value(local, 0, v - 1).astype(ms.int32).reshape(-1, 1)
-        picked_T = self.reduce_target(ops.gather_elements(logits_Tv, 1, col).reshape(-1) * inside)
+        picked_T = ops.gather_elements(logits_Tv, 1, col).reshape(-1) * inside
+        mine_3T = ops.stack([m_T1.reshape(-1), sumexp_T, picked_T])
+        all_r3T = self.gather(mine_3T).reshape(self.tp, 3, -1)  # rank r's three rows at [r]
+        m_rT = sg(all_r3T[:, 0])
+        max_T = m_rT.max(0)
+        total_T, target_T = all_r3T[0, 1] * ops.exp(m_rT[0] - max_T), all_r3T[0, 2]
+        for r in range(1, self.tp):
+            total_T = total_T + all_r3T[r, 1] * ops.exp(m_rT[r] - max_T)
+            target_T = target_T + all_r3T[r, 2]
         valid = (labels_T != -100).astype(ms.float32)
-        return (ops.log(sumexp_T) + m_T1.reshape(-1) - picked_T) * valid
+        return (ops.log(total_T) + max_T - target_T) * valid
 
 
 class _ModelLoss(nn.Cell):
@@ -391,11 +401,27 @@ def _swap_routers(model, cfg, layers: range) -> dict:
 
 
 # gpt-fast / torchtitan styles per Linear of a decoder layer (module path -> style): colwise =
-# copy f on the input (its weight's output rows are this rank's), rowwise = reduce g on the
-# output (its input columns are this rank's); the modules around them run unchanged
+# its weight's output rows are this rank's, its input passes the copy f (`_copy_after`: once on
+# the norm output that q, k, v or gate, up read), rowwise = reduce g on the output (its input
+# columns are this rank's); the modules around them run unchanged
 LAYER_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
               "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
               "mlp.down_proj": "rowwise"}
+
+
+class _NormThenCopy(RMSNorm):
+    """A decoder layer's RMSNorm followed by the tp copy f (identity forward, gradient all-reduced
+    backward): Megatron's f on the layer-norm output, once for all the colwise Linears that read
+    it (q, k, v; a dense MLP's gate, up), i.e. one backward all-reduce of their summed partial
+    input gradients instead of one per Linear. Attributes and Parameters stay the norm's own."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.tp_copy(super().construct(x))
+
+
+def _copy_after(norm: RMSNorm, copy: nn.Cell) -> None:
+    norm.__class__ = _NormThenCopy
+    norm.tp_copy = copy
 
 
 def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gather_logits: bool,
@@ -403,8 +429,8 @@ def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gath
     tp_g, sp = groups.get("tp"), mesh.sp
 
     def style(kind: str, inner: nn.Cell) -> nn.Cell:  # fresh collective Cells per use
-        if kind == "colwise":
-            return _Around(inner, collective(tp_g, "copy"), _Identity())
+        if kind == "colwise":  # its f is the copy after the norm that feeds it (_copy_after)
+            return _Around(inner, _Identity(), _Identity())
         return _Around(inner, _Identity(), collective(tp_g, "reduce"))
 
     m = model.model
@@ -421,6 +447,10 @@ def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gath
                 cell = getattr(layer, owner)
                 if mesh.tp > 1 and hasattr(cell, name):
                     setattr(cell, name, style(kind, getattr(cell, name)))
+            if mesh.tp > 1:
+                _copy_after(layer.input_layernorm, collective(tp_g, "copy"))
+                if not layer.is_sparse:  # a sparse block's f is ParallelMoeBlock.copy
+                    _copy_after(layer.post_attention_layernorm, collective(tp_g, "copy"))
         if layer.is_sparse:
             layer.mlp = _moe_block(layer.mlp, mesh, c, groups, dispatcher)
     if mesh.tp > 1:  # with sp the final hidden rows arrive all-gathered (backward: reduce-scatter)

@@ -34,6 +34,7 @@ from mindspore import Tensor
 
 from qwen3moe.generation.engine import PROMPT_BUCKET, SLOT_BUCKET, DecodeEngine, check_cache_fits, round_up
 from qwen3moe.generation.generate import GenerationRun, RowSplit, check_finite
+from qwen3moe.parallel import backend
 from qwen3moe.parallel.mesh import Mesh
 from qwen3moe.parallel.p2p import stage_link
 
@@ -145,13 +146,12 @@ def _receive_tokens(run: GenerationRun, link, pp: int, step: int) -> tuple[np.nd
 
 
 def all_done_over(group) -> Callable[[bool], bool]:
-    """RowSplit.all_done over a process group (None: this rank alone): an all-reduce of the
-    unfinished counts."""
-    def done(mine: bool) -> bool:
-        if group is None:
-            return mine
-        return float(group.ar(Tensor(np.float32(0.0 if mine else 1.0))).asnumpy()) == 0.0
-    return done
+    """RowSplit.all_done over a process group (None: this rank alone): a host sum of the
+    unfinished counts (backend.host_sum; every member builds it at the same point)."""
+    if group is None:
+        return lambda mine: mine
+    total = backend.get().host_sum(group.name, "rows done")
+    return lambda mine: float(total.sum(np.array([0.0 if mine else 1.0], np.float32))[0]) == 0.0
 
 
 def layout_mesh(mesh: Mesh) -> Mesh:

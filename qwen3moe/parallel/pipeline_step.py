@@ -21,7 +21,8 @@ micro-batches with these weights. pp > 1, per micro-batch on stage s (`_Pipeline
   F  `mindspore.vjp` of the stage's compiled forward (`StageForward`, ms.jit): MindSpore keeps
      the forward's intermediates for the backward (no recompute, unless recompute_config marks
      layers); the output hidden states [b, S, H] are sent to stage s+1 with the router counts and
-     probability mass so far [2E] (the last stage: its mean CE);
+     probability mass so far [2E] (the last stage: its mean CE), over p2p.py's stage link (named
+     pipes when every stage runs on this host, else MindSpore isend / recv);
   B  the vjp with cotangents (the gradient received from stage s+1 or the LM weight on the last
      stage, the aux weights of the micro-batch's global counts sent back with it); the input
      gradient goes to stage s-1, the parameter gradients are added to the step's fp32 buffers
@@ -45,6 +46,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
+from qwen3moe.parallel.p2p import stage_link
 from qwen3moe.parallel.parallelize import stage_input_shape
 from qwen3moe.parallel.step import ParallelTrainStep, SumNoGrad, valid_labels
 from qwen3moe.training.step import as_batch, expert_load
@@ -173,7 +175,7 @@ class _Pipeline:
 
     def __init__(self, step: PipelineTrainStep, coll, stage_layers) -> None:
         mesh, cfg = step.mesh, step.model.config
-        self.step, self.coll, self.cfg = step, coll, cfg
+        self.step, self.cfg = step, cfg
         self.pp, self.s = mesh.pp, coll.stage
         self.last = self.s == mesh.pp - 1
         self.E = cfg.num_experts or 1
@@ -184,6 +186,7 @@ class _Pipeline:
         self.fwd = StageForward(step.model, self.last, step.groups["dp"].name, bool(mine))
         self.params = ParameterTuple(list(step.optimizer.parameters))
         self.acc = _Accumulate(step.graph.acc)
+        self.link = stage_link(coll, coll.rank, both_ways=True)
 
     def run(self, micro: list[dict], S: float) -> dict:
         st = self.step
@@ -199,15 +202,15 @@ class _Pipeline:
                 self._forward(k, inputs[k])
             else:
                 aux[k] = self._backward(k, inputs[k], lm_w[k], S / K)
-        self.coll.finish()
+        self.link.settle()
         return self._metrics(micro, inputs, lm_w, aux, S)
 
     def _forward(self, k: int, t) -> None:
         x = t.input_ids
         cum = np.zeros(2 * self.E, np.float32)
         if self.s > 0:
-            x = self.coll.recv(self._hidden_shape(t), self.s - 1)
-            cum = self.coll.recv((2 * self.E,), self.s - 1).asnumpy()
+            x = Tensor(self.link.recv(self._hidden_shape(t), self.s - 1))
+            cum = self.link.recv((2 * self.E,), self.s - 1)
         (out, s_E, both, counts), fn = ms.vjp(lambda *a: self.fwd(*a), x, t.cos, t.sin, t.bias, t.token_mask,
                                               t.labels, weights=self.params)
         both, counts = fetch(both, counts)
@@ -219,8 +222,8 @@ class _Pipeline:
         if self.last:
             self.lm[k] = out
         else:
-            self.coll.send(out, self.s + 1)
-            self.coll.send(Tensor(self.cum[k]), self.s + 1)
+            self.link.send(out, self.s + 1)
+            self.link.send(self.cum[k], self.s + 1)
 
     def _backward(self, k: int, t, lm_w: float, aux_scale: float):
         """Returns the micro-batch's aux weights w_E (E * C_e / (T L)^2 * aux_scale)."""
@@ -228,16 +231,16 @@ class _Pipeline:
         if self.last:
             dout, C = Tensor(lm_w, ms.float32), self.cum[k][:self.E]
         else:
-            dout = self.coll.recv(self._hidden_shape(t), self.s + 1)
-            C = self.coll.recv((self.E,), self.s + 1).asnumpy()
+            dout = Tensor(self.link.recv(self._hidden_shape(t), self.s + 1))
+            C = self.link.recv((self.E,), self.s + 1)
         T = st._counts[k][2]
         w = aux_scale * self.E * C / max(T * self.L, 1.0) ** 2
         sens_aux = Tensor((st.aux_coef * w).astype(np.float32))
         fn = self.pending.pop(k)
         gx, gw = fn(dout, sens_aux, ops.zeros(2 * self.E, ms.float32), ops.zeros(self.counts_shape, ms.float32))
         if self.s > 0:
-            self.coll.send(gx[0], self.s - 1)
-            self.coll.send(Tensor(np.asarray(C, np.float32)), self.s - 1)
+            self.link.send(gx[0], self.s - 1)
+            self.link.send(C, self.s - 1)
         self.acc(ms.mutable(tuple(gw)))
         return w
 

@@ -16,6 +16,8 @@ inside ms.jit graphs like MCCL's AllReduce, with backward rules.
     ReduceScatter(g, site)  sum over g, my block of axis 0     bwd: AllGather
     AllToAll(g, site)       block j of axis 0 to member j; out block j from member j
                                                                 bwd: AllToAll
+    HostAllReduce(g, site)  sum of a small float32 NumPy array, from Python (no graph); also in
+                            two halves: start(x) publishes, the function it returns waits
 Every op instance is one call site: it gets its own tag (a per-group counter, so every member
 that builds the same ops in the same order agrees on it) and `site` names it in errors.
 Shapes: n group size, d0 the first dimension (divisible by n for reduce_scatter / all_to_all).
@@ -57,6 +59,9 @@ def _lib():
     lib.qshm_unlink.argtypes = [ctypes.c_char_p]
     lib.qshm_describe.argtypes = [ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_char_p]
     lib.qshm_error.restype = ctypes.c_char_p
+    lib.qshm_stats.argtypes = [ctypes.POINTER(ctypes.c_ulonglong)]
+    lib.qshm_arrive.argtypes = [ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_void_p, ctypes.c_longlong]
+    lib.qshm_complete.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.qshm_run.argtypes = [ctypes.c_int, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_longlong, ctypes.c_int, ctypes.c_int]
     return lib, path
@@ -154,11 +159,17 @@ class Group:
         self.pos = self.ranks.index(_STATE.get("rank", 0) if me is None else me)
 
 
-def _meta(g: Group, site: str) -> Tensor:
-    """[mask, tag] of a new call site on g (tags count per group), its name registered for errors."""
+def _new_tag(g: Group, site: str) -> int:
+    """The tag of a new call site on g (tags count per group), its name registered for errors."""
     tag = _TAGS[g.mask] = _TAGS.get(g.mask, 0) + 1
     lib, _ = _lib()
     lib.qshm_describe(g.mask, tag, f"{site} #{tag}".encode())
+    return tag
+
+
+def _meta(g: Group, site: str) -> Tensor:
+    """[mask, tag] of a new call site on g, the kernels' second input."""
+    tag = _new_tag(g, site)
     return Tensor(np.array([g.mask], np.uint64).view(np.int64).tolist() + [tag], ms.int64)
 
 
@@ -210,6 +221,35 @@ class AllToAll(_Collective):
     FN, BACK = "ShmAllToAll", "AllToAll"
 
 
+class HostAllReduce:
+    """A sum of a small float32 NumPy array over g called from Python, outside any graph (one
+    call site): the ctypes call releases the GIL and sleeps on the futex like the kernels, where
+    a one-op compiled graph costs a graph launch and asnumpy's busy wait on top of the exchange.
+    `start(x)` publishes x and returns at once a function that waits for the sum: work between
+    the two hides the wait (one start of a call site in flight at a time)."""
+
+    def __init__(self, g: Group, site: str) -> None:
+        self.g = g
+        self.tag = _new_tag(g, f"HostAllReduce {site}")
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        return run("all_reduce", self.g, self.tag, np.asarray(x, np.float32))
+
+    def start(self, x: np.ndarray):
+        lib, _ = _lib()
+        x = np.ascontiguousarray(x, np.float32)
+        h = lib.qshm_arrive(self.g.mask, self.tag, x.ctypes.data, x.size)
+        if h < 0:
+            raise CollectivesError(lib.qshm_error().decode())
+
+        def finish() -> np.ndarray:
+            out = np.empty_like(x)
+            if lib.qshm_complete(h, out.ctypes.data) != 0:
+                raise CollectivesError(lib.qshm_error().decode())
+            return out
+        return finish
+
+
 def run(op: str, g: Group, tag: int, x: np.ndarray) -> np.ndarray:
     """One op on a NumPy array outside MindSpore (ctypes; tests and probes)."""
     lib, _ = _lib()
@@ -221,6 +261,14 @@ def run(op: str, g: Group, tag: int, x: np.ndarray) -> np.ndarray:
     if rc != 0:
         raise CollectivesError(lib.qshm_error().decode())
     return out
+
+
+def stats() -> dict[str, float]:
+    """This process's counters since it started: ops run, futex sleeps while waiting for a peer,
+    seconds waited (bench/parallel_decode.py)."""
+    out = (ctypes.c_ulonglong * 3)()
+    _lib()[0].qshm_stats(out)
+    return {"ops": int(out[0]), "sleeps": int(out[1]), "wait_s": out[2] * 1e-9}
 
 
 def open_segment(name: str, world: int, rank: int, create: bool) -> None:

@@ -7,9 +7,11 @@ Per step, with no forward recompute (each a compiled graph):
      gradients accumulated in fp32 buffers;
   2. each buffer summed over its parameter's sync group (ranks.ShardInfo.sync: "dp", "stage",
      "edp", "kv<r>"; groups from process.ProcessCollectives), one flat AllReduce per bucket
-     (at most `bucket_elems` values, buckets chained so every rank issues them in one order);
-     the global gradient norm over the distinct shards (`owns_shard`: one replica of each
-     counted) and the step's metrics, summed over the world in one more AllReduce;
+     (at most `bucket_elems` values; kinds whose groups are the same ranks share buckets;
+     buckets chained so every rank issues them in one order); the global gradient norm over
+     the distinct shards (`owns_shard`: one replica of each counted) and the step's metrics,
+     summed over the world in one more AllReduce (none when every buffer is summed over the
+     world: each rank then holds the whole gradient, and the metrics ride in its last bucket);
   3. clipping by that norm (torch clip_grad_norm_), the schedule's lr and torch-exact AdamW
      (`RankAdamW`): whole parameters, or with ZeRO-1 this rank's chunk of each sync group's
      flattened parameters, the updated chunks all-gathered (backend.py).
@@ -38,7 +40,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.parallel import backend
-from qwen3moe.training.optimizer import AdamW, clip_by_global_norm
+from qwen3moe.training.optimizer import AdamW, clip_coefficient
 from qwen3moe.training.step import TrainStep, as_batch, expert_load, global_norm
 from qwen3moe.training.sync import fetch
 
@@ -157,17 +159,26 @@ class _Zero1Chunk(nn.Cell):
         self.opt.step.name, self.opt.learning_rate.name = f"adamw.step.{group.kind}", f"adamw.lr.{group.kind}"
         self.gather = backend.get().all_gather(group.name, f"zero1 {group.kind} chunks")
 
-    def update(self, grads, params, after):
+    def update(self, grads, params, after, inv_scale=None, coef=None):
+        """`grads` unscaled: this chunk's slice is scaled (`scaled`) after the flattening, the
+        same values as scaling every gradient first, in two ops instead of two per parameter."""
         g = ops.concat([grads[i].reshape(-1) for i in self.idx])
         if self.G * self.c > self.P:
             g = ops.concat([g, ops.zeros(self.G * self.c - self.P, ms.float32)])
         c, k = self.c, self.pos
-        t = self.opt.update((ops.depend(g[k * c:(k + 1) * c], after),))
+        t = self.opt.update((ops.depend(scaled(g[k * c:(k + 1) * c], inv_scale, coef), after),))
         full = self.gather(ops.depend(self.chunk, t))
         parts = ops.split(full[:self.P], self.sizes)
         for j in range(len(self.idx)):
             ops.assign(params[self.idx[j]], parts[j].reshape(self.shapes[j]))
         return full
+
+
+def scaled(g, inv_scale=None, coef=None):
+    """(g * inv_scale) * coef, as TrainStep's apply scales and clip_by_global_norm clips."""
+    if inv_scale is not None:
+        g = g * inv_scale
+    return g if coef is None else g * coef.astype(g.dtype)
 
 
 class RankAdamW(nn.Cell):
@@ -198,12 +209,14 @@ class RankAdamW(nn.Cell):
     def get_lr(self) -> float:
         return self.adamws()[0].get_lr()
 
-    def update(self, grads):
+    def update(self, grads, inv_scale=None, coef=None):
+        """AdamW with the gradients `scaled(grads[i], inv_scale, coef)` (None: as given)."""
         after = ops.depend(Tensor(0.0, ms.float32), grads)
-        if self.whole is not None:
-            after = self.whole.update(tuple(grads[i] for i in self.whole_idx))
+        if self.whole is not None:  # `after` also waits for every read of `grads` (clearing follows)
+            mine = tuple(scaled(grads[i], inv_scale, coef) for i in self.whole_idx)
+            after = ops.depend(self.whole.update(mine), mine)
         for chunk in self.chunks:
-            after = chunk.update(grads, self.parameters, after)
+            after = chunk.update(grads, self.parameters, after, inv_scale, coef)
         return after
 
     # single-process checkpoints (pure data parallelism without ZeRO-1: one AdamW)
@@ -222,34 +235,68 @@ class RankAdamW(nn.Cell):
 class _SyncAndNorm(nn.Cell):
     """Compiled: every accumulation buffer <- its sum over the sync group (bucketed, chained
     AllReduces, in place); then [sum of squares of the owned shards, metrics...] summed over the
-    world in one AllReduce. Input: this rank's metrics vector (host values)."""
+    world in one AllReduce. Input: this rank's metrics vector (host values).
 
-    def __init__(self, acc, buckets: list[tuple[str, tuple]], owned: tuple) -> None:
+    `replicated` (every buffer is in a bucket over the whole world, e.g. pure data parallelism):
+    after the sums every rank holds the same global gradient, so each computes the norm from all
+    of it (the owners' sum of squares, exactly) and the metrics ride in the last bucket: one
+    collective less."""
+
+    def __init__(self, acc, buckets: list[tuple[str, tuple]], owned: tuple, replicated: bool = False) -> None:
         super().__init__(auto_prefix=False)
-        self.acc, self.owned = acc, owned
+        self.acc, self.owned, self.replicated = acc, owned, replicated
         self.buckets = tuple(idx for _, idx in buckets)
         self.reducers = nn.CellList([_AllReduce(name) for name, _ in buckets])
         in_bucket = {i for _, idx in buckets for i in idx}
         self.alone = tuple(i for i in range(len(acc)) if i not in in_bucket and owned[i])
-        self.world = backend.get().all_reduce(None, "norm and metrics")
+        self.world = None if replicated else backend.get().all_reduce(None, "norm and metrics")
 
     @ms.jit
     def construct(self, metrics):
         prev = metrics
         mine = tuple(self.acc[i] for i in self.alone)
+        last = len(self.buckets) - 1
         for b in range(len(self.buckets)):
             idx = self.buckets[b]
+            sizes = tuple(int(np.prod(self.acc[i].shape)) for i in idx)
             flat = ops.depend(ops.concat([self.acc[i].reshape(-1) for i in idx]), prev)
+            if self.replicated and b == last:
+                flat, sizes = ops.concat([flat, metrics]), sizes + (metrics.shape[0],)
             flat = self.reducers[b](flat)
-            parts = ops.split(flat, tuple(int(np.prod(self.acc[i].shape)) for i in idx))
+            parts = ops.split(flat, sizes)
             for j in range(len(idx)):
                 part = parts[j].reshape(self.acc[idx[j]].shape)
                 ops.assign(self.acc[idx[j]], part)
-                if self.owned[idx[j]]:
+                if self.owned[idx[j]] or self.replicated:
                     mine = mine + (part,)
             prev = flat
+            if self.replicated and b == last:
+                metrics = parts[-1]
         sq = global_norm(mine) ** 2 if mine else Tensor(0.0, ms.float32)
+        if self.replicated:
+            return ops.concat([sq.reshape(1), metrics])
         return self.world(ops.concat([sq.reshape(1), ops.depend(metrics, prev)]))
+
+
+def sync_buckets(syncs: list[str], groups: dict[str, SyncGroup], acc, bucket_elems: int):
+    """(buckets [(group name, buffer indices)], replicated) for _SyncAndNorm: the buffers of the
+    sync kinds whose groups are the same ranks share buckets (e.g. dp and stage on a dp2 x ep2
+    world), in sync_order's order of first appearance, so every rank builds the same ones;
+    replicated: every buffer is summed over the whole world."""
+    by_group: dict[str, list[int]] = {}
+    for kind in sync_order(syncs):
+        g = groups[kind]
+        idx = [i for i, s in enumerate(syncs) if s == kind]
+        if g.size > 1 and idx:
+            by_group.setdefault(g.name, []).extend(idx)
+    buckets = []
+    for name, idx in by_group.items():
+        sizes = [int(np.prod(acc[i].shape)) for i in idx]
+        buckets += [(name, tuple(idx[j] for j in chunk)) for chunk in cut_buckets(sizes, bucket_elems)]
+    world = backend.ranks_of(None)
+    replicated = bool(buckets) and sum(len(idx) for _, idx in buckets) == len(acc) and \
+        all(backend.ranks_of(name) == world for name in by_group)
+    return buckets, replicated
 
 
 class _AllReduce(nn.Cell):
@@ -270,11 +317,9 @@ class _ApplyGlobal(nn.Cell):
 
     @ms.jit
     def construct(self, inv_scale, norm):
-        grads = tuple(a * inv_scale for a in self.graph.acc)
-        if self.clip is not None:
-            grads = clip_by_global_norm(grads, self.clip, norm)
-        done = self.optimizer.update(grads)
-        self.graph.clear(after=ops.depend(done, grads))
+        coef = clip_coefficient(self.clip, norm) if self.clip is not None else None
+        done = self.optimizer.update(tuple(self.graph.acc), inv_scale, coef)
+        self.graph.clear(after=done)
         return norm
 
 
@@ -307,14 +352,8 @@ class ParallelTrainStep(TrainStep):
         self.R = R or dp
         self.log_every, self.log = log_every, log
         self.groups = groups
-        buckets = []
-        for kind in sync_order(syncs):
-            g = groups[kind]
-            idx = [i for i, s in enumerate(syncs) if s == kind]
-            if g.size > 1 and idx:
-                sizes = [int(np.prod(self.graph.acc[i].shape)) for i in idx]
-                buckets += [(g.name, tuple(idx[j] for j in chunk)) for chunk in cut_buckets(sizes, bucket_elems)]
-        self._sync = _SyncAndNorm(self.graph.acc, buckets, tuple(bool(o) for o in owned))
+        buckets, replicated = sync_buckets(syncs, groups, self.graph.acc, bucket_elems)
+        self._sync = _SyncAndNorm(self.graph.acc, buckets, tuple(bool(o) for o in owned), replicated)
         self._apply = _ApplyGlobal(self.graph, optimizer, self.graph.clip)
         self._clear = None
         self._counts = []

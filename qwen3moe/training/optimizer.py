@@ -145,7 +145,12 @@ def global_norm(grads) -> Tensor:
     return ops.sqrt(total)
 
 
+def clip_coefficient(max_norm: float, norm: Tensor) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6))."""
+    return ops.minimum(max_norm / (norm + 1e-6), Tensor(1.0, ms.float32))
+
+
 def clip_by_global_norm(grads, max_norm: float, norm: Tensor):
-    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
-    coef = ops.minimum(max_norm / (norm + 1e-6), Tensor(1.0, ms.float32))
+    """torch.nn.utils.clip_grad_norm_: scale by `clip_coefficient`."""
+    coef = clip_coefficient(max_norm, norm)
     return tuple(g * coef.astype(g.dtype) for g in grads)

@@ -203,7 +203,7 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   const bool residual = ndims[ifcfg] != 1 || shapes[ifcfg][0] < 4 || fcfg[3] == 0.f;
   const int64_t R = d.B * d.S, QKV = ND + 2 * KD;
-  std::vector<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);
+  avec<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);  // aligned: see avec
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
   ActQ xq8, xq4, oq8, oq4;
   const XIn xin = prepare_x(xn.data(), d.H, R, d.H, act8, {&wq, &wk, &wv}, xq8, xq4);
@@ -309,10 +309,14 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   d.K = meta[1], d.lo = ranked ? static_cast<int64_t>(fcfg[4]) : 0;
   if (!args.ok || d.K < 1 || d.K > d.Er || d.lo < 0 || d.lo + d.E > d.Er || (!ranked && d.Er != d.E)) return 1;
   const int64_t A = d.R * d.K;
-  std::vector<float> z(d.R * d.H), logits(d.R * d.Er), w(A);
+  avec<float> z(d.R * d.H), logits(d.R * d.Er), w(A);
   std::vector<int32_t> idx(A);
   for (int64_t r = 0; r < d.R; ++r) rms(h + r * d.H, ln2, d.H, fcfg[0], z.data() + r * d.H);
-  mat_dot(wr, 0, d.Er, z.data(), d.H, d.R, logits.data(), d.Er);
+  Pool &pool = Pool::get();
+  pool.run(nchunks(d.Er), [&](int64_t c) {  // the router's rows on both threads too
+    const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.Er ? o0 + kChunk : d.Er;
+    mat_dot(wr, o0, o1, z.data(), d.H, d.R, logits.data(), d.Er);
+  });
   for (int64_t r = 0; r < d.R; ++r)
     route(logits.data() + r * d.Er, d, meta[2] != 0, idx.data() + r * d.K, w.data() + r * d.K);
   // stable counting sort of the assignments to this op's experts (local index idx - lo; others
@@ -325,7 +329,7 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   std::vector<int64_t> cur(off.begin(), off.end() - 1);
   for (int64_t a = 0; a < A; ++a)
     if (idx[a] >= 0) row[a] = cur[idx[a]]++;
-  std::vector<float> zs(A * d.H);
+  avec<float> zs(A * d.H);
   for (int64_t a = 0; a < A; ++a)
     if (row[a] >= 0) std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
@@ -345,8 +349,7 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   if (wd.quantized() && Is % wd.g != 0) Is = d.I;
   if (Is > d.I) Is = d.I;
   P = (d.I + Is - 1) / Is;
-  std::vector<float> gu(A * 2 * Is * P), ye(P * A * d.H);
-  Pool &pool = Pool::get();
+  avec<float> gu(A * 2 * Is * P), ye(P * A * d.H);
   pool.run(na * P, [&](int64_t task) {
     const int64_t e = active[task / P], part = task % P, i0 = part * Is;
     const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
@@ -417,7 +420,7 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   if (!args.ok || args.i != nparam) return 1;
   const float *fcfg = static_cast<const float *>(params[ifcfg]);
   float *y = static_cast<float *>(params[iy]);
-  std::vector<float> z(B * H);
+  avec<float> z(B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
   ActQ zq8, zq4;
   const XIn zin = prepare_x(z.data(), H, B, H, act8_mode(ndims, shapes, ifcfg, fcfg), {&W}, zq8, zq4);

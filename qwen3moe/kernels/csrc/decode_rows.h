@@ -102,9 +102,18 @@ static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const float *x
 
 // The same with activations from prepare_x: int8 / int4 rows whose kind has quantized
 // activations there take the int8-activation arithmetic (quant_vnni.h)
+// (int4 g128 rows with float32 activations: x in quant_q4w.h's order, made once per op by prepare_x)
 static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const XIn &in, float *y, int64_t ldy) {
-  if (W.quantized() && in.for_kind(W.kind).q != nullptr && in.for_kind(W.kind).I == W.I && act8_fits(W))
-    act8_rows(W, o0, o1, in.for_kind(W.kind), in.nb, y, ldy);
-  else
-    mat_dot(W, o0, o1, in.x, in.ldx, in.nb, y, ldy);
+  const ActView &a = in.for_kind(W.kind);
+  if (W.quantized() && a.q != nullptr && a.I == W.I && act8_fits(W)) {
+    act8_rows(W, o0, o1, a, in.nb, y, ldy);
+    return;
+  }
+#if defined(__AVX512F__)
+  if (W.kind == kQ4 && a.xw != nullptr && a.wI == W.I && o1 - o0 >= 4 && quant_vector() && q4w_fits(W)) {
+    q4w_rows(W, o0, o1, a.xw, in.nb, y, ldy);
+    return;
+  }
+#endif
+  mat_dot(W, o0, o1, in.x, in.ldx, in.nb, y, ldy);
 }

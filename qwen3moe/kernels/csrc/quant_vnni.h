@@ -44,23 +44,29 @@ static inline bool act8_fits(const QMat &W) {
 // Activation rows quantized for one weight kind's chunk layout: q in kernel order (int4: per
 // 128-input chunk, the 64 even inputs, then the 64 odd ones, as the low / high nibbles hold them),
 // per-lane activation scales sv, per-lane sums of q (ls) and -zd * ls for the default zero point zd.
+// For int4 g128 rows with float32 activations it holds x in quant_q4w.h's order instead (xw).
 struct ActQ {
   int kind = -1;
   int64_t nb = 0, I = 0, C = 0;  // rows, inputs, chunks per row
-  std::vector<int8_t> q;         // [nb, I]
-  std::vector<float> sv;         // [nb, C, 16]
-  std::vector<int32_t> ls, zl;   // [nb, C, 16]
+  avec<int8_t> q;                // [nb, I]
+  avec<float> sv;                // [nb, C, 16]
+  avec<int32_t> ls, zl;          // [nb, C, 16]
+  avec<float> xw;                // q4w_order_x's [wnb, wI] when wnb >= 0
+  int64_t wnb = -1, wI = 0;
 };
 
-// A view of rows [b0, ...) of an ActQ (or none: q == nullptr)
+// A view of rows [b0, ...) of an ActQ (or none: q == nullptr, xw == nullptr)
 struct ActView {
   const int8_t *q = nullptr;
   const float *sv = nullptr;
   const int32_t *ls = nullptr, *zl = nullptr;
   int64_t I = 0, C = 0;
+  const float *xw = nullptr;
+  int64_t wI = 0;
   ActView rows(int64_t b0) const {
     ActView v = *this;
     if (q) v.q += b0 * I, v.sv += b0 * C * 16, v.ls += b0 * C * 16, v.zl += b0 * C * 16;
+    if (xw) v.xw += b0 * wI;
     return v;
   }
 };
@@ -102,8 +108,10 @@ static void act_quantize(int kind, const float *x, int64_t ldx, int64_t nb, int6
 }
 
 static inline ActView act_view(const ActQ &a) {
-  if (a.kind < 0) return ActView{};
-  return ActView{a.q.data(), a.sv.data(), a.ls.data(), a.zl.data(), a.I, a.C};
+  ActView v;
+  if (a.kind >= 0) v = ActView{a.q.data(), a.sv.data(), a.ls.data(), a.zl.data(), a.I, a.C};
+  if (a.wnb >= 0) v.xw = a.xw.data(), v.wI = a.wI;
+  return v;
 }
 
 // Per-lane weight scale and zero point of chunk c of row o (act8_fits: a lane is in one group)
@@ -315,18 +323,22 @@ struct XIn {
 };
 
 // x rows [nb, I] for the weights `ws` (int8 mode when act8): quantizes once per weight kind that
-// takes int8 activations; buffers in bq8 / bq4 (which must outlive the returned XIn).
+// takes int8 activations, and for int4 g128 weights read with float32 activations puts x once into
+// quant_q4w.h's order; buffers in bq8 / bq4 (which must outlive the returned XIn).
 static inline XIn prepare_x(const float *x, int64_t ldx, int64_t nb, int64_t I, bool act8,
                             std::initializer_list<const QMat *> ws, ActQ &bq8, ActQ &bq4) {
   XIn in;
   in.x = x, in.ldx = ldx, in.nb = nb;
-  if (!act8) return in;
   for (const QMat *w : ws) {
-    if (!act8_fits(*w) || w->I != I) continue;
+    if (!w->quantized() || w->I != I) continue;
     ActQ &b = w->kind == kQ4 ? bq4 : bq8;
-    if (b.kind < 0 || b.nb != nb || b.I != I) act_quantize(w->kind, x, ldx, nb, I, b);
+    if (act8 && act8_fits(*w)) {
+      if (b.kind < 0 || b.nb != nb || b.I != I) act_quantize(w->kind, x, ldx, nb, I, b);
+    } else if (q4w_fits(*w) && b.wnb < 0) {  // once per op, not per row chunk
+      q4w_order_x(x, ldx, nb, I, b.xw);
+      b.wnb = nb, b.wI = I;
+    }
   }
-  if (bq8.kind == kQ8 && bq8.I == I) in.q8 = act_view(bq8);
-  if (bq4.kind == kQ4 && bq4.I == I) in.q4 = act_view(bq4);
+  in.q8 = act_view(bq8), in.q4 = act_view(bq4);
   return in;
 }

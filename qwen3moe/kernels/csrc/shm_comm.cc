@@ -15,10 +15,13 @@
 //   5. done = s; the slot is free once every member's done >= s, which is checked lazily: before
 //      the slot is written again, and before call s + 1 of the call site replaces my info (one
 //      synchronisation per op; the readers are usually done long before).
+// Steps 1-2 (arrive) and 3-5 (complete) are separate functions: the host loop's float32 sum
+// (qshm_arrive / qshm_complete) runs other work between them.
 // Keys per call site (not one counter per group) let independent collectives of one graph run
 // concurrently (MindSpore's CPU runtime does that) and in any order across ranks without mixing
 // their data; a call site executed by one rank only is a timeout naming it, never a silent mix.
-// Waits spin (QWEN3MOE_SHM_SPIN pauses), then sleep on the peer's futex word; after
+// Waits spin (QWEN3MOE_SHM_SPIN pauses, then, opt-in, up to QWEN3MOE_SHM_SPIN_US microseconds while most recent
+// waits were that short: learn), then sleep on the peer's futex word; after
 // QWEN3MOE_SHM_TIMEOUT seconds (default 300), or when a member's
 // process has exited, the op fails with a one-line error naming the op, its call site and the
 // rank that did not arrive.
@@ -89,7 +92,12 @@ struct State {
   int nranks = 0, rank = -1;
   int64_t slot_bytes = 0;
   double timeout_s = 300.0;
-  uint64_t spin = 200;  // pauses before sleeping (QWEN3MOE_SHM_SPIN): spinning longer took the core the peer needed on a loaded machine
+  uint64_t spin = 200;  // pauses before sleeping at least (QWEN3MOE_SHM_SPIN)
+  int64_t spin_cap_ns = 0;  // the adaptive spin's ceiling (QWEN3MOE_SHM_SPIN_US; 0: off, the default: at
+                           // load 8-16 a 100 us ceiling tripled a decoding tp2 rank's CPU time a token)
+  std::atomic<int32_t> short_waits{1024};  // recent waits within spin_cap_ns, of 1024 (learn)
+  // process-local counters (qshm_stats, bench/parallel_decode.py): ops run, futex sleeps, wait time
+  std::atomic<uint64_t> ops{0}, sleeps{0}, wait_ns{0};
   std::mutex mu;  // guards `sites` and `error`
   std::map<uint64_t, std::string> sites;
   std::string error;
@@ -181,19 +189,48 @@ void sleep_on(int r, P &pred) {
   b->waiters.fetch_sub(1, std::memory_order_seq_cst);
 }
 
-// Wait until pred() holds: spin briefly (QWEN3MOE_SHM_SPIN pauses), then sleep on
-// the futex of rank `who` (spinning or yielding on a loaded machine takes the core the peer
-// needs); on timeout or a dead peer fail with a one-line message.
+// The adaptive spin: after each wait of w ns, an average (1/8 weight) of whether w was within the
+// ceiling; the budget is the ceiling while at least 3/4 of recent waits were (peers arriving
+// within tens of microseconds, a quiet machine: spinning beats the futex round trip, tens of
+// microseconds in a VM), else none (peers off their cores, a loaded machine: spinning would
+// take the core a peer needs).
+void learn(int64_t w) {
+  const int32_t s = g.short_waits.load(std::memory_order_relaxed);
+  g.short_waits.store(s + ((w <= g.spin_cap_ns ? 1024 : 0) - s) / 8, std::memory_order_relaxed);
+}
+
+int64_t spin_budget() {
+  return g.spin_cap_ns > 0 && g.short_waits.load(std::memory_order_relaxed) >= 768 ? g.spin_cap_ns : 0;
+}
+
+// Wait until pred() holds: spin (QWEN3MOE_SHM_SPIN pauses, then on up to spin_budget()),
+// then sleep on the futex of rank `who`; on timeout or a dead peer fail with a one-line message.
 template <class P>
 int wait_for(P pred, int op, uint64_t key, int who, const char *what) {
   using clock = std::chrono::steady_clock;
-  auto t0 = clock::now();
+  if (pred()) return 0;
+  const auto t0 = clock::now();
+  auto since = [&t0] { return int64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count()); };
+  struct Waited {  // the wait's time, on every return: counted, and learnt by the spin budget
+    decltype(since) &ns;
+    ~Waited() {
+      const int64_t w = ns();
+      g.wait_ns.fetch_add(uint64_t(w), std::memory_order_relaxed);
+      if (g.spin_cap_ns > 0) learn(w);
+    }
+  } waited{since};
+  const int64_t budget = spin_budget();
+  bool spinning = true;
   for (uint64_t k = 0;; ++k) {
     if (pred()) return 0;
-    if (k < g.spin) {
-      QSHM_PAUSE();
-      continue;
+    if (spinning) {
+      if (k < g.spin || (budget > 0 && ((k & 31) != 0 || since() < budget))) {
+        QSHM_PAUSE();
+        continue;
+      }
+      spinning = false;
     }
+    g.sleeps.fetch_add(1, std::memory_order_relaxed);
     sleep_on(who, pred);
     if (k % 16) continue;
     double s = std::chrono::duration<double>(clock::now() - t0).count();
@@ -245,66 +282,93 @@ struct Pending {
   Entry *pe[kMaxRanks];
 } pending[kSlots];
 
-// One chunk of one op: `mine` is copied into my slot (bytes); fill(peer_slots) computes the output.
-// One synchronisation per op: the readers of my slot are waited for lazily, when the slot or this
+// One chunk of one op between its two halves: arrive (my part published) and complete.
+struct Call {
+  int op = 0, slot = -1;
+  uint64_t key = 0, s = 0;
+  int64_t bytes = 0;
+  Members m;
+  Entry *e = nullptr, *pe[kMaxRanks];
+};
+
+// First half of a chunk: `mine` (bytes) copied into a slot of mine and published. One
+// synchronisation per op: the readers of my slot are waited for lazily, when the slot or this
 // call site is used again (usually long done by then).
-template <class F>
-int exchange(int op, uint64_t key, const Members &m, const char *mine, int64_t bytes, F fill) {
-  Entry *e = find(g.rank, key, true);
-  if (e == nullptr) return fail("shared-memory collectives: more than 4096 call sites on one rank");
-  const uint64_t s = e->arrive.load(std::memory_order_relaxed) + 1;
-  Entry *pe[kMaxRanks];
-  for (int j = 0; j < m.n; ++j) pe[j] = find(m.rank[j], key, false);
+int arrive(Call &c, const char *mine) {
+  c.e = find(g.rank, c.key, true);
+  if (c.e == nullptr) return fail("shared-memory collectives: more than 4096 call sites on one rank");
+  c.s = c.e->arrive.load(std::memory_order_relaxed) + 1;
+  for (int j = 0; j < c.m.n; ++j) c.pe[j] = find(c.m.rank[j], c.key, false);
   // my entry's info of call s - 1 is replaced below: every member must have read it
-  if (s > 1 && wait_read(op, key, s - 1, m.n, m.rank, pe) != 0) return -1;
-  const int i = take_slot();
+  if (c.s > 1 && wait_read(c.op, c.key, c.s - 1, c.m.n, c.m.rank, c.pe) != 0) return -1;
+  const int i = c.slot = take_slot();
   Pending &prev = pending[i];
   if (prev.s != 0 && wait_read(prev.op, prev.key, prev.s, prev.n, prev.rank, prev.pe) != 0) {
     block(g.rank)->busy[i].store(0, std::memory_order_release);
     return -1;
   }
   prev.s = 0;
-  std::memcpy(slot(g.rank, i), mine, size_t(bytes));
-  e->info.store((uint64_t(i) << 56) | uint64_t(bytes), std::memory_order_relaxed);
-  e->arrive.store(s, std::memory_order_release);
+  std::memcpy(slot(g.rank, i), mine, size_t(c.bytes));
+  c.e->info.store((uint64_t(i) << 56) | uint64_t(c.bytes), std::memory_order_relaxed);
+  c.e->arrive.store(c.s, std::memory_order_release);
   publish();
+  return 0;
+}
+
+// Second half: wait for every member's part, fill(peer_slots) computes the output, done.
+template <class F>
+int complete(Call &c, F fill) {
+  const int i = c.slot;
   const char *peer[kMaxRanks];
-  for (int j = 0; j < m.n; ++j) {
-    const int r = m.rank[j];
+  for (int j = 0; j < c.m.n; ++j) {
+    const int r = c.m.rank[j];
     auto arrived = [&] {
-      if (pe[j] == nullptr) pe[j] = find(r, key, false);
-      return pe[j] != nullptr && pe[j]->arrive.load(std::memory_order_acquire) >= s;
+      if (c.pe[j] == nullptr) c.pe[j] = find(r, c.key, false);
+      return c.pe[j] != nullptr && c.pe[j]->arrive.load(std::memory_order_acquire) >= c.s;
     };
-    if (wait_for(arrived, op, key, r, "arrive") != 0) {
+    if (wait_for(arrived, c.op, c.key, r, "arrive") != 0) {
       block(g.rank)->busy[i].store(0, std::memory_order_release);
       return -1;
     }
-    uint64_t info = pe[j]->info.load(std::memory_order_relaxed);
-    if (pe[j]->arrive.load(std::memory_order_acquire) != s || int64_t(info & ((1ULL << 56) - 1)) != bytes) {
+    uint64_t info = c.pe[j]->info.load(std::memory_order_relaxed);
+    if (c.pe[j]->arrive.load(std::memory_order_acquire) != c.s || int64_t(info & ((1ULL << 56) - 1)) != c.bytes) {
       char buf[512];
       std::snprintf(buf, sizeof buf, "shared-memory %s at call site '%s' (rank %d): rank %d sent %lld bytes in "
                     "call %llu, this rank %lld bytes in call %llu (the ranks run different programs)",
-                    kOpName[op], site_name(key).c_str(), g.rank, r,
-                    (long long)(info & ((1ULL << 56) - 1)), (unsigned long long)pe[j]->arrive.load(),
-                    (long long)bytes, (unsigned long long)s);
+                    kOpName[c.op], site_name(c.key).c_str(), g.rank, r,
+                    (long long)(info & ((1ULL << 56) - 1)), (unsigned long long)c.pe[j]->arrive.load(),
+                    (long long)c.bytes, (unsigned long long)c.s);
       block(g.rank)->busy[i].store(0, std::memory_order_release);
       return fail(buf);
     }
     peer[j] = slot(r, int(info >> 56));
   }
   fill(peer);
-  e->done.store(s, std::memory_order_release);
+  c.e->done.store(c.s, std::memory_order_release);
   publish();
-  prev.op = op;
-  prev.n = m.n;
-  prev.key = key;
-  prev.s = s;
-  for (int j = 0; j < m.n; ++j) {
-    prev.rank[j] = m.rank[j];
-    prev.pe[j] = pe[j];
+  Pending &prev = pending[i];
+  prev.op = c.op;
+  prev.n = c.m.n;
+  prev.key = c.key;
+  prev.s = c.s;
+  for (int j = 0; j < c.m.n; ++j) {
+    prev.rank[j] = c.m.rank[j];
+    prev.pe[j] = c.pe[j];
   }
   block(g.rank)->busy[i].store(0, std::memory_order_release);
   return 0;
+}
+
+// One chunk of one op: `mine` is copied into my slot (bytes); fill(peer_slots) computes the output.
+template <class F>
+int exchange(int op, uint64_t key, const Members &m, const char *mine, int64_t bytes, F fill) {
+  Call c;
+  c.op = op;
+  c.key = key;
+  c.m = m;
+  c.bytes = bytes;
+  if (arrive(c, mine) != 0) return -1;
+  return complete(c, fill);
 }
 
 void add_into(float *out, const float *a, int64_t n, bool first) {
@@ -323,11 +387,9 @@ int elem_size(const char *dtype) {
   return 1;
 }
 
-// op on `count` elements of my input (all_gather: my block; reduce_scatter / all_to_all: n blocks
-// of count / n); out as the op defines (kernels/… parallel/shm.py shapes).
-int run(int op, uint64_t mask, uint32_t tag, const char *in, char *out, int64_t count, int esize, bool is_f32) {
+// The members of group `mask`, this rank's position among them.
+int members(uint64_t mask, Members &m) {
   if (g.base == nullptr) return fail("shared-memory collectives: the segment is not set up (parallel/shm.setup)");
-  Members m;
   for (int r = 0; r < kMaxRanks; ++r)
     if (mask >> r & 1) {
       if (r >= g.nranks) return fail("shared-memory collectives: group has rank " + std::to_string(r) +
@@ -336,10 +398,21 @@ int run(int op, uint64_t mask, uint32_t tag, const char *in, char *out, int64_t 
       m.rank[m.n++] = r;
     }
   if (m.pos < 0) return fail("shared-memory collectives: this rank is not in the group");
+  return 0;
+}
+
+uint64_t call_key(uint64_t mask, uint32_t tag) { return (mask << 32 >> 32 == mask ? mask : mix(mask)) << 32 | tag; }
+
+// op on `count` elements of my input (all_gather: my block; reduce_scatter / all_to_all: n blocks
+// of count / n); out as the op defines (kernels/… parallel/shm.py shapes).
+int run(int op, uint64_t mask, uint32_t tag, const char *in, char *out, int64_t count, int esize, bool is_f32) {
+  Members m;
+  if (members(mask, m) != 0) return -1;
   if ((op == kAllReduce || op == kReduceScatter) && !is_f32)
     return fail(std::string("shared-memory ") + kOpName[op] + ": float32 only");
-  const uint64_t key = (mask << 32 >> 32 == mask ? mask : mix(mask)) << 32 | tag;
+  const uint64_t key = call_key(mask, tag);
   const int n = m.n;
+  g.ops.fetch_add(1, std::memory_order_relaxed);
   const int64_t slot_elems = g.slot_bytes / esize;
   if (op == kAllReduce || op == kAllGather) {
     const int64_t chunk = slot_elems;
@@ -379,6 +452,11 @@ int run(int op, uint64_t mask, uint32_t tag, const char *in, char *out, int64_t 
   std::free(stage);
   return rc;
 }
+
+// Host calls between qshm_arrive and qshm_complete (handles 0..7).
+Call g_open[8];
+bool g_used[8];
+std::mutex g_open_mu;
 
 int kernel(int op, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   int64_t count = 1;
@@ -430,6 +508,8 @@ int qshm_open(const char *name, int nranks, int rank, long long slot_bytes, int 
   }
   for (Pending &pend : pending) pend.s = 0;  // records of an earlier segment
   if (const char *spin = std::getenv("QWEN3MOE_SHM_SPIN")) g.spin = std::strtoull(spin, nullptr, 10);
+  if (const char *us = std::getenv("QWEN3MOE_SHM_SPIN_US")) g.spin_cap_ns = 1000 * std::strtoll(us, nullptr, 10);
+  g.short_waits.store(1024);
   g.base = static_cast<char *>(p);
   g.bytes = bytes;
   g.nranks = nranks;
@@ -445,17 +525,64 @@ int qshm_unlink(const char *name) { return shm_unlink(name); }
 void qshm_set_timeout(double s) { g.timeout_s = s; }
 
 void qshm_describe(unsigned long long mask, unsigned tag, const char *site) {
-  const uint64_t key = (mask << 32 >> 32 == mask ? mask : mix(mask)) << 32 | tag;
+  const uint64_t key = call_key(mask, tag);
   std::lock_guard<std::mutex> lock(g.mu);
   g.sites[key] = site;
 }
 
 const char *qshm_error() { return g.error.c_str(); }
 
+// Counters since the process started: ops run, futex sleeps while waiting, nanoseconds waited.
+void qshm_stats(unsigned long long *out) {
+  out[0] = g.ops.load();
+  out[1] = g.sleeps.load();
+  out[2] = g.wait_ns.load();
+}
+
 // ctypes entry for tests: same as the kernels, returns 0 or -1 (message: qshm_error()).
 int qshm_run(int op, unsigned long long mask, unsigned tag, const void *in, void *out, long long count,
              int esize, int is_f32) {
   return run(op, mask, tag, static_cast<const char *>(in), static_cast<char *>(out), count, esize, is_f32 != 0);
+}
+
+// A float32 all-reduce of `count` elements (one slot at most) in two calls, for the host loop:
+// qshm_arrive publishes this rank's part and returns at once (a handle), qshm_complete waits for
+// the members' parts and writes the sum. Work between the two (a step graph whose collectives
+// synchronise the ranks anyway) hides the wait. One call of a call site in flight at a time.
+int qshm_arrive(unsigned long long mask, unsigned tag, const float *in, long long count) {
+  Call c;
+  if (members(mask, c.m) != 0) return -1;
+  if (count * int64_t(sizeof(float)) > g.slot_bytes) return fail("shared-memory arrive: more than one slot");
+  c.op = kAllReduce;
+  c.key = call_key(mask, tag);
+  c.bytes = count * int64_t(sizeof(float));
+  int h = -1;
+  {
+    std::lock_guard<std::mutex> lock(g_open_mu);
+    for (int k = 0; k < 8 && h < 0; ++k)
+      if (!g_used[k]) g_used[k] = true, h = k;
+  }
+  if (h < 0) return fail("shared-memory arrive: more than 8 host calls in flight");
+  g.ops.fetch_add(1, std::memory_order_relaxed);
+  if (arrive(c, reinterpret_cast<const char *>(in)) != 0) {
+    std::lock_guard<std::mutex> lock(g_open_mu);
+    g_used[h] = false;
+    return -1;
+  }
+  g_open[h] = c;
+  return h;
+}
+
+int qshm_complete(int h, float *out) {
+  if (h < 0 || h >= 8 || !g_used[h]) return fail("shared-memory complete: no such call in flight");
+  Call &c = g_open[h];
+  const int64_t count = c.bytes / int64_t(sizeof(float));
+  int rc = complete(c, [&](const char **peer) {
+    for (int j = 0; j < c.m.n; ++j) add_into(out, reinterpret_cast<const float *>(peer[j]), count, j == 0);
+  });
+  std::lock_guard<std::mutex> lock(g_open_mu);
+  g_used[h] = false;
+  return rc;
 }
 
 int ShmAllReduce(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {

@@ -1,0 +1,185 @@
+"""Where a batch-1 decode step's time goes, per weight mode, on a real-geometry folder.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/decode_profile.py --folder /work/data/synth-2l \
+        [--modes bf16,int8,int4] [--steps 64] [--reps 20]
+
+Per mode (own subprocess): a 16-token prompt, `--steps` greedy decode steps through the engine
+(ignore_eos), split into the time inside the compiled step (engine) and the host's share (sampling,
+input tensors, logits copy); then the step's parts run alone in compiled cells on the model's own
+weights: the lm_head op, the attention ops of every layer, the MoE ops of every layer, and an
+empty compiled call (graph launch). Each part: median wall ms and median process CPU ms per call
+(process CPU time counts every thread: > wall when the kernels' second thread worked, and it is
+less sensitive to other tenants' load than wall time). Weight bytes per token per part are
+printed so the parts' GB/s can be read off.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quant import MODES  # noqa: E402
+
+PROMPT = 16
+
+
+def _nbytes(params) -> int:
+    return sum(int(np.prod(p.shape)) * p.itemsize for p in params)
+
+
+def _timed(fn, reps: int) -> tuple[float, float]:
+    wall, cpu = [], []
+    fn()
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(1e3 * (time.perf_counter() - t0))
+        cpu.append(1e3 * (time.process_time() - c0))
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _parts(cell, reps: int, x_B1H, cos, sin, bias, meta) -> dict:
+    """The fused step's parts alone (cell: the engine's FusedStepCell)."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    class Head(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.c = cell
+
+        @ms.jit
+        def construct(self, x):
+            return self.c.head(x)
+
+    class Layers(nn.Cell):
+        def __init__(self, attn: bool):
+            super().__init__(auto_prefix=False)
+            self.c, self.attn = cell, attn
+
+        @ms.jit
+        def construct(self, x, cos_, sin_, bias_, meta_):
+            i = 0
+            for layer in self.c.net.model.layers:
+                if self.attn:
+                    x = self.c._decode_attention(layer, x, cos_, sin_, bias_, meta_, i)
+                else:
+                    x = self.c._mlp(layer, x, meta_)
+                i += 1
+            return x
+
+    class Empty(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            return x + 1.0
+
+    head, attn, moe, empty = Head(), Layers(True), Layers(False), Empty()
+    small = Tensor(np.zeros((1,), np.float32))
+    return {
+        "lm_head": _timed(lambda: head(x_B1H).asnumpy(), reps),
+        "attention": _timed(lambda: attn(x_B1H, cos, sin, bias, meta).asnumpy(), reps),
+        "moe": _timed(lambda: moe(x_B1H, cos, sin, bias, meta).asnumpy(), reps),
+        "empty graph": _timed(lambda: empty(small).asnumpy(), reps),
+    }
+
+
+def _bytes(model) -> dict:
+    """Weight bytes one b1 decode step reads per part (MoE: router + 8 experts' rows)."""
+    cfg = model.config
+    out = {"lm_head": 0, "attention": 0, "moe": 0}
+    for p in model.get_parameters():
+        n = p.name
+        size = int(np.prod(p.shape)) * p.itemsize
+        if n.startswith("lm_head"):
+            out["lm_head"] += size
+        elif ".self_attn." in n and "norm" not in n:
+            out["attention"] += size
+        elif ".mlp.experts." in n:
+            out["moe"] += size * cfg.num_experts_per_tok // cfg.num_experts
+        elif ".mlp.gate" in n:
+            out["moe"] += size
+    return out
+
+
+def worker(folder: str, mode: str, steps: int, reps: int) -> dict:
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    from mindspore import Tensor
+
+    from common import load_kwargs
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.generation.generate import GenerationRun, resolve_config
+    from qwen3moe.models.inputs import rope_tables
+
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, **load_kwargs(MODES[mode]))
+    ids = np.random.default_rng(100).integers(0, 151643, (1, PROMPT))
+    cfg = resolve_config(model, max_new_tokens=steps + 1, ignore_eos=True, do_sample=False)
+    out: dict = {"bytes": _bytes(model)}
+    runs = []
+    for i in range(3):  # the first compiles
+        r = GenerationRun(model, ids, None, cfg)
+        c0 = time.process_time()
+        r.run()
+        st = r.stats
+        runs.append((1e3 * st.decode_s / st.decode_steps, 1e3 * st.engine_s / st.decode_steps,
+                     1e3 * (time.process_time() - c0) / (st.decode_steps + 1)))
+    out["step"] = runs[1:]
+    eng = r.engine
+    if not eng.fused:
+        raise SystemExit(f"{mode}: the engine did not take the fused step")
+    T = eng.slots
+    x = Tensor(np.random.default_rng(1).standard_normal((1, 1, model.config.hidden_size)).astype(np.float32))
+    cos, sin = rope_tables(model.config, np.array([[PROMPT + 3]]))
+    bias = np.full((1, 1, 1, T), -3.4e38, np.float32)
+    bias[..., :PROMPT + 3] = 0
+    meta = Tensor(np.array([PROMPT + 3, *eng.meta_head], np.int32))
+    out["parts"] = _parts(eng.cell, reps, x, Tensor(cos), Tensor(sin), Tensor(bias), meta)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default="/work/data/synth-2l")
+    ap.add_argument("--modes", default="bf16,int8,int4")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--worker")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.folder, a.worker, a.steps, a.reps)))
+        return
+    from common import REPO, bench_env
+
+    for mode in a.modes.split(","):
+        if mode not in MODES:
+            sys.exit(f"--modes: unknown {mode!r}; choose from {sorted(MODES)}")
+        load0 = os.getloadavg()[0]
+        proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--folder", a.folder, "--steps",
+                               str(a.steps), "--reps", str(a.reps)], capture_output=True, text=True,
+                              env=dict(bench_env(), OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO)))
+        if proc.returncode != 0:
+            print(f"{mode}: worker failed: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{mode} (1-min load {load0:.1f} -> {os.getloadavg()[0]:.1f})")
+        for wall, engine, cpu in r["step"]:
+            print(f"  step {wall:7.2f} ms wall ({1e3 / wall:6.1f} tok/s), in the graph {engine:7.2f}, host "
+                  f"{wall - engine:5.2f}; process CPU {cpu:7.2f} ms per step")
+        for part, (wall, cpu) in r["parts"].items():
+            mb = r["bytes"].get(part, 0) / 1e6
+            rate = f", {mb:6.1f} MB: {mb / wall:5.1f} GB/s wall" if mb else ""
+            print(f"  {part:12s} {wall:7.2f} ms wall, {cpu:7.2f} ms CPU{rate}")
+
+
+if __name__ == "__main__":
+    main()
