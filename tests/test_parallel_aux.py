@@ -11,8 +11,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor
 
 from qwen3moe.models.inputs import prepare_inputs
-from qwen3moe.parallel.aux import global_aux_terms
-from qwen3moe.parallel.comm import SimComm
+from parallel_sim.aux import SimComm, global_aux_terms
 from qwen3moe.router.losses import switch_aux_loss
 
 
@@ -95,32 +94,3 @@ def test_train_step_global_aux_over_micro_batches_and_dp_ranks():
         np.testing.assert_allclose(mean, g, rtol=0, atol=1e-6)
     gate = next(i for i, p in enumerate(opt.parameters) if "gate" in p.name)
     assert np.abs((no_dp[0][gate] + no_dp[1][gate]) / 2 - full_g[gate]).max() > 1e-5
-
-
-@pytest.mark.parametrize("kind, coeff, z, want", [
-    ("aux_loss", "0.02", "0", 0.02 / 2),  # Megatron value = HF value / K (tiny: K = 2)
-    ("hf", "0.02", "0", 0.02),
-    ("none", "0.02", "0", 0.0),
-    ("seq_aux_loss", "0.02", "0", "moe_router_load_balancing_type: 'seq'"),
-    ("aux_loss", "0.02", "0.001", "moe_z_loss_coeff"),
-])
-def test_use_parallel_pretrain_aux_coefficient(kind, coeff, z, want):
-    """`pretrain --use_parallel` puts coef on ParallelLM's HF-scale pooled loss: the same loss as
-    TrainStep's aux_mode; modes it cannot reproduce are refused in one line naming the key."""
-    from helpers import REPO
-    from qwen3moe.training.task_config import TaskConfigError
-    from qwen3moe.training.task_config import load_task_config as load
-    from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.pretrain import hf_aux_coef
-
-    key = "--model.model_config."
-    cfg = load(str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml"),
-               [key + "moe_router_load_balancing_type", kind, key + "moe_aux_loss_coeff", coeff,
-                key + "moe_z_loss_coeff", z])
-    assert cfg.model_config().num_experts_per_tok == 2
-    if isinstance(want, str):
-        with pytest.raises(TaskConfigError, match=want) as err:
-            hf_aux_coef(cfg, Mesh(dp=2))
-        assert "\n" not in str(err.value)
-    else:
-        assert hf_aux_coef(cfg, Mesh(dp=2)) == pytest.approx(want, rel=1e-12)

@@ -25,21 +25,28 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("dp, tp, pp, ep", [(1, 2, 1, 1), (2, 1, 1, 2), (1, 4, 2, 4), (2, 2, 1, 4)])
 def test_each_rank_reads_only_its_slices(saved, dp, tp, pp, ep):
+    """Each process's sharded load (`parallelize` from the HF folder, one rank at a time) reads
+    exactly the slices it holds, and they equal the simulated ranks' shards of the full model."""
+    from types import SimpleNamespace
+
+    from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from qwen3moe.parallel.parallelize import parallelize
+    from parallel_sim.trainer import ParallelLM
 
     model, path = saved
     mesh = Mesh(dp=dp, tp=tp, pp=pp, ep=ep, micro_batch_num=pp)
     want = ParallelLM.from_model(model, mesh, train=False)
+    cfg = Qwen3MoeConfig.from_pretrained(path)
     expected_bytes = 0
     for rank in range(mesh.world_size):  # as each process would: only its own rank is built
-        got = ParallelLM.from_pretrained(path, mesh, train=False, coll=object(), rank=rank)
+        got = parallelize(cfg, mesh, rank, str(path), coll=SimpleNamespace(groups={}))
         s, n = divmod(rank, dp * tp)
-        pairs = list(zip(got.entries[s][n], want.entries[s][n]))
-        assert pairs and all(a.name == b.name for (_, a), (_, b) in pairs)
-        for (p, _), (q, _) in pairs:
-            np.testing.assert_array_equal(p.asnumpy(), q.asnumpy(), err_msg=p.name)
-        held = sum(p.asnumpy().nbytes for p, _ in got.entries[s][n])
+        mine = {i.name: p.asnumpy() for p, i in want.entries[s][n]}
+        assert mine and set(mine) == {i.name for _, i in got.entries}
+        for p, i in got.entries:
+            np.testing.assert_array_equal(p.asnumpy(), mine[i.name], err_msg=i.name)
+        held = sum(p.asnumpy().nbytes for p, _ in got.entries)
         assert got.bytes_read == held  # read exactly what it holds: no full tensor, no other rank's slice
         expected_bytes += held
     assert expected_bytes >= sum(p.asnumpy().nbytes for p in model.get_parameters())
@@ -48,9 +55,9 @@ def test_each_rank_reads_only_its_slices(saved, dp, tp, pp, ep):
 def test_sharded_save_reshard_and_export(saved, tmp_path):
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.parallel.checkpoint import export_hf, load_sharded, save_sharded
-    from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
+    from parallel_sim.dp import ShardedAdamW, allreduce_grads
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     model, _ = saved
     ids = np.random.default_rng(3).integers(0, 128, (2, 6))

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 @given(pp=st.integers(1, 6), M=st.integers(1, 10))
 @settings(max_examples=60, deadline=None)
 def test_one_f_one_b_schedule(pp, M):
-    from qwen3moe.parallel.pipeline import one_f_one_b, run_schedule
+    from parallel_sim.schedule import one_f_one_b, run_schedule
 
     if M < pp:  # the mesh requires micro_batch_num >= pp; the schedule still must not deadlock
         M = pp
@@ -36,10 +36,11 @@ def test_one_f_one_b_schedule(pp, M):
 @given(pp=st.integers(1, 6), M=st.integers(1, 10))
 @settings(max_examples=40, deadline=None)
 def test_lifo_schedule_pops_the_newest_forward(pp, M):
-    """pipeline.lifo (the compiled pipeline's order, pipeline_step.py): each backward is that of
+    """pipeline_step.lifo (the compiled pipeline's order, pipeline_step.py): each backward is that of
     the newest pending forward (MindSpore keeps pending vjp forwards on a stack), every op once,
     and the stages' lists execute without deadlock in dependency order."""
-    from qwen3moe.parallel.pipeline import lifo, run_schedule
+    from parallel_sim.schedule import run_schedule
+    from qwen3moe.parallel.pipeline_step import lifo
 
     M = max(M, pp)
     for s in range(pp):
@@ -62,8 +63,8 @@ def test_schedule_order_is_the_executed_order():
     """The executor of a real pp=2, M=3 training step follows the 1F1B lists exactly."""
     from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.pipeline import one_f_one_b
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.schedule import one_f_one_b
+    from parallel_sim.trainer import ParallelLM
 
     cfg = Qwen3MoeConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=2, num_key_value_heads=4,
                                      head_dim=16, mlp_only_layers=[0, 1])
@@ -82,7 +83,7 @@ def test_sim_collectives_values_and_backward_rules(size, rows, seed):
     differentiating sum_r <out_r, w_r> for random cotangents w_r."""
     import mindspore as ms
     from mindspore import Tensor
-    from qwen3moe.parallel.collectives import SimCollectives
+    from parallel_sim.collectives import SimCollectives
 
     rng = np.random.default_rng(seed)
     coll = SimCollectives(1, size, size)

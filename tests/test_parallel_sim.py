@@ -35,7 +35,7 @@ SLOW = pytest.mark.slow
                                         (2, 1, True), (4, 2, True)])
 def test_tp_ep_logits_equal_single_device(models, name, tp, ep, sp):
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     model, ids, want = models[name]
     mesh = Mesh(dp=max(1, ep // tp), tp=tp, ep=ep, sp=sp)  # experts fold into the dp*tp ranks

@@ -54,9 +54,9 @@ def setup():
 
 
 def check_combo(setup, dp, tp, pp, ep, M, sp=False):
-    from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
+    from parallel_sim.dp import ShardedAdamW, allreduce_grads
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
     from qwen3moe.training.optimizer import AdamW
     from qwen3moe import Qwen3MoeForCausalLM
 
@@ -127,9 +127,9 @@ def test_sequence_parallel_equals_single_device(setup, dp, tp, pp, ep, M):
 
 
 def test_zero1_equals_unsharded_and_shards_state(setup):
-    from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
+    from parallel_sim.dp import ShardedAdamW, allreduce_grads
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     cfg, model, ids, labels = setup
     mesh = Mesh(dp=2)  # experts replicated over dp too, so every sync group has 2 members
@@ -153,9 +153,9 @@ def test_zero1_equals_unsharded_and_shards_state(setup):
 
 
 def test_buckets_change_message_count_not_result(setup):
-    from qwen3moe.parallel.dp import allreduce_grads
+    from parallel_sim.dp import allreduce_grads
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     cfg, model, ids, labels = setup
     pl = ParallelLM.from_model(model, Mesh(dp=2))
@@ -172,7 +172,7 @@ def test_buckets_change_message_count_not_result(setup):
 
 def test_vocab_parallel_loss_never_gathers_the_vocab(setup):
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     cfg, model, ids, labels = setup
     pl = ParallelLM.from_model(model, Mesh(tp=4))
@@ -186,7 +186,7 @@ def test_vocab_parallel_loss_never_gathers_the_vocab(setup):
 def test_pipeline_offsets_and_errors(setup):
     from qwen3moe.parallel.mesh import Mesh, MeshError
     from qwen3moe.parallel.ranks import stage_layers
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     cfg, model, ids, labels = setup
     assert stage_layers(3, 2) == [range(0, 1), range(1, 3)]
@@ -221,9 +221,9 @@ def setup_kv2():
 def test_replicated_kv_heads_train_equals_single_device(setup_kv2, dp, tp, sp):
     """tp > num_key_value_heads: each kv head's k/v rows live on tp/K ranks whose gradients
     (from their own q heads) are summed over those ranks: gradients and step == single device."""
-    from qwen3moe.parallel.dp import sync_classes
+    from parallel_sim.dp import sync_classes
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     cfg, model = setup_kv2[:2]
     pl = ParallelLM.from_model(model, Mesh(dp=dp, tp=tp))
@@ -236,9 +236,9 @@ def test_reset_position_ids_equal_single_device(setup, dp, tp, pp, ep, M):
     """Megatron data with reset_position_ids: positions restart after each EOD. The sharded loss
     and gradients use them exactly as the single-device model does (same tolerances as above),
     and they matter: the loss differs from the one with positions 0..S-1."""
-    from qwen3moe.parallel.dp import allreduce_grads
+    from parallel_sim.dp import allreduce_grads
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     cfg, model, ids, labels = setup
     pos = np.stack([np.r_[np.arange(3), np.arange(5)], np.arange(8), np.r_[np.arange(6), np.arange(2)],
@@ -263,9 +263,9 @@ def test_accumulation_groups_take_trainsteps_per_micro_batch_token_means(setup):
     sharded loss and gradients equal the mean of the single-device model's (loss, gradients) on
     each micro-batch (its own objective: HF lm_loss + coef * aux); groups=1 keeps the token mean
     over the batch, which differs here."""
-    from qwen3moe.parallel.dp import allreduce_grads
+    from parallel_sim.dp import allreduce_grads
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     cfg, model, ids, _ = setup
     labels = ids.copy()

@@ -41,7 +41,8 @@ def test_plan_shards_match_engine_and_full_tensors(layout):
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.parallelize import parallelize
-    from qwen3moe.parallel.ranks import build_stage, slice_for, stage_layers
+    from parallel_sim.ranks import build_stage
+    from qwen3moe.parallel.ranks import slice_for, stage_layers
 
     cfg = Qwen3MoeConfig.from_pretrained(MQA)
     _, full = _full(MQA)
@@ -83,9 +84,8 @@ def test_plan_refuses_layouts_it_cannot_run():
     from qwen3moe.parallel.parallelize import parallelize
 
     cfg = Qwen3MoeConfig.from_pretrained(MQA)
-    for mesh, words in [(Mesh(dp=2, tp=2, ep=2, etp=2), "etp=2 with ep=2"), (Mesh(tp=2, pp=2, sp=True, micro_batch_num=2), "sequence parallel")]:
-        with pytest.raises(MeshError, match=words):
-            parallelize(cfg, mesh, 0, coll=SimpleNamespace(groups={}))
+    with pytest.raises(MeshError, match="etp=2 with ep=2"):
+        parallelize(cfg, Mesh(dp=2, tp=2, ep=2, etp=2), 0, coll=SimpleNamespace(groups={}))
     with pytest.raises(MeshError, match="dispatcher 'tp'.*sequence parallel"):
         parallelize(cfg, Mesh(tp=2, sp=True), 0, dispatcher="tp", coll=SimpleNamespace(groups={}))
     with pytest.raises(MeshError, match="dispatcher 'alltoall' needs ep > 1"):
@@ -178,7 +178,7 @@ def test_compiled_rank_forward_and_gradients_equal_one_process(tmp_path, layout,
 
 
 def _check_grads(got: dict, tag: str, ref_grads: dict, mesh) -> None:
-    from qwen3moe.parallel.collectives import stage_groups
+    from qwen3moe.parallel.mesh import stage_groups
     from qwen3moe.parallel.ranks import ShardInfo, slice_for
 
     keys = {n: {k.split("|")[1]: k for k in got[n].files if k.startswith(tag + "|")} for n in got}

@@ -2,6 +2,8 @@
 CheckpointError (same helper, same text) for a missing tensor, never a raw KeyError."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -46,7 +48,7 @@ def test_sharded_checkpoint_missing_tensor_names_the_folder(saved, tmp_path):
     from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
     from qwen3moe.parallel.checkpoint import export_hf, load_sharded, save_sharded
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from parallel_sim.trainer import ParallelLM
 
     model = saved[0]
     d = tmp_path / "sharded"
@@ -128,7 +130,7 @@ def test_sharded_resume_refuses_another_model_or_data_geometry(tmp_path, monkeyp
     import mindspore.ops as ops
 
     from helpers import REPO
-    from qwen3moe.parallel import checkpoint, pretrain, train_state
+    from qwen3moe.parallel import checkpoint, train_state
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.training.task_config import load_task_config
     from qwen3moe.training.trainer import ResumeMismatchError
@@ -140,10 +142,10 @@ def test_sharded_resume_refuses_another_model_or_data_geometry(tmp_path, monkeyp
     monkeypatch.setattr(ops, "AllReduce", lambda: (lambda t: t))
     step = SimpleNamespace(pl=SimpleNamespace(mesh=Mesh(tp=2)), optimizer=None)
     trainer = SimpleNamespace(config=SimpleNamespace(checkpoint_dir=str(root), keep_last=2))
-    pretrain.ShardedCheckpointer(load_task_config(yaml, []), step, 0, lambda s: None).save(trainer, 2)
+    train_state.ShardedCheckpointer(load_task_config(yaml, []), step, 0, lambda s: None).save(trainer, 2)
 
     def resume(*overrides):
-        return pretrain.resume_path(load_task_config(yaml, ["--resume_training", "True", "--load_checkpoint",
+        return train_state.resume_path(load_task_config(yaml, ["--resume_training", "True", "--load_checkpoint",
                                                             str(root), *overrides]))
 
     assert resume().endswith("step_2")
@@ -166,7 +168,7 @@ def test_distcheck_run_is_a_library_call_checked_before_any_collective():
 
     model = str(HF_FIXTURES / "tiny-fp32-gqa")  # 4 heads, 2 kv heads, 8 experts, 4 layers
     with pytest.raises(MeshError, match=r"^tp=3 must divide num_attention_heads=4$"):
-        distcheck.run(model, "train", tp=3)
+        distcheck.run(model, "load", tp=3)
     with pytest.raises(MeshError, match=r"^ep=3 must divide num_experts=8$"):
         distcheck.run(model, "generate", dp=3, ep=3)
     with pytest.raises(MeshError, match=r"^pp=8 must be <= num_hidden_layers=4$"):
@@ -233,12 +235,14 @@ def _assert_parallel_load_error_is_single(folder, needle: str) -> None:
     """The sharded load of `folder` fails with exactly the single-process one-line error."""
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.io.safetensors_io import CheckpointError
+    from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.trainer import ParallelLM
+    from qwen3moe.parallel.parallelize import parallelize
 
     with pytest.raises(CheckpointError) as single:
         Qwen3MoeForCausalLM.from_pretrained(str(folder))
-    with pytest.raises(CheckpointError) as parallel:
-        ParallelLM.from_pretrained(folder, Mesh(tp=2, ep=2, dp=1), train=False, coll=object(), rank=0)
+    with pytest.raises(CheckpointError) as parallel:  # rank 0 of a real tp2 x ep2 launch, no groups here
+        parallelize(Qwen3MoeConfig.from_pretrained(folder), Mesh(tp=2, ep=2, dp=1), 0, str(folder),
+                    coll=SimpleNamespace(groups={}))
     assert needle in str(single.value)
     assert str(parallel.value) == str(single.value) and "\n" not in str(parallel.value)

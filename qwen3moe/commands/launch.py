@@ -31,25 +31,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_dist_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder")
-    p.add_argument("--mode", choices=["train", "load", "forward"], required=True)
+    p.add_argument("--mode", choices=["load", "forward"], required=True)
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1)
     p.add_argument("--sp", action="store_true", help="sequence parallel over the tp group")
-    p.add_argument("--zero1", action="store_true", help="ZeRO-1: shard the AdamW moments (train)")
     p.add_argument("--micro_batch_num", type=int, default=1)
     p.add_argument("--batch", type=int, default=2, help="global batch")
     p.add_argument("--seq", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="train steps")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--out", default=".", help="folder for shards_rank<r>.npz")
+    p.add_argument("--steps", type=int, default=3, help="timed forward calls")
+    p.add_argument("--out", default=".", help="folder for forward_rank<r>.npz")
 
 
 def dist_parallel(args: argparse.Namespace) -> int:
     from qwen3moe.parallel import distcheck
 
     result = distcheck.run(args.model, args.mode, dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, sp=args.sp,
-                           zero1=args.zero1, micro_batch_num=args.micro_batch_num, batch=args.batch,
-                           seq=args.seq, steps=args.steps, lr=args.lr, out=args.out)
+                           micro_batch_num=args.micro_batch_num, batch=args.batch, seq=args.seq,
+                           steps=args.steps, out=args.out)
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

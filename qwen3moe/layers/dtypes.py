@@ -18,6 +18,7 @@ from mindspore.common.initializer import Zero
 
 _RNG = np.random.default_rng(0)
 _SKIP_INIT = False
+_LAZY_F32 = False
 
 
 BF16_BITS = ms.uint16
@@ -44,15 +45,22 @@ def set_init_seed(seed: int) -> None:
 
 
 class skip_init:
-    """Context manager: parameters are created as zeros (weights will be loaded anyway)."""
+    """Context manager: parameters are created as zeros (weights will be loaded anyway).
+    lazy=True: float32 ones too get no buffer until their values are set (the other dtypes
+    always do), for a caller that replaces every parameter (parallel/parallelize.py's sharded
+    load: the whole rank model's zero buffers plus the loaded shards would be ~2x the shard)."""
+
+    def __init__(self, lazy: bool = False) -> None:
+        self.lazy = lazy
 
     def __enter__(self):
-        global _SKIP_INIT
-        self._prev, _SKIP_INIT = _SKIP_INIT, True
+        global _SKIP_INIT, _LAZY_F32
+        self._prev, _SKIP_INIT = (_SKIP_INIT, _LAZY_F32), True
+        _LAZY_F32 = self.lazy
 
     def __exit__(self, *exc):
-        global _SKIP_INIT
-        _SKIP_INIT = self._prev
+        global _SKIP_INIT, _LAZY_F32
+        _SKIP_INIT, _LAZY_F32 = self._prev
 
 
 def to_ms_dtype(name) -> ms.dtype:
@@ -69,7 +77,7 @@ def to_ms_dtype(name) -> ms.dtype:
 def init_param(shape: tuple, init_std: float | None, name: str, param_dtype=None,
                gathered: bool = False) -> Parameter:
     dtype = to_ms_dtype(param_dtype or "float32")
-    if _SKIP_INIT and dtype != ms.float32:  # weights will be loaded: lazy zeros, no float32 transient
+    if _SKIP_INIT and (dtype != ms.float32 or _LAZY_F32):  # weights will be loaded: lazy zeros, no float32 transient
         store = BF16_BITS if gathered and dtype == ms.bfloat16 else dtype
         return Parameter(Tensor(shape=shape, dtype=store, init=Zero()), name=name)
     if _SKIP_INIT or init_std == 0.0:

@@ -216,12 +216,13 @@ class Qwen3MoeForCausalLM(nn.Cell):
     # ---- tensor-level forward (compiled) ------------------------------------------------
     def construct(self, input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, labels_T,
                   keep: int = 0, want_router: bool = False, want_hidden: bool = False):
-        B, S = input_ids_BS.shape[:2]  # [B, S] ids, or [B, S, H] hidden states (a pipeline stage)
+        # input: [B, S] ids, or a pipeline stage's received hidden states (sequence parallel:
+        # own token rows [1, t, H]); B and S are those of the model's output
         x_BSH, router_logits, stats, hidden = self.model(
             input_ids_BS, cos_BSD, sin_BSD, bias_B1SS, token_mask_T, want_hidden)
         if keep:
-            x_BSH = x_BSH[:, S - keep:]
-        Sk = x_BSH.shape[1]
+            x_BSH = x_BSH[:, x_BSH.shape[1] - keep:]
+        B, Sk = x_BSH.shape[0], x_BSH.shape[1]
         logits_TV = self.lm_head(x_BSH.reshape(B * Sk, -1))
         # absent losses are returned as 0.0 (a None graph output makes MindSpore fall back to an
         # "any type" runtime path that cannot run custom kernels); __call__ maps them to None

@@ -20,22 +20,6 @@ from mindspore import Tensor
 from qwen3moe.router.losses import switch_aux_loss
 
 
-def reduce_router_counts(comm, counts_E: list[Tensor], n_tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """(C_E, N) summed over the ranks of `comm` (SimComm: one entry per rank, rank order)."""
-    c = comm.all_reduce([ms.ops.stop_gradient(x) for x in counts_E])[0]
-    n = comm.all_reduce([ms.ops.stop_gradient(x) for x in n_tokens])[0]
-    return c, n
-
-
-def global_aux_terms(comm, stats: list[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
-    """Per-rank differentiable terms switch_aux_loss(C, s_r, N); their sum is the global aux.
-
-    `stats[r]` = rank r's (counts_E, probsum_E, n) pooled over its micro-batches and layers.
-    """
-    C, N = reduce_router_counts(comm, [s[0] for s in stats], [s[2] for s in stats])
-    return [switch_aux_loss(C, s[1], N) for s in stats]
-
-
 def dp_stats_reducer(comm) -> Callable[[np.ndarray, float], tuple[np.ndarray, float, int]]:
     """For `TrainStep(aux_mode="global", stats_reducer=...)` under a real one-rank-per-process
     backend (comm.MindSporeComm): (C_E, N) of this rank -> (C_E, N) summed over the dp ranks,

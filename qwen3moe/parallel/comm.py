@@ -1,37 +1,9 @@
-"""List-per-group communicators: `SimComm` (every rank of a group in one process: used by
-aux.py's global aux loss) and `MindSporeComm` (world-group AllReduce for `qwen3moe dist-check`,
-commands/launch.py). The parallel engine's communicators are collectives.SimCollectives and
-process.ProcessCollectives."""
+"""`MindSporeComm` (world-group AllReduce for `qwen3moe dist-check`, commands/launch.py, and the
+global aux's counts, aux.dp_stats_reducer) and `aggregate_peak`. The compiled rank models'
+collectives are backend.py's cells over process.ProcessCollectives' groups."""
 from __future__ import annotations
 
 from mindspore import Tensor, ops
-
-
-class SimComm:
-    """Every rank of a group in one process: collectives are sums / concatenations of lists."""
-
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError(f"group size must be >= 1, got {size}")
-        self.size = size
-        self.calls: dict[str, int] = {"all_reduce": 0, "all_gather": 0}
-
-    def _check(self, xs: list[Tensor]) -> None:
-        if len(xs) != self.size:
-            raise ValueError(f"collective got {len(xs)} tensors for a group of {self.size}")
-
-    def all_reduce(self, xs: list[Tensor]) -> list[Tensor]:
-        self._check(xs)
-        self.calls["all_reduce"] += 1
-        total = xs[0]
-        for x in xs[1:]:
-            total = total + x
-        return [total] * self.size
-
-    def all_gather(self, xs: list[Tensor], axis: int = 0) -> list[Tensor]:
-        self._check(xs)
-        self.calls["all_gather"] += 1
-        return [ops.concat(tuple(xs), axis)] * self.size
 
 
 class MindSporeComm:

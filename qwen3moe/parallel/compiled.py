@@ -1,7 +1,8 @@
-"""`pretrain --use_parallel` on the compiled per-rank step (parallel/step.py) for the layouts it
-supports (`supports`): pure data parallelism (the whole model per rank), tensor (also with
-sequence parallel) and expert parallelism (this rank's model from parallelize.py,
-vocab-parallel cross-entropy), each with or without ZeRO-1.
+"""`pretrain --use_parallel` on the compiled per-rank step (parallel/step.py ParallelTrainStep;
+pipeline_step.PipelineTrainStep with pp > 1 or micro_batch_num > 1) for every layout: pure data
+parallelism (the whole model per rank), tensor (with or without sequence parallel), expert and
+pipeline parallelism and their products (this rank's model, or its pipeline stage, from
+parallelize.py with the vocab-parallel cross-entropy), each with or without ZeRO-1.
 
 Checkpoints: pure dp without ZeRO-1 writes single-process training checkpoints from rank 0
 (`output_dir/checkpoint`, replicas are identical; every rank resumes from them, exportable with
@@ -20,13 +21,6 @@ from collections.abc import Callable
 from qwen3moe.training.task_config import TaskConfigError
 
 Log = Callable[[str], None]
-
-
-def supports(cfg, mesh) -> bool:
-    """Layouts this path trains: dp, tp (with or without sequence parallel), ep, pp
-    (pipeline_step.py) and their products, any micro_batch_num; sequence parallel with pp > 1
-    still runs parallel/trainer.py's per-rank engine (parallelize.py has no sp pipeline stages)."""
-    return mesh.world_size > 1 and not (mesh.sp and mesh.pp > 1)
 
 
 def zero1_enabled(cfg, mesh) -> bool:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from qwen3moe.parallel import backend
 from qwen3moe.parallel.process import RULES, _Group, _Op
 
 
@@ -49,8 +50,19 @@ class _Identity(nn.Cell):
 
 
 def collective(group: _Group | None, rule: str, axis: int = 0) -> nn.Cell:
-    """A collective Cell with Megatron's backward (process.RULES), or identity for a 1-rank group."""
-    return _Identity() if group is None else _Op(group, *RULES[rule], axis)
+    """A collective Cell with Megatron's backward (process.RULES), or identity for a 1-rank group.
+    An all-gather whose backward is the reduce-scatter ("gather_rs") and the reduce-scatter
+    ("reduce_scatter") along axis 0 are the backend's own cells, whose backward is exactly
+    that: wrapped in `_Op` they made MindSpore 2.10 fail to differentiate a compiled graph under
+    PyNative `mindspore.vjp` (the pipeline's stage forward; "The pointer[func_graph->get_return()]
+    is null"), while value_and_grad inside the graph took both."""
+    if group is None:
+        return _Identity()
+    if axis == 0 and rule in ("gather_rs", "reduce_scatter"):
+        be = backend.get()
+        make = be.all_gather if rule == "gather_rs" else be.reduce_scatter
+        return make(group.name, rule)
+    return _Op(group, *RULES[rule], axis)
 
 
 class TPExpertsDispatcher(nn.Cell):

@@ -1,9 +1,9 @@
-"""`qwen3moe dist-parallel`: training steps, a sharded load or (mode forward) the
-parallelize.py model's compiled forward and gradients on real processes (one rank
-per process, run under `qwen3moe launch`): `run` returns each rank's result (the command prints
-it as a `RESULT {json}` line) and writes the rank's shards, so a test compares them with a
-single-process run it computes itself. The command (commands/launch.py) maps its flags to
-`run`'s parameters."""
+"""`qwen3moe dist-parallel`: a sharded load (peak RSS) or (mode forward) the parallelize.py
+model's compiled forward and gradients on real processes (one rank per process, run under
+`qwen3moe launch`): `run` returns each rank's result (the command prints it as a
+`RESULT {json}` line) and writes the rank's arrays, so a test compares them with a
+single-process run it computes itself. Training on real processes is `pretrain --use_parallel`
+(compiled.py). The command (commands/launch.py) maps its flags to `run`'s parameters."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,11 +17,10 @@ def data(vocab: int, batch: int, seq: int) -> np.ndarray:
 
 
 def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False,
-        zero1: bool = False, micro_batch_num: int = 1, batch: int = 2, seq: int = 8, steps: int = 3,
-        lr: float = 1e-2, out: str = ".") -> dict:
+        micro_batch_num: int = 1, batch: int = 2, seq: int = 8, steps: int = 3, out: str = ".") -> dict:
     """This rank's result for `mode` on the model folder `model` sharded as dp x tp x pp (ep
-    folded, sp over tp): train (`steps` AdamW steps at `lr`, ZeRO-1 with `zero1`; shards written to `out`), load (peak RSS)
-    or forward (parallelize.py's model: `forward`).
+    folded, sp over tp): load (parallelize.py's sharded load: peak RSS growth, bytes read and
+    held) or forward (parallelize.py's model: `forward`; `steps` timed calls).
     The layout is checked against config.json and the launched world size before any collective."""
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
@@ -29,7 +28,6 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.mesh import Mesh, MeshError, launched_world_size
     from qwen3moe.parallel.process import ProcessCollectives
-    from qwen3moe.parallel.trainer import ParallelLM
 
     mesh = Mesh(dp=dp, tp=tp, pp=pp, ep=ep, sp=sp, micro_batch_num=micro_batch_num)
     c = Qwen3MoeConfig.from_pretrained(model)
@@ -47,19 +45,16 @@ def run(model: str, mode: str, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int
 
     if mode == "forward":
         return {"rank": rank, "size": size, "collectives": backend.get().kind, **forward(model, mesh, rank, coll, batch, seq, steps, out_dir=out)}
-    rss_before = _reset_peak_rss()
-    pl = ParallelLM.from_pretrained(model, mesh, train=mode == "train", coll=coll, rank=rank)
+    if mode != "load":
+        raise MeshError(f"mode {mode!r}: expected load or forward")
+    from qwen3moe.parallel.parallelize import parallelize
+
+    rss_before = _reset_peak_rss()  # peak RSS growth while loading vs the bytes this rank holds
+    rm = parallelize(c, mesh, rank, model, coll=coll)
     peak_rss = _status_kib("VmHWM") * 1024
-    cfg = pl.cfg
-    if mode == "load":  # peak RSS growth while loading vs the bytes this rank holds
-        held = sum(p.nbytes for per in pl.entries for e in per.values() for p, _ in e)
-        result = {"rss_before": rss_before, "peak_rss": peak_rss, "held_bytes": held}
-    elif mode == "train":
-        result = {"losses": train(pl, data(cfg.vocab_size, batch, seq), steps, lr, zero1)}
-        save_shards(pl, Path(out) / f"shards_rank{rank}.npz")
-    else:
-        raise MeshError(f"mode {mode!r}: expected train, load or forward")
-    return {"rank": rank, "size": size, "bytes_read": pl.bytes_read, "collectives": backend.get().kind, **result}
+    held = sum(p.nbytes for p, _ in rm.entries)
+    return {"rank": rank, "size": size, "bytes_read": rm.bytes_read, "collectives": backend.get().kind,
+            "rss_before": rss_before, "peak_rss": peak_rss, "held_bytes": held}
 
 
 def _status_kib(key: str) -> int:
@@ -74,29 +69,6 @@ def _reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status_kib("VmRSS") * 1024
-
-
-def train(pl, ids: np.ndarray, steps: int, lr: float, zero1: bool = False) -> list[float]:
-    from qwen3moe.parallel.dp import ShardedAdamW, allreduce_grads
-
-    opt = ShardedAdamW(pl, zero1=zero1, lr=lr, eps=1e-3, weight_decay=0.1)
-    losses = []
-    for _ in range(steps):
-        loss, grads = pl.loss_and_grads(ids, ids)
-        allreduce_grads(pl, grads)
-        opt.step(grads)
-        losses.append(next(iter(loss.values())))
-    return losses
-
-
-def save_shards(pl, path: Path) -> None:
-    """Every shard this rank holds, keyed name|style|tp_rank|tp_size|ep_rank|ep_size."""
-    arrays = {}
-    for s, per in enumerate(pl.entries):
-        for entries in per.values():
-            for p, i in entries:
-                arrays[f"{i.name}|{i.style}|{i.tp_rank}|{i.tp_size}|{i.ep_rank}|{i.ep_size}"] = p.asnumpy()
-    np.savez(path, **arrays)
 
 
 def forward(model: str, mesh, rank: int, coll, batch: int, seq: int, steps: int, out_dir: str) -> dict:

@@ -107,3 +107,22 @@ def launched_world_size() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 1
+
+
+def stage_groups(kind: str, dp: int, tp: int, ep_size: int) -> list[list[int]]:
+    """Stage-local rank groups of one kind; ep_size = ep * etp."""
+    n = dp * tp
+    if kind == "tp":
+        return [[i * tp + j for j in range(tp)] for i in range(dp)]
+    if kind == "dp":
+        return [[i * tp + j for i in range(dp)] for j in range(tp)]
+    if kind == "ep":
+        return [list(range(g, g + ep_size)) for g in range(0, n, ep_size)]
+    if kind == "edp":
+        return [list(range(k, n, ep_size)) for k in range(ep_size)]
+    if kind == "stage":
+        return [list(range(n))]
+    if kind.startswith("kv") and kind[2:].isdigit():  # ranks sharing a replicated kv head (ranks.py)
+        r = int(kind[2:])
+        return [[m for m in range(n) if (m % tp) // r == h] for h in range(tp // r)]
+    raise ValueError(f"unknown group kind {kind!r}")

@@ -37,8 +37,8 @@ API (stable; other modules build on it):
       .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
                output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
 
-The plan (ranks.py's layouts, so checkpoint.py, dp.py, train_state.py and export see the same
-shards as the simulated engine):
+The plan (ranks.py's layouts, so checkpoint.py, train_state.py and export see the same
+shards as the test harness's simulated ranks, tests/parallel_sim):
     attention, dense MLP   `LAYER_PLAN`, gpt-fast style: q/k/v, gate/up colwise (output dim
                            split, kv heads replicated when tp > K as vLLM; one copy f, identity
                            forward and all-reduce backward, on the norm output they all read),
@@ -56,7 +56,8 @@ shards as the simulated engine):
                            in, reduce-scatter out, no f/g), embedding reduce-scattered, the MoE
                            block fed own rows (all-gather dispatcher, no tp split), the final
                            hidden rows all-gathered for the lm_head; router statistics summed
-                           over tp. pp = 1 only; not for generation.
+                           over tp; pipeline stages exchange own rows [1, t, H]
+                           (`stage_input_shape`). Not for generation.
 Without sp the router sees the same tokens on every tp rank but back-propagates only its partial share
 (its experts' ffn slice, or its own rows): its gradient is summed over the stage (sync
 "stage"); the router probabilities (aux loss) and logits (z-loss) pass their gradient scaled
@@ -79,7 +80,7 @@ from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collec
 from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
-from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter
+from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter, own_rows
 from qwen3moe.router.topk import TopKRouter
 
 sg = ops.stop_gradient
@@ -278,13 +279,19 @@ class RankModel:
         t = prepare_inputs(cfg, input_ids, attention_mask, position_ids, labels if last else None)
         B, S = t.input_ids.shape
         if s > 0:
-            t.input_ids = self.coll.recv((B, S, cfg.hidden_size), s - 1)
+            t.input_ids = self.coll.recv(stage_input_shape(self.mesh, cfg, B, S), s - 1)
         self.stage_input = t.input_ids
         out = self.model.run(t, 0, output_router_logits)
         if not last:
             self.coll.send(out.logits, s + 1)
             self.coll.finish()
         return out
+
+
+def stage_input_shape(mesh: Mesh, cfg, B: int, S: int) -> tuple:
+    """What a pipeline stage receives from the one before: hidden states [B, S, H], or with
+    sequence parallel the rank's own token rows [1, t, H] (seqpar.py)."""
+    return (1, own_rows(B, S, mesh.tp), cfg.hidden_size) if mesh.sp else (B, S, cfg.hidden_size)
 
 
 def rank_config(cfg, mesh: Mesh, layers: range | None = None):
@@ -320,9 +327,6 @@ def check_layout(cfg, mesh: Mesh) -> None:
     if mesh.ep > 1 and cfg.moe_capacity_factor is not None:
         raise MeshError("moe_capacity_factor with ep > 1: capacity is per expert over the whole ep group, "
                         "which the all-gather dispatcher does not compute; use dropless routing")
-    if mesh.sp and mesh.pp > 1:
-        raise MeshError("sequence parallel (sp) with pp > 1 is not implemented by parallelize yet; use the "
-                        "engine (parallel/trainer.py)")
     if cfg.tie_word_embeddings and mesh.pp > 1:
         raise MeshError("tie_word_embeddings with pp > 1 is not supported (embedding and lm_head live on "
                         "different stages)")
@@ -351,17 +355,19 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     c = mesh.coords(rank)
     layers = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)[c["pp"]]
     local_cfg = rank_config(cfg, mesh, layers)
-    with skip_init():
+    reader = _source(weights)
+    with skip_init(lazy=reader is not None):  # lazy: no zero buffers beside the loaded shards
         model = Qwen3MoeForCausalLM(local_cfg)
         hf = _swap_routers(model, cfg, layers)
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
     _apply_plan(model, mesh, c, coll.groups, vocab_start, gather_logits,
                 "allgather" if dispatcher == "auto" and (mesh.ep > 1 or mesh.sp) else dispatcher)
+    body = model.model.inner if mesh.sp else model.model  # sp: the wrapped Qwen3MoeModel
     if c["pp"] > 0:  # torchtitan's model split: the embedding on the first stage only
-        model.model.embed_tokens = _Identity()
+        body.embed_tokens = _Identity()
     if c["pp"] < mesh.pp - 1:  # final norm and lm_head on the last stage only
-        model.model.norm, model.lm_head = _Identity(), _Identity()
+        body.norm, model.lm_head = _Identity(), _Identity()
     if mesh.pp == 1 and not mesh.sp:  # the generation engine's fused decode step, this plan's collectives
         model.__dict__["fused_step_cell"] = functools.partial(RankFusedStepCell, tp=mesh.tp)
     n = rank % (mesh.dp * mesh.tp)
@@ -370,7 +376,6 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         p.name = hf[id(p)]
         local = p.name[len("model."):] if p.name.startswith("model.") else p.name
         entries.append((p, shard_info(local, p.name, mesh, n, cfg.num_key_value_heads)))
-    reader = _source(weights)
     if reader is not None:
         for p, info in entries:
             load_shard(p, info, cfg, reader, f"rank {rank}")
@@ -454,7 +459,7 @@ def _apply_plan(model, mesh: Mesh, c: dict, groups: dict, vocab_start: int, gath
         if not gather_logits:
             model.cross_entropy = VocabParallelCrossEntropy(tp_g, vocab_start)
     if sp:
-        model.model = SequenceParallelModel(m, tp_g, mesh.tp, c["tp"])
+        model.model = SequenceParallelModel(m, tp_g, mesh.tp, c["tp"], gather_out=c["pp"] == mesh.pp - 1)
     model.__dict__.pop("_graph_runner", None)
 
 

@@ -27,7 +27,7 @@ micro-batches with these weights. pp > 1, per micro-batch on stage s (`_Pipeline
      stage, the aux weights of the micro-batch's global counts sent back with it); the input
      gradient goes to stage s-1, the parameter gradients are added to the step's fp32 buffers
      (`_Accumulate`, compiled);
-in `pipeline.lifo` order: every forward, then the backwards newest first (GPipe with the
+in `lifo` order: every forward, then the backwards newest first (GPipe with the
 backwards reversed; the same bubble as 1F1B, K micro-batches in flight instead of pp - s).
 MindSpore 2.10's PyNative autograd keeps pending vjp forwards on a stack: a backward of any but
 the newest fails with "Can not find top cell for backward, please check your network whether set
@@ -47,10 +47,17 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.models.inputs import prepare_inputs
 from qwen3moe.parallel.p2p import stage_link
-from qwen3moe.parallel.pipeline import lifo
+from qwen3moe.parallel.parallelize import stage_input_shape
 from qwen3moe.parallel.step import ParallelTrainStep, SumNoGrad, valid_labels
 from qwen3moe.training.step import as_batch, expert_load
 from qwen3moe.training.sync import fetch
+
+
+def lifo(pp: int, micro_batches: int, stage: int) -> list[tuple[str, int]]:
+    """GPipe's order with the backwards reversed: every forward, then B(M-1) .. B(0) (the same
+    bubble as 1F1B, M micro-batches in flight; each backward is that of the newest pending
+    forward, what MindSpore's PyNative autograd allows: module docstring)."""
+    return [("F", m) for m in range(micro_batches)] + [("B", m) for m in reversed(range(micro_batches))]
 
 
 def micro_batches(batch, M: int, dp: int) -> tuple[list[dict], list[int], int]:
@@ -238,7 +245,8 @@ class _Pipeline:
         return w
 
     def _hidden_shape(self, t) -> tuple:
-        return tuple(t.input_ids.shape[:2]) + (self.cfg.hidden_size,)
+        B, S = t.input_ids.shape[:2]
+        return stage_input_shape(self.step.mesh, self.cfg, B, S)
 
     @property
     def counts_shape(self) -> tuple:

@@ -1,6 +1,5 @@
-"""The process-per-rank backend of collectives.py: one rank per process under msrun.
-
-Same interface as SimCollectives (streams hold this process's one rank). The collectives are
+"""One rank per process under msrun: `ProcessCollectives` holds this rank's communication groups
+(tp, dp, ep, edp, stage, kv<r>: mesh.stage_groups) and its pipeline links. The collectives are
 made by the backend of backend.py (QWEN3MOE_COLLECTIVES: shared memory between the ranks of one
 host, or MindSpore's, whose CPU MCCL has AllReduce on any group, AllGather on the world group
 only and no ReduceScatter / AlltoAll, emulated there with AllReduce, MINDSPORE_CPU.md section
@@ -14,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from qwen3moe.parallel import backend
-from qwen3moe.parallel.collectives import stage_groups
+from qwen3moe.parallel.mesh import stage_groups
 
 
 class _Group(nn.Cell):
@@ -117,8 +116,6 @@ class ProcessCollectives:
                 backend.register(name, pp_ranks)
             self.pp_group = _Group(name, pp_ranks, rank)
             _patch_p2p_defaults()
-        self.ops: dict = {}
-        self.calls: dict[str, int] = {}
         self.pending: list = []
 
     def add_group(self, kind: str) -> None:
@@ -138,27 +135,6 @@ class ProcessCollectives:
             create_group(name, ranks)
             backend.register(name, ranks)
         self.groups[kind] = _Group(name, ranks, self.rank)
-
-    def _call(self, name: str, kind: str, xs: dict, axis: int = 0) -> dict:
-        g = self.groups[kind]
-        self.calls[name] = self.calls.get(name, 0) + 1
-        if g is None:
-            return xs
-        key = (name, kind, axis)
-        if key not in self.ops:
-            self.ops[key] = _Op(g, *RULES[name], axis)
-        return {n: self.ops[key](x) for n, x in xs.items()}
-
-    def reduce(self, kind, xs): return self._call("reduce", kind, xs)
-    def copy(self, kind, xs): return self._call("copy", kind, xs)
-    def gather(self, kind, xs, axis=0): return self._call("gather", kind, xs, axis)
-    def scatter(self, kind, xs, axis=0): return self._call("scatter", kind, xs, axis)
-    def gather_rs(self, kind, xs, axis=0): return self._call("gather_rs", kind, xs, axis)
-    def reduce_scatter(self, kind, xs, axis=0): return self._call("reduce_scatter", kind, xs, axis)
-
-    def sum_nograd(self, kind, xs):
-        g = self.groups[kind]
-        return xs if g is None else {n: g.ar(ops.stop_gradient(x)) for n, x in xs.items()}
 
     # ---- pipeline -----------------------------------------------------------------------
     def send(self, x: Tensor, stage: int) -> None:

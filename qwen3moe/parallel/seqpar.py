@@ -4,7 +4,7 @@ Each rank's residual stream, its norms and its MoE input hold only its own token
 T = B*S tokens of its dp rows, zero-padded to Tp (a multiple of tp), cut into tp blocks of
 t = Tp / tp rows; rank j of the tp group holds rows [j*t, (j+1)*t), carried as [1, t, H] so
 the decoder layer's own code (norms, residual adds, reshape to [T, H] for the MLP) runs
-unchanged. Around the model's modules (the layout and the backward rules of engine.py):
+unchanged. Around the model's modules (the layout and backward rules of Megatron's sequence parallelism):
 
     embedding          vocab-parallel partial rows -> reduce-scatter -> own rows
     attention          own rows -> all-gather -> [B, S, H] -> the module (q/k/v/o unwrapped:
@@ -12,7 +12,9 @@ unchanged. Around the model's modules (the layout and the backward rules of engi
     dense MLP          own rows -> all-gather -> [Tp, H] -> the module -> reduce-scatter
     MoE block          own rows straight to the dispatcher (parallelize.py: the all-gather
                        dispatcher over the ep*etp group, no tp gather)
-    final hidden       own rows after the final norm -> all-gather -> [B, S, H] (lm_head)
+    final hidden       own rows after the final norm -> all-gather -> [B, S, H] (lm_head);
+                       a pipeline stage before the last returns its own rows [1, t, H]
+                       unchanged (the next stage's input: stages exchange [1, t, H])
 all-gather's backward is a reduce-scatter (gather_rs), reduce-scatter's an all-gather; the
 collectives themselves are `collective` cells (process.py `_Op` over backend.py: shared
 memory or MCCL), as every other plan's. The norms see only their rank's tokens, so their
@@ -34,8 +36,13 @@ from mindspore import Tensor, nn, ops
 from qwen3moe.parallel.dispatchers import collective
 
 
+def own_rows(B: int, S: int, tp: int) -> int:
+    """t: the token rows of each tp rank (B*S zero-padded to a multiple of tp)."""
+    return -(-B * S // tp)
+
+
 def pad_rows(x_TX: Tensor, tp: int) -> Tensor:
-    """Zero rows up to a multiple of tp (engine.py's padding)."""
+    """Zero rows up to a multiple of tp."""
     pad = -x_TX.shape[0] % tp
     return ops.concat([x_TX, ops.zeros((pad,) + x_TX.shape[1:], x_TX.dtype)]) if pad else x_TX
 
@@ -81,11 +88,13 @@ class SequenceParallelAttention(nn.Cell):
 class SequenceParallelModel(nn.Cell):
     """Qwen3MoeModel's contract (final hidden [B, S, H], router logits [T, E] per sparse layer,
     router statistics of all T tokens, hidden states [B, S, H]) from the model run on own rows
-    (module docstring). `.embed_tokens`, `.layers`, `.norm`, `.config` read the wrapped model's."""
+    (module docstring); `gather_out` False (a pipeline stage before the last): the final hidden
+    and hidden states stay own rows [1, t, H]. `.embed_tokens`, `.layers`, `.norm`, `.config`
+    read the wrapped model's."""
 
-    def __init__(self, inner: nn.Cell, group, tp: int, pos: int) -> None:
+    def __init__(self, inner: nn.Cell, group, tp: int, pos: int, gather_out: bool = True) -> None:
         super().__init__(auto_prefix=False)
-        self.inner, self.tp, self.pos = inner, tp, pos
+        self.inner, self.tp, self.pos, self.gather_out = inner, tp, pos, gather_out
         self.gather = TokenGather(group)
         self.reduce = collective(group, "reduce")           # statistics: bwd identity
         self.gather_rows = collective(group, "gather")      # router logits: bwd own rows
@@ -105,10 +114,12 @@ class SequenceParallelModel(nn.Cell):
             E = router_logits[0].shape[1]
             rows = self.gather_rows(ops.concat(router_logits, 1))[:B * S]
             router_logits = ops.split(rows, E, 1)
-        full = ()
-        for h in hidden:
-            full = full + (self.gather(h, B, S),)
-        return self.gather(x, B, S), router_logits, stats, full
+        if self.gather_out:
+            full = ()
+            for h in hidden:
+                full = full + (self.gather(h, B, S),)
+            x, hidden = self.gather(x, B, S), full
+        return x, router_logits, stats, hidden
 
     def __getattr__(self, name):
         if name in _MODEL_PARTS and "inner" in self.__dict__.get("_cells", {}):

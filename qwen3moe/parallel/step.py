@@ -40,7 +40,6 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.parallel import backend
-from qwen3moe.parallel.dp import cut_buckets
 from qwen3moe.training.optimizer import AdamW, clip_coefficient
 from qwen3moe.training.step import TrainStep, as_batch, expert_load, global_norm
 from qwen3moe.training.sync import fetch
@@ -106,6 +105,18 @@ def _tokens(batch) -> float:
     b = as_batch(batch)
     mask = b.get("attention_mask")
     return float(np.asarray(b["input_ids"]).size if mask is None else np.asarray(mask).sum())
+
+
+def cut_buckets(sizes: list[int], cap: int) -> list[list[int]]:
+    """Consecutive index runs of at most `cap` elements (a larger item alone)."""
+    out, cur, used = [], [], 0
+    for k, size in enumerate(sizes):
+        if cur and used + size > cap:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(k)
+        used += size
+    return out + ([cur] if cur else [])
 
 
 class SumNoGrad(nn.Cell):

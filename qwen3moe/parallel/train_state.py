@@ -3,13 +3,13 @@
 A checkpoint is `<root>/step_<N>/` holding, for every global rank r, `rank_<r>.safetensors` (its
 parameter slices, `checkpoint.save_sharded`: exportable and re-shardable) and
 `optim_rank_<r>.safetensors` (moments and step of every AdamW that rank steps, keys
-`<j>/<name>` in `ShardedAdamW` order), then `parallel_state.json` (step, layout). Each rank file
+`<j>/<name>` in `step.RankAdamW.adamws()` order), then `parallel_state.json` (step, layout). Each rank file
 is written to a temp name and renamed; rank 0 writes the state file only after every rank has
 finished (a barrier), so a folder without it is incomplete and never resumed from.
-Resume: weights re-shard to any layout (full tensors -> ParallelLM); optimizer state is per
+Resume: weights re-shard to any layout (full tensors -> parallelize.py); optimizer state is per
 shard, so it needs the layout it was saved with (one-line error otherwise).
-`ShardedCheckpointer` is the Trainer's checkpointer for a step with `.pl` (entries, mesh) and
-`.optimizer` (pretrain.ParallelTrainStep over the engine, step.ParallelTrainStep compiled).
+`ShardedCheckpointer` is the Trainer's checkpointer for a step with `.pl` (compiled.RankShards:
+entries, mesh) and `.optimizer` (step.RankAdamW), i.e. step.ParallelTrainStep.
 """
 from __future__ import annotations
 
@@ -33,16 +33,9 @@ def layout(mesh) -> str:
 
 
 def rank_optimizers(opt) -> dict[int, list]:
-    """Global rank -> the AdamW instances that step its parameters (deterministic order):
-    dp.ShardedAdamW's (every rank it simulates) or step.RankAdamW's (its own rank)."""
-    if hasattr(opt, "adamws"):
-        return {opt.rank: opt.adamws()}
-    m, out = opt.model.mesh, {}
-    for (s, n), o in opt.opts.items():
-        out.setdefault(s * m.dp * m.tp + n, []).append(o)
-    for (s, _, n), c in opt.chunks.items():
-        out.setdefault(s * m.dp * m.tp + n, []).append(c[4])
-    return out
+    """Global rank -> the AdamW instances that step its parameters (step.RankAdamW: this
+    process's rank, deterministic order)."""
+    return {opt.rank: opt.adamws()}
 
 
 def save(root: str, step: int, pl, opt, rank: int, barrier, keep_last: int = 2, extra: dict | None = None) -> str:

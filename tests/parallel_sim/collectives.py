@@ -24,26 +24,9 @@ from __future__ import annotations
 
 from mindspore import Tensor, ops
 
+from qwen3moe.parallel.mesh import stage_groups  # noqa: F401  (the group kinds)
+
 sg = ops.stop_gradient
-
-
-def stage_groups(kind: str, dp: int, tp: int, ep_size: int) -> list[list[int]]:
-    """Stage-local rank groups of one kind; ep_size = ep * etp."""
-    n = dp * tp
-    if kind == "tp":
-        return [[i * tp + j for j in range(tp)] for i in range(dp)]
-    if kind == "dp":
-        return [[i * tp + j for i in range(dp)] for j in range(tp)]
-    if kind == "ep":
-        return [list(range(g, g + ep_size)) for g in range(0, n, ep_size)]
-    if kind == "edp":
-        return [list(range(k, n, ep_size)) for k in range(ep_size)]
-    if kind == "stage":
-        return [list(range(n))]
-    if kind.startswith("kv") and kind[2:].isdigit():  # ranks sharing a replicated kv head (ranks.py)
-        r = int(kind[2:])
-        return [[m for m in range(n) if (m % tp) // r == h] for h in range(tp // r)]
-    raise ValueError(f"unknown group kind {kind!r}")
 
 
 def _zero_with_grads(xs: list[Tensor]) -> Tensor:

@@ -1,6 +1,7 @@
-"""A model sharded over a dp x tp x pp (x ep) mesh: forward, loss, gradients through a 1F1B
-pipeline, bucketed gradient all-reduce, AdamW (optionally ZeRO-1) — every rank simulated in
-one process (`SimCollectives`), written per rank so a process-per-rank backend can run it.
+"""Test harness (not used by any command): a model sharded over a dp x tp x pp (x ep) mesh with
+every rank simulated in one process (`SimCollectives`): forward, loss, gradients through a 1F1B
+pipeline (the dp all-reduce and AdamW, optionally ZeRO-1, in dp.py). Why it has its own forward
+instead of parallelize.py's rank models: tests/parallel_sim/__init__.py.
 
 Loss (what each rank back-propagates; summed over ranks it is the global-batch objective):
     sum over its tokens of CE / N_global                      (N_global: valid labels, all dp ranks)
@@ -18,19 +19,19 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, ops
 
 from qwen3moe.models.inputs import prepare_inputs
-from qwen3moe.parallel import engine
-from qwen3moe.parallel.collectives import SimCollectives, stage_groups
-from qwen3moe.parallel.mesh import Mesh, MeshError
-from qwen3moe.parallel.pipeline import one_f_one_b, run_schedule
-from qwen3moe.parallel.ranks import assemble, build_stage, stage_layers
+from qwen3moe.parallel.mesh import Mesh, MeshError, stage_groups
+from qwen3moe.parallel.ranks import assemble, stage_layers
 from qwen3moe.router.losses import switch_aux_weights
+
+from parallel_sim import engine
+from parallel_sim.collectives import SimCollectives
+from parallel_sim.ranks import build_stage
+from parallel_sim.schedule import run_schedule
 
 
 class ParallelLM:
-    def __init__(self, cfg, mesh: Mesh, get, offset: list[int] | None = None, train: bool = True,
-                 coll=None, rank: int | None = None) -> None:
-        """`get(hf_name)` -> full array. Simulated by default (every rank here); with `coll`
-        (process.ProcessCollectives) and `rank` only that rank's stage and shards are built."""
+    def __init__(self, cfg, mesh: Mesh, get, offset: list[int] | None = None, train: bool = True) -> None:
+        """`get(hf_name)` -> full array (or a checkpoint.ShardReader); every rank here."""
         mesh.validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
                       num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0)
         if mesh.ep > 1 and mesh.expert_tp != 1:
@@ -43,15 +44,10 @@ class ParallelLM:
                             "live on different stages)")
         self.cfg, self.mesh = cfg, mesh
         self.stage_ranges = stage_layers(cfg.num_hidden_layers, mesh.pp, offset)
-        self.coll = coll or SimCollectives(mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp)
-        self.real = coll is not None
-        if hasattr(coll, "add_group") and cfg.num_key_value_heads < mesh.tp:  # replicated kv heads' sync group
-            coll.add_group(f"kv{mesh.tp // cfg.num_key_value_heads}")
-        mine = (rank // (mesh.dp * mesh.tp), rank % (mesh.dp * mesh.tp)) if self.real else None
+        self.coll = SimCollectives(mesh.dp, mesh.tp, mesh.ep * mesh.expert_tp)
         self.cells, self.entries = [], []
         for s, layers in enumerate(self.stage_ranges):
-            ranks = [n for n in range(mesh.dp * mesh.tp) if mine is None or mine == (s, n)]
-            built = {n: build_stage(cfg, mesh, s, n, layers, get) for n in ranks}
+            built = {n: build_stage(cfg, mesh, s, n, layers, get) for n in range(mesh.dp * mesh.tp)}
             self.cells.append({n: c for n, (c, _) in built.items()})
             self.entries.append({n: e for n, (_, e) in built.items()})
         if cfg.tie_word_embeddings:  # pp == 1: one Parameter serves both, as in the model
@@ -110,20 +106,12 @@ class ParallelLM:
         for inp in self.split_batch(ids):
             xs = None
             for s in range(self.mesh.pp):
-                if self.cells[s]:
-                    xs = self._recv(s - 1, xs, inp, "F")
-                    xs, _, _ = self._run_stage(s, inp, xs)
-                    self._send(s + 1, xs)
-            if not self.cells[-1]:
-                continue
+                xs, _, _ = self._run_stage(s, inp, xs)
             local = engine.head_logits(self.cells[-1], self.coll, xs, self.mesh, inp)
             full = self.coll.gather("tp", local, 1)
             full = self.coll.gather("dp", {n: x.reshape(1, *x.shape) for n, x in full.items()}, 0)
             x = next(iter(full.values())).asnumpy()  # [dp, b*S, V]
             outs += [x[i].reshape(-1, ids.shape[1], self.cfg.vocab_size) for i in range(self.mesh.dp)]
-        self.coll.finish() if self.real else None
-        if not outs:
-            return None  # a real process of an earlier pipeline stage
         M = self.mesh.micro_batch_num
         return np.concatenate([outs[mb * self.mesh.dp + i] for i in range(self.mesh.dp) for mb in range(M)])
 
@@ -148,23 +136,11 @@ class ParallelLM:
             st.weights = self._group_weights(mbs, labels, groups)
         grads = {p.name: np.zeros(p.shape, np.float32) for s in range(pp) for p in self._params(s)}
         do = lambda s, op, m: (self._fwd if op == "F" else self._bwd)(st, s, m, grads)  # noqa: E731
-        if self.real:
-            s = next(s for s in range(pp) if self.cells[s])
-            self.events = [(s, op, m) for op, m in one_f_one_b(pp, M, s)]
-            for _, op, m in self.events:
-                do(s, op, m)
-            self.coll.finish()
-            both = np.array([sum(st.loss.values()), sum(st.aux.values())], np.float32)
-            loss, self.last_aux = (float(v) for v in self.coll.pp_sum(Tensor(both)).asnumpy())
-            return {s: loss}, grads  # the last stage's loss, summed over the pp group (= broadcast)
         self.events = run_schedule(pp, M, do)
         loss, self.last_aux = sum(st.loss.values()), float(sum(st.aux.values()))
         return {s: loss for s in range(pp)}, grads  # last stage's loss, broadcast over the pp group
 
     def _fwd(self, st, s, m, grads) -> None:
-        if self.real and s > 0:
-            st.act[(s - 1, m)] = self._recv(s - 1, None, st.mbs[m], "F")
-            st.counts[m], st.probsum[m] = self._recv_stats(s - 1)
         xs, stats, _ = self._run_stage(s, st.mbs[m], st.act.get((s - 1, m)))
         if stats is not None:
             c, ps = (next(iter(self.coll.sum_nograd("stage", {n: v[i] for n, v in stats.items()}).values())).asnumpy()
@@ -173,8 +149,6 @@ class ParallelLM:
             st.probsum[m] = st.probsum.get(m, 0) + ps
         st.act[(s, m)] = {n: ops.stop_gradient(x) for n, x in xs.items()}
         if s < self.mesh.pp - 1:
-            self._send(s + 1, xs)
-            self._send_stats(s + 1, st, m)
             return
         local = engine.head_logits(self.cells[s], self.coll, xs, self.mesh, st.mbs[m])
         ce = engine.vocab_parallel_ce(self.coll, local, {n: t.labels for n, t in st.mbs[m].items()}, self.mesh.tp)
@@ -211,10 +185,6 @@ class ParallelLM:
         cells, inp, last = self.cells[s], st.mbs[m], s == self.mesh.pp - 1
         order = sorted(cells)
         params = ParameterTuple(self._params(s))
-        if self.real and not last:
-            st.dout[(s, m)] = self._recv(s + 1, None, inp, "B")
-            if self.sparse_layers:
-                st.counts[m] = self._recv_stats(s + 1)[0]
         dout = st.dout.pop((s, m), None)
         # the aux loss's gradient weights on this stage's router probability mass (router/losses.py)
         W = Tensor((self.cfg.router_aux_loss_coef / len(st.mbs) * switch_aux_weights(
@@ -235,9 +205,6 @@ class ParallelLM:
         if s:
             gx, gw = ms.grad(objective, grad_position=tuple(range(len(order))), weights=params)(*x_in)
             st.dout[(s - 1, m)] = dict(zip(order, gx if isinstance(gx, tuple) else (gx,)))
-            if self.real:
-                self._send(s - 1, st.dout.pop((s - 1, m)))
-                self._send_stats(s - 1, st, m)
         else:
             gw = ms.grad(objective, grad_position=None, weights=params)()
         for p, g in zip(params, gw):
@@ -245,34 +212,6 @@ class ParallelLM:
         st.act.pop((s - 1, m), None)
         if last:
             st.act.pop((s, m), None)
-
-    # ---- pipeline transfers (real processes; the simulation passes streams directly) -----
-    def _send(self, stage: int, xs: dict) -> None:
-        if self.real and 0 <= stage < self.mesh.pp:
-            for x in xs.values():
-                self.coll.send(x, stage)
-
-    def _recv(self, stage: int, xs, inp, op: str):
-        if not self.real or stage < 0 or stage >= self.mesh.pp:
-            return xs
-        B, S = next(iter(inp.values())).input_ids.shape
-        tp, H = self.mesh.tp, self.cfg.hidden_size
-        shape = (-(-B * S // tp), H) if self.mesh.sp else (B, S, H)  # sp: the rank's token rows
-        return {n: self.coll.recv(shape, stage) for n in self.cells[self.coll.stage]}
-
-    def _send_stats(self, stage: int, st, m) -> None:
-        """Router counts / probability mass so far travel with the activations (forward) and the
-        global-micro-batch counts back with the gradients, for the global aux loss."""
-        if self.real and self.sparse_layers:
-            E = self.cfg.num_experts
-            c, p = st.counts.get(m, np.zeros(E)), st.probsum.get(m, np.zeros(E))
-            self.coll.send(Tensor(np.concatenate([c, p]).astype(np.float32)), stage)
-
-    def _recv_stats(self, stage: int):
-        if not self.sparse_layers:
-            return 0, 0
-        v = self.coll.recv((2 * self.cfg.num_experts,), stage).asnumpy()
-        return v[: self.cfg.num_experts], v[self.cfg.num_experts:]
 
     # ---- full views -------------------------------------------------------------------------
     def full_params(self) -> dict[str, np.ndarray]:

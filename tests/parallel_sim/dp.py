@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 from mindspore import Parameter, Tensor
 
-from qwen3moe.parallel.collectives import stage_groups
+from qwen3moe.parallel.mesh import stage_groups
+from qwen3moe.parallel.step import cut_buckets
 from qwen3moe.training.optimizer import AdamW
 
 
@@ -55,18 +56,6 @@ def allreduce_grads(model, grads: dict, bucket_elems: int = 1 << 20) -> int:
                     _scatter_back(total[n].asnumpy(), [[plist[k] for k in chunk]], grads)
                 buckets += 1
     return buckets
-
-
-def cut_buckets(sizes: list[int], cap: int) -> list[list[int]]:
-    """Consecutive index runs of at most `cap` elements (a larger item alone)."""
-    out, cur, used = [], [], 0
-    for k, size in enumerate(sizes):
-        if cur and used + size > cap:
-            out.append(cur)
-            cur, used = [], 0
-        cur.append(k)
-        used += size
-    return out + ([cur] if cur else [])
 
 
 def _scatter_back(flat: np.ndarray, per_rank: list[list], grads: dict) -> None:

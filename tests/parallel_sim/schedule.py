@@ -1,11 +1,9 @@
-"""1F1B pipeline schedule and its executor over micro-batches.
+"""The simulation's 1F1B pipeline schedule and its executor over micro-batches (test harness).
 
 `one_f_one_b(pp, M, s)` is stage s's op list: min(pp-s-1, M) warm-up forwards, then alternating
 one forward / one backward, then the remaining backwards (Megatron's non-interleaved 1F1B);
-stage s holds at most pp-s activations in flight. `lifo(pp, M, s)` is GPipe's order with the
-backwards reversed (every forward, then B(M-1) .. B(0)): the same bubble as 1F1B, M micro-batches in
-flight, and each backward is that of the newest pending forward (what MindSpore's PyNative
-autograd allows, pipeline_step.py). `run_schedule` executes every stage's list in
+stage s holds at most pp-s activations in flight. The compiled pipeline's
+order is qwen3moe.parallel.pipeline_step.lifo. `run_schedule` executes every stage's list in
 dependency order (F(m) on s needs F(m) on s-1; B(m) needs B(m) on s+1, or F(m) on the last
 stage) and returns the global event order, so the schedule is observable and testable.
 """
@@ -19,10 +17,6 @@ def one_f_one_b(pp: int, micro_batches: int, stage: int) -> list[tuple[str, int]
         ops += [("F", warm + i), ("B", i)]
     ops += [("B", m) for m in range(micro_batches - warm, micro_batches)]
     return ops
-
-
-def lifo(pp: int, micro_batches: int, stage: int) -> list[tuple[str, int]]:
-    return [("F", m) for m in range(micro_batches)] + [("B", m) for m in reversed(range(micro_batches))]
 
 
 def run_schedule(pp: int, micro_batches: int, do, schedule=one_f_one_b) -> list[tuple[int, str, int]]:
