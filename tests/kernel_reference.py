@@ -128,3 +128,21 @@ def act8_reference(x_BI, u_OI, z_OG, s_OG):
              * s_OG[:, k0 // g].astype(np.float64)[None, :, :])
     terms = d * scale
     return terms.sum(-1), np.abs(terms).sum(-1)
+
+
+def act8_case(rng, bits: int, g, I: int, O: int, rows: int, sym: bool, zero_block: bool, block: int):
+    """Weights and activations for the int8-activation kernels' tests: quant_arrays [O, I] (int8
+    per channel, or int4 in groups of g; g dropped where it does not divide I, int4 defaults to
+    128), sym: the default zero point; x [rows, I] at magnitudes 0.1 / 1 / 30 per row, zero_block:
+    row 0's second activation block of `block` inputs all zero (a zero block scale)."""
+    if g is not None and I % g:
+        g = None
+    if bits == 4 and g is None:
+        g = 128
+    arrays, _ = quant_arrays(rng, (O, I), "int8" if bits == 8 else "int4", g, scale=0.01)
+    if sym:  # the default zero point (precomputed zero-point term in the kernel)
+        arrays[2][:] = 1 << (bits - 1)
+    x = (rng.standard_normal((rows, I)) * rng.choice([0.1, 1, 30], (rows, 1))).astype(np.float32)
+    if zero_block:
+        x[0, block:2 * block] = 0
+    return arrays, x

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import REPO
-from kernel_reference import act8_reference, call_aot, quant_arrays
+from kernel_reference import act8_case, act8_reference, call_aot, quant_arrays
 from qwen3moe.kernels import decode as decode_kernel
 from qwen3moe.kernels import quant
 
@@ -45,16 +45,7 @@ def rows(x, arrays, act8: bool) -> np.ndarray:
        zero_block=st.booleans(), seed=st.integers(0, 2**16))
 def test_rows_match_numpy(bits, g, I, O, B, sym, portable, zero_block, seed):
     rng = np.random.default_rng(seed)
-    if g is not None and I % g:
-        g = None
-    if bits == 4 and g is None:
-        g = 128
-    arrays, _ = quant_arrays(rng, (O, I), "int8" if bits == 8 else "int4", g, scale=0.01)
-    if sym:  # the default zero point (precomputed zero-point term in the kernel)
-        arrays[2][:] = 1 << (bits - 1)
-    x = (rng.standard_normal((B, I)) * rng.choice([0.1, 1, 30], (B, 1))).astype(np.float32)
-    if zero_block:
-        x[0, BLOCK:2 * BLOCK] = 0
+    arrays, x = act8_case(rng, bits, g, I, O, B, sym, zero_block, BLOCK)
     u, z, s = unpack(arrays, I)
     ref, mag = act8_reference(x, u, z, s)
     quant.set_portable(portable)

@@ -152,6 +152,18 @@ def test_config_defaults_from_folder(tiny):
         generate(model, [[5000]], max_new_tokens=2)
 
 
+def _split_batch(model):
+    """The row-split tests' batch of 3 (row 1 left-padded by 4), their seeded sampling options,
+    and the batch's tokens generated without EOS: (ids, mask, options, free-running tokens)."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 1000, (3, 9))
+    mask = np.ones_like(ids)
+    ids[1, :4], mask[1, :4] = PAD, 0
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=11)
+    free = GenerationRun(model, ids, mask, resolve_config(model, ignore_eos=True, **kw)).run()
+    return ids, mask, kw, free
+
+
 @pytest.mark.slow  # 4 engine shapes to compile: ~10 s quiet, ~60 s at load 20
 def test_row_split_equals_one_batch(tiny):
     """Two data-parallel shares of a batch of 3 (RowSplit: rows 0-1 and row 2 + a padding row),
@@ -162,13 +174,8 @@ def test_row_split_equals_one_batch(tiny):
     from qwen3moe.generation.generate import RowSplit
 
     d = reference_dir("tiny-a")
-    rng = np.random.default_rng(3)
-    ids = rng.integers(0, 1000, (3, 9))
-    mask = np.ones_like(ids)
-    ids[1, :4], mask[1, :4] = PAD, 0
     model = tiny[0]
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=11)
-    free = GenerationRun(model, ids, mask, resolve_config(model, ignore_eos=True, **kw)).run()
+    ids, mask, kw, free = _split_batch(model)
     eos = int(free[2, 9 + 2])  # row 2 stops at its third token (maybe earlier), the others go on
     cfg = resolve_config(model, eos_token_id=eos, pad_token_id=PAD, **kw)
     want = GenerationRun(model, ids, mask, cfg).run()
@@ -194,13 +201,8 @@ def test_row_split_start_done_drops_the_step_after_all_rows_stop(tiny):
     would be: a share's answer waits for the other's question of the same step."""
     from qwen3moe.generation.generate import RowSplit
 
-    rng = np.random.default_rng(3)
-    ids = rng.integers(0, 1000, (3, 9))
-    mask = np.ones_like(ids)
-    ids[1, :4], mask[1, :4] = PAD, 0
     model = tiny[0]
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=11)
-    free = GenerationRun(model, ids, mask, resolve_config(model, ignore_eos=True, **kw)).run()
+    ids, mask, kw, free = _split_batch(model)
     eos = sorted({int(free[b, 9 + 2]) for b in range(3)})  # every row stops by its third token
     cfg = resolve_config(model, eos_token_id=eos, pad_token_id=PAD, **kw)
     want = GenerationRun(model, ids, mask, cfg).run()

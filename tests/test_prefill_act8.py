@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kernel_reference import ACT_BLOCK, act8_reference, call_aot, quant_arrays, quantize_act
+from kernel_reference import ACT_BLOCK, act8_case, act8_reference, call_aot, quant_arrays, quantize_act
 from qwen3moe.kernels import quant
 
 pytestmark = pytest.mark.skipif(not quant.available(), reason="quant kernels not built here")
@@ -64,16 +64,7 @@ def test_linear_matches_numpy(bits, g, I, O, T, sym, portable, zero_block, seed)
     partial single (T 33), whole pairs (T 64) and a partial pair (T 100); weight blocks of 24 rows
     with 1-23 left over (O up to 53)."""
     rng = np.random.default_rng(seed)
-    if g is not None and I % g:
-        g = None
-    if bits == 4 and g is None:
-        g = 128
-    arrays, _ = quant_arrays(rng, (O, I), "int8" if bits == 8 else "int4", g, scale=0.01)
-    if sym:
-        arrays[2][:] = 1 << (bits - 1)
-    x = (rng.standard_normal((T, I)) * rng.choice([0.1, 1, 30], (T, 1))).astype(np.float32)
-    if zero_block:
-        x[0, ACT_BLOCK:2 * ACT_BLOCK] = 0
+    arrays, x = act8_case(rng, bits, g, I, O, T, sym, zero_block, ACT_BLOCK)
     quant.set_portable(portable)
     try:
         y = linear(x, arrays)
