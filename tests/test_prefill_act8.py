@@ -12,6 +12,8 @@ Both the AVX512-VNNI loop and the portable scalar loop run.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -49,6 +51,16 @@ def check_linear(x, arrays, y):
     np.testing.assert_array_less(np.abs(y - ref), bound)
 
 
+@contextmanager
+def portable(on: bool):
+    """The kernels' portable scalar path on (or the vector path), back to the vector path after."""
+    quant.set_portable(on)
+    try:
+        yield
+    finally:
+        quant.set_portable(False)
+
+
 def linear(x, arrays, act8=True):
     y = np.zeros((x.shape[0], arrays[0].shape[0]), np.float32)
     assert call_aot(quant.library(), "QuantLinearFwdA8" if act8 else "QuantLinearFwd", [x, *arrays, y]) == 0
@@ -58,18 +70,15 @@ def linear(x, arrays, act8=True):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([8, 4]), g=st.sampled_from([None, 32, 64, 128]), I=st.sampled_from([128, 256, 384]),
        O=st.integers(1, 53), T=st.sampled_from([1, 4, 5, 7, 16, 17, 33, 64, 100]), sym=st.booleans(),
-       portable=st.booleans(), zero_block=st.booleans(), seed=st.integers(0, 2**16))
-def test_linear_matches_numpy(bits, g, I, O, T, sym, portable, zero_block, seed):
+       scalar=st.booleans(), zero_block=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_matches_numpy(bits, g, I, O, T, sym, scalar, zero_block, seed):
     """1-4 rows (decode rows), 5+ rows (GEMM): one partial token vector (T 5, 7), a pair and a
     partial single (T 33), whole pairs (T 64) and a partial pair (T 100); weight blocks of 24 rows
     with 1-23 left over (O up to 53)."""
     rng = np.random.default_rng(seed)
     arrays, x = act8_case(rng, bits, g, I, O, T, sym, zero_block, ACT_BLOCK)
-    quant.set_portable(portable)
-    try:
+    with portable(scalar):
         y = linear(x, arrays)
-    finally:
-        quant.set_portable(False)
     check_linear(x, arrays, y)
 
 
@@ -82,11 +91,8 @@ def test_vector_and_scalar_agree_at_real_geometry():
         arrays[2][:] = 128 if mode == "int8" else 8
         x = rng.standard_normal((130, 2048)).astype(np.float32)
         check_linear(x, arrays, linear(x, arrays))
-        quant.set_portable(True)
-        try:
+        with portable(True):
             y_s = linear(x, arrays)
-        finally:
-            quant.set_portable(False)
         check_linear(x, arrays, y_s)
 
 
@@ -117,8 +123,8 @@ def _moe_reference(x, idx, wt, gate_up, down):
 
 
 @pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 64), ("int4", 128)])
-@pytest.mark.parametrize("portable", [False, True])
-def test_moe_experts_match_numpy(mode, g, portable):
+@pytest.mark.parametrize("scalar", [False, True])
+def test_moe_experts_match_numpy(mode, g, scalar):
     """Experts with 0, 3 (decode rows) and ~16 rows (GEMM) in one call, H 256, F 128.
     The reference rounds each expert's gate_up output and SwiGLU to float32 as the kernel holds
     them; the activation quantization of the down input can then flip a rounding where the
@@ -133,11 +139,8 @@ def test_moe_experts_match_numpy(mode, g, portable):
     idx[:3, 0] = E - 1  # expert E-1: 3 rows; expert 0..E-2: ~16 each
     wt = rng.random((T, K)).astype(np.float32)
     y = np.zeros_like(x)
-    quant.set_portable(portable)
-    try:
+    with portable(scalar):
         assert call_aot(quant.library(), "QuantMoeFwdA8", [x, idx, wt, *gate_up, *down, y]) == 0
-    finally:
-        quant.set_portable(False)
     counts = np.bincount(idx.ravel(), minlength=E)
     assert counts[E - 1] < 5 and counts[:E - 1].min() >= 5
     ref = _moe_reference(x, idx, wt, tuple(unpack(gate_up, H)), tuple(unpack(down, F)))
