@@ -21,6 +21,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.dtypes import write_param
+from qwen3moe.training.sync import fetch
 
 # name patterns usually excluded from weight decay: norm weights and biases
 DEFAULT_NO_DECAY: tuple[str, ...] = ("*norm.weight", "*.bias")
@@ -78,7 +79,9 @@ class AdamW(nn.Cell):
         self.__dict__["_lr_setter"](Tensor(float(lr), ms.float32))
 
     def get_lr(self) -> float:
-        return float(self.learning_rate.asnumpy())
+        # fetch: the read waits for the step's update graph; asnumpy() would busy-wait on the
+        # main thread, taking the core that graph (and a peer rank's) needs (training/sync.py)
+        return float(fetch(self.learning_rate)[0])
 
     @ms.jit
     def construct(self, grads):
