@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 from qwen3moe.errors import Qwen3MoeError
+from qwen3moe.parallel.cores import LOCAL_WORKERS_ENV
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 JOB_ENV = "QWEN3MOE_LAUNCH_JOB"
@@ -131,6 +132,13 @@ def stop_job(proc: subprocess.Popen, marker: str, grace_s: float = GRACE_S) -> N
     proc.wait()
 
 
+def job_env(nproc: int, marker: str) -> dict[str, str]:
+    """msrun's environment: PATH, the job's marker, and the local worker count (each worker binds
+    its threads to its share of this host's cores: parallel/cores.py)."""
+    return dict(os.environ, PATH=_path(), GLOG_v=os.environ.get("GLOG_v", "3"),
+                **{JOB_ENV: marker, LOCAL_WORKERS_ENV: str(nproc)})
+
+
 def launch(nproc: int, args: list[str], timeout_s: int = 300, script: str | os.PathLike = CLI, **kw) -> int:
     """Run and wait; returns msrun's exit code (non-zero when any worker failed), 124 on timeout,
     128 + signal number on SIGTERM / SIGINT. Raises LaunchError when a given port is taken."""
@@ -139,7 +147,7 @@ def launch(nproc: int, args: list[str], timeout_s: int = 300, script: str | os.P
         check_port(kw.get("master_addr", "127.0.0.1"), kw["master_port"])
     cmd = msrun_command(nproc, args, timeout_s=min(timeout_s, 120), script=script, **kw)
     marker = uuid.uuid4().hex
-    env = dict(os.environ, PATH=_path(), GLOG_v=os.environ.get("GLOG_v", "3"), **{JOB_ENV: marker})
+    env = job_env(nproc, marker)
     started = time.time()
     os.makedirs(log_dir, exist_ok=True)
     with _signals_raise(), open(os.path.join(log_dir, MSRUN_STDERR), "w") as err:

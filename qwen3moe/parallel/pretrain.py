@@ -3,7 +3,8 @@ layout checked against the model and the launched processes, then every layout (
 without sequence parallel, ep, pp, any micro_batch_num, ZeRO-1 with
 `parallel.enable_parallel_optimizer`) trains on the compiled per-rank step (`compiled.train`:
 step.ParallelTrainStep / pipeline_step.PipelineTrainStep driven by training/trainer.Trainer;
-checkpoints, resume and metrics there).
+checkpoints, resume and metrics there). Each worker's threads are bound to its own cores first
+(cores.py).
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def train(cfg, log: Log = lambda s: None) -> int:
     init()
     rank, size = get_rank(), get_group_size()
     mesh = check_request(cfg, size)
-    from qwen3moe.parallel import compiled
+    from qwen3moe.parallel import compiled, cores
+
+    bound = cores.bind_local_rank()  # before the model's graphs: every thread they start inherits it
+    if bound:
+        log(f"rank {rank}: threads bound to cores {','.join(map(str, bound))} ({cores.ENV}=off to leave them unbound)")
 
     return compiled.train(cfg, mesh, rank, log)
