@@ -61,6 +61,43 @@ def test_adamw_set_lr_no_recompile_effect():
     assert opt.get_lr() == 0.0
 
 
+def test_adamw_lr_as_graph_input_equals_set_lr():
+    """update(grads, lr) (parallel/step.py feeds the schedule's lr as an input of its update
+    graph) == set_lr(lr) then update(grads): the same float32 lr in the same formula, so the
+    parameters and moments are bit-identical; it also writes learning_rate (what a later update
+    without an lr input uses)."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn
+
+    from qwen3moe.training import AdamW
+
+    class Step(nn.Cell):
+        def __init__(self, opt):
+            super().__init__()
+            self.opt = opt
+
+        @ms.jit
+        def construct(self, grads, lr):
+            return self.opt.update(grads, lr)
+
+    rng = np.random.default_rng(3)
+    w0, gs = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((3, 4, 3)).astype(np.float32)
+    lrs = [1e-2, 3.3e-3, 7.7e-4]
+    pa, pb = Parameter(Tensor(w0), name="a"), Parameter(Tensor(w0), name="b")
+    oa, ob = AdamW([pa], lr=0.5, weight_decay=0.1), AdamW([pb], lr=0.5, weight_decay=0.1)
+    step = Step(ob)
+    for lr, g in zip(lrs, gs):
+        oa.set_lr(lr)
+        oa((Tensor(g),))
+        ob.set_lr(lr, compiled=False)  # the host copy only: the graph input carries it
+        step((Tensor(g),), Tensor(ob.get_lr(), ms.float32))
+        assert oa.get_lr() == ob.get_lr() == float(np.float32(lr))
+    np.testing.assert_array_equal(pb.asnumpy(), pa.asnumpy())
+    np.testing.assert_array_equal(ob.exp_avg_sq[0].asnumpy(), oa.exp_avg_sq[0].asnumpy())
+    assert float(ob.learning_rate.asnumpy()) == float(np.float32(lrs[-1]))
+    assert "_lr_setter" not in ob.__dict__  # no compiled assign was made
+
+
 def test_schedules():
     from qwen3moe.training import Schedule, cosine_with_warmup, linear_with_warmup, constant_with_warmup
 

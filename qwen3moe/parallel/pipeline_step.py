@@ -222,7 +222,7 @@ class _Pipeline:
         if self.last:
             self.lm[k] = out
         else:
-            self.link.send(out, self.s + 1)
+            self.link.send(fetch(out)[0], self.s + 1)
             self.link.send(self.cum[k], self.s + 1)
 
     def _backward(self, k: int, t, lm_w: float, aux_scale: float):
@@ -238,10 +238,12 @@ class _Pipeline:
         sens_aux = Tensor((st.aux_coef * w).astype(np.float32))
         fn = self.pending.pop(k)
         gx, gw = fn(dout, sens_aux, ops.zeros(2 * self.E, ms.float32), ops.zeros(self.counts_shape, ms.float32))
+        # every wait for a graph through fetch (training/sync.py): the link's asnumpy(), or the
+        # next graph call waiting for the accumulation inside MindSpore, spin on this thread
         if self.s > 0:
-            self.link.send(gx[0], self.s - 1)
+            self.link.send(fetch(gx[0])[0], self.s - 1)
             self.link.send(C, self.s - 1)
-        self.acc(ms.mutable(tuple(gw)))
+        fetch(self.acc(ms.mutable(tuple(gw))))
         return w
 
     def _hidden_shape(self, t) -> tuple:

@@ -12,9 +12,9 @@ Per step, with no forward recompute (each a compiled graph):
      the distinct shards (`owns_shard`: one replica of each counted) and the step's metrics,
      summed over the world in one more AllReduce (none when every buffer is summed over the
      world: each rank then holds the whole gradient, and the metrics ride in its last bucket);
-  3. clipping by that norm (torch clip_grad_norm_), the schedule's lr and torch-exact AdamW
-     (`RankAdamW`): whole parameters, or with ZeRO-1 this rank's chunk of each sync group's
-     flattened parameters, the updated chunks all-gathered (backend.py).
+  3. clipping by that norm (torch clip_grad_norm_), the schedule's lr (an input of this graph)
+     and torch-exact AdamW (`RankAdamW`): whole parameters, or with ZeRO-1 this rank's chunk of
+     each sync group's flattened parameters, the updated chunks all-gathered (backend.py).
 A step whose loss or norm is not finite changes nothing (all ranks see the same global values).
 
 Loss of rank r for micro-batch i of M (parallel/README.md, "Loss and gradient"), rows split by
@@ -159,14 +159,14 @@ class _Zero1Chunk(nn.Cell):
         self.opt.step.name, self.opt.learning_rate.name = f"adamw.step.{group.kind}", f"adamw.lr.{group.kind}"
         self.gather = backend.get().all_gather(group.name, f"zero1 {group.kind} chunks")
 
-    def update(self, grads, params, after, inv_scale=None, coef=None):
+    def update(self, grads, params, after, inv_scale=None, coef=None, lr=None):
         """`grads` unscaled: this chunk's slice is scaled (`scaled`) after the flattening, the
         same values as scaling every gradient first, in two ops instead of two per parameter."""
         g = ops.concat([grads[i].reshape(-1) for i in self.idx])
         if self.G * self.c > self.P:
             g = ops.concat([g, ops.zeros(self.G * self.c - self.P, ms.float32)])
         c, k = self.c, self.pos
-        t = self.opt.update((ops.depend(scaled(g[k * c:(k + 1) * c], inv_scale, coef), after),))
+        t = self.opt.update((ops.depend(scaled(g[k * c:(k + 1) * c], inv_scale, coef), after),), lr)
         full = self.gather(ops.depend(self.chunk, t))
         parts = ops.split(full[:self.P], self.sizes)
         for j in range(len(self.idx)):
@@ -203,20 +203,26 @@ class RankAdamW(nn.Cell):
         return ([self.whole] if self.whole is not None else []) + [c.opt for c in self.chunks]
 
     def set_lr(self, lr: float) -> None:
+        """Host copies only: the step's update graph gets the lr as an input (`lr_input`), one
+        graph call a step less than a compiled assign per AdamW."""
         for o in self.adamws():
-            o.set_lr(lr)
+            o.set_lr(lr, compiled=False)
+
+    def lr_input(self) -> Tensor:
+        return Tensor(self.get_lr(), ms.float32)
 
     def get_lr(self) -> float:
         return self.adamws()[0].get_lr()
 
-    def update(self, grads, inv_scale=None, coef=None):
-        """AdamW with the gradients `scaled(grads[i], inv_scale, coef)` (None: as given)."""
+    def update(self, grads, inv_scale=None, coef=None, lr=None):
+        """AdamW with the gradients `scaled(grads[i], inv_scale, coef)` (None: as given) and the
+        learning rate `lr` (a graph input from `lr_input`; None: as the AdamWs hold it)."""
         after = ops.depend(Tensor(0.0, ms.float32), grads)
         if self.whole is not None:  # `after` also waits for every read of `grads` (clearing follows)
             mine = tuple(scaled(grads[i], inv_scale, coef) for i in self.whole_idx)
-            after = ops.depend(self.whole.update(mine), mine)
+            after = ops.depend(self.whole.update(mine, lr), mine)
         for chunk in self.chunks:
-            after = chunk.update(grads, self.parameters, after, inv_scale, coef)
+            after = chunk.update(grads, self.parameters, after, inv_scale, coef, lr)
         return after
 
     # single-process checkpoints (pure data parallelism without ZeRO-1: one AdamW)
@@ -309,16 +315,17 @@ class _AllReduce(nn.Cell):
 
 
 class _ApplyGlobal(nn.Cell):
-    """Compiled: clip the (synced) buffers times `inv_scale` by the global `norm`, update, clear."""
+    """Compiled: clip the (synced) buffers times `inv_scale` by the global `norm`, update with
+    learning rate `lr`, clear."""
 
     def __init__(self, graph, optimizer: RankAdamW, clip: float | None) -> None:
         super().__init__(auto_prefix=False)
         self.graph, self.optimizer, self.clip = graph, optimizer, clip
 
     @ms.jit
-    def construct(self, inv_scale, norm):
+    def construct(self, inv_scale, norm, lr):
         coef = clip_coefficient(self.clip, norm) if self.clip is not None else None
-        done = self.optimizer.update(tuple(self.graph.acc), inv_scale, coef)
+        done = self.optimizer.update(tuple(self.graph.acc), inv_scale, coef, lr)
         self.graph.clear(after=done)
         return norm
 
@@ -382,10 +389,13 @@ class ParallelTrainStep(TrainStep):
         tot = self._reduce(metrics)
         norm = float(np.sqrt(max(tot[0], 0.0))) / scale
         finite = bool(np.isfinite(metrics["loss"]) and np.isfinite(norm))
+        # wait for the update here, on fetch's idle-priority helper: otherwise the next graph call
+        # waits for it inside MindSpore (Pipeline::WaitAll, a spin loop on the main thread) and
+        # takes the core the update and the peer ranks need
         if finite:
-            self._apply(Tensor(1.0 / scale, ms.float32), Tensor(norm, ms.float32))
+            fetch(self._apply(Tensor(1.0 / scale, ms.float32), Tensor(norm, ms.float32), self.optimizer.lr_input()))
         else:
-            self._clear_buffers()
+            fetch(self._clear_buffers())
         metrics.update(grad_norm=norm, skipped=not finite)
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
@@ -407,12 +417,12 @@ class ParallelTrainStep(TrainStep):
                        **expert_load(tot[7:].reshape(counts.shape)))
         return tot
 
-    def _clear_buffers(self) -> None:
+    def _clear_buffers(self) -> Tensor:
         from qwen3moe.training.step import _ClearAccumulated, _TICK
 
         if self._clear is None:
             self._clear = _ClearAccumulated(self.graph)
-        self._clear(_TICK)
+        return self._clear(_TICK)
 
     def __call__(self, batch) -> dict:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]

@@ -16,12 +16,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.dtypes import write_param
-from qwen3moe.training.sync import fetch
 
 # name patterns usually excluded from weight decay: norm weights and biases
 DEFAULT_NO_DECAY: tuple[str, ...] = ("*norm.weight", "*.bias")
@@ -62,6 +62,7 @@ class AdamW(nn.Cell):
         self.exp_avg_sq = self._zeros_like("exp_avg_sq", params)
         self.step = Parameter(Tensor(0.0, ms.float32), name="adamw.step", requires_grad=False)
         self.learning_rate = Parameter(Tensor(float(lr), ms.float32), name="adamw.lr", requires_grad=False)
+        self._lr = float(np.float32(lr))  # host copy: get_lr without waiting for a running graph
         from qwen3moe.kernels import adamw as adamw_kernel  # fused in-place C++ update when built
 
         self.fused = adamw_kernel.fused_update if adamw_kernel.usable_for(params) else None
@@ -71,31 +72,43 @@ class AdamW(nn.Cell):
         return ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"{prefix}.{p.name}",
                                          requires_grad=False) for p in params])
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float, compiled: bool = True) -> None:
         """Written by a compiled assign: a host-side `set_data` after compilation was not seen by
-        every compiled graph in MindSpore 2.10 (the guarded TrainStep's update kept the first lr)."""
+        every compiled graph in MindSpore 2.10 (the guarded TrainStep's update kept the first lr).
+        `compiled=False`: the host copy only, for a caller that passes every update its lr as a
+        graph input (`update(grads, lr)`: parallel/step.py), which saves a graph call a step."""
+        self._lr = float(np.float32(lr))
+        if not compiled:
+            return
         if "_lr_setter" not in self.__dict__:  # plain attribute: not a registered sub-cell
             self.__dict__["_lr_setter"] = _ScalarAssign(self.learning_rate)
         self.__dict__["_lr_setter"](Tensor(float(lr), ms.float32))
 
     def get_lr(self) -> float:
-        # fetch: the read waits for the step's update graph; asnumpy() would busy-wait on the
-        # main thread, taking the core that graph (and a peer rank's) needs (training/sync.py)
-        return float(fetch(self.learning_rate)[0])
+        """The lr the next update uses (float32). The host copy: reading the Parameter would wait
+        for the step's update graph (asnumpy() busy-waits: training/sync.py), for a value that
+        only set_lr writes."""
+        return self._lr
 
     @ms.jit
     def construct(self, grads):
         return self.update(grads)
 
-    def update(self, grads):
-        """The update itself (graph-traceable; `construct` compiles it, TrainStep inlines it)."""
+    def update(self, grads, lr=None):
+        """The update itself (graph-traceable; `construct` compiles it, TrainStep inlines it).
+        `lr`: a float32 scalar graph input, written to `learning_rate` and used (set_lr's
+        compiled=False); None: `learning_rate` as set_lr wrote it."""
+        if lr is None:
+            lr = self.learning_rate
+        else:
+            ops.assign(self.learning_rate, lr)
         if self.fused is not None:  # same formula, one in-place pass (qwen3moe/kernels/adamw.py)
-            t, lr = self.step + 1.0, self.learning_rate
+            t = self.step + 1.0
             bc1 = 1.0 - ops.pow(Tensor(self.b1, ms.float32), t)
             bc2_sqrt = ops.sqrt(1.0 - ops.pow(Tensor(self.b2, ms.float32), t))
             return self.fused(self, grads, lr, lr / bc1, bc2_sqrt, t)
         ops.assign_add(self.step, Tensor(1.0, ms.float32))
-        t, lr = self.step, self.learning_rate
+        t = self.step
         bc1 = 1.0 - ops.pow(Tensor(self.b1, ms.float32), t)
         bc2_sqrt = ops.sqrt(1.0 - ops.pow(Tensor(self.b2, ms.float32), t))
         step_size = lr / bc1
