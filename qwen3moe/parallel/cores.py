@@ -6,7 +6,7 @@ rank's thread. Linux tends to wake a thread on the waker's core, so with two ran
 both ranks' busy threads often share one core for many steps until the load balancer moves them
 apart: the parallel training step was bimodal (windows of steps 3-5x slower than the rest) while
 the other core idled. With each rank's threads confined to a disjoint block of cores, the ranks
-never queue behind each other (bench/RESULTS.md, "Training step: ranks bound to cores").
+never queue behind each other (bench/RESULTS.md, "Training step on real processes: ranks bound to cores").
 
 `bind_local_rank()` (each worker, after mindspore.communication.init()): the cores this process
 may run on (sched_getaffinity) are cut into `QWEN3MOE_LOCAL_WORKERS` consecutive blocks (the
