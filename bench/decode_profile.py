@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quant import MODES  # noqa: E402
+from quant import MODES, head_cell  # noqa: E402
 
 PROMPT = 16
 
@@ -52,15 +52,6 @@ def _parts(cell, reps: int, x_B1H, cos, sin, bias, meta) -> dict:
     import mindspore as ms
     from mindspore import Tensor, nn
 
-    class Head(nn.Cell):
-        def __init__(self):
-            super().__init__(auto_prefix=False)
-            self.c = cell
-
-        @ms.jit
-        def construct(self, x):
-            return self.c.head(x)
-
     class Layers(nn.Cell):
         def __init__(self, attn: bool):
             super().__init__(auto_prefix=False)
@@ -82,7 +73,7 @@ def _parts(cell, reps: int, x_B1H, cos, sin, bias, meta) -> dict:
         def construct(self, x):
             return x + 1.0
 
-    head, attn, moe, empty = Head(), Layers(True), Layers(False), Empty()
+    head, attn, moe, empty = head_cell(cell), Layers(True), Layers(False), Empty()
     small = Tensor(np.zeros((1,), np.float32))
     return {
         "lm_head": _timed(lambda: head(x_B1H).asnumpy(), reps),

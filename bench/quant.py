@@ -2,7 +2,7 @@
 llama.cpp F32 / Q8_0 / Q4_K_M, in one run, 2 threads each.
 
     OMP_WAIT_POLICY=PASSIVE python bench/quant.py --folder /work/data/synth-2l \
-        [--modes fp32,bf16,int8,int4] [--gguf-dir /work/data/gguf] [--reps 3] [--no-results]
+        [--modes fp32,bf16,int8,int4] [--gguf-dir /work/data/gguf] [--reps 3] [--rounds 3] [--no-results]
 
 Per mode, each in its own subprocess (so peak RSS and thread pools don't mix):
   load time, prefill 1x512 tokens/s, decode tokens/s at batch 1 and batch 8 (16-token prompts,
@@ -14,6 +14,12 @@ Prints each of our modes against our fp32 and int8 vs Q8_0, int4 vs Q4_K_M (targ
 Modes int8-a8 / int4-a8: the same weights with the opt-in int8 activations (prefill and decode
 kernels; QuantizationConfig(activations="int8"), docs/quantization.md).
 Times are medians over --reps after a warm-up call.
+
+--rounds N runs every mode in N separate processes, interleaved (fp32, bf16, ... then again): how
+fast a process streams memory changes over time on this machine (bench/RESULTS.md "Streaming
+rate"), so one process per mode can compare a fast process with a slow one. Each process prints
+its numbers and its lm_head op's weight GB/s (its streaming rate: the op alone in a compiled cell,
+median of 20 calls); the ratios against our fp32 and llama.cpp come from the medians over processes.
 """
 from __future__ import annotations
 
@@ -100,6 +106,49 @@ def measure(model, reps: int, runs: list | None = None, prefill_last: bool = Fal
 
 
 # ----------------------------------------------------------------------------- our worker
+def head_cell(cell):
+    """The fused step's final norm + lm_head alone in a compiled cell (cell: the engine's
+    FusedStepCell): x [1, 1, H] -> logits."""
+    import mindspore as ms
+    from mindspore import nn
+
+    class Head(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.c = cell
+
+        @ms.jit
+        def construct(self, x):
+            return self.c.head(x)
+
+    return Head()
+
+
+def lm_head_rate(model, reps: int = 20) -> dict:
+    """This process's streaming rate: the lm_head op's weight bytes / its median wall time over
+    `reps` calls after a warm-up (the largest part of a b1 decode step at 2 layers). Empty when
+    the engine did not take the fused step (no kernels)."""
+    from mindspore import Tensor
+
+    from qwen3moe.generation.generate import GenerationRun, resolve_config
+
+    cfg = resolve_config(model, max_new_tokens=2, ignore_eos=True, do_sample=False)
+    r = GenerationRun(model, _ids(1, PROMPT, 5), None, cfg)
+    r.run()
+    if not r.engine.fused:
+        return {}
+    head = head_cell(r.engine.cell)
+    x = Tensor(np.random.default_rng(1).standard_normal((1, 1, model.config.hidden_size)).astype(np.float32))
+    nbytes = sum(int(p.size) * p.itemsize for p in model.get_parameters() if p.name.startswith("lm_head"))
+    head(x).asnumpy()
+    wall = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        head(x).asnumpy()
+        wall.append(time.perf_counter() - t0)
+    return {"lm_head_gbs": nbytes / statistics.median(wall) / 1e9}
+
+
 def worker_ours(folder: str, mode: str, reps: int, logits_out: str) -> dict:
     import mindspore as ms
 
@@ -113,6 +162,7 @@ def worker_ours(folder: str, mode: str, reps: int, logits_out: str) -> dict:
     out: dict = {"load_s": time.perf_counter() - t0,
                  "load_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     out.update(measure(model, reps))
+    out.update(lm_head_rate(model))
     logits = model(_ids(1, LOGIT_PROBE, 7)).logits
     np.save(logits_out, np.asarray(logits.asnumpy(), np.float32))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -155,28 +205,44 @@ def bench_env() -> dict[str, str]:
     return dict(base(), OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
 
 
-def run_ours(folder: str, mode: str, reps: int, tmp: str) -> tuple[dict, np.ndarray]:
-    logits = os.path.join(tmp, f"{mode}.npy")
+def run_ours(folder: str, mode: str, reps: int, logits: str) -> dict:
+    """One of our modes in its own process; its logits go to the file `logits`."""
+    load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--folder", folder,
                            "--reps", str(reps), "--logits", logits],
                           capture_output=True, text=True, env=bench_env())
     if proc.returncode != 0:  # reported in the results (e.g. killed by the OOM killer: -9), run goes on
         tail = proc.stderr.strip().splitlines()[-1:] or [""]
-        return {"failed": f"worker exit {proc.returncode} {tail[0][:200]}"}, None
-    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(logits)
+        return {"failed": f"worker exit {proc.returncode} {tail[0][:200]}", "load": load}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), load=load)
+
+
+def median_process(runs: list[dict]) -> dict:
+    """Per key, the median over the processes that did not fail (the first failure if all did)."""
+    ok = [r for r in runs if "failed" not in r]
+    if not ok:
+        return runs[0]
+    return {k: statistics.median(r[k] for r in ok) for k in ok[0] if all(k in r for r in ok)}
 
 
 def fmt(name: str, r: dict) -> str:
     if "failed" in r:
-        return f"{name:7s} FAILED: {r['failed']}"
+        return f"{name:10s} FAILED: {r['failed']}"
     load = f", load {r['load_s']:5.1f} s" if "load_s" in r else ""
     err = f", logits rel err vs fp32 {r['rel_err']:.2e}" if "rel_err" in r else ""
-    return (f"{name:7s} prefill 1x{PREFILL_LEN} {r['prefill_tps']:7.1f} tok/s | decode b1 "
+    rate = f" | lm_head op {r['lm_head_gbs']:5.1f} GB/s" if "lm_head_gbs" in r else ""
+    return (f"{name:10s} prefill 1x{PREFILL_LEN} {r['prefill_tps']:7.1f} tok/s | decode b1 "
             f"{r['decode_b1_tps']:6.1f} | b8 {r['decode_b8_tps']:6.1f} tok/s | peak RSS "
-            f"{r['peak_rss_mb']:6.0f} MB{load}{err}")
+            f"{r['peak_rss_mb']:6.0f} MB{load}{err}{rate}")
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
 
 
 def ratios(ours: dict, llama: dict) -> list[str]:
+    """Each mode against our fp32 (target on decode b1) and against its llama.cpp counterpart
+    (target on every metric), from the given (median) results."""
     lines = []
     ours = {m: r for m, r in ours.items() if "failed" not in r}
     base = ours.get("fp32")
@@ -184,13 +250,35 @@ def ratios(ours: dict, llama: dict) -> list[str]:
     for mode, r in ours.items():
         if base and mode != "fp32":
             rs = ", ".join(f"{k.removesuffix('_tps')} {r[k] / base[k]:.2f}x" for k in keys)
-            tgt = f" (target decode_b1 >= {TARGET_VS_FP32[mode]}x)" if mode in TARGET_VS_FP32 else ""
-            lines.append(f"{mode} vs our fp32: {rs}{tgt}")
+            tgt = TARGET_VS_FP32.get(mode)
+            met = f" (target decode_b1 >= {tgt}x: {verdict(r['decode_b1_tps'] / base['decode_b1_tps'] >= tgt)})"
+            lines.append(f"{mode} vs our fp32: {rs}{met if tgt else ''}")
     for mine, theirs in PAIRS:
         if mine in ours and theirs in llama and "failed" not in llama[theirs]:
-            rs = ", ".join(f"{k.removesuffix('_tps')} {ours[mine][k] / llama[theirs][k]:.2f}x" for k in keys)
-            lines.append(f"{mine} vs llama.cpp {theirs}: {rs} (target >= 1.0x each)")
+            q = {k: ours[mine][k] / llama[theirs][k] for k in keys}
+            rs = ", ".join(f"{k.removesuffix('_tps')} {v:.2f}x" for k, v in q.items())
+            short = [k.removesuffix("_tps") for k, v in q.items() if v < 1.0]
+            lines.append(f"{mine} vs llama.cpp {theirs}: {rs} (target >= 1.0x each: "
+                         f"{verdict(not short)}{' for ' + ', '.join(short) if short else ''})")
     return lines
+
+
+def run_rounds(folder: str, modes: list[str], reps: int, rounds: int) -> dict[str, list[dict]]:
+    """Every mode in `rounds` processes, interleaved; each process's logits error against the
+    first fp32 process."""
+    procs: dict[str, list[dict]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            for mode in modes:
+                path = os.path.join(tmp, f"{mode}-{i}.npy")
+                procs[mode].append(dict(run_ours(folder, mode, reps, path), logits=path))
+        ref = next((r["logits"] for r in procs.get("fp32", []) if "failed" not in r), None)
+        ref = np.load(ref) if ref else None
+        for r in (r for runs in procs.values() for r in runs):
+            path = r.pop("logits")
+            if ref is not None and "failed" not in r:
+                r["rel_err"] = float(np.linalg.norm(np.load(path) - ref) / np.linalg.norm(ref))
+    return procs
 
 
 def main() -> None:
@@ -201,6 +289,7 @@ def main() -> None:
     ap.add_argument("--gguf-dir", default="/work/data/gguf")
     ap.add_argument("--llama-bin", default="/work/data/llamacpp/build/bin")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="processes per mode, interleaved")
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--worker", choices=sorted(MODES))
     ap.add_argument("--logits")
@@ -212,17 +301,10 @@ def main() -> None:
     bad = [m for m in modes if m not in MODES]
     if bad:
         sys.exit(f"--modes: unknown {bad[0]!r}; choose from {sorted(MODES)}")
-    loads = [f"{os.getloadavg()[0]:.1f}"]
-    ours: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = None
-        for mode in modes:
-            ours[mode], logits = run_ours(a.folder, mode, a.reps, tmp)
-            if mode == "fp32":
-                ref = logits
-            if ref is not None and logits is not None:
-                ours[mode]["rel_err"] = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
-            loads.append(f"{os.getloadavg()[0]:.1f}")
+    if a.rounds < 1 or a.reps < 1:
+        sys.exit(f"--rounds and --reps must be >= 1, got {a.rounds} and {a.reps}")
+    procs = run_rounds(a.folder, modes, a.reps, a.rounds)
+    loads = [f"{r['load']:.1f}" for i in range(a.rounds) for r in (procs[m][i] for m in modes)]
     llama: dict = {}
     stem = Path(a.folder).name
     for t in [t for t in a.llama.split(",") if t]:
@@ -230,12 +312,19 @@ def main() -> None:
         if not gguf.is_file():
             llama[t] = {"failed": f"no {gguf} (see tools/llamacpp/README.md)"}
             continue
-        llama[t] = llama_side(Path(a.llama_bin), gguf, a.reps)
         loads.append(f"{os.getloadavg()[0]:.1f}")
-    lines = [fmt(m, r) for m, r in ours.items()] + [fmt(f"llama {t}", r) for t, r in llama.items()]
+        llama[t] = llama_side(Path(a.llama_bin), gguf, a.reps)
+    loads.append(f"{os.getloadavg()[0]:.1f}")
+    ours = {m: median_process(runs) for m, runs in procs.items()}
+    lines = []
+    if a.rounds > 1:
+        lines += [fmt(f"{m} #{i + 1}", r) + (f" | 1-min load {r['load']:.1f}" if "failed" not in r else "")
+                  for i in range(a.rounds) for m, r in ((m, procs[m][i]) for m in modes)]
+    lines += [fmt(m, r) for m, r in ours.items()] + [fmt(f"llama {t}", r) for t, r in llama.items()]
     lines += ratios(ours, llama)
-    lines.append(f"median of {a.reps} after a warm-up; 1-min load before each worker and at the end: "
-                 f"{', '.join(loads)} (2 cores)")
+    lines.append(f"per process: median of {a.reps} after a warm-up; "
+                 + (f"per mode: median over its {a.rounds} processes (run interleaved); " if a.rounds > 1 else "")
+                 + f"1-min load before each process and at the end: {', '.join(loads)} (2 cores)")
     print("\n".join(lines))
     if not a.no_results:
         from common import REPO

@@ -6,19 +6,52 @@
 // once per pass, far beyond L3; "hot": the first 64 rows again and again (L1/L2 resident): the
 // loop's compute rate, in weight bytes per second. Prints GB/s of weight bytes (best of 7) and ms
 // per pass. A plain 2-thread sum gives the memory bandwidth.
+// Weights sit on 2 MB pages, as the library's after a load (io/hugepages.py); ROWS_BW_PAGES=4k puts
+// them on 4 KB pages. ROWS_BW_AB=n instead: per storage, a 4 KB-page and a 2 MB-page matrix, n
+// cold passes over each, alternating (the machine's streaming rate moves over seconds: bench/
+// stream_state.cc), then the median GB/s of each and the median of the per-pass ratios.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <ctime>
 #include <vector>
+
+#include <sys/mman.h>
 
 #include "decode_pool.h"
 #include "decode_rows.h"
 
-static QMat make(int kind, int64_t M, int64_t H, int64_t g, std::vector<uint8_t> &w, std::vector<uint16_t> &s,
-                 std::vector<uint8_t> &z) {
+static bool g_huge = true;  // the next buffers on 2 MB pages (else 4 KB)
+
+// A std::vector allocator on fresh 2 MB-aligned mappings, madvised MADV_HUGEPAGE or MADV_NOHUGEPAGE
+template <class T>
+struct PageAlloc {
+  using value_type = T;
+  PageAlloc() = default;
+  template <class U>
+  PageAlloc(const PageAlloc<U> &) {}
+  static constexpr size_t kHuge = 2 << 20;
+  T *allocate(size_t n) {
+    const size_t len = (n * sizeof(T) + kHuge - 1) / kHuge * kHuge;
+    void *raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) throw std::bad_alloc();
+    const uintptr_t at = (reinterpret_cast<uintptr_t>(raw) + kHuge - 1) / kHuge * kHuge;
+    madvise(reinterpret_cast<void *>(at), len, g_huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    return reinterpret_cast<T *>(at);  // the unaligned head stays mapped: a benchmark's few MB
+  }
+  void deallocate(T *p, size_t n) { munmap(p, (n * sizeof(T) + kHuge - 1) / kHuge * kHuge); }
+  template <class U>
+  bool operator==(const PageAlloc<U> &) const { return true; }
+  template <class U>
+  bool operator!=(const PageAlloc<U> &) const { return false; }
+};
+using Bytes = std::vector<uint8_t, PageAlloc<uint8_t>>;
+using Halves = std::vector<uint16_t, PageAlloc<uint16_t>>;
+
+static QMat make(int kind, int64_t M, int64_t H, int64_t g, Bytes &w, Halves &s, Bytes &z) {
   QMat m;
   m.kind = kind, m.I = H, m.g = kind == kQ4 ? g : H;
   m.ld = QMat::bytes_for(kind, H);
@@ -31,6 +64,35 @@ static QMat make(int kind, int64_t M, int64_t H, int64_t g, std::vector<uint8_t>
   z.assign(M * m.lds + 16, kind == kQ4 ? 8 : 128);
   m.w = w.data(), m.s = s.data(), m.z = z.data();
   return m;
+}
+
+static double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// ROWS_BW_AB: 4 KB vs 2 MB pages for one storage, `rounds` alternating cold passes
+static void pages_ab(const char *name, int kind, bool act8, int64_t M, int64_t H, const float *x, int rounds) {
+  Bytes w[2], z[2];
+  Halves s[2];
+  QMat W[2];
+  for (int h = 0; h < 2; ++h) g_huge = h, W[h] = make(kind, M, H, 128, w[h], s[h], z[h]);
+  const double bytes = static_cast<double>(M) * W[0].ld + (W[0].quantized() ? M * W[0].lds * 3.0 : 0.0);
+  const int64_t chunk = 64, nc = M / chunk;  // the decode kernels' kChunk
+  std::vector<float> y(M);
+  std::vector<double> rate[2], ratio;
+  for (int r = 0; r < rounds; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      ActQ q8, q4;
+      const XIn in = prepare_x(x, H, 1, H, act8, {&W[h]}, q8, q4);
+      const auto t0 = std::chrono::steady_clock::now();
+      Pool::get().run(nc, [&](int64_t c) { mat_dot(W[h], c * chunk, (c + 1) * chunk, in, y.data(), M); });
+      rate[h].push_back(bytes / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 1e9);
+    }
+    ratio.push_back(rate[1].back() / rate[0].back());
+  }
+  printf("%-10s%s cold, median of %d: 4 KB pages %6.1f GB/s, 2 MB pages %6.1f GB/s, per-pass ratio 2M/4K %.3f\n",
+         name, act8 ? " act8" : "     ", rounds, median(rate[0]), median(rate[1]), median(ratio));
 }
 
 int main(int argc, char **argv) {
@@ -46,10 +108,18 @@ int main(int argc, char **argv) {
   for (int64_t i = 0; i < NB * H; ++i) x[i] = 0.01f * (i % 13) - 0.05f;
   Pool &pool = Pool::get();
   const char *names[] = {"fp32", "bf16", "int8", "int4 g128"};  // then int8 / int4 with int8 activations
+  const char *pages = std::getenv("ROWS_BW_PAGES"), *ab = std::getenv("ROWS_BW_AB");
+  g_huge = !(pages && std::string(pages) == "4k");
+  if (ab) {
+    for (int mode = kF32; mode <= kQ4 + 2; ++mode) {
+      const int kind = mode > kQ4 ? mode - 2 : mode;
+      pages_ab(names[kind], kind, mode > kQ4, (MB << 20) / QMat::bytes_for(kind, H) / 64 * 64, H, x, atoi(ab));
+    }
+    return 0;
+  }
   {  // bandwidth reference: a plain sum over the fp32 matrix, split over the pool
-    std::vector<uint8_t> w;
-    std::vector<uint16_t> s;
-    std::vector<uint8_t> z;
+    Bytes w, z;
+    Halves s;
     const int64_t M = M0, nc = 64, per = M * H / nc;
     make(kF32, M, H, H, w, s, z);
     double best = 1e9;
@@ -75,8 +145,8 @@ int main(int argc, char **argv) {
     const int kind = mode > kQ4 ? mode - 2 : mode;
     const bool act8 = mode > kQ4;
     if (hot_only && atoi(hot_only) != mode) continue;
-    std::vector<uint8_t> w, z;
-    std::vector<uint16_t> s;
+    Bytes w, z;
+    Halves s;
     const int64_t M = (MB << 20) / QMat::bytes_for(kind, H) / 256 * 256;  // MB of this storage
     const QMat W = make(kind, M, H, 128, w, s, z);
     const double bytes = static_cast<double>(M) * W.ld + (W.quantized() ? M * W.lds * 3.0 : 0.0);

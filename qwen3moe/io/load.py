@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from qwen3moe.io.fp8 import fp8_spec
 from qwen3moe.io.hf_checkpoint import check_folder, load_pretrained as load_float
+from qwen3moe.io.hugepages import use_hugepages
 from qwen3moe.io.safetensors_io import CheckpointError
 
 
@@ -20,11 +21,12 @@ def load_pretrained(cls, path, dtype: str | None = "float32", config=None, quant
     directory, config = check_folder(path, config)
     if fp8_spec(directory) is not None:  # read as the float folder it encodes (io/fp8.py)
         config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
-    quantized = _load_quantized(cls, directory, config, to_ms_dtype(dtype or config.torch_dtype),
-                                quantization, group_size)
-    if quantized is not None:
-        return quantized
-    return load_float(cls, directory, dtype=dtype, config=config)
+    model = _load_quantized(cls, directory, config, to_ms_dtype(dtype or config.torch_dtype),
+                            quantization, group_size)
+    if model is None:
+        model = load_float(cls, directory, dtype=dtype, config=config)
+    use_hugepages(model)  # every loader's weights, also the ones MindSpore allocated (io/hugepages.py)
+    return model
 
 
 def _load_quantized(cls, directory, config, param_dtype, quantization, group_size):
