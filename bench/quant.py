@@ -2,7 +2,8 @@
 llama.cpp F32 / Q8_0 / Q4_K_M, in one run, 2 threads each.
 
     OMP_WAIT_POLICY=PASSIVE python bench/quant.py --folder /work/data/synth-2l \
-        [--modes fp32,bf16,int8,int4] [--gguf-dir /work/data/gguf] [--reps 3] [--rounds 3] [--no-results]
+        [--modes fp32,bf16,int8,int4] [--gguf-dir /work/data/gguf] [--reps 3] [--rounds 3]
+        [--paired bf16,int8,int4 [--pairs 8]] [--no-results]
 
 Per mode, each in its own subprocess (so peak RSS and thread pools don't mix):
   load time, prefill 1x512 tokens/s, decode tokens/s at batch 1 and batch 8 (16-token prompts,
@@ -20,6 +21,15 @@ fast a process streams memory changes over time on this machine (bench/RESULTS.m
 rate"), so one process per mode can compare a fast process with a slow one. Each process prints
 its numbers and its lm_head op's weight GB/s (its streaming rate: the op alone in a compiled cell,
 median of 20 calls); the ratios against our fp32 and llama.cpp come from the medians over processes.
+
+--paired MODES (off by default; bench/quant_paired.py): the decode-b1 target against our fp32 measured
+inside one process. The streaming rate switches between ~50-55 and ~70-80 GB/s over seconds and decode
+b1 is bandwidth-bound, so even the medians over a few processes can compare windows rather than
+formats. Per listed mode, one worker loads fp32 and the mode, warms both up, then runs --pairs rounds of
+the same b1 decode (decode_tps, 63 steps) on both, back to back, in ABBA order; the ratio is taken per
+round and its median is checked against the target. That worker holds both models (~9.3 + 4.3-4.9 GB
+peak RSS): it starts only with /proc/meminfo MemAvailable >= 16 GiB, else the report says it was skipped.
+`--modes '' --llama ''` runs only the paired part.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -62,19 +73,30 @@ def _ids(B: int, S: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151643, (B, S))  # real (non-special) Qwen ids
 
 
+def generate(model, B: int, S: int, new: int, seed: int):
+    """One greedy GenerationRun (ignore_eos, `new` new tokens) of B prompts of S random ids, run;
+    its .stats hold the prefill and decode times."""
+    from qwen3moe.generation.generate import GenerationRun, resolve_config
+
+    cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False)
+    r = GenerationRun(model, _ids(B, S, seed), None, cfg)
+    r.run()
+    return r
+
+
+def decode_tps(model, B: int, seed: int) -> float:
+    """Decode tokens/s of one run: B prompts of PROMPT ids, NEW new tokens (NEW - 1 decode steps
+    timed). The first call at a batch size compiles (a warm-up)."""
+    st = generate(model, B, PROMPT, NEW, seed).stats
+    return B * st.decode_steps / st.decode_s
+
+
 def measure(model, reps: int, runs: list | None = None, prefill_last: bool = False,
             phase_done: Callable[[str], None] | None = None) -> dict:
     """Prefill 1x512 and decode b1/b8 tokens/s of a loaded model: medians of `reps` after a warm-up.
     `runs` (optional) collects every run as (key, tokens/s, 1-min load average after it);
     prefill_last: decode first (a 512-token prefill needs the most memory); phase_done(key) is
     called after each phase (warm-up + reps), e.g. to read and reset the peak RSS."""
-    from qwen3moe.generation.generate import GenerationRun, resolve_config
-
-    def run(B: int, S: int, new: int, seed: int):
-        cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False)
-        r = GenerationRun(model, _ids(B, S, seed), None, cfg)
-        r.run()
-        return r.stats
 
     def note(key: str, rate: float) -> float:
         if runs is not None:
@@ -82,9 +104,10 @@ def measure(model, reps: int, runs: list | None = None, prefill_last: bool = Fal
         return rate
 
     def prefill():
-        run(1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
+        generate(model, 1, PREFILL_LEN, 1, 0)  # warm-up: compiles the 512 bucket
         out["prefill_tps"] = statistics.median(
-            note("prefill_tps", PREFILL_LEN / run(1, PREFILL_LEN, 1, i).prefill_s) for i in range(reps))
+            note("prefill_tps", PREFILL_LEN / generate(model, 1, PREFILL_LEN, 1, i).stats.prefill_s)
+            for i in range(reps))
         if phase_done:
             phase_done("prefill")
 
@@ -92,12 +115,9 @@ def measure(model, reps: int, runs: list | None = None, prefill_last: bool = Fal
     if not prefill_last:
         prefill()
     for B in DECODE_BATCHES:
-        run(B, PROMPT, NEW, 100)
-        rates = []
-        for i in range(reps):
-            st = run(B, PROMPT, NEW, 100 + i)
-            rates.append(note(f"decode_b{B}_tps", B * st.decode_steps / st.decode_s))
-        out[f"decode_b{B}_tps"] = statistics.median(rates)
+        decode_tps(model, B, 100)  # warm-up
+        out[f"decode_b{B}_tps"] = statistics.median(
+            note(f"decode_b{B}_tps", decode_tps(model, B, 100 + i)) for i in range(reps))
         if phase_done:
             phase_done(f"decode_b{B}")
     if prefill_last:
@@ -130,11 +150,7 @@ def lm_head_rate(model, reps: int = 20) -> dict:
     the engine did not take the fused step (no kernels)."""
     from mindspore import Tensor
 
-    from qwen3moe.generation.generate import GenerationRun, resolve_config
-
-    cfg = resolve_config(model, max_new_tokens=2, ignore_eos=True, do_sample=False)
-    r = GenerationRun(model, _ids(1, PROMPT, 5), None, cfg)
-    r.run()
+    r = generate(model, 1, PROMPT, 2, 5)
     if not r.engine.fused:
         return {}
     head = head_cell(r.engine.cell)
@@ -290,6 +306,8 @@ def main() -> None:
     ap.add_argument("--llama-bin", default="/work/data/llamacpp/build/bin")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="processes per mode, interleaved")
+    ap.add_argument("--paired", default="", help="non-fp32 modes for the paired decode-b1 A/B ('' for none)")
+    ap.add_argument("--pairs", type=int, default=8, help="rounds of the paired A/B")
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--worker", choices=sorted(MODES))
     ap.add_argument("--logits")
@@ -301,8 +319,15 @@ def main() -> None:
     bad = [m for m in modes if m not in MODES]
     if bad:
         sys.exit(f"--modes: unknown {bad[0]!r}; choose from {sorted(MODES)}")
-    if a.rounds < 1 or a.reps < 1:
-        sys.exit(f"--rounds and --reps must be >= 1, got {a.rounds} and {a.reps}")
+    paired = [m for m in a.paired.split(",") if m]
+    bad = [m for m in paired if m not in MODES or m == "fp32"]
+    if bad:
+        sys.exit(f"--paired: {bad[0]!r} is not a non-fp32 mode; choose from {sorted(set(MODES) - {'fp32'})}")
+    bad = [t for t in a.llama.split(",") if t and t not in LLAMA_MODES]
+    if bad:
+        sys.exit(f"--llama: unknown {bad[0]!r}; choose from {sorted(LLAMA_MODES)}")
+    if a.rounds < 1 or a.reps < 1 or a.pairs < 1:
+        sys.exit(f"--rounds, --reps and --pairs must be >= 1, got {a.rounds}, {a.reps} and {a.pairs}")
     procs = run_rounds(a.folder, modes, a.reps, a.rounds)
     loads = [f"{r['load']:.1f}" for i in range(a.rounds) for r in (procs[m][i] for m in modes)]
     llama: dict = {}
@@ -322,14 +347,19 @@ def main() -> None:
                   for i in range(a.rounds) for m, r in ((m, procs[m][i]) for m in modes)]
     lines += [fmt(m, r) for m, r in ours.items()] + [fmt(f"llama {t}", r) for t, r in llama.items()]
     lines += ratios(ours, llama)
-    lines.append(f"per process: median of {a.reps} after a warm-up; "
-                 + (f"per mode: median over its {a.rounds} processes (run interleaved); " if a.rounds > 1 else "")
-                 + f"1-min load before each process and at the end: {', '.join(loads)} (2 cores)")
+    if modes or llama:
+        lines.append(f"per process: median of {a.reps} after a warm-up; "
+                     + (f"per mode: median over its {a.rounds} processes (run interleaved); " if a.rounds > 1 else "")
+                     + f"1-min load before each process and at the end: {', '.join(loads)} (2 cores)")
+    if paired:
+        from quant_paired import run_paired  # imports this module: not at the top
+
+        lines += run_paired(a.folder, paired, a.pairs)
     print("\n".join(lines))
     if not a.no_results:
         from common import REPO
 
-        cmd = "OMP_WAIT_POLICY=PASSIVE python bench/quant.py " + " ".join(sys.argv[1:])
+        cmd = "OMP_WAIT_POLICY=PASSIVE python bench/quant.py " + shlex.join(sys.argv[1:])
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
             fh.write(f"\n## Weight formats (bench/quant.py)\n\n{stamp}, {a.folder}, 2 threads, "
