@@ -27,8 +27,8 @@ inside one process. The streaming rate switches between ~50-55 and ~70-80 GB/s o
 b1 is bandwidth-bound, so even the medians over a few processes can compare windows rather than
 formats. Per listed mode, one worker loads fp32 and the mode, warms both up, then runs --pairs rounds of
 the same b1 decode (decode_tps, 63 steps) on both, back to back, in ABBA order; the ratio is taken per
-round and its median is checked against the target. That worker holds both models (~9.3 + 4.3-4.9 GB
-peak RSS): it starts only with /proc/meminfo MemAvailable >= 16 GiB, else the report says it was skipped.
+round and its median is checked against the target. That worker holds both models (peak RSS ~12 GB):
+it starts only with /proc/meminfo MemAvailable >= 16 GiB, else the report says it was skipped.
 `--modes '' --llama ''` runs only the paired part.
 """
 from __future__ import annotations

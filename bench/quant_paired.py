@@ -9,8 +9,9 @@ alternates per round (fp32 first on even rounds, the mode first on odd: ABBA) so
 round does not favour one side; the median of the per-round ratios drops the rounds where a
 switch fell between the two.
 
-Memory: one worker holds fp32 (~9.3 GB peak RSS) and the mode (4.3-4.9 GB) at once, so a worker
-starts only when /proc/meminfo MemAvailable >= PAIRED_MEM_GIB, else a skip line says why.
+Memory: one worker holds fp32 and the mode at once (peak RSS ~12 GB at synth-2l geometry: fp32's
+load peak, ~9.3 GB, plus the mode loaded after it), so a worker starts only when /proc/meminfo
+MemAvailable >= PAIRED_MEM_GIB, else a skip line says why.
 
     python bench/quant_paired.py --worker bf16 --folder /work/data/synth-2l --pairs 8  (prints JSON)
 """
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant import MODES, TARGET_VS_FP32, bench_env, decode_tps, verdict  # noqa: E402
 
 BASE = "fp32"
-PAIRED_MEM_GIB = 16  # fp32 + the mode ~14.2 GB peak RSS, plus headroom for the rest of the machine
+PAIRED_MEM_GIB = 16  # a worker's ~12 GB peak RSS plus headroom for the rest of the (shared) machine
 
 
 def round_order(i: int, mode: str) -> tuple[str, str]:
@@ -78,7 +79,8 @@ def paired_lines(mode: str, result: dict) -> list[str]:
     lines.append(f"{head} ({len(rounds)} rounds, ABBA): decode_b1 ratios "
                  f"{' '.join(f'{q:.2f}' for q in s['ratios'])} median {s['median']:.2f}x (fp32 "
                  f"{s[BASE]:.1f} tok/s, {mode} {s[mode]:.1f} tok/s medians){tgt}; 1-min load "
-                 f"{result['load_before']:.1f} before, peak RSS {result['peak_rss_mb']:.0f} MB")
+                 f"{result['load_before']:.1f} before, peak RSS {result['peak_rss_mb']:.0f} MB, RSS "
+                 f"{result['rss_mb']:.0f} MB of which {result['huge_mb']:.0f} MB on huge pages")
     return lines
 
 
@@ -93,7 +95,7 @@ def skip_reason(avail_gib: float) -> str | None:
     if avail_gib >= PAIRED_MEM_GIB:
         return None
     return (f"MemAvailable {avail_gib:.1f} GiB < {PAIRED_MEM_GIB} GiB needed (fp32 + the mode in one "
-            "process, ~14.2 GB peak RSS); not started")
+            "process, ~12 GB peak RSS, plus headroom); not started")
 
 
 # ----------------------------------------------------------------------------- worker and driver
@@ -110,7 +112,12 @@ def worker(folder: str, mode: str, pairs: int) -> dict:
     for model in models.values():
         decode_tps(model, 1, 100)  # warm-up: compiles
     rounds = run_pairs(lambda name, seed: decode_tps(models[name], 1, seed), mode, pairs)
-    return {"rounds": rounds, "load_before": load_before,
+    # decode streams the weights: on 4 KB pages (a failed collapse, e.g. fragmented memory) it is
+    # slower, so say how much of the RSS is on huge pages
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text()
+           .splitlines()[1:] if line.split()[-1] == "kB"}
+    return {"rounds": rounds, "load_before": load_before, "rss_mb": kib["Rss"] / 1024,
+            "huge_mb": kib["AnonHugePages"] / 1024,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

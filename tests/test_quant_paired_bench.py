@@ -57,15 +57,17 @@ def test_paired_lines_text():
     rounds = [{"fp32": 26.7, "bf16": 50.2, "first": "fp32", "load": 1.2},
               {"fp32": 26.5, "bf16": 50.4, "first": "bf16", "load": 1.3},
               {"fp32": 27.0, "bf16": 40.0, "first": "fp32", "load": 1.4}]
-    lines = quant_paired.paired_lines("bf16", {"rounds": rounds, "load_before": 0.9, "peak_rss_mb": 14200})
+    lines = quant_paired.paired_lines("bf16", {"rounds": rounds, "load_before": 0.9, "peak_rss_mb": 14200,
+                                                  "rss_mb": 12000, "huge_mb": 11000})
     assert len(lines) == 4
     assert lines[1] == ("  bf16 paired round 2 (bf16 first): fp32 26.5 tok/s, bf16 50.4 tok/s, ratio 1.90, "
                         "1-min load 1.3")
     assert lines[-1] == ("bf16 vs our fp32, paired in one process (3 rounds, ABBA): decode_b1 ratios 1.88 1.90 "
                          "1.48 median 1.88x (fp32 26.7 tok/s, bf16 50.2 tok/s medians) (target >= 1.8x: met); "
-                         "1-min load 0.9 before, peak RSS 14200 MB")
+                         "1-min load 0.9 before, peak RSS 14200 MB, RSS 12000 MB of which 11000 MB on huge pages")
     short = [dict(r, int4=r["fp32"] * 4.0) for r in rounds]
-    lines = quant_paired.paired_lines("int4", {"rounds": short, "load_before": 0, "peak_rss_mb": 0})
+    lines = quant_paired.paired_lines("int4", {"rounds": short, "load_before": 0, "peak_rss_mb": 0,
+                                                  "rss_mb": 0, "huge_mb": 0})
     assert " median 4.00x " in lines[-1] and "(target >= 4.5x: NOT met)" in lines[-1]
     skip = quant_paired.paired_lines("int8", {"skipped": "MemAvailable 3.0 GiB < 16 GiB"})
     assert skip == ["int8 vs our fp32, paired in one process: SKIPPED: MemAvailable 3.0 GiB < 16 GiB"]
