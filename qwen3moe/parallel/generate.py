@@ -2,11 +2,12 @@
 (`qwen3moe generate --use_parallel True --parallel_config.model_parallel N ...`).
 
 pp = 1 (tp, ep, dp and their products): each rank builds its model (parallelize.py: the model's
-own classes with the tp / ep plan, its shards read online; with tp = ep = 1 the whole model,
-loaded as one process loads it, so --dtype / --quantize and the fused decode kernels apply) and
-runs the ordinary generation engine on it: compiled KV-cached step, batches with left padding,
-per-row EOS and stop strings, sampling, streaming. Every rank encodes the whole batch (the same
-padded length everywhere); the dp ranks take equal shares of its rows (generate.RowSplit: the
+own classes with the tp / ep plan, its shards read online, stored in --dtype, with --quantize
+each rank's float slices quantized as they are read; with tp = ep = 1 the whole model, loaded
+as one process loads it) and runs the ordinary generation engine on it: compiled KV-cached
+step (the fused decode kernels on the rank's slices), batches with left padding, per-row EOS
+and stop strings, sampling, streaming. Every rank encodes the whole batch (the same padded
+length everywhere); the dp ranks take equal shares of its rows (generate.RowSplit: the
 last share padded with dummy rows). Every rank runs the same steps with the same shapes, as the
 collectives inside the model need:
   - the tp ranks of a dp rank hold the same logits (the lm_head's are gathered over tp) and run
@@ -62,8 +63,7 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
         raise MeshError(f"tp={mesh.tp} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
     if mesh.tp == mesh.pp == mesh.ep == 1:
         return
-    if req.quantize or req.dtype != "float32":
-        raise GenerationError("--quantize / --dtype apply to single-process and pure data-parallel generation only")
+    _check_weights(req, cfg, mesh)
     if mesh.sp:  # the compiled decode step calls the layers' modules on whole [B, S, H] rows
         raise GenerationError("sequence parallel (sp) is a training layout; generate without it (same shards)")
     if mesh.pp > 1:
@@ -73,6 +73,33 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
                             f"than the {rows} rows of a dp rank (predict_batch_size={req.predict_batch_size}, "
                             f"dp={mesh.dp})")
     check_layout(cfg, layout_mesh(mesh))
+
+
+def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
+    """What the sharded builds load: float folders; --dtype / --quantize with pp = 1 (the rank
+    model of parallelize.py), not on pipeline stages; weight-only quantized products."""
+    from qwen3moe.io.gptq import gptq_config
+    from qwen3moe.layers.quant import QuantizationError
+    from qwen3moe.parallel.pipeline_generate import layout_mesh
+    from qwen3moe.parallel.quantized import check_quantized_layout
+
+    if gptq_config(cfg, req.pretrained_model_dir) is not None:
+        raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: a GPTQ (pre-quantized) folder "
+                              "generates in one process or pure data-parallel only; shard its float folder with "
+                              "--quantize int8/int4")
+    qc = req.quantization()
+    if mesh.pp > 1 and (qc is not None or req.dtype != "float32"):
+        raise GenerationError("--quantize / --dtype with pipeline stages (pp > 1) are not supported: use pp = 1 "
+                              "(tp, ep, dp) or float32 weights")
+    if qc is None:
+        return
+    if qc.int8_activations:
+        raise GenerationError("--activations int8 applies to one process or pure data-parallel only (the sharded "
+                              "decode step runs float activations)")
+    try:
+        check_quantized_layout(cfg, layout_mesh(mesh), qc)
+    except QuantizationError as exc:
+        raise GenerationError(f"--group_size: {exc}") from None
 
 
 def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | None = None) -> ParallelGeneration:
@@ -108,7 +135,8 @@ def engine_batches(req: GenerateRequest, mesh: Mesh, rank: int, on_text: Callabl
     from qwen3moe.generation.batch import generate_batches, load, read_prompts
     from qwen3moe.generation.generate import RowSplit
 
-    tok, model, cfg = load(req, None if mesh.tp == mesh.ep == 1 else lambda folder: rank_model(folder, mesh, rank))
+    build = None if mesh.tp == mesh.ep == 1 else lambda folder: rank_model(folder, mesh, rank, req)
+    tok, model, cfg = load(req, build)
     prompts = read_prompts(req.predict_data)
     split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done, start_done) if mesh.dp > 1 else None
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text if rank == 0 else None, split):
@@ -135,12 +163,17 @@ def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGe
                                       f"({step} step)")
 
 
-def rank_model(folder, mesh: Mesh, rank: int):
-    """This rank's parallelized model (lm_head logits gathered over tp), its shards loaded."""
+def rank_model(folder, mesh: Mesh, rank: int, req: GenerateRequest):
+    """This rank's parallelized model (lm_head logits gathered over tp), its shards loaded in
+    the request's dtype and quantization (pp = 1)."""
+    from qwen3moe.layers.dtypes import to_ms_dtype
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.parallelize import parallelize
 
-    model = parallelize(Qwen3MoeConfig.from_pretrained(folder), mesh, rank, weights=folder, gather_logits=True).model
+    cfg = Qwen3MoeConfig.from_pretrained(folder)
+    dtype = to_ms_dtype(cfg.torch_dtype if req.dtype == "auto" else req.dtype)
+    model = parallelize(cfg, mesh, rank, weights=folder, gather_logits=True, param_dtype=dtype,
+                        quantization=req.quantization()).model
     model.source_dir = str(folder)  # generation_config.json and the tokenizer are read from it
     return model
 

@@ -4,7 +4,7 @@ from outside (torchtitan `parallelize_module`, gpt-fast `tp.py`), one rank per p
 API (stable; other modules build on it):
 
     rm = parallelize(cfg, mesh, rank, weights=None, *, gather_logits=True, dispatcher="auto",
-                     coll=None)
+                     coll=None, param_dtype=None, quantization=None)
 
     cfg       the global Qwen3MoeConfig; mesh: parallel.mesh.Mesh; rank: this process's global
               rank (mindspore.communication.get_rank() under msrun, after init()).
@@ -20,6 +20,9 @@ API (stable; other modules build on it):
     dispatcher "auto" (TPExpertsDispatcher when ep = 1, AllGatherDispatcher when ep > 1), "tp",
               "allgather" or "alltoall" (AllToAllDispatcher; dispatchers.py).
     coll      a process.ProcessCollectives of this rank (default: created here; needs init()).
+    param_dtype, quantization  (generation) the model's own build options: bf16 storage, int8 /
+              int4 projections quantized from the rank's float slices (quantized.py; their
+              entries carry the float weight's split and are not for training or save_sharded).
 
     returns RankModel:
       .model      a Qwen3MoeForCausalLM (models/qwen3_moe.py) whose forward is the model's own:
@@ -69,16 +72,19 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
+from qwen3moe.io.hugepages import use_hugepages
 from qwen3moe.layers.dtypes import skip_init, widen
 from qwen3moe.layers.norm import RMSNorm
+from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight
 from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
 from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
+from qwen3moe.parallel.quantized import check_quantized_layout, native_name, quantize_shard
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
 from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter, own_rows
 from qwen3moe.router.topk import TopKRouter
@@ -333,11 +339,14 @@ def check_layout(cfg, mesh: Mesh) -> None:
 
 
 def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool = True,
-                dispatcher: str = "auto", coll=None, offset: list[int] | None = None) -> RankModel:
+                dispatcher: str = "auto", coll=None, offset: list[int] | None = None, param_dtype=None,
+                quantization: QuantizationConfig | None = None) -> RankModel:
     """This rank's model with the plan applied and its shards loaded (module docstring)."""
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
     check_layout(cfg, mesh)
+    if quantization is not None:
+        check_quantized_layout(cfg, mesh, quantization)
     if dispatcher not in ("auto", "tp", "allgather", "alltoall"):
         raise ValueError(f"dispatcher must be 'auto', 'tp', 'allgather' or 'alltoall', got {dispatcher!r}")
     if mesh.sp and dispatcher == "tp":
@@ -357,8 +366,8 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     local_cfg = rank_config(cfg, mesh, layers)
     reader = _source(weights)
     with skip_init(lazy=reader is not None):  # lazy: no zero buffers beside the loaded shards
-        model = Qwen3MoeForCausalLM(local_cfg)
-        hf = _swap_routers(model, cfg, layers)
+        model = Qwen3MoeForCausalLM(local_cfg, param_dtype=param_dtype, quantization=quantization)
+        hf = _swap_routers(model, cfg, layers, param_dtype)
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)
     _apply_plan(model, mesh, c, coll.groups, vocab_start, gather_logits,
@@ -371,27 +380,41 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     if mesh.pp == 1 and not mesh.sp:  # the generation engine's fused decode step, this plan's collectives
         model.__dict__["fused_step_cell"] = functools.partial(RankFusedStepCell, tp=mesh.tp)
     n = rank % (mesh.dp * mesh.tp)
+    info_of = functools.partial(_info, mesh=mesh, n=n, K=cfg.num_key_value_heads)
+    quantized = [(cell, info_of(native_name(hf[id(cell.qweight)]))) for _, cell in model.cells_and_names()
+                 if isinstance(cell, QuantizedWeight)]
+    split_as = {id(p): info for cell, info in quantized for p in cell.get_parameters()}
     entries = []
     for p in model.get_parameters():
         p.name = hf[id(p)]
-        local = p.name[len("model."):] if p.name.startswith("model.") else p.name
-        entries.append((p, shard_info(local, p.name, mesh, n, cfg.num_key_value_heads)))
+        info = split_as.get(id(p))  # a quantized tensor is split as its float weight is
+        entries.append((p, info_of(p.name) if info is None else replace(info, name=p.name)))
     if reader is not None:
         for p, info in entries:
-            load_shard(p, info, cfg, reader, f"rank {rank}")
+            if id(p) not in split_as:
+                load_shard(p, info, cfg, reader, f"rank {rank}")
+                release_freed_heap()
+        for cell, info in quantized:
+            quantize_shard(cell, info, cfg, reader, f"rank {rank}")
             release_freed_heap()
+        if param_dtype is not None or quantization is not None:
+            use_hugepages(model)  # as io/load.py: the decode kernels stream these weights
     return RankModel(model, entries, mesh, rank, coll, layers, vocab_start, local_cfg,
                      getattr(reader, "bytes_read", 0), _by_name={i.name: i for _, i in entries})
 
 
-def _swap_routers(model, cfg, layers: range) -> dict:
+def _info(hf: str, mesh: Mesh, n: int, K: int) -> ShardInfo:
+    return shard_info(hf[len("model."):] if hf.startswith("model.") else hf, hf, mesh, n, K)
+
+
+def _swap_routers(model, cfg, layers: range, param_dtype=None) -> dict:
     """Give each sparse block the full E-way router (the block was built with E/ep experts);
     returns {id(Parameter): HF name} recorded before any wrapper renames them (local layer j is
     global layer layers[j])."""
     for layer in model.model.layers:
         if layer.is_sparse:
             layer.mlp.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
-                                        cfg.norm_topk_prob)
+                                        cfg.norm_topk_prob, cfg.initializer_range, param_dtype)
 
     def hf(name: str) -> str:
         m = re.match(r"model\.layers\.(\d+)\.", name)

@@ -22,6 +22,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import initializer
 
+from qwen3moe.io.hf_checkpoint import store_param
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.layers.dtypes import skip_init
 from qwen3moe.layers.experts import Qwen3MoeExperts
@@ -103,17 +104,26 @@ def release_freed_heap() -> None:
 _LIBC = None
 
 
-def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
-    """Fill p with the rank's slice of info.name: `get(hf_name)` -> full array (sliced here), or
-    `get.read_shard(info, cfg)` -> the slice only (checkpoint.ShardReader)."""
+def read_slice(info: ShardInfo, cfg, get) -> np.ndarray:
+    """The rank's slice of info.name as a fresh float32 array: `get(hf_name)` -> full array
+    (sliced here), or `get.read_shard(info, cfg)` -> the slice only (checkpoint.ShardReader)."""
     if hasattr(get, "read_shard"):  # a fresh array per call: the Parameter may own it
-        arr = np.ascontiguousarray(get.read_shard(info, cfg), np.float32)
-    else:  # a view of the caller's full array: copy, replicas must not share memory
-        arr = np.array(slice_for(info, get(info.name)), np.float32, order="C", copy=True)
+        return np.ascontiguousarray(get.read_shard(info, cfg), np.float32)
+    # a view of the caller's full array: copy, replicas must not share memory
+    return np.array(slice_for(info, get(info.name)), np.float32, order="C", copy=True)
+
+
+def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
+    """Fill p with the rank's slice of info.name (read_slice), in p's storage dtype (float32 as
+    read; bf16 / bf16 bits rounded once, no float32 copy kept)."""
+    arr = read_slice(info, cfg, get)
     if tuple(arr.shape) != tuple(p.shape):
         raise ValueError(f"{info.name}: shard of shape {list(arr.shape)} for {who}, "
                          f"expected {list(p.shape)}")
-    p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
+    if p.dtype == ms.float32:
+        p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
+    else:
+        store_param(p, arr)
 
 
 def unsplit(parts: list[np.ndarray], style: str) -> np.ndarray:

@@ -1,0 +1,76 @@
+"""Quantize-on-load for a rank model (parallelize.py with `quantization=`): each QuantizedWeight
+cell is filled from the rank's float slice of its weight, read as a float rank model reads it
+(ranks.read_slice: checkpoint.ShardReader preads only the slice), then quantized here
+(layers/quant.quantize, io/quantized.fill_cell). The quantized tensors are split as the float
+weight is (ShardInfo of the float name): column / vocab rows of qweight, scales and qzeros are
+the rows of the whole tensor's; a row-parallel slice (input columns) gives the whole tensor's
+groups when the group size divides the per-rank input dimension (check_quantized_layout).
+Shapes: E experts, O out-features, I in-features.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from qwen3moe.io.quantized import ROW_BLOCK_ELEMENTS, fill_cell
+from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight, quantize
+from qwen3moe.parallel.mesh import Mesh
+from qwen3moe.parallel.ranks import ShardInfo, read_slice
+
+
+def native_name(qweight_name: str) -> str:
+    """The float weight a quantized cell holds, by the name of its qweight: a linear's
+    "...q_proj.qweight" -> "...q_proj.weight", an expert stack's "...experts.gate_up_proj.qweight"
+    -> "...experts.gate_up_proj" (io/quantized.quantized_cells' names)."""
+    base = qweight_name[:-len(".qweight")]
+    return base if ".experts." in base else f"{base}.weight"
+
+
+def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
+    """Each rank quantizes its own slice of a row-parallel projection (o_proj, down_proj: input
+    dim split), so the group size must divide the per-rank input dimension: then the rank's
+    groups are those of the whole tensor. A per-channel (-1) scale of such a slice is per output
+    channel of the rank's input columns (the groups of the whole tensor quantized with group size
+    in / tp)."""
+    if qc.group_size == -1:
+        return
+    tp, etp, attn = mesh.tp, mesh.expert_tp, cfg.num_attention_heads * cfg.head_dim
+    dims = [("self_attn.o_proj", attn, tp, "tp", "num_attention_heads*head_dim")]
+    if any(not cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers)):
+        dims.append(("mlp.down_proj", cfg.intermediate_size, tp, "tp", "intermediate_size"))
+    if cfg.num_experts:
+        dims.append(("mlp.experts.down_proj", cfg.moe_intermediate_size, etp, "etp", "moe_intermediate_size"))
+    for what, n, d, axis, name in dims:
+        if (n // d) % qc.group_size:
+            raise QuantizationError(f"quantization group_size {qc.group_size} does not divide the per-rank input "
+                                    f"dimension {n // d} of {what} ({name} {n} / {axis} {d}); use a group size "
+                                    f"dividing it, or -1 (per channel)")
+
+
+def quantize_shard(cell: QuantizedWeight, info: ShardInfo, cfg, get, who: str) -> None:
+    """Quantize the rank's float slice of `info.name` into `cell`: a linear in row blocks (as
+    io/quantized.py: bounded quantizer temporaries), an expert stack one expert at a time (the
+    float transient is one expert's slice)."""
+    shape = (*cell.qweight.shape[:-1], cell.in_features)
+    q, s, z = (np.empty(tuple(t.shape), dt) for t, dt in
+               ((cell.qweight, np.uint8), (cell.scales, np.float16), (cell.qzeros, np.uint8)))
+    if len(shape) == 2:
+        arr = _checked(read_slice(info, cfg, get), shape, info, who)
+        step = max(1, ROW_BLOCK_ELEMENTS // shape[1])
+        for r0 in range(0, shape[0], step):
+            rows = slice(r0, r0 + step)
+            q[rows], s[rows], z[rows] = quantize(arr[rows], cell.bits, cell.group_size)
+    else:  # expert lo + j of the whole E: the "expert" split of E ways at that index
+        lo = info.ep_rank * (cfg.num_experts // info.ep_size)
+        for j in range(shape[0]):
+            one = replace(info, ep_rank=lo + j, ep_size=cfg.num_experts)
+            arr = _checked(read_slice(one, cfg, get), (1, *shape[1:]), info, who)
+            q[j], s[j], z[j] = quantize(arr[0], cell.bits, cell.group_size)
+    fill_cell(cell, q, s, z)
+
+
+def _checked(arr: np.ndarray, want: tuple, info: ShardInfo, who: str) -> np.ndarray:
+    if tuple(arr.shape) != tuple(want):
+        raise ValueError(f"{info.name}: shard of shape {list(arr.shape)} for {who}, expected {list(want)}")
+    return arr
