@@ -170,14 +170,18 @@ def _generate_both(tmp_path, layout: list[str], *options: str):
     rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--output", str(tmp_path / "par.jsonl"))
     assert rc == 0, err[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *common, "--output", str(tmp_path / "one.jsonl")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr[-2000:]
-    par, one = ([json.loads(line) for line in (tmp_path / f).read_text().splitlines()]
-                for f in ("par.jsonl", "one.jsonl"))
+    for name, args in (("one", common), ("fp32", common[:-len(options)])):
+        single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *args, "--output",
+                                 str(tmp_path / f"{name}.jsonl")], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=240)
+        assert single.returncode == 0, single.stderr[-2000:]
+    par, one, fp32 = ([json.loads(line) for line in (tmp_path / f"{f}.jsonl").read_text().splitlines()]
+                      for f in ("par", "one", "fp32"))
     assert len(par) == 3
     assert [(p["completion"], p["completion_tokens"]) for p in par] == \
         [(o["completion"], o["completion_tokens"]) for o in one]
+    # the options change this fixture's greedy tokens: a rank model ignoring them would fail above
+    assert [o["completion"] for o in one] != [f["completion"] for f in fp32]
     return (tmp_path / "logs" / "worker_0.log").read_text()
 
 
@@ -187,11 +191,13 @@ def _generate_both(tmp_path, layout: list[str], *options: str):
     (["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
      ["--quantize", "int4", "--group_size", "32", "--dtype", "bfloat16"]),
     (["--parallel_config.model_parallel", "2"], ["--dtype", "bfloat16"]),
-], ids=["tp2ep2-int4-g32-bf16", "tp2-bf16"])
+    (["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"], ["--quantize", "int8"]),
+], ids=["tp2ep2-int4-g32-bf16", "tp2-bf16", "dp2ep2-int8"])
 def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path, layout, options):
     """The rank models decode with the fused kernels on their quantized / bf16 slices (partial
     outputs, the plan's collectives) and pick the tokens one process picks with the same options
     (greedy: identical tokens; before: the one-line "--quantize / --dtype apply to single-process
-    ... only" refusal)."""
+    ... only" refusal). int8 per channel under ep only (no row-parallel split): the
+    single-process weights; dp2: each rank generates one row of a batch of 2."""
     log0 = _generate_both(tmp_path, layout, *options)
     assert "(fused step)" in log0
