@@ -39,12 +39,14 @@ def _ranks(folder, mesh, **build):
             for r in range(mesh.world_size)]
 
 
-def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model():
+@pytest.mark.parametrize("layout", [dict(tp=2, ep=2), dict(pp=2, micro_batch_num=2)], ids=["tp2ep2", "pp2"])
+def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model(layout):
     """tp2 x ep2 (2 ranks: tp split attention, each rank 4 of 8 experts), int4 group 32, bf16
     embeddings / norms / router: every tensor of every rank (qweight, scales, qzeros of q/k/v
     (column), o_proj (row, 64 columns a rank = 2 groups), the lm_head (int8 per channel, vocab
     rows), the expert stacks (ep block); bf16 plain weights) equals the slice of the single-process
-    `from_pretrained(dtype="bfloat16", quantization="int4", group_size=32)` tensor."""
+    `from_pretrained(dtype="bfloat16", quantization="int4", group_size=32)` tensor. pp2: each
+    stage holds its layers' tensors whole (embedding on the first, lm_head on the last)."""
     import mindspore as ms
 
     from qwen3moe import Qwen3MoeForCausalLM
@@ -55,10 +57,11 @@ def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model():
     one = Qwen3MoeForCausalLM.from_pretrained(GQA, dtype="bfloat16", quantization="int4", group_size=32)
     full = {p.name: p for p in one.get_parameters()}
     qc = QuantizationConfig.from_name("int4", 32)
-    ranks = _ranks(GQA, Mesh(tp=2, ep=2), param_dtype=ms.bfloat16, quantization=qc)
+    ranks = _ranks(GQA, Mesh(**layout), param_dtype=ms.bfloat16, quantization=qc)
+    assert set().union(*({p.name for p, _ in rm.entries} for rm in ranks)) == set(full)
     for r, rm in enumerate(ranks):
         names = {p.name for p, _ in rm.entries}
-        assert names == set(full), (r, names ^ set(full))
+        assert names == set(full) or "pp" in layout, (r, names ^ set(full))
         styles = set()
         for p, info in rm.entries:
             want = full[p.name]
@@ -70,7 +73,8 @@ def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model():
             np.testing.assert_array_equal(got, slice_for(info, ref), err_msg=f"rank {r} {p.name}")
             if p.name.endswith(".qweight"):
                 styles.add(info.style + ("/ep" if info.ep_size > 1 else ""))
-        assert styles == {"column", "row", "vocab", "gate_up/ep", "expert_row/ep"}, styles
+        if "pp" not in layout:
+            assert styles == {"column", "row", "vocab", "gate_up/ep", "expert_row/ep"}, styles
 
 
 def test_tp_int8_per_channel_row_slices_are_quantized_per_rank():
@@ -117,8 +121,8 @@ def _request(folder, **kw):
 
 
 @pytest.mark.parametrize("layout,kw,match", [
-    (dict(pp=2), dict(quantize="int8"), r"--quantize / --dtype with pipeline stages \(pp > 1\)"),
-    (dict(pp=2, tp=2), dict(dtype="bfloat16"), r"--quantize / --dtype with pipeline stages \(pp > 1\)"),
+    (dict(pp=2, tp=2), dict(quantize="int4", group_size=128),
+     r"group_size 128 does not divide the per-rank input dimension 64 of self_attn\.o_proj"),
     (dict(tp=2), dict(quantize="int4", group_size=32),
      r"group_size 32 does not divide the per-rank input dimension 16 of mlp\.experts\.down_proj "
      r"\(moe_intermediate_size 32 / etp 2\)"),
@@ -126,7 +130,7 @@ def _request(folder, **kw):
      r"group_size 128 does not divide the per-rank input dimension 64 of self_attn\.o_proj "
      r"\(num_attention_heads\*head_dim 128 / tp 2\)"),
     (dict(ep=2, dp=2), dict(quantize="int8", activations="int8"), r"--activations int8 applies to one process"),
-], ids=["pp2-int8", "pp2tp2-bf16", "tp2-int4-g32", "tp2ep2-int4-g128", "ep2-act8"])
+], ids=["pp2tp2-int4-g128", "tp2-int4-g32", "tp2ep2-int4-g128", "ep2-act8"])
 def test_sharded_generation_refusals_are_one_line(layout, kw, match):
     from qwen3moe.generation.errors import GenerationError
     from qwen3moe.parallel.generate import check_request
@@ -191,13 +195,14 @@ def _generate_both(tmp_path, layout: list[str], *options: str):
     (["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
      ["--quantize", "int4", "--group_size", "32", "--dtype", "bfloat16"]),
     (["--parallel_config.model_parallel", "2"], ["--dtype", "bfloat16"]),
-    (["--parallel_config.data_parallel", "2", "--parallel_config.expert_parallel", "2"], ["--quantize", "int8"]),
-], ids=["tp2ep2-int4-g32-bf16", "tp2-bf16", "dp2ep2-int8"])
+    (["--parallel_config.pipeline_stage", "2"], ["--quantize", "int8"]),
+], ids=["tp2ep2-int4-g32-bf16", "tp2-bf16", "pp2-int8"])
 def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path, layout, options):
     """The rank models decode with the fused kernels on their quantized / bf16 slices (partial
     outputs, the plan's collectives) and pick the tokens one process picks with the same options
     (greedy: identical tokens; before: the one-line "--quantize / --dtype apply to single-process
-    ... only" refusal). int8 per channel under ep only (no row-parallel split): the
-    single-process weights; dp2: each rank generates one row of a batch of 2."""
+    ... only" refusal). pp2: each stage quantizes its layers (int8 per channel, no row
+    split: the single-process weights) and runs the composite cached step, micro-batches of one
+    row overlapped across the stages."""
     log0 = _generate_both(tmp_path, layout, *options)
-    assert "(fused step)" in log0
+    assert ("(composite step)" if "pipeline_stage" in layout[0] else "(fused step)") in log0

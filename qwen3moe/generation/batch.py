@@ -49,6 +49,12 @@ class GenerateRequest:
             return None
         return QuantizationConfig.from_name(self.quantize, self.group_size, self.activations)
 
+    def param_dtype(self, config):
+        """The MindSpore storage dtype of --dtype for the model of `config` (auto: its torch_dtype)."""
+        from qwen3moe.layers.dtypes import to_ms_dtype
+
+        return to_ms_dtype(config.torch_dtype if self.dtype == "auto" else self.dtype)
+
     def check(self) -> Path:
         """The model folder, after the checks that need no model."""
         folder = Path(self.pretrained_model_dir)

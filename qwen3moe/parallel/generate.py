@@ -17,8 +17,8 @@ collectives inside the model need:
     were done), and their sampler draws for the whole batch and keeps its rows' draws, so the
     tokens equal one process generating the batch.
 The results come out on rank 0 (world AllGather of each rank's JSON), streamed text too.
-pp > 1 (pipeline_generate.py): the same engine over each rank's stage of the parallelized model,
-micro-batches of rows overlapped across the stages; the last stage samples and sends the tokens
+pp > 1 (pipeline_generate.py): the same engine over each rank's stage of the parallelized model
+(--dtype / --quantize as above), micro-batches of rows overlapped across the stages; the last stage samples and sends the tokens
 back; stage 0 of each dp rank holds the results.
 `generate` returns the results in prompt order on the one rank that reports them, None elsewhere.
 """
@@ -76,8 +76,8 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
 
 
 def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
-    """What the sharded builds load: float folders; --dtype / --quantize with pp = 1 (the rank
-    model of parallelize.py), not on pipeline stages; weight-only quantized products."""
+    """What the sharded builds load (parallelize.py's rank models, also the pipeline stages):
+    float folders, quantized while read; weight-only quantized products."""
     from qwen3moe.io.gptq import gptq_config
     from qwen3moe.layers.quant import QuantizationError
     from qwen3moe.parallel.pipeline_generate import layout_mesh
@@ -88,9 +88,6 @@ def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
                               "generates in one process or pure data-parallel only; shard its float folder with "
                               "--quantize int8/int4")
     qc = req.quantization()
-    if mesh.pp > 1 and (qc is not None or req.dtype != "float32"):
-        raise GenerationError("--quantize / --dtype with pipeline stages (pp > 1) are not supported: use pp = 1 "
-                              "(tp, ep, dp) or float32 weights")
     if qc is None:
         return
     if qc.int8_activations:
@@ -165,14 +162,12 @@ def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGe
 
 def rank_model(folder, mesh: Mesh, rank: int, req: GenerateRequest):
     """This rank's parallelized model (lm_head logits gathered over tp), its shards loaded in
-    the request's dtype and quantization (pp = 1)."""
-    from qwen3moe.layers.dtypes import to_ms_dtype
+    the request's dtype and quantization."""
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.parallelize import parallelize
 
     cfg = Qwen3MoeConfig.from_pretrained(folder)
-    dtype = to_ms_dtype(cfg.torch_dtype if req.dtype == "auto" else req.dtype)
-    model = parallelize(cfg, mesh, rank, weights=folder, gather_logits=True, param_dtype=dtype,
+    model = parallelize(cfg, mesh, rank, weights=folder, gather_logits=True, param_dtype=req.param_dtype(cfg),
                         quantization=req.quantization()).model
     model.source_dir = str(folder)  # generation_config.json and the tokenizer are read from it
     return model

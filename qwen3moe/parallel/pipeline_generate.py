@@ -175,8 +175,9 @@ def pipeline_batches(req, mesh: Mesh, rank: int, on_text: Callable[[str], None] 
     held = {}
 
     def build(folder):
-        held["rm"] = rm = parallelize(Qwen3MoeConfig.from_pretrained(folder), layout_mesh(mesh), rank,
-                                      weights=folder, gather_logits=True)
+        cfg = Qwen3MoeConfig.from_pretrained(folder)
+        held["rm"] = rm = parallelize(cfg, layout_mesh(mesh), rank, weights=folder, gather_logits=True,
+                                      param_dtype=req.param_dtype(cfg), quantization=req.quantization())
         rm.model.source_dir = str(folder)  # generation_config.json and the tokenizer are read from it
         return rm.model
 

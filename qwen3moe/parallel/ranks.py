@@ -23,8 +23,10 @@ from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import initializer
 
 from qwen3moe.io.hf_checkpoint import store_param
+from qwen3moe.io.quantized import ROW_BLOCK_ELEMENTS
+from qwen3moe.io.safetensors_io import f32_to_bf16
 from qwen3moe.layers.attention import Qwen3MoeAttention
-from qwen3moe.layers.dtypes import skip_init
+from qwen3moe.layers.dtypes import BF16_BITS, skip_init
 from qwen3moe.layers.experts import Qwen3MoeExperts
 from qwen3moe.layers.mlp import Qwen3MoeMLP
 from qwen3moe.layers.norm import RMSNorm
@@ -122,8 +124,23 @@ def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
                          f"expected {list(p.shape)}")
     if p.dtype == ms.float32:
         p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
+    elif p.dtype in (BF16_BITS, ms.bfloat16):
+        t = Tensor.from_numpy(_bf16_bits(arr))
+        p.set_data(t if p.dtype == BF16_BITS else t.view(ms.bfloat16))
     else:
         store_param(p, arr)
+
+
+def _bf16_bits(arr: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounded in row blocks: f32_to_bf16's uint32 temporaries of
+    a whole slice (a [V/tp, H] embedding) would be ~3x its float32 size on top of it."""
+    out = np.empty(arr.shape, np.uint16)
+    cols = arr.shape[-1] if arr.ndim else 1
+    rows_in, rows_out = arr.reshape(-1, cols), out.reshape(-1, cols)
+    step = max(1, ROW_BLOCK_ELEMENTS // rows_in.shape[1])
+    for r0 in range(0, rows_in.shape[0], step):
+        rows_out[r0:r0 + step] = f32_to_bf16(rows_in[r0:r0 + step])
+    return out
 
 
 def unsplit(parts: list[np.ndarray], style: str) -> np.ndarray:
