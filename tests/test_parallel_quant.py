@@ -77,6 +77,26 @@ def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model(lay
             assert styles == {"column", "row", "vocab", "gate_up/ep", "expert_row/ep"}, styles
 
 
+@pytest.mark.parametrize("folder,layout", [(MQA, dict(tp=2)), (GQA, dict(dp=2, ep=2)), (GQA, dict(tp=2, ep=2))],
+                         ids=["mqa-tp2", "gqa-dp2ep2", "gqa-tp2ep2"])
+def test_bf16_rank_tensors_are_slices_of_the_single_process_bf16_model(folder, layout):
+    """--dtype bfloat16 alone: every rank tensor (expert stacks as bf16 bits, read one expert at
+    a time, split over etp or ep; attention, dense MLP, norms, router, embedding, lm_head) is the
+    slice of `from_pretrained(dtype="bfloat16")`'s, in the same storage dtype."""
+    import mindspore as ms
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.ranks import slice_for
+
+    full = {p.name: p for p in Qwen3MoeForCausalLM.from_pretrained(folder, dtype="bfloat16").get_parameters()}
+    for r, rm in enumerate(_ranks(folder, Mesh(**layout), param_dtype=ms.bfloat16)):
+        assert {p.name for p, _ in rm.entries} == set(full)
+        for p, info in rm.entries:
+            assert p.dtype == full[p.name].dtype and p.dtype != ms.float32, (r, p.name, p.dtype)
+            np.testing.assert_array_equal(_f32(p), slice_for(info, _f32(full[p.name])), err_msg=f"rank {r} {p.name}")
+
+
 def test_tp_int8_per_channel_row_slices_are_quantized_per_rank():
     """tp2 (experts' ffn split too, etp 2) on the dense + sparse fixture, int8 per channel: the
     column / vocab tensors (q, k, v with the one kv head replicated, gate, up, expert gate_up,

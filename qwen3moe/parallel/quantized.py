@@ -9,14 +9,12 @@ Shapes: E experts, O out-features, I in-features.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from qwen3moe.io.quantized import ROW_BLOCK_ELEMENTS, fill_cell
 from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight, quantize
 from qwen3moe.parallel.mesh import Mesh
-from qwen3moe.parallel.ranks import ShardInfo, read_slice
+from qwen3moe.parallel.ranks import ShardInfo, checked, expert_slices, read_slice
 
 
 def native_name(qweight_name: str) -> str:
@@ -50,27 +48,18 @@ def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
 
 def quantize_shard(cell: QuantizedWeight, info: ShardInfo, cfg, get, who: str) -> None:
     """Quantize the rank's float slice of `info.name` into `cell`: a linear in row blocks (as
-    io/quantized.py: bounded quantizer temporaries), an expert stack one expert at a time (the
-    float transient is one expert's slice)."""
+    io/quantized.py: bounded quantizer temporaries), an expert stack one expert at a time
+    (ranks.expert_slices: the float transient is one expert's slice)."""
     shape = (*cell.qweight.shape[:-1], cell.in_features)
     q, s, z = (np.empty(tuple(t.shape), dt) for t, dt in
                ((cell.qweight, np.uint8), (cell.scales, np.float16), (cell.qzeros, np.uint8)))
     if len(shape) == 2:
-        arr = _checked(read_slice(info, cfg, get), shape, info, who)
+        arr = checked(read_slice(info, cfg, get), shape, info, who)
         step = max(1, ROW_BLOCK_ELEMENTS // shape[1])
         for r0 in range(0, shape[0], step):
             rows = slice(r0, r0 + step)
             q[rows], s[rows], z[rows] = quantize(arr[rows], cell.bits, cell.group_size)
-    else:  # expert lo + j of the whole E: the "expert" split of E ways at that index
-        lo = info.ep_rank * (cfg.num_experts // info.ep_size)
-        for j in range(shape[0]):
-            one = replace(info, ep_rank=lo + j, ep_size=cfg.num_experts)
-            arr = _checked(read_slice(one, cfg, get), (1, *shape[1:]), info, who)
-            q[j], s[j], z[j] = quantize(arr[0], cell.bits, cell.group_size)
+    else:
+        for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
+            q[j], s[j], z[j] = quantize(checked(arr, (1, *shape[1:]), info, who)[0], cell.bits, cell.group_size)
     fill_cell(cell, q, s, z)
-
-
-def _checked(arr: np.ndarray, want: tuple, info: ShardInfo, who: str) -> np.ndarray:
-    if tuple(arr.shape) != tuple(want):
-        raise ValueError(f"{info.name}: shard of shape {list(arr.shape)} for {who}, expected {list(want)}")
-    return arr

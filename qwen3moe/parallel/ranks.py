@@ -15,7 +15,7 @@ Shapes: V vocab, H hidden, E experts, I expert ffn, F dense ffn, N/K query/kv he
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import mindspore as ms
@@ -115,18 +115,38 @@ def read_slice(info: ShardInfo, cfg, get) -> np.ndarray:
     return np.array(slice_for(info, get(info.name)), np.float32, order="C", copy=True)
 
 
+def checked(arr: np.ndarray, want: tuple, info: ShardInfo, who: str) -> np.ndarray:
+    if tuple(arr.shape) != tuple(want):
+        raise ValueError(f"{info.name}: shard of shape {list(arr.shape)} for {who}, expected {list(want)}")
+    return arr
+
+
+def expert_slices(info: ShardInfo, cfg, get, count: int):
+    """The rank's slice of an expert stack one expert at a time ([1, ...] float32 each): expert
+    lo + j of the whole E is the "expert" split of E ways at that index, so the reader opens
+    only that expert (a whole [E/ep, 2I, H] float32 stack would be the load's peak)."""
+    lo = info.ep_rank * (cfg.num_experts // info.ep_size)
+    for j in range(count):
+        yield read_slice(replace(info, ep_rank=lo + j, ep_size=cfg.num_experts), cfg, get)
+
+
 def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
     """Fill p with the rank's slice of info.name (read_slice), in p's storage dtype (float32 as
-    read; bf16 / bf16 bits rounded once, no float32 copy kept)."""
-    arr = read_slice(info, cfg, get)
-    if tuple(arr.shape) != tuple(p.shape):
-        raise ValueError(f"{info.name}: shard of shape {list(arr.shape)} for {who}, "
-                         f"expected {list(p.shape)}")
+    read; bf16 / bf16 bits rounded from float32 slices, an expert stack one expert at a time)."""
+    shape = tuple(p.shape)
+    if p.dtype in (BF16_BITS, ms.bfloat16):
+        if ".experts." in info.name and len(shape) == 3:
+            bits = np.empty(shape, np.uint16)
+            for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
+                bits[j] = _bf16_bits(checked(arr, (1, *shape[1:]), info, who)[0])
+        else:
+            bits = _bf16_bits(checked(read_slice(info, cfg, get), shape, info, who))
+        t = Tensor.from_numpy(bits)
+        p.set_data(t if p.dtype == BF16_BITS else t.view(ms.bfloat16))
+        return
+    arr = checked(read_slice(info, cfg, get), shape, info, who)
     if p.dtype == ms.float32:
         p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
-    elif p.dtype in (BF16_BITS, ms.bfloat16):
-        t = Tensor.from_numpy(_bf16_bits(arr))
-        p.set_data(t if p.dtype == BF16_BITS else t.view(ms.bfloat16))
     else:
         store_param(p, arr)
 
