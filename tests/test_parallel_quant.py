@@ -30,6 +30,19 @@ def _f32(p) -> np.ndarray:
     return param_f32(p)
 
 
+@pytest.fixture(params=[None, 2048], ids=["whole", "blocks"])
+def read_blocks(request, monkeypatch):
+    """Row blocks of the slices read (ranks.row_blocks) and quantized: the default (whole
+    fixture slices), or 2048 values (the embedding and lm_head slices read in 16-64 blocks, q/k/v
+    in 2-4: the path a real [V/tp, H] slice takes)."""
+    if request.param:
+        from qwen3moe.parallel import quantized, ranks
+
+        monkeypatch.setattr(ranks, "ROW_BLOCK_ELEMENTS", request.param)
+        monkeypatch.setattr(quantized, "ROW_BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
 def _ranks(folder, mesh, **build):
     from qwen3moe.models.config import Qwen3MoeConfig
     from qwen3moe.parallel.parallelize import parallelize
@@ -40,7 +53,7 @@ def _ranks(folder, mesh, **build):
 
 
 @pytest.mark.parametrize("layout", [dict(tp=2, ep=2), dict(pp=2, micro_batch_num=2)], ids=["tp2ep2", "pp2"])
-def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model(layout):
+def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model(layout, read_blocks):
     """tp2 x ep2 (2 ranks: tp split attention, each rank 4 of 8 experts), int4 group 32, bf16
     embeddings / norms / router: every tensor of every rank (qweight, scales, qzeros of q/k/v
     (column), o_proj (row, 64 columns a rank = 2 groups), the lm_head (int8 per channel, vocab
@@ -79,7 +92,7 @@ def test_tp_ep_int4_bf16_rank_tensors_are_slices_of_the_single_process_model(lay
 
 @pytest.mark.parametrize("folder,layout", [(MQA, dict(tp=2)), (GQA, dict(dp=2, ep=2)), (GQA, dict(tp=2, ep=2))],
                          ids=["mqa-tp2", "gqa-dp2ep2", "gqa-tp2ep2"])
-def test_bf16_rank_tensors_are_slices_of_the_single_process_bf16_model(folder, layout):
+def test_bf16_rank_tensors_are_slices_of_the_single_process_bf16_model(folder, layout, read_blocks):
     """--dtype bfloat16 alone: every rank tensor (expert stacks as bf16 bits, read one expert at
     a time, split over etp or ep; attention, dense MLP, norms, router, embedding, lm_head) is the
     slice of `from_pretrained(dtype="bfloat16")`'s, in the same storage dtype."""

@@ -130,6 +130,24 @@ def expert_slices(info: ShardInfo, cfg, get, count: int):
         yield read_slice(replace(info, ep_rank=lo + j, ep_size=cfg.num_experts), cfg, get)
 
 
+def row_blocks(info: ShardInfo, cfg, get, shape: tuple, who: str):
+    """A 2-D slice's rows in blocks of at most ROW_BLOCK_ELEMENTS float32 values: (first row,
+    block) pairs. A dim-0 split ("vocab" / "column": the embedding, lm_head, q/k/v) of block b of
+    k within rank t of T is the same split at position t*k + b of T*k, so the reader preads
+    only that block (the float32 transient of a [V/tp, H] slice is one block). Other styles, or
+    rows with no such divisor: the whole slice in one read."""
+    rows, cols = shape
+    k = next((k for k in range(1, min(rows, 4096) + 1) if rows % k == 0 and rows // k * cols <= ROW_BLOCK_ELEMENTS),
+             1) if info.style in ("vocab", "column") and len(shape) == 2 else 1
+    if k == 1:
+        yield 0, checked(read_slice(info, cfg, get), shape, info, who)
+        return
+    n = rows // k
+    for b in range(k):
+        part = replace(info, tp_rank=info.tp_rank * k + b, tp_size=info.tp_size * k)
+        yield b * n, checked(read_slice(part, cfg, get), (n, cols), info, who)
+
+
 def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
     """Fill p with the rank's slice of info.name (read_slice), in p's storage dtype (float32 as
     read; bf16 / bf16 bits rounded from float32 slices, an expert stack one expert at a time)."""
@@ -139,6 +157,10 @@ def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
             bits = np.empty(shape, np.uint16)
             for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
                 bits[j] = _bf16_bits(checked(arr, (1, *shape[1:]), info, who)[0])
+        elif len(shape) == 2:
+            bits = np.empty(shape, np.uint16)
+            for r0, arr in row_blocks(info, cfg, get, shape, who):
+                bits[r0:r0 + arr.shape[0]] = _bf16_bits(arr)
         else:
             bits = _bf16_bits(checked(read_slice(info, cfg, get), shape, info, who))
         t = Tensor.from_numpy(bits)
