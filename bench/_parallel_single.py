@@ -8,7 +8,7 @@ import sys
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.models.inputs import prepare_inputs
 from qwen3moe.parallel.distcheck import data, timed
-from qwen3moe.parallel.parallelize import LossGrad
+from qwen3moe.parallel.objectives import LossGrad
 
 folder, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = Qwen3MoeForCausalLM.from_pretrained(folder)

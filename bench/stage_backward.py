@@ -5,9 +5,9 @@ preset (or --preset / --hidden), one "stage" = the whole model, B x S tokens:
 
   forward      the stage's compiled forward alone (pipeline_step.StageForward)
   vjp F / B    that forward under mindspore.vjp (what the pipeline runs), then its backward
-  recompute    parallelize.StageGrad: one graph holding forward + backward (the backward of
+  recompute    objectives.StageGrad: one graph holding forward + backward (the backward of
                a pipeline stage that recomputes its forward), after the same forward
-  fused        value_and_grad in one graph (parallelize.LossGrad: no pipeline, the floor)
+  fused        value_and_grad in one graph (objectives.LossGrad: no pipeline, the floor)
 Ratios: (vjp F + vjp B) / (forward + recompute) < 1 is the saved recomputation; vjp B vs
 recompute - forward says whether the vjp backward holds a forward. Min and median of `reps`
 rounds, the four interleaved so machine load hits them alike; each in wall time and in this
@@ -37,7 +37,7 @@ def main() -> None:
     from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from qwen3moe.layers.dtypes import set_init_seed
     from qwen3moe.models.inputs import prepare_inputs
-    from qwen3moe.parallel.parallelize import LossGrad, StageGrad
+    from qwen3moe.parallel.objectives import LossGrad, StageGrad
     from qwen3moe.parallel.pipeline_step import StageForward
 
     ms.set_device("CPU")

@@ -119,7 +119,8 @@ def dispatch_mode(folder: str) -> dict:
     from qwen3moe.models.inputs import prepare_inputs
     from qwen3moe.parallel import backend
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.parallelize import LossGrad, parallelize
+    from qwen3moe.parallel.objectives import LossGrad
+    from qwen3moe.parallel.parallelize import parallelize
     from qwen3moe.parallel.process import ProcessCollectives
 
     rank = get_rank()

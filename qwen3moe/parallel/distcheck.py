@@ -116,7 +116,7 @@ def _pipeline_grads(rm, t, rows: np.ndarray, arrays: dict) -> float:
     import mindspore as ms
     from mindspore import Tensor
 
-    from qwen3moe.parallel.parallelize import StageGrad
+    from qwen3moe.parallel.objectives import StageGrad
 
     cfg, m, coll = rm.model.config, rm.mesh, rm.coll
     s, E = m.coords(rm.rank)["pp"], cfg.num_experts
@@ -174,7 +174,7 @@ def _sync(out) -> None:
 
 
 def _grads(rm, t, tag: str, arrays: dict, steps: int) -> float:
-    from qwen3moe.parallel.parallelize import LossGrad
+    from qwen3moe.parallel.objectives import LossGrad
 
     fn = LossGrad(rm.model)
     (_, grads), median = timed(lambda: fn(t.input_ids, t.cos, t.sin, t.bias, t.token_mask, t.labels), steps)
