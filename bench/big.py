@@ -223,9 +223,9 @@ def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int,
     if step == "quantize":
         out = quantize_streamed(work, layers, max_ahead, shard_size)
     else:
-        import mindspore as ms
+        from common import generation_runtime
 
-        ms.set_device("CPU")
+        generation_runtime()  # as `qwen3moe generate`: MindSpore's graph pipeline off
         from qwen3moe import Qwen3MoeForCausalLM
 
         from quant import measure

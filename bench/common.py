@@ -32,6 +32,20 @@ def bench_env() -> dict[str, str]:
     return env
 
 
+def generation_runtime() -> str:
+    """A worker that generates: set_device("CPU"), then the runtime `qwen3moe generate` runs
+    (generation/runtime.decode_runtime: MindSpore's graph pipeline off, before its first op), so
+    the bench measures what the CLI runs. QWEN3MOE_GRAPH_PIPELINE=on keeps MindSpore's default
+    (A/B). Returns the setting, for the report."""
+    import mindspore as ms
+
+    from qwen3moe.generation.runtime import decode_runtime
+
+    ms.set_device("CPU")
+    decode_runtime()
+    return os.environ.get("MS_DEV_RUNTIME_CONF", "MindSpore default (graph pipeline on)")
+
+
 def ensure_bench_folder(seed: int = 0) -> Path:
     """bench-mini with random fp32 weights (init std as HF), written once."""
     out = CACHE / "bench-mini"

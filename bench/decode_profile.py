@@ -102,9 +102,9 @@ def _bytes(model) -> dict:
 
 
 def worker(folder: str, mode: str, steps: int, reps: int) -> dict:
-    import mindspore as ms
+    from common import generation_runtime
 
-    ms.set_device("CPU")
+    generation_runtime()  # as `qwen3moe generate`: MindSpore's graph pipeline off
     from mindspore import Tensor
 
     from common import load_kwargs

@@ -42,9 +42,9 @@ def _best(fn, reps: int) -> float:
 
 # ----------------------------------------------------------------------------- workers
 def worker_ours(folder: str, reps: int) -> dict:
-    import mindspore as ms
+    from common import generation_runtime
 
-    ms.set_device("CPU")
+    generation_runtime()  # as `qwen3moe generate`: MindSpore's graph pipeline off
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.generation.generate import GenerationRun, generate, resolve_config
     from qwen3moe.generation.engine import compile_count

@@ -14,7 +14,9 @@ llama-batched-bench -npp 16 -ntg 64 -npl 8 (S_TG, aggregate b8), peak RSS from /
 Prints each of our modes against our fp32 and int8 vs Q8_0, int4 vs Q4_K_M (targets in issue 14).
 Modes int8-a8 / int4-a8: the same weights with the opt-in int8 activations (prefill and decode
 kernels; QuantizationConfig(activations="int8"), docs/quantization.md).
-Times are medians over --reps after a warm-up call.
+Times are medians over --reps after a warm-up call. Our workers run with the runtime setting
+`qwen3moe generate` uses (common.generation_runtime: MindSpore's graph pipeline off, which saves
+~1 ms of hand-offs per decode step); QWEN3MOE_GRAPH_PIPELINE=on measures MindSpore's default.
 
 --rounds N runs every mode in N separate processes, interleaved (fp32, bf16, ... then again): how
 fast a process streams memory changes over time on this machine (bench/RESULTS.md "Streaming
@@ -166,9 +168,9 @@ def lm_head_rate(model, reps: int = 20) -> dict:
 
 
 def worker_ours(folder: str, mode: str, reps: int, logits_out: str) -> dict:
-    import mindspore as ms
+    from common import generation_runtime
 
-    ms.set_device("CPU")
+    generation_runtime()  # as `qwen3moe generate`: MindSpore's graph pipeline off
     from qwen3moe import Qwen3MoeForCausalLM
 
     from common import load_kwargs

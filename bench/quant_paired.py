@@ -100,9 +100,9 @@ def skip_reason(avail_gib: float) -> str | None:
 
 # ----------------------------------------------------------------------------- worker and driver
 def worker(folder: str, mode: str, pairs: int) -> dict:
-    import mindspore as ms
+    from common import generation_runtime
 
-    ms.set_device("CPU")
+    generation_runtime()  # as `qwen3moe generate`: MindSpore's graph pipeline off
     from qwen3moe import Qwen3MoeForCausalLM
 
     from common import load_kwargs
