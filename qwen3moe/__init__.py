@@ -28,6 +28,7 @@ _LAZY = {
     "GenerationConfig": "qwen3moe.generation.config",
     "Tokenizer": "qwen3moe.io.tokenizer",
     "QuantizationConfig": "qwen3moe.layers.quant",
+    "decode_runtime": "qwen3moe.generation.runtime",
 }
 
 
