@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from qwen3moe import Qwen3MoeForCausalLM, Tokenizer
+from qwen3moe import Qwen3MoeForCausalLM, Tokenizer, decode_runtime
 from qwen3moe.generation.generate import stream_generate
 
 
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args()
 
+    decode_runtime()  # before MindSpore's first op: the runtime `qwen3moe generate` uses
     model = Qwen3MoeForCausalLM.from_pretrained(args.model)
     tok = Tokenizer.from_pretrained(args.model)
     history: list[dict] = []

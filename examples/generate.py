@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from qwen3moe import Qwen3MoeForCausalLM, Tokenizer
+from qwen3moe import Qwen3MoeForCausalLM, Tokenizer, decode_runtime
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--sample", action="store_true", help="sample (generation_config.json defaults)")
     args = ap.parse_args()
 
+    decode_runtime()  # before MindSpore's first op: the runtime `qwen3moe generate` uses
     model = Qwen3MoeForCausalLM.from_pretrained(args.model)
     tok = Tokenizer.from_pretrained(args.model)
     text = args.prompt
