@@ -36,10 +36,11 @@ def read_blocks(request, monkeypatch):
     fixture slices), or 2048 values (the embedding and lm_head slices read in 16-64 blocks, q/k/v
     in 2-4: the path a real [V/tp, H] slice takes)."""
     if request.param:
-        from qwen3moe.parallel import quantized, ranks
+        from qwen3moe.io import hf_checkpoint, quantized
+        from qwen3moe.parallel import ranks
 
-        monkeypatch.setattr(ranks, "ROW_BLOCK_ELEMENTS", request.param)
-        monkeypatch.setattr(quantized, "ROW_BLOCK_ELEMENTS", request.param)
+        for module in (ranks, quantized, hf_checkpoint):  # reads, quantizer blocks, bf16 rounding
+            monkeypatch.setattr(module, "ROW_BLOCK_ELEMENTS", request.param)
     return request.param
 
 

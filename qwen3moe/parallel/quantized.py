@@ -9,9 +9,7 @@ Shapes: E experts, O out-features, I in-features.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from qwen3moe.io.quantized import ROW_BLOCK_ELEMENTS, fill_cell
+from qwen3moe.io.quantized import empty_arrays, fill_cell, quantize_rows
 from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight, quantize
 from qwen3moe.parallel.mesh import Mesh
 from qwen3moe.parallel.ranks import ShardInfo, checked, expert_slices, row_blocks
@@ -47,20 +45,15 @@ def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
 
 
 def quantize_shard(cell: QuantizedWeight, info: ShardInfo, cfg, get, who: str) -> None:
-    """Quantize the rank's float slice of `info.name` into `cell`: a linear in row blocks (as
-    io/quantized.py: bounded quantizer temporaries; ranks.row_blocks: read in blocks where the
-    split allows), an expert stack one expert at a time (ranks.expert_slices: the float
+    """Quantize the rank's float slice of `info.name` into `cell`: a linear in row blocks
+    (io/quantized.quantize_rows: bounded quantizer temporaries; ranks.row_blocks: read in blocks
+    where the split allows), an expert stack one expert at a time (ranks.expert_slices: the float
     transient is one expert's slice)."""
     shape = (*cell.qweight.shape[:-1], cell.in_features)
-    q, s, z = (np.empty(tuple(t.shape), dt) for t, dt in
-               ((cell.qweight, np.uint8), (cell.scales, np.float16), (cell.qzeros, np.uint8)))
     if len(shape) == 2:
-        step = max(1, ROW_BLOCK_ELEMENTS // shape[1])
-        for b0, block in row_blocks(info, cfg, get, shape, who):
-            for r0 in range(0, block.shape[0], step):
-                rows = slice(b0 + r0, b0 + min(r0 + step, block.shape[0]))
-                q[rows], s[rows], z[rows] = quantize(block[r0:r0 + step], cell.bits, cell.group_size)
-    else:
-        for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
-            q[j], s[j], z[j] = quantize(checked(arr, (1, *shape[1:]), info, who)[0], cell.bits, cell.group_size)
+        quantize_rows(cell, row_blocks(info, cfg, get, shape, who))
+        return
+    q, s, z = empty_arrays(cell)
+    for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
+        q[j], s[j], z[j] = quantize(checked(arr, (1, *shape[1:]), info, who)[0], cell.bits, cell.group_size)
     fill_cell(cell, q, s, z)
