@@ -13,6 +13,7 @@ process generating with the same options.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -176,21 +177,131 @@ def test_sharded_generation_refusals_are_one_line(layout, kw, match):
     assert "\n" not in str(exc.value)
 
 
-def test_sharded_generation_refuses_gptq_folders(tmp_path):
-    """A GPTQ folder (config.json's quantization_config) under tp: one line naming the folder."""
-    from qwen3moe.generation.errors import GenerationError
-    from qwen3moe.io.gptq import quantization_config_json
+def _gptq_cases(tmp_path, case: str):
+    """A GPTQ folder of the GQA fixture: ours (io/gptq.quantize_folder: sym, v1 zero points)
+    or third-party (tools/gptq_unpack.pack: asym, act-order g_idx; blocks 2: each half of a
+    row's inputs grouped within itself)."""
+    from helpers import third_party_gptq_folder
+    from qwen3moe.io.gptq import quantize_folder
     from qwen3moe.layers.quant import QuantizationConfig
+
+    kind, *rest = case.split("_")
+    if kind == "ours":
+        bits, g = int(rest[0]), int(rest[1])
+        quantize_folder(str(GQA), str(tmp_path / "q"), QuantizationConfig(bits, g))
+        return tmp_path / "q"
+    return third_party_gptq_folder(tmp_path / "q", GQA, 4, rest[0] == "v1", blocks=int(rest[1]))[0]
+
+
+def _assert_gptq_rank_cells(rm, full: dict, bits: int, r: int) -> set:
+    """Every quantized cell of rank model `rm` against the single-process tensors `full`:
+    qweight, scales, qzeros are their slices; g_idx (act-order folders) the whole map for an
+    output-row split, the rank's input columns renumbered into its block of groups for an input
+    split; and the cell dequantizes to the slice of the single-process weight. Returns the
+    styles seen."""
+    from qwen3moe.layers.quant import QuantizedWeight, dequantize
+    from qwen3moe.parallel.ranks import slice_for
+
+    styles = set()
+    for _, cell in rm.model.cells_and_names():
+        if not isinstance(cell, QuantizedWeight):
+            continue
+        base = cell.qweight.name[:-len(".qweight")]
+        info = rm.info(cell.qweight.name)
+        got = {k: getattr(cell, k).asnumpy() for k in ("qweight", "scales", "qzeros")}
+        want = {k: full[f"{base}.{k}"] for k in ("qweight", "scales", "qzeros")}
+        for k in got:
+            np.testing.assert_array_equal(got[k], slice_for(info, want[k]), err_msg=f"rank {r} {base}.{k}")
+        g_got = g_want = None
+        if cell.g_idx is not None:
+            g_got, g_want = cell.g_idx.asnumpy(), full[f"{base}.g_idx"]
+            whole = slice_for(replace(info, style="replicate"), g_want)  # the ep block of experts
+            if info.style in ("row", "expert_row") and info.tp_size > 1:
+                n, G = g_got.shape[-1], got["scales"].shape[-1]
+                whole = whole[..., info.tp_rank * n:(info.tp_rank + 1) * n] - info.tp_rank * G
+            np.testing.assert_array_equal(g_got, whole, err_msg=f"rank {r} {base}.g_idx")
+        np.testing.assert_array_equal(dequantize(*got.values(), bits, g_got),
+                                      slice_for(info, dequantize(*want.values(), bits, g_want)),
+                                      err_msg=f"rank {r} {base} dequantized")
+        styles.add(info.style + ("/ep" if info.ep_size > 1 else ""))
+    return styles
+
+
+@pytest.mark.parametrize("case,layout", [
+    ("ours_4_32", dict(tp=2, ep=2)), ("ours_8_-1", dict(dp=2, ep=2)), ("ours_4_32", dict(pp=2, micro_batch_num=2)),
+    ("third_v1_2", dict(tp=2, ep=2)), ("third_v2_1", dict(dp=2, ep=2)),
+], ids=["ours-int4-g32-tp2ep2", "ours-int8-pc-dp2ep2", "ours-int4-g32-pp2", "asym-actorder-v1-tp2ep2",
+        "asym-actorder-v2-dp2ep2"])
+def test_gptq_rank_cells_are_slices_of_the_single_process_load(tmp_path, case, layout):
+    """A GPTQ folder under tp / ep / pp (parallelize with the folder as weights; before: refused):
+    every rank tensor equals the slice of `from_pretrained(folder, dtype="bfloat16")`'s: the
+    quantized cells (_assert_gptq_rank_cells: q/k/v and expert gate_up output rows, o_proj input
+    columns = 2 of 4 groups, expert stacks by ep block; the act-order maps), the int8 lm_head
+    (quantized from the float tensor, vocab rows) and the bf16 embeddings / norms / router."""
+    import mindspore as ms
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.ranks import slice_for
+
+    folder = _gptq_cases(tmp_path, case)
+    one = Qwen3MoeForCausalLM.from_pretrained(folder, dtype="bfloat16")
+    full = {p.name: p for p in one.get_parameters()}
+    arrays = {name: p.asnumpy() for name, p in full.items() if p.dtype in (ms.uint8, ms.float16, ms.int32)}
+    bits = 8 if "_8_" in case else 4
+    styles = set()
+    for r, rm in enumerate(_ranks(folder, Mesh(**layout), param_dtype=ms.bfloat16)):
+        names = {p.name for p, _ in rm.entries}
+        assert names == set(full) or "pp" in layout, (r, names ^ set(full))
+        for p, info in rm.entries:
+            assert p.dtype == full[p.name].dtype, (r, p.name)
+            if p.name not in arrays:
+                np.testing.assert_array_equal(_f32(p), slice_for(info, _f32(full[p.name])), err_msg=f"rank {r} {p.name}")
+        styles |= _assert_gptq_rank_cells(rm, arrays, bits, r)
+    want = {"tp": {"column", "row", "vocab", "gate_up/ep", "expert_row/ep"},
+            "dp": {"column", "row", "vocab", "gate_up/ep", "expert_row/ep"}, "pp": {"column", "row", "vocab", "gate_up",
+                                                                                   "expert_row"}}
+    assert styles == want[next(iter(layout))], styles
+    if "third" in case:
+        assert any(n.endswith(".g_idx") for n in full)  # the act-order maps were compared
+
+
+def test_gptq_act_order_across_a_row_split_is_refused(tmp_path):
+    """An act-order g_idx whose o_proj input columns use groups of both halves cannot be split
+    by columns exactly (each rank holds its block of groups): a one-line error naming it."""
+    from qwen3moe.layers.quant import QuantizationError
+    from qwen3moe.parallel.mesh import Mesh
+
+    folder = _gptq_cases(tmp_path, "third_v1_1")
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.self_attn\.o_proj\.g_idx: act-order groups "
+                                                 r"of input columns 0\.\.63 lie outside groups 0\.\.1") as exc:
+        _ranks(folder, Mesh(tp=2, ep=2))
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("case,layout,kw,match", [
+    ("ours_4_32", dict(tp=2), {}, r"GPTQ folder: its group_size 32 does not divide the per-rank input dimension 16 "
+                                  r"of mlp\.experts\.down_proj \(moe_intermediate_size 32 / etp 2\)"),
+    ("ours_8_-1", dict(tp=2, ep=2), {}, r"GPTQ folder: its per-channel \(group_size -1\) scales span the whole "
+                                        r"input row of self_attn\.o_proj"),
+    ("ours_4_32", dict(tp=2, ep=2), dict(quantize="int8"), r"already quantized \(4-bit GPTQ\); generate without "
+                                                           r"--quantize"),
+    ("ours_4_32", dict(tp=2, ep=2), dict(group_size=64), r"--group_size needs --quantize int8/int4"),
+], ids=["int4-g32-tp2", "int8-pc-tp2ep2", "quantize", "group_size"])
+def test_sharded_gptq_refusals_are_one_line(tmp_path, case, layout, kw, match):
+    """What a GPTQ folder cannot do sharded, refused before any launch, naming the folder /
+    projection / option; the same folder on a layout that splits whole groups is accepted."""
+    from qwen3moe.generation.errors import GenerationError
     from qwen3moe.parallel.generate import check_request
     from qwen3moe.parallel.mesh import Mesh
 
-    cfg = json.loads((GQA / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config_json(QuantizationConfig(4, 32))
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(GenerationError, match=f"{tmp_path}: a GPTQ .* folder") as exc:
-        check_request(_request(tmp_path), Mesh(tp=2), 2)
+    folder = _gptq_cases(tmp_path, case)
+    mesh = Mesh(**layout)
+    with pytest.raises(GenerationError, match=match) as exc:
+        check_request(_request(folder, **kw), mesh, mesh.world_size)
     assert "\n" not in str(exc.value)
-    check_request(_request(GQA, quantize="int4", group_size=32), Mesh(tp=2, ep=2), 2)  # accepted
+    accepted = Mesh(dp=2, ep=2)  # ep splits no group
+    check_request(_request(folder), accepted, accepted.world_size)
 
 
 def _generate_both(tmp_path, layout: list[str], *options: str):

@@ -3,8 +3,8 @@
 
 pp = 1 (tp, ep, dp and their products): each rank builds its model (parallelize.py: the model's
 own classes with the tp / ep plan, its shards read online, stored in --dtype, with --quantize
-each rank's float slices quantized as they are read; with tp = ep = 1 the whole model, loaded
-as one process loads it) and runs the ordinary generation engine on it: compiled KV-cached
+each rank's float slices quantized as they are read, from a GPTQ folder each rank's slice of
+the stored quantized tensors; with tp = ep = 1 the whole model, loaded as one process loads it) and runs the ordinary generation engine on it: compiled KV-cached
 step (the fused decode kernels on the rank's slices), batches with left padding, per-row EOS
 and stop strings, sampling, streaming. Every rank encodes the whole batch (the same padded
 length everywhere); the dp ranks take equal shares of its rows (generate.RowSplit: the
@@ -77,26 +77,32 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
 
 def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
     """What the sharded builds load (parallelize.py's rank models, also the pipeline stages):
-    float folders, quantized while read; weight-only quantized products."""
+    float folders, quantized while read; GPTQ folders, each rank its slice of the stored
+    tensors; weight-only quantized products."""
     from qwen3moe.io.gptq import gptq_config
     from qwen3moe.layers.quant import QuantizationError
     from qwen3moe.parallel.pipeline_generate import layout_mesh
-    from qwen3moe.parallel.quantized import check_quantized_layout
+    from qwen3moe.parallel.quantized import check_gptq_layout, check_quantized_layout
 
-    if gptq_config(cfg, req.pretrained_model_dir) is not None:
-        raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: a GPTQ (pre-quantized) folder "
-                              "generates in one process or pure data-parallel only; shard its float folder with "
-                              "--quantize int8/int4")
+    if req.quantize is None and req.group_size is not None:
+        raise GenerationError("--group_size needs --quantize int8/int4")
+    spec = gptq_config(cfg, req.pretrained_model_dir)
     qc = req.quantization()
-    if qc is None:
+    if spec is not None and qc is not None:
+        raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: already quantized "
+                              f"({spec.config.bits}-bit GPTQ); generate without --quantize")
+    if spec is None and qc is None:
         return
-    if qc.int8_activations:
+    if qc is not None and qc.int8_activations:
         raise GenerationError("--activations int8 applies to one process or pure data-parallel only (the sharded "
                               "decode step runs float activations)")
     try:
-        check_quantized_layout(cfg, layout_mesh(mesh), qc)
+        if spec is not None:
+            check_gptq_layout(cfg, layout_mesh(mesh), spec, req.pretrained_model_dir)
+        else:
+            check_quantized_layout(cfg, layout_mesh(mesh), qc)
     except QuantizationError as exc:
-        raise GenerationError(f"--group_size: {exc}") from None
+        raise GenerationError(str(exc) if spec is not None else f"--group_size: {exc}") from None
 
 
 def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | None = None) -> ParallelGeneration:
