@@ -304,9 +304,10 @@ def test_sharded_gptq_refusals_are_one_line(tmp_path, case, layout, kw, match):
     check_request(_request(folder), accepted, accepted.world_size)
 
 
-def _generate_both(tmp_path, layout: list[str], *options: str):
-    """Greedy `generate` of 3 prompts (batch 2: a left-padded pair, then one row) with `options`
-    under `launch --nproc 2 ... --use_parallel True` and as one process."""
+def _generate_both(tmp_path, layout: list[str], *options: str, folder=GQA):
+    """Greedy `generate` of 3 prompts (batch 2: a left-padded pair, then one row) of `folder`
+    with `options` under `launch --nproc 2 ... --use_parallel True` and as one process (and the
+    float GQA fixture without options, which must give other tokens)."""
     import os
     import subprocess
     import sys
@@ -314,12 +315,16 @@ def _generate_both(tmp_path, layout: list[str], *options: str):
     from helpers import REPO, launch
 
     (tmp_path / "prompts.txt").write_text("hello world\nthe quick brown fox jumps over\nonce upon a time\n")
-    common = ["generate", "--pretrained_model_dir", str(GQA), "--predict_data", str(tmp_path / "prompts.txt"),
-              "--max_new_tokens", "8", "--do_sample", "false", "--predict_batch_size", "2", *options]
+
+    def args(model, *opts):
+        return ["generate", "--pretrained_model_dir", str(model), "--predict_data", str(tmp_path / "prompts.txt"),
+                "--max_new_tokens", "8", "--do_sample", "false", "--predict_batch_size", "2", *opts]
+
+    common = args(folder, *options)
     rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--output", str(tmp_path / "par.jsonl"))
     assert rc == 0, err[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for name, args in (("one", common), ("fp32", common[:-len(options)])):
+    for name, args in (("one", common), ("fp32", args(GQA))):
         single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *args, "--output",
                                  str(tmp_path / f"{name}.jsonl")], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=240)
@@ -351,3 +356,22 @@ def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path,
     row overlapped across the stages."""
     log0 = _generate_both(tmp_path, layout, *options)
     assert ("(composite step)" if "pipeline_stage" in layout[0] else "(fused step)") in log0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_2"], ids=["ours-int4-g32", "asym-actorder"])
+def test_generate_use_parallel_gptq_matches_single_process(tmp_path, case):
+    """A GPTQ folder generated under tp2 x ep2 (--dtype bfloat16 for its float tensors) picks the
+    tokens one process picks from it (greedy: identical; before: the one-line "a GPTQ
+    (pre-quantized) folder generates in one process" refusal). Ours: the fused decode kernels on
+    the ranks' slices; asym act-order (o_proj's g_idx renumbered per rank): the composite step."""
+    import shutil
+
+    folder = _gptq_cases(tmp_path, case)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+        if not (folder / name).exists():  # the independent packer writes weights and config only
+            shutil.copy(GQA / name, folder / name)
+    log0 = _generate_both(tmp_path, ["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel",
+                                     "2"], "--dtype", "bfloat16", folder=folder)
+    assert ("(composite step)" if "third" in case else "(fused step)") in log0
