@@ -77,12 +77,11 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
 
 def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
     """What the sharded builds load (parallelize.py's rank models, also the pipeline stages):
-    float folders, quantized while read; GPTQ folders, each rank its slice of the stored
-    tensors; weight-only quantized products."""
+    float folders, quantized while read (int8 activations where every rank's slices hold whole
+    activation blocks, pp = 1); GPTQ folders, each rank its slice of the stored tensors."""
     from qwen3moe.io.gptq import gptq_config
-    from qwen3moe.layers.quant import QuantizationError
     from qwen3moe.parallel.pipeline_generate import layout_mesh
-    from qwen3moe.parallel.quantized import check_gptq_layout, check_quantized_layout
+    from qwen3moe.parallel.quantized import check_act8_layout, check_gptq_layout, check_quantized_layout
 
     if req.quantize is None and req.group_size is not None:
         raise GenerationError("--group_size needs --quantize int8/int4")
@@ -93,16 +92,27 @@ def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
                               f"({spec.config.bits}-bit GPTQ); generate without --quantize")
     if spec is None and qc is None:
         return
-    if qc is not None and qc.int8_activations:
-        raise GenerationError("--activations int8 applies to one process or pure data-parallel only (the sharded "
-                              "decode step runs float activations)")
+    if qc is not None and qc.int8_activations and mesh.pp > 1:
+        raise GenerationError("--activations int8 runs in the fused decode step, which pipeline stages (pp > 1) do "
+                              "not use; generate with tp / ep / dp, or without --activations int8")
+    layout = layout_mesh(mesh)
+    if spec is not None:
+        _refused("", check_gptq_layout, cfg, layout, spec, req.pretrained_model_dir)
+        return
+    if qc.int8_activations:
+        _refused("--activations int8: ", qc.check_runnable)
+        _refused("--activations int8: ", check_act8_layout, cfg, layout, qc)
+    _refused("--group_size: ", check_quantized_layout, cfg, layout, qc)
+
+
+def _refused(what: str, check, *args) -> None:
+    """check(*args), its QuantizationError as the GenerationError `what` + its message."""
+    from qwen3moe.layers.quant import QuantizationError
+
     try:
-        if spec is not None:
-            check_gptq_layout(cfg, layout_mesh(mesh), spec, req.pretrained_model_dir)
-        else:
-            check_quantized_layout(cfg, layout_mesh(mesh), qc)
+        check(*args)
     except QuantizationError as exc:
-        raise GenerationError(str(exc) if spec is not None else f"--group_size: {exc}") from None
+        raise GenerationError(f"{what}{exc}") from None
 
 
 def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | None = None) -> ParallelGeneration:

@@ -281,6 +281,7 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     if spec is not None:  # a GPTQ folder: its projections load as stored, sliced per rank
         quantization = spec.config
     elif quantization is not None:
+        quantization.check_runnable()
         check_quantized_layout(cfg, mesh, quantization)
     if dispatcher not in ("auto", "tp", "allgather", "alltoall"):
         raise ValueError(f"dispatcher must be 'auto', 'tp', 'allgather' or 'alltoall', got {dispatcher!r}")

@@ -44,12 +44,19 @@ def _row_parallel_dims(cfg, mesh: Mesh) -> list[tuple]:
     return dims
 
 
+# csrc/quant_vnni.h chunk_inputs: the kernels take int8 activations for a quantized projection
+# only when its input dimension is a multiple of this (act8_fits); other rows run float activations
+ACT8_CHUNK_INPUTS = {8: 64, 4: 128}
+
+
 def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
     """Each rank quantizes its own slice of a row-parallel projection (o_proj, down_proj: input
     dim split), so the group size must divide the per-rank input dimension: then the rank's
     groups are those of the whole tensor. A per-channel (-1) scale of such a slice is per output
     channel of the rank's input columns (the groups of the whole tensor quantized with group size
-    in / tp)."""
+    in / tp). int8 activations: check_act8_layout."""
+    if qc.int8_activations:
+        check_act8_layout(cfg, mesh, qc)
     if qc.group_size == -1:
         return
     for what, n, d, axis, name in _row_parallel_dims(cfg, mesh):
@@ -57,6 +64,22 @@ def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
             raise QuantizationError(f"quantization group_size {qc.group_size} does not divide the per-rank input "
                                     f"dimension {n // d} of {what} ({name} {n} / {axis} {d}); use a group size "
                                     f"dividing it, or -1 (per channel)")
+
+
+def check_act8_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
+    """int8 activations are quantized per row in blocks of 16 inputs, so a row-parallel slice
+    whose width is a multiple of the kernels' chunk (ACT8_CHUNK_INPUTS, a multiple of 16) holds
+    whole blocks of the whole row: a rank's integer sums are one process's, its partial output
+    differs only in float32 summation order (as float activations under tp). A slice narrower
+    than that of a projection whose whole row takes int8 activations would run float
+    activations on the ranks: refused."""
+    chunk = ACT8_CHUNK_INPUTS[qc.bits]
+    for what, n, d, axis, name in _row_parallel_dims(cfg, mesh):
+        if d > 1 and n % chunk == 0 and (n // d) % chunk:
+            raise QuantizationError(f"the per-rank input dimension {n // d} of {what} ({name} {n} / {axis} {d}) is "
+                                    f"not a multiple of {chunk}, the int{qc.bits} chunk of the int8-activation "
+                                    f"kernels, so the ranks would run it with float activations where one process "
+                                    f"runs int8; use {axis} 1 for it (ep, dp) or weight-only quantization")
 
 
 def check_gptq_layout(cfg, mesh: Mesh, spec: GptqSpec, directory) -> None:
