@@ -174,9 +174,11 @@ def test_bad_gptq_folders_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"missing tensor model\.layers\.2\.self_attn\.v_proj\.scales"):
         Qwen3MoeForCausalLM.from_pretrained(folder)
     # quantizing an already-quantized folder: API and both commands
-    with pytest.raises(ValueError, match="already quantized"):
-        Qwen3MoeForCausalLM.from_pretrained(base, quantization="int8")
+    for kw in (dict(quantization="int8"), dict(group_size=64)):  # group_size: before, silently ignored
+        with pytest.raises(ValueError, match="already quantized"):
+            Qwen3MoeForCausalLM.from_pretrained(base, **kw)
     for argv in (["generate", "--pretrained_model_dir", str(base), "--predict_data", "hi", "--quantize", "int4"],
+                 ["generate", "--pretrained_model_dir", str(base), "--predict_data", "hi", "--group_size", "64"],
                  ["quantize", "--pretrained_model_dir", str(base), "--output", str(tmp_path / "x")],
                  ["quantize", "--pretrained_model_dir", str(FP32), "--output", str(tmp_path / "y"), "--bits", "3"]):
         assert cli_main(argv) == 2

@@ -343,7 +343,7 @@ def _gptq_spec(cfg, mesh: Mesh, weights, quantization):
     if spec is not None:
         if quantization is not None:
             raise QuantizationError(f"{os.fspath(weights)}: already quantized ({spec.config.bits}-bit GPTQ); "
-                                    f"load it without quantization=/--quantize")
+                                    f"load it without quantization= (--quantize)")
         check_gptq_layout(cfg, mesh, spec, os.fspath(weights))
     return spec
 
