@@ -4,8 +4,9 @@
 pp = 1 (tp, ep, dp and their products): each rank builds its model (parallelize.py: the model's
 own classes with the tp / ep plan, its shards read online, stored in --dtype, with --quantize
 each rank's float slices quantized as they are read, from a GPTQ folder each rank's slice of
-the stored quantized tensors; with tp = ep = 1 the whole model, loaded as one process loads it) and runs the ordinary generation engine on it: compiled KV-cached
-step (the fused decode kernels on the rank's slices), batches with left padding, per-row EOS
+the stored quantized tensors; with tp = ep = 1 the whole model, loaded as one process loads it)
+and runs the ordinary generation engine on it: compiled KV-cached step (the fused decode
+kernels on the rank's slices, int8 activations with --activations int8), batches with left padding, per-row EOS
 and stop strings, sampling, streaming. Every rank encodes the whole batch (the same padded
 length everywhere); the dp ranks take equal shares of its rows (generate.RowSplit: the
 last share padded with dummy rows). Every rank runs the same steps with the same shapes, as the
