@@ -277,12 +277,7 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
     check_layout(cfg, mesh)
-    spec = _gptq_spec(cfg, mesh, weights, quantization)
-    if spec is not None:  # a GPTQ folder: its projections load as stored, sliced per rank
-        quantization = spec.config
-    elif quantization is not None:
-        quantization.check_runnable()
-        check_quantized_layout(cfg, mesh, quantization)
+    spec, quantization = _quantization(cfg, mesh, weights, quantization)
     if dispatcher not in ("auto", "tp", "allgather", "alltoall"):
         raise ValueError(f"dispatcher must be 'auto', 'tp', 'allgather' or 'alltoall', got {dispatcher!r}")
     if mesh.sp and dispatcher == "tp":
@@ -333,19 +328,23 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
                      getattr(reader, "bytes_read", 0), _by_name={i.name: i for _, i in entries})
 
 
-def _gptq_spec(cfg, mesh: Mesh, weights, quantization):
-    """The GPTQ folder's spec when `weights` is one (its layout checked), else None."""
+def _quantization(cfg, mesh: Mesh, weights, quantization):
+    """(GPTQ spec or None, the model's QuantizationConfig or None), checked for this layout: a
+    GPTQ folder as `weights` builds with its stored config (its projections load as stored,
+    sliced per rank), else `quantization` (quantized from the float slices)."""
     from qwen3moe.io.gptq import gptq_config
 
-    if not isinstance(weights, (str, os.PathLike)):
-        return None
-    spec = gptq_config(cfg, os.fspath(weights))
+    spec = gptq_config(cfg, os.fspath(weights)) if isinstance(weights, (str, os.PathLike)) else None
     if spec is not None:
         if quantization is not None:
             raise QuantizationError(f"{os.fspath(weights)}: already quantized ({spec.config.bits}-bit GPTQ); "
                                     f"load it without quantization= (--quantize)")
         check_gptq_layout(cfg, mesh, spec, os.fspath(weights))
-    return spec
+        return spec, spec.config
+    if quantization is not None:
+        quantization.check_runnable()
+        check_quantized_layout(cfg, mesh, quantization)
+    return None, quantization
 
 
 def _load_shards(entries: list, quantized: list, cfg, reader, spec, who: str) -> None:
