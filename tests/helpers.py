@@ -117,3 +117,64 @@ def make_run(seed: int, **step_kw):
 def batch_at(rng) -> "np.ndarray":
     """The next [2, 12] token batch of `rng`."""
     return rng.integers(0, 1000, (2, 12))
+
+
+# ---- a third-party GPTQ folder, built with the independent packer (tools/gptq_unpack.py) -------
+def _asym_act_order(W, bits: int, g: int, rng, blocks: int = 1) -> tuple:
+    """GPTQ-style asymmetric RTN with an act-order g_idx: groups are g inputs of a permutation
+    (blocks > 1: a permutation within each of `blocks` equal column blocks, so block b's columns
+    use only groups of block b, as a row-parallel split into `blocks` ranks can hold exactly)."""
+    import numpy as np
+
+    O, I = W.shape
+    maxq = 2 ** bits - 1
+    n = I // blocks
+    g_idx = np.concatenate([np.argsort(rng.permutation(n)) // g + b * (n // g) for b in range(blocks)]).astype(np.int32)
+    G = I // g
+    scales = np.zeros((G, O), np.float16)
+    z = np.zeros((G, O), np.int64)
+    q = np.zeros((I, O), np.int64)
+    for grp in range(G):
+        cols = np.nonzero(g_idx == grp)[0]
+        lo, hi = np.minimum(W[:, cols].min(1), 0), np.maximum(W[:, cols].max(1), 0)
+        s = ((hi - lo) / maxq).astype(np.float16)
+        scales[grp] = s
+        z[grp] = np.clip(np.rint(-lo / s.astype(np.float32)), 0, maxq)
+        q[cols] = np.clip(np.rint(W[:, cols].T / s.astype(np.float32)) + z[grp], 0, maxq)
+    z[0, :3] = 0  # zero points of 0: v1 stores them as 2^b - 1 (read back modulo 2^b)
+    return q, z, scales, g_idx
+
+
+def third_party_gptq_folder(folder: Path, src: Path, bits: int, v1: bool, blocks: int = 1) -> tuple:
+    """`src` (a float fixture) with every projection asymmetric, act-order (desc_act, group 32)
+    GPTQ-packed by tools/gptq_unpack.pack into `folder`; returns the folder and the independent
+    dequantization of each projection."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import gptq_unpack  # independent implementation of the format
+
+    folder.mkdir()
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    rng = np.random.default_rng(bits)
+    out, deq = {}, {}
+    for name, W in tensors.items():
+        if not name.endswith("proj.weight"):
+            out[name] = W
+            continue
+        q, z, s, g_idx = _asym_act_order(W, bits, 32, rng, blocks)
+        packed = gptq_unpack.pack(q, z, s, g_idx, bits, v1=v1)
+        prefix = name[:-len(".weight")]
+        out.update({f"{prefix}.{k}": v for k, v in packed.items()})
+        deq[name] = gptq_unpack.dequantize(packed["qweight"], packed["qzeros"], packed["scales"],
+                                           packed["g_idx"], bits, v1=v1)
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": 32, "sym": False,
+                                  "desc_act": True, "damp_percent": 0.01, "true_sequential": True,
+                                  **({} if v1 else {"checkpoint_format": "gptq_v2"})}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, deq

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
-from helpers import HF_FIXTURES, REPO
+from helpers import HF_FIXTURES, REPO, third_party_gptq_folder
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
@@ -121,57 +121,9 @@ def test_reload_equals_quantize_on_load(tmp_path):
     assert not list(tmp_path.glob(".q.tmp-*"))  # the temporary folder was renamed away
 
 
-# ---- a third-party folder, built with the independent packer ------------------------------
-def _asym_act_order(W: np.ndarray, bits: int, g: int, rng) -> tuple:
-    """GPTQ-style asymmetric RTN with an act-order g_idx: groups are g inputs of a permutation."""
-    O, I = W.shape
-    maxq = 2 ** bits - 1
-    g_idx = (np.argsort(rng.permutation(I)) // g).astype(np.int32)
-    G = I // g
-    scales = np.zeros((G, O), np.float16)
-    z = np.zeros((G, O), np.int64)
-    q = np.zeros((I, O), np.int64)
-    for grp in range(G):
-        cols = np.nonzero(g_idx == grp)[0]
-        lo, hi = np.minimum(W[:, cols].min(1), 0), np.maximum(W[:, cols].max(1), 0)
-        s = ((hi - lo) / maxq).astype(np.float16)
-        scales[grp] = s
-        z[grp] = np.clip(np.rint(-lo / s.astype(np.float32)), 0, maxq)
-        q[cols] = np.clip(np.rint(W[:, cols].T / s.astype(np.float32)) + z[grp], 0, maxq)
-    z[0, :3] = 0  # zero points of 0: v1 stores them as 2^b - 1 (read back modulo 2^b)
-    return q, z, scales, g_idx
-
-
-def _third_party_folder(tmp_path, bits: int, v1: bool) -> tuple:
-    """tiny-fp32-gqa with every projection GPTQ-packed by tools/gptq_unpack.pack; returns the
-    folder and the independent dequantization of each projection."""
-    folder = tmp_path / f"gptq{bits}"
-    folder.mkdir()
-    src = _tensors(FP32)
-    rng = np.random.default_rng(bits)
-    out, deq = {}, {}
-    for name, W in src.items():
-        if not name.endswith("proj.weight"):
-            out[name] = W
-            continue
-        q, z, s, g_idx = _asym_act_order(W, bits, 32, rng)
-        packed = gptq_unpack.pack(q, z, s, g_idx, bits, v1=v1)
-        prefix = name[:-len(".weight")]
-        out.update({f"{prefix}.{k}": v for k, v in packed.items()})
-        deq[name] = gptq_unpack.dequantize(packed["qweight"], packed["qzeros"], packed["scales"],
-                                           packed["g_idx"], bits, v1=v1)
-    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((FP32 / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": 32, "sym": False,
-                                  "desc_act": True, "damp_percent": 0.01, "true_sequential": True,
-                                  **({} if v1 else {"checkpoint_format": "gptq_v2"})}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder, deq
-
-
 @pytest.mark.parametrize("bits,v1", [(4, True), pytest.param(8, False, marks=pytest.mark.slow)])
 def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, composite):
-    folder, deq = _third_party_folder(tmp_path, bits, v1)
+    folder, deq = third_party_gptq_folder(tmp_path / f"gptq{bits}", FP32, bits, v1)
     qm = Qwen3MoeForCausalLM.from_pretrained(folder)
     ref = Qwen3MoeForCausalLM.from_pretrained(FP32)  # fp32, weights replaced by the independent values
     params = {p.name: p for p in ref.get_parameters()}
@@ -222,9 +174,11 @@ def test_bad_gptq_folders_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"missing tensor model\.layers\.2\.self_attn\.v_proj\.scales"):
         Qwen3MoeForCausalLM.from_pretrained(folder)
     # quantizing an already-quantized folder: API and both commands
-    with pytest.raises(ValueError, match="already quantized"):
-        Qwen3MoeForCausalLM.from_pretrained(base, quantization="int8")
+    for kw in (dict(quantization="int8"), dict(group_size=64)):  # group_size: before, silently ignored
+        with pytest.raises(ValueError, match="already quantized"):
+            Qwen3MoeForCausalLM.from_pretrained(base, **kw)
     for argv in (["generate", "--pretrained_model_dir", str(base), "--predict_data", "hi", "--quantize", "int4"],
+                 ["generate", "--pretrained_model_dir", str(base), "--predict_data", "hi", "--group_size", "64"],
                  ["quantize", "--pretrained_model_dir", str(base), "--output", str(tmp_path / "x")],
                  ["quantize", "--pretrained_model_dir", str(FP32), "--output", str(tmp_path / "y"), "--bits", "3"]):
         assert cli_main(argv) == 2

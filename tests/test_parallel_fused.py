@@ -26,6 +26,7 @@ from qwen3moe.kernels import decode as decode_kernel
 
 pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
 MQA = HF_FIXTURES / "tiny-mqa-dense"  # dense + sparse layers, 16 experts top-4, one kv head (replicated over tp)
+GQA = HF_FIXTURES / "tiny-fp32-gqa"   # every layer sparse; heads*dim 128 (o_proj: 64 input columns a tp2 rank)
 
 
 class _Mirror(nn.Cell):
@@ -77,9 +78,10 @@ def two_layers():
     return cfg, full
 
 
-def _rank_model(cfg, full, layout: dict, rank: int, monkeypatch, dispatcher: str = "auto"):
+def _rank_model(cfg, full, layout: dict, rank: int, monkeypatch, dispatcher: str = "auto", **build):
     """This rank's parallelized model, its collectives the plan's own process._Op cells over
-    MirrorBackend (as under msrun over shm / MCCL)."""
+    MirrorBackend (as under msrun over shm / MCCL); `build`: parallelize's param_dtype /
+    quantization."""
     from qwen3moe.parallel import backend
     from qwen3moe.parallel.mesh import Mesh
     from qwen3moe.parallel.parallelize import parallelize
@@ -89,7 +91,7 @@ def _rank_model(cfg, full, layout: dict, rank: int, monkeypatch, dispatcher: str
     mesh = Mesh(**layout)
     groups = {kind: _Group(f"mirror-{kind}", [0, 1], rank) for kind in ("tp", "ep") if getattr(mesh, kind) > 1}
     return parallelize(cfg, mesh, rank, full.__getitem__, coll=SimpleNamespace(groups=groups),
-                       dispatcher=dispatcher).model
+                       dispatcher=dispatcher, **build).model
 
 
 def _steps(model, ids, mask, fused: bool, feed=None, n: int = 4):
@@ -134,6 +136,39 @@ def test_rank_fused_step_equals_composite_step(two_layers, layout, rank, batch, 
     got, _ = _steps(model, ids, mask, fused=True, feed=fed)
     assert np.abs(want).max() > 1.0  # logits of a working model, not all zeros
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout, rank", [(dict(tp=2), 1), pytest.param(dict(dp=2, ep=2), 0, marks=pytest.mark.slow)],
+                         ids=["tp2-r1", "dp2ep2-r0"])
+def test_rank_fused_step_int8_activations_equals_composite_step(layout, rank, monkeypatch):
+    """--activations int8 on a rank model (tiny-fp32-gqa cut to 2 layers, int8 per channel; tp2:
+    o_proj's 64 input columns a rank = one int8 chunk of the kernels, whole 16-input activation
+    blocks): the fused step with the flag (fcfg[2] = 1, before: forced 0 on ranks) gives the
+    composite step's logits, whose quantized cells run the forward ops' int8-activation
+    arithmetic (kernels/quant.py act8): the same activation blocks, other float32 summation
+    orders: 1e-4 of the largest logit (measured 4e-7 tp2, 3e-7 dp2 x ep2). The float-activation
+    fused step differs by far more (the flag takes effect; measured 0.026 tp2, 0.26 dp2 x ep2)."""
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.layers.quant import QuantizationConfig
+    from qwen3moe.models.config import Qwen3MoeConfig
+
+    full = {p.name: p.asnumpy() for p in Qwen3MoeForCausalLM.from_pretrained(GQA).get_parameters()}
+    cfg = Qwen3MoeConfig.from_pretrained(GQA).replace(num_hidden_layers=2)
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 1000, (3, 16))
+    mask = np.ones_like(ids)
+    mask[-1, :5] = 0
+    logits = {}
+    for act in ("int8", "float32"):
+        qc = QuantizationConfig(8, -1, activations=act)
+        model = _rank_model(cfg, full, dict(layout), rank, monkeypatch, quantization=qc)
+        if act == "int8":
+            logits["composite"], fed = _steps(model, ids, mask, fused=False)
+        logits[act], _ = _steps(model, ids, mask, fused=True, feed=fed)
+    mag = np.abs(logits["composite"]).max()
+    assert mag > 1.0
+    err = {k: np.abs(logits[k] - logits["composite"]).max() / mag for k in ("int8", "float32")}
+    assert err["int8"] < 1e-4 < err["float32"] / 10, err
 
 
 def _split_attn(w, tp):

@@ -13,6 +13,7 @@ process generating with the same options.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,10 +37,11 @@ def read_blocks(request, monkeypatch):
     fixture slices), or 2048 values (the embedding and lm_head slices read in 16-64 blocks, q/k/v
     in 2-4: the path a real [V/tp, H] slice takes)."""
     if request.param:
-        from qwen3moe.parallel import quantized, ranks
+        from qwen3moe.io import hf_checkpoint, quantized
+        from qwen3moe.parallel import ranks
 
-        monkeypatch.setattr(ranks, "ROW_BLOCK_ELEMENTS", request.param)
-        monkeypatch.setattr(quantized, "ROW_BLOCK_ELEMENTS", request.param)
+        for module in (ranks, quantized, hf_checkpoint):  # reads, quantizer blocks, bf16 rounding
+            monkeypatch.setattr(module, "ROW_BLOCK_ELEMENTS", request.param)
     return request.param
 
 
@@ -162,9 +164,16 @@ def _request(folder, **kw):
     (dict(tp=2, ep=2), dict(quantize="int4", group_size=128),
      r"group_size 128 does not divide the per-rank input dimension 64 of self_attn\.o_proj "
      r"\(num_attention_heads\*head_dim 128 / tp 2\)"),
-    (dict(ep=2, dp=2), dict(quantize="int8", activations="int8"), r"--activations int8 applies to one process"),
-], ids=["pp2tp2-int4-g128", "tp2-int4-g32", "tp2ep2-int4-g128", "ep2-act8"])
+    (dict(pp=2), dict(quantize="int8", activations="int8"), r"--activations int8 runs in the fused decode step, "
+                                                             r"which pipeline stages \(pp > 1\) do not use"),
+    (dict(tp=2, ep=2), dict(quantize="int4", group_size=32, activations="int8"),
+     r"--activations int8: the per-rank input dimension 64 of self_attn\.o_proj \(num_attention_heads\*head_dim 128 "
+     r"/ tp 2\) is not a multiple of 128, the int4 chunk of the int8-activation kernels"),
+], ids=["pp2tp2-int4-g128", "tp2-int4-g32", "tp2ep2-int4-g128", "pp2-act8", "tp2ep2-int4-act8"])
 def test_sharded_generation_refusals_are_one_line(layout, kw, match):
+    """One-line refusals before any launch; int8 activations are accepted where every rank's
+    slices hold whole activation blocks and kernel chunks (before: refused on every sharded
+    layout)."""
     from qwen3moe.generation.errors import GenerationError
     from qwen3moe.parallel.generate import check_request
     from qwen3moe.parallel.mesh import Mesh
@@ -173,28 +182,154 @@ def test_sharded_generation_refusals_are_one_line(layout, kw, match):
     with pytest.raises(GenerationError, match=match) as exc:
         check_request(_request(GQA, **kw), mesh, mesh.world_size)
     assert "\n" not in str(exc.value)
+    for ok, kw in ((Mesh(tp=2, ep=2), dict(quantize="int8", group_size=32, activations="int8")),
+                   (Mesh(dp=2, ep=2), dict(quantize="int4", group_size=32, activations="int8"))):
+        check_request(_request(GQA, **kw), ok, ok.world_size)
 
 
-def test_sharded_generation_refuses_gptq_folders(tmp_path):
-    """A GPTQ folder (config.json's quantization_config) under tp: one line naming the folder."""
-    from qwen3moe.generation.errors import GenerationError
-    from qwen3moe.io.gptq import quantization_config_json
+def _gptq_cases(tmp_path, case: str):
+    """A GPTQ folder of the GQA fixture: ours (io/gptq.quantize_folder: sym, v1 zero points)
+    or third-party (tools/gptq_unpack.pack: asym, act-order g_idx; blocks 2: each half of a
+    row's inputs grouped within itself)."""
+    from helpers import third_party_gptq_folder
+    from qwen3moe.io.gptq import quantize_folder
     from qwen3moe.layers.quant import QuantizationConfig
+
+    kind, *rest = case.split("_")
+    if kind == "ours":
+        bits, g = int(rest[0]), int(rest[1])
+        quantize_folder(str(GQA), str(tmp_path / "q"), QuantizationConfig(bits, g))
+        return tmp_path / "q"
+    return third_party_gptq_folder(tmp_path / "q", GQA, 4, rest[0] == "v1", blocks=int(rest[1]))[0]
+
+
+def _assert_gptq_rank_cells(rm, full: dict, bits: int, r: int) -> set:
+    """Every quantized cell of rank model `rm` against the single-process tensors `full`:
+    qweight, scales, qzeros are their slices; g_idx (act-order folders) the whole map for an
+    output-row split, the rank's input columns renumbered into its block of groups for an input
+    split; and the cell dequantizes to the slice of the single-process weight. Returns the
+    styles seen."""
+    from qwen3moe.layers.quant import QuantizedWeight, dequantize
+    from qwen3moe.parallel.ranks import slice_for
+
+    styles = set()
+    for _, cell in rm.model.cells_and_names():
+        if not isinstance(cell, QuantizedWeight):
+            continue
+        base = cell.qweight.name[:-len(".qweight")]
+        info = rm.info(cell.qweight.name)
+        got = {k: getattr(cell, k).asnumpy() for k in ("qweight", "scales", "qzeros")}
+        want = {k: full[f"{base}.{k}"] for k in ("qweight", "scales", "qzeros")}
+        for k in got:
+            np.testing.assert_array_equal(got[k], slice_for(info, want[k]), err_msg=f"rank {r} {base}.{k}")
+        g_got = g_want = None
+        if cell.g_idx is not None:
+            g_got, g_want = cell.g_idx.asnumpy(), full[f"{base}.g_idx"]
+            whole = slice_for(replace(info, style="replicate"), g_want)  # the ep block of experts
+            if info.style in ("row", "expert_row") and info.tp_size > 1:
+                n, G = g_got.shape[-1], got["scales"].shape[-1]
+                whole = whole[..., info.tp_rank * n:(info.tp_rank + 1) * n] - info.tp_rank * G
+            np.testing.assert_array_equal(g_got, whole, err_msg=f"rank {r} {base}.g_idx")
+        np.testing.assert_array_equal(dequantize(*got.values(), bits, g_got),
+                                      slice_for(info, dequantize(*want.values(), bits, g_want)),
+                                      err_msg=f"rank {r} {base} dequantized")
+        styles.add(info.style + ("/ep" if info.ep_size > 1 else ""))
+    return styles
+
+
+@pytest.mark.parametrize("case,layout", [
+    ("ours_4_32", dict(tp=2, ep=2)), ("ours_8_-1", dict(dp=2, ep=2)), ("ours_4_32", dict(pp=2, micro_batch_num=2)),
+    ("third_v1_2", dict(tp=2, ep=2)), ("third_v2_1", dict(dp=2, ep=2)),
+], ids=["ours-int4-g32-tp2ep2", "ours-int8-pc-dp2ep2", "ours-int4-g32-pp2", "asym-actorder-v1-tp2ep2",
+        "asym-actorder-v2-dp2ep2"])
+def test_gptq_rank_cells_are_slices_of_the_single_process_load(tmp_path, case, layout):
+    """A GPTQ folder under tp / ep / pp (parallelize with the folder as weights; before: refused):
+    every rank tensor equals the slice of `from_pretrained(folder, dtype="bfloat16")`'s: the
+    quantized cells (_assert_gptq_rank_cells: q/k/v and expert gate_up output rows, o_proj input
+    columns = 2 of 4 groups, expert stacks by ep block; the act-order maps), the int8 lm_head
+    (quantized from the float tensor, vocab rows) and the bf16 embeddings / norms / router."""
+    import mindspore as ms
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.ranks import slice_for
+
+    folder = _gptq_cases(tmp_path, case)
+    one = Qwen3MoeForCausalLM.from_pretrained(folder, dtype="bfloat16")
+    full = {p.name: p for p in one.get_parameters()}
+    arrays = {name: p.asnumpy() for name, p in full.items() if p.dtype in (ms.uint8, ms.float16, ms.int32)}
+    bits = 8 if "_8_" in case else 4
+    styles = set()
+    for r, rm in enumerate(_ranks(folder, Mesh(**layout), param_dtype=ms.bfloat16)):
+        names = {p.name for p, _ in rm.entries}
+        assert names == set(full) or "pp" in layout, (r, names ^ set(full))
+        for p, info in rm.entries:
+            assert p.dtype == full[p.name].dtype, (r, p.name)
+            if p.name not in arrays:  # bf16 plain weights
+                want = slice_for(info, _f32(full[p.name]))
+                np.testing.assert_array_equal(_f32(p), want, err_msg=f"rank {r} {p.name}")
+        styles |= _assert_gptq_rank_cells(rm, arrays, bits, r)
+    ep = "" if "pp" in layout else "/ep"
+    assert styles == {"column", "row", "vocab", "gate_up" + ep, "expert_row" + ep}, styles
+    if "third" in case:
+        assert any(n.endswith(".g_idx") for n in full)  # the act-order maps were compared
+
+
+def test_gptq_act_order_across_a_row_split_is_refused(tmp_path):
+    """An act-order g_idx whose o_proj input columns use groups of both halves cannot be split
+    by columns exactly (each rank holds its block of groups): a one-line error naming it."""
+    from qwen3moe.layers.quant import QuantizationError
+    from qwen3moe.parallel.mesh import Mesh
+
+    folder = _gptq_cases(tmp_path, "third_v1_1")
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.self_attn\.o_proj\.g_idx: act-order groups "
+                                                 r"of input columns 0\.\.63 lie outside groups 0\.\.1") as exc:
+        _ranks(folder, Mesh(tp=2, ep=2))
+    assert "\n" not in str(exc.value)
+
+
+def test_parallelize_refuses_what_a_gptq_folder_cannot_split(tmp_path):
+    """The library entry (parallelize with the folder as weights) refuses as generate does:
+    quantization= on a GPTQ folder, and a group size not dividing a per-rank input dim."""
+    from qwen3moe.layers.quant import QuantizationConfig, QuantizationError
+    from qwen3moe.parallel.mesh import Mesh
+
+    folder = _gptq_cases(tmp_path, "ours_4_32")
+    for mesh, build, match in ((Mesh(tp=2, ep=2), dict(quantization=QuantizationConfig(4, 32)), "already quantized"),
+                               (Mesh(tp=2), {}, r"group_size 32 does not divide the per-rank input dimension 16")):
+        with pytest.raises(QuantizationError, match=match):
+            _ranks(folder, mesh, **build)
+
+
+@pytest.mark.parametrize("case,layout,kw,match", [
+    ("ours_4_32", dict(tp=2), {}, r"GPTQ folder: its group_size 32 does not divide the per-rank input dimension 16 "
+                                  r"of mlp\.experts\.down_proj \(moe_intermediate_size 32 / etp 2\)"),
+    ("ours_8_-1", dict(tp=2, ep=2), {}, r"GPTQ folder: its per-channel \(group_size -1\) scales span the whole "
+                                        r"input row of self_attn\.o_proj"),
+    ("ours_4_32", dict(tp=2, ep=2), dict(quantize="int8"), r"already quantized \(4-bit GPTQ\); generate without "
+                                                           r"--quantize"),
+    ("ours_4_32", dict(tp=2, ep=2), dict(group_size=64), r"--group_size needs --quantize int8/int4"),
+], ids=["int4-g32-tp2", "int8-pc-tp2ep2", "quantize", "group_size"])
+def test_sharded_gptq_refusals_are_one_line(tmp_path, case, layout, kw, match):
+    """What a GPTQ folder cannot do sharded, refused before any launch, naming the folder /
+    projection / option; the same folder on a layout that splits whole groups is accepted."""
+    from qwen3moe.generation.errors import GenerationError
     from qwen3moe.parallel.generate import check_request
     from qwen3moe.parallel.mesh import Mesh
 
-    cfg = json.loads((GQA / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config_json(QuantizationConfig(4, 32))
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(GenerationError, match=f"{tmp_path}: a GPTQ .* folder") as exc:
-        check_request(_request(tmp_path), Mesh(tp=2), 2)
+    folder = _gptq_cases(tmp_path, case)
+    mesh = Mesh(**layout)
+    with pytest.raises(GenerationError, match=match) as exc:
+        check_request(_request(folder, **kw), mesh, mesh.world_size)
     assert "\n" not in str(exc.value)
-    check_request(_request(GQA, quantize="int4", group_size=32), Mesh(tp=2, ep=2), 2)  # accepted
+    accepted = Mesh(dp=2, ep=2)  # ep splits no group
+    check_request(_request(folder), accepted, accepted.world_size)
 
 
-def _generate_both(tmp_path, layout: list[str], *options: str):
-    """Greedy `generate` of 3 prompts (batch 2: a left-padded pair, then one row) with `options`
-    under `launch --nproc 2 ... --use_parallel True` and as one process."""
+def _generate_both(tmp_path, layout: list[str], *options: str, folder=GQA):
+    """Greedy `generate` of 3 prompts (batch 2: a left-padded pair, then one row) of `folder`
+    with `options` under `launch --nproc 2 ... --use_parallel True` and as one process (and the
+    float GQA fixture without options, which must give other tokens)."""
     import os
     import subprocess
     import sys
@@ -202,12 +337,16 @@ def _generate_both(tmp_path, layout: list[str], *options: str):
     from helpers import REPO, launch
 
     (tmp_path / "prompts.txt").write_text("hello world\nthe quick brown fox jumps over\nonce upon a time\n")
-    common = ["generate", "--pretrained_model_dir", str(GQA), "--predict_data", str(tmp_path / "prompts.txt"),
-              "--max_new_tokens", "8", "--do_sample", "false", "--predict_batch_size", "2", *options]
+
+    def args(model, *opts):
+        return ["generate", "--pretrained_model_dir", str(model), "--predict_data", str(tmp_path / "prompts.txt"),
+                "--max_new_tokens", "8", "--do_sample", "false", "--predict_batch_size", "2", *opts]
+
+    common = args(folder, *options)
     rc, err, _ = launch(tmp_path, *common, "--use_parallel", "True", *layout, "--output", str(tmp_path / "par.jsonl"))
     assert rc == 0, err[-3000:]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for name, args in (("one", common), ("fp32", common[:-len(options)])):
+    for name, args in (("one", common), ("fp32", args(GQA))):
         single = subprocess.run([sys.executable, "-m", "qwen3moe.cli", *args, "--output",
                                  str(tmp_path / f"{name}.jsonl")], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=240)
@@ -229,13 +368,36 @@ def _generate_both(tmp_path, layout: list[str], *options: str):
      ["--quantize", "int4", "--group_size", "32", "--dtype", "bfloat16"]),
     (["--parallel_config.model_parallel", "2"], ["--dtype", "bfloat16"]),
     (["--parallel_config.pipeline_stage", "2"], ["--quantize", "int8"]),
-], ids=["tp2ep2-int4-g32-bf16", "tp2-bf16", "pp2-int8"])
+    (["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
+     ["--quantize", "int8", "--group_size", "32", "--activations", "int8"]),
+], ids=["tp2ep2-int4-g32-bf16", "tp2-bf16", "pp2-int8", "tp2ep2-int8-g32-act8"])
 def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path, layout, options):
     """The rank models decode with the fused kernels on their quantized / bf16 slices (partial
     outputs, the plan's collectives) and pick the tokens one process picks with the same options
     (greedy: identical tokens; before: the one-line "--quantize / --dtype apply to single-process
     ... only" refusal). pp2: each stage quantizes its layers (int8 per channel, no row
     split: the single-process weights) and runs the composite cached step, micro-batches of one
-    row overlapped across the stages."""
+    row overlapped across the stages. int8 activations (before: refused on ranks): o_proj's 64
+    input columns a rank are whole activation blocks and one int8 chunk of the kernels, so the
+    ranks quantize the activations as one process does."""
     log0 = _generate_both(tmp_path, layout, *options)
     assert ("(composite step)" if "pipeline_stage" in layout[0] else "(fused step)") in log0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_2"], ids=["ours-int4-g32", "asym-actorder"])
+def test_generate_use_parallel_gptq_matches_single_process(tmp_path, case):
+    """A GPTQ folder generated under tp2 x ep2 (--dtype bfloat16 for its float tensors) picks the
+    tokens one process picks from it (greedy: identical; before: the one-line "a GPTQ
+    (pre-quantized) folder generates in one process" refusal). Ours: the fused decode kernels on
+    the ranks' slices; asym act-order (o_proj's g_idx renumbered per rank): the composite step."""
+    import shutil
+
+    folder = _gptq_cases(tmp_path, case)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+        if not (folder / name).exists():  # the independent packer writes weights and config only
+            shutil.copy(GQA / name, folder / name)
+    log0 = _generate_both(tmp_path, ["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel",
+                                     "2"], "--dtype", "bfloat16", folder=folder)
+    assert ("(composite step)" if "third" in case else "(fused step)") in log0

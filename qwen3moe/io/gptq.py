@@ -205,23 +205,35 @@ def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
     return model
 
 
+def read_projection(src, prefix: str, out_features: int, in_features: int, spec: GptqSpec):
+    """read_gptq, and an act-order g_idx refused unless the folder declares desc_act (the model
+    then holds no group map for it)."""
+    q, s, z, g_idx = read_gptq(src, prefix, out_features, in_features, spec)
+    if g_idx is not None and not spec.config.desc_act:
+        raise CheckpointError(f"{src.directory}: {prefix}.g_idx is act-order (not k // group_size) "
+                              f"but quantization_config.desc_act is false")
+    return q, s, z, g_idx
+
+
+def gptq_keys(float_keys: set[str]) -> set[str]:
+    """The GPTQ tensor names standing for a float model's quantized projections (`<prefix>.qweight`
+    etc. for each projection `<prefix>.weight`): what a GPTQ folder's loaders read."""
+    return {f"{k[:-len('.weight')]}.{q}" for k in float_keys if _EXPERT.match(k) or _LINEAR.match(k)
+            for q in QUANT_KEYS}
+
+
 def _fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec) -> None:
-    from qwen3moe.io.quantized import fill_cell
+    from qwen3moe.io.quantized import empty_arrays, fill_cell
 
     lead = tuple(cell.qweight.shape[:-2])
     per = len(prefixes) // (lead[0] if lead else 1)
     rows = cell.out_features // per
-    q = np.empty(tuple(cell.qweight.shape), np.uint8)
-    s = np.empty(tuple(cell.scales.shape), np.float16)
-    z = np.empty(tuple(cell.qzeros.shape), np.uint8)
+    q, s, z = empty_arrays(cell)
     gi = np.empty((*lead, per, cell.in_features), np.int32) if cell.g_idx is not None else None
     for i, prefix in enumerate(prefixes):
         j, r = divmod(i, per)
         at = (j, slice(r * rows, (r + 1) * rows)) if lead else (slice(r * rows, (r + 1) * rows),)
-        q[at], s[at], z[at], g_idx = read_gptq(src, prefix, rows, cell.in_features, spec)
-        if g_idx is not None and gi is None:
-            raise CheckpointError(f"{src.directory}: {prefix}.g_idx is act-order (not k // group_size) "
-                                  f"but quantization_config.desc_act is false")
+        q[at], s[at], z[at], g_idx = read_projection(src, prefix, rows, cell.in_features, spec)
         if gi is not None:
             default = np.arange(cell.in_features, dtype=np.int32) // (cell.in_features // s.shape[-1])
             gi[(j, r) if lead else (r,)] = default if g_idx is None else g_idx

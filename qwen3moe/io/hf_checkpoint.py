@@ -148,7 +148,7 @@ def read_bf16_bits(src: CheckpointSource, key: str) -> np.ndarray:
     """A BF16 tensor's stored bit pattern as uint16 (no fp32 copy), an FP8 weight's dequantized
     values rounded to bf16 bits; NaN/Inf is an error naming it."""
     if key in src.scales:
-        return f32_to_bf16(read_weight(src, key))
+        return bf16_bits(read_weight(src, key))
     st = src.where[key]
     bits = st.read_raw(key).view(np.uint16).reshape(st.shape(key))
     if ((bits & 0x7F80) == 0x7F80).any():  # exponent all ones: Inf or NaN
@@ -243,16 +243,32 @@ def load_param(src: CheckpointSource, p, num_experts: int) -> None:
     store_param(p, read_native(src, p.name, tuple(p.shape), num_experts))
 
 
+ROW_BLOCK_ELEMENTS = 1 << 24  # 64 MiB of float32 per block: bounds per-block temporaries
+
+
+def bf16_bits(arr: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounded in row blocks of ROW_BLOCK_ELEMENTS values:
+    f32_to_bf16's uint32 temporaries of a whole tensor (a [V, H] embedding) would be ~3x its
+    float32 size on top of it."""
+    out = np.empty(arr.shape, np.uint16)
+    cols = arr.shape[-1] if arr.ndim else 1
+    rows_in, rows_out = arr.reshape(-1, cols), out.reshape(-1, cols)
+    step = max(1, ROW_BLOCK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows_in.shape[0], step):
+        rows_out[r0:r0 + step] = f32_to_bf16(rows_in[r0:r0 + step])
+    return out
+
+
 def store_param(p, arr: np.ndarray) -> None:
     """A float32 array into a freshly built (not yet compiled) Parameter in its storage dtype:
-    bf16 bits (uint16) rounded by numpy, other dtypes by MindSpore's cast."""
+    bf16 bits (uint16) rounded by numpy (bf16_bits), other dtypes by MindSpore's cast."""
     import mindspore as ms
     from mindspore import Tensor
 
     from qwen3moe.layers.dtypes import BF16_BITS
 
     if p.dtype == BF16_BITS:
-        p.set_data(Tensor.from_numpy(f32_to_bf16(arr)))
+        p.set_data(Tensor.from_numpy(bf16_bits(arr)))
         return
     t = Tensor.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))

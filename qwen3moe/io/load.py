@@ -38,9 +38,9 @@ def _load_quantized(cls, directory, config, param_dtype, quantization, group_siz
     qc = QuantizationConfig.of(quantization, group_size)
     stored = gptq_config(config, directory)
     if stored is not None:
-        if qc is not None:
+        if qc is not None or group_size is not None:  # its group size is the folder's own
             raise CheckpointError(f"{directory}: already quantized ({stored.config.bits}-bit GPTQ); "
-                                  f"load it without quantization=/--quantize")
+                                  f"load it without quantization= / group_size= (--quantize / --group_size)")
         return load_gptq(cls, directory, config, stored, param_dtype)
     if qc is None:
         if group_size is not None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, CheckpointSource, check_unexpected, load_param,
-                                       native_sources, read_native, read_weight)
+from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, ROW_BLOCK_ELEMENTS, CheckpointSource, check_unexpected,
+                                       load_param, native_sources, read_native, read_weight)
 from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight, quantize
 
@@ -41,7 +41,8 @@ def fill_cell(cell: QuantizedWeight, qweight: np.ndarray, scales: np.ndarray, qz
         cell.g_idx.set_data(Tensor.from_numpy(np.ascontiguousarray(g, np.int32)))
 
 
-def _empty(cell: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def empty_arrays(cell: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uninitialised (qweight, scales, qzeros) arrays of the cell's shapes, to fill and fill_cell."""
     return (np.empty(tuple(cell.qweight.shape), np.uint8), np.empty(tuple(cell.scales.shape), np.float16),
             np.empty(tuple(cell.qzeros.shape), np.uint8))
 
@@ -56,7 +57,7 @@ def quantize_cell(src: CheckpointSource, name: str, cell: QuantizedWeight, num_e
     if len(keys) == 1:  # a fused-layout expert stack, or a mismatch read_native reports
         fill_cell(cell, *quantize(read_native(src, name, shape, num_experts), cell.bits, cell.group_size))
         return keys
-    q, s, z = _empty(cell)
+    q, s, z = empty_arrays(cell)
     per = len(keys) // num_experts
     rows = shape[1] // per
     for i, k in enumerate(keys):  # one expert projection at a time
@@ -73,7 +74,17 @@ def quantize_cell(src: CheckpointSource, name: str, cell: QuantizedWeight, num_e
     return keys
 
 
-ROW_BLOCK_ELEMENTS = 1 << 24  # 64 MiB of float32 per block: bounds the quantizer's temporaries
+def quantize_rows(cell: QuantizedWeight, blocks) -> None:
+    """Quantize a linear's float rows into `cell`: `blocks` yields (first row, float32 [n, I]
+    block) pairs covering the O rows; each block is quantized ROW_BLOCK_ELEMENTS values at a
+    time (bounded quantizer temporaries: the lm_head is 311M weights)."""
+    q, s, z = empty_arrays(cell)
+    step = max(1, ROW_BLOCK_ELEMENTS // cell.in_features)
+    for b0, block in blocks:
+        for r0 in range(0, block.shape[0], step):
+            rows = slice(b0 + r0, b0 + min(r0 + step, block.shape[0]))
+            q[rows], s[rows], z[rows] = quantize(block[r0:r0 + step], cell.bits, cell.group_size)
+    fill_cell(cell, q, s, z)
 
 
 def _quantize_rows(src: CheckpointSource, key: str, cell: QuantizedWeight) -> None:
@@ -83,15 +94,15 @@ def _quantize_rows(src: CheckpointSource, key: str, cell: QuantizedWeight) -> No
     if st.dtype(key) not in FLOAT_TAGS:
         raise CheckpointError(f"{st.path}: tensor {key!r} has dtype {st.dtype(key)}, expected a floating-point "
                               f"weight ({', '.join(FLOAT_TAGS)})")
-    q, s, z = _empty(cell)
-    O, I = cell.out_features, cell.in_features
-    step = max(1, ROW_BLOCK_ELEMENTS // I)
-    for r0 in range(0, O, step):
-        r1 = min(O, r0 + step)
-        part = src.read(key, rows=(r0, r1))
-        check_finite(part, key, st.path)
-        q[r0:r1], s[r0:r1], z[r0:r1] = quantize(part, cell.bits, cell.group_size)
-    fill_cell(cell, q, s, z)
+    O, step = cell.out_features, max(1, ROW_BLOCK_ELEMENTS // cell.in_features)
+
+    def blocks():
+        for r0 in range(0, O, step):
+            part = src.read(key, rows=(r0, min(O, r0 + step)))
+            check_finite(part, key, st.path)
+            yield r0, part
+
+    quantize_rows(cell, blocks())
 
 
 def load_quantizing(cls, directory: str, config, qc: QuantizationConfig, param_dtype):

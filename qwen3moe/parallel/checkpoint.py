@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3moe.io.gptq import gptq_config, gptq_keys
 from qwen3moe.io.hf_checkpoint import CheckpointSource, check_unexpected, model_keys, native_sources
 from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, check_tensor_names, write_safetensors
 from qwen3moe.parallel.ranks import ShardInfo, assemble
@@ -46,7 +47,10 @@ class ShardReader:
             from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
             have = set(self.src.where)  # missing tensors: below, per name
-            check_unexpected(self.src, model_keys(Qwen3MoeForCausalLM, cfg, have) & have, cfg)
+            keys = model_keys(Qwen3MoeForCausalLM, cfg, have)
+            if gptq_config(cfg, self.src.directory) is not None:  # its projections' GPTQ tensors
+                keys |= gptq_keys(keys)
+            check_unexpected(self.src, keys & have, cfg)
             self.checked = True
         name = info.name
         if name == "lm_head.weight" and name not in self.src.where and cfg.tie_word_embeddings:

@@ -15,6 +15,9 @@ Per decoder layer (decode), as the composite step computes it through the plan's
 Embedding: the plan's vocab-parallel lookup. Head: DecodeHead on this rank's vocab rows [B, v],
 then the lm_head wrapper's gather over tp (full logits on every rank, as the composite step).
 Prefill runs the base class's path (the layers' own cells, collectives included).
+int8 activations (QuantizationConfig activations="int8"): the kernels' flag as in one process;
+a rank's row-parallel slices hold whole 16-input activation blocks (quantized.check_act8_layout),
+so its partials are one process's up to the order of the float32 sum over ranks.
 The composite step (generation/engine._StepCell) on the same rank model is the reference
 (tests/test_parallel_fused.py).
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from mindspore import Tensor, nn
 
-from qwen3moe.generation.fused_step import FusedStepCell, kernel_weight
+from qwen3moe.generation.fused_step import FusedStepCell, int8_activations, kernel_weight
 from qwen3moe.kernels import decode as decode_kernel
 
 
@@ -44,14 +47,16 @@ class RankFusedStepCell(FusedStepCell):
         self.tp = tp > 1
         vocab = kernel_weight(self._linear(model.lm_head))[0].shape[0]
         self.ops1 = decode_kernel.DecodeOps(batch, 1, cfg.hidden_size, vocab)
-        # (eps, scale, int8 activations: off on parallel ranks, partial: on[, expert offset])
-        self.fcfg_attn = Tensor(np.array([eps, scale, 0.0, 1.0], np.float32))
+        # (eps, scale, int8 activations as the model was loaded (quantized.check_act8_layout: a
+        # rank's slices hold whole activation blocks), partial: on[, expert offset])
+        act8 = float(int8_activations(model))
+        self.fcfg_attn = Tensor(np.array([eps, scale, act8, 1.0], np.float32))
         moe = [layer.mlp.dispatcher for layer in model.model.layers if _fused_moe(layer)]
         self.moe_op, self.fcfg_moe = None, None
         if moe:
             # one plan for every sparse layer: the same rows and expert block on this rank
             self.moe_op = self.ops1.moe_rows(moe[0].rows_for(batch))
-            self.fcfg_moe = Tensor(np.array([eps, scale, 0.0, 1.0, moe[0].expert_lo], np.float32))
+            self.fcfg_moe = Tensor(np.array([eps, scale, act8, 1.0, moe[0].expert_lo], np.float32))
 
     def _linear(self, cell: nn.Cell) -> nn.Cell:
         """The Linear holding this rank's slice (inside the plan's wrapper when tp > 1)."""

@@ -3,9 +3,10 @@
 
 pp = 1 (tp, ep, dp and their products): each rank builds its model (parallelize.py: the model's
 own classes with the tp / ep plan, its shards read online, stored in --dtype, with --quantize
-each rank's float slices quantized as they are read; with tp = ep = 1 the whole model, loaded
-as one process loads it) and runs the ordinary generation engine on it: compiled KV-cached
-step (the fused decode kernels on the rank's slices), batches with left padding, per-row EOS
+each rank's float slices quantized as they are read, from a GPTQ folder each rank's slice of
+the stored quantized tensors; with tp = ep = 1 the whole model, loaded as one process loads it)
+and runs the ordinary generation engine on it: compiled KV-cached step (the fused decode
+kernels on the rank's slices, int8 activations with --activations int8), batches with left padding, per-row EOS
 and stop strings, sampling, streaming. Every rank encodes the whole batch (the same padded
 length everywhere); the dp ranks take equal shares of its rows (generate.RowSplit: the
 last share padded with dummy rows). Every rank runs the same steps with the same shapes, as the
@@ -77,26 +78,42 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
 
 def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
     """What the sharded builds load (parallelize.py's rank models, also the pipeline stages):
-    float folders, quantized while read; weight-only quantized products."""
+    float folders, quantized while read (int8 activations where every rank's slices hold whole
+    activation blocks, pp = 1); GPTQ folders, each rank its slice of the stored tensors."""
     from qwen3moe.io.gptq import gptq_config
-    from qwen3moe.layers.quant import QuantizationError
     from qwen3moe.parallel.pipeline_generate import layout_mesh
-    from qwen3moe.parallel.quantized import check_quantized_layout
+    from qwen3moe.parallel.quantized import check_act8_layout, check_gptq_layout, check_quantized_layout
 
-    if gptq_config(cfg, req.pretrained_model_dir) is not None:
-        raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: a GPTQ (pre-quantized) folder "
-                              "generates in one process or pure data-parallel only; shard its float folder with "
-                              "--quantize int8/int4")
+    if req.quantize is None and req.group_size is not None:
+        raise GenerationError("--group_size needs --quantize int8/int4")
+    spec = gptq_config(cfg, req.pretrained_model_dir)
     qc = req.quantization()
-    if qc is None:
+    if spec is not None and qc is not None:
+        raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: already quantized "
+                              f"({spec.config.bits}-bit GPTQ); generate without --quantize")
+    if spec is None and qc is None:
+        return
+    if qc is not None and qc.int8_activations and mesh.pp > 1:
+        raise GenerationError("--activations int8 runs in the fused decode step, which pipeline stages (pp > 1) do "
+                              "not use; generate with tp / ep / dp, or without --activations int8")
+    layout = layout_mesh(mesh)
+    if spec is not None:
+        _refused("", check_gptq_layout, cfg, layout, spec, req.pretrained_model_dir)
         return
     if qc.int8_activations:
-        raise GenerationError("--activations int8 applies to one process or pure data-parallel only (the sharded "
-                              "decode step runs float activations)")
+        _refused("--activations int8: ", qc.check_runnable)
+        _refused("--activations int8: ", check_act8_layout, cfg, layout, qc)
+    _refused("--group_size: ", check_quantized_layout, cfg, layout, qc)
+
+
+def _refused(what: str, check, *args) -> None:
+    """check(*args), its QuantizationError as the GenerationError `what` + its message."""
+    from qwen3moe.layers.quant import QuantizationError
+
     try:
-        check_quantized_layout(cfg, layout_mesh(mesh), qc)
+        check(*args)
     except QuantizationError as exc:
-        raise GenerationError(f"--group_size: {exc}") from None
+        raise GenerationError(f"{what}{exc}") from None
 
 
 def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | None = None) -> ParallelGeneration:

@@ -23,6 +23,9 @@ API (stable; other modules build on it):
     param_dtype, quantization  (generation) the model's own build options: bf16 storage, int8 /
               int4 projections quantized from the rank's float slices (quantized.py; their
               entries carry the float weight's split and are not for training or save_sharded).
+              A GPTQ folder as `weights` (config.json quantization_config) loads its projections
+              as stored, each rank its slice (quantized.fill_gptq_shard); quantization= is then
+              an error.
 
     returns RankModel:
       .model      a Qwen3MoeForCausalLM (models/qwen3_moe.py) whose forward is the model's own:
@@ -80,11 +83,12 @@ from mindspore import Tensor, nn, ops
 from qwen3moe.io.hugepages import use_hugepages
 from qwen3moe.layers.dtypes import skip_init, widen
 from qwen3moe.layers.norm import RMSNorm
-from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight
+from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight
 from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
 from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
-from qwen3moe.parallel.quantized import check_quantized_layout, native_name, quantize_shard
+from qwen3moe.parallel.quantized import (check_gptq_layout, check_quantized_layout, fill_gptq_shard, native_name,
+                                        quantize_shard)
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
 from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter, own_rows
 from qwen3moe.router.topk import TopKRouter
@@ -273,8 +277,7 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
     check_layout(cfg, mesh)
-    if quantization is not None:
-        check_quantized_layout(cfg, mesh, quantization)
+    spec, quantization = _quantization(cfg, mesh, weights, quantization)
     if dispatcher not in ("auto", "tp", "allgather", "alltoall"):
         raise ValueError(f"dispatcher must be 'auto', 'tp', 'allgather' or 'alltoall', got {dispatcher!r}")
     if mesh.sp and dispatcher == "tp":
@@ -318,17 +321,48 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         info = split_as.get(id(p))  # a quantized tensor is split as its float weight is
         entries.append((p, info_of(p.name) if info is None else replace(info, name=p.name)))
     if reader is not None:
-        for p, info in entries:
-            if id(p) not in split_as:
-                load_shard(p, info, cfg, reader, f"rank {rank}")
-                release_freed_heap()
-        for cell, info in quantized:
-            quantize_shard(cell, info, cfg, reader, f"rank {rank}")
-            release_freed_heap()
+        _load_shards(entries, quantized, cfg, reader, spec, f"rank {rank}")
         if param_dtype is not None or quantization is not None:
             use_hugepages(model)  # as io/load.py: the decode kernels stream these weights
     return RankModel(model, entries, mesh, rank, coll, layers, vocab_start, local_cfg,
                      getattr(reader, "bytes_read", 0), _by_name={i.name: i for _, i in entries})
+
+
+def _quantization(cfg, mesh: Mesh, weights, quantization):
+    """(GPTQ spec or None, the model's QuantizationConfig or None), checked for this layout: a
+    GPTQ folder as `weights` builds with its stored config (its projections load as stored,
+    sliced per rank), else `quantization` (quantized from the float slices)."""
+    from qwen3moe.io.gptq import gptq_config
+
+    spec = gptq_config(cfg, os.fspath(weights)) if isinstance(weights, (str, os.PathLike)) else None
+    if spec is not None:
+        if quantization is not None:
+            raise QuantizationError(f"{os.fspath(weights)}: already quantized ({spec.config.bits}-bit GPTQ); "
+                                    f"load it without quantization= (--quantize)")
+        check_gptq_layout(cfg, mesh, spec, os.fspath(weights))
+        return spec, spec.config
+    if quantization is not None:
+        quantization.check_runnable()
+        check_quantized_layout(cfg, mesh, quantization)
+    return None, quantization
+
+
+def _load_shards(entries: list, quantized: list, cfg, reader, spec, who: str) -> None:
+    """The plain Parameters' slices first (as one process loads a GPTQ folder: their read
+    transients come before the quantized weights are resident), then the quantized cells: from
+    the GPTQ tensors (spec), else quantized from the float slices (the lm_head always: a GPTQ
+    folder keeps it float, loaded as int8 per channel)."""
+    cells = {id(p) for cell, _ in quantized for p in cell.get_parameters()}
+    for p, info in entries:
+        if id(p) not in cells:
+            load_shard(p, info, cfg, reader, who)
+            release_freed_heap()
+    for cell, info in quantized:
+        if spec is not None and info.name != "lm_head.weight":
+            reader.bytes_read += fill_gptq_shard(cell, info, cfg, reader.src, spec)
+        else:
+            quantize_shard(cell, info, cfg, reader, who)
+        release_freed_heap()
 
 
 def _info(hf: str, mesh: Mesh, n: int, K: int) -> ShardInfo:

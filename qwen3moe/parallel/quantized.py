@@ -1,17 +1,25 @@
-"""Quantize-on-load for a rank model (parallelize.py with `quantization=`): each QuantizedWeight
-cell is filled from the rank's float slice of its weight, read as a float rank model reads it
-(ranks.read_slice: checkpoint.ShardReader preads only the slice), then quantized here
-(layers/quant.quantize, io/quantized.fill_cell). The quantized tensors are split as the float
-weight is (ShardInfo of the float name): column / vocab rows of qweight, scales and qzeros are
-the rows of the whole tensor's; a row-parallel slice (input columns) gives the whole tensor's
-groups when the group size divides the per-rank input dimension (check_quantized_layout).
-Shapes: E experts, O out-features, I in-features.
+"""Quantized rank models (parallelize.py with `quantization=`, or a GPTQ folder): the
+QuantizedWeight cells hold exactly the rank's part of the whole tensor, split as the float
+weight is (ShardInfo of the float name).
+
+Quantize-on-load (quantize_shard): each cell is filled from the rank's float slice of its
+weight, read as a float rank model reads it (ranks.read_slice: checkpoint.ShardReader preads
+only the slice), then quantized (layers/quant.quantize, io/quantized.quantize_rows): column /
+vocab rows of qweight, scales and qzeros are the rows of the whole tensor's; a row-parallel slice
+(input columns) gives the whole tensor's groups when the group size divides the per-rank input
+dimension (check_quantized_layout).
+GPTQ folder (fill_gptq_shard): the stored tensors of a projection read into the in-memory
+layout (io/gptq.read_projection, as one process reads them) and sliced: output rows with the
+whole act-order g_idx; input columns with their packed bytes and their block of whole groups
+(check_gptq_layout), an act-order g_idx only when the columns' groups lie in that block.
+Shapes: E experts, O out-features, I in-features, P packed bytes per row, G groups per row.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from qwen3moe.io.quantized import ROW_BLOCK_ELEMENTS, fill_cell
+from qwen3moe.io.gptq import QUANT_KEYS, GptqSpec, read_projection
+from qwen3moe.io.quantized import empty_arrays, fill_cell, quantize_rows
 from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight, quantize
 from qwen3moe.parallel.mesh import Mesh
 from qwen3moe.parallel.ranks import ShardInfo, checked, expert_slices, row_blocks
@@ -25,42 +33,134 @@ def native_name(qweight_name: str) -> str:
     return base if ".experts." in base else f"{base}.weight"
 
 
-def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
-    """Each rank quantizes its own slice of a row-parallel projection (o_proj, down_proj: input
-    dim split), so the group size must divide the per-rank input dimension: then the rank's
-    groups are those of the whole tensor. A per-channel (-1) scale of such a slice is per output
-    channel of the rank's input columns (the groups of the whole tensor quantized with group size
-    in / tp)."""
-    if qc.group_size == -1:
-        return
+def _row_parallel_dims(cfg, mesh: Mesh) -> list[tuple]:
+    """(what, input dim, ranks splitting it, axis, config key) of each row-parallel projection."""
     tp, etp, attn = mesh.tp, mesh.expert_tp, cfg.num_attention_heads * cfg.head_dim
     dims = [("self_attn.o_proj", attn, tp, "tp", "num_attention_heads*head_dim")]
     if any(not cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers)):
         dims.append(("mlp.down_proj", cfg.intermediate_size, tp, "tp", "intermediate_size"))
     if cfg.num_experts:
         dims.append(("mlp.experts.down_proj", cfg.moe_intermediate_size, etp, "etp", "moe_intermediate_size"))
-    for what, n, d, axis, name in dims:
+    return dims
+
+
+# csrc/quant_vnni.h chunk_inputs: the kernels take int8 activations for a quantized projection
+# only when its input dimension is a multiple of this (act8_fits); other rows run float activations
+ACT8_CHUNK_INPUTS = {8: 64, 4: 128}
+
+
+def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
+    """Each rank quantizes its own slice of a row-parallel projection (o_proj, down_proj: input
+    dim split), so the group size must divide the per-rank input dimension: then the rank's
+    groups are those of the whole tensor. A per-channel (-1) scale of such a slice is per output
+    channel of the rank's input columns (the groups of the whole tensor quantized with group size
+    in / tp). int8 activations: check_act8_layout."""
+    if qc.int8_activations:
+        check_act8_layout(cfg, mesh, qc)
+    if qc.group_size == -1:
+        return
+    for what, n, d, axis, name in _row_parallel_dims(cfg, mesh):
         if (n // d) % qc.group_size:
             raise QuantizationError(f"quantization group_size {qc.group_size} does not divide the per-rank input "
                                     f"dimension {n // d} of {what} ({name} {n} / {axis} {d}); use a group size "
                                     f"dividing it, or -1 (per channel)")
 
 
+def check_act8_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
+    """int8 activations are quantized per row in blocks of 16 inputs, so a row-parallel slice
+    whose width is a multiple of the kernels' chunk (ACT8_CHUNK_INPUTS, a multiple of 16) holds
+    whole blocks of the whole row: a rank's integer sums are one process's, its partial output
+    differs only in float32 summation order (as float activations under tp). A slice narrower
+    than that of a projection whose whole row takes int8 activations would run float
+    activations on the ranks: refused."""
+    chunk = ACT8_CHUNK_INPUTS[qc.bits]
+    for what, n, d, axis, name in _row_parallel_dims(cfg, mesh):
+        if d > 1 and n % chunk == 0 and (n // d) % chunk:
+            raise QuantizationError(f"the per-rank input dimension {n // d} of {what} ({name} {n} / {axis} {d}) is "
+                                    f"not a multiple of {chunk}, the int{qc.bits} chunk of the int8-activation "
+                                    f"kernels, so the ranks would run it with float activations where one process "
+                                    f"runs int8; use {axis} 1 for it (ep, dp) or weight-only quantization")
+
+
+def check_gptq_layout(cfg, mesh: Mesh, spec: GptqSpec, directory) -> None:
+    """A GPTQ folder's row-parallel projection splits exactly only into whole groups: its group
+    size must divide the per-rank input dimension (per channel, -1: one group spans the row, so
+    no split)."""
+    g = spec.config.group_size
+    for what, n, d, axis, name in _row_parallel_dims(cfg, mesh):
+        if d > 1 and (g == -1 or (n // d) % g):
+            groups = "per-channel (group_size -1) scales span the whole input row" if g == -1 else \
+                f"group_size {g} does not divide the per-rank input dimension {n // d}"
+            raise QuantizationError(f"{directory}: GPTQ folder: its {groups} of {what} ({name} {n} / {axis} {d}), "
+                                    f"so its groups cannot be split exactly; use {axis} 1 (ep, pp, dp), or shard "
+                                    f"the float folder with --quantize")
+
+
+def fill_gptq_shard(cell: QuantizedWeight, info: ShardInfo, cfg, src, spec: GptqSpec) -> int:
+    """Fill `cell` with the rank's slice of the GPTQ projection(s) behind the float weight
+    `info.name` (src: the folder's CheckpointSource): each projection read whole into the
+    in-memory layout (io/gptq.read_projection; an expert stack one projection of one of this
+    rank's experts at a time), then split as the float weight is (_split_gptq). Returns the
+    bytes read."""
+    lead = tuple(cell.qweight.shape[:-2])
+    rows_split = info.style not in ("row", "expert_row")  # output rows (column, gate_up); else input columns
+    if lead:
+        base, kind = info.name.rsplit(".", 1)
+        projs = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+        lo = info.ep_rank * (cfg.num_experts // info.ep_size)
+        prefixes = [f"{base}.{lo + j}.{p}" for j in range(lead[0]) for p in projs]
+    else:
+        projs, prefixes = ("",), [info.name[:-len(".weight")]]
+    per, T = len(projs), info.tp_size
+    rows, I = cell.out_features // per, cell.in_features
+    full = (rows * T, I) if rows_split else (rows, I * T)
+    q, s, z = empty_arrays(cell)
+    gi = None if cell.g_idx is None else np.empty(tuple(cell.g_idx.shape), np.int32)
+    for i, prefix in enumerate(prefixes):
+        j, r = divmod(i, per)
+        at = (j, slice(r * rows, (r + 1) * rows)) if lead else (slice(0, rows),)
+        whole = read_projection(src, prefix, *full, spec)
+        q[at], s[at], z[at], g_idx = _split_gptq(whole, rows_split, info.tp_rank, T, prefix)
+        if gi is not None:
+            gi[(j, r) if lead else (r,)] = np.arange(I, dtype=np.int32) // cell.group_size if g_idx is None else g_idx
+    fill_cell(cell, q, s, z, gi)
+    return sum(int(np.prod(src.shape(n), dtype=np.int64)) * (2 if src.dtype(n) == "F16" else 4)
+               for p in prefixes for n in (f"{p}.{k}" for k in QUANT_KEYS) if n in src.where)
+
+
+def _split_gptq(whole: tuple, rows_split: bool, t: int, T: int, prefix: str) -> tuple:
+    """Rank t of T's part of one projection (qweight [O, P], scales / qzeros [O, G], g_idx [I] or
+    None): output rows with the whole g_idx; or input columns, their packed bytes and their
+    block of groups, an act-order g_idx renumbered within the block (refused when the columns
+    reference groups outside it: their scales would be another rank's)."""
+    q, s, z, g_idx = whole
+    if T == 1:
+        return whole
+    if rows_split:
+        rows = slice(t * (q.shape[0] // T), (t + 1) * (q.shape[0] // T))
+        return q[rows], s[rows], z[rows], g_idx
+    P, G = q.shape[1] // T, s.shape[1] // T
+    if g_idx is not None:
+        n = g_idx.shape[0] // T
+        g_idx = g_idx[t * n:(t + 1) * n]
+        if g_idx.min() < t * G or g_idx.max() >= (t + 1) * G:
+            raise QuantizationError(f"{prefix}.g_idx: act-order groups of input columns {t * n}..{(t + 1) * n - 1} "
+                                    f"lie outside groups {t * G}..{(t + 1) * G - 1}, so the {T}-way split of its "
+                                    f"input dimension cannot hold them exactly; use tp / etp 1 for it (ep, pp, dp)")
+        g_idx = g_idx - t * G
+    return q[:, t * P:(t + 1) * P], s[:, t * G:(t + 1) * G], z[:, t * G:(t + 1) * G], g_idx
+
+
 def quantize_shard(cell: QuantizedWeight, info: ShardInfo, cfg, get, who: str) -> None:
-    """Quantize the rank's float slice of `info.name` into `cell`: a linear in row blocks (as
-    io/quantized.py: bounded quantizer temporaries; ranks.row_blocks: read in blocks where the
-    split allows), an expert stack one expert at a time (ranks.expert_slices: the float
+    """Quantize the rank's float slice of `info.name` into `cell`: a linear in row blocks
+    (io/quantized.quantize_rows: bounded quantizer temporaries; ranks.row_blocks: read in blocks
+    where the split allows), an expert stack one expert at a time (ranks.expert_slices: the float
     transient is one expert's slice)."""
     shape = (*cell.qweight.shape[:-1], cell.in_features)
-    q, s, z = (np.empty(tuple(t.shape), dt) for t, dt in
-               ((cell.qweight, np.uint8), (cell.scales, np.float16), (cell.qzeros, np.uint8)))
     if len(shape) == 2:
-        step = max(1, ROW_BLOCK_ELEMENTS // shape[1])
-        for b0, block in row_blocks(info, cfg, get, shape, who):
-            for r0 in range(0, block.shape[0], step):
-                rows = slice(b0 + r0, b0 + min(r0 + step, block.shape[0]))
-                q[rows], s[rows], z[rows] = quantize(block[r0:r0 + step], cell.bits, cell.group_size)
-    else:
-        for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
-            q[j], s[j], z[j] = quantize(checked(arr, (1, *shape[1:]), info, who)[0], cell.bits, cell.group_size)
+        quantize_rows(cell, row_blocks(info, cfg, get, shape, who))
+        return
+    q, s, z = empty_arrays(cell)
+    for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
+        q[j], s[j], z[j] = quantize(checked(arr, (1, *shape[1:]), info, who)[0], cell.bits, cell.group_size)
     fill_cell(cell, q, s, z)

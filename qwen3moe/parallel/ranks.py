@@ -22,9 +22,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import initializer
 
-from qwen3moe.io.hf_checkpoint import store_param
-from qwen3moe.io.quantized import ROW_BLOCK_ELEMENTS
-from qwen3moe.io.safetensors_io import f32_to_bf16
+from qwen3moe.io.hf_checkpoint import ROW_BLOCK_ELEMENTS, bf16_bits, store_param
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.layers.dtypes import BF16_BITS, skip_init
 from qwen3moe.layers.experts import Qwen3MoeExperts
@@ -138,7 +136,7 @@ def row_blocks(info: ShardInfo, cfg, get, shape: tuple, who: str):
     rows with no such divisor: the whole slice in one read."""
     rows, cols = shape
     k = next((k for k in range(1, min(rows, 4096) + 1) if rows % k == 0 and rows // k * cols <= ROW_BLOCK_ELEMENTS),
-             1) if info.style in ("vocab", "column") and len(shape) == 2 else 1
+             1) if info.style in ("vocab", "column") else 1
     if k == 1:
         yield 0, checked(read_slice(info, cfg, get), shape, info, who)
         return
@@ -156,13 +154,13 @@ def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
         if ".experts." in info.name and len(shape) == 3:
             bits = np.empty(shape, np.uint16)
             for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
-                bits[j] = _bf16_bits(checked(arr, (1, *shape[1:]), info, who)[0])
+                bits[j] = bf16_bits(checked(arr, (1, *shape[1:]), info, who)[0])
         elif len(shape) == 2:
             bits = np.empty(shape, np.uint16)
             for r0, arr in row_blocks(info, cfg, get, shape, who):
-                bits[r0:r0 + arr.shape[0]] = _bf16_bits(arr)
+                bits[r0:r0 + arr.shape[0]] = bf16_bits(arr)
         else:
-            bits = _bf16_bits(checked(read_slice(info, cfg, get), shape, info, who))
+            bits = bf16_bits(checked(read_slice(info, cfg, get), shape, info, who))
         t = Tensor.from_numpy(bits)
         p.set_data(t if p.dtype == BF16_BITS else t.view(ms.bfloat16))
         return
@@ -171,18 +169,6 @@ def load_shard(p: Parameter, info: ShardInfo, cfg, get, who: str) -> None:
         p.set_data(Tensor.from_numpy(arr))  # no second copy: peak RSS of a load ~ the shard
     else:
         store_param(p, arr)
-
-
-def _bf16_bits(arr: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits (uint16), rounded in row blocks: f32_to_bf16's uint32 temporaries of
-    a whole slice (a [V/tp, H] embedding) would be ~3x its float32 size on top of it."""
-    out = np.empty(arr.shape, np.uint16)
-    cols = arr.shape[-1] if arr.ndim else 1
-    rows_in, rows_out = arr.reshape(-1, cols), out.reshape(-1, cols)
-    step = max(1, ROW_BLOCK_ELEMENTS // rows_in.shape[1])
-    for r0 in range(0, rows_in.shape[0], step):
-        rows_out[r0:r0 + step] = f32_to_bf16(rows_in[r0:r0 + step])
-    return out
 
 
 def unsplit(parts: list[np.ndarray], style: str) -> np.ndarray:
