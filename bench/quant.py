@@ -15,8 +15,8 @@ Prints each of our modes against our fp32 and int8 vs Q8_0, int4 vs Q4_K_M (targ
 Modes int8-a8 / int4-a8: the same weights with the opt-in int8 activations (prefill and decode
 kernels; QuantizationConfig(activations="int8"), docs/quantization.md).
 Times are medians over --reps after a warm-up call. Our workers run with the runtime setting
-`qwen3moe generate` uses (common.generation_runtime: MindSpore's graph pipeline off, which saves
-~1 ms of hand-offs per decode step); QWEN3MOE_GRAPH_PIPELINE=on measures MindSpore's default.
+`qwen3moe generate` uses (common.generation_runtime: MindSpore's graph pipeline off: less CPU a
+token, the same wall time on a quiet machine); QWEN3MOE_GRAPH_PIPELINE=on measures MindSpore's default.
 
 --rounds N runs every mode in N separate processes, interleaved (fp32, bf16, ... then again): how
 fast a process streams memory changes over time on this machine (bench/RESULTS.md "Streaming
