@@ -4,9 +4,8 @@ param_dtype=, quantization=)): each rank quantizes its own float slices while re
 Fast (one process, no collectives; ranks built one after another): every rank's tensors against
 the single-process model loaded with the same options — exactly equal (quantization is
 deterministic, so a rank's column / vocab / expert block is the single-process tensor's, and a
-row-parallel slice whose width is a multiple of the group size holds the whole tensor's groups);
-int8 per channel of a row-parallel slice against the NumPy quantization of that float slice
-(its scale is per output channel of the rank's columns). One-line refusals before any launch.
+row-parallel slice whose width is a multiple of the group size holds the whole tensor's groups,
+a per-channel one the whole rows' scales). One-line refusals before any launch.
 Real processes (`slow`, ~40-60 s a launch): greedy tokens of `generate --use_parallel` equal one
 process generating with the same options.
 """
@@ -112,41 +111,44 @@ def test_bf16_rank_tensors_are_slices_of_the_single_process_bf16_model(folder, l
             np.testing.assert_array_equal(_f32(p), slice_for(info, _f32(full[p.name])), err_msg=f"rank {r} {p.name}")
 
 
-def test_tp_int8_per_channel_row_slices_are_quantized_per_rank():
-    """tp2 (experts' ffn split too, etp 2) on the dense + sparse fixture, int8 per channel: the
-    column / vocab tensors (q, k, v with the one kv head replicated, gate, up, expert gate_up,
-    lm_head) equal the single-process int8 model's slices; a row-parallel slice (o_proj, dense and
-    expert down_proj) equals the NumPy quantization of the rank's float slice with one group per
-    row of the slice (what per channel means on a rank), which is not the single-process tensor."""
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+def test_tp_per_channel_row_slices_are_the_single_process_tensors(bits, read_blocks):
+    """tp2 (experts' ffn split too, etp 2) on the dense + sparse fixture, per channel (group_size
+    -1): every quantized tensor of every rank is the single-process model's: column / vocab rows
+    (q, k, v with the one kv head replicated, gate, up, expert gate_up, lm_head); a row-parallel
+    slice (o_proj, dense and expert down_proj) holds its input columns of qweight and the WHOLE
+    per-row scales / zeros (each rank quantizes the whole rows, as one process; before: one scale
+    per row of the rank's columns, which fails here), and its cell dequantizes to the slice of
+    the single-process weight."""
     from qwen3moe import Qwen3MoeForCausalLM
-    from qwen3moe.layers.quant import QuantizationConfig, quantize
+    from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight, dequantize
     from qwen3moe.parallel.mesh import Mesh
-    from qwen3moe.parallel.quantized import native_name
     from qwen3moe.parallel.ranks import slice_for
 
-    one = {p.name: p.asnumpy() for p in Qwen3MoeForCausalLM.from_pretrained(MQA, quantization="int8").get_parameters()}
-    flt = {p.name: p.asnumpy() for p in Qwen3MoeForCausalLM.from_pretrained(MQA).get_parameters()}
-    ranks = _ranks(MQA, Mesh(tp=2), quantization=QuantizationConfig.from_name("int8"))
-    rows_differ = False
+    one = Qwen3MoeForCausalLM.from_pretrained(MQA, quantization=f"int{bits}", group_size=-1)
+    full = {p.name: p.asnumpy() for p in one.get_parameters()}
+    ranks = _ranks(MQA, Mesh(tp=2), quantization=QuantizationConfig.from_name(f"int{bits}", -1))
+    checked = set()
     for r, rm in enumerate(ranks):
-        checked = set()
-        for p, info in rm.entries:
-            if not p.name.endswith((".qweight", ".scales", ".qzeros")):
+        for _, cell in rm.model.cells_and_names():
+            if not isinstance(cell, QuantizedWeight):
                 continue
-            got = p.asnumpy()
-            if info.style in ("row", "expert_row"):
-                base = p.name.rsplit(".", 1)[0]
-                fslice = slice_for(rm.info(base + ".qweight"), flt[native_name(base + ".qweight")])
-                want = dict(zip(("qweight", "scales", "qzeros"), quantize(fslice, 8, fslice.shape[-1])))
-                np.testing.assert_array_equal(got, want[p.name.rsplit(".", 1)[1]], err_msg=f"rank {r} {p.name}")
-                if p.name.endswith(".qweight"):  # (a per-channel scales [O, 1] has no column slice)
-                    rows_differ |= not np.array_equal(got, slice_for(info, one[p.name]))
-            else:
-                np.testing.assert_array_equal(got, slice_for(info, one[p.name]), err_msg=f"rank {r} {p.name}")
+            base = cell.qweight.name[:-len(".qweight")]
+            info = rm.info(cell.qweight.name)
+            lm_bits = 8 if base == "lm_head" else bits
+            rows = info.style in ("row", "expert_row")
+            got = [getattr(cell, k).asnumpy() for k in ("qweight", "scales", "qzeros")]
+            want = [full[f"{base}.{k}"] for k in ("qweight", "scales", "qzeros")]
+            per_row = replace(info, style="replicate") if rows else info  # [O, 1]: the whole row's scale
+            for k, g, w in zip(("qweight", "scales", "qzeros"), got, want):
+                np.testing.assert_array_equal(g, slice_for(info if k == "qweight" else per_row, w),
+                                              err_msg=f"rank {r} {base}.{k}")
+            assert got[1].shape[-1] == 1, (base, got[1].shape)
+            np.testing.assert_array_equal(dequantize(*got, lm_bits), slice_for(info, dequantize(*want, lm_bits)),
+                                          err_msg=f"rank {r} {base} dequantized")
             checked.add((info.style, info.sync))
-        assert {("column", "kv2"), ("column", "dp"), ("row", "dp"), ("vocab", "dp"), ("gate_up", "edp"),
-                ("expert_row", "edp")} <= checked, checked
-    assert rows_differ  # per-rank channels: the test would not notice the whole-row scale otherwise
+    assert {("column", "kv2"), ("column", "dp"), ("row", "dp"), ("vocab", "dp"), ("gate_up", "edp"),
+            ("expert_row", "edp")} <= checked, checked
 
 
 def _request(folder, **kw):
@@ -366,17 +368,19 @@ def _generate_both(tmp_path, layout: list[str], *options: str, folder=GQA):
 @pytest.mark.parametrize("layout,options", [
     (["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
      ["--quantize", "int4", "--group_size", "32", "--dtype", "bfloat16"]),
-    (["--parallel_config.model_parallel", "2"], ["--dtype", "bfloat16"]),
+    (["--parallel_config.model_parallel", "2"], ["--quantize", "int8", "--dtype", "bfloat16"]),
     (["--parallel_config.pipeline_stage", "2"], ["--quantize", "int8"]),
     (["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
      ["--quantize", "int8", "--group_size", "32", "--activations", "int8"]),
-], ids=["tp2ep2-int4-g32-bf16", "tp2-bf16", "pp2-int8", "tp2ep2-int8-g32-act8"])
+], ids=["tp2ep2-int4-g32-bf16", "tp2-int8-bf16", "pp2-int8", "tp2ep2-int8-g32-act8"])
 def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path, layout, options):
     """The rank models decode with the fused kernels on their quantized / bf16 slices (partial
     outputs, the plan's collectives) and pick the tokens one process picks with the same options
     (greedy: identical tokens; before: the one-line "--quantize / --dtype apply to single-process
-    ... only" refusal). pp2: each stage quantizes its layers (int8 per channel, no row
-    split: the single-process weights) and runs the composite cached step, micro-batches of one
+    ... only" refusal). tp2 int8 per channel: o_proj and the experts' down_proj (etp 2) split by
+    input columns, each rank quantizing the whole rows (one process's scales; before: per rank
+    columns, documented as possibly other tokens). pp2: each stage quantizes its layers (int8 per
+    channel, no row split) and runs the composite cached step, micro-batches of one
     row overlapped across the stages. int8 activations (before: refused on ranks): o_proj's 64
     input columns a rank are whole activation blocks and one int8 chunk of the kernels, so the
     ranks quantize the activations as one process does."""

@@ -74,16 +74,21 @@ def quantize_cell(src: CheckpointSource, name: str, cell: QuantizedWeight, num_e
     return keys
 
 
-def quantize_rows(cell: QuantizedWeight, blocks) -> None:
+def quantize_rows(cell: QuantizedWeight, blocks, columns: slice | None = None) -> None:
     """Quantize a linear's float rows into `cell`: `blocks` yields (first row, float32 [n, I]
     block) pairs covering the O rows; each block is quantized ROW_BLOCK_ELEMENTS values at a
-    time (bounded quantizer temporaries: the lm_head is 311M weights)."""
+    time (bounded quantizer temporaries: the lm_head is 311M weights). `columns`: the blocks hold
+    whole rows of a weight of which the cell keeps these input columns, quantized per channel
+    (one scale / zero per whole row, kept whole; qweight: the columns' packed bytes)."""
     q, s, z = empty_arrays(cell)
-    step = max(1, ROW_BLOCK_ELEMENTS // cell.in_features)
+    keep = slice(None) if columns is None else slice(columns.start * cell.bits // 8, columns.stop * cell.bits // 8)
     for b0, block in blocks:
+        g = cell.group_size if columns is None else block.shape[1]
+        step = max(1, ROW_BLOCK_ELEMENTS // block.shape[1])
         for r0 in range(0, block.shape[0], step):
             rows = slice(b0 + r0, b0 + min(r0 + step, block.shape[0]))
-            q[rows], s[rows], z[rows] = quantize(block[r0:r0 + step], cell.bits, cell.group_size)
+            packed, s[rows], z[rows] = quantize(block[r0:r0 + step], cell.bits, g)
+            q[rows] = packed[:, keep]
     fill_cell(cell, q, s, z)
 
 

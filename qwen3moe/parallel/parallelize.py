@@ -321,7 +321,8 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         info = split_as.get(id(p))  # a quantized tensor is split as its float weight is
         entries.append((p, info_of(p.name) if info is None else replace(info, name=p.name)))
     if reader is not None:
-        _load_shards(entries, quantized, cfg, reader, spec, f"rank {rank}")
+        _load_shards(entries, quantized, cfg, reader, spec, f"rank {rank}",
+                     quantization is not None and quantization.group_size == -1)
         if param_dtype is not None or quantization is not None:
             use_hugepages(model)  # as io/load.py: the decode kernels stream these weights
     return RankModel(model, entries, mesh, rank, coll, layers, vocab_start, local_cfg,
@@ -347,11 +348,11 @@ def _quantization(cfg, mesh: Mesh, weights, quantization):
     return None, quantization
 
 
-def _load_shards(entries: list, quantized: list, cfg, reader, spec, who: str) -> None:
+def _load_shards(entries: list, quantized: list, cfg, reader, spec, who: str, per_channel: bool) -> None:
     """The plain Parameters' slices first (as one process loads a GPTQ folder: their read
     transients come before the quantized weights are resident), then the quantized cells: from
     the GPTQ tensors (spec), else quantized from the float slices (the lm_head always: a GPTQ
-    folder keeps it float, loaded as int8 per channel)."""
+    folder keeps it float, loaded as int8 per channel; per_channel: group_size -1)."""
     cells = {id(p) for cell, _ in quantized for p in cell.get_parameters()}
     for p, info in entries:
         if id(p) not in cells:
@@ -361,7 +362,7 @@ def _load_shards(entries: list, quantized: list, cfg, reader, spec, who: str) ->
         if spec is not None and info.name != "lm_head.weight":
             reader.bytes_read += fill_gptq_shard(cell, info, cfg, reader.src, spec)
         else:
-            quantize_shard(cell, info, cfg, reader, who)
+            quantize_shard(cell, info, cfg, reader, who, per_channel)
         release_freed_heap()
 
 

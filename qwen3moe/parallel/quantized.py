@@ -7,7 +7,8 @@ weight, read as a float rank model reads it (ranks.read_slice: checkpoint.ShardR
 only the slice), then quantized (layers/quant.quantize, io/quantized.quantize_rows): column /
 vocab rows of qweight, scales and qzeros are the rows of the whole tensor's; a row-parallel slice
 (input columns) gives the whole tensor's groups when the group size divides the per-rank input
-dimension (check_quantized_layout).
+dimension (check_quantized_layout); per channel, the rank quantizes the whole rows and keeps its
+columns (_quantize_whole_rows).
 GPTQ folder (fill_gptq_shard): the stored tensors of a projection read into the in-memory
 layout (io/gptq.read_projection, as one process reads them) and sliced: output rows with the
 whole act-order g_idx; input columns with their packed bytes and their block of whole groups
@@ -15,6 +16,8 @@ whole act-order g_idx; input columns with their packed bytes and their block of 
 Shapes: E experts, O out-features, I in-features, P packed bytes per row, G groups per row.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -52,9 +55,9 @@ ACT8_CHUNK_INPUTS = {8: 64, 4: 128}
 def check_quantized_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
     """Each rank quantizes its own slice of a row-parallel projection (o_proj, down_proj: input
     dim split), so the group size must divide the per-rank input dimension: then the rank's
-    groups are those of the whole tensor. A per-channel (-1) scale of such a slice is per output
-    channel of the rank's input columns (the groups of the whole tensor quantized with group size
-    in / tp). int8 activations: check_act8_layout."""
+    groups are those of the whole tensor. Per channel (-1): the rank quantizes the whole rows and
+    keeps its columns (quantize_shard), so any split holds one process's scales. int8
+    activations: check_act8_layout."""
     if qc.int8_activations:
         check_act8_layout(cfg, mesh, qc)
     if qc.group_size == -1:
@@ -151,16 +154,41 @@ def _split_gptq(whole: tuple, rows_split: bool, t: int, T: int, prefix: str) -> 
     return q[:, t * P:(t + 1) * P], s[:, t * G:(t + 1) * G], z[:, t * G:(t + 1) * G], g_idx
 
 
-def quantize_shard(cell: QuantizedWeight, info: ShardInfo, cfg, get, who: str) -> None:
+def quantize_shard(cell: QuantizedWeight, info: ShardInfo, cfg, get, who: str, per_channel: bool = False) -> None:
     """Quantize the rank's float slice of `info.name` into `cell`: a linear in row blocks
     (io/quantized.quantize_rows: bounded quantizer temporaries; ranks.row_blocks: read in blocks
     where the split allows), an expert stack one expert at a time (ranks.expert_slices: the float
-    transient is one expert's slice)."""
+    transient is one expert's slice). per_channel (group_size -1) on a row-parallel slice: the
+    whole rows are quantized, as one process does (_quantize_whole_rows)."""
     shape = (*cell.qweight.shape[:-1], cell.in_features)
+    if per_channel and info.style in ("row", "expert_row") and info.tp_size > 1:
+        _quantize_whole_rows(cell, info, cfg, get, shape, who)
+        return
     if len(shape) == 2:
         quantize_rows(cell, row_blocks(info, cfg, get, shape, who))
         return
     q, s, z = empty_arrays(cell)
     for j, arr in enumerate(expert_slices(info, cfg, get, shape[0])):
         q[j], s[j], z[j] = quantize(checked(arr, (1, *shape[1:]), info, who)[0], cell.bits, cell.group_size)
+    fill_cell(cell, q, s, z)
+
+
+def _quantize_whole_rows(cell: QuantizedWeight, info: ShardInfo, cfg, get, shape: tuple, who: str) -> None:
+    """A per-channel row-parallel slice (input columns t of T): one scale / zero per output row of
+    the WHOLE row, as one process quantizes it. The unsplit weight is read in row blocks (a
+    linear: the "column" split of its rows, ranks.row_blocks) or one expert at a time, quantized
+    per whole row, and the rank keeps its columns' packed bytes and the rows' scales / zeros."""
+    t, T = info.tp_rank, info.tp_size
+    whole = replace(info, tp_rank=0, tp_size=1)
+    cols = slice(t * shape[-1], (t + 1) * shape[-1])
+    if len(shape) == 2:
+        quantize_rows(cell, row_blocks(replace(whole, style="column"), cfg, get, (shape[0], shape[1] * T), who),
+                      cols)
+        return
+    q, s, z = empty_arrays(cell)
+    P = q.shape[-1]
+    for j, arr in enumerate(expert_slices(whole, cfg, get, shape[0])):
+        w = checked(arr, (1, shape[1], shape[2] * T), info, who)[0]
+        packed, s[j], z[j] = quantize(w, cell.bits, w.shape[-1])
+        q[j] = packed[:, t * P:(t + 1) * P]
     fill_cell(cell, q, s, z)
