@@ -189,67 +189,97 @@ def test_sharded_generation_refusals_are_one_line(layout, kw, match):
         check_request(_request(GQA, **kw), ok, ok.world_size)
 
 
+def _wide_fixture(tmp_path):
+    """The GQA fixture with expert ffn 64 (random weights): its experts' down_proj splits over
+    etp 2 into 32 columns a rank, a whole act-order group 32, so pure tp2 can load a GPTQ folder
+    of it (the GQA fixture's 16 columns a rank are refused: test_sharded_gptq_refusals)."""
+    import mindspore as ms
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.models.config import Qwen3MoeConfig
+
+    ms.set_seed(5)
+    cfg = replace(Qwen3MoeConfig.from_pretrained(GQA), moe_intermediate_size=64)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "wide")
+    return tmp_path / "wide"
+
+
 def _gptq_cases(tmp_path, case: str):
     """A GPTQ folder of the GQA fixture: ours (io/gptq.quantize_folder: sym, v1 zero points)
     or third-party (tools/gptq_unpack.pack: asym, act-order g_idx; blocks 2: each half of a
-    row's inputs grouped within itself)."""
+    row's inputs grouped within itself, 1: groups mixing the halves, as real act-order
+    quantizers produce); "...+wide": of _wide_fixture."""
     from helpers import third_party_gptq_folder
     from qwen3moe.io.gptq import quantize_folder
     from qwen3moe.layers.quant import QuantizationConfig
 
+    case, _, wide = case.partition("+")
+    src = _wide_fixture(tmp_path) if wide else GQA
     kind, *rest = case.split("_")
     if kind == "ours":
         bits, g = int(rest[0]), int(rest[1])
-        quantize_folder(str(GQA), str(tmp_path / "q"), QuantizationConfig(bits, g))
+        quantize_folder(str(src), str(tmp_path / "q"), QuantizationConfig(bits, g))
         return tmp_path / "q"
-    return third_party_gptq_folder(tmp_path / "q", GQA, 4, rest[0] == "v1", blocks=int(rest[1]))[0]
+    return third_party_gptq_folder(tmp_path / "q", src, 4, rest[0] == "v1", blocks=int(rest[1]))[0]
 
 
 def _assert_gptq_rank_cells(rm, full: dict, bits: int, r: int) -> set:
     """Every quantized cell of rank model `rm` against the single-process tensors `full`:
-    qweight, scales, qzeros are their slices; g_idx (act-order folders) the whole map for an
-    output-row split, the rank's input columns renumbered into its block of groups for an input
-    split; and the cell dequantizes to the slice of the single-process weight. Returns the
-    styles seen."""
+    qweight is their slice; scales / qzeros too, except on an input-column split of an
+    act-order or per-channel cell, which keeps all the row's groups; g_idx (act-order) the
+    whole map for an output-row split, the rank's columns of it (group numbers kept) for an
+    input split; and the cell dequantizes (NumPy and its own composite graph) to the slice of
+    the single-process weight. Returns (style, whole groups kept) seen."""
     from qwen3moe.layers.quant import QuantizedWeight, dequantize
     from qwen3moe.parallel.ranks import slice_for
 
-    styles = set()
+    seen = set()
     for _, cell in rm.model.cells_and_names():
         if not isinstance(cell, QuantizedWeight):
             continue
         base = cell.qweight.name[:-len(".qweight")]
         info = rm.info(cell.qweight.name)
+        cols = info.style in ("row", "expert_row") and info.tp_size > 1
         got = {k: getattr(cell, k).asnumpy() for k in ("qweight", "scales", "qzeros")}
         want = {k: full[f"{base}.{k}"] for k in ("qweight", "scales", "qzeros")}
+        all_groups = cols and (cell.g_idx is not None or want["scales"].shape[-1] == 1)
+        groups = replace(info, style="replicate") if all_groups else info  # the ep block of experts
         for k in got:
-            np.testing.assert_array_equal(got[k], slice_for(info, want[k]), err_msg=f"rank {r} {base}.{k}")
+            np.testing.assert_array_equal(got[k], slice_for(info if k == "qweight" else groups, want[k]),
+                                          err_msg=f"rank {r} {base}.{k}")
         g_got = g_want = None
         if cell.g_idx is not None:
             g_got, g_want = cell.g_idx.asnumpy(), full[f"{base}.g_idx"]
-            whole = slice_for(replace(info, style="replicate"), g_want)  # the ep block of experts
-            if info.style in ("row", "expert_row") and info.tp_size > 1:
-                n, G = g_got.shape[-1], got["scales"].shape[-1]
-                whole = whole[..., info.tp_rank * n:(info.tp_rank + 1) * n] - info.tp_rank * G
+            whole = slice_for(replace(info, style="replicate"), g_want)
+            if cols:
+                n = g_got.shape[-1]
+                whole = whole[..., info.tp_rank * n:(info.tp_rank + 1) * n]
             np.testing.assert_array_equal(g_got, whole, err_msg=f"rank {r} {base}.g_idx")
-        np.testing.assert_array_equal(dequantize(*got.values(), bits, g_got),
-                                      slice_for(info, dequantize(*want.values(), bits, g_want)),
+        ref = slice_for(info, dequantize(*want.values(), bits if base != "lm_head" else 8, g_want))
+        np.testing.assert_array_equal(dequantize(*got.values(), bits if base != "lm_head" else 8, g_got), ref,
                                       err_msg=f"rank {r} {base} dequantized")
-        styles.add(info.style + ("/ep" if info.ep_size > 1 else ""))
-    return styles
+        np.testing.assert_array_equal(cell.dequant().asnumpy(), ref, err_msg=f"rank {r} {base} composite dequant")
+        seen.add((info.style + ("/ep" if info.ep_size > 1 else ""), all_groups))
+    return seen
 
 
 @pytest.mark.parametrize("case,layout", [
     ("ours_4_32", dict(tp=2, ep=2)), ("ours_8_-1", dict(dp=2, ep=2)), ("ours_4_32", dict(pp=2, micro_batch_num=2)),
     ("third_v1_2", dict(tp=2, ep=2)), ("third_v2_1", dict(dp=2, ep=2)),
-], ids=["ours-int4-g32-tp2ep2", "ours-int8-pc-dp2ep2", "ours-int4-g32-pp2", "asym-actorder-v1-tp2ep2",
-        "asym-actorder-v2-dp2ep2"])
+    ("ours_8_-1", dict(tp=2, ep=2)), ("ours_8_-1", dict(tp=2)), ("third_v1_1", dict(tp=2, ep=2)),
+    ("third_v2_1+wide", dict(tp=2)),
+], ids=["ours-int4-g32-tp2ep2", "ours-int8-pc-dp2ep2", "ours-int4-g32-pp2", "asym-actorder-halves-v1-tp2ep2",
+        "asym-actorder-v2-dp2ep2", "ours-int8-pc-tp2ep2", "ours-int8-pc-tp2", "asym-actorder-mixed-v1-tp2ep2",
+        "asym-actorder-mixed-v2-wide-tp2"])
 def test_gptq_rank_cells_are_slices_of_the_single_process_load(tmp_path, case, layout):
-    """A GPTQ folder under tp / ep / pp (parallelize with the folder as weights; before: refused):
-    every rank tensor equals the slice of `from_pretrained(folder, dtype="bfloat16")`'s: the
-    quantized cells (_assert_gptq_rank_cells: q/k/v and expert gate_up output rows, o_proj input
-    columns = 2 of 4 groups, expert stacks by ep block; the act-order maps), the int8 lm_head
-    (quantized from the float tensor, vocab rows) and the bf16 embeddings / norms / router."""
+    """A GPTQ folder under tp / ep / pp (parallelize with the folder as weights): every rank
+    tensor equals the slice of `from_pretrained(folder, dtype="bfloat16")`'s: the quantized cells
+    (_assert_gptq_rank_cells: q/k/v and expert gate_up output rows, o_proj input columns = 2 of 4
+    groups, expert stacks by ep block; the act-order maps), the int8 lm_head (quantized from the
+    float tensor, vocab rows) and the bf16 embeddings / norms / router. Row splits of per-channel
+    folders and of act-order maps mixing the halves (o_proj over tp; "wide" tp2: the experts'
+    down_proj over etp too) keep all the row's groups (before: refused, the per-channel one
+    before the launch, the act-order one naming the g_idx tensor)."""
     import mindspore as ms
 
     from qwen3moe import Qwen3MoeForCausalLM
@@ -261,7 +291,7 @@ def test_gptq_rank_cells_are_slices_of_the_single_process_load(tmp_path, case, l
     full = {p.name: p for p in one.get_parameters()}
     arrays = {name: p.asnumpy() for name, p in full.items() if p.dtype in (ms.uint8, ms.float16, ms.int32)}
     bits = 8 if "_8_" in case else 4
-    styles = set()
+    seen = set()
     for r, rm in enumerate(_ranks(folder, Mesh(**layout), param_dtype=ms.bfloat16)):
         names = {p.name for p, _ in rm.entries}
         assert names == set(full) or "pp" in layout, (r, names ^ set(full))
@@ -270,24 +300,17 @@ def test_gptq_rank_cells_are_slices_of_the_single_process_load(tmp_path, case, l
             if p.name not in arrays:  # bf16 plain weights
                 want = slice_for(info, _f32(full[p.name]))
                 np.testing.assert_array_equal(_f32(p), want, err_msg=f"rank {r} {p.name}")
-        styles |= _assert_gptq_rank_cells(rm, arrays, bits, r)
-    ep = "" if "pp" in layout else "/ep"
-    assert styles == {"column", "row", "vocab", "gate_up" + ep, "expert_row" + ep}, styles
+        seen |= _assert_gptq_rank_cells(rm, arrays, bits, r)
+    ep = "" if "pp" in layout or layout.get("ep", 1) == 1 else "/ep"
+    assert {style for style, _ in seen} == {"column", "row", "vocab", "gate_up" + ep, "expert_row" + ep}, seen
+    whole = {style for style, kept in seen if kept}  # row splits keeping all the row's groups
+    if layout.get("tp", 1) > 1 and ("third" in case or "-1" in case):
+        assert whole == ({"row", "expert_row"} if layout.get("ep", 1) == 1 else {"row"}), seen
     if "third" in case:
         assert any(n.endswith(".g_idx") for n in full)  # the act-order maps were compared
-
-
-def test_gptq_act_order_across_a_row_split_is_refused(tmp_path):
-    """An act-order g_idx whose o_proj input columns use groups of both halves cannot be split
-    by columns exactly (each rank holds its block of groups): a one-line error naming it."""
-    from qwen3moe.layers.quant import QuantizationError
-    from qwen3moe.parallel.mesh import Mesh
-
-    folder = _gptq_cases(tmp_path, "third_v1_1")
-    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.self_attn\.o_proj\.g_idx: act-order groups "
-                                                 r"of input columns 0\.\.63 lie outside groups 0\.\.1") as exc:
-        _ranks(folder, Mesh(tp=2, ep=2))
-    assert "\n" not in str(exc.value)
+    if case.startswith("third_v1_1"):  # the maps do mix the halves: the old per-rank block could not hold them
+        g = arrays["model.layers.0.self_attn.o_proj.g_idx"][0]
+        assert g[:g.shape[0] // 2].max() >= g.max() // 2 + 1 and g[g.shape[0] // 2:].min() < g.max() // 2 + 1
 
 
 def test_parallelize_refuses_what_a_gptq_folder_cannot_split(tmp_path):
@@ -306,12 +329,12 @@ def test_parallelize_refuses_what_a_gptq_folder_cannot_split(tmp_path):
 @pytest.mark.parametrize("case,layout,kw,match", [
     ("ours_4_32", dict(tp=2), {}, r"GPTQ folder: its group_size 32 does not divide the per-rank input dimension 16 "
                                   r"of mlp\.experts\.down_proj \(moe_intermediate_size 32 / etp 2\)"),
-    ("ours_8_-1", dict(tp=2, ep=2), {}, r"GPTQ folder: its per-channel \(group_size -1\) scales span the whole "
-                                        r"input row of self_attn\.o_proj"),
+    ("third_v1_1", dict(tp=2), {}, r"GPTQ folder: its group_size 32 does not divide the per-rank input dimension "
+                                   r"16 of mlp\.experts\.down_proj"),
     ("ours_4_32", dict(tp=2, ep=2), dict(quantize="int8"), r"already quantized \(4-bit GPTQ\); generate without "
                                                            r"--quantize"),
     ("ours_4_32", dict(tp=2, ep=2), dict(group_size=64), r"--group_size needs --quantize int8/int4"),
-], ids=["int4-g32-tp2", "int8-pc-tp2ep2", "quantize", "group_size"])
+], ids=["int4-g32-tp2", "asym-actorder-tp2", "quantize", "group_size"])
 def test_sharded_gptq_refusals_are_one_line(tmp_path, case, layout, kw, match):
     """What a GPTQ folder cannot do sharded, refused before any launch, naming the folder /
     projection / option; the same folder on a layout that splits whole groups is accepted."""
@@ -390,12 +413,13 @@ def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_2"], ids=["ours-int4-g32", "asym-actorder"])
+@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_1"], ids=["ours-int4-g32", "asym-actorder-mixed"])
 def test_generate_use_parallel_gptq_matches_single_process(tmp_path, case):
     """A GPTQ folder generated under tp2 x ep2 (--dtype bfloat16 for its float tensors) picks the
     tokens one process picks from it (greedy: identical; before: the one-line "a GPTQ
     (pre-quantized) folder generates in one process" refusal). Ours: the fused decode kernels on
-    the ranks' slices; asym act-order (o_proj's g_idx renumbered per rank): the composite step."""
+    the ranks' slices; asym act-order with groups mixing o_proj's halves (each rank its columns'
+    g_idx and all the row's groups; before: refused naming the g_idx): the composite step."""
     import shutil
 
     folder = _gptq_cases(tmp_path, case)

@@ -12,7 +12,9 @@ In-memory layout (the contract with qwen3moe.kernels.quant):
   W[o, k] = (u[o, k] - z[o, k // g]) * float32(scales[o, k // g]).
   g_idx   optional int32 [..., R, I] (GPTQ act-order folders only): the group of input k is
           g_idx[r, k] instead of k // g, for each of R row blocks of O // R rows (R = 2 for the
-          fused gate_up stack: gate rows, then up rows). Composite path only.
+          fused gate_up stack: gate rows, then up rows). Composite path only. A cell holding some
+          input columns of its rows (a tensor-parallel rank's) keeps all the rows' G groups
+          (hold_groups): the map's values index them.
 Quantizing here is symmetric round-to-nearest: s = max|W_group| / qmax rounded UP to float16
 (qmax = 127 / 7), u = round(W / s) + z, so |W - dequant| <= s / 2 per element (nothing clipped).
 """
@@ -242,6 +244,16 @@ class QuantizedWeight(nn.Cell):
         self.qzeros = _zeros((*shape, G), ms.uint8, "qzeros")
         # act-order group map (GPTQ desc_act folders); row_blocks 0 = plain k // g groups
         self.g_idx = _zeros((*lead, row_blocks, in_features), ms.int32, "g_idx") if row_blocks else None
+
+    def hold_groups(self, groups: int) -> None:
+        """Scales / zeros of `groups` groups per row instead of in_features // group_size: an
+        act-order cell holding some input columns of its rows (a tensor-parallel rank's), whose
+        g_idx may name any group of the whole row. Before loading: the Parameters are replaced."""
+        if self.g_idx is None:
+            raise ValueError("hold_groups: only an act-order cell (with a g_idx map) indexes groups beyond its columns")
+        shape = (*self.qweight.shape[:-1], groups)
+        self.scales = _zeros(shape, ms.float16, "scales")
+        self.qzeros = _zeros(shape, ms.uint8, "qzeros")
 
     def dequant(self) -> Tensor:
         return dequant_graph(self.qweight, self.scales, self.qzeros, self.bits, self.g_idx)

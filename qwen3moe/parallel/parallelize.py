@@ -87,8 +87,8 @@ from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, Quantiz
 from qwen3moe.parallel.dispatchers import TPExpertsDispatcher, _Identity, collective, ep_dispatcher
 from qwen3moe.parallel.fused_step import RankFusedStepCell
 from qwen3moe.parallel.mesh import Mesh, MeshError
-from qwen3moe.parallel.quantized import (check_gptq_layout, check_quantized_layout, fill_gptq_shard, native_name,
-                                        quantize_shard)
+from qwen3moe.parallel.quantized import (check_gptq_layout, check_quantized_layout, fill_gptq_shard, hold_row_groups,
+                                        native_name, quantize_shard)
 from qwen3moe.parallel.ranks import ShardInfo, load_shard, release_freed_heap, shard_info, stage_layers
 from qwen3moe.parallel.seqpar import SequenceParallelAttention, SequenceParallelModel, TokenScatter, own_rows
 from qwen3moe.router.topk import TopKRouter
@@ -298,6 +298,7 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
     reader = _source(weights)
     with skip_init(lazy=reader is not None):  # lazy: no zero buffers beside the loaded shards
         model = Qwen3MoeForCausalLM(local_cfg, param_dtype=param_dtype, quantization=quantization)
+        hold_row_groups(model, cfg, mesh, spec)  # act-order GPTQ row slices: all groups of the row
         hf = _swap_routers(model, cfg, layers, param_dtype)
     model.config = model.model.config = cfg  # inputs, losses and checks use the global config
     vocab_start = c["tp"] * (cfg.vocab_size // mesh.tp)

@@ -11,8 +11,9 @@ dimension (check_quantized_layout); per channel, the rank quantizes the whole ro
 columns (_quantize_whole_rows).
 GPTQ folder (fill_gptq_shard): the stored tensors of a projection read into the in-memory
 layout (io/gptq.read_projection, as one process reads them) and sliced: output rows with the
-whole act-order g_idx; input columns with their packed bytes and their block of whole groups
-(check_gptq_layout), an act-order g_idx only when the columns' groups lie in that block.
+whole act-order g_idx; input columns with their packed bytes and the groups they use: their
+block of whole groups (check_gptq_layout), per channel each row's one group, act-order their
+slice of g_idx (group numbers kept) and all the row's groups (hold_row_groups).
 Shapes: E experts, O out-features, I in-features, P packed bytes per row, G groups per row.
 """
 from __future__ import annotations
@@ -86,17 +87,30 @@ def check_act8_layout(cfg, mesh: Mesh, qc: QuantizationConfig) -> None:
 
 
 def check_gptq_layout(cfg, mesh: Mesh, spec: GptqSpec, directory) -> None:
-    """A GPTQ folder's row-parallel projection splits exactly only into whole groups: its group
-    size must divide the per-rank input dimension (per channel, -1: one group spans the row, so
-    no split)."""
+    """A GPTQ folder's row-parallel projection splits exactly when each rank's columns keep the
+    groups they use: a group size dividing the per-rank input dimension (a block of whole groups;
+    act-order: all groups, hold_row_groups), or per channel (-1: the one group of each row)."""
     g = spec.config.group_size
     for what, n, d, axis, name in _row_parallel_dims(cfg, mesh):
-        if d > 1 and (g == -1 or (n // d) % g):
-            groups = "per-channel (group_size -1) scales span the whole input row" if g == -1 else \
-                f"group_size {g} does not divide the per-rank input dimension {n // d}"
-            raise QuantizationError(f"{directory}: GPTQ folder: its {groups} of {what} ({name} {n} / {axis} {d}), "
-                                    f"so its groups cannot be split exactly; use {axis} 1 (ep, pp, dp), or shard "
-                                    f"the float folder with --quantize")
+        if d > 1 and g != -1 and (n // d) % g:
+            raise QuantizationError(f"{directory}: GPTQ folder: its group_size {g} does not divide the per-rank input "
+                                    f"dimension {n // d} of {what} ({name} {n} / {axis} {d}), so its groups cannot be "
+                                    f"split exactly; use {axis} 1 (ep, pp, dp), or shard the float folder with "
+                                    f"--quantize")
+
+
+def hold_row_groups(model, cfg, mesh: Mesh, spec: GptqSpec | None) -> None:
+    """An act-order GPTQ folder under a row split: each row-parallel cell (o_proj, dense down_proj
+    over tp, the experts' down_proj over etp) holds all G groups of its whole rows, as its
+    columns' g_idx may name any of them (QuantizedWeight.hold_groups; G * O scales and zeros
+    more a rank). Call on the freshly built rank model, before its Parameters are named."""
+    if spec is None or not spec.config.desc_act or spec.config.group_size == -1:
+        return  # plain groups split in blocks; per channel: the one group of each row
+    split = {what: (n, d) for what, n, d, _, _ in _row_parallel_dims(cfg, mesh) if d > 1}
+    for name, cell in model.cells_and_names():
+        hit = next((w for w in split if name.endswith("." + w)), None)
+        if isinstance(cell, QuantizedWeight) and hit is not None:
+            cell.hold_groups(split[hit][0] // spec.config.group_size)
 
 
 def fill_gptq_shard(cell: QuantizedWeight, info: ShardInfo, cfg, src, spec: GptqSpec) -> int:
@@ -122,36 +136,38 @@ def fill_gptq_shard(cell: QuantizedWeight, info: ShardInfo, cfg, src, spec: Gptq
     for i, prefix in enumerate(prefixes):
         j, r = divmod(i, per)
         at = (j, slice(r * rows, (r + 1) * rows)) if lead else (slice(0, rows),)
-        whole = read_projection(src, prefix, *full, spec)
-        q[at], s[at], z[at], g_idx = _split_gptq(whole, rows_split, info.tp_rank, T, prefix)
+        qw, sc, qz, g_idx = read_projection(src, prefix, *full, spec)
+        if gi is not None and g_idx is None:  # plain groups in an act-order folder: the map k // g
+            g_idx = np.arange(full[1], dtype=np.int32) // spec.config.group_for(full[1])
+        q[at], s[at], z[at], g_idx = _split_gptq((qw, sc, qz, g_idx), rows_split, info.tp_rank, T)
         if gi is not None:
-            gi[(j, r) if lead else (r,)] = np.arange(I, dtype=np.int32) // cell.group_size if g_idx is None else g_idx
+            gi[(j, r) if lead else (r,)] = g_idx
     fill_cell(cell, q, s, z, gi)
     return sum(int(np.prod(src.shape(n), dtype=np.int64)) * (2 if src.dtype(n) == "F16" else 4)
                for p in prefixes for n in (f"{p}.{k}" for k in QUANT_KEYS) if n in src.where)
 
 
-def _split_gptq(whole: tuple, rows_split: bool, t: int, T: int, prefix: str) -> tuple:
+def _split_gptq(whole: tuple, rows_split: bool, t: int, T: int) -> tuple:
     """Rank t of T's part of one projection (qweight [O, P], scales / qzeros [O, G], g_idx [I] or
-    None): output rows with the whole g_idx; or input columns, their packed bytes and their
-    block of groups, an act-order g_idx renumbered within the block (refused when the columns
-    reference groups outside it: their scales would be another rank's)."""
+    None): output rows with the whole map; or input columns, their packed bytes and the groups
+    they use: with an act-order map, its columns (group numbers kept) and all G groups (any
+    column may name any: hold_row_groups); per channel the one group of each row; plain groups
+    their block of G / T."""
     q, s, z, g_idx = whole
     if T == 1:
         return whole
     if rows_split:
         rows = slice(t * (q.shape[0] // T), (t + 1) * (q.shape[0] // T))
         return q[rows], s[rows], z[rows], g_idx
-    P, G = q.shape[1] // T, s.shape[1] // T
+    P = q.shape[1] // T
+    cols = q[:, t * P:(t + 1) * P]
     if g_idx is not None:
         n = g_idx.shape[0] // T
-        g_idx = g_idx[t * n:(t + 1) * n]
-        if g_idx.min() < t * G or g_idx.max() >= (t + 1) * G:
-            raise QuantizationError(f"{prefix}.g_idx: act-order groups of input columns {t * n}..{(t + 1) * n - 1} "
-                                    f"lie outside groups {t * G}..{(t + 1) * G - 1}, so the {T}-way split of its "
-                                    f"input dimension cannot hold them exactly; use tp / etp 1 for it (ep, pp, dp)")
-        g_idx = g_idx - t * G
-    return q[:, t * P:(t + 1) * P], s[:, t * G:(t + 1) * G], z[:, t * G:(t + 1) * G], g_idx
+        return cols, s, z, g_idx[t * n:(t + 1) * n]
+    if s.shape[1] == 1:
+        return cols, s, z, None
+    G = s.shape[1] // T
+    return cols, s[:, t * G:(t + 1) * G], z[:, t * G:(t + 1) * G], None
 
 
 def quantize_shard(cell: QuantizedWeight, info: ShardInfo, cfg, get, who: str, per_channel: bool = False) -> None:
