@@ -12,7 +12,9 @@ ms with it and 1.0-1.2 ms without (bench/RESULTS.md, "Decode host loop and colle
 MindSpore reads the variable once, at its first op, and then prints it, and the jit level at its
 first compile, on stdout, where `generate` writes its JSON lines: both are triggered here with
 stdout pointed at stderr. A value the user gave for graph_pipeline is kept;
-QWEN3MOE_GRAPH_PIPELINE=on leaves MindSpore's default (A/B benchmarks).
+QWEN3MOE_GRAPH_PIPELINE=on leaves MindSpore's default (A/B benchmarks). Once MindSpore has read
+it, the variable gets back its previous value (or goes away), so child processes do not inherit
+it: a child's MindSpore would print its notices on the child's stdout.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def decode_runtime() -> None:
     if _APPLIED or keep or os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler runs no graph,
         return  # and with the setting it aborted at exit ("terminate called without an active exception")
     _APPLIED.append(True)
-    conf = os.environ.get(ENV, "").strip().strip(",")
+    before = os.environ.get(ENV)
+    conf = (before or "").strip().strip(",")
     if KEY not in conf:
         os.environ[ENV] = f"{conf},{KEY}:False" if conf else f"{KEY}:False"
     sys.stdout.flush()
@@ -42,6 +45,10 @@ def decode_runtime() -> None:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def _first_graph() -> None:
