@@ -83,6 +83,11 @@ def _parts(cell, reps: int, x_B1H, cos, sin, bias, meta) -> dict:
     }
 
 
+def token_bytes(model) -> int:
+    """Weight bytes a b1 decode step reads in all (the parts of _bytes summed)."""
+    return sum(_bytes(model).values())
+
+
 def _bytes(model) -> dict:
     """Weight bytes one b1 decode step reads per part (MoE: router + 8 experts' rows)."""
     cfg = model.config

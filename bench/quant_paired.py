@@ -76,9 +76,12 @@ def paired_lines(mode: str, result: dict) -> list[str]:
              f"{r[mode]:.1f} tok/s, ratio {q:.2f}, 1-min load {r['load']:.1f}"
              for i, (r, q) in enumerate(zip(rounds, s["ratios"]))]
     tgt = f" (target >= {s['target']}x: {verdict(s['met'])})" if s["target"] is not None else ""
+    # the weight bytes a b1 token reads, fp32 over the mode: the ratio at equal streaming rates
+    # and no fixed per-step time, i.e. the ceiling of the paired ratio
+    ceiling = f"; weight bytes a token, fp32 / {mode}: {result['bytes_ratio']:.2f}x" if "bytes_ratio" in result else ""
     lines.append(f"{head} ({len(rounds)} rounds, ABBA): decode_b1 ratios "
                  f"{' '.join(f'{q:.2f}' for q in s['ratios'])} median {s['median']:.2f}x (fp32 "
-                 f"{s[BASE]:.1f} tok/s, {mode} {s[mode]:.1f} tok/s medians){tgt}; 1-min load "
+                 f"{s[BASE]:.1f} tok/s, {mode} {s[mode]:.1f} tok/s medians){tgt}{ceiling}; 1-min load "
                  f"{result['load_before']:.1f} before, peak RSS {result['peak_rss_mb']:.0f} MB, RSS "
                  f"{result['rss_mb']:.0f} MB of which {result['huge_mb']:.0f} MB on huge pages")
     return lines
@@ -112,11 +115,14 @@ def worker(folder: str, mode: str, pairs: int) -> dict:
     for model in models.values():
         decode_tps(model, 1, 100)  # warm-up: compiles
     rounds = run_pairs(lambda name, seed: decode_tps(models[name], 1, seed), mode, pairs)
+    from decode_profile import token_bytes  # imports quant, which imports this module lazily
+
+    bytes_ratio = token_bytes(models[BASE]) / token_bytes(models[mode])
     # decode streams the weights: on 4 KB pages (a failed collapse, e.g. fragmented memory) it is
     # slower, so say how much of the RSS is on huge pages
     kib = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text()
            .splitlines()[1:] if line.split()[-1] == "kB"}
-    return {"rounds": rounds, "load_before": load_before, "rss_mb": kib["Rss"] / 1024,
+    return {"rounds": rounds, "load_before": load_before, "bytes_ratio": bytes_ratio, "rss_mb": kib["Rss"] / 1024,
             "huge_mb": kib["AnonHugePages"] / 1024,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -67,8 +67,8 @@ def test_paired_lines_text():
                          "1-min load 0.9 before, peak RSS 14200 MB, RSS 12000 MB of which 11000 MB on huge pages")
     short = [dict(r, int4=r["fp32"] * 4.0) for r in rounds]
     lines = quant_paired.paired_lines("int4", {"rounds": short, "load_before": 0, "peak_rss_mb": 0,
-                                                  "rss_mb": 0, "huge_mb": 0})
-    assert " median 4.00x " in lines[-1] and "(target >= 4.5x: NOT met)" in lines[-1]
+                                                  "rss_mb": 0, "huge_mb": 0, "bytes_ratio": 4.5625})
+    assert " median 4.00x " in lines[-1] and "(target >= 4.5x: NOT met); weight bytes a token, fp32 / int4: 4.56x;" in lines[-1]
     skip = quant_paired.paired_lines("int8", {"skipped": "MemAvailable 3.0 GiB < 16 GiB"})
     assert skip == ["int8 vs our fp32, paired in one process: SKIPPED: MemAvailable 3.0 GiB < 16 GiB"]
 
