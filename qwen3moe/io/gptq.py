@@ -198,7 +198,7 @@ def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
         prefixes = ([f"{m.group(1)}.{j}.{p}" for j in range(config.num_experts)
                      for p in (("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",))]
                     if m else [name[:-len(".weight")]])
-        _fill_from_gptq(src, cell, prefixes, spec)
+        fill_from_gptq(src, cell, prefixes, spec)
         used.update(f"{p}.{k}" for p in prefixes for k in QUANT_KEYS)
     check_unexpected(src, used & set(src.where), config)
     model.source_dir = directory
@@ -222,21 +222,28 @@ def gptq_keys(float_keys: set[str]) -> set[str]:
             for q in QUANT_KEYS}
 
 
-def _fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec) -> None:
+def fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec, full: tuple | None = None, split=None) -> None:
+    """Fill a quantized cell from the folder's projections `prefixes` (an expert stack: each
+    expert's projections in order). `full`: (rows, inputs) of each stored projection (default:
+    the cell's own); `split`: maps each projection read (qweight, scales, qzeros, g_idx) to the
+    part the cell keeps (a tensor-parallel rank's: parallel/quantized.fill_gptq_shard)."""
     from qwen3moe.io.quantized import empty_arrays, fill_cell
 
     lead = tuple(cell.qweight.shape[:-2])
     per = len(prefixes) // (lead[0] if lead else 1)
     rows = cell.out_features // per
+    full = full or (rows, cell.in_features)
     q, s, z = empty_arrays(cell)
-    gi = np.empty((*lead, per, cell.in_features), np.int32) if cell.g_idx is not None else None
+    gi = None if cell.g_idx is None else np.empty(tuple(cell.g_idx.shape), np.int32)
     for i, prefix in enumerate(prefixes):
         j, r = divmod(i, per)
         at = (j, slice(r * rows, (r + 1) * rows)) if lead else (slice(r * rows, (r + 1) * rows),)
-        q[at], s[at], z[at], g_idx = read_projection(src, prefix, rows, cell.in_features, spec)
+        part = read_projection(src, prefix, *full, spec)
+        if gi is not None and part[3] is None:  # plain groups in an act-order folder: the map k // g
+            part = (*part[:3], np.arange(full[1], dtype=np.int32) // spec.config.group_for(full[1]))
+        q[at], s[at], z[at], g_idx = part if split is None else split(part)
         if gi is not None:
-            default = np.arange(cell.in_features, dtype=np.int32) // (cell.in_features // s.shape[-1])
-            gi[(j, r) if lead else (r,)] = default if g_idx is None else g_idx
+            gi[(j, r) if lead else (r,)] = g_idx
     fill_cell(cell, q, s, z, gi)
 
 

@@ -10,7 +10,7 @@ vocab rows of qweight, scales and qzeros are the rows of the whole tensor's; a r
 dimension (check_quantized_layout); per channel, the rank quantizes the whole rows and keeps its
 columns (_quantize_whole_rows).
 GPTQ folder (fill_gptq_shard): the stored tensors of a projection read into the in-memory
-layout (io/gptq.read_projection, as one process reads them) and sliced: output rows with the
+layout (io/gptq.fill_from_gptq, as one process reads them) and sliced: output rows with the
 whole act-order g_idx; input columns with their packed bytes and the groups they use: their
 block of whole groups (check_gptq_layout), per channel each row's one group, act-order their
 slice of g_idx (group numbers kept) and all the row's groups (hold_row_groups).
@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from qwen3moe.io.gptq import QUANT_KEYS, GptqSpec, read_projection
+from qwen3moe.io.gptq import QUANT_KEYS, GptqSpec, fill_from_gptq
 from qwen3moe.io.quantized import empty_arrays, fill_cell, quantize_rows
 from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight, quantize
 from qwen3moe.parallel.mesh import Mesh
@@ -116,7 +116,7 @@ def hold_row_groups(model, cfg, mesh: Mesh, spec: GptqSpec | None) -> None:
 def fill_gptq_shard(cell: QuantizedWeight, info: ShardInfo, cfg, src, spec: GptqSpec) -> int:
     """Fill `cell` with the rank's slice of the GPTQ projection(s) behind the float weight
     `info.name` (src: the folder's CheckpointSource): each projection read whole into the
-    in-memory layout (io/gptq.read_projection; an expert stack one projection of one of this
+    in-memory layout (io/gptq.fill_from_gptq, as one process reads them; an expert stack one projection of one of this
     rank's experts at a time), then split as the float weight is (_split_gptq). Returns the
     bytes read."""
     lead = tuple(cell.qweight.shape[:-2])
@@ -128,21 +128,9 @@ def fill_gptq_shard(cell: QuantizedWeight, info: ShardInfo, cfg, src, spec: Gptq
         prefixes = [f"{base}.{lo + j}.{p}" for j in range(lead[0]) for p in projs]
     else:
         projs, prefixes = ("",), [info.name[:-len(".weight")]]
-    per, T = len(projs), info.tp_size
-    rows, I = cell.out_features // per, cell.in_features
+    T, rows, I = info.tp_size, cell.out_features // len(projs), cell.in_features
     full = (rows * T, I) if rows_split else (rows, I * T)
-    q, s, z = empty_arrays(cell)
-    gi = None if cell.g_idx is None else np.empty(tuple(cell.g_idx.shape), np.int32)
-    for i, prefix in enumerate(prefixes):
-        j, r = divmod(i, per)
-        at = (j, slice(r * rows, (r + 1) * rows)) if lead else (slice(0, rows),)
-        qw, sc, qz, g_idx = read_projection(src, prefix, *full, spec)
-        if gi is not None and g_idx is None:  # plain groups in an act-order folder: the map k // g
-            g_idx = np.arange(full[1], dtype=np.int32) // spec.config.group_for(full[1])
-        q[at], s[at], z[at], g_idx = _split_gptq((qw, sc, qz, g_idx), rows_split, info.tp_rank, T)
-        if gi is not None:
-            gi[(j, r) if lead else (r,)] = g_idx
-    fill_cell(cell, q, s, z, gi)
+    fill_from_gptq(src, cell, prefixes, spec, full, lambda whole: _split_gptq(whole, rows_split, info.tp_rank, T))
     return sum(int(np.prod(src.shape(n), dtype=np.int64)) * (2 if src.dtype(n) == "F16" else 4)
                for p in prefixes for n in (f"{p}.{k}" for k in QUANT_KEYS) if n in src.where)
 
