@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from qwen3moe.errors import Qwen3MoeError
+from qwen3moe.generation.config import check_prefill_chunk_size
 from qwen3moe.generation.errors import GenerationError
 
 # resolve_config keywords a request may set (None: the model folder's generation_config.json)
 OPTION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
-               "repetition_penalty", "presence_penalty", "seed", "stop_strings")
+               "repetition_penalty", "presence_penalty", "seed", "stop_strings", "prefill_chunk_size")
 
 
 @dataclass
@@ -64,6 +65,10 @@ class GenerateRequest:
             raise GenerationError(f"--predict_batch_size must be >= 1, got {self.predict_batch_size}")
         if self.stream and self.predict_batch_size != 1:
             raise GenerationError("--stream needs --predict_batch_size 1")
+        try:
+            check_prefill_chunk_size(self.options.get("prefill_chunk_size"))
+        except ValueError as exc:
+            raise GenerationError(f"--{exc}") from None
         return folder
 
 

@@ -9,6 +9,8 @@ eos [151645, 151643], pad 151643.
 
 Non-HF fields: `presence_penalty` (vLLM/OpenAI semantics), `ignore_eos` (generate all
 `max_new_tokens`, vLLM's flag) and `seed` (the Sampler's numpy Generator seed).
+`prefill_chunk_size` (HF's name): prompts longer than it are prefilled in chunks of at most that
+many tokens (engine.py), bounding the prefill's memory; 0 / None never chunks.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 from qwen3moe.io.jsonfile import read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+PROMPT_BUCKET = 16  # the engine pads prompts to a multiple of it (fewer prefill graphs); chunks are whole buckets
 
 
 def _id_list(value: Any, name: str) -> list[int]:
@@ -32,6 +35,15 @@ def _id_list(value: Any, name: str) -> list[int]:
     if not isinstance(items, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in items):
         raise ValueError(f"{name} must be a non-negative int or a list of them, got {value!r}")
     return [int(i) for i in items]
+
+
+def check_prefill_chunk_size(value: Any) -> None:
+    """prefill_chunk_size: a multiple of PROMPT_BUCKET, or 0 / None (never chunk the prefill)."""
+    if value is None or (_is_int(value) and value == 0):
+        return
+    if not (_is_int(value) and value > 0 and value % PROMPT_BUCKET == 0):
+        raise ValueError(f"prefill_chunk_size must be a positive multiple of {PROMPT_BUCKET} "
+                         f"(or 0 / None: no chunking), got {value!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -61,6 +73,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
+    prefill_chunk_size: int | None = 2048
 
     def __post_init__(self) -> None:
         self.eos_token_id = _id_list(self.eos_token_id, "eos_token_id")
@@ -90,6 +103,7 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be an int > 0, got {self.max_new_tokens!r}")
         if not (_is_int(self.min_new_tokens) and self.min_new_tokens >= 0):
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
+        check_prefill_chunk_size(self.prefill_chunk_size)
 
     def _validate_sampling(self) -> None:
         if not _is_number(self.temperature):

@@ -1,4 +1,5 @@
-"""Static-KV-cache decoder engine: one compiled step for prefill (Sq = prompt bucket) and decode (Sq = 1).
+"""Static-KV-cache decoder engine: one compiled step for prefill (Sq = prompt bucket, or a chunk of
+it) and decode (Sq = 1).
 
 Shapes: B batch, Sq query tokens this step, T = S_max cache slots, H hidden, N query heads,
 K kv heads, D head_dim, V vocab, L layers.
@@ -11,6 +12,8 @@ with host-built indices (measured fastest on CPU, see MINDSPORE_CPU.md), so the 
 static shapes: one compile per (B, Sq, T). Slot layout per row: the left-padded prompt occupies
 slots [0, P), decode step t writes slot P + t; the host-built additive bias hides pad slots and
 future slots, and positions are cumsum(mask) - 1 per row (pads get 1, as transformers 5).
+A prompt longer than the prefill chunk size C runs as ceil(P / C) steps over consecutive slots
+(chunked prefill, as vLLM / llama.cpp): the prefill's memory grows with C, not P.
 With the C++ kernels built here (fp32, bf16 or quantized weights), the step graph is
 generation/fused_step.py instead (same cache Parameters and host bookkeeping, kernels write the
 cache in place; on a parallelized rank model the plan's subclass, parallel/fused_step.py); this composite graph is the reference and the fallback (QWEN3MOE_KERNELS=0,
@@ -24,13 +27,13 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
+from qwen3moe.generation.config import PROMPT_BUCKET, check_prefill_chunk_size
 from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.fused_step import fused_eligible, int8_activations, step_cell_class
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
-PROMPT_BUCKET = 16   # prompt length multiple: fewer prefill graphs
 _ENGINE_IDS = itertools.count()
 _COMPILED: set[tuple] = set()  # (engine id, B, Sq, T) signatures compiled in this process
 
@@ -127,23 +130,37 @@ class DecodeEngine:
         """The step's output as returned (a pipeline stage's engine sends it to the next stage)."""
         return out.asnumpy()
 
-    def prefill(self, ids_BP: np.ndarray, mask_BP: np.ndarray) -> np.ndarray:
-        """Run the (left-padded) prompt; returns float32 logits [B, V] of its last position."""
+    def prefill(self, ids_BP: np.ndarray, mask_BP: np.ndarray, chunk_size: int | None = None) -> np.ndarray:
+        """Run the (left-padded) prompt; returns float32 logits [B, V] of its last position.
+
+        `chunk_size` C (a multiple of PROMPT_BUCKET; 0 / None: never): a prompt longer than C runs
+        as steps of at most C tokens, chunk j writing slots [jC, jC + Cj) and attending over the
+        cache slots up to each query's own, so every query sees the keys it sees in one step while
+        the activations, the bias and the MoE scratch are bounded by C instead of P.
+        """
         B, P = ids_BP.shape
         if B != self.batch or P >= self.slots:
             raise ValueError(f"prompt {ids_BP.shape} does not fit the engine ({self.batch}, {self.slots})")
+        check_prefill_chunk_size(chunk_size)
         mask = mask_BP.astype(bool)
         pos = np.cumsum(mask, axis=1) - 1
         pos[~mask] = 1
         self.cursor = 0
         self.valid_BT[:] = False
         self.valid_BT[:, :P] = mask
-        allowed = self.valid_BT[:, None, :] & (np.arange(self.slots)[None, None, :] <= np.arange(P)[None, :, None])
-        if self.fused:  # the fused prefill attends over the prompt's own slots [0, P) only
-            allowed = allowed[:, :, :P]
-        bias = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]
         self.next_pos_B = mask.sum(1).astype(np.int64)
-        return self._run(ids_BP, pos, bias)
+        C = chunk_size if chunk_size and chunk_size < P else P
+        for start in range(0, P, C):
+            end = min(start + C, P)
+            logits = self._run(ids_BP[:, start:end], pos[:, start:end], self._prefill_bias(start, end))
+        return logits
+
+    def _prefill_bias(self, start: int, end: int) -> np.ndarray:
+        """Additive bias [B, 1, end - start, T] of the prompt queries at slots [start, end): a
+        valid slot at or before the query's own (the step writes its k/v before attending)."""
+        slot_T = np.arange(self.slots)
+        allowed = self.valid_BT[:, None, :] & (slot_T[None, None, :] <= np.arange(start, end)[None, :, None])
+        return np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]
 
     def decode(self, next_B: np.ndarray) -> np.ndarray:
         """Feed one token per row (at the next slot); returns float32 logits [B, V]."""

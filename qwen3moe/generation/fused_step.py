@@ -4,10 +4,11 @@ Shapes: B batch, S query tokens (P prompt bucket or 1), T cache slots, H hidden,
 heads, D head_dim, V vocab.
 Decode (S == 1): per layer one attention-block op (writes the step's k/v into the cache
 Parameters in place, attends over the cache) and one MoE-block op: ~20 graph ops per step
-instead of ~370, and no full-cache copy. Prefill (S > 1) runs the forward pass's own fast path
-(Qwen3MoeAttention.project_qkv + fused attention core over the prompt's [P, P] block + the
-layer's fused MoE), then copies each layer's k/v into the cache in place; the prompt occupies
-slots [0, P) so its attention never needs the rest of the cache.
+instead of ~370, and no full-cache copy. Prefill (S > 1: the whole prompt or one chunk of it,
+engine.prefill) runs the forward pass's own fast path: Qwen3MoeAttention.project_qkv, the
+in-place copy of the step's k/v into the cache at its slots, the fused attention core over the
+cache [S, T] (earlier chunks' keys included; the kernel skips the keys past the bias's last
+visible one per block of rows, so the empty slots cost nothing), the layer's fused MoE.
 Dense layers and capacity-dropping MoE layers run their composite MLP inside the same graph.
 Weights may be float32, bfloat16 (or its uint16 bits) or quantized (qweight / scales / qzeros
 cells): the decode kernels take each as one or three tensors (`kernel_weight`) and dequantize
@@ -115,17 +116,20 @@ class FusedStepCell(nn.Cell):
                               *kernel_weight(a.v_proj), a.q_norm.weight, a.k_norm.weight, *kernel_weight(a.o_proj),
                               self.k_cache[i], self.v_cache[i], cos_B1D, sin_B1D, bias_B1T, meta_4, self.fcfg)
 
-    def _prefill_attention(self, layer, x_BSH, cos_BSD, sin_BSD, bias_B1SS, meta_4, i):
-        """The forward pass's attention over the prompt block, then the in-place cache write."""
+    def _prefill_attention(self, layer, x_BSH, cos_BSD, sin_BSD, bias_B1ST, meta_4, i):
+        """The forward pass's q/k/v, the in-place cache write of k/v at slots meta[0] .., then the
+        attention over the cache (earlier chunks' slots included; the bias hides the rest)."""
         a = layer.self_attn
         q, k, v = a.project_qkv(layer.input_layernorm(x_BSH), cos_BSD, sin_BSD)  # the forward's norm (kernel)
-        if self.attn_kernel:
-            o_BNSD = attention_kernel.attention_core(q, k, v, bias_B1SS)
-        else:
-            o_BNSD = grouped_attention(q, k, v, bias_B1SS, a.scale)
-        h_BSH = x_BSH + a.output(o_BNSD)
         done = self.ops1.cache_write(k, v, self.k_cache[i], self.v_cache[i], meta_4)
-        return ops.depend(h_BSH, done)
+        # the write has no output the attention reads: tie it to q (a depend on the cache
+        # Parameters themselves is dropped with the write), so the attention runs after it
+        q = ops.depend(q, done)
+        if self.attn_kernel:
+            o_BNSD = attention_kernel.attention_core(q, self.k_cache[i], self.v_cache[i], bias_B1ST)
+        else:
+            o_BNSD = grouped_attention(q, self.k_cache[i], self.v_cache[i], bias_B1ST, a.scale)
+        return x_BSH + a.output(o_BNSD)
 
     def _mlp(self, layer, h_BSH, meta_4):
         n = layer.post_attention_layernorm

@@ -24,7 +24,7 @@ from qwen3moe.models.inputs import check_token_ids, to_numpy_2d
 
 _OVERRIDABLE = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                 "min_p", "repetition_penalty", "presence_penalty", "eos_token_id", "pad_token_id",
-                "seed", "stop_strings")
+                "seed", "stop_strings", "prefill_chunk_size")
 
 
 def resolve_config(model: Any, generation_config: GenerationConfig | None = None,
@@ -123,7 +123,7 @@ class GenerationRun:
         ids = np.concatenate([np.full((B, lead), self.pad, np.int64), self.ids], 1)
         mask = np.concatenate([np.zeros((B, lead), np.int64), self.mask], 1)
         t0 = time.perf_counter()
-        logits = self.engine.prefill(ids, mask)
+        logits = self.engine.prefill(ids, mask, self.config.prefill_chunk_size)
         self.stats.prefill_s = time.perf_counter() - t0
         return logits
 
@@ -255,14 +255,15 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, max_new_tok
              min_p: float | None = None, repetition_penalty: float | None = None,
              presence_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, ignore_eos: bool = False, seed: int | None = None,
-             stop_strings: str | list[str] | None = None, tokenizer: Any = None,
-             generation_config: GenerationConfig | None = None) -> np.ndarray:
+             stop_strings: str | list[str] | None = None, prefill_chunk_size: int | None = None,
+             tokenizer: Any = None, generation_config: GenerationConfig | None = None) -> np.ndarray:
     """Prompt + new tokens, numpy int64 [B, S + n] (n <= max_new_tokens; finished rows padded)."""
     cfg = resolve_config(model, generation_config, ignore_eos, max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                          top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                          presence_penalty=presence_penalty, eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id, seed=seed, stop_strings=stop_strings)
+                         pad_token_id=pad_token_id, seed=seed, stop_strings=stop_strings,
+                         prefill_chunk_size=prefill_chunk_size)
     return GenerationRun(model, input_ids, attention_mask, cfg, tokenizer).run()
 
 
