@@ -105,7 +105,8 @@ def main() -> None:
             ratio = f"{best / anchor[length]:.2f}x" if length in anchor else "-"
             runs = " ".join(f"{x:.0f}" for x in r["tok_s"])
             cpu = " ".join(f"{x:.0f}" for x in r["cpu_tok_s"])
-            print(f"{length:6d} {chunk:5d}  {runs:21s} {best:6.0f}  {cpu:17s} {r['prefill_peak_gb']:12.2f}  {r['loaded_gb']:9.2f}  "
+            peaks = f"{r['prefill_peak_gb']:12.2f}  {r['loaded_gb']:9.2f}"
+            print(f"{length:6d} {chunk:5d}  {runs:21s} {best:6.0f}  {cpu:17s} {peaks}  "
                   f"{os.getloadavg()[0]:5.2f}  {ratio}   ({time.time() - t0:.0f} s)", flush=True)
 
 

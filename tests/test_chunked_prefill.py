@@ -146,8 +146,8 @@ def test_cli_bad_chunk_size_exit_2(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", [["--parallel_config.pipeline_stage", "2"], ["--parallel_config.model_parallel", "2"]],
-                         ids=["pp2", "tp2"])
+@pytest.mark.parametrize("layout", [["--parallel_config.pipeline_stage", "2"],
+                                    ["--parallel_config.model_parallel", "2"]], ids=["pp2", "tp2"])
 def test_chunked_parallel_generate_matches_one_unchunked_process(tmp_path, layout):
     """`generate --use_parallel` with --prefill_chunk_size 16 on 2 processes (pp2: each stage runs
     the prompt's chunks in order, sending each chunk's hidden states on; tp2: the rank's fused
