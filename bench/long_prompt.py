@@ -64,6 +64,13 @@ def _reset_peak() -> None:
         fh.write("5")
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process (all threads): the prefill's work, less sensitive than wall time
+    to other processes sharing the 2 cores."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def llama(lengths: list[int]) -> dict[int, float]:
     """llama-bench prompt-processing tok/s per length (2 threads, 2 repetitions)."""
     out = subprocess.run([LLAMA_BENCH, "-m", GGUF, "-t", "2", "-p", ",".join(map(str, lengths)), "-n", "0",
