@@ -5,7 +5,7 @@ heads, D head_dim, V vocab.
 Decode (S == 1): per layer one attention-block op (writes the step's k/v into the cache
 Parameters in place, attends over the cache) and one MoE-block op: ~20 graph ops per step
 instead of ~370, and no full-cache copy. Prefill (S > 1) runs the forward pass's own fast path
-(Qwen3MoeAttention.project_qkv + fused attention core over the prompt's [P, P] block + the
+(Qwen3MoeAttention.project_qkv + the forward-only attention core over the prompt's [P, P] block + the
 layer's fused MoE), then copies each layer's k/v into the cache in place; the prompt occupies
 slots [0, P) so its attention never needs the rest of the cache.
 Dense layers and capacity-dropping MoE layers run their composite MLP inside the same graph.
@@ -120,7 +120,7 @@ class FusedStepCell(nn.Cell):
         a = layer.self_attn
         q, k, v = a.project_qkv(layer.input_layernorm(x_BSH), cos_BSD, sin_BSD)  # the forward's norm (kernel)
         if self.attn_kernel:
-            o_BNSD = attention_kernel.attention_core(q, k, v, bias_B1SS)
+            o_BNSD = attention_kernel.attention_infer(q, k, v, bias_B1SS)  # no [B, N, S, S] probs
         else:
             o_BNSD = grouped_attention(q, k, v, bias_B1SS, a.scale)
         h_BSH = x_BSH + a.output(o_BNSD)
