@@ -108,14 +108,16 @@ def test_attention_module_kernel_equals_composite_with_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("S,T", [(150, 150), (70, 200)])
+@pytest.mark.parametrize("S,T", [(150, 150), (70, 200), (130, 2200)])
 def test_multiple_query_blocks_with_causal_key_cuts(S, T):
     """S > 64 spans several 64-row query blocks, each reading only the keys up to its last
-    unmasked one (the last block partial): forward and gradients still match the reference."""
+    unmasked one (the last block partial), and T > 2048 runs q k^T in three key chunks: forward
+    (attention_core and attention_infer) and gradients still match the reference."""
     q, k, v, bias, do = _case(11, 2, 4, 2, S, T, 8)
     o_ref, grads_ref = _reference(q, k, v, bias, do)
     o = ak.attention_core(*(Tensor(a) for a in (q, k, v, bias))).asnumpy()
     np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=2e-5)
+    assert np.array_equal(ak.attention_infer(*(Tensor(a) for a in (q, k, v, bias))).asnumpy(), o)
     for name, g, ref in zip(("dq", "dk", "dv"), _GRAD(*(Tensor(a) for a in (q, k, v, bias, do))), grads_ref):
         np.testing.assert_allclose(g.asnumpy(), ref, rtol=1e-4, atol=2e-5, err_msg=name)
 

@@ -74,12 +74,19 @@ static void softmax_rows(float *p, int64_t ldp, const float *bias, int64_t R, in
   }
 }
 
+// q k^T runs kKeyChunk keys per GEMM: one 64 x 1024 score tile plus its 1024 x 128 key rows
+// (768 KB) stay in a core's 1 MB L2, where a single 64 x 8192 GEMM streamed them from L3
+// (oneDNN sgemm, one thread: 131 -> 227 GFLOP/s at 8192 keys, bench/RESULTS.md). Each score is
+// still one D-long dot product, so the chunks give the same bits as one call.
+static const int64_t kKeyChunk = 1024;
+
 // One block of R query rows of one head against its first tc keys: p = softmax(q k^T * scale +
 // bias) with leading dim ldp, then o = p v. The forward stores p for the backward (ldp = T); the
 // inference op passes a per-thread scratch (ldp = tc), the same arithmetic in the same order.
 static void attend_block(const float *qb, const float *kh, const float *vh, const float *bb, float *pb,
                          int64_t ldp, float *ob, int64_t R, int64_t tc, const Dims &d, float scale) {
-  gemm(false, true, R, tc, d.D, qb, d.D, kh, d.D, pb, ldp, 0.0f);
+  for (int64_t j = 0; j < tc; j += kKeyChunk)
+    gemm(false, true, R, std::min(kKeyChunk, tc - j), d.D, qb, d.D, kh + j * d.D, d.D, pb + j, ldp, 0.0f);
   softmax_rows(pb, ldp, bb, R, tc, d, scale);
   gemm(false, false, R, d.D, tc, pb, ldp, vh, d.D, ob, d.D, 0.0f);
 }
