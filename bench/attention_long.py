@@ -8,7 +8,8 @@ aot convention through ctypes, bench/quant_ops.py `Kernel`), variants alternatin
 rotating order so machine load hits them alike. Variants: "fwd" gets a fresh p each call (np.empty:
 its pages fault in on first write, as a graph's fresh output buffer does), "infer" no p; with
 --reuse also "fwd-reuse", the same p every call (pages already mapped: what is left is writing and
-re-reading it; the process then holds two p buffers). p takes N x S^2 x 4 B (8.6 GB at 8192):
+re-reading it; the process then holds two p buffers); with --fwd-lib PATH also "fwd-lib", that
+build's AttnCoreFwd with a fresh p (e.g. main's cached ~/.cache/qwen3moe/attention_core-*.so). p takes N x S^2 x 4 B (8.6 GB at 8192):
 where that exceeds --max-p-gb, the run uses N = 8, K = 1 (one kv head's group of 8, the same
 per-head work: tasks are per query head) and prints ms scaled by 32 / 8. Prints best / median ms per call, GFLOP/s of the causal work actually done (the 64-row
 blocks up to their key cut), the ratios fwd / infer of the medians, and the 1-min load.
@@ -16,6 +17,7 @@ blocks up to their key cut), the ratios fwd / infer of the medians, and the 1-mi
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -37,19 +39,19 @@ def causal_flops(S: int, heads: int) -> float:
     return 2 * 2 * heads * keys * D
 
 
-def call_variant(call, v: str, q, kk, vv, bias, p_kept):
+def call_variant(calls, v: str, q, kk, vv, bias, p_kept):
     """One timed call of variant v; returns (ms, o)."""
     o = np.empty_like(q)
     t0 = time.perf_counter()
     if v == "infer":
-        call("AttnCoreInfer", [q, kk, vv, bias, o])
+        calls["infer"]("AttnCoreInfer", [q, kk, vv, bias, o])
     else:
         p = p_kept if v == "fwd-reuse" else np.empty((*q.shape[:3], kk.shape[2]), np.float32)
-        call("AttnCoreFwd", [q, kk, vv, bias, o, p])
+        calls[v]("AttnCoreFwd", [q, kk, vv, bias, o, p])
     return 1e3 * (time.perf_counter() - t0), o
 
 
-def run(call, S: int, reps: int, max_p_gb: float, reuse: bool, rng) -> None:
+def run(calls, S: int, reps: int, max_p_gb: float, reuse: bool, rng) -> None:
     n, k = (N, K) if N * S * S * 4 / 1e9 <= max_p_gb else (8, 1)
     q = rng.standard_normal((1, n, S, D), dtype=np.float32)
     kk, vv = rng.standard_normal((2, 1, k, S, D), dtype=np.float32)
@@ -57,11 +59,11 @@ def run(call, S: int, reps: int, max_p_gb: float, reuse: bool, rng) -> None:
     p_kept = np.zeros((1, n, S, S), np.float32) if reuse else None
     if p_kept is not None:
         p_kept.fill(0.0)  # np.zeros maps its pages lazily: touch them once
-    variants = ("fwd", "infer", "fwd-reuse")[:3 if reuse else 2]
+    variants = ("fwd", "infer") + ("fwd-reuse",) * reuse + ("fwd-lib",) * ("fwd-lib" in calls)
     times, outs = {v: [] for v in variants}, {}
     for r in range(reps):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-            ms, outs[v] = call_variant(call, v, q, kk, vv, bias, p_kept)
+            ms, outs[v] = call_variant(calls, v, q, kk, vv, bias, p_kept)
             times[v].append(ms * N / n)
     same = all(np.array_equal(outs[v], outs["infer"]) for v in variants)
     flops = causal_flops(S, N)
@@ -80,12 +82,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-p-gb", type=float, default=2.2, help="largest p buffer (GB) to allocate at 32 heads")
     ap.add_argument("--reuse", action="store_true", help="also time AttnCoreFwd into one pre-mapped p")
+    ap.add_argument("--fwd-lib", help="also time AttnCoreFwd of this attention_core build (fresh p)")
     a = ap.parse_args()
-    call = Kernel("attention_core")
+    ours = Kernel("attention_core")
+    calls = {"fwd": ours, "infer": ours, "fwd-reuse": ours}
+    if a.fwd_lib:
+        calls["fwd-lib"] = Kernel.__new__(Kernel)
+        calls["fwd-lib"].lib = ctypes.CDLL(a.fwd_lib)
     print(f"1-min load {os.getloadavg()[0]:.2f}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}",
           flush=True)
     for S in a.seq:
-        run(call, S, a.reps, a.max_p_gb, a.reuse, np.random.default_rng(S))
+        run(calls, S, a.reps, a.max_p_gb, a.reuse, np.random.default_rng(S))
 
 
 if __name__ == "__main__":
