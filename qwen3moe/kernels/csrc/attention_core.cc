@@ -74,10 +74,10 @@ static void softmax_rows(float *p, int64_t ldp, const float *bias, int64_t R, in
   }
 }
 
-// q k^T runs kKeyChunk keys per GEMM: one 64 x 1024 score tile plus its 1024 x 128 key rows
-// (768 KB) stay in a core's 1 MB L2, where a single 64 x 8192 GEMM streamed them from L3
-// (oneDNN sgemm, one thread: 131 -> 227 GFLOP/s at 8192 keys, bench/RESULTS.md). Each score is
-// still one D-long dot product, so the chunks give the same bits as one call.
+// q k^T runs kKeyChunk keys per GEMM so one 64 x 1024 score tile plus its 1024 x 128 key rows
+// (768 KB) fit a core's 1 MB L2: oneDNN sgemm, one thread, 8192 keys: one call 126 GFLOP/s,
+// 1024-key chunks 228, 2048-key chunks (1.5 MB) 166 (bench/attention_gemm_micro.cc). Each score
+// is still one D-long dot product, so the chunks give the same bits as one call (checked there).
 static const int64_t kKeyChunk = 1024;
 
 // One block of R query rows of one head against its first tc keys: p = softmax(q k^T * scale +
