@@ -4,7 +4,8 @@
 Tolerances: O(1) inputs, sums over <= 64 keys, float32 with a polynomial exp (rel. err < 1e-7):
 rtol 1e-4 / atol 2e-5 covers float32 reassociation, well below any real indexing / masking bug
 (which shows up at O(1e-1)). Covers GQA (G = 1, 2, 4), S != T (a cache tail), padding rows that
-are fully masked, and PyNative + compiled runs.
+are fully masked, and PyNative + compiled runs. `attention_infer` (the forward-only op generation
+uses) must equal `attention_core`'s output exactly: the same float32 operations in the same order.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[Healt
 MASK = -1e9
 
 
-def _case(seed, B, N, K, S, T, D):
+def _case(seed, B, N, K, S, T, D, pad=None):
     r = np.random.default_rng(seed)
     q = r.standard_normal((B, N, S, D)).astype(np.float32)
     k, v = (r.standard_normal((B, K, T, D)).astype(np.float32) for _ in range(2))
     bias = np.zeros((B, 1, S, T), np.float32)
     for s in range(S):  # causal with the queries at the end of the keys (S <= T)
         bias[:, 0, s, T - S + s + 1:] = MASK
-    bias[0, 0, :, : r.integers(0, T)] = MASK  # left padding in batch row 0 (may mask whole rows)
+    pad = r.integers(0, T) if pad is None else pad
+    bias[0, 0, :, :pad] = MASK  # left padding in batch row 0 (may mask whole rows)
     do = r.standard_normal((B, N, S, D)).astype(np.float32)
     return q, k, v, bias, do
 
@@ -106,13 +108,43 @@ def test_attention_module_kernel_equals_composite_with_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("S,T", [(150, 150), (70, 200)])
+@pytest.mark.parametrize("S,T", [(150, 150), (70, 200), (130, 2200)])
 def test_multiple_query_blocks_with_causal_key_cuts(S, T):
     """S > 64 spans several 64-row query blocks, each reading only the keys up to its last
-    unmasked one (the last block partial): forward and gradients still match the reference."""
+    unmasked one (the last block partial), and T > 2048 runs q k^T in three key chunks: forward
+    (attention_core and attention_infer) and gradients still match the reference."""
     q, k, v, bias, do = _case(11, 2, 4, 2, S, T, 8)
     o_ref, grads_ref = _reference(q, k, v, bias, do)
     o = ak.attention_core(*(Tensor(a) for a in (q, k, v, bias))).asnumpy()
     np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=2e-5)
+    assert np.array_equal(ak.attention_infer(*(Tensor(a) for a in (q, k, v, bias))).asnumpy(), o)
     for name, g, ref in zip(("dq", "dk", "dv"), _GRAD(*(Tensor(a) for a in (q, k, v, bias, do))), grads_ref):
         np.testing.assert_allclose(g.asnumpy(), ref, rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+class _InferAndCore(nn.Cell):
+    @ms.jit
+    def construct(self, q, k, v, bias):
+        return ak.attention_infer(q, k, v, bias), ak.attention_core(q, k, v, bias)
+
+
+def _infer_and_core(compiled, *arrays):
+    q, k, v, bias = (Tensor(a) for a in arrays)
+    if compiled:
+        return tuple(t.asnumpy() for t in _InferAndCore()(q, k, v, bias))
+    return ak.attention_infer(q, k, v, bias).asnumpy(), ak.attention_core(q, k, v, bias).asnumpy()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "jit"])
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), nk=st.sampled_from([(2, 2), (4, 2), (8, 2), (4, 1)]),
+       S=st.integers(1, 150), extra=st.integers(0, 40), pad_frac=st.floats(0.0, 1.0), D=st.sampled_from([4, 16]))
+def test_infer_equals_core_bit_for_bit(compiled, seed, nk, S, extra, pad_frac, D):
+    """Forward-only op vs attention_core over GQA G = 1, 2, 4, S <= T (a cache tail), several 64-row
+    query blocks with causal key cuts, and left padding up to every key (fully masked rows)."""
+    (N, K), T = nk, S + extra
+    q, k, v, bias, do = _case(seed, 2, N, K, S, T, D, pad=int(round(pad_frac * T)))
+    o_infer, o_core = _infer_and_core(compiled, q, k, v, bias)
+    assert o_infer.shape == (2, N, S, D) and o_infer.dtype == np.float32
+    assert np.array_equal(o_infer, o_core), f"max diff {np.abs(o_infer - o_core).max()}"
+    np.testing.assert_allclose(o_infer, _reference(q, k, v, bias, do)[0], rtol=1e-4, atol=2e-5)

@@ -6,8 +6,8 @@ Decode (S == 1): per layer one attention-block op (writes the step's k/v into th
 Parameters in place, attends over the cache) and one MoE-block op: ~20 graph ops per step
 instead of ~370, and no full-cache copy. Prefill (S > 1: the whole prompt or one chunk of it,
 engine.prefill) runs the forward pass's own fast path: Qwen3MoeAttention.project_qkv, the
-in-place copy of the step's k/v into the cache at its slots, the fused attention core over the
-cache [S, T] (earlier chunks' keys included; the kernel skips the keys past the bias's last
+in-place copy of the step's k/v into the cache at its slots, the forward-only attention core
+over the cache [S, T] (earlier chunks' keys included; the kernel skips the keys past the bias's last
 visible one per block of rows, so the empty slots cost nothing), the layer's fused MoE.
 Dense layers and capacity-dropping MoE layers run their composite MLP inside the same graph.
 Weights may be float32, bfloat16 (or its uint16 bits) or quantized (qweight / scales / qzeros
@@ -126,7 +126,7 @@ class FusedStepCell(nn.Cell):
         # Parameters themselves is dropped with the write), so the attention runs after it
         q = ops.depend(q, done)
         if self.attn_kernel:
-            o_BNSD = attention_kernel.attention_core(q, self.k_cache[i], self.v_cache[i], bias_B1ST)
+            o_BNSD = attention_kernel.attention_infer(q, self.k_cache[i], self.v_cache[i], bias_B1ST)  # no probs
         else:
             o_BNSD = grouped_attention(q, self.k_cache[i], self.v_cache[i], bias_B1ST, a.scale)
         return x_BSH + a.output(o_BNSD)

@@ -1,6 +1,7 @@
-// Fused attention core for CPU (ops.Custom aot): softmax(q k^T * D^-0.5 + bias) v with GQA,
-// forward and backward, one task per (batch, kv head) so the G query heads sharing a kv head
-// accumulate dk/dv without races.
+// Fused attention core for CPU (ops.Custom aot): softmax(q k^T * D^-0.5 + bias) v with GQA.
+// AttnCoreFwd also returns the probabilities p for AttnCoreBwd (training); AttnCoreInfer
+// (generation's prefill) computes the same o without them. The backward runs one task per
+// (batch, kv head) so the G query heads sharing a kv head accumulate dk/dv without races.
 //
 // The composite path runs ~8 graph ops forward and ~12 backward over [B, N, S, T] tensors
 // (scores, probs, their grads, reshape copies); here each head's [S, T] block is produced and
@@ -51,11 +52,13 @@ static std::vector<int64_t> key_cuts(const float *bias, const Dims &d) {
   return cut;
 }
 
-// rows [0, R) of p (leading dim T), first tc columns: softmax(p * scale + bias) in place, rest 0.
-// `omp simd` lets the max/sum reductions vectorise (a float sum is otherwise kept in order).
-static void softmax_rows(float *p, const float *bias, int64_t R, int64_t tc, const Dims &d, float scale) {
+// rows [0, R) of p (leading dim ldp), first tc columns: softmax(p * scale + bias) in place, the
+// columns [tc, ldp) zeroed (the backward reads the full stored rows). `omp simd` lets the max/sum
+// reductions vectorise (a float sum is otherwise kept in order).
+static void softmax_rows(float *p, int64_t ldp, const float *bias, int64_t R, int64_t tc, const Dims &d,
+                         float scale) {
   for (int64_t i = 0; i < R; ++i) {
-    float *row = p + i * d.T;
+    float *row = p + i * ldp;
     const float *br = bias + i * d.T;
     float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
@@ -67,37 +70,70 @@ static void softmax_rows(float *p, const float *bias, int64_t R, int64_t tc, con
     const float inv = 1.0f / sum;
 #pragma omp simd
     for (int64_t j = 0; j < tc; ++j) row[j] *= inv;
-    if (tc < d.T) std::memset(row + tc, 0, (d.T - tc) * sizeof(float));
+    if (tc < ldp) std::memset(row + tc, 0, (ldp - tc) * sizeof(float));
+  }
+}
+
+// q k^T runs kKeyChunk keys per GEMM so one 64 x 1024 score tile plus its 1024 x 128 key rows
+// (768 KB) fit a core's 1 MB L2: oneDNN sgemm, one thread, 8192 keys: one call 126 GFLOP/s,
+// 1024-key chunks 228, 2048-key chunks (1.5 MB) 166 (bench/attention_gemm_micro.cc). Each score
+// is still one D-long dot product, so the chunks give the same bits as one call (checked there).
+static const int64_t kKeyChunk = 1024;
+
+// One block of R query rows of one head against its first tc keys: p = softmax(q k^T * scale +
+// bias) with leading dim ldp, then o = p v. The forward stores p for the backward (ldp = T); the
+// inference op passes a per-thread scratch (ldp = tc), the same arithmetic in the same order.
+static void attend_block(const float *qb, const float *kh, const float *vh, const float *bb, float *pb,
+                         int64_t ldp, float *ob, int64_t R, int64_t tc, const Dims &d, float scale) {
+  for (int64_t j = 0; j < tc; j += kKeyChunk)
+    gemm(false, true, R, std::min(kKeyChunk, tc - j), d.D, qb, d.D, kh + j * d.D, d.D, pb + j, ldp, 0.0f);
+  softmax_rows(pb, ldp, bb, R, tc, d, scale);
+  gemm(false, false, R, d.D, tc, pb, ldp, vh, d.D, ob, d.D, 0.0f);
+}
+
+// o [B,N,S,D] for all heads, one task per (batch, query head); p [B,N,S,T] is written when given
+// (training), else each block's probabilities live in a kRows x tc per-thread scratch, so a long
+// prompt never allocates the [B,N,S,T] buffer (32 heads x 8192^2 floats = 8.6 GB).
+static void attend(const float *q, const float *k, const float *v, const float *bias, float *o, float *p,
+                   const Dims &d) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+  const std::vector<int64_t> cut = key_cuts(bias, d);
+  const int64_t nblk = (d.S + kRows - 1) / kRows;
+  const int64_t widest = p ? 0 : *std::max_element(cut.begin(), cut.end());
+  SerialBlas serial;
+#pragma omp parallel
+  {
+    std::vector<float> scratch(kRows * widest);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bn = 0; bn < d.B * d.N; ++bn) {
+      const int64_t b = bn / d.N, n = bn % d.N, kv = b * d.K + n / d.G;
+      const float *kh = k + kv * d.T * d.D, *vh = v + kv * d.T * d.D;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t i0 = blk * kRows, R = std::min(kRows, d.S - i0), tc = cut[b * nblk + blk];
+        float *pb = p ? p + (bn * d.S + i0) * d.T : scratch.data();
+        attend_block(q + (bn * d.S + i0) * d.D, kh, vh, bias + (b * d.S + i0) * d.T, pb, p ? d.T : tc,
+                     o + (bn * d.S + i0) * d.D, R, tc, d, scale);
+      }
+    }
   }
 }
 
 // inputs: q [B,N,S,D], k [B,K,T,D], v [B,K,T,D], bias [B,1,S,T]; outputs: o [B,N,S,D], p [B,N,S,T]
 extern "C" int AttnCoreFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
-  const float *q = static_cast<const float *>(params[0]);
-  const float *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  const float *bias = static_cast<const float *>(params[3]);
-  float *o = static_cast<float *>(params[4]);
-  float *p = static_cast<float *>(params[5]);
-  const Dims d = dims(shapes);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
-  const std::vector<int64_t> cut = key_cuts(bias, d);
-  const int64_t nblk = (d.S + kRows - 1) / kRows;
-  SerialBlas serial;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t bn = 0; bn < d.B * d.N; ++bn) {
-    const int64_t b = bn / d.N, n = bn % d.N, kv = b * d.K + n / d.G;
-    const float *kh = k + kv * d.T * d.D, *vh = v + kv * d.T * d.D;
-    for (int64_t blk = 0; blk < nblk; ++blk) {
-      const int64_t i0 = blk * kRows, R = std::min(kRows, d.S - i0), tc = cut[b * nblk + blk];
-      const float *qb = q + (bn * d.S + i0) * d.D;
-      float *pb = p + (bn * d.S + i0) * d.T;
-      gemm(false, true, R, tc, d.D, qb, d.D, kh, d.D, pb, d.T, 0.0f);
-      softmax_rows(pb, bias + (b * d.S + i0) * d.T, R, tc, d, scale);
-      gemm(false, false, R, d.D, tc, pb, d.T, vh, d.D, o + (bn * d.S + i0) * d.D, d.D, 0.0f);
-    }
-  }
+  attend(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+         static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+         static_cast<float *>(params[4]), static_cast<float *>(params[5]), dims(shapes));
+  return 0;
+}
+
+// Forward only (generation): the same inputs, one output o [B,N,S,D], equal to AttnCoreFwd's o bit
+// for bit; no p, so memory stays O(threads x kRows x T) instead of O(N x S x T).
+extern "C" int AttnCoreInfer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  attend(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+         static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+         static_cast<float *>(params[4]), nullptr, dims(shapes));
   return 0;
 }
 
