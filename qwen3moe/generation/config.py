@@ -73,7 +73,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
-    prefill_chunk_size: int | None = 2048
+    prefill_chunk_size: int | None = 1024  # bench/RESULTS.md "Chunked prefill on long prompts"
 
     def __post_init__(self) -> None:
         self.eos_token_id = _id_list(self.eos_token_id, "eos_token_id")
