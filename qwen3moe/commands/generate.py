@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--prefill_chunk_size", type=int, default=None,
                    help="prefill prompts longer than this in chunks of at most this many tokens (a multiple of 16; "
                         "bounds the prefill's memory; default 1024, 0 = never chunk)")
+    p.add_argument("--kv_cache_dtype", default=None,
+                   help="KV cache storage: float32 (default), bfloat16 or float16 (half the cache memory; "
+                        "fused kernels only)")
     p.add_argument("--stop_strings", nargs="+", default=None, help="stop a row at any of these strings")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template (user turn)")
     p.add_argument("--enable_thinking", type=_bool, nargs="?", const=True, default=True,

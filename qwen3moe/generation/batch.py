@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from qwen3moe.errors import Qwen3MoeError
-from qwen3moe.generation.config import check_prefill_chunk_size
+from qwen3moe.generation.config import check_kv_cache_dtype, check_prefill_chunk_size
 from qwen3moe.generation.errors import GenerationError
 
 # resolve_config keywords a request may set (None: the model folder's generation_config.json)
 OPTION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
-               "repetition_penalty", "presence_penalty", "seed", "stop_strings", "prefill_chunk_size")
+               "repetition_penalty", "presence_penalty", "seed", "stop_strings", "prefill_chunk_size",
+               "kv_cache_dtype")
 
 
 @dataclass
@@ -67,6 +68,8 @@ class GenerateRequest:
             raise GenerationError("--stream needs --predict_batch_size 1")
         try:
             check_prefill_chunk_size(self.options.get("prefill_chunk_size"))
+            if self.options.get("kv_cache_dtype") is not None:
+                check_kv_cache_dtype(self.options["kv_cache_dtype"])
         except ValueError as exc:
             raise GenerationError(f"--{exc}") from None
         return folder

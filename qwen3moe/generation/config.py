@@ -11,6 +11,9 @@ Non-HF fields: `presence_penalty` (vLLM/OpenAI semantics), `ignore_eos` (generat
 `max_new_tokens`, vLLM's flag) and `seed` (the Sampler's numpy Generator seed).
 `prefill_chunk_size` (HF's name): prompts longer than it are prefilled in chunks of at most that
 many tokens (engine.py), bounding the prefill's memory; 0 / None never chunks.
+`kv_cache_dtype`: the KV cache's storage, "float32" (HF's fp32 results) or "bfloat16" / "float16"
+(half the cache memory and the bytes each decode step reads; keys and values are rounded to nearest
+even when written, the math stays float32; the fused kernels only, engine.py).
 """
 from __future__ import annotations
 
@@ -46,6 +49,15 @@ def check_prefill_chunk_size(value: Any) -> None:
                          f"(or 0 / None: no chunking), got {value!r}")
 
 
+KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_kv_cache_dtype(value: Any) -> None:
+    """kv_cache_dtype: one of KV_CACHE_DTYPES."""
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -74,6 +86,7 @@ class GenerationConfig:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     prefill_chunk_size: int | None = 1024  # bench/RESULTS.md "Chunked prefill on long prompts"
+    kv_cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.eos_token_id = _id_list(self.eos_token_id, "eos_token_id")
@@ -104,6 +117,7 @@ class GenerationConfig:
         if not (_is_int(self.min_new_tokens) and self.min_new_tokens >= 0):
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
         check_prefill_chunk_size(self.prefill_chunk_size)
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
     def _validate_sampling(self) -> None:
         if not _is_number(self.temperature):

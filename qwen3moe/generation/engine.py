@@ -27,13 +27,17 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
-from qwen3moe.generation.config import PROMPT_BUCKET, check_prefill_chunk_size
+from qwen3moe.generation.config import PROMPT_BUCKET, check_kv_cache_dtype, check_prefill_chunk_size
 from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.fused_step import fused_eligible, int8_activations, step_cell_class
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
+# kv_cache_dtype -> the cache Parameters' storage: bf16 as its uint16 bit pattern (how the model
+# holds bf16 weights the kernels read; no bf16 CPU kernels are needed), fp16 as float16
+KV_STORAGE = {"float32": (np.float32, ms.float32), "bfloat16": (np.uint16, ms.uint16),
+              "float16": (np.float16, ms.float16)}
 _ENGINE_IDS = itertools.count()
 _COMPILED: set[tuple] = set()  # (engine id, B, Sq, T) signatures compiled in this process
 
@@ -57,15 +61,17 @@ class _StepCell(nn.Cell):
     """The compiled step: the model's own cells (embedding, decoder layers with the cache, final
     norm, lm_head), whatever plan swapped them. auto_prefix=False keeps the model's HF parameter names."""
 
-    def __init__(self, model: nn.Cell, batch: int, slots: int, uid: int, hidden_out: bool = False) -> None:
+    def __init__(self, model: nn.Cell, batch: int, slots: int, uid: int, hidden_out: bool = False,
+                 kv_cache_dtype: str = "float32") -> None:
         super().__init__(auto_prefix=False)
         self.net, self.hidden_out = model, hidden_out
         cfg = model.config
         shape = (batch, kv_heads(model), slots, cfg.head_dim)
         L = len(model.model.layers)  # a pipeline stage holds only its own layers
-        self.k_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.k.{i}",
+        np_dtype = KV_STORAGE[kv_cache_dtype][0]
+        self.k_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np_dtype)), f"kv_cache{uid}.k.{i}",
                                                  requires_grad=False) for i in range(L)])
-        self.v_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np.float32)), f"kv_cache{uid}.v.{i}",
+        self.v_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np_dtype)), f"kv_cache{uid}.v.{i}",
                                                  requires_grad=False) for i in range(L)])
 
     @ms.jit
@@ -88,14 +94,24 @@ class DecodeEngine:
 
     Usage: `logits_BV = engine.prefill(ids_BP, mask_BP)` then `engine.decode(next_B)` per token.
     Valid for (B, T) fixed at construction; prompts must fit T - max_new_tokens.
+    `kv_cache_dtype` (config.KV_CACHE_DTYPES): a 16-bit cache runs on the fused kernels only (they
+    round k/v when writing it and widen it when reading); elsewhere it is a GenerationError.
     """
 
-    def __init__(self, model: nn.Cell, batch: int, slots: int, hidden_out: bool = False) -> None:
+    def __init__(self, model: nn.Cell, batch: int, slots: int, hidden_out: bool = False,
+                 kv_cache_dtype: str = "float32") -> None:
         self.model, self.config = model, model.config
         self.batch, self.slots, self.kv_heads = batch, slots, kv_heads(model)
-        self.uid = next(_ENGINE_IDS)
-        self.cell = _StepCell(model, batch, slots, self.uid, hidden_out)
+        check_kv_cache_dtype(kv_cache_dtype)
         self.fused = not hidden_out and fused_eligible(model)
+        if kv_cache_dtype != "float32" and not self.fused:
+            why = ("a pipeline stage before the last" if hidden_out else
+                   "kernels off or unavailable, attention biases, act-order GPTQ maps or a parallel plan without fused steps")
+            raise GenerationError(f"kv_cache_dtype={kv_cache_dtype} needs the fused decode kernels, which do not apply "
+                                  f"here ({why}); use kv_cache_dtype=float32")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.uid = next(_ENGINE_IDS)
+        self.cell = _StepCell(model, batch, slots, self.uid, hidden_out, kv_cache_dtype)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
             self.cell = step_cell_class(model)(model, batch, self.cell.k_cache, self.cell.v_cache)
         elif int8_activations(model):
@@ -173,14 +189,21 @@ class DecodeEngine:
         return self._run(np.asarray(next_B, np.int64).reshape(-1, 1), pos, bias)
 
 
-def check_cache_fits(model: nn.Cell, batch: int, slots: int, max_new_tokens: int) -> None:
-    """Refuse a KV cache (fp32 K and V, [B, K, T, D] per layer) larger than the memory available
-    now, before numpy is asked for it (a huge max_new_tokens was a 238 GiB allocation traceback)."""
-    cfg = model.config
-    need = 2 * len(model.model.layers) * batch * kv_heads(model) * slots * cfg.head_dim * 4
+def cache_bytes(model: nn.Cell, batch: int, slots: int, kv_cache_dtype: str = "float32") -> int:
+    """Bytes of the K and V caches ([B, K, T, D] per layer) in `kv_cache_dtype`'s storage."""
+    size = np.dtype(KV_STORAGE[kv_cache_dtype][0]).itemsize
+    return 2 * len(model.model.layers) * batch * kv_heads(model) * slots * model.config.head_dim * size
+
+
+def check_cache_fits(model: nn.Cell, batch: int, slots: int, max_new_tokens: int,
+                     kv_cache_dtype: str = "float32") -> None:
+    """Refuse a KV cache larger than the memory available now, before numpy is asked for it (a
+    huge max_new_tokens was a 238 GiB allocation traceback)."""
+    need = cache_bytes(model, batch, slots, kv_cache_dtype)
     avail = available_memory()
     if avail is not None and need > avail:
-        raise GenerationError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {slots} positions needs "
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: the {kv_cache_dtype} KV cache for {batch} x {slots} "
+                              f"positions needs "
                               f"{need / 2**30:,.1f} GiB, more than the {avail / 2**30:.1f} GiB of memory available")
 
 
@@ -196,16 +219,18 @@ def available_memory() -> int | None:
     return None
 
 
-def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int) -> tuple[DecodeEngine, int]:
-    """A cached engine for (B, T) plus the bucketed prompt length P (engines are kept per model,
-    so repeated generate calls reuse compiled graphs)."""
+def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int,
+               kv_cache_dtype: str = "float32") -> tuple[DecodeEngine, int]:
+    """A cached engine for (B, T, cache dtype) plus the bucketed prompt length P (engines are kept
+    per model, so repeated generate calls reuse compiled graphs)."""
     P = round_up(prompt_len, PROMPT_BUCKET)
     T = round_up(P + max_new_tokens, SLOT_BUCKET)
     cache: dict = model.__dict__.setdefault("_decode_engines", {})
-    engine = cache.get((batch, T))
+    key = (batch, T, kv_cache_dtype)
+    engine = cache.get(key)
     if engine is None:
-        check_cache_fits(model, batch, T, max_new_tokens)
-        if len(cache) >= 2:  # bound memory (caches are B*T*L*2*K*D floats): drop the oldest engine
+        check_cache_fits(model, batch, T, max_new_tokens, kv_cache_dtype)
+        if len(cache) >= 2:  # bound memory (caches are B*T*L*2*K*D values): drop the oldest engine
             cache.pop(next(iter(cache)))
-        engine = cache[(batch, T)] = DecodeEngine(model, batch, T)
+        engine = cache[key] = DecodeEngine(model, batch, T, kv_cache_dtype=kv_cache_dtype)
     return engine, P

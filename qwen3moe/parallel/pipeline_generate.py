@@ -44,8 +44,9 @@ class StageEngine(DecodeEngine):
     token ids, the others receive the previous stage's hidden states [b, S, H]; the last
     returns logits [b, V], the others send every position's hidden states on."""
 
-    def __init__(self, model, batch: int, slots: int, link, stage: int, pp: int) -> None:
-        super().__init__(model, batch, slots, hidden_out=stage < pp - 1)
+    def __init__(self, model, batch: int, slots: int, link, stage: int, pp: int,
+                 kv_cache_dtype: str = "float32") -> None:
+        super().__init__(model, batch, slots, hidden_out=stage < pp - 1, kv_cache_dtype=kv_cache_dtype)
         self.link, self.stage, self.pp = link, stage, pp
 
     def _feed(self, ids_BS: np.ndarray) -> Tensor:
@@ -63,16 +64,16 @@ class StageEngine(DecodeEngine):
 def stage_engines(link, stage: int, pp: int, micro_batch: int) -> Callable:
     """GenerationRun's `engine` factory for micro-batch `micro_batch`: a StageEngine per
     (micro-batch, B, T), kept on the model so later batches reuse its compiled graphs."""
-    def make(model, batch: int, prompt_len: int, max_new_tokens: int):
+    def make(model, batch: int, prompt_len: int, max_new_tokens: int, kv_cache_dtype: str = "float32"):
         P = round_up(prompt_len, PROMPT_BUCKET)
         T = round_up(P + max_new_tokens, SLOT_BUCKET)
         cache: dict = model.__dict__.setdefault("_stage_engines", {})
-        key = (micro_batch, batch, T)
+        key = (micro_batch, batch, T, kv_cache_dtype)
         if key not in cache:
-            check_cache_fits(model, batch, T, max_new_tokens)
+            check_cache_fits(model, batch, T, max_new_tokens, kv_cache_dtype)
             for old in [k for k in cache if k[0] == micro_batch]:  # one engine (cache) per micro-batch
                 del cache[old]
-            cache[key] = StageEngine(model, batch, T, link, stage, pp)
+            cache[key] = StageEngine(model, batch, T, link, stage, pp, kv_cache_dtype)
         return cache[key], P
     return make
 

@@ -13,9 +13,11 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+#include "kv_cache.h"
 
 struct Dims {
   int64_t B, N, K, G, S, T, D;
@@ -94,20 +96,37 @@ static void attend_block(const float *qb, const float *kh, const float *vh, cons
 // o [B,N,S,D] for all heads, one task per (batch, query head); p [B,N,S,T] is written when given
 // (training), else each block's probabilities live in a kRows x tc per-thread scratch, so a long
 // prompt never allocates the [B,N,S,T] buffer (32 heads x 8192^2 floats = 8.6 GB).
-static void attend(const float *q, const float *k, const float *v, const float *bias, float *o, float *p,
-                   const Dims &d) {
+// E: the k/v element type (kv_cache.h). A 16-bit cache (generation's prefill) has the head's key
+// and value rows up to its widest block cut widened into a per-thread float32 scratch (once per kv
+// head a thread meets in a row: its G query heads are consecutive tasks), then the same GEMMs.
+template <typename E>
+static void attend(const float *q, const E *k, const E *v, const float *bias, float *o, float *p, const Dims &d) {
+  constexpr bool wide = !std::is_same<E, float>::value;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
   const std::vector<int64_t> cut = key_cuts(bias, d);
   const int64_t nblk = (d.S + kRows - 1) / kRows;
-  const int64_t widest = p ? 0 : *std::max_element(cut.begin(), cut.end());
+  std::vector<int64_t> bcut(d.B, 0);  // keys any block of batch b needs
+  for (int64_t i = 0; i < d.B * nblk; ++i) bcut[i / nblk] = std::max(bcut[i / nblk], cut[i]);
+  const int64_t widest = *std::max_element(bcut.begin(), bcut.end());
   SerialBlas serial;
 #pragma omp parallel
   {
-    std::vector<float> scratch(kRows * widest);
+    std::vector<float> scratch(p ? 0 : kRows * widest), kvf(wide ? 2 * widest * d.D : 0);
+    int64_t widened = -1;  // the kv head kvf holds
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bn = 0; bn < d.B * d.N; ++bn) {
       const int64_t b = bn / d.N, n = bn % d.N, kv = b * d.K + n / d.G;
-      const float *kh = k + kv * d.T * d.D, *vh = v + kv * d.T * d.D;
+      const float *kh, *vh;
+      if constexpr (wide) {
+        if (kv != widened) {
+          load_row(k + kv * d.T * d.D, kvf.data(), bcut[b] * d.D);
+          load_row(v + kv * d.T * d.D, kvf.data() + widest * d.D, bcut[b] * d.D);
+          widened = kv;
+        }
+        kh = kvf.data(), vh = kvf.data() + widest * d.D;
+      } else {
+        kh = k + kv * d.T * d.D, vh = v + kv * d.T * d.D;
+      }
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t i0 = blk * kRows, R = std::min(kRows, d.S - i0), tc = cut[b * nblk + blk];
         float *pb = p ? p + (bn * d.S + i0) * d.T : scratch.data();
@@ -128,12 +147,22 @@ extern "C" int AttnCoreFwd(int nparam, void **params, int *ndims, int64_t **shap
 }
 
 // Forward only (generation): the same inputs, one output o [B,N,S,D], equal to AttnCoreFwd's o bit
-// for bit; no p, so memory stays O(threads x kRows x T) instead of O(N x S x T).
+// for bit; no p, so memory stays O(threads x kRows x T) instead of O(N x S x T). k and v may be
+// a 16-bit KV cache (bfloat16 / its uint16 bits, or float16; both the same): the o AttnCoreFwd
+// gives on their float32 widening.
 extern "C" int AttnCoreInfer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  attend(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-         static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-         static_cast<float *>(params[4]), nullptr, dims(shapes));
+  const int kind = kv_kind(dtypes[1]);
+  if (nparam != 5 || kind < 0 || kv_kind(dtypes[2]) != kind) return 1;
+  const float *q = static_cast<const float *>(params[0]), *bias = static_cast<const float *>(params[3]);
+  float *o = static_cast<float *>(params[4]);
+  if (kind == kKvBf16)
+    attend(q, static_cast<const Bf16 *>(params[1]), static_cast<const Bf16 *>(params[2]), bias, o, nullptr, dims(shapes));
+  else if (kind == kKvF16)
+    attend(q, static_cast<const Half *>(params[1]), static_cast<const Half *>(params[2]), bias, o, nullptr, dims(shapes));
+  else
+    attend(q, static_cast<const float *>(params[1]), static_cast<const float *>(params[2]), bias, o, nullptr,
+           dims(shapes));
   return 0;
 }
 

@@ -20,6 +20,7 @@
 
 #include "decode_pool.h"
 #include "decode_rows.h"
+#include "kv_cache.h"
 
 // Keys whose additive bias is at or below this are masked (the engine uses float32 min): their
 // probability is exactly 0 in float32 in the composite softmax too, so they are skipped.
@@ -95,8 +96,9 @@ struct AttnDims {
 // attend() for D = 16 * NV with the score dots and the probability-weighted sum of values in vector
 // registers: the scalar loops' reductions spill to the stack and their output row makes a
 // store-to-load chain per key (the attention phase was ~20% of the block at B=8, perf).
-template <int NV>
-static void attend_vec(const float *q, const float *kc, const float *vc, const float *bias, int64_t T, bool any,
+// E: the cache element type (kv_cache.h), widened exactly as it is loaded.
+template <int NV, typename E>
+static void attend_vec(const float *q, const E *kc, const E *vc, const float *bias, int64_t T, bool any,
                        float scale, float *p, float *out) {
   const int64_t D = 16 * NV;
   __m512 qv[NV], acc[NV];
@@ -104,8 +106,8 @@ static void attend_vec(const float *q, const float *kc, const float *vc, const f
   float mx = -INFINITY, sum = 0.f;
   for (int64_t t = 0; t < T; ++t) {
     if (any && bias[t] <= kMasked) continue;
-    __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kc + t * D));
-    for (int j = 1; j < NV; ++j) s = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kc + t * D + 16 * j), s);
+    __m512 s = _mm512_mul_ps(qv[0], load16(kc + t * D));
+    for (int j = 1; j < NV; ++j) s = _mm512_fmadd_ps(qv[j], load16(kc + t * D + 16 * j), s);
     p[t] = _mm512_reduce_add_ps(s) * scale + bias[t];
     mx = p[t] > mx ? p[t] : mx;
   }
@@ -117,14 +119,15 @@ static void attend_vec(const float *q, const float *kc, const float *vc, const f
   for (int64_t t = 0; t < T; ++t) {
     if (any && bias[t] <= kMasked) continue;
     const __m512 pt = _mm512_set1_ps(p[t] / sum);
-    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vc + t * D + 16 * j), acc[j]);
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(pt, load16(vc + t * D + 16 * j), acc[j]);
   }
   for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
 }
 #endif
 
 // One query (row b, head n) against the cache: softmax(q k^T * scale + bias) v -> out[D]
-static void attend(const float *q, const float *kc, const float *vc, const float *bias, const AttnDims &d,
+template <typename E>
+static void attend(const float *q, const E *kc, const E *vc, const float *bias, const AttnDims &d,
                    float scale, float *p, float *out) {
   bool any = false;
   for (int64_t t = 0; t < d.T; ++t) any = any || bias[t] > kMasked;
@@ -140,10 +143,10 @@ static void attend(const float *q, const float *kc, const float *vc, const float
   float mx = -INFINITY;
   for (int64_t t = 0; t < d.T; ++t) {
     if (any && bias[t] <= kMasked) continue;
-    const float *k = kc + t * d.D;
+    const E *k = kc + t * d.D;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < d.D; ++i) s += q[i] * k[i];
+    for (int64_t i = 0; i < d.D; ++i) s += q[i] * widen(k[i]);
     p[t] = s * scale + bias[t];
     mx = p[t] > mx ? p[t] : mx;
   }
@@ -157,14 +160,51 @@ static void attend(const float *q, const float *kc, const float *vc, const float
   for (int64_t t = 0; t < d.T; ++t) {
     if (any && bias[t] <= kMasked) continue;
     const float pt = p[t] / sum;
-    const float *v = vc + t * d.D;
+    const E *v = vc + t * d.D;
 #pragma omp simd
-    for (int64_t i = 0; i < d.D; ++i) out[i] += pt * v[i];
+    for (int64_t i = 0; i < d.D; ++i) out[i] += pt * widen(v[i]);
+  }
+}
+
+// The attention phase of DecodeAttn for one (row b, kv head k): its S keys/values are normed,
+// rotated and written (rounded to E) to the cache first, then its G query heads of every query
+// attend (no other task touches them).
+struct AttnStep {
+  AttnDims d;
+  float *qkv;
+  int64_t QKV, ND, KD, slot0;
+  const float *qn, *kn, *cos, *sin, *bias;
+  float eps, scale;
+  float *p, *o;
+};
+
+template <typename E>
+static void attn_task(const AttnStep &a, E *kc, E *vc, int64_t bk) {
+  const AttnDims &d = a.d;
+  const int64_t b = bk / d.K, k = bk % d.K, cache = bk * d.T * d.D;
+  for (int64_t s = 0; s < d.S; ++s) {
+    const int64_t r = b * d.S + s;
+    float *kh = a.qkv + r * a.QKV + a.ND + k * d.D;
+    rms(kh, a.kn, d.D, a.eps, kh);
+    rope(kh, a.cos + r * d.D, a.sin + r * d.D, d.D);
+    store_row(kh, kc + cache + (a.slot0 + s) * d.D, d.D);
+    store_row(kh + a.KD, vc + cache + (a.slot0 + s) * d.D, d.D);
+  }
+  for (int64_t s = 0; s < d.S; ++s) {
+    const int64_t r = b * d.S + s;
+    for (int64_t n = k * d.G; n < (k + 1) * d.G; ++n) {
+      float *qh = a.qkv + r * a.QKV + n * d.D;
+      rms(qh, a.qn, d.D, a.eps, qh);
+      rope(qh, a.cos + r * d.D, a.sin + r * d.D, d.D);
+      attend(qh, kc + cache, vc + cache, a.bias + r * d.T, d, a.scale, a.p + (r * d.N + n) * d.T,
+             a.o + r * a.ND + n * d.D);
+    }
   }
 }
 
 // inputs: x [B,S,H], ln1 [H], wq [N*D,H], wk [K*D,H], wv [K*D,H], q_norm [D], k_norm [D],
-//         wo [H,N*D], k_cache [B,K,T,D], v_cache [B,K,T,D], cos [B,S,D], sin [B,S,D], bias [B,S,T],
+//         wo [H,N*D], k_cache [B,K,T,D], v_cache [B,K,T,D] (float32, bfloat16 / uint16 bits or
+//         float16, both the same: kv_cache.h), cos [B,S,D], sin [B,S,D], bias [B,S,T],
 //         meta int32 [4] (first slot written, top_k, norm_topk_prob, unused),
 //         fcfg float32 [2], [3] or [4] (rms eps, attention scale[, 1 = int8 activations (act8_mode)[, partial]])
 // output: y [B,S,H] = x + o_proj(attention(rms(x))); partial != 0: o_proj(attention(rms(x))) only
@@ -191,14 +231,14 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   std::vector<float> b1, b2, b3;
   const float *x = static_cast<const float *>(params[ix]), *ln1 = a.vec(iln, d.H, b1);
   const float *qn = a.vec(iqn, d.D, b2), *kn = a.vec(ikn, d.D, b3);
-  float *kc = static_cast<float *>(params[ikc]), *vc = static_cast<float *>(params[ivc]);
   const float *cos = static_cast<const float *>(params[icos]), *sin = static_cast<const float *>(params[isin]);
   const float *bias = static_cast<const float *>(params[ibias]);
   const int32_t *meta = static_cast<const int32_t *>(params[imeta]);
   const float *fcfg = static_cast<const float *>(params[ifcfg]);
   float *y = static_cast<float *>(params[iy]);
   const int64_t slot0 = meta[0];
-  if (!a.ok || d.N % d.K != 0 || slot0 < 0 || slot0 + d.S > d.T) return 1;
+  const int kind = kv_kind(dtypes[ikc]);
+  if (!a.ok || d.N % d.K != 0 || slot0 < 0 || slot0 + d.S > d.T || kind < 0 || kv_kind(dtypes[ivc]) != kind) return 1;
   const float eps = fcfg[0], scale = fcfg[1];
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   const bool residual = ndims[ifcfg] != 1 || shapes[ifcfg][0] < 4 || fcfg[3] == 0.f;
@@ -217,28 +257,15 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
     const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
     mat_dot(W, o0, o1, xin, qkv.data() + base, QKV);
   });
-  // one task per (row b, kv head k): its S keys/values are normed, rotated and written to the
-  // cache first, then its G query heads of every query attend (no other task touches them)
-  pool.run(d.B * d.K, [&](int64_t bk) {
-    const int64_t b = bk / d.K, k = bk % d.K, cache = bk * d.T * d.D;
-    for (int64_t s = 0; s < d.S; ++s) {
-      const int64_t r = b * d.S + s;
-      float *kh = qkv.data() + r * QKV + ND + k * d.D;
-      rms(kh, kn, d.D, eps, kh);
-      rope(kh, cos + r * d.D, sin + r * d.D, d.D);
-      std::memcpy(kc + cache + (slot0 + s) * d.D, kh, d.D * sizeof(float));
-      std::memcpy(vc + cache + (slot0 + s) * d.D, kh + KD, d.D * sizeof(float));
-    }
-    for (int64_t s = 0; s < d.S; ++s) {
-      const int64_t r = b * d.S + s;
-      for (int64_t n = k * d.G; n < (k + 1) * d.G; ++n) {
-        float *qh = qkv.data() + r * QKV + n * d.D;
-        rms(qh, qn, d.D, eps, qh);
-        rope(qh, cos + r * d.D, sin + r * d.D, d.D);
-        attend(qh, kc + cache, vc + cache, bias + r * d.T, d, scale, p.data() + (r * d.N + n) * d.T,
-               o.data() + r * ND + n * d.D);
-      }
-    }
+  const AttnStep step{d, qkv.data(), QKV, ND, KD, slot0, qn, kn, cos, sin, bias, eps, scale, p.data(), o.data()};
+  void *kc = params[ikc], *vc = params[ivc];
+  pool.run(d.B * d.K, [&](int64_t bk) {  // one task per (row b, kv head k): attn_task
+    if (kind == kKvBf16)
+      attn_task(step, static_cast<Bf16 *>(kc), static_cast<Bf16 *>(vc), bk);
+    else if (kind == kKvF16)
+      attn_task(step, static_cast<Half *>(kc), static_cast<Half *>(vc), bk);
+    else
+      attn_task(step, static_cast<float *>(kc), static_cast<float *>(vc), bk);
   });
   const XIn oin = prepare_x(o.data(), ND, R, ND, act8, {&wo}, oq8, oq4);
   pool.run(nchunks(d.H), [&](int64_t c) {
@@ -384,22 +411,37 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   return 0;
 }
 
-// inputs: 0 k [B,K,S,D]  1 v [B,K,S,D]  2 k_cache [B,K,T,D]  3 v_cache [B,K,T,D]  4 meta int32 [4]
+// Rows [slot0, slot0 + S) of every (b, k) cache block [T, D] = the step's [S, D] rows, rounded to E
+template <typename E>
+static void copy_rows(const float *k, const float *v, E *kc, E *vc, int64_t BK, int64_t S, int64_t D, int64_t T,
+                      int64_t slot0) {
+  for (int64_t i = 0; i < BK; ++i) {  // a plain copy: may run next to other kernels in a prefill
+    store_row(k + i * S * D, kc + (i * T + slot0) * D, S * D);
+    store_row(v + i * S * D, vc + (i * T + slot0) * D, S * D);
+  }
+}
+
+// inputs: 0 k [B,K,S,D]  1 v [B,K,S,D] float32  2 k_cache [B,K,T,D]  3 v_cache [B,K,T,D] (float32,
+//         bf16 or float16, both the same)  4 meta int32 [4]
 // output: 5 done float32 [1]
 // Copies a prefill's keys/values into cache slots meta[0] .. meta[0] + S - 1 in place (the
 // engine's prefill runs the forward path's attention and hands its k/v here).
 extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
   if (nparam != 6 || ndims[0] != 4 || ndims[2] != 4) return 1;
+  const int kind = kv_kind(dtypes[2]);
+  if (kind < 0 || kv_kind(dtypes[3]) != kind || !dtype_is(dtypes[0], "float32") || !dtype_is(dtypes[1], "float32"))
+    return 1;
   const float *k = static_cast<const float *>(params[0]), *v = static_cast<const float *>(params[1]);
-  float *kc = static_cast<float *>(params[2]), *vc = static_cast<float *>(params[3]);
   const int64_t slot0 = static_cast<const int32_t *>(params[4])[0];
   const int64_t BK = shapes[0][0] * shapes[0][1], S = shapes[0][2], D = shapes[0][3], T = shapes[2][2];
   if (slot0 < 0 || slot0 + S > T || shapes[2][3] != D) return 1;
-  for (int64_t i = 0; i < BK; ++i) {  // a plain copy: may run next to other kernels in a prefill
-    std::memcpy(kc + (i * T + slot0) * D, k + i * S * D, S * D * sizeof(float));
-    std::memcpy(vc + (i * T + slot0) * D, v + i * S * D, S * D * sizeof(float));
-  }
+  if (kind == kKvBf16)
+    copy_rows(k, v, static_cast<Bf16 *>(params[2]), static_cast<Bf16 *>(params[3]), BK, S, D, T, slot0);
+  else if (kind == kKvF16)
+    copy_rows(k, v, static_cast<Half *>(params[2]), static_cast<Half *>(params[3]), BK, S, D, T, slot0);
+  else
+    copy_rows(k, v, static_cast<float *>(params[2]), static_cast<float *>(params[3]), BK, S, D, T, slot0);
   static_cast<float *>(params[5])[0] = 1.0f;
   return 0;
 }
