@@ -125,6 +125,29 @@ static void attend_vec(const float *q, const E *kc, const E *vc, const float *bi
 }
 #endif
 
+// The scalar loops' row operations, one definition for every cache type (attend widens 16-bit
+// rows into a float buffer first): `omp simd` reductions may be ordered differently in each
+// inlined copy, and a 16-bit cache must give the float32 cache's bits on the widened values.
+__attribute__((noinline)) static float dot_row(const float *q, const float *k, int64_t D) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < D; ++i) s += q[i] * k[i];
+  return s;
+}
+
+__attribute__((noinline)) static void axpy_row(float a, const float *v, float *out, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) out[i] += a * v[i];
+}
+
+// A cache row as float32: the row itself, or widened into buf[D]
+static inline const float *float_row(const float *row, float *, int64_t) { return row; }
+template <typename E>
+static inline const float *float_row(const E *row, float *buf, int64_t D) {
+  load_row(row, buf, D);
+  return buf;
+}
+
 // One query (row b, head n) against the cache: softmax(q k^T * scale + bias) v -> out[D]
 template <typename E>
 static void attend(const float *q, const E *kc, const E *vc, const float *bias, const AttnDims &d,
@@ -140,14 +163,11 @@ static void attend(const float *q, const E *kc, const E *vc, const float *bias, 
     default: break;  // other head dims: the scalar loops below
   }
 #endif
+  float buf[1024];  // D <= 1024 (DecodeAttn checks)
   float mx = -INFINITY;
   for (int64_t t = 0; t < d.T; ++t) {
     if (any && bias[t] <= kMasked) continue;
-    const E *k = kc + t * d.D;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < d.D; ++i) s += q[i] * widen(k[i]);
-    p[t] = s * scale + bias[t];
+    p[t] = dot_row(q, float_row(kc + t * d.D, buf, d.D), d.D) * scale + bias[t];
     mx = p[t] > mx ? p[t] : mx;
   }
   float sum = 0.f;
@@ -159,10 +179,7 @@ static void attend(const float *q, const E *kc, const E *vc, const float *bias, 
   for (int64_t i = 0; i < d.D; ++i) out[i] = 0.f;
   for (int64_t t = 0; t < d.T; ++t) {
     if (any && bias[t] <= kMasked) continue;
-    const float pt = p[t] / sum;
-    const E *v = vc + t * d.D;
-#pragma omp simd
-    for (int64_t i = 0; i < d.D; ++i) out[i] += pt * widen(v[i]);
+    axpy_row(p[t] / sum, float_row(vc + t * d.D, buf, d.D), out, d.D);
   }
 }
 
