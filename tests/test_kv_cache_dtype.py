@@ -229,5 +229,15 @@ def test_16bit_cache_on_composite_path_is_error(composite, kind):
     model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
     with pytest.raises(GenerationError, match=rf"^kv_cache_dtype={kind} needs the fused decode kernels") as exc:
         generate(model, [[1, 2, 3]], max_new_tokens=2, kv_cache_dtype=kind)
-    assert "\n" not in str(exc.value)
+    assert "\n" not in str(exc.value) and "QWEN3MOE_KERNELS=0" in str(exc.value)
     assert generate(model, [[1, 2, 3]], max_new_tokens=2, kv_cache_dtype="float32").shape == (1, 5)
+
+
+def test_16bit_cache_on_pipeline_stages_is_error(tiny):
+    """Every stage refuses alike (the stages before the last run the composite graph)."""
+    from qwen3moe.parallel.pipeline_generate import stage_engines
+
+    for stage in (0, 1):
+        with pytest.raises(GenerationError, match=r"^kv_cache_dtype=bfloat16 needs the fused decode kernels, which "
+                                                  r"pipeline stages"):
+            stage_engines(None, stage, 2, 0)(tiny, 1, 16, 4, "bfloat16")

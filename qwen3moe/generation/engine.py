@@ -29,7 +29,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn
 
 from qwen3moe.generation.config import PROMPT_BUCKET, check_kv_cache_dtype, check_prefill_chunk_size
 from qwen3moe.generation.errors import GenerationError
-from qwen3moe.generation.fused_step import fused_eligible, int8_activations, step_cell_class
+from qwen3moe.generation.fused_step import fused_eligible, int8_activations, not_fused_reason, step_cell_class
 from qwen3moe.layers.attention import Qwen3MoeAttention
 from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 
@@ -105,8 +105,7 @@ class DecodeEngine:
         check_kv_cache_dtype(kv_cache_dtype)
         self.fused = not hidden_out and fused_eligible(model)
         if kv_cache_dtype != "float32" and not self.fused:
-            why = ("a pipeline stage before the last" if hidden_out else
-                   "kernels off or unavailable, attention biases, act-order GPTQ maps or a parallel plan without fused steps")
+            why = "a pipeline stage before the last" if hidden_out else not_fused_reason(model)
             raise GenerationError(f"kv_cache_dtype={kv_cache_dtype} needs the fused decode kernels, which do not apply "
                                   f"here ({why}); use kv_cache_dtype=float32")
         self.kv_cache_dtype = kv_cache_dtype

@@ -54,14 +54,21 @@ def fused_eligible(model: nn.Cell) -> bool:
     kernel has none), head_dim <= 1024 (its RoPE buffer), and no cell swapped in by a parallel plan
     unless the plan also gave the model its `fused_step_cell` (the plain kernels read the weights
     directly and would skip the plan's collectives)."""
-    if not decode_kernel.available() or model.config.head_dim > 1024:
-        return False
+    return not_fused_reason(model) is None
+
+
+def not_fused_reason(model: nn.Cell) -> str | None:
+    """Why the fused step graph does not apply to `model` (fused_eligible), or None."""
+    if not decode_kernel.available():
+        return "the C++ kernels are off (QWEN3MOE_KERNELS=0) or cannot be built here"
+    if model.config.head_dim > 1024:
+        return f"head_dim {model.config.head_dim} > 1024"
     if "fused_step_cell" not in model.__dict__ and any(
             type(c).__module__.startswith("qwen3moe.parallel") for _, c in model.cells_and_names()):
-        return False
+        return "a parallel plan without fused steps"
     if not all(_kernel_readable(p) for p in model.get_parameters()):
-        return False
-    return not model.config.attention_bias
+        return "a weight storage the kernels do not read (e.g. act-order GPTQ g_idx maps)"
+    return "attention biases" if model.config.attention_bias else None
 
 
 def int8_activations(model: nn.Cell) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 from mindspore import Tensor
 
 from qwen3moe.generation.engine import PROMPT_BUCKET, SLOT_BUCKET, DecodeEngine, check_cache_fits, round_up
+from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.generate import GenerationRun, RowSplit, check_finite
 from qwen3moe.parallel import backend
 from qwen3moe.parallel.mesh import Mesh
@@ -44,9 +45,8 @@ class StageEngine(DecodeEngine):
     token ids, the others receive the previous stage's hidden states [b, S, H]; the last
     returns logits [b, V], the others send every position's hidden states on."""
 
-    def __init__(self, model, batch: int, slots: int, link, stage: int, pp: int,
-                 kv_cache_dtype: str = "float32") -> None:
-        super().__init__(model, batch, slots, hidden_out=stage < pp - 1, kv_cache_dtype=kv_cache_dtype)
+    def __init__(self, model, batch: int, slots: int, link, stage: int, pp: int) -> None:
+        super().__init__(model, batch, slots, hidden_out=stage < pp - 1)
         self.link, self.stage, self.pp = link, stage, pp
 
     def _feed(self, ids_BS: np.ndarray) -> Tensor:
@@ -65,15 +65,18 @@ def stage_engines(link, stage: int, pp: int, micro_batch: int) -> Callable:
     """GenerationRun's `engine` factory for micro-batch `micro_batch`: a StageEngine per
     (micro-batch, B, T), kept on the model so later batches reuse its compiled graphs."""
     def make(model, batch: int, prompt_len: int, max_new_tokens: int, kv_cache_dtype: str = "float32"):
+        if kv_cache_dtype != "float32":  # refused on every stage alike (the stages before the last are not fused)
+            raise GenerationError(f"kv_cache_dtype={kv_cache_dtype} needs the fused decode kernels, which pipeline "
+                                  "stages (pipeline_stage > 1) do not run; use kv_cache_dtype=float32")
         P = round_up(prompt_len, PROMPT_BUCKET)
         T = round_up(P + max_new_tokens, SLOT_BUCKET)
         cache: dict = model.__dict__.setdefault("_stage_engines", {})
-        key = (micro_batch, batch, T, kv_cache_dtype)
+        key = (micro_batch, batch, T)
         if key not in cache:
-            check_cache_fits(model, batch, T, max_new_tokens, kv_cache_dtype)
+            check_cache_fits(model, batch, T, max_new_tokens)
             for old in [k for k in cache if k[0] == micro_batch]:  # one engine (cache) per micro-batch
                 del cache[old]
-            cache[key] = StageEngine(model, batch, T, link, stage, pp, kv_cache_dtype)
+            cache[key] = StageEngine(model, batch, T, link, stage, pp)
         return cache[key], P
     return make
 
