@@ -7,7 +7,8 @@ Each (length, cache dtype) runs in a fresh process, the dtypes alternating, `--r
 load /work/data/synth-2l (int4 g128), one untimed generate of a random `length`-token prompt with
 `--new` new tokens (compiles the prefill-chunk and decode graphs; prefill_chunk_size default),
 then `--runs` timed ones (batch 1, greedy, ignore_eos). Prints prefill tok/s, decode tok/s
-(decode steps / decode seconds, host sampling included), the process's peak RSS (ru_maxrss,
+(decode steps / decode wall seconds, host sampling included; and per CPU second of the process,
+all threads: steadier than wall time on a shared machine), the process's peak RSS (ru_maxrss,
 KiB / 1e6 as "GB"), the engine's cache bytes and the 1-min load. --llama runs llama-bench
 tg`new` at depths `lengths` on the Q4_K_M GGUF (2 threads; f16 cache, its default) in the same
 run and prints our decode / llama.cpp ratios.
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from long_prompt import GGUF, LLAMA_BENCH
+from long_prompt import GGUF, LLAMA_BENCH, _cpu_s
 
 
 def worker(folder: str, length: int, kv: str, new: int, runs: int) -> dict:
@@ -40,14 +41,19 @@ def worker(folder: str, length: int, kv: str, new: int, runs: int) -> dict:
     model = Qwen3MoeForCausalLM.from_pretrained(folder, quantization="int4", group_size=128)
     ids = np.random.default_rng(0).integers(0, 151643, (1, length))
     cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False, kv_cache_dtype=kv)
-    prefill, decode = [], []
+    prefill, decode, decode_cpu = [], [], []
     for i in range(runs + 1):  # the first compiles
         run = GenerationRun(model, ids, None, cfg)
-        run.run()
+        steps = run.steps()
+        next(steps)  # the prefill and the first token
+        c0 = _cpu_s()
+        for _ in steps:
+            pass
         if i:
             prefill.append(length / run.stats.prefill_s)
             decode.append(run.stats.decode_steps / run.stats.decode_s)
-    return {"length": length, "kv": kv, "prefill_tok_s": prefill, "decode_tok_s": decode,
+            decode_cpu.append(run.stats.decode_steps / (_cpu_s() - c0))
+    return {"length": length, "kv": kv, "prefill_tok_s": prefill, "decode_tok_s": decode, "decode_cpu_tok_s": decode_cpu,
             "cache_bytes": cache_bytes(model, 1, run.engine.slots, kv),
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
@@ -78,7 +84,7 @@ def main() -> None:
     lengths, dtypes = [int(x) for x in a.lengths.split(",")], a.dtypes.split(",")
     anchor = llama_tg(lengths, a.new) if a.llama else {}
     print(f"load {os.getloadavg()[0]:.2f}; llama.cpp tg{a.new} tok/s by depth {anchor}", flush=True)
-    print("length kv        prefill tok/s   decode tok/s   cache MB  peak GB  load1  decode/llama")
+    print("length kv        prefill tok/s   decode tok/s   decode tok/CPU-s  cache MB  peak GB  load1  decode/llama")
     for length in lengths:
         for rep in range(a.repeats):
             for kv in (dtypes if rep % 2 == 0 else dtypes[::-1]):  # alternate the order
@@ -95,7 +101,8 @@ def main() -> None:
                 ratio = f"{best / anchor[length]:.2f}x" if length in anchor else "-"
                 pre = " ".join(f"{x:.0f}" for x in r["prefill_tok_s"])
                 dec = " ".join(f"{x:.1f}" for x in r["decode_tok_s"])
-                print(f"{length:6d} {kv:9s} {pre:15s} {dec:14s} {r['cache_bytes'] / 1e6:8.1f} {r['peak_gb']:8.2f}  "
+                cpu = " ".join(f"{x:.1f}" for x in r["decode_cpu_tok_s"])
+                print(f"{length:6d} {kv:9s} {pre:15s} {dec:14s} {cpu:17s} {r['cache_bytes'] / 1e6:8.1f} {r['peak_gb']:8.2f}  "
                       f"{os.getloadavg()[0]:5.2f}  {ratio}   ({time.time() - t0:.0f} s)", flush=True)
 
 
