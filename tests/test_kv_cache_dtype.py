@@ -241,3 +241,13 @@ def test_16bit_cache_on_pipeline_stages_is_error(tiny):
         with pytest.raises(GenerationError, match=r"^kv_cache_dtype=bfloat16 needs the fused decode kernels, which "
                                                   r"pipeline stages"):
             stage_engines(None, stage, 2, 0)(tiny, 1, 16, 4, "bfloat16")
+
+
+def test_cli_kv_cache_dtype_reaches_the_engine(composite, tmp_path, capsys):
+    """--kv_cache_dtype bfloat16 on the composite path is refused by the engine: the flag is not dropped."""
+    argv = ["generate", "--pretrained_model_dir", str(reference_dir("tiny-a")), "--predict_data", "x",
+            "--max_new_tokens", "2", "--kv_cache_dtype", "bfloat16", "--output", str(tmp_path / "o.txt")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kv_cache_dtype=bfloat16 needs the fused decode kernels" in err[0], err
+    assert not (tmp_path / "o.txt").exists()
