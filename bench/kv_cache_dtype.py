@@ -53,7 +53,8 @@ def worker(folder: str, length: int, kv: str, new: int, runs: int) -> dict:
             prefill.append(length / run.stats.prefill_s)
             decode.append(run.stats.decode_steps / run.stats.decode_s)
             decode_cpu.append(run.stats.decode_steps / (_cpu_s() - c0))
-    return {"length": length, "kv": kv, "prefill_tok_s": prefill, "decode_tok_s": decode, "decode_cpu_tok_s": decode_cpu,
+    return {"length": length, "kv": kv, "prefill_tok_s": prefill, "decode_tok_s": decode,
+            "decode_cpu_tok_s": decode_cpu,
             "cache_bytes": cache_bytes(model, 1, run.engine.slots, kv),
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
@@ -102,7 +103,8 @@ def main() -> None:
                 pre = " ".join(f"{x:.0f}" for x in r["prefill_tok_s"])
                 dec = " ".join(f"{x:.1f}" for x in r["decode_tok_s"])
                 cpu = " ".join(f"{x:.1f}" for x in r["decode_cpu_tok_s"])
-                print(f"{length:6d} {kv:9s} {pre:15s} {dec:14s} {cpu:17s} {r['cache_bytes'] / 1e6:8.1f} {r['peak_gb']:8.2f}  "
+                mem = f"{r['cache_bytes'] / 1e6:8.1f} {r['peak_gb']:8.2f}"
+                print(f"{length:6d} {kv:9s} {pre:15s} {dec:14s} {cpu:17s} {mem}  "
                       f"{os.getloadavg()[0]:5.2f}  {ratio}   ({time.time() - t0:.0f} s)", flush=True)
 
 

@@ -36,8 +36,7 @@ from qwen3moe.models.inputs import MASK_VALUE, rope_tables
 SLOT_BUCKET = 64     # cache length multiple: fewer distinct (B, T) graphs
 # kv_cache_dtype -> the cache Parameters' storage: bf16 as its uint16 bit pattern (how the model
 # holds bf16 weights the kernels read; no bf16 CPU kernels are needed), fp16 as float16
-KV_STORAGE = {"float32": (np.float32, ms.float32), "bfloat16": (np.uint16, ms.uint16),
-              "float16": (np.float16, ms.float16)}
+KV_STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
 _ENGINE_IDS = itertools.count()
 _COMPILED: set[tuple] = set()  # (engine id, B, Sq, T) signatures compiled in this process
 
@@ -68,7 +67,7 @@ class _StepCell(nn.Cell):
         cfg = model.config
         shape = (batch, kv_heads(model), slots, cfg.head_dim)
         L = len(model.model.layers)  # a pipeline stage holds only its own layers
-        np_dtype = KV_STORAGE[kv_cache_dtype][0]
+        np_dtype = KV_STORAGE[kv_cache_dtype]
         self.k_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np_dtype)), f"kv_cache{uid}.k.{i}",
                                                  requires_grad=False) for i in range(L)])
         self.v_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np_dtype)), f"kv_cache{uid}.v.{i}",
@@ -190,7 +189,7 @@ class DecodeEngine:
 
 def cache_bytes(model: nn.Cell, batch: int, slots: int, kv_cache_dtype: str = "float32") -> int:
     """Bytes of the K and V caches ([B, K, T, D] per layer) in `kv_cache_dtype`'s storage."""
-    size = np.dtype(KV_STORAGE[kv_cache_dtype][0]).itemsize
+    size = np.dtype(KV_STORAGE[kv_cache_dtype]).itemsize
     return 2 * len(model.model.layers) * batch * kv_heads(model) * slots * model.config.head_dim * size
 
 
@@ -202,8 +201,8 @@ def check_cache_fits(model: nn.Cell, batch: int, slots: int, max_new_tokens: int
     avail = available_memory()
     if avail is not None and need > avail:
         raise GenerationError(f"max_new_tokens={max_new_tokens}: the {kv_cache_dtype} KV cache for {batch} x {slots} "
-                              f"positions needs "
-                              f"{need / 2**30:,.1f} GiB, more than the {avail / 2**30:.1f} GiB of memory available")
+                              f"positions needs {need / 2**30:,.1f} GiB, more than the {avail / 2**30:.1f} GiB of "
+                              "memory available")
 
 
 def available_memory() -> int | None:

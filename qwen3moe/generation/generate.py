@@ -108,8 +108,10 @@ class GenerationRun:
         if config.stop_strings:
             tok = tokenizer or _load_tokenizer(model)
             self.stops = [StopStringStream(tok, config.stop_strings) for _ in range(ids.shape[0])]
-        # engine(model, B, S, max_new_tokens, kv_cache_dtype) -> (DecodeEngine, P); pipeline stages pass their own
-        self.engine, self.P = engine(model, ids.shape[0], ids.shape[1], config.max_new_tokens, config.kv_cache_dtype)
+        # engine(model, B, S, max_new_tokens, kv_cache_dtype) -> (DecodeEngine, P); pipeline stages pass
+        # their own
+        self.engine, self.P = engine(model, ids.shape[0], ids.shape[1], config.max_new_tokens,
+                                     config.kv_cache_dtype)
         self.history = ids
         real = min(max(total - self.first, 0), ids.shape[0])  # rows past it pad a share of a split batch
         self.finished = np.arange(ids.shape[0]) >= real
@@ -256,7 +258,8 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, max_new_tok
              presence_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, ignore_eos: bool = False, seed: int | None = None,
              stop_strings: str | list[str] | None = None, prefill_chunk_size: int | None = None,
-             kv_cache_dtype: str | None = None, tokenizer: Any = None, generation_config: GenerationConfig | None = None) -> np.ndarray:
+             kv_cache_dtype: str | None = None, tokenizer: Any = None,
+             generation_config: GenerationConfig | None = None) -> np.ndarray:
     """Prompt + new tokens, numpy int64 [B, S + n] (n <= max_new_tokens; finished rows padded)."""
     cfg = resolve_config(model, generation_config, ignore_eos, max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,

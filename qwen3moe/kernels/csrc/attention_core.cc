@@ -157,9 +157,11 @@ extern "C" int AttnCoreInfer(int nparam, void **params, int *ndims, int64_t **sh
   const float *q = static_cast<const float *>(params[0]), *bias = static_cast<const float *>(params[3]);
   float *o = static_cast<float *>(params[4]);
   if (kind == kKvBf16)
-    attend(q, static_cast<const Bf16 *>(params[1]), static_cast<const Bf16 *>(params[2]), bias, o, nullptr, dims(shapes));
+    attend(q, static_cast<const Bf16 *>(params[1]), static_cast<const Bf16 *>(params[2]), bias, o, nullptr,
+           dims(shapes));
   else if (kind == kKvF16)
-    attend(q, static_cast<const Half *>(params[1]), static_cast<const Half *>(params[2]), bias, o, nullptr, dims(shapes));
+    attend(q, static_cast<const Half *>(params[1]), static_cast<const Half *>(params[2]), bias, o, nullptr,
+           dims(shapes));
   else
     attend(q, static_cast<const float *>(params[1]), static_cast<const float *>(params[2]), bias, o, nullptr,
            dims(shapes));

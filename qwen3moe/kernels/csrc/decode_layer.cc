@@ -106,7 +106,8 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   float *y = static_cast<float *>(params[iy]);
   const int64_t slot0 = meta[0];
   const int kind = kv_kind(dtypes[ikc]);
-  if (!a.ok || d.N % d.K != 0 || slot0 < 0 || slot0 + d.S > d.T || kind < 0 || kv_kind(dtypes[ivc]) != kind) return 1;
+  if (!a.ok || d.N % d.K != 0 || slot0 < 0 || slot0 + d.S > d.T || kind < 0 || kv_kind(dtypes[ivc]) != kind)
+    return 1;
   const float eps = fcfg[0], scale = fcfg[1];
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   const bool residual = ndims[ifcfg] != 1 || shapes[ifcfg][0] < 4 || fcfg[3] == 0.f;
