@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,17 @@ def run_json(python: str, script: str, args: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"bench worker {Path(script).name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_result(script: str, args: list[str], timeout: int = 1800) -> tuple[dict | None, str]:
+    """Run `python script args` in a fresh process (this interpreter), whose result is the JSON
+    after "RESULT " on a stdout line: (result, "") or (None, why). A sweep's big configuration
+    may fail (e.g. out of memory) without ending the sweep."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
+    m = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
+    if m is None:
+        return None, f"failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"
+    return json.loads(m.group(1)), ""
 
 
 def forward_flops(cfg: dict, batch: int, seq: int) -> float:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
-import sys
 import time
 
+from common import worker_result
 from long_prompt import GGUF, LLAMA_BENCH, _cpu_s
 
 
@@ -90,14 +89,11 @@ def main() -> None:
         for rep in range(a.repeats):
             for kv in (dtypes if rep % 2 == 0 else dtypes[::-1]):  # alternate the order
                 t0 = time.time()
-                proc = subprocess.run([sys.executable, __file__, "--folder", a.folder, "--new", str(a.new),
-                                       "--runs", str(a.runs), "--worker", str(length), kv],
-                                      capture_output=True, text=True, timeout=1800)
-                m = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
-                if m is None:
-                    print(f"{length:6d} {kv:9s} failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}")
+                r, why = worker_result(__file__, ["--folder", a.folder, "--new", str(a.new), "--runs", str(a.runs),
+                                                  "--worker", str(length), kv])
+                if r is None:
+                    print(f"{length:6d} {kv:9s} {why}")
                     continue
-                r = json.loads(m.group(1))
                 best = max(r["decode_tok_s"])
                 ratio = f"{best / anchor[length]:.2f}x" if length in anchor else "-"
                 pre = " ".join(f"{x:.0f}" for x in r["prefill_tok_s"])

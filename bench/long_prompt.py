@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
-import sys
 import time
+
+from common import worker_result
 
 LLAMA_BENCH = "/work/data/llamacpp/build/bin/llama-bench"
 GGUF = "/work/data/gguf/synth-2l-Q4_K_M.gguf"
@@ -100,14 +100,11 @@ def main() -> None:
             if chunk and chunk >= length:
                 continue  # no chunking at this length: the chunk-0 row
             t0 = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--folder", a.folder, "--quantize", a.quantize,
-                                   "--runs", str(a.runs), "--worker", str(length), str(chunk)],
-                                  capture_output=True, text=True, timeout=1800)
-            m = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
-            if m is None:
-                print(f"{length:6d} {chunk:5d}  failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}")
+            r, why = worker_result(__file__, ["--folder", a.folder, "--quantize", a.quantize, "--runs", str(a.runs),
+                                              "--worker", str(length), str(chunk)])
+            if r is None:
+                print(f"{length:6d} {chunk:5d}  {why}")
                 continue
-            r = json.loads(m.group(1))
             best = max(r["tok_s"])
             ratio = f"{best / anchor[length]:.2f}x" if length in anchor else "-"
             runs = " ".join(f"{x:.0f}" for x in r["tok_s"])

@@ -32,6 +32,18 @@ def parity_dirs() -> list[Path]:
     return dirs
 
 
+def generation_dirs() -> list[Path]:
+    """The parity folders whose reference npz holds HF generate() outputs (gen_output_ids)."""
+    import numpy as np
+
+    out = []
+    for d in parity_dirs():
+        with np.load(d / "ref_outputs.npz") as ref:
+            if "gen_output_ids" in ref.files:
+                out.append(d)
+    return out
+
+
 def launch(tmp_path, *cmd: str, timeout: int = 240, nproc: int = 2) -> tuple[int, str, list[dict]]:
     """`qwen3moe launch --nproc <nproc> -- cmd...` in tmp_path: (exit code, stderr, RESULT lines of all workers)."""
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import HF_FIXTURES, parity_dirs, reference_dir
+from helpers import HF_FIXTURES, generation_dirs, reference_dir
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main
@@ -94,21 +94,12 @@ def test_chunk_state_matches_one_step(tiny):
     np.testing.assert_array_equal(states[0][2], states[1][2])
 
 
-def _gen_dirs():
-    out = []
-    for d in parity_dirs():
-        with np.load(d / "ref_outputs.npz") as ref:
-            if "gen_output_ids" in ref.files:
-                out.append(d)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
 
 
-@pytest.mark.parametrize("folder", _gen_dirs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", generation_dirs(), ids=lambda p: p.name)
 def test_chunked_generation_matches_hf(folder):
     """The fixtures' 31-token prompts (P=32) in two chunks of 16; row 0's first chunk is mostly padding."""
     ref = np.load(folder / "ref_outputs.npz")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import parity_dirs, reference_dir
+from helpers import generation_dirs, reference_dir
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.generation.generate import GenerationRun, generate, resolve_config, stream_generate
@@ -18,22 +18,13 @@ N_NEW = 12
 PAD = 1021
 
 
-def _gen_dirs():
-    out = []
-    for d in parity_dirs():
-        with np.load(d / "ref_outputs.npz") as ref:
-            if "gen_output_ids" in ref.files:
-                out.append(d)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny():
     d = reference_dir("tiny-a")
     return Qwen3MoeForCausalLM.from_pretrained(d), dict(np.load(d / "ref_outputs.npz"))
 
 
-@pytest.mark.parametrize("folder", _gen_dirs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", generation_dirs(), ids=lambda p: p.name)
 def test_greedy_matches_hf(folder):
     ref = np.load(folder / "ref_outputs.npz")
     model = Qwen3MoeForCausalLM.from_pretrained(folder)
