@@ -87,5 +87,5 @@ def test_cli_reports_a_generation_error_in_one_line(tmp_path, capsys):
     rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "Hi",
                "--max_new_tokens", "10000000000", "--output", str(tmp_path / "out.jsonl")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("qwen3moe generate: error: max_new_tokens=10000000000: the KV cache"), err
+    assert rc == 2 and err.startswith("qwen3moe generate: error: max_new_tokens=10000000000: the float32 KV cache"), err
     assert len(err.splitlines()) == 1 and not (tmp_path / "out.jsonl").exists()
