@@ -233,14 +233,17 @@ def test_16bit_cache_on_composite_path_is_error(composite, kind):
     assert generate(model, [[1, 2, 3]], max_new_tokens=2, kv_cache_dtype="float32").shape == (1, 5)
 
 
-def test_16bit_cache_on_pipeline_stages_is_error(tiny):
-    """Every stage refuses alike (the stages before the last run the composite graph)."""
+def test_16bit_cache_on_composite_pipeline_stages_is_error(composite):
+    """Pipeline stages run the fused step where the kernels apply (tests/test_parallel_fused.py);
+    without them every stage refuses a 16-bit cache with the engine's one-line error."""
     from qwen3moe.parallel.pipeline_generate import stage_engines
 
+    model = Qwen3MoeForCausalLM.from_pretrained(reference_dir("tiny-a"))
     for stage in (0, 1):
-        with pytest.raises(GenerationError, match=r"^kv_cache_dtype=bfloat16 needs the fused decode kernels, which "
-                                                  r"pipeline stages"):
-            stage_engines(None, stage, 2, 0)(tiny, 1, 16, 4, "bfloat16")
+        with pytest.raises(GenerationError, match=r"^kv_cache_dtype=bfloat16 needs the fused decode kernels, which do "
+                                                  r"not apply here \(the C\+\+ kernels are off") as exc:
+            stage_engines(None, stage, 2, 0)(model, 1, 16, 4, "bfloat16")
+        assert "\n" not in str(exc.value) and str(exc.value).endswith("use kv_cache_dtype=float32")
 
 
 def test_cli_kv_cache_dtype_reaches_the_engine(composite, tmp_path, capsys):
@@ -251,3 +254,36 @@ def test_cli_kv_cache_dtype_reaches_the_engine(composite, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "kv_cache_dtype=bfloat16 needs the fused decode kernels" in err[0], err
     assert not (tmp_path / "o.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+@pytest.mark.parametrize("layout", [["--parallel_config.model_parallel", "2"],
+                                    ["--parallel_config.pipeline_stage", "2"]], ids=["tp2", "pp2"])
+def test_parallel_generate_16bit_cache_matches_one_process(tmp_path, layout, kind):
+    """`generate --use_parallel --kv_cache_dtype bfloat16 / float16` on 2 processes (tp2: each
+    rank caches its kv head; pp2: each stage its 2 layers, both on the fused step) gives the
+    greedy completions of one process with the same cache, which are the float32 cache's here;
+    rank 0's summary names the cache the engines hold (a rank that dropped the option would
+    report no 16-bit cache; before: pp2 refused it). 2 prompts of 78 and 153 tokens, 8 new."""
+    import json
+
+    from helpers import launch
+
+    words = "the quick brown fox jumps over the lazy dog while the cat sat on a warm mat and slept "
+    (tmp_path / "p.txt").write_text(f"{words * 4}\n{words * 2}once\n")
+    common = ["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
+              str(tmp_path / "p.txt"), "--predict_batch_size", "2", "--max_new_tokens", "8", "--do_sample", "false"]
+    rc, err, _ = launch(tmp_path, *common, "--kv_cache_dtype", kind, "--use_parallel", "True", *layout,
+                        "--output", str(tmp_path / "par.jsonl"))
+    assert rc == 0, err[-3000:]
+    assert f"(fused step, {kind} KV cache)" in (tmp_path / "logs" / "worker_0.log").read_text()
+    for kv in (kind, "float32"):  # one process, here
+        assert main([*common, "--kv_cache_dtype", kv, "--output", str(tmp_path / f"{kv}.jsonl")]) == 0
+    par, one, fp32 = ([json.loads(x) for x in (tmp_path / f"{f}.jsonl").read_text().splitlines()]
+                      for f in ("par", kind, "float32"))
+    assert len(par) == 2 and all(p["completion_tokens"] == 8 for p in par)
+    assert [(p["completion"], p["completion_tokens"]) for p in par] == [(o["completion"], o["completion_tokens"])
+                                                                       for o in one]
+    assert [o["completion"] for o in one] == [f["completion"] for f in fp32]

@@ -27,6 +27,10 @@ from qwen3moe.kernels import decode as decode_kernel
 pytestmark = pytest.mark.skipif(not decode_kernel.available(), reason="decode kernels not built here")
 MQA = HF_FIXTURES / "tiny-mqa-dense"  # dense + sparse layers, 16 experts top-4, one kv head (replicated over tp)
 GQA = HF_FIXTURES / "tiny-fp32-gqa"   # every layer sparse; heads*dim 128 (o_proj: 64 input columns a tp2 rank)
+CACHE_STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}  # bf16: its bits
+# a 16-bit cache's logits within 8 x its unit rounding x max|logit| of the float32 cache's
+# (tests/test_kv_cache_dtype.py: measured at most 3.3 x on the fixtures)
+KV_TOL = {"bfloat16": 2.0 ** -6, "float16": 2.0 ** -9}
 
 
 class _Mirror(nn.Cell):
@@ -94,14 +98,15 @@ def _rank_model(cfg, full, layout: dict, rank: int, monkeypatch, dispatcher: str
                        dispatcher=dispatcher, **build).model
 
 
-def _steps(model, ids, mask, fused: bool, feed=None, n: int = 4):
-    """Prefill + n decode steps on a fresh engine: (logits [n + 1, B, V], fed tokens)."""
+def _steps(model, ids, mask, fused: bool, feed=None, n: int = 4, kv: str = "float32"):
+    """Prefill + n decode steps on a fresh engine with a `kv` cache: (logits [n + 1, B, V], fed tokens)."""
     from qwen3moe.generation import engine as eng_mod
     from qwen3moe.parallel.fused_step import RankFusedStepCell
 
     B = ids.shape[0]
-    eng = eng_mod.DecodeEngine(model, B, 64)
+    eng = eng_mod.DecodeEngine(model, B, 64, kv_cache_dtype=kv)
     assert eng.fused and isinstance(eng.cell, RankFusedStepCell)  # the rank model runs the fused step
+    assert eng.cell.k_cache[0].asnumpy().dtype == CACHE_STORAGE[kv]
     if not fused:
         eng.fused, eng.cell = False, eng_mod._StepCell(model, B, 64, eng.uid)
     out, fed = [eng.prefill(ids, mask)], []
@@ -169,6 +174,99 @@ def test_rank_fused_step_int8_activations_equals_composite_step(layout, rank, mo
     assert mag > 1.0
     err = {k: np.abs(logits[k] - logits["composite"]).max() / mag for k in ("int8", "float32")}
     assert err["int8"] < 1e-4 < err["float32"] / 10, err
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
+def test_rank_fused_step_16bit_kv_cache(two_layers, kind, monkeypatch):
+    """tp2 rank 1 (its kv head: the one replicated over tp) with kv_cache_dtype 16-bit: the
+    fused step's cache Parameters hold the rank's kv heads in 16 bits, and its logits over a
+    prefill with left padding + 4 decode steps are the float32 cache's within the rounding bound
+    KV_TOL but not equal to them (the cache dtype takes effect on the rank; an engine that kept
+    a float32 cache fails both)."""
+    model = _rank_model(*two_layers, dict(tp=2), 1, monkeypatch)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 1000, (2, 16))
+    mask = np.ones_like(ids)
+    mask[-1, :5] = 0
+    want, fed = _steps(model, ids, mask, fused=True)
+    got, _ = _steps(model, ids, mask, fused=True, feed=fed, kv=kind)
+    mag, diff = np.abs(want).max(), np.abs(got - want).max()
+    assert mag > 1.0
+    assert 0 < diff < KV_TOL[kind] * mag, (diff, mag)
+
+
+class _OneProcessLink:
+    """p2p.stage_link's send / recv between two stages run one after another in this process."""
+
+    def __init__(self) -> None:
+        self.queue: list[np.ndarray] = []
+
+    def send(self, x, dst: int) -> None:
+        self.queue.append(x.asnumpy())
+
+    def recv(self, shape: tuple, src: int) -> np.ndarray:
+        msg = self.queue.pop(0)
+        assert msg.shape == shape, (msg.shape, shape)
+        return msg
+
+
+def _stage_steps(stages, ids, mask, feed, kv: str) -> np.ndarray:
+    """Prefill + decode steps fed `feed` through the StageEngines that pipeline_generate's
+    factory makes for the pp2 stage models (stage 0 sends every position's hidden states to
+    stage 1): the last stage's logits."""
+    from qwen3moe.parallel.fused_step import RankFusedStepCell
+    from qwen3moe.parallel.pipeline_generate import stage_engines
+
+    link = _OneProcessLink()
+    engines = [stage_engines(link, s, 2, 0)(m, ids.shape[0], ids.shape[1], len(feed), kv)[0]
+               for s, m in enumerate(stages)]
+    for e in engines:  # every stage runs the plan's fused step on a cache of the requested dtype
+        assert e.fused and isinstance(e.cell, RankFusedStepCell)
+        assert e.cell.k_cache[0].asnumpy().dtype == CACHE_STORAGE[kv]
+    engines[0].prefill(ids, mask)
+    out = [engines[1].prefill(ids, mask)]
+    for tok in feed:
+        engines[0].decode(tok)
+        out.append(engines[1].decode(tok))
+    assert not link.queue
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
+def test_pipeline_stages_fused_equal_one_process(kind, monkeypatch):
+    """tiny-fp32-gqa as pp2 stages (2 layers each) on StageEngines chained in this process:
+    both stages run the fused step (before: the composite step, and a 16-bit cache refused)
+    and the last stage's logits (prefill with left padding + 4 decode steps) are one process's
+    fused engine's with the same cache dtype: the same kernels on the same layers, the hidden
+    states handed over in float32 (1e-5 of max|logit|: summation order only). 16-bit: that
+    gap is < 1/100 of what the 16-bit cache moves one process's logits by (a stage that kept a
+    float32 cache fails)."""
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.generation.engine import DecodeEngine
+    from qwen3moe.models.config import Qwen3MoeConfig
+
+    one = Qwen3MoeForCausalLM.from_pretrained(GQA)
+    full = {p.name: p.asnumpy() for p in one.get_parameters()}
+    cfg = Qwen3MoeConfig.from_pretrained(GQA)
+    stages = [_rank_model(cfg, full, dict(pp=2, micro_batch_num=2), r, monkeypatch) for r in (0, 1)]
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 1000, (2, 16))
+    mask = np.ones_like(ids)
+    mask[-1, :5] = 0
+    ref, feed = {}, [None] * 4  # greedy on the float32 cache; the others are fed its tokens
+    for kv in dict.fromkeys(("float32", kind)):
+        eng = DecodeEngine(one, 2, 64, kv_cache_dtype=kv)
+        ref[kv] = [eng.prefill(ids, mask)]
+        for t in range(4):
+            feed[t] = ref[kv][t].argmax(-1) if kv == "float32" else feed[t]
+            ref[kv].append(eng.decode(feed[t]))
+        ref[kv] = np.stack(ref[kv])
+    got = _stage_steps(stages, ids, mask, feed, kind)
+    mag, err = np.abs(ref[kind]).max(), np.abs(got - ref[kind]).max()
+    assert mag > 1.0
+    assert err < 1e-5 * mag, (err, mag)
+    if kind != "float32":
+        assert err < np.abs(ref[kind] - ref["float32"]).max() / 100
 
 
 def _split_attn(w, tp):

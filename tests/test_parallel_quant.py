@@ -403,12 +403,12 @@ def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path,
     ... only" refusal). tp2 int8 per channel: o_proj and the experts' down_proj (etp 2) split by
     input columns, each rank quantizing the whole rows (one process's scales; before: per rank
     columns, documented as possibly other tokens). pp2: each stage quantizes its layers (int8 per
-    channel, no row split) and runs the composite cached step, micro-batches of one
+    channel, no row split) and runs the fused cached step, micro-batches of one
     row overlapped across the stages. int8 activations (before: refused on ranks): o_proj's 64
     input columns a rank are whole activation blocks and one int8 chunk of the kernels, so the
     ranks quantize the activations as one process does."""
     log0 = _generate_both(tmp_path, layout, *options)
-    assert ("(composite step)" if "pipeline_stage" in layout[0] else "(fused step)") in log0
+    assert "(fused step)" in log0
 
 
 @pytest.mark.slow

@@ -102,16 +102,16 @@ class DecodeEngine:
         self.model, self.config = model, model.config
         self.batch, self.slots, self.kv_heads = batch, slots, kv_heads(model)
         check_kv_cache_dtype(kv_cache_dtype)
-        self.fused = not hidden_out and fused_eligible(model)
+        self.fused = fused_eligible(model)
         if kv_cache_dtype != "float32" and not self.fused:
-            why = "a pipeline stage before the last" if hidden_out else not_fused_reason(model)
             raise GenerationError(f"kv_cache_dtype={kv_cache_dtype} needs the fused decode kernels, which do not apply "
-                                  f"here ({why}); use kv_cache_dtype=float32")
+                                  f"here ({not_fused_reason(model)}); use kv_cache_dtype=float32")
         self.kv_cache_dtype = kv_cache_dtype
         self.uid = next(_ENGINE_IDS)
         self.cell = _StepCell(model, batch, slots, self.uid, hidden_out, kv_cache_dtype)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
-            self.cell = step_cell_class(model)(model, batch, self.cell.k_cache, self.cell.v_cache)
+            self.cell = step_cell_class(model)(model, batch, self.cell.k_cache, self.cell.v_cache,
+                                               hidden_out=hidden_out)
         elif int8_activations(model):
             raise GenerationError("quantization activations='int8' runs in the fused decode kernels, which do not "
                                   "apply to this model (a parallel plan, attention biases or act-order GPTQ maps)")

@@ -83,11 +83,13 @@ def _kernel_moe(layer: nn.Cell) -> bool:
 
 class FusedStepCell(nn.Cell):
     """Compiled step on the fused kernels; the caches are the engine's Parameters [B, K, T, D].
+    `hidden_out` (a pipeline stage before the last, whose model has no final norm or lm_head):
+    the step returns every position's hidden states [B, S, H] instead of logits.
     auto_prefix=False keeps the model's HF parameter names."""
 
-    def __init__(self, model: nn.Cell, batch: int, k_cache, v_cache) -> None:
+    def __init__(self, model: nn.Cell, batch: int, k_cache, v_cache, hidden_out: bool = False) -> None:
         super().__init__(auto_prefix=False)
-        self.net = model
+        self.net, self.hidden_out = model, hidden_out
         cfg = model.config
         self.k_cache, self.v_cache = k_cache, v_cache
         self.ops1 = decode_kernel.DecodeOps(batch, 1, cfg.hidden_size, cfg.vocab_size)
@@ -110,6 +112,8 @@ class FusedStepCell(nn.Cell):
                 x_BSH = self._prefill_attention(layer, x_BSH, cos_BSD, sin_BSD, bias, meta_4, i)
             x_BSH = self._mlp(layer, x_BSH, meta_4)
             i += 1
+        if self.hidden_out:
+            return x_BSH
         return self.head(x_BSH)
 
     def head(self, x_BSH: Tensor) -> Tensor:

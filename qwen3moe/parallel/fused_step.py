@@ -40,12 +40,13 @@ class RankFusedStepCell(FusedStepCell):
     `tp` > 1: the plan wrapped q/k/v/o_proj and lm_head (parallelize._Around: `.inner` holds
     this rank's slice, `.post` its output collective)."""
 
-    def __init__(self, model: nn.Cell, batch: int, k_cache, v_cache, tp: int = 1) -> None:
-        super().__init__(model, batch, k_cache, v_cache)
+    def __init__(self, model: nn.Cell, batch: int, k_cache, v_cache, tp: int = 1, hidden_out: bool = False) -> None:
+        super().__init__(model, batch, k_cache, v_cache, hidden_out)
         cfg = model.config
         eps, scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
         self.tp = tp > 1
-        vocab = kernel_weight(self._linear(model.lm_head))[0].shape[0]
+        # a stage before the last has no lm_head (its head op is never called)
+        vocab = cfg.vocab_size if hidden_out else kernel_weight(self._linear(model.lm_head))[0].shape[0]
         self.ops1 = decode_kernel.DecodeOps(batch, 1, cfg.hidden_size, vocab)
         # (eps, scale, int8 activations as the model was loaded (quantized.check_act8_layout: a
         # rank's slices hold whole activation blocks), partial: on[, expert offset])

@@ -6,8 +6,9 @@ own classes with the tp / ep plan, its shards read online, stored in --dtype, wi
 each rank's float slices quantized as they are read, from a GPTQ folder each rank's slice of
 the stored quantized tensors; with tp = ep = 1 the whole model, loaded as one process loads it)
 and runs the ordinary generation engine on it: compiled KV-cached step (the fused decode
-kernels on the rank's slices, int8 activations with --activations int8), batches with left padding, per-row EOS
-and stop strings, sampling, streaming. Every rank encodes the whole batch (the same padded
+kernels on the rank's slices, int8 activations with --activations int8, a 16-bit cache of the
+rank's kv heads with --kv_cache_dtype), batches with left padding, per-row EOS and stop
+strings, sampling, streaming. Every rank encodes the whole batch (the same padded
 length everywhere); the dp ranks take equal shares of its rows (generate.RowSplit: the
 last share padded with dummy rows). Every rank runs the same steps with the same shapes, as the
 collectives inside the model need:
@@ -18,9 +19,10 @@ collectives inside the model need:
     were done), and their sampler draws for the whole batch and keeps its rows' draws, so the
     tokens equal one process generating the batch.
 The results come out on rank 0 (world AllGather of each rank's JSON), streamed text too.
-pp > 1 (pipeline_generate.py): the same engine over each rank's stage of the parallelized model
-(--dtype / --quantize as above), micro-batches of rows overlapped across the stages; the last stage samples and sends the tokens
-back; stage 0 of each dp rank holds the results.
+pp > 1 (pipeline_generate.py): the same engine (its fused step where the kernels apply) over each
+rank's stage of the parallelized model (--dtype / --quantize / --kv_cache_dtype as above),
+micro-batches of rows overlapped across the stages; the last stage samples and sends the
+tokens back; stage 0 of each dp rank holds the results.
 `generate` returns the results in prompt order on the one rank that reports them, None elsewhere.
 """
 from __future__ import annotations
@@ -154,13 +156,19 @@ def engine_batches(req: GenerateRequest, mesh: Mesh, rank: int, on_text: Callabl
     prompts = read_prompts(req.predict_data)
     split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done, start_done) if mesh.dp > 1 else None
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text if rank == 0 else None, split):
-        fused = any(e.fused for e in model.__dict__.get("_decode_engines", {}).values())
-        yield results, st.decode_steps, st.decode_s, "fused" if fused else "composite"
+        yield results, st.decode_steps, st.decode_s, step_label(model.__dict__.get("_decode_engines", {}).values())
+
+
+def step_label(engines) -> str:
+    """The summary's step: fused or composite, and the KV cache's dtype where it is 16-bit."""
+    engines = list(engines)
+    label = "fused step" if any(e.fused for e in engines) else "composite step"
+    return label + "".join(f", {d} KV cache" for d in sorted({e.kv_cache_dtype for e in engines} - {"float32"}))
 
 
 def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGeneration:
     """Run the batches; the results of every dp rank's first stage, tp rank 0, merged on rank 0."""
-    batches, steps, decode_s, step, t0 = [], 0, 0.0, "no", time.perf_counter()
+    batches, steps, decode_s, step, t0 = [], 0, 0.0, "no step", time.perf_counter()
     for results, st, sec, step in per_batch:
         batches.append(results)
         steps, decode_s = steps + st, decode_s + sec
@@ -174,7 +182,7 @@ def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGe
     pp = f" pp{mesh.pp} x {mesh.micro_batch_num} micro-batches" if mesh.pp > 1 else ""
     return ParallelGeneration(merged, f"{len(merged)} prompts on {mesh.world_size} processes (dp{mesh.dp} "
                                       f"tp{mesh.tp} ep{mesh.ep}{pp}) in {wall:.2f} s; decode {rate:.1f} tok/s "
-                                      f"({step} step)")
+                                      f"({step})")
 
 
 def rank_model(folder, mesh: Mesh, rank: int, req: GenerateRequest):

@@ -38,8 +38,8 @@ API (stable; other modules build on it):
       .coll, .mesh, .rank, .layers (this stage's global layer ids), .vocab_start, .bytes_read,
       .local_config (rank_config: this rank's head / ffn / expert / vocab / layer counts, e.g.
                   for KV-cache shapes; `.model.config` stays the global config)
-      .model.fused_step_cell (pp = 1)  the fused decode step for this plan (fused_step.py), which
-                  the generation engine runs when the kernels apply
+      .model.fused_step_cell (not sp)  the fused decode step for this plan (fused_step.py), which
+                  the generation engine runs when the kernels apply (a pipeline stage's too)
       .forward(input_ids, attention_mask=None, position_ids=None, labels=None,
                output_router_logits=False): the pipeline forward (pp = 1: `.model(...)`)
 
@@ -309,7 +309,7 @@ def parallelize(cfg, mesh: Mesh, rank: int, weights=None, *, gather_logits: bool
         body.embed_tokens = _Identity()
     if c["pp"] < mesh.pp - 1:  # final norm and lm_head on the last stage only
         body.norm, model.lm_head = _Identity(), _Identity()
-    if mesh.pp == 1 and not mesh.sp:  # the generation engine's fused decode step, this plan's collectives
+    if not mesh.sp:  # the generation engine's fused decode step (a pipeline stage's too), this plan's collectives
         model.__dict__["fused_step_cell"] = functools.partial(RankFusedStepCell, tp=mesh.tp)
     n = rank % (mesh.dp * mesh.tp)
     info_of = functools.partial(_info, mesh=mesh, n=n, K=cfg.num_key_value_heads)

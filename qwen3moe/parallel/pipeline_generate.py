@@ -3,8 +3,10 @@
 Each rank holds its stage of the parallelized model (parallelize.py: its layer range, the
 embedding on the first stage, final norm + lm_head on the last, the tp / ep plan inside) and runs
 the generation engine's compiled cached step over those layers (`StageEngine`: the engine's
-KV-cache Parameters and host bookkeeping; a stage before the last returns the hidden states of
-every position instead of logits). The batch's rows are cut into M micro-batches per dp rank
+KV-cache Parameters, in the request's kv_cache_dtype, and host bookkeeping; a stage before the
+last returns the hidden states of every position instead of logits). Where the kernels apply,
+every stage's step is the plan's fused step (parallel/fused_step.py, as with pp = 1, over the
+stage's layers), so a 16-bit KV cache works on every stage; else the composite step. The batch's rows are cut into M micro-batches per dp rank
 (generate.RowSplit over dp*M shares: dummy rows pad the last, each share keeps its rows' draws of
 the batch's random stream), each a `GenerationRun` with its own engine and cache. Step t of
 micro-batch m:
@@ -33,7 +35,6 @@ import numpy as np
 from mindspore import Tensor
 
 from qwen3moe.generation.engine import PROMPT_BUCKET, SLOT_BUCKET, DecodeEngine, check_cache_fits, round_up
-from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.generate import GenerationRun, RowSplit, check_finite
 from qwen3moe.parallel import backend
 from qwen3moe.parallel.mesh import Mesh
@@ -45,8 +46,9 @@ class StageEngine(DecodeEngine):
     token ids, the others receive the previous stage's hidden states [b, S, H]; the last
     returns logits [b, V], the others send every position's hidden states on."""
 
-    def __init__(self, model, batch: int, slots: int, link, stage: int, pp: int) -> None:
-        super().__init__(model, batch, slots, hidden_out=stage < pp - 1)
+    def __init__(self, model, batch: int, slots: int, link, stage: int, pp: int,
+                 kv_cache_dtype: str = "float32") -> None:
+        super().__init__(model, batch, slots, hidden_out=stage < pp - 1, kv_cache_dtype=kv_cache_dtype)
         self.link, self.stage, self.pp = link, stage, pp
 
     def _feed(self, ids_BS: np.ndarray) -> Tensor:
@@ -65,18 +67,15 @@ def stage_engines(link, stage: int, pp: int, micro_batch: int) -> Callable:
     """GenerationRun's `engine` factory for micro-batch `micro_batch`: a StageEngine per
     (micro-batch, B, T), kept on the model so later batches reuse its compiled graphs."""
     def make(model, batch: int, prompt_len: int, max_new_tokens: int, kv_cache_dtype: str = "float32"):
-        if kv_cache_dtype != "float32":  # refused on every stage alike (the stages before the last are not fused)
-            raise GenerationError(f"kv_cache_dtype={kv_cache_dtype} needs the fused decode kernels, which pipeline "
-                                  "stages (pipeline_stage > 1) do not run; use kv_cache_dtype=float32")
         P = round_up(prompt_len, PROMPT_BUCKET)
         T = round_up(P + max_new_tokens, SLOT_BUCKET)
         cache: dict = model.__dict__.setdefault("_stage_engines", {})
-        key = (micro_batch, batch, T)
+        key = (micro_batch, batch, T, kv_cache_dtype)
         if key not in cache:
-            check_cache_fits(model, batch, T, max_new_tokens)
+            check_cache_fits(model, batch, T, max_new_tokens, kv_cache_dtype)
             for old in [k for k in cache if k[0] == micro_batch]:  # one engine (cache) per micro-batch
                 del cache[old]
-            cache[key] = StageEngine(model, batch, T, link, stage, pp)
+            cache[key] = StageEngine(model, batch, T, link, stage, pp, kv_cache_dtype)
         return cache[key], P
     return make
 
@@ -198,6 +197,7 @@ def pipeline_batches(req, mesh: Mesh, rank: int, on_text: Callable[[str], None] 
 def _batches(req, model, tok, cfg, prompts: list[str], mesh: Mesh, rank: int, link, done, on_text):
     from qwen3moe.generation.batch import filled_batch, row_results
     from qwen3moe.generation.streaming import StopStringStream
+    from qwen3moe.parallel.generate import step_label
 
     stage = mesh.coords(rank)["pp"]
     for i in range(0, len(prompts), req.predict_batch_size):
@@ -211,5 +211,4 @@ def _batches(req, model, tok, cfg, prompts: list[str], mesh: Mesh, rank: int, li
         if stream is not None:
             on_text(stream.flush() + "\n")
         rows = [r for run in runs for r in row_results(run, chunk, tok)] if stage == 0 else []
-        fused = any(r.engine.fused for r in runs)
-        yield rows, steps, runs[0].stats.decode_s, "fused" if fused else "composite"
+        yield rows, steps, runs[0].stats.decode_s, step_label(run.engine for run in runs)
