@@ -106,7 +106,6 @@ class DecodeEngine:
         if kv_cache_dtype != "float32" and not self.fused:
             raise GenerationError(f"kv_cache_dtype={kv_cache_dtype} needs the fused decode kernels, which do not apply "
                                   f"here ({not_fused_reason(model)}); use kv_cache_dtype=float32")
-        self.kv_cache_dtype = kv_cache_dtype
         self.uid = next(_ENGINE_IDS)
         self.cell = _StepCell(model, batch, slots, self.uid, hidden_out, kv_cache_dtype)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
@@ -120,6 +119,12 @@ class DecodeEngine:
         self.valid_BT = np.zeros((batch, slots), bool)  # slots a query may attend (real tokens)
         self.next_pos_B = np.zeros(batch, np.int64)
         self.cursor = 0  # next slot to write
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The cache's dtype (a KV_STORAGE key) as its Parameters hold it, what reports show."""
+        storage = str(self.cell.k_cache[0].dtype).lower()  # MindSpore's name of it, e.g. UInt16
+        return next(kind for kind, np_dtype in KV_STORAGE.items() if np.dtype(np_dtype).name == storage)
 
     def _run(self, ids_BS: np.ndarray, pos_BS: np.ndarray, bias_B1ST: np.ndarray) -> np.ndarray:
         B, S = ids_BS.shape
