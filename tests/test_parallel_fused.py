@@ -232,23 +232,28 @@ def _stage_steps(stages, ids, mask, feed, kv: str) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
-def test_pipeline_stages_fused_equal_one_process(kind, monkeypatch):
+@pytest.mark.parametrize("kind, act8", [("float32", False), ("bfloat16", False),
+                                        pytest.param("float16", False, marks=pytest.mark.slow), ("bfloat16", True)],
+                         ids=["float32", "bfloat16", "float16", "int8-act8-bfloat16"])
+def test_pipeline_stages_fused_equal_one_process(kind, act8, monkeypatch):
     """tiny-fp32-gqa as pp2 stages (2 layers each) on StageEngines chained in this process:
-    both stages run the fused step (before: the composite step, and a 16-bit cache refused)
-    and the last stage's logits (prefill with left padding + 4 decode steps) are one process's
-    fused engine's with the same cache dtype: the same kernels on the same layers, the hidden
-    states handed over in float32 (1e-5 of max|logit|: summation order only). 16-bit: that
-    gap is < 1/100 of what the 16-bit cache moves one process's logits by (a stage that kept a
-    float32 cache fails)."""
+    both stages run the fused step (before: the composite step, a 16-bit cache and int8
+    activations refused) and the last stage's logits (prefill with left padding + 4 decode
+    steps) are one process's fused engine's with the same cache dtype (and int8 weights per
+    channel with int8 activations: each stage quantizes its whole rows as one process does):
+    the same kernels on the same layers, the hidden states handed over in float32 (1e-5 of
+    max|logit|: summation order only; measured 0). 16-bit: that gap is < 1/100 of what the
+    16-bit cache moves one process's logits by (a stage that kept a float32 cache fails)."""
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.generation.engine import DecodeEngine
+    from qwen3moe.layers.quant import QuantizationConfig
     from qwen3moe.models.config import Qwen3MoeConfig
 
-    one = Qwen3MoeForCausalLM.from_pretrained(GQA)
-    full = {p.name: p.asnumpy() for p in one.get_parameters()}
+    qc = QuantizationConfig(8, -1, activations="int8") if act8 else None
+    full = {p.name: p.asnumpy() for p in Qwen3MoeForCausalLM.from_pretrained(GQA).get_parameters()}
+    one = Qwen3MoeForCausalLM.from_pretrained(GQA, quantization=qc)
     cfg = Qwen3MoeConfig.from_pretrained(GQA)
-    stages = [_rank_model(cfg, full, dict(pp=2, micro_batch_num=2), r, monkeypatch) for r in (0, 1)]
+    stages = [_rank_model(cfg, full, dict(pp=2, micro_batch_num=2), r, monkeypatch, quantization=qc) for r in (0, 1)]
     rng = np.random.default_rng(11)
     ids = rng.integers(0, 1000, (2, 16))
     mask = np.ones_like(ids)

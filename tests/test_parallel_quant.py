@@ -166,16 +166,14 @@ def _request(folder, **kw):
     (dict(tp=2, ep=2), dict(quantize="int4", group_size=128),
      r"group_size 128 does not divide the per-rank input dimension 64 of self_attn\.o_proj "
      r"\(num_attention_heads\*head_dim 128 / tp 2\)"),
-    (dict(pp=2), dict(quantize="int8", activations="int8"), r"--activations int8 runs in the fused decode step, "
-                                                             r"which pipeline stages \(pp > 1\) do not use"),
     (dict(tp=2, ep=2), dict(quantize="int4", group_size=32, activations="int8"),
      r"--activations int8: the per-rank input dimension 64 of self_attn\.o_proj \(num_attention_heads\*head_dim 128 "
      r"/ tp 2\) is not a multiple of 128, the int4 chunk of the int8-activation kernels"),
-], ids=["pp2tp2-int4-g128", "tp2-int4-g32", "tp2ep2-int4-g128", "pp2-act8", "tp2ep2-int4-act8"])
+], ids=["pp2tp2-int4-g128", "tp2-int4-g32", "tp2ep2-int4-g128", "tp2ep2-int4-act8"])
 def test_sharded_generation_refusals_are_one_line(layout, kw, match):
     """One-line refusals before any launch; int8 activations are accepted where every rank's
     slices hold whole activation blocks and kernel chunks (before: refused on every sharded
-    layout)."""
+    layout; pp2: its stages run the fused step, before: refused)."""
     from qwen3moe.generation.errors import GenerationError
     from qwen3moe.parallel.generate import check_request
     from qwen3moe.parallel.mesh import Mesh
@@ -185,7 +183,8 @@ def test_sharded_generation_refusals_are_one_line(layout, kw, match):
         check_request(_request(GQA, **kw), mesh, mesh.world_size)
     assert "\n" not in str(exc.value)
     for ok, kw in ((Mesh(tp=2, ep=2), dict(quantize="int8", group_size=32, activations="int8")),
-                   (Mesh(dp=2, ep=2), dict(quantize="int4", group_size=32, activations="int8"))):
+                   (Mesh(dp=2, ep=2), dict(quantize="int4", group_size=32, activations="int8")),
+                   (Mesh(pp=2), dict(quantize="int8", activations="int8"))):
         check_request(_request(GQA, **kw), ok, ok.world_size)
 
 
@@ -395,7 +394,8 @@ def _generate_both(tmp_path, layout: list[str], *options: str, folder=GQA):
     (["--parallel_config.pipeline_stage", "2"], ["--quantize", "int8"]),
     (["--parallel_config.model_parallel", "2", "--parallel_config.expert_parallel", "2"],
      ["--quantize", "int8", "--group_size", "32", "--activations", "int8"]),
-], ids=["tp2ep2-int4-g32-bf16", "tp2-int8-bf16", "pp2-int8", "tp2ep2-int8-g32-act8"])
+    (["--parallel_config.pipeline_stage", "2"], ["--quantize", "int8", "--activations", "int8"]),
+], ids=["tp2ep2-int4-g32-bf16", "tp2-int8-bf16", "pp2-int8", "tp2ep2-int8-g32-act8", "pp2-int8-act8"])
 def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path, layout, options):
     """The rank models decode with the fused kernels on their quantized / bf16 slices (partial
     outputs, the plan's collectives) and pick the tokens one process picks with the same options
@@ -406,7 +406,8 @@ def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path,
     channel, no row split) and runs the fused cached step, micro-batches of one
     row overlapped across the stages. int8 activations (before: refused on ranks): o_proj's 64
     input columns a rank are whole activation blocks and one int8 chunk of the kernels, so the
-    ranks quantize the activations as one process does."""
+    ranks quantize the activations as one process does; pp2 (before: refused, its stages ran
+    the composite step): each stage's fused step with the flag on its whole rows."""
     log0 = _generate_both(tmp_path, layout, *options)
     assert "(fused step)" in log0
 

@@ -81,7 +81,7 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
 def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
     """What the sharded builds load (parallelize.py's rank models, also the pipeline stages):
     float folders, quantized while read (int8 activations where every rank's slices hold whole
-    activation blocks, pp = 1); GPTQ folders, each rank its slice of the stored tensors."""
+    activation blocks); GPTQ folders, each rank its slice of the stored tensors."""
     from qwen3moe.io.gptq import gptq_config
     from qwen3moe.parallel.pipeline_generate import layout_mesh
     from qwen3moe.parallel.quantized import check_act8_layout, check_gptq_layout, check_quantized_layout
@@ -95,9 +95,6 @@ def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
                               f"({spec.config.bits}-bit GPTQ); generate without --quantize")
     if spec is None and qc is None:
         return
-    if qc is not None and qc.int8_activations and mesh.pp > 1:
-        raise GenerationError("--activations int8 runs in the fused decode step, which pipeline stages (pp > 1) do "
-                              "not use; generate with tp / ep / dp, or without --activations int8")
     layout = layout_mesh(mesh)
     if spec is not None:
         _refused("", check_gptq_layout, cfg, layout, spec, req.pretrained_model_dir)
