@@ -147,6 +147,7 @@ def engine_batches(req: GenerateRequest, mesh: Mesh, rank: int, on_text: Callabl
     rank's rows, decode steps, decode seconds) per batch."""
     from qwen3moe.generation.batch import generate_batches, load, read_prompts
     from qwen3moe.generation.generate import RowSplit
+    from qwen3moe.parallel.pipeline_generate import step_label
 
     build = None if mesh.tp == mesh.ep == 1 else lambda folder: rank_model(folder, mesh, rank, req)
     tok, model, cfg = load(req, build)
@@ -154,13 +155,6 @@ def engine_batches(req: GenerateRequest, mesh: Mesh, rank: int, on_text: Callabl
     split = RowSplit(mesh.dp, mesh.coords(rank)["dp"], all_done, start_done) if mesh.dp > 1 else None
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text if rank == 0 else None, split):
         yield results, st.decode_steps, st.decode_s, step_label(model.__dict__.get("_decode_engines", {}).values())
-
-
-def step_label(engines) -> str:
-    """The summary's step: fused or composite, and the KV cache's dtype where it is 16-bit."""
-    engines = list(engines)
-    label = "fused step" if any(e.fused for e in engines) else "composite step"
-    return label + "".join(f", {d} KV cache" for d in sorted({e.kv_cache_dtype for e in engines} - {"float32"}))
 
 
 def report(per_batch, req: GenerateRequest, mesh: Mesh, rank: int) -> ParallelGeneration:

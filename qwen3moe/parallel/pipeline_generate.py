@@ -80,6 +80,14 @@ def stage_engines(link, stage: int, pp: int, micro_batch: int) -> Callable:
     return make
 
 
+def step_label(engines) -> str:
+    """The parallel summary's step (also pp = 1, generate.engine_batches): fused or composite,
+    and the KV cache's dtype where it is 16-bit."""
+    engines = list(engines)
+    label = "fused step" if any(e.fused for e in engines) else "composite step"
+    return label + "".join(f", {d} KV cache" for d in sorted({e.kv_cache_dtype for e in engines} - {"float32"}))
+
+
 def micro_batch_runs(model, ids: np.ndarray, mask: np.ndarray, cfg, tok, mesh: Mesh, rank: int,
                      link, all_done: Callable[[bool], bool]) -> list[GenerationRun]:
     """This rank's M micro-batches of a batch [B, S]: RowSplit shares d*M .. d*M + M-1 of dp*M."""
@@ -197,7 +205,6 @@ def pipeline_batches(req, mesh: Mesh, rank: int, on_text: Callable[[str], None] 
 def _batches(req, model, tok, cfg, prompts: list[str], mesh: Mesh, rank: int, link, done, on_text):
     from qwen3moe.generation.batch import filled_batch, row_results
     from qwen3moe.generation.streaming import StopStringStream
-    from qwen3moe.parallel.generate import step_label
 
     stage = mesh.coords(rank)["pp"]
     for i in range(0, len(prompts), req.predict_batch_size):
