@@ -11,7 +11,9 @@ second layer's own keys) the logits moved by at most 3.3 x 2^-9 (bf16) and 2.2 x
 of the largest |logit| in measurement over every HF fixture x {fp32, bf16, int8 weights} x
 {chunk 0, 16}, so the bound is 8 x the unit rounding times max|logit|: 2^-6 (bf16) and 2^-9
 (fp16). Greedy tokens equal the float32 cache's in every measured case, and so the HF reference
-tokens where the float32 cache gives them (fp32 weights): asserted exactly.
+tokens where the float32 cache gives them (fp32 weights): asserted exactly. Under `generate
+--use_parallel` (tp2, pp2 launches, slow) the tokens are one process's with the same cache; the
+ranks' / stages' cache storage and logits: tests/test_parallel_fused.py.
 Shapes: B batch, N/K query/kv heads, S queries, T cache slots, D head_dim, H hidden.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """parallel/fused_step.py: the fused decode step on a parallelized rank model is the composite
-step on the same rank model (one process), and the kernels' partial / expert-offset variants
+step on the same rank model (one process), takes a 16-bit KV cache, and on pp2 stages chained
+in one process gives one process's fused step; the kernels' partial / expert-offset variants
 sum to the NumPy reference of the whole block.
 
 One process cannot run a real 2-rank group, so the rank models here use `MirrorBackend`: the
