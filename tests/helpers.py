@@ -44,6 +44,20 @@ def generation_dirs() -> list[Path]:
     return out
 
 
+def cli_error(argv: list[str], capsys) -> str:
+    """`qwen3moe <argv>` run in this process (cli.main), expected to refuse: exit code 2, stderr
+    exactly one line `qwen3moe <command>: error: ...`, no traceback. Returns that line. Output
+    printed before the call is dropped first."""
+    from qwen3moe.cli import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (rc, err[-2000:])
+    assert err.startswith(f"qwen3moe {argv[0]}: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 def launch(tmp_path, *cmd: str, timeout: int = 240, nproc: int = 2) -> tuple[int, str, list[dict]]:
     """`qwen3moe launch --nproc <nproc> -- cmd...` in tmp_path: (exit code, stderr, RESULT lines of all workers)."""
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO),

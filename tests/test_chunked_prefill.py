@@ -15,10 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import HF_FIXTURES, generation_dirs, reference_dir
+from helpers import HF_FIXTURES, cli_error, generation_dirs, reference_dir
 
 from qwen3moe import Qwen3MoeForCausalLM
-from qwen3moe.cli import main
 from qwen3moe.generation.config import GenerationConfig
 from qwen3moe.generation.engine import get_engine
 from qwen3moe.generation.generate import GenerationRun, generate, resolve_config
@@ -129,9 +128,7 @@ def test_good_chunk_sizes(value):
 def test_cli_bad_chunk_size_exit_2(tmp_path, capsys):
     argv = ["generate", "--pretrained_model_dir", str(reference_dir("tiny-a")), "--predict_data", "x",
             "--prefill_chunk_size", "100", "--output", str(tmp_path / "o.txt")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--prefill_chunk_size must be a positive multiple of 16" in err[0], err
+    assert "--prefill_chunk_size must be a positive multiple of 16" in cli_error(argv, capsys)
     assert not (tmp_path / "o.txt").exists()
 
 

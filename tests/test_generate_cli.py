@@ -11,9 +11,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, reference_dir
-
-from qwen3moe.cli import main
+from helpers import REPO, cli_error, reference_dir
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -63,9 +61,7 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys, extra, message):
     empty.write_text("\n \n", encoding="utf-8")
     subst = {"EMPTY": str(empty), "TINY": str(reference_dir("tiny-a")), "missing.txt": str(tmp_path / "m.txt")}
     argv = ["generate", *[subst.get(a, a) for a in extra], "--output", str(tmp_path / "o.txt")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert message in cli_error(argv, capsys)
 
 
 def test_bad_flag_subprocess_exit_2():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import FIXTURES, reference_dir
+from helpers import FIXTURES, cli_error, reference_dir
 from qwen3moe.cli import main as cli
 from qwen3moe.io.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 
@@ -107,11 +107,10 @@ def test_preprocess_bad_line_names_it_and_leaves_nothing(tmp_path, capsys):
     src.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
     out = tmp_path / "out"
     out.mkdir()
-    assert cli(["preprocess", "--input", str(src), "--output-prefix", str(out / "p"), "--tokenizer-dir", TOK]) == 2
-    assert "line 3" in capsys.readouterr().err and os.listdir(out) == []
+    argv = ["preprocess", "--input", str(src), "--output-prefix", str(out / "p"), "--tokenizer-dir", TOK]
+    assert "line 3" in cli_error(argv, capsys) and os.listdir(out) == []
     src.write_text('{"text": "fine"}\n{"body": "no text key"}\n')
-    assert cli(["preprocess", "--input", str(src), "--output-prefix", str(out / "p"), "--tokenizer-dir", TOK]) == 2
-    err = capsys.readouterr().err
+    err = cli_error(argv, capsys)
     assert "line 2" in err and "'text'" in err and os.listdir(out) == []
 
 

@@ -104,12 +104,11 @@ def test_read_slice_equals_numpy_slicing(tmp_path_factory, shape, data, tag):
 
 
 def test_use_parallel_outside_launch_is_a_one_line_error(tmp_path, capsys):
-    from helpers import HF_FIXTURES
-    from qwen3moe.cli import main
+    from helpers import HF_FIXTURES, cli_error
 
-    rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "hi",
-               "--use_parallel", "True", "--parallel_config.model_parallel", "2"])
-    assert rc == 2 and "qwen3moe launch --nproc 2" in capsys.readouterr().err
+    assert "qwen3moe launch --nproc 2" in cli_error(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"),
+                                                     "--predict_data", "hi", "--use_parallel", "True",
+                                                     "--parallel_config.model_parallel", "2"], capsys)
 
 
 @pytest.mark.parametrize("layout, env, words", [
@@ -124,15 +123,12 @@ def test_invalid_generation_layout_is_one_line_before_any_work(capsys, monkeypat
     """An impossible layout for the model (config.json only) or for the launched world size is
     refused in one line before init() or any weight is read (was: a traceback from inside the
     per-rank engine, or a hang waiting for a cluster)."""
-    from helpers import HF_FIXTURES
-    from qwen3moe.cli import main
+    from helpers import HF_FIXTURES, cli_error
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "hi",
-               "--use_parallel", "True", *layout])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and words in err[0], err
+    assert words in cli_error(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
+                               "hi", "--use_parallel", "True", *layout], capsys)
 
 
 def test_train_state_resolve_and_layout_check(tmp_path):

@@ -83,10 +83,11 @@ def test_plan_includes_seed_layouts_and_ranks_fitting_first():
 
 
 def test_plan_cli(capsys):
+    from helpers import cli_error
     from qwen3moe.cli import main
 
     assert main(["plan", "--preset", "qwen3-30b-a3b", "--devices", "2", "--mode", "infer"]) == 0
     out = capsys.readouterr().out
     assert "(seed layout)" in out and "30,532,122,624" in out
-    assert main(["plan", "--preset", "nope", "--devices", "2"]) == 2
-    assert main(["plan", "--preset", "qwen3-30b-a3b", "--devices", "2", "--device-memory", "lots"]) == 2
+    assert "nope" in cli_error(["plan", "--preset", "nope", "--devices", "2"], capsys)
+    assert "lots" in cli_error(["plan", "--preset", "qwen3-30b-a3b", "--devices", "2", "--device-memory", "lots"], capsys)

@@ -12,6 +12,8 @@ import stat
 import numpy as np
 import pytest
 
+from helpers import cli_error
+
 from qwen3moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from qwen3moe.cli import main
 from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
@@ -32,12 +34,6 @@ def model():
 def _tree(root) -> dict[str, bytes]:
     return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
             for d, _, fs in os.walk(root) for f in fs}
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 # ---- BAD 1: save_pretrained / export never destroy the target folder -------------------------
@@ -103,8 +99,8 @@ def test_export_refuses_output_in_the_checkpoint_tree(train_ckpt, capsys, where)
     before = _tree(train_ckpt)
     out = {"root": train_ckpt, "inside_root": train_ckpt / "hf", "step": train_ckpt / "step_00000002",
            "inside_step": train_ckpt / "step_00000002" / "hf"}[where]
-    assert main(["export", "--checkpoint", str(train_ckpt), "--output", str(out), "--dtype", "float32"]) == 2
-    assert "--output" in _one_line_error(capsys)
+    assert "--output" in cli_error(["export", "--checkpoint", str(train_ckpt), "--output", str(out), "--dtype",
+                                    "float32"], capsys)
     assert _tree(train_ckpt) == before
 
 
@@ -129,8 +125,7 @@ def test_export_refuses_non_finite_training_weights(train_ckpt, tmp_path, capsys
     tensors[victim][0, 1] = bad
     write_safetensors(str(f), [(k, a, "F32") for k, a in tensors.items()])
     out = tmp_path / "hf"
-    assert main(["export", "--checkpoint", str(train_ckpt), "--output", str(out), "--dtype", "float32"]) == 2
-    err = _one_line_error(capsys)
+    err = cli_error(["export", "--checkpoint", str(train_ckpt), "--output", str(out), "--dtype", "float32"], capsys)
     assert victim in err and "non-finite" in err and str(f) in err, err
     assert not out.exists()
 
@@ -149,8 +144,7 @@ def test_wikitext_error_leaves_output_untouched(tmp_path, capsys, content, words
     src, out = tmp_path / "wiki.tokens", tmp_path / "out.jsonl"
     src.write_bytes(content)
     out.write_text('{"title": "precious"}\n')
-    assert main(["wikitext-to-jsonl", "--input", str(src), "--output", str(out)]) == 2
-    assert words in _one_line_error(capsys)
+    assert words in cli_error(["wikitext-to-jsonl", "--input", str(src), "--output", str(out)], capsys)
     assert out.read_text() == '{"title": "precious"}\n'
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "wiki.tokens"]  # no temp file survives
 
@@ -160,8 +154,7 @@ def test_wikitext_same_file_refused(tmp_path, capsys):
     src.write_text(GOOD_WIKI, encoding="utf-8")
     os.link(src, tmp_path / "alias.tokens")
     for out in (src, tmp_path / "alias.tokens"):
-        assert main(["wikitext-to-jsonl", "--input", str(src), "--output", str(out)]) == 2
-        assert "same file" in _one_line_error(capsys)
+        assert "same file" in cli_error(["wikitext-to-jsonl", "--input", str(src), "--output", str(out)], capsys)
     assert src.read_text(encoding="utf-8") == GOOD_WIKI
 
 
@@ -231,11 +224,11 @@ def test_generate_checks_output_before_loading(tmp_path, capsys, monkeypatch, ta
     (tmp_path / "rodir").mkdir(mode=0o555)
     out = {"dir": tmp_path / "d", "ro_file": tmp_path / "ro.txt", "ro_dir": tmp_path / "rodir" / "r.txt"}[target]
     try:
-        rc = main(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data", "hi",
-                   "--output", str(out)])
+        err = cli_error(["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
+                         "hi", "--output", str(out)], capsys)
     finally:
         (tmp_path / "rodir").chmod(0o755)
-    assert rc == 2 and "--output" in _one_line_error(capsys)
+    assert "--output" in err
     assert (tmp_path / "ro.txt").read_text() == "old"
 
 
@@ -370,10 +363,8 @@ def test_preprocess_invalid_utf8_names_the_line(tmp_path, capsys, workers):
 
     src = tmp_path / "in.jsonl"
     src.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "bad \xff byte"}\n')
-    rc = main(["preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "out"), "--workers",
-               str(workers), "--tokenizer-dir", str(REPO / "qwen3moe" / "assets" / "tiny-tokenizer")])
-    assert rc == 2
-    err = _one_line_error(capsys)
+    err = cli_error(["preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "out"), "--workers",
+                     str(workers), "--tokenizer-dir", str(REPO / "qwen3moe" / "assets" / "tiny-tokenizer")], capsys)
     assert "in.jsonl" in err and "line 3" in err and "UTF-8" in err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 

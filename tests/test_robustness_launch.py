@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, cli_error
 
 pytestmark = [pytest.mark.dist]
 
@@ -77,10 +77,8 @@ def test_master_port_in_use_is_refused_at_once():
 
 
 def test_error_prefix_is_the_program_name_not_the_argument_list(capsys):
-    from qwen3moe.cli import main
-
-    assert main(["launch", "--nproc", "0", "--", "dist-check", "--model", "x"]) == 2
-    assert capsys.readouterr().err.startswith("qwen3moe launch: error: --nproc must be >= 1")
+    err = cli_error(["launch", "--nproc", "0", "--", "dist-check", "--model", "x"], capsys)
+    assert err.startswith("qwen3moe launch: error: --nproc must be >= 1"), err
 
 
 def test_timeout_stops_every_process_of_the_job(tmp_path):
@@ -132,7 +130,6 @@ def test_bad_worker_command_is_one_line_before_any_worker_starts(tmp_path, monke
     started, every worker printed the error and msrun its own traceback; without use_parallel
     every process generated / trained the whole job into the same output)."""
     from helpers import HF_FIXTURES
-    from qwen3moe.cli import main
 
     monkeypatch.chdir(tmp_path)
     yaml = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
@@ -140,10 +137,8 @@ def test_bad_worker_command_is_one_line_before_any_worker_starts(tmp_path, monke
     if cmd[0] == "generate":
         cmd += ["--predict_data", "hi"] + ([] if "--pretrained_model_dir" in cmd else
                                            ["--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa")])
-    rc = main(["launch", "--nproc", "2", "--log_dir", str(tmp_path / "logs"), "--", *cmd])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("qwen3moe launch: error: ") and words.replace(
-        "MISSING", str(tmp_path / "missing")) in err[0], err
+    err = cli_error(["launch", "--nproc", "2", "--log_dir", str(tmp_path / "logs"), "--", *cmd], capsys)
+    assert words.replace("MISSING", str(tmp_path / "missing")) in err, err
     assert not (tmp_path / "logs").exists()  # msrun never started
 
 

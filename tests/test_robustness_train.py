@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, cli_error
 from qwen3moe.training.task_config import TaskConfigError, load_task_config
 
 TINY = str(REPO / "examples" / "configs" / "pretrain_tiny_cpu.yaml")
@@ -123,14 +123,10 @@ def _tree(path) -> dict:
      "32", "16"),
 ])
 def test_resume_with_other_geometry_is_refused_and_keeps_checkpoints(two_step_run, capsys, override, field, old, new):
-    from qwen3moe.cli import main
-
     root, common = two_step_run
     before = _tree(root / "out" / "checkpoint")
-    capsys.readouterr()
-    assert main(["pretrain", *common, "--runner_config.train_steps", "4", *override]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and field in err and old in err and new in err, err
+    err = cli_error(["pretrain", *common, "--runner_config.train_steps", "4", *override], capsys)
+    assert field in err and old in err and new in err, err
     assert "resume_override" in err
     assert _tree(root / "out" / "checkpoint") == before  # nothing trained, saved or pruned
 
@@ -146,14 +142,10 @@ def test_resume_override_data_resumes_with_a_new_batch_size(two_step_run, capsys
 
 
 def test_resume_override_model_still_refuses_tensors_the_model_lacks(two_step_run, capsys):
-    from qwen3moe.cli import main
-
     root, common = two_step_run
-    capsys.readouterr()
-    assert main(["pretrain", *common, "--runner_config.train_steps", "4", "--resume_override", "model",
-                 "--model.model_config.num_hidden_layers", "2", "--output_dir", str(root / "out_c")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "missing tensor 'model.layers.1." in err and "model.safetensors" in err, err
+    err = cli_error(["pretrain", *common, "--runner_config.train_steps", "4", "--resume_override", "model",
+                     "--model.model_config.num_hidden_layers", "2", "--output_dir", str(root / "out_c")], capsys)
+    assert "missing tensor 'model.layers.1." in err and "model.safetensors" in err, err
 
 
 def test_checkpoint_tensors_the_model_lacks_are_an_error(tmp_path):

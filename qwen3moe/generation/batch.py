@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from qwen3moe.errors import Qwen3MoeError
-from qwen3moe.generation.config import check_kv_cache_dtype, check_prefill_chunk_size
+from qwen3moe.generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from qwen3moe.generation.errors import GenerationError
 
-# resolve_config keywords a request may set (None: the model folder's generation_config.json)
+# GenerationConfig fields a request may set (None: the model folder's generation_config.json)
 OPTION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
                "repetition_penalty", "presence_penalty", "seed", "stop_strings", "prefill_chunk_size",
                "kv_cache_dtype")
@@ -58,7 +58,7 @@ class GenerateRequest:
         return to_ms_dtype(config.torch_dtype if self.dtype == "auto" else self.dtype)
 
     def check(self) -> Path:
-        """The model folder, after the checks that need no model."""
+        """The model folder, after the checks that need no model (every decoding option among them)."""
         folder = Path(self.pretrained_model_dir)
         if not (folder / "config.json").is_file():
             raise GenerationError(f"--pretrained_model_dir {folder}: not a model folder (no config.json)")
@@ -66,13 +66,32 @@ class GenerateRequest:
             raise GenerationError(f"--predict_batch_size must be >= 1, got {self.predict_batch_size}")
         if self.stream and self.predict_batch_size != 1:
             raise GenerationError("--stream needs --predict_batch_size 1")
-        try:
-            check_prefill_chunk_size(self.options.get("prefill_chunk_size"))
-            if self.options.get("kv_cache_dtype") is not None:
-                check_kv_cache_dtype(self.options["kv_cache_dtype"])
-        except ValueError as exc:
-            raise GenerationError(f"--{exc}") from None
+        self.generation_config()
         return folder
+
+    def generation_config(self) -> GenerationConfig:
+        """The options over the folder's generation_config.json (else config.json's special ids),
+        merged as resolve_config merges them for a model loaded from the folder; reads no weights.
+        A bad value is a GenerationError naming the option (--top_p ...), or the file and the
+        options when a value of the file conflicts with them (temperature 0 with --do_sample)."""
+        folder = Path(self.pretrained_model_dir)
+        unknown = sorted(set(self.options) - set(OPTION_KEYS))
+        if unknown:
+            raise GenerationError(f"unknown generate option(s) {', '.join(unknown)}; expected {', '.join(OPTION_KEYS)}")
+        try:
+            base = GenerationConfig.from_pretrained(folder)
+        except ValueError as exc:  # names the file
+            raise GenerationError(str(exc)) from None
+        given = {k: v for k, v in self.options.items() if v is not None}
+        try:
+            return base.replace(**given, ignore_eos=True if self.ignore_eos else None)
+        except ValueError as exc:  # GenerationConfig.validate: "<field> must be ..."
+            field_name = str(exc).split(" ", 1)[0]
+            if field_name in given:
+                raise GenerationError(f"--{exc}") from None
+            # the defaults and config.json's ids pass alone: the value is the file's
+            flags = ", ".join(f"--{k}" for k in given)
+            raise GenerationError(f"{folder / GENERATION_CONFIG_NAME}: {exc} (with {flags})") from None
 
 
 def read_prompts(data: str) -> list[str]:
@@ -97,11 +116,11 @@ def read_prompts(data: str) -> list[str]:
 def load(req: GenerateRequest, build: Callable[[Path], Any] | None = None):
     """(tokenizer, model, GenerationConfig) of the request's folder and options; `build(folder)`
     makes the model instead of from_pretrained (parallel/generate.py: this rank's shards)."""
-    from qwen3moe.generation.generate import resolve_config
     from qwen3moe.io.tokenizer import Tokenizer
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
     folder = req.check()
+    cfg = req.generation_config()
     try:
         tok = Tokenizer.from_pretrained(folder)
         if build is None:
@@ -110,7 +129,6 @@ def load(req: GenerateRequest, build: Callable[[Path], Any] | None = None):
                                                         group_size=None if req.quantize else req.group_size)
         else:
             model = build(folder)
-        cfg = resolve_config(model, None, req.ignore_eos, **{k: req.options.get(k) for k in OPTION_KEYS})
     except Qwen3MoeError:
         raise
     except (ValueError, OSError) as exc:

@@ -123,8 +123,7 @@ def generate(req: GenerateRequest, mesh: Mesh, on_text: Callable[[str], None] | 
 
     from qwen3moe.generation.runtime import decode_runtime
 
-    req.check()
-    check_request(req, mesh)  # one-line errors before init() and loading
+    check_request(req, mesh)  # one-line errors (req.check() among them) before init() and loading
     if not os.environ.get("MS_ROLE"):  # msrun sets it; without it init() has no cluster to join
         raise MeshError("--use_parallel needs the workers started by msrun: "
                         f"qwen3moe launch --nproc {mesh.world_size} -- generate ... --use_parallel True")
