@@ -268,6 +268,8 @@ def test_parallel_generate_16bit_cache_matches_one_process(tmp_path, layout, kin
 
     from helpers import launch
 
+    from qwen3moe.cli import main
+
     words = "the quick brown fox jumps over the lazy dog while the cat sat on a warm mat and slept "
     (tmp_path / "p.txt").write_text(f"{words * 4}\n{words * 2}once\n")
     common = ["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
