@@ -255,15 +255,18 @@ def test_cli_kv_cache_dtype_reaches_the_engine(composite, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
-@pytest.mark.parametrize("layout", [["--parallel_config.model_parallel", "2"],
-                                    ["--parallel_config.pipeline_stage", "2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout, kind", [
+    (["--parallel_config.model_parallel", "2"], "bfloat16"), (["--parallel_config.model_parallel", "2"], "float16"),
+    (["--parallel_config.pipeline_stage", "2"], "bfloat16"), (["--parallel_config.pipeline_stage", "2"], "float16"),
+    (["--parallel_config.pipeline_stage", "2", "--parallel_config.model_parallel", "2"], "bfloat16"),
+], ids=["tp2-bfloat16", "tp2-float16", "pp2-bfloat16", "pp2-float16", "pp2tp2-bfloat16"])
 def test_parallel_generate_16bit_cache_matches_one_process(tmp_path, layout, kind):
-    """`generate --use_parallel --kv_cache_dtype bfloat16 / float16` on 2 processes (tp2: each
-    rank caches its kv head; pp2: each stage its 2 layers, both on the fused step) gives the
-    greedy completions of one process with the same cache, which are the float32 cache's here;
-    rank 0's summary names the cache the engines hold (a rank that dropped the option would
-    report no 16-bit cache; before: pp2 refused it). 2 prompts of 78 and 153 tokens, 8 new."""
+    """`generate --use_parallel --kv_cache_dtype bfloat16 / float16` (tp2: each rank caches its
+    kv head; pp2: each stage its 2 layers, both on the fused step; pp2 x tp2 on 4 processes)
+    gives the greedy completions of one process with the same cache, which are the float32
+    cache's here; rank 0's summary names the cache the engines hold (a rank that dropped the
+    option would report no 16-bit cache; before: pp2 refused it). 2 prompts of 78 and 153
+    tokens, 8 new."""
     import json
 
     from helpers import launch
@@ -275,7 +278,7 @@ def test_parallel_generate_16bit_cache_matches_one_process(tmp_path, layout, kin
     common = ["generate", "--pretrained_model_dir", str(HF_FIXTURES / "tiny-fp32-gqa"), "--predict_data",
               str(tmp_path / "p.txt"), "--predict_batch_size", "2", "--max_new_tokens", "8", "--do_sample", "false"]
     rc, err, _ = launch(tmp_path, *common, "--kv_cache_dtype", kind, "--use_parallel", "True", *layout,
-                        "--output", str(tmp_path / "par.jsonl"))
+                        "--output", str(tmp_path / "par.jsonl"), nproc=int(np.prod([int(n) for n in layout[1::2]])))
     assert rc == 0, err[-3000:]
     assert f"(fused step, {kind} KV cache)" in (tmp_path / "logs" / "worker_0.log").read_text()
     for kv in (kind, "float32"):  # one process, here
