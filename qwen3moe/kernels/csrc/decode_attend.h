@@ -66,13 +66,13 @@ static inline __m512 sum16(const __m512 *v) {
 // from memory once (then from L1 for the other heads) and the 16 dots of a head are reduced
 // together by sum16; a block with every key masked (the cache's unwritten tail) is skipped.
 template <int NV, int G, typename E>
-static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T, bool any, float scale,
-                       float *p, float *mx) {
+static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T, int64_t n, bool any,
+                       float scale, float *p, float *mx) {
   const int64_t D = 16 * NV;
   const __m512 ninf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
   int64_t t0 = 0;
-  for (; t0 + 16 <= T; t0 += 16) {
+  for (; t0 + 16 <= n; t0 += 16) {
     const __m512 b = _mm512_loadu_ps(bias + t0);
     const __mmask16 masked = any ? _mm512_cmp_ps_mask(b, _mm512_set1_ps(kMasked), _CMP_LE_OQ) : 0;
     for (int g = 0; g < G && masked == 0xFFFF; ++g) _mm512_storeu_ps(p + g * T + t0, ninf);
@@ -93,7 +93,7 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
       mx[g] = m > mx[g] ? m : mx[g];
     }
   }
-  for (int64_t t = t0; t < T; ++t)  // the last T % 16 keys one at a time
+  for (int64_t t = t0; t < n; ++t)  // the last n % 16 keys one at a time
     for (int g = 0; g < G; ++g) {
       float pt = -INFINITY;
       if (!any || bias[t] > kMasked) {
@@ -110,18 +110,18 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
 // out[g] = sum_t p[g][t] v[t], keys in order: value tiles of kTile rows, W vectors of each row per
 // pass over a tile, so every value row comes from memory once; partial sums wait in `out` (exact).
 template <int NV, int G, typename E>
-static void values_vec(const float *p, const E *vc, const float *bias, int64_t T, bool any, float *out) {
+static void values_vec(const float *p, const E *vc, const float *bias, int64_t T, int64_t n, bool any, float *out) {
   constexpr int64_t D = 16 * NV;
   constexpr int W = NV < 2 ? NV : 2;  // G x W accumulators + W values: <= 18 of the 32 registers
   for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
-  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-    const int64_t t1 = t0 + kTile < T ? t0 + kTile : T;
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t t1 = t0 + kTile < n ? t0 + kTile : n;
     for (int j = 0; j < NV; j += W) {
       __m512 acc[G][W];
       for (int g = 0; g < G; ++g)
         for (int u = 0; u < W; ++u) acc[g][u] = _mm512_loadu_ps(out + g * D + 16 * (j + u));
       for (int64_t t = t0; t < t1; ++t) {
-        if (t + kTile < T)  // this pass's lines of the next tile: that tile's first pass then hits
+        if (t + kTile < n)  // this pass's lines of the next tile: that tile's first pass then hits
           for (int u = 0; u < W; ++u) _mm_prefetch(reinterpret_cast<const char *>(vc + (t + kTile) * D + 16 * (j + u)),
                                                    _MM_HINT_T0);
         if (any && bias[t] <= kMasked) continue;
@@ -139,27 +139,27 @@ static void values_vec(const float *p, const E *vc, const float *bias, int64_t T
 }
 
 template <int NV, int G, typename E>
-static void attend_group_vec(const float *q, const E *kc, const E *vc, const float *bias, int64_t T, bool any,
-                             float scale, float *p, float *out) {
+static void attend_group_vec(const float *q, const E *kc, const E *vc, const float *bias, int64_t T, int64_t n,
+                             bool any, float scale, float *p, float *out) {
   float mx[G];
-  scores_vec<NV, G>(q, kc, bias, T, any, scale, p, mx);
+  scores_vec<NV, G>(q, kc, bias, T, n, any, scale, p, mx);
   for (int g = 0; g < G; ++g) {
     float *pg = p + g * T;
-    const float sum = exp_shift(pg, pg, T, mx[g]);
-    for (int64_t t = 0; t < T; ++t) pg[t] = pg[t] / sum;
+    const float sum = exp_shift(pg, pg, n, mx[g]);
+    for (int64_t t = 0; t < n; ++t) pg[t] = pg[t] / sum;
   }
-  values_vec<NV, G>(p, vc, bias, T, any, out);
+  values_vec<NV, G>(p, vc, bias, T, n, any, out);
 }
 
 // Up to 8 query heads with the NV of the head dim; returns the heads done (0: no vector path)
 template <int G, typename E>
-static int attend_heads(const float *q, const E *kc, const E *vc, const float *bias, int64_t T, int64_t D, bool any,
-                        float scale, float *p, float *out) {
+static int attend_heads(const float *q, const E *kc, const E *vc, const float *bias, int64_t T, int64_t n, int64_t D,
+                        bool any, float scale, float *p, float *out) {
   switch (D % 16 == 0 ? D / 16 : 0) {
-    case 1: attend_group_vec<1, G>(q, kc, vc, bias, T, any, scale, p, out); return G;
-    case 2: attend_group_vec<2, G>(q, kc, vc, bias, T, any, scale, p, out); return G;
-    case 4: attend_group_vec<4, G>(q, kc, vc, bias, T, any, scale, p, out); return G;
-    case 8: attend_group_vec<8, G>(q, kc, vc, bias, T, any, scale, p, out); return G;
+    case 1: attend_group_vec<1, G>(q, kc, vc, bias, T, n, any, scale, p, out); return G;
+    case 2: attend_group_vec<2, G>(q, kc, vc, bias, T, n, any, scale, p, out); return G;
+    case 4: attend_group_vec<4, G>(q, kc, vc, bias, T, n, any, scale, p, out); return G;
+    case 8: attend_group_vec<8, G>(q, kc, vc, bias, T, n, any, scale, p, out); return G;
     default: return 0;  // other head dims: the scalar loops
   }
 }
@@ -216,23 +216,25 @@ static void attend_one(const float *q, const E *kc, const E *vc, const float *bi
 template <typename E>
 static void attend(const float *q, int64_t G, const E *kc, const E *vc, const float *bias, const AttnDims &d,
                    float scale, float *p, float *out) {
-  bool any = false;
-  for (int64_t t = 0; t < d.T; ++t) any = any || bias[t] > kMasked;
-  int64_t n = 0;
+  int64_t end = d.T;  // keys past the last unmasked one (the cache's unwritten tail) are not read
+  while (end > 0 && bias[end - 1] <= kMasked) --end;
+  const bool any = end > 0;
+  if (!any) end = d.T;
+  int64_t h = 0;
 #ifdef __AVX512F__
-  while (n < G) {  // heads in passes of 8, then 4, 2, 1
-    const int64_t left = G - n;
-    const float *qn = q + n * d.D;
-    float *pn = p + n * d.T, *on = out + n * d.D;
-    const int done = left >= 8 ? attend_heads<8>(qn, kc, vc, bias, d.T, d.D, any, scale, pn, on)
-                     : left >= 4 ? attend_heads<4>(qn, kc, vc, bias, d.T, d.D, any, scale, pn, on)
-                     : left >= 2 ? attend_heads<2>(qn, kc, vc, bias, d.T, d.D, any, scale, pn, on)
-                                 : attend_heads<1>(qn, kc, vc, bias, d.T, d.D, any, scale, pn, on);
+  while (h < G) {  // heads in passes of 8, then 4, 2, 1
+    const int64_t left = G - h;
+    const float *qh = q + h * d.D;
+    float *ph = p + h * d.T, *oh = out + h * d.D;
+    const int done = left >= 8 ? attend_heads<8>(qh, kc, vc, bias, d.T, end, d.D, any, scale, ph, oh)
+                     : left >= 4 ? attend_heads<4>(qh, kc, vc, bias, d.T, end, d.D, any, scale, ph, oh)
+                     : left >= 2 ? attend_heads<2>(qh, kc, vc, bias, d.T, end, d.D, any, scale, ph, oh)
+                                 : attend_heads<1>(qh, kc, vc, bias, d.T, end, d.D, any, scale, ph, oh);
     if (done == 0) break;
-    n += done;
+    h += done;
   }
 #endif
-  for (; n < G; ++n) attend_one(q + n * d.D, kc, vc, bias, d, any, scale, p + n * d.T, out + n * d.D);
+  for (; h < G; ++h) attend_one(q + h * d.D, kc, vc, bias, d, any, scale, p + h * d.T, out + h * d.D);
 }
 
 // The attention phase of DecodeAttn for one (row b, kv head k): its S keys/values are normed,
