@@ -175,7 +175,8 @@ class DecodeEngine:
         self.valid_BT[:] = False
         self.next_pos_B[:] = 0
         self.cached, self.cached_slots = [], []
-        return self._fill(ids_BP, mask_BP, chunk_size)
+        C = chunk_size if chunk_size and chunk_size < P else P
+        return self._fill(ids_BP, mask_BP, [min(C, P - start) for start in range(0, P, C)])
 
     def common_prefix(self, ids_S: np.ndarray) -> int:
         """How many leading tokens of a batch-1 prompt (its real tokens `ids_S`) the cache holds,
@@ -206,11 +207,12 @@ class DecodeEngine:
         lead = round_up(len(rest), PROMPT_BUCKET) - len(rest)
         ids = np.concatenate([np.full(lead, pad, np.int64), rest])[None]
         mask = np.concatenate([np.zeros(lead, np.int64), np.ones(len(rest), np.int64)])[None]
-        return self._fill(ids, mask, chunk_size)
+        return self._fill(ids, mask, pow2_chunks(ids.shape[1], chunk_size))
 
-    def _fill(self, ids_BS: np.ndarray, mask_BS: np.ndarray, chunk_size: int | None) -> np.ndarray:
+    def _fill(self, ids_BS: np.ndarray, mask_BS: np.ndarray, chunks: list[int]) -> np.ndarray:
         """Run S left-padded tokens per row at slots [cursor, cursor + S), positions following
-        each row's earlier tokens, in chunks of `chunk_size`; returns the last position's logits."""
+        each row's earlier tokens, as steps of `chunks` tokens (sum S); returns the last
+        position's logits."""
         B, S = ids_BS.shape
         base, mask = self.cursor, mask_BS.astype(bool)
         if base + S > self.slots:
@@ -222,10 +224,11 @@ class DecodeEngine:
         if B == 1:
             self.cached += ids_BS[0, mask[0]].tolist()
             self.cached_slots += (base + np.flatnonzero(mask[0])).tolist()
-        C = chunk_size if chunk_size and chunk_size < S else S
-        for start in range(0, S, C):
-            end = min(start + C, S)
+        start = 0
+        for size in chunks:
+            end = start + size
             logits = self._run(ids_BS[:, start:end], pos[:, start:end], self._prefill_bias(base + start, base + end))
+            start = end
         return logits
 
     def _prefill_bias(self, start: int, end: int) -> np.ndarray:
@@ -277,6 +280,20 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def pow2_chunks(n: int, chunk_size: int | None) -> list[int]:
+    """n (a PROMPT_BUCKET multiple) as steps of PROMPT_BUCKET x a power of two, each at most
+    `chunk_size` (0 / None: no bound), largest first: a conversation's turns of every length take
+    a few step shapes, each compiled once, instead of one per length."""
+    out = []
+    while n:
+        c = PROMPT_BUCKET
+        while 2 * c <= n and (not chunk_size or 2 * c <= chunk_size):
+            c *= 2
+        out.append(c)
+        n -= c
+    return out
 
 
 def engine_with_prefix(model: nn.Cell, ids_S: np.ndarray, max_new_tokens: int,
