@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from helpers import HF_FIXTURES, generation_dirs, reference_dir
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.generation.config import GenerationConfig
+from qwen3moe.generation.engine import pow2_chunks
 from qwen3moe.generation.generate import GenerationRun, resolve_config
 
 CHUNK_TOL = 1e-4
@@ -144,3 +146,15 @@ def test_reuse_matches_hf(folder):
         np.testing.assert_array_equal(out[0, len(real):], ref["gen_new_ids"][row])
         diff = float(np.abs(logits[:, 0] - ref["gen_step_logits"][:, row]).max())
         assert diff < CHUNK_TOL, diff  # test_generation.test_greedy_matches_hf's bound
+
+
+@given(n16=st.integers(1, 300), chunk16=st.sampled_from([0, 1, 2, 3, 5, 8, 64]))
+def test_pow2_chunks(n16, chunk16):
+    """Steps of 16 x 2^k tokens, at most the chunk size, largest first, summing to n; the fewest
+    such steps (the binary digits of n / 16, any power above the bound repeated)."""
+    n, chunk = 16 * n16, 16 * chunk16
+    steps = pow2_chunks(n, chunk)
+    assert sum(steps) == n and steps == sorted(steps, reverse=True)
+    assert all(s % 16 == 0 and (s // 16) & (s // 16 - 1) == 0 and (not chunk or s <= chunk) for s in steps)
+    top = max(s for s in (16 * 2 ** k for k in range(12)) if not chunk or s <= chunk)
+    assert len(steps) == n // top + bin((n % top) // 16).count("1")
