@@ -87,6 +87,9 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     prefill_chunk_size: int | None = 1024  # bench/RESULTS.md "Chunked prefill on long prompts"
     kv_cache_dtype: str = "float32"
+    # batch 1: a prompt that starts with tokens the model's decode cache already holds (the previous
+    # call's prompt and reply: a chat, a document asked again) runs only from where they differ
+    prompt_cache: bool = True
 
     def __post_init__(self) -> None:
         self.eos_token_id = _id_list(self.eos_token_id, "eos_token_id")
@@ -107,7 +110,7 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
         if not all(isinstance(s, str) and s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
-        for name in ("do_sample", "ignore_eos"):
+        for name in ("do_sample", "ignore_eos", "prompt_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

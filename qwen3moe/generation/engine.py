@@ -61,17 +61,23 @@ class _StepCell(nn.Cell):
     norm, lm_head), whatever plan swapped them. auto_prefix=False keeps the model's HF parameter names."""
 
     def __init__(self, model: nn.Cell, batch: int, slots: int, uid: int, hidden_out: bool = False,
-                 kv_cache_dtype: str = "float32") -> None:
+                 kv_cache_dtype: str = "float32", moved: tuple[nn.Cell, int] | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.net, self.hidden_out = model, hidden_out
         cfg = model.config
         shape = (batch, kv_heads(model), slots, cfg.head_dim)
         L = len(model.model.layers)  # a pipeline stage holds only its own layers
         np_dtype = KV_STORAGE[kv_cache_dtype]
-        self.k_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np_dtype)), f"kv_cache{uid}.k.{i}",
-                                                 requires_grad=False) for i in range(L)])
-        self.v_cache = ParameterTuple([Parameter(Tensor(np.zeros(shape, np_dtype)), f"kv_cache{uid}.v.{i}",
-                                                 requires_grad=False) for i in range(L)])
+
+        def cache(kind: str, i: int) -> Parameter:
+            data = np.zeros(shape, np_dtype)
+            if moved is not None:  # (a smaller cell, n): its first n slots, written by earlier steps
+                old, n = moved
+                data[:, :, :n] = getattr(old, f"{kind}_cache")[i].asnumpy()[:, :, :n]
+            return Parameter(Tensor(data), f"kv_cache{uid}.{kind}.{i}", requires_grad=False)
+
+        self.k_cache = ParameterTuple([cache("k", i) for i in range(L)])
+        self.v_cache = ParameterTuple([cache("v", i) for i in range(L)])
 
     @ms.jit
     def construct(self, ids_BS: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, bias_B1ST: Tensor,
@@ -98,7 +104,7 @@ class DecodeEngine:
     """
 
     def __init__(self, model: nn.Cell, batch: int, slots: int, hidden_out: bool = False,
-                 kv_cache_dtype: str = "float32") -> None:
+                 kv_cache_dtype: str = "float32", grown_from: tuple[DecodeEngine, int] | None = None) -> None:
         self.model, self.config = model, model.config
         self.batch, self.slots, self.kv_heads = batch, slots, kv_heads(model)
         check_kv_cache_dtype(kv_cache_dtype)
@@ -107,7 +113,9 @@ class DecodeEngine:
             raise GenerationError(f"kv_cache_dtype={kv_cache_dtype} needs the fused decode kernels, which do not apply "
                                   f"here ({not_fused_reason(model)}); use kv_cache_dtype=float32")
         self.uid = next(_ENGINE_IDS)
-        self.cell = _StepCell(model, batch, slots, self.uid, hidden_out, kv_cache_dtype)
+        # grown_from (a smaller batch-1 engine, keep): its cache up to the keep-th token moves here
+        moved = None if grown_from is None else (grown_from[0].cell, grown_from[0].cached_slots[grown_from[1] - 1] + 1)
+        self.cell = _StepCell(model, batch, slots, self.uid, hidden_out, kv_cache_dtype, moved)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
             self.cell = step_cell_class(model)(model, batch, self.cell.k_cache, self.cell.v_cache,
                                                hidden_out=hidden_out)
@@ -119,6 +127,13 @@ class DecodeEngine:
         self.valid_BT = np.zeros((batch, slots), bool)  # slots a query may attend (real tokens)
         self.next_pos_B = np.zeros(batch, np.int64)
         self.cursor = 0  # next slot to write
+        # batch 1: the tokens whose k/v the cache holds, in order, and their slots (prompt caching)
+        self.cached: list[int] = []
+        self.cached_slots: list[int] = []
+        if grown_from is not None:  # the moved slots' record (extend() sets the cursor and positions)
+            old, keep = grown_from
+            self.cached, self.cached_slots = old.cached[:keep], old.cached_slots[:keep]
+            self.valid_BT[:, :moved[1]] = old.valid_BT[:, :moved[1]]
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -161,17 +176,64 @@ class DecodeEngine:
         if B != self.batch or P >= self.slots:
             raise ValueError(f"prompt {ids_BP.shape} does not fit the engine ({self.batch}, {self.slots})")
         check_prefill_chunk_size(chunk_size)
-        mask = mask_BP.astype(bool)
-        pos = np.cumsum(mask, axis=1) - 1
-        pos[~mask] = 1
         self.cursor = 0
         self.valid_BT[:] = False
-        self.valid_BT[:, :P] = mask
-        self.next_pos_B = mask.sum(1).astype(np.int64)
+        self.next_pos_B[:] = 0
+        self.cached, self.cached_slots = [], []
         C = chunk_size if chunk_size and chunk_size < P else P
-        for start in range(0, P, C):
-            end = min(start + C, P)
-            logits = self._run(ids_BP[:, start:end], pos[:, start:end], self._prefill_bias(start, end))
+        return self._fill(ids_BP, mask_BP, [min(C, P - start) for start in range(0, P, C)])
+
+    def common_prefix(self, ids_S: np.ndarray) -> int:
+        """How many leading tokens of a batch-1 prompt (its real tokens `ids_S`) the cache holds,
+        short of the prompt's last token (its logits are wanted): what `extend` can keep."""
+        n = min(len(self.cached), len(ids_S) - 1)
+        if self.batch != 1 or n <= 0:
+            return 0
+        same = np.asarray(self.cached[:n]) == np.asarray(ids_S[:n])
+        return n if same.all() else int(np.argmin(same))
+
+    def slots_needed(self, n_prompt: int, keep: int, max_new_tokens: int) -> int:
+        """Cache slots an `extend` keeping `keep` of `n_prompt` tokens, then decoding, takes."""
+        return self.cached_slots[keep - 1] + 1 + round_up(n_prompt - keep, PROMPT_BUCKET) + max_new_tokens
+
+    def extend(self, ids_S: np.ndarray, keep: int, chunk_size: int | None = None, pad: int = 0) -> np.ndarray:
+        """Prefill a batch-1 prompt (its real tokens `ids_S`) whose first `keep` tokens the cache
+        holds (`common_prefix`): the cache is cut back to them and only the rest runs, left-padded to a
+        PROMPT_BUCKET multiple, at the slots after them (as a chunk of a chunked prefill would).
+        Returns the logits [1, V] of the prompt's last token."""
+        if not 0 < keep < len(ids_S) or np.any(np.asarray(self.cached[:keep]) != np.asarray(ids_S[:keep])):
+            raise ValueError(f"extend: the cache does not hold the prompt's first {keep} tokens")
+        check_prefill_chunk_size(chunk_size)
+        self.cursor = self.cached_slots[keep - 1] + 1
+        self.valid_BT[:, self.cursor:] = False
+        self.next_pos_B[:] = keep
+        del self.cached[keep:], self.cached_slots[keep:]
+        rest = np.asarray(ids_S[keep:], np.int64)
+        lead = round_up(len(rest), PROMPT_BUCKET) - len(rest)
+        ids = np.concatenate([np.full(lead, pad, np.int64), rest])[None]
+        mask = np.concatenate([np.zeros(lead, np.int64), np.ones(len(rest), np.int64)])[None]
+        return self._fill(ids, mask, pow2_chunks(ids.shape[1], chunk_size))
+
+    def _fill(self, ids_BS: np.ndarray, mask_BS: np.ndarray, chunks: list[int]) -> np.ndarray:
+        """Run S left-padded tokens per row at slots [cursor, cursor + S), positions following
+        each row's earlier tokens, as steps of `chunks` tokens (sum S); returns the last
+        position's logits."""
+        B, S = ids_BS.shape
+        base, mask = self.cursor, mask_BS.astype(bool)
+        if base + S > self.slots:
+            raise ValueError(f"{S} prompt tokens after slot {base} do not fit the engine's {self.slots} slots")
+        pos = self.next_pos_B[:, None] + np.cumsum(mask, axis=1) - 1
+        pos[~mask] = 1
+        self.valid_BT[:, base:base + S] = mask
+        self.next_pos_B = self.next_pos_B + mask.sum(1)
+        if B == 1:
+            self.cached += ids_BS[0, mask[0]].tolist()
+            self.cached_slots += (base + np.flatnonzero(mask[0])).tolist()
+        start = 0
+        for size in chunks:
+            end = start + size
+            logits = self._run(ids_BS[:, start:end], pos[:, start:end], self._prefill_bias(base + start, base + end))
+            start = end
         return logits
 
     def _prefill_bias(self, start: int, end: int) -> np.ndarray:
@@ -186,6 +248,9 @@ class DecodeEngine:
         if self.cursor >= self.slots:
             raise ValueError(f"KV cache full ({self.slots} slots)")
         self.valid_BT[:, self.cursor] = True
+        if self.batch == 1:
+            self.cached.append(int(np.asarray(next_B).reshape(-1)[0]))
+            self.cached_slots.append(self.cursor)
         bias = np.where(self.valid_BT, 0.0, MASK_VALUE).astype(np.float32)[:, None, None, :]
         pos = self.next_pos_B[:, None].copy()
         self.next_pos_B += 1
@@ -220,6 +285,49 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def pow2_chunks(n: int, chunk_size: int | None) -> list[int]:
+    """n (a PROMPT_BUCKET multiple) as steps of PROMPT_BUCKET x a power of two, each at most
+    `chunk_size` (0 / None: no bound), largest first: a conversation's turns of every length take
+    a few step shapes, each compiled once, instead of one per length."""
+    out = []
+    while n:
+        c = PROMPT_BUCKET
+        while 2 * c <= n and (not chunk_size or 2 * c <= chunk_size):
+            c *= 2
+        out.append(c)
+        n -= c
+    return out
+
+
+def engine_with_prefix(model: nn.Cell, ids_S: np.ndarray, max_new_tokens: int,
+                       kv_cache_dtype: str = "float32") -> tuple[DecodeEngine, int] | None:
+    """(engine, keep) for a batch-1 prompt (its real tokens `ids_S`) whose first `keep` tokens a
+    kept batch-1 engine of this cache dtype holds (the longest such prefix), or None. An engine
+    too small for the rest and the new tokens is replaced by a larger one (a quarter of headroom
+    for the next turn of a conversation) that takes over its cache up to the kept tokens."""
+    engines: dict = model.__dict__.setdefault("_decode_engines", {})
+    best = None
+    for key, engine in engines.items():
+        keep = engine.common_prefix(ids_S) if key[0] == 1 and key[2] == kv_cache_dtype else 0
+        if keep and (best is None or keep > best[2]):
+            best = (key, engine, keep)
+    if best is None:
+        return None
+    key, engine, keep = best
+    need = engine.slots_needed(len(ids_S), keep, max_new_tokens)
+    if need <= engine.slots:
+        return engine, keep
+    T = round_up(need + need // 4, SLOT_BUCKET)
+    check_cache_fits(model, 1, T, max_new_tokens, kv_cache_dtype)
+    grown = DecodeEngine(model, 1, T, kv_cache_dtype=kv_cache_dtype, grown_from=(engine, keep))
+    del engines[key]  # its cache lives on in the grown engine
+    engines.pop((1, T, kv_cache_dtype), None)
+    if len(engines) >= 2:
+        engines.pop(next(iter(engines)))
+    engines[(1, T, kv_cache_dtype)] = grown
+    return grown, keep
 
 
 def get_engine(model: nn.Cell, batch: int, prompt_len: int, max_new_tokens: int,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from qwen3moe.generation.config import GenerationConfig
-from qwen3moe.generation.engine import DecodeEngine, compile_count, get_engine
+from qwen3moe.generation.engine import DecodeEngine, compile_count, engine_with_prefix, get_engine
 from qwen3moe.generation.errors import GenerationError
 from qwen3moe.generation.sampling import Sampler
 from qwen3moe.generation.streaming import StopStringStream
@@ -24,7 +24,7 @@ from qwen3moe.models.inputs import check_token_ids, to_numpy_2d
 
 _OVERRIDABLE = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                 "min_p", "repetition_penalty", "presence_penalty", "eos_token_id", "pad_token_id",
-                "seed", "stop_strings", "prefill_chunk_size", "kv_cache_dtype")
+                "seed", "stop_strings", "prefill_chunk_size", "kv_cache_dtype", "prompt_cache")
 
 
 def resolve_config(model: Any, generation_config: GenerationConfig | None = None,
@@ -57,6 +57,7 @@ class GenerationStats:
     decode_steps: int = 0
     engine_s: float = 0.0           # time inside the compiled decode steps (decode_s - engine_s = host)
     compiles: int = 0               # graph signatures compiled so far in this process
+    cached_tokens: int = 0          # prompt tokens whose k/v the cache already held (prompt_cache)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,16 @@ class GenerationRun:
             tok = tokenizer or _load_tokenizer(model)
             self.stops = [StopStringStream(tok, config.stop_strings) for _ in range(ids.shape[0])]
         # engine(model, B, S, max_new_tokens, kv_cache_dtype) -> (DecodeEngine, P); pipeline stages pass
-        # their own
-        self.engine, self.P = engine(model, ids.shape[0], ids.shape[1], config.max_new_tokens,
-                                     config.kv_cache_dtype)
+        # their own. The prompt cache: one process's own engines only (the ranks of a split batch or
+        # of a pipeline must run the same steps), batch 1.
+        self.keep, self.P = 0, 0
+        if config.prompt_cache and engine is get_engine and split is None and ids.shape[0] == 1:
+            found = engine_with_prefix(model, ids[0, mask[0] > 0], config.max_new_tokens, config.kv_cache_dtype)
+            if found is not None:
+                self.engine, self.keep = found
+        if not self.keep:
+            self.engine, self.P = engine(model, ids.shape[0], ids.shape[1], config.max_new_tokens,
+                                         config.kv_cache_dtype)
         self.history = ids
         real = min(max(total - self.first, 0), ids.shape[0])  # rows past it pad a share of a split batch
         self.finished = np.arange(ids.shape[0]) >= real
@@ -121,11 +129,16 @@ class GenerationRun:
 
     def _prefill(self) -> np.ndarray:
         B, S = self.ids.shape
-        lead = self.P - S  # bucket padding on the left: masked, positions unchanged
-        ids = np.concatenate([np.full((B, lead), self.pad, np.int64), self.ids], 1)
-        mask = np.concatenate([np.zeros((B, lead), np.int64), self.mask], 1)
         t0 = time.perf_counter()
-        logits = self.engine.prefill(ids, mask, self.config.prefill_chunk_size)
+        if self.keep:  # the cache holds the prompt's first `keep` tokens: run the rest after them
+            real = self.ids[0, self.mask[0] > 0]
+            logits = self.engine.extend(real, self.keep, self.config.prefill_chunk_size, self.pad)
+            self.stats.cached_tokens = self.keep
+        else:
+            lead = self.P - S  # bucket padding on the left: masked, positions unchanged
+            ids = np.concatenate([np.full((B, lead), self.pad, np.int64), self.ids], 1)
+            mask = np.concatenate([np.zeros((B, lead), np.int64), self.mask], 1)
+            logits = self.engine.prefill(ids, mask, self.config.prefill_chunk_size)
         self.stats.prefill_s = time.perf_counter() - t0
         return logits
 
@@ -258,7 +271,7 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, max_new_tok
              presence_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, ignore_eos: bool = False, seed: int | None = None,
              stop_strings: str | list[str] | None = None, prefill_chunk_size: int | None = None,
-             kv_cache_dtype: str | None = None, tokenizer: Any = None,
+             kv_cache_dtype: str | None = None, prompt_cache: bool | None = None, tokenizer: Any = None,
              generation_config: GenerationConfig | None = None) -> np.ndarray:
     """Prompt + new tokens, numpy int64 [B, S + n] (n <= max_new_tokens; finished rows padded)."""
     cfg = resolve_config(model, generation_config, ignore_eos, max_new_tokens=max_new_tokens,
@@ -266,7 +279,8 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, max_new_tok
                          top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                          presence_penalty=presence_penalty, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, seed=seed, stop_strings=stop_strings,
-                         prefill_chunk_size=prefill_chunk_size, kv_cache_dtype=kv_cache_dtype)
+                         prefill_chunk_size=prefill_chunk_size, kv_cache_dtype=kv_cache_dtype,
+                         prompt_cache=prompt_cache)
     return GenerationRun(model, input_ids, attention_mask, cfg, tokenizer).run()
 
 
