@@ -77,6 +77,10 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
     const __mmask16 masked = any ? _mm512_cmp_ps_mask(b, _mm512_set1_ps(kMasked), _CMP_LE_OQ) : 0;
     for (int g = 0; g < G && masked == 0xFFFF; ++g) _mm512_storeu_ps(p + g * T + t0, ninf);
     if (masked == 0xFFFF) continue;
+    if (t0 + 48 <= n) {  // the block two ahead: its rows arrive while these are scored
+      const char *ahead = reinterpret_cast<const char *>(kc + (t0 + 32) * D);
+      for (int64_t b = 0; b < 16 * D * static_cast<int64_t>(sizeof(E)); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
     for (int g = 0; g < G; ++g) {
       const float *qg = q + g * D;
       __m512 qv[NV], acc[16];
