@@ -6,9 +6,10 @@ the generation engine's compiled cached step over those layers (`StageEngine`: t
 KV-cache Parameters, in the request's kv_cache_dtype, and host bookkeeping; a stage before the
 last returns the hidden states of every position instead of logits). Where the kernels apply,
 every stage's step is the plan's fused step (parallel/fused_step.py, as with pp = 1, over the
-stage's layers), so a 16-bit KV cache works on every stage; else the composite step. The batch's rows are cut into M micro-batches per dp rank
-(generate.RowSplit over dp*M shares: dummy rows pad the last, each share keeps its rows' draws of
-the batch's random stream), each a `GenerationRun` with its own engine and cache. Step t of
+stage's layers), so a 16-bit KV cache works on every stage; else the composite step. The batch's
+rows are cut into M micro-batches per dp rank (generate.RowSplit over dp*M shares: dummy rows
+pad the last, each share keeps its rows' draws of the batch's random stream), each a
+`GenerationRun` with its own engine and cache. Step t of
 micro-batch m:
     stage 0        receives (m, t-1)'s tokens from the last stage, runs its layers, sends [b, S, H]
     middle stage   receives (m, t-1)'s tokens (for the stop flag), then the hidden states; runs, sends
