@@ -119,7 +119,7 @@ def worker(folder: str, mode: str, steps: int, reps: int) -> dict:
 
     model = Qwen3MoeForCausalLM.from_pretrained(folder, **load_kwargs(MODES[mode]))
     ids = np.random.default_rng(100).integers(0, 151643, (1, PROMPT))
-    cfg = resolve_config(model, max_new_tokens=steps + 1, ignore_eos=True, do_sample=False)
+    cfg = resolve_config(model, max_new_tokens=steps + 1, ignore_eos=True, do_sample=False, prompt_cache=False)
     out: dict = {"bytes": _bytes(model)}
     runs = []
     for i in range(3):  # the first compiles

@@ -54,18 +54,18 @@ def worker_ours(folder: str, reps: int) -> dict:
     for B, S, N in CASES:
         ids = _prompts(B, S)
         t0 = time.perf_counter()
-        generate(model, ids, max_new_tokens=N, ignore_eos=True, do_sample=False)
+        generate(model, ids, max_new_tokens=N, ignore_eos=True, do_sample=False, prompt_cache=False)
         out[f"first_b{B}_s"] = time.perf_counter() - t0  # includes the compiles
         out[f"gen_b{B}_s"] = _best(lambda: generate(model, ids, max_new_tokens=N, ignore_eos=True,
-                                                    do_sample=False), reps)
+                                                    do_sample=False, prompt_cache=False), reps)
         run = GenerationRun(model, ids, None, resolve_config(model, max_new_tokens=N, ignore_eos=True,
-                                                             do_sample=False))
+                                                             do_sample=False, prompt_cache=False))
         run.run()
         out[f"step_b{B}_ms"] = 1e3 * run.stats.decode_s / max(run.stats.decode_steps, 1)
         out[f"profile_b{B}"] = profile_step(model, B, run)
     B, S = PREFILL
     ids = _prompts(B, S)
-    cfg = resolve_config(model, max_new_tokens=1, ignore_eos=True, do_sample=False)
+    cfg = resolve_config(model, max_new_tokens=1, ignore_eos=True, do_sample=False, prompt_cache=False)
     GenerationRun(model, ids, None, cfg).run()
     times = []
     for _ in range(reps):

@@ -39,7 +39,8 @@ def worker(folder: str, length: int, kv: str, new: int, runs: int) -> dict:
     qwen3moe.decode_runtime()
     model = Qwen3MoeForCausalLM.from_pretrained(folder, quantization="int4", group_size=128)
     ids = np.random.default_rng(0).integers(0, 151643, (1, length))
-    cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False, kv_cache_dtype=kv)
+    cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False, kv_cache_dtype=kv,
+                         prompt_cache=False)
     prefill, decode, decode_cpu = [], [], []
     for i in range(runs + 1):  # the first compiles
         run = GenerationRun(model, ids, None, cfg)

@@ -54,7 +54,7 @@ def main() -> None:
 
     def generate(new: int) -> None:
         GenerationRun(model, ids, None, resolve_config(model, max_new_tokens=new, ignore_eos=True,
-                                                       do_sample=False)).run()
+                                                       do_sample=False, prompt_cache=False)).run()
 
     generate(1)
     report(f"prefill 1x{a.prompt}")

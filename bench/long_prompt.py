@@ -42,7 +42,8 @@ def worker(folder: str, quantize: str, length: int, chunk: int, runs: int) -> di
                                                 group_size=128 if quant == "int4" else None)
     loaded_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     ids = np.random.default_rng(0).integers(0, 151643, (1, length))
-    cfg = resolve_config(model, max_new_tokens=4, ignore_eos=True, do_sample=False).replace(prefill_chunk_size=chunk)
+    cfg = resolve_config(model, max_new_tokens=4, ignore_eos=True, do_sample=False, prompt_cache=False,
+                         prefill_chunk_size=chunk)
     _reset_peak()
     walls, cpus = [], []
     for i in range(runs + 1):  # the first compiles

@@ -104,7 +104,7 @@ def _loop(model, batch: int, tokens: int, sample: bool, split_of=None) -> dict:
     from qwen3moe.generation.generate import GenerationRun
 
     cfg = GenerationConfig(max_new_tokens=tokens, ignore_eos=True, do_sample=sample, seed=1234,
-                           temperature=0.8, top_k=20, top_p=0.9)
+                           temperature=0.8, top_k=20, top_p=0.9, prompt_cache=False)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, 8))
     GenerationRun(model, ids, None, cfg, split=split_of(_Timed()) if split_of else None).run()  # compile
     done = _Timed()

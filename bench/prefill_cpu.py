@@ -40,7 +40,7 @@ def main() -> None:
     qc = QuantizationConfig(bits, -1 if bits == 8 else 128,
                             activations="int8" if a.mode.endswith("-a8") else "float32")
     model = Qwen3MoeForCausalLM.from_pretrained(a.folder, quantization=qc)
-    cfg = resolve_config(model, max_new_tokens=1, ignore_eos=True, do_sample=False)
+    cfg = resolve_config(model, max_new_tokens=1, ignore_eos=True, do_sample=False, prompt_cache=False)
 
     def run(seed: int) -> tuple[float, float]:
         ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, PREFILL_LEN))

@@ -80,7 +80,7 @@ def generate(model, B: int, S: int, new: int, seed: int):
     its .stats hold the prefill and decode times."""
     from qwen3moe.generation.generate import GenerationRun, resolve_config
 
-    cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False)
+    cfg = resolve_config(model, max_new_tokens=new, ignore_eos=True, do_sample=False, prompt_cache=False)
     r = GenerationRun(model, _ids(B, S, seed), None, cfg)
     r.run()
     return r
