@@ -1,10 +1,11 @@
 """Prompt caching: time to the first token of a conversation's second turn, cached vs fresh.
 
     PYTHONPATH=. OMP_WAIT_POLICY=PASSIVE python bench/prompt_cache.py --doc 2048 [--question 32] \
-        [--reply 16] [--rounds 3] [--folder /work/data/synth-2l] [--quantize int4|none]
+        [--reply 16] [--rounds 3] [--folder /work/data/synth-2l] [--quantize int4|none] [--dtype bfloat16]
 
 One process: load the model (int4 g128 of a bf16 folder by default; `none` for a folder that is
-already quantized or to keep its dtype), then `--rounds` rounds of
+already quantized or to keep its dtype; --dtype: the weights' storage, from_pretrained's dtype),
+then `--rounds` rounds of
   turn 1   (fresh): a random `--doc`-token document + a `--question`-token question, `--reply` new
            tokens kept (max_new_tokens 128 sizes the engine: the turn stops early, as at an eos);
   turn 2 cached:    document + question + reply + another question, prompt_cache=True (the cache
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--reply", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kv_cache_dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="from_pretrained dtype (bfloat16 for the 48-layer int4 folder)")
     args = ap.parse_args()
 
     import mindspore as ms
@@ -46,7 +48,7 @@ def main() -> None:
     qwen3moe.decode_runtime()
     quant = None if args.quantize == "none" else args.quantize
     t0 = time.perf_counter()
-    model = Qwen3MoeForCausalLM.from_pretrained(args.folder, quantization=quant,
+    model = Qwen3MoeForCausalLM.from_pretrained(args.folder, quantization=quant, dtype=args.dtype,
                                                 group_size=128 if quant == "int4" else None)
     print(f"loaded {args.folder} ({args.quantize}) in {time.perf_counter() - t0:.1f} s; "
           f"load1 {os.getloadavg()[0]:.2f}", flush=True)

@@ -10,6 +10,8 @@ Shapes: S prompt length, N new tokens, V vocab.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -158,3 +160,22 @@ def test_pow2_chunks(n16, chunk16):
     assert all(s % 16 == 0 and (s // 16) & (s // 16 - 1) == 0 and (not chunk or s <= chunk) for s in steps)
     top = max(s for s in (16 * 2 ** k for k in range(12)) if not chunk or s <= chunk)
     assert len(steps) == n // top + bin((n % top) // 16).count("1")
+
+
+@pytest.mark.parametrize("flag", [[], ["--prompt_cache", "false"]])
+def test_cli_prompts_sharing_a_prefix(flag, tmp_path, capsys):
+    """`generate` with a .txt of prompts at batch 1: the second prompt (the first one's text and
+    more) runs from the cache unless --prompt_cache false; the completions are the same."""
+    from qwen3moe.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the same long opening line of words, then one\nthe same long opening line of words, then two\n")
+    out = tmp_path / "o.txt"
+    argv = ["generate", "--pretrained_model_dir", str(reference_dir("tiny-a")), "--predict_data", str(prompts),
+            "--max_new_tokens", "3", "--ignore_eos", "--output", str(out)]
+    assert main(argv + flag) == 0
+    err = capsys.readouterr().err
+    assert ("prompt tokens from the prompt cache" in err) == (not flag), err
+    completions = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    assert main(argv + ["--prompt_cache", "false"]) == 0
+    assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == completions

@@ -50,6 +50,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--kv_cache_dtype", default=None,
                    help="KV cache storage: float32 (default), bfloat16 or float16 (half the cache memory; "
                         "fused kernels only)")
+    p.add_argument("--prompt_cache", type=_bool, nargs="?", const=True, default=None,
+                   help="batch 1: prefill a prompt only from where it differs from the tokens the cache holds "
+                        "(the previous prompt and reply; default true)")
     p.add_argument("--stop_strings", nargs="+", default=None, help="stop a row at any of these strings")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template (user turn)")
     p.add_argument("--enable_thinking", type=_bool, nargs="?", const=True, default=True,
@@ -159,20 +162,24 @@ def run(args: argparse.Namespace) -> int:
     decode_runtime()  # before MindSpore's first op (parallel/generate.py: after set_device)
     prompts = read_prompts(req.predict_data)
     tok, model, cfg = load(req)
-    lines, prefill_tok, prefill_s, decode_tok, decode_s, compiles = [], 0, 0.0, 0, 0.0, 0
+    lines, prefill_tok, prefill_s, decode_tok, decode_s, compiles, cached = [], 0, 0.0, 0, 0.0, 0, 0
     t0 = time.perf_counter()
     for results, st in generate_batches(model, tok, cfg, prompts, req, on_text=_stderr):
         for r in results:
             line = json.dumps(r, ensure_ascii=False)
             _print_line(line)
             lines.append(line)
-        prefill_tok, prefill_s = prefill_tok + st.prompt_tokens, prefill_s + st.prefill_s
+        # tokens the prefill ran (those the prompt cache held were not run again)
+        prefill_tok, prefill_s = prefill_tok + st.prompt_tokens - st.cached_tokens, prefill_s + st.prefill_s
+        cached += st.cached_tokens
         decode_tok, decode_s = decode_tok + args.predict_batch_size * st.decode_steps, decode_s + st.decode_s
         compiles = st.compiles
     atomic_write_text(args.output, "".join(line + "\n" for line in lines))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     print(f"generate: {len(prompts)} prompts in {time.perf_counter() - t0:.2f} s; "
-          f"prefill {prefill_tok / max(prefill_s, 1e-9):.1f} tok/s, decode {decode_tok / max(decode_s, 1e-9):.1f} tok/s "
+          f"prefill {prefill_tok / max(prefill_s, 1e-9):.1f} tok/s"
+          + (f" ({cached} prompt tokens from the prompt cache)" if cached else "")
+          + f", decode {decode_tok / max(decode_s, 1e-9):.1f} tok/s "
           f"(first calls include graph compiles: {compiles}); peak RSS {peak_mib:.0f} MiB; "
           f"results in {args.output}", file=sys.stderr)
     return 0

@@ -22,7 +22,7 @@ from qwen3moe.generation.errors import GenerationError
 # GenerationConfig fields a request may set (None: the model folder's generation_config.json)
 OPTION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
                "repetition_penalty", "presence_penalty", "seed", "stop_strings", "prefill_chunk_size",
-               "kv_cache_dtype")
+               "kv_cache_dtype", "prompt_cache")
 
 
 @dataclass
