@@ -114,7 +114,7 @@ class DecodeEngine:
                                   f"here ({not_fused_reason(model)}); use kv_cache_dtype=float32")
         self.uid = next(_ENGINE_IDS)
         # grown_from (a smaller batch-1 engine, keep): its cache up to the keep-th token moves here
-        moved = None if grown_from is None else (grown_from[0].cell, grown_from[0].cached_slots[grown_from[1] - 1] + 1)
+        moved = None if grown_from is None else (grown_from[0].cell, grown_from[0].end_of(grown_from[1]))
         self.cell = _StepCell(model, batch, slots, self.uid, hidden_out, kv_cache_dtype, moved)
         if self.fused:  # same cache Parameters, fused-kernel graph (the composite cell is the fallback)
             self.cell = step_cell_class(model)(model, batch, self.cell.k_cache, self.cell.v_cache,
@@ -127,12 +127,11 @@ class DecodeEngine:
         self.valid_BT = np.zeros((batch, slots), bool)  # slots a query may attend (real tokens)
         self.next_pos_B = np.zeros(batch, np.int64)
         self.cursor = 0  # next slot to write
-        # batch 1: the tokens whose k/v the cache holds, in order, and their slots (prompt caching)
+        # batch 1: the tokens whose k/v the cache holds, in the order of their slots (the valid ones)
         self.cached: list[int] = []
-        self.cached_slots: list[int] = []
         if grown_from is not None:  # the moved slots' record (extend() sets the cursor and positions)
             old, keep = grown_from
-            self.cached, self.cached_slots = old.cached[:keep], old.cached_slots[:keep]
+            self.cached = old.cached[:keep]
             self.valid_BT[:, :moved[1]] = old.valid_BT[:, :moved[1]]
 
     @property
@@ -179,7 +178,7 @@ class DecodeEngine:
         self.cursor = 0
         self.valid_BT[:] = False
         self.next_pos_B[:] = 0
-        self.cached, self.cached_slots = [], []
+        self.cached = []
         C = chunk_size if chunk_size and chunk_size < P else P
         return self._fill(ids_BP, mask_BP, [min(C, P - start) for start in range(0, P, C)])
 
@@ -194,20 +193,24 @@ class DecodeEngine:
 
     def slots_needed(self, n_prompt: int, keep: int, max_new_tokens: int) -> int:
         """Cache slots an `extend` keeping `keep` of `n_prompt` tokens, then decoding, takes."""
-        return self.cached_slots[keep - 1] + 1 + round_up(n_prompt - keep, PROMPT_BUCKET) + max_new_tokens
+        return self.end_of(keep) + round_up(n_prompt - keep, PROMPT_BUCKET) + max_new_tokens
+
+    def end_of(self, keep: int) -> int:
+        """The slot after the `keep`-th cached token (batch 1: the valid slots hold them in order)."""
+        return int(np.flatnonzero(self.valid_BT[0])[keep - 1]) + 1
 
     def extend(self, ids_S: np.ndarray, keep: int, chunk_size: int | None = None, pad: int = 0) -> np.ndarray:
         """Prefill a batch-1 prompt (its real tokens `ids_S`) whose first `keep` tokens the cache
-        holds (`common_prefix`): the cache is cut back to them and only the rest runs, left-padded to a
-        PROMPT_BUCKET multiple, at the slots after them (as a chunk of a chunked prefill would).
-        Returns the logits [1, V] of the prompt's last token."""
+        holds (`common_prefix`): the cache is cut back to them and only the rest runs, left-padded
+        to a PROMPT_BUCKET multiple, at the slots after them, in `pow2_chunks` steps (chunked
+        prefill steps). Returns the logits [1, V] of the prompt's last token."""
         if not 0 < keep < len(ids_S) or np.any(np.asarray(self.cached[:keep]) != np.asarray(ids_S[:keep])):
             raise ValueError(f"extend: the cache does not hold the prompt's first {keep} tokens")
         check_prefill_chunk_size(chunk_size)
-        self.cursor = self.cached_slots[keep - 1] + 1
+        self.cursor = self.end_of(keep)
         self.valid_BT[:, self.cursor:] = False
         self.next_pos_B[:] = keep
-        del self.cached[keep:], self.cached_slots[keep:]
+        del self.cached[keep:]
         rest = np.asarray(ids_S[keep:], np.int64)
         lead = round_up(len(rest), PROMPT_BUCKET) - len(rest)
         ids = np.concatenate([np.full(lead, pad, np.int64), rest])[None]
@@ -228,7 +231,6 @@ class DecodeEngine:
         self.next_pos_B = self.next_pos_B + mask.sum(1)
         if B == 1:
             self.cached += ids_BS[0, mask[0]].tolist()
-            self.cached_slots += (base + np.flatnonzero(mask[0])).tolist()
         start = 0
         for size in chunks:
             end = start + size
@@ -250,7 +252,6 @@ class DecodeEngine:
         self.valid_BT[:, self.cursor] = True
         if self.batch == 1:
             self.cached.append(int(np.asarray(next_B).reshape(-1)[0]))
-            self.cached_slots.append(self.cursor)
         bias = np.where(self.valid_BT, 0.0, MASK_VALUE).astype(np.float32)[:, None, None, :]
         pos = self.next_pos_B[:, None].copy()
         self.next_pos_B += 1
