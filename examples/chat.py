@@ -3,8 +3,10 @@
     python examples/chat.py --model DIR --turns "Hi!" "Tell me more." [--thinking]
 
 Each turn re-renders the whole conversation with the folder's chat template (as HF does),
-generates the assistant reply with streaming, and appends it to the history. Without
---thinking the template closes an empty <think></think> block (enable_thinking=False).
+streams the assistant reply and appends it to the history (qwen3moe.ChatSession). The prompt
+cache keeps the conversation's tokens between turns, so a turn prefills only its new ones: the
+line after each reply says how many came from the cache. Without --thinking the template
+closes an empty <think></think> block (enable_thinking=False).
 """
 from __future__ import annotations
 
@@ -12,10 +14,7 @@ import argparse
 import resource
 import time
 
-import numpy as np
-
-from qwen3moe import Qwen3MoeForCausalLM, Tokenizer, decode_runtime
-from qwen3moe.generation.generate import stream_generate
+from qwen3moe import ChatSession, Qwen3MoeForCausalLM, Tokenizer, decode_runtime
 
 
 def main() -> None:
@@ -28,26 +27,20 @@ def main() -> None:
 
     decode_runtime()  # before MindSpore's first op: the runtime `qwen3moe generate` uses
     model = Qwen3MoeForCausalLM.from_pretrained(args.model)
-    tok = Tokenizer.from_pretrained(args.model)
-    history: list[dict] = []
+    chat = ChatSession(model, Tokenizer.from_pretrained(args.model), enable_thinking=args.thinking,
+                       options={"max_new_tokens": args.max_new_tokens, "do_sample": False})
     produced, t0 = 0, time.perf_counter()
     for user in args.turns:
-        history.append({"role": "user", "content": user})
-        prompt = tok.apply_chat_template(history, add_generation_prompt=True, enable_thinking=args.thinking)
-        ids = np.array([tok.encode(prompt)])
         print(f"user: {user}\nassistant: ", end="", flush=True)
-        pieces = []
-        for piece in stream_generate(model, ids, tokenizer=tok, max_new_tokens=args.max_new_tokens,
-                                     do_sample=False):
+        for piece in chat.send(user):
             print(piece, end="", flush=True)
-            pieces.append(piece)
-        print()
-        reply = "".join(pieces)
-        produced += len(tok.encode(reply))
-        history.append({"role": "assistant", "content": reply})
+        st = chat.stats
+        produced += sum(st.new_tokens)
+        print(f"\n  [prompt {st.prompt_tokens} tokens, {st.cached_tokens} from the prompt cache; "
+              f"first token after {st.prefill_s:.2f} s]")
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"[{len(args.turns)} turns, ~{produced} tokens in {dt:.2f}s = {produced / dt:.1f} tok/s; "
+    print(f"[{len(args.turns)} turns, {produced} tokens in {dt:.2f}s = {produced / dt:.1f} tok/s; "
           f"peak RSS {peak:.0f} MiB]")
 
 

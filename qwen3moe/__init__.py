@@ -26,6 +26,7 @@ _LAZY = {
     "Qwen3MoeForCausalLM": "qwen3moe.models.qwen3_moe",
     "Qwen3MoeModel": "qwen3moe.models.qwen3_moe",
     "GenerationConfig": "qwen3moe.generation.config",
+    "ChatSession": "qwen3moe.generation.chat",
     "Tokenizer": "qwen3moe.io.tokenizer",
     "QuantizationConfig": "qwen3moe.layers.quant",
     "decode_runtime": "qwen3moe.generation.runtime",

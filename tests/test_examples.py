@@ -47,8 +47,11 @@ def test_chat_example_two_turns():
         reply = tok.decode([int(t) for t in new], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})
         want += f"user: {user}\nassistant: {reply}\n"
-    assert out.startswith(want), (out, want)
+    transcript = "".join(line + "\n" for line in out.splitlines() if not line.startswith("  [prompt "))
+    assert transcript.startswith(want), (out, want)
     assert "2 turns" in out
+    cached = [int(line.split(", ")[1].split()[0]) for line in out.splitlines() if line.startswith("  [prompt ")]
+    assert cached[0] == 0 and cached[1] > 0, out  # turn 2 starts from turn 1's cached tokens
 
 
 def test_inspect_experts_example(tmp_path):

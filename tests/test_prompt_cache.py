@@ -179,3 +179,28 @@ def test_cli_prompts_sharing_a_prefix(flag, tmp_path, capsys):
     completions = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
     assert main(argv + ["--prompt_cache", "false"]) == 0
     assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == completions
+
+
+def test_chat_session_turns_reuse_the_cache():
+    """ChatSession: each turn re-renders the conversation; turn 2 keeps turn 1's prompt up to the
+    assistant's reply (the template renders earlier replies without the think block) and its
+    reply equals a fresh generate of the same rendered prompt."""
+    from qwen3moe import ChatSession, Tokenizer
+    from qwen3moe.generation.generate import generate
+
+    folder = HF_FIXTURES / "tiny-fp32-gqa"
+    model, tok = Qwen3MoeForCausalLM.from_pretrained(folder), Tokenizer.from_pretrained(folder)
+    model.__dict__.pop("_decode_engines", None)
+    options = {"max_new_tokens": 6, "do_sample": False, "ignore_eos": True}
+    chat = ChatSession(model, tok, enable_thinking=False, options=options)
+    first = "".join(chat.send("Hello there, how are you?"))
+    assert chat.stats.cached_tokens == 0
+    prompt1 = tok.encode(tok.apply_chat_template(chat.history[:1], add_generation_prompt=True, enable_thinking=False))
+    second = "".join(chat.send("And again?"))
+    prompt2 = tok.encode(tok.apply_chat_template(chat.history[:3], add_generation_prompt=True, enable_thinking=False))
+    same = np.asarray(prompt1[:len(prompt2)]) == np.asarray(prompt2[:len(prompt1)])
+    assert chat.stats.cached_tokens == int(np.argmin(same)) > 0
+    assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in chat.history[1::2]] == [first, second]
+    want = generate(model, [prompt2], prompt_cache=False, **options)[0, len(prompt2):]
+    assert second == tok.decode(want.tolist(), skip_special_tokens=True)

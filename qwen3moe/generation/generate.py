@@ -295,10 +295,15 @@ def stream_generate(model: Any, input_ids: Any, attention_mask: Any = None, toke
     ignore_eos = bool(kwargs.pop("ignore_eos", False))
     cfg = resolve_config(model, gen_cfg, ignore_eos, **kwargs)
     tok = tokenizer or _load_tokenizer(model)
-    run = GenerationRun(model, input_ids, attention_mask, cfg, tok)
+    yield from stream_run(GenerationRun(model, input_ids, attention_mask, cfg, tok), tok, skip_special_tokens)
+
+
+def stream_run(run: GenerationRun, tokenizer: Any, skip_special_tokens: bool = True) -> Iterator[str]:
+    """The new text of a one-prompt GenerationRun piece by piece (stream_generate's loop; the
+    caller keeps `run` for its stats)."""
     if run.ids.shape[0] != 1:
         raise ValueError(f"stream_generate takes one prompt, got a batch of {run.ids.shape[0]}")
-    stream = StopStringStream(tok, cfg.stop_strings, skip_special_tokens=skip_special_tokens)
+    stream = StopStringStream(tokenizer, run.config.stop_strings, skip_special_tokens=skip_special_tokens)
     for nxt_B in run.steps():
         if not stream.stopped:
             piece = stream.push(int(nxt_B[0]))
@@ -309,5 +314,5 @@ def stream_generate(model: Any, input_ids: Any, attention_mask: Any = None, toke
         yield tail
 
 
-__all__ = ["generate", "stream_generate", "resolve_config", "GenerationRun", "GenerationStats", "RowSplit",
+__all__ = ["generate", "stream_generate", "stream_run", "resolve_config", "GenerationRun", "GenerationStats", "RowSplit",
            "DecodeEngine", "compile_count"]
