@@ -26,13 +26,15 @@ class ChatSession:
     history: list[dict[str, str]] = field(default_factory=list)
     stats: GenerationStats | None = None
 
+    def __post_init__(self) -> None:
+        self.config = resolve_config(self.model, **self.options)  # once: the folder's JSON is read here
+
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the assistant's reply, which joins the history at the end."""
         self.history.append({"role": "user", "content": text})
         prompt = self.tokenizer.apply_chat_template(self.history, add_generation_prompt=True,
                                                     enable_thinking=self.enable_thinking)
-        config = resolve_config(self.model, **self.options)
-        run = GenerationRun(self.model, np.array([self.tokenizer.encode(prompt)]), None, config, self.tokenizer)
+        run = GenerationRun(self.model, np.array([self.tokenizer.encode(prompt)]), None, self.config, self.tokenizer)
         pieces = []
         for piece in stream_run(run, self.tokenizer):
             pieces.append(piece)
