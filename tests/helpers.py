@@ -146,16 +146,19 @@ def batch_at(rng) -> "np.ndarray":
 
 
 # ---- a third-party GPTQ folder, built with the independent packer (tools/gptq_unpack.py) -------
-def _asym_act_order(W, bits: int, g: int, rng, blocks: int = 1) -> tuple:
-    """GPTQ-style asymmetric RTN with an act-order g_idx: groups are g inputs of a permutation
-    (blocks > 1: a permutation within each of `blocks` equal column blocks, so block b's columns
-    use only groups of block b, as a row-parallel split into `blocks` ranks can hold exactly)."""
+def _asym_act_order(W, bits: int, g: int, rng, blocks: int = 1, g_idx=None) -> tuple:
+    """GPTQ-style asymmetric RTN with an act-order g_idx (given, or drawn): groups are g inputs of
+    a permutation (blocks > 1: a permutation within each of `blocks` equal column blocks, so
+    block b's columns use only groups of block b, as a row-parallel split into `blocks` ranks can
+    hold exactly)."""
     import numpy as np
 
     O, I = W.shape
     maxq = 2 ** bits - 1
     n = I // blocks
-    g_idx = np.concatenate([np.argsort(rng.permutation(n)) // g + b * (n // g) for b in range(blocks)]).astype(np.int32)
+    if g_idx is None:
+        g_idx = np.concatenate([np.argsort(rng.permutation(n)) // g + b * (n // g)
+                                for b in range(blocks)]).astype(np.int32)
     G = I // g
     scales = np.zeros((G, O), np.float16)
     z = np.zeros((G, O), np.int64)
@@ -171,10 +174,13 @@ def _asym_act_order(W, bits: int, g: int, rng, blocks: int = 1) -> tuple:
     return q, z, scales, g_idx
 
 
-def third_party_gptq_folder(folder: Path, src: Path, bits: int, v1: bool, blocks: int = 1) -> tuple:
+def third_party_gptq_folder(folder: Path, src: Path, bits: int, v1: bool, blocks: int = 1,
+                            shared_maps: bool = False) -> tuple:
     """`src` (a float fixture) with every projection asymmetric, act-order (desc_act, group 32)
     GPTQ-packed by tools/gptq_unpack.pack into `folder`; returns the folder and the independent
-    dequantization of each projection."""
+    dequantization of each projection. Each projection draws its own map, or with `shared_maps`
+    as GPTQ makes them: projections of the same input (q/k/v; an expert's gate/up) share one,
+    since GPTQ orders the columns by the Hessian of that input."""
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
@@ -186,12 +192,14 @@ def third_party_gptq_folder(folder: Path, src: Path, bits: int, v1: bool, blocks
     for f in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(f))
     rng = np.random.default_rng(bits)
-    out, deq = {}, {}
+    out, deq, maps = {}, {}, {}
     for name, W in tensors.items():
         if not name.endswith("proj.weight"):
             out[name] = W
             continue
-        q, z, s, g_idx = _asym_act_order(W, bits, 32, rng, blocks)
+        same_input = name.replace("up_proj", "gate_proj").replace("k_proj", "q_proj").replace("v_proj", "q_proj")
+        q, z, s, g_idx = _asym_act_order(W, bits, 32, rng, blocks, maps.get(same_input) if shared_maps else None)
+        maps[same_input] = g_idx
         packed = gptq_unpack.pack(q, z, s, g_idx, bits, v1=v1)
         prefix = name[:-len(".weight")]
         out.update({f"{prefix}.{k}": v for k, v in packed.items()})

@@ -121,11 +121,10 @@ def test_reload_equals_quantize_on_load(tmp_path):
     assert not list(tmp_path.glob(".q.tmp-*"))  # the temporary folder was renamed away
 
 
-@pytest.mark.parametrize("bits,v1", [(4, True), pytest.param(8, False, marks=pytest.mark.slow)])
-def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, composite):
-    folder, deq = third_party_gptq_folder(tmp_path / f"gptq{bits}", FP32, bits, v1)
-    qm = Qwen3MoeForCausalLM.from_pretrained(folder)
-    ref = Qwen3MoeForCausalLM.from_pretrained(FP32)  # fp32, weights replaced by the independent values
+def _independent_reference(qm, deq):
+    """The fp32 model holding the independent unpacker's dequantized weights (and the quantized
+    model's own int8 lm_head, quantized on load)."""
+    ref = Qwen3MoeForCausalLM.from_pretrained(FP32)
     params = {p.name: p for p in ref.get_parameters()}
     E = ref.config.num_experts
     for name, p in params.items():
@@ -140,8 +139,48 @@ def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, com
     head = quantized_cells(qm)["lm_head.weight"]  # the float lm_head is int8-quantized on load
     write_param(params["lm_head.weight"], dequantize(head.qweight.asnumpy(), head.scales.asnumpy(),
                                                      head.qzeros.asnumpy(), 8))
+    return ref
+
+
+@pytest.mark.parametrize("bits,v1", [(4, True), pytest.param(8, False, marks=pytest.mark.slow)])
+def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, composite):
+    """Maps drawn per projection (gate and up differ): the weights are held as stored with their
+    group maps, and the composite forward is the fp32 forward of the same values, bit for bit."""
+    folder, deq = third_party_gptq_folder(tmp_path / f"gptq{bits}", FP32, bits, v1)
+    qm = Qwen3MoeForCausalLM.from_pretrained(folder)
+    assert all(c.perm is None and c.g_idx is not None for n, c in quantized_cells(qm).items() if n != "lm_head.weight")
+    ref = _independent_reference(qm, deq)
     ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
     np.testing.assert_array_equal(qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy())
+
+
+# Sorting a projection's columns by group changes only the order of its fp32 sums (x[perm] @
+# W_sorted^T = x @ W^T in exact arithmetic): measured worst |difference| 1e-6 x max|logit| on
+# this 4-layer model (kernels and composite); a wrong order or packing gives O(1) differences.
+SORTED_TOL = 2e-5
+
+
+@pytest.mark.parametrize("bits,v1,kernels", [(4, True, True), (4, True, False), (8, False, True)])
+def test_act_order_folder_with_gptq_maps_runs_sorted(tmp_path, bits, v1, kernels, request):
+    """GPTQ's own maps (q/k/v and gate/up sharing theirs): the columns are sorted by group with an
+    input order perm (contiguous groups: the C++ kernels and the fused decode step apply), and
+    the logits and greedy tokens equal the independent dequantization's fp32 model."""
+    from qwen3moe.generation.fused_step import not_fused_reason
+
+    if not kernels:
+        request.getfixturevalue("composite")
+    folder, deq = third_party_gptq_folder(tmp_path / f"gptq{bits}", FP32, bits, v1, shared_maps=True)
+    qm = Qwen3MoeForCausalLM.from_pretrained(folder)
+    cells = {n: c for n, c in quantized_cells(qm).items() if n != "lm_head.weight"}
+    assert all(c.g_idx is None and c.perm is not None for c in cells.values())
+    assert not (cells["model.layers.0.self_attn.q_proj.weight"].perm.asnumpy() == np.arange(qm.config.hidden_size)).all()
+    assert (not_fused_reason(qm) is None) == kernels
+    ref = _independent_reference(qm, deq)
+    ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
+    a, b = qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy()
+    np.testing.assert_allclose(a, b, rtol=0, atol=SORTED_TOL * np.abs(b).max())
+    kw = dict(max_new_tokens=6, do_sample=False, ignore_eos=True)
+    np.testing.assert_array_equal(np.asarray(qm.generate(ids, **kw)), np.asarray(ref.generate(ids, **kw)))
 
 
 def _edit_config(folder, **changes) -> None:

@@ -222,6 +222,24 @@ def _gptq_cases(tmp_path, case: str):
     return third_party_gptq_folder(tmp_path / "q", src, 4, rest[0] == "v1", blocks=int(rest[1]))[0]
 
 
+def _as_stored(arrays: dict, bits: int) -> dict:
+    """A single-process load's tensors with each act-order weight as the ranks hold it: the
+    columns back in HF order and the group map g_idx [..., R, I] (one process holds them sorted
+    by group with an input order perm: io/gptq.sort_by_group)."""
+    from qwen3moe.layers.quant import pack, unpack
+
+    out = dict(arrays)
+    for name in [n for n in arrays if n.endswith(".perm")]:
+        base = name[:-len(".perm")]
+        inv = np.argsort(out.pop(name), -1)  # HF column k is stored column inv[k]
+        u = unpack(out[f"{base}.qweight"], bits if base != "lm_head" else 8)
+        out[f"{base}.qweight"] = pack(np.take_along_axis(u, np.broadcast_to(inv[..., None, :], u.shape), -1), bits)
+        g = u.shape[-1] // out[f"{base}.scales"].shape[-1]
+        R = 2 if base.endswith("gate_up_proj") else 1
+        out[f"{base}.g_idx"] = np.repeat((inv // g)[..., None, :], R, -2).astype(np.int32)
+    return out
+
+
 def _assert_gptq_rank_cells(rm, full: dict, bits: int, r: int) -> set:
     """Every quantized cell of rank model `rm` against the single-process tensors `full`:
     qweight is their slice; scales / qzeros too, except on an input-column split of an
@@ -287,9 +305,10 @@ def test_gptq_rank_cells_are_slices_of_the_single_process_load(tmp_path, case, l
 
     folder = _gptq_cases(tmp_path, case)
     one = Qwen3MoeForCausalLM.from_pretrained(folder, dtype="bfloat16")
-    full = {p.name: p for p in one.get_parameters()}
-    arrays = {name: p.asnumpy() for name, p in full.items() if p.dtype in (ms.uint8, ms.float16, ms.int32)}
     bits = 8 if "_8_" in case else 4
+    full = {p.name.replace(".perm", ".g_idx"): p for p in one.get_parameters()}
+    arrays = _as_stored({p.name: p.asnumpy() for p in one.get_parameters()
+                         if p.dtype in (ms.uint8, ms.float16, ms.int32)}, bits)
     seen = set()
     for r, rm in enumerate(_ranks(folder, Mesh(**layout), param_dtype=ms.bfloat16)):
         names = {p.name for p, _ in rm.entries}

@@ -27,19 +27,21 @@ from qwen3moe.layers.attention import grouped_attention
 
 def kernel_weight(obj) -> tuple:
     """One weight as the decode kernels take it: a Parameter or a Linear's weight -> (w,); a
-    quantized weight or linear (GPTQ names) -> (qweight, scales, qzeros)."""
+    quantized weight or linear (GPTQ names) -> (qweight, scales, qzeros[, perm])."""
     if getattr(obj, "qweight", None) is not None:
-        return (obj.qweight, obj.scales, obj.qzeros)
+        return obj.kernel_tensors()
     return (obj,) if isinstance(obj, Parameter) else (obj.weight,)
 
 
 def _kernel_readable(p: Parameter) -> bool:
     """Storage the decode kernels read: fp32 / bf16 (or uint16 bf16 bits) tensors and the
-    quantized layout; anything else (e.g. an act-order g_idx map) keeps the composite graph."""
+    quantized layout (with an act-order input order perm); anything else (e.g. an act-order
+    g_idx group map) keeps the composite graph."""
     if p.dtype in (ms.float32, ms.bfloat16, ms.uint16):
         return True
     leaf = p.name.rsplit(".", 1)[-1]
-    return (leaf in ("qweight", "qzeros") and p.dtype == ms.uint8) or (leaf == "scales" and p.dtype == ms.float16)
+    return ((leaf in ("qweight", "qzeros") and p.dtype == ms.uint8) or (leaf == "scales" and p.dtype == ms.float16)
+            or (leaf == "perm" and p.dtype == ms.int32))
 
 
 def step_cell_class(model: nn.Cell) -> type:
@@ -67,7 +69,7 @@ def not_fused_reason(model: nn.Cell) -> str | None:
             type(c).__module__.startswith("qwen3moe.parallel") for _, c in model.cells_and_names()):
         return "a parallel plan without fused steps"
     if not all(_kernel_readable(p) for p in model.get_parameters()):
-        return "a weight storage the kernels do not read (e.g. act-order GPTQ g_idx maps)"
+        return "a weight storage the kernels do not read (e.g. act-order GPTQ g_idx maps under a row split)"
     return "attention biases" if model.config.attention_bias else None
 
 

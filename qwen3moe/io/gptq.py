@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen3moe.io.safetensors_io import CheckpointError
-from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig
+from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig, pack, unpack, use_group_maps
 
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -190,19 +190,29 @@ def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
     # the float tensors first: the embedding's read transient comes before the quantized
     # weights are resident, not on top of them (the peak RSS of a 30B-class reload)
     used = set(load_plain(src, model, owned, config))
-    for name, cell in sorted(cells.items(), key=lambda kv: kv[0] != "lm_head.weight"):  # lm_head first, too
-        if name == "lm_head.weight":
-            used.update(quantize_cell(src, name, cell, config.num_experts))
-            continue
+    if "lm_head.weight" in cells:  # first, too
+        used.update(quantize_cell(src, "lm_head.weight", cells.pop("lm_head.weight"), config.num_experts))
+    try:
+        used.update(_fill_projections(src, cells, spec, config.num_experts))
+    except UnsortableMap:  # not GPTQ's own act-order maps: read them as stored (composite path)
+        use_group_maps(model)
+        used.update(_fill_projections(src, cells, spec, config.num_experts))
+    check_unexpected(src, used & set(src.where), config)
+    model.source_dir = directory
+    return model
+
+
+def _fill_projections(src, cells: dict, spec: GptqSpec, num_experts: int) -> set[str]:
+    """Every quantized cell but the lm_head from the folder's projections; returns the names read."""
+    used = set()
+    for name, cell in cells.items():
         m = _FUSED.match(name)
-        prefixes = ([f"{m.group(1)}.{j}.{p}" for j in range(config.num_experts)
+        prefixes = ([f"{m.group(1)}.{j}.{p}" for j in range(num_experts)
                      for p in (("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",))]
                     if m else [name[:-len(".weight")]])
         fill_from_gptq(src, cell, prefixes, spec)
         used.update(f"{p}.{k}" for p in prefixes for k in QUANT_KEYS)
-    check_unexpected(src, used & set(src.where), config)
-    model.source_dir = directory
-    return model
+    return used
 
 
 def read_projection(src, prefix: str, out_features: int, in_features: int, spec: GptqSpec):
@@ -226,7 +236,8 @@ def fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec, full: tuple |
     """Fill a quantized cell from the folder's projections `prefixes` (an expert stack: each
     expert's projections in order). `full`: (rows, inputs) of each stored projection (default:
     the cell's own); `split`: maps each projection read (qweight, scales, qzeros, g_idx) to the
-    part the cell keeps (a tensor-parallel rank's: parallel/quantized.fill_gptq_shard)."""
+    part the cell keeps (a tensor-parallel rank's: parallel/quantized.fill_gptq_shard). An
+    act-order cell with a perm gets each projection's columns sorted by group (sort_by_group)."""
     from qwen3moe.io.quantized import empty_arrays, fill_cell
 
     lead = tuple(cell.qweight.shape[:-2])
@@ -235,16 +246,44 @@ def fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec, full: tuple |
     full = full or (rows, cell.in_features)
     q, s, z = empty_arrays(cell)
     gi = None if cell.g_idx is None else np.empty(tuple(cell.g_idx.shape), np.int32)
+    perm = None if cell.perm is None else np.empty(tuple(cell.perm.shape), np.int32)
     for i, prefix in enumerate(prefixes):
         j, r = divmod(i, per)
         at = (j, slice(r * rows, (r + 1) * rows)) if lead else (slice(r * rows, (r + 1) * rows),)
         part = read_projection(src, prefix, *full, spec)
         if gi is not None and part[3] is None:  # plain groups in an act-order folder: the map k // g
             part = (*part[:3], np.arange(full[1], dtype=np.int32) // spec.config.group_for(full[1]))
+        if perm is not None:
+            packed, p = sort_by_group(part[0], part[3], cell.bits, cell.group_size, f"{src.directory}: {prefix}")
+            if r and not np.array_equal(p, perm[j] if lead else perm):
+                raise UnsortableMap(f"{src.directory}: {prefix}.g_idx differs from {prefixes[i - r]}.g_idx, and the "
+                                    f"fused gate/up stack has one input order")
+            part = (packed, *part[1:])
+            perm[j if lead else slice(None)] = p
         q[at], s[at], z[at], g_idx = part if split is None else split(part)
         if gi is not None:
             gi[(j, r) if lead else (r,)] = g_idx
-    fill_cell(cell, q, s, z, gi)
+    fill_cell(cell, q, s, z, gi, perm)
+
+
+class UnsortableMap(CheckpointError):
+    """An act-order map sort_by_group cannot turn into contiguous groups with one input order
+    (GPTQ's own maps always can: gate and up share their inputs, hence their map)."""
+
+
+def sort_by_group(packed: np.ndarray, g_idx: np.ndarray | None, bits: int, g: int, where: str) -> tuple:
+    """An act-order projection (qweight [O, P] in HF column order, its map g_idx [I] or None for
+    plain groups) -> (qweight with the columns sorted by group, perm [I]): stored column j is
+    HF column perm[j], and groups are contiguous again (GPTQ act-order puts exactly g columns in
+    each group), so the kernels read it with x[perm]."""
+    I = packed.shape[-1] * 8 // bits
+    if g_idx is None:
+        return packed, np.arange(I, dtype=np.int32)
+    perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+    if not np.array_equal(g_idx[perm], np.arange(I) // g):
+        raise UnsortableMap(f"{where}.g_idx does not put exactly {g} columns in each group (an act-order map "
+                              f"does: g_idx[order[i]] = i // group_size)")
+    return pack(unpack(packed, bits)[:, perm], bits), perm
 
 
 # ---- writing: float HF folder -> GPTQ folder, streaming -------------------------------------

@@ -27,8 +27,9 @@ def quantized_cells(model) -> dict[str, QuantizedWeight]:
 
 
 def fill_cell(cell: QuantizedWeight, qweight: np.ndarray, scales: np.ndarray, qzeros: np.ndarray,
-              g_idx: np.ndarray | None = None) -> None:
-    """Set a cell's tensors (shapes checked by the callers against the cell's)."""
+              g_idx: np.ndarray | None = None, perm: np.ndarray | None = None) -> None:
+    """Set a cell's tensors (shapes checked by the callers against the cell's); an act-order
+    cell's perm defaults to the identity (plain groups)."""
     from mindspore import Tensor
 
     cell.qweight.set_data(Tensor.from_numpy(np.ascontiguousarray(qweight, np.uint8)))
@@ -39,6 +40,10 @@ def fill_cell(cell: QuantizedWeight, qweight: np.ndarray, scales: np.ndarray, qz
         default = np.repeat(np.arange(G, dtype=np.int32), cell.in_features // G)
         g = np.broadcast_to(default if g_idx is None else g_idx, tuple(cell.g_idx.shape))
         cell.g_idx.set_data(Tensor.from_numpy(np.ascontiguousarray(g, np.int32)))
+    if cell.perm is not None:
+        p = np.broadcast_to(np.arange(cell.in_features, dtype=np.int32) if perm is None else perm,
+                            tuple(cell.perm.shape))
+        cell.perm.set_data(Tensor.from_numpy(np.ascontiguousarray(p, np.int32)))
 
 
 def empty_arrays(cell: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,11 +10,14 @@ In-memory layout (the contract with qwen3moe.kernels.quant):
           along I, LOW nibble = even input index k, HIGH nibble = odd k, u in 0..15.
   scales  float16 [..., O, G];  qzeros uint8 [..., O, G] (zero point z; symmetric: 128 / 8).
   W[o, k] = (u[o, k] - z[o, k // g]) * float32(scales[o, k // g]).
-  g_idx   optional int32 [..., R, I] (GPTQ act-order folders only): the group of input k is
-          g_idx[r, k] instead of k // g, for each of R row blocks of O // R rows (R = 2 for the
-          fused gate_up stack: gate rows, then up rows). Composite path only. A cell holding some
-          input columns of its rows (a tensor-parallel rank's) keeps all the rows' G groups
-          (hold_groups): the map's values index them.
+  perm    optional int32 [..., I] (GPTQ act-order folders, one process): the stored columns are
+          the HF columns sorted by group, so groups are contiguous again, and stored column j
+          multiplies input perm[j]: y = W_stored @ x[perm] (exact; the kernels gather x).
+  g_idx   optional int32 [..., R, I] (act-order folders under a row-parallel split only,
+          use_group_map): the group of input k is g_idx[r, k] instead of k // g, for each of R
+          row blocks of O // R rows (R = 2 for the fused gate_up stack: gate rows, then up rows).
+          Composite path only. A cell holding some input columns of its rows (a tensor-parallel
+          rank's) keeps all the rows' G groups (hold_groups): the map's values index them.
 Quantizing here is symmetric round-to-nearest: s = max|W_group| / qmax rounded UP to float16
 (qmax = 127 / 7), u = round(W / s) + z, so |W - dequant| <= s / 2 per element (nothing clipped).
 """
@@ -185,8 +188,14 @@ def unpack(qweight: np.ndarray, bits: int) -> np.ndarray:
 
 
 def dequantize(qweight: np.ndarray, scales: np.ndarray, qzeros: np.ndarray, bits: int,
-               g_idx: np.ndarray | None = None) -> np.ndarray:
-    """The format's dequantization: float32 W [..., O, I]."""
+               g_idx: np.ndarray | None = None, perm: np.ndarray | None = None) -> np.ndarray:
+    """The format's dequantization: float32 W [..., O, I] (with `perm`: in the HF column order,
+    column perm[j] = stored column j)."""
+    if perm is not None:
+        w = dequantize(qweight, scales, qzeros, bits)
+        out = np.empty_like(w)
+        np.put_along_axis(out, np.broadcast_to(np.asarray(perm)[..., None, :], w.shape), w, -1)
+        return out
     u = unpack(qweight, bits).astype(np.float32)
     *lead, O, I = u.shape
     G = scales.shape[-1]
@@ -227,10 +236,11 @@ def _zeros(shape: tuple, dtype, name: str) -> Parameter:
 
 
 class QuantizedWeight(nn.Cell):
-    """One quantized weight [..., O, I] (GPTQ tensor names qweight / scales / qzeros / g_idx)."""
+    """One quantized weight [..., O, I] (GPTQ tensor names qweight / scales / qzeros, and the
+    act-order input order perm, or its group map g_idx after use_group_map)."""
 
     def __init__(self, lead: tuple, out_features: int, in_features: int, bits: int, group_size: int,
-                 row_blocks: int = 0) -> None:
+                 act_order: bool = False, row_blocks: int = 1) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
@@ -238,12 +248,29 @@ class QuantizedWeight(nn.Cell):
             raise ValueError(f"group_size {group_size} does not divide the input dimension {in_features}")
         self.bits, self.group_size = bits, group_size
         self.out_features, self.in_features = out_features, in_features
+        self.row_blocks = row_blocks  # blocks of rows with a group map each (2: the gate_up stack)
         shape, G = (*lead, out_features), in_features // group_size
         self.qweight = _zeros((*shape, in_features * bits // 8), ms.uint8, "qweight")
         self.scales = _zeros((*shape, G), ms.float16, "scales")
         self.qzeros = _zeros((*shape, G), ms.uint8, "qzeros")
-        # act-order group map (GPTQ desc_act folders); row_blocks 0 = plain k // g groups
-        self.g_idx = _zeros((*lead, row_blocks, in_features), ms.int32, "g_idx") if row_blocks else None
+        self.perm = _zeros((*lead, in_features), ms.int32, "perm") if act_order else None
+        self.g_idx = None
+
+    def use_group_map(self) -> None:
+        """Hold act-order weights as stored (columns in HF order, the group map g_idx per row
+        block) instead of sorted with perm: a tensor-parallel rank splitting the input columns
+        needs them so. Composite path only. Before loading: the Parameters are replaced."""
+        if self.perm is None:
+            raise ValueError("use_group_map: only an act-order cell has a group map")
+        lead = tuple(self.qweight.shape[:-2])
+        self.perm = None
+        self.g_idx = _zeros((*lead, self.row_blocks, self.in_features), ms.int32, "g_idx")
+
+    def kernel_tensors(self) -> tuple:
+        """The weight as the C++ kernels take it (kernels/quant.py): (qweight, scales, qzeros[, perm])."""
+        if self.perm is None:
+            return (self.qweight, self.scales, self.qzeros)
+        return (self.qweight, self.scales, self.qzeros, self.perm)
 
     def hold_groups(self, groups: int) -> None:
         """Scales / zeros of `groups` groups per row instead of in_features // group_size: an
@@ -256,6 +283,7 @@ class QuantizedWeight(nn.Cell):
         self.qzeros = _zeros(shape, ms.uint8, "qzeros")
 
     def dequant(self) -> Tensor:
+        """float32 W [..., O, I] in the stored column order (a perm cell's inputs: permute_inputs)."""
         return dequant_graph(self.qweight, self.scales, self.qzeros, self.bits, self.g_idx)
 
     def dequant_rows(self, idx_N: Tensor) -> Tensor:
@@ -263,6 +291,16 @@ class QuantizedWeight(nn.Cell):
         g_idx = None if self.g_idx is None else ops.gather(self.g_idx, idx_N, 0)
         return dequant_graph(ops.gather(self.qweight, idx_N, 0), ops.gather(self.scales, idx_N, 0),
                              ops.gather(self.qzeros, idx_N, 0), self.bits, g_idx)
+
+    def permute_inputs(self, x_NBI: Tensor, idx_N: Tensor | None = None) -> Tensor:
+        """x in the stored column order: x[..., perm] (stacked weights: entry idx_N[n]'s perm for
+        x[n]); unchanged without a perm."""
+        if self.perm is None:
+            return x_NBI
+        if idx_N is None:
+            return ops.gather(x_NBI, self.perm, x_NBI.ndim - 1)
+        p_NBI = ops.broadcast_to(ops.gather(self.perm, idx_N, 0).expand_dims(1), x_NBI.shape)
+        return ops.gather_elements(x_NBI, 2, p_NBI)
 
 
 class QuantizedLinear(QuantizedWeight):
@@ -272,16 +310,20 @@ class QuantizedLinear(QuantizedWeight):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  act_order: bool = False, act8: bool = False) -> None:
-        super().__init__((), out_features, in_features, bits, group_size, 1 if act_order else 0)
+        super().__init__((), out_features, in_features, bits, group_size, act_order)
         self.bias = None  # attention_bias models are refused by the quantized build
         self.matmul = ops.MatMul(transpose_b=True)
-        self.use_kernel = kernel_available() and not act_order
+        self.use_kernel = kernel_available()
         self.act8 = act8
+
+    def use_group_map(self) -> None:
+        super().use_group_map()
+        self.use_kernel = False  # the kernels read contiguous groups only
 
     def construct(self, x_TI: Tensor) -> Tensor:
         if self.use_kernel:
-            return quant_kernel.linear(x_TI, self.qweight, self.scales, self.qzeros, self.bits, act8=self.act8)
-        return self.matmul(x_TI, self.dequant())
+            return quant_kernel.linear(x_TI, self.kernel_tensors(), act8=self.act8)
+        return self.matmul(self.permute_inputs(x_TI), self.dequant())
 
 
 class QuantizedExperts(nn.Cell):
@@ -293,22 +335,44 @@ class QuantizedExperts(nn.Cell):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         E, H, I = num_experts, hidden_size, intermediate_size
-        self.gate_up_proj = QuantizedWeight((E,), 2 * I, H, bits, group_size_h, 2 if act_order else 0)
-        self.down_proj = QuantizedWeight((E,), H, I, bits, group_size_i, 1 if act_order else 0)
+        self.gate_up_proj = QuantizedWeight((E,), 2 * I, H, bits, group_size_h, act_order, row_blocks=2)
+        self.down_proj = QuantizedWeight((E,), H, I, bits, group_size_i, act_order)
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
-        self.use_kernel = kernel_available() and not act_order
+        self.use_kernel = kernel_available()
         self.act8 = act8  # the opt-in int8-activation kernels
+
+    def use_group_map(self) -> None:
+        """Both stacks as stored with their group maps (QuantizedWeight.use_group_map): composite
+        only, so the owning MoE block must take its `blocks` path."""
+        self.gate_up_proj.use_group_map()
+        self.down_proj.use_group_map()
+        self.use_kernel = False
 
     def blocks(self, x_RH: Tensor, expert_NB: Tensor) -> Tensor:
         """Each block of b rows through its expert, dequantizing only the blocks' experts."""
         NB = expert_NB.shape[0]
         R, H = x_RH.shape
-        gu = self.bmm_t(x_RH.reshape(NB, R // NB, H), self.gate_up_proj.dequant_rows(expert_NB))
+        x_NBH = self.gate_up_proj.permute_inputs(x_RH.reshape(NB, R // NB, H), expert_NB)
+        gu = self.bmm_t(x_NBH, self.gate_up_proj.dequant_rows(expert_NB))
         I = self.intermediate_size
-        h = ops.silu(gu[..., :I]) * gu[..., I:]
+        h = self.down_proj.permute_inputs(ops.silu(gu[..., :I]) * gu[..., I:], expert_NB)
         return self.bmm_t(h, self.down_proj.dequant_rows(expert_NB)).reshape(R, H)
 
     def fused(self, x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
-        gu, d = self.gate_up_proj, self.down_proj
-        return quant_kernel.moe_experts(x_TH, idx_TK, w_TK.astype(x_TH.dtype), gu.qweight, gu.scales,
-                                        gu.qzeros, d.qweight, d.scales, d.qzeros, gu.bits, act8=self.act8)
+        return quant_kernel.moe_experts(x_TH, idx_TK, w_TK.astype(x_TH.dtype), self.gate_up_proj.kernel_tensors(),
+                                        self.down_proj.kernel_tensors(), act8=self.act8)
+
+
+def use_group_maps(model: nn.Cell) -> None:
+    """Every act-order cell of `model` as stored with its group maps (use_group_map): the
+    composite path. A row-parallel rank needs it (a row split cuts the sorted groups), and a
+    folder whose maps cannot be sorted (io/gptq.sort_by_group). Before loading."""
+    for _, cell in model.cells_and_names():
+        experts = getattr(cell, "experts", None)
+        if isinstance(experts, QuantizedExperts) and experts.gate_up_proj.perm is not None:
+            experts.use_group_map()
+            cell.use_kernel = False  # the MoE block's fused op reads contiguous groups only
+        elif isinstance(cell, QuantizedLinear) and cell.perm is not None:
+            cell.use_group_map()
+    for name, p in model.parameters_and_names():
+        p.name = name  # a Parameter set on an attached cell keeps its bare name ("g_idx")

@@ -24,7 +24,7 @@ import numpy as np
 
 from qwen3moe.io.gptq import QUANT_KEYS, GptqSpec, fill_from_gptq
 from qwen3moe.io.quantized import empty_arrays, fill_cell, quantize_rows
-from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight, quantize
+from qwen3moe.layers.quant import QuantizationConfig, QuantizationError, QuantizedWeight, quantize, use_group_maps
 from qwen3moe.parallel.mesh import Mesh
 from qwen3moe.parallel.ranks import ShardInfo, checked, expert_slices, row_blocks
 
@@ -100,12 +100,17 @@ def check_gptq_layout(cfg, mesh: Mesh, spec: GptqSpec, directory) -> None:
 
 
 def hold_row_groups(model, cfg, mesh: Mesh, spec: GptqSpec | None) -> None:
-    """An act-order GPTQ folder under a row split: each row-parallel cell (o_proj, dense down_proj
-    over tp, the experts' down_proj over etp) holds all G groups of its whole rows, as its
-    columns' g_idx may name any of them (QuantizedWeight.hold_groups; G * O scales and zeros
-    more a rank). Call on the freshly built rank model, before its Parameters are named."""
-    if spec is None or not spec.config.desc_act or spec.config.group_size == -1:
-        return  # plain groups split in blocks; per channel: the one group of each row
+    """An act-order GPTQ folder on ranks: every act-order cell holds its weights as stored, with
+    their group maps (use_group_map; the composite path, as a row split cuts the sorted groups);
+    each row-parallel cell (o_proj, dense down_proj over tp, the experts' down_proj over etp)
+    holds all G groups of its whole rows, as its columns' g_idx may name any of them
+    (QuantizedWeight.hold_groups; G * O scales and zeros more a rank). Call on the freshly built
+    rank model, before its Parameters are named."""
+    if spec is None or not spec.config.desc_act:
+        return
+    use_group_maps(model)
+    if spec.config.group_size == -1:
+        return  # per channel: the one group of each row
     split = {what: (n, d) for what, n, d, _, _ in _row_parallel_dims(cfg, mesh) if d > 1}
     for name, cell in model.cells_and_names():
         hit = next((w for w in split if name.endswith("." + w)), None)
