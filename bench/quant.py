@@ -65,6 +65,7 @@ MODES = {
     # the opt-in int8-activation kernels, prefill and decode (QuantizationConfig(activations="int8"))
     "int8-a8": dict(quantization="int8", activations="int8"),
     "int4-a8": dict(quantization="int4", group_size=128, activations="int8"),
+    "stored": dict(dtype="bfloat16"),  # a quantized (GPTQ) folder as stored: bench/act_order.py
 }
 LLAMA_MODES = {"F32": "F32", "Q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
 PAIRS = (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int8-a8", "Q8_0"), ("int4-a8", "Q4_K_M"), ("fp32", "F32"))
