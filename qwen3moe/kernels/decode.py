@@ -16,8 +16,10 @@ callbacks):
 - `cache_write(k_BKSD, v_BKSD, k_cache, v_cache, meta_4)` -> [1]: copies a prefill's k/v into the
   cache Parameters in place at slots meta[0] .. meta[0] + S - 1 (order it with ops.depend).
 Every weight (q/k/v/o, router, gate_up, down, lm_head) is passed as one float32 or bfloat16
-tensor or as three (qweight uint8, scales float16, qzeros uint8: the layout of kernels/quant.py),
-the norm weights as float32 or bfloat16; the kernels dequantize rows in registers (fp32 math).
+tensor or as three (qweight uint8, scales float16, qzeros uint8: the layout of kernels/quant.py)
+or four (+ perm int32 [I], [E, I] for gate_up / down: act-order input permutation, see
+kernels/quant.py; the op gathers its input by it), the norm weights as float32 or bfloat16; the
+kernels dequantize rows in registers (fp32 math).
 On a parallel rank (parallel/fused_step.py) the ops return the branch's partial output, which the
 caller all-reduces before adding the residual: `attn` with fcfg = (eps, scale, 0, 1) over the
 rank's q/kv heads and o_proj columns; `moe` with fcfg = (eps, scale, 0, 1, lo), router [E_all, H]

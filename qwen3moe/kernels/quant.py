@@ -7,7 +7,10 @@ pattern, as the model holds bf16 weights it gathers from), or
 `(qweight, scales, qzeros)` for the quantized layout of docs/quantization.md: qweight uint8
 [O, I] (8 bits) or [O, I // 2] (4 bits, low nibble = even input index), scales float16 [O, G],
 qzeros uint8 [O, G]; W[o, k] = (u[o, k] - z[o, k // g]) * scales[o, k // g]. Experts carry a
-leading E on each tensor.
+leading E on each tensor. A quantized weight may carry a fourth tensor, `perm` int32 [I] ([E, I]
+for experts): its input columns are stored in that order (act-order GPTQ with the columns sorted
+by group), y[o] = sum_j W[o, j] * x[perm[j]]; the kernels gather x by perm first (csrc/quant_perm.h).
+perm must be a permutation of 0..I-1 (the loader's promise); the kernels fail on an entry outside.
 - `linear(x, *weight)` = x @ W^T: streaming dequantized rows (GEMV) for a few rows, dequantized
   row blocks + a register-blocked fp32 micro-kernel for many.
 - `moe_experts(x_TH, idx_TK, w_TK, gate_up, down)` (or the six quantized tensors, + bits) = sum_j w_tj SwiGLU_{idx_tj}(x_t) (the fp32
@@ -56,17 +59,17 @@ def _moe_op(name: str):
 
 
 def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -> None:
-    """ValueError naming `name` unless `weight` is a bf16 matrix or a (qweight, scales, qzeros)
-    triple in the documented layout with input width `in_features` (and leading dims `lead`)."""
+    """ValueError naming `name` unless `weight` is a bf16 matrix or a (qweight, scales, qzeros[, perm])
+    tuple in the documented layout with input width `in_features` (and leading dims `lead`)."""
     if len(weight) == 1:
         (w,) = weight
         if w.dtype not in (ms.bfloat16, ms.uint16) or tuple(w.shape[:-2]) != lead or w.shape[-1] != in_features:
             raise ValueError(f"{name}: expected a bfloat16 [{', '.join(map(str, lead + ('O',)))}, {in_features}] "
                              f"weight, got {w.dtype} {tuple(w.shape)}")
         return
-    if len(weight) != 3:
-        raise ValueError(f"{name}: expected (weight,) or (qweight, scales, qzeros), got {len(weight)} tensors")
-    q, s, z = weight
+    if len(weight) not in (3, 4):
+        raise ValueError(f"{name}: expected (weight,) or (qweight, scales, qzeros[, perm]), got {len(weight)} tensors")
+    q, s, z = weight[:3]
     last = q.shape[-1]
     ok = (q.dtype == ms.uint8 and s.dtype == ms.float16 and z.dtype == ms.uint8 and last in (in_features, in_features // 2)
           and len(q.shape) == len(lead) + 2 and tuple(q.shape[:-2]) == lead and tuple(s.shape) == tuple(z.shape)
@@ -77,6 +80,9 @@ def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -
         raise ValueError(f"{name}: expected qweight uint8 [..., O, {in_features} or {in_features // 2}], "
                          f"scales float16 [..., O, G], qzeros uint8 [..., O, G] with G dividing {in_features}; got "
                          f"{q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}, {z.dtype} {tuple(z.shape)}")
+    if len(weight) == 4 and (weight[3].dtype != ms.int32 or tuple(weight[3].shape) != lead + (in_features,)):
+        raise ValueError(f"{name}: expected perm int32 {list(lead + (in_features,))}, got {weight[3].dtype} "
+                         f"{tuple(weight[3].shape)}")
 
 
 def _split(args: tuple) -> tuple:
@@ -92,13 +98,13 @@ def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
     if bits is None:
         return
     want = {8: in_features, 4: in_features // 2}.get(bits)
-    if len(weight) != 3 or weight[0].shape[-1] != want:
+    if len(weight) not in (3, 4) or weight[0].shape[-1] != want:
         raise ValueError(f"{name}: bits={bits} does not match qweight {tuple(weight[0].shape)} for input width "
                          f"{in_features}")
 
 
 def linear(x: Tensor, *weight, act8: bool = False) -> Tensor:
-    """x [..., I] float32 @ W^T -> [..., O] float32; weight = (w,) / (qweight, scales, qzeros)
+    """x [..., I] float32 @ W^T -> [..., O] float32; weight = (w,) / (qweight, scales, qzeros[, perm])
     as one tuple or loose tensors, optionally followed by bits (checked against the shapes);
     act8: int8 activations (see the module docstring)."""
     weight, bits = _split(weight)
@@ -111,12 +117,15 @@ def linear(x: Tensor, *weight, act8: bool = False) -> Tensor:
 
 def moe_experts(x_TH: Tensor, idx_TK: Tensor, w_TK: Tensor, *weights, act8: bool = False) -> Tensor:
     """Fused experts forward; idx int32 in [0, E), x and w float32. weights = (gate_up tuple,
-    down tuple), or gate_up then down tensors (1 + 1 or 3 + 3) optionally followed by bits;
-    act8: int8 activations (see the module docstring)."""
+    down tuple) (each may carry a perm), or gate_up then down tensors (1 + 1, 3 + 3 or, both with
+    a perm, 4 + 4) optionally followed by bits; act8: int8 activations (see the module docstring)."""
     if len(weights) == 2 and isinstance(weights[0], tuple) and isinstance(weights[1], tuple):
         gate_up, down, bits = weights[0], weights[1], None
     else:
         flat, bits = _split(weights)
+        if len(flat) not in (2, 6, 8):
+            raise ValueError(f"moe_experts: expected gate_up then down as 1 + 1, 3 + 3 or 4 + 4 tensors, got "
+                             f"{len(flat)} (pass (gate_up, down) tuples when only one carries a perm)")
         half = len(flat) // 2
         gate_up, down = flat[:half], flat[half:]
     E = gate_up[0].shape[0]

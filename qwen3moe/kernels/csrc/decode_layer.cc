@@ -31,7 +31,8 @@ static const int64_t kChunk = 64;
 static inline int64_t nchunks(int64_t rows) { return (rows + kChunk - 1) / kChunk; }
 
 // Walks the aot params in order: single tensors, and weights that are one param (float32 or
-// bfloat16) or three (qweight, scales, qzeros; quant_common.h parse_weight). Any mismatch sets ok.
+// bfloat16) or three (qweight, scales, qzeros) or four (+ perm int32 lead + [I]: act-order, see
+// quant_perm.h; quant_common.h parse_weight). Any mismatch sets ok.
 struct Args {
   int n;
   void **p;
@@ -77,7 +78,9 @@ static inline bool act8_mode(int *ndims, int64_t **shapes, int ifcfg, const floa
 //         fcfg float32 [2], [3] or [4] (rms eps, attention scale[, 1 = int8 activations (act8_mode)[, partial]])
 // output: y [B,S,H] = x + o_proj(attention(rms(x))); partial != 0: o_proj(attention(rms(x))) only
 // (a tensor-parallel rank: its heads and o_proj columns; the caller all-reduces, then adds x)
-// Each weight is float32, bfloat16 or (qweight, scales, qzeros) (see Args); norms float32 or bf16.
+// Each weight is float32, bfloat16 or (qweight, scales, qzeros[, perm]) (see Args); norms float32 or
+// bf16. A perm over H (wq / wk / wv) gathers the normed x for that weight, one over N*D (wo) the
+// attention output.
 // Query s of row b is written to slot meta[0] + s and sees the keys its bias row allows.
 extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
@@ -114,17 +117,19 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t R = d.B * d.S, QKV = ND + 2 * KD;
   avec<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);  // aligned: see avec
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
-  ActQ xq8, xq4, oq8, oq4;
-  const XIn xin = prepare_x(xn.data(), d.H, R, d.H, act8, {&wq, &wk, &wv}, xq8, xq4);
+  const QMat *wqkv[3] = {&wq, &wk, &wv}, *wout[1] = {&wo};
+  XBuf xb[3], ob;
+  XIn xin[3], oin;
+  prepare_each(wqkv, 3, xn.data(), d.H, R, d.H, act8, xb, xin);
   Pool &pool = Pool::get();
   // q | k | v projections as one row range over the three weights
   const int64_t cq = nchunks(ND), ck = nchunks(KD);
   pool.run(cq + 2 * ck, [&](int64_t c) {
-    const QMat &W = c < cq ? wq : (c < cq + ck ? wk : wv);
-    const int64_t rows = c < cq ? ND : KD, base = c < cq ? 0 : (c < cq + ck ? ND : ND + KD);
-    const int64_t cc = c < cq ? c : (c < cq + ck ? c - cq : c - cq - ck);
+    const int w = c < cq ? 0 : (c < cq + ck ? 1 : 2);
+    const int64_t rows = w == 0 ? ND : KD, base = w == 0 ? 0 : (w == 1 ? ND : ND + KD);
+    const int64_t cc = w == 0 ? c : (w == 1 ? c - cq : c - cq - ck);
     const int64_t o0 = cc * kChunk, o1 = o0 + kChunk < rows ? o0 + kChunk : rows;
-    mat_dot(W, o0, o1, xin, qkv.data() + base, QKV);
+    mat_dot(*wqkv[w], o0, o1, xin[w], qkv.data() + base, QKV);
   });
   const AttnStep step{d, qkv.data(), QKV, ND, KD, slot0, qn, kn, cos, sin, bias, eps, scale, p.data(), o.data()};
   void *kc = params[ikc], *vc = params[ivc];
@@ -136,7 +141,7 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
     else
       attn_task(step, static_cast<float *>(kc), static_cast<float *>(vc), bk);
   });
-  const XIn oin = prepare_x(o.data(), ND, R, ND, act8, {&wo}, oq8, oq4);
+  prepare_each(wout, 1, o.data(), ND, R, ND, act8, &ob, &oin);
   pool.run(nchunks(d.H), [&](int64_t c) {
     const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.H ? o0 + kChunk : d.H;
     mat_dot(wo, o0, o1, oin, y, d.H);
@@ -171,8 +176,47 @@ static void route(const float *logits, const MoeDims &d, bool norm, int32_t *idx
     for (int64_t j = 0; j < d.K; ++j) w[j] /= tot;
 }
 
-// inputs: h [R,H], ln2 [H], router [E,H], gate_up [E,2I,H], down [E,H,I],
-//         meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2 or 3] (rms eps, unused[, int8 activations])
+// The assignments of the step sorted by expert (stable counting sort): row[a] is assignment a's
+// row in expert order (-1: an expert held by another rank), off[e] .. off[e + 1] expert e's rows,
+// active the experts with rows. idx in: router experts; out: this op's local index (idx - lo) or -1.
+// False if an active expert's perm (gate_up over H, down over I) has an entry out of range.
+struct Assign {
+  std::vector<int64_t> off, row, active;
+};
+
+static bool sort_assignments(const MoeDims &d, int32_t *idx, const QMat &wgu, const QMat &wd, Assign &s) {
+  const int64_t A = d.R * d.K;
+  for (int64_t a = 0; a < A; ++a) idx[a] = idx[a] >= d.lo && idx[a] < d.lo + d.E ? idx[a] - d.lo : -1;
+  s.off.assign(d.E + 1, 0), s.row.assign(A, -1);
+  for (int64_t a = 0; a < A; ++a)
+    if (idx[a] >= 0) ++s.off[idx[a] + 1];
+  for (int64_t e = 0; e < d.E; ++e) s.off[e + 1] += s.off[e];
+  std::vector<int64_t> cur(s.off.begin(), s.off.end() - 1);
+  for (int64_t a = 0; a < A; ++a)
+    if (idx[a] >= 0) s.row[a] = cur[idx[a]]++;
+  for (int64_t e = 0; e < d.E; ++e) {
+    if (s.off[e + 1] == s.off[e]) continue;
+    s.active.push_back(e);
+    if ((wgu.perm && !perm_in_range(wgu.perm_of(e), d.H)) || (wd.perm && !perm_in_range(wd.perm_of(e), d.I)))
+      return false;
+  }
+  return true;
+}
+
+// Width of the ffn slices of the expert tasks, for na active experts: experts are split only when
+// there are fewer than ~2 tasks per thread (batch 1), at whole groups of down's input; a down with
+// an input permutation is not split (its columns need the whole SwiGLU output, gathered).
+static int64_t ffn_slice(const MoeDims &d, const QMat &wd, int64_t na) {
+  const int64_t threads = Pool::get().threads();
+  const int64_t P = na >= 2 * threads ? 1 : (2 * threads + na - 1) / (na > 0 ? na : 1);  // na 0: no local rows
+  const int64_t gran = wd.quantized() ? (wd.g + 15) / 16 * 16 : 16;  // down slices: whole groups
+  const int64_t Is = ((d.I + P - 1) / P + gran - 1) / gran * gran;
+  if ((wd.quantized() && Is % wd.g != 0) || wd.perm || Is > d.I) return d.I;
+  return Is;
+}
+
+// inputs: h [R,H], ln2 [H], router [E,H], gate_up [E,2I,H], down [E,H,I] (each may carry a perm:
+//         router [H], gate_up [E,H], down [E,I]; see Args), meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2 or 3] (rms eps, unused[, int8 activations])
 //         or [5] (..., int8 activations, partial, lo)
 // output: y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h)); weights and ln2 as in DecodeAttn.
 // Parallel ranks (fcfg [5]): the router has all Er experts and gate_up / down hold experts
@@ -208,43 +252,33 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   avec<float> z(d.R * d.H), logits(d.R * d.Er), w(A);
   std::vector<int32_t> idx(A);
   for (int64_t r = 0; r < d.R; ++r) rms(h + r * d.H, ln2, d.H, fcfg[0], z.data() + r * d.H);
+  avec<float> zg;  // z gathered by the router's perm (range-checked by parse_weight)
+  if (wr.perm) zg.resize(d.R * d.H), gather_rows(wr.perm, d.H, z.data(), d.H, d.R, zg.data(), d.H);
+  const float *zr = wr.perm ? zg.data() : z.data();
   Pool &pool = Pool::get();
   pool.run(nchunks(d.Er), [&](int64_t c) {  // the router's rows on both threads too
     const int64_t o0 = c * kChunk, o1 = o0 + kChunk < d.Er ? o0 + kChunk : d.Er;
-    mat_dot(wr, o0, o1, z.data(), d.H, d.R, logits.data(), d.Er);
+    mat_dot(wr, o0, o1, zr, d.H, d.R, logits.data(), d.Er);
   });
   for (int64_t r = 0; r < d.R; ++r)
     route(logits.data() + r * d.Er, d, meta[2] != 0, idx.data() + r * d.K, w.data() + r * d.K);
-  // stable counting sort of the assignments to this op's experts (local index idx - lo; others
-  // get row -1); zs holds their rows in expert order
-  for (int64_t a = 0; a < A; ++a) idx[a] = idx[a] >= d.lo && idx[a] < d.lo + d.E ? idx[a] - d.lo : -1;
-  std::vector<int64_t> off(d.E + 1, 0), row(A, -1);
-  for (int64_t a = 0; a < A; ++a)
-    if (idx[a] >= 0) ++off[idx[a] + 1];
-  for (int64_t e = 0; e < d.E; ++e) off[e + 1] += off[e];
-  std::vector<int64_t> cur(off.begin(), off.end() - 1);
-  for (int64_t a = 0; a < A; ++a)
-    if (idx[a] >= 0) row[a] = cur[idx[a]]++;
-  avec<float> zs(A * d.H);
-  for (int64_t a = 0; a < A; ++a)
-    if (row[a] >= 0) std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
+  Assign as;
+  if (!sort_assignments(d, idx.data(), wgu, wd, as)) return 1;
+  const std::vector<int64_t> &off = as.off, &row = as.row, &active = as.active;
+  avec<float> zs(A * d.H);  // the assignments' rows in expert order, gathered by gate_up's perm
+  for (int64_t a = 0; a < A; ++a) {
+    if (row[a] < 0) continue;
+    if (wgu.perm)
+      gather_rows(wgu.perm_of(idx[a]), d.H, z.data() + (a / d.K) * d.H, d.H, 1, zs.data() + row[a] * d.H, d.H);
+    else
+      std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
+  }
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   ActQ zq8, zq4;
   const XIn zin = prepare_x(zs.data(), d.H, A, d.H, act8, {&wgu}, zq8, zq4);
-  std::vector<int64_t> active;
-  for (int64_t e = 0; e < d.E; ++e)
-    if (off[e + 1] > off[e]) active.push_back(e);
-  // Tasks: (active expert, slice of its ffn width). Each task runs gate/up rows, SwiGLU and its
-  // slice of the down projection without a barrier; slices split an expert only when there are
-  // fewer experts than ~2 tasks per thread (batch 1), and their partial outputs are summed last.
-  const int64_t na = static_cast<int64_t>(active.size());
-  const int64_t threads = Pool::get().threads();
-  int64_t P = na >= 2 * threads ? 1 : (2 * threads + na - 1) / (na > 0 ? na : 1);  // na 0: no local rows
-  const int64_t gran = wd.quantized() ? (wd.g + 15) / 16 * 16 : 16;  // down slices: whole groups
-  int64_t Is = ((d.I + P - 1) / P + gran - 1) / gran * gran;
-  if (wd.quantized() && Is % wd.g != 0) Is = d.I;
-  if (Is > d.I) Is = d.I;
-  P = (d.I + Is - 1) / Is;
+  // Tasks: (active expert, slice of its ffn width, ffn_slice). Each task runs gate/up rows, SwiGLU
+  // and its slice of the down projection without a barrier; partial outputs are summed last.
+  const int64_t na = static_cast<int64_t>(active.size()), Is = ffn_slice(d, wd, na), P = (d.I + Is - 1) / Is;
   avec<float> gu(A * 2 * Is * P), ye(P * A * d.H);
   pool.run(na * P, [&](int64_t task) {
     const int64_t e = active[task / P], part = task % P, i0 = part * Is;
@@ -259,10 +293,14 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
         const float gv = g[a * Is + i];
         g[a * Is + i] = gv / (1.0f + std::exp(-gv)) * u[a * Is + i];
       }
-    // down slice: ye[part][r0 + a][h] = wd[e][h, i0:i0+ni] . act[a, :ni]
+    // down slice: ye[part][r0 + a][h] = wd[e][h, i0:i0+ni] . act[a, :ni] (a perm: one slice, act gathered)
     const QMat wds = wd.rows(e * d.H).cols(i0, ni);
+    thread_local avec<float> gp;
+    const float *act = g;
+    if (wd.perm) gp.resize(n * ni), gather_rows(wd.perm_of(e), ni, g, Is, n, gp.data(), ni), act = gp.data();
     ActQ gq8, gq4;
-    mat_dot(wds, 0, d.H, prepare_x(g, Is, n, ni, act8, {&wds}, gq8, gq4), ye.data() + (part * A + r0) * d.H, d.H);
+    const XIn ain = prepare_x(act, wd.perm ? ni : Is, n, ni, act8, {&wds}, gq8, gq4);
+    mat_dot(wds, 0, d.H, ain, ye.data() + (part * A + r0) * d.H, d.H);
   });
   pool.run(d.R, [&](int64_t r) {
     float *yr = y + r * d.H;
@@ -315,7 +353,8 @@ extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// inputs: x [B,S,H], norm [H], lm_head [V,H] (any weight storage, see Args), fcfg float32 [2 or 3]
+// inputs: x [B,S,H], norm [H], lm_head [V,H] (any weight storage, see Args; a perm gathers rms(x)),
+//         fcfg float32 [2 or 3]
 // output: logits [B,V] of the last position: lm_head(rms(x[:, S-1]))
 extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
@@ -333,8 +372,10 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   float *y = static_cast<float *>(params[iy]);
   avec<float> z(B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
-  ActQ zq8, zq4;
-  const XIn zin = prepare_x(z.data(), H, B, H, act8_mode(ndims, shapes, ifcfg, fcfg), {&W}, zq8, zq4);
+  const QMat *ws[1] = {&W};
+  XBuf zb;
+  XIn zin;
+  prepare_each(ws, 1, z.data(), H, B, H, act8_mode(ndims, shapes, ifcfg, fcfg), &zb, &zin);
   const int64_t chunk = 256, nc = (V + chunk - 1) / chunk;  // see kChunk
   Pool::get().run(nc, [&](int64_t c) {
     const int64_t o1 = (c + 1) * chunk < V ? (c + 1) * chunk : V;
@@ -343,7 +384,7 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// inputs: x [B,I] float32, w [O,I] (any weight storage, see Args), fcfg float32 [2 or 3]
+// inputs: x [B,I] float32, w [O,I] (any weight storage, see Args; a perm gathers x), fcfg float32 [2 or 3]
 // output: y [B,O] = x @ W^T through the decode row kernels (the head's loop without its norm):
 // the entry tests/test_act8_kernel.py checks the row kernels through, on arbitrary x
 extern "C" int DecodeRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -358,8 +399,10 @@ extern "C" int DecodeRows(int nparam, void **params, int *ndims, int64_t **shape
   if (!args.ok || args.i != nparam || ndims[iy] != 2 || shapes[iy][0] != B || shapes[iy][1] != O) return 1;
   const float *x = static_cast<const float *>(params[ix]), *fcfg = static_cast<const float *>(params[ifcfg]);
   float *y = static_cast<float *>(params[iy]);
-  ActQ q8, q4;
-  const XIn in = prepare_x(x, I, B, I, act8_mode(ndims, shapes, ifcfg, fcfg), {&W}, q8, q4);
+  const QMat *ws[1] = {&W};
+  XBuf xb;
+  XIn in;
+  prepare_each(ws, 1, x, I, B, I, act8_mode(ndims, shapes, ifcfg, fcfg), &xb, &in);
   Pool::get().run(nchunks(O), [&](int64_t c) {
     const int64_t o1 = (c + 1) * kChunk < O ? (c + 1) * kChunk : O;
     mat_dot(W, c * kChunk, o1, in, y, O);

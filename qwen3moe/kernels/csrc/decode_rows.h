@@ -117,3 +117,35 @@ static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const XIn &in,
 #endif
   mat_dot(W, o0, o1, in.x, in.ldx, in.nb, y, ldy);
 }
+
+// Buffers behind one prepared input: x gathered by a weight's perm, and prepare_x's rows
+struct XBuf {
+  avec<float> xg;
+  ActQ q8, q4;
+};
+
+// The x rows [nb, I] as each of n <= 3 weights reads them (in[j] for *ws[j], buffers in buf[j]):
+// one prepare_x per distinct input permutation (quant_perm.h), x gathered by it first, so weights
+// without one (and q / k / v sharing act-order's) share one prepared input as before. The perms
+// were range-checked (parse_weight, for these single matrices).
+static void prepare_each(const QMat *const *ws, int n, const float *x, int64_t ldx, int64_t nb, int64_t I, bool act8,
+                         XBuf *buf, XIn *in) {
+  for (int j = 0; j < n; ++j) {
+    int first = 0;  // an earlier weight with the same permutation prepared it already
+    while (first < j && !same_perm(ws[first]->perm, ws[j]->perm, I)) ++first;
+    if (first < j) {
+      in[j] = in[first];
+      continue;
+    }
+    const QMat *group[3] = {nullptr, nullptr, nullptr};
+    for (int k = j; k < n; ++k) group[k] = same_perm(ws[k]->perm, ws[j]->perm, I) ? ws[k] : nullptr;
+    const float *xp = x;
+    int64_t ld = ldx;
+    if (ws[j]->perm) {
+      buf[j].xg.resize(nb * I);
+      gather_rows(ws[j]->perm, I, x, ldx, nb, buf[j].xg.data(), I);
+      xp = buf[j].xg.data(), ld = I;
+    }
+    in[j] = prepare_x(xp, ld, nb, I, act8, {group[0], group[1], group[2]}, buf[j].q8, buf[j].q4);
+  }
+}

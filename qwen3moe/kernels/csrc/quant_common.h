@@ -103,6 +103,11 @@ struct QMat {
   const uint16_t *s = nullptr;  // fp16 scales, row o at s + o * lds (quantized kinds)
   const uint8_t *z = nullptr;   // zero points, same indexing as s
   int64_t ld = 0, lds = 0, I = 0, g = 0;
+  // input permutation (quant_perm.h) of leading index e (expert) at perm + e * lp, or nullptr; the
+  // row loops ignore it (the ops gather x by it first), rows() / cols() leave it as it is
+  const int32_t *perm = nullptr;
+  int64_t lp = 0;
+  const int32_t *perm_of(int64_t e) const { return perm ? perm + e * lp : nullptr; }
 
   static int64_t bytes_for(int kind, int64_t n) {
     return kind == kQ4 ? n / 2 : (kind == kQ8 ? n : (kind == kBF16 ? 2 * n : 4 * n));
@@ -114,7 +119,8 @@ struct QMat {
     if (quantized()) m.s += o0 * lds, m.z += o0 * lds;
     return m;
   }
-  // columns [c0, c0 + n); for quantized kinds c0 and n must be multiples of g
+  // columns [c0, c0 + n); for quantized kinds c0 and n must be multiples of g (with a perm: of x
+  // gathered whole, so the ops do not slice permuted weights' columns)
   QMat cols(int64_t c0, int64_t n) const {
     QMat m = *this;
     m.w += bytes_for(kind, c0);
@@ -325,6 +331,7 @@ static inline const float *prep_x(int kind, const float *x, int64_t ldx, int64_t
   return buf.data();
 }
 
+#include "quant_perm.h"
 #include "quant_q4w.h"
 
 // y[b * ldy + o] = W[o, :] . x[b, :] for o in [o0, o1), b in [0, nb); bf16 / int8 / int4 rows
@@ -404,12 +411,24 @@ static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64
 }
 
 // One weight as the aot calling convention hands it over: a float32 / bfloat16 (or uint16 bf16
-// bits) matrix (one param) or qweight uint8, scales float16, qzeros uint8 (three params). `I` is the input width
-// (the caller knows it from the activations); int8 vs int4 follows from qweight's last dim.
+// bits) matrix (one param) or qweight uint8, scales float16, qzeros uint8 (three params),
+// optionally followed by perm int32 lead + [I] (quant_perm.h; taken when a param has exactly that
+// dtype and shape, which no op's next param has). `I` is the input width (the caller knows it
+// from the activations); int8 vs int4 follows from qweight's last dim. A perm of a single matrix
+// (lead 0) is range-checked here; stacked experts' perms by the ops, for the experts they run.
 // Returns false (and leaves *m untouched) on a shape or dtype that does not fit.
 static inline bool dtype_is(const char *dt, const char *want) { return dt != nullptr && std::strcmp(dt, want) == 0; }
 // bf16 arrives as bfloat16 or as its uint16 bit pattern (how the model holds gathered bf16 weights)
 static inline bool is_bf16(const char *dt) { return dtype_is(dt, "bfloat16") || dtype_is(dt, "uint16"); }
+
+// whether param i is a perm int32 lead + [I] for a weight of shape wshape (lead leading dims)
+static inline bool is_perm(int i, int nparam, int *ndims, int64_t **shapes, const char **dtypes, const int64_t *wshape,
+                           int lead, int64_t I) {
+  if (i >= nparam || ndims[i] != lead + 1 || !dtype_is(dtypes[i], "int32") || shapes[i][lead] != I) return false;
+  for (int d = 0; d < lead; ++d)
+    if (shapes[i][d] != wshape[d]) return false;
+  return true;
+}
 
 static bool parse_weight(int &i, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          int64_t I, int lead, QMat *m) {
@@ -434,6 +453,11 @@ static bool parse_weight(int &i, int nparam, void **params, int *ndims, int64_t 
     q.s = static_cast<const uint16_t *>(params[i + 1]);
     q.z = static_cast<const uint8_t *>(params[i + 2]);
     i += 3;
+    if (is_perm(i, nparam, ndims, shapes, dtypes, shapes[i - 3], lead, I)) {
+      q.perm = static_cast<const int32_t *>(params[i]), q.lp = I;
+      if (lead == 0 && !perm_in_range(q.perm, I)) return false;
+      i += 1;
+    }
   } else {
     if (shapes[i][nd - 1] != I || !(is_bf16(dtypes[i]) || dtype_is(dtypes[i], "float32"))) return false;
     q.kind = is_bf16(dtypes[i]) ? kBF16 : kF32;

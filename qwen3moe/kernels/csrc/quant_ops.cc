@@ -207,7 +207,8 @@ static inline void qlinear_mode(const QMat &W, int64_t O, const float *x, int64_
 }
 
 // inputs: x [..., I] float32, then one weight: bf16 [O, I] | (qweight uint8 [O, I or I/2],
-//         scales float16 [O, G], qzeros uint8 [O, G]);  output: y [..., O] float32
+//         scales float16 [O, G], qzeros uint8 [O, G][, perm int32 [I]]);  output: y [..., O] float32
+// A perm'd weight multiplies the rows of x gathered by perm (quant_perm.h), in a buffer of T * I.
 static int quant_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool act8) {
   if (nparam < 3 || !dtype_is(dtypes[0], "float32")) return 1;
   const int64_t I = shapes[0][ndims[0] - 1], T = rows_of(ndims[0], shapes[0]);
@@ -216,7 +217,19 @@ static int quant_linear(int nparam, void **params, int *ndims, int64_t **shapes,
   if (!parse_weight(i, nparam, params, ndims, shapes, dtypes, I, 0, &W) || i != nparam - 1) return 1;
   const int64_t O = shapes[1][0];
   if (shapes[i][ndims[i] - 1] != O || rows_of(ndims[i], shapes[i]) != T) return 1;
-  qlinear_mode(W, O, static_cast<const float *>(params[0]), T, static_cast<float *>(params[i]), O, true, act8);
+  const float *x = static_cast<const float *>(params[0]);
+  if (W.perm) {
+    thread_local avec<float> xg;
+    xg.resize(T * I);
+    float *out = xg.data();
+    const int64_t nc = (T + kChunkRows - 1) / kChunkRows;
+    for_each(nc, T >= 2 * kChunkRows, [&](int64_t c) {
+      const int64_t t0 = c * kChunkRows, n = std::min(T, t0 + kChunkRows) - t0;
+      gather_rows(W.perm, I, x + t0 * I, I, n, out + t0 * I, I);
+    });
+    x = out;
+  }
+  qlinear_mode(W, O, x, T, static_cast<float *>(params[i]), O, true, act8);
   return 0;
 }
 
@@ -241,7 +254,9 @@ static float *scratch(int slot, int64_t n) {
 }
 
 // inputs: x [T,H] float32, idx [T,K] int32, w [T,K] float32, gate_up weight [E,2I,H] and down
-//         weight [E,H,I], each bf16 (one param) or qweight/scales/qzeros (three params)
+//         weight [E,H,I], each bf16 (one param) or qweight/scales/qzeros (three params) optionally
+//         followed by perm int32 [E,H] / [E,I] (quant_perm.h: each expert's rows of x / of the SwiGLU
+//         output gathered by its perm; the perms of the experts that get rows are range-checked)
 // output: y [T,H] = sum_j w_tj * SwiGLU_{idx_tj}(x_t), summed in j order as moe_fused.cc
 // Experts run in parallel (one thread each, claimed dynamically on the decode pool); an expert with fewer than kGemvRows rows
 // streams its weights (qlinear's GEMV path), a busier one goes through the dequantized-block micro-kernel
@@ -267,15 +282,28 @@ static int quant_moe(int nparam, void **params, int *ndims, int64_t **shapes, co
   for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
   std::vector<int64_t> cur(off.begin(), off.end() - 1);
   for (int64_t a = 0; a < A; ++a) row[a] = cur[idx[a]]++;
-  float *xs = scratch(0, A * H), *g = scratch(1, A * I2), *act = scratch(2, A * I), *ye = scratch(3, A * H);
-  for_each(A, A >= 64, [&](int64_t a) { std::memcpy(xs + row[a] * H, x + (a / K) * H, H * sizeof(float)); });
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
-    if (off[e + 1] > off[e]) active.push_back(e);
+    if (off[e + 1] > off[e]) {
+      active.push_back(e);
+      if ((gu.perm && !perm_in_range(gu.perm_of(e), H)) || (dn.perm && !perm_in_range(dn.perm_of(e), I))) return 1;
+    }
+  float *xs = scratch(0, A * H), *g = scratch(1, A * I2), *act = scratch(2, A * I), *ye = scratch(3, A * H);
+  for_each(A, A >= 64, [&](int64_t a) {  // token rows in expert order (gathered by the expert's perm)
+    if (gu.perm)
+      gather_rows(gu.perm_of(idx[a]), H, x + (a / K) * H, H, 1, xs + row[a] * H, H);
+    else
+      std::memcpy(xs + row[a] * H, x + (a / K) * H, H * sizeof(float));
+  });
   for_each(static_cast<int64_t>(active.size()), true, [&](int64_t j) {
     const int64_t e = active[j], r0 = off[e], n = off[e + 1] - off[e];
     qlinear_mode(gu.rows(e * I2), I2, xs + r0 * H, n, g + r0 * I2, I2, false, act8);
-    for (int64_t r = r0; r < r0 + n; ++r) silu_mul(g + r * I2, g + r * I2 + I, act + r * I, I);
+    const int32_t *pd = dn.perm_of(e);
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      float *gr = g + r * I2;
+      silu_mul(gr, gr + I, pd ? gr : act + r * I, I);  // in place (elementwise), then gathered
+      if (pd) gather_rows(pd, I, gr, I, 1, act + r * I, I);
+    }
     qlinear_mode(dn.rows(e * H), H, act + r0 * I, n, ye + r0 * H, H, false, act8);
   });
   for_each(T, T >= 16, [&](int64_t t) {

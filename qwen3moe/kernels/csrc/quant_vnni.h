@@ -337,15 +337,16 @@ struct XIn {
   const ActView &for_kind(int kind) const { return kind == kQ4 ? q4 : q8; }
 };
 
-// x rows [nb, I] for the weights `ws` (int8 mode when act8): quantizes once per weight kind that
-// takes int8 activations, and for int4 g128 weights read with float32 activations puts x once into
-// quant_q4w.h's order; buffers in bq8 / bq4 (which must outlive the returned XIn).
+// x rows [nb, I] for the weights `ws` (int8 mode when act8; nullptr entries skipped): quantizes
+// once per weight kind that takes int8 activations, and for int4 g128 weights read with float32
+// activations puts x once into quant_q4w.h's order; buffers in bq8 / bq4 (which must outlive the
+// returned XIn). x as given: a permuted weight's caller gathers it first (decode_rows.h prepare_each).
 static inline XIn prepare_x(const float *x, int64_t ldx, int64_t nb, int64_t I, bool act8,
                             std::initializer_list<const QMat *> ws, ActQ &bq8, ActQ &bq4) {
   XIn in;
   in.x = x, in.ldx = ldx, in.nb = nb;
   for (const QMat *w : ws) {
-    if (!w->quantized() || w->I != I) continue;
+    if (w == nullptr || !w->quantized() || w->I != I) continue;
     ActQ &b = w->kind == kQ4 ? bq4 : bq8;
     if (act8 && act8_fits(*w)) {
       if (b.kind < 0 || b.nb != nb || b.I != I) act_quantize(w->kind, x, ldx, nb, I, b);
