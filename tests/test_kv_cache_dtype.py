@@ -259,7 +259,8 @@ def test_cli_kv_cache_dtype_reaches_the_engine(composite, tmp_path, capsys):
     (["--parallel_config.model_parallel", "2"], "bfloat16"), (["--parallel_config.model_parallel", "2"], "float16"),
     (["--parallel_config.pipeline_stage", "2"], "bfloat16"), (["--parallel_config.pipeline_stage", "2"], "float16"),
     (["--parallel_config.pipeline_stage", "2", "--parallel_config.model_parallel", "2"], "bfloat16"),
-], ids=["tp2-bfloat16", "tp2-float16", "pp2-bfloat16", "pp2-float16", "pp2tp2-bfloat16"])
+    (["--parallel_config.pipeline_stage", "2", "--parallel_config.model_parallel", "2"], "float16"),
+], ids=["tp2-bfloat16", "tp2-float16", "pp2-bfloat16", "pp2-float16", "pp2tp2-bfloat16", "pp2tp2-float16"])
 def test_parallel_generate_16bit_cache_matches_one_process(tmp_path, layout, kind):
     """`generate --use_parallel --kv_cache_dtype bfloat16 / float16` (tp2: each rank caches its
     kv head; pp2: each stage its 2 layers, both on the fused step; pp2 x tp2 on 4 processes)

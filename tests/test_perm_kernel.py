@@ -78,7 +78,8 @@ def test_linear(portable, mode, g, T):
 
 
 def test_linear_through_python():
-    """kernels.quant.linear takes the 4-tuple (and the loose tensors + bits); a wrong perm is a one-line error."""
+    """kernels.quant.linear / moe_experts take the 4-tuples (and the loose tensors + bits) and give
+    the op's numbers; a wrong perm is a one-line error."""
     from mindspore import Tensor
 
     rng = np.random.default_rng(1)
@@ -90,11 +91,18 @@ def test_linear_through_python():
     np.testing.assert_array_equal(quant.linear(Tensor(x), *weight, 4).asnumpy(), y)
     with pytest.raises(ValueError, match=r"linear weight: expected perm int32 \[128\]"):
         quant.linear(Tensor(x), weight[:3] + (Tensor(perm.astype(np.int64)),))
+    gu_a, dn_a = permuted(rng, (2, 128, 128), "int8", None)[0], permuted(rng, (2, 128, 64), "int8", None)[0]
+    gu, dn = tuple(Tensor(a) for a in gu_a), tuple(Tensor(a) for a in dn_a)
+    idx, wt = np.array([[1], [0]], np.int32), np.ones((2, 1), np.float32)
+    route = (Tensor(x), Tensor(idx), Tensor(wt))
+    y = np.zeros_like(x)
+    assert call_aot(quant.library(), "QuantMoeFwd", [x, idx, wt, *gu_a, *dn_a, y]) == 0
+    np.testing.assert_array_equal(quant.moe_experts(*route, gu, dn).asnumpy(), y)
+    np.testing.assert_array_equal(quant.moe_experts(*route, *gu, *dn, 8).asnumpy(), y)
     with pytest.raises(ValueError, match=r"experts down: expected perm int32 \[2, 64\]"):
-        gu = permuted(rng, (2, 128, 128), "int8", None)[0]
-        dn = permuted(rng, (2, 128, 64), "int8", None)[0]
-        quant.moe_experts(Tensor(x), Tensor(np.zeros((2, 1), np.int32)), Tensor(np.ones((2, 1), np.float32)),
-                          tuple(Tensor(a) for a in gu), tuple(Tensor(a) for a in dn[:3] + [dn[3][:, :32]]))
+        quant.moe_experts(*route, gu, dn[:3] + (Tensor(dn[3].asnumpy()[:, :32]),))
+    with pytest.raises(ValueError, match="pass \\(gate_up, down\\) tuples when only one carries a perm"):
+        quant.moe_experts(*route, *gu, *dn[:3])
 
 
 def _moe_case(rng, mode, g, H, F, down_perm=True):
@@ -118,10 +126,11 @@ def _moe_ref(x, idx, wt, gu, dn, act8):
     for t in range(x.shape[0]):
         for j, e in enumerate(idx[t]):
             xe = x[t, gu_p[e]]
-            h = act8_reference(xe[None], *(a[e] for a in unpack(gu_a, H)))[0][0] if act8 else gu_w[e] @ xe
+            h = act8_reference(xe[None], *(v[e] for v in unpack(gu_a, H)))[0][0] if act8 else gu_w[e] @ xe
             h = h.astype(np.float32)
             a = (h[:F] / (1 + np.exp(-h[:F])) * h[F:]).astype(np.float32)[dn_p[e]]
-            y[t] += wt[t, j] * (act8_reference(a[None], *(v[e] for v in unpack(dn_a, F)))[0][0] if act8 else dn_w[e] @ a)
+            d = act8_reference(a[None], *(v[e] for v in unpack(dn_a, F)))[0][0] if act8 else dn_w[e] @ a
+            y[t] += wt[t, j] * d
     return y
 
 
@@ -244,7 +253,8 @@ def test_decode_layer(portable, mode, g, act8, b, down_perm):
     y_ref = ref_moe(ref, h[:, 0].astype(np.float64), True, top_k)
     head_ref = rms_ref(y[:, 0], ref["ln1"]) @ ref["head"].T
     if act8:  # the branches without their residuals
-        for got, want in ((h[:, 0] - x[:, 0], h_ref - x[:, 0]), (y[:, 0] - h[:, 0], y_ref - h[:, 0]), (logits, head_ref)):
+        pairs = ((h[:, 0] - x[:, 0], h_ref - x[:, 0]), (y[:, 0] - h[:, 0], y_ref - h[:, 0]), (logits, head_ref))
+        for got, want in pairs:
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
     else:
         np.testing.assert_allclose(h[:, 0], h_ref, atol=2e-5, rtol=1e-5)
@@ -319,10 +329,10 @@ def test_out_of_range_perm_fails_in_the_decode_layer(weight):
     fcfg = np.array([EPS, 32 ** -0.5], np.float32)
     out = np.zeros_like(x)
     a, dlib = args, decode_kernel.library()
-    kc = np.zeros((1, 2, 4, 32), np.float32)
+    kc, sin = np.zeros((1, 2, 4, 32), np.float32), np.zeros((1, 1, 32), np.float32)
+    cos = np.ones_like(sin)
     attn = call_aot(dlib, "DecodeAttn", [x, ref["ln1"], *a["wq"], *a["wk"], *a["wv"], ref["qn"], ref["kn"], *a["wo"],
-                                         kc, kc.copy(), np.ones((1, 1, 32), np.float32), np.zeros((1, 1, 32), np.float32),
-                                         np.zeros((1, 1, 4), np.float32), meta, fcfg, out])
+                                         kc, kc.copy(), cos, sin, np.zeros((1, 1, 4), np.float32), meta, fcfg, out])
     moe = call_aot(dlib, "DecodeMoe", [x, ref["ln2"], *a["wr"], *a["wgu"], *a["wd"], meta, fcfg, out])
     assert (attn != 0) == (weight in ("wq", "wv", "wo"))
     assert (moe != 0) == (weight in ("wr", "wgu", "wd"))

@@ -158,7 +158,6 @@ def run(args: argparse.Namespace) -> int:
     req = request(args)
     if getattr(args, "use_parallel", False):
         return run_parallel(args, req)
-    req.check()
     decode_runtime()  # before MindSpore's first op (parallel/generate.py: after set_device)
     prompts = read_prompts(req.predict_data)
     tok, model, cfg = load(req)

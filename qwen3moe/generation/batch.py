@@ -57,8 +57,9 @@ class GenerateRequest:
 
         return to_ms_dtype(config.torch_dtype if self.dtype == "auto" else self.dtype)
 
-    def check(self) -> Path:
-        """The model folder, after the checks that need no model (every decoding option among them)."""
+    def check(self) -> tuple[Path, GenerationConfig]:
+        """(the model folder, the merged decoding options: generation_config()), after the checks
+        that need no model."""
         folder = Path(self.pretrained_model_dir)
         if not (folder / "config.json").is_file():
             raise GenerationError(f"--pretrained_model_dir {folder}: not a model folder (no config.json)")
@@ -66,8 +67,7 @@ class GenerateRequest:
             raise GenerationError(f"--predict_batch_size must be >= 1, got {self.predict_batch_size}")
         if self.stream and self.predict_batch_size != 1:
             raise GenerationError("--stream needs --predict_batch_size 1")
-        self.generation_config()
-        return folder
+        return folder, self.generation_config()
 
     def generation_config(self) -> GenerationConfig:
         """The options over the folder's generation_config.json (else config.json's special ids),
@@ -119,8 +119,7 @@ def load(req: GenerateRequest, build: Callable[[Path], Any] | None = None):
     from qwen3moe.io.tokenizer import Tokenizer
     from qwen3moe.models.qwen3_moe import Qwen3MoeForCausalLM
 
-    folder = req.check()
-    cfg = req.generation_config()
+    folder, cfg = req.check()
     try:
         tok = Tokenizer.from_pretrained(folder)
         if build is None:

@@ -57,7 +57,7 @@ def check_request(req: GenerateRequest, mesh: Mesh, world_size: int | None = Non
     from qwen3moe.parallel.parallelize import check_layout
     from qwen3moe.parallel.pipeline_generate import layout_mesh
 
-    cfg = Qwen3MoeConfig.from_pretrained(req.check())
+    cfg = Qwen3MoeConfig.from_pretrained(req.check()[0])
     size = launched_world_size() if world_size is None else world_size
     layout_mesh(mesh).validate(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
                                num_kv_heads=cfg.num_key_value_heads, num_experts=cfg.num_experts or 0,

@@ -216,7 +216,8 @@ static int64_t ffn_slice(const MoeDims &d, const QMat &wd, int64_t na) {
 }
 
 // inputs: h [R,H], ln2 [H], router [E,H], gate_up [E,2I,H], down [E,H,I] (each may carry a perm:
-//         router [H], gate_up [E,H], down [E,I]; see Args), meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2 or 3] (rms eps, unused[, int8 activations])
+//         router [H], gate_up [E,H], down [E,I]; see Args),
+//         meta int32 [4] (unused, top_k, norm_topk_prob, unused), fcfg float32 [2 or 3] (rms eps, unused[, int8 activations])
 //         or [5] (..., int8 activations, partial, lo)
 // output: y [R,H] = h + sum_j w_j SwiGLU_{e_j}(rms(h)); weights and ln2 as in DecodeAttn.
 // Parallel ranks (fcfg [5]): the router has all Er experts and gate_up / down hold experts
