@@ -110,6 +110,34 @@ def test_fast_quantizer_equals_reference_math(bits, g, rows, groups, seed, scale
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from([4, 8]), g=st.sampled_from([8, 16, 32]), groups=st.integers(1, 4),
+       rows=st.sampled_from([8, 16]), seed=st.integers(0, 2 ** 16))  # the GPTQ words' multiples
+def test_sort_by_group_is_the_act_order_weight(bits, g, groups, rows, seed):
+    """An act-order map (g columns per group, scattered) sorted by group: the stored columns with
+    their input order perm dequantize to the same W as the map read as stored (tools/
+    gptq_unpack's per-column formula, written independently), for odd and even inputs in either
+    nibble; and a map with a group of the wrong size is refused (UnsortableMap)."""
+    from qwen3moe.io.gptq import UnsortableMap, sort_by_group
+    from qwen3moe.layers.quant import pack
+
+    rng = np.random.default_rng(seed)
+    I = g * groups
+    g_idx = (np.argsort(rng.permutation(I)) // g).astype(np.int32)
+    u = rng.integers(0, 2 ** bits, (rows, I)).astype(np.uint8)
+    s = rng.uniform(0.5, 2, (groups, rows)).astype(np.float16)
+    z = rng.integers(0, 2 ** bits, (groups, rows))
+    packed, perm = sort_by_group(pack(u, bits), g_idx, bits, g, "t")
+    want = gptq_unpack.dequantize(**gptq_unpack.pack(u.T, z, s, g_idx, bits, v1=False), bits=bits, v1=False)
+    got = dequantize(packed, np.ascontiguousarray(s.T), np.ascontiguousarray(z.T, np.uint8), bits)
+    np.testing.assert_array_equal(got[:, np.argsort(perm)], want)
+    if groups > 1:
+        bad = g_idx.copy()
+        bad[np.nonzero(bad == 0)[0][0]] = 1  # group 0 one column short, group 1 one long
+        with pytest.raises(UnsortableMap, match=r"t\.g_idx does not put exactly"):
+            sort_by_group(pack(u, bits), bad, bits, g, "t")
+
+
 def test_reload_equals_quantize_on_load(tmp_path):
     out = tmp_path / "q"
     assert cli_main(["quantize", "--pretrained_model_dir", str(BF16), "--output", str(out), "--bits", "4",
