@@ -5,8 +5,9 @@ Qwen3-30B-A3B attention geometry (32 query / 4 kv heads, head_dim 128) with hidd
 the q/k/v/o projections are negligible and the time is the attention over T cached keys. Each
 checkout runs in its own worker process (the decode thread pool is shared by every kernel library
 in a process); the workers take turns per configuration, the first side alternating per round, so
-machine load falls on both sides alike. Prints every round's median per call, then new / old of
-the medians over rounds and of the best rounds, and the max |difference| of the outputs.
+machine load falls on both sides alike. Prints every round's median wall time per call and mean
+process CPU time per call (both threads; steadier than wall when another job holds a core), then
+new / old of the medians over rounds and of the best rounds, and the max |difference| of the outputs.
 
 Usage (from the checkout root; build main once: git worktree add --detach /tmp/attn-main main):
   PYTHONPATH=. python bench/decode_attend_ab.py --old /tmp/attn-main [--lengths 2048,8192,16384]
@@ -57,7 +58,8 @@ def _inputs(T: int, dtype: str, B: int) -> list:
 
 
 def _worker(checkout: str) -> None:
-    """Serve `T dtype B calls` lines: print the median seconds per call and the first 8 outputs."""
+    """Serve `T dtype B calls` lines: print the median wall and the mean process CPU seconds per call and
+    the first 8 outputs."""
     import ctypes
 
     sys.path.insert(0, checkout)
@@ -76,12 +78,15 @@ def _worker(checkout: str) -> None:
             cache[key] = _inputs(*key)
         args = cache[key]
         ts = []
-        for _ in range(int(calls) + 2):  # the first two calls warm the caches
+        for i in range(int(calls) + 2):  # the first two calls warm the caches
+            if i == 2:
+                c0 = time.process_time()
             t0 = time.perf_counter()
             if _call(lib, args) != 0:
                 sys.exit(f"DecodeAttn failed for {key}")
             ts.append(time.perf_counter() - t0)
-        print(statistics.median(ts[2:]), " ".join(map(repr, args[-1].ravel()[:8].tolist())), flush=True)
+        cpu = (time.process_time() - c0) / int(calls)
+        print(statistics.median(ts[2:]), cpu, " ".join(map(repr, args[-1].ravel()[:8].tolist())), flush=True)
 
 
 def _spawn(checkout: str):
@@ -94,7 +99,7 @@ def _ask(proc, cfg: tuple, calls: int):
     out = proc.stdout.readline().split()
     if not out:
         sys.exit(f"worker stopped at {cfg}")
-    return float(out[0]), np.array(out[1:], np.float64)
+    return float(out[0]), float(out[1]), np.array(out[2:], np.float64)
 
 
 def main() -> None:
@@ -119,6 +124,7 @@ def main() -> None:
             for T in a.lengths.split(",")]
     sides = {"old": _spawn(a.old), "new": _spawn(a.new)}
     times = {(s, c): [] for s in sides for c in cfgs}
+    cpus = {(s, c): [] for s in sides for c in cfgs}
     diff = dict.fromkeys(cfgs, 0.0)
     print(f"load {os.getloadavg()[0]:.2f}; old {a.old}, new {a.new}")
     for r in range(a.rounds):
@@ -126,18 +132,22 @@ def main() -> None:
         for c in cfgs:
             outs = {}
             for s in order:
-                t, outs[s] = _ask(sides[s], c, a.calls)
+                t, cpu, outs[s] = _ask(sides[s], c, a.calls)
                 times[(s, c)].append(t)
+                cpus[(s, c)].append(cpu)
             diff[c] = max(diff[c], float(np.abs(outs["new"] - outs["old"]).max()))
-            print(f"round {r} T={c[0]:5d} {c[1]:8s} B={c[2]}: old {1e3 * times[('old', c)][-1]:.3f} ms  "
-                  f"new {1e3 * times[('new', c)][-1]:.3f} ms", flush=True)
+            print(f"round {r} T={c[0]:5d} {c[1]:8s} B={c[2]}: wall old {1e3 * times[('old', c)][-1]:.3f} "
+                  f"new {1e3 * times[('new', c)][-1]:.3f} ms, cpu old {1e3 * cpus[('old', c)][-1]:.3f} "
+                  f"new {1e3 * cpus[('new', c)][-1]:.3f} ms", flush=True)
     print(f"load {os.getloadavg()[0]:.2f}")
-    print("     T dtype    B  old med   new med  new/old (median)  new/old (best)  max|diff| (8 outputs)")
+    print("medians over rounds (ms); new/old of the medians and of the best rounds")
+    print("     T dtype    B  wall old  new   new/old best   cpu old  new   new/old best   max|diff|")
     for c in cfgs:
-        o, n = times[("old", c)], times[("new", c)]
-        print(f"{c[0]:6d} {c[1]:8s} {c[2]}  {1e3 * statistics.median(o):.3f}    {1e3 * statistics.median(n):.3f}    "
-              f"{statistics.median(n) / statistics.median(o):.3f}             {min(n) / min(o):.3f}           "
-              f"{diff[c]:.2e}")
+        o, n, co, cn = times[("old", c)], times[("new", c)], cpus[("old", c)], cpus[("new", c)]
+        med = statistics.median
+        print(f"{c[0]:6d} {c[1]:8s} {c[2]}  {1e3 * med(o):6.3f} {1e3 * med(n):6.3f}  {med(n) / med(o):.3f} "
+              f"{min(n) / min(o):.3f}   {1e3 * med(co):6.3f} {1e3 * med(cn):6.3f}  {med(cn) / med(co):.3f} "
+              f"{min(cn) / min(co):.3f}   {diff[c]:.1e}")
     for p in sides.values():
         p.stdin.close()
         p.wait()
