@@ -70,7 +70,8 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
                        float scale, float *p, float *mx) {
   const int64_t D = 16 * NV;
   const __m512 ninf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
-  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
+  __m512 mxv[G];  // running maxima per lane, reduced once at the end (max is exact in any order)
+  for (int g = 0; g < G; ++g) mxv[g] = ninf;
   int64_t t0 = 0;
   for (; t0 + 16 <= n; t0 += 16) {
     const __m512 b = _mm512_loadu_ps(bias + t0);
@@ -85,18 +86,21 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
       const float *qg = q + g * D;
       __m512 qv[NV], acc[16];
       for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(qg + 16 * j);
-      for (int i = 0; i < 16; ++i) {
-        const E *row = kc + (t0 + kSlot[i]) * D;
-        __m512 s = _mm512_mul_ps(qv[0], load16(row));
-        for (int j = 1; j < NV; ++j) s = _mm512_fmadd_ps(qv[j], load16(row + 16 * j), s);
-        acc[i] = s;
-      }
+      const E *rows = kc + t0 * D;
+      // The 16 dots advance together, one FMA each per step of j: a dot alone is a chain of NV
+      // dependent FMAs, and with the rows one after another too few of them were in flight to
+      // fill the FMA pipes. Each dot still adds its products in order j = 0, 1, ...
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_mul_ps(qv[0], load16(rows + kSlot[i] * D));
+      for (int j = 1; j < NV; ++j)
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qv[j], load16(rows + kSlot[i] * D + 16 * j), acc[i]);
       const __m512 sc = _mm512_mask_blend_ps(masked, _mm512_fmadd_ps(sum16(acc), vscale, b), ninf);
       _mm512_storeu_ps(p + g * T + t0, sc);
-      const float m = _mm512_reduce_max_ps(sc);
-      mx[g] = m > mx[g] ? m : mx[g];
+      mxv[g] = _mm512_max_ps(mxv[g], sc);
     }
   }
+  for (int g = 0; g < G; ++g) mx[g] = _mm512_reduce_max_ps(mxv[g]);
   for (int64_t t = t0; t < n; ++t)  // the last n % 16 keys one at a time
     for (int g = 0; g < G; ++g) {
       float pt = -INFINITY;
