@@ -78,8 +78,8 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
     const __mmask16 masked = any ? _mm512_cmp_ps_mask(b, _mm512_set1_ps(kMasked), _CMP_LE_OQ) : 0;
     for (int g = 0; g < G && masked == 0xFFFF; ++g) _mm512_storeu_ps(p + g * T + t0, ninf);
     if (masked == 0xFFFF) continue;
-    if (t0 + 48 <= n) {  // the block two ahead: its rows arrive while these are scored
-      const char *ahead = reinterpret_cast<const char *>(kc + (t0 + 32) * D);
+    if (t0 + 80 <= n) {  // the block four ahead (16 or 32 KB): its rows arrive while these are scored
+      const char *ahead = reinterpret_cast<const char *>(kc + (t0 + 64) * D);
       for (int64_t b = 0; b < 16 * D * static_cast<int64_t>(sizeof(E)); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     for (int g = 0; g < G; ++g) {
