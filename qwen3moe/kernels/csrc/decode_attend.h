@@ -61,6 +61,19 @@ static inline __m512 sum16(const __m512 *v) {
   return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x44), _mm512_shuffle_ps(y[0], y[1], 0xEE));
 }
 
+// The 16 key rows from t0 as float32: the float32 cache's own rows, 16-bit rows widened once into
+// buf[16 D] (L1) for all G heads: widened per head, the zero-extending shuffles (one per 16
+// values, one shuffle pipe) outnumbered the dots' FMAs. Exact: the scores are those of the float32
+// cache on the widened values.
+template <int NV>
+static inline const float *key_block(const float *kc, int64_t t0, float *) { return kc + t0 * 16 * NV; }
+template <int NV, typename E>
+static inline const float *key_block(const E *kc, int64_t t0, float *buf) {
+  const E *rows = kc + t0 * 16 * NV;
+  for (int i = 0; i < 16 * NV; ++i) _mm512_store_ps(buf + 16 * i, load16(rows + 16 * i));
+  return buf;
+}
+
 // p[g][t] = q[g] . k[t] * scale + bias[t] (masked keys: -inf, which exp_shift takes to ~1e-38,
 // nothing against a sum >= 1), mx[g] = max_t p[g][t]. Blocks of 16 keys: each key row is loaded
 // from memory once (then from L1 for the other heads) and the 16 dots of a head are reduced
@@ -70,6 +83,7 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
                        float scale, float *p, float *mx) {
   const int64_t D = 16 * NV;
   const __m512 ninf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
+  alignas(64) float buf[16 * D];
   __m512 mxv[G];  // running maxima per lane, reduced once at the end (max is exact in any order)
   for (int g = 0; g < G; ++g) mxv[g] = ninf;
   int64_t t0 = 0;
@@ -82,19 +96,19 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
       const char *ahead = reinterpret_cast<const char *>(kc + (t0 + 64) * D);
       for (int64_t b = 0; b < 16 * D * static_cast<int64_t>(sizeof(E)); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
+    const float *rows = key_block<NV>(kc, t0, buf);
     for (int g = 0; g < G; ++g) {
       const float *qg = q + g * D;
       __m512 qv[NV], acc[16];
       for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(qg + 16 * j);
-      const E *rows = kc + t0 * D;
       // The 16 dots advance together, one FMA each per step of j: a dot alone is a chain of NV
       // dependent FMAs, and with the rows one after another too few of them were in flight to
       // fill the FMA pipes. Each dot still adds its products in order j = 0, 1, ...
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) acc[i] = _mm512_mul_ps(qv[0], load16(rows + kSlot[i] * D));
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(rows + kSlot[i] * D));
       for (int j = 1; j < NV; ++j)
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qv[j], load16(rows + kSlot[i] * D + 16 * j), acc[i]);
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(rows + kSlot[i] * D + 16 * j), acc[i]);
       const __m512 sc = _mm512_mask_blend_ps(masked, _mm512_fmadd_ps(sum16(acc), vscale, b), ninf);
       _mm512_storeu_ps(p + g * T + t0, sc);
       mxv[g] = _mm512_max_ps(mxv[g], sc);
