@@ -45,7 +45,11 @@ struct AttnDims {
 // q: G rows of D; p: G rows of T (scores, then probabilities); out: G rows of D. G is a template
 // argument (1, 2, 4 or 8) so that the accumulators stay in registers.
 // E: the cache element type (kv_cache.h), widened exactly as it is loaded.
-static const int64_t kTile = 64;  // keys per value tile (64 rows of D = 128 floats: 32 KB, in L1/L2)
+
+// Value tiles of 16 KB (at most 64 rows): a tile is read once per pass of values_vec while the
+// next one is prefetched, and both stay in L1 (48 KB); 32 KB float32 tiles (64 rows of D = 128)
+// did not, and the passes after the first went to L2.
+static const int64_t kTileBytes = 16384, kTileMax = 64;
 
 // The horizontal sums of 16 vectors as one vector, in 4 add stages (one _mm512_reduce_add_ps per
 // vector costs 4 stages each): out[i] = sum(v[kSlot[i]]), the slots as the stages pair lanes.
@@ -76,7 +80,7 @@ static inline const float *key_block(const E *kc, int64_t t0, float *buf) {
 
 // p[g][t] = q[g] . k[t] * scale + bias[t] (masked keys: -inf, which exp_shift takes to ~1e-38,
 // nothing against a sum >= 1), mx[g] = max_t p[g][t]. Blocks of 16 keys: each key row is loaded
-// from memory once (then from L1 for the other heads) and the 16 dots of a head are reduced
+// from memory once (then from L1 for the other heads, key_block) and the 16 dots of a head are reduced
 // together by sum16; a block with every key masked (the cache's unwritten tail) is skipped.
 template <int NV, int G, typename E>
 static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T, int64_t n, bool any,
@@ -108,7 +112,8 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(rows + kSlot[i] * D));
       for (int j = 1; j < NV; ++j)
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(rows + kSlot[i] * D + 16 * j), acc[i]);
+        for (int i = 0; i < 16; ++i)
+          acc[i] = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(rows + kSlot[i] * D + 16 * j), acc[i]);
       const __m512 sc = _mm512_mask_blend_ps(masked, _mm512_fmadd_ps(sum16(acc), vscale, b), ninf);
       _mm512_storeu_ps(p + g * T + t0, sc);
       mxv[g] = _mm512_max_ps(mxv[g], sc);
@@ -129,22 +134,24 @@ static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T
     }
 }
 
-// out[g] = sum_t p[g][t] v[t], keys in order: value tiles of kTile rows, W vectors of each row per
+// out[g] = sum_t p[g][t] v[t], keys in order: value tiles of `tile` rows, W vectors of each row per
 // pass over a tile, so every value row comes from memory once; partial sums wait in `out` (exact).
 template <int NV, int G, typename E>
 static void values_vec(const float *p, const E *vc, const float *bias, int64_t T, int64_t n, bool any, float *out) {
   constexpr int64_t D = 16 * NV;
   constexpr int W = NV < 2 ? NV : 2;  // G x W accumulators + W values: <= 18 of the 32 registers
   for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
-  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-    const int64_t t1 = t0 + kTile < n ? t0 + kTile : n;
+  constexpr int64_t fit = kTileBytes / (D * static_cast<int64_t>(sizeof(E)));
+  constexpr int64_t tile = fit < kTileMax ? fit : kTileMax;
+  for (int64_t t0 = 0; t0 < n; t0 += tile) {
+    const int64_t t1 = t0 + tile < n ? t0 + tile : n;
     for (int j = 0; j < NV; j += W) {
       __m512 acc[G][W];
       for (int g = 0; g < G; ++g)
         for (int u = 0; u < W; ++u) acc[g][u] = _mm512_loadu_ps(out + g * D + 16 * (j + u));
       for (int64_t t = t0; t < t1; ++t) {
-        if (t + kTile < n)  // this pass's lines of the next tile: that tile's first pass then hits
-          for (int u = 0; u < W; ++u) _mm_prefetch(reinterpret_cast<const char *>(vc + (t + kTile) * D + 16 * (j + u)),
+        if (t + tile < n)  // this pass's lines of the next tile: that tile's first pass then hits
+          for (int u = 0; u < W; ++u) _mm_prefetch(reinterpret_cast<const char *>(vc + (t + tile) * D + 16 * (j + u)),
                                                    _MM_HINT_T0);
         if (any && bias[t] <= kMasked) continue;
         __m512 v[W];
