@@ -2,11 +2,12 @@
 
 DecodeAttn attends the G query heads of each kv head together: scores in blocks of 16 keys
 (reduced by one transposed sum; blocks where every key is masked skipped; the last T % 16 keys one
-at a time), values in tiles of 64 keys, heads in passes of 8, 4, 2 and 1. These cases reach every
-one of those paths: G from 1 to 16 (Qwen3-30B-A3B has G = 8, Qwen3-235B-A22B 16), head dims on the
-vector path (16, 128) and off it (48: the scalar loops), T across several blocks and tiles, masks
-that are random, a written prefix (the cache's unwritten tail) or a single key, and all three
-cache dtypes (read widened, exactly: the reference gets the widened cache).
+at a time), values in tiles of 16 KB (32 float32 or 64 16-bit rows at D 128), heads in passes of
+8, 4, 2 and 1. These cases reach every one of those paths: G from 1 to 16 (Qwen3-30B-A3B has
+G = 8, Qwen3-235B-A22B 16), head dims on the vector path (16, 128) and off it (48: the scalar
+loops), T across several blocks and tiles, masks that are random, a written prefix (the cache's
+unwritten tail) or a single key, and all three cache dtypes (read widened, exactly: the reference
+gets the widened cache).
 
 Tolerance: float32 with other summation orders (dots of D <= 128, softmax over T <= 200, the
 o_proj of N * D <= 2048 inputs into |y| <= ~23): 1e-5 x max|y| + 1e-5, against a worst

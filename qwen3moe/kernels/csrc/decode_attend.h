@@ -80,8 +80,8 @@ static inline const float *key_block(const E *kc, int64_t t0, float *buf) {
 
 // p[g][t] = q[g] . k[t] * scale + bias[t] (masked keys: -inf, which exp_shift takes to ~1e-38,
 // nothing against a sum >= 1), mx[g] = max_t p[g][t]. Blocks of 16 keys: each key row is loaded
-// from memory once (then from L1 for the other heads, key_block) and the 16 dots of a head are reduced
-// together by sum16; a block with every key masked (the cache's unwritten tail) is skipped.
+// from memory once (then from L1 for the other heads: key_block) and the 16 dots of a head are
+// reduced together by sum16; a block with every key masked (the cache's unwritten tail) is skipped.
 template <int NV, int G, typename E>
 static void scores_vec(const float *q, const E *kc, const float *bias, int64_t T, int64_t n, bool any,
                        float scale, float *p, float *mx) {
