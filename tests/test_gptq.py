@@ -201,7 +201,7 @@ def test_bad_gptq_folders_are_one_line_errors(tmp_path, capsys):
     base = tmp_path / "q"
     quantize_folder(str(FP32), str(base), QuantizationConfig(4, 32))
     cases = [({"bits": 3}, "quantization_config.bits 3 is not supported"),
-             ({"quant_method": "awq"}, "quantization_config.quant_method 'awq' is not supported"),
+             ({"quant_method": "bitsandbytes"}, "quantization_config.quant_method 'bitsandbytes' is not supported"),
              ({"group_size": 100}, "quantization_config.group_size 100 is not supported"),
              ({"group_size": 64}, "group_size 64 does not divide the input dimension 32"),
              ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not supported")]
