@@ -10,12 +10,16 @@ Prints the median ms a projection for each and the ratio AWQ / GPTQ; process CPU
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from qwen3moe.io.awq import awq_qweight, awq_unpack
-from qwen3moe.io.gptq import unpack_int32
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's qwen3moe
+
+from qwen3moe.io.awq import awq_qweight, awq_unpack  # noqa: E402
+from qwen3moe.io.gptq import unpack_int32  # noqa: E402
 
 
 def _awq(t):

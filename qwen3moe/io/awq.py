@@ -118,21 +118,24 @@ def awq_unpack(words: np.ndarray) -> np.ndarray:
     return slots[:, :, _SLOT_OF].reshape(w.shape[0], -1).astype(np.uint8)
 
 
-# bytes of the two nibble-merged words of a word pair (below) -> output columns 8c + j:
-# the low word's byte m is slot 2m, the high word's byte m slot 2m + 1
-_BYTE_COLUMNS = np.array([AWQ_ORDER[2 * m] for m in range(4)] + [AWQ_ORDER[2 * m + 1] for m in range(4)])
-_BYTE_OF_COLUMN = np.argsort(_BYTE_COLUMNS)
+# the nibble-merged words below: byte m of the first holds slot 2m, of the second slot 2m + 1
+_FIRST_COLUMNS = tuple(AWQ_ORDER[2 * m] for m in range(4))
+_SECOND_COLUMNS = tuple(AWQ_ORDER[2 * m + 1] for m in range(4))
 
 
 def awq_qweight(qweight: np.ndarray) -> np.ndarray:
     """AWQ qweight int32 [I, C] -> in-memory u8 [O, I // 2] (input 2p in the low nibble of byte p,
-    2p + 1 in the high). Rows 2p and 2p + 1 are merged nibble-wise a word at a time (each byte
-    then holds one output's two inputs), so only one byte shuffle and one transpose follow."""
-    w = np.ascontiguousarray(qweight, np.int32).view(np.uint32)
-    even, odd = w[0::2], w[1::2]
+    2p + 1 in the high). The words are transposed first ([C, I]: 4 bytes an element, cheaper
+    than a byte transpose), inputs 2p and 2p + 1 merged nibble-wise a word at a time (each byte
+    then holds one output's two inputs), and each byte written to its output's row."""
+    w = np.ascontiguousarray(np.ascontiguousarray(qweight, np.int32).view(np.uint32).T)  # [C, I]
+    C, I = w.shape
+    even, odd = w[:, 0::2], w[:, 1::2]
     low = np.uint32(0x0F0F0F0F)
-    merged = np.empty((w.shape[0] // 2, w.shape[1], 2), "<u4")
-    merged[..., 0] = (even & low) | ((odd & low) << np.uint32(4))      # slots 0, 2, 4, 6
-    merged[..., 1] = ((even >> np.uint32(4)) & low) | (odd & ~low)     # slots 1, 3, 5, 7
-    b = merged.view(np.uint8).reshape(merged.shape[0], -1, 8)[:, :, _BYTE_OF_COLUMN]  # [I / 2, C, 8]
-    return np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
+    first = (even & low) | ((odd & low) << np.uint32(4))       # slots 0, 2, 4, 6
+    second = ((even >> np.uint32(4)) & low) | (odd & ~low)     # slots 1, 3, 5, 7
+    out = np.empty((C, 8, I // 2), np.uint8)
+    for m in range(4):  # the assignment keeps the low byte (unsafe cast, as intended)
+        out[:, _FIRST_COLUMNS[m], :] = first >> np.uint32(8 * m)
+        out[:, _SECOND_COLUMNS[m], :] = second >> np.uint32(8 * m)
+    return out.reshape(C * 8, I // 2)
