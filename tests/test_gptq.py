@@ -21,7 +21,6 @@ from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
 from qwen3moe.io.gptq import quantize_folder, to_gptq
 from qwen3moe.io.quantized import quantized_cells
-from qwen3moe.layers.dtypes import write_param
 from qwen3moe.layers.quant import QuantizationConfig, dequantize, quantize, quantize_codes
 
 sys.path.insert(0, str(REPO / "tools"))

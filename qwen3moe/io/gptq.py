@@ -12,6 +12,7 @@ Zero-point convention: `checkpoint_format` "gptq" (v1; the default when absent, 
 transformers/optimum and Qwen's GPTQ-Int4 release use) stores z - 1 (sym 4-bit: 0x77777777 for
 z = 8), read back as (stored + 1) mod 2^b like AutoGPTQ's reference dequantization;
 "gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
+AWQ folders load through the same loader (GptqSpec.format "awq"; their packing: io/awq.py).
 Only the quantized projections use this layout; embeddings, norms, router and lm_head stay float
 tensors (the lm_head is quantized to int8 per channel when loading: docs/quantization.md).
 """
