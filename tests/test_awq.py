@@ -80,6 +80,22 @@ def test_folder_on_the_kernels_matches_the_dequantized_model(tmp_path):
     np.testing.assert_array_equal(np.asarray(qm.generate(ids, **kw)), np.asarray(ref.generate(ids, **kw)))
 
 
+@pytest.fixture(scope="module")
+def awq_src(tmp_path_factory):
+    return awq_folder(tmp_path_factory.mktemp("awq") / "awq", FP32)[0]
+
+
+def test_generate_cli_reads_the_folder(awq_src, tmp_path, capsys):
+    """`qwen3moe generate` on the AWQ folder (before: refused, quant_method 'awq')."""
+    from qwen3moe.cli import main as cli_main
+
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--pretrained_model_dir", str(awq_src), "--predict_data", "The quick brown fox",
+            "--max_new_tokens", "4", "--ignore_eos", "--output", str(out)]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text().splitlines()[0])["completion_tokens"] == 4
+
+
 # ---- one-line errors ------------------------------------------------------------------------
 def _with_config(folder, **entries):
     cfg = json.loads((folder / "config.json").read_text())
@@ -91,11 +107,6 @@ def _edit_tensors(folder, edit):
     t = load_file(folder / "model.safetensors")
     edit(t)
     save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-@pytest.fixture(scope="module")
-def awq_src(tmp_path_factory):
-    return awq_folder(tmp_path_factory.mktemp("awq") / "awq", FP32)[0]
 
 
 def _copy(awq_src, tmp_path):

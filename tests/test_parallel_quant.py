@@ -438,13 +438,14 @@ def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_1"], ids=["ours-int4-g32", "asym-actorder-mixed"])
+@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_1", "awq"], ids=["ours-int4-g32", "asym-actorder-mixed", "awq"])
 def test_generate_use_parallel_gptq_matches_single_process(tmp_path, case):
     """A GPTQ folder generated under tp2 x ep2 (--dtype bfloat16 for its float tensors) picks the
     tokens one process picks from it (greedy: identical; before: the one-line "a GPTQ
     (pre-quantized) folder generates in one process" refusal). Ours: the fused decode kernels on
     the ranks' slices; asym act-order with groups mixing o_proj's halves (each rank its columns'
-    g_idx and all the row's groups; before: refused naming the g_idx): the composite step."""
+    g_idx and all the row's groups; before: refused naming the g_idx): the composite step. AWQ
+    (tools/awq_unpack.pack): converted at load, the fused decode kernels as ours."""
     import shutil
 
     folder = _gptq_cases(tmp_path, case)
