@@ -42,7 +42,7 @@ def awq_config(qc: dict, where: str, config) -> QuantizationConfig:
     if not isinstance(version, str) or version.lower() != "gemm":
         raise CheckpointError(f"{where}: quantization_config.version {version!r} is not supported (only AWQ 'gemm' "
                               f"packing)")
-    bits, g = qc.get("bits", qc.get("w_bit")), qc.get("group_size", 128)
+    bits, g = qc.get("bits"), qc.get("group_size", 128)
     if bits != 4:
         raise CheckpointError(f"{where}: quantization_config.bits {bits!r} is not supported in an AWQ folder (4)")
     if g not in GROUP_SIZES:
@@ -90,7 +90,7 @@ def read_awq(src, prefix: str, out_features: int, in_features: int, spec):
     g = I if spec.config.group_size == -1 else spec.config.group_size
     if I % g or I % 2 or O % 8:
         raise CheckpointError(f"{src.directory}: {prefix} [{O}, {I}] cannot be AWQ-packed with group_size {g} "
-                              f"(needs O % 8 == 0 and I % group_size == 0)")
+                              f"(needs O % 8 == 0, an even I and I % group_size == 0)")
     G, C = I // g, O // 8
     want = {"qweight": ([I, C], "I32"), "qzeros": ([G, C], "I32"), "scales": ([G, O], "F16")}
     arrays = {}
