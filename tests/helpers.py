@@ -212,3 +212,72 @@ def third_party_gptq_folder(folder: Path, src: Path, bits: int, v1: bool, blocks
                                   **({} if v1 else {"checkpoint_format": "gptq_v2"})}
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder, deq
+
+
+def dequantized_reference(qm, deq: dict, fp32_dir: Path):
+    """The fp32 model of `fp32_dir` holding an independent unpacker's dequantized weights `deq`
+    (HF name -> W [O, I] of each projection) and the quantized model `qm`'s own int8 lm_head
+    (the float lm_head is quantized on load)."""
+    import numpy as np
+
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.quantized import quantized_cells
+    from qwen3moe.layers.dtypes import write_param
+    from qwen3moe.layers.quant import dequantize
+
+    ref = Qwen3MoeForCausalLM.from_pretrained(fp32_dir)
+    params = {p.name: p for p in ref.get_parameters()}
+    E = ref.config.num_experts
+    for name, p in params.items():
+        if name.endswith("experts.gate_up_proj"):
+            base = name[:-len("gate_up_proj")]
+            write_param(p, np.stack([np.concatenate([deq[f"{base}{j}.gate_proj.weight"],
+                                                     deq[f"{base}{j}.up_proj.weight"]]) for j in range(E)]))
+        elif name.endswith("experts.down_proj"):
+            write_param(p, np.stack([deq[f"{name[:-len('down_proj')]}{j}.down_proj.weight"] for j in range(E)]))
+        elif name in deq:
+            write_param(p, deq[name])
+    head = quantized_cells(qm)["lm_head.weight"]
+    write_param(params["lm_head.weight"], dequantize(head.qweight.asnumpy(), head.scales.asnumpy(),
+                                                     head.qzeros.asnumpy(), 8))
+    return ref
+
+
+# ---- an AWQ folder, built with the independent packer (tools/awq_unpack.py) -----------------
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+              "modules_to_not_convert": None}
+
+
+def awq_folder(folder: Path, src: Path, **config) -> tuple:
+    """`src` (a float fixture) with every projection asymmetric-RTN-quantized (4 bits, group 32)
+    and AWQ-packed by tools/awq_unpack.pack into `folder` (`config`: quantization_config entries
+    replacing AWQ_CONFIG's); returns the folder and the independent dequantization of each
+    projection."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import awq_unpack  # independent implementation of the format
+
+    folder.mkdir()
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    rng = np.random.default_rng(0)
+    out, deq = {}, {}
+    for name, W in tensors.items():
+        if not name.endswith("proj.weight"):
+            out[name] = W
+            continue
+        q, z, s, _ = _asym_act_order(W, 4, 32, rng, g_idx=np.arange(W.shape[1]) // 32)
+        packed = awq_unpack.pack(q, z, s)
+        out.update({f"{name[:-len('.weight')]}.{k}": v for k, v in packed.items()})
+        deq[name] = awq_unpack.dequantize(packed["qweight"], packed["qzeros"], packed["scales"])
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {**AWQ_CONFIG, **config}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for side in src.glob("*.json"):  # tokenizer and generation config
+        if side.name not in ("config.json", "model.safetensors.index.json"):
+            (folder / side.name).write_bytes(side.read_bytes())
+    return folder, deq

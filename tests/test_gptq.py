@@ -15,13 +15,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
-from helpers import HF_FIXTURES, REPO, cli_error, third_party_gptq_folder
+from helpers import HF_FIXTURES, REPO, cli_error, dequantized_reference, third_party_gptq_folder
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
 from qwen3moe.io.gptq import quantize_folder, to_gptq
 from qwen3moe.io.quantized import quantized_cells
-from qwen3moe.layers.dtypes import write_param
 from qwen3moe.layers.quant import QuantizationConfig, dequantize, quantize, quantize_codes
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -149,27 +148,6 @@ def test_reload_equals_quantize_on_load(tmp_path):
     assert not list(tmp_path.glob(".q.tmp-*"))  # the temporary folder was renamed away
 
 
-def _independent_reference(qm, deq):
-    """The fp32 model holding the independent unpacker's dequantized weights (and the quantized
-    model's own int8 lm_head, quantized on load)."""
-    ref = Qwen3MoeForCausalLM.from_pretrained(FP32)
-    params = {p.name: p for p in ref.get_parameters()}
-    E = ref.config.num_experts
-    for name, p in params.items():
-        if name.endswith("experts.gate_up_proj"):
-            base = name[:-len("gate_up_proj")]
-            write_param(p, np.stack([np.concatenate([deq[f"{base}{j}.gate_proj.weight"],
-                                                     deq[f"{base}{j}.up_proj.weight"]]) for j in range(E)]))
-        elif name.endswith("experts.down_proj"):
-            write_param(p, np.stack([deq[f"{name[:-len('down_proj')]}{j}.down_proj.weight"] for j in range(E)]))
-        elif name in deq:
-            write_param(p, deq[name])
-    head = quantized_cells(qm)["lm_head.weight"]  # the float lm_head is int8-quantized on load
-    write_param(params["lm_head.weight"], dequantize(head.qweight.asnumpy(), head.scales.asnumpy(),
-                                                     head.qzeros.asnumpy(), 8))
-    return ref
-
-
 @pytest.mark.parametrize("bits,v1", [(4, True), pytest.param(8, False, marks=pytest.mark.slow)])
 def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, composite):
     """Maps drawn per projection (gate and up differ): the weights are held as stored with their
@@ -177,7 +155,7 @@ def test_third_party_asym_act_order_folder_reads_exactly(tmp_path, bits, v1, com
     folder, deq = third_party_gptq_folder(tmp_path / f"gptq{bits}", FP32, bits, v1)
     qm = Qwen3MoeForCausalLM.from_pretrained(folder)
     assert all(c.perm is None and c.g_idx is not None for n, c in quantized_cells(qm).items() if n != "lm_head.weight")
-    ref = _independent_reference(qm, deq)
+    ref = dequantized_reference(qm, deq, FP32)
     ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
     np.testing.assert_array_equal(qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy())
 
@@ -204,7 +182,7 @@ def test_act_order_folder_with_gptq_maps_runs_sorted(tmp_path, bits, v1, kernels
     assert all(c.g_idx is None and c.perm is not None for c in cells.values())
     assert not (cells["model.layers.0.self_attn.q_proj.weight"].perm.asnumpy() == np.arange(qm.config.hidden_size)).all()
     assert (not_fused_reason(qm) is None) == kernels
-    ref = _independent_reference(qm, deq)
+    ref = dequantized_reference(qm, deq, FP32)
     ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
     a, b = qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy()
     np.testing.assert_allclose(a, b, rtol=0, atol=SORTED_TOL * np.abs(b).max())
@@ -222,7 +200,7 @@ def test_bad_gptq_folders_are_one_line_errors(tmp_path, capsys):
     base = tmp_path / "q"
     quantize_folder(str(FP32), str(base), QuantizationConfig(4, 32))
     cases = [({"bits": 3}, "quantization_config.bits 3 is not supported"),
-             ({"quant_method": "awq"}, "quantization_config.quant_method 'awq' is not supported"),
+             ({"quant_method": "bitsandbytes"}, "quantization_config.quant_method 'bitsandbytes' is not supported"),
              ({"group_size": 100}, "quantization_config.group_size 100 is not supported"),
              ({"group_size": 64}, "group_size 64 does not divide the input dimension 32"),
              ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not supported")]

@@ -204,10 +204,11 @@ def _wide_fixture(tmp_path):
 
 
 def _gptq_cases(tmp_path, case: str):
-    """A GPTQ folder of the GQA fixture: ours (io/gptq.quantize_folder: sym, v1 zero points)
+    """A GPTQ folder of the GQA fixture: ours (io/gptq.quantize_folder: sym, v1 zero points),
     or third-party (tools/gptq_unpack.pack: asym, act-order g_idx; blocks 2: each half of a
     row's inputs grouped within itself, 1: groups mixing the halves, as real act-order
-    quantizers produce); "...+wide": of _wide_fixture."""
+    quantizers produce), or an AWQ folder ("awq": tools/awq_unpack.pack, asym, groups of 32);
+    "...+wide": of _wide_fixture."""
     from helpers import third_party_gptq_folder
     from qwen3moe.io.gptq import quantize_folder
     from qwen3moe.layers.quant import QuantizationConfig
@@ -215,6 +216,10 @@ def _gptq_cases(tmp_path, case: str):
     case, _, wide = case.partition("+")
     src = _wide_fixture(tmp_path) if wide else GQA
     kind, *rest = case.split("_")
+    if kind == "awq":  # tools/awq_unpack.pack: asym, contiguous groups of 32
+        from helpers import awq_folder
+
+        return awq_folder(tmp_path / "q", src)[0]
     if kind == "ours":
         bits, g = int(rest[0]), int(rest[1])
         quantize_folder(str(src), str(tmp_path / "q"), QuantizationConfig(bits, g))
@@ -284,10 +289,10 @@ def _assert_gptq_rank_cells(rm, full: dict, bits: int, r: int) -> set:
     ("ours_4_32", dict(tp=2, ep=2)), ("ours_8_-1", dict(dp=2, ep=2)), ("ours_4_32", dict(pp=2, micro_batch_num=2)),
     ("third_v1_2", dict(tp=2, ep=2)), ("third_v2_1", dict(dp=2, ep=2)),
     ("ours_8_-1", dict(tp=2, ep=2)), ("ours_8_-1", dict(tp=2)), ("third_v1_1", dict(tp=2, ep=2)),
-    ("third_v2_1+wide", dict(tp=2)),
+    ("third_v2_1+wide", dict(tp=2)), ("awq", dict(tp=2, ep=2)),
 ], ids=["ours-int4-g32-tp2ep2", "ours-int8-pc-dp2ep2", "ours-int4-g32-pp2", "asym-actorder-halves-v1-tp2ep2",
         "asym-actorder-v2-dp2ep2", "ours-int8-pc-tp2ep2", "ours-int8-pc-tp2", "asym-actorder-mixed-v1-tp2ep2",
-        "asym-actorder-mixed-v2-wide-tp2"])
+        "asym-actorder-mixed-v2-wide-tp2", "awq-int4-g32-tp2ep2"])
 def test_gptq_rank_cells_are_slices_of_the_single_process_load(tmp_path, case, layout):
     """A GPTQ folder under tp / ep / pp (parallelize with the folder as weights): every rank
     tensor equals the slice of `from_pretrained(folder, dtype="bfloat16")`'s: the quantized cells
@@ -433,13 +438,14 @@ def test_generate_use_parallel_quantized_and_bf16_match_single_process(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_1"], ids=["ours-int4-g32", "asym-actorder-mixed"])
+@pytest.mark.parametrize("case", ["ours_4_32", "third_v1_1", "awq"], ids=["ours-int4-g32", "asym-actorder-mixed", "awq"])
 def test_generate_use_parallel_gptq_matches_single_process(tmp_path, case):
     """A GPTQ folder generated under tp2 x ep2 (--dtype bfloat16 for its float tensors) picks the
     tokens one process picks from it (greedy: identical; before: the one-line "a GPTQ
     (pre-quantized) folder generates in one process" refusal). Ours: the fused decode kernels on
     the ranks' slices; asym act-order with groups mixing o_proj's halves (each rank its columns'
-    g_idx and all the row's groups; before: refused naming the g_idx): the composite step."""
+    g_idx and all the row's groups; before: refused naming the g_idx): the composite step. AWQ
+    (tools/awq_unpack.pack): converted at load, the fused decode kernels as ours."""
     import shutil
 
     folder = _gptq_cases(tmp_path, case)

@@ -12,6 +12,7 @@ Zero-point convention: `checkpoint_format` "gptq" (v1; the default when absent, 
 transformers/optimum and Qwen's GPTQ-Int4 release use) stores z - 1 (sym 4-bit: 0x77777777 for
 z = 8), read back as (stored + 1) mod 2^b like AutoGPTQ's reference dequantization;
 "gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
+AWQ folders load through the same loader (GptqSpec.format "awq"; their packing: io/awq.py).
 Only the quantized projections use this layout; embeddings, norms, router and lm_head stay float
 tensors (the lm_head is quantized to int8 per channel when loading: docs/quantization.md).
 """
@@ -37,6 +38,18 @@ _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|u
 class GptqSpec:
     config: QuantizationConfig
     zero_minus_one: bool  # v1 ("gptq"): qzeros hold z - 1
+    format: str = "gptq"  # "gptq" | "awq" (io/awq.py): how the projections' tensors are packed
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.bits}-bit {self.format.upper()}"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The tensor suffixes of one quantized projection."""
+        from qwen3moe.io.awq import AWQ_KEYS
+
+        return AWQ_KEYS if self.format == "awq" else QUANT_KEYS
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -55,9 +68,13 @@ def gptq_config(config, directory: str) -> GptqSpec | None:
     method = qc.get("quant_method", "gptq")
     if method == "fp8":
         return None  # block-scaled FP8 weights: a float folder to CheckpointSource (io/fp8.py)
+    if method == "awq":
+        from qwen3moe.io.awq import awq_config
+
+        return GptqSpec(awq_config(qc, where, config), False, "awq")
     if method != "gptq":
         raise CheckpointError(f"{where}: quantization_config.quant_method {method!r} is not supported "
-                              f"(only 'gptq' and 'fp8')")
+                              f"(only 'gptq', 'awq' and 'fp8')")
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{where}: quantization_config.checkpoint_format {fmt!r} is not supported "
@@ -183,6 +200,7 @@ def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
     from qwen3moe.layers.dtypes import skip_init
 
     src = CheckpointSource(directory)
+    check_float_modules(src)
     with skip_init():
         model = cls(config, param_dtype=param_dtype, quantization=spec.config)
     cells = quantized_cells(model)
@@ -211,13 +229,17 @@ def _fill_projections(src, cells: dict, spec: GptqSpec, num_experts: int) -> set
                      for p in (("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",))]
                     if m else [name[:-len(".weight")]])
         fill_from_gptq(src, cell, prefixes, spec)
-        used.update(f"{p}.{k}" for p in prefixes for k in QUANT_KEYS)
+        used.update(f"{p}.{k}" for p in prefixes for k in spec.keys)
     return used
 
 
 def read_projection(src, prefix: str, out_features: int, in_features: int, spec: GptqSpec):
     """read_gptq, and an act-order g_idx refused unless the folder declares desc_act (the model
     then holds no group map for it)."""
+    if spec.format == "awq":
+        from qwen3moe.io.awq import read_awq
+
+        return read_awq(src, prefix, out_features, in_features, spec)
     q, s, z, g_idx = read_gptq(src, prefix, out_features, in_features, spec)
     if g_idx is not None and not spec.config.desc_act:
         raise CheckpointError(f"{src.directory}: {prefix}.g_idx is act-order (not k // group_size) "
@@ -225,11 +247,25 @@ def read_projection(src, prefix: str, out_features: int, in_features: int, spec:
     return q, s, z, g_idx
 
 
-def gptq_keys(float_keys: set[str]) -> set[str]:
-    """The GPTQ tensor names standing for a float model's quantized projections (`<prefix>.qweight`
-    etc. for each projection `<prefix>.weight`): what a GPTQ folder's loaders read."""
+def gptq_keys(float_keys: set[str], keys: tuple[str, ...] = QUANT_KEYS) -> set[str]:
+    """The GPTQ (AWQ: keys=GptqSpec.keys) tensor names standing for a float model's quantized
+    projections (`<prefix>.qweight` etc. for each projection `<prefix>.weight`): what a GPTQ
+    folder's loaders read."""
     return {f"{k[:-len('.weight')]}.{q}" for k in float_keys if _EXPERT.match(k) or _LINEAR.match(k)
-            for q in QUANT_KEYS}
+            for q in keys}
+
+
+_PACKED = re.compile(r"^(.*)\.(qweight|qzeros)$")
+
+
+def check_float_modules(src) -> None:
+    """A packed tensor of a module the model keeps float (the router mlp.gate, lm_head, embeddings):
+    one line naming it, before the loaders miss its float weight."""
+    for name in src.where:
+        m = _PACKED.match(name)
+        if m and not (_EXPERT.match(m.group(1) + ".weight") or _LINEAR.match(m.group(1) + ".weight")):
+            raise CheckpointError(f"{src.directory}: quantized tensor {name!r}: only the attention, expert and "
+                                  f"dense-MLP projections may be quantized ({m.group(1)} must be a float weight)")
 
 
 def fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec, full: tuple | None = None, split=None) -> None:

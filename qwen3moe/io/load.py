@@ -39,7 +39,7 @@ def _load_quantized(cls, directory, config, param_dtype, quantization, group_siz
     stored = gptq_config(config, directory)
     if stored is not None:
         if qc is not None or group_size is not None:  # its group size is the folder's own
-            raise CheckpointError(f"{directory}: already quantized ({stored.config.bits}-bit GPTQ); "
+            raise CheckpointError(f"{directory}: already quantized ({stored.label}); "
                                   f"load it without quantization= / group_size= (--quantize / --group_size)")
         return load_gptq(cls, directory, config, stored, param_dtype)
     if qc is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3moe.io.gptq import gptq_config, gptq_keys
+from qwen3moe.io.gptq import check_float_modules, gptq_config, gptq_keys
 from qwen3moe.io.hf_checkpoint import CheckpointSource, check_unexpected, model_keys, native_sources
 from qwen3moe.io.safetensors_io import CheckpointError, SafetensorsFile, check_tensor_names, write_safetensors
 from qwen3moe.parallel.ranks import ShardInfo, assemble
@@ -48,8 +48,10 @@ class ShardReader:
 
             have = set(self.src.where)  # missing tensors: below, per name
             keys = model_keys(Qwen3MoeForCausalLM, cfg, have)
-            if gptq_config(cfg, self.src.directory) is not None:  # its projections' GPTQ tensors
-                keys |= gptq_keys(keys)
+            spec = gptq_config(cfg, self.src.directory)
+            if spec is not None:  # its projections' GPTQ / AWQ tensors
+                check_float_modules(self.src)
+                keys |= gptq_keys(keys, spec.keys)
             check_unexpected(self.src, keys & have, cfg)
             self.checked = True
         name = info.name

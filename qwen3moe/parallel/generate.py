@@ -92,7 +92,7 @@ def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
     qc = req.quantization()
     if spec is not None and qc is not None:
         raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: already quantized "
-                              f"({spec.config.bits}-bit GPTQ); generate without --quantize")
+                              f"({spec.label}); generate without --quantize")
     if spec is None and qc is None:
         return
     layout = layout_mesh(mesh)

@@ -339,7 +339,7 @@ def _quantization(cfg, mesh: Mesh, weights, quantization):
     spec = gptq_config(cfg, os.fspath(weights)) if isinstance(weights, (str, os.PathLike)) else None
     if spec is not None:
         if quantization is not None:
-            raise QuantizationError(f"{os.fspath(weights)}: already quantized ({spec.config.bits}-bit GPTQ); "
+            raise QuantizationError(f"{os.fspath(weights)}: already quantized ({spec.label}); "
                                     f"load it without quantization= (--quantize)")
         check_gptq_layout(cfg, mesh, spec, os.fspath(weights))
         return spec, spec.config

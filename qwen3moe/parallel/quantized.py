@@ -93,7 +93,7 @@ def check_gptq_layout(cfg, mesh: Mesh, spec: GptqSpec, directory) -> None:
     g = spec.config.group_size
     for what, n, d, axis, name in _row_parallel_dims(cfg, mesh):
         if d > 1 and g != -1 and (n // d) % g:
-            raise QuantizationError(f"{directory}: GPTQ folder: its group_size {g} does not divide the per-rank input "
+            raise QuantizationError(f"{directory}: {spec.format.upper()} folder: its group_size {g} does not divide the per-rank input "
                                     f"dimension {n // d} of {what} ({name} {n} / {axis} {d}), so its groups cannot be "
                                     f"split exactly; use {axis} 1 (ep, pp, dp), or shard the float folder with "
                                     f"--quantize")
