@@ -66,9 +66,9 @@ static inline __m512 sum16(const __m512 *v) {
 }
 
 // The 16 key rows from t0 as float32: the float32 cache's own rows, 16-bit rows widened once into
-// buf[16 D] (L1) for all G heads: widened per head, the zero-extending shuffles (one per 16
-// values, one shuffle pipe) outnumbered the dots' FMAs. Exact: the scores are those of the float32
-// cache on the widened values.
+// buf[16 D] (L1) for all G heads: widened per head, the widening (a zero-extending shuffle and a
+// shift per 16 values) was twice the dots' FMAs. Exact: the scores are those of the float32 cache
+// on the widened values.
 template <int NV>
 static inline const float *key_block(const float *kc, int64_t t0, float *) { return kc + t0 * 16 * NV; }
 template <int NV, typename E>
