@@ -117,6 +117,9 @@ def main() -> None:
         return _worker(a.worker)
     if not a.old:
         ap.error("--old <checkout> is required")
+    for side in (a.old, a.new):
+        if not (Path(side) / "qwen3moe" / "kernels" / "build.py").is_file():
+            ap.error(f"{side}: not a qwen3moe checkout (no qwen3moe/kernels/build.py)")
     for d in a.dtypes.split(","):
         if d not in ("float32", "bfloat16"):
             ap.error(f"--dtypes: expected float32 or bfloat16, got {d!r}")
