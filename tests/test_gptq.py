@@ -117,7 +117,7 @@ def test_sort_by_group_is_the_act_order_weight(bits, g, groups, rows, seed):
     their input order perm dequantize to the same W as the map read as stored (tools/
     gptq_unpack's per-column formula, written independently), for odd and even inputs in either
     nibble; and a map with a group of the wrong size is refused (UnsortableMap)."""
-    from qwen3moe.io.gptq import UnsortableMap, sort_by_group
+    from qwen3moe.io.act_order import UnsortableMap, sort_by_group
     from qwen3moe.layers.quant import pack
 
     rng = np.random.default_rng(seed)

@@ -230,7 +230,7 @@ def _gptq_cases(tmp_path, case: str):
 def _as_stored(arrays: dict, bits: int) -> dict:
     """A single-process load's tensors with each act-order weight as the ranks hold it: the
     columns back in HF order and the group map g_idx [..., R, I] (one process holds them sorted
-    by group with an input order perm: io/gptq.sort_by_group)."""
+    by group with an input order perm: io/act_order.sort_by_group)."""
     from qwen3moe.layers.quant import pack, unpack
 
     out = dict(arrays)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qwen3moe.io.act_order import UnsortableMap, sort_by_group
 from qwen3moe.io.safetensors_io import CheckpointError
 from qwen3moe.layers.quant import GROUP_SIZES, QuantizationConfig, use_group_maps
 
@@ -300,38 +301,6 @@ def fill_from_gptq(src, cell, prefixes: list[str], spec: GptqSpec, full: tuple |
         if gi is not None:
             gi[(j, r) if lead else (r,)] = g_idx
     fill_cell(cell, q, s, z, gi, perm)
-
-
-class UnsortableMap(CheckpointError):
-    """An act-order map sort_by_group cannot turn into contiguous groups with one input order
-    (GPTQ's own maps always can: gate and up share their inputs, hence their map)."""
-
-
-def sort_by_group(packed: np.ndarray, g_idx: np.ndarray | None, bits: int, g: int, where: str) -> tuple:
-    """An act-order projection (qweight [O, P] in HF column order, its map g_idx [I] or None for
-    plain groups) -> (qweight with the columns sorted by group, perm [I]): stored column j is
-    HF column perm[j], and groups are contiguous again (GPTQ act-order puts exactly g columns in
-    each group), so the kernels read it with x[perm]."""
-    I = packed.shape[-1] * 8 // bits
-    if g_idx is None:
-        return packed, np.arange(I, dtype=np.int32)
-    perm = np.argsort(g_idx, kind="stable").astype(np.int32)
-    if not np.array_equal(g_idx[perm], np.arange(I) // g):
-        raise UnsortableMap(f"{where}.g_idx does not put exactly {g} columns in each group (an act-order map "
-                              f"does: g_idx[order[i]] = i // group_size)")
-    return take_columns(packed, perm, bits), perm
-
-
-def take_columns(packed: np.ndarray, cols: np.ndarray, bits: int) -> np.ndarray:
-    """qweight [O, P] -> the qweight of the columns `cols` of its values, in that order. 4 bits:
-    each value's byte taken, shifted to its nibble, and pairs packed again (3.5x faster than
-    unpacking the whole row first: the loader sorts every act-order projection)."""
-    if bits == 8:
-        return np.take(packed, cols, axis=1)
-    u = np.take(packed, cols >> 1, axis=1)
-    u >>= ((cols & 1) * 4).astype(np.uint8)  # odd inputs sit in the high nibble
-    u &= 15
-    return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
 # ---- writing: float HF folder -> GPTQ folder, streaming -------------------------------------

@@ -366,7 +366,7 @@ class QuantizedExperts(nn.Cell):
 def use_group_maps(model: nn.Cell) -> None:
     """Every act-order cell of `model` as stored with its group maps (use_group_map): the
     composite path. A row-parallel rank needs it (a row split cuts the sorted groups), and a
-    folder whose maps cannot be sorted (io/gptq.sort_by_group). Before loading."""
+    folder whose maps cannot be sorted (io/act_order.sort_by_group). Before loading."""
     for _, cell in model.cells_and_names():
         experts = getattr(cell, "experts", None)
         if isinstance(experts, QuantizedExperts) and experts.gate_up_proj.perm is not None:
