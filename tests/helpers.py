@@ -243,6 +243,18 @@ def dequantized_reference(qm, deq: dict, fp32_dir: Path):
     return ref
 
 
+def assert_close_to_reference(qm, ref, rel_tol: float) -> None:
+    """qm's logits of a fixed (2, 8) batch within rel_tol x max|logit| of ref's, and the same
+    6 greedy tokens: a quantized model against the fp32 model of its dequantized weights."""
+    import numpy as np
+
+    ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
+    a, b = qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy()
+    np.testing.assert_allclose(a, b, rtol=0, atol=rel_tol * np.abs(b).max())
+    kw = dict(max_new_tokens=6, do_sample=False, ignore_eos=True)
+    np.testing.assert_array_equal(np.asarray(qm.generate(ids, **kw)), np.asarray(ref.generate(ids, **kw)))
+
+
 # ---- an AWQ folder, built with the independent packer (tools/awq_unpack.py) -----------------
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
               "modules_to_not_convert": None}

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
-from helpers import HF_FIXTURES, REPO, awq_folder, cli_error, dequantized_reference
+from helpers import HF_FIXTURES, REPO, assert_close_to_reference, awq_folder, cli_error, dequantized_reference
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.io.awq import awq_qweight, awq_unpack
@@ -73,11 +73,7 @@ def test_folder_on_the_kernels_matches_the_dequantized_model(tmp_path):
     qm = Qwen3MoeForCausalLM.from_pretrained(folder)
     assert not_fused_reason(qm) is None  # the C++ kernels and the fused decode step apply
     ref = dequantized_reference(qm, deq, FP32)
-    ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
-    a, b = qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy()
-    np.testing.assert_allclose(a, b, rtol=0, atol=KERNEL_TOL * np.abs(b).max())
-    kw = dict(max_new_tokens=6, do_sample=False, ignore_eos=True)
-    np.testing.assert_array_equal(np.asarray(qm.generate(ids, **kw)), np.asarray(ref.generate(ids, **kw)))
+    assert_close_to_reference(qm, ref, KERNEL_TOL)
 
 
 @pytest.fixture(scope="module")

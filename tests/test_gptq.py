@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
-from helpers import HF_FIXTURES, REPO, cli_error, dequantized_reference, third_party_gptq_folder
+from helpers import (HF_FIXTURES, REPO, assert_close_to_reference, cli_error, dequantized_reference,
+                     third_party_gptq_folder)
 
 from qwen3moe import Qwen3MoeForCausalLM
 from qwen3moe.cli import main as cli_main
@@ -183,11 +184,7 @@ def test_act_order_folder_with_gptq_maps_runs_sorted(tmp_path, bits, v1, kernels
     assert not (cells["model.layers.0.self_attn.q_proj.weight"].perm.asnumpy() == np.arange(qm.config.hidden_size)).all()
     assert (not_fused_reason(qm) is None) == kernels
     ref = dequantized_reference(qm, deq, FP32)
-    ids = np.random.default_rng(4).integers(0, qm.config.vocab_size, (2, 8))
-    a, b = qm(ids).logits.asnumpy(), ref(ids).logits.asnumpy()
-    np.testing.assert_allclose(a, b, rtol=0, atol=SORTED_TOL * np.abs(b).max())
-    kw = dict(max_new_tokens=6, do_sample=False, ignore_eos=True)
-    np.testing.assert_array_equal(np.asarray(qm.generate(ids, **kw)), np.asarray(ref.generate(ids, **kw)))
+    assert_close_to_reference(qm, ref, SORTED_TOL)
 
 
 def _edit_config(folder, **changes) -> None:
