@@ -41,8 +41,13 @@ def available() -> bool:
 
 
 def set_portable(on: bool) -> None:
-    """Run the portable scalar loops instead of the AVX-512 ones (both are tested)."""
+    """Run the portable scalar loops instead of the AVX-512 ones (both are tested), in these ops
+    and in the fused decode ops (kernels/decode.py), whose library holds its own copy of the flag."""
+    from qwen3moe.kernels import decode
+
     ctypes.CDLL(library()).QuantSetPortable(int(bool(on)))
+    if decode.available():
+        ctypes.CDLL(decode.library()).DecodeSetPortable(int(bool(on)))
 
 
 @functools.lru_cache(maxsize=None)
