@@ -225,7 +225,8 @@ struct RowPrefetch {
 // Elements per inner step: int4, 6 bits and bf16 widen 32 (two vectors), int8 16.
 template <int KIND>
 constexpr int64_t kStep = KIND == kQ8 ? 16 : 32;
-static inline int64_t step_of(int kind) { return kind == kQ8 || kind == kF32 ? 16 : 32; }
+// ... and per dequant_rows step / the shape rule of the vector paths: int4 and 6 bits 32, else 16
+static inline int64_t step_of(int kind) { return kind == kQ4 || kind == kQ6 ? 32 : 16; }
 
 // y[b * ldy + r] = W[o + r, :] . x[b, :] for 4 rows r and NB batch rows; x in the kernel order
 // (for int4 / 6 bits each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0,
