@@ -132,7 +132,7 @@ struct QMat {
   }
 };
 
-#include "quant_q6.h"
+static inline int q6_value(const uint8_t *row, int64_t I, int64_t k);  // quant_q6.h
 
 // w[0:I] = the float32 values of row o (scalar: the definition the vector code must match)
 static inline void dequant_row_scalar(const QMat &W, int64_t o, float *out) {
@@ -161,7 +161,7 @@ struct GroupQ {
   template <int KIND>
   inline void set(const QMat &W, int64_t o, int64_t gi) {
     const float s = half_to_float(W.s[o * W.lds + gi]), z = static_cast<float>(W.z[o * W.lds + gi]);
-    if (KIND == kQ8 || KIND == kQ6) {
+    if (KIND == kQ8) {
       a = _mm512_set1_ps(z), b = _mm512_set1_ps(s);
     } else {
       const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -222,16 +222,16 @@ struct RowPrefetch {
   }
 };
 
-// Elements per inner step: int4, 6 bits and bf16 widen 32 (two vectors), int8 16.
+// Elements per inner step: int4 and bf16 widen 32 (two vectors), int8 16.
 template <int KIND>
 constexpr int64_t kStep = KIND == kQ8 ? 16 : 32;
 // ... and per dequant_rows step / the shape rule of the vector paths: int4 and 6 bits 32, else 16
 static inline int64_t step_of(int kind) { return kind == kQ4 || kind == kQ6 ? 32 : 16; }
 
 // y[b * ldy + r] = W[o + r, :] . x[b, :] for 4 rows r and NB batch rows; x in the kernel order
-// (for int4 / 6 bits each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0,
-// g % kStep == 0. ROWSCALE (int8 with one group per row, the per-channel layout and the lm_head;
-// always for 6 bits): the row's scale
+// (for int4 each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0,
+// g % kStep == 0. ROWSCALE (int8 with one group per row, the per-channel layout and the lm_head):
+// the row's scale
 // multiplies the finished dot product instead of every weight, sum_k (u - z) x_k then * s (each
 // product of an exact integer is rounded once, as before: same fp32 error bound, one multiply
 // less per 16 weights in this memory-bound loop).
@@ -266,9 +266,7 @@ static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx
         for (int b = 0; b < NB; ++b) xe[b] = _mm512_loadu_ps(x + b * ldx + h), xo[b] = _mm512_loadu_ps(x + b * ldx + h + 16);
         for (int r = 0; r < 4; ++r) {
           __m512 we, wo;
-          if (KIND == kQ6)
-            q6x32(w0 + r * W.ld, W.I, h, q[r].a, we, wo);  // ROWSCALE: u - z
-          else if (KIND == kQ4)
+          if (KIND == kQ4)
             q4x32(w0 + r * W.ld + off, q[r], we, wo);
           else
             bf16x32(w0 + r * W.ld + off, we, wo);
@@ -342,6 +340,7 @@ static inline const float *prep_x(int kind, const float *x, int64_t ldx, int64_t
 
 #include "quant_perm.h"
 #include "quant_q4w.h"
+#include "quant_q6.h"
 
 // y[b * ldy + o] = W[o, :] . x[b, :] for o in [o0, o1), b in [0, nb); bf16 / int8 / int4 rows
 // (fp32 rows go through decode_layer.cc's rows_dot_ld; int4 g128 through quant_q4w.h).
@@ -366,7 +365,9 @@ static void rows_dot_q(const QMat &W, int64_t o0, int64_t o1, const float *x, in
         if (W.g == W.I) return qrows_vec<kQ8, true>(W, o0, o1, xp, ld, nb, y, ldy);
         return qrows_vec<kQ8>(W, o0, o1, xp, ld, nb, y, ldy);
       case kQ4: return qrows_vec<kQ4>(W, o0, o1, xp, ld, nb, y, ldy);
-      case kQ6: return qrows_vec<kQ6, true>(W, o0, o1, xp, ld, nb, y, ldy);  // g == I (parse_weight)
+      case kQ6:
+        if (W.I % 128 == 0) return q6_rows(W, o0, o1, xp, ld, nb, y, ldy);  // g == I (parse_weight)
+        break;
       default: break;
     }
   }
@@ -398,7 +399,7 @@ static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64
       float *dst = out + r * ldo;
       for (int64_t gi = 0; gi < W.I / g; ++gi) {
         GroupQ q;
-        if (W.kind == kQ8 || W.kind == kQ6) q.set<kQ8>(W, o, gi);
+        if (W.kind == kQ8 || W.kind == kQ6) q.set<kQ8>(W, o, gi);  // 6 bits: z and s as int8's
         if (W.kind == kQ4) q.set<kQ4>(W, o, gi);
         for (int64_t h = gi * g; h < (gi + 1) * g; h += step) {
           if (W.kind == kBF16) {
