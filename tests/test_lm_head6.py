@@ -219,6 +219,44 @@ def test_tiny_model_lm_head6(monkeypatch):
     np.testing.assert_array_equal(ga, gb)
 
 
+def test_gptq_folder_loads_its_float_lm_head_in_6_bits(tmp_path):
+    """A GPTQ folder (ours, written by `quantize`) keeps the lm_head float: lm_head_bits=6 loads
+    it as the reference 6-bit quantization, the projections as stored (the same model as with
+    quantization= on the float folder)."""
+    from qwen3moe.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--pretrained_model_dir", str(FP32), "--output", str(out), "--bits", "4",
+                 "--group_size", "32"]) == 0
+    a = Qwen3MoeForCausalLM.from_pretrained(FP32, quantization="int4", group_size=32, lm_head_bits=6)
+    b = Qwen3MoeForCausalLM.from_pretrained(out, lm_head_bits=6)
+    assert b.lm_head.bits == 6
+    np.testing.assert_array_equal(a.lm_head.qweight.asnumpy(), b.lm_head.qweight.asnumpy())
+    ids = np.random.default_rng(3).integers(0, a.config.vocab_size, (2, 9))
+    np.testing.assert_array_equal(a(ids).logits.asnumpy(), b(ids).logits.asnumpy())
+
+
+def test_tensor_parallel_lm_head_rows_are_the_single_process_rows():
+    """tp=2: each rank quantizes its vocab rows of the float lm_head (per row, so a row split is
+    exact): its 6-bit cell equals the single-process cell's rows."""
+    from types import SimpleNamespace
+
+    from qwen3moe.models.config import Qwen3MoeConfig
+    from qwen3moe.parallel.mesh import Mesh
+    from qwen3moe.parallel.parallelize import parallelize
+
+    qc = QuantizationConfig(8, -1, lm_head_bits=6)  # per channel: no group for a tp split to cut
+    one = Qwen3MoeForCausalLM.from_pretrained(FP32, quantization=qc).lm_head
+    cfg, V = Qwen3MoeConfig.from_pretrained(FP32), one.out_features
+    for r in range(2):
+        head = parallelize(cfg, Mesh(tp=2), r, str(FP32), coll=SimpleNamespace(groups={}),
+                           quantization=qc).model.lm_head.inner
+        rows = slice(r * V // 2, (r + 1) * V // 2)
+        assert head.bits == 6
+        for name in ("qweight", "scales", "qzeros"):
+            np.testing.assert_array_equal(getattr(head, name).asnumpy(), getattr(one, name).asnumpy()[rows])
+
+
 # ---- (e) errors ------------------------------------------------------------------------------
 def test_bad_lm_head_bits_are_one_line_errors():
     cases = [
