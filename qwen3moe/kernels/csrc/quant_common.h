@@ -4,8 +4,8 @@
 // Layout (the in-memory contract with the model side, docs/quantization.md): a projection
 // W[O, I] with group size g (int8 per output channel: g = I), G = I / g groups per row:
 //   qweight uint8 [O, I] (8 bits), [O, I/2] (4 bits: low nibble = even k, high nibble = odd k) or
-//   [O, 3I/4] (6 bits, one group per row, the opt-in lm_head: the 4-bit plane of the low 4 bits,
-//   then the plane of the high 2 bits, four inputs per byte; quant_q6.h states it exactly),
+//   [O, 3I/4] (6 bits, one group per row, the opt-in lm_head, I % 4 == 0: bytes [0, I/2) hold
+//   u & 15 packed as 4 bits packs u; byte I/2 + m holds u[4m + t] >> 4 at bits 2t..2t+1; quant_q6.h),
 //   scales float16 [O, G], qzeros uint8 [O, G];  W[o, k] = (u[o, k] - z[o, k/g]) * float(s[o, k/g]).
 // bf16: the plain bfloat16 matrix. Fused experts stack E such matrices (leading dim).
 // Each weight vector is dequantized to exactly that float32 value (u - z is an exact integer, one
