@@ -9,8 +9,6 @@ activations), the composite dequantization, a tiny model and the one-line errors
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
