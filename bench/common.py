@@ -95,12 +95,12 @@ def forward_flops(cfg: dict, batch: int, seq: int) -> float:
 
 
 def load_kwargs(mode: dict) -> dict:
-    """A bench mode's from_pretrained keyword arguments: `activations` (with `quantization` and an
-    optional `group_size`) becomes a QuantizationConfig, the rest passes through."""
+    """A bench mode's from_pretrained keyword arguments: `activations` (with `quantization`, an
+    optional `group_size` and `lm_head_bits`) becomes a QuantizationConfig, the rest passes through."""
     kw = dict(mode)
     if "activations" in kw:
         from qwen3moe.layers.quant import QuantizationConfig
 
         kw["quantization"] = QuantizationConfig.from_name(kw.pop("quantization"), kw.pop("group_size", None),
-                                                          kw.pop("activations"))
+                                                          kw.pop("activations"), kw.pop("lm_head_bits", 8))
     return kw

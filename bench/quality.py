@@ -14,6 +14,8 @@ of the forward pass: the first token is a prefill, every next one a decode step 
 (teacher forcing), so the fused decode kernels make the predictions. The "-a8" modes (the opt-in
 int8 activations, QuantizationConfig(activations="int8")) run on both paths: the forward pass is
 the prefill's arithmetic (kernels/csrc/quant_gemm8.h), the decode path the decode kernels'.
+The "-h6" modes hold the lm_head in the opt-in 6 bits per channel (QuantizationConfig(lm_head_bits=6))
+instead of int8; their budgets are their base mode's.
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ MODES = {
     "int4-g128": dict(quantization="int4", group_size=128),
 }
 MODES.update({f"{m}-a8": dict(v, activations="int8") for m, v in MODES.items() if "quantization" in v})
-BUDGET_PPL = {"int8": 0.01, "int4-g128": 0.05, "int8-a8": 0.01, "int4-g128-a8": 0.05}  # relative ppl increase
+# "-h6": the opt-in 6-bit lm_head (QuantizationConfig(lm_head_bits=6)) instead of int8
+MODES.update({f"{m}-h6": dict(v, lm_head_bits=6) for m, v in MODES.items() if "quantization" in v})
+BUDGET_PPL = {"int8": 0.01, "int4-g128": 0.05, "int8-a8": 0.01, "int4-g128-a8": 0.05,
+              "int8-h6": 0.01, "int4-g128-h6": 0.05, "int8-a8-h6": 0.01, "int4-g128-a8-h6": 0.05}  # relative ppl increase
 
 
 def windows(model_dir: Path, text_path: Path, max_windows: int | None = None) -> np.ndarray:

@@ -13,7 +13,8 @@ llama.cpp (reference tooling, tools/llamacpp/): llama-bench pp512 and tg64 (b1),
 llama-batched-bench -npp 16 -ntg 64 -npl 8 (S_TG, aggregate b8), peak RSS from /usr/bin/time.
 Prints each of our modes against our fp32 and int8 vs Q8_0, int4 vs Q4_K_M (targets in issue 14).
 Modes int8-a8 / int4-a8: the same weights with the opt-in int8 activations (prefill and decode
-kernels; QuantizationConfig(activations="int8"), docs/quantization.md).
+kernels; QuantizationConfig(activations="int8"), docs/quantization.md). Modes int8-h6 / int4-h6 /
+int4-a8-h6: the opt-in 6-bit lm_head (QuantizationConfig(lm_head_bits=6)) instead of the int8 one.
 Times are medians over --reps after a warm-up call. Our workers run with the runtime setting
 `qwen3moe generate` uses (common.generation_runtime: MindSpore's graph pipeline off: less CPU a
 token, the same wall time on a quiet machine); QWEN3MOE_GRAPH_PIPELINE=on measures MindSpore's default.
@@ -65,11 +66,17 @@ MODES = {
     # the opt-in int8-activation kernels, prefill and decode (QuantizationConfig(activations="int8"))
     "int8-a8": dict(quantization="int8", activations="int8"),
     "int4-a8": dict(quantization="int4", group_size=128, activations="int8"),
+    # the opt-in 6-bit lm_head (QuantizationConfig(lm_head_bits=6)) instead of int8
+    "int8-h6": dict(quantization="int8", lm_head_bits=6),
+    "int4-h6": dict(quantization="int4", group_size=128, lm_head_bits=6),
+    "int4-a8-h6": dict(quantization="int4", group_size=128, activations="int8", lm_head_bits=6),
     "stored": dict(dtype="bfloat16"),  # a quantized (GPTQ) folder as stored: bench/act_order.py
 }
 LLAMA_MODES = {"F32": "F32", "Q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
-PAIRS = (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int8-a8", "Q8_0"), ("int4-a8", "Q4_K_M"), ("fp32", "F32"))
-TARGET_VS_FP32 = {"bf16": 1.8, "int8": 3.0, "int4": 4.5, "int8-a8": 3.0, "int4-a8": 4.5}
+PAIRS = (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int8-a8", "Q8_0"), ("int4-a8", "Q4_K_M"), ("int8-h6", "Q8_0"),
+         ("int4-h6", "Q4_K_M"), ("int4-a8-h6", "Q4_K_M"), ("fp32", "F32"))
+TARGET_VS_FP32 = {"bf16": 1.8, "int8": 3.0, "int4": 4.5, "int8-a8": 3.0, "int4-a8": 4.5, "int8-h6": 3.0, "int4-h6": 4.5,
+                  "int4-a8-h6": 4.5}
 
 
 def _ids(B: int, S: int, seed: int) -> np.ndarray:

@@ -68,6 +68,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--activations", default="float32", choices=("float32", "int8"),
                    help="with --quantize: int8 = prefill and decode with int8 activations and integer dot products "
                         "(opt-in, docs/quantization.md); float32 = weight-only (default)")
+    p.add_argument("--lm_head_bits", type=int, default=None, choices=(8, 6),
+                   help="with --quantize (or a GPTQ folder): the lm_head per channel in 8 bits (default) or 6 "
+                        "(opt-in, fewer bytes per decode step; docs/quantization.md)")
     # --use_parallel True --parallel_config.model_parallel N ... (under `qwen3moe launch`)
     p.add_argument("--use_parallel", type=_bool, default=False, help="shard over the launched processes")
     for key in PARALLEL_KEYS:  # micro_batch_num: decode micro-batches of the pipeline (default pp)
@@ -83,7 +86,7 @@ def request(args: argparse.Namespace):
     return GenerateRequest(args.pretrained_model_dir, args.predict_data, args.predict_batch_size, args.chat,
                            args.enable_thinking, args.stream, args.ignore_eos,
                            {k: getattr(args, k) for k in OPTION_KEYS}, args.dtype, args.quantize, args.group_size,
-                           args.activations)
+                           args.activations, args.lm_head_bits)
 
 
 def run_parallel(args: argparse.Namespace, req) -> int:

@@ -40,6 +40,7 @@ class GenerateRequest:
     quantize: str | None = None         # int8 / int4 projections, quantized while loading
     group_size: int | None = None       # int4 group size
     activations: str = "float32"        # with quantize: int8 = the opt-in int8-activation kernels
+    lm_head_bits: int | None = None     # with quantize (or a GPTQ folder): the lm_head's 8 (default) or 6 bits
 
     def quantization(self):
         """from_pretrained's quantization: None, or a QuantizationConfig of the flags."""
@@ -49,7 +50,8 @@ class GenerateRequest:
             if self.activations != "float32":
                 raise GenerationError(f"--activations {self.activations} needs --quantize int8/int4")
             return None
-        return QuantizationConfig.from_name(self.quantize, self.group_size, self.activations)
+        return QuantizationConfig.from_name(self.quantize, self.group_size, self.activations,
+                                            8 if self.lm_head_bits is None else self.lm_head_bits)
 
     def param_dtype(self, config):
         """The MindSpore storage dtype of --dtype for the model of `config` (auto: its torch_dtype)."""
@@ -125,7 +127,8 @@ def load(req: GenerateRequest, build: Callable[[Path], Any] | None = None):
         if build is None:
             model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if req.dtype == "auto" else req.dtype,
                                                         quantization=req.quantization(),
-                                                        group_size=None if req.quantize else req.group_size)
+                                                        group_size=None if req.quantize else req.group_size,
+                                                        lm_head_bits=None if req.quantize else req.lm_head_bits)
         else:
             model = build(folder)
     except Qwen3MoeError:

@@ -14,7 +14,7 @@ z = 8), read back as (stored + 1) mod 2^b like AutoGPTQ's reference dequantizati
 "gptq_v2" (GPTQModel's internal format) stores z. We write v1 and read both.
 AWQ folders load through the same loader (GptqSpec.format "awq"; their packing: io/awq.py).
 Only the quantized projections use this layout; embeddings, norms, router and lm_head stay float
-tensors (the lm_head is quantized to int8 per channel when loading: docs/quantization.md).
+tensors (the lm_head is quantized per channel when loading, int8 or 6 bits: docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def read_gptq(src, prefix: str, out_features: int, in_features: int, spec: GptqS
 
 def load_gptq(cls, directory: str, config, spec: GptqSpec, param_dtype):
     """A GPTQ folder into a quantized model, packed tensors read as stored (no re-quantizing);
-    the float lm_head is quantized to int8 per channel on the way in."""
+    the float lm_head is quantized per channel on the way in (int8, or spec.config.lm_head_bits)."""
     from qwen3moe.io.hf_checkpoint import CheckpointSource, check_unexpected
     from qwen3moe.io.quantized import load_plain, quantize_cell, quantized_cells
     from qwen3moe.layers.dtypes import skip_init

@@ -5,8 +5,9 @@ E experts, H hidden, F expert ffn (gate_up [E, 2F, H], down [E, H, F]), K top-k.
 A weight is passed as a tuple: `(w,)` for a bfloat16 matrix of the fp32 shape (or its uint16 bit
 pattern, as the model holds bf16 weights it gathers from), or
 `(qweight, scales, qzeros)` for the quantized layout of docs/quantization.md: qweight uint8
-[O, I] (8 bits) or [O, I // 2] (4 bits, low nibble = even input index), scales float16 [O, G],
-qzeros uint8 [O, G]; W[o, k] = (u[o, k] - z[o, k // g]) * scales[o, k // g]. Experts carry a
+[O, I] (8 bits), [O, I // 2] (4 bits, low nibble = even input index) or [O, 3 I // 4] (6 bits,
+one group per row: the low-nibble plane, then the high-2-bit plane; layers/quant.py), scales
+float16 [O, G], qzeros uint8 [O, G]; W[o, k] = (u[o, k] - z[o, k // g]) * scales[o, k // g]. Experts carry a
 leading E on each tensor. A quantized weight may carry a fourth tensor, `perm` int32 [I] ([E, I]
 for experts): its input columns are stored in that order (act-order GPTQ with the columns sorted
 by group), y[o] = sum_j W[o, j] * x[perm[j]]; the kernels gather x by perm first (csrc/quant_perm.h).
@@ -41,8 +42,13 @@ def available() -> bool:
 
 
 def set_portable(on: bool) -> None:
-    """Run the portable scalar loops instead of the AVX-512 ones (both are tested)."""
+    """Run the portable scalar loops instead of the AVX-512 ones (both are tested), in these ops
+    and in the fused decode ops (kernels/decode.py), whose library holds its own copy of the flag."""
+    from qwen3moe.kernels import decode
+
     ctypes.CDLL(library()).QuantSetPortable(int(bool(on)))
+    if decode.available():
+        ctypes.CDLL(decode.library()).DecodeSetPortable(int(bool(on)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,13 +77,16 @@ def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -
         raise ValueError(f"{name}: expected (weight,) or (qweight, scales, qzeros[, perm]), got {len(weight)} tensors")
     q, s, z = weight[:3]
     last = q.shape[-1]
-    ok = (q.dtype == ms.uint8 and s.dtype == ms.float16 and z.dtype == ms.uint8 and last in (in_features, in_features // 2)
+    six = in_features % 4 == 0 and last == in_features * 3 // 4  # 6 bits: one group per row, no experts
+    ok = (q.dtype == ms.uint8 and s.dtype == ms.float16 and z.dtype == ms.uint8
+          and (last in (in_features, in_features // 2) or (six and s.shape[-1] == 1 and not lead))
           and len(q.shape) == len(lead) + 2 and tuple(q.shape[:-2]) == lead and tuple(s.shape) == tuple(z.shape)
           and tuple(s.shape[:-1]) == tuple(q.shape[:-1]) and s.shape[-1] > 0 and in_features % s.shape[-1] == 0)
     if ok and last * 2 == in_features:
         ok = (in_features // s.shape[-1]) % 2 == 0
     if not ok:
-        raise ValueError(f"{name}: expected qweight uint8 [..., O, {in_features} or {in_features // 2}], "
+        raise ValueError(f"{name}: expected qweight uint8 [..., O, {in_features} or {in_features // 2}] (or "
+                         f"[O, {in_features * 3 // 4}] with G = 1: 6 bits), "
                          f"scales float16 [..., O, G], qzeros uint8 [..., O, G] with G dividing {in_features}; got "
                          f"{q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}, {z.dtype} {tuple(z.shape)}")
     if len(weight) == 4 and (weight[3].dtype != ms.int32 or tuple(weight[3].shape) != lead + (in_features,)):
@@ -97,7 +106,7 @@ def _split(args: tuple) -> tuple:
 def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
     if bits is None:
         return
-    want = {8: in_features, 4: in_features // 2}.get(bits)
+    want = {8: in_features, 6: in_features * 3 // 4, 4: in_features // 2}.get(bits)
     if len(weight) not in (3, 4) or weight[0].shape[-1] != want:
         raise ValueError(f"{name}: bits={bits} does not match qweight {tuple(weight[0].shape)} for input width "
                          f"{in_features}")

@@ -2,12 +2,15 @@
 and the quantized layers with their composite (dequantize-in-graph) forward.
 
 Shapes: O out-features, I in-features (the HF weight is W[O, I]), g group size along I,
-G = I // g groups per row, P packed bytes per row (I for 8 bits, I // 2 for 4 bits),
+G = I // g groups per row, P packed bytes per row (I for 8 bits, I // 2 for 4 bits, 3 I // 4 for 6),
 E experts, NB blocks, T tokens. Leading dims `...` (e.g. E for stacked experts) pass through.
 
 In-memory layout (the contract with qwen3moe.kernels.quant):
   qweight uint8 [..., O, P]: 8 bits: the unsigned value u in 0..255; 4 bits: two values per byte
-          along I, LOW nibble = even input index k, HIGH nibble = odd k, u in 0..15.
+          along I, LOW nibble = even input index k, HIGH nibble = odd k, u in 0..15;
+          6 bits (the opt-in lm_head, one group per row, I % 4 == 0): u in 0..63 split in two
+          planes, bytes [0, I/2) the low 4 bits of u exactly as 4 bits packs them, then bytes
+          [I/2, 3I/4) the high 2 bits: byte I/2 + m holds u[4m + t] >> 4 at bits 2t..2t+1.
   scales  float16 [..., O, G];  qzeros uint8 [..., O, G] (zero point z; symmetric: 128 / 8).
   W[o, k] = (u[o, k] - z[o, k // g]) * float32(scales[o, k // g]).
   perm    optional int32 [..., I] (GPTQ act-order folders, one process): the stored columns are
@@ -19,7 +22,7 @@ In-memory layout (the contract with qwen3moe.kernels.quant):
           Composite path only. A cell holding some input columns of its rows (a tensor-parallel
           rank's) keeps all the rows' G groups (hold_groups): the map's values index them.
 Quantizing here is symmetric round-to-nearest: s = max|W_group| / qmax rounded UP to float16
-(qmax = 127 / 7), u = round(W / s) + z, so |W - dequant| <= s / 2 per element (nothing clipped).
+(qmax = 127 / 31 / 7, z = 128 / 32 / 8), u = round(W / s) + z, so |W - dequant| <= s / 2 per element (nothing clipped).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def kernel_available() -> bool:
 
 
 def zero_point(bits: int) -> int:
-    return 1 << (bits - 1)  # 128 for 8 bits, 8 for 4 bits
+    return 1 << (bits - 1)  # 128 for 8 bits, 32 for 6 bits, 8 for 4 bits
 
 
 class QuantizationError(ValueError):
@@ -48,7 +51,7 @@ class QuantizationError(ValueError):
 
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group per output row (per channel)
 ACTIVATIONS = ("float32", "int8")  # activations of quantized products: weight-only (default) or int8 (VNNI)
-LM_HEAD_BITS = 8  # lm_head: int8 per output channel in every mode (docs/quantization.md)
+LM_HEAD_BITS = (8, 6)  # the untied lm_head, per output channel: int8 (default) or the opt-in 6 bits
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,17 @@ class QuantizationConfig:
     desc_act True only come from GPTQ folders (zero points / act-order group maps read as is).
     activations "int8" (opt-in, docs/quantization.md): the quantized projections' kernels (decode
     steps, prefill and forward) quantize their activations to int8 per 16-input block and take
-    integer dot products (AVX512-VNNI). It needs the C++ kernels."""
+    integer dot products (AVX512-VNNI). It needs the C++ kernels.
+    lm_head_bits 8 (default) or 6 (opt-in, docs/quantization.md): the untied lm_head per output
+    channel in int8 or in 6 bits (llama.cpp's Q6_K output tensor's width, 25% fewer bytes read
+    per decode step); a tied lm_head reads the float embedding, so 6 there is refused (the model)."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False
     activations: str = "float32"
+    lm_head_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -76,24 +83,31 @@ class QuantizationConfig:
                                     f"(-1 = per output channel), got {self.group_size!r}")
         if self.activations not in ACTIVATIONS:
             raise QuantizationError(f"quantization activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+        if self.lm_head_bits not in LM_HEAD_BITS or isinstance(self.lm_head_bits, bool):
+            raise QuantizationError(f"quantization lm_head_bits must be one of {LM_HEAD_BITS}, got {self.lm_head_bits!r}")
 
     @classmethod
-    def from_name(cls, name: str, group_size: int | None = None, activations: str = "float32") -> "QuantizationConfig":
+    def from_name(cls, name: str, group_size: int | None = None, activations: str = "float32",
+                  lm_head_bits: int = 8) -> "QuantizationConfig":
         """"int8" (per channel unless group_size is given) or "int4" (group_size default 128)."""
         if name == "int8":
-            return cls(8, -1 if group_size is None else group_size, activations=activations)
+            return cls(8, -1 if group_size is None else group_size, activations=activations, lm_head_bits=lm_head_bits)
         if name == "int4":
-            return cls(4, 128 if group_size is None else group_size, activations=activations)
+            return cls(4, 128 if group_size is None else group_size, activations=activations, lm_head_bits=lm_head_bits)
         raise QuantizationError(f"quantization must be 'int8' or 'int4', got {name!r}")
 
     @classmethod
-    def of(cls, quantization, group_size: int | None = None) -> "QuantizationConfig | None":
-        """None, a name ("int8"/"int4") or a QuantizationConfig -> QuantizationConfig or None."""
+    def of(cls, quantization, group_size: int | None = None,
+           lm_head_bits: int | None = None) -> "QuantizationConfig | None":
+        """None, a name ("int8"/"int4") or a QuantizationConfig -> QuantizationConfig or None
+        (lm_head_bits None: the config's own, 8 for a name)."""
         if quantization is None or isinstance(quantization, cls):
             if group_size is not None and quantization is not None:
                 raise QuantizationError("group_size is set both in the QuantizationConfig and as an argument")
+            if lm_head_bits is not None and quantization is not None:
+                raise QuantizationError("lm_head_bits is set both in the QuantizationConfig and as an argument")
             return quantization
-        return cls.from_name(str(quantization), group_size)
+        return cls.from_name(str(quantization), group_size, lm_head_bits=8 if lm_head_bits is None else lm_head_bits)
 
     @property
     def int8_activations(self) -> bool:
@@ -175,15 +189,26 @@ def pack(u: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned values u [..., O, I] -> qweight [..., O, P]."""
     if bits == 8:
         return np.ascontiguousarray(u, np.uint8)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    lo = (u[..., 0::2] & 15) | ((u[..., 1::2] & 15) << 4)
+    if bits == 4:
+        return lo.astype(np.uint8)
+    c = u >> 4  # 6 bits: the high 2 bits, four inputs per byte
+    hi = c[..., 0::4] | (c[..., 1::4] << 2) | (c[..., 2::4] << 4) | (c[..., 3::4] << 6)
+    return np.concatenate([lo, hi], -1).astype(np.uint8)
 
 
 def unpack(qweight: np.ndarray, bits: int) -> np.ndarray:
     """qweight [..., O, P] -> unsigned values u [..., O, I] (uint8)."""
     if bits == 8:
         return qweight
-    out = np.empty((*qweight.shape[:-1], qweight.shape[-1] * 2), np.uint8)
-    out[..., 0::2], out[..., 1::2] = qweight & 15, qweight >> 4
+    I = qweight.shape[-1] * 2 if bits == 4 else qweight.shape[-1] * 4 // 3
+    out = np.empty((*qweight.shape[:-1], I), np.uint8)
+    lo = qweight[..., :I // 2]
+    out[..., 0::2], out[..., 1::2] = lo & 15, lo >> 4
+    if bits == 6:
+        hi = qweight[..., I // 2:]
+        for t in range(4):
+            out[..., t::4] |= ((hi >> (2 * t)) & 3) << 4
     return out
 
 
@@ -214,9 +239,7 @@ def dequant_graph(qweight: Tensor, scales: Tensor, qzeros: Tensor, bits: int, g_
     if bits == 8:
         u = qweight.astype(ms.float32)
     else:
-        lo, hi = ops.bitwise_and(qweight, 15), ops.floor_div(qweight, 16)
-        u = ops.stack([lo, hi], -1).astype(ms.float32)
-        u = u.reshape(u.shape[:-2] + (u.shape[-2] * 2,))
+        u = _unpack_graph(qweight, bits)
     lead, O, I = u.shape[:-2], u.shape[-2], u.shape[-1]
     G = scales.shape[-1]
     z, s = qzeros.astype(ms.float32), scales.astype(ms.float32)
@@ -226,6 +249,19 @@ def dequant_graph(qweight: Tensor, scales: Tensor, qzeros: Tensor, bits: int, g_
     R = g_idx.shape[-2]
     gi = ops.broadcast_to(g_idx.expand_dims(-2), lead + (R, O // R, I)).reshape(lead + (O, I))
     return (u - ops.gather_elements(z, -1, gi)) * ops.gather_elements(s, -1, gi)
+
+
+def _unpack_graph(qweight: Tensor, bits: int) -> Tensor:
+    """4 / 6-bit qweight [..., O, P] -> u float32 [..., O, I] (unpack's layout, uint8 ops)."""
+    P = qweight.shape[-1]
+    lo = qweight if bits == 4 else qweight[..., :2 * P // 3]
+    u = ops.stack([ops.bitwise_and(lo, 15), ops.floor_div(lo, 16)], -1).astype(ms.float32)
+    u = u.reshape(u.shape[:-2] + (u.shape[-2] * 2,))
+    if bits == 4:
+        return u
+    hi = qweight[..., 2 * P // 3:]
+    c = ops.stack([ops.bitwise_and(ops.floor_div(hi, 1 << (2 * t)), 3) for t in range(4)], -1).astype(ms.float32)
+    return u + c.reshape(u.shape) * 16
 
 
 # ---- layers ---------------------------------------------------------------------------------
@@ -242,10 +278,13 @@ class QuantizedWeight(nn.Cell):
     def __init__(self, lead: tuple, out_features: int, in_features: int, bits: int, group_size: int,
                  act_order: bool = False, row_blocks: int = 1) -> None:
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
+        if bits not in (4, 6, 8):
+            raise ValueError(f"quantization bits must be 4, 6 or 8, got {bits}")
         if group_size <= 0 or in_features % group_size or (bits == 4 and in_features % 2):
             raise ValueError(f"group_size {group_size} does not divide the input dimension {in_features}")
+        if bits == 6 and (group_size != in_features or in_features % 4 or act_order):
+            raise ValueError(f"6 bits is one group per row of an input dimension divisible by 4, got group_size "
+                             f"{group_size} of {in_features}")
         self.bits, self.group_size = bits, group_size
         self.out_features, self.in_features = out_features, in_features
         self.row_blocks = row_blocks  # blocks of rows with a group map each (2: the gate_up stack)

@@ -22,7 +22,7 @@ from qwen3moe.layers.experts import Qwen3MoeExperts
 from qwen3moe.layers.linear import Linear
 from qwen3moe.layers.mlp import Qwen3MoeMLP
 from qwen3moe.layers.norm import RMSNorm
-from qwen3moe.layers.quant import (LM_HEAD_BITS, QuantizationConfig, QuantizedExperts, QuantizedLinear,
+from qwen3moe.layers.quant import (QuantizationConfig, QuantizationError, QuantizedExperts, QuantizedLinear,
                                    kernel_available as quant_kernel_available)
 from qwen3moe.models.config import Qwen3MoeConfig
 from qwen3moe.models.inputs import prepare_inputs
@@ -203,8 +203,11 @@ class Qwen3MoeForCausalLM(nn.Cell):
         self.config, self.quantization = config, quantization
         self.model = Qwen3MoeModel(config, param_dtype, quantization)
         H, V = config.hidden_size, config.vocab_size
-        if quantization is not None and not config.tie_word_embeddings:  # int8 per channel
-            self.lm_head = QuantizedLinear(H, V, LM_HEAD_BITS, H, act8=quantization.int8_activations)
+        if quantization is not None and quantization.lm_head_bits != 8 and config.tie_word_embeddings:
+            raise QuantizationError(f"quantization lm_head_bits={quantization.lm_head_bits} needs an untied lm_head "
+                                    f"(tie_word_embeddings is true: the lm_head reads the float embedding)")
+        if quantization is not None and not config.tie_word_embeddings:  # per channel, int8 or 6 bits
+            self.lm_head = QuantizedLinear(H, V, quantization.lm_head_bits, H, act8=quantization.int8_activations)
         else:  # a tied lm_head reads the (unquantized) embedding
             self.lm_head = Linear(H, V, False, config.initializer_range, param_dtype)
         if config.tie_word_embeddings:
@@ -285,7 +288,8 @@ class Qwen3MoeForCausalLM(nn.Cell):
         """dtype: float32, bfloat16 (kept bf16 in memory, fp32 math) or None (the folder's).
         quantization: None, "int8" (per channel), "int4" (group_size 32/64/128, default 128) or a
         QuantizationConfig: weights quantized tensor by tensor while loading. GPTQ folders load
-        quantized as stored (docs/quantization.md)."""
+        quantized as stored (docs/quantization.md). lm_head_bits=6 (a keyword, with quantization
+        or a GPTQ folder): the untied lm_head in 6 bits per channel instead of int8."""
         from qwen3moe.io.load import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, quantization=quantization, group_size=group_size,

@@ -93,7 +93,12 @@ def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
     if spec is not None and qc is not None:
         raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: already quantized "
                               f"({spec.label}); generate without --quantize")
+    if spec is not None and req.lm_head_bits is not None:
+        raise GenerationError("--lm_head_bits with a GPTQ folder is not supported under --use_parallel "
+                              "(the ranks load its lm_head in int8)")
     if spec is None and qc is None:
+        if req.lm_head_bits is not None:
+            raise GenerationError(f"--lm_head_bits {req.lm_head_bits} needs --quantize int8/int4")
         return
     layout = layout_mesh(mesh)
     if spec is not None:

@@ -410,3 +410,7 @@ extern "C" int DecodeRows(int nparam, void **params, int *ndims, int64_t **shape
   });
   return 0;
 }
+
+// The portable scalar loops instead of the AVX-512 ones in this library (kernels/quant.py
+// set_portable switches both libraries: each holds its own copy of the flag)
+extern "C" void DecodeSetPortable(int on) { quant_portable_flag() = on != 0; }

@@ -105,7 +105,7 @@ static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const float *x
 // (int4 g128 rows with float32 activations: x in quant_q4w.h's order, made once per op by prepare_x)
 static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const XIn &in, float *y, int64_t ldy) {
   const ActView &a = in.for_kind(W.kind);
-  if (W.quantized() && a.q != nullptr && a.I == W.I && act8_fits(W)) {
+  if (W.quantized() && a.q != nullptr && a.kind == W.kind && a.I == W.I && act8_fits(W)) {
     act8_rows(W, o0, o1, a, in.nb, y, ldy);
     return;
   }

@@ -3,12 +3,14 @@
 //
 // Layout (the in-memory contract with the model side, docs/quantization.md): a projection
 // W[O, I] with group size g (int8 per output channel: g = I), G = I / g groups per row:
-//   qweight uint8 [O, I] (8 bits) or [O, I/2] (4 bits: low nibble = even k, high nibble = odd k),
+//   qweight uint8 [O, I] (8 bits), [O, I/2] (4 bits: low nibble = even k, high nibble = odd k) or
+//   [O, 3I/4] (6 bits, one group per row, the opt-in lm_head, I % 4 == 0: bytes [0, I/2) hold
+//   u & 15 packed as 4 bits packs u; byte I/2 + m holds u[4m + t] >> 4 at bits 2t..2t+1; quant_q6.h),
 //   scales float16 [O, G], qzeros uint8 [O, G];  W[o, k] = (u[o, k] - z[o, k/g]) * float(s[o, k/g]).
 // bf16: the plain bfloat16 matrix. Fused experts stack E such matrices (leading dim).
 // Each weight vector is dequantized to exactly that float32 value (u - z is an exact integer, one
 // rounding in the multiply), so results differ from a NumPy dequant reference only by the fp32
-// summation order (int8 with one group per row: the scale multiplies the row's finished dot
+// summation order (int8 / 6 bits with one group per row: the scale multiplies the row's finished dot
 // product instead, qblock4's ROWSCALE: one rounding per product either way). AVX-512 code when the build has it, else (or after quant_set_portable(1)) the
 // portable scalar loops, which the tests force to check them too.
 // kernels/build.py hashes csrc/*.h into every kernel's cache key.
@@ -22,7 +24,7 @@
 #include <immintrin.h>
 #endif
 
-enum WKind { kF32 = 0, kBF16 = 1, kQ8 = 2, kQ4 = 3 };
+enum WKind { kF32 = 0, kBF16 = 1, kQ8 = 2, kQ4 = 3, kQ6 = 4 };
 
 // 64-byte aligned storage for the activation rows the row loops read 64 bytes at a time: with a
 // std::vector's 16-byte alignment most such loads spanned two cache lines, and the loops that
@@ -110,16 +112,16 @@ struct QMat {
   const int32_t *perm_of(int64_t e) const { return perm ? perm + e * lp : nullptr; }
 
   static int64_t bytes_for(int kind, int64_t n) {
-    return kind == kQ4 ? n / 2 : (kind == kQ8 ? n : (kind == kBF16 ? 2 * n : 4 * n));
+    return kind == kQ4 ? n / 2 : (kind == kQ8 ? n : (kind == kQ6 ? 3 * n / 4 : (kind == kBF16 ? 2 * n : 4 * n)));
   }
-  bool quantized() const { return kind == kQ8 || kind == kQ4; }
+  bool quantized() const { return kind == kQ8 || kind == kQ4 || kind == kQ6; }
   QMat rows(int64_t o0) const {
     QMat m = *this;
     m.w += o0 * ld;
     if (quantized()) m.s += o0 * lds, m.z += o0 * lds;
     return m;
   }
-  // columns [c0, c0 + n); for quantized kinds c0 and n must be multiples of g (with a perm: of x
+  // columns [c0, c0 + n); for quantized kinds c0 and n must be multiples of g (6 bits: whole rows) (with a perm: of x
   // gathered whole, so the ops do not slice permuted weights' columns)
   QMat cols(int64_t c0, int64_t n) const {
     QMat m = *this;
@@ -129,6 +131,8 @@ struct QMat {
     return m;
   }
 };
+
+static inline int q6_value(const uint8_t *row, int64_t I, int64_t k);  // quant_q6.h
 
 // w[0:I] = the float32 values of row o (scalar: the definition the vector code must match)
 static inline void dequant_row_scalar(const QMat &W, int64_t o, float *out) {
@@ -142,7 +146,7 @@ static inline void dequant_row_scalar(const QMat &W, int64_t o, float *out) {
     const uint16_t *s = W.s + o * W.lds;
     const uint8_t *z = W.z + o * W.lds;
     for (int64_t k = 0; k < W.I; ++k) {
-      const int u = W.kind == kQ8 ? p[k] : (k & 1 ? p[k / 2] >> 4 : p[k / 2] & 15);
+      const int u = W.kind == kQ8 ? p[k] : (W.kind == kQ6 ? q6_value(p, W.I, k) : (k & 1 ? p[k / 2] >> 4 : p[k / 2] & 15));
       out[k] = static_cast<float>(u - z[k / W.g]) * half_to_float(s[k / W.g]);
     }
   }
@@ -221,10 +225,13 @@ struct RowPrefetch {
 // Elements per inner step: int4 and bf16 widen 32 (two vectors), int8 16.
 template <int KIND>
 constexpr int64_t kStep = KIND == kQ8 ? 16 : 32;
+// ... and per dequant_rows step / the shape rule of the vector paths: int4 and 6 bits 32, else 16
+static inline int64_t step_of(int kind) { return kind == kQ4 || kind == kQ6 ? 32 : 16; }
 
 // y[b * ldy + r] = W[o + r, :] . x[b, :] for 4 rows r and NB batch rows; x in the kernel order
-// (for int4 each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0, g % kStep == 0.
-// ROWSCALE (int8 with one group per row: the per-channel layout and the lm_head): the row's scale
+// (for int4 each 32-block reordered to even k then odd k, see prep_x). I % kStep == 0,
+// g % kStep == 0. ROWSCALE (int8 with one group per row, the per-channel layout and the lm_head):
+// the row's scale
 // multiplies the finished dot product instead of every weight, sum_k (u - z) x_k then * s (each
 // product of an exact integer is rounded once, as before: same fp32 error bound, one multiply
 // less per 16 weights in this memory-bound loop).
@@ -254,7 +261,7 @@ static inline void qblock4(const QMat &W, int64_t o, const float *x, int64_t ldx
           const __m512 wv = bf16x16(w0 + r * W.ld + off);
           for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
         }
-      } else if (KIND == kQ4 || KIND == kBF16) {  // bf16: natural order (lo, hi), as the fp32 loop sums
+      } else if (KIND != kQ8) {  // bf16: natural order (lo, hi), as the fp32 loop sums
         __m512 xe[NB], xo[NB];
         for (int b = 0; b < NB; ++b) xe[b] = _mm512_loadu_ps(x + b * ldx + h), xo[b] = _mm512_loadu_ps(x + b * ldx + h + 16);
         for (int r = 0; r < 4; ++r) {
@@ -315,11 +322,11 @@ static void qrows_vec(const QMat &W, int64_t o0, int64_t o1, const float *x, int
 }
 #endif
 
-// x rows in the order qblock4 reads them: int4 reorders each 32-block to (even k, odd k).
+// x rows in the order qblock4 reads them: int4 / 6 bits reorder each 32-block to (even k, odd k).
 static inline const float *prep_x(int kind, const float *x, int64_t ldx, int64_t nb, int64_t I,
                                   avec<float> &buf, int64_t &ld_out) {
   ld_out = ldx;
-  if (kind != kQ4) return x;
+  if (kind != kQ4 && kind != kQ6) return x;
   buf.resize(nb * I);
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t h = 0; h < I; h += 32)
@@ -333,6 +340,7 @@ static inline const float *prep_x(int kind, const float *x, int64_t ldx, int64_t
 
 #include "quant_perm.h"
 #include "quant_q4w.h"
+#include "quant_q6.h"
 
 // y[b * ldy + o] = W[o, :] . x[b, :] for o in [o0, o1), b in [0, nb); bf16 / int8 / int4 rows
 // (fp32 rows go through decode_layer.cc's rows_dot_ld; int4 g128 through quant_q4w.h).
@@ -345,7 +353,7 @@ static void rows_dot_q(const QMat &W, int64_t o0, int64_t o1, const float *x, in
     q4w_order_x(x, ldx, nb, W.I, xw);
     return q4w_rows(W, o0, o1, xw.data(), nb, y, ldy);
   }
-  const int64_t step = W.kind == kQ4 ? 32 : 16;
+  const int64_t step = step_of(W.kind);
   const int64_t g = W.kind == kBF16 ? W.I : W.g;
   if (quant_vector() && o1 - o0 >= 4 && W.I % step == 0 && g % step == 0) {
     thread_local avec<float> buf;
@@ -357,6 +365,9 @@ static void rows_dot_q(const QMat &W, int64_t o0, int64_t o1, const float *x, in
         if (W.g == W.I) return qrows_vec<kQ8, true>(W, o0, o1, xp, ld, nb, y, ldy);
         return qrows_vec<kQ8>(W, o0, o1, xp, ld, nb, y, ldy);
       case kQ4: return qrows_vec<kQ4>(W, o0, o1, xp, ld, nb, y, ldy);
+      case kQ6:
+        if (W.I % 128 == 0) return q6_rows(W, o0, o1, xp, ld, nb, y, ldy);  // g == I (parse_weight)
+        break;
       default: break;
     }
   }
@@ -377,7 +388,7 @@ static void rows_dot_q(const QMat &W, int64_t o0, int64_t o1, const float *x, in
 // out[r * ldo + k] = W[o0 + r, k] as float32 for r in [0, n): a tile for a GEMM
 static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64_t ldo) {
 #if defined(__AVX512F__)
-  const int64_t step = W.kind == kQ4 ? 32 : 16;
+  const int64_t step = step_of(W.kind);
   const int64_t g = W.kind == kBF16 || W.kind == kF32 ? W.I : W.g;
   if (quant_vector() && W.kind != kF32 && W.I % step == 0 && g % step == 0) {
     const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -388,7 +399,7 @@ static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64
       float *dst = out + r * ldo;
       for (int64_t gi = 0; gi < W.I / g; ++gi) {
         GroupQ q;
-        if (W.kind == kQ8) q.set<kQ8>(W, o, gi);
+        if (W.kind == kQ8 || W.kind == kQ6) q.set<kQ8>(W, o, gi);  // 6 bits: z and s as int8's
         if (W.kind == kQ4) q.set<kQ4>(W, o, gi);
         for (int64_t h = gi * g; h < (gi + 1) * g; h += step) {
           if (W.kind == kBF16) {
@@ -397,7 +408,12 @@ static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64
             _mm512_storeu_ps(dst + h, q8x16(p + h, q));
           } else {  // interleave (even, odd) back to natural order
             __m512 e, od;
-            q4x32(p + h / 2, q, e, od);
+            if (W.kind == kQ6) {
+              q6x32(p, W.I, h, q.a, e, od);
+              e = _mm512_mul_ps(e, q.b), od = _mm512_mul_ps(od, q.b);
+            } else {
+              q4x32(p + h / 2, q, e, od);
+            }
             _mm512_storeu_ps(dst + h, _mm512_permutex2var_ps(e, even, od));
             _mm512_storeu_ps(dst + h + 16, _mm512_permutex2var_ps(e, odd, od));
           }
@@ -414,7 +430,7 @@ static void dequant_rows(const QMat &W, int64_t o0, int64_t n, float *out, int64
 // bits) matrix (one param) or qweight uint8, scales float16, qzeros uint8 (three params),
 // optionally followed by perm int32 lead + [I] (quant_perm.h; taken when a param has exactly that
 // dtype and shape, which no op's next param has). `I` is the input width (the caller knows it
-// from the activations); int8 vs int4 follows from qweight's last dim. A perm of a single matrix
+// from the activations); int8 / int4 / 6 bits (one group per row, no lead) follows from qweight's last dim. A perm of a single matrix
 // (lead 0) is range-checked here; stacked experts' perms by the ops, for the experts they run.
 // Returns false (and leaves *m untouched) on a shape or dtype that does not fit.
 static inline bool dtype_is(const char *dt, const char *want) { return dt != nullptr && std::strcmp(dt, want) == 0; }
@@ -441,9 +457,10 @@ static bool parse_weight(int &i, int nparam, void **params, int *ndims, int64_t 
   if (dtype_is(dtypes[i], "uint8")) {
     if (i + 2 >= nparam) return false;
     const int64_t last = shapes[i][nd - 1];
-    q.kind = last == I ? kQ8 : (2 * last == I ? kQ4 : -1);
+    q.kind = last == I ? kQ8 : (2 * last == I ? kQ4 : (4 * last == 3 * I ? kQ6 : -1));
     const int64_t G = shapes[i + 1][ndims[i + 1] - 1];
     if (q.kind < 0 || G <= 0 || I % G != 0 || ndims[i + 1] != nd || ndims[i + 2] != nd) return false;
+    if (q.kind == kQ6 && (G != 1 || lead != 0 || I % 4 != 0)) return false;
     for (int d = 0; d + 1 < nd; ++d)
       if (shapes[i + 1][d] != shapes[i][d] || shapes[i + 2][d] != shapes[i][d]) return false;
     if (shapes[i + 2][nd - 1] != G || !dtype_is(dtypes[i + 2], "uint8")) return false;

@@ -155,13 +155,17 @@ static void gemm8_rows(const QMat &W, int64_t o0, int64_t n, const uint8_t *w, i
 }
 #endif
 
-// y[t, o0 + r] for all T rows of p and weight rows [o0, o0 + n): int4 rows unpacked into `buf`
+// y[t, o0 + r] for all T rows of p and weight rows [o0, o0 + n): int4 / 6-bit rows unpacked into `buf`
 // (n * I bytes), int8 rows read in place; token vectors in pairs.
 static void gemm8_block(const QMat &W, int64_t o0, int64_t n, const XPack8 &p, int64_t T, float *y, int64_t ldy,
                         uint8_t *buf) {
   const uint8_t *w = W.w + o0 * W.ld;
   int64_t ldw = W.ld;
   if (W.kind == kQ4) unpack_q4_rows(W, o0, n, buf), w = buf, ldw = W.I;
+  if (W.kind == kQ6) {  // 6 bits: likewise (quant_q6.h)
+    for (int64_t r = 0; r < n; ++r) q6_unpack_row(W.w + (o0 + r) * W.ld, W.I, buf + r * W.I);
+    w = buf, ldw = W.I;
+  }
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (quant_vector()) {
     for (int64_t v0 = 0; v0 < p.V; v0 += 2) {

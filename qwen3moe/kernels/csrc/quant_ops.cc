@@ -145,7 +145,7 @@ static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *
     return;
   }
 #if defined(__AVX512F__)
-  const int64_t step = W.kind == kQ4 ? 32 : 16;
+  const int64_t step = step_of(W.kind);
   if (quant_vector() && W.kind != kF32 && W.I % step == 0 && (W.kind == kBF16 || W.g % step == 0)) {
     float *xp = xpack_scratch(packed_rows(T) * W.I);  // the caller's; helpers write / read it inside run()
     for_each((T + kGroupRows - 1) / kGroupRows, parallel, [&](int64_t i) {  // group at m0: xp + m0 * I
@@ -193,7 +193,7 @@ static void qlinear8(const QMat &W, int64_t O, const float *x, int64_t T, float 
   });
   for_each((O + kBlockRows - 1) / kBlockRows, parallel, [&](int64_t b) {
     thread_local std::vector<uint8_t> buf;
-    if (W.kind == kQ4) buf.resize(kBlockRows * W.I);
+    if (W.kind != kQ8) buf.resize(kBlockRows * W.I);  // int4 / 6-bit rows unpacked to bytes
     const int64_t o0 = b * kBlockRows;
     gemm8_block(W, o0, std::min(O, o0 + kBlockRows) - o0, p, T, y, ldy, buf.data());
   });

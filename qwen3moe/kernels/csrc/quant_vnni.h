@@ -9,10 +9,11 @@
 // [-127, 127] (all zero for an all-zero block), symmetric, float32 math. Then
 //   y[o] = sum over blocks and weight groups of  s_w(group) * sx(block) * sum_k (u_k - z(group)) q_k
 // with the inner sums exact (int32). Kernel order: a "chunk" is the inputs one 64-byte weight
-// vector covers (64 for int8, 128 for int4); the 16 int32 lanes of a chunk each cover 4 (int8) or 8
-// (int4) consecutive inputs of one activation block and one weight group (act8_fits), so each
+// vector covers (64 for int8, 128 for int4 and for 6 bits, whose chunk is unpacked to two vectors of
+// u8 in int4's even / odd order, quant_q6.h); the 16 int32 lanes of a chunk each cover 4 (int8) or 8
+// (int4, 6 bits) consecutive inputs of one activation block and one weight group (act8_fits), so each
 // lane's exact sum is turned to float once and multiplied by its own sx * s_w, summed over chunks
-// in float32, lanes reduced last (int8 per channel: s_w multiplies the finished sum).
+// in float32, lanes reduced last (int8 / 6 bits per channel: s_w multiplies the finished sum).
 // Rows whose shape does not fit (act8_fits) use the fp32-activation loops. Blocks of 16 rather
 // than llama.cpp's 32: mean KL vs fp32 on the quality fixture 0.00028 instead of 0.00044
 // (llama.cpp Q8_0: 0.00034; bench/RESULTS.md), at no cost in the loop (a scale per lane anyway).
@@ -29,8 +30,8 @@
 static const int64_t kActBlock = 16;
 
 // inputs per 64 weight bytes, and per int32 lane
-static inline int64_t chunk_inputs(int kind) { return kind == kQ4 ? 128 : 64; }
-static inline int64_t lane_inputs(int kind) { return kind == kQ4 ? 8 : 4; }
+static inline int64_t chunk_inputs(int kind) { return kind == kQ8 ? 64 : 128; }
+static inline int64_t lane_inputs(int kind) { return kind == kQ8 ? 4 : 8; }
 
 // Whether W's rows can take int8 activations (else the fp32-activation loops run)
 // (a lane then lies in one activation block and one weight group, and a chunk in one group or a
@@ -41,7 +42,7 @@ static inline bool act8_fits(const QMat &W) {
   return W.I % CW == 0 && W.g % lane_inputs(W.kind) == 0 && (W.g % CW == 0 || CW % W.g == 0);
 }
 
-// Activation rows quantized for one weight kind's chunk layout: q in kernel order (int4: per
+// Activation rows quantized for one weight kind's chunk layout: q in kernel order (int4, 6 bits: per
 // 128-input chunk, the 64 even inputs, then the 64 odd ones, as the low / high nibbles hold them),
 // per-lane activation scales sv, per-lane sums of q (ls) and -zd * ls for the default zero point zd.
 // For int4 g128 rows with float32 activations it holds x in quant_q4w.h's order instead (xw).
@@ -57,6 +58,7 @@ struct ActQ {
 
 // A view of rows [b0, ...) of an ActQ (or none: q == nullptr, xw == nullptr)
 struct ActView {
+  int kind = -1;  // the weight kind q was made for (its layout and zero point)
   const int8_t *q = nullptr;
   const float *sv = nullptr;
   const int32_t *ls = nullptr, *zl = nullptr;
@@ -71,7 +73,7 @@ struct ActView {
   }
 };
 
-static inline int32_t default_zero(int kind) { return kind == kQ4 ? 8 : 128; }
+static inline int32_t default_zero(int kind) { return kind == kQ4 ? 8 : (kind == kQ6 ? 32 : 128); }
 
 // One 16-input block of x quantized: q[0:16] = rint(x * (127 / max|x|)) in [-127, 127] (all zero
 // for an all-zero block), returns sx = max|x| / 127; float32 math, the vector form the same ops.
@@ -110,7 +112,7 @@ static void act_quantize(int kind, const float *x, int64_t ldx, int64_t nb, int6
     int8_t *qb = a.q.data() + b * I;
     for (int64_t k = 0; k < I; ++k) {
       const int64_t j = k % CW;
-      qb[kind == kQ4 ? k - j + (j % 2) * 64 + j / 2 : k] = qn[k];
+      qb[kind != kQ8 ? k - j + (j % 2) * 64 + j / 2 : k] = qn[k];
     }
     for (int64_t c = 0; c < C; ++c)
       for (int64_t l = 0; l < 16; ++l) {
@@ -124,7 +126,7 @@ static void act_quantize(int kind, const float *x, int64_t ldx, int64_t nb, int6
 
 static inline ActView act_view(const ActQ &a) {
   ActView v;
-  if (a.kind >= 0) v = ActView{a.q.data(), a.sv.data(), a.ls.data(), a.zl.data(), a.I, a.C};
+  if (a.kind >= 0) v = ActView{a.kind, a.q.data(), a.sv.data(), a.ls.data(), a.zl.data(), a.I, a.C};
   if (a.wnb >= 0) v.xw = a.xw.data(), v.wI = a.wI;
   return v;
 }
@@ -140,7 +142,7 @@ static inline void lane_group(const QMat &W, int64_t o, int64_t c, int64_t l, fl
 static void act8_rows_scalar(const QMat &W, int64_t o0, int64_t o1, const ActView &a, int64_t nb, float *y,
                              int64_t ldy) {
   const int64_t C = a.C;
-  const bool rowscale = W.kind == kQ8 && W.g == W.I;
+  const bool rowscale = (W.kind == kQ8 || W.kind == kQ6) && W.g == W.I;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t *w = W.w + o * W.ld;
     for (int64_t b = 0; b < nb; ++b) {
@@ -155,6 +157,9 @@ static void act8_rows_scalar(const QMat &W, int64_t o0, int64_t o1, const ActVie
             const int64_t j = c * 64 + 4 * l + t;  // weight byte
             if (W.kind == kQ8) {
               d += (w[j] - z) * q[j];
+            } else if (W.kind == kQ6) {  // inputs 2j' and 2j' + 1 of the chunk, j' = 4l + t
+              const int64_t k = c * 128 + 2 * (4 * l + t);
+              d += (q6_value(w, W.I, k) - z) * q[c * 128 + 4 * l + t] + (q6_value(w, W.I, k + 1) - z) * q[c * 128 + 64 + 4 * l + t];
             } else {  // low nibble: even input (q's first 64 of the chunk), high: odd
               d += ((w[j] & 15) - z) * q[c * 128 + 4 * l + t] + ((w[j] >> 4) - z) * q[c * 128 + 64 + 4 * l + t];
             }
@@ -205,7 +210,7 @@ static inline void chunk_terms(const QMat &W, const LaneGroups &lg, int64_t o, i
   zdef = false;
 }
 
-// How a row's weight scales / zero points meet the chunks: one per row (int8 per channel: the
+// How a row's weight scales / zero points meet the chunks: one per row (int8 per channel, 6 bits: the
 // scale multiplies the finished sum), one group per chunk (int4 g128: 16 groups' scales read and
 // checked at once), anything else (chunk_terms per chunk).
 enum ScaleMode { kRowScale, kGroupPerChunk, kGeneral };
@@ -229,7 +234,7 @@ static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, c
     s16[r] = _mm512_setzero_ps(), zoff16[r] = 0;
   }
   for (int64_t c = 0; c < a.C; ++c) {
-    if (next) pf.step(4 * 64);
+    if (next) pf.step(4 * (KIND == kQ6 ? 96 : 64));
     if (SM == kGroupPerChunk && c % 16 == 0) {
       const __mmask16 m = a.C - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (a.C - c)) - 1);
       for (int r = 0; r < 4; ++r) {
@@ -241,13 +246,18 @@ static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, c
     __m512 sv[NB];
     for (int b = 0; b < NB; ++b) {
       xe[b] = _mm512_loadu_si512(a.q + b * a.I + c * CW);
-      if (KIND == kQ4) xo[b] = _mm512_loadu_si512(a.q + b * a.I + c * CW + 64);
+      if (KIND != kQ8) xo[b] = _mm512_loadu_si512(a.q + b * a.I + c * CW + 64);
       sv[b] = _mm512_loadu_ps(a.sv + b * bstride + c * 16);
     }
     for (int r = 0; r < 4; ++r) {
-      const __m512i wv = _mm512_loadu_si512(w0 + r * W.ld + c * 64);
-      const __m512i lo = KIND == kQ4 ? _mm512_and_si512(wv, lo4) : wv;
-      const __m512i hi = KIND == kQ4 ? _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4) : wv;
+      __m512i lo, hi;
+      if (KIND == kQ6) {
+        q6x128_u8(w0 + r * W.ld, W.I, c, lo, hi);
+      } else {
+        const __m512i wv = _mm512_loadu_si512(w0 + r * W.ld + c * 64);
+        lo = KIND == kQ4 ? _mm512_and_si512(wv, lo4) : wv;
+        hi = KIND == kQ4 ? _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4) : wv;
+      }
       __m512 s = _mm512_setzero_ps();
       bool zdef;
       __m512i zneg = _mm512_setzero_si512();  // read only when !zdef
@@ -265,7 +275,7 @@ static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, c
         const int64_t at = b * bstride + c * 16;
         __m512i d = zdef ? _mm512_loadu_si512(a.zl + at) : _mm512_mullo_epi32(_mm512_loadu_si512(a.ls + at), zneg);
         d = _mm512_dpbusd_epi32(d, lo, xe[b]);
-        if (KIND == kQ4) d = _mm512_dpbusd_epi32(d, hi, xo[b]);
+        if (KIND != kQ8) d = _mm512_dpbusd_epi32(d, hi, xo[b]);
         acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), SM == kRowScale ? sv[b] : _mm512_mul_ps(sv[b], s), acc[r][b]);
       }
     }
@@ -311,6 +321,7 @@ static void act8_rows(const QMat &W, int64_t o0, int64_t o1, const ActView &a, i
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (quant_vector() && o1 - o0 >= 4) {
     const bool per_chunk = W.g == chunk_inputs(W.kind);
+    if (W.kind == kQ6) return act8_rows_vec<kQ6, kRowScale>(W, o0, o1, a, nb, y, ldy);  // g == I (parse_weight)
     if (W.kind == kQ8 && W.g == W.I) return act8_rows_vec<kQ8, kRowScale>(W, o0, o1, a, nb, y, ldy);
     if (W.kind == kQ8)
       return per_chunk ? act8_rows_vec<kQ8, kGroupPerChunk>(W, o0, o1, a, nb, y, ldy)
@@ -334,7 +345,7 @@ struct XIn {
     v.q8 = q8.rows(b0), v.q4 = q4.rows(b0);
     return v;
   }
-  const ActView &for_kind(int kind) const { return kind == kQ4 ? q4 : q8; }
+  const ActView &for_kind(int kind) const { return kind == kQ8 ? q8 : q4; }  // 6 bits: int4's layout
 };
 
 // x rows [nb, I] for the weights `ws` (int8 mode when act8; nullptr entries skipped): quantizes
@@ -347,9 +358,9 @@ static inline XIn prepare_x(const float *x, int64_t ldx, int64_t nb, int64_t I, 
   in.x = x, in.ldx = ldx, in.nb = nb;
   for (const QMat *w : ws) {
     if (w == nullptr || !w->quantized() || w->I != I) continue;
-    ActQ &b = w->kind == kQ4 ? bq4 : bq8;
+    ActQ &b = w->kind == kQ8 ? bq8 : bq4;
     if (act8 && act8_fits(*w)) {
-      if (b.kind < 0 || b.nb != nb || b.I != I) act_quantize(w->kind, x, ldx, nb, I, b);
+      if (b.kind != w->kind || b.nb != nb || b.I != I) act_quantize(w->kind, x, ldx, nb, I, b);
     } else if (q4w_fits(*w) && b.wnb < 0) {  // once per op, not per row chunk
       q4w_order_x(x, ldx, nb, I, b.xw);
       b.wnb = nb, b.wI = I;
