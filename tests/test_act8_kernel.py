@@ -88,13 +88,13 @@ def test_shapes_outside_the_mode_use_fp32_activations():
     np.testing.assert_array_equal(rows(x, arrays, act8=True), rows(x, arrays, act8=False))
 
 
-def _steps(quantization):
+def _steps(quantization=None, folder=QUALITY_MODEL, **options):
     """Prefill + 8 greedy decode steps of the trained quality fixture (hidden 128: every
     projection fits the int8-activation layout) with the step logits."""
     from qwen3moe import Qwen3MoeForCausalLM
     from qwen3moe.generation.generate import GenerationRun, resolve_config
 
-    model = Qwen3MoeForCausalLM.from_pretrained(QUALITY_MODEL, quantization=quantization)
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, quantization=quantization, **options)
     ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 12))
     run = GenerationRun(model, ids, None, resolve_config(model, max_new_tokens=8, do_sample=False, ignore_eos=True),
                         keep_logits=True)
@@ -116,13 +116,39 @@ def test_generation_with_int8_activations():
     assert rel <= 3 * MEASURED
 
 
+def test_gptq_folder_takes_int8_activations(tmp_path):
+    """from_pretrained(gptq_folder, activations="int8"): the quantize-on-load model with
+    QuantizationConfig(activations="int8") of the same float folder, step for step (the folder
+    stores exactly those values; same kernels), and not the folder's weight-only load (the
+    option took effect)."""
+    from qwen3moe import QuantizationConfig
+    from qwen3moe.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--pretrained_model_dir", str(QUALITY_MODEL), "--output", str(out), "--bits", "4",
+                 "--group_size", "128"]) == 0
+    on_load = _steps(QuantizationConfig(4, 128, activations="int8"))
+    stored = _steps(folder=out, activations="int8")
+    np.testing.assert_array_equal(stored, on_load)
+    assert all(not np.array_equal(a, w) for a, w in zip(stored, _steps(folder=out)))
+
+
+def test_int8_activations_of_a_float_folder_are_one_line_errors(capsys):
+    from helpers import cli_error
+    from qwen3moe import Qwen3MoeForCausalLM
+    from qwen3moe.io.safetensors_io import CheckpointError
+
+    with pytest.raises(CheckpointError, match="activations='int8' is only used with quantization"):
+        Qwen3MoeForCausalLM.from_pretrained(QUALITY_MODEL, activations="int8")
+    err = cli_error(["generate", "--pretrained_model_dir", str(QUALITY_MODEL), "--predict_data", "hi",
+                     "--activations", "int8"], capsys)
+    assert "activations='int8' is only used with quantization" in err
+
+
 def test_int8_activations_without_kernels_is_an_error(monkeypatch):
     from helpers import clear_kernel_caches
     from qwen3moe import QuantizationConfig, Qwen3MoeForCausalLM
-    from qwen3moe.generation.batch import GenerateRequest
 
-    with pytest.raises(ValueError, match="needs --quantize"):
-        GenerateRequest("d", "p", activations="int8").quantization()
     with pytest.raises(ValueError, match="activations must be one of"):
         QuantizationConfig(4, 128, activations="int4")
     monkeypatch.setenv("QWEN3MOE_KERNELS", "0")

@@ -357,7 +357,11 @@ def test_parallelize_refuses_what_a_gptq_folder_cannot_split(tmp_path):
     ("ours_4_32", dict(tp=2, ep=2), dict(quantize="int8"), r"already quantized \(4-bit GPTQ\); generate without "
                                                            r"--quantize"),
     ("ours_4_32", dict(tp=2, ep=2), dict(group_size=64), r"--group_size needs --quantize int8/int4"),
-], ids=["int4-g32-tp2", "asym-actorder-tp2", "quantize", "group_size"])
+    ("ours_4_32", dict(tp=2, ep=2), dict(activations="int8"), r"--activations with a GPTQ folder is not supported "
+                                                              r"under --use_parallel"),
+    ("ours_4_32", dict(tp=2, ep=2), dict(lm_head_bits=6), r"--lm_head_bits with a GPTQ folder is not supported "
+                                                          r"under --use_parallel"),
+], ids=["int4-g32-tp2", "asym-actorder-tp2", "quantize", "group_size", "activations", "lm_head_bits"])
 def test_sharded_gptq_refusals_are_one_line(tmp_path, case, layout, kw, match):
     """What a GPTQ folder cannot do sharded, refused before any launch, naming the folder /
     projection / option; the same folder on a layout that splits whole groups is accepted."""

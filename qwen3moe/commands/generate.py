@@ -66,7 +66,7 @@ def add_parser(subparsers: Any) -> None:
                    help="quantize the projections while loading (int8 per channel, int4 group-wise)")
     p.add_argument("--group_size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
     p.add_argument("--activations", default="float32", choices=("float32", "int8"),
-                   help="with --quantize: int8 = prefill and decode with int8 activations and integer dot products "
+                   help="with --quantize (or a GPTQ folder): int8 = prefill and decode with int8 activations and integer dot products "
                         "(opt-in, docs/quantization.md); float32 = weight-only (default)")
     p.add_argument("--lm_head_bits", type=int, default=None, choices=(8, 6),
                    help="with --quantize (or a GPTQ folder): the lm_head per channel in 8 bits (default) or 6 "

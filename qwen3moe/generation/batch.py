@@ -39,19 +39,27 @@ class GenerateRequest:
     dtype: str = "float32"              # weights in memory: float32, bfloat16, auto (the folder's)
     quantize: str | None = None         # int8 / int4 projections, quantized while loading
     group_size: int | None = None       # int4 group size
-    activations: str = "float32"        # with quantize: int8 = the opt-in int8-activation kernels
+    activations: str = "float32"        # with quantize (or a GPTQ folder): int8 = the opt-in int8-activation kernels
     lm_head_bits: int | None = None     # with quantize (or a GPTQ folder): the lm_head's 8 (default) or 6 bits
 
     def quantization(self):
         """from_pretrained's quantization: None, or a QuantizationConfig of the flags."""
         from qwen3moe.layers.quant import QuantizationConfig
 
-        if self.quantize is None:
-            if self.activations != "float32":
-                raise GenerationError(f"--activations {self.activations} needs --quantize int8/int4")
+        if self.quantize is None:  # a GPTQ folder's options: load_options()
             return None
         return QuantizationConfig.from_name(self.quantize, self.group_size, self.activations,
                                             8 if self.lm_head_bits is None else self.lm_head_bits)
+
+    def folder_options(self) -> dict:
+        """from_pretrained's keywords for a folder loaded without --quantize (a GPTQ folder takes
+        them; a float folder refuses them in one line): what was set of --group_size,
+        --lm_head_bits and --activations (float32, the default, is not an option)."""
+        if self.quantize is not None:
+            return {}
+        return {k: v for k, v in (("group_size", self.group_size), ("lm_head_bits", self.lm_head_bits),
+                                  ("activations", None if self.activations == "float32" else self.activations))
+                if v is not None}
 
     def param_dtype(self, config):
         """The MindSpore storage dtype of --dtype for the model of `config` (auto: its torch_dtype)."""
@@ -126,9 +134,7 @@ def load(req: GenerateRequest, build: Callable[[Path], Any] | None = None):
         tok = Tokenizer.from_pretrained(folder)
         if build is None:
             model = Qwen3MoeForCausalLM.from_pretrained(folder, dtype=None if req.dtype == "auto" else req.dtype,
-                                                        quantization=req.quantization(),
-                                                        group_size=None if req.quantize else req.group_size,
-                                                        lm_head_bits=None if req.quantize else req.lm_head_bits)
+                                                        quantization=req.quantization(), **req.folder_options())
         else:
             model = build(folder)
     except Qwen3MoeError:

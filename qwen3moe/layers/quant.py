@@ -97,17 +97,18 @@ class QuantizationConfig:
         raise QuantizationError(f"quantization must be 'int8' or 'int4', got {name!r}")
 
     @classmethod
-    def of(cls, quantization, group_size: int | None = None,
-           lm_head_bits: int | None = None) -> "QuantizationConfig | None":
+    def of(cls, quantization, group_size: int | None = None, lm_head_bits: int | None = None,
+           activations: str | None = None) -> "QuantizationConfig | None":
         """None, a name ("int8"/"int4") or a QuantizationConfig -> QuantizationConfig or None
-        (lm_head_bits None: the config's own, 8 for a name)."""
+        (lm_head_bits / activations None: the config's own, 8 / "float32" for a name)."""
         if quantization is None or isinstance(quantization, cls):
-            if group_size is not None and quantization is not None:
-                raise QuantizationError("group_size is set both in the QuantizationConfig and as an argument")
-            if lm_head_bits is not None and quantization is not None:
-                raise QuantizationError("lm_head_bits is set both in the QuantizationConfig and as an argument")
+            for key, value in (("group_size", group_size), ("lm_head_bits", lm_head_bits),
+                               ("activations", activations)):
+                if value is not None and quantization is not None:
+                    raise QuantizationError(f"{key} is set both in the QuantizationConfig and as an argument")
             return quantization
-        return cls.from_name(str(quantization), group_size, lm_head_bits=8 if lm_head_bits is None else lm_head_bits)
+        return cls.from_name(str(quantization), group_size, activations or "float32",
+                             8 if lm_head_bits is None else lm_head_bits)
 
     @property
     def int8_activations(self) -> bool:

@@ -288,8 +288,9 @@ class Qwen3MoeForCausalLM(nn.Cell):
         """dtype: float32, bfloat16 (kept bf16 in memory, fp32 math) or None (the folder's).
         quantization: None, "int8" (per channel), "int4" (group_size 32/64/128, default 128) or a
         QuantizationConfig: weights quantized tensor by tensor while loading. GPTQ folders load
-        quantized as stored (docs/quantization.md). lm_head_bits=6 (a keyword, with quantization
-        or a GPTQ folder): the untied lm_head in 6 bits per channel instead of int8."""
+        quantized as stored (docs/quantization.md). Keywords, with quantization (a name) or a
+        GPTQ folder: lm_head_bits=6, the untied lm_head in 6 bits per channel instead of int8;
+        activations="int8", the opt-in int8-activation kernels (QuantizationConfig)."""
         from qwen3moe.io.load import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, quantization=quantization, group_size=group_size,

@@ -93,12 +93,13 @@ def _check_weights(req: GenerateRequest, cfg, mesh: Mesh) -> None:
     if spec is not None and qc is not None:
         raise GenerationError(f"--pretrained_model_dir {req.pretrained_model_dir}: already quantized "
                               f"({spec.label}); generate without --quantize")
-    if spec is not None and req.lm_head_bits is not None:
-        raise GenerationError("--lm_head_bits with a GPTQ folder is not supported under --use_parallel "
-                              "(the ranks load its lm_head in int8)")
+    options = {k: v for k, v in req.folder_options().items() if k != "group_size"}
+    if spec is not None and options:
+        raise GenerationError(f"--{next(iter(options))} with a GPTQ folder is not supported under --use_parallel "
+                              "(the ranks load it with an int8 lm_head and float32 activations)")
     if spec is None and qc is None:
-        if req.lm_head_bits is not None:
-            raise GenerationError(f"--lm_head_bits {req.lm_head_bits} needs --quantize int8/int4")
+        if options:
+            raise GenerationError(f"--{next(iter(options))} needs --quantize int8/int4")
         return
     layout = layout_mesh(mesh)
     if spec is not None:
