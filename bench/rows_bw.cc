@@ -61,7 +61,7 @@ static QMat make(int kind, int64_t M, int64_t H, int64_t g, Bytes &w, Halves &s,
     for (size_t i = 1; i < w.size(); i += 2) w[i] = 0x3c;  // small normal bf16 values
   m.lds = H / m.g;
   s.assign(M * m.lds + 16, 0x1400);  // fp16 ~ 0.001
-  z.assign(M * m.lds + 16, kind == kQ4 ? 8 : 128);
+  z.assign(M * m.lds + 16, kind == kQ4 ? 8 : (kind == kQ6 ? 32 : 128));
   m.w = w.data(), m.s = s.data(), m.z = z.data();
   return m;
 }
@@ -70,6 +70,12 @@ static double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
+
+// Modes: 0 fp32, 1 bf16, 2 int8, 3 int4 g128, 4 / 5 int8 / int4 with int8 activations, 6 / 7 6 bits
+// (one group per row, the lm_head's) with float32 / int8 activations
+constexpr int kModes = 8;
+static int kind_of(int mode) { return mode >= 6 ? kQ6 : (mode > kQ4 ? mode - 2 : mode); }
+static bool act8_of(int mode) { return mode == 4 || mode == 5 || mode == 7; }
 
 // ROWS_BW_AB: 4 KB vs 2 MB pages for one storage, `rounds` alternating cold passes
 static void pages_ab(const char *name, int kind, bool act8, int64_t M, int64_t H, const float *x, int rounds) {
@@ -107,13 +113,13 @@ int main(int argc, char **argv) {
   std::vector<float> y(NB * M0 * 8);
   for (int64_t i = 0; i < NB * H; ++i) x[i] = 0.01f * (i % 13) - 0.05f;
   Pool &pool = Pool::get();
-  const char *names[] = {"fp32", "bf16", "int8", "int4 g128"};  // then int8 / int4 with int8 activations
+  const char *names[] = {"fp32", "bf16", "int8", "int4 g128", "6 bits"};  // by kind
   const char *pages = std::getenv("ROWS_BW_PAGES"), *ab = std::getenv("ROWS_BW_AB");
   g_huge = !(pages && std::string(pages) == "4k");
   if (ab) {
-    for (int mode = kF32; mode <= kQ4 + 2; ++mode) {
-      const int kind = mode > kQ4 ? mode - 2 : mode;
-      pages_ab(names[kind], kind, mode > kQ4, (MB << 20) / QMat::bytes_for(kind, H) / 64 * 64, H, x, atoi(ab));
+    for (int mode = 0; mode < kModes; ++mode) {
+      const int kind = kind_of(mode);
+      pages_ab(names[kind], kind, act8_of(mode), (MB << 20) / QMat::bytes_for(kind, H) / 64 * 64, H, x, atoi(ab));
     }
     return 0;
   }
@@ -138,12 +144,12 @@ int main(int argc, char **argv) {
     printf("sum (bandwidth)      cold %6.1f GB/s  %7.3f ms  (%ld threads)\n", M * H * 4 / best / 1e9, best * 1e3,
            static_cast<long>(pool.threads()));
   }
-  // ROWS_BW_HOT=m (with OMP_NUM_THREADS=1): only mode m (0 fp32, 1 bf16, 2 int8, 3 int4, 4/5 int8 /
-  // int4 act8), its hot loop 20000 times, rate per second of this thread's CPU time
+  // ROWS_BW_HOT=m (with OMP_NUM_THREADS=1): only mode m (kind_of), its hot loop 20000 times, rate
+  // per second of this thread's CPU time
   const char *hot_only = std::getenv("ROWS_BW_HOT");
-  for (int mode = kF32; mode <= kQ4 + 2; ++mode) {
-    const int kind = mode > kQ4 ? mode - 2 : mode;
-    const bool act8 = mode > kQ4;
+  for (int mode = 0; mode < kModes; ++mode) {
+    const int kind = kind_of(mode);
+    const bool act8 = act8_of(mode);
     if (hot_only && atoi(hot_only) != mode) continue;
     Bytes w, z;
     Halves s;

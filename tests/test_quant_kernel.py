@@ -22,6 +22,7 @@ from mindspore import Tensor
 
 from kernel_reference import quant_arrays
 from qwen3moe.kernels import quant
+from qwen3moe.layers.quant import QuantizedWeight
 
 pytestmark = pytest.mark.skipif(not quant.available(), reason="quant kernels not buildable here")
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -138,8 +139,23 @@ def test_many_rows_equal_numpy(portable, mode):
     (lambda q, s, z: (q, s, z[:, :1]), "qzeros uint8"),
     (lambda q, s, z: (q, s), "2 tensors"),
     (lambda q, s, z: (q, s, z, 8), "bits=8 does not match"),
+    (lambda q, s, z: (q, s, z, 6), "bits=6 does not match"),
+    # 6 bits (one group per row): [O, 3 I / 4] = [8, 48] fits, one byte short does not
+    (lambda q, s, z: (Tensor(np.zeros((8, 47), np.uint8)), s[:, :1], z[:, :1]), r"\[O, 48\] with G = 1"),
 ])
 def test_bad_weight_is_a_one_line_error(bad, match):
     weight, _ = make_weight(np.random.default_rng(0), (8, 64), "int4", 32)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         quant.linear(Tensor(np.ones((2, 64), np.float32)), *bad(*weight))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("I", [4, 64, 2048, 6144])
+def test_packed_width_is_the_layout_rule(I):
+    """The bytes per qweight row as docs/quantization.md states them, and as the layer allocates."""
+    want = {8: I, 6: 3 * I // 4, 4: I // 2}
+    assert {b: quant.packed_width(I, b) for b in want} == want
+    for b in want:  # per channel (6 bits: one group per row)
+        assert QuantizedWeight((), 3, I, b, I).qweight.shape == (3, want[b])
+    with pytest.raises(ValueError, match="bits: expected 4, 6 or 8, got 5"):
+        quant.packed_width(I, 5)

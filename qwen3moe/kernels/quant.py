@@ -64,6 +64,13 @@ def _moe_op(name: str):
     return _op(name, lambda x, *rest: x, lambda x, *rest: x)
 
 
+def packed_width(in_features: int, bits: int) -> int:
+    """Bytes per qweight row holding `in_features` inputs: I (8 bits), 3 I // 4 (6 bits), I // 2 (4 bits)."""
+    if bits not in (4, 6, 8):
+        raise ValueError(f"bits: expected 4, 6 or 8, got {bits}")
+    return in_features * bits // 8
+
+
 def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -> None:
     """ValueError naming `name` unless `weight` is a bf16 matrix or a (qweight, scales, qzeros[, perm])
     tuple in the documented layout with input width `in_features` (and leading dims `lead`)."""
@@ -77,16 +84,17 @@ def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -
         raise ValueError(f"{name}: expected (weight,) or (qweight, scales, qzeros[, perm]), got {len(weight)} tensors")
     q, s, z = weight[:3]
     last = q.shape[-1]
-    six = in_features % 4 == 0 and last == in_features * 3 // 4  # 6 bits: one group per row, no experts
+    widths = {b: packed_width(in_features, b) for b in (8, 6, 4)}
+    six = in_features % 4 == 0 and last == widths[6]  # 6 bits: one group per row, no experts
     ok = (q.dtype == ms.uint8 and s.dtype == ms.float16 and z.dtype == ms.uint8
-          and (last in (in_features, in_features // 2) or (six and s.shape[-1] == 1 and not lead))
+          and (last in (widths[8], widths[4]) or (six and s.shape[-1] == 1 and not lead))
           and len(q.shape) == len(lead) + 2 and tuple(q.shape[:-2]) == lead and tuple(s.shape) == tuple(z.shape)
           and tuple(s.shape[:-1]) == tuple(q.shape[:-1]) and s.shape[-1] > 0 and in_features % s.shape[-1] == 0)
     if ok and last * 2 == in_features:
         ok = (in_features // s.shape[-1]) % 2 == 0
     if not ok:
-        raise ValueError(f"{name}: expected qweight uint8 [..., O, {in_features} or {in_features // 2}] (or "
-                         f"[O, {in_features * 3 // 4}] with G = 1: 6 bits), "
+        raise ValueError(f"{name}: expected qweight uint8 [..., O, {widths[8]} or {widths[4]}] (or "
+                         f"[O, {widths[6]}] with G = 1: 6 bits), "
                          f"scales float16 [..., O, G], qzeros uint8 [..., O, G] with G dividing {in_features}; got "
                          f"{q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}, {z.dtype} {tuple(z.shape)}")
     if len(weight) == 4 and (weight[3].dtype != ms.int32 or tuple(weight[3].shape) != lead + (in_features,)):
@@ -106,7 +114,7 @@ def _split(args: tuple) -> tuple:
 def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
     if bits is None:
         return
-    want = {8: in_features, 6: in_features * 3 // 4, 4: in_features // 2}.get(bits)
+    want = packed_width(in_features, bits) if bits in (4, 6, 8) else None  # other bits: the mismatch error
     if len(weight) not in (3, 4) or weight[0].shape[-1] != want:
         raise ValueError(f"{name}: bits={bits} does not match qweight {tuple(weight[0].shape)} for input width "
                          f"{in_features}")

@@ -2,8 +2,9 @@
 and the quantized layers with their composite (dequantize-in-graph) forward.
 
 Shapes: O out-features, I in-features (the HF weight is W[O, I]), g group size along I,
-G = I // g groups per row, P packed bytes per row (I for 8 bits, I // 2 for 4 bits, 3 I // 4 for 6),
-E experts, NB blocks, T tokens. Leading dims `...` (e.g. E for stacked experts) pass through.
+G = I // g groups per row, P packed bytes per row (kernels.quant.packed_width: I for 8 bits, I // 2
+for 4 bits, 3 I // 4 for 6), E experts, NB blocks, T tokens. Leading dims `...` (e.g. E for stacked
+experts) pass through.
 
 In-memory layout (the contract with qwen3moe.kernels.quant):
   qweight uint8 [..., O, P]: 8 bits: the unsigned value u in 0..255; 4 bits: two values per byte
@@ -202,12 +203,13 @@ def unpack(qweight: np.ndarray, bits: int) -> np.ndarray:
     """qweight [..., O, P] -> unsigned values u [..., O, I] (uint8)."""
     if bits == 8:
         return qweight
-    I = qweight.shape[-1] * 2 if bits == 4 else qweight.shape[-1] * 4 // 3
+    I = qweight.shape[-1] * 8 // bits  # quant_kernel.packed_width inverted
+    P4 = quant_kernel.packed_width(I, 4)  # 6 bits: the low plane is the 4-bit packing
     out = np.empty((*qweight.shape[:-1], I), np.uint8)
-    lo = qweight[..., :I // 2]
+    lo = qweight[..., :P4]
     out[..., 0::2], out[..., 1::2] = lo & 15, lo >> 4
     if bits == 6:
-        hi = qweight[..., I // 2:]
+        hi = qweight[..., P4:]
         for t in range(4):
             out[..., t::4] |= ((hi >> (2 * t)) & 3) << 4
     return out
@@ -254,13 +256,13 @@ def dequant_graph(qweight: Tensor, scales: Tensor, qzeros: Tensor, bits: int, g_
 
 def _unpack_graph(qweight: Tensor, bits: int) -> Tensor:
     """4 / 6-bit qweight [..., O, P] -> u float32 [..., O, I] (unpack's layout, uint8 ops)."""
-    P = qweight.shape[-1]
-    lo = qweight if bits == 4 else qweight[..., :2 * P // 3]
+    P4 = quant_kernel.packed_width(qweight.shape[-1] * 8 // bits, 4)  # 6 bits: the low plane is the 4-bit packing
+    lo = qweight if bits == 4 else qweight[..., :P4]
     u = ops.stack([ops.bitwise_and(lo, 15), ops.floor_div(lo, 16)], -1).astype(ms.float32)
     u = u.reshape(u.shape[:-2] + (u.shape[-2] * 2,))
     if bits == 4:
         return u
-    hi = qweight[..., 2 * P // 3:]
+    hi = qweight[..., P4:]
     c = ops.stack([ops.bitwise_and(ops.floor_div(hi, 1 << (2 * t)), 3) for t in range(4)], -1).astype(ms.float32)
     return u + c.reshape(u.shape) * 16
 
@@ -290,7 +292,7 @@ class QuantizedWeight(nn.Cell):
         self.out_features, self.in_features = out_features, in_features
         self.row_blocks = row_blocks  # blocks of rows with a group map each (2: the gate_up stack)
         shape, G = (*lead, out_features), in_features // group_size
-        self.qweight = _zeros((*shape, in_features * bits // 8), ms.uint8, "qweight")
+        self.qweight = _zeros((*shape, quant_kernel.packed_width(in_features, bits)), ms.uint8, "qweight")
         self.scales = _zeros((*shape, G), ms.float16, "scales")
         self.qzeros = _zeros((*shape, G), ms.uint8, "qzeros")
         self.perm = _zeros((*lead, in_features), ms.int32, "perm") if act_order else None

@@ -90,32 +90,13 @@ static inline void q4w_block(const QMat &W, int64_t o, const float *x, float *y,
       y[b * ldy + r] = _mm512_reduce_add_ps(SPLIT ? _mm512_add_ps(acc[r][b], acc2[r][b]) : acc[r][b]);
 }
 
-// rows [o0, o1) (o1 - o0 >= R) in R-row blocks; a tail recomputes the last R rows into a
-// temporary and keeps its own
+// rows [o0, o1) (o1 - o0 >= R) in R-row blocks (rows_in_blocks), x rows W.I apart
 template <int R>
 static void q4w_rows_r(const QMat &W, int64_t o0, int64_t o1, const float *x, int64_t nb, float *y, int64_t ldy) {
   auto block = [&](int64_t o, int64_t b, float *yb, int64_t ld, const RowPrefetch *pf) {
-    const float *xb = x + b * W.I;
-    switch (nb - b) {
-      case 1: return q4w_block<1, R>(W, o, xb, yb, ld, pf);
-      case 2: return q4w_block<2, R>(W, o, xb, yb, ld, pf);
-      case 3: return q4w_block<3, R>(W, o, xb, yb, ld, pf);
-      default: return q4w_block<4, R>(W, o, xb, yb, ld, pf);
-    }
+    with_nb(nb - b, [&](auto n) { q4w_block<decltype(n)::value, R>(W, o, x + b * W.I, yb, ld, pf); });
   };
-  const int64_t full = o0 + (o1 - o0) / R * R;
-  for (int64_t o = o0; o < full; o += R)
-    for (int64_t b = 0; b < nb; b += 4) {
-      RowPrefetch pf{reinterpret_cast<const char *>(W.w + (o + R) * W.ld), 0, W.ld, W.ld};
-      block(o, b, y + b * ldy + o, ldy, b == 0 && o + 2 * R <= o1 ? &pf : nullptr);
-    }
-  if (full == o1) return;
-  float tmp[4 * R];
-  for (int64_t b = 0; b < nb; b += 4) {
-    block(o1 - R, b, tmp, R, nullptr);
-    for (int64_t bb = 0; bb < 4 && b + bb < nb; ++bb)
-      for (int64_t o = full; o < o1; ++o) y[(b + bb) * ldy + o] = tmp[bb * R + o - (o1 - R)];
-  }
+  rows_in_blocks<R>(W, o0, o1, nb, y, ldy, W.ld, block);
 }
 
 // y[b * ldy + o] = W[o, :] . x[b, :], rows [o0, o1) (o1 - o0 >= 4), x in q4w order (rows W.I

@@ -101,30 +101,13 @@ static inline void q6block4(const QMat &W, int64_t o, const float *x, int64_t ld
   }
 }
 
-// rows_dot_q's vector path for 6-bit rows (o1 - o0 >= 4, I % 128 == 0): as qrows_vec
+// rows_dot_q's vector path for 6-bit rows (o1 - o0 >= 4, I % 128 == 0)
 static void q6_rows(const QMat &W, int64_t o0, int64_t o1, const float *x, int64_t ldx, int64_t nb, float *y,
                     int64_t ldy) {
-  auto block = [&](int64_t o, const float *xb, float *yb, int64_t ld, const RowPrefetch *pf, int64_t n) {
-    switch (n) {
-      case 1: return q6block4<1>(W, o, xb, ldx, yb, ld, pf);
-      case 2: return q6block4<2>(W, o, xb, ldx, yb, ld, pf);
-      case 3: return q6block4<3>(W, o, xb, ldx, yb, ld, pf);
-      default: return q6block4<4>(W, o, xb, ldx, yb, ld, pf);
-    }
+  auto block = [&](int64_t o, int64_t b, float *yb, int64_t ld, const RowPrefetch *pf) {
+    with_nb(nb - b, [&](auto n) { q6block4<decltype(n)::value>(W, o, x + b * ldx, ldx, yb, ld, pf); });
   };
-  const int64_t full = o0 + (o1 - o0) / 4 * 4;
-  for (int64_t o = o0; o < full; o += 4)
-    for (int64_t b = 0; b < nb; b += 4) {
-      RowPrefetch pf{reinterpret_cast<const char *>(W.w + (o + 4) * W.ld), 0, W.ld, W.ld};
-      block(o, x + b * ldx, y + b * ldy + o, ldy, b == 0 && o + 8 <= o1 ? &pf : nullptr, nb - b);
-    }
-  if (full == o1) return;
-  float tmp[4 * 4];
-  for (int64_t b = 0; b < nb; b += 4) {
-    block(o1 - 4, x + b * ldx, tmp, 4, nullptr, nb - b);
-    for (int64_t bb = 0; bb < 4 && b + bb < nb; ++bb)
-      for (int64_t o = full; o < o1; ++o) y[(b + bb) * ldy + o] = tmp[bb * 4 + o - (o1 - 4)];
-  }
+  rows_in_blocks<4>(W, o0, o1, nb, y, ldy, W.ld, block);
 }
 #endif
 #endif
