@@ -96,9 +96,10 @@ def forward_flops(cfg: dict, batch: int, seq: int) -> float:
 
 def load_kwargs(mode: dict) -> dict:
     """A bench mode's from_pretrained keyword arguments: `activations` (with `quantization`, an
-    optional `group_size` and `lm_head_bits`) becomes a QuantizationConfig, the rest passes through."""
+    optional `group_size` and `lm_head_bits`) becomes a QuantizationConfig, the rest passes through
+    (`activations` alone: a GPTQ folder's, from_pretrained(q, activations=...))."""
     kw = dict(mode)
-    if "activations" in kw:
+    if "activations" in kw and "quantization" in kw:
         from qwen3moe.layers.quant import QuantizationConfig
 
         kw["quantization"] = QuantizationConfig.from_name(kw.pop("quantization"), kw.pop("group_size", None),

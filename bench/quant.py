@@ -71,6 +71,7 @@ MODES = {
     "int4-h6": dict(quantization="int4", group_size=128, lm_head_bits=6),
     "int4-a8-h6": dict(quantization="int4", group_size=128, activations="int8", lm_head_bits=6),
     "stored": dict(dtype="bfloat16"),  # a quantized (GPTQ) folder as stored: bench/act_order.py
+    "stored-a8": dict(dtype="bfloat16", activations="int8"),  # the same with int8 activations
 }
 LLAMA_MODES = {"F32": "F32", "Q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
 PAIRS = (("int8", "Q8_0"), ("int4", "Q4_K_M"), ("int8-a8", "Q8_0"), ("int4-a8", "Q4_K_M"), ("int8-h6", "Q8_0"),
