@@ -219,7 +219,8 @@ def reset_peak_rss() -> None:
         fh.write("5")
 
 
-def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int, shard_size: int) -> dict:
+def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int, shard_size: int,
+           activations: str = "float32") -> dict:
     if step == "quantize":
         out = quantize_streamed(work, layers, max_ahead, shard_size)
     else:
@@ -232,7 +233,9 @@ def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int,
 
         t0 = time.perf_counter()
         # bf16 embedding / norms / router as stored (fp32 would add 0.6 GB to a ~16 GiB model)
-        model = Qwen3MoeForCausalLM.from_pretrained(str(work / "int4"), dtype="bfloat16")
+        # --activations int8: the opt-in int8-activation kernels (from_pretrained(q, activations="int8"))
+        extra = {} if activations == "float32" else {"activations": activations}
+        model = Qwen3MoeForCausalLM.from_pretrained(str(work / "int4"), dtype="bfloat16", **extra)
         out = {"reload_s": time.perf_counter() - t0, "reload_load": os.getloadavg()[0],
                "reload_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         print(f"reloaded in {out['reload_s']:.1f} s, RSS {out['reload_rss_gib']:.2f} GiB", file=sys.stderr)
@@ -253,7 +256,7 @@ def worker(step: str, work: Path, reps: int, layers: int | None, max_ahead: int,
 def run_worker(step: str, a: argparse.Namespace) -> dict:
     """One step in its own process (its own peak RSS); its progress goes to our stderr."""
     cmd = [sys.executable, __file__, "--worker", step, "--work", a.work, "--reps", str(a.reps),
-           "--max-ahead", str(a.max_ahead), "--shard-size", str(a.shard_size)]
+           "--max-ahead", str(a.max_ahead), "--shard-size", str(a.shard_size), "--activations", a.activations]
     proc = subprocess.run(cmd + (["--layers", str(a.layers)] if a.layers else []), stdout=subprocess.PIPE,
                           text=True, env=env())
     if proc.returncode != 0:
@@ -305,9 +308,11 @@ def main() -> None:
     ap.add_argument("--max-ahead", type=int, default=3, help="complete bf16 shards the writer may keep ahead")
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--worker", choices=("quantize", "reload"))
+    ap.add_argument("--activations", choices=("float32", "int8"), default="float32",
+                    help="reload: the int4 folder's activations (int8: the opt-in int8-activation mode)")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, Path(a.work), a.reps, a.layers, a.max_ahead, a.shard_size)))
+        print(json.dumps(worker(a.worker, Path(a.work), a.reps, a.layers, a.max_ahead, a.shard_size, a.activations)))
         return
     load0 = os.getloadavg()[0]
     res = pipeline(a)
