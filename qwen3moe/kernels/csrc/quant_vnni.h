@@ -21,6 +21,7 @@
 // arithmetic lane by lane.
 #pragma once
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <initializer_list>
 #include <vector>
@@ -104,23 +105,27 @@ static void act_quantize(int kind, const float *x, int64_t ldx, int64_t nb, int6
   const int64_t CW = chunk_inputs(kind), LW = lane_inputs(kind), C = I / CW, zd = default_zero(kind);
   a.kind = kind, a.nb = nb, a.I = I, a.C = C;
   a.q.resize(nb * I), a.sv.resize(nb * C * 16), a.ls.resize(nb * C * 16), a.zl.resize(nb * C * 16);
-  std::vector<int8_t> qn(I);
-  std::vector<float> sx(I / kActBlock);
+  // per-thread scratch, and no division by the runtime chunk width in the per-input loops: this
+  // runs once per op and batch row (for a batch-8 MoE step, 64 rows per layer)
+  thread_local std::vector<int8_t> qn;
+  thread_local std::vector<float> sx;
+  qn.resize(I), sx.resize(I / kActBlock);
   for (int64_t b = 0; b < nb; ++b) {
     const float *xb = x + b * ldx;
     for (int64_t k0 = 0; k0 < I; k0 += kActBlock) sx[k0 / kActBlock] = quantize_block16(xb + k0, qn.data() + k0);
     int8_t *qb = a.q.data() + b * I;
-    for (int64_t k = 0; k < I; ++k) {
-      const int64_t j = k % CW;
-      qb[kind != kQ8 ? k - j + (j % 2) * 64 + j / 2 : k] = qn[k];
+    if (kind == kQ8) {
+      std::memcpy(qb, qn.data(), I);
+    } else {  // each 128-input chunk: its 64 even inputs, then its 64 odd ones
+      for (int64_t c0 = 0; c0 < I; c0 += 128)
+        for (int64_t j = 0; j < 64; ++j) qb[c0 + j] = qn[c0 + 2 * j], qb[c0 + 64 + j] = qn[c0 + 2 * j + 1];
     }
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t l = 0; l < 16; ++l) {
-        const int64_t k0 = c * CW + l * LW, at = (b * C + c) * 16 + l;
-        int32_t s = 0;
-        for (int64_t k = k0; k < k0 + LW; ++k) s += qn[k];
-        a.ls[at] = s, a.zl[at] = -zd * s, a.sv[at] = sx[k0 / kActBlock];
-      }
+    const int8_t *qk = qn.data();
+    for (int64_t at = b * C * 16; at < (b + 1) * C * 16; ++at, qk += LW) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < LW; ++k) s += qk[k];
+      a.ls[at] = s, a.zl[at] = -zd * s, a.sv[at] = sx[(qk - qn.data()) / kActBlock];
+    }
   }
 }
 
@@ -226,19 +231,19 @@ static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, c
   const int64_t CW = chunk_inputs(KIND), bstride = a.C * 16;
   const uint8_t zd = static_cast<uint8_t>(default_zero(KIND));
   RowPrefetch pf = next ? *next : RowPrefetch{nullptr, 0, 0, 0};
-  __m512 s16[4];         // kGroupPerChunk: scales of chunks c .. c + 15
+  alignas(64) float s16[4][16];  // kGroupPerChunk: scales of chunks c .. c + 15 (read as broadcasts)
   __mmask16 zoff16[4];   // ... and which of them have a zero point other than the default
   bool zdef_row[4];      // kRowScale
   for (int r = 0; r < 4; ++r) {
     zdef_row[r] = W.z[(o + r) * W.lds] == zd;
-    s16[r] = _mm512_setzero_ps(), zoff16[r] = 0;
+    zoff16[r] = 0;
   }
   for (int64_t c = 0; c < a.C; ++c) {
     if (next) pf.step(4 * (KIND == kQ6 ? 96 : 64));
     if (SM == kGroupPerChunk && c % 16 == 0) {
       const __mmask16 m = a.C - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (a.C - c)) - 1);
       for (int r = 0; r < 4; ++r) {
-        s16[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, W.s + (o + r) * W.lds + c));
+        _mm512_store_ps(s16[r], _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, W.s + (o + r) * W.lds + c)));
         zoff16[r] = _mm_mask_cmpneq_epu8_mask(m, _mm_maskz_loadu_epi8(m, W.z + (o + r) * W.lds + c), _mm_set1_epi8(zd));
       }
     }
@@ -265,7 +270,7 @@ static inline void act8_block4(const QMat &W, const LaneGroups &lg, int64_t o, c
         zdef = zdef_row[r];
         if (!zdef) zneg = _mm512_set1_epi32(-static_cast<int32_t>(W.z[(o + r) * W.lds]));
       } else if (SM == kGroupPerChunk) {
-        s = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(c % 16)), s16[r]);
+        s = _mm512_set1_ps(s16[r][c % 16]);  // a broadcast load, not a vpermps on the busy shuffle port
         zdef = !((zoff16[r] >> (c % 16)) & 1);
         if (!zdef) zneg = _mm512_set1_epi32(-static_cast<int32_t>(W.z[(o + r) * W.lds + c]));
       } else {
