@@ -65,6 +65,18 @@ struct Args {
   }
 };
 
+// The ops' temporaries live in per-thread buffers kept from call to call: `reused` refills one
+// with n zeros (a fresh value-initialised vector, without the heap block). Why: MindSpore frees many
+// small objects between two ops, and a fresh block of a few KB then went through glibc's fastbin
+// consolidation: 0.05-0.2 ms per op, ~10% of a 48-layer decode step on the 2-core Intel VM
+// (bench/RESULTS.md "Per-op costs of the decode step"). The pool's helpers only touch these buffers
+// while the calling thread waits in Pool::run.
+template <class V>
+static V &reused(V &buf, size_t n) {
+  buf.assign(n, typename V::value_type());
+  return buf;
+}
+
 // fcfg[2] != 0 (a third element, optional): the opt-in int8-activation mode (quant_vnni.h)
 static inline bool act8_mode(int *ndims, int64_t **shapes, int ifcfg, const float *fcfg) {
   return ndims[ifcfg] == 1 && shapes[ifcfg][0] >= 3 && fcfg[2] != 0.0f;
@@ -99,7 +111,13 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   d.D = shapes[iqn][0], d.T = shapes[ikc][2];
   if (d.D <= 0 || d.D > 1024 || ND % d.D != 0 || KD % d.D != 0 || KD == 0) return 1;
   d.N = ND / d.D, d.K = KD / d.D, d.G = d.N / d.K;
-  std::vector<float> b1, b2, b3;
+  struct Scratch {
+    std::vector<float> b1, b2, b3;
+    avec<float> xn, qkv, o, p;
+    XBuf xb[3], ob;
+  };
+  thread_local Scratch sc;
+  std::vector<float> &b1 = sc.b1, &b2 = sc.b2, &b3 = sc.b3;
   const float *x = static_cast<const float *>(params[ix]), *ln1 = a.vec(iln, d.H, b1);
   const float *qn = a.vec(iqn, d.D, b2), *kn = a.vec(ikn, d.D, b3);
   const float *cos = static_cast<const float *>(params[icos]), *sin = static_cast<const float *>(params[isin]);
@@ -115,10 +133,13 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   const bool residual = ndims[ifcfg] != 1 || shapes[ifcfg][0] < 4 || fcfg[3] == 0.f;
   const int64_t R = d.B * d.S, QKV = ND + 2 * KD;
-  avec<float> xn(R * d.H), qkv(R * QKV), o(R * ND), p(R * d.N * d.T);  // aligned: see avec
+  avec<float> &xn = reused(sc.xn, R * d.H), &qkv = reused(sc.qkv, R * QKV), &o = reused(sc.o, R * ND),
+              &p = reused(sc.p, R * d.N * d.T);  // aligned: see avec
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
   const QMat *wqkv[3] = {&wq, &wk, &wv}, *wout[1] = {&wo};
-  XBuf xb[3], ob;
+  XBuf *xb = sc.xb, &ob = sc.ob;
+  for (XBuf &b : sc.xb) b.reset();
+  ob.reset();
   XIn xin[3], oin;
   prepare_each(wqkv, 3, xn.data(), d.H, R, d.H, act8, xb, xin);
   Pool &pool = Pool::get();
@@ -157,12 +178,14 @@ struct MoeDims {
 
 // probs = softmax(logits); top-k (largest first, lower expert id on ties); optional renorm
 static void route(const float *logits, const MoeDims &d, bool norm, int32_t *idx, float *w) {
-  std::vector<float> pr(d.Er);
+  thread_local std::vector<float> pr;
+  pr.resize(d.Er);
   float mx = -INFINITY, sum = 0.f;
   for (int64_t e = 0; e < d.Er; ++e) mx = logits[e] > mx ? logits[e] : mx;
   for (int64_t e = 0; e < d.Er; ++e) sum += (pr[e] = std::exp(logits[e] - mx));
   for (int64_t e = 0; e < d.Er; ++e) pr[e] /= sum;
-  std::vector<char> used(d.Er, 0);
+  thread_local std::vector<char> used;
+  used.assign(d.Er, 0);
   float tot = 0.f;
   for (int64_t j = 0; j < d.K; ++j) {
     int64_t best = -1;
@@ -187,11 +210,12 @@ struct Assign {
 static bool sort_assignments(const MoeDims &d, int32_t *idx, const QMat &wgu, const QMat &wd, Assign &s) {
   const int64_t A = d.R * d.K;
   for (int64_t a = 0; a < A; ++a) idx[a] = idx[a] >= d.lo && idx[a] < d.lo + d.E ? idx[a] - d.lo : -1;
-  s.off.assign(d.E + 1, 0), s.row.assign(A, -1);
+  s.off.assign(d.E + 1, 0), s.row.assign(A, -1), s.active.clear();
   for (int64_t a = 0; a < A; ++a)
     if (idx[a] >= 0) ++s.off[idx[a] + 1];
   for (int64_t e = 0; e < d.E; ++e) s.off[e + 1] += s.off[e];
-  std::vector<int64_t> cur(s.off.begin(), s.off.end() - 1);
+  thread_local std::vector<int64_t> cur;
+  cur.assign(s.off.begin(), s.off.end() - 1);
   for (int64_t a = 0; a < A; ++a)
     if (idx[a] >= 0) s.row[a] = cur[idx[a]]++;
   for (int64_t e = 0; e < d.E; ++e) {
@@ -241,8 +265,15 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   const QMat wd = args.weight(d.I, 1, &Hd);
   const int imeta = args.take(), ifcfg = args.take(), iy = args.take();
   if (!args.ok || args.i != nparam || Hd != d.H || shapes[idn][0] != d.E || d.I2 % 2 != 0) return 1;
-  std::vector<float> lnbuf;
-  const float *h = static_cast<const float *>(params[ih]), *ln2 = args.vec(iln, d.H, lnbuf);
+  struct Scratch {
+    std::vector<float> lnbuf;
+    avec<float> z, logits, w, zg, zs, gu, ye;
+    std::vector<int32_t> idx;
+    Assign as;
+    ActQ zq8, zq4;
+  };
+  thread_local Scratch sc;
+  const float *h = static_cast<const float *>(params[ih]), *ln2 = args.vec(iln, d.H, sc.lnbuf);
   const int32_t *meta = static_cast<const int32_t *>(params[imeta]);
   const float *fcfg = static_cast<const float *>(params[ifcfg]);
   float *y = static_cast<float *>(params[iy]);
@@ -250,10 +281,10 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   d.K = meta[1], d.lo = ranked ? static_cast<int64_t>(fcfg[4]) : 0;
   if (!args.ok || d.K < 1 || d.K > d.Er || d.lo < 0 || d.lo + d.E > d.Er || (!ranked && d.Er != d.E)) return 1;
   const int64_t A = d.R * d.K;
-  avec<float> z(d.R * d.H), logits(d.R * d.Er), w(A);
-  std::vector<int32_t> idx(A);
+  avec<float> &z = reused(sc.z, d.R * d.H), &logits = reused(sc.logits, d.R * d.Er), &w = reused(sc.w, A);
+  std::vector<int32_t> &idx = reused(sc.idx, A);
   for (int64_t r = 0; r < d.R; ++r) rms(h + r * d.H, ln2, d.H, fcfg[0], z.data() + r * d.H);
-  avec<float> zg;  // z gathered by the router's perm (range-checked by parse_weight)
+  avec<float> &zg = sc.zg;  // z gathered by the router's perm (range-checked by parse_weight)
   if (wr.perm) zg.resize(d.R * d.H), gather_rows(wr.perm, d.H, z.data(), d.H, d.R, zg.data(), d.H);
   const float *zr = wr.perm ? zg.data() : z.data();
   Pool &pool = Pool::get();
@@ -263,10 +294,10 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   });
   for (int64_t r = 0; r < d.R; ++r)
     route(logits.data() + r * d.Er, d, meta[2] != 0, idx.data() + r * d.K, w.data() + r * d.K);
-  Assign as;
+  Assign &as = sc.as;
   if (!sort_assignments(d, idx.data(), wgu, wd, as)) return 1;
   const std::vector<int64_t> &off = as.off, &row = as.row, &active = as.active;
-  avec<float> zs(A * d.H);  // the assignments' rows in expert order, gathered by gate_up's perm
+  avec<float> &zs = reused(sc.zs, A * d.H);  // the assignments' rows in expert order, gathered by gate_up's perm
   for (int64_t a = 0; a < A; ++a) {
     if (row[a] < 0) continue;
     if (wgu.perm)
@@ -275,12 +306,13 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
       std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
   }
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
-  ActQ zq8, zq4;
+  ActQ &zq8 = sc.zq8, &zq4 = sc.zq4;
+  zq8.reset(), zq4.reset();
   const XIn zin = prepare_x(zs.data(), d.H, A, d.H, act8, {&wgu}, zq8, zq4);
   // Tasks: (active expert, slice of its ffn width, ffn_slice). Each task runs gate/up rows, SwiGLU
   // and its slice of the down projection without a barrier; partial outputs are summed last.
   const int64_t na = static_cast<int64_t>(active.size()), Is = ffn_slice(d, wd, na), P = (d.I + Is - 1) / Is;
-  avec<float> gu(A * 2 * Is * P), ye(P * A * d.H);
+  avec<float> &gu = reused(sc.gu, A * 2 * Is * P), &ye = reused(sc.ye, P * A * d.H);
   pool.run(na * P, [&](int64_t task) {
     const int64_t e = active[task / P], part = task % P, i0 = part * Is;
     const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
@@ -299,7 +331,8 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
     thread_local avec<float> gp;
     const float *act = g;
     if (wd.perm) gp.resize(n * ni), gather_rows(wd.perm_of(e), ni, g, Is, n, gp.data(), ni), act = gp.data();
-    ActQ gq8, gq4;
+    thread_local ActQ gq8, gq4;  // this thread's (tasks run on every pool thread)
+    gq8.reset(), gq4.reset();
     const XIn ain = prepare_x(act, wd.perm ? ni : Is, n, ni, act8, {&wds}, gq8, gq4);
     mat_dot(wds, 0, d.H, ain, ye.data() + (part * A + r0) * d.H, d.H);
   });
@@ -366,15 +399,17 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   int64_t V;
   const QMat W = args.weight(H, 0, &V);
   const int ifcfg = args.take(), iy = args.take();
-  std::vector<float> nbuf;
+  thread_local std::vector<float> nbuf;
   const float *x = static_cast<const float *>(params[ix]), *nw = args.vec(inorm, H, nbuf);
   if (!args.ok || args.i != nparam) return 1;
   const float *fcfg = static_cast<const float *>(params[ifcfg]);
   float *y = static_cast<float *>(params[iy]);
-  avec<float> z(B * H);
+  thread_local avec<float> zbuf;
+  avec<float> &z = reused(zbuf, B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
   const QMat *ws[1] = {&W};
-  XBuf zb;
+  thread_local XBuf zb;
+  zb.reset();
   XIn zin;
   prepare_each(ws, 1, z.data(), H, B, H, act8_mode(ndims, shapes, ifcfg, fcfg), &zb, &zin);
   const int64_t chunk = 256, nc = (V + chunk - 1) / chunk;  // see kChunk

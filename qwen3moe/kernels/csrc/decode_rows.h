@@ -122,6 +122,7 @@ static inline void mat_dot(const QMat &W, int64_t o0, int64_t o1, const XIn &in,
 struct XBuf {
   avec<float> xg;
   ActQ q8, q4;
+  void reset() { q8.reset(), q4.reset(); }
 };
 
 // The x rows [nb, I] as each of n <= 3 weights reads them (in[j] for *ws[j], buffers in buf[j]):

@@ -55,6 +55,8 @@ struct ActQ {
   avec<int32_t> ls, zl;          // [nb, C, 16]
   avec<float> xw;                // q4w_order_x's [wnb, wI] when wnb >= 0
   int64_t wnb = -1, wI = 0;
+  // empty again for the next op's rows (prepare_x fills an empty one), its buffers kept
+  void reset() { kind = -1, nb = I = C = 0, wnb = -1, wI = 0; }
 };
 
 // A view of rows [b0, ...) of an ActQ (or none: q == nullptr, xw == nullptr)
