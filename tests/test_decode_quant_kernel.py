@@ -84,6 +84,16 @@ def test_quantized_layer_matches_numpy(mode, head_mode, b, H, d, g, e, i, top_k,
         y = np.zeros_like(x)
         assert _call("DecodeMoe", [h, *a["ln2"], *a["wr"], *a["wgu"], *a["wd"], meta, fcfg, y]) == 0
         np.testing.assert_allclose(y[:, 0], _ref_moe(ref, h[:, 0], True, top_k), atol=2e-5, rtol=1e-5)
+        # the one-op layer (the engine's decode step): both halves in one call, the two ops' exact
+        # results and cache writes; too few inputs are refused
+        y1, kc1, vc1 = np.zeros_like(x), kc.copy(), vc.copy()
+        attn_in = [x, *a["ln1"], *a["wq"], *a["wk"], *a["wv"], *a["qn"], *a["kn"], *a["wo"], kc1, vc1, cos, sin,
+                   bias[:, None], meta, fcfg]
+        assert _call("DecodeLayer", [*attn_in, *a["ln2"], *a["wr"], *a["wgu"], *a["wd"], meta, fcfg, y1]) == 0
+        np.testing.assert_array_equal(y1, y)
+        np.testing.assert_array_equal(kc1, kc_new)
+        np.testing.assert_array_equal(vc1, vc_new)
+        assert _call("DecodeLayer", [*attn_in, y1]) != 0
         logits = np.zeros((b, e), np.float32)
         assert _call("DecodeHead", [y, *a["ln1"], *a["wr"], fcfg, logits]) == 0
         np.testing.assert_allclose(logits, _rms(y[:, 0], ref["ln1"]) @ ref["wr"].T, atol=2e-5, rtol=1e-5)

@@ -89,6 +89,10 @@ class FusedStepCell(nn.Cell):
     the step returns every position's hidden states [B, S, H] instead of logits.
     auto_prefix=False keeps the model's HF parameter names."""
 
+    # a decode step's sparse layers as one DecodeLayer op each (attention then MoE), not two ops:
+    # subclasses whose layers need a collective between the halves (parallel ranks) turn it off
+    one_op_layers = True
+
     def __init__(self, model: nn.Cell, batch: int, k_cache, v_cache, hidden_out: bool = False) -> None:
         super().__init__(auto_prefix=False)
         self.net, self.hidden_out = model, hidden_out
@@ -108,11 +112,15 @@ class FusedStepCell(nn.Cell):
         S = x_BSH.shape[1]
         i = 0
         for layer in body.layers:
-            if S == 1:
-                x_BSH = self._decode_attention(layer, x_BSH, cos_BSD, sin_BSD, bias, meta_4, i)
+            if S == 1 and self.one_op_layers and _kernel_moe(layer):
+                x_BSH = self.ops1.layer(*self._attention_inputs(layer, x_BSH, cos_BSD, sin_BSD, bias, meta_4, i),
+                                        *self._moe_inputs(layer, meta_4))
             else:
-                x_BSH = self._prefill_attention(layer, x_BSH, cos_BSD, sin_BSD, bias, meta_4, i)
-            x_BSH = self._mlp(layer, x_BSH, meta_4)
+                if S == 1:
+                    x_BSH = self._decode_attention(layer, x_BSH, cos_BSD, sin_BSD, bias, meta_4, i)
+                else:
+                    x_BSH = self._prefill_attention(layer, x_BSH, cos_BSD, sin_BSD, bias, meta_4, i)
+                x_BSH = self._mlp(layer, x_BSH, meta_4)
             i += 1
         if self.hidden_out:
             return x_BSH
@@ -123,11 +131,20 @@ class FusedStepCell(nn.Cell):
         body = self.net.model
         return self.ops1.head(x_BSH, body.norm.weight, *kernel_weight(self.net.lm_head), self.fcfg)
 
-    def _decode_attention(self, layer, x_B1H, cos_B1D, sin_B1D, bias_B1T, meta_4, i):
+    def _attention_inputs(self, layer, x_B1H, cos_B1D, sin_B1D, bias_B1T, meta_4, i) -> tuple:
         a = layer.self_attn
-        return self.ops1.attn(x_B1H, layer.input_layernorm.weight, *kernel_weight(a.q_proj), *kernel_weight(a.k_proj),
-                              *kernel_weight(a.v_proj), a.q_norm.weight, a.k_norm.weight, *kernel_weight(a.o_proj),
-                              self.k_cache[i], self.v_cache[i], cos_B1D, sin_B1D, bias_B1T, meta_4, self.fcfg)
+        return (x_B1H, layer.input_layernorm.weight, *kernel_weight(a.q_proj), *kernel_weight(a.k_proj),
+                *kernel_weight(a.v_proj), a.q_norm.weight, a.k_norm.weight, *kernel_weight(a.o_proj),
+                self.k_cache[i], self.v_cache[i], cos_B1D, sin_B1D, bias_B1T, meta_4, self.fcfg)
+
+    def _moe_inputs(self, layer, meta_4) -> tuple:
+        """The MoE op's inputs after its hidden states."""
+        m = layer.mlp
+        return (layer.post_attention_layernorm.weight, *kernel_weight(m.gate), *kernel_weight(m.experts.gate_up_proj),
+                *kernel_weight(m.experts.down_proj), meta_4, self.fcfg)
+
+    def _decode_attention(self, layer, x_B1H, cos_B1D, sin_B1D, bias_B1T, meta_4, i):
+        return self.ops1.attn(*self._attention_inputs(layer, x_B1H, cos_B1D, sin_B1D, bias_B1T, meta_4, i))
 
     def _prefill_attention(self, layer, x_BSH, cos_BSD, sin_BSD, bias_B1ST, meta_4, i):
         """The forward pass's q/k/v, the in-place cache write of k/v at slots meta[0] .., then the
@@ -145,10 +162,7 @@ class FusedStepCell(nn.Cell):
         return x_BSH + a.output(o_BNSD)
 
     def _mlp(self, layer, h_BSH, meta_4):
-        n = layer.post_attention_layernorm
         if _kernel_moe(layer):
             if h_BSH.shape[1] == 1:
-                m = layer.mlp
-                return self.ops1.moe(h_BSH, n.weight, *kernel_weight(m.gate), *kernel_weight(m.experts.gate_up_proj),
-                                     *kernel_weight(m.experts.down_proj), meta_4, self.fcfg)
+                return self.ops1.moe(h_BSH, *self._moe_inputs(layer, meta_4))
         return layer.feed_forward(h_BSH)[0]

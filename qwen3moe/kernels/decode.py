@@ -12,6 +12,8 @@ callbacks):
 - `moe(h_BSH, ln2, router_EH, gate_up_E2IH, down_EHI, meta_4, fcfg_2)` -> h + MoE(rms(h)), with
   meta = (slot, top_k, norm_topk_prob, 0) int32 and fcfg = (rms eps, attention scale) float32;
   `moe_rows(R)` is the same op on R token rows [R, H];
+- `layer(*attn_inputs, *moe_inputs_after_h)` -> moe(attn(x)): one op per decoder layer (MindSpore's
+  time between two ops is a measurable share of a decode step);
 - `head(x_BSH, final_norm, lm_head_VH, fcfg_2)` -> logits [B, V] of the last position;
 - `cache_write(k_BKSD, v_BKSD, k_cache, v_cache, meta_4)` -> [1]: copies a prefill's k/v into the
   cache Parameters in place at slots meta[0] .. meta[0] + S - 1 (order it with ops.depend).
@@ -55,6 +57,7 @@ class DecodeOps:
         shape = [batch, queries, hidden]
         self.attn = ops.Custom(f"{lib}:DecodeAttn", out_shape=shape, out_dtype=ms.float32, func_type="aot")
         self.moe = ops.Custom(f"{lib}:DecodeMoe", out_shape=shape, out_dtype=ms.float32, func_type="aot")
+        self.layer = ops.Custom(f"{lib}:DecodeLayer", out_shape=shape, out_dtype=ms.float32, func_type="aot")
         self.head = ops.Custom(f"{lib}:DecodeHead", out_shape=[batch, vocab], out_dtype=ms.float32,
                                func_type="aot")
         self.cache_write = ops.Custom(f"{lib}:CacheWrite", out_shape=[1], out_dtype=ms.float32,

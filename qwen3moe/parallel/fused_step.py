@@ -40,6 +40,8 @@ class RankFusedStepCell(FusedStepCell):
     `tp` > 1: the plan wrapped q/k/v/o_proj and lm_head (parallelize._Around: `.inner` holds
     this rank's slice, `.post` its output collective)."""
 
+    one_op_layers = False  # the attention's partial output is all-reduced before the MoE
+
     def __init__(self, model: nn.Cell, batch: int, k_cache, v_cache, tp: int = 1, hidden_out: bool = False) -> None:
         super().__init__(model, batch, k_cache, v_cache, hidden_out)
         cfg = model.config

@@ -352,6 +352,51 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   return 0;
 }
 
+// How many of params DecodeAttn's inputs take (x .. fcfg; its weights take 1, 3 or 4 each), or -1:
+// the same walk as DecodeAttn's first lines (DecodeAttn itself checks every shape)
+static int attn_inputs(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  Args a{nparam, params, ndims, shapes, dtypes};
+  const int ix = a.take();
+  a.take();  // ln1
+  if (!a.ok || ndims[ix] != 3) return -1;
+  int64_t ND, KD, Ho;
+  a.weight(shapes[ix][2], 0, &ND), a.weight(shapes[ix][2], 0, &KD), a.weight(shapes[ix][2], 0, &KD);
+  a.take(), a.take();  // q_norm, k_norm
+  a.weight(ND, 0, &Ho);
+  for (int k = 0; k < 7; ++k) a.take();  // k_cache, v_cache, cos, sin, bias, meta, fcfg
+  return a.ok ? a.i : -1;
+}
+
+// inputs: DecodeAttn's (x .. fcfg), then DecodeMoe's after h (ln2, router, gate_up, down, meta, fcfg)
+// output: y [B,S,H] = DecodeMoe(DecodeAttn(x)): a decoder layer's decode step as one op instead of
+// two. Why: MindSpore takes ~0.1-0.2 ms between two ops on this CPU, ~8% of a 48-layer decode step
+// (bench/RESULTS.md "Per-op costs of the decode step"). The attention's output goes to a buffer of
+// this thread; both halves are the single ops' code.
+extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  const int na = attn_inputs(nparam, params, ndims, shapes, dtypes);
+  if (na < 1 || nparam - na < 3 || ndims[nparam - 1] != 3) return 1;
+  const int64_t *xs = shapes[0];
+  thread_local avec<float> h;
+  thread_local std::vector<void *> p;
+  thread_local std::vector<int> nd;
+  thread_local std::vector<int64_t *> sh;
+  thread_local std::vector<const char *> dt;
+  h.resize(xs[0] * xs[1] * xs[2]);
+  auto put = [&](void *v, int n, int64_t *s, const char *t) { p.push_back(v), nd.push_back(n), sh.push_back(s), dt.push_back(t); };
+  auto pack = [&](int from, int to, void *out) {  // params [from, to) then out [B,S,H] float32
+    p.clear(), nd.clear(), sh.clear(), dt.clear();
+    for (int k = from; k < to; ++k) put(params[k], ndims[k], shapes[k], dtypes[k]);
+    put(out, 3, shapes[0], dtypes[0]);
+  };
+  pack(0, na, h.data());
+  if (DecodeAttn(static_cast<int>(p.size()), p.data(), nd.data(), sh.data(), dt.data(), stream, extra) != 0) return 1;
+  pack(na, nparam - 1, params[nparam - 1]);
+  p.insert(p.begin(), h.data()), nd.insert(nd.begin(), 3), sh.insert(sh.begin(), shapes[0]);
+  dt.insert(dt.begin(), dtypes[0]);
+  return DecodeMoe(static_cast<int>(p.size()), p.data(), nd.data(), sh.data(), dt.data(), stream, extra);
+}
+
 // Rows [slot0, slot0 + S) of every (b, k) cache block [T, D] = the step's [S, D] rows, rounded to E
 template <typename E>
 static void copy_rows(const float *k, const float *v, E *kc, E *vc, int64_t BK, int64_t S, int64_t D, int64_t T,
