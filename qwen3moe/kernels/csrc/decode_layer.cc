@@ -69,7 +69,7 @@ struct Args {
 // with n zeros (a fresh value-initialised vector, without the heap block). Why: MindSpore frees many
 // small objects between two ops, and a fresh block of a few KB then went through glibc's fastbin
 // consolidation: 0.05-0.2 ms per op, ~10% of a 48-layer decode step on the 2-core Intel VM
-// (bench/RESULTS.md "Per-op costs of the decode step"). The pool's helpers only touch these buffers
+// (bench/RESULTS.md "run 11: the decode step's costs"). The pool's helpers only touch these buffers
 // while the calling thread waits in Pool::run.
 template <class V>
 static V &reused(V &buf, size_t n) {
@@ -369,9 +369,9 @@ static int attn_inputs(int nparam, void **params, int *ndims, int64_t **shapes, 
 
 // inputs: DecodeAttn's (x .. fcfg), then DecodeMoe's after h (ln2, router, gate_up, down, meta, fcfg)
 // output: y [B,S,H] = DecodeMoe(DecodeAttn(x)): a decoder layer's decode step as one op instead of
-// two. Why: MindSpore takes ~0.1-0.2 ms between two ops on this CPU, ~8% of a 48-layer decode step
-// (bench/RESULTS.md "Per-op costs of the decode step"). The attention's output goes to a buffer of
-// this thread; both halves are the single ops' code.
+// two. Why: MindSpore takes ~0.1-0.2 ms between two ops on this CPU; with half the ops a 48-layer
+// step ran ~2% faster at batch 1 (bench/RESULTS.md "run 11: the decode step's costs"). The
+// attention's output goes to a buffer of this thread; both halves are the single ops' code.
 extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
   const int na = attn_inputs(nparam, params, ndims, shapes, dtypes);
@@ -384,16 +384,15 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   thread_local std::vector<const char *> dt;
   h.resize(xs[0] * xs[1] * xs[2]);
   auto put = [&](void *v, int n, int64_t *s, const char *t) { p.push_back(v), nd.push_back(n), sh.push_back(s), dt.push_back(t); };
-  auto pack = [&](int from, int to, void *out) {  // params [from, to) then out [B,S,H] float32
+  auto pack = [&](void *lead, int from, int to, void *out) {  // [lead], params [from, to), out
     p.clear(), nd.clear(), sh.clear(), dt.clear();
+    if (lead) put(lead, 3, shapes[0], dtypes[0]);  // lead and out: [B,S,H] float32, as x
     for (int k = from; k < to; ++k) put(params[k], ndims[k], shapes[k], dtypes[k]);
     put(out, 3, shapes[0], dtypes[0]);
   };
-  pack(0, na, h.data());
+  pack(nullptr, 0, na, h.data());
   if (DecodeAttn(static_cast<int>(p.size()), p.data(), nd.data(), sh.data(), dt.data(), stream, extra) != 0) return 1;
-  pack(na, nparam - 1, params[nparam - 1]);
-  p.insert(p.begin(), h.data()), nd.insert(nd.begin(), 3), sh.insert(sh.begin(), shapes[0]);
-  dt.insert(dt.begin(), dtypes[0]);
+  pack(h.data(), na, nparam - 1, params[nparam - 1]);
   return DecodeMoe(static_cast<int>(p.size()), p.data(), nd.data(), sh.data(), dt.data(), stream, extra);
 }
 

@@ -14,8 +14,8 @@
 // A tiny fork-join pool in which the calling thread takes part. OpenMP's barriers wait for every
 // team thread, so on a loaded 2-core machine a descheduled thread stalls each of the ~40 parallel
 // phases of a decode step; here the caller claims chunks itself and only waits for chunks a
-// helper has already started. Helpers spin briefly (the next kernel of the step follows within
-// microseconds), then sleep. Helpers = omp_get_max_threads() - 1 (OMP_NUM_THREADS is honoured).
+// helper has already started. Helpers spin a while (the next kernel of a step follows within a
+// fraction of a millisecond), then sleep. Helpers = omp_get_max_threads() - 1 (OMP_NUM_THREADS is honoured).
 class Pool {
  public:
   static Pool &get() {
@@ -123,7 +123,7 @@ class Pool {
 
   // the next kernel of a decode step starts within this: MindSpore takes ~0.1-0.2 ms between two
   // ops on the 2-core Intel VM, and a helper asleep by then is woken (futex) late for the next op's
-  // first phase (a 48-layer step: ~5% faster than with 50 us)
+  // first phase (a 48-layer b1 step: 1-5% faster than with 50 us, bench/RESULTS.md run 11)
   static const int64_t kSpinUs = 400;
   int helpers_ = 0;
   uint64_t counter_ = 0;

@@ -213,9 +213,9 @@ static inline void q4x32(const uint8_t *p, const GroupQ &q, __m512 &even, __m512
 // `len` bytes long and `ld` apart (see decode_layer.cc block4x for why a linear stream helps), into
 // L1; and the same columns kFarBytes further on into L2. Why the second stream: one block ahead is
 // too close to cover the memory latency at these rates, and L1 prefetches are capped by its few
-// fill buffers, L2 ones are not; on the Intel 2-core VM the int4 MoE / attention rows of a 48-layer
-// decode step streamed 15-18% faster with it (bench/RESULTS.md "A second prefetch stream"). The far
-// stream may run past the last row: a prefetch never faults.
+// fill buffers, L2 ones are not; on the Intel 2-core VM the int4 expert rows of a decode step
+// streamed 12-16% faster with it (bench/decode_step_rows.cc; bench/RESULTS.md "run 11: the decode
+// step's costs"). The far stream may run past the last row: a prefetch never faults.
 struct RowPrefetch {
   static constexpr int64_t kFarBytes = 8192;
   const char *row;
