@@ -142,6 +142,7 @@ def test_many_rows_equal_numpy(portable, mode):
     (lambda q, s, z: (q, s, z, 6), "bits=6 does not match"),
     # 6 bits (one group per row): [O, 3 I / 4] = [8, 48] fits, one byte short does not
     (lambda q, s, z: (Tensor(np.zeros((8, 47), np.uint8)), s[:, :1], z[:, :1]), r"\[O, 48\] with G = 1"),
+    (lambda q, s, z: (q, s, z, 5), "linear weight: bits: expected 4, 6 or 8, got 5$"),
 ])
 def test_bad_weight_is_a_one_line_error(bad, match):
     weight, _ = make_weight(np.random.default_rng(0), (8, 64), "int4", 32)

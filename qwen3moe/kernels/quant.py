@@ -64,10 +64,11 @@ def _moe_op(name: str):
     return _op(name, lambda x, *rest: x, lambda x, *rest: x)
 
 
-def packed_width(in_features: int, bits: int) -> int:
-    """Bytes per qweight row holding `in_features` inputs: I (8 bits), 3 I // 4 (6 bits), I // 2 (4 bits)."""
+def packed_width(in_features: int, bits: int, what: str = "bits") -> int:
+    """Bytes per qweight row holding `in_features` inputs: I (8 bits), 3 I // 4 (6 bits), I // 2 (4 bits);
+    another bits is a ValueError naming `what`."""
     if bits not in (4, 6, 8):
-        raise ValueError(f"bits: expected 4, 6 or 8, got {bits}")
+        raise ValueError(f"{what}: expected 4, 6 or 8, got {bits}")
     return in_features * bits // 8
 
 
@@ -112,10 +113,11 @@ def _split(args: tuple) -> tuple:
 
 
 def _check_bits(name: str, weight: tuple, in_features: int, bits) -> None:
+    """A `bits` the caller passed must be the layout check_weight found (the shapes alone tell it)."""
     if bits is None:
         return
-    want = packed_width(in_features, bits) if bits in (4, 6, 8) else None  # other bits: the mismatch error
-    if len(weight) not in (3, 4) or weight[0].shape[-1] != want:
+    want = packed_width(in_features, bits, f"{name}: bits")  # no try: linear runs under jit too
+    if len(weight) == 1 or weight[0].shape[-1] != want:
         raise ValueError(f"{name}: bits={bits} does not match qweight {tuple(weight[0].shape)} for input width "
                          f"{in_features}")
 
