@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mindspore as ms
 from mindspore import Tensor
 
-from kernel_reference import quant_arrays
+from kernel_reference import call_aot, quant_arrays
 from qwen3moe.kernels import quant
 from qwen3moe.layers.quant import QuantizedWeight
 
@@ -135,13 +135,15 @@ def test_many_rows_equal_numpy(portable, mode):
 @pytest.mark.parametrize("bad,match", [
     (lambda q, s, z: (q, s.astype(ms.float32), z), "scales float16"),
     (lambda q, s, z: (q[:, :5], s, z), "qweight uint8"),
-    (lambda q, s, z: (q, Tensor(np.ones((8, 3), np.float16)), Tensor(np.ones((8, 3), np.uint8))), "G dividing 64"),
+    (lambda q, s, z: (q, Tensor(np.ones((8, 3), np.float16)), Tensor(np.ones((8, 3), np.uint8))),
+     "G dividing the input width, 64"),
     (lambda q, s, z: (q, s, z[:, :1]), "qzeros uint8"),
     (lambda q, s, z: (q, s), "2 tensors"),
     (lambda q, s, z: (q, s, z, 8), "bits=8 does not match"),
     (lambda q, s, z: (q, s, z, 6), "bits=6 does not match"),
     # 6 bits (one group per row): [O, 3 I / 4] = [8, 48] fits, one byte short does not
-    (lambda q, s, z: (Tensor(np.zeros((8, 47), np.uint8)), s[:, :1], z[:, :1]), r"\[O, 48\] with G = 1"),
+    (lambda q, s, z: (Tensor(np.zeros((8, 47), np.uint8)), s[:, :1], z[:, :1]),
+     r"P = 64 \(8 bits\), 32 \(4 bits\) or 48 \(6 bits\) for input width 64 in 1 groups"),
     (lambda q, s, z: (q, s, z, 5), "linear weight: bits: expected 4, 6 or 8, got 5$"),
 ])
 def test_bad_weight_is_a_one_line_error(bad, match):
@@ -160,3 +162,73 @@ def test_packed_width_is_the_layout_rule(I):
         assert QuantizedWeight((), 3, I, b, I).qweight.shape == (3, want[b])
     with pytest.raises(ValueError, match="bits: expected 4, 6 or 8, got 5"):
         quant.packed_width(I, 5)
+
+
+def _cpp_takes(I: int, P: int, G: int, lead: tuple) -> bool:
+    """Whether csrc/quant_common.h parse_weight takes a uint8 qweight [*lead, O, P] with scales /
+    qzeros [*lead, O, G] at input width I, transcribed from its C++ (the kind follows from P)."""
+    if P <= 0 or G <= 0 or I % G:
+        return False
+    if P == I:  # kQ8
+        return True
+    if 2 * P == I:  # kQ4: g = I / G even
+        return (I // G) % 2 == 0
+    if 4 * P == 3 * I:  # kQ6: one group a row, no lead
+        return G == 1 and not lead and I % 4 == 0
+    return False
+
+
+def _quant_weight(lead: tuple, O: int, P: int, G: int) -> tuple:
+    return (Tensor(np.zeros((*lead, O, P), np.uint8)), Tensor(np.zeros((*lead, O, G), np.float16)),
+            Tensor(np.zeros((*lead, O, G), np.uint8)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(I=st.integers(1, 70), O=st.integers(1, 3), lead=st.sampled_from([(), (2,)]), G=st.integers(1, 72),
+       width=st.sampled_from(["8", "4", "6", "4+1", "6+1", "any"]), any_P=st.integers(1, 80))
+def test_check_weight_takes_what_the_kernels_take(I, O, lead, G, width, any_P):
+    """check_weight accepts exactly the quantized shapes parse_weight does (odd or group-straddling
+    int4 and 6-bit shapes included), and the kernel agrees on the 2-D ones: a call returns status 0
+    iff the weight was taken (tiny zero weights: the run is cheap)."""
+    P = max(1, {"8": I, "4": I // 2, "6": 3 * I // 4, "4+1": I // 2 + 1, "6+1": 3 * I // 4 + 1, "any": any_P}[width])
+    weight = _quant_weight(lead, O, P, G)
+    want = _cpp_takes(I, P, G, lead)
+    try:
+        quant.check_weight("w", weight, I, lead)
+        took = True
+    except ValueError as e:
+        assert str(e).startswith("w: expected qweight uint8 [") and "\n" not in str(e), str(e)
+        took = False
+    assert took == want, (I, P, G, lead)
+    if not lead:
+        arrays = [a.asnumpy() for a in weight]
+        status = call_aot(quant.library(), "QuantLinearFwd",
+                          [np.ones((1, I), np.float32), *arrays, np.zeros((1, O), np.float32)])
+        assert (status == 0) == want, (I, P, G, status)
+
+
+@pytest.mark.parametrize("I,P,G,lead,takes", [
+    (7, 3, 1, (), False),      # odd width int4 (3 * 2 != 7): the kernels refuse it
+    (7, 7, 7, (), True),       # the same width as int8, per input
+    (6, 3, 1, (), True),       # int4, one group of 6
+    (6, 3, 3, (), True),       # int4, groups of 2
+    (6, 3, 2, (), False),      # int4, groups of 3: a byte would hold two groups
+    (12, 9, 1, (), True),      # 6 bits
+    (12, 9, 1, (2,), False),   # 6 bits for experts
+    (12, 9, 2, (), False),     # 6 bits in two groups
+    (10, 7, 1, (), False),     # 3 * 10 / 4 rounded down: no 6-bit layout
+])
+def test_check_weight_explicit_widths(I, P, G, lead, takes):
+    weight = _quant_weight(lead, 4, P, G)
+    if takes:
+        quant.check_weight("experts down", weight, I, lead)
+        return
+    with pytest.raises(ValueError, match=rf"^experts down: expected qweight uint8 .* for input width {I} in {G} "
+                                         rf"groups a row .*, got \({', '.join(map(str, (*lead, 4, P)))}\)$"):
+        quant.check_weight("experts down", weight, I, lead)
+
+
+def test_odd_width_int4_is_refused_before_the_kernel():
+    """In a linear call: the one-line ValueError naming the weight, not the kernel's failed status."""
+    with pytest.raises(ValueError, match=r"^linear weight: expected qweight uint8 \[O, P\] with P = 7 \(8 bits\) "):
+        quant.linear(Tensor(np.ones((2, 7), np.float32)), *_quant_weight((), 8, 3, 1), 4)

@@ -72,32 +72,42 @@ def packed_width(in_features: int, bits: int, what: str = "bits") -> int:
     return in_features * bits // 8
 
 
+def _layouts(in_features: int, groups: int, lead: tuple) -> dict[int, int]:
+    """bits -> qweight row bytes of each layout the kernels take for input width I > 0 in G groups a
+    row, G dividing I (csrc/quant_common.h parse_weight): 8 bits always; 4 bits with an even group
+    size (two inputs a byte, never two groups); 6 bits with one group a row, I % 4 == 0 (four
+    inputs in three bytes) and no experts."""
+    takes = {8: True, 4: in_features // groups % 2 == 0, 6: groups == 1 and in_features % 4 == 0 and not lead}
+    return {b: packed_width(in_features, b) for b in (8, 4, 6) if takes[b]}
+
+
 def check_weight(name: str, weight: tuple, in_features: int, lead: tuple = ()) -> None:
     """ValueError naming `name` unless `weight` is a bf16 matrix or a (qweight, scales, qzeros[, perm])
-    tuple in the documented layout with input width `in_features` (and leading dims `lead`)."""
+    tuple in a layout the kernels take (_layouts) with input width `in_features` (and leading dims `lead`)."""
+    dims = ", ".join(map(str, lead + ("O",)))
     if len(weight) == 1:
         (w,) = weight
         if w.dtype not in (ms.bfloat16, ms.uint16) or tuple(w.shape[:-2]) != lead or w.shape[-1] != in_features:
-            raise ValueError(f"{name}: expected a bfloat16 [{', '.join(map(str, lead + ('O',)))}, {in_features}] "
-                             f"weight, got {w.dtype} {tuple(w.shape)}")
+            raise ValueError(f"{name}: expected a bfloat16 [{dims}, {in_features}] weight, got {w.dtype} "
+                             f"{tuple(w.shape)}")
         return
     if len(weight) not in (3, 4):
         raise ValueError(f"{name}: expected (weight,) or (qweight, scales, qzeros[, perm]), got {len(weight)} tensors")
     q, s, z = weight[:3]
-    last = q.shape[-1]
-    widths = {b: packed_width(in_features, b) for b in (8, 6, 4)}
-    six = in_features % 4 == 0 and last == widths[6]  # 6 bits: one group per row, no experts
-    ok = (q.dtype == ms.uint8 and s.dtype == ms.float16 and z.dtype == ms.uint8
-          and (last in (widths[8], widths[4]) or (six and s.shape[-1] == 1 and not lead))
-          and len(q.shape) == len(lead) + 2 and tuple(q.shape[:-2]) == lead and tuple(s.shape) == tuple(z.shape)
-          and tuple(s.shape[:-1]) == tuple(q.shape[:-1]) and s.shape[-1] > 0 and in_features % s.shape[-1] == 0)
-    if ok and last * 2 == in_features:
-        ok = (in_features // s.shape[-1]) % 2 == 0
-    if not ok:
-        raise ValueError(f"{name}: expected qweight uint8 [..., O, {widths[8]} or {widths[4]}] (or "
-                         f"[O, {widths[6]}] with G = 1: 6 bits), "
-                         f"scales float16 [..., O, G], qzeros uint8 [..., O, G] with G dividing {in_features}; got "
-                         f"{q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}, {z.dtype} {tuple(z.shape)}")
+    G = s.shape[-1] if len(s.shape) else 0
+    if not (q.dtype == ms.uint8 and s.dtype == ms.float16 and z.dtype == ms.uint8
+            and len(q.shape) == len(lead) + 2 and tuple(q.shape[:-2]) == lead and tuple(s.shape) == tuple(z.shape)
+            and tuple(s.shape[:-1]) == tuple(q.shape[:-1]) and in_features > 0 and G > 0 and in_features % G == 0):
+        raise ValueError(f"{name}: expected qweight uint8 [{dims}, P], scales float16 [{dims}, G], qzeros uint8 "
+                         f"[{dims}, G] with G dividing the input width, {in_features}; got {q.dtype} {tuple(q.shape)}, "
+                         f"{s.dtype} {tuple(s.shape)}, {z.dtype} {tuple(z.shape)}")
+    widths = _layouts(in_features, G, lead)
+    if q.shape[-1] not in widths.values():
+        ways = [f"{p} ({b} bits)" for b, p in widths.items()]
+        listed = ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
+        raise ValueError(f"{name}: expected qweight uint8 [{dims}, P] with P = {listed} for input width "
+                         f"{in_features} in {G} groups a row (4 bits: an even group size; 6 bits: G = 1, a width "
+                         f"divisible by 4, no experts), got {tuple(q.shape)}")
     if len(weight) == 4 and (weight[3].dtype != ms.int32 or tuple(weight[3].shape) != lead + (in_features,)):
         raise ValueError(f"{name}: expected perm int32 {list(lead + (in_features,))}, got {weight[3].dtype} "
                          f"{tuple(weight[3].shape)}")
