@@ -89,6 +89,54 @@ def test_round_trip_error_is_at_most_half_a_step(bits, g, O, seed, scale):
     assert (err <= step / 2 + np.spacing(np.abs(w)) * 2).all(), float((err - step / 2).max())
 
 
+def _unpack_ref(qweight: np.ndarray, bits: int) -> np.ndarray:
+    """Codes u [O, I] from int8 / int4 bytes (low nibble = even k), from the format's definition."""
+    if bits == 8:
+        return qweight.astype(np.int64)
+    u = np.zeros((qweight.shape[0], 2 * qweight.shape[1]), np.int64)
+    u[:, 0::2], u[:, 1::2] = qweight & 15, qweight >> 4
+    return u
+
+
+@pytest.mark.parametrize("bits,a,b", [(8, 0, 8), (8, 5, 13), (8, 16, 24), (4, 0, 8), (4, 6, 12), (4, 14, 24)])
+def test_quantize_rows_columns_are_whole_row_quantization_sliced(bits, a, b, monkeypatch):
+    """io/quantized.quantize_rows(columns=a:b) (a tensor-parallel rank's input columns, per channel):
+    each row quantized whole (ref_quantize over all 24 inputs), dequantized, then columns a:b.
+    Exact: the same integer codes and fp16 scales, one float32 rounding of (u - z) * s each."""
+    from qwen3moe.io import quantized as io_quantized
+    from qwen3moe.layers.quant import QuantizedWeight
+
+    monkeypatch.setattr(io_quantized, "ROW_BLOCK_ELEMENTS", 2 * 24)  # 2 rows a quantize call: the inner loop
+    w = _weights(5, 5, 24)
+    cell = QuantizedWeight((), 5, b - a, bits, b - a)
+    io_quantized.quantize_rows(cell, iter([(0, w[:3]), (3, w[3:])]), slice(a, b))
+    _, scales, _, u = ref_quantize(w, bits, 24)
+    z = 2 ** (bits - 1)
+    want = ref_dequantize(u, scales, z, 24)[:, a:b]
+    s, zeros = cell.scales.asnumpy(), cell.qzeros.asnumpy()
+    assert s.shape == zeros.shape == (5, 1) and np.all(zeros == z)
+    np.testing.assert_array_equal(s[:, 0], scales[:, 0])
+    got = (_unpack_ref(cell.qweight.asnumpy(), bits) - z).astype(np.float32) * s.astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits,a,b,words", [
+    (6, 0, 8, r"qweight \(6 bits\): columns need 4 or 8 bits"),  # 6 bits: two planes, not byte columns
+    (4, 3, 11, r"qweight \(4 bits\): columns 3:11 must be the cell's 8 inputs with bounds on a byte boundary"),
+    (8, 0, 6, r"qweight \(8 bits\): columns 0:6 must be the cell's 8 inputs"),
+])
+def test_quantize_rows_refuses_columns_off_byte_boundaries(bits, a, b, words):
+    """Columns that do not map to whole bytes of a packed row: a one-line error naming the cell and
+    its bits (before: the cell silently got the wrong bytes)."""
+    from qwen3moe.io.quantized import quantize_rows
+    from qwen3moe.layers.quant import QuantizedWeight
+
+    cell = QuantizedWeight((), 5, 8, bits, 8)
+    with pytest.raises(ValueError, match=r"^quantize_rows: " + words) as info:
+        quantize_rows(cell, iter([(0, _weights(5, 5, 16))]), slice(a, b))
+    assert "\n" not in str(info.value)
+
+
 def test_stacked_and_act_order_dequant_in_graph_is_exact():
     """dequant_graph (MindSpore uint8 ops) == the NumPy format definition, bit for bit, for a
     stacked [E, O, I] weight with asymmetric zero points and an act-order g_idx per row block."""

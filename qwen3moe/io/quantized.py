@@ -13,6 +13,7 @@ import numpy as np
 from qwen3moe.io.hf_checkpoint import (EXPERT_KEY_MAP, ROW_BLOCK_ELEMENTS, CheckpointSource, check_unexpected,
                                        load_param, native_sources, read_native, read_weight)
 from qwen3moe.io.safetensors_io import CheckpointError
+from qwen3moe.kernels.quant import packed_width
 from qwen3moe.layers.quant import QuantizationConfig, QuantizedWeight, quantize
 
 
@@ -84,9 +85,10 @@ def quantize_rows(cell: QuantizedWeight, blocks, columns: slice | None = None) -
     block) pairs covering the O rows; each block is quantized ROW_BLOCK_ELEMENTS values at a
     time (bounded quantizer temporaries: the lm_head is 311M weights). `columns`: the blocks hold
     whole rows of a weight of which the cell keeps these input columns, quantized per channel
-    (one scale / zero per whole row, kept whole; qweight: the columns' packed bytes)."""
+    (one scale / zero per whole row, kept whole; qweight: the columns' packed bytes: int8 / int4
+    with bounds on a byte boundary, _column_bytes)."""
     q, s, z = empty_arrays(cell)
-    keep = slice(None) if columns is None else slice(columns.start * cell.bits // 8, columns.stop * cell.bits // 8)
+    keep = slice(None) if columns is None else _column_bytes(cell, columns)
     for b0, block in blocks:
         g = cell.group_size if columns is None else block.shape[1]
         step = max(1, ROW_BLOCK_ELEMENTS // block.shape[1])
@@ -95,6 +97,23 @@ def quantize_rows(cell: QuantizedWeight, blocks, columns: slice | None = None) -
             packed, s[rows], z[rows] = quantize(block[r0:r0 + step], cell.bits, g)
             q[rows] = packed[:, keep]
     fill_cell(cell, q, s, z)
+
+
+def _column_bytes(cell: QuantizedWeight, columns: slice) -> slice:
+    """The packed bytes of input `columns` (cell.in_features of them) in a whole packed row: int8 /
+    int4 rows store the inputs in column order, one or two a byte, so bounds on a byte boundary
+    (even ones for int4) cut whole bytes; a 6-bit row spreads each input over two planes
+    (layers/quant.pack), so no byte range holds just some columns."""
+    where = f"quantize_rows: {cell.qweight.name} ({cell.bits} bits)"
+    if cell.bits not in (4, 8):
+        raise ValueError(f"{where}: columns need 4 or 8 bits (a {cell.bits}-bit row is not stored column by column)")
+    a, b = columns.start, columns.stop
+    ints = isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer))
+    if (columns.step not in (None, 1) or not ints or a < 0 or b - a != cell.in_features
+            or a * cell.bits % 8 or b * cell.bits % 8):
+        raise ValueError(f"{where}: columns {a}:{b} must be the cell's {cell.in_features} inputs with bounds "
+                         f"on a byte boundary (even for 4 bits)")
+    return slice(packed_width(a, cell.bits), packed_width(b, cell.bits))
 
 
 def _quantize_rows(src: CheckpointSource, key: str, cell: QuantizedWeight) -> None:
