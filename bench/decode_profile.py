@@ -1,16 +1,17 @@
-"""Where a batch-1 decode step's time goes, per weight mode, on a real-geometry folder.
+"""Where a decode step's time goes, per weight mode, on a real-geometry folder.
 
     OMP_WAIT_POLICY=PASSIVE python bench/decode_profile.py --folder /work/data/synth-2l \
-        [--modes bf16,int8,int4] [--steps 64] [--reps 20]
+        [--modes bf16,int8,int4] [--steps 64] [--reps 20] [--batch 1]
 
-Per mode (own subprocess): a 16-token prompt, `--steps` greedy decode steps through the engine
+Per mode (own subprocess): `--batch` 16-token prompts, `--steps` greedy decode steps through the engine
 (ignore_eos), split into the time inside the compiled step (engine) and the host's share (sampling,
 input tensors, logits copy); then the step's parts run alone in compiled cells on the model's own
 weights: the lm_head op, the attention ops of every layer, the MoE ops of every layer, and an
 empty compiled call (graph launch). Each part: median wall ms and median process CPU ms per call
 (process CPU time counts every thread: > wall when the kernels' second thread worked, and it is
 less sensitive to other tenants' load than wall time). Weight bytes per token per part are
-printed so the parts' GB/s can be read off.
+printed so the parts' GB/s can be read off (batch B > 1: the MoE reads the experts B tokens
+route to, E (1 - (1 - k / E)^B) of each layer's E under uniform routing, the estimate used).
 """
 from __future__ import annotations
 
@@ -88,9 +89,12 @@ def token_bytes(model) -> int:
     return sum(_bytes(model).values())
 
 
-def _bytes(model) -> dict:
-    """Weight bytes one b1 decode step reads per part (MoE: router + 8 experts' rows)."""
+def _bytes(model, batch: int = 1) -> dict:
+    """Weight bytes one decode step of `batch` rows reads per part (MoE: router + the experts the
+    rows route to: top-k at batch 1, the uniform-routing expectation above)."""
     cfg = model.config
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    share = (1 - (1 - k / E) ** batch)  # of each layer's experts
     out = {"lm_head": 0, "attention": 0, "moe": 0}
     for p in model.get_parameters():
         n = p.name
@@ -100,13 +104,13 @@ def _bytes(model) -> dict:
         elif ".self_attn." in n and "norm" not in n:
             out["attention"] += size
         elif ".mlp.experts." in n:
-            out["moe"] += size * cfg.num_experts_per_tok // cfg.num_experts
+            out["moe"] += round(size * share)
         elif ".mlp.gate" in n:
             out["moe"] += size
     return out
 
 
-def worker(folder: str, mode: str, steps: int, reps: int) -> dict:
+def worker(folder: str, mode: str, steps: int, reps: int, batch: int) -> dict:
     from common import generation_runtime
 
     generation_runtime()  # as `qwen3moe generate`: MindSpore's graph pipeline off
@@ -118,9 +122,9 @@ def worker(folder: str, mode: str, steps: int, reps: int) -> dict:
     from qwen3moe.models.inputs import rope_tables
 
     model = Qwen3MoeForCausalLM.from_pretrained(folder, **load_kwargs(MODES[mode]))
-    ids = np.random.default_rng(100).integers(0, 151643, (1, PROMPT))
+    ids = np.random.default_rng(100).integers(0, 151643, (batch, PROMPT))
     cfg = resolve_config(model, max_new_tokens=steps + 1, ignore_eos=True, do_sample=False, prompt_cache=False)
-    out: dict = {"bytes": _bytes(model)}
+    out: dict = {"bytes": _bytes(model, batch)}
     runs = []
     for i in range(3):  # the first compiles
         r = GenerationRun(model, ids, None, cfg)
@@ -134,9 +138,9 @@ def worker(folder: str, mode: str, steps: int, reps: int) -> dict:
     if not eng.fused:
         raise SystemExit(f"{mode}: the engine did not take the fused step")
     T = eng.slots
-    x = Tensor(np.random.default_rng(1).standard_normal((1, 1, model.config.hidden_size)).astype(np.float32))
-    cos, sin = rope_tables(model.config, np.array([[PROMPT + 3]]))
-    bias = np.full((1, 1, 1, T), -3.4e38, np.float32)
+    x = Tensor(np.random.default_rng(1).standard_normal((batch, 1, model.config.hidden_size)).astype(np.float32))
+    cos, sin = rope_tables(model.config, np.full((batch, 1), PROMPT + 3))
+    bias = np.full((batch, 1, 1, T), -3.4e38, np.float32)
     bias[..., :PROMPT + 3] = 0
     meta = Tensor(np.array([PROMPT + 3, *eng.meta_head], np.int32))
     out["parts"] = _parts(eng.cell, reps, x, Tensor(cos), Tensor(sin), Tensor(bias), meta)
@@ -149,10 +153,13 @@ def main() -> None:
     ap.add_argument("--modes", default="bf16,int8,int4")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--worker")
     a = ap.parse_args()
+    if a.batch < 1:
+        sys.exit(f"--batch: expected a positive number of rows, got {a.batch}")
     if a.worker:
-        print(json.dumps(worker(a.folder, a.worker, a.steps, a.reps)))
+        print(json.dumps(worker(a.folder, a.worker, a.steps, a.reps, a.batch)))
         return
     from common import REPO, bench_env
 
@@ -161,15 +168,16 @@ def main() -> None:
             sys.exit(f"--modes: unknown {mode!r}; choose from {sorted(MODES)}")
         load0 = os.getloadavg()[0]
         proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--folder", a.folder, "--steps",
-                               str(a.steps), "--reps", str(a.reps)], capture_output=True, text=True,
+                               str(a.steps), "--reps", str(a.reps), "--batch", str(a.batch)],
+                              capture_output=True, text=True,
                               env=dict(bench_env(), OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO)))
         if proc.returncode != 0:
             print(f"{mode}: worker failed: {proc.stderr.strip().splitlines()[-1:]}")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{mode} (1-min load {load0:.1f} -> {os.getloadavg()[0]:.1f})")
+        print(f"{mode}, batch {a.batch} (1-min load {load0:.1f} -> {os.getloadavg()[0]:.1f})")
         for wall, engine, cpu in r["step"]:
-            print(f"  step {wall:7.2f} ms wall ({1e3 / wall:6.1f} tok/s), in the graph {engine:7.2f}, host "
+            print(f"  step {wall:7.2f} ms wall ({1e3 * a.batch / wall:6.1f} tok/s), in the graph {engine:7.2f}, host "
                   f"{wall - engine:5.2f}; process CPU {cpu:7.2f} ms per step")
         for part, (wall, cpu) in r["parts"].items():
             mb = r["bytes"].get(part, 0) / 1e6

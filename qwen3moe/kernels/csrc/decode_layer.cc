@@ -77,6 +77,13 @@ static V &reused(V &buf, size_t n) {
   return buf;
 }
 
+// The same without the zeros, for a buffer the op writes whole before reading it
+template <class V>
+static V &sized(V &buf, size_t n) {
+  buf.resize(n);
+  return buf;
+}
+
 // fcfg[2] != 0 (a third element, optional): the opt-in int8-activation mode (quant_vnni.h)
 static inline bool act8_mode(int *ndims, int64_t **shapes, int ifcfg, const float *fcfg) {
   return ndims[ifcfg] == 1 && shapes[ifcfg][0] >= 3 && fcfg[2] != 0.0f;
@@ -133,7 +140,7 @@ extern "C" int DecodeAttn(int nparam, void **params, int *ndims, int64_t **shape
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
   const bool residual = ndims[ifcfg] != 1 || shapes[ifcfg][0] < 4 || fcfg[3] == 0.f;
   const int64_t R = d.B * d.S, QKV = ND + 2 * KD;
-  avec<float> &xn = reused(sc.xn, R * d.H), &qkv = reused(sc.qkv, R * QKV), &o = reused(sc.o, R * ND),
+  avec<float> &xn = sized(sc.xn, R * d.H), &qkv = sized(sc.qkv, R * QKV), &o = reused(sc.o, R * ND),
               &p = reused(sc.p, R * d.N * d.T);  // aligned: see avec
   for (int64_t r = 0; r < R; ++r) rms(x + r * d.H, ln1, d.H, eps, xn.data() + r * d.H);
   const QMat *wqkv[3] = {&wq, &wk, &wv}, *wout[1] = {&wo};
@@ -227,6 +234,40 @@ static bool sort_assignments(const MoeDims &d, int32_t *idx, const QMat &wgu, co
   return true;
 }
 
+// Buffers of expert_inputs (kept per thread, see reused)
+struct ExpertInputs {
+  avec<float> zs;
+  ActQ tq8, tq4, zq8, zq4;
+};
+
+// The local assignments' rows of z [R, H] in expert order (assignment a at row as.row[a]) as
+// gate_up's rows take them, gathered by gate_up's perm. Without a perm every copy of a token is
+// the same row, so the R token rows are quantized / put in kernel order once and copied, instead
+// of once per assignment (A = R * top_k rows: 64 per layer for a batch-8 step).
+static XIn expert_inputs(const MoeDims &d, const float *z, const int32_t *idx, const Assign &as, const QMat &wgu,
+                         bool act8, ExpertInputs &b) {
+  const int64_t A = d.R * d.K, n = as.off[d.E];  // n local assignments, rows [0, n)
+  avec<float> &zs = sized(b.zs, n * d.H);
+  for (int64_t a = 0; a < A; ++a) {
+    const int64_t to = as.row[a];
+    if (to < 0) continue;
+    if (wgu.perm)
+      gather_rows(wgu.perm_of(idx[a]), d.H, z + (a / d.K) * d.H, d.H, 1, zs.data() + to * d.H, d.H);
+    else
+      std::memcpy(zs.data() + to * d.H, z + (a / d.K) * d.H, d.H * sizeof(float));
+  }
+  b.zq8.reset(), b.zq4.reset();
+  if (wgu.perm) return prepare_x(zs.data(), d.H, n, d.H, act8, {&wgu}, b.zq8, b.zq4);
+  b.tq8.reset(), b.tq4.reset();
+  prepare_x(z, d.H, d.R, d.H, act8, {&wgu}, b.tq8, b.tq4);
+  act_rows_like(b.tq8, n, b.zq8), act_rows_like(b.tq4, n, b.zq4);
+  for (int64_t a = 0; a < A; ++a)
+    if (as.row[a] >= 0) act_copy_row(b.tq8, a / d.K, b.zq8, as.row[a]), act_copy_row(b.tq4, a / d.K, b.zq4, as.row[a]);
+  XIn in;
+  in.x = zs.data(), in.ldx = d.H, in.nb = n, in.q8 = act_view(b.zq8), in.q4 = act_view(b.zq4);
+  return in;
+}
+
 // Width of the ffn slices of the expert tasks, for na active experts: experts are split only when
 // there are fewer than ~2 tasks per thread (batch 1), at whole groups of down's input; a down with
 // an input permutation is not split (its columns need the whole SwiGLU output, gathered).
@@ -267,10 +308,10 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   if (!args.ok || args.i != nparam || Hd != d.H || shapes[idn][0] != d.E || d.I2 % 2 != 0) return 1;
   struct Scratch {
     std::vector<float> lnbuf;
-    avec<float> z, logits, w, zg, zs, gu, ye;
+    avec<float> z, logits, w, zg, gu, ye;
     std::vector<int32_t> idx;
     Assign as;
-    ActQ zq8, zq4;
+    ExpertInputs ex;
   };
   thread_local Scratch sc;
   const float *h = static_cast<const float *>(params[ih]), *ln2 = args.vec(iln, d.H, sc.lnbuf);
@@ -281,8 +322,8 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   d.K = meta[1], d.lo = ranked ? static_cast<int64_t>(fcfg[4]) : 0;
   if (!args.ok || d.K < 1 || d.K > d.Er || d.lo < 0 || d.lo + d.E > d.Er || (!ranked && d.Er != d.E)) return 1;
   const int64_t A = d.R * d.K;
-  avec<float> &z = reused(sc.z, d.R * d.H), &logits = reused(sc.logits, d.R * d.Er), &w = reused(sc.w, A);
-  std::vector<int32_t> &idx = reused(sc.idx, A);
+  avec<float> &z = sized(sc.z, d.R * d.H), &logits = sized(sc.logits, d.R * d.Er), &w = sized(sc.w, A);
+  std::vector<int32_t> &idx = sized(sc.idx, A);
   for (int64_t r = 0; r < d.R; ++r) rms(h + r * d.H, ln2, d.H, fcfg[0], z.data() + r * d.H);
   avec<float> &zg = sc.zg;  // z gathered by the router's perm (range-checked by parse_weight)
   if (wr.perm) zg.resize(d.R * d.H), gather_rows(wr.perm, d.H, z.data(), d.H, d.R, zg.data(), d.H);
@@ -297,22 +338,12 @@ extern "C" int DecodeMoe(int nparam, void **params, int *ndims, int64_t **shapes
   Assign &as = sc.as;
   if (!sort_assignments(d, idx.data(), wgu, wd, as)) return 1;
   const std::vector<int64_t> &off = as.off, &row = as.row, &active = as.active;
-  avec<float> &zs = reused(sc.zs, A * d.H);  // the assignments' rows in expert order, gathered by gate_up's perm
-  for (int64_t a = 0; a < A; ++a) {
-    if (row[a] < 0) continue;
-    if (wgu.perm)
-      gather_rows(wgu.perm_of(idx[a]), d.H, z.data() + (a / d.K) * d.H, d.H, 1, zs.data() + row[a] * d.H, d.H);
-    else
-      std::memcpy(zs.data() + row[a] * d.H, z.data() + (a / d.K) * d.H, d.H * sizeof(float));
-  }
   const bool act8 = act8_mode(ndims, shapes, ifcfg, fcfg);
-  ActQ &zq8 = sc.zq8, &zq4 = sc.zq4;
-  zq8.reset(), zq4.reset();
-  const XIn zin = prepare_x(zs.data(), d.H, A, d.H, act8, {&wgu}, zq8, zq4);
+  const XIn zin = expert_inputs(d, z.data(), idx.data(), as, wgu, act8, sc.ex);
   // Tasks: (active expert, slice of its ffn width, ffn_slice). Each task runs gate/up rows, SwiGLU
   // and its slice of the down projection without a barrier; partial outputs are summed last.
   const int64_t na = static_cast<int64_t>(active.size()), Is = ffn_slice(d, wd, na), P = (d.I + Is - 1) / Is;
-  avec<float> &gu = reused(sc.gu, A * 2 * Is * P), &ye = reused(sc.ye, P * A * d.H);
+  avec<float> &gu = sized(sc.gu, A * 2 * Is * P), &ye = reused(sc.ye, P * A * d.H);
   pool.run(na * P, [&](int64_t task) {
     const int64_t e = active[task / P], part = task % P, i0 = part * Is;
     const int64_t ni = i0 + Is < d.I ? Is : d.I - i0, r0 = off[e], n = off[e + 1] - off[e];
@@ -449,7 +480,7 @@ extern "C" int DecodeHead(int nparam, void **params, int *ndims, int64_t **shape
   const float *fcfg = static_cast<const float *>(params[ifcfg]);
   float *y = static_cast<float *>(params[iy]);
   thread_local avec<float> zbuf;
-  avec<float> &z = reused(zbuf, B * H);
+  avec<float> &z = sized(zbuf, B * H);
   for (int64_t b = 0; b < B; ++b) rms(x + (b * S + S - 1) * H, nw, H, fcfg[0], z.data() + b * H);
   const QMat *ws[1] = {&W};
   thread_local XBuf zb;

@@ -131,6 +131,28 @@ static void act_quantize(int kind, const float *x, int64_t ldx, int64_t nb, int6
   }
 }
 
+// dst shaped like src (empty src: empty dst) with nb rows, for act_copy_row
+static inline void act_rows_like(const ActQ &src, int64_t nb, ActQ &dst) {
+  dst.reset();
+  if (src.kind >= 0) {
+    dst.kind = src.kind, dst.nb = nb, dst.I = src.I, dst.C = src.C;
+    dst.q.resize(nb * src.I), dst.sv.resize(nb * src.C * 16), dst.ls.resize(nb * src.C * 16), dst.zl.resize(nb * src.C * 16);
+  }
+  if (src.wnb >= 0) dst.wnb = nb, dst.wI = src.wI, dst.xw.resize(nb * src.wI);
+}
+
+// Row `to` of dst (act_rows_like) = row `from` of src: a copy of a quantized / reordered row
+static inline void act_copy_row(const ActQ &src, int64_t from, ActQ &dst, int64_t to) {
+  const int64_t L = src.C * 16;
+  if (src.kind >= 0) {
+    std::memcpy(dst.q.data() + to * src.I, src.q.data() + from * src.I, src.I);
+    std::memcpy(dst.sv.data() + to * L, src.sv.data() + from * L, L * sizeof(float));
+    std::memcpy(dst.ls.data() + to * L, src.ls.data() + from * L, L * sizeof(int32_t));
+    std::memcpy(dst.zl.data() + to * L, src.zl.data() + from * L, L * sizeof(int32_t));
+  }
+  if (src.wnb >= 0) std::memcpy(dst.xw.data() + to * src.wI, src.xw.data() + from * src.wI, src.wI * sizeof(float));
+}
+
 static inline ActView act_view(const ActQ &a) {
   ActView v;
   if (a.kind >= 0) v = ActView{a.kind, a.q.data(), a.sv.data(), a.ls.data(), a.zl.data(), a.I, a.C};
