@@ -148,3 +148,21 @@ def test_infer_equals_core_bit_for_bit(compiled, seed, nk, S, extra, pad_frac, D
     assert o_infer.shape == (2, N, S, D) and o_infer.dtype == np.float32
     assert np.array_equal(o_infer, o_core), f"max diff {np.abs(o_infer - o_core).max()}"
     np.testing.assert_allclose(o_infer, _reference(q, k, v, bias, do)[0], rtol=1e-4, atol=2e-5)
+
+
+def test_masked_probabilities_leave_no_subnormals():
+    """The stored probabilities hold no subnormal floats: a masked key's exp(-87.3) / sum falls
+    below FLT_MIN, and every later product with such an operand takes a microcode assist (the
+    512-token prefill attention ran 9x slower, bench/RESULTS.md). The op flushes results below
+    FLT_MIN to zero (common.h FlushDenormals; a row whose sum is ~1 keeps exp(-87.3) itself, a
+    normal float); the caller's MXCSR is restored after."""
+    from kernel_reference import call_aot
+    from qwen3moe.kernels.build import kernel_library
+
+    q, k, v, bias, _ = _case(5, 1, 4, 2, 130, 130, 16, pad=0)
+    o, p = np.zeros_like(q), np.zeros((1, 4, 130, 130), np.float32)
+    assert call_aot(kernel_library("attention_core"), "AttnCoreFwd", [q, k, v, bias, o, p]) == 0
+    tiny = (p != 0) & (np.abs(p) < np.finfo(np.float32).tiny)
+    assert not tiny.any(), f"{tiny.sum()} subnormal probabilities"
+    x = np.array([1e-39], np.float32)  # the caller's thread still keeps subnormals
+    assert x[0] * np.float32(2) != 0

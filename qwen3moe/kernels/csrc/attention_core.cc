@@ -111,6 +111,7 @@ static void attend(const float *q, const E *k, const E *v, const float *bias, fl
   SerialBlas serial;
 #pragma omp parallel
   {
+    FlushDenormals ftz;  // per thread (common.h)
     std::vector<float> scratch(p ? 0 : kRows * widest), kvf(wide ? 2 * widest * d.D : 0);
     int64_t widened = -1;  // the kv head kvf holds
 #pragma omp for schedule(dynamic, 1)
@@ -187,6 +188,7 @@ extern "C" int AttnCoreBwd(int nparam, void **params, int *ndims, int64_t **shap
   SerialBlas serial;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t bk = 0; bk < d.B * d.K; ++bk) {
+    FlushDenormals ftz;  // per task: the thread's own MXCSR (common.h)
     const int64_t b = bk / d.K, kvh = bk % d.K;
     const float *kh = k + bk * d.T * d.D, *vh = v + bk * d.T * d.D;
     float *dkh = dk + bk * d.T * d.D, *dvh = dv + bk * d.T * d.D;

@@ -12,6 +12,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 extern "C" void cblas_sgemm64_(int order, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
                                const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
@@ -31,6 +34,19 @@ struct SerialBlas {
   int prev;
   SerialBlas() : prev(openblas_get_num_threads64_()) { openblas_set_num_threads64_(1); }
   ~SerialBlas() { openblas_set_num_threads64_(prev); }
+};
+
+// This thread's float results below FLT_MIN flushed to zero and such inputs read as zero (MXCSR
+// FTZ | DAZ) while in scope, restored after. Why: the attention's masked probabilities (exp clamped
+// at -87.3, then times 1 / sum) land in the subnormal range, and every product with a subnormal
+// operand takes a microcode assist; the 512-token prefill attention ran 9x slower for it
+// (bench/RESULTS.md). Flushed, they are the exact zeros the composite path gives.
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
 };
 
 // C[M,N] = op(A) op(B) + beta C, row-major; K == 0 gives beta C (zeros when beta == 0), which
