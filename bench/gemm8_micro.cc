@@ -1,9 +1,10 @@
 // Micro-benchmark: quant_ops.cc's many-row product, fp32 activations (qlinear) vs int8 activations
-// (qlinear8, quant_gemm8.h), one thread, CPU time of the calling thread (the machine is shared).
+// (qlinear8, quant_gemm8.h; on vpdpbusd and, where the CPU has them, AMX tiles, outputs checked equal),
+// one thread, CPU time of the calling thread (the machine is shared).
 // Shapes: q_proj 4096 x 2048 at T rows, an expert's gate_up 1536 x 2048 and down 2048 x 768 at n rows.
-// Build: MS=$PWD/.venv/lib/python3.11/site-packages/mindspore/lib (or /work/main/.venv/...)
-//   g++ -O3 -march=native -fopenmp -std=c++17 -DQWEN3MOE_DNNL bench/gemm8_micro.cc -o /tmp/gemm8_micro \
-//     -L$MS -l:libdnnl.so.3 -Wl,-rpath,$MS
+// Build (the kernels' own link flags: oneDNN, OpenBLAS):
+//   LINK=$(.venv/bin/python -c "from qwen3moe.kernels.build import _link_flags; print(' '.join(_link_flags()))")
+//   g++ -O3 -march=native -fopenmp -std=c++17 bench/gemm8_micro.cc -o /tmp/gemm8_micro $LINK
 //   /tmp/gemm8_micro [reps]
 #include <ctime>
 #include <cstdio>
@@ -42,15 +43,26 @@ int main(int argc, char **argv) {
       std::vector<float> x(c.T * c.I), y(c.T * c.O);
       std::normal_distribution<float> nd;
       for (auto &v : x) v = nd(rng);
-      double best[2] = {1e30, 1e30};
+      // modes: 0 fp32 activations, 1 int8 activations on vpdpbusd, 2 the same on AMX tiles (quant_amx.h)
+      const bool amx = amx_supported();
+      double best[3] = {1e30, 1e30, 1e30};
+      std::vector<float> ref(y.size());
       for (int r = 0; r < reps; ++r)
-        for (int a8 = 0; a8 < 2; ++a8) {
+        for (int m = 0; m < (amx ? 3 : 2); ++m) {
+          quant_amx_flag() = m == 2;
           const double t0 = cpu_ms();
-          qlinear_mode(W.m, c.O, x.data(), c.T, y.data(), c.O, false, a8);
-          best[a8] = std::min(best[a8], cpu_ms() - t0);
+          qlinear_mode(W.m, c.O, x.data(), c.T, y.data(), c.O, false, m > 0);
+          best[m] = std::min(best[m], cpu_ms() - t0);
+          if (m == 1) ref = y;
+          if (m == 2 && std::memcmp(ref.data(), y.data(), y.size() * sizeof(float)) != 0) {
+            printf("%s: AMX and VNNI outputs differ\n", c.name);
+            return 1;
+          }
         }
       const double gmac = 1e-6 * c.O * c.I * c.T;
-      printf("%-14s %s: fp32-act %8.3f ms (%5.1f GMAC/s)  int8-act %8.3f ms (%5.1f GMAC/s)  %.2fx\n", c.name,
+      printf("%-14s %s: fp32-act %7.3f ms (%5.1f GMAC/s)  int8-act %7.3f ms (%5.1f)  %.2fx", c.name,
              kind == kQ4 ? "int4" : "int8", best[0], gmac / best[0], best[1], gmac / best[1], best[0] / best[1]);
+      if (amx) printf("  AMX %7.3f ms (%5.1f)  %.2fx vs vpdpbusd", best[2], gmac / best[2], best[1] / best[2]);
+      printf("\n");
     }
 }

@@ -96,6 +96,28 @@ def test_vector_and_scalar_agree_at_real_geometry():
         check_linear(x, arrays, y_s)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([8, 4]), g=st.sampled_from([None, 32, 64, 128]), I=st.sampled_from([128, 256, 384]),
+       O=st.integers(16, 70), T=st.sampled_from([5, 16, 17, 33, 100]), sym=st.booleans(), seed=st.integers(0, 2**16))
+def test_amx_tiles_equal_vpdpbusd(bits, g, I, O, T, sym, seed):
+    """Where this process can run AMX tiles (csrc/quant_amx.h), the GEMM on them gives the
+    vpdpbusd loop's outputs bit for bit: the same exact integer block sums, then the same float
+    operations in the same order. Rows in 16-row tiles with 0-15 left to the vector loop (O 16-70),
+    partial token vectors (T 5, 17, 33, 100). Elsewhere asking for AMX is an error."""
+    if not quant.amx_supported():
+        with pytest.raises(RuntimeError, match="AMX"):
+            quant.set_amx(True)
+        return
+    rng = np.random.default_rng(seed)
+    arrays, x = act8_case(rng, bits, g, I, O, T, sym, False, ACT_BLOCK)
+    try:
+        quant.set_amx(False)
+        y_vnni = linear(x, arrays)
+    finally:
+        quant.set_amx(True)
+    np.testing.assert_array_equal(linear(x, arrays), y_vnni)
+
+
 def test_shapes_outside_the_mode_keep_fp32_activations():
     """An input width that is not a whole 64-input chunk (int8: the decode rule) and bf16
     weights give the fp32-activation result exactly."""

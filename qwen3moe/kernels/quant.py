@@ -51,6 +51,20 @@ def set_portable(on: bool) -> None:
         ctypes.CDLL(decode.library()).DecodeSetPortable(int(bool(on)))
 
 
+def amx_supported() -> bool:
+    """Whether this process can run AMX tiles (csrc/quant_amx.h: the CPU's AMX-INT8, a build on
+    such a CPU, and Linux's permission for the tile state)."""
+    return bool(ctypes.CDLL(library()).QuantAmxSupported())
+
+
+def set_amx(on: bool) -> None:
+    """The int8-activation GEMM on AMX tiles (on by default where supported; QWEN3MOE_AMX=0 at
+    load turns it off) or on vpdpbusd: the same outputs bit for bit. On without support is an error."""
+    if on and not amx_supported():
+        raise RuntimeError("set_amx(True): this CPU, build or kernel cannot run AMX tiles (csrc/quant_amx.h)")
+    ctypes.CDLL(library()).QuantSetAmx(int(bool(on)))
+
+
 @functools.lru_cache(maxsize=None)
 def _op(name: str, out_shape, out_dtype):
     return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_amx.h"
 #include "quant_vnni.h"
 
 static const int64_t kLanes = 16;  // x rows per vector
@@ -166,6 +167,20 @@ static void gemm8_block(const QMat &W, int64_t o0, int64_t n, const XPack8 &p, i
     for (int64_t r = 0; r < n; ++r) q6_unpack_row(W.w + (o0 + r) * W.ld, W.I, buf + r * W.I);
     w = buf, ldw = W.I;
   }
+#if defined(QWEN3MOE_HAVE_AMX)
+  if (n >= 16 && amx_fits(W)) {  // whole 16-row tiles on AMX, the rest below
+    const int64_t done = n / 16 * 16, J = p.I / 4, NB = p.I / kActBlock;
+    amx_begin();
+    for (int64_t r = 0; r < done; r += 16)
+      for (int64_t v = 0; v < p.V; ++v)
+        gemm8_amx_tile(W, o0 + r, w + r * ldw, ldw, p.q.data() + v * J * kLanes, p.sx.data() + v * NB * kLanes,
+                       p.zs.data() + v * p.G * kLanes, NB, p.g / kActBlock, y + v * kLanes * ldy + o0 + r, ldy,
+                       std::min(kLanes, T - v * kLanes));
+    amx_end();
+    if (done == n) return;
+    o0 += done, n -= done, w += done * ldw;
+  }
+#endif
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (quant_vector()) {
     for (int64_t v0 = 0; v0 < p.V; v0 += 2) {

@@ -174,6 +174,8 @@ static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *
 // decode kernel (an expert's gate_up, 1536 x 2048: 8 rows 0.21 vs 0.28 ms, 12 rows 0.22 vs 0.41 ms,
 // 4 rows 0.20 vs 0.13 ms; bench/gemm8_micro.cc, CPU time)
 static const int64_t kAct8GemmRows = 5;
+// weight rows per block on AMX: whole 16-row tiles (the projections' row counts are multiples of 16)
+static const int64_t kAmxBlockRows = 48;
 
 static void qlinear8(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy, bool parallel) {
   if (T < kAct8GemmRows) {
@@ -191,11 +193,12 @@ static void qlinear8(const QMat &W, int64_t O, const float *x, int64_t T, float 
   for_each(p.V, parallel, [&](int64_t v) {
     for (int64_t t = v * kLanes; t < std::min(T, (v + 1) * kLanes); ++t) pack_row8(x + t * W.I, t, p);
   });
-  for_each((O + kBlockRows - 1) / kBlockRows, parallel, [&](int64_t b) {
+  const int64_t rows = amx_fits(W) ? kAmxBlockRows : kBlockRows;
+  for_each((O + rows - 1) / rows, parallel, [&](int64_t b) {
     thread_local std::vector<uint8_t> buf;
-    if (W.kind != kQ8) buf.resize(kBlockRows * W.I);  // int4 / 6-bit rows unpacked to bytes
-    const int64_t o0 = b * kBlockRows;
-    gemm8_block(W, o0, std::min(O, o0 + kBlockRows) - o0, p, T, y, ldy, buf.data());
+    if (W.kind != kQ8) buf.resize(rows * W.I);  // int4 / 6-bit rows unpacked to bytes
+    const int64_t o0 = b * rows;
+    gemm8_block(W, o0, std::min(O, o0 + rows) - o0, p, T, y, ldy, buf.data());
   });
 }
 
@@ -329,3 +332,7 @@ extern "C" int QuantMoeFwdA8(int nparam, void **params, int *ndims, int64_t **sh
 
 // Exported for the tests: 1 = the portable scalar loops from now on, 0 = vector code again.
 extern "C" void QuantSetPortable(int on) { quant_portable_flag() = on != 0; }
+// AMX tiles for the int8-activation GEMM (quant_amx.h): QuantSetAmx(0 / 1); QuantAmx() whether in use
+extern "C" void QuantSetAmx(int on) { quant_amx_flag() = on != 0; }
+extern "C" int QuantAmx() { return quant_amx() ? 1 : 0; }
+extern "C" int QuantAmxSupported() { return amx_supported() ? 1 : 0; }
