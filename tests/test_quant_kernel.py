@@ -43,11 +43,16 @@ def _check(got, x, w):
     assert np.all(np.abs(got - ref) <= 1e-5 * bound + 1e-30), np.abs(got - ref).max()
 
 
-@pytest.fixture(params=[False, True], ids=["vector", "portable"])
+@pytest.fixture(params=["amx", "vector", "portable"])
 def portable(request):
-    quant.set_portable(request.param)
-    yield request.param
+    """The kernels' code paths: AMX tiles (csrc/quant_amx_bf16.h: bf16 / int8 / int4 rows in whole
+    16-row tiles, >= 16 x rows) where this process can run them, else the AVX-512 loops; the
+    AVX-512 loops; the portable scalar loops."""
+    quant.set_amx(request.param == "amx" and quant.amx_supported())
+    quant.set_portable(request.param == "portable")
+    yield request.param == "portable"
     quant.set_portable(False)
+    quant.set_amx(quant.amx_supported())
 
 
 @SETTINGS
@@ -116,11 +121,13 @@ def test_moe_experts_equal_numpy(portable, seed, mode, T, E, K, H, F, g):
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 def test_many_rows_equal_numpy(portable, mode):
     """Prefill-sized calls: whole and partial 64-row token groups (T 130 = 64 + 64 + 2), 24-row
-    weight blocks plus a tail (O 50), and experts holding > 64 rows each."""
+    weight blocks plus a tail (O 50), 16-row tiles in blocks of 4 plus 1 (O 80), and experts
+    holding > 64 rows each."""
     rng = np.random.default_rng(1)
-    weight, w = make_weight(rng, (50, 256), mode, 64)
-    x = rng.standard_normal((130, 256)).astype(np.float32)
-    _check(quant.linear(Tensor(x), weight).asnumpy(), x, w)
+    for O in (50, 80):
+        weight, w = make_weight(rng, (O, 256), mode, 64)
+        x = rng.standard_normal((130, 256)).astype(np.float32)
+        _check(quant.linear(Tensor(x), weight).asnumpy(), x, w)
     T, E, H, F = 150, 2, 128, 96
     gate_up, gu = make_weight(rng, (E, 2 * F, H), mode, 32)
     down, dn = make_weight(rng, (E, H, F), mode, 32)

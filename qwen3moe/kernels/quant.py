@@ -58,8 +58,10 @@ def amx_supported() -> bool:
 
 
 def set_amx(on: bool) -> None:
-    """The int8-activation GEMM on AMX tiles (on by default where supported; QWEN3MOE_AMX=0 at
-    load turns it off) or on vpdpbusd: the same outputs bit for bit. On without support is an error."""
+    """The many-row products on AMX tiles (on by default where supported; QWEN3MOE_AMX=0 at load
+    turns it off) or on the AVX-512 loops: the int8-activation GEMM (csrc/quant_amx.h, the same
+    outputs bit for bit) and the float32-activation one (csrc/quant_amx_bf16.h, the same products
+    summed in another order). On without support is an error."""
     if on and not amx_supported():
         raise RuntimeError("set_amx(True): this CPU, build or kernel cannot run AMX tiles (csrc/quant_amx.h)")
     ctypes.CDLL(library()).QuantSetAmx(int(bool(on)))

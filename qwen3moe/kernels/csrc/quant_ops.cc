@@ -21,6 +21,7 @@
 #include "common.h"
 #include "decode_pool.h"
 #include "quant_common.h"
+#include "quant_amx_bf16.h"
 #include "quant_gemm8.h"
 
 static const int64_t kGemvRows = 16, kTile = 64, kChunkRows = 64;
@@ -136,6 +137,51 @@ static float *xpack_scratch(int64_t n) {
   return p.get();
 }
 
+#if defined(QWEN3MOE_HAVE_AMX_BF16)
+// 16-row tiles per AMX-BF16 block (qlinear_amx_bf16)
+static const int64_t kAmxTiles = 4;
+
+// qlinear on AMX-BF16 tiles (quant_amx_bf16.h): x split into the caller's planes, then per 16 weight
+// rows their bf16 (u - z) and group scales once, every token vector against them
+static void qlinear_amx_bf16(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy,
+                             bool parallel) {
+  thread_local XSplit mine;
+  XSplit &xs = mine;  // the caller's (helpers read it inside run())
+  xs.reset(T, W.I);
+  for_each(xs.V, parallel, [&](int64_t v) {
+    for (int64_t t = v * 16; t < std::min(T, (v + 1) * 16); ++t) xsplit_row(x + t * W.I, t, xs);
+  });
+  const bool q = W.quantized();
+  const int64_t G = q ? W.I / W.g : 1, cpg = q ? W.g / 32 : W.I / 32;
+  // blocks of up to 4 x 16 rows: each token vector's planes (3 x 2 I bytes x 16) are read from L2 by
+  // the block's 4 tiles rather than from L3 once per 16 rows
+  const int64_t nb = (O / 16 + kAmxTiles - 1) / kAmxTiles;
+  for_each(nb, parallel, [&](int64_t b) {
+    const int64_t o0 = 16 * kAmxTiles * b, n = std::min<int64_t>(kAmxTiles, O / 16 - kAmxTiles * b);
+    thread_local avec<uint32_t> wa;
+    thread_local avec<float> sw;
+    if (q) {
+      wa.resize(kAmxTiles * 8 * W.I), sw.resize(kAmxTiles * G * 16);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t o = o0 + 16 * t;
+        amx_bf16_weights(W, o, wa.data() + t * 8 * W.I);
+        for (int64_t gi = 0; gi < G; ++gi)
+          for (int r = 0; r < 16; ++r) sw[(t * G + gi) * 16 + r] = half_to_float(W.s[(o + r) * W.lds + gi]);
+      }
+    }
+    amx_bf16_begin();
+    for (int64_t v = 0; v < xs.V; ++v)
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t o = o0 + 16 * t;
+        const uint32_t *a = q ? wa.data() + t * 8 * W.I : reinterpret_cast<const uint32_t *>(W.w + o * W.ld);
+        amx_bf16_tile(a, q ? 2 * W.I : W.ld, xs, v, q ? sw.data() + t * G * 16 : nullptr, G, cpg,
+                      y + v * 16 * ldy + o, ldy, std::min<int64_t>(16, T - v * 16));
+      }
+    amx_end();
+  });
+}
+#endif
+
 // y[T, O] (row stride ldy) = x[T, I] @ W^T, parallel over weight rows; used by the MoE kernel too
 static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *y, int64_t ldy, bool parallel) {
   if (T < kGemvRows) {
@@ -144,6 +190,9 @@ static void qlinear(const QMat &W, int64_t O, const float *x, int64_t T, float *
     });
     return;
   }
+#if defined(QWEN3MOE_HAVE_AMX_BF16)
+  if (amx_bf16_fits(W, O)) return qlinear_amx_bf16(W, O, x, T, y, ldy, parallel);
+#endif
 #if defined(__AVX512F__)
   const int64_t step = step_of(W.kind);
   if (quant_vector() && W.kind != kF32 && W.I % step == 0 && (W.kind == kBF16 || W.g % step == 0)) {
