@@ -34,21 +34,20 @@ struct XSplit {
   uint32_t *tile(int p, int64_t v, int64_t c) { return b.data() + ((p * V + v) * C + c) * 256; }
 };
 
+// bf16 values held in the low halves of dwords, as float32
 static inline __m512 bf16_lo_widen(__m512i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)); }
-static inline __m512 bf16_hi_widen(__m512i h) {
-  return _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
 
 // Row t of x into the three planes
 static void xsplit_row(const float *xr, int64_t t, XSplit &p) {
   const int64_t v = t / 16, tl = t % 16;
   const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                         _mm512_set1_epi32(16));
+  const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
   for (int64_t c = 0; c < p.C; ++c) {
     // dword kp holds inputs 2kp (low half) and 2kp + 1 (high half): even / odd inputs deinterleaved
     const __m512 a = _mm512_loadu_ps(xr + 32 * c), b = _mm512_loadu_ps(xr + 32 * c + 16);
-    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    __m512 e = _mm512_permutex2var_ps(a, ev, b), o = _mm512_permutex2var_ps(a, _mm512_add_epi32(ev, _mm512_set1_epi32(1)), b);
+    __m512 e = _mm512_permutex2var_ps(a, ev, b), o = _mm512_permutex2var_ps(a, od, b);
     for (int pl = 0; pl < 3; ++pl) {
       // bf16(e) in the low half of each dword, bf16(o) in the high half
       const __m512i he = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));

@@ -381,7 +381,7 @@ extern "C" int QuantMoeFwdA8(int nparam, void **params, int *ndims, int64_t **sh
 
 // Exported for the tests: 1 = the portable scalar loops from now on, 0 = vector code again.
 extern "C" void QuantSetPortable(int on) { quant_portable_flag() = on != 0; }
-// AMX tiles for the int8-activation GEMM (quant_amx.h): QuantSetAmx(0 / 1); QuantAmx() whether in use
+// AMX tiles for the many-row GEMMs (quant_amx.h, quant_amx_bf16.h): 1 = on where supported, 0 = off;
+// whether this process can run them
 extern "C" void QuantSetAmx(int on) { quant_amx_flag() = on != 0; }
-extern "C" int QuantAmx() { return quant_amx() ? 1 : 0; }
 extern "C" int QuantAmxSupported() { return amx_supported() ? 1 : 0; }
