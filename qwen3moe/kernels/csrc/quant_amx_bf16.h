@@ -26,9 +26,15 @@
 struct XSplit {
   int64_t V = 0, C = 0;
   avec<uint32_t> b;
+  // sized for T rows; xsplit_row fills each row's lanes, so only the lanes past T are zeroed here
+  // (not the whole buffer: 6 MB per op at 512 rows and I = 2048)
   void reset(int64_t T, int64_t I) {
     V = (T + 15) / 16, C = I / 32;
-    b.assign(3 * V * C * 256, 0u);  // tokens past T: zeros
+    b.resize(3 * V * C * 256);
+    for (int p = 0; p < 3; ++p)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t kp = 0; kp < 16; ++kp)
+          for (int64_t t = T - 16 * (V - 1); t < 16; ++t) tile(p, V - 1, c)[kp * 16 + t] = 0u;
   }
   const uint32_t *tile(int p, int64_t v, int64_t c) const { return b.data() + ((p * V + v) * C + c) * 256; }
   uint32_t *tile(int p, int64_t v, int64_t c) { return b.data() + ((p * V + v) * C + c) * 256; }
